@@ -1,0 +1,42 @@
+"""peftfast: Hugging Face PEFT's API with fused Triton kernels underneath.
+
+``import peftfast as peft`` and existing PEFT code keeps working for the methods listed in README.md.
+"""
+__version__ = "0.1.0"
+
+from .config import PeftConfig, PeftConfigMixin
+from .mapping import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .tuners import LoraConfig, LoraModel
+from .utils import (
+    PeftType,
+    TaskType,
+    cast_mixed_precision_params,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
+    "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PeftModel", "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
+    "cast_mixed_precision_params", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
+    "inject_adapter_in_model", "load_peft_weights", "set_peft_model_state_dict",
+]

@@ -1,0 +1,280 @@
+"""``peftfast demo``: teach a small pretrained Llama a new operator with LoRA, end to end.
+
+The shipped base model (``peftfast/demo/data``, built by ``python -m peftfast.demo.base
+--rebuild``) copies strings: ``^hello>hello.``. The demo adds a LoRA adapter to every
+attention and MLP projection and trains only the adapter on a new operator, reversal:
+``^hello<olleh.``. It then walks the whole adapter life cycle with the public API:
+
+1. ``LoraConfig`` + ``get_peft_model`` + ``print_trainable_parameters``
+2. fine-tune (progress bar), held-out loss and greedy exact-match before and after
+3. ``save_pretrained`` (adapter size against the base's), ``PeftModel.from_pretrained`` on a
+   fresh base: logits must match the trained model
+4. ``merge_and_unload``: logits must match again, with no LoRA module left
+
+Every check that fails makes the exit status 1. Nothing is downloaded; it runs in well under
+two minutes on a 2-core CPU and uses a CUDA GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import peftfast as peft
+
+from . import base, task
+
+NEW_OP = "<"
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_STEPS = 400
+DEFAULT_RANK = 8
+DEFAULT_LR = 1e-2
+DEFAULT_MIN_ACCURACY = 0.8
+SHOWCASE = ["peftfast", "lora", "kernel"]  # printed before and after, to see the change
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class Results:
+    device: str
+    steps: int
+    seed: int
+    trainable_params: int
+    total_params: int
+    base_copy_accuracy: float
+    loss_before: float
+    loss_after: float
+    accuracy_before: float
+    accuracy_after: float
+    adapter_bytes: int
+    base_bytes: int
+    reload_max_abs_diff: float
+    merge_max_abs_diff: float
+    seconds: float
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftfast demo",
+        description="LoRA-fine-tune a small pretrained Llama (shipped, no download) to reverse strings, "
+        "then save, reload and merge the adapter, checking the outputs at each step.",
+    )
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="fine-tuning steps (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the LoRA init and the training data (default 0)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default auto)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where to save the adapter (default: a temporary directory)"
+    )
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank r (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default %(default)s)")
+    parser.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=DEFAULT_MIN_ACCURACY,
+        help="held-out exact-match the fine-tuned model must reach (default %(default)s)",
+    )
+    # A quantised base (--4bit, QLoRA) plugs in here and in load_base_model(); the rest is unchanged.
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: torch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def load_base_model(device: torch.device) -> torch.nn.Module:
+    """The base the adapter is trained on and reloaded onto (full precision today)."""
+    return base.load_base(device)
+
+
+def logits_on(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits.float()
+
+
+def match_tolerance(reference: torch.Tensor) -> float:
+    """How far two fp32 evaluations of the same function may drift apart on these logits.
+
+    Merging rounds each W + scale * B @ A once (relative error ~eps), and reordered fp32
+    sums in a matmul of depth d grow that to ~sqrt(d) * eps; a 2-layer model compounds it a
+    few times. 64 * sqrt(d) * eps relative to the largest logit covers that with margin while
+    a wrong adapter (differences of order 1) fails by orders of magnitude.
+    """
+    eps = torch.finfo(torch.float32).eps
+    depth = base.base_config().intermediate_size
+    return 64 * math.sqrt(depth) * eps * max(1.0, reference.abs().max().item())
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def showcase(model: torch.nn.Module, device: torch.device) -> str:
+    answers = task.greedy_answers(model, NEW_OP, SHOWCASE, device)
+    return "  ".join(f"{task.prompt(NEW_OP, s)}{a}" for s, a in zip(SHOWCASE, answers))
+
+
+def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
+    start = time.perf_counter()
+    device = resolve_device(args.device)
+    held_out = task.eval_strings()
+    probe_ids, _ = task.make_batch(NEW_OP, held_out[:64], device)  # logits compared across reloads
+
+    print(f"peftfast demo | device {device} | torch {torch.__version__} | seed {args.seed} | steps {args.steps}")
+    model = load_base_model(device)
+    base_bytes = file_size(base.DATA_DIR / base.WEIGHTS_FILE)
+    n_base = sum(p.numel() for p in model.parameters())
+    cfg = model.config
+    print(
+        f"base: LlamaForCausalLM, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+        f"{n_base:,} params, {fmt_bytes(base_bytes)} ({base.WEIGHTS_FILE}, shipped)"
+    )
+    copy_acc = base.copy_accuracy(model, device)
+    print(f"  pretrained to copy   ^hello>hello.  held-out exact-match {copy_acc:6.1%}")
+    print(f"  new task, reverse:   ^hello<olleh.  ({len(held_out)} held-out strings of {task.MIN_LEN}-{task.MAX_LEN} letters)")
+
+    loss_before = task.eval_loss(model, NEW_OP, held_out, device)
+    acc_before = task.exact_match(model, NEW_OP, held_out, device)
+    print(f"before fine-tuning: held-out loss {loss_before:.4f}, exact-match {acc_before:6.1%}")
+    print(f"  {showcase(model, device)}")
+
+    torch.manual_seed(args.seed)
+    config = peft.LoraConfig(
+        task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGET_MODULES
+    )
+    model = peft.get_peft_model(model, config)
+    model.print_trainable_parameters()
+    trainable, total = model.get_nb_trainable_parameters()
+
+    bar = tqdm(total=args.steps, desc="fine-tuning (LoRA)", unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def on_step(step: int, loss: float) -> None:
+        bar.update(1)
+        if step % 10 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{loss:.4f}")
+
+    task.train(model, NEW_OP, args.steps, lr=args.lr, seed=args.seed, device=device,
+               exclude=frozenset(held_out), on_step=on_step)
+    bar.close()
+
+    loss_after = task.eval_loss(model, NEW_OP, held_out, device)
+    acc_after = task.exact_match(model, NEW_OP, held_out, device)
+    print(f"after fine-tuning:  held-out loss {loss_after:.4f}, exact-match {acc_after:6.1%}")
+    print(f"  {showcase(model, device)}")
+    trained_logits = logits_on(model, probe_ids)
+    tol = match_tolerance(trained_logits)
+
+    model.save_pretrained(out_dir)
+    adapter_file = out_dir / "adapter_model.safetensors"
+    adapter_bytes = file_size(adapter_file) if adapter_file.is_file() else 0
+    print(
+        f"saved adapter to {out_dir}: {adapter_file.name} {fmt_bytes(adapter_bytes)} "
+        f"= {adapter_bytes / base_bytes:.1%} of the base's {fmt_bytes(base_bytes)}"
+    )
+
+    reloaded = peft.PeftModel.from_pretrained(load_base_model(device), out_dir)
+    reloaded.eval()
+    reload_diff = (logits_on(reloaded, probe_ids) - trained_logits).abs().max().item()
+    print(f"reloaded with PeftModel.from_pretrained on a fresh base: max |logit diff| {reload_diff:.2e} (tol {tol:.1e})")
+
+    merged = reloaded.merge_and_unload()
+    merge_diff = (logits_on(merged, probe_ids) - trained_logits).abs().max().item()
+    leftover = sorted({type(m).__name__ for m in merged.modules() if hasattr(m, "lora_A")})
+    acc_merged = task.exact_match(merged, NEW_OP, held_out, device)
+    print(
+        f"merge_and_unload: {type(merged).__name__}, max |logit diff| {merge_diff:.2e} (tol {tol:.1e}), "
+        f"exact-match {acc_merged:6.1%}"
+    )
+
+    checks = [
+        Check("base really copies", copy_acc >= base.MIN_COPY_ACCURACY,
+              f"{copy_acc:.1%} >= {base.MIN_COPY_ACCURACY:.0%}"),
+        Check("metric improved", acc_after > acc_before and loss_after < loss_before,
+              f"exact-match {acc_before:.1%} -> {acc_after:.1%}, loss {loss_before:.3f} -> {loss_after:.3f}"),
+        Check("metric reached", acc_after >= args.min_accuracy, f"{acc_after:.1%} >= {args.min_accuracy:.0%}"),
+        Check("adapter saved", 0 < adapter_bytes < base_bytes,
+              f"{fmt_bytes(adapter_bytes)} < {fmt_bytes(base_bytes)}"),
+        Check("reload matches", reload_diff <= tol, f"{reload_diff:.2e} <= {tol:.1e}"),
+        Check("merge matches", merge_diff <= tol and not leftover,
+              f"{merge_diff:.2e} <= {tol:.1e}" + (f"; LoRA modules left: {leftover}" if leftover else "")),
+    ]
+    return Results(
+        device=str(device), steps=args.steps, seed=args.seed, trainable_params=trainable, total_params=total,
+        base_copy_accuracy=copy_acc, loss_before=loss_before, loss_after=loss_after,
+        accuracy_before=acc_before, accuracy_after=acc_after, adapter_bytes=adapter_bytes, base_bytes=base_bytes,
+        reload_max_abs_diff=reload_diff, merge_max_abs_diff=merge_diff,
+        seconds=time.perf_counter() - start, checks=checks,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; 0 when every check passes, 1 when one fails, 2 on bad arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps must be a positive integer, got {args.steps}")
+    if args.rank < 1:
+        parser.error(f"--rank must be a positive integer, got {args.rank}")
+    if not 0.0 <= args.min_accuracy <= 1.0:
+        parser.error(f"--min-accuracy must be between 0 and 1, got {args.min_accuracy}")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # keep the output to the demo's own bar
+    try:
+        with tempfile.TemporaryDirectory(prefix="peftfast-demo-") as tmp:
+            out_dir = args.output_dir if args.output_dir is not None else Path(tmp) / "adapter"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            results = run_demo(args, out_dir)
+            if args.output_dir is not None:
+                (out_dir / "demo_results.json").write_text(json.dumps(asdict(results), indent=2) + "\n")
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+    print("checks:")
+    for c in results.checks:
+        print(f"  [{'ok' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+    verdict = "all checks passed" if results.passed else "SOME CHECKS FAILED"
+    print(f"{verdict} in {results.seconds:.1f} s")
+    return 0 if results.passed else 1

@@ -1,0 +1,77 @@
+"""Name -> class tables and the entry points get_peft_model, get_peft_config, inject_adapter_in_model."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from .config import PeftConfig
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    validate_adapter_name,
+)
+from .tuners.lora import LoraConfig, LoraModel
+from .utils.peft_types import PeftType, TaskType
+
+PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {PeftType.LORA: LoraConfig}
+PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type] = {PeftType.LORA: LoraModel}
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+
+
+def register_peft_method(peft_type: PeftType, config_cls: type[PeftConfig], tuner_cls: type) -> None:
+    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """Build the config named by ``config_dict['peft_type']``."""
+    return PeftConfig.from_peft_type(**config_dict)
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   mixed: bool = False, autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` with a new adapter; the PeftModel subclass follows ``peft_config.task_type``."""
+    if mixed:
+        raise NotImplementedError("mixed adapter types (PeftMixedModel) are not supported by peftfast")
+    if not isinstance(peft_config, PeftConfig):
+        raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+    validate_adapter_name(adapter_name)
+    if hasattr(model, "peft_config") and isinstance(getattr(model, "peft_config"), dict):
+        raise ValueError("this model already has adapters injected (it has a peft_config); call get_peft_model "
+                         "on a fresh base model, or use add_adapter/load_adapter on the PeftModel")
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if peft_config.base_model_name_or_path is None and name_or_path:
+        peft_config.base_model_name_or_path = name_or_path
+    if revision is not None:
+        peft_config.revision = revision
+    task = peft_config.task_type.value if isinstance(peft_config.task_type, TaskType) else peft_config.task_type
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel) if task is not None else PeftModel
+    return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
+                            low_cpu_mem_usage: bool = False, state_dict: Optional[dict] = None) -> nn.Module:
+    """Inject adapter layers into ``model`` in place (no PeftModel wrapper) and return it."""
+    validate_adapter_name(adapter_name)
+    key = PeftType(peft_config.peft_type)
+    if key not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(f"peft_type {key.value} is not supported; supported: "
+                         f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}")
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[key](model, peft_config, adapter_name=adapter_name)
+    return tuner.model

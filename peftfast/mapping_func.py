@@ -1,0 +1,3 @@
+from .mapping import get_peft_model
+
+__all__ = ["get_peft_model"]

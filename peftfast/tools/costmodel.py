@@ -1,0 +1,623 @@
+"""Per-kernel cost model: bytes moved, FLOPs, launches, and modelled time on named GPUs.
+
+Every formula returns a list of ``Kernel`` records (one per launch) for a path; a path's time on
+a GPU is the sum over its kernels of ``max(bytes / bandwidth, flops / peak) + launch_overhead``.
+Bytes are the compulsory DRAM traffic of each launch: every operand read once and every result
+written once (tiles re-read by several programs are assumed to hit L2). The eager PyTorch
+formulas reproduce, op for op, what ``traffic.count_torch`` counts on the same path at small
+shapes; the peftfast formulas are what ``traffic.count_triton`` counts as unique bytes per
+launch of the Triton kernels (tests check both). Times at real sizes are therefore
+*modelled from counted traffic*, not measured.
+
+Notation: T tokens, K = d_in, N = d_out, r (or R = sum of ranks over adapters), ``act`` the
+activation dtype, ``ad`` the adapter weight dtype. Unless stated otherwise, nothing is fused
+beyond what is listed, the LoRA and base weights are frozen/trainable as in LoRA fine-tuning
+(base frozen: no dW; adapters trainable), and the layer input needs a gradient.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """Peak figures of one GPU (dense, no sparsity).
+
+    ``tensor_flops``: fp16/bf16 tensor-core FLOP/s with fp32 accumulation (the bf16 matmuls);
+    ``fp32_flops``: plain fp32 FLOP/s (fp32 matmuls with TF32 off, PyTorch's default, and
+    elementwise ops).
+    """
+
+    name: str
+    bandwidth: float  # B/s
+    tensor_flops: float
+    fp32_flops: float
+
+
+# H100: the DESIGN's round figures (SXM spec sheet: 3.35 TB/s, 989 TFLOP/s bf16 dense);
+# fp32 non-tensor 67 TFLOP/s (SXM). RTX 4090: 1008 GB/s, 165 TFLOP/s fp16/bf16 with fp32
+# accumulation, 82.6 TFLOP/s fp32.
+H100 = Gpu("H100", 3.0e12, 800e12, 67e12)
+RTX4090 = Gpu("RTX 4090", 1.0e12, 165e12, 82.6e12)
+GPUS = {"h100": H100, "rtx4090": RTX4090}
+
+# Fixed cost per kernel launch (launch latency plus ramp-up/tail of a short kernel on a busy
+# stream). Ratios are shown with 0 and with this value.
+LAUNCH_OVERHEAD_S = 3e-6
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    tensor_core: bool = False  # True: FLOPs run at the tensor-core peak
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+    def time(self, gpu: Gpu, launch_overhead: float = 0.0) -> float:
+        peak = gpu.tensor_flops if self.tensor_core else gpu.fp32_flops
+        return max(self.bytes / gpu.bandwidth, self.flops / peak) + launch_overhead
+
+
+def path_time(kernels: list[Kernel], gpu: Gpu, launch_overhead: float = 0.0) -> float:
+    return sum(k.time(gpu, launch_overhead) for k in kernels)
+
+
+def path_bytes(kernels: list[Kernel]) -> int:
+    return sum(k.bytes for k in kernels)
+
+
+def _b(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+def matmul(name: str, m: int, k: int, n: int, a: torch.dtype, b: torch.dtype, out: torch.dtype) -> Kernel:
+    """[m, k] @ [k, n] -> [m, n]: each operand read once, the result written once, 2mkn FLOPs.
+
+    Tensor-core peak when both operands are fp16/bf16, fp32 peak otherwise (fp32 matmuls with
+    TF32 disabled, PyTorch's default for ``torch.mm``)."""
+    tc = a in LOW_PRECISION and b in LOW_PRECISION
+    return Kernel(name, m * k * _b(a) + k * n * _b(b), m * n * _b(out), 2 * m * k * n, tc)
+
+
+def elementwise(name: str, reads: list[tuple[int, torch.dtype]], writes: list[tuple[int, torch.dtype]]) -> Kernel:
+    """An elementwise kernel: reads and writes each listed (numel, dtype) once, 1 FLOP per
+    output element (always bandwidth-bound at these sizes)."""
+    flops = max(n for n, _ in writes)
+    return Kernel(name, sum(n * _b(d) for n, d in reads), sum(n * _b(d) for n, d in writes), flops)
+
+
+def base_linear_forward(t: int, d_in: int, d_out: int, dtype: torch.dtype) -> list[Kernel]:
+    """Y = X @ W^T, one GEMM (bias-free; a bias adds d_out elements, negligible)."""
+    return [matmul("base: X @ W^T", t, d_in, d_out, dtype, dtype, dtype)]
+
+
+def base_linear_backward(t: int, d_in: int, d_out: int, dtype: torch.dtype) -> list[Kernel]:
+    """Frozen base weight: only dX = dY @ W (no dW)."""
+    return [matmul("base: dX = dY @ W", t, d_out, d_in, dtype, dtype, dtype)]
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's LoRA path (eager aten ops)
+
+
+def peft_lora_forward(
+    t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype, dropout_p: float,
+    training: bool = True, dropout_impl: str = "cuda",
+) -> list[Kernel]:
+    """PEFT ``lora.Linear.forward`` after the base layer, one adapter:
+    ``x = x.to(ad); result = result + lora_B(lora_A(dropout(x))) * s; result.to(act)``.
+
+    Ops: cast x to the adapter dtype (only if ``ad != act``); dropout when training with p > 0
+    (PEFT uses ``nn.Identity`` for p = 0); two bias-free GEMMs in the adapter dtype; the scale
+    (a separate ``mul``); the add, whose result has the promoted dtype of ``act`` and ``ad``;
+    the cast back to ``act`` when that differs. ``dropout_impl="cuda"``: one fused
+    ``native_dropout`` writing the output and a 1-byte mask; ``"cpu"``: ATen's CPU
+    composition (``bernoulli_`` into a noise tensor of x's dtype, ``div_`` by 1-p, ``mul``),
+    used to check the formula against counts on a CPU.
+    """
+    tk, tn = t * d_in, t * d_out
+    ks = []
+    if ad != act:
+        ks.append(elementwise("peft: x.to(adapter dtype)", [(tk, act)], [(tk, ad)]))
+    if training and dropout_p > 0:
+        if dropout_impl == "cuda":
+            ks.append(elementwise("peft: native_dropout", [(tk, ad)], [(tk, ad), (tk, torch.bool)]))
+        elif dropout_impl == "cpu":
+            ks.append(elementwise("peft: bernoulli_", [], [(tk, ad)]))
+            ks.append(elementwise("peft: noise.div_(1-p)", [(tk, ad)], [(tk, ad)]))
+            ks.append(elementwise("peft: x * noise", [(tk, ad), (tk, ad)], [(tk, ad)]))
+        else:
+            raise ValueError(f"dropout_impl={dropout_impl!r}; allowed: 'cuda', 'cpu'")
+    ks.append(matmul("peft: lora_A", t, d_in, r, ad, ad, ad))
+    ks.append(matmul("peft: lora_B", t, r, d_out, ad, ad, ad))
+    ks.append(elementwise("peft: * scaling", [(tn, ad)], [(tn, ad)]))
+    summed = torch.promote_types(act, ad)
+    ks.append(elementwise("peft: result + lora", [(tn, act), (tn, ad)], [(tn, summed)]))
+    if summed != act:
+        ks.append(elementwise("peft: result.to(act)", [(tn, summed)], [(tn, act)]))
+    return ks
+
+
+def peft_lora_backward(
+    t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype, dropout_p: float,
+    training: bool = True, dropout_impl: str = "cuda", needs_dx: bool = True,
+) -> list[Kernel]:
+    """Autograd's backward of ``peft_lora_forward`` (base dX excluded, see
+    ``base_linear_backward``): casts mirroring the forward casts (dY to the promoted dtype,
+    the grad of the base output back to ``act``, dX_lora back to ``act``), the scale ``mul``,
+    four GEMMs (dH = dZ @ B, dB = dZ^T @ H, dA = dH^T @ drop(x), dXd = dH @ A), the dropout
+    backward (``native_dropout_backward`` reads the saved 1-byte mask; on CPU a ``mul`` by
+    the saved noise), and the add of dX_lora into the base layer's dX (x feeds both).
+    """
+    tk, tn = t * d_in, t * d_out
+    summed = torch.promote_types(act, ad)
+    dropout = training and dropout_p > 0
+    ks = []
+    if summed != act:
+        ks.append(elementwise("peft bwd: dY.to(promoted)", [(tn, act)], [(tn, summed)]))
+        ks.append(elementwise("peft bwd: dY.to(act) for base output", [(tn, summed)], [(tn, act)]))
+    if summed != ad:
+        ks.append(elementwise("peft bwd: dZ.to(adapter dtype)", [(tn, summed)], [(tn, ad)]))
+    ks.append(elementwise("peft bwd: * scaling", [(tn, ad)], [(tn, ad)]))
+    ks.append(matmul("peft bwd: dH = dZ @ B", t, d_out, r, ad, ad, ad))
+    ks.append(matmul("peft bwd: dB = dZ^T @ H", d_out, t, r, ad, ad, ad))
+    ks.append(matmul("peft bwd: dA = dH^T @ Xd", r, t, d_in, ad, ad, ad))
+    if needs_dx:
+        ks.append(matmul("peft bwd: dXd = dH @ A", t, r, d_in, ad, ad, ad))
+        if dropout and dropout_impl == "cuda":
+            ks.append(elementwise("peft bwd: native_dropout_backward", [(tk, ad), (tk, torch.bool)], [(tk, ad)]))
+        elif dropout:
+            ks.append(elementwise("peft bwd: dXd * noise", [(tk, ad), (tk, ad)], [(tk, ad)]))
+        if ad != act:
+            ks.append(elementwise("peft bwd: dX.to(act)", [(tk, ad)], [(tk, act)]))
+        ks.append(elementwise("peft bwd: dX_base + dX_lora", [(tk, act), (tk, act)], [(tk, act)]))
+    return ks
+
+
+# ----------------------------------------------------------------------------------------------
+# peftfast's LoRA kernels
+
+
+def peftfast_lora_forward(
+    t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+    out: torch.dtype | None = None, h_dtype: torch.dtype = torch.float32,
+) -> list[Kernel]:
+    """``lora_linear`` as the op contract defines it (base output passed in), all adapters in
+    one pass (R = sum of ranks):
+
+    shrink: H = drop(X) @ A^T for every adapter; reads X once and the A's, writes H [T, R] in
+    ``h_dtype`` (fp32 by default); the dropout mask is regenerated from a Philox seed, so it
+    costs no bytes. expand: Y = base_out + sum_i s_i H_i @ B_i^T; reads base_out, H and the
+    B's, writes Y. Both run on tensor cores (mma with fp32 accumulation).
+    """
+    out = out or act
+    big_r = sum(ranks)
+    return [
+        Kernel("peftfast: shrink", t * d_in * _b(act) + big_r * d_in * _b(ad), t * big_r * _b(h_dtype),
+               2 * t * d_in * big_r, True),
+        Kernel("peftfast: expand (+ base_out)",
+               t * d_out * _b(out) + t * big_r * _b(h_dtype) + d_out * big_r * _b(ad),
+               t * d_out * _b(out), 2 * t * d_out * big_r + 2 * t * d_out, True),
+    ]
+
+
+def peftfast_lora_backward(
+    t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+    out: torch.dtype | None = None, h_dtype: torch.dtype = torch.float32,
+) -> list[Kernel]:
+    """Backward of ``lora_linear`` (derivation: Y = base_out + s drop(X) A^T B^T, H = drop(X) A^T):
+    dH = s dY @ B, dB = s dY^T @ H, dA = dH^T @ drop(X), dX = mask/(1-p) * (dH @ A).
+
+    dY side: reads dY once, with B and the saved H [T, R]; writes dH [T, R] (fp32) and dB.
+    X side: reads X once (dropout mask regenerated), dH and A; writes dX_lora and dA.
+    The grad of base_out is dY itself (no kernel). The add of dX_lora into the base layer's
+    dX is autograd's, see ``lora_layer``.
+    """
+    out = out or act
+    big_r = sum(ranks)
+    return [
+        Kernel("peftfast bwd: dY side (dH, dB)",
+               t * d_out * _b(out) + d_out * big_r * _b(ad) + t * big_r * _b(h_dtype),
+               t * big_r * 4 + d_out * big_r * _b(ad), 4 * t * d_out * big_r, True),
+        Kernel("peftfast bwd: X side (dX, dA)",
+               t * d_in * _b(act) + t * big_r * 4 + big_r * d_in * _b(ad),
+               t * d_in * _b(act) + big_r * d_in * _b(ad), 4 * t * d_in * big_r, True),
+    ]
+
+
+def peftfast_fused_base(t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype,
+                        backward: bool) -> list[Kernel]:
+    """Reference layout (not the op contract): the adapter rides in the base GEMM's epilogue.
+
+    Forward: shrink (as above), then the base GEMM adds s H @ B^T before its store (reads H and
+    B, no extra pass over Y). Backward: dY side (as above), the base dX GEMM adds
+    mask * (dH @ A) in its epilogue, and a dA kernel reads X and dH. This is the layout the
+    DESIGN's LoRA targets presuppose; it is shown next to the contract's layout.
+    """
+    if not backward:
+        shrink = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)[0]
+        base = base_linear_forward(t, d_in, d_out, act)[0]
+        epi = Kernel("base GEMM + LoRA epilogue", base.bytes_read + t * r * 4 + d_out * r * _b(ad),
+                     base.bytes_written, base.flops + 2 * t * d_out * r, True)
+        return [shrink, epi]
+    dy_side = peftfast_lora_backward(t, d_in, d_out, [r], act, ad)[0]
+    base = base_linear_backward(t, d_in, d_out, act)[0]
+    epi = Kernel("base dX GEMM + LoRA epilogue", base.bytes_read + t * r * 4 + r * d_in * _b(ad),
+                 base.bytes_written, base.flops + 2 * t * d_in * r, True)
+    d_a = Kernel("peftfast bwd: dA", t * d_in * _b(act) + t * r * 4, r * d_in * _b(ad), 2 * t * d_in * r, True)
+    return [dy_side, epi, d_a]
+
+
+def dx_accumulate(t: int, d_in: int, act: torch.dtype) -> Kernel:
+    """Autograd's sum of the two gradients reaching the layer input (base path + LoRA path)."""
+    return elementwise("autograd: dX_base + dX_lora", [(t * d_in, act), (t * d_in, act)], [(t * d_in, act)])
+
+
+# ----------------------------------------------------------------------------------------------
+# quantised bases (bitsandbytes storage)
+
+
+def nf4_weight_bytes(n: int, k: int, blocksize: int = 64, nested: bool = False, nested_blocksize: int = 256) -> int:
+    """Bytes of a bitsandbytes 4-bit weight [n, k]: packed data ceil(nk/2), the 16-entry fp32
+    code, and absmax: fp32 per block, or (nested) one uint8 code per block plus fp32 per
+    nested block and the 256-entry fp32 nested code."""
+    blocks = -(-n * k // blocksize)
+    absmax = blocks * 4 if not nested else blocks + -(-blocks // nested_blocksize) * 4 + 256 * 4
+    return -(-n * k // 2) + absmax + 16 * 4
+
+
+def matmul_4bit_fused(t: int, d_in: int, d_out: int, act: torch.dtype, backward: bool = False,
+                      blocksize: int = 64, nested: bool = False) -> Kernel:
+    """Dequantisation in the GEMM's operand load: forward Y = X @ deq(W)^T reads X and the
+    packed weight once; backward dX = dY @ deq(W) reads dY and the packed weight (no
+    dequantised copy of W is ever written)."""
+    w = nf4_weight_bytes(d_out, d_in, blocksize, nested)
+    a, b = (t * d_in, t * d_out) if not backward else (t * d_out, t * d_in)
+    return Kernel("4-bit GEMM (dequant in prologue)" + (" dX" if backward else ""),
+                  a * _b(act) + w, b * _b(act), 2 * t * d_in * d_out, True)
+
+
+def dequant_4bit_then_matmul(t: int, d_in: int, d_out: int, act: torch.dtype, backward: bool = False,
+                             blocksize: int = 64, nested: bool = False) -> list[Kernel]:
+    """bitsandbytes' training path: dequantise W to ``act`` (reads packed, writes N*K*act),
+    then a plain GEMM; the backward dequantises again for dX = dY @ W."""
+    w = nf4_weight_bytes(d_out, d_in, blocksize, nested)
+    deq = Kernel("bnb: dequantize_4bit", w, d_out * d_in * _b(act), d_out * d_in)
+    mm = base_linear_backward(t, d_in, d_out, act) if backward else base_linear_forward(t, d_in, d_out, act)
+    return [deq] + mm
+
+
+def matmul_int8_fused(t: int, d_in: int, d_out: int, act: torch.dtype, backward: bool = False) -> Kernel:
+    """Row-wise int8 weight (CB [N, K] int8, SCB [N] fp32) dequantised in the GEMM's operand
+    load; same structure as ``matmul_4bit_fused``."""
+    w = d_out * d_in + d_out * 4
+    a, b = (t * d_in, t * d_out) if not backward else (t * d_out, t * d_in)
+    return Kernel("int8 GEMM (dequant in prologue)" + (" dX" if backward else ""),
+                  a * _b(act) + w, b * _b(act), 2 * t * d_in * d_out, True)
+
+
+def dequant_int8_then_matmul(t: int, d_in: int, d_out: int, act: torch.dtype, backward: bool = False) -> list[Kernel]:
+    """Dequantise CB * SCB / 127 to ``act`` (reads N*K + 4N, writes N*K*act), then a GEMM."""
+    deq = Kernel("dequantize_int8", d_out * d_in + d_out * 4, d_out * d_in * _b(act), d_out * d_in)
+    mm = base_linear_backward(t, d_in, d_out, act) if backward else base_linear_forward(t, d_in, d_out, act)
+    return [deq] + mm
+
+
+# ----------------------------------------------------------------------------------------------
+# IA3
+
+
+def ia3_fused_matmul(t: int, d_in: int, d_out: int, act: torch.dtype, scale: torch.dtype,
+                     feedforward: bool) -> Kernel:
+    """The IA3 scale inside the base GEMM: a prologue multiply of the X tile (feedforward, scale
+    [d_in]) or an epilogue multiply of the Y tile (scale [d_out]); the only extra traffic is
+    the scale vector."""
+    base = base_linear_forward(t, d_in, d_out, act)[0]
+    n = d_in if feedforward else d_out
+    return Kernel("IA3 GEMM (scale fused)", base.bytes_read + n * _b(scale), base.bytes_written,
+                  base.flops + t * n, True)
+
+
+def peft_ia3_forward(t: int, d_in: int, d_out: int, act: torch.dtype, scale: torch.dtype,
+                     feedforward: bool) -> list[Kernel]:
+    """PEFT ``ia3.Linear.forward`` (one adapter): ``ia3_scaling = 1 * l`` (a tiny mul), then
+    feedforward: ``(x.to(scale dtype) * l).to(act)`` before the base GEMM; otherwise
+    ``(base(x) * l).to(act)`` after it. Casts only where the dtypes differ."""
+    n = d_in if feedforward else d_out
+    big = t * n
+    prod = torch.promote_types(act, scale)
+    ks = [elementwise("peft: 1 * ia3_l", [(n, scale)], [(n, scale)])]
+    base = base_linear_forward(t, d_in, d_out, act)
+    if not feedforward:
+        ks += base
+    src = act
+    if feedforward and scale != act:
+        ks.append(elementwise("peft: x.to(ia3 dtype)", [(big, act)], [(big, scale)]))
+        src = scale
+    ks.append(elementwise("peft: * ia3_l", [(big, src), (n, scale)], [(big, torch.promote_types(src, scale))]))
+    if torch.promote_types(src, scale) != act:
+        ks.append(elementwise("peft: .to(act)", [(big, prod)], [(big, act)]))
+    if feedforward:
+        ks += base
+    return ks
+
+
+# ----------------------------------------------------------------------------------------------
+# layers: what one LoRA linear costs, forward and backward, base included
+
+LORA_IMPLS = ("base", "peft", "peftfast", "peftfast-fused-base")
+
+
+def lora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
+               ad: torch.dtype, dropout_p: float = 0.0, dropout_impl: str = "cuda") -> list[Kernel]:
+    """Every kernel of one LoRA linear (training mode), including the base layer's own GEMM
+    (forward) or its dX GEMM (backward, frozen weight), so the ratio to ``impl="base"`` is the
+    whole overhead of the adapter."""
+    if impl not in LORA_IMPLS:
+        raise ValueError(f"impl={impl!r}; allowed: {', '.join(LORA_IMPLS)}")
+    if impl == "peftfast-fused-base":
+        return peftfast_fused_base(t, d_in, d_out, r, act, ad, backward)
+    base = (base_linear_backward if backward else base_linear_forward)(t, d_in, d_out, act)
+    if impl == "base":
+        return base
+    if impl == "peft":
+        fn = peft_lora_backward if backward else peft_lora_forward
+        return base + fn(t, d_in, d_out, r, act, ad, dropout_p, True, dropout_impl)
+    if not backward:
+        return base + peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
+    return base + peftfast_lora_backward(t, d_in, d_out, [r], act, ad) + [dx_accumulate(t, d_in, act)]
+
+
+def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
+                ad: torch.dtype, dropout_p: float = 0.0, blocksize: int = 64, nested: bool = False) -> list[Kernel]:
+    """A LoRA linear on an NF4 base. ``impl="peftfast"``: fused 4-bit GEMM + the lora_linear
+    kernels (+ autograd's dX add); ``"peft"``: bitsandbytes dequantise + GEMM, then PEFT's
+    adapter ops."""
+    if impl == "peftfast":
+        ks = [matmul_4bit_fused(t, d_in, d_out, act, backward, blocksize, nested)]
+        if not backward:
+            return ks + peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
+        return ks + peftfast_lora_backward(t, d_in, d_out, [r], act, ad) + [dx_accumulate(t, d_in, act)]
+    if impl == "peft":
+        ks = dequant_4bit_then_matmul(t, d_in, d_out, act, backward, blocksize, nested)
+        fn = peft_lora_backward if backward else peft_lora_forward
+        return ks + fn(t, d_in, d_out, r, act, ad, dropout_p)
+    raise ValueError(f"impl={impl!r}; allowed: 'peftfast', 'peft'")
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration: counted traffic at small shapes vs the formulas
+
+# Relative tolerance between counted unique bytes of the Triton kernels and the formulas: the
+# formulas count each operand once per launch; a kernel may also touch small extras (e.g. a
+# per-row statistic or a partial-sum buffer), which must stay below this fraction.
+KERNEL_BYTES_TOLERANCE = 0.10
+
+
+@dataclass
+class Check:
+    name: str
+    counted_bytes: int
+    modelled_bytes: int
+    counted_launches: int
+    modelled_launches: int
+    tolerance: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        close = abs(self.counted_bytes - self.modelled_bytes) <= self.tolerance * self.modelled_bytes
+        return close and self.counted_launches == self.modelled_launches
+
+    def line(self) -> str:
+        tol = "exact" if self.tolerance == 0 else f"within {self.tolerance:.0%}"
+        return (f"{self.name:<52} counted {self.counted_bytes:>9} B / {self.counted_launches:>2} launches, "
+                f"modelled {self.modelled_bytes:>9} B / {self.modelled_launches:>2} launches "
+                f"[{'ok' if self.ok else 'MISMATCH'}, {tol}]")
+
+
+def peft_like_forward(x, base, lora_a, lora_b, dropout, scaling: float):
+    """PEFT's vanilla LoRA forward in eager PyTorch, same op order (the formulas' subject)."""
+    result = base(x)
+    result_dtype = result.dtype
+    x = x.to(lora_a.weight.dtype)
+    result = result + lora_b(lora_a(dropout(x))) * scaling
+    return result.to(result_dtype)
+
+
+def calibrate_eager(t: int = 24, d_in: int = 40, d_out: int = 56, r: int = 4, act: torch.dtype = torch.bfloat16,
+                    ad: torch.dtype = torch.float32, dropout_p: float = 0.1) -> list[Check]:
+    """Count PEFT's op sequence on CPU and compare with the formulas (CPU dropout), exactly."""
+    from torch import nn
+
+    from .traffic import count_torch
+
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(d_in, d_out, bias=False).to(act).requires_grad_(False)
+    lora_a = nn.Linear(d_in, r, bias=False).to(ad)
+    lora_b = nn.Linear(r, d_out, bias=False).to(ad)
+    with torch.no_grad():
+        for m in (base, lora_a, lora_b):
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+    dropout = nn.Dropout(dropout_p) if dropout_p > 0 else nn.Identity()
+    x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+    with count_torch() as fwd:
+        y = peft_like_forward(x, base, lora_a, lora_b, dropout, 2.0)
+    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    with count_torch() as bwd:
+        y.backward(dy)
+    checks = []
+    for name, counted, backward in (("eager PEFT path, forward", fwd, False), ("eager PEFT path, backward", bwd, True)):
+        model = lora_layer("peft", backward, t, d_in, d_out, r, act, ad, dropout_p, dropout_impl="cpu")
+        checks.append(Check(f"{name} (T={t}, {d_in}->{d_out}, r={r})", counted.bytes, path_bytes(model),
+                            counted.launches, len(model)))
+    return checks
+
+
+def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1) -> list[Check]:
+    """Count the Triton kernels of ``lora_linear`` under the interpreter (unique bytes per
+    launch) and compare with ``peftfast_lora_forward`` / ``peftfast_lora_backward``.
+
+    Needs ``TRITON_INTERPRET=1`` set before the kernels were imported; raises ImportError
+    when ``peftfast.kernels.lora`` does not exist.
+    """
+    import os
+
+    from peftfast.kernels import lora
+    from peftfast.kernels.backend import interpreting
+
+    from .traffic import count_triton
+
+    if not interpreting():
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+    act, ad = torch.float16, torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+    base_out = torch.randn(t, d_out, generator=gen).to(act)
+    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).requires_grad_(True)
+    b = (torch.randn(d_out, r, generator=gen) / r**0.5).requires_grad_(True)
+    saved = os.environ.get("PEFTFAST_BACKEND")
+    os.environ["PEFTFAST_BACKEND"] = "triton"
+    try:
+        with count_triton() as fwd:
+            y = lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True)
+        with count_triton() as bwd:
+            y.backward(torch.randn(y.shape, generator=gen).to(y.dtype))
+    finally:
+        if saved is None:
+            os.environ.pop("PEFTFAST_BACKEND")
+        else:
+            os.environ["PEFTFAST_BACKEND"] = saved
+    model_f = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
+    model_b = peftfast_lora_backward(t, d_in, d_out, [r], act, ad)
+    shape = f"(T={t}, {d_in}->{d_out}, r={r})"
+    return [
+        Check(f"peftfast Triton lora_linear, forward {shape}", fwd.unique_bytes, path_bytes(model_f),
+              fwd.launches, len(model_f), KERNEL_BYTES_TOLERANCE),
+        Check(f"peftfast Triton lora_linear, backward {shape}", bwd.unique_bytes, path_bytes(model_b),
+              bwd.launches, len(model_b), KERNEL_BYTES_TOLERANCE),
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+LORA_TARGETS = {"forward": 1.07, "backward": 1.13}  # DESIGN targets, peftfast vs base GEMM alone
+QLORA_TARGETS = {"forward": 1.11, "backward": 1.18}
+
+
+def _ratio_table(gpu: Gpu, overhead: float, rows: list[tuple[str, list[Kernel], list[Kernel]]]) -> list[str]:
+    """Rows of (label, forward kernels, backward kernels); ratios are to the first row."""
+    head = (f"{'path':<46}|{'fwd launches':>13}{'MB':>9}{'us':>9}{'ratio':>7}{'+ovh':>7} |"
+            f"{'bwd launches':>13}{'MB':>9}{'us':>9}{'ratio':>7}{'+ovh':>7}")
+    lines = [head, "-" * len(head)]
+    ref_f, ref_b = rows[0][1], rows[0][2]
+    for label, fwd, bwd in rows:
+        cells = []
+        for ks, ref in ((fwd, ref_f), (bwd, ref_b)):
+            t0 = path_time(ks, gpu)
+            ratio0 = t0 / path_time(ref, gpu)
+            ratio1 = path_time(ks, gpu, overhead) / path_time(ref, gpu, overhead)
+            cells.append(f"{len(ks):>13}{path_bytes(ks) / 1e6:>9.1f}{t0 * 1e6:>9.1f}{ratio0:>7.3f}{ratio1:>7.3f}")
+        lines.append(f"{label:<46}|{cells[0]} |{cells[1]}")
+    return lines
+
+
+def _lora_rows(t, d_in, d_out, r, act):
+    f32 = torch.float32
+
+    def pair(impl, ad, p):
+        return (lora_layer(impl, False, t, d_in, d_out, r, act, ad, p),
+                lora_layer(impl, True, t, d_in, d_out, r, act, ad, p))
+
+    return [
+        ("base GEMM alone", *pair("base", act, 0.0)),
+        ("PEFT, adapters bf16, dropout 0.1", *pair("peft", act, 0.1)),
+        ("PEFT, adapters bf16, no dropout", *pair("peft", act, 0.0)),
+        ("PEFT, adapters fp32 (autocast), dropout 0.1", *pair("peft", f32, 0.1)),
+        ("PEFT, adapters fp32 (autocast), no dropout", *pair("peft", f32, 0.0)),
+        ("peftfast, op contract (dropout any p)", *pair("peftfast", f32, 0.1)),
+        ("peftfast, LoRA in base GEMM epilogue", *pair("peftfast-fused-base", f32, 0.1)),
+    ]
+
+
+def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16,
+                  act: torch.dtype = torch.bfloat16, gpus: tuple[Gpu, ...] = (H100, RTX4090),
+                  launch_overhead: float = LAUNCH_OVERHEAD_S, calibrate: bool = True) -> str:
+    """The traffic table: calibration against counts, then modelled ratios on each GPU."""
+    out = ["Kernel cost model — modelled from counted traffic", ""]
+    if calibrate:
+        out.append("Calibration (counted at small shapes vs the formulas):")
+        checks = calibrate_eager()
+        try:
+            checks += calibrate_peftfast()
+        except ImportError:
+            out.append("  peftfast.kernels.lora not available: its kernels were not counted")
+        except RuntimeError as err:
+            out.append(f"  peftfast kernels not counted: {err}")
+        out += ["  " + c.line() for c in checks]
+        out.append("")
+    f32 = torch.float32
+    tgt = ", ".join(f"{k} <= {v}" for k, v in LORA_TARGETS.items())
+    for gpu in gpus:
+        out.append(f"{gpu.name}: {gpu.bandwidth / 1e12:.1f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s bf16, "
+                   f"{gpu.fp32_flops / 1e12:.1f} TFLOP/s fp32; +ovh = {launch_overhead * 1e6:.1f} us per launch")
+        out.append(f"One LoRA linear, T={t}, d_in={d_in}, d_out={d_out}, r={r}, {str(act).split('.')[-1]}, "
+                   f"ratio to the base GEMM alone (backward: to base dX alone); target {tgt}")
+        out += _ratio_table(gpu, launch_overhead, _lora_rows(t, d_in, d_out, r, act))
+        out.append("")
+        qt = ", ".join(f"{k} <= {v}" for k, v in QLORA_TARGETS.items())
+        out.append(f"NF4 QLoRA linear (blocksize 64), same shape, ratio to the bf16 base GEMM alone; target {qt}")
+        base = lora_layer("base", False, t, d_in, d_out, r, act, act), lora_layer("base", True, t, d_in, d_out, r, act, act)
+        q_rows = [("bf16 base GEMM alone", *base)]
+        for label, impl in (("peftfast: 4-bit GEMM + lora_linear", "peftfast"),
+                            ("PEFT + bnb: dequant + GEMM, fp32 adapters, p=0.1", "peft")):
+            q_rows.append((label, qlora_layer(impl, False, t, d_in, d_out, r, act, f32, 0.1),
+                           qlora_layer(impl, True, t, d_in, d_out, r, act, f32, 0.1)))
+        i8 = [matmul_int8_fused(t, d_in, d_out, act)], [matmul_int8_fused(t, d_in, d_out, act, True)]
+        d8 = dequant_int8_then_matmul(t, d_in, d_out, act), dequant_int8_then_matmul(t, d_in, d_out, act, True)
+        q_rows += [("int8 base only: fused GEMM", *i8), ("int8 base only: dequant + GEMM", *d8)]
+        out += _ratio_table(gpu, launch_overhead, q_rows)
+        dec = 16
+        k4 = matmul_4bit_fused(dec, d_in, d_out, act)
+        kb = base_linear_forward(dec, d_in, d_out, act)[0]
+        out.append(f"Decode T={dec}: 4-bit GEMM moves {k4.bytes / 1e6:.1f} MB ({k4.time(gpu) * 1e6:.1f} us), "
+                   f"bf16 GEMM {kb.bytes / 1e6:.1f} MB ({kb.time(gpu) * 1e6:.1f} us)")
+        ia3_rows = [("base GEMM alone", *base)]
+        for ff in (True, False):
+            kind = "feedforward (scale on x)" if ff else "attention (scale on y)"
+            ia3_rows.append((f"peftfast IA3 {kind}", [ia3_fused_matmul(t, d_in, d_out, act, f32, ff)], base[1]))
+            ia3_rows.append((f"PEFT IA3 {kind}, fp32 ia3_l", peft_ia3_forward(t, d_in, d_out, act, f32, ff), base[1]))
+        out.append("IA3 linear, forward only (backward columns repeat the base dX), target forward <= 1.01")
+        out += _ratio_table(gpu, launch_overhead, ia3_rows)
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peftfast traffic", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--d-in", type=int, default=4096)
+    parser.add_argument("--d-out", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--gpu", choices=sorted(GPUS), action="append", help="default: all")
+    parser.add_argument("--launch-overhead-us", type=float, default=LAUNCH_OVERHEAD_S * 1e6)
+    parser.add_argument("--no-calibrate", action="store_true", help="skip counting at small shapes")
+    args = parser.parse_args(argv)
+    gpus = tuple(GPUS[g] for g in (args.gpu or sorted(GPUS)))
+    print(render_report(args.tokens, args.d_in, args.d_out, args.rank, torch.bfloat16, gpus,
+                        args.launch_overhead_us * 1e-6, not args.no_calibrate))
+    return 0

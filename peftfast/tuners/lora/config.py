@@ -1,0 +1,140 @@
+"""LoraConfig: PEFT's fields, defaults and JSON layout.
+
+Every field PEFT 0.21 writes to adapter_config.json is declared here, so a PEFT checkpoint loads
+without warnings. Fields for features peftfast does not implement (DoRA, LoftQ, EVA, ...) are
+accepted at their defaults and refused with a clear message otherwise, because silently ignoring
+them would change the model's math.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from ...config import ConfigError, PeftConfig
+from ...utils.peft_types import PeftType
+
+# field -> (default as PEFT writes it, what it would enable)
+UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
+    "use_dora": (False, "DoRA"),
+    "loftq_config": ({}, "LoftQ initialisation"),
+    "eva_config": (None, "EVA initialisation"),
+    "corda_config": (None, "CorDA initialisation"),
+    "lora_ga_config": (None, "LoRA-GA initialisation"),
+    "velora_config": (None, "VeLoRA"),
+    "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
+    "use_qalora": (False, "QA-LoRA"),
+    "monteclora_config": (None, "MonteCLoRA"),
+    "layer_replication": (None, "layer replication"),
+    "lora_bias": (False, "a bias term on lora_B"),
+    "target_parameters": (None, "LoRA on nn.Parameter targets"),
+    "use_bdlora": (None, "block-diagonal LoRA"),
+    "arrow_config": (None, "Arrow routing"),
+    "kasa_config": (None, "KaSA"),
+    "trainable_token_indices": (None, "trainable tokens"),
+    "megatron_config": (None, "Megatron parallel layers"),
+}
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter: ``W x + (alpha / r) * B A dropout(x)``.
+
+    Args mirror ``peft.LoraConfig``: ``r`` (rank), ``lora_alpha``, ``lora_dropout``, ``target_modules``
+    (list of names, a full-match regex, or ``'all-linear'``), ``exclude_modules``, ``fan_in_fan_out``
+    (True for GPT-2's Conv1D), ``bias`` ('none', 'all', 'lora_only'), ``use_rslora`` (scale by
+    alpha/sqrt(r)), ``modules_to_save``, ``init_lora_weights`` (True, False, 'gaussian'),
+    ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``.
+    """
+
+    r: int = field(default=8, metadata={"help": "Lora attention dimension"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None)
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    lora_alpha: int = field(default=8, metadata={"help": "Lora alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Lora dropout"})
+    fan_in_fan_out: bool = field(default=False)
+    bias: Literal["none", "all", "lora_only"] = field(default="none")
+    use_rslora: bool = field(default=False)
+    modules_to_save: Optional[list[str]] = field(default=None)
+    init_lora_weights: bool | Literal["gaussian"] = field(default=True)
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    alpha_pattern: Optional[dict] = field(default_factory=dict)
+    megatron_config: Optional[dict] = field(default=None)
+    megatron_core: Optional[str] = field(default="megatron.core")
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(default=None)
+    loftq_config: Union[dict, Any] = field(default_factory=dict)
+    eva_config: Optional[Any] = field(default=None)
+    corda_config: Optional[Any] = field(default=None)
+    lora_ga_config: Optional[Any] = field(default=None)
+    use_dora: bool = field(default=False)
+    velora_config: Optional[Any] = field(default=None)
+    alora_invocation_tokens: Optional[list[int]] = field(default=None)
+    use_qalora: bool = field(default=False)
+    qalora_group_size: int = field(default=16)
+    monteclora_config: Optional[Any] = field(default=None)
+    layer_replication: Optional[list[tuple[int, int]]] = field(default=None)
+    lora_bias: bool = field(default=False)
+    target_parameters: Optional[list[str]] = field(default=None)
+    use_bdlora: Optional[Any] = field(default=None)
+    arrow_config: Optional[Any] = field(default=None)
+    kasa_config: Optional[Any] = field(default=None)
+    ensure_weight_tying: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LORA
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set, frozenset)):
+                setattr(self, name, set(value))
+            elif value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a list of module names, a regex string or None, "
+                                  f"got {type(value).__name__}")
+        self._validate()
+
+    def _validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}")
+        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be a positive finite number, got {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
+        if not (self.init_lora_weights is True or self.init_lora_weights is False
+                or self.init_lora_weights == "gaussian"):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported by peftfast; "
+                f"supported: True, False, 'gaussian'"
+            )
+        for key, pattern in (("rank_pattern", self.rank_pattern or {}), ("alpha_pattern", self.alpha_pattern or {})):
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{key} must be a dict of module-name pattern -> value, got {type(pattern).__name__}")
+            for name, value in pattern.items():
+                ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) if key == "rank_pattern" \
+                    else (_is_number(value) and value > 0)
+                if not ok:
+                    raise ConfigError(f"{key}[{name!r}] must be a positive "
+                                      f"{'integer' if key == 'rank_pattern' else 'number'}, got {value!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string")
+        if isinstance(self.target_modules, str) and self.layers_pattern:
+            raise ConfigError("layers_pattern cannot be used when target_modules is a regex string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern requires layers_to_transform to be set as well")
+        for name, (default, feature) in UNSUPPORTED_LORA_FIELDS.items():
+            value = getattr(self, name)
+            if not (value == default or (default is None and value in ({}, [], False))):
+                raise ConfigError(
+                    f"{name}={value!r} asks for {feature}, which peftfast does not implement; "
+                    f"remove it or set it to {default!r}"
+                )

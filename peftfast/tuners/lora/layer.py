@@ -1,0 +1,261 @@
+"""LoRA layers: the module tree of PEFT (base_layer, lora_A, lora_B, scaling, ...) over fused ops.
+
+One forward for all active adapters of a layer: the adapter math is a single call to
+``peftfast.kernels.lora.lora_linear`` (fused Triton kernels on CUDA, the PyTorch reference
+elsewhere), not a Python loop of nn.Linear calls. Dropout modules are kept in ``lora_dropout``
+so the module tree matches PEFT's, but the op applies dropout itself from a seed, so no mask is
+kept for backward.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...kernels.lora import lora_linear
+from ...utils.other import transpose
+from ..tuners_utils import BaseTunerLayer, _conv1d_class
+
+
+def _feature_sizes(base: nn.Module) -> tuple[int, int]:
+    conv1d = _conv1d_class()
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if conv1d is not None and isinstance(base, conv1d):
+        w = base.weight
+        return (w.ds_shape if hasattr(w, "ds_shape") else w.shape)  # Conv1D stores [in, out]
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):
+        return base.in_features, base.out_features
+    raise ValueError(f"LoRA does not support layers of type {type(base).__name__}")
+
+
+def _dropout_p(module: nn.Module) -> float:
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+class LoraLayer(BaseTunerLayer):
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.lora_embedding_A = nn.ParameterDict({})
+        self.lora_embedding_B = nn.ParameterDict({})
+        self.use_dora: dict[str, bool] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = _feature_sizes(self.get_base_layer())
+        self.kwargs = kwargs
+
+    def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        base = self.get_base_layer()
+        w = getattr(base, "weight", None)
+        if w is None:
+            return torch.device("cpu"), torch.float32
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        return w.device, dtype
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, **kwargs: Any) -> None:
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_dora[adapter_name] = False
+        self._create_adapter_weights(adapter_name, r)
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.set_adapter(self.active_adapters)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        device, dtype = self._adapter_device_dtype()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        if init_lora_weights is False:
+            return
+        if adapter_name in self.lora_A:
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A[adapter_name].weight, std=1.0 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if adapter_name in self.lora_embedding_A:
+            nn.init.zeros_(self.lora_embedding_A[adapter_name])
+            nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        if adapter in self.scaling:
+            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+
+    # -- merging --------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merge_target(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the adapters' deltas into the base weight. With ``safe_merge`` the sum is built in a copy and
+        refused (weights untouched) if it holds NaN or inf."""
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        weight = self._merge_target()
+        if safe_merge:
+            merged = weight.data.clone()
+            for name in names:
+                merged += self.get_delta_weight(name).to(merged.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
+                                     "the base weights were left unchanged")
+            weight.data = merged
+        else:
+            for name in names:
+                weight.data += self.get_delta_weight(name).to(weight.dtype)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
+            return
+        weight = self._merge_target()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.available_adapters():
+                weight.data -= self.get_delta_weight(name).to(weight.dtype)
+
+
+def _delta(b: torch.Tensor, a: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``scaling * b @ a`` computed in fp32 (half-precision matmuls on CPU are slow and lossy)."""
+    compute = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype
+    return ((b.to(compute) @ a.to(compute)) * scaling).to(out_dtype)
+
+
+class Linear(nn.Module, LoraLayer):
+    """LoRA on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
+                 init_lora_weights: bool | str = True, use_rslora: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        delta = _delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight, self.scaling[adapter],
+                       self.get_base_layer().weight.dtype)
+        return transpose(delta, self.fan_in_fan_out)
+
+    def _active_lora(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.lora_A]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        names = self._active_lora()
+        if not names:
+            return result
+        return lora_linear(
+            x, result,
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [float(self.scaling[n]) for n in names],
+            [_dropout_p(self.lora_dropout[n]) for n in names],
+            self.training,
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's ``adapter_names``."""
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]}")
+        result = self.base_layer(x, *args, **kwargs)
+        out = result.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            idx = [i for i, n in enumerate(adapter_names) if n == name]
+            out[idx] = lora_linear(x[idx], result[idx], [self.lora_A[name].weight], [self.lora_B[name].weight],
+                                   [float(self.scaling[name])], [_dropout_p(self.lora_dropout[name])], self.training)
+        return out
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Embedding(nn.Module, LoraLayer):
+    """LoRA on nn.Embedding: ``E[x] + scaling * A^T[x] @ B^T`` with A: [r, num_embeddings], B: [dim, r]."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        device, dtype = self._adapter_device_dtype()
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, device=device,
+                                                                       dtype=dtype))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, device=device,
+                                                                       dtype=dtype))
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        delta = _delta(self.lora_embedding_B[adapter], self.lora_embedding_A[adapter], self.scaling[adapter],
+                       self.get_base_layer().weight.dtype)
+        return delta.T
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.get_base_layer()
+        return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                           norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None and not self.disable_adapters:
+            raise NotImplementedError("adapter_names (one adapter per sample) is not supported for LoRA on "
+                                      "embedding layers; target only linear layers to use it")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name not in self.lora_embedding_A:
+                continue
+            after_a = self._embed(x, self.lora_embedding_A[name].T)
+            result = result + (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        return result.to(dtype)
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()

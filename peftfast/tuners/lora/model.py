@@ -1,0 +1,119 @@
+"""LoraModel: decides which LoRA layer wraps each targeted module and injects it."""
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ..tuners_utils import BaseTuner, _conv1d_class, linear_layer_classes
+from .config import LoraConfig
+from .layer import Embedding, Linear, LoraLayer
+
+# A dispatcher returns the LoRA layer for ``target`` or None; the first that answers wins.
+Dispatcher = Callable[..., Optional[nn.Module]]
+
+
+def get_pattern_key(pattern_keys: list[str], key: str) -> str:
+    """The first rank/alpha pattern that matches the end of ``key`` (dotted boundary), else ``key``."""
+    for pattern in pattern_keys:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return pattern
+    return key
+
+
+def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any):
+    base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+    if isinstance(base, nn.Embedding):
+        kwargs.pop("fan_in_fan_out", None)
+        return Embedding(target, adapter_name, **kwargs)
+    if isinstance(base, nn.Linear):
+        if kwargs["fan_in_fan_out"]:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.", UserWarning)
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
+        return Linear(target, adapter_name, **kwargs)
+    conv1d = _conv1d_class()
+    if conv1d is not None and isinstance(base, conv1d):
+        if not kwargs["fan_in_fan_out"]:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.", UserWarning)
+            kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = True
+        return Linear(target, adapter_name, is_target_conv_1d_layer=True, **kwargs)
+    return None
+
+
+class LoraModel(BaseTuner):
+    """Creates a LoRA model from a pretrained transformers model (same surface as ``peft.LoraModel``)."""
+
+    prefix = "lora_"
+    tuner_layer_cls = LoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # Extra dispatchers (quantised bases) are inserted in front of the default one.
+    dispatchers: list[Dispatcher] = []
+
+    def _supported_module(self, module: nn.Module) -> bool:
+        return isinstance(module, linear_layer_classes() + (nn.Embedding,))
+
+    def _check_new_adapter_config(self, config: LoraConfig) -> None:
+        with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if len(with_bias) > 1:
+            raise ValueError(
+                f"{type(self).__name__} supports only one adapter with bias != 'none'; adapters with a bias: "
+                f"{', '.join(with_bias)}. Set bias='none' for the new adapter."
+            )
+
+    def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str) -> None:
+        r_key = get_pattern_key(list((config.rank_pattern or {}).keys()), current_key)
+        alpha_key = get_pattern_key(list((config.alpha_pattern or {}).keys()), current_key)
+        r = (config.rank_pattern or {}).get(r_key, config.r)
+        alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
+        kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
+                      fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
+                      use_rslora=config.use_rslora)
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
+                                config.use_rslora)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        setattr(parent, target_name, new_module)
+
+    def _create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
+        for dispatcher in list(self.dispatchers) + [dispatch_default]:
+            new_module = dispatcher(target, adapter_name, lora_config=config, **dict(kwargs))
+            if new_module is not None:
+                return new_module
+        raise ValueError(f"target module {type(target).__name__} is not supported by LoRA; supported: "
+                         f"{', '.join(c.__name__ for c in linear_layer_classes())}, Embedding")
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Route PEFT's ``adapter_names=[...]`` (one adapter per sample) to every LoRA layer for one call."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names (one adapter per sample) can only be used in eval mode")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; available: "
+                             f"{', '.join(self.peft_config)} and '__base__'")
+
+        def pre_hook(module: nn.Module, args: tuple, kw: dict):
+            kw["adapter_names"] = adapter_names
+            return args, kw
+
+        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+                   for m in self.model.modules() if isinstance(m, LoraLayer)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,556 @@
+"""What every tuner shares: the adapter-layer mixin and the model-level injector.
+
+`BaseTunerLayer` is mixed into each adapter layer (LoRA, IA3, ...): it owns the bookkeeping of
+adapter names, activation, merging state and the base layer. `BaseTuner` walks a model, decides
+which modules to wrap, wraps them (all or nothing: a failure leaves the model untouched), and
+implements merge / unload / adapter switching once for all methods.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..utils.constants import COMMON_LAYERS_PATTERN, INCLUDE_LINEAR_LAYERS_SHORTHAND
+from ..utils.other import ModulesToSaveWrapper, _get_submodules
+
+
+# Heads that task wrappers add to modules_to_save; a model has at most one of them, so absence is fine.
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
+
+
+class AdapterError(ValueError):
+    """An adapter name or adapter operation is not valid for this model."""
+
+
+def _conv1d_class() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is a dependency, but keep the core usable without it
+        return None
+    return Conv1D
+
+
+def _bnb_linear_classes() -> tuple[type, ...]:
+    import sys
+
+    if "bitsandbytes" not in sys.modules:  # never import bitsandbytes just to look at a float model
+        return ()
+    bnb = sys.modules["bitsandbytes"]
+    return tuple(c for c in (getattr(bnb.nn, "Linear4bit", None), getattr(bnb.nn, "Linear8bitLt", None)) if c)
+
+
+def linear_layer_classes() -> tuple[type, ...]:
+    conv1d = _conv1d_class()
+    return (nn.Linear,) + ((conv1d,) if conv1d else ()) + _bnb_linear_classes()
+
+
+class BaseTunerLayer:
+    """Mixin for adapter layers. Subclasses set ``adapter_layer_names`` (ModuleDict/ParameterDict attributes
+    keyed by adapter name holding trainable weights) and ``other_param_names`` (plain per-adapter dicts)."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    _active_adapter: str | list[str] = "default"
+    _disable_adapters: bool = False
+    merged_adapters: list[str]
+
+    def get_base_layer(self) -> nn.Module:
+        base = self
+        while hasattr(base, "base_layer"):
+            base = base.base_layer
+        return base
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter] if isinstance(self._active_adapter, str) else list(self._active_adapter)
+
+    def _adapter_dicts(self) -> Iterable[Any]:
+        for name in self.adapter_layer_names + self.other_param_names:
+            yield getattr(self, name)
+
+    def available_adapters(self) -> set[str]:
+        names: set[str] = set()
+        for d in self._adapter_dicts():
+            names.update(d.keys())
+        return names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self._disable_adapters = False
+        else:
+            for name in self.adapter_layer_names:
+                getattr(self, name).requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            module_dict = getattr(self, layer_name)
+            for key, module in module_dict.items():
+                module.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for d in self._adapter_dicts():
+            if adapter_name in d:
+                del d[adapter_name]
+        if adapter_name in self.active_adapters:
+            remaining = [n for n in self.active_adapters if n != adapter_name]
+            if not remaining:
+                left = sorted(self.available_adapters())
+                remaining = left[:1]
+            self._active_adapter = remaining
+
+    # Subclasses implement: update_layer, merge, unmerge, get_delta_weight, forward.
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError
+
+    def unmerge(self) -> None:
+        raise NotImplementedError
+
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            raise AdapterError(
+                f"adapter(s) {', '.join(already)} already merged into this layer; call unmerge_adapter() first "
+                f"(merged now: {', '.join(self.merged_adapters)})"
+            )
+        return [n for n in names if n in self.available_adapters()]
+
+
+def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
+    if not layers_pattern:
+        patterns: list[str] = []
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+    if not patterns:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+        return int(m.group(1)) if m else None
+    for pattern in patterns:
+        m = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _name_matches(names: str | Iterable[str], key: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, key) is not None
+    return any(key == n or key.endswith("." + n) for n in names)
+
+
+def check_target_module_exists(config: Any, key: str) -> bool:
+    """Whether the module at dotted path ``key`` is targeted by ``config`` (PEFT's matching rules).
+
+    A string ``target_modules`` is a regex that must match the whole key; a list matches a key equal to an
+    entry or ending with ``.entry``. ``layers_to_transform`` keeps only modules inside those layer indices.
+    ``exclude_modules`` (same rules) wins over ``target_modules``.
+    """
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude and _name_matches(exclude, key):
+        return False
+    targets = config.target_modules
+    if targets is None or not _name_matches(targets, key):
+        return False
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None or isinstance(targets, str):
+        return True
+    index = _layer_index(key, getattr(config, "layers_pattern", None))
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _entry_matches(entry: str, keys: Iterable[str]) -> bool:
+    return any(k == entry or k.endswith("." + entry) for k in keys)
+
+
+class BaseTuner(nn.Module):
+    """Injects one method's adapter layers into ``model`` and manages them.
+
+    Subclasses define ``prefix`` (parameter-name prefix of adapter weights), ``tuner_layer_cls``,
+    ``target_module_mapping`` (model_type -> default target names), ``_create_and_replace`` and
+    ``_supported_module(module)``.
+    """
+
+    prefix: str = ""
+    tuner_layer_cls: type = BaseTunerLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
+                 low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.targeted_module_names: list[str] = []
+        if not hasattr(self, "peft_config"):
+            self.peft_config = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        else:
+            self.peft_config[adapter_name] = peft_config
+        self.active_adapter: str | list[str] = adapter_name
+        try:
+            self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        except BaseException:
+            self.peft_config.pop(adapter_name, None)
+            raise
+        self.model.peft_config = self.peft_config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.forward(*args, **kwargs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # -- hooks for subclasses ------------------------------------------------------------------------
+    def _supported_module(self, module: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
+                            parent: nn.Module, current_key: str) -> None:
+        raise NotImplementedError
+
+    def _check_new_adapter_config(self, config: Any) -> None:
+        """Refuse configurations that cannot coexist with the adapters already present."""
+
+    def _prepare_adapter_config(self, config: Any, model_config: dict) -> Any:
+        if config.target_modules is None:
+            model_type = model_config.get("model_type")
+            if model_type not in self.target_module_mapping:
+                raise ValueError(
+                    f"target_modules is not set and there is no default for model_type {model_type!r}; "
+                    f"set target_modules (defaults exist for: {', '.join(sorted(self.target_module_mapping))})"
+                )
+            config.target_modules = set(self.target_module_mapping[model_type])
+        return config
+
+    # -- injection -------------------------------------------------------------------------------------
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        cfg = getattr(model, "config", None)
+        if cfg is None:
+            return {"model_type": "custom"}
+        return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+    def _expand_all_linear(self, config: Any, model: nn.Module) -> None:
+        if not (isinstance(config.target_modules, str) and
+                config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
+            return
+        linear = linear_layer_classes()
+        names = {n for n, m in model.named_modules() if isinstance(m, linear)}
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output is not None:
+            names -= {n for n, m in model.named_modules() if m is output}
+        else:
+            for head in ("score", "classifier", "qa_outputs"):
+                names -= {n for n in names if n == head or n.endswith("." + head)}
+        if not names:
+            raise ValueError("target_modules='all-linear' found no Linear/Conv1D layer in the model")
+        config.target_modules = names
+
+    def _candidate_names(self, model: nn.Module) -> list[str]:
+        seen: dict[str, None] = {}
+        for key, module in model.named_modules():
+            if key and self._supported_module(module) and not isinstance(module, BaseTunerLayer):
+                seen.setdefault(key.rsplit(".", 1)[-1], None)
+        return list(seen)
+
+    def _plan(self, config: Any, model: nn.Module) -> list[str]:
+        keys = [k for k, _ in model.named_modules() if k]
+        skip = ("modules_to_save", "original_module", "base_layer")
+        planned = []
+        for key in keys:
+            parts = key.split(".")
+            if any(p in skip for p in parts):
+                continue
+            if check_target_module_exists(config, key):
+                planned.append(key)
+        kinds = "/".join(sorted({c.__name__ for c in linear_layer_classes()} | {"Embedding"}))
+        if isinstance(config.target_modules, str):
+            if not planned:
+                raise ValueError(
+                    f"target_modules regex {config.target_modules!r} matched no module; modules with "
+                    f"{kinds} layers: {', '.join(self._candidate_names(model))}"
+                )
+        else:
+            unmatched = sorted(e for e in config.target_modules if not _entry_matches(e, planned))
+            if unmatched:
+                why = ""
+                if getattr(config, "layers_to_transform", None) is not None:
+                    why = f" within layers_to_transform={config.layers_to_transform}"
+                if getattr(config, "exclude_modules", None):
+                    why += f" after exclude_modules={config.exclude_modules}"
+                raise ValueError(
+                    f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} "
+                    f"{', '.join(repr(u) for u in unmatched)} matched no module{why}; modules with "
+                    f"{kinds} layers: {', '.join(self._candidate_names(model))}"
+                )
+        for key in planned:
+            module = model.get_submodule(key)
+            if not (self._supported_module(module) or isinstance(module, self.tuner_layer_cls)):
+                raise ValueError(
+                    f"target module {key!r} is a {type(module).__name__}, which {type(self).__name__} does not "
+                    f"support; supported layers: {kinds}"
+                )
+        return planned
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False) -> None:
+        """Wrap every targeted module with an adapter layer for ``adapter_name``; all or nothing."""
+        config = self.peft_config[adapter_name]
+        self._check_new_adapter_config(config)
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        self._expand_all_linear(config, model)
+        planned = self._plan(config, model)
+
+        undo: list[Any] = []
+        try:
+            for key in planned:
+                parent, target, target_name = _get_submodules(model, key)
+                if isinstance(target, self.tuner_layer_cls):
+                    undo.append(("delete", target, adapter_name))
+                else:
+                    undo.append(("replace", parent, target_name, target))
+                self._create_and_replace(config, adapter_name, target, target_name, parent, key)
+            undo.extend(self._set_modules_to_save(model, config, adapter_name))
+        except BaseException:
+            for item in reversed(undo):
+                if item[0] == "delete":
+                    item[1].delete_adapter(item[2])
+                elif item[0] == "replace":
+                    setattr(item[1], item[2], item[3])
+                else:
+                    item[1]()
+            raise
+        self.targeted_module_names = sorted(set(self.targeted_module_names) | set(planned))
+        self._mark_only_adapters_as_trainable(model)
+        if config.inference_mode:
+            for name, p in model.named_parameters():
+                if adapter_name in name and (self.prefix in name or "modules_to_save" in name):
+                    p.requires_grad = False
+        if autocast_adapter_dtype:
+            self._cast_adapter_dtype(adapter_name)
+
+    def _set_modules_to_save(self, model: nn.Module, config: Any, adapter_name: str) -> list[Any]:
+        names = getattr(config, "modules_to_save", None)
+        if not names:
+            return []
+        undo: list[Any] = []
+        keys = [k for k, _ in model.named_modules() if k]
+        found = set()
+        activate = adapter_name in self.active_adapters
+        for key in keys:
+            if any(p in ("modules_to_save", "original_module", "base_layer") for p in key.split(".")):
+                continue
+            match = [n for n in names if key == n or key.endswith("." + n)]
+            if not match:
+                continue
+            found.update(match)
+            parent, target, target_name = _get_submodules(model, key)
+            if isinstance(target, ModulesToSaveWrapper):
+                if adapter_name in target.modules_to_save:
+                    continue
+                previous = target.active_adapters
+                target.update(adapter_name)
+                undo.append(("call", lambda t=target, a=adapter_name, prev=previous: (t.delete_adapter(a),
+                                                                                      t.set_adapter(prev))))
+                if activate:
+                    target.set_adapter(adapter_name, inference_mode=config.inference_mode)
+            else:
+                wrapper = ModulesToSaveWrapper(target, adapter_name)
+                if not activate:
+                    wrapper.set_adapter([])
+                elif config.inference_mode:
+                    wrapper.set_adapter(adapter_name, inference_mode=True)
+                setattr(parent, target_name, wrapper)
+                undo.append(("replace", parent, target_name, target))
+        missing = [n for n in names if n not in found and n not in TASK_HEAD_NAMES]
+        if missing:
+            for item in reversed(undo):
+                if item[0] == "replace":
+                    setattr(item[1], item[2], item[3])
+                else:
+                    item[1]()
+            raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
+                             f"{', '.join(map(repr, missing))} matched no module in the model")
+        return undo
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, p in model.named_parameters():
+            if self.prefix not in name and "modules_to_save" not in name:
+                p.requires_grad = False
+        for active in self.active_adapters:
+            bias = getattr(self.peft_config[active], "bias", "none")
+            if bias == "none":
+                continue
+            if bias == "all":
+                for name, p in model.named_parameters():
+                    if "bias" in name and "modules_to_save" not in name and "original_module" not in name:
+                        p.requires_grad = True
+            elif bias.endswith("_only"):
+                for module in model.modules():
+                    if isinstance(module, self.tuner_layer_cls):
+                        b = getattr(module.get_base_layer(), "bias", None)
+                        if b is not None:
+                            b.requires_grad = True
+
+    def _cast_adapter_dtype(self, adapter_name: str) -> None:
+        """PEFT's autocast_adapter_dtype: adapter weights of a half-precision base are kept in float32."""
+        for module in self.model.modules():
+            if not isinstance(module, BaseTunerLayer):
+                continue
+            for layer_name in module.adapter_layer_names:
+                container = getattr(module, layer_name)
+                if adapter_name not in container:
+                    continue
+                for p in (container[adapter_name].parameters() if isinstance(container, nn.ModuleDict)
+                          else [container[adapter_name]]):
+                    if p.dtype in (torch.float16, torch.bfloat16):
+                        p.data = p.data.to(torch.float32)
+
+    # -- adapters ----------------------------------------------------------------------------------------
+    def _tuner_layers(self) -> list[BaseTunerLayer]:
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def _wrappers(self) -> list[ModulesToSaveWrapper]:
+        return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+    def _check_adapter_names(self, names: Iterable[str]) -> list[str]:
+        names = [names] if isinstance(names, str) else list(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"adapter(s) {', '.join(map(repr, unknown))} not found; available adapters: "
+                               f"{', '.join(map(repr, self.peft_config)) or 'none'}")
+        return names
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = self._check_adapter_names(adapter_name)
+        for layer in self._tuner_layers():
+            if layer.merged:
+                warnings.warn("Adapters were merged, unmerging them before switching adapters.", UserWarning)
+                layer.unmerge()
+            layer.set_adapter(names, inference_mode=inference_mode)
+        for wrapper in self._wrappers():
+            wrapper.set_adapter(names, inference_mode=inference_mode)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapter_layers(self) -> None:
+        for m in self._tuner_layers() + self._wrappers():
+            m.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for active in self.active_adapters:
+            bias = getattr(self.peft_config.get(active), "bias", "none")
+            if bias != "none":
+                warnings.warn(f"disabling adapter layers with bias={bias!r}: the trained biases stay in effect, "
+                              "so the output differs from the base model's", UserWarning)
+        for m in self._tuner_layers() + self._wrappers():
+            m.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_adapter_names(adapter_name)
+        del self.peft_config[adapter_name]
+        for layer in self._tuner_layers():
+            layer.delete_adapter(adapter_name)
+        for wrapper in self._wrappers():
+            wrapper.delete_adapter(adapter_name)
+        remaining = [n for n in self.active_adapters if n != adapter_name]
+        if not remaining:
+            remaining = list(self.peft_config)[:1]
+            if remaining:
+                self.set_adapter(remaining)
+        self.active_adapter = (remaining[0] if len(remaining) == 1 else remaining) if remaining else []
+
+    # -- merging ---------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        layers = self._tuner_layers()
+        if adapter_names is not None:
+            self._check_adapter_names(adapter_names)
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for layer in layers:  # validate everything first: a refused merge changes nothing
+            layer._adapters_to_merge(names)
+        done: list[BaseTunerLayer] = []
+        try:
+            for layer in layers:
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
+                done.append(layer)
+        except BaseException:
+            for layer in reversed(done):
+                layer.unmerge()
+            raise
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._tuner_layers():
+            layer.unmerge()
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
+                                     safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        if merge:
+            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        keys = [k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+        keep = self.active_adapters[0] if self.active_adapters else None
+        for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model"):
+            try:
+                parent, target, target_name = _get_submodules(self.model, key)
+            except AttributeError:
+                continue  # already replaced together with an enclosing wrapper
+            if isinstance(target, BaseTunerLayer):
+                setattr(parent, target_name, target.get_base_layer())
+            elif isinstance(target, ModulesToSaveWrapper):
+                setattr(parent, target_name, target.unwrapped(keep if not target.disable_adapters else None))
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        return self._unload_and_optionally_merge(merge=True, progressbar=progressbar, safe_merge=safe_merge,
+                                                 adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._unload_and_optionally_merge(merge=False)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        yield
+
+
+def onload_layer(layer: nn.Module):  # kept for import compatibility with code written against PEFT
+    @contextmanager
+    def _noop():
+        yield
+    return _noop()

@@ -1,0 +1,108 @@
+"""Helpers shared by the tuners: module lookup, modules_to_save, dtype casting."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+
+def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+    """(parent, module, name-in-parent) for the dotted path ``key``."""
+    parent_key, _, target_name = key.rpartition(".")
+    parent = model.get_submodule(parent_key) if parent_key else model
+    return parent, model.get_submodule(key), target_name
+
+
+def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and trains a full copy of it per adapter (PEFT's ``modules_to_save``).
+
+    ``original_module`` runs when adapters are disabled or the active adapter has no copy here.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.set_adapter(adapter_name)
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    def _active_module(self) -> nn.Module:
+        if self._disable_adapters:
+            return self.original_module
+        for name in self._active_adapter:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._active_module(), name)
+
+    def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name`` (frozen until activated)."""
+        new = copy.deepcopy(self.original_module)
+        new.requires_grad_(False)
+        self.modules_to_save[adapter_name] = new
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.original_module.requires_grad_(False)
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key in names and not inference_mode)
+        self._active_adapter = [n for n in names if n in self.modules_to_save]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._active_module()(*args, **kwargs)
+
+    def unwrapped(self, adapter_name: Optional[str] = None) -> nn.Module:
+        """The module that replaces this wrapper on unload: the adapter's copy, or the original."""
+        if adapter_name is not None and adapter_name in self.modules_to_save:
+            return self.modules_to_save[adapter_name]
+        return self._active_module()
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast frozen floating-point parameters to ``dtype`` and trainable ones to fp32 (for mixed-precision training).
+
+    Matches PEFT: trainable (adapter) parameters stay/are cast to float32, everything else that is floating point
+    and not a quantised storage is cast to ``dtype``.
+    """
+    for p in model.parameters():
+        if not p.requires_grad:
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        else:
+            p.data = p.data.to(torch.float32)
