@@ -22,21 +22,23 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
-from .tuners import LoraConfig, LoraModel
+from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
 from .utils import (
     PeftType,
     TaskType,
     cast_mixed_precision_params,
     get_peft_model_state_dict,
     load_peft_weights,
+    prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
+    "IA3Config", "IA3Model",
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "cast_mixed_precision_params", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
-    "inject_adapter_in_model", "load_peft_weights", "set_peft_model_state_dict",
+    "inject_adapter_in_model", "load_peft_weights", "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]

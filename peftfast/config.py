@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import numbers
 import os
+import types
+import typing
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from .utils.constants import CONFIG_NAME
 from .utils.peft_types import PeftType, TaskType
@@ -76,37 +79,63 @@ class PeftConfigMixin:
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> "PeftConfig":
         """Build the config class named by ``kwargs['peft_type']`` from a dict as read from JSON."""
-        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-        peft_type = kwargs.get("peft_type")
-        if peft_type is None:
-            if cls in PEFT_TYPE_TO_CONFIG_MAPPING.values() and cls is not PeftConfig:
-                config_cls = cls
-            else:
-                raise ConfigError("the config has no 'peft_type'; peftfast supports: "
-                                  + ", ".join(t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING))
-        else:
-            key = peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
-            try:
-                config_cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(key)]
-            except (KeyError, ValueError):
-                raise ConfigError(
-                    f"peft_type {key!r} is not supported by peftfast; supported: "
-                    + ", ".join(t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING)
-                ) from None
-        return config_cls._from_json_dict(kwargs)
+        return cls._config_class(kwargs)._from_json_dict(kwargs)
 
     @classmethod
-    def _from_json_dict(cls, data: dict) -> "PeftConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+    def _config_class(cls, data: dict, source: Optional[str] = None) -> type:
+        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        where = f" in {source}" if source else ""
+        supported = ", ".join(t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        peft_type = data.get("peft_type")
+        if peft_type is None:
+            if cls in PEFT_TYPE_TO_CONFIG_MAPPING.values():
+                return cls
+            raise ConfigError(f"the adapter config{where} has no 'peft_type'; peftfast supports: {supported}")
+        key = peft_type.value if isinstance(peft_type, PeftType) else peft_type
+        try:
+            return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(key)]
+        except (KeyError, ValueError, TypeError):
+            known = " (a PEFT method peftfast does not implement)" \
+                if isinstance(key, str) and key in {t.value for t in PeftType} else ""
+            raise ConfigError(f"peft_type {key!r}{where} is not supported by peftfast{known}; "
+                              f"supported: {supported}") from None
+
+    @classmethod
+    def _from_json_dict(cls, data: dict, source: Optional[str] = None) -> "PeftConfig":
+        """Build the config from a dict read from JSON, checking every value before the dataclass sees it.
+
+        Forward compatibility: a field this version does not declare (written by a newer PEFT) is dropped with
+        one warning when its value is None, False or empty (what PEFT writes for a feature that is off), and refused
+        with ConfigError for any other value, since ignoring a switched-on feature would change the model's math.
+        """
+        where = f" in {source}" if source else ""
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(k for k in data if k not in known)
+        switched_on = [k for k in unknown if not _is_off(data[k])]
+        if switched_on:
+            found = ", ".join(f"{k}={data[k]!r}" for k in switched_on)
+            raise ConfigError(
+                f"{cls.__name__}{where}: unknown field{'s' if len(switched_on) > 1 else ''} {found} "
+                f"(written by PEFT {data.get('peft_version', '?')}; peftfast follows PEFT {PEFT_FORMAT_VERSION}). "
+                "peftfast cannot honour a feature it does not know, and ignoring it would change the adapter's "
+                "outputs; unknown fields are only accepted when they are off (null, false or empty)"
+            )
         if unknown:
             warnings.warn(
-                f"{cls.__name__}: ignoring fields peftfast does not know: {', '.join(unknown)}",
+                f"{cls.__name__}{where}: ignoring fields peftfast does not know, all off (null/false/empty): "
+                f"{', '.join(unknown)}",
                 UserWarning,
                 stacklevel=3,
             )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        _check_json_types(cls, values, where)
+        try:
+            return cls(**values)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{cls.__name__}{where}: invalid configuration: {type(e).__name__}: {e}") from None
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
@@ -123,8 +152,16 @@ class PeftConfigMixin:
         hub_keys = {"revision", "cache_dir", "token", "force_download", "local_files_only"}
         data.update({k: v for k, v in kwargs.items() if k not in hub_keys})
         if cls is PeftConfig or cls is PeftConfigMixin:
-            return cls.from_peft_type(**data)
-        return cls._from_json_dict(data)
+            return cls._config_class(data, path)._from_json_dict(data, path)
+        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        declared = data.get("peft_type")
+        declared = declared.value if isinstance(declared, PeftType) else declared
+        own = next((t.value for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if c is cls), None)
+        if declared is not None and own is not None and declared != own:
+            raise ConfigError(f"{path} holds a {declared!r} adapter, not {own!r}; load it with "
+                              "PeftConfig.from_pretrained to get the right config class")
+        return cls._from_json_dict(data, path)
 
     @property
     def is_prompt_learning(self) -> bool:
@@ -135,10 +172,87 @@ class PeftConfigMixin:
         return False
 
 
+def _is_off(value: Any) -> bool:
+    """What PEFT writes for a feature switch that is off: null, false, or an empty string/list/object."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and len(value) == 0)
+
+
+def _json_kinds(tp: Any) -> Optional[tuple]:
+    """The JSON value kinds a field annotation admits, as (python types, element annotation) or None for anything."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is object:
+        return None
+    if origin in (Union, types.UnionType):
+        kinds: list = []
+        for arg in typing.get_args(tp):
+            sub = _json_kinds(arg)
+            if sub is None:
+                return None
+            kinds.extend(sub)
+        return tuple(kinds)
+    if tp is type(None):
+        return ((type(None), None),)
+    if origin is Literal:
+        return tuple((type(v), None) for v in typing.get_args(tp))
+    if tp is bool:
+        return ((bool, None),)
+    if tp in (int, float):  # JSON numbers: 16 and 16.0 are both written for lora_alpha; configs check ranges
+        return ((numbers.Real, None),)
+    if tp is str or (isinstance(tp, type) and issubclass(tp, str)):
+        return ((str, None),)
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple, set, frozenset):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        element = Union[tuple(args)] if args else Any
+        return ((list, element),)
+    if origin is dict or tp is dict:
+        args = typing.get_args(tp)
+        return ((dict, args[1] if len(args) == 2 else Any),)
+    return None  # a config object or something else this check does not describe
+
+
+def _describe(kinds: tuple) -> str:
+    names = {type(None): "null", bool: "true/false", numbers.Real: "a number", str: "a string", list: "a list",
+             dict: "an object"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t, _ in kinds))
+
+
+def _value_fits(value: Any, tp: Any) -> bool:
+    kinds = _json_kinds(tp)
+    if kinds is None:
+        return True
+    for kind, element in kinds:
+        if kind is numbers.Real:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        elif kind is bool:
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            continue
+        if kind is list and element is not None:
+            return all(_value_fits(v, element) for v in value)
+        if kind is dict and element is not None:
+            return all(isinstance(k, str) for k in value) and all(_value_fits(v, element) for v in value.values())
+        return True
+    return False
+
+
+def _check_json_types(cls: type, values: dict, where: str) -> None:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: leave the checks to the config class
+        return
+    for name, value in values.items():
+        tp = hints.get(name)
+        if tp is not None and not _value_fits(value, tp):
+            raise ConfigError(f"{cls.__name__}{where}: field {name}={value!r} has the wrong type; expected "
+                              f"{_describe(_json_kinds(tp))}")
+
+
 def read_config_json(path: str) -> dict:
     """Read adapter_config.json with messages that name the file and the problem."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark some editors add
             text = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_NAME} at {path}") from None

@@ -16,11 +16,15 @@ from .peft_model import (
     PeftModelForTokenClassification,
     validate_adapter_name,
 )
+from .tuners.ia3 import IA3Config, IA3Model
 from .tuners.lora import LoraConfig, LoraModel
 from .utils.peft_types import PeftType, TaskType
 
-PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {PeftType.LORA: LoraConfig}
-PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type] = {PeftType.LORA: LoraModel}
+PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
+    PeftType.LORA: LoraConfig,
+    PeftType.IA3: IA3Config,
+}
+PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type] = {PeftType.LORA: LoraModel, PeftType.IA3: IA3Model}
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,

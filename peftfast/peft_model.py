@@ -32,15 +32,27 @@ _HEADS: dict[str, list[str]] = {
 
 
 def validate_adapter_name(name: Any) -> str:
-    """Adapter names become folder names and state-dict key parts: keep them to one plain path component."""
+    """Adapter names become folder names and state-dict key parts: keep them to one plain path component.
+
+    Refused: non-strings, empty or padded names, path separators, '.', ':', control characters, names longer than
+    200 bytes, and names that would read as parts of parameter names (``weight``, ``base_layer``, ...) or as the
+    base model in ``adapter_names`` (``__base__``).
+    """
     if not isinstance(name, str) or not name.strip():
         raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-    bad = [c for c in ("/", "\\", "\x00", ".", ":") if c in name]
-    if bad or name in ("..", ".") or name.startswith("~") or os.path.isabs(name):
-        raise AdapterError(
-            f"adapter name {name!r} is not allowed: it must not contain path separators, '.', ':' or NUL "
-            "(it names a subfolder when saving and a component of parameter names)"
-        )
+    allowed = ("allowed: one folder name without path separators, '.', ':', control characters or surrounding "
+               "spaces, e.g. 'default' or 'my_adapter-2'")
+    if any(c in name for c in "/\\.:") or any(ord(c) < 32 or ord(c) == 127 for c in name) \
+            or name != name.strip() or name.startswith("~") or os.path.isabs(name):
+        raise AdapterError(f"adapter name {name!r} is not allowed: it names a subfolder when saving and a "
+                           f"component of parameter names; {allowed}")
+    if len(name.encode("utf-8")) > 200:
+        raise AdapterError(f"adapter name {name[:20]!r}... is {len(name.encode('utf-8'))} bytes long; at most 200 "
+                           "are allowed (it becomes a folder name)")
+    reserved = ("weight", "bias", "base_layer", "modules_to_save", "original_module", "__base__")
+    if name in reserved:
+        raise AdapterError(f"adapter name {name!r} is reserved: it would be read as part of parameter names or as "
+                           f"the base model; reserved names: {', '.join(reserved)}")
     return name
 
 
@@ -138,39 +150,12 @@ class PeftModel(nn.Module):
 
     # -- adapters (all-or-nothing) --------------------------------------------------------------------
     def _snapshot(self) -> Callable[[], None]:
-        """A function that restores adapters, peft_config, the active adapter and requires_grad flags."""
-        requires_grad = [(p, p.requires_grad) for p in self.parameters()]
-        configs = dict(self.peft_config)
-        active = copy.copy(self.base_model.active_adapter)
-        modules = dict(self.base_model.model.named_modules())
-        structure = {name: [(child_name, child) for child_name, child in m.named_children()]
-                     for name, m in modules.items()}
-        layer_state = {m: (m.active_adapters, m.disable_adapters, list(m.merged_adapters))
-                       for m in modules.values() if isinstance(m, BaseTunerLayer)}
+        """A function that restores adapters, peft_config (and each config's fields), the active adapter, every
+        layer's adapter bookkeeping, hooks and requires_grad flags to what they are now."""
+        from .utils.save_and_load import snapshot_state
 
-        def restore() -> None:
-            for name, children in structure.items():
-                module = modules[name]
-                for child_name, child in children:
-                    if getattr(module, child_name, None) is not child:
-                        setattr(module, child_name, child)
-            for layer, (act, disabled, merged) in layer_state.items():
-                for extra in layer.available_adapters() - set(configs):
-                    layer.delete_adapter(extra)
-                layer._active_adapter = act
-                layer._disable_adapters = disabled
-                layer.merged_adapters = merged
-            for m in self.base_model.model.modules():
-                if hasattr(m, "modules_to_save") and isinstance(m.modules_to_save, nn.ModuleDict):
-                    for extra in [k for k in m.modules_to_save if k not in configs]:
-                        m.delete_adapter(extra)
-            self.base_model.peft_config.clear()
-            self.base_model.peft_config.update(configs)
-            self.base_model.active_adapter = active
-            for p, flag in requires_grad:
-                p.requires_grad_(flag)
-
-        return restore
+        configs = tuple(self.peft_config.values())
+        return snapshot_state([self], objects=configs + (getattr(self.get_base_model(), "config", None),))
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add (but do not activate) a new adapter."""
@@ -214,78 +199,143 @@ class PeftModel(nn.Module):
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, save_embedding_layers: str | bool = "auto",
                         is_main_process: bool = True, **kwargs: Any) -> None:
-        """Write adapter_config.json and adapter_model.safetensors (or .bin) per adapter, as PEFT does:
-        the "default" adapter at the top, every other adapter in a subfolder named after it."""
+        """Write each adapter as PEFT does: adapter_config.json plus adapter_model.safetensors (or adapter_model.bin
+        when ``safe_serialization=False``), the "default" adapter in ``save_directory`` and every other adapter in
+        a subfolder named after it, and a README.md model card.
+
+        Tensor keys carry no adapter name; ``modules_to_save`` copies are saved under the original module's name,
+        and the embedding layers when ``save_embedding_layers`` is True ('auto': when an embedding is targeted or
+        the vocabulary was resized). The write is atomic across all selected adapters: every file is first written
+        under a temporary name and renamed into place only once all of them have been written, so an error or
+        interruption leaves the previous files intact and no temporary files behind. Only ``is_main_process``
+        writes. ``state_dict=`` (keyword) saves from that state dict instead of the model's.
+        """
+        from .config import PEFT_FORMAT_VERSION
+        from .utils.io import atomic_write_many
+
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
+        save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} should be a directory, not a file")
+        if isinstance(selected_adapters, str):
+            selected_adapters = [selected_adapters]
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterError(f"selected_adapters {unknown} not found; available: {', '.join(self.peft_config)}")
         for name in names:
             validate_adapter_name(name)
+        if save_embedding_layers not in ("auto", True, False):
+            raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
         if not is_main_process:
             return
         os.makedirs(save_directory, exist_ok=True)
         self.create_or_update_model_card(save_directory)
+        state_dict = kwargs.get("state_dict")
+        writes = []
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
-            state = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
-            state = _contiguous_unshared(state)
-            if safe_serialization:
-                from safetensors.torch import save_file
 
-                atomic_write(os.path.join(out, SAFETENSORS_WEIGHTS_NAME),
-                             lambda tmp, s=state: save_file(s, tmp, metadata={"format": "pt"}))
-            else:
-                atomic_write(os.path.join(out, WEIGHTS_NAME), lambda tmp, s=state: torch.save(s, tmp))
+            def write_weights(tmp: str, name: str = name) -> None:
+                state = _contiguous_unshared(get_peft_model_state_dict(
+                    self, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers))
+                if safe_serialization:
+                    from safetensors.torch import save_file
+
+                    save_file(state, tmp, metadata={"format": "pt"})
+                else:
+                    torch.save(state, tmp)
+
+            writes.append((os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME),
+                           write_weights))
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None)
+                config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
             config.inference_mode = True
+            config.peft_version = PEFT_FORMAT_VERSION
             auto_mapping = None
             if config.task_type is None:
                 base = self.get_base_model()
                 auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-            _save_config(config, out, auto_mapping)
+            writes.append(_save_config(config, out, auto_mapping))
+        atomic_write_many(writes)
+        # A weights file of the other format left by an earlier save would shadow this one (.safetensors is read
+        # first) or leave two answers in one folder: remove it once the new files are in place.
+        stale = WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME
+        for name in names:
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            if os.path.isfile(os.path.join(out, stale)):
+                os.unlink(os.path.join(out, stale))
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """Write README.md with the library tag and base model (front matter updated, body kept)."""
+        """Write or update README.md as PEFT does: huggingface_hub's model card with ``library_name: peft``, the base
+        model, tags (method, ``transformers``, ``base_model:adapter:<base>``, plus ``peftfast``), ``pipeline_tag``
+        for causal LMs, and a framework-versions line. An existing card keeps its text and metadata."""
+        from . import __version__
+        from .config import PEFT_FORMAT_VERSION
+        from .utils.hub import model_card_text
+        from .utils.io import atomic_write_text
+
         path = os.path.join(output_dir, "README.md")
-        base = None
-        for config in self.peft_config.values():
-            base = base or config.base_model_name_or_path
-        base = base or self.get_base_model().__dict__.get("name_or_path", None)
-        tags = ["peftfast", "lora" if PeftType(self.peft_type) == PeftType.LORA else str(self.peft_type).lower()]
-        if base:
-            tags.insert(0, f"base_model:adapter:{base}")
-        front = ["---", "library_name: peft"]
-        if base:
-            front.append(f"base_model: {base}")
-        front.append("tags:")
-        front.extend(f"- {t}" for t in tags)
-        front.append("---")
-        body = f"\n# Adapter\n\nAdapter weights ({', '.join(self.peft_config)}) saved by peftfast in PEFT's format.\n"
+        base = self.get_base_model()
+        model_config = getattr(base, "config", None)
+        model_config = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
+        base_name = model_config.get("_name_or_path") or None
+        tags = ["peftfast"] + list(getattr(base, "model_tags", None) or [])
+        if any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(base).__mro__):
+            tags.append("transformers")
+        peft_type = PeftType(self.peft_type)
+        tags.append("lora" if peft_type == PeftType.LORA else peft_type.value.lower())
+        name_or_path = getattr(base, "name_or_path", None)
+        if name_or_path:
+            tags.append(f"base_model:adapter:{name_or_path}")
+        pipeline = "text-generation" if getattr(self, "_task_type", None) == TaskType.CAUSAL_LM else None
+        existing = None
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                existing = f.read()
-            if existing.startswith("---"):
-                end = existing.find("\n---", 3)
-                body = existing[end + 4:] if end != -1 else existing
-            else:
-                body = "\n" + existing
-        atomic_write_text(path, "\n".join(front) + "\n\n" + body.lstrip("\n"))
+            try:
+                with open(path, encoding="utf-8") as f:
+                    existing = f.read()
+            except UnicodeDecodeError:
+                warnings.warn(f"{path} is not UTF-8 text; the model card was left unchanged", UserWarning)
+                return
+        text = model_card_text(existing, base_model=base_name, tags=tags, pipeline_tag=pipeline,
+                               version_line=f"- peftfast {__version__} (PEFT {PEFT_FORMAT_VERSION} format)")
+        if text is None:
+            warnings.warn(f"{path} has metadata that is not valid YAML; the model card was left unchanged",
+                          UserWarning)
+            return
+        atomic_write_text(path, text)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
                         low_cpu_mem_usage: bool = False, **kwargs: Any) -> "PeftModel":
-        """Load an adapter saved by peftfast or PEFT onto ``model``. If anything fails, ``model`` is unchanged."""
+        """Load an adapter saved by peftfast or PEFT onto ``model`` (a local folder or a Hub repo id; Hub keywords
+        ``subfolder``, ``revision``, ``cache_dir``, ``token``, ``force_download``, ``local_files_only``).
+
+        Everything is read and checked before ``model`` is touched, and if anything fails ``model`` is exactly as
+        before. The adapter is frozen and the model put in eval mode unless ``is_trainable``.
+
+        Raises:
+            FileNotFoundError: no such folder or Hub repo, or it lacks adapter_config.json / adapter weights.
+            ConfigError: adapter_config.json is not valid JSON, has fields of the wrong type, an unknown or
+                unsupported peft_type, or turns on a feature peftfast does not implement.
+            AdapterLoadError: the weights file is damaged or truncated, or its tensors do not fit the model
+                (unexpected or missing keys, shape mismatches naming the key and both shapes, non-float dtypes,
+                NaN/inf), or the config targets modules this model does not have.
+            AdapterError: ``adapter_name`` is not a valid name.
+            TypeError: an argument of the wrong type (e.g. ``config`` that is not a PeftConfig).
+        ConfigError, AdapterLoadError and AdapterError are ValueErrors.
+        """
         from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+        from .utils.save_and_load import config_mismatch_as_load_error, snapshot_state
 
         validate_adapter_name(adapter_name)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "force_download",
                                       "local_files_only") if k in kwargs}
         if config is None:
@@ -297,67 +347,100 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)
-        children = {name: list(m.named_children()) for name, m in model.named_modules()}
-        modules = dict(model.named_modules())
-        grads = [(p, p.requires_grad) for p in model.parameters()]
+        restore = snapshot_state([model], objects=(getattr(model, "config", None),))
         try:
-            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+            with config_mismatch_as_load_error(model_id):
+                peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
         except BaseException:
-            for name, kids in children.items():
-                for child_name, child in kids:
-                    if getattr(modules[name], child_name, None) is not child:
-                        setattr(modules[name], child_name, child)
-            for p, flag in grads:
-                p.requires_grad_(flag)
-            if hasattr(model, "peft_config"):
-                del model.peft_config
+            restore()
             raise
         if not is_trainable:
             peft_model.requires_grad_(False)
+            peft_model.eval()
         return peft_model
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
                      ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False, **kwargs: Any):
-        """Load another adapter into this model (not activated). On any error nothing changes."""
+        """Load another adapter into this model (added, not activated). Loading into an existing adapter name
+        replaces its weights. Frozen (and the model put in eval mode) unless ``is_trainable``.
+
+        All-or-nothing: on any error the model, its adapters, ``peft_config``, the active adapter and requires_grad
+        flags are exactly as before. Raises the exceptions listed in ``PeftModel.from_pretrained``, plus
+        AdapterError when the adapter's type cannot be combined with this model's adapters.
+        Returns PEFT's (missing_keys, unexpected_keys) pair (both empty: anything else is an error).
+        """
+        from .utils.save_and_load import adapter_parameter_prefixes, config_mismatch_as_load_error
+
         validate_adapter_name(adapter_name)
         hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "force_download",
                                       "local_files_only") if k in kwargs}
         config = PeftConfig.from_pretrained(model_id, **hub)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         config.inference_mode = not is_trainable
+        existing = self.peft_config.get(adapter_name)
+        if existing is not None:
+            fields = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
+                      "modules_to_save")
+            differ = [f for f in fields if getattr(existing, f, None) != getattr(config, f, None)]
+            if differ:
+                warnings.warn(f"loading weights from {model_id} into the existing adapter {adapter_name!r}, whose "
+                              f"config differs in {', '.join(differ)}; the existing config is kept", UserWarning)
         restore = self._snapshot()
         try:
-            if adapter_name not in self.peft_config:
-                self.add_adapter(adapter_name, config)
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name)
+            if existing is None:
+                active = list(self.active_adapters)
+                with config_mismatch_as_load_error(model_id):
+                    self.add_adapter(adapter_name, config)
+                # Layers created for the new adapter (modules the active adapters do not target) start with the
+                # new adapter active; loading must not change what the model computes, so follow the model's choice.
+                for module in self.base_model.model.modules():
+                    if isinstance(module, BaseTunerLayer) and adapter_name not in active \
+                            and adapter_name in module.active_adapters:
+                        module._active_adapter = list(active)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
         except BaseException:
             restore()
             raise
+        prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
+        for name, p in self.named_parameters():
+            if any(name == q or name.startswith(q + ".") for q in prefixes):
+                p.requires_grad_(bool(is_trainable))
         if not is_trainable:
-            for name, p in self.named_parameters():
-                if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
-                    p.requires_grad_(False)
+            self.eval()
         return result
 
 
-def _save_config(config: PeftConfig, out: str, auto_mapping: Optional[dict]) -> None:
+def _save_config(config: PeftConfig, out: str, auto_mapping: Optional[dict]) -> tuple[str, Callable[[str], None]]:
+    """(path, writer) that writes ``config`` as ``out``/adapter_config.json, for a staged atomic save."""
+    import json
+
     config.auto_mapping = auto_mapping
-    config.save_pretrained(out)
+    text = json.dumps(config.to_json_dict(), indent=2, sort_keys=True)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    return os.path.join(out, CONFIG_NAME), write
 
 
 def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared or non-contiguous storage: give each tensor its own contiguous copy."""
+    """Each tensor with its own compact contiguous CPU storage: safetensors refuses shared or non-contiguous
+    tensors, and torch.save would write the whole storage behind a view."""
     seen: set[int] = set()
     out = {}
     for k, v in state.items():
         v = v.detach()
-        ptr = v.untyped_storage().data_ptr() if v.device.type != "meta" else id(v)
-        if ptr in seen or not v.is_contiguous():
+        if v.device.type != "cpu":
+            v = v.cpu()
+        storage = v.untyped_storage()
+        compact = storage.nbytes() == v.numel() * v.element_size() and v.storage_offset() == 0
+        if storage.data_ptr() in seen or not v.is_contiguous() or not compact:
             v = v.contiguous().clone()
-        seen.add(ptr)
-        out[k] = v.cpu() if v.device.type != "cpu" else v
+        seen.add(v.untyped_storage().data_ptr())
+        out[k] = v
     return out
 
 

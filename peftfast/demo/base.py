@@ -18,11 +18,14 @@ BLAS builds float rounding can differ, while the accuracy does not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
 
 from . import task
 
@@ -33,6 +36,18 @@ PRETRAIN_STEPS = 500
 PRETRAIN_LR = 3e-3
 PRETRAIN_SEED = 0
 MIN_COPY_ACCURACY = 0.95
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' own progress bars (loading/writing a 1 MB model needs none)."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def base_config() -> LlamaConfig:
@@ -53,7 +68,12 @@ def base_config() -> LlamaConfig:
 
 
 def pretrain(steps: int = PRETRAIN_STEPS, seed: int = PRETRAIN_SEED, progress: bool = True) -> LlamaForCausalLM:
-    """Build the base from scratch on CPU: random init from ``seed``, then train to copy."""
+    """Build the base from scratch on one CPU thread: random init from ``seed``, then train to copy."""
+    with task.cpu_threads(1):
+        return _pretrain(steps, seed, progress)
+
+
+def _pretrain(steps: int, seed: int, progress: bool) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     model = LlamaForCausalLM(base_config())
     held_out = frozenset(task.eval_strings())
@@ -88,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DATA_DIR, help=f"where to write it (default {DATA_DIR})")
     parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pretraining steps (default %(default)s)")
     args = parser.parse_args(argv)
+    with task.cpu_threads(1), quiet_loading():
+        return _main(args)
 
+
+def _main(args: argparse.Namespace) -> int:
     if args.rebuild:
         start = time.perf_counter()
         print(f"pretraining the base on the copy operator ({args.steps} steps, seed {PRETRAIN_SEED})")

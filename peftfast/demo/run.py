@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-dir", type=Path, default=None, help="where to save the adapter (default: a temporary directory)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch (default 1: this model's matmuls are too small to gain from more, "
+        "and extra threads run many times slower when the cores are busy)",
+    )
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank r (default %(default)s)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default %(default)s)")
     parser.add_argument(
@@ -146,7 +153,7 @@ def fmt_bytes(n: int) -> str:
 
 def showcase(model: torch.nn.Module, device: torch.device) -> str:
     answers = task.greedy_answers(model, NEW_OP, SHOWCASE, device)
-    return "  ".join(f"{task.prompt(NEW_OP, s)}{a}" for s, a in zip(SHOWCASE, answers))
+    return "   ".join(f"{task.prompt(NEW_OP, s)} -> {a}" for s, a in zip(SHOWCASE, answers))
 
 
 def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
@@ -155,7 +162,10 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
     held_out = task.eval_strings()
     probe_ids, _ = task.make_batch(NEW_OP, held_out[:64], device)  # logits compared across reloads
 
-    print(f"peftfast demo | device {device} | torch {torch.__version__} | seed {args.seed} | steps {args.steps}")
+    print(
+        f"peftfast demo | device {device} | torch {torch.__version__} | seed {args.seed} | steps {args.steps}"
+        + (f" | {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else "")
+    )
     model = load_base_model(device)
     base_bytes = file_size(base.DATA_DIR / base.WEIGHTS_FILE)
     n_base = sum(p.numel() for p in model.parameters())
@@ -181,12 +191,11 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
     model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
 
-    bar = tqdm(total=args.steps, desc="fine-tuning (LoRA)", unit="step", dynamic_ncols=True, file=sys.stdout)
+    bar = tqdm(total=args.steps, desc="fine-tuning (LoRA)", unit="step", file=sys.stdout, mininterval=0.5)
 
     def on_step(step: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(1)
-        if step % 10 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss:.4f}")
 
     task.train(model, NEW_OP, args.steps, lr=args.lr, seed=args.seed, device=device,
                exclude=frozenset(held_out), on_step=on_step)
@@ -248,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be a positive integer, got {args.steps}")
+    if args.threads < 1:
+        parser.error(f"--threads must be a positive integer, got {args.threads}")
     if args.rank < 1:
         parser.error(f"--rank must be a positive integer, got {args.rank}")
     if not 0.0 <= args.min_accuracy <= 1.0:
@@ -257,20 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # keep the output to the demo's own bar
-    try:
-        with tempfile.TemporaryDirectory(prefix="peftfast-demo-") as tmp:
-            out_dir = args.output_dir if args.output_dir is not None else Path(tmp) / "adapter"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            results = run_demo(args, out_dir)
-            if args.output_dir is not None:
-                (out_dir / "demo_results.json").write_text(json.dumps(asdict(results), indent=2) + "\n")
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
+    with (
+        task.cpu_threads(args.threads),
+        base.quiet_loading(),
+        tempfile.TemporaryDirectory(prefix="peftfast-demo-") as tmp,
+    ):
+        out_dir = args.output_dir if args.output_dir is not None else Path(tmp) / "adapter"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = run_demo(args, out_dir)
+        if args.output_dir is not None:
+            (out_dir / "demo_results.json").write_text(json.dumps(asdict(results), indent=2) + "\n")
 
     print("checks:")
     for c in results.checks:

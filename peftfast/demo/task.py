@@ -16,9 +16,10 @@ answer tokens only), greedy generation, exact-match accuracy and the training lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,22 @@ MIN_LEN, MAX_LEN = 4, 10
 MAX_EXAMPLE_LEN = 2 * MAX_LEN + 3  # ^ source op answer .
 EVAL_SEED = 1234  # the held-out set is the same whatever --seed is, so runs are comparable
 EVAL_SIZE = 256
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``n`` threads inside the block, then restore the previous count.
+
+    The demo's matmuls (a few thousand rows by 128-256) are too small to gain from more than
+    one thread, and on busy cores extra threads spin-wait on each other and run many times
+    slower. A fixed count also keeps float reductions, hence trained weights, reproducible.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def apply(op: str, source: str) -> str:

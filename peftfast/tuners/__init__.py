@@ -1,4 +1,5 @@
+from .ia3 import IA3Config, IA3Model
 from .lora import LoraConfig, LoraModel
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
-__all__ = ["BaseTuner", "BaseTunerLayer", "LoraConfig", "LoraModel"]
+__all__ = ["BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]

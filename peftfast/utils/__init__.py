@@ -1,10 +1,16 @@
 from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .other import ModulesToSaveWrapper, _get_submodules, cast_mixed_precision_params, transpose
+from .other import (
+    ModulesToSaveWrapper,
+    _get_submodules,
+    cast_mixed_precision_params,
+    prepare_model_for_kbit_training,
+    transpose,
+)
 from .peft_types import PeftType, TaskType
 from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 __all__ = [
     "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
     "_get_submodules", "cast_mixed_precision_params", "get_peft_model_state_dict", "load_peft_weights",
-    "set_peft_model_state_dict", "transpose",
+    "prepare_model_for_kbit_training", "set_peft_model_state_dict", "transpose",
 ]

@@ -106,3 +106,52 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
                 p.data = p.data.to(dtype)
         else:
             p.data = p.data.to(torch.float32)
+
+
+def _has_quantized_layers(model: nn.Module) -> bool:
+    import sys
+
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return True
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
+    kinds = tuple(c for c in (getattr(bnb.nn, "Linear4bit", None), getattr(bnb.nn, "Linear8bitLt", None)) if c)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
+                                    gradient_checkpointing_kwargs: Optional[dict] = None) -> nn.Module:
+    """Get a 4/8-bit model ready for adapter training, as PEFT does.
+
+    Freezes every parameter, upcasts the non-quantised fp16/bf16 parameters (norms, embeddings, head) to fp32
+    for stable training, and for a quantised model turns on gradient checkpointing, making the embedding outputs
+    require grad so checkpointed blocks still receive gradients with the reentrant implementation.
+    The model is detected as quantised from ``is_loaded_in_4bit/8bit`` or, when those flags are missing, from its
+    bitsandbytes layer types.
+    """
+    import inspect
+
+    kwargs = dict(gradient_checkpointing_kwargs or {})
+    quantized = _has_quantized_layers(model)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.parameters():
+        if p.dtype in (torch.float16, torch.bfloat16) and p.__class__.__name__ != "Params4bit":
+            p.data = p.data.to(torch.float32)
+    if quantized and use_gradient_checkpointing:
+        if kwargs.get("use_reentrant", True):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            else:
+                def _require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                    output.requires_grad_(True)
+
+                model.get_input_embeddings().register_forward_hook(_require_grad)
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); pass "
+                             "use_gradient_checkpointing=False or use a transformers model")
+        takes_kwargs = "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters
+        enable(gradient_checkpointing_kwargs=kwargs) if takes_kwargs else enable()
+    return model

@@ -3,26 +3,47 @@
 One mapping serves both directions. ``adapter_key_map(model, name)`` lists, for the adapter
 ``name``, every checkpoint key (adapter name stripped, as PEFT writes it) and the in-memory key it
 corresponds to. Saving reads through it; loading checks a file against it (unexpected keys,
-missing keys, shapes) before anything is written into the model.
+missing keys, shapes, dtypes, non-finite values) before anything is written into the model.
+
+Which tensors PEFT writes for an adapter (and so which peftfast writes):
+
+- every tensor of the adapter's containers on each tuner layer (``lora_A.<name>``, ...), found
+  structurally from the layers, so a base module whose name happens to contain ``lora_`` is not
+  mistaken for adapter state;
+- with ``bias='all'`` every ``*.bias`` of the model, with ``bias='lora_only'`` the base-layer
+  bias of every tuner layer;
+- the adapter's copy of each ``modules_to_save`` module, under the original module's name;
+- the input/output embeddings when ``save_embedding_layers`` resolves to True: their wrapped
+  ``base_layer`` when an embedding is targeted, the whole module otherwise.
+
+Loading accepts exactly those keys, plus the spellings other writers use for the same tensors:
+keys with or without the ``base_model.model.`` prefix, and embedding weights from either
+``save_embedding_layers`` mode.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import warnings
-from typing import Any, NamedTuple, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
-from .constants import EMBEDDING_LAYER_NAMES
+from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 from .other import ModulesToSaveWrapper
 from .peft_types import PeftType
 
 PREFIXES = {PeftType.LORA: "lora_", PeftType.IA3: "ia3_"}
+PEFT_PREFIX = "base_model.model."
+_MAX_LISTED = 10
 
 
 class AdapterLoadError(ValueError):
-    """An adapter state dict does not fit the model (unexpected or missing keys, wrong shapes or dtypes)."""
+    """Adapter weights cannot be used with this model: the file is damaged or unreadable, or its tensors do not fit
+    the adapter (unexpected or missing keys, wrong shapes, non-floating-point dtypes, NaN/inf values)."""
 
 
 class IncompatibleKeys(NamedTuple):
@@ -31,6 +52,9 @@ class IncompatibleKeys(NamedTuple):
 
 
 def _strip_adapter_name(key: str, adapter_name: str) -> str:
+    """'x.lora_A.default.weight' -> 'x.lora_A.weight'; 'x.lora_embedding_A.default' -> 'x.lora_embedding_A'."""
+    if "." not in key:
+        return key
     if key.endswith(f".{adapter_name}"):  # an nn.Parameter stored directly in a ParameterDict
         return key[: -len(adapter_name) - 1]
     head, _, leaf = key.rpartition(".")
@@ -38,12 +62,104 @@ def _strip_adapter_name(key: str, adapter_name: str) -> str:
     return f"{head}.{leaf}"
 
 
-def _module_names(model: nn.Module, kind: type) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, kind)]
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
 
 
-def _embedding_prefixes(model: nn.Module) -> list[str]:
-    """Module-name prefixes of the input/output embeddings (their base layer when wrapped by an adapter)."""
+def _join(module_name: str, attr: str) -> str:
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+def _inside_wrapper(module_name: str) -> bool:
+    parts = module_name.split(".")
+    return "modules_to_save" in parts or "original_module" in parts
+
+
+def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
+    """(key prefixes of ``adapter_name``'s containers on every tuner layer, names of all tuner layers)."""
+    from ..tuners.tuners_utils import BaseTunerLayer  # the tuners import this module's package
+
+    prefixes, layers = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or _inside_wrapper(name):
+            continue
+        layers.append(name)
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr, None)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
+                prefixes.append(_join(name, f"{attr}.{adapter_name}"))
+    return prefixes, layers
+
+
+def _without_other_adapters(keys: list[str], model: nn.Module, adapter_name: str) -> list[str]:
+    """Drop keys of the model's other adapters (PEFT's filter: the name as a whole key component)."""
+    others = [n for n in getattr(model, "peft_config", {}) if n != adapter_name]
+    return [k for k in keys if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)]
+
+
+def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
+    """PEFT's rule: an entry of target_modules is literally 'embed_tokens' or 'lm_head', or the target regex fully
+    matches a module whose name ends in one of them."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str):
+        if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            return False
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        try:
+            pattern = re.compile(targets)
+        except re.error:
+            return False
+        return any(pattern.fullmatch(name) for name, _ in base.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES))
+    return bool(targets) and any(name in targets for name in EMBEDDING_LAYER_NAMES)
+
+
+def _base_vocab_size(model_id: str) -> Optional[int]:
+    """vocab_size in the base model's config.json (local folder or Hub), None if it cannot be read."""
+    from .hub import resolve_file
+
+    path = os.path.join(model_id, "config.json")
+    if not os.path.isfile(path):
+        path = resolve_file(model_id, "config.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    vocab = data.get("vocab_size", (data.get("text_config") or {}).get("vocab_size"))
+    return vocab if isinstance(vocab, int) else None
+
+
+def _vocab_was_resized(model: nn.Module, config: Any) -> bool:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    model_id = getattr(config, "base_model_name_or_path", None)
+    if not vocab or not model_id:
+        return False
+    try:
+        base_vocab = _base_vocab_size(model_id)
+    except Exception:  # no such folder, offline, not on the Hub: the same outcome as PEFT's failed lookup
+        warnings.warn(f"Could not find a config file in {model_id} - will assume that the vocabulary was not "
+                      "modified.", UserWarning)
+        return False
+    if base_vocab is not None and base_vocab != vocab:
+        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                      "finetuning.", UserWarning)
+        return True
+    return False
+
+
+def resolve_save_embedding_layers(model: nn.Module, config: Any, save_embedding_layers: str | bool) -> bool:
+    """'auto' means: save the embeddings when one is targeted, or when the vocabulary differs from the base model's."""
+    if save_embedding_layers not in ("auto", True, False):
+        raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
+    if save_embedding_layers != "auto":
+        return bool(save_embedding_layers)
+    if _embedding_is_targeted(model, config) and getattr(config, "trainable_token_indices", None) is None:
+        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                      UserWarning)
+        return True
+    return _vocab_was_resized(model, config)
+
+
+def _embedding_module_names(model: nn.Module, targeted: bool) -> list[str]:
+    """Names of the modules whose tensors are saved as 'embedding layers' (PEFT's get_embedding_layer_name)."""
     out: list[str] = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(model, getter, None)
@@ -55,68 +171,60 @@ def _embedding_prefixes(model: nn.Module) -> list[str]:
             continue
         if layer is None:
             continue
-        target = getattr(layer, "base_layer", layer)
+        base = getattr(layer, "base_layer", None)
+        if targeted:  # only embeddings that are themselves adapted: save the weights under the adapter
+            if not isinstance(base, (nn.Linear, nn.Embedding)):
+                continue
+            wanted = (base,)
+        else:
+            wanted = (layer, base)
         for name, module in model.named_modules():
-            if module is target:
-                out.append(name + ".")
+            if any(module is w for w in wanted if w is not None):
+                out.append(name)
                 break
     return out
 
 
-def _resolve_save_embedding_layers(config: Any, save_embedding_layers: str | bool) -> bool:
-    if save_embedding_layers != "auto":
-        return bool(save_embedding_layers)
-    targets = getattr(config, "target_modules", None) or ()
-    if isinstance(targets, str):
-        targeted = any(re.search(name, targets) for name in EMBEDDING_LAYER_NAMES)
-    else:
-        targeted = any(t in EMBEDDING_LAYER_NAMES or t.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES for t in targets)
-    if targeted:
-        warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-                      UserWarning)
-    return targeted
-
-
 def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedding_layers: str | bool = "auto",
                     state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, str]:
-    """checkpoint key -> model key, for every tensor that belongs to ``adapter_name``."""
+    """checkpoint key -> model key, for every tensor saved with ``adapter_name`` (see the module docstring)."""
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} not found; available: {', '.join(model.peft_config)}")
     config = model.peft_config[adapter_name]
-    peft_type = PeftType(config.peft_type)
-    prefix = PREFIXES.get(peft_type)
-    if prefix is None:
-        raise ValueError(f"peft_type {peft_type.value} has no state-dict mapping in peftfast")
     keys = list((state_dict if state_dict is not None else model.state_dict()).keys())
     mapping: dict[str, str] = {}
-    name_part = re.compile(rf"(^|\.){re.escape(adapter_name)}(\.|$)")
+
+    prefixes, layers = _tuner_prefixes(model, adapter_name)
     for key in keys:
-        if prefix in key and name_part.search(key.split(prefix, 1)[1]):
+        if any(_under(key, p) for p in prefixes):
             mapping[_strip_adapter_name(key, adapter_name)] = key
 
     bias = getattr(config, "bias", "none")
     if bias == "all":
-        for key in keys:
-            if key.endswith("bias") and prefix not in key and "modules_to_save" not in key \
-                    and "original_module" not in key:
+        for key in _without_other_adapters(keys, model, adapter_name):
+            if key == "bias" or key.endswith(".bias"):
+                mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
+    elif isinstance(bias, str) and bias.endswith("_only"):
+        present = set(keys)
+        for layer in layers:
+            key = _join(layer, "base_layer.bias")
+            if key in present:
                 mapping.setdefault(key, key)
-    elif bias.endswith("_only"):
-        for key in list(mapping.values()):
-            bias_key = key.split(prefix, 1)[0] + "bias"
-            if bias_key not in keys:
-                bias_key = key.split(prefix, 1)[0] + "base_layer.bias"
-            if bias_key in keys:
-                mapping.setdefault(bias_key, bias_key)
 
-    marker = f".modules_to_save.{adapter_name}."
-    for key in keys:
-        if marker in key:
-            mapping[key.replace(marker, ".")] = key
-
-    if _resolve_save_embedding_layers(config, save_embedding_layers):
-        root = model
-        for prefix_name in _embedding_prefixes(root):
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            inner = _join(name, f"modules_to_save.{adapter_name}") + "."
             for key in keys:
-                if key.startswith(prefix_name) and prefix not in key:
-                    mapping.setdefault(key, key)
+                if key.startswith(inner):
+                    mapping[_join(name, key[len(inner):])] = key
+
+    if resolve_save_embedding_layers(model, config, save_embedding_layers):
+        targeted = _embedding_is_targeted(model, config)
+        filtered = _without_other_adapters(keys, model, adapter_name)
+        for name in _embedding_module_names(model, targeted):
+            for key in filtered:
+                if key.startswith(name + "."):
+                    mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
     return mapping
 
 
@@ -126,58 +234,118 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
     """The adapter's tensors keyed as PEFT writes them to disk (adapter name removed)."""
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} not found; available: {', '.join(model.peft_config)}")
     sd = model.state_dict() if state_dict is None else state_dict
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers, state_dict=sd)
     return {ckpt: sd[key] for ckpt, key in mapping.items()}
 
 
-def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
-                             adapter_name: str, ignore_mismatched_sizes: bool = False) -> tuple[dict, list[str]]:
+def _load_key_map(model: nn.Module, adapter_name: str, own_keys: list[str]) -> tuple[dict[str, str], set[str]]:
+    """(every accepted checkpoint spelling -> model key, checkpoint keys the adapter cannot do without)."""
+    mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
+    prefixes, _ = _tuner_prefixes(model, adapter_name)
+    required = {c for c, k in mapping.items()
+                if any(_under(k, p) for p in prefixes) or f"modules_to_save.{adapter_name}." in k}
+    # Embedding weights, as written in either save_embedding_layers mode (PEFT loads whichever are present).
+    filtered = _without_other_adapters(own_keys, model, adapter_name)
+    for targeted in (True, False):
+        for name in _embedding_module_names(model, targeted):
+            for key in filtered:
+                if key.startswith(name + "."):
+                    mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
+    # Embedding weights written before PEFT wrapped targeted embeddings (no '.base_layer' in the key).
+    for ckpt, key in list(mapping.items()):
+        if ".base_layer." in ckpt and not any(_under(key, p) for p in prefixes):
+            mapping.setdefault(ckpt.replace(".base_layer.", ".", 1), key)
+    # With and without the PeftModel prefix (a model with injected layers has none; PEFT's files always do).
+    prefixed = any(k.startswith(PEFT_PREFIX) for k in own_keys)
+    for ckpt, key in list(mapping.items()):
+        if not prefixed:
+            mapping.setdefault(PEFT_PREFIX + ckpt, key)
+        elif ckpt.startswith(PEFT_PREFIX):
+            mapping.setdefault(ckpt[len(PEFT_PREFIX):], key)
+    return mapping, required
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return "; ".join(items[:_MAX_LISTED]) + more
+
+
+def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str,
+                             ignore_mismatched_sizes: bool = False, strict: bool = False) -> tuple[dict, list[str]]:
     """Map checkpoint keys onto the model's; raise AdapterLoadError for anything that does not fit.
 
-    Returns (model key -> tensor, missing adapter keys). Nothing in the model is modified.
+    Returns (model key -> tensor, missing checkpoint keys). With ``strict`` a missing adapter weight is an
+    error too; without it, only a checkpoint holding none of the adapter's weights is. Nothing is modified.
     """
+    if not isinstance(peft_model_state_dict, dict):
+        raise AdapterLoadError(f"adapter weights must be a dict of name -> tensor, got "
+                               f"{type(peft_model_state_dict).__name__}")
     own = model.state_dict()
-    mapping = adapter_key_map(model, adapter_name, save_embedding_layers=True)
-    # Embedding weights and biases are optional in a checkpoint; adapter weights are required.
-    prefix = PREFIXES[PeftType(model.peft_config[adapter_name].peft_type)]
-    required = {c for c, k in mapping.items() if prefix in k or ".modules_to_save." in k}
-    unexpected, mismatched, bad_dtype, out = [], [], [], {}
+    mapping, required = _load_key_map(model, adapter_name, list(own))
+    inverse: dict[str, set[str]] = {}
+    for ckpt, key in mapping.items():
+        inverse.setdefault(key, set()).add(ckpt)
+    canonical = {c: c for c in required}
+    for c in required:
+        for alias in inverse.get(mapping[c], ()):
+            canonical.setdefault(alias, c)
+
+    unexpected, mismatched, bad, conflicts = [], [], [], []
+    out: dict[str, torch.Tensor] = {}
+    provided: set[str] = set()
     for ckpt_key, tensor in peft_model_state_dict.items():
-        model_key = mapping.get(ckpt_key)
+        model_key = mapping.get(ckpt_key) if isinstance(ckpt_key, str) else None
         if model_key is None:
-            unexpected.append(ckpt_key)
+            unexpected.append(repr(ckpt_key) if not isinstance(ckpt_key, str) else ckpt_key)
             continue
+        provided.add(canonical.get(ckpt_key, ckpt_key))
         if not isinstance(tensor, torch.Tensor):
-            bad_dtype.append(f"{ckpt_key}: not a tensor ({type(tensor).__name__})")
+            bad.append(f"{ckpt_key}: not a tensor but a {type(tensor).__name__}")
             continue
         target = own[model_key]
         if tuple(tensor.shape) != tuple(target.shape):
-            if ignore_mismatched_sizes:
-                continue
-            mismatched.append(f"{ckpt_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            if not ignore_mismatched_sizes:
+                mismatched.append(f"{ckpt_key}: checkpoint has shape {tuple(tensor.shape)}, the model expects "
+                                  f"{tuple(target.shape)}")
+            continue
+        if tensor.is_sparse or tensor.layout != torch.strided:
+            bad.append(f"{ckpt_key}: layout {tensor.layout} (expected a dense tensor)")
             continue
         if target.is_floating_point() and not tensor.is_floating_point():
-            bad_dtype.append(f"{ckpt_key}: checkpoint dtype {tensor.dtype}, model expects a floating-point tensor")
+            bad.append(f"{ckpt_key}: dtype {tensor.dtype}, the model expects a floating-point tensor "
+                       f"({target.dtype})")
             continue
-        if target.is_floating_point() and not torch.isfinite(tensor).all():
-            bad_dtype.append(f"{ckpt_key}: holds NaN or inf values")
+        if not target.is_floating_point() and tensor.dtype != target.dtype:
+            bad.append(f"{ckpt_key}: dtype {tensor.dtype}, the model expects {target.dtype}")
+            continue
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad.append(f"{ckpt_key}: holds NaN or inf values")
+            continue
+        if model_key in out and not torch.equal(out[model_key].to(tensor.dtype), tensor):
+            conflicts.append(f"{ckpt_key} and another key both name {model_key} with different values")
             continue
         out[model_key] = tensor
+
     problems = []
     if unexpected:
         problems.append(f"unexpected keys (not part of adapter {adapter_name!r} of this model): "
-                        f"{', '.join(sorted(unexpected)[:10])}{' ...' if len(unexpected) > 10 else ''}")
+                        f"{_listed(sorted(unexpected))}")
     if mismatched:
-        problems.append("shape mismatch: " + "; ".join(mismatched[:10]))
-    if bad_dtype:
-        problems.append("bad values: " + "; ".join(bad_dtype[:10]))
-    missing = sorted(c for c in required if c not in peft_model_state_dict)
-    if missing and not problems and len(missing) == len(required):
-        problems.append(f"none of the adapter's {len(required)} weights are in the checkpoint (e.g. "
-                        f"{', '.join(missing[:3])}); is this an adapter for this model?")
+        problems.append("shape mismatch (was it saved with another r, or for another base model?): "
+                        + _listed(mismatched))
+    if bad:
+        problems.append("bad values: " + _listed(bad))
+    if conflicts:
+        problems.append("conflicting duplicates: " + _listed(conflicts))
+    missing = sorted(c for c in required if c not in provided)
+    if missing and (strict or len(missing) == len(required)):
+        if len(missing) == len(required):
+            problems.append(f"none of the adapter's {len(required)} weights are in the checkpoint (e.g. "
+                            f"{', '.join(missing[:3])}); is this an adapter for this model?")
+        else:
+            problems.append(f"missing keys ({len(missing)} of the adapter's {len(required)} weights are not in the "
+                            f"checkpoint): {_listed(missing)}")
     if problems:
         raise AdapterLoadError("adapter weights do not fit the model: " + " | ".join(problems))
     return out, missing
@@ -185,35 +353,44 @@ def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor],
                               adapter_name: str = "default", ignore_mismatched_sizes: bool = False,
-                              low_cpu_mem_usage: bool = False) -> IncompatibleKeys:
+                              low_cpu_mem_usage: bool = False, strict: bool = False) -> IncompatibleKeys:
     """Load checkpoint-keyed adapter tensors into ``model``'s adapter ``adapter_name``.
 
-    Everything is checked first; on any problem AdapterLoadError is raised and the model is unchanged.
-    Returns PEFT's (missing_keys, unexpected_keys) pair, in model-key terms.
+    Everything is checked first (see ``check_adapter_state_dict``); on any problem AdapterLoadError is raised and
+    the model is unchanged. Values are cast to each parameter's dtype and device. Returns PEFT's
+    (missing_keys, unexpected_keys) pair, in model-key terms.
     """
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise AdapterLoadError(f"adapter {adapter_name!r} not found in the model; available: "
+                               f"{', '.join(getattr(model, 'peft_config', {})) or 'none'}")
     to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
-                                                ignore_mismatched_sizes=ignore_mismatched_sizes)
-    params = dict(model.named_parameters())
-    params.update(dict(model.named_buffers()))
-    with torch.no_grad():
-        for key, tensor in to_load.items():
-            target = params.get(key)
-            if target is None:  # a state-dict entry that is not a parameter/buffer (rare): use load_state_dict
-                model.load_state_dict({key: tensor}, strict=False)
-                continue
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-    mapping = adapter_key_map(model, adapter_name, save_embedding_layers=True)
+                                                ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
+    targets = model.state_dict(keep_vars=True)
+    backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for key, tensor in to_load.items():
+                target = targets[key]
+                backup.append((target, target.detach().clone()))
+                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+    except BaseException:  # e.g. out of memory mid-way: put back what was already overwritten
+        with torch.no_grad():
+            for target, old in reversed(backup):
+                target.copy_(old)
+        raise
+    mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
     return IncompatibleKeys(missing_keys=[mapping[m] for m in missing], unexpected_keys=[])
 
 
 def modules_to_save_wrappers(model: nn.Module) -> list[str]:
-    return _module_names(model, ModulesToSaveWrapper)
+    return [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
 def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     """Read adapter_model.safetensors (preferred) or adapter_model.bin from a folder or the Hub.
 
     ``.bin`` files are read with ``torch.load(weights_only=True)``: no code from the file runs.
+    Raises FileNotFoundError when neither file exists, AdapterLoadError when the file cannot be parsed.
     """
     from .constants import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
     from .hub import resolve_file
@@ -235,15 +412,97 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device=map_location)
-        except Exception as e:  # SafetensorError, OSError on a truncated header, ...
-            raise AdapterLoadError(f"{path} could not be read as safetensors (damaged or truncated?): "
+            return load_file(path, device=str(map_location))
+        except (PermissionError, IsADirectoryError):
+            raise
+        except Exception as e:  # SafetensorError: bad header, truncated data, unknown dtype, ...
+            raise AdapterLoadError(f"{path} is not a readable safetensors file (truncated or damaged?): "
                                    f"{type(e).__name__}: {e}") from None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise AdapterLoadError(f"{path} could not be read as a PyTorch weights file (damaged, truncated, or "
-                               f"holding objects other than tensors): {type(e).__name__}: {e}") from None
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # UnpicklingError (including refused globals), EOFError, RuntimeError on bad zip, ...
+        raise AdapterLoadError(f"{path} could not be read as a PyTorch weights file (truncated, damaged, or holding "
+                               f"objects other than tensors, which weights_only loading refuses): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise AdapterLoadError(f"{path} must hold a dict of name -> tensor, found {type(state).__name__}")
     return state
+
+
+def adapter_parameter_prefixes(model: nn.Module, adapter_name: str) -> list[str]:
+    """Name prefixes of ``adapter_name``'s own parameters: its containers on tuner layers and its copies of
+    ``modules_to_save`` modules (what PEFT's ``set_requires_grad(adapter_name)`` switches)."""
+    prefixes, _ = _tuner_prefixes(model, adapter_name)
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            prefixes.append(_join(name, f"modules_to_save.{adapter_name}"))
+    return prefixes
+
+
+def snapshot_state(modules: list[nn.Module], objects: tuple = ()) -> Callable[[], None]:
+    """A function that puts back the Python-level state of ``modules`` (every submodule's attributes, children,
+    parameter/buffer slots, hooks, adapter dicts) and of plain ``objects`` (configs), plus every parameter's
+    requires_grad flag, as they are now. Tensor values are not copied: loaders restore those themselves."""
+    saved: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []
+
+    def record(obj: Any) -> None:
+        attrs = dict(vars(obj))
+        contents = {k: (type(v), v.copy() if isinstance(v, (dict, set)) else list(v))
+                    for k, v in attrs.items() if isinstance(v, (dict, list, set))}
+        saved.append((obj, attrs, contents))
+
+    seen: set[int] = set()
+    flags: list[tuple[torch.Tensor, bool]] = []
+    for root in modules:
+        for module in root.modules():
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            record(module)
+            flags.extend((p, p.requires_grad) for p in module.parameters(recurse=False))
+    for obj in objects:
+        if obj is not None and hasattr(obj, "__dict__"):
+            record(obj)
+
+    def restore() -> None:
+        for obj, attrs, contents in saved:
+            current = vars(obj)
+            for extra in [k for k in current if k not in attrs]:
+                del current[extra]
+            for key, value in attrs.items():
+                if current.get(key, _MISSING) is not value:
+                    current[key] = value
+                if key in contents:
+                    _, old = contents[key]
+                    if isinstance(value, dict):
+                        value.clear()
+                        value.update(old)
+                    elif isinstance(value, set):
+                        value.clear()
+                        value.update(old)
+                    else:
+                        value[:] = old
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+    return restore
+
+
+_MISSING = object()
+
+
+@contextmanager
+def config_mismatch_as_load_error(model_id: Any):
+    """Errors raised while applying a checkpoint's config to a model (a target module the model lacks, a regex that
+    does not compile, ...) are load errors: re-raise them as AdapterLoadError naming the checkpoint."""
+    from ..config import ConfigError
+    from ..tuners.tuners_utils import AdapterError
+
+    try:
+        yield
+    except (ConfigError, AdapterError, AdapterLoadError):
+        raise
+    except (ValueError, re.error) as e:
+        raise AdapterLoadError(f"the adapter at {model_id!r} does not fit this model: {e}") from e

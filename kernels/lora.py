@@ -1,0 +1,723 @@
+"""LoRA: all active adapters of a linear layer in one fused forward and backward.
+
+Math (PEFT's, one layer, adapters i = 1..n, x: [M, K], base_out: [M, N]):
+
+    s'_i  = s_i / (1 - p_i)                        scaling with the inverted-dropout factor
+    m_i   = keep mask of adapter i ([M, K], kept with probability 1 - p_i; all ones if off)
+    t_i   = s'_i * (m_i * x) @ A_i^T               [M, r_i]   "shrink"   (A_i: [r_i, K])
+    y     = base_out + sum_i t_i @ B_i^T           [M, N]     "expand"   (B_i: [N, r_i])
+
+Stacking A = [A_1; ...; A_n] ([R, K], R = sum r_i), B = [B_1 ... B_n] ([N, R]) and
+t = [t_1 ... t_n] ([M, R]) makes the expand a single matmul y = base_out + t @ B^T, and without
+dropout the shrink one too: t = (x @ A^T) * s' (s' per rank column).
+
+Backward, with G = dT (scaled) = (dY @ B) * s' ([M, R]), derived from the two lines above:
+
+    d base_out = dY                               (identity)
+    dB         = dY^T @ t                         [N, R]
+    dA_i       = G_i^T @ (m_i * x)                [r_i, K]
+    dX         = sum_i m_i * (G_i @ A_i)          [M, K]
+
+Blocked algorithm (Triton, fp32 accumulation, operands cast to the adapter dtype as PEFT does):
+
+    shrink:  program (rank tile, M block): for K blocks: acc += mask(x tile) @ A_tile^T;
+             t = acc * s'                                 one launch for every adapter
+    expand:  program (M block, N block): for R blocks: acc += t @ B^T; out = base + acc, cast once;
+             out is base_out itself when it may be updated in place (no extra [M, N] buffer)
+    dT:      the shrink kernel on (dY, B^T) without mask, scaled by s'  -> G
+    dA, dB:  program (rank tile, column block, split of M): acc += G^T @ mask(x) (dA) or
+             t^T @ dY (dB); fp32 partials per split summed once (deterministic)
+    dX:      program (M block, K block): per adapter acc_i = G_i @ A_i; acc += mask_i * acc_i
+
+Dropout masks are never stored: every kernel that needs m_i regenerates it from (seed, adapter
+index, row, column) with the counter-based hash of ``kernels/dropout.py``; the PyTorch reference
+regenerates the same bits. A rank tile never straddles two adapters when dropout is on.
+
+Memory saved for backward: x (the tensor the caller passed, which the base layer keeps too;
+never a cast or dropped copy), t ([M, R] in the adapter dtype: 2*R/K of x's bytes for R << K),
+the seed (a Python int) and references to the A_i / B_i parameters. No mask, no [M, K] copy.
+
+Launches: forward 2 (shrink, expand). Backward up to 4 kernels (dT, dB, dA, dX) plus one sum
+of partials for each of dA and dB when the reduction over M is split.
+
+CPU (the reference path, used for real training): the same math with torch matmuls, no
+per-adapter loop without dropout, the mask regenerated from the seed in backward.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+from .backend import use_triton
+from .dropout import check_p, draw_seed, keep_mask, keep_mask_torch, stream_key, threshold
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_shrink_kernel(
+    x_ptr,  # [M, K] left operand: x (forward) or dY (for G = dY @ B)
+    a_ptr,  # [R, K] stacked A_i (or B^T); its dtype is the compute dtype
+    t_ptr,  # [M, R] output in the compute dtype
+    tiles_ptr,  # [n_tiles, 4] int64: rank start, rank end, stream, keep threshold
+    scale_ptr,  # [R] fp32 scale of each rank column (s_i / (1 - p_i))
+    seed,  # 64-bit dropout seed
+    M, K,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # rank tiles vary fastest so the programs reading one x block run back to back (L2 reuse)
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    r_start = tl.load(tiles_ptr + pid_r * 4)
+    r_end = tl.load(tiles_ptr + pid_r * 4 + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < r_end
+    if HAS_DROPOUT:
+        key = stream_key(seed, tl.load(tiles_ptr + pid_r * 4 + 2))
+        thresh = tl.load(tiles_ptr + pid_r * 4 + 3).to(tl.uint32)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k + k0 < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        x = x.to(a_ptr.dtype.element_ty)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(key, offs_m, offs_k + k0, thresh), x, 0.0)
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        a_ptrs += BLOCK_K * stride_ak
+    acc = acc * tl.load(scale_ptr + offs_r, mask=mask_r, other=0.0)[None, :]
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    tl.store(t_ptrs, acc.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    t_ptr,  # [M, R] scaled shrink output, compute dtype
+    b_ptr,  # [N, R] stacked B_i, compute dtype
+    base_ptr,  # [M, N] base layer output
+    out_ptr,  # [M, N] result; may be base_ptr (each program reads its tile before writing it)
+    M, N, R,
+    stride_tm, stride_tr, stride_bn, stride_br,
+    stride_basem, stride_basen, stride_om, stride_on,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = offs_r + r0 < R
+        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(t.to(b_ptr.dtype.element_ty), b, acc, input_precision=DOT_PRECISION)
+        t_ptrs += BLOCK_R * stride_tr
+        b_ptrs += BLOCK_R * stride_br
+    mask = mask_m[:, None] & mask_n[None, :]
+    base = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :] * stride_basen,
+                   mask=mask, other=0.0)
+    out = acc + base.to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_grad_w_kernel(
+    g_ptr,  # [M, R] left operand, compute dtype: G (for dA) or t (for dB)
+    x_ptr,  # [M, N] right operand: x (for dA, masked) or dY (for dB)
+    out_ptr,  # [S, R, N] fp32 partial sums, one slice per split of M (any strides)
+    tiles_ptr,  # [n_tiles, 4] int64: rank start, rank end, stream, keep threshold
+    seed,  # 64-bit dropout seed
+    M, N, rows_per_split,
+    stride_gm, stride_gr, stride_xm, stride_xn, stride_os, stride_or, stride_on,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    r_start = tl.load(tiles_ptr + pid_r * 4)
+    r_end = tl.load(tiles_ptr + pid_r * 4 + 1)
+    offs_r = r_start + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_r = offs_r < r_end
+    mask_n = offs_n < N
+    if HAS_DROPOUT:
+        key = stream_key(seed, tl.load(tiles_ptr + pid_r * 4 + 2))
+        thresh = tl.load(tiles_ptr + pid_r * 4 + 3).to(tl.uint32)
+    m_lo = pid_s * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_hi
+        g = tl.load(g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
+                    mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, BLOCK_M] = G^T
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        x = x.to(g_ptr.dtype.element_ty)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(key, offs_m, offs_n, thresh), x, 0.0)
+        acc = tl.dot(g, x, acc, input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + pid_s * stride_os + offs_r[:, None] * stride_or + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_grad_x_kernel(
+    g_ptr,  # [M, R] G = (dY @ B) * s', compute dtype
+    a_ptr,  # [R, K] stacked A_i, compute dtype
+    dx_ptr,  # [M, K] output in the dtype of x
+    adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
+    seed,  # 64-bit dropout seed
+    M, K, R, n_adapters,
+    stride_gm, stride_gr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if HAS_DROPOUT:
+        # masks differ per adapter: one partial product per adapter, masked once
+        for i in range(n_adapters):
+            r_start = tl.load(adapters_ptr + i * 4)
+            r_end = tl.load(adapters_ptr + i * 4 + 1)
+            part = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for r0 in range(r_start, r_end, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < r_end
+                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                part = tl.dot(g, a, part, input_precision=DOT_PRECISION)
+            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
+            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
+            acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations (shared by the launchers and aot_specs)
+# ----------------------------------------------------------------------------------------------
+# rank-tile kernels (shrink, grad_w): one rank tile of BLOCK_R per program
+_TILE_BLOCK_R = (16, 64, 128)
+# rank-loop kernels (expand, grad_x): loop over R in chunks of BLOCK_R
+_LOOP_BLOCK_R = (16, 64)
+# (kernel, BLOCK_R, fp32 operands) -> meta-parameters; fp32 operands (TF32 dots) take half-size
+# K tiles so that no variant spills registers on sm_80..sm_90
+_CONFIGS = {}
+for _wide in (False, True):
+    _k = 32 if _wide else 64
+    for _br in _TILE_BLOCK_R:
+        _CONFIGS["shrink", _br, _wide] = dict(BLOCK_M=64, BLOCK_K=_k, num_warps=4 if _br == 16 else 8, num_stages=3)
+        _CONFIGS["grad_w", _br, _wide] = dict(BLOCK_M=_k, BLOCK_N=64, num_warps=8, num_stages=3)
+    for _br in _LOOP_BLOCK_R:
+        _w = 8 if _br == 64 else 4
+        _m = 32 if _wide and _br == 64 else 64
+        _CONFIGS["expand", _br, _wide] = dict(BLOCK_M=_m, BLOCK_N=64 if _wide else 128, num_warps=_w, num_stages=3)
+        _CONFIGS["grad_x", _br, _wide] = dict(BLOCK_M=_m, BLOCK_K=64, num_warps=_w, num_stages=3)
+_TARGET_PROGRAMS = 528  # ~4 waves on a 132-SM GPU for the split reductions over M
+
+
+def _config(kernel: str, block_r: int, dtype: torch.dtype) -> dict:
+    return _CONFIGS[kernel, block_r, dtype == torch.float32]
+
+
+def _tile_block_r(extent: int) -> int:
+    return next((b for b in _TILE_BLOCK_R if b >= extent), _TILE_BLOCK_R[-1])
+
+
+def _loop_block_r(rank: int) -> int:
+    return _LOOP_BLOCK_R[0] if rank <= _LOOP_BLOCK_R[0] else _LOOP_BLOCK_R[-1]
+
+
+def _dot_precision(act_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """fp32 model: 3 TF32 products (~fp32 accuracy, like torch's default fp32 matmul). fp32
+    adapters on a 16-bit model: plain TF32 (10 mantissa bits, finer than the 16-bit result)."""
+    return "tf32x3" if act_dtype == adapter_dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter plan: per-adapter constants and the small device tables the kernels read
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Plan:
+    ranks: tuple[int, ...]
+    scales: tuple[float, ...]  # s_i / (1 - p_i)
+    ps: tuple[float, ...]  # active dropout probabilities (0.0 where dropout is off)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for r in self.ranks:
+            out.append(acc)
+            acc += r
+        return tuple(out)
+
+    @property
+    def dropout(self) -> bool:
+        return any(p > 0.0 for p in self.ps)
+
+
+def _make_plan(ranks, scalings, ps) -> _Plan:
+    return _Plan(tuple(int(r) for r in ranks),
+                 tuple(float(s) / (1.0 - p) for s, p in zip(scalings, ps)), tuple(ps))
+
+
+@functools.lru_cache(maxsize=512)
+def _tiles(plan: _Plan, by_adapter: bool, block_r: int, device: torch.device) -> torch.Tensor:
+    """[n_tiles, 4] int64 rows (rank start, rank end, stream, threshold); with ``by_adapter`` no
+    tile straddles two adapters (each carries its adapter's mask), else tiles cover [0, R)."""
+    rows = []
+    if by_adapter:
+        for i, (r0, r, p) in enumerate(zip(plan.offsets, plan.ranks, plan.ps)):
+            rows += [(s, min(s + block_r, r0 + r), i, threshold(p)) for s in range(r0, r0 + r, block_r)]
+    else:
+        rows = [(s, min(s + block_r, plan.total_rank), 0, 0) for s in range(0, plan.total_rank, block_r)]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=512)
+def _adapter_table(plan: _Plan, device: torch.device) -> torch.Tensor:
+    rows = [(r0, r0 + r, i, threshold(p)) for i, (r0, r, p) in enumerate(zip(plan.offsets, plan.ranks, plan.ps))]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+@functools.lru_cache(maxsize=512)
+def _rank_scale(plan: _Plan, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    vals = [s for s, r in zip(plan.scales, plan.ranks) for _ in range(r)]
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check, allocate, launch (2-D [M, *] operands, any strides)
+# ----------------------------------------------------------------------------------------------
+def _launch_shrink(x2: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int, dropout: bool) -> torch.Tensor:
+    """t = (mask(x2) @ a^T) * s' -> [M, R] in a's dtype. a: [R, K] (any strides)."""
+    M, K = x2.shape
+    R = a.shape[0]
+    assert a.shape[1] == K and R == plan.total_rank
+    t = torch.empty(M, R, dtype=a.dtype, device=x2.device)
+    block_r = _tile_block_r(max(plan.ranks) if dropout else R)
+    tiles = _tiles(plan, dropout, block_r, x2.device)
+    cfg = _config("shrink", block_r, a.dtype)
+    grid = (tiles.shape[0], triton.cdiv(M, cfg["BLOCK_M"]))
+    _lora_shrink_kernel[grid](
+        x2, a, t, tiles, _rank_scale(plan, x2.device), seed, M, K,
+        x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
+        HAS_DROPOUT=dropout, DOT_PRECISION=_dot_precision(x2.dtype, a.dtype), BLOCK_R=block_r, **cfg)
+    return t
+
+
+def _launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: torch.Tensor) -> None:
+    """out2 = base2 + t @ b^T (out2 may be base2)."""
+    M, R = t.shape
+    N = b.shape[0]
+    assert b.shape[1] == R and base2.shape == (M, N) and out2.shape == (M, N)
+    block_r = _loop_block_r(R)
+    cfg = _config("expand", block_r, b.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _lora_expand_kernel[grid](
+        t, b, base2, out2, M, N, R,
+        t.stride(0), t.stride(1), b.stride(0), b.stride(1),
+        base2.stride(0), base2.stride(1), out2.stride(0), out2.stride(1),
+        DOT_PRECISION=_dot_precision(base2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
+
+
+def _launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: _Plan, seed: int, dropout: bool,
+                   transpose_out: bool) -> torch.Tensor:
+    """fp32 g^T @ mask(x2): [R, N], or its transpose [N, R] with ``transpose_out``."""
+    M, R = g.shape
+    N = x2.shape[1]
+    block_r = _tile_block_r(max(plan.ranks) if dropout else R)
+    tiles = _tiles(plan, dropout, block_r, x2.device)
+    cfg = _config("grad_w", block_r, g.dtype)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    programs = tiles.shape[0] * triton.cdiv(N, block_n)
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(M, block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
+    splits = triton.cdiv(M, rows_per_split)
+    part = torch.empty((splits, N, R) if transpose_out else (splits, R, N), dtype=torch.float32, device=x2.device)
+    stride_or, stride_on = (part.stride(2), part.stride(1)) if transpose_out else (part.stride(1), part.stride(2))
+    grid = (tiles.shape[0], triton.cdiv(N, block_n), splits)
+    _lora_grad_w_kernel[grid](
+        g, x2, part, tiles, seed, M, N, rows_per_split,
+        g.stride(0), g.stride(1), x2.stride(0), x2.stride(1), part.stride(0), stride_or, stride_on,
+        HAS_DROPOUT=dropout, DOT_PRECISION=_dot_precision(x2.dtype, g.dtype), BLOCK_R=block_r, **cfg)
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """dX = sum_i mask_i * (g_i @ a_i) -> [M, K] in ``dtype``."""
+    M, R = g.shape
+    K = a.shape[1]
+    dx = torch.empty(M, K, dtype=dtype, device=g.device)
+    table = _adapter_table(plan, g.device)
+    block_r = _loop_block_r(max(plan.ranks) if plan.dropout else R)
+    cfg = _config("grad_x", block_r, a.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _lora_grad_x_kernel[grid](
+        g, a, dx, table, seed, M, K, R, len(plan.ranks),
+        g.stride(0), g.stride(1), a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
+        HAS_DROPOUT=plan.dropout, DOT_PRECISION=_dot_precision(dtype, a.dtype), BLOCK_R=block_r, **cfg)
+    return dx
+
+
+def _cat_a(weights_a):
+    return weights_a[0] if len(weights_a) == 1 else torch.cat(list(weights_a), 0)
+
+
+def _cat_b(weights_b):
+    return weights_b[0] if len(weights_b) == 1 else torch.cat(list(weights_b), 1)
+
+
+def _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2):
+    a, b = _cat_a(weights_a), _cat_b(weights_b)
+    t = _launch_shrink(x2, a, plan, seed, plan.dropout)
+    _launch_expand(t, b, base2, out2)
+    return out2, t
+
+
+def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    a, b = _cat_a(weights_a), _cat_b(weights_b)
+    no_drop = _Plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
+    dx = da = db = None
+    if need_b:
+        db = _launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
+    if need_x or need_a:
+        scaled = _Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
+        g = _launch_shrink(dy2, b.t(), scaled, 0, False)
+        if need_a:
+            da = _launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
+        if need_x:
+            dx = _launch_grad_x(g, a, plan, seed, x2.dtype)
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference (the test oracle and the CPU backend): same math, torch matmuls
+# ----------------------------------------------------------------------------------------------
+def _forward_torch(x2, base2, weights_a, weights_b, plan, seed, out2=None):
+    cd = weights_a[0].dtype
+    xc = x2.to(cd)
+    M, K = x2.shape
+    if not plan.dropout:
+        t = xc @ _cat_a(weights_a).t()
+        t = t.mul_(plan.scales[0]) if len(set(plan.scales)) == 1 else t.mul_(_rank_scale(plan, t.device, cd))
+    else:
+        parts = []
+        for i, (a, p, s) in enumerate(zip(weights_a, plan.ps, plan.scales)):
+            xi = xc if p == 0.0 else torch.where(keep_mask_torch(seed, i, M, K, p, xc.device), xc, 0.0)
+            parts.append((xi @ a.t()).mul_(s))
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    b = _cat_b(weights_b)
+    if base2.dtype == cd:
+        y = torch.addmm(base2, t, b.t())
+    else:  # PEFT: result + lora term in the promoted dtype, then one cast back
+        wide = torch.promote_types(base2.dtype, cd)
+        y = torch.addmm(base2.to(wide), t.to(wide), b.t().to(wide)).to(base2.dtype)
+    return y, t
+
+
+def _backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    cd = weights_a[0].dtype
+    dyc = dy2.to(cd)
+    b = _cat_b(weights_b)
+    dx = da = db = None
+    if need_b:
+        db = dyc.t() @ t
+    if need_x or need_a:
+        g = dyc @ b
+        g = g.mul_(plan.scales[0]) if len(set(plan.scales)) == 1 else g.mul_(_rank_scale(plan, g.device, cd))
+        xc = x2.to(cd) if need_a else None
+        M, K = x2.shape
+        if not plan.dropout:
+            a = _cat_a(weights_a)
+            da = g.t() @ xc if need_a else None
+            dx = g @ a if need_x else None
+        else:
+            das = []
+            for i, (a, p, r0, r) in enumerate(zip(weights_a, plan.ps, plan.offsets, plan.ranks)):
+                keep = keep_mask_torch(seed, i, M, K, p, x2.device) if p > 0.0 else None
+                gi = g[:, r0:r0 + r]
+                if need_a:
+                    das.append(gi.t() @ (xc if keep is None else torch.where(keep, xc, 0.0)))
+                if need_x:
+                    dxi = gi @ a
+                    dxi = dxi if keep is None else dxi.masked_fill_(~keep, 0.0)
+                    dx = dxi if dx is None else dx.add_(dxi)
+            da = (das[0] if len(das) == 1 else torch.cat(das, 0)) if need_a else None
+        if dx is not None:
+            dx = dx.to(x2.dtype)
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch, autograd, custom op
+# ----------------------------------------------------------------------------------------------
+def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace):
+    """(y, t) with y shaped like base_out; y is base_out itself when ``inplace``."""
+    K, N = x.shape[-1], base_out.shape[-1]
+    x2, base2 = x.reshape(-1, K), base_out.reshape(-1, N)
+    if use_triton(x, base_out, *weights_a, *weights_b):
+        out2 = base2 if inplace else torch.empty(base2.shape, dtype=base2.dtype, device=base2.device)
+        y2, t = _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2)
+        y = base_out if inplace else y2.view(base_out.shape)
+    else:
+        y2, t = _forward_torch(x2, base2, weights_a, weights_b, plan, seed)
+        y = y2.view(base_out.shape)
+    return y, t
+
+
+def _backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    """(dx shaped like x, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
+    K, N = x.shape[-1], dy.shape[-1]
+    dy2, x2, t2 = dy.reshape(-1, N), x.reshape(-1, K), t.reshape(-1, t.shape[-1])
+    impl = _backward_triton if use_triton(dy, x, *weights_a, *weights_b) else _backward_torch
+    dx, da, db = impl(dy2, x2, t2, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
+    return (None if dx is None else dx.view(x.shape)), da, db
+
+
+def _split(plan, da, db):
+    """Per-adapter views of the stacked gradients (lists of None where not computed)."""
+    n = len(plan.ranks)
+    das = [None] * n if da is None else [da[r0:r0 + r] for r0, r in zip(plan.offsets, plan.ranks)]
+    if db is None:
+        dbs = [None] * n
+    else:
+        dbs = [db] if n == 1 else [db[:, r0:r0 + r].contiguous() for r0, r in zip(plan.offsets, plan.ranks)]
+    return das, dbs
+
+
+def _can_update_in_place(base_out: torch.Tensor) -> bool:
+    return (base_out._base is None and base_out.is_contiguous()
+            and not (base_out.is_leaf and base_out.requires_grad)
+            and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Eager autograd for ``lora_linear``; saves x, t and the adapter weights (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, x, base_out, plan, seed, inplace, *weights):
+        n = len(plan.ranks)
+        y, t = _forward(x, base_out, weights[:n], weights[n:], plan, seed, inplace)
+        if inplace:
+            ctx.mark_dirty(base_out)
+        ctx.save_for_backward(x, t, *weights)
+        ctx.plan, ctx.seed = plan, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, t, *weights = ctx.saved_tensors
+        plan, n = ctx.plan, len(ctx.plan.ranks)
+        needs = ctx.needs_input_grad
+        need_a, need_b = any(needs[5:5 + n]), any(needs[5 + n:])
+        dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, ctx.seed, needs[0], need_a, need_b)
+        da, db = _split(plan, da, db)
+        da = [g if need else None for g, need in zip(da, needs[5:5 + n])]
+        db = [g if need else None for g, need in zip(db, needs[5 + n:])]
+        return (dx, dy if needs[1] else None, None, None, None, *da, *db)
+
+
+@torch.library.custom_op("peftfast::lora_linear", mutates_args=())
+def _lora_linear_op(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
+                    weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
+                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
+    plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), inplace=False)
+    return y, t.view(*x.shape[:-1], t.shape[-1])
+
+
+@_lora_linear_op.register_fake
+def _(x, base_out, weights_a, weights_b, scalings, dropout_ps, seed):
+    rank = sum(a.shape[0] for a in weights_a)
+    return base_out.new_empty(base_out.shape), x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype)
+
+
+@torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor, weights_a: list[torch.Tensor],
+                             weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
+                             seed: torch.Tensor, needs: list[bool]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, stacked dA [R, d_in], stacked dB [d_out, R]) for needs = (x, A, B); a gradient that is
+    not needed comes back as an empty tensor."""
+    plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+    dx, da, db = _backward(dy, x, t, weights_a, weights_b, plan, int(seed), *needs)
+    return tuple(x.new_empty(0) if g is None else g for g in (dx, da, db))
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, t, weights_a, weights_b, scalings, dropout_ps, seed, needs):
+    rank = sum(a.shape[0] for a in weights_a)
+    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            weights_a[0].new_empty((rank, x.shape[-1])) if needs[1] else x.new_empty(0),
+            weights_b[0].new_empty((dy.shape[-1], rank)) if needs[2] else x.new_empty(0))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, base_out, weights_a, weights_b, scalings, dropout_ps, seed = inputs
+    ctx.save_for_backward(x, output[1], seed, *weights_a, *weights_b)
+    ctx.plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+    ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
+
+
+def _op_backward(ctx, dy, dt):
+    x, t, seed, *weights = ctx.saved_tensors
+    n = len(ctx.plan.ranks)
+    need_x, need_base, need_a, need_b = ctx.needs_input_grad[:4]
+    dx, da, db = torch.ops.peftfast.lora_linear_backward(
+        dy, x, t, weights[:n], weights[n:], ctx.scalings, ctx.dropout_ps, seed,
+        [bool(need_x), bool(need_a), bool(need_b)])
+    da, db = _split(ctx.plan, da if need_a else None, db if need_b else None)
+    return (dx if need_x else None, dy if need_base else None, da if need_a else None,
+            db if need_b else None, None, None, None)
+
+
+torch.library.register_autograd("peftfast::lora_linear", _op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def _check(x, base_out, weights_a, weights_b, scalings, dropout_ps):
+    n = len(weights_a)
+    if not (len(weights_b) == len(scalings) == len(dropout_ps) == n):
+        raise ValueError(f"lora_linear needs one A, B, scaling and dropout p per adapter; got {n} A, "
+                         f"{len(weights_b)} B, {len(scalings)} scalings, {len(dropout_ps)} dropout_ps")
+    if x.dim() < 1 or x.shape[:-1] != base_out.shape[:-1]:
+        raise ValueError(f"x [..., d_in] and base_out [..., d_out] must share leading dims; got "
+                         f"{tuple(x.shape)} and {tuple(base_out.shape)}")
+    d_in, d_out = x.shape[-1], base_out.shape[-1]
+    for i, (a, b) in enumerate(zip(weights_a, weights_b)):
+        if a.dim() != 2 or a.shape[1] != d_in or a.shape[0] < 1:
+            raise ValueError(f"adapter {i}: A must be [r, d_in={d_in}] with r >= 1, got {tuple(a.shape)}")
+        if b.dim() != 2 or tuple(b.shape) != (d_out, a.shape[0]):
+            raise ValueError(f"adapter {i}: B must be [d_out={d_out}, r={a.shape[0]}], got {tuple(b.shape)}")
+        if a.dtype != b.dtype or not a.dtype.is_floating_point:
+            raise ValueError(f"adapter {i}: A and B must share one floating dtype, got {a.dtype} and {b.dtype}")
+    for t, name in ((x, "x"), (base_out, "base_out")):
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point (fp32, fp16 or bf16), got {t.dtype}")
+
+
+def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
+                weights_b: Sequence[torch.Tensor], scalings: Sequence[float], dropout_ps: Sequence[float],
+                training: bool) -> torch.Tensor:
+    """``(base_out + sum_i s_i * drop_i(x as A_i.dtype) @ A_i^T @ B_i^T)`` in base_out's dtype.
+
+    x: [..., d_in]; base_out: [..., d_out] (the base layer's output for x; on the Triton path it
+    is updated in place and returned when autograd allows it); weights_a[i]: [r_i, d_in];
+    weights_b[i]: [d_out, r_i] (A_i and B_i share a dtype, which may differ from x's);
+    scalings[i]: float; dropout_ps[i] in [0, 1), used only when ``training``. Gradients flow to
+    x, base_out, and every A_i / B_i that requires grad. Each call with dropout draws one seed
+    from torch's default generator.
+    """
+    _check(x, base_out, weights_a, weights_b, scalings, dropout_ps)
+    if len(weights_a) == 0:
+        return base_out
+    ps = [check_p(p) if training else 0.0 for p in dropout_ps]
+    dtypes = [a.dtype for a in weights_a]
+    if len(set(dtypes)) > 1:  # adapters of different dtypes: one call per run of equal dtype
+        out, start = base_out, 0
+        for i in range(1, len(dtypes) + 1):
+            if i == len(dtypes) or dtypes[i] != dtypes[start]:
+                out = lora_linear(x, out, weights_a[start:i], weights_b[start:i], scalings[start:i],
+                                  dropout_ps[start:i], training)
+                start = i
+        return out
+    seed = draw_seed() if any(p > 0.0 for p in ps) else torch.zeros((), dtype=torch.int64)
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.peftfast.lora_linear(x, base_out, list(weights_a), list(weights_b),
+                                              [float(s) for s in scalings], ps, seed)
+        return y
+    plan = _make_plan([a.shape[0] for a in weights_a], scalings, ps)
+    inplace = _can_update_in_place(base_out) and use_triton(x, base_out, *weights_a, *weights_b)
+    return LoraLinearFunction.apply(x, base_out, plan, int(seed), inplace, *weights_a, *weights_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ----------------------------------------------------------------------------------------------
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# (activation dtype, adapter dtype): same dtype, plus PEFT's default of fp32 adapters on a 16-bit model
+_DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                (torch.float16, torch.float32), (torch.bfloat16, torch.float32))
+
+
+def aot_specs() -> list[AotSpec]:
+    # (kernel, fn, pointer dtypes given (act, adapter) type strings, unit strides, dropout variants)
+    kernels = (
+        ("shrink", _lora_shrink_kernel, lambda x, w: {"x_ptr": x, "a_ptr": w, "t_ptr": w},
+         ("stride_xk", "stride_ak", "stride_tr"), (False, True), _TILE_BLOCK_R),
+        ("grad_w", _lora_grad_w_kernel, lambda x, w: {"g_ptr": w, "x_ptr": x, "out_ptr": "fp32"},
+         ("stride_gr", "stride_xn"), (False, True), _TILE_BLOCK_R),
+        ("expand", _lora_expand_kernel, lambda x, w: {"t_ptr": w, "b_ptr": w, "base_ptr": x, "out_ptr": x},
+         ("stride_tr", "stride_br", "stride_basen", "stride_on"), (None,), _LOOP_BLOCK_R),
+        ("grad_x", _lora_grad_x_kernel, lambda x, w: {"g_ptr": w, "a_ptr": w, "dx_ptr": x},
+         ("stride_gr", "stride_ak", "stride_dxk"), (False, True), _LOOP_BLOCK_R),
+    )
+    specs = []
+    for act, ad in _DTYPE_PAIRS:
+        xa, wa = _TY[act], _TY[ad]
+        for kname, fn, ptrs, unit, drops, block_rs in kernels:
+            for block_r in block_rs:
+                for drop in drops:
+                    cfg = dict(_config(kname, block_r, ad))
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    consts = dict(DOT_PRECISION=_dot_precision(act, ad), BLOCK_R=block_r, **cfg,
+                                  **{u: 1 for u in unit})
+                    if drop is not None:
+                        consts["HAS_DROPOUT"] = drop
+                    types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
+                    types.update(tiles_ptr="*i64", adapters_ptr="*i64", scale_ptr="*fp32", seed="i64")
+                    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+                    blocks = ",".join(f"B{k[6:]}={v}" for k, v in cfg.items()) + f",warps={warps}"
+                    name = f"lora_{kname}[x={xa},w={wa},BR={block_r},{blocks}" + (
+                        "]" if drop is None else f",dropout={int(drop)}]")
+                    specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
+    return specs

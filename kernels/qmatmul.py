@@ -1,0 +1,645 @@
+"""Linear layers over bitsandbytes 4-bit / 8-bit weights, dequantised tile by tile in registers.
+
+Math (W = deq(W_packed) in its dtype, then cast to the activation dtype like bitsandbytes):
+
+    forward   y[m, n]  = sum_k x[m, k] * W[n, k] + bias[n]          x: [..., K] -> y: [..., N]
+    backward  dx[m, k] = sum_n dy[m, n] * W[n, k]                    (dL/dx = dL/dy @ W)
+              dbias[n] = sum_m dy[m, n]                              (when bias requires grad)
+
+W is frozen, so it has no gradient and nothing of W beyond its packed tensors (already resident)
+is kept for backward; x is not saved at all.
+
+Both directions are one kernel, ``out[m, c] = sum_r a[m, r] * B[r, c]`` with
+B = W^T (forward: a = x, r = k, c = n) or B = W (backward: a = dy, r = n, c = k):
+
+    for each program (row tile m, column tile c, reduction slice s):
+        acc = 0                                                    # fp32 [BLOCK_M, BLOCK_C]
+        for r0 in slice s, step BLOCK_R:
+            a_tile = load a[m, r0:r0+BLOCK_R]
+            b_tile = dequant(packed W under [r0:r0+BLOCK_R] x [c]) # registers only, never stored
+            acc += dot(a_tile, b_tile)                             # tensor cores, fp32 accumulate
+        store acc (+ bias), or fp32 partials when the reduction is split
+
+Paths and the cost rule (``pick_config``):
+  * decode (M <= 16 tokens): one row tile, so every packed byte is read by exactly one program
+    (the weight is read once; no dequantised copy anywhere). Column tiles alone give too few
+    programs (N=4096 -> 64), so the reduction is split into S slices with
+    S = min(#reduction blocks, ceil(2 * #SMs / #column tiles)); programs write fp32 partials
+    [S, M, C] and a small kernel sums them, adds the bias and casts (deterministic, no atomics).
+    Extra traffic: 2 * S * M * C * 4 bytes, small next to N*K/2 for M <= 16.
+  * large M: each row tile dequantises the W tiles it needs again, so the dequant work and the
+    W traffic are (M / BLOCK_M) * N*K. 128x128 tiles halve both against 64x64 and are used when
+    they still give at least one program per SM; otherwise 64x64 tiles keep the SMs busy.
+Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
+
+fp32 activations use ``input_precision="tf32x3"`` (fp32-accurate, on tensor cores); fp16/bf16
+use the native MMA. The CPU path (PyTorch reference) dequantises, multiplies and frees the
+weight, and recomputes it in backward. Both ops are ``torch.library.custom_op``s
+(``peftfast::matmul_4bit``, ``peftfast::matmul_int8``) with fake implementations and
+registered autograd, so torch.compile traces them without graph breaks.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+from .backend import use_triton
+from .quant import (
+    _TL_NAMES,
+    Packed4bit,
+    _block_scale,
+    _dequant_4bit,
+    _dequant_int8,
+    _log2,
+    _lookup16,
+    check_packed4bit,
+    dequantize_4bit_reference,
+    dequantize_int8_reference,
+    nested_args,
+)
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _as_operand(w, a, w_round):
+    """fp32 weight values -> the dot operand dtype; w_round 1/2 rounds through fp16/bf16 first."""
+    w = tl.where(w_round == 1, w.to(tl.float16).to(tl.float32), w)
+    w = tl.where(w_round == 2, w.to(tl.bfloat16).to(tl.float32), w)
+    return w.to(a.dtype)
+
+
+@triton.jit
+def _unpack_pairs(byte):
+    """[..] bytes -> [.., 2] int32 indices (HIGH nibble = even element, LOW = odd)."""
+    b = byte.to(tl.int32)
+    return tl.join(b >> 4, b & 15)
+
+
+@triton.jit
+def _dot(a, b, acc):
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_ids(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M row tiles walk the same column tiles of W while those sit in L2
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_c = tl.cdiv(C, BLOCK_C)
+    group = GROUP_M * num_c
+    first_m = (pid // group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_m
+    pid_c = (pid % group) // group_m
+    return pid_m.to(tl.int64), pid_c.to(tl.int64)
+
+
+@triton.jit
+def _matmul_4bit_kernel(
+    a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
+    out_ptr,  # [M, C] result, or fp32 [SPLIT, M, C] partial sums
+    bias_ptr,  # [C] bias (read only when HAS_BIAS)
+    data_ptr,  # packed 4-bit indices, uint8 [ceil(N*K/2)]
+    code_ptr,  # fp32 [16] code table
+    absmax_ptr,  # fp32 [n_blocks] scales, or uint8 [n_blocks] codes when NESTED
+    nested_absmax_ptr,  # fp32 nested scales (NESTED only)
+    nested_code_ptr,  # fp32 [256] (NESTED only)
+    offset,  # fp32 nested offset
+    K,  # row length of W (in_features)
+    log2_bs,  # log2(blocksize)
+    log2_nbs,  # log2(nested_blocksize)
+    w_round,  # 0: none, 1: round W through fp16, 2: through bf16 (its dtype) before the cast to a's
+    M, C, R,  # out rows, out columns, reduction length
+    stride_am, stride_ar,  # strides of a
+    stride_os, stride_om, stride_oc,  # strides of out (split, row, column)
+    r_per_split,  # reduction length per grid-axis-1 program (a multiple of BLOCK_R)
+    TRANSPOSE_W: tl.constexpr,  # True: B = W^T (forward); False: B = W (backward)
+    NESTED: tl.constexpr,
+    ALIGNED: tl.constexpr,  # K % blocksize == 0 and the tile's block-direction size <= blocksize
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_c = _tile_ids(M, C, BLOCK_M, BLOCK_C, GROUP_M)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    c0 = pid_c * BLOCK_C
+    lc = tl.arange(0, BLOCK_C)
+    offs_c = c0 + lc
+    lr = tl.arange(0, BLOCK_R)
+    r_begin = pid_s * r_per_split
+    r_end = tl.minimum(r_begin + r_per_split, R)
+    half_k = K // 2
+    k_blocks = K >> log2_bs
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        offs_r = r0 + lr
+        a_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r_end)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
+        if ALIGNED:
+            # rows of W are whole blocks and the tile never crosses a block along K: load each
+            # byte once, split it into its two elements, scale by one value per row of W
+            if TRANSPOSE_W:  # B[r, c] = W[c, r]: byte pairs run along r
+                lh = tl.arange(0, BLOCK_R // 2)
+                byte = tl.load(data_ptr + (c0 * half_k + (r0 >> 1)) + (lc[None, :] * half_k + lh[:, None]),
+                               mask=((r0 + 2 * lh[:, None]) < r_end) & (offs_c[None, :] < C), other=0)
+                q = tl.reshape(tl.permute(_unpack_pairs(byte), (0, 2, 1)), (BLOCK_R, BLOCK_C))
+                scale = _block_scale(c0 * k_blocks + (r0 >> log2_bs), lc * k_blocks, offs_c < C, absmax_ptr,
+                                     nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
+                w = _lookup16(q, code_ptr) * scale[None, :]
+            else:  # B[r, c] = W[r, c]: byte pairs run along c
+                lh = tl.arange(0, BLOCK_C // 2)
+                byte = tl.load(data_ptr + (r0 * half_k + (c0 >> 1)) + (lr[:, None] * half_k + lh[None, :]),
+                               mask=(offs_r[:, None] < r_end) & ((c0 + 2 * lh[None, :]) < C), other=0)
+                q = tl.reshape(_unpack_pairs(byte), (BLOCK_R, BLOCK_C))
+                scale = _block_scale(r0 * k_blocks + (c0 >> log2_bs), lr * k_blocks, offs_r < r_end, absmax_ptr,
+                                     nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
+                w = _lookup16(q, code_ptr) * scale[:, None]
+        else:
+            # general layout (odd K, blocks spanning rows): per-element byte and block indices
+            if TRANSPOSE_W:
+                base = c0 * K + r0
+                local = lc[None, :] * K + lr[:, None]  # B[r, c] = W[c, r]
+            else:
+                base = r0 * K + c0
+                local = lr[:, None] * K + lc[None, :]  # B[r, c] = W[r, c]
+            w_mask = (offs_r[:, None] < r_end) & (offs_c[None, :] < C)
+            w = _dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
+                              nested_code_ptr, offset, log2_bs, log2_nbs, NESTED)
+        acc = _dot(a, _as_operand(w, a, w_round), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
+
+
+@triton.jit
+def _matmul_int8_kernel(
+    a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
+    out_ptr,  # [M, C] result, or fp32 [SPLIT, M, C] partial sums
+    bias_ptr,  # [C] bias (read only when HAS_BIAS)
+    cb_ptr,  # int8 [N, K] CB
+    stride_cbn, stride_cbk,  # strides of CB
+    scb_ptr,  # fp32 [N] SCB (row absmax)
+    N,  # rows of CB (out_features)
+    M, C, R,  # out rows, out columns, reduction length
+    stride_am, stride_ar,  # strides of a
+    stride_os, stride_om, stride_oc,  # strides of out (split, row, column)
+    r_per_split,  # reduction length per grid-axis-1 program (a multiple of BLOCK_R)
+    TRANSPOSE_W: tl.constexpr,  # True: B = W^T (forward); False: B = W (backward)
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_c = _tile_ids(M, C, BLOCK_M, BLOCK_C, GROUP_M)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_begin = pid_s * r_per_split
+    r_end = tl.minimum(r_begin + r_per_split, R)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(r_begin, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        a_mask = (offs_m[:, None] < M) & (offs_r[None, :] < r_end)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
+        w_mask = (offs_r[:, None] < r_end) & (offs_c[None, :] < C)
+        if TRANSPOSE_W:
+            w = _dequant_int8(offs_c[None, :], offs_r[:, None], w_mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
+        else:
+            w = _dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
+        acc = _dot(a, w.to(a.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
+
+
+@triton.jit
+def _split_reduce_kernel(
+    part_ptr,  # fp32 [SPLIT, M*C] partial sums, contiguous
+    out_ptr,  # [M*C] result, contiguous
+    bias_ptr,  # [C] bias (read only when HAS_BIAS)
+    MC,  # M*C
+    C,  # columns (bias length)
+    SPLIT,  # number of partial sums
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MC
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, SPLIT):
+        acc += tl.load(part_ptr + offs, mask=mask, other=0.0)
+        part_ptr += MC
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_c: int
+    block_r: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+# forward tiles (c = n, r = k) and dx tiles (c = k, r = n); the tile size along K stays <= 64 so a
+# tile lies inside one quantisation block (blocksize >= 64) and takes the ALIGNED path
+DECODE_MAX_TOKENS = 16
+CONFIGS = {
+    ("decode", True): Config(block_m=16, block_c=64, block_r=64, group_m=1, num_warps=4, num_stages=3),
+    ("large", True): Config(block_m=128, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
+    ("medium", True): Config(block_m=64, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
+    ("decode", False): Config(block_m=16, block_c=64, block_r=64, group_m=1, num_warps=4, num_stages=3),
+    ("large", False): Config(block_m=128, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
+    ("medium", False): Config(block_m=64, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
+}
+_REDUCE_BLOCK = 1024
+_DEFAULT_SMS = 132  # an H100, for launches outside CUDA (the interpreter)
+
+
+def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool = False) -> Config:
+    """The tile config a launch uses.
+
+    fp32 activations (3xTF32 MMA: each operand split into a high and a low half) use a reduction
+    depth of 16 and two stages to stay within registers and shared memory. The general
+    4-bit layout (per-element indices; the pipeliner stages its gathers in shared memory) uses
+    8 warps, a reduction depth <= 32, fewer stages (two; one with fp32) and never the 128-row tile.
+    """
+    if general and name == "large":
+        name = "medium"
+    cfg = CONFIGS[name, transpose]
+    if dtype == torch.float32:
+        cfg = cfg._replace(block_r=16, num_stages=2)
+    if general:
+        cfg = cfg._replace(block_r=min(cfg.block_r, 32), num_warps=8,
+                           num_stages=1 if dtype == torch.float32 else 2)
+    return cfg
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device) -> tuple[str, int]:
+    """(config name, reduction split) for out [m, c] reduced over r (rule in the module docstring)."""
+    sms = _sm_count(device)
+    if m <= DECODE_MAX_TOKENS:
+        cfg = CONFIGS["decode", transpose]
+        tiles = triton.cdiv(c, cfg.block_c)
+        split = min(triton.cdiv(r, cfg.block_r), triton.cdiv(2 * sms, tiles))
+        return "decode", max(split, 1)
+    cfg = CONFIGS["large", transpose]
+    if triton.cdiv(m, cfg.block_m) * triton.cdiv(c, cfg.block_c) >= sms:
+        return "large", 1
+    return "medium", 1
+
+
+def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg, split):
+    """out [M, C] = a [M, R] @ B [R, C] where the kernel dequantises B from ``weight_args``."""
+    m = a.shape[0]
+    out = torch.empty((m, c), dtype=a.dtype, device=a.device)
+    if m == 0 or c == 0:
+        return out
+    blocks = triton.cdiv(r, cfg.block_r)
+    split = max(1, min(split or 1, blocks))
+    r_per_split = triton.cdiv(blocks, split) * cfg.block_r
+    split = triton.cdiv(r, r_per_split)
+    # decode always goes through fp32 partials (the bias and the cast happen in the reduce)
+    partial = name == "decode" or split > 1
+    target = torch.empty((split, m, c), dtype=torch.float32, device=a.device) if partial else out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c, cfg.block_c), split)
+    kernel[grid](
+        a, target, bias if bias is not None else target, *weight_args,
+        m, c, r, a.stride(0), a.stride(1),
+        target.stride(0) if partial else 0, target.stride(-2), target.stride(-1), r_per_split,
+        TRANSPOSE_W=transpose, HAS_BIAS=bias is not None and not partial, BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, enable_fp_fusion=False, **constexprs,
+    )
+    if partial:
+        _split_reduce_kernel[(triton.cdiv(m * c, _REDUCE_BLOCK),)](
+            target, out, bias if bias is not None else out, m * c, c, split,
+            HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4, enable_fp_fusion=False,
+        )
+    return out
+
+
+def _w_round(w_dtype: torch.dtype, x_dtype: torch.dtype) -> int:
+    if w_dtype == x_dtype or w_dtype == torch.float32:
+        return 0
+    return 1 if w_dtype == torch.float16 else 2
+
+
+def aligned_4bit(k: int, blocksize: int, cfg: Config, transpose: bool) -> bool:
+    """Rows of W are whole blocks and a tile's extent along K fits in one block."""
+    return k % blocksize == 0 and blocksize >= (cfg.block_r if transpose else cfg.block_c)
+
+
+def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None, split=None, aligned=None):
+    """a [M, R] @ deq(W)^T (transpose, R = K) or a @ deq(W) (R = N); bias [C] or None.
+
+    ``config`` (a CONFIGS name), ``split`` and ``aligned`` override the automatic choices.
+    """
+    data, n, k = check_packed4bit(p)
+    c, r = (n, k) if transpose else (k, n)
+    if config is None:
+        config, split = pick_config(a.shape[0], c, r, transpose, a.device)
+    can_align = aligned_4bit(k, p.blocksize, resolve_config(config, transpose, a.dtype), transpose)
+    if aligned is None:
+        aligned = can_align
+    elif aligned and not can_align:
+        raise ValueError(f"the aligned path needs in_features % blocksize == 0 and blocksize >= the tile; "
+                         f"got in_features={k}, blocksize={p.blocksize}, config={config}")
+    cfg = resolve_config(config, transpose, a.dtype, general=not aligned)
+    nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
+    weight_args = (data, p.code, p.absmax, nested_absmax, nested_code, offset, k,
+                   _log2(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
+    constexprs = dict(NESTED=p.nested, ALIGNED=aligned)
+    return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
+
+
+def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split=None):
+    n, k = cb.shape
+    c, r = (n, k) if transpose else (k, n)
+    if config is None:
+        config, split = pick_config(a.shape[0], c, r, transpose, a.device)
+    cfg = resolve_config(config, transpose, a.dtype)
+    weight_args = (cb, cb.stride(0), cb.stride(1), scb, n)
+    return _launch(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split)
+
+
+# ----------------------------------------------------------------------------- PyTorch reference
+
+
+def matmul_4bit_reference(x, p: Packed4bit, bias=None):
+    """x [..., K] @ deq(W).to(x.dtype)^T + bias (the weight lives only during this call)."""
+    w = dequantize_4bit_reference(p).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def matmul_int8_reference(x, cb, scb, bias=None):
+    w = dequantize_int8_reference(cb, scb, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_x(x: torch.Tensor, k: int, n: int, bias: Optional[torch.Tensor], weight: torch.Tensor, what: str):
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{what}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{what}: x must be [..., {k}] (in_features of the weight), got {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{what}: x is on {x.device} but the weight is on {weight.device}")
+    if bias is not None and (bias.shape != (n,) or bias.device != x.device or bias.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"{what}: bias must be a float [{n}] tensor on {x.device}, got {bias.dtype} "
+                         f"{tuple(bias.shape)} on {bias.device}")
+
+
+def _bias_grad(dy: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    return dy.reshape(-1, dy.shape[-1]).sum(0, dtype=torch.float32).to(bias_dtype)
+
+
+# ----------------------------------------------------------------------------- 4-bit op
+
+
+def _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
+             nested_absmax, nested_code, nested_blocksize, offset) -> Packed4bit:
+    return Packed4bit(data, absmax, code, blocksize, (out_features, in_features), dtype,
+                      nested_absmax, nested_code, nested_blocksize, offset)
+
+
+@torch.library.custom_op("peftfast::matmul_4bit", mutates_args=())
+def _matmul_4bit_op(
+    x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    out_features: int, in_features: int, dtype: torch.dtype, nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor], nested_blocksize: int, offset: Optional[float],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    p = _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
+                 nested_absmax, nested_code, nested_blocksize, offset)
+    x2 = x.reshape(-1, in_features)
+    if use_triton(x, data):
+        y = matmul_4bit_triton(x2, p, bias, transpose=True)
+    else:
+        y = matmul_4bit_reference(x2, p, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+@_matmul_4bit_op.register_fake
+def _(x, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
+      nested_blocksize, offset, bias):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("peftfast::matmul_4bit_dx", mutates_args=())
+def _matmul_4bit_dx_op(
+    dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+    out_features: int, in_features: int, dtype: torch.dtype, nested_absmax: Optional[torch.Tensor],
+    nested_code: Optional[torch.Tensor], nested_blocksize: int, offset: Optional[float],
+) -> torch.Tensor:
+    p = _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
+                 nested_absmax, nested_code, nested_blocksize, offset)
+    dy2 = dy.reshape(-1, out_features)
+    if use_triton(dy, data):
+        dx = matmul_4bit_triton(dy2, p, None, transpose=False)
+    else:
+        dx = dy2 @ dequantize_4bit_reference(p).to(dy.dtype)  # recomputed, freed on return
+    return dx.reshape(*dy.shape[:-1], in_features)
+
+
+@_matmul_4bit_dx_op.register_fake
+def _(dy, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
+      nested_blocksize, offset):
+    return dy.new_empty((*dy.shape[:-1], in_features))
+
+
+def _setup_4bit(ctx, inputs, output):
+    x, data, absmax, code, bs, n, k, dtype, nested_absmax, nested_code, nbs, offset, bias = inputs
+    ctx.save_for_backward(data, absmax, code, nested_absmax, nested_code)
+    ctx.meta = (bs, n, k, dtype, nbs, offset)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_4bit(ctx, dy):
+    data, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
+    bs, n, k, dtype, nbs, offset = ctx.meta
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.peftfast.matmul_4bit_dx(dy, data, absmax, code, bs, n, k, dtype, nested_absmax,
+                                               nested_code, nbs, offset)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[12]:
+        dbias = _bias_grad(dy, ctx.bias_dtype)
+    return (dx,) + (None,) * 11 + (dbias,)
+
+
+torch.library.register_autograd("peftfast::matmul_4bit", _backward_4bit, setup_context=_setup_4bit)
+
+
+def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ deq(W)^T + bias, in x.dtype (fp32 accumulation).
+
+    x: fp32/fp16/bf16, any leading dims, any strides; p: the packed weight (N, K);
+    bias: [N] or None. Differentiable in x and bias.
+    """
+    data, n, k = check_packed4bit(p)
+    _check_x(x, k, n, bias, data, "matmul_4bit")
+    offset = None if p.offset is None else float(p.offset)
+    return torch.ops.peftfast.matmul_4bit(
+        x, data, p.absmax, p.code, int(p.blocksize), n, k, p.dtype, p.nested_absmax, p.nested_code,
+        int(p.nested_blocksize), offset, bias,
+    )
+
+
+# ----------------------------------------------------------------------------- 8-bit op
+
+
+def _check_int8_weight(cb: torch.Tensor, scb: torch.Tensor) -> tuple[int, int]:
+    if cb.dtype != torch.int8 or cb.dim() != 2:
+        raise ValueError(f"CB must be an int8 [out_features, in_features] matrix, got {cb.dtype} {tuple(cb.shape)}")
+    if scb.dtype != torch.float32 or scb.numel() != cb.shape[0] or scb.device != cb.device:
+        raise ValueError(f"SCB must be fp32 [{cb.shape[0]}] on {cb.device} (one scale per row of CB), got "
+                         f"{scb.dtype} {tuple(scb.shape)} on {scb.device}")
+    return cb.shape
+
+
+@torch.library.custom_op("peftfast::matmul_int8", mutates_args=())
+def _matmul_int8_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    n, k = cb.shape
+    x2 = x.reshape(-1, k)
+    if use_triton(x, cb):
+        y = matmul_int8_triton(x2, cb, scb, bias, transpose=True)
+    else:
+        y = matmul_int8_reference(x2, cb, scb, bias)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@_matmul_int8_op.register_fake
+def _(x, cb, scb, bias):
+    return x.new_empty((*x.shape[:-1], cb.shape[0]))
+
+
+@torch.library.custom_op("peftfast::matmul_int8_dx", mutates_args=())
+def _matmul_int8_dx_op(dy: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
+    n, k = cb.shape
+    dy2 = dy.reshape(-1, n)
+    if use_triton(dy, cb):
+        dx = matmul_int8_triton(dy2, cb, scb, None, transpose=False)
+    else:
+        dx = dy2 @ dequantize_int8_reference(cb, scb, dy.dtype)
+    return dx.reshape(*dy.shape[:-1], k)
+
+
+@_matmul_int8_dx_op.register_fake
+def _(dy, cb, scb):
+    return dy.new_empty((*dy.shape[:-1], cb.shape[1]))
+
+
+def _setup_int8(ctx, inputs, output):
+    x, cb, scb, bias = inputs
+    ctx.save_for_backward(cb, scb)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_int8(ctx, dy):
+    cb, scb = ctx.saved_tensors
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.peftfast.matmul_int8_dx(dy, cb, scb)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        dbias = _bias_grad(dy, ctx.bias_dtype)
+    return dx, None, None, dbias
+
+
+torch.library.register_autograd("peftfast::matmul_int8", _backward_int8, setup_context=_setup_int8)
+
+
+def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """y [..., N] = x [..., K] @ W^T + bias with W = CB * SCB[:, None] / 127 (bnb row-wise int8).
+
+    The LLM.int8 outlier threshold is not applied: like bitsandbytes' own CPU training path, the
+    product uses the dequantised weight. Differentiable in x and bias.
+    """
+    n, k = _check_int8_weight(cb, scb)
+    _check_x(x, k, n, bias, cb, "matmul_int8")
+    return torch.ops.peftfast.matmul_int8(x, cb, scb.reshape(-1), bias)
+
+
+# ----------------------------------------------------------------------------- AOT declarations
+
+_COMMON_SIG = {
+    "M": "i32", "C": "i32", "R": "i32", "stride_am": "i32", "stride_ar": "i32", "stride_os": "i32",
+    "stride_om": "i32", "stride_oc": "i32", "r_per_split": "i32",
+}
+
+
+def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extra, general=False):
+    cfg = resolve_config(config_name, transpose, a_dtype, general)
+    a = _TL_NAMES[a_dtype]
+    partial = config_name == "decode"
+    signature = {"a_ptr": f"*{a}", "out_ptr": "*fp32" if partial else f"*{a}", "bias_ptr": f"*{a}",
+                 **weight_sig, **_COMMON_SIG}
+    constexprs = dict(TRANSPOSE_W=transpose, **extra, HAS_BIAS=transpose and not partial, BLOCK_M=cfg.block_m,
+                      BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m)
+    for key in constexprs:
+        signature[key] = "constexpr"
+    tags = "".join(f",{k}={v}" for k, v in extra.items())
+    return AotSpec(
+        name=f"{name}[{a},{config_name},{'fwd' if transpose else 'dx'}{tags}]",
+        fn=kernel, signature=signature, constexprs=constexprs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, uses_dot=True,
+    )
+
+
+def aot_specs() -> list[AotSpec]:
+    """Every (kernel, config, activation dtype, direction, layout flag) a launch can use."""
+    specs = []
+    for a_dtype, name in _TL_NAMES.items():
+        for config_name, transpose in CONFIGS:
+            for nested in (False, True):
+                for aligned in (True, False):
+                    if not aligned and config_name == "large":
+                        continue  # the general layout runs the large tile as medium
+                    weight_sig = {
+                        "data_ptr": "*u8", "code_ptr": "*fp32", "absmax_ptr": "*u8" if nested else "*fp32",
+                        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32",
+                        "K": "i32", "log2_bs": "i32", "log2_nbs": "i32", "w_round": "i32",
+                    }
+                    specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
+                                              config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
+                                              general=not aligned))
+            weight_sig = {"cb_ptr": "*i8", "stride_cbn": "i32", "stride_cbk": "i32", "scb_ptr": "*fp32", "N": "i32"}
+            specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,
+                                      transpose, {}))
+        for has_bias in (False, True):
+            signature = {"part_ptr": "*fp32", "out_ptr": f"*{name}", "bias_ptr": f"*{name}", "MC": "i32",
+                         "C": "i32", "SPLIT": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}
+            specs.append(AotSpec(
+                name=f"split_reduce[{name},bias={has_bias}]", fn=_split_reduce_kernel, signature=signature,
+                constexprs={"HAS_BIAS": has_bias, "BLOCK": _REDUCE_BLOCK}, num_warps=4, num_stages=1,
+            ))
+    return specs

@@ -1,0 +1,400 @@
+"""Dequantisation of bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8) weights, read in place.
+
+4-bit storage (``Params4bit`` + ``QuantState``). The weight W is [N, K] = [out, in], row-major,
+flattened to w_e with e = n*K + k. Byte e // 2 of ``data`` holds the 4-bit index q_e: the HIGH
+nibble for even e, the LOW nibble for odd e (an odd numel leaves the last low nibble unused).
+Blocks of ``blocksize`` (a power of two) consecutive elements of the flattened weight share one
+scale; a block may span two rows and the last block may be partial.
+
+    scale_b = absmax[b]                                                      (plain)
+    scale_b = nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset   (double quant)
+    W[e]    = round_to_dtype(code[q_e] * scale_{e // blocksize})             (fp32 math, one rounding)
+
+This is exactly what bitsandbytes computes (checked bit for bit against
+``bitsandbytes.functional.dequantize_4bit``; the one difference is the sign of zero for FP4 index
+8, which bnb's native CPU kernels write as -0.0 and its code table as +0.0).
+
+8-bit storage (``Int8Params``): CB int8 [N, K], SCB fp32 [N] (row absmax)
+
+    W[n, k] = round_to_dtype((CB[n, k] * SCB[n]) * 7.874015718698502e-3)   (fp32, bnb's 1/127)
+
+Blocked algorithm (4-bit): one program per BLOCK consecutive elements of the flattened weight;
+each loads the bytes under its elements, picks the nibble by parity, looks the index up in the
+16-entry code table, gathers the block scale (decoding the nested scale on the fly) and stores
+one rounded product per element. The 8-bit kernel works on [BLOCK_N, BLOCK_K] tiles.
+Memory: reads N*K/2 bytes + N*K/blocksize scale bytes (4-bit) or N*K + 4N bytes (8-bit), writes
+N*K * elem_size. The matmul kernels (qmatmul.py) use the same element helpers inside their
+tiles and never write the dequantised weight; this standalone dequantisation is for merging
+adapters and the PyTorch reference.
+
+The element helpers keep per-element offsets in int32: a tile's position in the flattened
+weight is an int64 scalar ``base`` plus an int32 tile ``local``; the byte, parity and block
+indices are split the same way (exact, since base = 2*(base >> 1) + (base & 1), likewise for
+the power-of-two block sizes), which halves the register cost of the index math.
+
+Nested scales are computed as a separate multiply and add in bnb; the kernels are launched with
+``enable_fp_fusion=False`` so the compiler cannot contract them into an fma.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+from .backend import use_triton
+
+# bnb's 1/127 for the int8 row-wise scale (bitsandbytes int8_vectorwise_dequant)
+INT8_SCALE = 7.874015718698502e-3
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class Packed4bit(NamedTuple):
+    """A bitsandbytes 4-bit weight, as stored (see the module docstring for the math).
+
+    data:          uint8 [ceil(N*K/2)]  packed indices (element 2j in the HIGH nibble of byte j);
+                   another dtype viewing the same contiguous bytes (bnb ``quant_storage``) is accepted
+    absmax:        fp32 [n_blocks] scales, or uint8 [n_blocks] codes when nested
+    code:          fp32 [16] value of each 4-bit index (NF4 or FP4 table, from ``quant_state.code``)
+    blocksize:     elements per scale block, a power of two
+    shape:         (N, K) = (out_features, in_features)
+    dtype:         dtype of the dequantised weight (``quant_state.dtype``)
+    nested_absmax: fp32 [ceil(n_blocks / nested_blocksize)] or None
+    nested_code:   fp32 [256] or None
+    nested_blocksize: blocks per nested scale (bnb uses 256)
+    offset:        float added to the decoded nested scales, or None
+    """
+
+    data: torch.Tensor
+    absmax: torch.Tensor
+    code: torch.Tensor
+    blocksize: int
+    shape: tuple
+    dtype: torch.dtype
+    nested_absmax: Optional[torch.Tensor] = None
+    nested_code: Optional[torch.Tensor] = None
+    nested_blocksize: int = 256
+    offset: Optional[float] = None
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def _log2(value: int, what: str) -> int:
+    if value <= 0 or value & (value - 1):
+        raise ValueError(f"{what} must be a positive power of two, got {value}")
+    return value.bit_length() - 1
+
+
+def packed_bytes(data: torch.Tensor) -> torch.Tensor:
+    """The packed weight as a flat uint8 tensor (a view: bnb may store it as bf16/fp16/... )."""
+    if not data.is_contiguous():
+        raise ValueError("the packed 4-bit weight must be contiguous (it is a flat byte buffer)")
+    if data.dtype != torch.uint8:
+        data = data.reshape(-1).view(torch.uint8)
+    return data.reshape(-1)
+
+
+def check_packed4bit(p: Packed4bit) -> tuple[torch.Tensor, int, int]:
+    """Validate ``p``; return (flat uint8 data, N, K)."""
+    if len(p.shape) != 2:
+        raise ValueError(f"Packed4bit.shape must be (out_features, in_features), got {tuple(p.shape)}")
+    n, k = int(p.shape[0]), int(p.shape[1])
+    if n <= 0 or k <= 0:
+        raise ValueError(f"Packed4bit.shape must be positive, got {(n, k)}")
+    if p.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"Packed4bit.dtype must be float32, float16 or bfloat16, got {p.dtype}")
+    _log2(p.blocksize, "Packed4bit.blocksize")
+    data = packed_bytes(p.data)
+    numel = n * k
+    if data.numel() != (numel + 1) // 2:
+        raise ValueError(
+            f"Packed4bit.data holds {data.numel()} bytes; a {n}x{k} weight needs {(numel + 1) // 2}"
+        )
+    n_blocks = -(-numel // p.blocksize)
+    if p.absmax.numel() != n_blocks:
+        raise ValueError(
+            f"Packed4bit.absmax has {p.absmax.numel()} entries; {numel} elements in blocks of "
+            f"{p.blocksize} need {n_blocks}"
+        )
+    if p.code.numel() != 16 or p.code.dtype != torch.float32:
+        raise ValueError(f"Packed4bit.code must be fp32 [16], got {p.code.dtype} {tuple(p.code.shape)}")
+    if p.nested:
+        _log2(p.nested_blocksize, "Packed4bit.nested_blocksize")
+        if p.absmax.dtype != torch.uint8:
+            raise ValueError(f"nested Packed4bit.absmax must hold uint8 codes, got {p.absmax.dtype}")
+        if p.nested_code is None or p.nested_code.numel() != 256 or p.offset is None:
+            raise ValueError("nested Packed4bit needs nested_code (fp32 [256]) and offset")
+        if p.nested_absmax.numel() != -(-n_blocks // p.nested_blocksize):
+            raise ValueError(
+                f"Packed4bit.nested_absmax has {p.nested_absmax.numel()} entries; {n_blocks} blocks "
+                f"in groups of {p.nested_blocksize} need {-(-n_blocks // p.nested_blocksize)}"
+            )
+    elif p.absmax.dtype != torch.float32:
+        raise ValueError(f"Packed4bit.absmax must be fp32 (or uint8 with nested_absmax), got {p.absmax.dtype}")
+    return data, n, k
+
+
+# ----------------------------------------------------------------------------- Triton helpers
+
+
+@triton.jit
+def _pick4(b0, b1, code_ptr, FIRST: tl.constexpr):
+    """code[FIRST + 2*b1 + b0]."""
+    upper = tl.where(b0, tl.load(code_ptr + FIRST + 3), tl.load(code_ptr + FIRST + 2))
+    return tl.where(b1, upper, tl.where(b0, tl.load(code_ptr + FIRST + 1), tl.load(code_ptr + FIRST)))
+
+
+@triton.jit
+def _lookup16(q, code_ptr):
+    """code[q] for 4-bit indices q (int32 tile); the 64-byte table stays in L1."""
+    return tl.load(code_ptr + q)
+
+
+@triton.jit
+def _block_scale(
+    blk_base,  # int64 scalar: first block index
+    lblk,  # int32 tile: block offsets from blk_base
+    mask,  # valid entries
+    absmax_ptr,  # fp32 [n_blocks] scales, or uint8 [n_blocks] codes when NESTED
+    nested_absmax_ptr,  # fp32 [ceil(n_blocks / nested_blocksize)] (NESTED only)
+    nested_code_ptr,  # fp32 [256] (NESTED only)
+    offset,  # fp32 added to nested scales
+    log2_nbs,  # log2(nested_blocksize)
+    NESTED: tl.constexpr,
+):
+    """fp32 scale of blocks blk_base + lblk, decoding double quantisation like bnb."""
+    if NESTED:
+        qa = tl.load(absmax_ptr + blk_base + lblk, mask=mask, other=0).to(tl.int32)
+        nb_base = blk_base >> log2_nbs
+        lnb = ((blk_base & ((1 << log2_nbs) - 1)).to(tl.int32) + lblk) >> log2_nbs
+        scale = tl.load(nested_code_ptr + qa, mask=mask, other=0.0)
+        scale = scale * tl.load(nested_absmax_ptr + nb_base + lnb, mask=mask, other=0.0)
+        return scale + offset
+    else:
+        return tl.load(absmax_ptr + blk_base + lblk, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequant_4bit(
+    base,  # int64 scalar: flattened index of the tile origin
+    local,  # int32 tile: offsets from base (e = base + local)
+    mask,  # valid elements of the tile
+    data_ptr,  # packed indices, uint8 [ceil(N*K/2)]
+    code_ptr,  # fp32 [16] code table
+    absmax_ptr,  # fp32 [n_blocks] scales, or uint8 [n_blocks] codes when NESTED
+    nested_absmax_ptr,  # fp32 [ceil(n_blocks / nested_blocksize)] (NESTED only)
+    nested_code_ptr,  # fp32 [256] (NESTED only)
+    offset,  # fp32 added to nested scales
+    log2_bs,  # log2(blocksize)
+    log2_nbs,  # log2(nested_blocksize)
+    NESTED: tl.constexpr,
+):
+    """fp32 code[q_e] * scale_{e // blocksize} for e = base + local, any layout (see module docstring)."""
+    lb = (base & 1).to(tl.int32) + local
+    byte = tl.load(data_ptr + (base >> 1) + (lb >> 1), mask=mask, other=0).to(tl.int32)
+    value = _lookup16((byte >> (4 - (lb & 1) * 4)) & 15, code_ptr)
+    blk_base = base >> log2_bs
+    lblk = ((base & ((1 << log2_bs) - 1)).to(tl.int32) + local) >> log2_bs
+    scale = _block_scale(blk_base, lblk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+                         log2_nbs, NESTED)
+    return value * scale
+
+
+@triton.jit
+def _dequant_int8(
+    offs_n,  # int64 row indices (broadcastable against offs_k)
+    offs_k,  # int64 column indices
+    mask,  # valid elements
+    cb_ptr,  # int8 [N, K] CB
+    stride_cbn,  # CB row stride
+    stride_cbk,  # CB column stride
+    scb_ptr,  # fp32 [N] SCB (row absmax)
+    N,  # rows of CB
+):
+    """fp32 (CB[n, k] * SCB[n]) * (1/127) (bitsandbytes' int8 row-wise dequantisation)."""
+    cb = tl.load(cb_ptr + offs_n * stride_cbn + offs_k * stride_cbk, mask=mask, other=0).to(tl.float32)
+    scb = tl.load(scb_ptr + offs_n, mask=offs_n < N, other=0.0)
+    return (cb * scb) * 7.874015718698502e-3
+
+
+@triton.jit
+def _dequantize_4bit_kernel(
+    out_ptr,  # [N*K] output, dtype of the dequantised weight
+    data_ptr,  # packed indices, uint8 [ceil(N*K/2)]
+    code_ptr,  # fp32 [16]
+    absmax_ptr,  # fp32 [n_blocks] or uint8 [n_blocks] (NESTED)
+    nested_absmax_ptr,  # fp32 nested scales (NESTED only)
+    nested_code_ptr,  # fp32 [256] (NESTED only)
+    offset,  # fp32 nested offset
+    numel,  # N*K
+    log2_bs,  # log2(blocksize)
+    log2_nbs,  # log2(nested_blocksize)
+    NESTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    base = pid * BLOCK
+    local = tl.arange(0, BLOCK)
+    mask = local < numel - base
+    w = _dequant_4bit(base, local, mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                      offset, log2_bs, log2_nbs, NESTED)
+    tl.store(out_ptr + base + local, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequantize_int8_kernel(
+    out_ptr,  # [N, K] output, contiguous
+    cb_ptr,  # int8 [N, K]
+    scb_ptr,  # fp32 [N]
+    N,  # rows
+    K,  # columns
+    stride_cbn,  # CB row stride
+    stride_cbk,  # CB column stride
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    w = _dequant_int8(offs_n[:, None], offs_k[None, :], mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
+    tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_DEQ4_BLOCK = 1024
+_DEQ8_BLOCK_N, _DEQ8_BLOCK_K = 32, 128
+
+
+def nested_args(p: Packed4bit) -> tuple:
+    """(nested_absmax, nested_code, offset, log2_nested_blocksize) for a launch; dummies when flat."""
+    if p.nested:
+        return p.nested_absmax, p.nested_code, float(p.offset), _log2(p.nested_blocksize, "nested_blocksize")
+    return p.code, p.code, 0.0, 0
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def dequantize_4bit_triton(p: Packed4bit) -> torch.Tensor:
+    data, n, k = check_packed4bit(p)
+    out = torch.empty((n, k), dtype=p.dtype, device=data.device)
+    nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
+    grid = (triton.cdiv(n * k, _DEQ4_BLOCK),)
+    _dequantize_4bit_kernel[grid](
+        out, data, p.code, p.absmax, nested_absmax, nested_code, offset, n * k,
+        _log2(p.blocksize, "blocksize"), log2_nbs,
+        NESTED=p.nested, BLOCK=_DEQ4_BLOCK, num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+def _check_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> tuple[int, int]:
+    if cb.dtype != torch.int8 or cb.dim() != 2:
+        raise ValueError(f"CB must be an int8 [out_features, in_features] matrix, got {cb.dtype} {tuple(cb.shape)}")
+    if scb.dtype != torch.float32 or scb.numel() != cb.shape[0]:
+        raise ValueError(f"SCB must be fp32 [{cb.shape[0]}] (one scale per row of CB), got {scb.dtype} "
+                         f"{tuple(scb.shape)}")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return cb.shape
+
+
+def dequantize_int8_triton(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, k = _check_int8(cb, scb, dtype)
+    out = torch.empty((n, k), dtype=dtype, device=cb.device)
+    grid = (triton.cdiv(n, _DEQ8_BLOCK_N), triton.cdiv(k, _DEQ8_BLOCK_K))
+    _dequantize_int8_kernel[grid](
+        out, cb, scb.reshape(-1), n, k, cb.stride(0), cb.stride(1),
+        BLOCK_N=_DEQ8_BLOCK_N, BLOCK_K=_DEQ8_BLOCK_K, num_warps=4, enable_fp_fusion=False,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- PyTorch reference
+
+
+def decode_absmax(p: Packed4bit) -> torch.Tensor:
+    """fp32 [n_blocks] block scales (decodes double quantisation the way bnb does)."""
+    if not p.nested:
+        return p.absmax
+    n_blocks = p.absmax.numel()
+    group = torch.arange(n_blocks, device=p.absmax.device) >> _log2(p.nested_blocksize, "nested_blocksize")
+    scale = p.nested_code[p.absmax.long()] * p.nested_absmax[group]
+    return scale + p.offset
+
+
+def _nibble_table(code: torch.Tensor) -> torch.Tensor:
+    # byte -> (code[high nibble], code[low nibble]): one gather per byte instead of two per element
+    byte = torch.arange(256, device=code.device)
+    return torch.stack((code[byte >> 4], code[byte & 15]), dim=1)
+
+
+def dequantize_4bit_reference(p: Packed4bit) -> torch.Tensor:
+    data, n, k = check_packed4bit(p)
+    numel, bs = n * k, p.blocksize
+    values = torch.index_select(_nibble_table(p.code), 0, data.int()).reshape(-1)  # fp32 [2 * n_bytes]
+    scale = decode_absmax(p)
+    n_blocks = scale.numel()
+    padded = n_blocks * bs
+    if values.numel() < padded:
+        values = torch.nn.functional.pad(values, (0, padded - values.numel()))
+    values = values[:padded].view(n_blocks, bs).mul_(scale[:, None])
+    return values.view(-1)[:numel].to(p.dtype).view(n, k)
+
+
+def dequantize_int8_reference(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _check_int8(cb, scb, dtype)
+    return (cb.float() * scb.reshape(-1, 1) * INT8_SCALE).to(dtype)
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def dequantize_4bit(p: Packed4bit) -> torch.Tensor:
+    """[N, K] weight in ``p.dtype``, bit-exact with bitsandbytes' dequantize_4bit."""
+    if use_triton(p.data, p.absmax):
+        return dequantize_4bit_triton(p)
+    return dequantize_4bit_reference(p)
+
+
+def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] weight in ``dtype``: bnb's int8_vectorwise_dequant(CB, SCB) cast to ``dtype``."""
+    if use_triton(cb, scb):
+        return dequantize_int8_triton(cb, scb, dtype)
+    return dequantize_int8_reference(cb, scb, dtype)
+
+
+# ----------------------------------------------------------------------------- AOT declarations
+
+
+def aot_specs() -> list[AotSpec]:
+    specs = []
+    for dtype, name in _TL_NAMES.items():
+        for nested in (False, True):
+            signature = {
+                "out_ptr": f"*{name}", "data_ptr": "*u8", "code_ptr": "*fp32",
+                "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
+                "nested_code_ptr": "*fp32", "offset": "fp32", "numel": "i32", "log2_bs": "i32",
+                "log2_nbs": "i32", "NESTED": "constexpr", "BLOCK": "constexpr",
+            }
+            specs.append(AotSpec(
+                name=f"dequantize_4bit[{name},nested={nested},BLOCK={_DEQ4_BLOCK}]",
+                fn=_dequantize_4bit_kernel, signature=signature,
+                constexprs={"NESTED": nested, "BLOCK": _DEQ4_BLOCK}, num_warps=4, num_stages=1,
+            ))
+        signature = {
+            "out_ptr": f"*{name}", "cb_ptr": "*i8", "scb_ptr": "*fp32", "N": "i32", "K": "i32",
+            "stride_cbn": "i32", "stride_cbk": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+        }
+        specs.append(AotSpec(
+            name=f"dequantize_int8[{name},BN={_DEQ8_BLOCK_N},BK={_DEQ8_BLOCK_K}]",
+            fn=_dequantize_int8_kernel, signature=signature,
+            constexprs={"BLOCK_N": _DEQ8_BLOCK_N, "BLOCK_K": _DEQ8_BLOCK_K}, num_warps=4, num_stages=1,
+        ))
+    return specs

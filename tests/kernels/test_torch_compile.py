@@ -1,0 +1,123 @@
+"""The ops are torch.library custom ops: schema, fake impls and autograd pass opcheck, and
+torch.compile(fullgraph=True) traces a model using them without graph breaks."""
+import pytest
+import torch
+
+from peftfast.kernels import ia3 as I
+from peftfast.kernels import lora as L
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _lora_args(dropout):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 11, 24, generator=g, requires_grad=True)
+    base = torch.randn(3, 11, 20, generator=g, requires_grad=True)
+    a = [torch.randn(r, 24, generator=g, requires_grad=True) for r in (3, 5)]
+    b = [torch.randn(20, r, generator=g, requires_grad=True) for r in (3, 5)]
+    ps = [0.1, 0.3] if dropout else [0.0, 0.0]
+    return (x, base, a, b, [0.5, 2.0], ps, torch.tensor(2**40 + 7))
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "drop"])
+def test_opcheck_lora_linear(backend, dropout):
+    torch.library.opcheck(torch.ops.peftfast.lora_linear.default, _lora_args(dropout), test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck_ia3_linear(backend, feedforward, bias):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 24, generator=g, requires_grad=True)
+    w = torch.randn(20, 24, generator=g, requires_grad=True)
+    b = torch.randn(20, generator=g, requires_grad=True) if bias else None
+    s = torch.randn(24 if feedforward else 20, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.peftfast.ia3_linear.default, (x, w, b, s, feedforward), test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("round_to_scale", [True, False])
+def test_opcheck_ia3_scale(backend, round_to_scale):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 7, 24, generator=g, requires_grad=True)
+    s = torch.randn(24, generator=g, requires_grad=True)
+    torch.library.opcheck(torch.ops.peftfast.ia3_scale.default, (x, s, round_to_scale), test_utils=OPCHECK_TESTS)
+
+
+class TinyModel(torch.nn.Module):
+    """A LoRA layer with two adapters and dropout, an IA3 feedforward layer, an IA3 output scale."""
+
+    def __init__(self, d=24, h=20):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.base = torch.nn.Linear(d, h)
+        self.a = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(r, d, generator=g) * 0.2) for r in (4, 2)])
+        self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(h, r, generator=g) * 0.2) for r in (4, 2)])
+        self.ff = torch.nn.Linear(h, d)
+        self.ff_scale = torch.nn.Parameter(1 + 0.1 * torch.randn(h, generator=g))
+        self.out_scale = torch.nn.Parameter(1 + 0.1 * torch.randn(d, generator=g))
+
+    def forward(self, x):
+        h = L.lora_linear(x, self.base(x), list(self.a), list(self.b), [2.0, 0.5], [0.1, 0.2], self.training)
+        h = I.ia3_linear(torch.relu(h), self.ff.weight, self.ff.bias, self.ff_scale, True)
+        return I.ia3_scale_output(h, self.out_scale)
+
+
+def _step(model, x, seed):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    y = model(x)
+    y.pow(2).mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _graph_ops(model, x):
+    """Compile with a backend that records the graph; fullgraph=True fails on any break."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend=record)(x)
+    assert len(graphs) == 1
+    return {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+
+
+def test_compiled_graph_holds_the_custom_ops(backend):
+    ops = _graph_ops(TinyModel().train(), torch.randn(2, 5, 24))
+    for name in ("peftfast.lora_linear", "peftfast.ia3_linear", "peftfast.ia3_scale"):
+        assert name in ops, f"{name} not in the compiled graph: {sorted(ops)}"
+
+
+def test_compile_aot_eager_matches_eager(backend):
+    torch._dynamo.reset()
+    model = TinyModel().train()
+    x = torch.randn(2, 5, 24, requires_grad=False)
+    y_eager, g_eager = _step(model, x, seed=7)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_comp, g_comp = _step(compiled, x, seed=7)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    for name in g_eager:
+        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    # a second step with another seed: new dropout masks, still equal to eager
+    y2_comp, _ = _step(compiled, x, seed=8)
+    y2_eager, _ = _step(model, x, seed=8)
+    torch.testing.assert_close(y2_comp, y2_eager, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(y2_comp, y_comp)
+
+
+def test_compile_inductor_matches_eager(torch_backend):
+    """Inductor (CPU) with the reference backend; fallback_random so its seed draw matches eager."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    model = TinyModel().train()
+    x = torch.randn(2, 5, 24)
+    y_eager, g_eager = _step(model, x, seed=9)
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(model, fullgraph=True, backend="inductor")
+        y_comp, g_comp = _step(compiled, x, seed=9)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+    for name in g_eager:
+        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-5, msg=name)

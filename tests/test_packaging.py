@@ -1,0 +1,40 @@
+"""The package layout promises of DESIGN.md."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import peftfast
+
+
+def test_kernels_is_not_a_top_level_module():
+    # bitsandbytes and transformers probe `import kernels` (the kernel-hub package) and change behaviour if found.
+    repo = str(Path(peftfast.__file__).resolve().parents[1])
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not str(Path(spec.origin).resolve()).startswith(repo), spec.origin
+
+
+def test_kernels_installed_as_peftfast_kernels():
+    import peftfast.kernels as k
+
+    assert k.__name__ == "peftfast.kernels"
+    assert callable(k.use_triton)
+
+
+def test_peft_api_names_exist():
+    for name in ["PeftConfig", "LoraConfig", "PeftType", "TaskType", "get_peft_config", "get_peft_model",
+                 "inject_adapter_in_model", "get_peft_model_state_dict", "set_peft_model_state_dict",
+                 "cast_mixed_precision_params", "PeftModel", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
+                 "PeftModelForSequenceClassification", "PeftModelForTokenClassification",
+                 "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction"]:
+        assert hasattr(peftfast, name), name
+    from peftfast.mapping import get_peft_model  # noqa: F401
+    from peftfast.tuners.lora import Linear, LoraConfig, LoraLayer, LoraModel  # noqa: F401
+    from peftfast.tuners.tuners_utils import BaseTuner, BaseTunerLayer  # noqa: F401
+    from peftfast.utils import ModulesToSaveWrapper, PeftType, TaskType  # noqa: F401
+
+
+def test_peftfast_never_imports_peft():
+    code = ("import sys, peftfast, peftfast.tuners.lora; "
+            "assert 'peft' not in sys.modules, sorted(m for m in sys.modules if m.startswith('peft.'))")
+    subprocess.run([sys.executable, "-c", code], check=True)
