@@ -29,8 +29,9 @@ accumulation, one cast on store:
 dW and db (only when they require grad) use torch matmuls (cuBLAS on CUDA).
 
 Memory saved for backward: feedforward: x (the input, also what PEFT keeps; no scaled copy);
-output scale: y (the op's own output, which the next layer usually keeps anyway) when s needs a
-gradient, and x only when W needs one. z = x @ W^T + b is never kept: ds uses y / s, so a scale
+output scale: y (the op's own output, which the next layer usually keeps anyway; modifying it in
+place before backward raises autograd's version error) when s needs a gradient, and x only when
+W needs one. z = x @ W^T + b is never kept: ds uses y / s, so a scale
 entry that is exactly 0 gets gradient 0 (z's column is lost in y; IA3 vectors start at 1).
 
 ``ia3_scale_output(y, s)`` / ``ia3_scale_input(x, s)`` are the elementwise versions for base
@@ -234,7 +235,7 @@ def _launch_scale_backward(dy2, x2, s, round_to_scale, write_dx):
 def _linear_forward(x, weight, bias, s, feedforward):
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
-    if use_triton(x, weight, s):
+    if x2.shape[0] > 0 and use_triton(x, weight, s):
         y2, _ = _launch_matmul(x2, weight.t(), s, bias=bias, scale_k=feedforward, scale_n=not feedforward,
                                out_dtype=x.dtype)
     elif feedforward:
@@ -252,7 +253,7 @@ def _linear_backward(dy, x, y, weight, s, feedforward, need_x, need_w, need_b, n
     dy2 = dy.reshape(-1, N)
     x2 = x.reshape(-1, K) if x is not None and x.dim() > 0 and x.shape[-1] == K else None
     wide = torch.promote_types(dy.dtype, s.dtype)
-    triton_path = use_triton(dy, weight, s)
+    triton_path = dy2.shape[0] > 0 and use_triton(dy, weight, s)
     dx = dw = db = ds = None
     if feedforward:
         if need_x or need_s:
@@ -377,7 +378,8 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if scale.numel() != want:
         raise ValueError(f"scale must have {want} values ({'d_in' if feedforward else 'd_out'}, "
                          f"feedforward={feedforward}), got shape {tuple(scale.shape)}")
-    s = scale.reshape(want)
+    s = scale.reshape(want).contiguous()
+    bias = None if bias is None else bias.contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.peftfast.ia3_linear(x, weight, bias, s, bool(feedforward))
     return Ia3LinearFunction.apply(x, weight, bias, s, bool(feedforward))
@@ -388,7 +390,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 # ----------------------------------------------------------------------------------------------
 def _scale_forward(x, s, round_to_scale):
     x2 = x.reshape(-1, x.shape[-1])
-    if use_triton(x, s):
+    if x2.shape[0] > 0 and use_triton(x, s):
         y2 = _launch_scale(x2, s, round_to_scale)
     else:
         y2 = ((x2.to(s.dtype) if round_to_scale else x2) * s).to(x.dtype)
@@ -398,7 +400,7 @@ def _scale_forward(x, s, round_to_scale):
 def _scale_backward(dy, x, s, round_to_scale, need_x, need_s):
     N = x.shape[-1]
     dy2, x2 = dy.reshape(-1, N), x.reshape(-1, N)
-    if use_triton(dy, x, s):
+    if dy2.shape[0] > 0 and use_triton(dy, x, s):
         dx, ds = _launch_scale_backward(dy2, x2, s, round_to_scale, need_x)
     else:
         xs = x2.to(s.dtype) if round_to_scale else x2
@@ -466,7 +468,7 @@ def _scale(x: torch.Tensor, scale: torch.Tensor, round_to_scale: bool, name: str
     if scale.numel() != n:
         raise ValueError(f"{name}: scale must have one value per feature of the last dim ({n}), "
                          f"got shape {tuple(scale.shape)}")
-    s = scale.reshape(n)
+    s = scale.reshape(n).contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.peftfast.ia3_scale(x, s, round_to_scale)
     return Ia3ScaleFunction.apply(x, s, round_to_scale)

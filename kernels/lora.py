@@ -242,18 +242,17 @@ _TILE_BLOCK_R = (16, 64, 128)
 # rank-loop kernels (expand, grad_x): loop over R in chunks of BLOCK_R
 _LOOP_BLOCK_R = (16, 64)
 # (kernel, BLOCK_R, fp32 operands) -> meta-parameters; fp32 operands (TF32 dots) take half-size
-# K tiles so that no variant spills registers on sm_80..sm_90
+# K tiles. 8 warps everywhere: no variant spills on sm_80..sm_90 even without 16-byte alignment
 _CONFIGS = {}
 for _wide in (False, True):
     _k = 32 if _wide else 64
     for _br in _TILE_BLOCK_R:
-        _CONFIGS["shrink", _br, _wide] = dict(BLOCK_M=64, BLOCK_K=_k, num_warps=4 if _br == 16 else 8, num_stages=3)
+        _CONFIGS["shrink", _br, _wide] = dict(BLOCK_M=64, BLOCK_K=_k, num_warps=8, num_stages=3)
         _CONFIGS["grad_w", _br, _wide] = dict(BLOCK_M=_k, BLOCK_N=64, num_warps=8, num_stages=3)
     for _br in _LOOP_BLOCK_R:
-        _w = 8 if _br == 64 else 4
         _m = 32 if _wide and _br == 64 else 64
-        _CONFIGS["expand", _br, _wide] = dict(BLOCK_M=_m, BLOCK_N=64 if _wide else 128, num_warps=_w, num_stages=3)
-        _CONFIGS["grad_x", _br, _wide] = dict(BLOCK_M=_m, BLOCK_K=64, num_warps=_w, num_stages=3)
+        _CONFIGS["expand", _br, _wide] = dict(BLOCK_M=_m, BLOCK_N=64 if _wide else 128, num_warps=8, num_stages=3)
+        _CONFIGS["grad_x", _br, _wide] = dict(BLOCK_M=_m, BLOCK_K=64, num_warps=8, num_stages=3)
 _TARGET_PROGRAMS = 528  # ~4 waves on a 132-SM GPU for the split reductions over M
 
 
@@ -501,7 +500,7 @@ def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace):
     """(y, t) with y shaped like base_out; y is base_out itself when ``inplace``."""
     K, N = x.shape[-1], base_out.shape[-1]
     x2, base2 = x.reshape(-1, K), base_out.reshape(-1, N)
-    if use_triton(x, base_out, *weights_a, *weights_b):
+    if x2.shape[0] > 0 and use_triton(x, base_out, *weights_a, *weights_b):
         out2 = base2 if inplace else torch.empty(base2.shape, dtype=base2.dtype, device=base2.device)
         y2, t = _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2)
         y = base_out if inplace else y2.view(base_out.shape)
@@ -515,7 +514,8 @@ def _backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b
     """(dx shaped like x, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
     K, N = x.shape[-1], dy.shape[-1]
     dy2, x2, t2 = dy.reshape(-1, N), x.reshape(-1, K), t.reshape(-1, t.shape[-1])
-    impl = _backward_triton if use_triton(dy, x, *weights_a, *weights_b) else _backward_torch
+    triton_path = dy2.shape[0] > 0 and use_triton(dy, x, *weights_a, *weights_b)
+    impl = _backward_triton if triton_path else _backward_torch
     dx, da, db = impl(dy2, x2, t2, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     return (None if dx is None else dx.view(x.shape)), da, db
 
@@ -676,7 +676,8 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
                                               [float(s) for s in scalings], ps, seed)
         return y
     plan = _make_plan([a.shape[0] for a in weights_a], scalings, ps)
-    inplace = _can_update_in_place(base_out) and use_triton(x, base_out, *weights_a, *weights_b)
+    inplace = (_can_update_in_place(base_out) and base_out.numel() > 0
+               and use_triton(x, base_out, *weights_a, *weights_b))
     return LoraLinearFunction.apply(x, base_out, plan, int(seed), inplace, *weights_a, *weights_b)
 
 

@@ -57,7 +57,7 @@ from .quant import (
     _log2,
     _lookup16,
     check_packed4bit,
-    dequantize_4bit_reference,
+    dequantize_4bit_torch,
     dequantize_int8_reference,
     nested_args,
 )
@@ -284,7 +284,8 @@ def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool
     fp32 activations (3xTF32 MMA: each operand split into a high and a low half) use a reduction
     depth of 16 and two stages to stay within registers and shared memory. The general
     4-bit layout (per-element indices; the pipeliner stages its gathers in shared memory) uses
-    8 warps, a reduction depth <= 32, fewer stages (two; one with fp32) and never the 128-row tile.
+    8 warps, a reduction depth of 16, fewer stages (two; one with fp32) and never the 128-row
+    tile. (Chosen so that every variant compiles without spills on sm_80/86/89/90.)
     """
     if general and name == "large":
         name = "medium"
@@ -292,8 +293,7 @@ def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool
     if dtype == torch.float32:
         cfg = cfg._replace(block_r=16, num_stages=2)
     if general:
-        cfg = cfg._replace(block_r=min(cfg.block_r, 32), num_warps=8,
-                           num_stages=1 if dtype == torch.float32 else 2)
+        cfg = cfg._replace(block_r=16, num_warps=8, num_stages=1 if dtype == torch.float32 else 2)
     return cfg
 
 
@@ -396,7 +396,7 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
 
 def matmul_4bit_reference(x, p: Packed4bit, bias=None):
     """x [..., K] @ deq(W).to(x.dtype)^T + bias (the weight lives only during this call)."""
-    w = dequantize_4bit_reference(p).to(x.dtype)
+    w = dequantize_4bit_torch(p).to(x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
@@ -468,7 +468,7 @@ def _matmul_4bit_dx_op(
     if use_triton(dy, data):
         dx = matmul_4bit_triton(dy2, p, None, transpose=False)
     else:
-        dx = dy2 @ dequantize_4bit_reference(p).to(dy.dtype)  # recomputed, freed on return
+        dx = dy2 @ dequantize_4bit_torch(p).to(dy.dtype)  # recomputed, freed on return
     return dx.reshape(*dy.shape[:-1], in_features)
 
 

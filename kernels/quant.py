@@ -338,19 +338,70 @@ def _nibble_table(code: torch.Tensor) -> torch.Tensor:
 def dequantize_4bit_reference(p: Packed4bit) -> torch.Tensor:
     data, n, k = check_packed4bit(p)
     numel, bs = n * k, p.blocksize
-    values = torch.index_select(_nibble_table(p.code), 0, data.int()).reshape(-1)  # fp32 [2 * n_bytes]
+    values = torch.nn.functional.embedding(data.int(), _nibble_table(p.code)).reshape(-1)  # fp32 [2 * n_bytes]
     scale = decode_absmax(p)
     n_blocks = scale.numel()
     padded = n_blocks * bs
     if values.numel() < padded:
         values = torch.nn.functional.pad(values, (0, padded - values.numel()))
-    values = values[:padded].view(n_blocks, bs).mul_(scale[:, None])
-    return values.view(-1)[:numel].to(p.dtype).view(n, k)
+    out = torch.empty(padded, dtype=p.dtype, device=data.device)
+    # fp32 product, rounded once on store into the output dtype
+    torch.mul(values[:padded].view(n_blocks, bs), scale[:, None], out=out.view(n_blocks, bs))
+    return out[:numel].view(n, k)
 
 
 def dequantize_int8_reference(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _check_int8(cb, scb, dtype)
     return (cb.float() * scb.reshape(-1, 1) * INT8_SCALE).to(dtype)
+
+
+# ----------------------------------------------------------------------------- CPU fast path
+
+# bytes 0x01, 0x23, ..., 0xEF: the 16 indices in order, to read a native kernel's code table
+_PROBE_BYTES = [(2 * j) << 4 | (2 * j + 1) for j in range(8)]
+
+
+_native_tables: dict = {}
+
+
+def _native_code_table(quant_type: str, device: torch.device) -> Optional[torch.Tensor]:
+    key = (quant_type, device)
+    if key not in _native_tables:  # only successes are cached: bitsandbytes may be imported later
+        try:
+            op = torch.ops.bitsandbytes.dequantize_4bit.default
+            probe = torch.tensor(_PROBE_BYTES, dtype=torch.uint8, device=device)
+            scale = torch.ones(1, dtype=torch.float32, device=device)
+            _native_tables[key] = op(probe, scale, 64, quant_type, (1, 16), torch.float32).reshape(16)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return None
+    return _native_tables[key]
+
+
+def dequantize_4bit_native(p: Packed4bit) -> Optional[torch.Tensor]:
+    """bitsandbytes' own dequantisation kernel (AVX512 on CPU) when it is loaded and applies.
+
+    Used by the PyTorch path so that it is exactly as fast as bitsandbytes' own layers. It
+    applies when ``torch.ops.bitsandbytes.dequantize_4bit`` is registered (i.e. bitsandbytes is
+    imported, which it is whenever a bitsandbytes layer exists), K is even (bnb's native layout;
+    odd K would go through its torch.compile fallback) and ``p.code`` is exactly bnb's NF4 or FP4
+    table (read back from the kernel itself, not assumed). Returns None otherwise. The result is
+    bit-identical to :func:`dequantize_4bit_reference` (checked by the tests).
+    """
+    data, n, k = check_packed4bit(p)
+    if k % 2:
+        return None
+    for quant_type in ("nf4", "fp4"):
+        table = _native_code_table(quant_type, data.device)
+        if table is not None and torch.equal(table, p.code):
+            scale = decode_absmax(p)
+            return torch.ops.bitsandbytes.dequantize_4bit.default(data, scale, p.blocksize, quant_type, (n, k), p.dtype)
+    return None
+
+
+def dequantize_4bit_torch(p: Packed4bit) -> torch.Tensor:
+    """The PyTorch (CPU) path: bnb's native kernel when it applies, else the reference."""
+    out = dequantize_4bit_native(p)
+    return dequantize_4bit_reference(p) if out is None else out
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -360,7 +411,7 @@ def dequantize_4bit(p: Packed4bit) -> torch.Tensor:
     """[N, K] weight in ``p.dtype``, bit-exact with bitsandbytes' dequantize_4bit."""
     if use_triton(p.data, p.absmax):
         return dequantize_4bit_triton(p)
-    return dequantize_4bit_reference(p)
+    return dequantize_4bit_torch(p)
 
 
 def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -132,8 +132,10 @@ class PeftConfigMixin:
         _check_json_types(cls, values, where)
         try:
             return cls(**values)
-        except ConfigError:
-            raise
+        except ConfigError as e:
+            if not where:
+                raise
+            raise ConfigError(f"{cls.__name__}{where}: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise ConfigError(f"{cls.__name__}{where}: invalid configuration: {type(e).__name__}: {e}") from None
 
@@ -261,7 +263,7 @@ def read_config_json(path: str) -> dict:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        raise ConfigError(f"{path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data

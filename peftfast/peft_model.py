@@ -20,7 +20,7 @@ from torch import nn
 from .config import PeftConfig
 from .tuners.tuners_utils import AdapterError, BaseTunerLayer
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .utils.io import atomic_write, atomic_write_text
+from .utils.io import atomic_write_many, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
@@ -88,7 +88,10 @@ class PeftModel(nn.Module):
         cls = _tuner_cls(peft_config.peft_type)
         self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
                               autocast_adapter_dtype=autocast_adapter_dtype)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
         if hasattr(self.base_model, "config") and hasattr(self.base_model.config, "pretraining_tp"):
             self.base_model.config.pretraining_tp = 1
@@ -211,7 +214,6 @@ class PeftModel(nn.Module):
         writes. ``state_dict=`` (keyword) saves from that state dict instead of the model's.
         """
         from .config import PEFT_FORMAT_VERSION
-        from .utils.io import atomic_write_many
 
         if not isinstance(save_directory, (str, os.PathLike)):
             raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
@@ -228,11 +230,14 @@ class PeftModel(nn.Module):
             validate_adapter_name(name)
         if save_embedding_layers not in ("auto", True, False):
             raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
-        if not is_main_process:
+        state_dict = kwargs.get("state_dict")
+        if not is_main_process:  # still gather the state dicts: with sharded parameters that is a collective
+            for name in names:
+                get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
+                                          save_embedding_layers=save_embedding_layers)
             return
         os.makedirs(save_directory, exist_ok=True)
         self.create_or_update_model_card(save_directory)
-        state_dict = kwargs.get("state_dict")
         writes = []
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
@@ -276,7 +281,6 @@ class PeftModel(nn.Module):
         from . import __version__
         from .config import PEFT_FORMAT_VERSION
         from .utils.hub import model_card_text
-        from .utils.io import atomic_write_text
 
         path = os.path.join(output_dir, "README.md")
         base = self.get_base_model()
@@ -284,7 +288,8 @@ class PeftModel(nn.Module):
         model_config = model_config.to_dict() if hasattr(model_config, "to_dict") else {}
         base_name = model_config.get("_name_or_path") or None
         tags = ["peftfast"] + list(getattr(base, "model_tags", None) or [])
-        if any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel" for c in type(base).__mro__):
+        if any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(base).__mro__):
             tags.append("transformers")
         peft_type = PeftType(self.peft_type)
         tags.append("lora" if peft_type == PeftType.LORA else peft_type.value.lower())
@@ -390,15 +395,8 @@ class PeftModel(nn.Module):
         restore = self._snapshot()
         try:
             if existing is None:
-                active = list(self.active_adapters)
                 with config_mismatch_as_load_error(model_id):
                     self.add_adapter(adapter_name, config)
-                # Layers created for the new adapter (modules the active adapters do not target) start with the
-                # new adapter active; loading must not change what the model computes, so follow the model's choice.
-                for module in self.base_model.model.modules():
-                    if isinstance(module, BaseTunerLayer) and adapter_name not in active \
-                            and adapter_name in module.active_adapters:
-                        module._active_adapter = list(active)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
         except BaseException:
             restore()

@@ -5,10 +5,11 @@ configs so that forward passes in train mode are deterministic and comparable ac
 Each ``Family`` bundles a builder with what the tests need to drive it: the task type, the default LoRA
 targets, extra targets and names for the table-driven cases, and a function making inputs (with labels).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -27,10 +28,22 @@ def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _seeded(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 4,
-                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                      max_position_embeddings=64, attention_bias=True, mlp_bias=False, attention_dropout=0.0,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden + 4,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        attention_bias=True,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg._name_or_path = "tiny/llama"
     return LlamaForCausalLM(cfg).eval()
 
@@ -39,8 +52,19 @@ def tiny_gpt2(seed: int = 0, hidden: int = 16, layers: int = 2):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _seeded(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=2, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg._name_or_path = "tiny/gpt2"
     return GPT2LMHeadModel(cfg).eval()
 
@@ -48,9 +72,19 @@ def tiny_gpt2(seed: int = 0, hidden: int = 16, layers: int = 2):
 def _bert_config(num_labels: int = 3, hidden: int = 16, layers: int = 2):
     from transformers import BertConfig
 
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden + 4, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, classifier_dropout=0.0, num_labels=num_labels, pad_token_id=0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden + 4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+        num_labels=num_labels,
+        pad_token_id=0,
+    )
     cfg._name_or_path = "tiny/bert"
     return cfg
 
@@ -80,9 +114,20 @@ def tiny_t5(seed: int = 0, hidden: int = 16, layers: int = 2):
     from transformers import T5Config, T5ForConditionalGeneration
 
     _seeded(seed)
-    cfg = T5Config(vocab_size=VOCAB, d_model=hidden, d_kv=8, d_ff=2 * hidden + 4, num_layers=layers,
-                   num_decoder_layers=layers, num_heads=2, dropout_rate=0.0, relative_attention_num_buckets=8,
-                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    cfg = T5Config(
+        vocab_size=VOCAB,
+        d_model=hidden,
+        d_kv=8,
+        d_ff=2 * hidden + 4,
+        num_layers=layers,
+        num_decoder_layers=layers,
+        num_heads=2,
+        dropout_rate=0.0,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     cfg._name_or_path = "tiny/t5"
     return T5ForConditionalGeneration(cfg).eval()
 
@@ -91,7 +136,7 @@ def tiny_t5(seed: int = 0, hidden: int = 16, layers: int = 2):
 # custom modules
 # ------------------------------------------------------------------------------------------------------
 class TinyNet(nn.Module):
-    """Embedding -> Linear -> ReLU -> Linear(no bias) -> Conv1D (GPT-2 style) -> head. Odd sizes throughout."""
+    """Embedding -> Linear -> ReLU -> Linear (no bias) -> Conv1D (GPT-2 style) -> head; odd sizes."""
 
     def __init__(self, vocab: int = 37, dim: int = 12, hidden: int = 23, classes: int = 5) -> None:
         super().__init__()
@@ -164,8 +209,12 @@ def token_cls_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
 def qa_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
     ids = _ids(batch, seq, seed)
     start = torch.arange(batch) % seq
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "start_positions": start,
-            "end_positions": (start + 2).clamp(max=seq - 1)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "start_positions": start,
+        "end_positions": (start + 2).clamp(max=seq - 1),
+    }
 
 
 def seq2seq_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
@@ -202,7 +251,7 @@ class Family:
     name: str
     build: Callable[..., nn.Module]
     inputs: Callable[..., dict]
-    task_type: Optional[str]
+    task_type: str | None
     targets: list[str]  # several linear layers in attention and MLP
     default_targets: list[str]  # what PEFT picks when target_modules is None
     fan_in_fan_out: bool = False
@@ -217,35 +266,98 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(
-        "llama", tiny_llama, causal_inputs, "CAUSAL_LM", ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
-        ["q_proj", "v_proj"], bias_targets=["q_proj", "v_proj"], rank_pattern_key="model.layers.1.self_attn.q_proj",
-        exclude=["model.layers.0.self_attn.o_proj"], regex=r".*layers\.1\.mlp\.(gate|up)_proj", layers_pattern="layers",
-        modules_to_save=["lm_head"], embedding="embed_tokens"),
+        "llama",
+        tiny_llama,
+        causal_inputs,
+        "CAUSAL_LM",
+        ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        ["q_proj", "v_proj"],
+        bias_targets=["q_proj", "v_proj"],
+        rank_pattern_key="model.layers.1.self_attn.q_proj",
+        exclude=["model.layers.0.self_attn.o_proj"],
+        regex=r".*layers\.1\.mlp\.(gate|up)_proj",
+        layers_pattern="layers",
+        modules_to_save=["lm_head"],
+        embedding="embed_tokens",
+    ),
     "gpt2": Family(
-        "gpt2", tiny_gpt2, causal_inputs, "CAUSAL_LM", ["c_attn", "c_proj", "c_fc"], ["c_attn"],
-        fan_in_fan_out=True, bias_targets=["c_attn"], rank_pattern_key="h.0.attn.c_attn", exclude=["mlp.c_proj"],
-        regex=r".*h\.\d\.attn\.c_(attn|proj)", layers_pattern="h", modules_to_save=["ln_f"], embedding="wte"),
+        "gpt2",
+        tiny_gpt2,
+        causal_inputs,
+        "CAUSAL_LM",
+        ["c_attn", "c_proj", "c_fc"],
+        ["c_attn"],
+        fan_in_fan_out=True,
+        bias_targets=["c_attn"],
+        rank_pattern_key="h.0.attn.c_attn",
+        exclude=["mlp.c_proj"],
+        regex=r".*h\.\d\.attn\.c_(attn|proj)",
+        layers_pattern="h",
+        modules_to_save=["ln_f"],
+        embedding="wte",
+    ),
     "bert": Family(
-        "bert", tiny_bert_seq_cls, seq_cls_inputs, "SEQ_CLS", ["query", "value", "dense"], ["query", "value"],
-        bias_targets=["query", "value"], rank_pattern_key="value", exclude=["attention.output.dense"],
-        regex=r"bert\.encoder\.layer\.0\.attention\.self\.(query|key)", layers_pattern="layer",
-        modules_to_save=["embeddings.LayerNorm"], embedding="word_embeddings"),
+        "bert",
+        tiny_bert_seq_cls,
+        seq_cls_inputs,
+        "SEQ_CLS",
+        ["query", "value", "dense"],
+        ["query", "value"],
+        bias_targets=["query", "value"],
+        rank_pattern_key="value",
+        exclude=["attention.output.dense"],
+        regex=r"bert\.encoder\.layer\.0\.attention\.self\.(query|key)",
+        layers_pattern="layer",
+        modules_to_save=["embeddings.LayerNorm"],
+        embedding="word_embeddings",
+    ),
     "bert_tok": Family(
-        "bert_tok", tiny_bert_token_cls, token_cls_inputs, "TOKEN_CLS", ["query", "key", "value"],
-        ["query", "value"], bias_targets=["query"], rank_pattern_key="query", exclude=["layer.1.attention.self.key"],
-        regex=r".*\.(query|value)", layers_pattern="layer", modules_to_save=[], embedding="word_embeddings"),
+        "bert_tok",
+        tiny_bert_token_cls,
+        token_cls_inputs,
+        "TOKEN_CLS",
+        ["query", "key", "value"],
+        ["query", "value"],
+        bias_targets=["query"],
+        rank_pattern_key="query",
+        exclude=["layer.1.attention.self.key"],
+        regex=r".*\.(query|value)",
+        layers_pattern="layer",
+        modules_to_save=[],
+        embedding="word_embeddings",
+    ),
     "bert_qa": Family(
-        "bert_qa", tiny_bert_qa, qa_inputs, "QUESTION_ANS", ["query", "value", "intermediate.dense"],
-        ["query", "value"], bias_targets=["value"], rank_pattern_key="intermediate.dense", exclude=["layer.0.attention.self.value"],
-        regex=r".*\.(query|key)", layers_pattern="layer", modules_to_save=[], embedding="word_embeddings"),
+        "bert_qa",
+        tiny_bert_qa,
+        qa_inputs,
+        "QUESTION_ANS",
+        ["query", "value", "intermediate.dense"],
+        ["query", "value"],
+        bias_targets=["value"],
+        rank_pattern_key="intermediate.dense",
+        exclude=["layer.0.attention.self.value"],
+        regex=r".*\.(query|key)",
+        layers_pattern="layer",
+        modules_to_save=[],
+        embedding="word_embeddings",
+    ),
     "t5": Family(
-        "t5", tiny_t5, seq2seq_inputs, "SEQ_2_SEQ_LM", ["q", "k", "v", "o", "wi", "wo"], ["q", "v"],
-        bias_targets=[], rank_pattern_key="decoder.block.1.layer.0.SelfAttention.q", exclude=["EncDecAttention.k"],
-        regex=r"encoder\.block\.\d\.layer\.0\.SelfAttention\.[qv]", layers_pattern="block",
-        modules_to_save=["final_layer_norm"], embedding="shared"),
+        "t5",
+        tiny_t5,
+        seq2seq_inputs,
+        "SEQ_2_SEQ_LM",
+        ["q", "k", "v", "o", "wi", "wo"],
+        ["q", "v"],
+        bias_targets=[],
+        rank_pattern_key="decoder.block.1.layer.0.SelfAttention.q",
+        exclude=["EncDecAttention.k"],
+        regex=r"encoder\.block\.\d\.layer\.0\.SelfAttention\.[qv]",
+        layers_pattern="block",
+        modules_to_save=["final_layer_norm"],
+        embedding="shared",
+    ),
 }
 
 PARITY_FAMILIES = list(FAMILIES)
 # The four architecture families of the issue; option-by-option cases run on these only.
 MAIN_FAMILIES = ["llama", "gpt2", "bert", "t5"]
-

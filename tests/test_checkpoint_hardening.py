@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -263,7 +264,7 @@ BAD_INPUTS = {
     "missing weights": (lambda d: os.remove(d / "adapter_model.safetensors"), FileNotFoundError,
                         r"no adapter weights \(adapter_model\.safetensors or adapter_model\.bin\) found"),
     "config not JSON": (lambda d: write_bytes(d / "adapter_config.json", b'{"r": 7, "peft_type": "LO'),
-                        ConfigError, r"adapter_config\.json is not valid JSON \(.* at line 1, column \d+\)"),
+                        ConfigError, r"adapter_config\.json is not valid JSON \(.*: line 1, column \d+\)"),
     "config is a list": (lambda d: write_bytes(d / "adapter_config.json", b"[1, 2]"), ConfigError,
                          r"must hold a JSON object, found list"),
     "config not UTF-8": (lambda d: write_bytes(d / "adapter_config.json", b'{"r": "\xff\xfe"}'), ConfigError,
@@ -305,10 +306,10 @@ BAD_INPUTS = {
     "renamed key": (lambda d: edit_weights(d, lambda t: t.update(
         {_key(d, A_KEY).replace("lora_A", "lora_a"): t.pop(_key(d, A_KEY))})), AdapterLoadError,
                     r"unexpected keys .*q_proj\.lora_a\.weight.*missing keys .*q_proj\.lora_A\.weight"),
-    "integer dtype": (lambda d: edit_weights(d, lambda t: t.update({_key(d, A_KEY): t[_key(d, A_KEY)].to(torch.int32)})),
+    "integer dtype": (lambda d: edit_weights(d, lambda t: t.update({_key(d, A_KEY): t[_key(d, A_KEY)].int()})),
                       AdapterLoadError, r"q_proj\.lora_A\.weight: dtype torch\.int32, the model expects a "
                                         r"floating-point tensor"),
-    "NaN values": (lambda d: edit_weights(d, lambda t: t[_key(d, "lora_embedding_B")].__setitem__((0, 0), float("nan"))),
+    "NaN values": (lambda d: edit_weights(d, lambda t: t[_key(d, "embedding_B")].__setitem__((0, 0), float("nan"))),
                    AdapterLoadError, r"lora_embedding_B: holds NaN or inf values"),
     "malicious .bin": (lambda d: to_bin(d, lambda t: {**t, "x": Payload(str(d / "PWNED"))}), AdapterLoadError,
                        r"could not be read as a PyTorch weights file .*weights_only loading refuses"),
@@ -461,6 +462,22 @@ def test_loading_into_an_existing_adapter_replaces_its_weights(saved):
     torch.testing.assert_close(logits(model, inputs()), expected, atol=0, rtol=0)
 
 
+def test_embedding_weights_in_the_pre_base_layer_spelling_load(saved):
+    """Files from before PEFT wrapped targeted embeddings name the weight 'embed_tokens.weight'."""
+    folder, _ = saved
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    g = torch.Generator().manual_seed(4)
+
+    def respell(t):
+        old = t.pop(key)
+        t[key.replace(".base_layer", "")] = old + torch.randn(old.shape, generator=g)
+
+    edit_weights(folder, respell)
+    weight = load_file(folder / "adapter_model.safetensors")[key.replace(".base_layer", "")]
+    model = quiet(peftfast.PeftModel.from_pretrained, tiny_llama(), str(folder))
+    assert torch.equal(model.get_input_embeddings().base_layer.weight, weight)
+
+
 def test_subfolder_keyword(saved):
     folder, _ = saved
     model = quiet(peftfast.PeftModel.from_pretrained, tiny_llama(), str(folder), subfolder="other")
@@ -474,7 +491,7 @@ def _fake_hub_cache(cache, repo: str, revisions: dict[str, str]) -> None:
     """Lay out ``cache`` as huggingface_hub does: refs/<revision> -> commit, snapshots/<commit>/<files>."""
     root = cache / f"models--{repo.replace('/', '--')}"
     for revision, source in revisions.items():
-        commit = f"{abs(hash(revision)):040x}"[:40]
+        commit = hashlib.sha1(revision.encode()).hexdigest()
         (root / "refs").mkdir(parents=True, exist_ok=True)
         (root / "refs" / revision).write_text(commit)
         snap = root / "snapshots" / commit
@@ -487,14 +504,15 @@ def test_hub_id_is_resolved_from_the_cache_at_the_requested_revision(saved, tmp_
     folder, expected = saved
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _fake_hub_cache(tmp_path / "cache", "org/tiny-adapter", {"main": folder, "v1": folder / "other"})
-    model = quiet(peftfast.PeftModel.from_pretrained, tiny_llama(), "org/tiny-adapter", cache_dir=str(tmp_path / "cache"))
+    cache = str(tmp_path / "cache")
+    model = quiet(peftfast.PeftModel.from_pretrained, tiny_llama(), "org/tiny-adapter", cache_dir=cache)
     torch.testing.assert_close(logits(model, inputs()), expected, atol=0, rtol=0)
-    config = peftfast.PeftConfig.from_pretrained("org/tiny-adapter", revision="v1", cache_dir=str(tmp_path / "cache"))
+    config = peftfast.PeftConfig.from_pretrained("org/tiny-adapter", revision="v1", cache_dir=cache)
     assert config.r == 2
     with pytest.raises(FileNotFoundError, match=r"revision='v2'.*HF_HUB_OFFLINE is set"):
-        peftfast.PeftConfig.from_pretrained("org/tiny-adapter", revision="v2", cache_dir=str(tmp_path / "cache"))
+        peftfast.PeftConfig.from_pretrained("org/tiny-adapter", revision="v2", cache_dir=cache)
     with pytest.raises(FileNotFoundError, match=r"could not find adapter_config\.json for 'org/absent'"):
-        peftfast.PeftModel.from_pretrained(tiny_llama(), "org/absent", cache_dir=str(tmp_path / "cache"))
+        peftfast.PeftModel.from_pretrained(tiny_llama(), "org/absent", cache_dir=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------

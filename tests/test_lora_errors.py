@@ -2,6 +2,7 @@
 model is exactly as before: every state-dict tensor bit for bit, the module type at every path, the
 peft_config keys and contents, the active adapter, merge state, and every requires_grad flag.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,7 +30,9 @@ def _quiet():
 
 
 def snapshot(model: nn.Module) -> dict:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, fast.tuners.tuners_utils.BaseTunerLayer)}
+    layers = {
+        n: m for n, m in model.named_modules() if isinstance(m, fast.tuners.tuners_utils.BaseTunerLayer)
+    }
     configs = getattr(model, "peft_config", None)
     return {
         "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -37,8 +40,10 @@ def snapshot(model: nn.Module) -> dict:
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
         "configs": None if configs is None else {k: copy.deepcopy(v.to_dict()) for k, v in configs.items()},
         "active": copy.deepcopy(getattr(model, "active_adapter", None)) if configs is not None else None,
-        "layer_state": {n: (list(m.active_adapters), list(m.merged_adapters), m.disable_adapters)
-                        for n, m in layers.items()},
+        "layer_state": {
+            n: (list(m.active_adapters), list(m.merged_adapters), m.disable_adapters)
+            for n, m in layers.items()
+        },
         "training": {n: m.training for n, m in model.named_modules()},
     }
 
@@ -56,7 +61,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 
 def llama_peft(**kw) -> fast.PeftModel:
-    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
     cfg.update(kw)
     pm = fast.get_peft_model(tiny_llama(), fast.LoraConfig(**cfg))
     g = torch.Generator().manual_seed(11)
@@ -69,6 +74,7 @@ def llama_peft(**kw) -> fast.PeftModel:
 
 def raises(exc, *patterns: str):
     """pytest.raises that also requires every regex in ``patterns`` to occur in the message."""
+
     class _Check:
         def __enter__(self):
             self._ctx = pytest.raises(exc)
@@ -88,12 +94,15 @@ def raises(exc, *patterns: str):
 # ------------------------------------------------------------------------------------------------------
 # target_modules that match nothing: a plain model stays a plain model
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("build,targets,missing,candidates", [
-    (tiny_llama, ["q_proj", "qproj"], "qproj", ["q_proj", "k_proj", "down_proj"]),
-    (tiny_gpt2, ["c_attn", "c_atn"], "c_atn", ["c_attn", "c_proj", "c_fc"]),
-    (tiny_t5, ["q_proj"], "q_proj", ["q", "k", "wo"]),
-    (tiny_net, ["lin0", "lin2", "lin3"], "lin2", ["lin0", "lin1", "emb"]),
-])
+@pytest.mark.parametrize(
+    "build,targets,missing,candidates",
+    [
+        (tiny_llama, ["q_proj", "qproj"], "qproj", ["q_proj", "k_proj", "down_proj"]),
+        (tiny_gpt2, ["c_attn", "c_atn"], "c_atn", ["c_attn", "c_proj", "c_fc"]),
+        (tiny_t5, ["q_proj"], "q_proj", ["q", "k", "wo"]),
+        (tiny_net, ["lin0", "lin2", "lin3"], "lin2", ["lin0", "lin1", "emb"]),
+    ],
+)
 def test_unmatched_target_entry(build, targets, missing, candidates):
     model = build()
     before = snapshot(model)
@@ -124,7 +133,9 @@ def test_unmatched_modules_to_save_rolls_back_the_injected_layers():
     model = tiny_llama()
     before = snapshot(model)
     with raises(ValueError, "no_such_head"):
-        fast.get_peft_model(model, fast.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["no_such_head"]))
+        fast.get_peft_model(
+            model, fast.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["no_such_head"])
+        )
     assert_unchanged(model, before)
 
 
@@ -140,20 +151,35 @@ def test_get_peft_model_twice_on_the_same_model():
 # ------------------------------------------------------------------------------------------------------
 # invalid configuration values (refused when the config is built)
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field,value,pattern", [
-    ("r", 0, r"\br\b.*positive"), ("r", -3, r"\br\b.*positive"), ("r", 2.5, r"\br\b.*integer"),
-    ("r", "8", r"\br\b"), ("r", True, r"\br\b"), ("r", None, r"\br\b"),
-    ("lora_alpha", -8, "lora_alpha"), ("lora_alpha", math.nan, "lora_alpha"), ("lora_alpha", math.inf, "lora_alpha"),
-    ("lora_alpha", "16", "lora_alpha"), ("lora_alpha", None, "lora_alpha"),
-    ("lora_dropout", -0.1, r"lora_dropout.*\[0, 1\)"), ("lora_dropout", 1.0, r"lora_dropout.*\[0, 1\)"),
-    ("lora_dropout", 1.5, "lora_dropout"), ("lora_dropout", math.nan, "lora_dropout"),
-    ("lora_dropout", "0.1", "lora_dropout"),
-    ("bias", "some", r"bias.*'none'.*'all'.*'lora_only'"), ("bias", "lora", "bias"), ("bias", None, "bias"),
-    ("init_lora_weights", "pissa", r"init_lora_weights.*True.*False.*gaussian"),
-    ("rank_pattern", {"q_proj": 0}, "rank_pattern"), ("alpha_pattern", {"q_proj": math.nan}, "alpha_pattern"),
-    ("task_type", "TRANSLATION", r"task_type.*CAUSAL_LM"),
-    ("target_modules", 5, r"target_modules.*list.*regex.*int"),
-])
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("r", 0, r"\br\b.*positive"),
+        ("r", -3, r"\br\b.*positive"),
+        ("r", 2.5, r"\br\b.*integer"),
+        ("r", "8", r"\br\b"),
+        ("r", True, r"\br\b"),
+        ("r", None, r"\br\b"),
+        ("lora_alpha", -8, "lora_alpha"),
+        ("lora_alpha", math.nan, "lora_alpha"),
+        ("lora_alpha", math.inf, "lora_alpha"),
+        ("lora_alpha", "16", "lora_alpha"),
+        ("lora_alpha", None, "lora_alpha"),
+        ("lora_dropout", -0.1, r"lora_dropout.*\[0, 1\)"),
+        ("lora_dropout", 1.0, r"lora_dropout.*\[0, 1\)"),
+        ("lora_dropout", 1.5, "lora_dropout"),
+        ("lora_dropout", math.nan, "lora_dropout"),
+        ("lora_dropout", "0.1", "lora_dropout"),
+        ("bias", "some", r"bias.*'none'.*'all'.*'lora_only'"),
+        ("bias", "lora", "bias"),
+        ("bias", None, "bias"),
+        ("init_lora_weights", "pissa", r"init_lora_weights.*True.*False.*gaussian"),
+        ("rank_pattern", {"q_proj": 0}, "rank_pattern"),
+        ("alpha_pattern", {"q_proj": math.nan}, "alpha_pattern"),
+        ("task_type", "TRANSLATION", r"task_type.*CAUSAL_LM"),
+        ("target_modules", 5, r"target_modules.*list.*regex.*int"),
+    ],
+)
 def test_invalid_config_values(field, value, pattern):
     """The message names the field and the allowed values, and shows the value that was given."""
     shown = next(iter(value.values())) if isinstance(value, dict) else value
@@ -188,11 +214,14 @@ def test_duplicate_adapter_name():
     assert_unchanged(pm, before)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(target_modules=["q_proj", "nope"]),
-    dict(target_modules=["k_proj", "o_proj"], modules_to_save=["no_such_head"]),
-    dict(target_modules=["k_proj"], bias="all"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"target_modules": ["q_proj", "nope"]},
+        {"target_modules": ["k_proj", "o_proj"], "modules_to_save": ["no_such_head"]},
+        {"target_modules": ["k_proj"], "bias": "all"},
+    ],
+)
 def test_failed_add_adapter_leaves_model_unchanged(bad):
     pm = llama_peft(bias="lora_only") if bad.get("bias") else _with_second_adapter()
     before = snapshot(pm)
@@ -269,12 +298,23 @@ def _poison(pm, which: str, value: float) -> None:
         layer.lora_B["default"].weight[0, 0] = value
 
 
-@pytest.mark.parametrize("which", ["first", pytest.param("last", marks=xfail(
-    "safe_merge refusing a non-finite result in a later layer leaves earlier layers' weights changed: "
-    "BaseTuner.merge_adapter merges layer by layer and undoes the merged ones with unmerge(), i.e. W + d - d, "
-    "which is not bit-identical to W in floating point. The issue asks for the model 'exactly as it was'. Fix: "
-    "with safe_merge, build and check every layer's merged weight first (or keep the original tensors) and "
-    "assign them only when all are finite."))])
+@pytest.mark.parametrize(
+    "which",
+    [
+        "first",
+        pytest.param(
+            "last",
+            marks=xfail(
+                "safe_merge refusing a non-finite result in a later layer leaves earlier layers' weights "
+                "changed: BaseTuner.merge_adapter merges layer by layer and undoes the merged ones with "
+                "unmerge(), i.e. W + d - d, which is not bit-identical to W in floating point. The issue "
+                "asks for the model 'exactly as it was'. Fix: with safe_merge, build and check every layer's "
+                "merged weight first (or keep the original tensors) and assign them only when all are "
+                "finite."
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("value", [math.nan, math.inf])
 @pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
 def test_safe_merge_refuses_non_finite(which, value, how):
@@ -290,10 +330,12 @@ def test_safe_merge_refuses_non_finite(which, value, how):
     assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj, fast.tuners.lora.LoraLayer)
 
 
-@xfail("deleting a merged adapter: PEFT refuses ('Cannot delete adapter(s) [...] while they are merged. Please unmerge "
-       "them first.', peft/tuners/tuners_utils.py _check_adapters_not_merged called from BaseTuner.delete_adapter); "
-       "peftfast deletes it and leaves its delta inside the base weights with no way to unmerge it. Fix: the same "
-       "check in BaseTuner.delete_adapter before changing anything.")
+@xfail(
+    "deleting a merged adapter: PEFT refuses ('Cannot delete adapter(s) [...] while they are merged. Please "
+    "unmerge them first.', peft/tuners/tuners_utils.py _check_adapters_not_merged called from "
+    "BaseTuner.delete_adapter); peftfast deletes it and leaves its delta inside the base weights with no way "
+    "to unmerge it. Fix: the same check in BaseTuner.delete_adapter before changing anything."
+)
 def test_delete_merged_adapter():
     pm = _with_second_adapter()
     pm.merge_adapter()

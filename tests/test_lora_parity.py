@@ -9,10 +9,13 @@ unload results and adapter switching must agree.
 fp32 comparisons allow an error of 1e-5 of the largest reference value (both libraries do the same
 fp32 math, possibly in another order); gradients additionally get an absolute floor of 1e-6: the losses
 are O(1), and a gradient entry that is a cancelling sum of O(1) terms (e.g. a QA head's bias, whose exact
-gradient is 0) carries fp32 rounding noise of a few ulp of 1, i.e. ~1e-7. Half-precision comparisons are derived: the error of
-peftfast against an fp32 evaluation of the same weights may be at most twice PEFT's error plus a few
-units in the last place of the half type.
+gradient is 0) carries fp32 rounding noise of a few ulp of 1, i.e. ~1e-7.
+
+Half-precision comparisons are derived: peftfast's error against an fp32 evaluation of the same
+(rounded) weights may be at most twice PEFT's error plus one unit in the last place of the half type at
+the scale of the result (so that a single rounding-boundary difference passes when PEFT is exact).
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,7 +40,21 @@ def with_triton(families) -> list:
     """(family, backend) cases: every family on the default backend, the Triton families also on Triton."""
     return [pytest.param(f, "default", id=f) for f in families] + [
         pytest.param(f, "triton", id=f"{f}-triton", marks=pytest.mark.interpreter)
-        for f in families if f in TRITON_FAMILIES]
+        for f in families
+        if f in TRITON_FAMILIES
+    ]
+
+
+def with_triton_and(families, values, triton_values, marks=None) -> list:
+    """(family, backend, value) cases; Triton runs take only ``triton_values`` (the interpreter is slow)."""
+    marks = marks or {}
+    out = []
+    for f in families:
+        for b, vals in (("default", values), ("triton", triton_values if f in TRITON_FAMILIES else [])):
+            for v in vals:
+                m = list(marks.get((f, v), [])) + ([pytest.mark.interpreter] if b == "triton" else [])
+                out.append(pytest.param(f, b, v, id=f"{f}{'-triton' if b == 'triton' else ''}-{v}", marks=m))
+    return out
 
 
 BACKEND_CASES = with_triton(PARITY_FAMILIES)
@@ -52,12 +69,15 @@ XFAIL_SUCCESSOR = xfail(
     "(peft/tuners/tuners_utils.py BaseTunerLayer.delete_adapter -> _all_available_adapter_names() is sorted; "
     "BaseTuner.delete_adapter takes the first layer's choice); peftfast's BaseTuner.delete_adapter takes "
     "list(self.peft_config)[:1] (insertion order). Fix: pick sorted(self.peft_config)[0] (and the same in "
-    "BaseTunerLayer.delete_adapter, which already sorts).")
+    "BaseTunerLayer.delete_adapter, which already sorts)."
+)
 XFAIL_MTS_DISABLED = xfail(
-    "inside disable_adapter() PEFT also freezes the modules_to_save copies and re-enables the active copy on exit "
-    "(peft/utils/other.py ModulesToSaveWrapper.enable_adapters); peftfast's ModulesToSaveWrapper.enable_adapters only "
-    "flips the flag, so the head copies stay requires_grad=True while disabled. Fix: requires_grad_(False) on every "
-    "copy when disabling, requires_grad_(True) on the active copies when enabling.")
+    "inside disable_adapter() PEFT also freezes the modules_to_save copies and re-enables the active copy on "
+    "exit (peft/utils/other.py ModulesToSaveWrapper.enable_adapters); peftfast's "
+    "ModulesToSaveWrapper.enable_adapters only flips the flag, so the head copies stay requires_grad=True "
+    "while disabled. Fix: requires_grad_(False) on every copy when disabling, requires_grad_(True) on the "
+    "active copies when enabling."
+)
 
 
 @pytest.fixture(autouse=True)
@@ -88,8 +108,14 @@ def backend(request, monkeypatch):
 # helpers
 # ----------------------------------------------------------------------------------------------------------
 def lora_kwargs(fam, **overrides) -> dict:
-    kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(fam.targets), task_type=fam.task_type,
-              fan_in_fan_out=fam.fan_in_fan_out)
+    kw = {
+        "r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "target_modules": list(fam.targets),
+        "task_type": fam.task_type,
+        "fan_in_fan_out": fam.fan_in_fan_out,
+    }
     kw.update(overrides)
     return kw
 
@@ -99,9 +125,12 @@ def build_pair(fam, seed: int = 0, dtype=None, adapter_name: str = "default", **
     base = fam.build(seed=seed)
     if dtype is not None:
         base = base.to(dtype)
-    ref_model = ref.get_peft_model(copy.deepcopy(base), ref.LoraConfig(**copy.deepcopy(kw)), adapter_name=adapter_name)
-    fast_model = fast.get_peft_model(copy.deepcopy(base), fast.LoraConfig(**copy.deepcopy(kw)),
-                                     adapter_name=adapter_name)
+    ref_model = ref.get_peft_model(
+        copy.deepcopy(base), ref.LoraConfig(**copy.deepcopy(kw)), adapter_name=adapter_name
+    )
+    fast_model = fast.get_peft_model(
+        copy.deepcopy(base), fast.LoraConfig(**copy.deepcopy(kw)), adapter_name=adapter_name
+    )
     return base, ref_model, fast_model
 
 
@@ -122,16 +151,19 @@ def randomise(model: nn.Module, seed: int = 1, adapter: str | None = None) -> No
 def sync(ref_model: nn.Module, fast_model: nn.Module) -> None:
     """Copy every tensor of the PEFT model into the peftfast model by (identical) state-dict key."""
     rsd, fsd = ref_model.state_dict(), fast_model.state_dict()
-    assert set(rsd) == set(fsd), f"state-dict keys differ: only PEFT {sorted(set(rsd) - set(fsd))[:8]}, " \
-                                 f"only peftfast {sorted(set(fsd) - set(rsd))[:8]}"
+    assert set(rsd) == set(fsd), (
+        f"state-dict keys differ: only PEFT {sorted(set(rsd) - set(fsd))[:8]}, "
+        f"only peftfast {sorted(set(fsd) - set(rsd))[:8]}"
+    )
     fast_model.load_state_dict(rsd)
 
 
 GRAD_ATOL = 1e-6
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "", rtol: float = RTOL,
-                 atol: float = 0.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, what: str = "", rtol: float = RTOL, atol: float = 0.0
+) -> None:
     assert actual is not None, f"{what}: missing"
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
     a, e = actual.detach().double(), expected.detach().double()
@@ -146,14 +178,20 @@ def assert_grad_close(actual, expected, what: str = "") -> None:
 
 
 def lora_layer_names(model: nn.Module) -> list[str]:
-    return sorted(n for n, m in model.named_modules() if isinstance(m, (ref.tuners.lora.LoraLayer,
-                                                                       fast.tuners.lora.LoraLayer)))
+    return sorted(
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (ref.tuners.lora.LoraLayer, fast.tuners.lora.LoraLayer))
+    )
 
 
 def module_types(model: nn.Module) -> dict[str, str]:
-    """Class name per module path; empty containers (PEFT's unused DoRA ``lora_magnitude_vector``) are skipped."""
-    return {n: type(m).__name__ for n, m in model.named_modules()
-            if not (isinstance(m, (nn.ModuleDict, nn.ParameterDict)) and len(m) == 0)}
+    """Class name per module path, without empty containers (PEFT's unused DoRA ``lora_magnitude_vector``)."""
+    return {
+        n: type(m).__name__
+        for n, m in model.named_modules()
+        if not (isinstance(m, (nn.ModuleDict, nn.ParameterDict)) and len(m) == 0)
+    }
 
 
 def trainable(model: nn.Module) -> set[str]:
@@ -262,8 +300,13 @@ def test_merge_unmerge(family, backend):
     outputs_equal(rm, fm, x, "after unmerge")
 
 
-@pytest.mark.parametrize("family,backend", with_triton(MAIN_FAMILIES), indirect=["backend"])
-@pytest.mark.parametrize("how", ["merge_and_unload", "merge_and_unload_safe", "unload"])
+@pytest.mark.parametrize(
+    "family,backend,how",
+    with_triton_and(
+        MAIN_FAMILIES, ["merge_and_unload", "merge_and_unload_safe", "unload"], ["merge_and_unload"]
+    ),
+    indirect=["backend"],
+)
 def test_merge_and_unload_and_unload(family, backend, how):
     _merge_and_unload_case(family, how)
 
@@ -288,8 +331,10 @@ def _merge_and_unload_case(family, how):
         fu = fm.merge_and_unload(progressbar=True, safe_merge=safe)
     assert type(fu) is type(ru) is type(base)
     assert module_types(fu) == module_types(ru)
-    assert not any(isinstance(m, (fast.tuners.tuners_utils.BaseTunerLayer, fast.utils.ModulesToSaveWrapper))
-                   for m in fu.modules())
+    assert not any(
+        isinstance(m, (fast.tuners.tuners_utils.BaseTunerLayer, fast.utils.ModulesToSaveWrapper))
+        for m in fu.modules()
+    )
     rsd, fsd = ru.state_dict(), fu.state_dict()
     assert list(fsd) == list(rsd) == list(base.state_dict())
     for k in rsd:
@@ -302,14 +347,16 @@ def _merge_and_unload_case(family, how):
         assert_close(out, adapted, "merged model equals adapted model", rtol=1e-4)
 
 
-@xfail("BaseTuner._unload_and_optionally_merge returns the model with its `peft_config` attribute still set, so "
-       "get_peft_model refuses it ('already has adapters injected'); PEFT deletes model.peft_config there "
-       "(peft/tuners/tuners_utils.py BaseTuner._unload_and_optionally_merge). Fix: `del self.model.peft_config` "
-       "after unloading.")
+@xfail(
+    "BaseTuner._unload_and_optionally_merge returns the model with its `peft_config` attribute still set, so "
+    "get_peft_model refuses it ('already has adapters injected'); PEFT deletes model.peft_config there "
+    "(peft/tuners/tuners_utils.py BaseTuner._unload_and_optionally_merge). Fix: `del self.model.peft_config` "
+    "after unloading."
+)
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_unloaded_model_can_be_wrapped_again(family):
-    """PEFT removes ``peft_config`` from the model it returns on unload (BaseTuner._unload_and_optionally_merge),
-    so the unloaded model can be wrapped again."""
+    """PEFT removes ``peft_config`` from the model it returns on unload
+    (BaseTuner._unload_and_optionally_merge), so the unloaded model can be wrapped again."""
     fam = FAMILIES[family]
     _, rm, fm = build_pair(fam, **lora_kwargs(fam))
     ru, fu = rm.merge_and_unload(), fm.merge_and_unload()
@@ -328,11 +375,19 @@ def test_merge_selected_adapters(family, backend):
     randomise(rm)
     sync(rm, fm)
     x = fam.inputs()
+    heads = fm.peft_config["default"].modules_to_save  # PEFT allows one active modules_to_save copy only
+    if not heads:  # both adapters active at once (one fused call per layer in peftfast, a loop in PEFT)
+        rm.base_model.set_adapter(["default", "other"])
+        fm.base_model.set_adapter(["default", "other"])
+        assert fm.active_adapters == rm.active_adapters == ["default", "other"]
+    both = outputs_equal(rm, fm, x, "active adapters")
     ru = rm.merge_and_unload(adapter_names=["default", "other"])
     fu = fm.merge_and_unload(adapter_names=["default", "other"])
     for k, v in ru.state_dict().items():
         assert_close(fu.state_dict()[k], v, f"merged both {k}", rtol=1e-6)
-    outputs_equal(ru, fu, x, "both adapters merged")
+    merged = outputs_equal(ru, fu, x, "both adapters merged")
+    if not heads:
+        assert_close(merged, both, "merged equals the two active adapters", rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -389,12 +444,14 @@ def test_add_set_delete_adapters(family, backend):
     assert_close(outputs_equal(rm, fm, x, "after delete"), out_default, "delete the inactive adapter")
 
 
-@xfail("an adapter added on modules the active adapter does not target becomes active there: the new "
-       "lora.Linear starts with _active_adapter = its own name and BaseTuner.inject_adapter never resets it, so "
-       "after add_adapter('other', targets=['v_proj']) the 'default' model's outputs include 'other' on v_proj. "
-       "PEFT calls self.set_adapter(self.active_adapters) at the end of inject_adapter "
-       "(peft/tuners/tuners_utils.py BaseTuner.inject_adapter, 'HOUSEKEEPING'). Fix: do the same (or create new "
-       "layers with the tuner's active adapters).")
+@xfail(
+    "an adapter added on modules the active adapter does not target becomes active there: the new "
+    "lora.Linear starts with _active_adapter = its own name and BaseTuner.inject_adapter never resets it, so "
+    "after add_adapter('other', targets=['v_proj']) the 'default' model's outputs include 'other' on v_proj. "
+    "PEFT calls self.set_adapter(self.active_adapters) at the end of inject_adapter "
+    "(peft/tuners/tuners_utils.py BaseTuner.inject_adapter, 'HOUSEKEEPING'). Fix: do the same (or create new "
+    "layers with the tuner's active adapters)."
+)
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_add_adapter_on_other_modules_stays_inactive(family):
     fam = FAMILIES[family]
@@ -413,6 +470,26 @@ def test_add_adapter_on_other_modules_stays_inactive(family):
     rm.set_adapter("other")
     fm.set_adapter("other")
     outputs_equal(rm, fm, x, "other active")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_set_adapter_while_merged_unmerges(family):
+    fam = FAMILIES[family]
+    _, rm, fm = build_pair(fam, **lora_kwargs(fam))
+    kw = lora_kwargs(fam, r=3, target_modules=list(fam.default_targets))
+    rm.add_adapter("other", ref.LoraConfig(**copy.deepcopy(kw)))
+    fm.add_adapter("other", fast.LoraConfig(**copy.deepcopy(kw)))
+    randomise(rm)
+    sync(rm, fm)
+    x = fam.inputs()
+    rm.merge_adapter()
+    fm.merge_adapter()
+    rm.set_adapter("other")
+    fm.set_adapter("other")
+    assert not any(fm.get_submodule(n).merged for n in lora_layer_names(fm))
+    for k, v in rm.state_dict().items():
+        assert_close(fm.state_dict()[k], v, f"after switching {k}", rtol=1e-6)
+    outputs_equal(rm, fm, x, "switched after merge")
 
 
 @XFAIL_SUCCESSOR
@@ -436,15 +513,26 @@ def test_delete_active_adapter_picks_same_successor(family):
     outputs_equal(rm, fm, x, "after deleting the active adapter")
 
 
-@pytest.mark.parametrize("name", ["other", pytest.param("a", marks=xfail(
-    "add_adapter(name, LoraConfig(inference_mode=True)) freezes every parameter whose name merely contains the "
-    "new adapter's name: BaseTuner.inject_adapter tests `adapter_name in name` (a substring), so adapter 'a' "
-    "freezes 'lora_A.default.weight' of the active adapter. PEFT restores the requires_grad of all pre-existing "
-    "parameters (peft/tuners/tuners_utils.py BaseTuner.inject_adapter, mapping_existing_parameter_requires_grad). "
-    "Fix: freeze only parameters of the new adapter, matching the '.{name}.' path component."))])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "other",
+        pytest.param(
+            "a",
+            marks=xfail(
+                "add_adapter(name, LoraConfig(inference_mode=True)) freezes every parameter whose name "
+                "merely contains the new adapter's name: BaseTuner.inject_adapter tests `adapter_name in "
+                "name` (a substring), so adapter 'a' freezes 'lora_A.default.weight' of the active adapter. "
+                "PEFT restores the requires_grad of all pre-existing parameters (peft/tuners/tuners_utils.py "
+                "BaseTuner.inject_adapter, mapping_existing_parameter_requires_grad). Fix: freeze only "
+                "parameters of the new adapter, matching the '.{name}.' path component."
+            ),
+        ),
+    ],
+)
 def test_add_inference_mode_adapter_keeps_active_trainable(name):
-    """Adding a frozen (inference_mode) adapter must not change which existing parameters train; PEFT restores
-    them (BaseTuner.inject_adapter, mapping_existing_parameter_requires_grad), whatever the new adapter's name."""
+    """Adding a frozen (inference_mode) adapter must not change which existing parameters train; PEFT
+    restores them (BaseTuner.inject_adapter, mapping_existing_parameter_requires_grad), whatever the name."""
     fam = FAMILIES["llama"]
     _, rm, fm = build_pair(fam, **lora_kwargs(fam))
     kw = lora_kwargs(fam, r=2, target_modules=["q_proj"], inference_mode=True)
@@ -505,15 +593,18 @@ XFAIL_BIAS_ALL = xfail(
     "bias='all' marks every parameter whose name contains 'bias' trainable, including T5's "
     "'relative_attention_bias.weight' (BaseTuner._mark_only_adapters_as_trainable and adapter_key_map test "
     "`'bias' in name` / `key.endswith('bias')`); PEFT takes only parameters named 'bias' (`n == 'bias' or "
-    "n.endswith('.bias')`, peft/tuners/tuners_utils.py BaseTuner._mark_only_adapters_as_trainable). Fix: match "
-    "the '.bias' suffix in both places.")
+    "n.endswith('.bias')`, peft/tuners/tuners_utils.py BaseTuner._mark_only_adapters_as_trainable). Fix: "
+    "match the '.bias' suffix in both places."
+)
 
 
-@pytest.mark.parametrize("family,backend,bias", [
-    pytest.param(f, b, bias, id=f"{f}{'-triton' if b == 'triton' else ''}-{bias}",
-                 marks=[XFAIL_BIAS_ALL] if (f, bias) == ("t5", "all") else [])
-    for f in MAIN_FAMILIES for b in ("default", "triton") for bias in ("all", "lora_only")
-    if b == "default" or f in TRITON_FAMILIES], indirect=["backend"])
+@pytest.mark.parametrize(
+    "family,backend,bias",
+    with_triton_and(
+        MAIN_FAMILIES, ["all", "lora_only"], ["lora_only"], marks={("t5", "all"): [XFAIL_BIAS_ALL]}
+    ),
+    indirect=["backend"],
+)
 def test_bias_modes(family, backend, bias):
     fam = FAMILIES[family]
     _, rm, fm = build_pair(fam, **lora_kwargs(fam, bias=bias))
@@ -554,21 +645,38 @@ def test_use_rslora(family, backend):
     _parity_after_sync(fam, rm, fm)
 
 
-@pytest.mark.parametrize("family,backend", with_triton(MAIN_FAMILIES), indirect=["backend"])
-@pytest.mark.parametrize("layers", [[1], 0])
+@pytest.mark.parametrize(
+    "family,backend,layers", with_triton_and(MAIN_FAMILIES, [1, 0], [1]), indirect=["backend"]
+)
 def test_layers_to_transform_with_pattern(family, backend, layers):
+    layers = [layers] if layers else layers  # 1 -> [1] (a list), 0 stays a plain int
     fam = FAMILIES[family]
-    _, rm, fm = build_pair(fam, **lora_kwargs(fam, layers_to_transform=layers, layers_pattern=fam.layers_pattern))
+    _, rm, fm = build_pair(
+        fam, **lora_kwargs(fam, layers_to_transform=layers, layers_pattern=fam.layers_pattern)
+    )
     assert lora_layer_names(fm) == lora_layer_names(rm) != []
     _parity_after_sync(fam, rm, fm, grads=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "bert", pytest.param("t5", marks=xfail(
-    "layers_to_transform without layers_pattern: peftfast's _layer_index uses the greedy regex "
-    "r'.*\\.[^.]*\\.(\\d+)\\.', i.e. the LAST numbered path segment (T5: the sub-layer index of "
-    "'block.1.layer.0.SelfAttention.q' -> 0); PEFT uses the lazy r'.*?\\.[^.]*\\.(?P<idx>\\d+)\\.', the FIRST one "
-    "(peft/tuners/tuners_utils.py check_target_module_exists). With layers_pattern PEFT also accepts the pattern at "
-    "the start of the key ('(?:^|.*?\\.)'). Fix: use PEFT's two regexes."))])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "llama",
+        "gpt2",
+        "bert",
+        pytest.param(
+            "t5",
+            marks=xfail(
+                "layers_to_transform without layers_pattern: peftfast's _layer_index uses the greedy regex "
+                "r'.*\\.[^.]*\\.(\\d+)\\.', i.e. the LAST numbered path segment (T5: the sub-layer index of "
+                "'block.1.layer.0.SelfAttention.q' -> 0); PEFT uses the lazy "
+                "r'.*?\\.[^.]*\\.(?P<idx>\\d+)\\.', the FIRST one (peft/tuners/tuners_utils.py "
+                "check_target_module_exists). With layers_pattern PEFT also accepts the pattern at the start "
+                "of the key ('(?:^|.*?\\.)'). Fix: use PEFT's two regexes."
+            ),
+        ),
+    ],
+)
 def test_layers_to_transform_without_pattern(family):
     """Without layers_pattern PEFT takes the first numbered path segment as the layer index (lazy regex in
     tuners_utils.check_target_module_exists); T5's 'encoder.block.1.layer.0.SelfAttention.q' is layer 1."""
@@ -577,8 +685,9 @@ def test_layers_to_transform_without_pattern(family):
     assert lora_layer_names(fm) == lora_layer_names(rm) != []
 
 
-@pytest.mark.parametrize("family,backend", with_triton(MAIN_FAMILIES), indirect=["backend"])
-@pytest.mark.parametrize("as_regex", [False, True])
+@pytest.mark.parametrize(
+    "family,backend,as_regex", with_triton_and(MAIN_FAMILIES, [False, True], [False]), indirect=["backend"]
+)
 def test_exclude_modules(family, backend, as_regex):
     fam = FAMILIES[family]
     exclude = list(fam.exclude)
@@ -627,14 +736,18 @@ def test_modules_to_save(family, backend):
         assert torch.equal(fsd[k], rsd[k]), k
 
 
-@xfail("a module inside a modules_to_save entry is also given LoRA layers (bert.pooler.dense with target 'dense' "
-       "and modules_to_save=['pooler']): the ModulesToSaveWrapper then holds LoRA layers and the state-dict keys "
-       "differ. PEFT never targets modules under modules_to_save (peft/tuners/tuners_utils.py "
-       "check_target_module_exists: `re.match(rf'(^|.*\\.){m}($|\\..*)', key)` -> _ExcludedModule). Fix: skip keys "
-       "equal to / under a modules_to_save entry in BaseTuner._plan.")
+@xfail(
+    "a module inside a modules_to_save entry is also given LoRA layers (bert.pooler.dense with target "
+    "'dense' and modules_to_save=['pooler']): the ModulesToSaveWrapper then holds LoRA layers and the "
+    "state-dict keys differ. PEFT never targets modules under modules_to_save (peft/tuners/tuners_utils.py "
+    "check_target_module_exists: `re.match(rf'(^|.*\\.){m}($|\\..*)', key)` -> _ExcludedModule). Fix: skip "
+    "keys equal to / under a modules_to_save entry in BaseTuner._plan."
+)
 def test_modules_to_save_are_not_targeted():
     fam = FAMILIES["bert"]
-    _, rm, fm = build_pair(fam, **lora_kwargs(fam, target_modules=["query", "dense"], modules_to_save=["pooler"]))
+    _, rm, fm = build_pair(
+        fam, **lora_kwargs(fam, target_modules=["query", "dense"], modules_to_save=["pooler"])
+    )
     assert lora_layer_names(fm) == lora_layer_names(rm)
     assert list(fm.state_dict()) == list(rm.state_dict())
 
@@ -666,12 +779,15 @@ def _adapter_tensors(model, kind: str) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("family,backend", with_triton(MAIN_FAMILIES), indirect=["backend"])
-@pytest.mark.parametrize("init", [True, False, "gaussian"])
+@pytest.mark.parametrize(
+    "family,backend,init",
+    with_triton_and(MAIN_FAMILIES, [True, False, "gaussian"], [False]),
+    indirect=["backend"],
+)
 def test_init_lora_weights(family, backend, init):
-    """Distribution properties, not bit equality: B = 0 for True/'gaussian' (output equals the base), A uniform in
-    +-1/sqrt(in_features) for True and False (nn.Linear's default), A ~ N(0, 1/r) for 'gaussian', B non-zero for
-    False. The same statistics hold for PEFT's layers."""
+    """Distribution properties, not bit equality: B = 0 for True/'gaussian' (output equals the base), A
+    uniform in +-1/sqrt(in_features) for True and False (nn.Linear's default), A ~ N(0, 1/r) for 'gaussian',
+    B non-zero for False. The same statistics hold for PEFT's layers."""
     fam = FAMILIES[family]
     r = 8
     base, rm, fm = build_pair(fam, **lora_kwargs(fam, r=r, init_lora_weights=init))
@@ -684,7 +800,7 @@ def test_init_lora_weights(family, backend, init):
             if init is True or init is False:
                 assert a.abs().max() <= 1 / a.shape[1] ** 0.5 + 1e-7, name
             if init is False:
-                assert b.abs().max() <= 1 / r ** 0.5 + 1e-7 and b.abs().max() > 0, name
+                assert b.abs().max() <= 1 / r**0.5 + 1e-7 and b.abs().max() > 0, name
             else:
                 assert torch.count_nonzero(b) == 0, name
         if init == "gaussian":  # std 1/r, estimated from >= 500 samples: 20% is > 4 standard errors
@@ -702,11 +818,18 @@ def test_init_lora_weights(family, backend, init):
 # ----------------------------------------------------------------------------------------------------------
 # half-precision base with fp32 adapters
 # ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,backend,dtype", [
-    pytest.param(f, b, d, id=f"{f}{'-triton' if b == 'triton' else ''}-{str(d)[6:]}")
-    for f in MAIN_FAMILIES for b in ("default", "triton") for d in (torch.float16, torch.bfloat16)
-    # bf16 arithmetic is not emulated by Triton's interpreter: bf16 kernels are only compiled ahead of time
-    if b == "default" or (f in TRITON_FAMILIES and d == torch.float16)], indirect=["backend"])
+@pytest.mark.parametrize(
+    "family,backend,dtype",
+    [
+        pytest.param(f, b, d, id=f"{f}{'-triton' if b == 'triton' else ''}-{str(d)[6:]}")
+        for f in MAIN_FAMILIES
+        for b in ("default", "triton")
+        for d in (torch.float16, torch.bfloat16)
+        # Triton's interpreter does not emulate bf16 arithmetic: bf16 kernels are only compiled ahead of time
+        if b == "default" or (f in TRITON_FAMILIES and d == torch.float16)
+    ],
+    indirect=["backend"],
+)
 def test_half_precision_base_fp32_adapters(family, backend, dtype):
     fam = FAMILIES[family]
     kw = lora_kwargs(fam)
@@ -728,15 +851,20 @@ def test_half_precision_base_fp32_adapters(family, backend, dtype):
     for key, model in (("ref", rm), ("fast", fm), ("truth", truth_model)):
         out = run(model, x, train=True)
         out.loss.backward()
-        outs[key] = (model_output(out).detach().float(), out.loss.detach().float(),
-                     {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+        outs[key] = (
+            model_output(out).detach().float(),
+            out.loss.detach().float(),
+            {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad},
+        )
     eps = torch.finfo(dtype).eps
 
     def check(f, r, t, what):
         err_ref = (r - t).abs().max().item()
         err_fast = (f - t).abs().max().item()
-        bound = 2 * err_ref + 4 * eps * t.abs().max().item()
-        assert err_fast <= bound, f"{what}: peftfast error {err_fast:.3e} > 2 * PEFT error {err_ref:.3e} + 4 ulp"
+        bound = 2 * err_ref + eps * t.abs().max().item()
+        assert err_fast <= bound, (
+            f"{what}: peftfast error {err_fast:.3e} > 2 * PEFT error {err_ref:.3e} + 1 ulp"
+        )
 
     check(outs["fast"][0], outs["ref"][0], outs["truth"][0], "logits")
     check(outs["fast"][1], outs["ref"][1], outs["truth"][1], "loss")

@@ -10,9 +10,9 @@ launch of the Triton kernels (tests check both). Times at real sizes are therefo
 *modelled from counted traffic*, not measured.
 
 Notation: T tokens, K = d_in, N = d_out, r (or R = sum of ranks over adapters), ``act`` the
-activation dtype, ``ad`` the adapter weight dtype. Unless stated otherwise, nothing is fused
-beyond what is listed, the LoRA and base weights are frozen/trainable as in LoRA fine-tuning
-(base frozen: no dW; adapters trainable), and the layer input needs a gradient.
+activation dtype, ``ad`` the adapter weight dtype. Unless stated otherwise: nothing is fused
+beyond what is listed, the base weight is frozen (no dW), the adapters are trainable, the layer
+input needs a gradient, and linears have no bias (a bias adds d_out elements, negligible).
 """
 from __future__ import annotations
 
@@ -194,71 +194,108 @@ def peft_lora_backward(
 
 def peftfast_lora_forward(
     t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
-    out: torch.dtype | None = None, h_dtype: torch.dtype = torch.float32,
+    out: torch.dtype | None = None,
 ) -> list[Kernel]:
-    """``lora_linear`` as the op contract defines it (base output passed in), all adapters in
-    one pass (R = sum of ranks):
+    """``lora_linear`` (kernels/lora.py) as the op contract defines it (the base output is an
+    input), all adapters in one pass (R = sum of ranks), operands in the adapter dtype:
 
-    shrink: H = drop(X) @ A^T for every adapter; reads X once and the A's, writes H [T, R] in
-    ``h_dtype`` (fp32 by default); the dropout mask is regenerated from a Philox seed, so it
-    costs no bytes. expand: Y = base_out + sum_i s_i H_i @ B_i^T; reads base_out, H and the
-    B's, writes Y. Both run on tensor cores (mma with fp32 accumulation).
+    shrink: t = s' * drop(X) @ A^T for every adapter; reads X once, the stacked A [R, K] and
+    the per-rank scale (R fp32), writes t [T, R] in the adapter dtype (saved for backward);
+    the dropout mask is regenerated from a seed, so it costs no bytes.
+    expand: Y = base_out + t @ B^T; reads base_out, t and B, writes Y (in place over base_out
+    when autograd allows). Both on tensor cores with fp32 accumulation. The small int64 tables
+    of rank tiles (32 B per tile) are left out.
     """
     out = out or act
     big_r = sum(ranks)
     return [
-        Kernel("peftfast: shrink", t * d_in * _b(act) + big_r * d_in * _b(ad), t * big_r * _b(h_dtype),
+        Kernel("peftfast: shrink", t * d_in * _b(act) + big_r * d_in * _b(ad) + big_r * 4, t * big_r * _b(ad),
                2 * t * d_in * big_r, True),
         Kernel("peftfast: expand (+ base_out)",
-               t * d_out * _b(out) + t * big_r * _b(h_dtype) + d_out * big_r * _b(ad),
-               t * d_out * _b(out), 2 * t * d_out * big_r + 2 * t * d_out, True),
+               t * d_out * _b(out) + t * big_r * _b(ad) + d_out * big_r * _b(ad),
+               t * d_out * _b(out), 2 * t * d_out * big_r + t * d_out, True),
     ]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def lora_grad_splits(t: int, n: int, ranks: list[int], ad: torch.dtype, by_adapter: bool) -> int:
+    """How many ways kernels/lora.py splits the reduction over T of a weight gradient [R, n].
+
+    Mirrors its launcher: rank tiles of 16/64/128 covering the largest rank (per adapter when
+    dropout masks differ, ``by_adapter``) or R; column blocks of 64; row blocks of 32 for fp32
+    operands, 64 otherwise; enough programs for ~4 waves on 132 SMs (528), at most one split
+    per row block.
+    """
+    extent = max(ranks) if by_adapter else sum(ranks)
+    block_r = next((b for b in (16, 64, 128) if b >= extent), 128)
+    tiles = sum(_cdiv(r, block_r) for r in ranks) if by_adapter else _cdiv(sum(ranks), block_r)
+    block_m = 32 if ad == torch.float32 else 64
+    splits = max(1, min(_cdiv(528, tiles * _cdiv(n, 64)), _cdiv(t, block_m)))
+    rows = _cdiv(_cdiv(t, splits), block_m) * block_m
+    return _cdiv(t, rows)
 
 
 def peftfast_lora_backward(
     t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
-    out: torch.dtype | None = None, h_dtype: torch.dtype = torch.float32,
+    out: torch.dtype | None = None, splits_db: int = 1, splits_da: int = 1,
 ) -> list[Kernel]:
-    """Backward of ``lora_linear`` (derivation: Y = base_out + s drop(X) A^T B^T, H = drop(X) A^T):
-    dH = s dY @ B, dB = s dY^T @ H, dA = dH^T @ drop(X), dX = mask/(1-p) * (dH @ A).
+    """Backward of ``lora_linear`` (kernels/lora.py). With G = s' * dY @ B ([T, R]):
+    dB = dY^T @ t, dA = G^T @ drop(X), dX = mask * (G @ A), d base_out = dY (no kernel).
 
-    dY side: reads dY once, with B and the saved H [T, R]; writes dH [T, R] (fp32) and dB.
-    X side: reads X once (dropout mask regenerated), dH and A; writes dX_lora and dA.
-    The grad of base_out is dY itself (no kernel). The add of dX_lora into the base layer's
-    dX is autograd's, see ``lora_layer``.
+    dB: reads t and dY, writes fp32 partials [splits_db, N, R]; G: the shrink kernel on
+    (dY, B^T), reads dY and B, writes G in the adapter dtype; dA: reads G and X (mask
+    regenerated), writes fp32 partials [splits_da, R, K]; dX: reads G and A, writes dX_lora.
+    When a reduction is split, one torch ``sum`` of the partials follows; when the adapter
+    dtype is not fp32, one cast of the fp32 gradient. dY is read twice (dB, G), X once. The add
+    of dX_lora into the base layer's dX is autograd's, see ``lora_layer``.
     """
     out = out or act
     big_r = sum(ranks)
-    return [
-        Kernel("peftfast bwd: dY side (dH, dB)",
-               t * d_out * _b(out) + d_out * big_r * _b(ad) + t * big_r * _b(h_dtype),
-               t * big_r * 4 + d_out * big_r * _b(ad), 4 * t * d_out * big_r, True),
-        Kernel("peftfast bwd: X side (dX, dA)",
-               t * d_in * _b(act) + t * big_r * 4 + big_r * d_in * _b(ad),
-               t * d_in * _b(act) + big_r * d_in * _b(ad), 4 * t * d_in * big_r, True),
-    ]
+    f32 = torch.float32
+    ks = [Kernel("peftfast bwd: dB = t^T @ dY", t * big_r * _b(ad) + t * d_out * _b(out),
+                 splits_db * d_out * big_r * 4, 2 * t * d_out * big_r, True)]
+    if splits_db > 1:
+        ks.append(elementwise("torch: sum dB partials", [(splits_db * d_out * big_r, f32)], [(d_out * big_r, f32)]))
+    if ad != f32:
+        ks.append(elementwise("torch: dB.to(adapter dtype)", [(d_out * big_r, f32)], [(d_out * big_r, ad)]))
+    ks.append(Kernel("peftfast bwd: G = s' dY @ B", t * d_out * _b(out) + d_out * big_r * _b(ad) + big_r * 4,
+                     t * big_r * _b(ad), 2 * t * d_out * big_r, True))
+    ks.append(Kernel("peftfast bwd: dA = G^T @ drop(X)", t * big_r * _b(ad) + t * d_in * _b(act),
+                     splits_da * big_r * d_in * 4, 2 * t * d_in * big_r, True))
+    if splits_da > 1:
+        ks.append(elementwise("torch: sum dA partials", [(splits_da * big_r * d_in, f32)], [(big_r * d_in, f32)]))
+    if ad != f32:
+        ks.append(elementwise("torch: dA.to(adapter dtype)", [(big_r * d_in, f32)], [(big_r * d_in, ad)]))
+    ks.append(Kernel("peftfast bwd: dX = mask * (G @ A)", t * big_r * _b(ad) + big_r * d_in * _b(ad),
+                     t * d_in * _b(act), 2 * t * d_in * big_r, True))
+    return ks
 
 
 def peftfast_fused_base(t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype,
                         backward: bool) -> list[Kernel]:
-    """Reference layout (not the op contract): the adapter rides in the base GEMM's epilogue.
+    """Reference layout (not the op contract, not implemented): the adapter rides in the base
+    GEMMs' epilogues, as the DESIGN's LoRA targets presuppose.
 
-    Forward: shrink (as above), then the base GEMM adds s H @ B^T before its store (reads H and
-    B, no extra pass over Y). Backward: dY side (as above), the base dX GEMM adds
-    mask * (dH @ A) in its epilogue, and a dA kernel reads X and dH. This is the layout the
-    DESIGN's LoRA targets presuppose; it is shown next to the contract's layout.
+    Forward: the shrink kernel (as ``peftfast_lora_forward``), then the base GEMM adds t @ B^T
+    before its store (reads t and B, no extra pass over Y). Backward: one kernel reads dY once
+    for both G = s' dY @ B and dB = dY^T @ t; the base dX GEMM adds mask * (G @ A) in its
+    epilogue; a dA kernel reads X and G.
     """
     if not backward:
         shrink = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)[0]
         base = base_linear_forward(t, d_in, d_out, act)[0]
-        epi = Kernel("base GEMM + LoRA epilogue", base.bytes_read + t * r * 4 + d_out * r * _b(ad),
+        epi = Kernel("base GEMM + LoRA epilogue", base.bytes_read + t * r * _b(ad) + d_out * r * _b(ad),
                      base.bytes_written, base.flops + 2 * t * d_out * r, True)
         return [shrink, epi]
-    dy_side = peftfast_lora_backward(t, d_in, d_out, [r], act, ad)[0]
+    dy_side = Kernel("dY side: G and dB", t * d_out * _b(act) + d_out * r * _b(ad) + t * r * _b(ad),
+                     t * r * _b(ad) + d_out * r * _b(ad), 4 * t * d_out * r, True)
     base = base_linear_backward(t, d_in, d_out, act)[0]
-    epi = Kernel("base dX GEMM + LoRA epilogue", base.bytes_read + t * r * 4 + r * d_in * _b(ad),
+    epi = Kernel("base dX GEMM + LoRA epilogue", base.bytes_read + t * r * _b(ad) + r * d_in * _b(ad),
                  base.bytes_written, base.flops + 2 * t * d_in * r, True)
-    d_a = Kernel("peftfast bwd: dA", t * d_in * _b(act) + t * r * 4, r * d_in * _b(ad), 2 * t * d_in * r, True)
+    d_a = Kernel("dA = G^T @ drop(X)", t * d_in * _b(act) + t * r * _b(ad), r * d_in * _b(ad), 2 * t * d_in * r, True)
     return [dy_side, epi, d_a]
 
 
@@ -379,7 +416,13 @@ def lora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int,
         return base + fn(t, d_in, d_out, r, act, ad, dropout_p, True, dropout_impl)
     if not backward:
         return base + peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
-    return base + peftfast_lora_backward(t, d_in, d_out, [r], act, ad) + [dx_accumulate(t, d_in, act)]
+    return base + _peftfast_backward(t, d_in, d_out, r, act, ad, dropout_p > 0) + [dx_accumulate(t, d_in, act)]
+
+
+def _peftfast_backward(t, d_in, d_out, r, act, ad, dropout: bool) -> list[Kernel]:
+    s_b = lora_grad_splits(t, d_out, [r], ad, by_adapter=False)
+    s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout)
+    return peftfast_lora_backward(t, d_in, d_out, [r], act, ad, splits_db=s_b, splits_da=s_a)
 
 
 def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
@@ -391,7 +434,7 @@ def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int
         ks = [matmul_4bit_fused(t, d_in, d_out, act, backward, blocksize, nested)]
         if not backward:
             return ks + peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
-        return ks + peftfast_lora_backward(t, d_in, d_out, [r], act, ad) + [dx_accumulate(t, d_in, act)]
+        return ks + _peftfast_backward(t, d_in, d_out, r, act, ad, dropout_p > 0) + [dx_accumulate(t, d_in, act)]
     if impl == "peft":
         ks = dequant_4bit_then_matmul(t, d_in, d_out, act, backward, blocksize, nested)
         fn = peft_lora_backward if backward else peft_lora_forward
@@ -467,48 +510,63 @@ def calibrate_eager(t: int = 24, d_in: int = 40, d_out: int = 56, r: int = 4, ac
     return checks
 
 
-def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1) -> list[Check]:
-    """Count the Triton kernels of ``lora_linear`` under the interpreter (unique bytes per
-    launch) and compare with ``peftfast_lora_forward`` / ``peftfast_lora_backward``.
+def _count_device(fn) -> tuple[int, int, list[str]]:
+    """(bytes, launches, names) of the Triton launches (unique bytes) and torch ops in fn().
 
-    Needs ``TRITON_INTERPRET=1`` set before the kernels were imported; raises ImportError
-    when ``peftfast.kernels.lora`` does not exist.
+    Torch ops on 0-dim tensors only are left out: the dropout seed is a host-side scalar drawn
+    from torch's CPU generator, no GPU kernel."""
+    from .traffic import count_torch, count_triton
+
+    with count_torch() as torch_ops, count_triton() as triton_ops:
+        fn()
+    ops = [x for x in torch_ops.launch_log if not x.scalar_only]
+    launches = triton_ops.launch_log + ops
+    return (sum(x.unique_bytes_read + x.unique_bytes_written for x in launches), len(launches),
+            [x.name for x in launches])
+
+
+def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
+                       ad: torch.dtype = torch.float32) -> list[Check]:
+    """Count ``lora_linear``'s Triton kernels under the interpreter (unique bytes per launch)
+    plus the torch ops between them, and compare with ``peftfast_lora_forward`` /
+    ``peftfast_lora_backward`` (fp16 activations, adapters in ``ad``).
+
+    Needs ``TRITON_INTERPRET=1`` set before the kernels were imported (RuntimeError
+    otherwise); raises ImportError when ``peftfast.kernels.lora`` does not exist.
     """
     import os
 
     from peftfast.kernels import lora
     from peftfast.kernels.backend import interpreting
 
-    from .traffic import count_triton
-
     if not interpreting():
         raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
-    act, ad = torch.float16, torch.float32
+    act = torch.float16
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
     base_out = torch.randn(t, d_out, generator=gen).to(act)
-    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).requires_grad_(True)
-    b = (torch.randn(d_out, r, generator=gen) / r**0.5).requires_grad_(True)
+    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
+    b = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    dy = torch.randn(t, d_out, generator=gen).to(act)
     saved = os.environ.get("PEFTFAST_BACKEND")
     os.environ["PEFTFAST_BACKEND"] = "triton"
     try:
-        with count_triton() as fwd:
-            y = lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True)
-        with count_triton() as bwd:
-            y.backward(torch.randn(y.shape, generator=gen).to(y.dtype))
+        out = []
+        fwd = _count_device(lambda: out.append(lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True)))
+        bwd = _count_device(lambda: out[0].backward(dy))
     finally:
         if saved is None:
             os.environ.pop("PEFTFAST_BACKEND")
         else:
             os.environ["PEFTFAST_BACKEND"] = saved
     model_f = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
-    model_b = peftfast_lora_backward(t, d_in, d_out, [r], act, ad)
-    shape = f"(T={t}, {d_in}->{d_out}, r={r})"
+    model_b = _peftfast_backward(t, d_in, d_out, r, act, ad, dropout_p > 0)
+    shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})"
     return [
-        Check(f"peftfast Triton lora_linear, forward {shape}", fwd.unique_bytes, path_bytes(model_f),
-              fwd.launches, len(model_f), KERNEL_BYTES_TOLERANCE),
-        Check(f"peftfast Triton lora_linear, backward {shape}", bwd.unique_bytes, path_bytes(model_b),
-              bwd.launches, len(model_b), KERNEL_BYTES_TOLERANCE),
+        Check(f"peftfast lora_linear forward {shape}", fwd[0], path_bytes(model_f), fwd[1], len(model_f),
+              KERNEL_BYTES_TOLERANCE),
+        Check(f"peftfast lora_linear backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
+              KERNEL_BYTES_TOLERANCE),
     ]
 
 
@@ -536,8 +594,12 @@ def _ratio_table(gpu: Gpu, overhead: float, rows: list[tuple[str, list[Kernel], 
     return lines
 
 
+def _name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def _lora_rows(t, d_in, d_out, r, act):
-    f32 = torch.float32
+    f32, a = torch.float32, _name(act)
 
     def pair(impl, ad, p):
         return (lora_layer(impl, False, t, d_in, d_out, r, act, ad, p),
@@ -545,13 +607,33 @@ def _lora_rows(t, d_in, d_out, r, act):
 
     return [
         ("base GEMM alone", *pair("base", act, 0.0)),
-        ("PEFT, adapters bf16, dropout 0.1", *pair("peft", act, 0.1)),
-        ("PEFT, adapters bf16, no dropout", *pair("peft", act, 0.0)),
+        (f"PEFT, adapters {a}, dropout 0.1", *pair("peft", act, 0.1)),
+        (f"PEFT, adapters {a}, no dropout", *pair("peft", act, 0.0)),
         ("PEFT, adapters fp32 (autocast), dropout 0.1", *pair("peft", f32, 0.1)),
         ("PEFT, adapters fp32 (autocast), no dropout", *pair("peft", f32, 0.0)),
-        ("peftfast, op contract (dropout any p)", *pair("peftfast", f32, 0.1)),
-        ("peftfast, LoRA in base GEMM epilogue", *pair("peftfast-fused-base", f32, 0.1)),
+        ("peftfast lora_linear, dropout 0.1", *pair("peftfast", f32, 0.1)),
+        ("peftfast lora_linear, no dropout", *pair("peftfast", f32, 0.0)),
+        ("what-if: LoRA in the base GEMM epilogues", *pair("peftfast-fused-base", f32, 0.1)),
     ]
+
+
+def _verdict(label: str, fwd: list[Kernel], bwd: list[Kernel], base: tuple, targets: dict, gpu: Gpu,
+             overhead: float) -> str:
+    parts = []
+    for (name, limit), ks, ref in zip(targets.items(), (fwd, bwd), base):
+        ratio = path_time(ks, gpu, overhead) / path_time(ref, gpu, overhead)
+        parts.append(f"{name} {ratio:.3f} (target {limit}: {'met' if ratio <= limit else 'MISSED'})")
+    return f"{label}, with launch overhead: " + ", ".join(parts)
+
+
+def _kernel_lines(title: str, kernels: list[Kernel], gpu: Gpu) -> list[str]:
+    lines = [title]
+    for k in kernels:
+        bound = "compute" if k.flops / (gpu.tensor_flops if k.tensor_core else gpu.fp32_flops) > \
+            k.bytes / gpu.bandwidth else "memory"
+        lines.append(f"    {k.name:<40}{k.bytes / 1e6:>9.1f} MB{k.flops / 1e9:>9.2f} GFLOP"
+                     f"{k.time(gpu) * 1e6:>9.1f} us  {bound}-bound")
+    return lines
 
 
 def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16,
@@ -563,7 +645,7 @@ def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 1
         out.append("Calibration (counted at small shapes vs the formulas):")
         checks = calibrate_eager()
         try:
-            checks += calibrate_peftfast()
+            checks += calibrate_peftfast() + calibrate_peftfast(t=200, ad=torch.float16)
         except ImportError:
             out.append("  peftfast.kernels.lora not available: its kernels were not counted")
         except RuntimeError as err:
@@ -571,37 +653,44 @@ def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 1
         out += ["  " + c.line() for c in checks]
         out.append("")
     f32 = torch.float32
-    tgt = ", ".join(f"{k} <= {v}" for k, v in LORA_TARGETS.items())
+    base = lora_layer("base", False, t, d_in, d_out, r, act, act), lora_layer("base", True, t, d_in, d_out, r, act, act)
+    shape = f"T={t}, d_in={d_in}, d_out={d_out}, r={r}, {_name(act)}"
     for gpu in gpus:
-        out.append(f"{gpu.name}: {gpu.bandwidth / 1e12:.1f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s bf16, "
-                   f"{gpu.fp32_flops / 1e12:.1f} TFLOP/s fp32; +ovh = {launch_overhead * 1e6:.1f} us per launch")
-        out.append(f"One LoRA linear, T={t}, d_in={d_in}, d_out={d_out}, r={r}, {str(act).split('.')[-1]}, "
-                   f"ratio to the base GEMM alone (backward: to base dX alone); target {tgt}")
-        out += _ratio_table(gpu, launch_overhead, _lora_rows(t, d_in, d_out, r, act))
+        out.append(f"== {gpu.name}: {gpu.bandwidth / 1e12:.1f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s "
+                   f"{_name(act)}, {gpu.fp32_flops / 1e12:.1f} TFLOP/s fp32; ratio = time / base time, "
+                   f"+ovh = with {launch_overhead * 1e6:.1f} us per launch")
+        out.append(f"One LoRA linear, {shape}; base = the GEMM alone (backward: base dX alone)")
+        rows = _lora_rows(t, d_in, d_out, r, act)
+        out += _ratio_table(gpu, launch_overhead, rows)
+        for label, fwd, bwd in rows[5:]:
+            out.append(_verdict(label, fwd, bwd, base, LORA_TARGETS, gpu, launch_overhead))
+        out += _kernel_lines("  kernels of peftfast lora_linear, dropout 0.1, forward:", rows[5][1], gpu)
+        out += _kernel_lines("  backward:", rows[5][2], gpu)
         out.append("")
-        qt = ", ".join(f"{k} <= {v}" for k, v in QLORA_TARGETS.items())
-        out.append(f"NF4 QLoRA linear (blocksize 64), same shape, ratio to the bf16 base GEMM alone; target {qt}")
-        base = lora_layer("base", False, t, d_in, d_out, r, act, act), lora_layer("base", True, t, d_in, d_out, r, act, act)
+        out.append(f"NF4 QLoRA linear (blocksize 64), {shape}; base = the bf16 GEMM alone")
         q_rows = [("bf16 base GEMM alone", *base)]
-        for label, impl in (("peftfast: 4-bit GEMM + lora_linear", "peftfast"),
-                            ("PEFT + bnb: dequant + GEMM, fp32 adapters, p=0.1", "peft")):
+        for label, impl in (("peftfast: 4-bit GEMM + lora_linear, p=0.1", "peftfast"),
+                            ("PEFT+bnb: dequant+GEMM, fp32 adapters, p=0.1", "peft")):
             q_rows.append((label, qlora_layer(impl, False, t, d_in, d_out, r, act, f32, 0.1),
                            qlora_layer(impl, True, t, d_in, d_out, r, act, f32, 0.1)))
         i8 = [matmul_int8_fused(t, d_in, d_out, act)], [matmul_int8_fused(t, d_in, d_out, act, True)]
         d8 = dequant_int8_then_matmul(t, d_in, d_out, act), dequant_int8_then_matmul(t, d_in, d_out, act, True)
         q_rows += [("int8 base only: fused GEMM", *i8), ("int8 base only: dequant + GEMM", *d8)]
         out += _ratio_table(gpu, launch_overhead, q_rows)
+        out.append(_verdict(q_rows[1][0], q_rows[1][1], q_rows[1][2], base, QLORA_TARGETS, gpu, launch_overhead))
         dec = 16
         k4 = matmul_4bit_fused(dec, d_in, d_out, act)
         kb = base_linear_forward(dec, d_in, d_out, act)[0]
-        out.append(f"Decode T={dec}: 4-bit GEMM moves {k4.bytes / 1e6:.1f} MB ({k4.time(gpu) * 1e6:.1f} us), "
-                   f"bf16 GEMM {kb.bytes / 1e6:.1f} MB ({kb.time(gpu) * 1e6:.1f} us)")
+        out.append(f"Decode T={dec}: the 4-bit GEMM moves {k4.bytes / 1e6:.1f} MB ({k4.time(gpu) * 1e6:.1f} us), "
+                   f"a {_name(act)} GEMM {kb.bytes / 1e6:.1f} MB ({kb.time(gpu) * 1e6:.1f} us)")
+        out.append("")
+        out.append(f"IA3 linear, forward only, {shape[:shape.index(', r=')]}{shape[shape.index(', r=') + 6:]}; "
+                   f"target forward <= 1.01 (backward columns: base dX only)")
         ia3_rows = [("base GEMM alone", *base)]
         for ff in (True, False):
             kind = "feedforward (scale on x)" if ff else "attention (scale on y)"
             ia3_rows.append((f"peftfast IA3 {kind}", [ia3_fused_matmul(t, d_in, d_out, act, f32, ff)], base[1]))
             ia3_rows.append((f"PEFT IA3 {kind}, fp32 ia3_l", peft_ia3_forward(t, d_in, d_out, act, f32, ff), base[1]))
-        out.append("IA3 linear, forward only (backward columns repeat the base dX), target forward <= 1.01")
         out += _ratio_table(gpu, launch_overhead, ia3_rows)
         out.append("")
     return "\n".join(out)

@@ -85,6 +85,7 @@ class Launch:
     unique_bytes_read: int = 0  # torch ops: equal to bytes_read
     unique_bytes_written: int = 0
     grid: tuple[int, int, int] | None = None  # Triton only
+    scalar_only: bool = False  # torch op on 0-dim tensors only (e.g. a seed drawn on the host)
 
 
 @dataclass
@@ -181,9 +182,11 @@ class _TorchTrafficMode(TorchDispatchMode):
         if name in _WRITE_ONLY_SELF and read_args:
             read_args = read_args[1:]
         read_kwargs = {k: v for k, v in kwargs.items() if k != "out"}
-        read = sum(tensor_bytes(t) for t in _tensors((read_args, read_kwargs)))
-        written = sum(tensor_bytes(t) for t in _tensors(out))
-        self.result.launch_log.append(Launch(str(func), read, written, read, written))
+        inputs, outputs = _tensors((read_args, read_kwargs)), _tensors(out)
+        read = sum(tensor_bytes(t) for t in inputs)
+        written = sum(tensor_bytes(t) for t in outputs)
+        scalar = all(t.dim() == 0 for t in inputs + outputs)
+        self.result.launch_log.append(Launch(str(func), read, written, read, written, scalar_only=scalar))
         return out
 
 

@@ -359,6 +359,10 @@ class BaseTuner(nn.Module):
                     item[1]()
             raise
         self.targeted_module_names = sorted(set(self.targeted_module_names) | set(planned))
+        # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
+        # instead. Trainability of existing parameters is left as it was.
+        for layer in self._tuner_layers():
+            layer._active_adapter = list(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
             for name, p in model.named_parameters():

@@ -305,9 +305,8 @@ def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, 
             continue
         target = own[model_key]
         if tuple(tensor.shape) != tuple(target.shape):
-            if not ignore_mismatched_sizes:
-                mismatched.append(f"{ckpt_key}: checkpoint has shape {tuple(tensor.shape)}, the model expects "
-                                  f"{tuple(target.shape)}")
+            mismatched.append(f"{ckpt_key}: checkpoint has shape {tuple(tensor.shape)}, the model expects "
+                              f"{tuple(target.shape)}")
             continue
         if tensor.is_sparse or tensor.layout != torch.strided:
             bad.append(f"{ckpt_key}: layout {tensor.layout} (expected a dense tensor)")
@@ -327,6 +326,10 @@ def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, 
             continue
         out[model_key] = tensor
 
+    if mismatched and ignore_mismatched_sizes:
+        warnings.warn("ignore_mismatched_sizes=True: these checkpoint tensors were not loaded: " + _listed(mismatched),
+                      UserWarning)
+        mismatched = []
     problems = []
     if unexpected:
         problems.append(f"unexpected keys (not part of adapter {adapter_name!r} of this model): "
@@ -423,9 +426,13 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs:
     except (PermissionError, IsADirectoryError):
         raise
     except Exception as e:  # UnpicklingError (including refused globals), EOFError, RuntimeError on bad zip, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's first line suggests weights_only=False; the useful part is which global was refused
+        detail = next((line for line in lines if "global" in line.lower() and "weights_only" not in line),
+                      lines[0] if lines else "")
         raise AdapterLoadError(f"{path} could not be read as a PyTorch weights file (truncated, damaged, or holding "
                                f"objects other than tensors, which weights_only loading refuses): "
-                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                               f"{type(e).__name__}: {detail}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise AdapterLoadError(f"{path} must hold a dict of name -> tensor, found {type(state).__name__}")
     return state

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peftfast.kernels import ia3 as I
 
 K_TOL = 4.0
-F16, F32 = torch.float16, torch.float32
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 
 
 def peft_ia3_linear(x, w, b, s, feedforward):
@@ -104,6 +104,15 @@ def test_ia3_linear_fp16_scale(backend, feedforward):
     check(lambda x_, w_, b_, s_: I.ia3_linear(x_, w_, b_, s_, feedforward),
           lambda x_, w_, b_, s_: peft_ia3_linear(x_, w_, b_, s_, feedforward),
           [x, w, b, s], [True, False, False, True], dy, ["dx", "dscale"])
+
+
+@pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
+def test_ia3_linear_bf16_reference(torch_backend, feedforward):
+    """bf16 runs through the PyTorch reference only (no bf16 arithmetic in the interpreter)."""
+    x, w, b, s, dy = make((113,), 203, 97, feedforward, BF16, seed=5)
+    check(lambda x_, w_, b_, s_: I.ia3_linear(x_, w_, b_, s_, feedforward),
+          lambda x_, w_, b_, s_: peft_ia3_linear(x_, w_, b_, s_, feedforward),
+          [x, w, b, s], [True, True, True, True], dy, ["dx", "dW", "db", "dscale"])
 
 
 def test_ia3_linear_scale_of_any_shape(backend):

@@ -14,7 +14,7 @@ from peftfast.kernels import dropout as D
 from peftfast.kernels import lora as L
 
 K_TOL = 4.0
-F16, F32 = torch.float16, torch.float32
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +113,17 @@ def test_forward_and_grads_match_float64(backend, ranks, dtypes, dropout):
     y, grads, seed = run_op(x, base, As, Bs, scalings, ps, dy)
     check_against_f64(y, grads, inputs, masks_for(seed, ps, x), ps, grad_names(len(ranks)))
     assert torch.equal(grads[1], dy), "base_out's gradient is the identity"
+
+
+@pytest.mark.parametrize("dtypes", [(BF16, BF16), (BF16, F32)], ids=["bf16", "bf16x-fp32w"])
+def test_bf16_reference(torch_backend, dtypes):
+    """bf16 runs through the PyTorch reference only: the interpreter has no bf16 arithmetic
+    (the Triton bf16 kernels are checked by compiling them, see aot_specs)."""
+    inputs = make_inputs((113,), 203, 97, [7, 100], *dtypes)
+    x, base, As, Bs, scalings, dy = inputs
+    ps = [0.1, 0.3]
+    y, grads, seed = run_op(x, base, As, Bs, scalings, ps, dy)
+    check_against_f64(y, grads, inputs, masks_for(seed, ps, x), ps, grad_names(2))
 
 
 @pytest.mark.parametrize("noncontig", [False, True], ids=["contig", "strided"])
@@ -285,3 +296,10 @@ def test_saves_no_mask_and_no_copy_of_x(backend, dtypes):
     peft_bytes = sum(t.numel() * t.element_size() for t in saved_peft if t is not a[0] and t is not b[0])
     ours = sum(t.numel() * t.element_size() for t in saved if t is not a[0] and t is not b[0])
     assert ours < peft_bytes
+
+
+def test_zero_tokens(backend):
+    x, base, As, Bs, scalings, dy = make_inputs((0,), 32, 24, [4], F32, F32)
+    y, grads, _ = run_op(x, base, As, Bs, scalings, [0.1], dy)
+    assert y.shape == (0, 24) and grads[0].shape == (0, 32)
+    assert torch.equal(grads[2], torch.zeros_like(As[0])) and torch.equal(grads[3], torch.zeros_like(Bs[0]))

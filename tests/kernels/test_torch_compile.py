@@ -62,10 +62,11 @@ class TinyModel(torch.nn.Module):
         return I.ia3_scale_output(h, self.out_scale)
 
 
-def _step(model, x, seed):
+def _step(model, x, seed, fwd=None):
+    """One training step through ``fwd`` (the compiled model, or the model itself)."""
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    y = model(x)
+    y = (model if fwd is None else fwd)(x)
     y.pow(2).mean().backward()
     return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -96,12 +97,12 @@ def test_compile_aot_eager_matches_eager(backend):
     x = torch.randn(2, 5, 24, requires_grad=False)
     y_eager, g_eager = _step(model, x, seed=7)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    y_comp, g_comp = _step(compiled, x, seed=7)
+    y_comp, g_comp = _step(model, x, seed=7, fwd=compiled)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
     for name in g_eager:
         torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)
     # a second step with another seed: new dropout masks, still equal to eager
-    y2_comp, _ = _step(compiled, x, seed=8)
+    y2_comp, _ = _step(model, x, seed=8, fwd=compiled)
     y2_eager, _ = _step(model, x, seed=8)
     torch.testing.assert_close(y2_comp, y2_eager, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(y2_comp, y_comp)
@@ -117,7 +118,7 @@ def test_compile_inductor_matches_eager(torch_backend):
     y_eager, g_eager = _step(model, x, seed=9)
     with inductor_config.patch(fallback_random=True):
         compiled = torch.compile(model, fullgraph=True, backend="inductor")
-        y_comp, g_comp = _step(compiled, x, seed=9)
+        y_comp, g_comp = _step(model, x, seed=9, fwd=compiled)
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
     for name in g_eager:
         torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-5, msg=name)
