@@ -172,11 +172,11 @@ def _ia3_scale_backward_kernel(
 # by operand dtype: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages); sized so that no
 # variant spills on sm_80..sm_90 even when the operands are not 16-byte aligned
 _MM_CFG = {
-    torch.float16: (64, 128, 64, 8, 8, 3),
-    torch.bfloat16: (64, 128, 64, 8, 8, 3),
+    torch.float16: (64, 128, 32, 8, 8, 4),
+    torch.bfloat16: (64, 128, 32, 8, 8, 4),
     torch.float32: (128, 64, 32, 8, 8, 3),
 }
-_EW_CFG = (32, 128, 4)  # elementwise: BLOCK_M, BLOCK_N, num_warps
+_EW_CFG = (16, 128, 4)  # elementwise: BLOCK_M, BLOCK_N, num_warps
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

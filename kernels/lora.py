@@ -252,7 +252,7 @@ for _wide in (False, True):
     for _br in _LOOP_BLOCK_R:
         _m = 32 if _wide and _br == 64 else 64
         _CONFIGS["expand", _br, _wide] = dict(BLOCK_M=_m, BLOCK_N=64 if _wide else 128, num_warps=8, num_stages=3)
-        _CONFIGS["grad_x", _br, _wide] = dict(BLOCK_M=_m, BLOCK_K=64, num_warps=8, num_stages=3)
+        _CONFIGS["grad_x", _br, _wide] = dict(BLOCK_M=32 if _wide else 64, BLOCK_K=64, num_warps=8, num_stages=3)
 _TARGET_PROGRAMS = 528  # ~4 waves on a 132-SM GPU for the split reductions over M
 
 

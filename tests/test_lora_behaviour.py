@@ -36,9 +36,6 @@ from tests._models import (
 )
 
 
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
 
 @pytest.fixture(autouse=True)
 def _quiet():
@@ -117,18 +114,9 @@ SIGNATURES = [
     "LoraModel.delete_adapter",
     pytest.param(
         "PeftModel.add_adapter",
-        marks=xfail(
-            "PeftModel.add_adapter lacks PEFT's `autocast_adapter_dtype: bool = True` keyword "
-            "(peft/peft_model.py PeftModel.add_adapter); add_adapter(..., autocast_adapter_dtype=False) "
-            "raises TypeError. Fix: accept it and pass it to inject_adapter."
-        ),
     ),
     pytest.param(
         "PeftModel.set_adapter",
-        marks=xfail(
-            "PeftModel.set_adapter lacks PEFT's `inference_mode: bool = False` keyword (peft/peft_model.py "
-            "PeftModel.set_adapter). Fix: accept it and pass it to base_model.set_adapter."
-        ),
     ),
 ]
 
@@ -622,13 +610,6 @@ def test_adapter_names_mixed_batch(case):
     assert pm.active_adapter == "default"
 
 
-@xfail(
-    "adapter_names with modules_to_save: PEFT routes every sample through its adapter's copy of the head "
-    "(peft/tuners/lora/model.py LoraModel._enable_peft_forward_hooks hooks LoraLayer AND "
-    "AuxiliaryTrainingWrapper; peft/utils/other.py AuxiliaryTrainingWrapper._mixed_batch_forward); peftfast "
-    "hooks only LoRA layers, so all rows use the active adapter's classifier. Fix: also hook "
-    "ModulesToSaveWrapper and split the batch there."
-)
 def test_adapter_names_mixed_batch_with_classifier_heads():
     pm = _two_adapter_model(tiny_bert_seq_cls, "SEQ_CLS", ["query", "value"])
     x = {k: v for k, v in seq_cls_inputs(batch=3).items() if k != "labels"}
@@ -640,11 +621,6 @@ def test_adapter_names_mixed_batch_with_classifier_heads():
         assert torch.allclose(mixed[i], separate[name][i], atol=1e-5, rtol=1e-5), (i, name)
 
 
-@xfail(
-    "adapter_names with a LoRA embedding: PEFT splits the batch per adapter in the embedding layer too "
-    "(peft/tuners/lora/layer.py Embedding._mixed_batch_forward); peftfast's lora.Embedding.forward raises "
-    "NotImplementedError. Fix: the same per-adapter row split as lora.Linear._mixed_batch_forward."
-)
 def test_adapter_names_mixed_batch_with_embedding_target():
     pm = _two_adapter_model(tiny_llama, "CAUSAL_LM", ["embed_tokens", "q_proj"])
     x = {k: v for k, v in causal_inputs(batch=3).items() if k != "labels"}
@@ -681,12 +657,6 @@ def test_adapter_names_in_generate():
         assert torch.equal(mixed[i], expected[0]), name
 
 
-@xfail(
-    "adapter_names with beam search: PEFT repeats each adapter name num_beams times (and keeps the original "
-    "list for the encoder of encoder-decoder models) in peft/tuners/lora/model.py "
-    "LoraModel._enable_peft_forward_hooks; peftfast passes the list unchanged, so generate(num_beams=2, "
-    "adapter_names=[...]) fails with a batch-size mismatch. Fix: expand the list when num_beams > 1."
-)
 def test_adapter_names_with_beam_search():
     pm = _two_adapter_model(tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj"])
     x = causal_inputs(batch=2, seq=5)

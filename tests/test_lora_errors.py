@@ -18,9 +18,6 @@ import peftfast as fast
 from tests._models import causal_inputs, tiny_gpt2, tiny_llama, tiny_net, tiny_t5
 
 
-def xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
 
 @pytest.fixture(autouse=True)
 def _quiet():
@@ -304,14 +301,6 @@ def _poison(pm, which: str, value: float) -> None:
         "first",
         pytest.param(
             "last",
-            marks=xfail(
-                "safe_merge refusing a non-finite result in a later layer leaves earlier layers' weights "
-                "changed: BaseTuner.merge_adapter merges layer by layer and undoes the merged ones with "
-                "unmerge(), i.e. W + d - d, which is not bit-identical to W in floating point. The issue "
-                "asks for the model 'exactly as it was'. Fix: with safe_merge, build and check every layer's "
-                "merged weight first (or keep the original tensors) and assign them only when all are "
-                "finite."
-            ),
         ),
     ],
 )
@@ -330,12 +319,6 @@ def test_safe_merge_refuses_non_finite(which, value, how):
     assert isinstance(pm.base_model.model.model.layers[0].self_attn.q_proj, fast.tuners.lora.LoraLayer)
 
 
-@xfail(
-    "deleting a merged adapter: PEFT refuses ('Cannot delete adapter(s) [...] while they are merged. Please "
-    "unmerge them first.', peft/tuners/tuners_utils.py _check_adapters_not_merged called from "
-    "BaseTuner.delete_adapter); peftfast deletes it and leaves its delta inside the base weights with no way "
-    "to unmerge it. Fix: the same check in BaseTuner.delete_adapter before changing anything."
-)
 def test_delete_merged_adapter():
     pm = _with_second_adapter()
     pm.merge_adapter()

@@ -2,14 +2,14 @@
 
 The shipped weights in ``peftfast/demo/data`` come from this script::
 
-    python -m peftfast.demo.base --rebuild     # retrain (seed-fixed, ~20 s on 2 CPU cores)
+    python -m peftfast.demo.base --rebuild     # retrain (seed-fixed, one thread, ~25 s of CPU time)
     python -m peftfast.demo.base               # check the shipped model on its task
 
 Pretraining is 500 AdamW steps of the copy operator (``^hello>hello.``) on fresh random
-strings. Copying strings of varying length needs a real mechanism (attend from each answer
-position to the matching source position), which is what later lets LoRA turn it into
-reversal in a few hundred steps. The rebuild refuses to write a model that copies less than
-95% of the held-out strings exactly.
+strings. Copying strings of varying length needs a real mechanism (each answer position
+finds and reads the matching source position); reversal, the demo's new task, reads the
+same positions in the other order. The rebuild refuses to write a model that copies less
+than 95% of the held-out strings exactly.
 
 The weights are bit-for-bit reproducible on one machine and torch version; across CPUs or
 BLAS builds float rounding can differ, while the accuracy does not.
@@ -67,7 +67,8 @@ def base_config() -> LlamaConfig:
     )
 
 
-def pretrain(steps: int = PRETRAIN_STEPS, seed: int = PRETRAIN_SEED, progress: bool = True) -> LlamaForCausalLM:
+def pretrain(steps: int = PRETRAIN_STEPS, seed: int = PRETRAIN_SEED, progress: bool = True
+             ) -> LlamaForCausalLM:
     """Build the base from scratch on one CPU thread: random init from ``seed``, then train to copy."""
     with task.cpu_threads(1):
         return _pretrain(steps, seed, progress)
@@ -82,7 +83,8 @@ def _pretrain(steps: int, seed: int, progress: bool) -> LlamaForCausalLM:
         if progress and (step % 100 == 0 or step == steps - 1):
             print(f"  step {step + 1:4d}/{steps}  loss {loss:.4f}", flush=True)
 
-    task.train(model, PRETRAIN_OP, steps, lr=PRETRAIN_LR, seed=seed, device="cpu", exclude=held_out, on_step=report)
+    task.train(model, PRETRAIN_OP, steps, lr=PRETRAIN_LR, seed=seed, device="cpu", exclude=held_out,
+               on_step=report)
     return model
 
 
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftfast.demo.base", description=__doc__.split("\n")[0])
     parser.add_argument("--rebuild", action="store_true", help="retrain the base and write it to --out")
     parser.add_argument("--out", type=Path, default=DATA_DIR, help=f"where to write it (default {DATA_DIR})")
-    parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS, help="pretraining steps (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=PRETRAIN_STEPS,
+                        help="pretraining steps (default %(default)s)")
     args = parser.parse_args(argv)
     with task.cpu_threads(1), quiet_loading():
         return _main(args)

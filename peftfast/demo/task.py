@@ -75,7 +75,8 @@ def encode(text: str) -> list[int]:
     try:
         return [TOKEN_ID[ch] for ch in text]
     except KeyError as err:
-        raise ValueError(f"character {err.args[0]!r} is not in the demo vocabulary {''.join(VOCAB)!r}") from None
+        vocab = "".join(VOCAB)
+        raise ValueError(f"character {err.args[0]!r} is not in the demo vocabulary {vocab!r}") from None
 
 
 def decode(ids: Iterable[int]) -> str:
@@ -118,11 +119,12 @@ def answer_loss(model: nn.Module, ids: torch.Tensor, answer_mask: torch.Tensor) 
     """Mean next-token cross-entropy over the answer tokens (the prompt is given, not learned)."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # [B, T-1, V]
     targets = ids[:, 1:].masked_fill(~answer_mask[:, 1:], -100)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 @torch.no_grad()
-def greedy_answers(model: nn.Module, op: str, sources: Sequence[str], device, batch_size: int = 256) -> list[str]:
+def greedy_answers(model: nn.Module, op: str, sources: Sequence[str], device, batch_size: int = 256
+                   ) -> list[str]:
     """Greedy continuation of each prompt for exactly len(answer) + 1 tokens.
 
     Prompts are batched by length so no padding or attention mask is needed.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..utils.constants import COMMON_LAYERS_PATTERN, INCLUDE_LINEAR_LAYERS_SHORTHAND
+from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from ..utils.other import ModulesToSaveWrapper, _get_submodules
 
 
@@ -48,6 +48,18 @@ def _bnb_linear_classes() -> tuple[type, ...]:
 def linear_layer_classes() -> tuple[type, ...]:
     conv1d = _conv1d_class()
     return (nn.Linear,) + ((conv1d,) if conv1d else ()) + _bnb_linear_classes()
+
+
+def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
+    """PEFT's ``adapter_names`` has one entry per input sample; generate() with beams (or any caller that
+    repeats each sample k times, e.g. the decoder of a seq2seq model) sees a batch k times as large."""
+    n = len(adapter_names)
+    if n == batch:
+        return list(adapter_names)
+    if n and batch % n == 0:
+        k = batch // n
+        return [name for name in adapter_names for _ in range(k)]
+    raise ValueError(f"adapter_names has {n} entries for a batch of {batch}; give one adapter name per sample")
 
 
 class BaseTunerLayer:
@@ -153,7 +165,7 @@ def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optiona
     else:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
     if not patterns:
-        m = re.match(r".*\.[^.]*\.(\d+)\.", key)
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)  # the first numbered segment, not a nested one
         return int(m.group(1)) if m else None
     for pattern in patterns:
         m = re.match(rf".*\.{pattern}\.(\d+)\.", key)
@@ -188,6 +200,26 @@ def check_target_module_exists(config: Any, key: str) -> bool:
     if index is None:
         return False
     return index == layers if isinstance(layers, int) else index in layers
+
+
+# Lists at least this long are condensed to the shortest distinguishing name suffixes, as PEFT does.
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
+
+
+def _suffixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]  # shortest first
+
+
+def find_minimal_target_modules(targets: Iterable[str], others: Iterable[str]) -> set[str]:
+    """The shortest dotted suffixes that match every name in ``targets`` and no name in ``others``."""
+    forbidden = {tail for name in others for tail in _suffixes(name)}
+    chosen: set[str] = set()
+    for target in sorted(targets, key=lambda t: (len(t.split(".")), t)):
+        if any(target == c or target.endswith("." + c) for c in chosen):
+            continue
+        chosen.add(next((tail for tail in _suffixes(target) if tail not in forbidden), target))
+    return chosen
 
 
 def _entry_matches(entry: str, keys: Iterable[str]) -> bool:
@@ -284,6 +316,17 @@ class BaseTuner(nn.Module):
             raise ValueError("target_modules='all-linear' found no Linear/Conv1D layer in the model")
         config.target_modules = names
 
+    def _condense_target_modules(self, config: Any, model: nn.Module) -> None:
+        targets = config.target_modules
+        if isinstance(targets, str) or targets is None or len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+            return
+        if str(getattr(config, "peft_type", "")) == "IA3":  # feedforward_modules must stay a subset: keep as is
+            return
+        keys = [k for k, _ in model.named_modules() if k]
+        tails = tuple("." + t for t in targets)
+        others = [k for k in keys if k not in targets and not k.endswith(tails)]
+        config.target_modules = find_minimal_target_modules(targets, others)
+
     def _candidate_names(self, model: nn.Module) -> list[str]:
         seen: dict[str, None] = {}
         for key, module in model.named_modules():
@@ -294,10 +337,14 @@ class BaseTuner(nn.Module):
     def _plan(self, config: Any, model: nn.Module) -> list[str]:
         keys = [k for k, _ in model.named_modules() if k]
         skip = ("modules_to_save", "original_module", "base_layer")
+        saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in (getattr(config, "modules_to_save", None)
+                                                                                 or ()))]
         planned = []
         for key in keys:
             parts = key.split(".")
             if any(p in skip for p in parts):
+                continue
+            if any(key.startswith(s + ".") for s in saved):  # trained in full as modules_to_save: no adapter inside
                 continue
             if check_target_module_exists(config, key):
                 planned.append(key)
@@ -309,7 +356,14 @@ class BaseTuner(nn.Module):
                     f"{kinds} layers: {', '.join(self._candidate_names(model))}"
                 )
         else:
-            unmatched = sorted(e for e in config.target_modules if not _entry_matches(e, planned))
+            # An entry that names modules which the user's own exclude_modules / layers_to_transform then removed
+            # is fine (as in PEFT); an entry that names no module at all is a mistake.
+            unmatched = sorted(e for e in config.target_modules if not _entry_matches(e, keys))
+            if not planned and not unmatched:
+                raise ValueError(
+                    f"target_modules {sorted(config.target_modules)} matched modules, but exclude_modules / "
+                    f"layers_to_transform removed all of them; nothing to adapt"
+                )
             if unmatched:
                 why = ""
                 if getattr(config, "layers_to_transform", None) is not None:
@@ -337,6 +391,7 @@ class BaseTuner(nn.Module):
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         self._expand_all_linear(config, model)
+        self._condense_target_modules(config, model)
         planned = self._plan(config, model)
 
         undo: list[Any] = []
@@ -365,8 +420,11 @@ class BaseTuner(nn.Module):
             layer._active_adapter = list(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
         if config.inference_mode:
+            from ..utils.save_and_load import adapter_parameter_prefixes
+
+            prefixes = tuple(adapter_parameter_prefixes(model, adapter_name))
             for name, p in model.named_parameters():
-                if adapter_name in name and (self.prefix in name or "modules_to_save" in name):
+                if any(name == q or name.startswith(q + ".") for q in prefixes):
                     p.requires_grad = False
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
@@ -425,7 +483,8 @@ class BaseTuner(nn.Module):
                 continue
             if bias == "all":
                 for name, p in model.named_parameters():
-                    if "bias" in name and "modules_to_save" not in name and "original_module" not in name:
+                    if (name == "bias" or name.endswith(".bias")) and "modules_to_save" not in name \
+                            and "original_module" not in name:
                         p.requires_grad = True
             elif bias.endswith("_only"):
                 for module in model.modules():
@@ -489,6 +548,10 @@ class BaseTuner(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_adapter_names(adapter_name)
+        merged = [m for m in self._tuner_layers() if adapter_name in m.merged_adapters]
+        if merged:
+            raise AdapterError(f"adapter {adapter_name!r} is merged into the base weights of {len(merged)} layer(s); "
+                               "call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
         for layer in self._tuner_layers():
             layer.delete_adapter(adapter_name)
@@ -496,7 +559,7 @@ class BaseTuner(nn.Module):
             wrapper.delete_adapter(adapter_name)
         remaining = [n for n in self.active_adapters if n != adapter_name]
         if not remaining:
-            remaining = list(self.peft_config)[:1]
+            remaining = sorted(self.peft_config)[:1]  # PEFT's choice: the alphabetically first adapter left
             if remaining:
                 self.set_adapter(remaining)
         self.active_adapter = (remaining[0] if len(remaining) == 1 else remaining) if remaining else []
@@ -509,6 +572,11 @@ class BaseTuner(nn.Module):
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         for layer in layers:  # validate everything first: a refused merge changes nothing
             layer._adapters_to_merge(names)
+        if safe_merge:  # check every layer's merged weights are finite before changing any of them
+            for layer in layers:
+                check = getattr(layer, "check_merge", None)
+                if check is not None:
+                    check(names)
         done: list[BaseTunerLayer] = []
         try:
             for layer in layers:
@@ -526,7 +594,12 @@ class BaseTuner(nn.Module):
     def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False,
                                      safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
         if merge:
-            self.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+            # Adapters already merged with merge_adapter() stay merged; only the rest are merged now.
+            names = self.active_adapters if adapter_names is None else list(adapter_names)
+            already = {n for layer in self._tuner_layers() for n in layer.merged_adapters}
+            pending = [n for n in names if n not in already]
+            if pending:
+                self.merge_adapter(adapter_names=pending, safe_merge=safe_merge)
         keys = [k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
         keep = self.active_adapters[0] if self.active_adapters else None
         for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model"):
@@ -538,6 +611,8 @@ class BaseTuner(nn.Module):
                 setattr(parent, target_name, target.get_base_layer())
             elif isinstance(target, ModulesToSaveWrapper):
                 setattr(parent, target_name, target.unwrapped(keep if not target.disable_adapters else None))
+        if "peft_config" in getattr(self.model, "__dict__", {}):
+            del self.model.peft_config  # the unloaded model is a plain model again and can be wrapped anew
         return self.model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,

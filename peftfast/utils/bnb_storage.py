@@ -20,8 +20,6 @@ bitsandbytes is imported lazily, only when one of these functions is called.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
-
 import torch
 
 from ..kernels.quant import Packed4bit, check_packed4bit, packed_bytes
@@ -61,7 +59,8 @@ def _from_cpu_layout(weight: torch.Tensor, qs, n: int, k: int) -> Packed4bit:
         stacklevel=3,
     )
     if n % _CPU_BLOCK_N or k % 2 or k % qs.blocksize:
-        raise ValueError(f"unexpected bitsandbytes CPU layout for a {n}x{k} weight (blocksize {qs.blocksize})")
+        raise ValueError(
+            f"unexpected bitsandbytes CPU layout for a {n}x{k} weight (blocksize {qs.blocksize})")
     data = _unpack_cpu_layout(weight, n, k)
     absmax = qs.absmax.t().reshape(-1).float()  # [K/bs, N] bf16 -> block order of the flat weight
     dtype = getattr(qs, "original_dtype", qs.dtype)
@@ -83,7 +82,8 @@ def packed4bit_from_bnb(obj, quant_state=None) -> Packed4bit:
     elif isinstance(obj, bnb.nn.Params4bit):
         quant_state = quant_state or obj.quant_state
     elif not isinstance(obj, torch.Tensor):
-        raise TypeError(f"expected a bitsandbytes Linear4bit, Params4bit or packed tensor, got {type(obj).__name__}")
+        raise TypeError(
+            f"expected a bitsandbytes Linear4bit, Params4bit or packed tensor, got {type(obj).__name__}")
     if quant_state is None:
         raise ValueError(
             "this 4-bit weight has no quant_state: it is not quantised yet (move the layer to a device, "
@@ -99,15 +99,12 @@ def packed4bit_from_bnb(obj, quant_state=None) -> Packed4bit:
     data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     if getattr(qs, "packing_format_for_cpu", False):
         return _from_cpu_layout(data, qs, n, k)
-    nested: Optional[tuple] = None
+    nested = {}
     if qs.nested:
         offset = qs.offset.item() if isinstance(qs.offset, torch.Tensor) else float(qs.offset)
-        nested = (qs.state2.absmax, qs.state2.code, int(qs.state2.blocksize), offset)
-    p = Packed4bit(
-        data=packed_bytes(data), absmax=qs.absmax, code=qs.code, blocksize=int(qs.blocksize), shape=(n, k),
-        dtype=qs.dtype, nested_absmax=nested[0] if nested else None, nested_code=nested[1] if nested else None,
-        nested_blocksize=nested[2] if nested else 256, offset=nested[3] if nested else None,
-    )
+        nested = dict(nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                      nested_blocksize=int(qs.state2.blocksize), offset=offset)
+    p = Packed4bit(packed_bytes(data), qs.absmax, qs.code, int(qs.blocksize), (n, k), qs.dtype, **nested)
     check_packed4bit(p)
     return p
 

@@ -77,6 +77,12 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter = [n for n in names if n in self.modules_to_save]
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Disabled: the original module runs and no copy trains; enabled: the active copies train again."""
+        if enabled:
+            for key, module in self.modules_to_save.items():
+                module.requires_grad_(key in self._active_adapter)
+        else:
+            self.modules_to_save.requires_grad_(False)
         self._disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -85,7 +91,23 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._active_module()(*args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None or self._disable_adapters:
+            return self._active_module()(*args, **kwargs)
+        # One adapter per sample: run each sub-batch through its adapter's copy ('__base__': the original).
+        from ..tuners.tuners_utils import per_sample_adapter_names
+
+        x = args[0]
+        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
+        out = None
+        for name in dict.fromkeys(adapter_names):
+            idx = [i for i, n in enumerate(adapter_names) if n == name]
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            part = module(x[idx], *args[1:], **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
+            out[idx] = part
+        return out
 
     def unwrapped(self, adapter_name: Optional[str] = None) -> nn.Module:
         """The module that replaces this wrapper on unload: the adapter's copy, or the original."""

@@ -37,7 +37,8 @@ def make_packed(n, k, blocksize=64, nested=True, quant_type="nf4", w_dtype=torch
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) / k**0.5).to(w_dtype)
     with torch._dynamo.config.patch(disable=True):
-        packed, qs = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+        packed, qs = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested,
+                                      quant_type=quant_type)
     extra = {}
     if qs.nested:
         extra = dict(nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
@@ -87,9 +88,13 @@ def check_op(op, x, weight, bias, n, seed):
         check_close(b.grad, dy.double().sum(tokens), dy.sum(tokens).to(bias.dtype), "dbias")
 
 
+def _case_id(c):
+    return f"N{c[0]}-K{c[1]}-bs{c[2]}-T{c[6]}-{str(c[7])[6:]}"
+
+
 # (N, K, blocksize, nested, quant_type, weight dtype, x shape prefix, x dtype, bias, non-contiguous x)
 CASES_4BIT = [
-    (97, 203, 64, True, "nf4", torch.float32, (113,), torch.float32, True, True),  # odd K: general, many tokens
+    (97, 203, 64, True, "nf4", torch.float32, (113,), torch.float32, True, True),  # odd K: general layout
     (203, 256, 64, False, "fp4", torch.float16, (2, 3), torch.float16, True, False),  # 3-D, decode, aligned
     (97, 128, 128, True, "nf4", torch.float16, (1,), torch.float32, False, False),  # T=1; W rounded via fp16
     (203, 192, 64, True, "nf4", torch.float32, (4, 4), torch.float16, True, True),  # T=16: decode boundary
@@ -99,7 +104,7 @@ CASES_4BIT = [
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", CASES_4BIT, ids=lambda c: f"N{c[0]}-K{c[1]}-bs{c[2]}-T{c[6]}-{c[7]}".replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES_4BIT, ids=_case_id)
 def test_matmul_4bit(case, backend, monkeypatch):
     n, k, bs, nested, qt, w_dtype, prefix, dtype, has_bias, noncontig = case
     set_backend(monkeypatch, backend)
@@ -118,7 +123,7 @@ CASES_INT8 = [
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("case", CASES_INT8, ids=lambda c: f"N{c[0]}-K{c[1]}-T{c[2]}-{c[3]}".replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES_INT8, ids=lambda c: f"N{c[0]}-K{c[1]}-T{c[2]}-{str(c[3])[6:]}")
 def test_matmul_int8(case, backend, monkeypatch):
     n, k, prefix, dtype, has_bias, noncontig = case
     set_backend(monkeypatch, backend)

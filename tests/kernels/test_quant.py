@@ -36,8 +36,8 @@ def _quantize(shape, dtype, quant_type, nested, blocksize, storage=torch.uint8, 
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen).to(dtype)
     with _no_compile():
-        packed, qs = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type,
-                                      quant_storage=storage)
+        packed, qs = BF.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested,
+                                      quant_type=quant_type, quant_storage=storage)
         expected = BF.dequantize_4bit(packed, qs)
     return packed, qs, expected
 
@@ -57,10 +57,11 @@ def assert_bits_equal(actual, expected):
     path) has +0.0; adding +0.0 maps -0.0 to +0.0 and leaves every other value's bits unchanged.
     """
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    int_type = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}[actual.dtype]
+    int_type = torch.int32 if actual.dtype == torch.float32 else torch.int16
     a, e = (actual + 0.0).view(int_type), (expected + 0.0).view(int_type)
     mismatch = (a != e).sum().item()
-    assert mismatch == 0, f"{mismatch} of {a.numel()} elements differ; max |diff| {(actual.float() - expected.float()).abs().max()}"
+    max_diff = (actual.float() - expected.float()).abs().max().item()
+    assert mismatch == 0, f"{mismatch} of {a.numel()} elements differ; max |diff| {max_diff}"
 
 
 def set_backend(monkeypatch, name):
@@ -74,10 +75,7 @@ def triton_backend(monkeypatch):
     set_backend(monkeypatch, "triton")
 
 
-CASES_4BIT = [
-    (qt, nested, bs, shape, dtype)
-    for qt, nested, bs, shape, dtype in itertools.product(["nf4", "fp4"], [False, True], [64, 128, 256], SHAPES, DTYPES)
-]
+CASES_4BIT = list(itertools.product(["nf4", "fp4"], [False, True], [64, 128, 256], SHAPES, DTYPES))
 
 
 @pytest.mark.parametrize("quant_type,nested,blocksize,shape,dtype", CASES_4BIT)
@@ -98,7 +96,8 @@ def test_cpu_path_uses_native_kernel_only_for_bnb_tables():
     custom = p._replace(code=p.code * 0.5)  # not a table bnb's kernel knows: the reference runs
     assert quant.dequantize_4bit_native(custom) is None
     assert_bits_equal(quant.dequantize_4bit_torch(custom), quant.dequantize_4bit_reference(custom))
-    torch.testing.assert_close(quant.dequantize_4bit_torch(custom).float(), expected.float() * 0.5, rtol=1e-3, atol=0)
+    torch.testing.assert_close(quant.dequantize_4bit_torch(custom).float(), expected.float() * 0.5,
+                               rtol=1e-3, atol=0)
 
 
 @pytest.mark.interpreter

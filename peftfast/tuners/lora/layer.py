@@ -18,7 +18,7 @@ from torch import nn
 
 from ...kernels.lora import lora_linear
 from ...utils.other import transpose
-from ..tuners_utils import BaseTunerLayer, _conv1d_class
+from ..tuners_utils import BaseTunerLayer, _conv1d_class, per_sample_adapter_names
 
 
 def _feature_sizes(base: nn.Module) -> tuple[int, int]:
@@ -109,6 +109,18 @@ class LoraLayer(BaseTunerLayer):
     def _merge_target(self) -> torch.Tensor:
         return self.get_base_layer().weight
 
+    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Raise if merging ``adapter_names`` would put NaN or inf into the base weight (which is not touched)."""
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        merged = self._merge_target().data.clone()
+        for name in names:
+            merged += self.get_delta_weight(name).to(merged.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
+                                 "the base weights were left unchanged")
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the adapters' deltas into the base weight. With ``safe_merge`` the sum is built in a copy and
         refused (weights untouched) if it holds NaN or inf."""
@@ -194,8 +206,7 @@ class Linear(nn.Module, LoraLayer):
         """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's ``adapter_names``."""
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]}")
+        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
         result = self.base_layer(x, *args, **kwargs)
         out = result.clone()
         for name in dict.fromkeys(adapter_names):
@@ -238,23 +249,33 @@ class Embedding(nn.Module, LoraLayer):
         return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
+    def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        after_a = self._embed(x, self.lora_embedding_A[name].T)
+        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if kwargs.pop("adapter_names", None) is not None and not self.disable_adapters:
-            raise NotImplementedError("adapter_names (one adapter per sample) is not supported for LoRA on "
-                                      "embedding layers; target only linear layers to use it")
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
+            if adapter_names is not None:
+                raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
             return result
         dtype = result.dtype
+        if adapter_names is not None:  # one adapter per sample
+            adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
+            out = result.clone()
+            for name in dict.fromkeys(adapter_names):
+                if name in self.lora_embedding_A:
+                    idx = [i for i, n in enumerate(adapter_names) if n == name]
+                    out[idx] = (result[idx] + self._delta_out(x[idx], name)).to(dtype)
+            return out
         for name in self.active_adapters:
-            if name not in self.lora_embedding_A:
-                continue
-            after_a = self._embed(x, self.lora_embedding_A[name].T)
-            result = result + (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+            if name in self.lora_embedding_A:
+                result = result + self._delta_out(x, name)
         return result.to(dtype)
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from ...utils.other import ModulesToSaveWrapper
 from ..tuners_utils import BaseTuner, _conv1d_class, linear_layer_classes
 from .config import LoraConfig
 from .layer import Embedding, Linear, LoraLayer
@@ -111,7 +112,7 @@ class LoraModel(BaseTuner):
             return args, kw
 
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-                   for m in self.model.modules() if isinstance(m, LoraLayer)]
+                   for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
         try:
             yield
         finally:
