@@ -11,25 +11,28 @@ Math (all arithmetic on uint32, wrapping):
     mix(h)        = lowbias32 finaliser: h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15;
                                           h *= 0x846CA68B; h ^= h >> 16
     key(seed, s)  = mix(lo(seed) ^ mix(hi(seed) ^ s * 0x9E3779B9))      one key per stream s
-    h(m, n)       = mix(mix(m ^ key) ^ n * 0x85EBCA6B)                  row m, column n
-    keep(m, n)    = h(m, n) >= threshold(p),  threshold(p) = min(round(p * 2^24), 2^24 - 1) * 2^8
+    w(m, j)       = mix(mix(m ^ key) ^ j * 0x85EBCA6B)                  row m, word j
+    u(m, n)       = 16 bits of w(m, n >> 1): the low half for even n, the high half for odd n
+    keep(m, n)    = u(m, n) >= threshold(p),  threshold(p) = min(round(p * 2^16), 2^16 - 1)
 
-so an element is kept with probability 1 - p (p resolved to 2^-24). ``mix`` is a bijection of
-uint32 with near-ideal avalanche, so each row gets an unrelated 32-bit row key and each column
-of that row an unrelated word. The seed is a 64-bit integer drawn from torch's default
+so an element is kept with probability 1 - p (p resolved to 2^-16). ``mix`` is a bijection of
+uint32 with near-ideal avalanche: each row gets an unrelated 32-bit row key and each pair of
+columns of that row an unrelated word. The seed is a 64-bit integer drawn from torch's default
 generator (``draw_seed``), so ``torch.manual_seed`` makes the masks reproducible; a layer with
 several adapters gives each adapter its own stream.
 
-Why not Philox (what ``tl.rand`` uses)? Both sides must produce the same bits, and the CPU
-side is a real training backend. Philox-4x32-10 written with torch int64 tensor ops costs
-10.6 ms for a [512, 256] mask on one CPU core, against 0.70 ms for ``nn.Dropout`` on the same
-tensor, i.e. 15x slower; this hash costs 0.23 ms (0.32 ms including the multiply with x). On a
-GPU it is ~12 integer ops per element (Philox-10: ~100 per 4 words), cheap enough to run three
-times per element (shrink, dA, dX) inside memory-bound kernels.
+Why not Philox (what ``tl.rand`` uses)? Both sides must produce the same bits, and the CPU side
+is a real training backend. Philox-4x32-10 written with torch int64 tensor ops takes 10.6 ms for
+a [512, 256] mask on one CPU core, against 0.7-0.8 ms for ``nn.Dropout`` on the same tensor
+(15x slower); this hash takes ~0.15 ms there (one word per two elements). On a GPU it is ~15
+integer ops per element, cheap enough to run three times per element (shrink, dA, dX) inside
+memory-bound kernels.
 
 Memory: nothing. The mask exists only in registers (Triton) or as a temporary (PyTorch).
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import triton
@@ -42,7 +45,7 @@ _MUL1 = 0x7FEB352D
 _MUL2 = 0x846CA68B
 _STREAM_MUL = 0x9E3779B9
 _COL_MUL = 0x85EBCA6B
-_P_BITS = 24
+_P_BITS = 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,9 +77,10 @@ def keep_mask(key, offs_m, offs_n, threshold):
     key: uint32 from ``stream_key``; threshold: uint32 from ``threshold(p)`` (0 keeps all).
     """
     row = _mix32(offs_m.to(tl.uint32) ^ key)
-    col = offs_n.to(tl.uint32) * 0x85EBCA6B
-    h = _mix32(row[:, None] ^ col[None, :])
-    return h >= threshold
+    word = (offs_n >> 1).to(tl.uint32) * 0x85EBCA6B
+    h = _mix32(row[:, None] ^ word[None, :])
+    half = (h >> ((offs_n & 1) * 16).to(tl.uint32)[None, :]) & 0xFFFF
+    return half >= threshold
 
 
 @triton.jit(do_not_specialize=["seed", "stream"])
@@ -84,7 +88,7 @@ def _keep_mask_kernel(
     out_ptr,  # [M, N] int8 output: 1 where kept
     seed,  # 64-bit seed
     stream,  # stream index (adapter index)
-    threshold,  # uint32 keep threshold
+    threshold,  # 16-bit keep threshold
     M, N,
     stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -124,9 +128,9 @@ def check_p(p: float) -> float:
 
 
 def threshold(p: float) -> int:
-    """uint32 threshold: an element whose hash is >= it is kept (probability 1 - p)."""
+    """16-bit threshold: an element whose 16 random bits are >= it is kept (probability 1 - p)."""
     p = check_p(p)
-    return min(round(p * (1 << _P_BITS)), (1 << _P_BITS) - 1) << (32 - _P_BITS)
+    return min(round(p * (1 << _P_BITS)), (1 << _P_BITS) - 1)
 
 
 def _mix32_int(h: int) -> int:
@@ -168,24 +172,30 @@ def keep_mask_torch(seed: int, stream: int, n_rows: int, n_cols: int, p: float,
     rows = torch.arange(n_rows, dtype=torch.int32, device=device)
     rows ^= key
     rows = _mix32_(rows)
-    cols = torch.arange(n_cols, dtype=torch.int32, device=device)
-    cols *= _signed32(_COL_MUL)
-    h = rows[:, None] ^ cols[None, :]
+    n_words = (n_cols + 1) // 2
+    words = torch.arange(n_words, dtype=torch.int32, device=device)
+    words *= _signed32(_COL_MUL)
+    h = rows[:, None] ^ words[None, :]
     _mix32_(h)
-    h ^= -(1 << 31)  # unsigned compare through the signed one: flip the sign bits of both sides
-    return h >= (_signed32(threshold(p)) ^ -(1 << 31))
+    if sys.byteorder == "little":
+        # the int16 view of word j is (low half, high half) = columns (2j, 2j + 1); flipping the
+        # sign bits turns the unsigned compare into a signed one
+        h ^= _signed32(0x80008000)
+        halves = h.view(torch.int16).view(n_rows, 2 * n_words)
+        return halves[:, :n_cols] >= threshold(p) - (1 << 15)
+    keep = torch.stack((h & 0xFFFF, (h >> 16) & 0xFFFF), dim=-1) >= threshold(p)
+    return keep.view(n_rows, 2 * n_words)[:, :n_cols]
 
 
 def dropout_torch(x: torch.Tensor, seed: int, stream: int, p: float) -> torch.Tensor:
     """x [M, N] with the dropped elements zeroed (no 1/(1-p) rescale; callers fold it in)."""
     if x.dim() != 2:
         raise ValueError(f"dropout_torch expects a 2-D [M, N] tensor, got shape {tuple(x.shape)}")
-    keep = keep_mask_torch(seed, stream, x.shape[0], x.shape[1], p, x.device)
-    return x * keep
+    return x * keep_mask_torch(seed, stream, x.shape[0], x.shape[1], p, x.device)
 
 
 def aot_specs() -> list[AotSpec]:
     consts = dict(stride_on=1, BLOCK_M=32, BLOCK_N=64)
-    types = {"out_ptr": "*i8", "seed": "i64", "stream": "i32", "threshold": "i64"}
+    types = {"out_ptr": "*i8", "seed": "i64", "stream": "i32", "threshold": "i32"}
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in _keep_mask_kernel.arg_names}
     return [AotSpec("dropout_keep_mask[BM=32,BN=64]", _keep_mask_kernel, sig, consts, num_warps=4, num_stages=1)]

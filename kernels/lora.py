@@ -283,11 +283,11 @@ class _Plan:
     scales: tuple[float, ...]  # s_i / (1 - p_i)
     ps: tuple[float, ...]  # active dropout probabilities (0.0 where dropout is off)
 
-    @property
+    @functools.cached_property
     def total_rank(self) -> int:
         return sum(self.ranks)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         out, acc = [], 0
         for r in self.ranks:
@@ -295,14 +295,22 @@ class _Plan:
             acc += r
         return tuple(out)
 
-    @property
+    @functools.cached_property
     def dropout(self) -> bool:
         return any(p > 0.0 for p in self.ps)
 
+    @functools.cached_property
+    def single_scale(self) -> bool:
+        return len(set(self.scales)) == 1
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(ranks: tuple, scalings: tuple, ps: tuple) -> _Plan:
+    return _Plan(ranks, tuple(float(s) / (1.0 - p) for s, p in zip(scalings, ps)), ps)
+
 
 def _make_plan(ranks, scalings, ps) -> _Plan:
-    return _Plan(tuple(int(r) for r in ranks),
-                 tuple(float(s) / (1.0 - p) for s, p in zip(scalings, ps)), tuple(ps))
+    return _plan(tuple(int(r) for r in ranks), tuple(float(s) for s in scalings), tuple(float(p) for p in ps))
 
 
 @functools.lru_cache(maxsize=512)
@@ -440,15 +448,15 @@ def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_
 # ----------------------------------------------------------------------------------------------
 def _forward_torch(x2, base2, weights_a, weights_b, plan, seed, out2=None):
     cd = weights_a[0].dtype
-    xc = x2.to(cd)
+    xc = x2 if x2.dtype == cd else x2.to(cd)
     M, K = x2.shape
     if not plan.dropout:
         t = xc @ _cat_a(weights_a).t()
-        t = t.mul_(plan.scales[0]) if len(set(plan.scales)) == 1 else t.mul_(_rank_scale(plan, t.device, cd))
+        t = t.mul_(plan.scales[0]) if plan.single_scale else t.mul_(_rank_scale(plan, t.device, cd))
     else:
         parts = []
         for i, (a, p, s) in enumerate(zip(weights_a, plan.ps, plan.scales)):
-            xi = xc if p == 0.0 else torch.where(keep_mask_torch(seed, i, M, K, p, xc.device), xc, 0.0)
+            xi = xc if p == 0.0 else xc * keep_mask_torch(seed, i, M, K, p, xc.device)
             parts.append((xi @ a.t()).mul_(s))
         t = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     b = _cat_b(weights_b)
@@ -462,15 +470,15 @@ def _forward_torch(x2, base2, weights_a, weights_b, plan, seed, out2=None):
 
 def _backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
     cd = weights_a[0].dtype
-    dyc = dy2.to(cd)
+    dyc = dy2 if dy2.dtype == cd else dy2.to(cd)
     b = _cat_b(weights_b)
     dx = da = db = None
     if need_b:
         db = dyc.t() @ t
     if need_x or need_a:
         g = dyc @ b
-        g = g.mul_(plan.scales[0]) if len(set(plan.scales)) == 1 else g.mul_(_rank_scale(plan, g.device, cd))
-        xc = x2.to(cd) if need_a else None
+        g = g.mul_(plan.scales[0]) if plan.single_scale else g.mul_(_rank_scale(plan, g.device, cd))
+        xc = (x2 if x2.dtype == cd else x2.to(cd)) if need_a else None
         M, K = x2.shape
         if not plan.dropout:
             a = _cat_a(weights_a)
@@ -482,13 +490,13 @@ def _backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a
                 keep = keep_mask_torch(seed, i, M, K, p, x2.device) if p > 0.0 else None
                 gi = g[:, r0:r0 + r]
                 if need_a:
-                    das.append(gi.t() @ (xc if keep is None else torch.where(keep, xc, 0.0)))
+                    das.append(gi.t() @ (xc if keep is None else xc * keep))
                 if need_x:
                     dxi = gi @ a
-                    dxi = dxi if keep is None else dxi.masked_fill_(~keep, 0.0)
+                    dxi = dxi if keep is None else dxi.mul_(keep)
                     dx = dxi if dx is None else dx.add_(dxi)
             da = (das[0] if len(das) == 1 else torch.cat(das, 0)) if need_a else None
-        if dx is not None:
+        if dx is not None and dx.dtype != x2.dtype:
             dx = dx.to(x2.dtype)
     return dx, da, db
 
@@ -496,38 +504,41 @@ def _backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a
 # ----------------------------------------------------------------------------------------------
 # Dispatch, autograd, custom op
 # ----------------------------------------------------------------------------------------------
-def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace):
+def _2d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton):
     """(y, t) with y shaped like base_out; y is base_out itself when ``inplace``."""
-    K, N = x.shape[-1], base_out.shape[-1]
-    x2, base2 = x.reshape(-1, K), base_out.reshape(-1, N)
-    if x2.shape[0] > 0 and use_triton(x, base_out, *weights_a, *weights_b):
+    x2, base2 = _2d(x), _2d(base_out)
+    if on_triton and x2.shape[0] > 0:
         out2 = base2 if inplace else torch.empty(base2.shape, dtype=base2.dtype, device=base2.device)
         y2, t = _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2)
         y = base_out if inplace else y2.view(base_out.shape)
     else:
         y2, t = _forward_torch(x2, base2, weights_a, weights_b, plan, seed)
-        y = y2.view(base_out.shape)
+        y = y2 if base_out.dim() == 2 else y2.view(base_out.shape)
     return y, t
 
 
-def _backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+def _backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
     """(dx shaped like x, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
-    K, N = x.shape[-1], dy.shape[-1]
-    dy2, x2, t2 = dy.reshape(-1, N), x.reshape(-1, K), t.reshape(-1, t.shape[-1])
-    triton_path = dy2.shape[0] > 0 and use_triton(dy, x, *weights_a, *weights_b)
-    impl = _backward_triton if triton_path else _backward_torch
+    dy2, x2, t2 = _2d(dy), _2d(x), _2d(t)
+    impl = _backward_triton if on_triton and dy2.shape[0] > 0 else _backward_torch
     dx, da, db = impl(dy2, x2, t2, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
-    return (None if dx is None else dx.view(x.shape)), da, db
+    return (dx.view(x.shape) if dx is not None and x.dim() != 2 else dx), da, db
 
 
 def _split(plan, da, db):
     """Per-adapter views of the stacked gradients (lists of None where not computed)."""
     n = len(plan.ranks)
+    if n == 1:  # whole tensors, not views: autograd can take them as .grad without a copy
+        return [da], [db]
     das = [None] * n if da is None else [da[r0:r0 + r] for r0, r in zip(plan.offsets, plan.ranks)]
     if db is None:
         dbs = [None] * n
     else:
-        dbs = [db] if n == 1 else [db[:, r0:r0 + r].contiguous() for r0, r in zip(plan.offsets, plan.ranks)]
+        dbs = [db[:, r0:r0 + r].contiguous() for r0, r in zip(plan.offsets, plan.ranks)]
     return das, dbs
 
 
@@ -541,13 +552,13 @@ class LoraLinearFunction(torch.autograd.Function):
     """Eager autograd for ``lora_linear``; saves x, t and the adapter weights (see module doc)."""
 
     @staticmethod
-    def forward(ctx, x, base_out, plan, seed, inplace, *weights):
+    def forward(ctx, x, base_out, plan, seed, on_triton, inplace, *weights):
         n = len(plan.ranks)
-        y, t = _forward(x, base_out, weights[:n], weights[n:], plan, seed, inplace)
+        y, t = _forward(x, base_out, weights[:n], weights[n:], plan, seed, inplace, on_triton)
         if inplace:
             ctx.mark_dirty(base_out)
         ctx.save_for_backward(x, t, *weights)
-        ctx.plan, ctx.seed = plan, seed
+        ctx.plan, ctx.seed, ctx.on_triton = plan, seed, on_triton
         return y
 
     @staticmethod
@@ -555,12 +566,13 @@ class LoraLinearFunction(torch.autograd.Function):
         x, t, *weights = ctx.saved_tensors
         plan, n = ctx.plan, len(ctx.plan.ranks)
         needs = ctx.needs_input_grad
-        need_a, need_b = any(needs[5:5 + n]), any(needs[5 + n:])
-        dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, ctx.seed, needs[0], need_a, need_b)
+        need_a, need_b = needs[6:6 + n], needs[6 + n:]
+        dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, ctx.seed, needs[0], any(need_a),
+                               any(need_b), ctx.on_triton)
         da, db = _split(plan, da, db)
-        da = [g if need else None for g, need in zip(da, needs[5:5 + n])]
-        db = [g if need else None for g, need in zip(db, needs[5 + n:])]
-        return (dx, dy if needs[1] else None, None, None, None, *da, *db)
+        da = [g if need else None for g, need in zip(da, need_a)]
+        db = [g if need else None for g, need in zip(db, need_b)]
+        return (dx, dy if needs[1] else None, None, None, None, None, *da, *db)
 
 
 @torch.library.custom_op("peftfast::lora_linear", mutates_args=())
@@ -569,7 +581,8 @@ def _lora_linear_op(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[tor
                     seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
     plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), inplace=False)
+    on_triton = use_triton(x, base_out, *weights_a, *weights_b)
+    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), False, on_triton)
     return y, t.view(*x.shape[:-1], t.shape[-1])
 
 
@@ -587,7 +600,8 @@ def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
     """(dx, stacked dA [R, d_in], stacked dB [d_out, R]) for needs = (x, A, B); a gradient that is
     not needed comes back as an empty tensor."""
     plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    dx, da, db = _backward(dy, x, t, weights_a, weights_b, plan, int(seed), *needs)
+    on_triton = use_triton(dy, x, *weights_a, *weights_b)
+    dx, da, db = _backward(dy, x, t, weights_a, weights_b, plan, int(seed), *needs, on_triton)
     return tuple(x.new_empty(0) if g is None else g for g in (dx, da, db))
 
 
@@ -629,7 +643,7 @@ def _check(x, base_out, weights_a, weights_b, scalings, dropout_ps):
     if not (len(weights_b) == len(scalings) == len(dropout_ps) == n):
         raise ValueError(f"lora_linear needs one A, B, scaling and dropout p per adapter; got {n} A, "
                          f"{len(weights_b)} B, {len(scalings)} scalings, {len(dropout_ps)} dropout_ps")
-    if x.dim() < 1 or x.shape[:-1] != base_out.shape[:-1]:
+    if x.dim() < 1 or tuple(x.shape)[:-1] != tuple(base_out.shape)[:-1]:
         raise ValueError(f"x [..., d_in] and base_out [..., d_out] must share leading dims; got "
                          f"{tuple(x.shape)} and {tuple(base_out.shape)}")
     d_in, d_out = x.shape[-1], base_out.shape[-1]
@@ -670,15 +684,17 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
                                   dropout_ps[start:i], training)
                 start = i
         return out
-    seed = draw_seed() if any(p > 0.0 for p in ps) else torch.zeros((), dtype=torch.int64)
+    dropout = any(p > 0.0 for p in ps)
     if torch.compiler.is_compiling():
+        seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
         y, _ = torch.ops.peftfast.lora_linear(x, base_out, list(weights_a), list(weights_b),
                                               [float(s) for s in scalings], ps, seed)
         return y
+    seed = int(draw_seed()) if dropout else 0
     plan = _make_plan([a.shape[0] for a in weights_a], scalings, ps)
-    inplace = (_can_update_in_place(base_out) and base_out.numel() > 0
-               and use_triton(x, base_out, *weights_a, *weights_b))
-    return LoraLinearFunction.apply(x, base_out, plan, int(seed), inplace, *weights_a, *weights_b)
+    on_triton = use_triton(x, base_out, *weights_a, *weights_b)
+    inplace = on_triton and base_out.numel() > 0 and _can_update_in_place(base_out)
+    return LoraLinearFunction.apply(x, base_out, plan, seed, on_triton, inplace, *weights_a, *weights_b)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -404,7 +404,10 @@ def dequantize_4bit_native(p: Packed4bit) -> Optional[torch.Tensor]:
     for quant_type in ("nf4", "fp4"):
         table = _native_code_table(quant_type, data.device)
         if table is not None and torch.equal(table, p.code):
-            scale = decode_absmax(p)
+            scale = p.absmax
+            if p.nested:  # bnb's own blockwise kernel: the same products, one pass
+                scale = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                    p.absmax, p.nested_absmax, p.nested_code, p.nested_blocksize, torch.float32) + p.offset
             op = torch.ops.bitsandbytes.dequantize_4bit.default
             return op(data, scale, p.blocksize, quant_type, (n, k), p.dtype)
     return None

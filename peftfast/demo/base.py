@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,6 +98,43 @@ def load_base(device: torch.device | str = "cpu", path: Path | str = DATA_DIR) -
         )
     model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     return model.to(device).eval()
+
+
+def quantization_config():
+    """QLoRA's recipe for the demo's ``--4bit``: NF4 with double quantisation, computing in fp32."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+def load_base_4bit(device: torch.device | str = "cpu", path: Path | str = DATA_DIR) -> LlamaForCausalLM:
+    """Load the shipped base with its linear layers quantised to 4-bit NF4 by bitsandbytes (eval mode).
+
+    Its embeddings, norms and head stay fp32. bitsandbytes' CPU inference repack (which rewrites the
+    4-bit storage with bf16-rounded scales on an eval forward) is switched off, so the model keeps
+    exactly the quantisation a fresh load gives; the demo's reload check compares against one.
+    """
+    from ..utils.bnb_storage import prevent_cpu_repack
+
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"no base model at {weights}; build it with `python -m peftfast.demo.base --rebuild`"
+        )
+    # bitsandbytes logs, on import, that an optional CPU inference kernel from the Hugging Face hub is
+    # missing; the demo downloads nothing and does not use it
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                 quantization_config=quantization_config(),
+                                                 device_map={"": str(torch.device(device))})
+    finally:
+        bnb_log.setLevel(level)
+    prevent_cpu_repack(model)
+    return model.eval()
 
 
 def copy_accuracy(model: torch.nn.Module, device: torch.device | str = "cpu") -> float:

@@ -11,6 +11,16 @@ attention and MLP projection and trains only the adapter on a new operator, reve
    fresh base: logits must match the trained model
 4. ``merge_and_unload``: logits must match again, with no LoRA module left
 
+With ``--4bit`` (QLoRA) the base is loaded through ``BitsAndBytesConfig`` with its linear layers
+in 4-bit NF4 (double quantisation, fp32 compute), prepared with ``prepare_model_for_kbit_training``
+(frozen, gradient checkpointing) and the adapter trains on top of the quantised weights. The demo
+then also reports the memory saved: the bytes of the base's weights as stored (4-bit vs fp32,
+measured from the parameters) and the bytes one training step keeps for backward
+(``measure_saved_bytes``), next to the fp32 base's. The reload check loads the adapter onto a fresh
+4-bit base; its tolerance comes from a float64 evaluation of the same dequantised weights. Merging
+into a 4-bit base requantises W + BA, so the merged logits differ by 4-bit rounding, not fp32
+rounding: in 4-bit mode the merge check asks that the merged model still reaches the accuracy.
+
 Every check that fails makes the exit status 1. Nothing is downloaded; it runs in well under
 two minutes on a 2-core CPU and uses a CUDA GPU when one is present.
 """
@@ -19,10 +29,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
+import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +44,7 @@ from tqdm.auto import tqdm
 
 import peftfast as peft
 
+from ..tools.memory import measure_saved_bytes
 from . import base, task
 
 NEW_OP = "<"
@@ -70,6 +84,8 @@ class Results:
     reload_max_abs_diff: float
     merge_max_abs_diff: float
     seconds: float
+    four_bit: bool = False
+    memory: dict[str, int] = field(default_factory=dict)  # --4bit: bytes stored and saved for backward
     checks: list[Check] = field(default_factory=list)
 
     @property
@@ -97,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=1,
         help="CPU threads for torch (default 1: this model's matmuls are too small to gain from more, "
         "and extra threads run many times slower when the cores are busy)")
-    # A quantised base (--4bit, QLoRA) plugs in here and in load_base_model(); the rest is unchanged.
+    add("--4bit", dest="four_bit", action="store_true",
+        help="QLoRA: load the base with its linear layers in 4-bit NF4 (bitsandbytes), train the adapter on "
+        "top of the quantised weights, and report the memory saved")
     return parser
 
 
@@ -116,8 +134,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_base_model(device: torch.device) -> torch.nn.Module:
-    """The base the adapter is trained on and reloaded onto (full precision today)."""
+    """The base the adapter is trained on and reloaded onto (full precision)."""
     return base.load_base(device)
+
+
+def load_base_model_4bit(device: torch.device) -> torch.nn.Module:
+    """The same base with its linear layers in 4-bit NF4 (``--4bit``)."""
+    return base.load_base_4bit(device)
 
 
 @torch.no_grad()
@@ -135,6 +158,75 @@ def rounding_error(model: torch.nn.Module, ids: torch.Tensor, logits: torch.Tens
     """
     exact = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
     return (logits.cpu().double() - logits_on(exact, ids.cpu())).abs().max().item()
+
+
+# -- 4-bit mode ------------------------------------------------------------------------------------
+
+
+def is_4bit(p: torch.nn.Parameter) -> bool:
+    return getattr(p, "quant_state", None) is not None
+
+
+def param_count(model: torch.nn.Module) -> int:
+    """Parameters of the model as a float model has them (a 4-bit weight counts its unpacked elements)."""
+    return sum(p.quant_state.shape.numel() if is_4bit(p) else p.numel() for p in model.parameters())
+
+
+def quant_state_bytes(state) -> int:
+    """Bytes of a 4-bit weight's block scales and code tables (the packed data is the parameter)."""
+    tensors = [state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def stored_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of every base parameter as stored, of which the 4-bit linear weights with their scales)."""
+    total = quantized = 0
+    for p in model.parameters():
+        n = p.nbytes + (quant_state_bytes(p.quant_state) if is_4bit(p) else 0)
+        total += n
+        quantized += n if is_4bit(p) else 0
+    return total, quantized
+
+
+def weight_memory(model_4bit: torch.nn.Module, model_fp32: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the base's weights as stored in 4-bit vs fp32, measured from the two models' parameters."""
+    total_4bit, linear_4bit = stored_bytes(model_4bit)
+    quantized = {name.removesuffix(".weight") for name, p in model_4bit.named_parameters() if is_4bit(p)}
+    fp32 = dict(model_fp32.named_parameters())
+    return {"base_fp32_bytes": sum(p.nbytes for p in fp32.values()), "base_4bit_bytes": total_4bit,
+            "linear_fp32_bytes": sum(fp32[name + ".weight"].nbytes for name in quantized),
+            "linear_4bit_bytes": linear_4bit}
+
+
+def step_saved_bytes(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """Bytes autograd keeps between forward and backward in one training step on (ids, mask)."""
+    model.train()
+    saved = measure_saved_bytes(model, lambda: task.answer_loss(model, ids, mask))
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return saved.total
+
+
+def exact_logits_4bit(model: torch.nn.Module, lora_kwargs: dict, ids: torch.Tensor) -> torch.Tensor:
+    """The 4-bit LoRA model's logits computed exactly: a float64 copy of the shipped base whose linear
+    weights are the dequantised 4-bit ones, with the same adapter on top (on the CPU)."""
+    from ..tuners.lora.bnb import QuantizedBase4bit
+
+    exact = base.load_base("cpu").double()
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(module, QuantizedBase4bit):
+            exact.get_submodule(name).weight.data = module.dequantized_weight().double().cpu()
+    exact = peft.get_peft_model(exact, peft.LoraConfig(**lora_kwargs))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in exact.named_parameters():
+            if name in trained:
+                p.copy_(trained.pop(name))
+    if trained:
+        raise RuntimeError(f"adapter weights missing from the float64 copy: {sorted(trained)[:3]}")
+    return logits_on(exact.eval(), ids.cpu())
 
 
 def fmt_bytes(n: int) -> str:
@@ -161,29 +253,46 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
     held_out = task.eval_strings()
     probe_ids, _ = task.make_batch(NEW_OP, held_out[:N_PROBE], device)
     threads = f" | {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else ""
+    mode = " | 4-bit NF4 base (QLoRA)" if args.four_bit else ""
     print(f"peftfast demo | device {device} | torch {torch.__version__} | seed {args.seed} "
-          f"| steps {args.steps}{threads}")
+          f"| steps {args.steps}{threads}{mode}")
 
     # The base, what it knows, and how it does on the new task.
-    model = load_base_model(device)
+    load = load_base_model_4bit if args.four_bit else load_base_model
+    model = load(device)
     base_bytes = (base.DATA_DIR / base.WEIGHTS_FILE).stat().st_size
     cfg = model.config
+    stored = ", linear layers in 4-bit NF4" if args.four_bit else ""
     print(f"base: LlamaForCausalLM, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{sum(p.numel() for p in model.parameters()):,} params, {fmt_bytes(base_bytes)} (shipped)")
+          f"{param_count(model):,} params, {fmt_bytes(base_bytes)} (shipped){stored}")
     copy_acc = base.copy_accuracy(model, device)
     print(f"  pretrained to copy   ^hello>hello.  held-out exact-match {copy_acc:6.1%}")
     print(f"  new task, reverse:   ^hello<olleh.  "
           f"({len(held_out)} held-out strings of {task.MIN_LEN}-{task.MAX_LEN} letters)")
     loss_before, acc_before = evaluate(model, held_out, device, "before fine-tuning")
+    memory: dict[str, int] = {}
+    if args.four_bit:
+        memory = weight_memory(model, load_base_model(device))
+        print(f"memory: linear weights {fmt_bytes(memory['linear_fp32_bytes'])} fp32 -> "
+              f"{fmt_bytes(memory['linear_4bit_bytes'])} NF4 with scales "
+              f"({memory['linear_fp32_bytes'] / memory['linear_4bit_bytes']:.1f}x smaller); whole base "
+              f"{fmt_bytes(memory['base_fp32_bytes'])} -> {fmt_bytes(memory['base_4bit_bytes'])} "
+              f"({memory['base_fp32_bytes'] / memory['base_4bit_bytes']:.1f}x)")
+        with warnings.catch_warnings():  # transformers renames gradient checkpointing in v6
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+            # frozen, fp32 norms/embeddings, gradient checkpointing (reentrant, PEFT's default, said explicitly)
+            model = peft.prepare_model_for_kbit_training(
+                model, gradient_checkpointing_kwargs={"use_reentrant": True})
 
     # LoRA on every attention and MLP projection; only the adapter trains.
     torch.manual_seed(args.seed)
-    config = peft.LoraConfig(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank,
-                             lora_dropout=0.0, target_modules=TARGET_MODULES)
-    model = peft.get_peft_model(model, config)
+    lora_kwargs = dict(task_type="CAUSAL_LM", r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                       target_modules=TARGET_MODULES)
+    model = peft.get_peft_model(model, peft.LoraConfig(**lora_kwargs))
     model.print_trainable_parameters()
     trainable, total = model.get_nb_trainable_parameters()
-    bar = tqdm(total=args.steps, desc="fine-tuning (LoRA)", unit="step", file=sys.stdout, mininterval=0.5)
+    bar = tqdm(total=args.steps, desc="fine-tuning (QLoRA)" if args.four_bit else "fine-tuning (LoRA)",
+               unit="step", file=sys.stdout, mininterval=0.5)
 
     def on_step(step: int, loss: float) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -194,10 +303,24 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
     bar.close()
     loss_after, acc_after = evaluate(model, held_out, device, "after fine-tuning")
     trained_logits = logits_on(model, probe_ids)
-    rounding = rounding_error(model, probe_ids, trained_logits)
+    if args.four_bit:
+        exact = exact_logits_4bit(model, lora_kwargs, probe_ids)
+        rounding = (trained_logits.cpu().double() - exact).abs().max().item()
+        what = "fp32 rounding of the fine-tuned 4-bit model (vs float64 on the same dequantised weights)"
+    else:
+        rounding = rounding_error(model, probe_ids, trained_logits)
+        what = "fp32 rounding of the fine-tuned model (vs float64)"
     tol = ROUNDING_FACTOR * rounding
-    print(f"fp32 rounding of the fine-tuned model (vs float64): {rounding:.1e}; "
-          f"reload/merge tolerance {ROUNDING_FACTOR}x = {tol:.1e}")
+    print(f"{what}: {rounding:.1e}; reload/merge tolerance {ROUNDING_FACTOR}x = {tol:.1e}")
+    if args.four_bit:
+        ids, mask = task.make_batch(NEW_OP, task.random_strings(random.Random(args.seed + 1), 64), device)
+        memory["step_saved_bytes_4bit"] = step_saved_bytes(model, ids, mask)
+        plain = peft.get_peft_model(load_base_model(device), peft.LoraConfig(**lora_kwargs))
+        memory["step_saved_bytes_fp32"] = step_saved_bytes(plain, ids, mask)
+        print(f"memory: saved for backward in one training step (batch 64): "
+              f"{fmt_bytes(memory['step_saved_bytes_4bit'])} (4-bit base, gradient checkpointing, no "
+              f"dequantised weight kept) vs {fmt_bytes(memory['step_saved_bytes_fp32'])} (fp32 base, as "
+              "without --4bit)")
 
     # Save, reload onto a fresh base, merge.
     model.save_pretrained(out_dir)
@@ -206,12 +329,15 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
     print(f"saved adapter to {out_dir}: {adapter_file.name} {fmt_bytes(adapter_bytes)} "
           f"= {adapter_bytes / base_bytes:.1%} of the base's {fmt_bytes(base_bytes)}")
 
-    reloaded = peft.PeftModel.from_pretrained(load_base_model(device), out_dir)
+    reloaded = peft.PeftModel.from_pretrained(load(device), out_dir)
     reloaded.eval()
     reload_diff = (logits_on(reloaded, probe_ids) - trained_logits).abs().max().item()
-    print(f"PeftModel.from_pretrained on a fresh base: max |logit diff| {reload_diff:.2e}")
+    fresh = "a fresh 4-bit base" if args.four_bit else "a fresh base"
+    print(f"PeftModel.from_pretrained on {fresh}: max |logit diff| {reload_diff:.2e}")
 
-    merged = reloaded.merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*requantises.*")  # said below, once
+        merged = reloaded.merge_and_unload()
     merge_diff = (logits_on(merged, probe_ids) - trained_logits).abs().max().item()
     leftover = sorted({type(m).__name__ for m in merged.modules() if hasattr(m, "lora_A")})
     acc_merged = task.exact_match(merged, NEW_OP, held_out, device)
@@ -219,6 +345,16 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
           f"exact-match {acc_merged:6.1%}")
 
     left = f"; LoRA modules left: {leftover}" if leftover else ""
+    if args.four_bit:
+        print("  (merging into a 4-bit base requantises W + BA: the logits move by 4-bit rounding, so the "
+              "merge is checked by the accuracy it keeps, not against the fp32 tolerance)")
+        merge_check = Check("merge keeps the metric (4-bit, requantised)",
+                            acc_merged >= args.min_accuracy and not leftover,
+                            f"exact-match {acc_merged:.1%} >= {args.min_accuracy:.0%}, logit diff "
+                            f"{merge_diff:.2e}{left}")
+    else:
+        merge_check = Check("merge matches", merge_diff <= tol and not leftover,
+                            f"{merge_diff:.2e} <= {tol:.1e}{left}")
     checks = [
         Check("base really copies", copy_acc >= base.MIN_COPY_ACCURACY,
               f"{copy_acc:.1%} >= {base.MIN_COPY_ACCURACY:.0%}"),
@@ -229,15 +365,19 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
         Check("adapter saved", 0 < adapter_bytes < base_bytes,
               f"{fmt_bytes(adapter_bytes)} < {fmt_bytes(base_bytes)}"),
         Check("reload matches", reload_diff <= tol, f"{reload_diff:.2e} <= {tol:.1e}"),
-        Check("merge matches", merge_diff <= tol and not leftover, f"{merge_diff:.2e} <= {tol:.1e}{left}"),
+        merge_check,
     ]
+    if args.four_bit:
+        checks.append(Check("4-bit base is smaller", memory["linear_4bit_bytes"] * 4 < memory["linear_fp32_bytes"],
+                            f"linear weights {fmt_bytes(memory['linear_4bit_bytes'])} < 1/4 of "
+                            f"{fmt_bytes(memory['linear_fp32_bytes'])}"))
     return Results(
         device=str(device), steps=args.steps, seed=args.seed, trainable_params=trainable, total_params=total,
         base_copy_accuracy=copy_acc, loss_before=loss_before, loss_after=loss_after,
         accuracy_before=acc_before, accuracy_after=acc_after, adapter_bytes=adapter_bytes,
         base_bytes=base_bytes, rounding_error=rounding, tolerance=tol, reload_max_abs_diff=reload_diff,
         merge_max_abs_diff=merge_diff,
-        seconds=time.perf_counter() - start, checks=checks,
+        seconds=time.perf_counter() - start, four_bit=args.four_bit, memory=memory, checks=checks,
     )
 
 
@@ -254,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         resolve_device(args.device)
     except ValueError as err:
         parser.error(str(err))
+    if args.four_bit and importlib.util.find_spec("bitsandbytes") is None:
+        parser.error("--4bit needs bitsandbytes to quantise the base (pip install bitsandbytes); "
+                     "run without --4bit for the full-precision demo")
 
     with (
         task.cpu_threads(args.threads),

@@ -129,7 +129,7 @@ def _list_source(source: SpecSource) -> dict:
     """Names of a source's specs, or why there are none."""
     try:
         specs = _load_specs(source)
-    except Exception as err:  # a module that does not import is a failure, reported as such
+    except Exception as err:  # noqa: BLE001 - a module that does not import is reported as a failure
         return {"error": f"{source.label}: cannot load specs: {type(err).__name__}: {_short(str(err))}"}
     from triton.runtime.jit import KernelInterface
 
@@ -165,7 +165,7 @@ def compile_spec(spec, arch: int, source_label: str = "", sass: bool = False) ->
                 target=GPUTarget("cuda", arch, 32),
                 options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
             )
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any compile error is a reported failure
         row.compile_s = time.perf_counter() - start
         row.errors.append(f"compile failed: {type(err).__name__}: {_short(str(err))}")
         return row
@@ -207,13 +207,16 @@ def _sass(cubin: bytes) -> str:
                               capture_output=True, text=True).stdout
 
 
-def _compile_task(task: tuple[SpecSource, int, int, bool]) -> Row:
-    source, index, arch, sass = task
-    spec = _load_specs(source)[index]
+def _compile_task(task: tuple[SpecSource, int, str, int, bool]) -> Row:
+    source, index, name, arch, sass = task
     try:
+        specs = _load_specs(source)
+        spec = specs[index] if specs is not None and index < len(specs) else None
+        if spec is None or spec.name != name:
+            return Row(source.label, name, arch, errors=["the module's spec list changed during the run"])
         return compile_spec(spec, arch, source.label, sass)
-    except Exception as err:  # a crash in the checks themselves must still surface as a failure
-        return Row(source.label, spec.name, arch, errors=[f"report error: {type(err).__name__}: {_short(str(err))}"])
+    except Exception as err:  # noqa: BLE001 - a crash in loading or checking is a reported failure
+        return Row(source.label, name, arch, errors=[f"report error: {type(err).__name__}: {_short(str(err))}"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
     cache = tempfile.mkdtemp(prefix="peftfast-aot-")
     # Workers are spawned with this environment (only this function runs while it is set): the
     # kernel modules they import get real JIT functions even when this process interprets.
-    env = dict(TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache, TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
+    env = {"TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": cache, "TRITON_ALWAYS_COMPILE": "1", "TRITON_DUMP_PTXAS_LOG": "1"}
     try:
         with _env(**env), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             tasks = []
@@ -280,7 +283,7 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
                     if name in seen:
                         problems.append(f"spec name {name!r} used by {seen[name]} and {source.label}")
                     seen[name] = source.label
-                    tasks += [(source, index, arch, sass) for arch in archs]
+                    tasks += [(source, index, name, arch, sass) for arch in archs]
             rows = list(pool.map(_compile_task, tasks))
     except BrokenProcessPool as err:
         problems.append(f"a compile worker died ({err}); check that `import peftfast` works")
@@ -292,7 +295,8 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
 
 
 def format_report(report: Report) -> str:
-    head = (f"{'spec':<46} {'arch':>5} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} "
+    w = max([4] + [len(r.spec) for r in report.rows])
+    head = (f"{'spec':<{w}} {'arch':>5} {'warps':>5} {'stg':>3} {'regs':>4} {'spill':>5} "
             f"{'smem KiB':>8} {'limit':>5} {'tensor cores':<14} {'s':>5}  status")
     lines = [head, "-" * len(head)]
     for r in report.rows:
@@ -300,7 +304,7 @@ def format_report(report: Report) -> str:
         smem = "-" if r.shared is None else f"{r.shared / 1024:.1f}"
         tc = "/".join(x for x in (r.tensor_cores_ptx, r.tensor_cores_sass) if x) or "none" if r.uses_dot else ""
         status = "ok" if r.ok else "FAIL: " + "; ".join(r.errors)
-        lines.append(f"{r.spec[:46]:<46} sm_{r.arch:<2} {r.num_warps:>5} {r.num_stages:>3} "
+        lines.append(f"{r.spec:<{w}} sm_{r.arch:<2} {r.num_warps:>5} {r.num_stages:>3} "
                      f"{r.registers if r.registers is not None else '-':>4} {spill:>5} {smem:>8} "
                      f"{r.shared_limit // 1024:>5} {tc:<14} {r.compile_s:>5.2f}  {status}")
     lines += [f"note: {n}" for n in report.notes]

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,21 +40,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 # aten ops that only create views, change metadata or allocate: no kernel runs on a GPU.
-_FREE_OPS = frozenset(
-    """
-    alias as_strided detach expand lift_fresh narrow permute select slice split split_with_sizes
-    squeeze t transpose unbind unflatten unsqueeze view view_as _unsafe_view _reshape_alias
-    diagonal movedim unfold real imag view_as_real view_as_complex _conj _neg_view
-    empty empty_like empty_strided new_empty new_empty_strided resize_ set_ _local_scalar_dense
-    sym_size sym_stride sym_numel sym_storage_offset is_same_size prim_layout
-    """.split()
-)
+_FREE_OPS = frozenset([
+    "alias", "as_strided", "detach", "expand", "lift_fresh", "narrow", "permute", "select", "slice",
+    "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unflatten", "unsqueeze",
+    "view", "view_as", "_unsafe_view", "_reshape_alias", "diagonal", "movedim", "unfold", "real",
+    "imag", "view_as_real", "view_as_complex", "_conj", "_neg_view", "empty", "empty_like",
+    "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_", "_local_scalar_dense",
+    "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size", "prim_layout",
+])
 
 # In-place ops that overwrite ``self`` without reading it.
-_WRITE_ONLY_SELF = frozenset(
-    "copy_ fill_ zero_ uniform_ normal_ bernoulli_ random_ exponential_ geometric_ cauchy_ log_normal_"
-    .split()
-)
+_WRITE_ONLY_SELF = frozenset([
+    "copy_", "fill_", "zero_", "uniform_", "normal_", "bernoulli_", "random_", "exponential_",
+    "geometric_", "cauchy_", "log_normal_",
+])
 
 
 @dataclass
@@ -67,7 +66,7 @@ class KernelTraffic:
     unique_bytes_read: int = 0
     unique_bytes_written: int = 0
 
-    def add(self, other: "KernelTraffic | Launch") -> None:
+    def add(self, other: KernelTraffic | Launch) -> None:
         self.launches += 1 if isinstance(other, Launch) else other.launches
         self.bytes_read += other.bytes_read
         self.bytes_written += other.bytes_written
@@ -273,7 +272,7 @@ def _install() -> None:
             _STATE.interpreting_kernel -= 1
             launch = _STATE.launch.close()
             _STATE.launch = outer
-            for result in list(_TRITON_RESULTS):
+            for result in _TRITON_RESULTS:
                 result.launch_log.append(launch)
 
     def set_grid_dim(self, nx, ny, nz):
@@ -291,7 +290,7 @@ def _install() -> None:
             _STATE.launch.access(ptrs.data, mask.data, _itemsize(ptrs), write=True)
         return _ORIGINALS["store"](self, ptrs, value, mask, cache_policy)
 
-    def rmw(self, rmwOp, ptr, val, mask, sem, scope):  # noqa: N803 - Triton's argument name
+    def rmw(self, rmwOp, ptr, val, mask, sem, scope):
         if _STATE.launch is not None:
             _STATE.launch.access(ptr.data, mask.data, _itemsize(ptr), write=False)
             _STATE.launch.access(ptr.data, mask.data, _itemsize(ptr), write=True)

@@ -120,11 +120,12 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast frozen floating-point parameters to ``dtype`` and trainable ones to fp32 (for mixed-precision training).
 
     Matches PEFT: trainable (adapter) parameters stay/are cast to float32, everything else that is floating point
-    and not a quantised storage is cast to ``dtype``.
+    and not a quantised storage is cast to ``dtype``. (PEFT also converts quantised storage: int8 weights, and
+    4-bit weights packed in a float ``quant_storage``, whose bytes are then scrambled; here they are left alone.)
     """
     for p in model.parameters():
         if not p.requires_grad:
-            if p.is_floating_point():
+            if p.is_floating_point() and p.__class__.__name__ != "Params4bit":
                 p.data = p.data.to(dtype)
         else:
             p.data = p.data.to(torch.float32)
@@ -143,14 +144,15 @@ def _has_quantized_layers(model: nn.Module) -> bool:
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: Optional[dict] = None) -> nn.Module:
+                                    gradient_checkpointing_kwargs: Optional[dict] = None,
+                                    auto_clear_cache: bool = True) -> nn.Module:
     """Get a 4/8-bit model ready for adapter training, as PEFT does.
 
     Freezes every parameter, upcasts the non-quantised fp16/bf16 parameters (norms, embeddings, head) to fp32
     for stable training, and for a quantised model turns on gradient checkpointing, making the embedding outputs
     require grad so checkpointed blocks still receive gradients with the reentrant implementation.
     The model is detected as quantised from ``is_loaded_in_4bit/8bit`` or, when those flags are missing, from its
-    bitsandbytes layer types.
+    bitsandbytes layer types. ``auto_clear_cache`` empties the CUDA cache after the upcast, as PEFT does.
     """
     import inspect
 
@@ -161,6 +163,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     for p in model.parameters():
         if p.dtype in (torch.float16, torch.bfloat16) and p.__class__.__name__ != "Params4bit":
             p.data = p.data.to(torch.float32)
+    if auto_clear_cache and torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             if hasattr(model, "enable_input_require_grads"):

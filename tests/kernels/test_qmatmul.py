@@ -137,9 +137,9 @@ def test_matmul_int8(case, backend, monkeypatch):
 # ----------------------------------------------------------------------------- every launcher path
 
 
-def _launcher_case(config, transpose, dtype):
-    tokens = 7 if config == "decode" else 40
-    return tokens, randn((tokens, 256 if transpose else 97), dtype, seed=7)
+def _activations(config, transpose, dtype):
+    tokens = 7 if config == "decode" else 40  # 40 rows: several 16-row tiles, a partial 64/128-row tile
+    return randn((tokens, 256 if transpose else 97), dtype, seed=7)
 
 
 @pytest.mark.interpreter
@@ -152,7 +152,7 @@ def test_4bit_launcher_paths(config, split, transpose, aligned, dtype, monkeypat
     set_backend(monkeypatch, "triton")
     p = make_packed(97, 256, 64, nested=True, seed=8)
     w = dequantize_4bit_reference(p)
-    _, a = _launcher_case(config, transpose, dtype)
+    a = _activations(config, transpose, dtype)
     bias = randn((97,), torch.float32, seed=9) if transpose else None
     out = Q.matmul_4bit_triton(a, p, bias, transpose=transpose, config=config, split=split, aligned=aligned)
     wt = w.T if transpose else w
@@ -168,7 +168,7 @@ def test_int8_launcher_paths(config, split, transpose, monkeypatch):
     set_backend(monkeypatch, "triton")
     cb, scb = make_int8(97, 256, seed=10)
     w = dequantize_int8_reference(cb, scb, torch.float32)
-    _, a = _launcher_case(config, transpose, torch.float16)
+    a = _activations(config, transpose, torch.float16)
     bias = randn((97,), torch.float16, seed=11) if transpose else None
     out = Q.matmul_int8_triton(a, cb, scb, bias, transpose=transpose, config=config, split=split)
     wt = w.T if transpose else w

@@ -11,8 +11,8 @@ import json
 import pytest
 import triton
 import triton.language as tl
-
 from peftfast.kernels.aot import AotSpec
+
 from peftfast.tools import compile_report as cr
 
 pytestmark = pytest.mark.slow
@@ -84,7 +84,7 @@ def _copy(dtype):
 
 
 def _matmul(dtype, bm, bn, bk):
-    ints = "M N K stride_am stride_ak stride_bk stride_bn stride_cm stride_cn".split()
+    ints = ["M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn"]
     sig = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", **{k: "i32" for k in ints},
            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     return AotSpec(f"toy_matmul[{dtype},{bm}x{bn}x{bk}]", toy_matmul, sig,

@@ -3,8 +3,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from peftfast.kernels.backend import interpreting
+
 from peftfast.tools.traffic import count_torch, count_triton, tensor_bytes
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="Triton kernels run under TRITON_INTERPRET=1")
