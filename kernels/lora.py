@@ -31,23 +31,35 @@ Blocked algorithm (Triton, fp32 accumulation, operands cast to the adapter dtype
 
 Dropout masks are never stored: every kernel that needs m_i regenerates it from (seed, adapter
 index, row, column) with the counter-based hash of ``kernels/dropout.py``; the PyTorch reference
-regenerates the same bits. A rank tile never straddles two adapters when dropout is on.
+regenerates the same bits. A rank tile never straddles two adapters when dropout is on. Ranks are
+tiled (tiles of 16, 64 or 128 ranks), so any rank works; the kernels are tested for 1..256.
+
+Dot precision: 16-bit adapters use the tensor cores natively; fp32 adapters on a 16-bit model
+use TF32 (x is exact in TF32, A/B keep 10 mantissa bits, finer than the 16-bit result); an fp32
+model uses 3xTF32 (~fp32 accuracy, as torch's default fp32 matmul).
 
 Memory saved for backward: x (the tensor the caller passed, which the base layer keeps too;
-never a cast or dropped copy), t ([M, R] in the adapter dtype: 2*R/K of x's bytes for R << K),
-the seed (a Python int) and references to the A_i / B_i parameters. No mask, no [M, K] copy.
+never a cast or dropped copy), t ([M, R] in the adapter dtype: at most 2*R/K of x's bytes), the
+seed (a Python int; a 0-d int64 tensor under torch.compile) and references to the A_i / B_i
+parameters. No mask, no [M, K] copy.
 
 Launches: forward 2 (shrink, expand). Backward up to 4 kernels (dT, dB, dA, dX) plus one sum
 of partials for each of dA and dB when the reduction over M is split.
 
 CPU (the reference path, used for real training): the same math with torch matmuls, no
-per-adapter loop without dropout, the mask regenerated from the seed in backward.
+per-adapter loop without dropout, the mask regenerated from the seed in backward. One core,
+T=512, d=256, r=8, against nn.Dropout + two nn.Linear: forward 0.71x the time with p=0.1 and
+0.94x without; forward+backward 0.98x and 0.95x. Small layers (T=64, d=64) pay the fixed
+cost of the ~16 tensor ops of a mask: 2.2x with dropout, 1.3x without.
+
+On the Triton path, when a program's operands are not 16-byte aligned (odd feature sizes) the
+compiler cannot vectorise; the configurations are chosen so that even then no variant spills.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import triton
@@ -247,12 +259,14 @@ _CONFIGS = {}
 for _wide in (False, True):
     _k = 32 if _wide else 64
     for _br in _TILE_BLOCK_R:
-        _CONFIGS["shrink", _br, _wide] = dict(BLOCK_M=64, BLOCK_K=_k, num_warps=8, num_stages=3)
-        _CONFIGS["grad_w", _br, _wide] = dict(BLOCK_M=_k, BLOCK_N=64, num_warps=8, num_stages=3)
+        _CONFIGS["shrink", _br, _wide] = {"BLOCK_M": 64, "BLOCK_K": _k, "num_warps": 8, "num_stages": 3}
+        _CONFIGS["grad_w", _br, _wide] = {"BLOCK_M": _k, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     for _br in _LOOP_BLOCK_R:
         _m = 32 if _wide and _br == 64 else 64
-        _CONFIGS["expand", _br, _wide] = dict(BLOCK_M=_m, BLOCK_N=64 if _wide else 128, num_warps=8, num_stages=3)
-        _CONFIGS["grad_x", _br, _wide] = dict(BLOCK_M=32 if _wide else 64, BLOCK_K=64, num_warps=8, num_stages=3)
+        _CONFIGS["expand", _br, _wide] = {"BLOCK_M": _m, "BLOCK_N": 64 if _wide else 128,
+                                          "num_warps": 8, "num_stages": 3}
+        _CONFIGS["grad_x", _br, _wide] = {"BLOCK_M": 32 if _wide else 64, "BLOCK_K": 64,
+                                          "num_warps": 8, "num_stages": 3}
 _TARGET_PROGRAMS = 528  # ~4 waves on a 132-SM GPU for the split reductions over M
 
 
@@ -328,7 +342,8 @@ def _tiles(plan: _Plan, by_adapter: bool, block_r: int, device: torch.device) ->
 
 @functools.lru_cache(maxsize=512)
 def _adapter_table(plan: _Plan, device: torch.device) -> torch.Tensor:
-    rows = [(r0, r0 + r, i, threshold(p)) for i, (r0, r, p) in enumerate(zip(plan.offsets, plan.ranks, plan.ps))]
+    rows = [(r0, r0 + r, i, threshold(p))
+            for i, (r0, r, p) in enumerate(zip(plan.offsets, plan.ranks, plan.ps))]
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
@@ -386,8 +401,11 @@ def _launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: _Plan, seed: int, dr
     splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(M, block_m)))
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
-    part = torch.empty((splits, N, R) if transpose_out else (splits, R, N), dtype=torch.float32, device=x2.device)
-    stride_or, stride_on = (part.stride(2), part.stride(1)) if transpose_out else (part.stride(1), part.stride(2))
+    shape = (splits, N, R) if transpose_out else (splits, R, N)
+    part = torch.empty(shape, dtype=torch.float32, device=x2.device)
+    stride_or, stride_on = part.stride(1), part.stride(2)
+    if transpose_out:
+        stride_or, stride_on = stride_on, stride_or
     grid = (tiles.shape[0], triton.cdiv(N, block_n), splits)
     _lora_grad_w_kernel[grid](
         g, x2, part, tiles, seed, M, N, rows_per_split,
@@ -396,7 +414,8 @@ def _launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: _Plan, seed: int, dr
     return part[0] if splits == 1 else part.sum(0)
 
 
-def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int, dtype: torch.dtype) -> torch.Tensor:
+def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int,
+                   dtype: torch.dtype) -> torch.Tensor:
     """dX = sum_i mask_i * (g_i @ a_i) -> [M, K] in ``dtype``."""
     M, R = g.shape
     K = a.shape[1]
@@ -446,7 +465,7 @@ def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference (the test oracle and the CPU backend): same math, torch matmuls
 # ----------------------------------------------------------------------------------------------
-def _forward_torch(x2, base2, weights_a, weights_b, plan, seed, out2=None):
+def _forward_torch(x2, base2, weights_a, weights_b, plan, seed):
     cd = weights_a[0].dtype
     xc = x2 if x2.dtype == cd else x2.to(cd)
     M, K = x2.shape
@@ -593,8 +612,9 @@ def _(x, base_out, weights_a, weights_b, scalings, dropout_ps, seed):
 
 
 @torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor, weights_a: list[torch.Tensor],
-                             weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
+def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
+                             weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
+                             scalings: list[float], dropout_ps: list[float],
                              seed: torch.Tensor, needs: list[bool]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, stacked dA [R, d_in], stacked dB [d_out, R]) for needs = (x, A, B); a gradient that is
@@ -614,7 +634,7 @@ def _(dy, x, t, weights_a, weights_b, scalings, dropout_ps, seed, needs):
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, base_out, weights_a, weights_b, scalings, dropout_ps, seed = inputs
+    x, _base_out, weights_a, weights_b, scalings, dropout_ps, seed = inputs
     ctx.save_for_backward(x, output[1], seed, *weights_a, *weights_b)
     ctx.plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
     ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
@@ -653,7 +673,8 @@ def _check(x, base_out, weights_a, weights_b, scalings, dropout_ps):
         if b.dim() != 2 or tuple(b.shape) != (d_out, a.shape[0]):
             raise ValueError(f"adapter {i}: B must be [d_out={d_out}, r={a.shape[0]}], got {tuple(b.shape)}")
         if a.dtype != b.dtype or not a.dtype.is_floating_point:
-            raise ValueError(f"adapter {i}: A and B must share one floating dtype, got {a.dtype} and {b.dtype}")
+            raise ValueError(f"adapter {i}: A and B must share one floating dtype, "
+                             f"got {a.dtype} and {b.dtype}")
     for t, name in ((x, "x"), (base_out, "base_out")):
         if not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be floating point (fp32, fp16 or bf16), got {t.dtype}")
@@ -694,6 +715,8 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
     plan = _make_plan([a.shape[0] for a in weights_a], scalings, ps)
     on_triton = use_triton(x, base_out, *weights_a, *weights_b)
     inplace = on_triton and base_out.numel() > 0 and _can_update_in_place(base_out)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, *weights_a, *weights_b))):
+        return _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton)[0]
     return LoraLinearFunction.apply(x, base_out, plan, seed, on_triton, inplace, *weights_a, *weights_b)
 
 
@@ -702,8 +725,9 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
 # ----------------------------------------------------------------------------------------------
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (activation dtype, adapter dtype): same dtype, plus PEFT's default of fp32 adapters on a 16-bit model
-_DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
-                (torch.float16, torch.float32), (torch.bfloat16, torch.float32))
+_DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                (torch.float32, torch.float32), (torch.float16, torch.float32),
+                (torch.bfloat16, torch.float32))
 
 
 def aot_specs() -> list[AotSpec]:

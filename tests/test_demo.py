@@ -123,3 +123,53 @@ def test_demo_rejects_bad_arguments(argv, capsys):
         main(argv)
     assert exc.value.code == 2
     assert "--" in capsys.readouterr().err
+
+
+def test_demo_4bit_trains_on_a_quantised_base_and_reports_memory(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    code = main(["--4bit", "--steps", "250", "--seed", "1", "--device", "cpu", "--output-dir", str(tmp_path),
+                 "--min-accuracy", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    r = read_results(tmp_path)
+    assert r["four_bit"] and all(r["checks"].values()), r["checks"]
+    assert {"4-bit base is smaller", "merge keeps the metric (4-bit, requantised)"} <= set(r["checks"])
+    assert r["accuracy_before"] <= 0.2 and r["accuracy_after"] >= 0.5
+    assert r["loss_after"] < r["loss_before"] / 10
+    assert r["reload_max_abs_diff"] <= r["tolerance"] and 0 < r["rounding_error"] < 1e-3
+
+    # The reported sizes against an independent count from the config: each projection [n, k] stored in
+    # NF4 is n*k/2 packed bytes, one uint8 scale code per 64-element block, the 16-entry fp32 code table,
+    # and the double quantisation's fp32 scale per 256 blocks, 256-entry fp32 table and fp32 offset.
+    cfg = base.base_config()
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = cfg.num_hidden_layers * ([(h, h)] * 4 + [(i, h), (i, h), (h, i)])
+    nf4 = scales = 0
+    for n, k in shapes:
+        blocks = n * k // 64
+        scales += blocks + 16 * 4 + -(-blocks // 256) * 4 + 256 * 4 + 4
+        nf4 += n * k // 2
+    nf4 += scales
+    m = r["memory"]
+    assert m["linear_fp32_bytes"] == 4 * sum(n * k for n, k in shapes)
+    assert m["linear_4bit_bytes"] == nf4
+    all_fp32 = 4 * sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    assert m["base_fp32_bytes"] == all_fp32
+    assert m["base_4bit_bytes"] == all_fp32 - m["linear_fp32_bytes"] + nf4
+    # The 4-bit base keeps no dequantised weight for backward: a training step saves what the fp32 base's
+    # saves with the same checkpointing, plus at most the (resident) scale tables the quantised matmul holds.
+    assert 0 <= m["step_saved_bytes_4bit"] - m["step_saved_bytes_fp32"] <= scales
+    assert m["step_saved_bytes_4bit"] < m["step_saved_bytes_fp32_no_checkpointing"] / 4
+    assert "4-bit NF4" in out and "memory: linear weights" in out and "saved for backward" in out
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == set(run.TARGET_MODULES)
+
+
+def test_demo_4bit_needs_bitsandbytes(monkeypatch, capsys):
+    real = run.importlib.util.find_spec
+    monkeypatch.setattr(run.importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        real(name, *a))
+    with pytest.raises(SystemExit) as exc:
+        main(["--4bit", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert "bitsandbytes" in capsys.readouterr().err

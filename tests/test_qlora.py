@@ -19,20 +19,18 @@ from __future__ import annotations
 import copy
 import warnings
 
+import bitsandbytes as bnb
+import peft
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-bnb = pytest.importorskip("bitsandbytes")
-peft = pytest.importorskip("peft")
-
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-import peftfast  # noqa: E402
-from peftfast.kernels.quant import Packed4bit, decode_absmax, dequantize_4bit  # noqa: E402
-from peftfast.tools.memory import measure_saved_bytes  # noqa: E402
-from peftfast.tuners.ia3 import bnb as ia3_bnb  # noqa: E402
-from peftfast.tuners.lora import bnb as lora_bnb  # noqa: E402
-from peftfast.utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb, prevent_cpu_repack  # noqa: E402
+import peftfast
+from peftfast.kernels.quant import Packed4bit, decode_absmax, dequantize_4bit
+from peftfast.tools.memory import measure_saved_bytes
+from peftfast.tuners.ia3 import bnb as ia3_bnb
+from peftfast.tuners.lora import bnb as lora_bnb
+from peftfast.utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb, prevent_cpu_repack
 
 K_ERR = 4  # peftfast's error vs exact may be this many times PEFT's (same math, maybe another op order)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -148,8 +146,9 @@ def compare_step(fast_step, peft_step, exact_step) -> None:
         assert_as_close_as_peft(f"grad {name}", gf[name], gp[name], ge[name])
 
 
-def lora_kwargs(**extra) -> dict:
-    return dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM", **extra)
+def lora_kwargs(**overrides) -> dict:
+    return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS, "task_type": "CAUSAL_LM",
+            **overrides}
 
 
 def build_lora_trio(path, case: str):
@@ -330,6 +329,26 @@ def test_eval_train_eval_on_cpu_never_rewrites_the_storage(tiny_dir):
             assert torch.equal(layer.weight.data, module.weight.data)
 
 
+def test_untargeted_4bit_layers_keep_their_gradient_path_after_an_eval_pass(tiny_dir):
+    # bnb's CPU repack (an eval forward without grad) turns a Linear4bit into an inference-only op: in
+    # training its output no longer carries a gradient to its input. Untargeted layers still run bnb's own
+    # forward, so prepare_model_for_kbit_training switches the repack off for every Linear4bit.
+    def prepared():
+        model = peftfast.prepare_model_for_kbit_training(load_quantized(tiny_dir, "nf4-dq"))
+        return peftfast.get_peft_model(model, peftfast.LoraConfig(**lora_kwargs(target_modules=["q_proj"])))
+
+    evaluated, fresh = prepared(), prepared()
+    randomise(evaluated)
+    copy_adapters(evaluated, fresh)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        evaluated.eval()(input_ids=ids)
+    (_, loss_a, grads_a), (_, loss_b, grads_b) = train_step(evaluated, ids), train_step(fresh, ids)
+    assert torch.equal(loss_a, loss_b)
+    for name in grads_b:
+        assert torch.equal(grads_a[name], grads_b[name]), name
+
+
 @pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks 4-bit weights for CPU "
                     "inference only on CPUs with AVX512-BF16")
 def test_base_repacked_by_bitsandbytes_before_wrapping_is_read_back(tiny_dir):
@@ -482,6 +501,46 @@ def test_layer_forward_and_gradients_match_float64(case):
         assert err_o <= K_ERR * max(err_t, floor), f"{case} {what}: {err_o:.3e} vs PEFT {err_t:.3e}"
 
 
+@pytest.mark.parametrize("feedforward", [False, True], ids=["output-scale", "feedforward"])
+@pytest.mark.parametrize("case", ["nf4-dq-u8-fp32", "fp4-bf16storage-bf16", "int8-fp32"])
+def test_ia3_layer_forward_and_gradients_match_float64(case, feedforward):
+    from peft.tuners.ia3 import bnb as peft_ia3_bnb
+
+    kind = "4bit" if not case.startswith("int8") else "8bit"
+    config = peftfast.IA3Config(target_modules=["proj"], feedforward_modules=["proj"] if feedforward else [])
+    ours = (ia3_bnb.Linear4bit if kind == "4bit" else ia3_bnb.Linear8bitLt)(
+        make_base(case), "default", config=config, is_feedforward=feedforward)
+    theirs = (peft_ia3_bnb.Linear4bit if kind == "4bit" else peft_ia3_bnb.Linear8bitLt)(
+        copy.deepcopy(ours.get_base_layer()), "default", config=peft.IA3Config(
+            target_modules=["proj"], feedforward_modules=["proj"] if feedforward else []),
+        is_feedforward=feedforward)
+    with torch.no_grad():
+        ours.ia3_l["default"].copy_(1 + 0.3 * torch.randn_like(ours.ia3_l["default"]))
+        theirs.ia3_l["default"].copy_(ours.ia3_l["default"])
+    x = torch.randn(3, 5, K_IN, dtype=LAYER_CASES[case]["x_dtype"])
+    g = torch.randn(3, 5, N_OUT)
+
+    def step(layer):
+        xr = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = layer(xr)
+        (y.float() * g).sum().backward()
+        return [y.detach().double(), xr.grad.double(), layer.ia3_l["default"].grad.double()]
+
+    w = exact_weight(ours.get_base_layer())
+    bias = ours.get_base_layer().bias.detach().double()
+    xe = x.double().requires_grad_(True)
+    le = ours.ia3_l["default"].detach().double().flatten().requires_grad_(True)
+    ye = (xe * le) @ w.T + bias if feedforward else (xe @ w.T + bias) * le
+    (ye * g.double()).sum().backward()
+    compute = getattr(ours.get_base_layer(), "compute_dtype", None) or x.dtype
+    floor_dtype = max((x.dtype, compute), key=eps)
+    for what, o, t, e in zip(("y", "dx", "dl"), step(ours), step(theirs), (ye.detach(), xe.grad, le.grad)):
+        err_o, err_t = (o - e.reshape(o.shape)).abs().max().item(), (t - e.reshape(t.shape)).abs().max().item()
+        floor = eps(floor_dtype) * e.abs().max().item()
+        assert err_o <= K_ERR * max(err_t, floor), f"{case} {what}: {err_o:.3e} vs PEFT {err_t:.3e}"
+
+
 @pytest.mark.parametrize("case", ["nf4-dq-u8-fp32", "int8-fp32"])
 def test_no_dequantised_weight_is_saved_for_backward(case):
     layer = make_lora(make_base(case))
@@ -531,7 +590,7 @@ def test_merge_and_unmerge_requantise_with_the_layer_settings(case):
         layer.lora_B["default"].weight.normal_(0, 0.5)  # a delta as large as the weight itself
     x = torch.randn(4, K_IN)
     base = layer.get_base_layer()
-    settings = lambda: (base.weight.dtype, base.weight.shape) + (  # noqa: E731
+    settings = lambda: (base.weight.dtype, base.weight.shape) + (
         () if case.startswith("int8") else
         (base.weight.quant_state.quant_type, base.weight.quant_state.blocksize, base.weight.quant_state.nested,
          base.weight.quant_state.dtype))
@@ -607,3 +666,26 @@ def test_disabled_and_mixed_batch_use_the_quantised_path():
     for row, want in ((0, y_default), (1, disabled), (2, y_other), (3, y_default)):
         torch.testing.assert_close(mixed[row], want[row])
     assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+
+
+@pytest.mark.parametrize("case", ["nf4-dq-u8-fp32", "int8-fp32"])
+def test_hooks_on_the_base_layer_still_run(case):
+    # A hook on the quantised base (a user's, or accelerate's) needs the module to be called: the layer
+    # then falls back to bitsandbytes' own forward, still without letting it repack the storage.
+    base = make_base(case)
+    layer = make_lora(base)
+    x = torch.randn(2, 3, K_IN)
+    with torch.no_grad():
+        fused = layer(x)
+    seen = []
+    handle = base.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    layer.eval()
+    with torch.no_grad():
+        hooked = layer(x)
+    handle.remove()
+    assert seen == [(2, 3, N_OUT)]
+    if case.startswith("int8"):
+        return  # bnb's int8 eval path quantises the activations: another function
+    assert not getattr(base.weight.quant_state, "packing_format_for_cpu", False)
+    tol = 8 * K_IN * eps(torch.float32) * (x.abs() @ exact_weight(base).float().abs().T)
+    assert ((hooked - fused).abs() <= tol).all()

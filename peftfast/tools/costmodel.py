@@ -640,7 +640,15 @@ def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 1
                   act: torch.dtype = torch.bfloat16, gpus: tuple[Gpu, ...] = (H100, RTX4090),
                   launch_overhead: float = LAUNCH_OVERHEAD_S, calibrate: bool = True) -> str:
     """The traffic table: calibration against counts, then modelled ratios on each GPU."""
+    return build_report(t, d_in, d_out, r, act, gpus, launch_overhead, calibrate)[0]
+
+
+def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16,
+                 act: torch.dtype = torch.bfloat16, gpus: tuple[Gpu, ...] = (H100, RTX4090),
+                 launch_overhead: float = LAUNCH_OVERHEAD_S, calibrate: bool = True) -> tuple[str, bool]:
+    """(report text, whether every calibration check that ran agreed with the formulas)."""
     out = ["Kernel cost model — modelled from counted traffic", ""]
+    ok = True
     if calibrate:
         out.append("Calibration (counted at small shapes vs the formulas):")
         checks = calibrate_eager()
@@ -650,7 +658,11 @@ def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 1
             out.append("  peftfast.kernels.lora not available: its kernels were not counted")
         except RuntimeError as err:
             out.append(f"  peftfast kernels not counted: {err}")
+        except Exception as err:  # noqa: BLE001 - a kernel that fails to run is reported, not hidden
+            out.append(f"  FAILED to run the peftfast kernels: {type(err).__name__}: {err}")
+            ok = False
         out += ["  " + c.line() for c in checks]
+        ok = ok and all(c.ok for c in checks)
         out.append("")
     f32 = torch.float32
     base = lora_layer("base", False, t, d_in, d_out, r, act, act), lora_layer("base", True, t, d_in, d_out, r, act, act)
@@ -693,7 +705,7 @@ def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 1
             ia3_rows.append((f"PEFT IA3 {kind}, fp32 ia3_l", peft_ia3_forward(t, d_in, d_out, act, f32, ff), base[1]))
         out += _ratio_table(gpu, launch_overhead, ia3_rows)
         out.append("")
-    return "\n".join(out)
+    return "\n".join(out), ok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -707,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-calibrate", action="store_true", help="skip counting at small shapes")
     args = parser.parse_args(argv)
     gpus = tuple(GPUS[g] for g in (args.gpu or sorted(GPUS)))
-    print(render_report(args.tokens, args.d_in, args.d_out, args.rank, torch.bfloat16, gpus,
-                        args.launch_overhead_us * 1e-6, not args.no_calibrate))
-    return 0
+    text, ok = build_report(args.tokens, args.d_in, args.d_out, args.rank, torch.bfloat16, gpus,
+                            args.launch_overhead_us * 1e-6, not args.no_calibrate)
+    print(text)
+    return 0 if ok else 1

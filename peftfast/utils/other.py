@@ -153,6 +153,11 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     require grad so checkpointed blocks still receive gradients with the reentrant implementation.
     The model is detected as quantised from ``is_loaded_in_4bit/8bit`` or, when those flags are missing, from its
     bitsandbytes layer types. ``auto_clear_cache`` empties the CUDA cache after the upcast, as PEFT does.
+
+    Unlike PEFT, it also switches off bitsandbytes' CPU inference repack on every ``Linear4bit``: an eval-mode
+    forward without grad would rewrite the 4-bit storage with bf16-rounded scales into a layout whose product
+    gives no gradient to its input, so later training steps would silently lose the gradient path through
+    every layer without an adapter.
     """
     import inspect
 
@@ -165,6 +170,10 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             p.data = p.data.to(torch.float32)
     if auto_clear_cache and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if quantized:
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit
+                module.support_avx512bf16_for_cpu = False
     if quantized and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):
             if hasattr(model, "enable_input_require_grads"):

@@ -7,7 +7,6 @@ largest reference value.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from peftfast.kernels import ia3 as I
 
 K_TOL = 4.0
@@ -126,10 +125,10 @@ def test_ia3_linear_scale_of_any_shape(backend):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(x_dtype=F16), "must share a dtype"),
-    (dict(scale_n=7), "scale must have 32 values"),
-    (dict(bias_n=5), "bias must be"),
-    (dict(x_features=31), "features but weight is"),
+    ({"x_dtype": F16}, "must share a dtype"),
+    ({"scale_n": 7}, "scale must have 32 values"),
+    ({"bias_n": 5}, "bias must be"),
+    ({"x_features": 31}, "features but weight is"),
 ])
 def test_ia3_linear_errors(kwargs, match):
     x = torch.randn(4, kwargs.get("x_features", 32)).to(kwargs.get("x_dtype", F32))
@@ -150,7 +149,10 @@ def test_ia3_scale_ops_match_float64(backend, which, dtypes):
     x = torch.randn(3, 37, 203, generator=g).to(xdt)
     s = (1.0 + 0.5 * torch.randn(203, generator=g)).to(sdt)
     dy = torch.randn(3, 37, 203, generator=g).to(xdt)
-    op, ref = ((I.ia3_scale_input, peft_scale_input) if which == "input" else (I.ia3_scale_output, peft_scale_output))
+    if which == "input":
+        op, ref = I.ia3_scale_input, peft_scale_input
+    else:
+        op, ref = I.ia3_scale_output, peft_scale_output
     check(op, ref, [x, s], [True, True], dy, ["dx", "dscale"])
 
 

@@ -9,7 +9,6 @@ import math
 
 import pytest
 import torch
-
 from peftfast.kernels import dropout as D
 from peftfast.kernels import lora as L
 
@@ -154,7 +153,7 @@ def test_eval_mode_ignores_dropout(backend):
 
 def test_only_requested_grads(backend):
     """Frozen x and A (only B trains, as for a LoRA layer on the first block): no dx, no dA."""
-    x, base, As, Bs, scalings, dy = make_inputs((50,), 64, 48, [7], F32, F32, seed=7)
+    x, base, As, Bs, _scalings, dy = make_inputs((50,), 64, 48, [7], F32, F32, seed=7)
     b = Bs[0].clone().requires_grad_(True)
     y = L.lora_linear(x, base.clone(), [As[0]], [b], [2.0], [0.1], True)
     y.backward(dy)
@@ -187,11 +186,11 @@ def test_triton_path_updates_base_out_in_place(triton_backend):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(a_shape=(4, 31)), "A must be"),
-    (dict(b_shape=(24, 5)), "B must be"),
-    (dict(p=1.0), "dropout probability"),
-    (dict(b_dtype=F16), "share one floating dtype"),
-    (dict(n_scalings=2), "one A, B, scaling"),
+    ({"a_shape": (4, 31)}, "A must be"),
+    ({"b_shape": (24, 5)}, "B must be"),
+    ({"p": 1.0}, "dropout probability"),
+    ({"b_dtype": F16}, "share one floating dtype"),
+    ({"n_scalings": 2}, "one A, B, scaling"),
 ])
 def test_errors_say_what_is_allowed(bad, match):
     x, base = torch.randn(10, 32), torch.randn(10, 24)
@@ -221,7 +220,8 @@ def test_dropout_backward_reuses_forward_mask(backend):
 
     # the same check with another seed's masks must fail by far: the comparison has teeth
     y64, g64 = run_reference(x, base, As, Bs, scalings, masks_for(seed + 1, ps, x), ps, dy, torch.float64)
-    for name, got, ref in zip(["y", "dx", "dA0", "dA1"], [y, grads[0], grads[2], grads[3]], [y64, g64[0], g64[2], g64[3]]):
+    for name, got, ref in zip(["y", "dx", "dA0", "dA1"], [y, grads[0], grads[2], grads[3]],
+                              [y64, g64[0], g64[2], g64[3]]):
         assert max_err(got, ref) > 1e-2 * ref.abs().max().item(), f"{name} does not depend on the mask"
     # and dropout did something: p = 0 gives a different output
     y0, _, _ = run_op(x, base, As, Bs, scalings, [0.0, 0.0], dy)
@@ -251,7 +251,8 @@ def test_mask_statistics(p):
     m = D.keep_mask_torch(2**33 + 5, 0, 512, 512, p).float()
     n = m.numel()
     assert abs(m.mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
-    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:]), (m, D.keep_mask_torch(2**33 + 5, 1, 512, 512, p).float())):
+    other_stream = D.keep_mask_torch(2**33 + 5, 1, 512, 512, p).float()
+    for a, b in ((m[:, :-1], m[:, 1:]), (m[:-1], m[1:]), (m, other_stream)):
         corr = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
         assert abs(corr) < 5 / math.sqrt(a.numel()), corr  # neighbours, rows, streams: independent
 

@@ -2,7 +2,6 @@
 torch.compile(fullgraph=True) traces a model using them without graph breaks."""
 import pytest
 import torch
-
 from peftfast.kernels import ia3 as I
 from peftfast.kernels import lora as L
 
@@ -21,7 +20,8 @@ def _lora_args(dropout):
 
 @pytest.mark.parametrize("dropout", [False, True], ids=["nodrop", "drop"])
 def test_opcheck_lora_linear(backend, dropout):
-    torch.library.opcheck(torch.ops.peftfast.lora_linear.default, _lora_args(dropout), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(torch.ops.peftfast.lora_linear.default, _lora_args(dropout),
+                          test_utils=OPCHECK_TESTS)
 
 
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
@@ -32,7 +32,8 @@ def test_opcheck_ia3_linear(backend, feedforward, bias):
     w = torch.randn(20, 24, generator=g, requires_grad=True)
     b = torch.randn(20, generator=g, requires_grad=True) if bias else None
     s = torch.randn(24 if feedforward else 20, generator=g, requires_grad=True)
-    torch.library.opcheck(torch.ops.peftfast.ia3_linear.default, (x, w, b, s, feedforward), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(torch.ops.peftfast.ia3_linear.default, (x, w, b, s, feedforward),
+                          test_utils=OPCHECK_TESTS)
 
 
 @pytest.mark.parametrize("round_to_scale", [True, False])
@@ -40,7 +41,8 @@ def test_opcheck_ia3_scale(backend, round_to_scale):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 7, 24, generator=g, requires_grad=True)
     s = torch.randn(24, generator=g, requires_grad=True)
-    torch.library.opcheck(torch.ops.peftfast.ia3_scale.default, (x, s, round_to_scale), test_utils=OPCHECK_TESTS)
+    torch.library.opcheck(torch.ops.peftfast.ia3_scale.default, (x, s, round_to_scale),
+                          test_utils=OPCHECK_TESTS)
 
 
 class TinyModel(torch.nn.Module):
@@ -50,8 +52,9 @@ class TinyModel(torch.nn.Module):
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.base = torch.nn.Linear(d, h)
-        self.a = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(r, d, generator=g) * 0.2) for r in (4, 2)])
-        self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(h, r, generator=g) * 0.2) for r in (4, 2)])
+        param = torch.nn.Parameter
+        self.a = torch.nn.ParameterList(param(torch.randn(r, d, generator=g) * 0.2) for r in (4, 2))
+        self.b = torch.nn.ParameterList(param(torch.randn(h, r, generator=g) * 0.2) for r in (4, 2))
         self.ff = torch.nn.Linear(h, d)
         self.ff_scale = torch.nn.Parameter(1 + 0.1 * torch.randn(h, generator=g))
         self.out_scale = torch.nn.Parameter(1 + 0.1 * torch.randn(d, generator=g))

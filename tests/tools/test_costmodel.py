@@ -159,13 +159,14 @@ def test_report_is_computed_and_labelled():
     a = cm.render_report(calibrate=False)
     b = cm.render_report(t=4096, calibrate=False)
     assert "modelled from counted traffic" in a
-    assert "H100" in a and "RTX 4090" in a and "+ovh = 3.0 us" in a
+    assert "H100" in a and "RTX 4090" in a and "with 3.0 us per launch" in a
     assert a != b  # numbers follow the shape
     assert cm.main(["--no-calibrate", "--gpu", "h100", "--tokens", "1024"]) == 0
 
 
 def test_report_calibration_lines_pass():
-    text = cm.render_report(gpus=(cm.H100,))
+    text, ok = cm.build_report(gpus=(cm.H100,))
+    assert ok
     calib = [line for line in text.splitlines() if line.startswith("  ") and " counted " in line]
     expected = 6 if importlib.util.find_spec("peftfast.kernels.lora") else 2  # + 2 shapes of the kernels
     assert len(calib) == expected and all("[ok" in line for line in calib), "\n".join(calib)

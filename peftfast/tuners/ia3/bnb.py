@@ -14,7 +14,7 @@ As in PEFT, (IA)^3 adapters cannot be merged into a quantised weight (the model-
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,11 +42,11 @@ class _QuantIA3Linear(nn.Module, IA3Layer):
         raise ValueError(f"(IA)^3 adapters cannot be merged into a {self.quant_name} bitsandbytes weight; use "
                          "unload() to remove them, or load the base model in float precision to merge")
 
-    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
         if [n for n in self._adapters_to_merge(adapter_names) if n in self.ia3_l]:
             self._refuse_merge()
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         self.check_merge(adapter_names)
 
     def unmerge(self) -> None:
@@ -73,7 +73,7 @@ class Linear8bitLt(QuantizedBase8bit, _QuantIA3Linear):
 
 
 def dispatch_bnb(target: nn.Module, adapter_name: str, ia3_config: Any = None, is_feedforward: bool = False,
-                 **kwargs: Any) -> Optional[nn.Module]:
+                 **kwargs: Any) -> nn.Module | None:
     """The (IA)^3 layer for a bitsandbytes 4-bit / 8-bit linear (chosen by layer type), else None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     kind = quantized_kind(base)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ __all__ = ["Linear4bit", "Linear8bitLt", "QuantizedBase4bit", "QuantizedBase8bit
            "quantized_kind"]
 
 
-def quantized_kind(module: nn.Module) -> Optional[str]:
+def quantized_kind(module: nn.Module) -> str | None:
     """'4bit' for a bitsandbytes Linear4bit, '8bit' for a Linear8bitLt, None otherwise."""
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
@@ -111,10 +111,10 @@ class QuantizedBase4bit(_QuantizedBase):
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
+        p = self.packed_weight()
         if args or kwargs or _runs_hooks(base):
             return _call_without_repack(base, x, *args, **kwargs)
-        p = self.packed_weight()
-        if not base.compute_type_is_set:  # bnb fixes its compute dtype on the first call the same way
+        if not getattr(base, "compute_type_is_set", True):  # bnb fixes its compute dtype on the first call so
             if x.dtype in (torch.float32, torch.bfloat16):
                 base.compute_dtype = x.dtype
             base.compute_type_is_set = True
@@ -237,12 +237,12 @@ class _QuantLoraLinear(Linear):
                                  "the base weights were left unchanged")
         return weight
 
-    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
         names = [n for n in self._adapters_to_merge(adapter_names) if n in self.lora_A]
         if names:
             self._summed(names, 1.0, check=True)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Dequantise, add the adapters' deltas, requantise (lossy; warns). ``safe_merge`` refuses non-finite
         results and leaves the weight untouched."""
         names = [n for n in self._adapters_to_merge(adapter_names) if n in self.lora_A]
@@ -309,7 +309,7 @@ class Linear8bitLt(QuantizedBase8bit, _QuantLoraLinear):
 
 
 def dispatch_bnb(target: nn.Module, adapter_name: str, lora_config: Any = None, **kwargs: Any
-                 ) -> Optional[nn.Module]:
+                 ) -> nn.Module | None:
     """The LoRA layer for a bitsandbytes 4-bit / 8-bit linear (chosen by layer type), else None."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     kind = quantized_kind(base)
