@@ -35,9 +35,9 @@ def test_dropout_costs_no_activation_memory_vs_peft():
     # The claim: with dropout, peftfast keeps no more than PEFT keeps without dropout.
     assert ours.total <= peft_no_dropout.total, (ours.as_row(), peft_no_dropout.as_row())
     assert ours.bool_bytes == 0
-    # And the measurement can tell the difference: PEFT's dropout really costs masks and dropped copies.
+    # And the measurement can tell the difference: PEFT's dropout really costs a mask and a dropped copy of x
+    # per layer (on CPU, ATen keeps the mask as a float tensor, so this shows in the total, not in bool bytes).
     assert peft_dropout.total > peft_no_dropout.total
-    assert peft_dropout.bool_bytes > 0
 
 
 def test_measure_counts_a_known_saved_tensor():

@@ -142,13 +142,13 @@ def compare_step(fast_step, peft_step, exact_step) -> None:
     assert_as_close_as_peft("loss", sf, sp, se)
     assert gf.keys() == gp.keys() == ge.keys() and gf
     for name in ge:
-        assert ge[name].abs().max() > 0, f"{name}: the exact gradient is zero; the test would not see a wrong one"
+        assert ge[name].abs().max() > 0, f"{name}: the exact gradient is 0; a wrong one would go unseen"
         assert_as_close_as_peft(f"grad {name}", gf[name], gp[name], ge[name])
 
 
 def lora_kwargs(**overrides) -> dict:
-    return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS, "task_type": "CAUSAL_LM",
-            **overrides}
+    return {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS,
+            "task_type": "CAUSAL_LM", **overrides}
 
 
 def build_lora_trio(path, case: str):
@@ -178,7 +178,7 @@ def test_lora_matches_peft_qlora_and_trains(tiny_dir, case):
     ids = torch.randint(0, 101, (2, 11))
     compare_step(train_step(ours, ids), train_step(theirs, ids), train_step(exact, ids))
 
-    if case != "int8":  # bnb's own int8 eval path quantises activations: PEFT's eval output is another function
+    if case != "int8":  # bnb's int8 eval path quantises activations: PEFT's eval output is another function
         prevent_cpu_repack(theirs)  # keep PEFT's bnb layers on their standard path in eval mode too
         with torch.no_grad():
             logits = [m.eval()(input_ids=ids).logits.double() for m in (ours, theirs, exact)]
@@ -213,14 +213,14 @@ def test_merge_and_unload_matches_peft(tiny_dir, case):
     for name in names:
         a, b = merged_ours.get_submodule(name), merged_theirs.get_submodule(name)
         assert type(a) is type(b)
-        if case == "int8":  # PEFT dequantises in another order (ulp differences) before the fp16 requantisation
+        if case == "int8":  # PEFT dequantises in another order (ulp differences) before requantising
             (cb_a, scb_a), (cb_b, scb_b) = int8_from_bnb(a), int8_from_bnb(b)
             torch.testing.assert_close(scb_a, scb_b, rtol=2 * eps(torch.float16), atol=0)
             assert (cb_a.int() - cb_b.int()).abs().max() <= 1
         else:  # the same fp32 sum through the same quantiser: the same bits
             qa, qb = a.weight.quant_state, b.weight.quant_state
-            assert (qa.quant_type, qa.blocksize, qa.nested, qa.dtype) == (qb.quant_type, qb.blocksize, qb.nested,
-                                                                        qb.dtype)
+            settings = [(q.quant_type, q.blocksize, q.nested, q.dtype) for q in (qa, qb)]
+            assert settings[0] == settings[1]
             assert torch.equal(exact_weight(a), exact_weight(b)), name
     with torch.no_grad():  # the unloaded models are plain bnb models again (train mode: no CPU repack)
         after_ours, after_theirs = (m.train()(input_ids=ids).logits for m in (merged_ours, merged_theirs))
@@ -249,9 +249,10 @@ def test_unload_leaves_the_quantised_base_untouched(tiny_dir, case):
     for name, module in fresh.named_modules():
         if lora_bnb.quantized_kind(module):
             assert torch.equal(exact_weight(unloaded.get_submodule(name)), exact_weight(module)), name
-    with torch.no_grad():  # bnb's dequantise-and-multiply path (train mode; its int8 eval path is another one)
+    with torch.no_grad():  # bnb's dequantise-and-multiply path (train mode; its int8 eval path differs)
         expected = fresh.train()(input_ids=ids).logits
-    torch.testing.assert_close(disabled, expected, rtol=0, atol=16 * eps(torch.float32) * expected.abs().max())
+    atol = 16 * eps(torch.float32) * expected.abs().max()
+    torch.testing.assert_close(disabled, expected, rtol=0, atol=atol)
 
 
 def test_ia3_matches_peft_on_nf4(tiny_dir):
@@ -371,7 +372,8 @@ def test_base_repacked_by_bitsandbytes_before_wrapping_is_read_back(tiny_dir):
         assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
         p0 = packed4bit_from_bnb(fresh.get_submodule(name))
         scales = decode_absmax(p0).to(torch.bfloat16).float()  # what bnb's repack kept
-        expected = dequantize_4bit(Packed4bit(p0.data, scales, p0.code, p0.blocksize, p0.shape, torch.float32))
+        p_expected = Packed4bit(p0.data, scales, p0.code, p0.blocksize, p0.shape, torch.float32)
+        expected = dequantize_4bit(p_expected)
         assert torch.equal(layer.dequantized_weight(), expected), name
 
 
@@ -403,7 +405,8 @@ def test_cast_mixed_precision_params_matches_peft_and_keeps_quantised_storage(ti
         theirs = wrapped(peft, LlamaForCausalLM.from_pretrained(tiny_dir))
     peftfast.cast_mixed_precision_params(ours, torch.float16)
     peft.cast_mixed_precision_params(theirs, torch.float16)
-    assert [(n, p.dtype) for n, p in ours.named_parameters()] == [(n, p.dtype) for n, p in theirs.named_parameters()]
+    dtypes = [[(n, p.dtype) for n, p in m.named_parameters()] for m in (ours, theirs)]
+    assert dtypes[0] == dtypes[1]
 
     # On a quantised model the packed storage is not a float value and must not be converted (PEFT's
     # version converts a bf16 quant_storage numerically, which scrambles the packed bytes).
@@ -455,7 +458,8 @@ def peft_lora(base: torch.nn.Module, ours: torch.nn.Module) -> torch.nn.Module:
     from peft.tuners.lora import bnb as peft_bnb
 
     cls = peft_bnb.Linear4bit if lora_bnb.quantized_kind(base) == "4bit" else peft_bnb.Linear8bitLt
-    layer = cls(base, "default", config=peft.LoraConfig(r=RANK, lora_alpha=2 * RANK), r=RANK, lora_alpha=2 * RANK)
+    config = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK)
+    layer = cls(base, "default", config=config, r=RANK, lora_alpha=2 * RANK)
     with torch.no_grad():
         for name in ("lora_A", "lora_B"):
             getattr(layer, name)["default"].weight.copy_(getattr(ours, name)["default"].weight)
@@ -476,7 +480,8 @@ def layer_step(layer, x, g):
 
 def exact_layer_step(layer, x, g):
     w = exact_weight(layer.get_base_layer()).requires_grad_(False)
-    a, b = (getattr(layer, n)["default"].weight.detach().double().requires_grad_(True) for n in ("lora_A", "lora_B"))
+    a, b = (getattr(layer, n)["default"].weight.detach().double().requires_grad_(True)
+            for n in ("lora_A", "lora_B"))
     bias = layer.get_base_layer().bias.detach().double().requires_grad_(True)
     x = x.detach().double().requires_grad_(True)
     y = x @ w.T + bias + layer.scaling["default"] * (x @ a.T) @ b.T
@@ -536,7 +541,8 @@ def test_ia3_layer_forward_and_gradients_match_float64(case, feedforward):
     compute = getattr(ours.get_base_layer(), "compute_dtype", None) or x.dtype
     floor_dtype = max((x.dtype, compute), key=eps)
     for what, o, t, e in zip(("y", "dx", "dl"), step(ours), step(theirs), (ye.detach(), xe.grad, le.grad)):
-        err_o, err_t = (o - e.reshape(o.shape)).abs().max().item(), (t - e.reshape(t.shape)).abs().max().item()
+        e = e.reshape(o.shape)
+        err_o, err_t = (o - e).abs().max().item(), (t - e).abs().max().item()
         floor = eps(floor_dtype) * e.abs().max().item()
         assert err_o <= K_ERR * max(err_t, floor), f"{case} {what}: {err_o:.3e} vs PEFT {err_t:.3e}"
 
@@ -563,7 +569,7 @@ def test_no_dequantised_weight_is_saved_for_backward(case):
     else:
         p = packed4bit_from_bnb(base)
         metadata = sum(t.nbytes for t in (p.absmax, p.code, p.nested_absmax, p.nested_code) if t is not None)
-    activations = x.nbytes + x[..., 0].numel() * RANK * 4  # x and its rank-r projection, for the adapter grads
+    activations = x.nbytes + x[..., 0].numel() * RANK * 4  # x and its rank-r projection (adapter grads)
     assert measured.total <= activations + metadata + 64, measured.as_row()
     assert measured.total < N_OUT * K_IN * 2, "less than even a 16-bit copy of the weight"
     y.sum().backward()
@@ -590,10 +596,13 @@ def test_merge_and_unmerge_requantise_with_the_layer_settings(case):
         layer.lora_B["default"].weight.normal_(0, 0.5)  # a delta as large as the weight itself
     x = torch.randn(4, K_IN)
     base = layer.get_base_layer()
-    settings = lambda: (base.weight.dtype, base.weight.shape) + (
-        () if case.startswith("int8") else
-        (base.weight.quant_state.quant_type, base.weight.quant_state.blocksize, base.weight.quant_state.nested,
-         base.weight.quant_state.dtype))
+    def settings():
+        if case.startswith("int8"):
+            return base.weight.dtype, base.weight.shape
+        state = base.weight.quant_state
+        return (base.weight.dtype, base.weight.shape, state.quant_type, state.blocksize, state.nested,
+                state.dtype)
+
     before = settings()
     with torch.no_grad():
         adapted = layer(x).double()

@@ -204,7 +204,7 @@ def checkpointing_on(model: torch.nn.Module) -> None:
     """Reentrant gradient checkpointing on a float model, as prepare_model_for_kbit_training sets it up for
     the 4-bit one."""
     with warnings.catch_warnings():  # transformers renames gradient checkpointing in v6
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", ".*gradient_checkpointing.*deprecated", FutureWarning)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
 
@@ -288,8 +288,8 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
               f"{fmt_bytes(memory['base_fp32_bytes'])} -> {fmt_bytes(memory['base_4bit_bytes'])} "
               f"({memory['base_fp32_bytes'] / memory['base_4bit_bytes']:.1f}x)")
         with warnings.catch_warnings():  # transformers renames gradient checkpointing in v6
-            warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-            # frozen, fp32 norms/embeddings, reentrant gradient checkpointing (PEFT's default, said explicitly)
+            warnings.filterwarnings("ignore", ".*gradient_checkpointing.*deprecated", FutureWarning)
+            # frozen, fp32 norms/embeddings, reentrant gradient checkpointing (PEFT's default, explicit)
             model = peft.prepare_model_for_kbit_training(
                 model, gradient_checkpointing_kwargs={"use_reentrant": True})
 
@@ -384,7 +384,8 @@ def run_demo(args: argparse.Namespace, out_dir: Path) -> Results:
         merge_check,
     ]
     if args.four_bit:
-        checks.append(Check("4-bit base is smaller", memory["linear_4bit_bytes"] * 4 < memory["linear_fp32_bytes"],
+        smaller = memory["linear_4bit_bytes"] * 4 < memory["linear_fp32_bytes"]
+        checks.append(Check("4-bit base is smaller", smaller,
                             f"linear weights {fmt_bytes(memory['linear_4bit_bytes'])} < 1/4 of "
                             f"{fmt_bytes(memory['linear_fp32_bytes'])}"))
     return Results(

@@ -34,10 +34,11 @@ import tempfile
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,14 +47,10 @@ from torch import nn
 from . import costmodel as cm
 
 T_MODEL, D_MODEL, R_MODEL = 8192, 4096, 16  # the shape of the design targets
-ACT = torch.bfloat16
-F32 = torch.float32
+ACT, F32 = torch.bfloat16, torch.float32
 GPUS = (cm.H100, cm.RTX4090)
-SMS = {cm.H100.name: 132, cm.RTX4090.name: 128}  # streaming multiprocessors (the decode split depends on them)
-LORA_TARGETS = cm.LORA_TARGETS
-QLORA_TARGETS = cm.QLORA_TARGETS
-IA3_TARGET = 1.01
-DECODE_TARGET = 1.05
+SMS = {cm.H100.name: 132, cm.RTX4090.name: 128}  # streaming multiprocessors: the decode split depends on them
+IA3_TARGET, DECODE_TARGET = 1.01, 1.05
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -68,7 +65,7 @@ def _repo_root() -> Path:
 def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(["git", "--no-optional-locks", "-C", str(_repo_root()), *args],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -93,13 +90,14 @@ def environment() -> dict[str, Any]:
     """Device, versions, git sha (and whether the tree differs from it), threads, time."""
     sha = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--", ".", ":(exclude)bench/results") if sha else None
+    dists = ("peftfast", "torch", "triton", "transformers", "peft", "bitsandbytes")
     return {
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("peftfast", "torch", "triton", "transformers", "peft", "bitsandbytes")},
+        "versions": {d: _version(d) for d in dists},
         "git_sha": sha or "unknown",
         "git_dirty": bool(status) if status is not None else None,
         "torch_threads": torch.get_num_threads(),
@@ -114,7 +112,10 @@ def environment() -> dict[str, Any]:
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     cells = [[str(c) for c in r] for r in [header, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return [fmt(cells[0]), "-" * len(fmt(cells[0]))] + [fmt(r) for r in cells[1:]]
 
 
@@ -126,15 +127,19 @@ def _kb(n: float) -> str:
     return f"{n / 1e3:.1f}"
 
 
-def _verdict(value: float, limit: float) -> str:
-    return "met" if value <= limit else "MISSED"
+def _threads(n: int) -> str:
+    return f"{n} torch thread{'s' if n != 1 else ''}"
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
 # ----------------------------------------------------------------------------------------------
 # 1. modelled time, checked against counted traffic
 
 
-def decode_split(t: int, n: int, k: int, sms: int) -> int:
+def decode_split(n: int, k: int, sms: int) -> int:
     """Reduction split of the 4-bit decode GEMM (T <= 16) for a GPU with ``sms`` SMs, as the
     launcher in ``kernels/qmatmul.py`` picks it (the calibration checks it on a counted grid)."""
     from peftfast.kernels import qmatmul
@@ -142,17 +147,15 @@ def decode_split(t: int, n: int, k: int, sms: int) -> int:
     cfg = qmatmul.resolve_config("decode", True, ACT)
     blocks = -(-k // cfg.block_r)
     split = max(1, min(blocks, -(-2 * sms // -(-n // cfg.block_c))))
-    per = -(-blocks // split) * cfg.block_r
-    return -(-k // per)
+    return -(-k // (-(-blocks // split) * cfg.block_r))
 
 
 def decode_reads(t: int, n: int, k: int, sms: int, act: torch.dtype = ACT) -> dict[str, int]:
-    """Bytes read by the 4-bit decode path: the GEMM (x, packed weight, absmax, code) and the
-    reduction of its fp32 partials [split, T, N]."""
-    gemm = cm.matmul_4bit_fused(t, k, n, act)
-    split = decode_split(t, n, k, sms)
-    return {"gemm_read": gemm.bytes_read, "reduce_read": split * t * n * 4, "split": split,
-            "partials_written": split * t * n * 4, "out_written": t * n * act.itemsize}
+    """Bytes of the 4-bit decode path: the GEMM reads x, the packed weight, absmax and code and
+    writes fp32 partials [split, T, N]; a reduction reads them and writes the output."""
+    split = decode_split(n, k, sms)
+    return {"gemm_read": cm.matmul_4bit_fused(t, k, n, act).bytes_read, "reduce_read": split * t * n * 4,
+            "split": split, "partials_written": split * t * n * 4, "out_written": t * n * act.itemsize}
 
 
 def _counted_4bit_checks() -> list[cm.Check]:
@@ -172,22 +175,21 @@ def _counted_4bit_checks() -> list[cm.Check]:
         x = torch.randn(t, k, generator=gen).to(act)
         with count_triton() as tr:
             qmatmul.matmul_4bit_triton(x, p)
-        sms = qmatmul._sm_count(x.device)
-        want = decode_reads(t, n, k, sms, act)
+        want = decode_reads(t, n, k, qmatmul._sm_count(x.device), act)
         gemm = tr.launch_log[0]
         checks.append(cm.Check(f"4-bit decode GEMM, bytes read (T={t}, {k}->{n})", gemm.unique_bytes_read,
                                want["gemm_read"], 1, 1))
-        modelled = want["gemm_read"] + want["reduce_read"] + want["partials_written"] + want["out_written"]
         split = gemm.grid[1] if gemm.grid else None
         checks.append(cm.Check(f"4-bit decode, all launches (T={t}, split {split}, modelled {want['split']})",
-                               tr.unique_bytes, modelled, tr.launches, 2))
+                               tr.unique_bytes, sum(v for key, v in want.items() if key != "split"),
+                               tr.launches, 2))
     for backward in (False, True):
         a = torch.randn(40, n if backward else k, generator=gen).to(act)
         with count_triton() as tr:
             qmatmul.matmul_4bit_triton(a, p, transpose=not backward)
         kern = cm.matmul_4bit_fused(40, k, n, act, backward)
-        checks.append(cm.Check(f"4-bit GEMM {'dX' if backward else 'forward'} (T=40, {k}->{n})", tr.unique_bytes,
-                               kern.bytes, tr.launches, 1))
+        checks.append(cm.Check(f"4-bit GEMM {'dX' if backward else 'forward'} (T=40, {k}->{n})",
+                               tr.unique_bytes, kern.bytes, tr.launches, 1))
     return checks
 
 
@@ -201,9 +203,9 @@ def _counted_ia3_checks() -> list[cm.Check]:
         x = torch.randn(t, d_in, generator=gen).to(act)
         w = torch.randn(d_out, d_in, generator=gen).to(act)
         s = torch.rand(d_in if ff else d_out, generator=gen) + 0.5
-        nbytes, launches, _ = cm._count_device(lambda: ia3_linear(x, w, None, s, ff))
+        nbytes, launches, _ = cm._count_device(lambda x=x, w=w, s=s, ff=ff: ia3_linear(x, w, None, s, ff))
         kern = cm.ia3_fused_matmul(t, d_in, d_out, act, F32, ff)
-        checks.append(cm.Check(f"IA3 fused matmul, {'scale on x' if ff else 'scale on y'} (T={t}, {d_in}->{d_out})",
+        checks.append(cm.Check(f"IA3 fused matmul, scale on {'x' if ff else 'y'} (T={t}, {d_in}->{d_out})",
                                nbytes, kern.bytes, launches, 1, cm.KERNEL_BYTES_TOLERANCE))
     return checks
 
@@ -212,7 +214,8 @@ def _calibration_child() -> None:
     """Entry point of the child process (``TRITON_INTERPRET=1``): print the checks as JSON."""
     results, errors = [], []
     for name, fn in (("eager PEFT path", cm.calibrate_eager),
-                     ("peftfast lora_linear", lambda: cm.calibrate_peftfast() + cm.calibrate_peftfast(t=200, ad=torch.float16)),
+                     ("peftfast lora_linear",
+                      lambda: cm.calibrate_peftfast() + cm.calibrate_peftfast(t=200, ad=torch.float16)),
                      ("4-bit GEMM", _counted_4bit_checks), ("IA3", _counted_ia3_checks)):
         try:
             results += [dict(vars(c), ok=c.ok) for c in fn()]
@@ -224,8 +227,9 @@ def _calibration_child() -> None:
 def start_calibration() -> subprocess.Popen:
     env = dict(os.environ, TRITON_INTERPRET="1", PEFTFAST_BACKEND="triton", CUDA_VISIBLE_DEVICES="")
     code = "from peftfast.tools.bench import _calibration_child; _calibration_child()"
-    # -I: the working directory is not put on sys.path (a repository checkout has a kernels/ folder)
-    return subprocess.Popen([sys.executable, "-I", "-c", code], env=env, cwd=tempfile.gettempdir(),
+    # run outside the working directory, which `-c` puts on sys.path (a checkout has a kernels/ folder)
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    return subprocess.Popen([sys.executable, *safe_path, "-c", code], env=env, cwd=tempfile.gettempdir(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -234,104 +238,113 @@ def finish_calibration(proc: subprocess.Popen, timeout: float = 600) -> tuple[li
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.communicate()
         return [], [f"calibration did not finish in {timeout:.0f} s"]
     lines = out.strip().splitlines()
     if proc.returncode != 0 or not lines:
         return [], [f"calibration process failed (exit {proc.returncode}): {err.strip()[-800:]}"]
     data = json.loads(lines[-1])
-    rows = [dict(section="calibration", **c) for c in data["checks"]]
-    return rows, data["errors"]
+    return [dict(section="calibration", **c) for c in data["checks"]], data["errors"]
 
 
 def calibration_lines(rows: list[dict], errors: list[str]) -> list[str]:
     out = ["== Calibration: bytes and launches counted at small shapes vs the cost formulas",
-           "   (eager ops counted by a TorchDispatchMode; Triton kernels' unique addresses counted in the interpreter)"]
+           "   (eager ops counted by a TorchDispatchMode; Triton kernels' unique addresses counted in "
+           "the interpreter)"]
     body = [[r["name"], r["counted_bytes"], r["modelled_bytes"], r["counted_launches"], r["modelled_launches"],
-             "exact" if r["tolerance"] == 0 else f"{r['tolerance']:.0%}", "ok" if r["ok"] else "MISMATCH"] for r in rows]
+             "exact" if r["tolerance"] == 0 else f"{r['tolerance']:.0%}", "ok" if r["ok"] else "MISMATCH"]
+            for r in rows]
     out += table(["check", "counted B", "modelled B", "launches", "modelled", "tolerance", "result"], body)
     out += [f"NOT COUNTED: {e}" for e in errors]
     good = rows and not errors and all(r["ok"] for r in rows)
-    out.append(f"calibration: {'all checks agree' if good else 'FAILED: the modelled tables below are not backed by counts'}")
+    out.append("calibration: " + ("all checks agree" if good else
+                                  "FAILED: the modelled tables below are not backed by counts"))
     return out
 
 
 def _model_row(gpu: cm.Gpu, op: str, path: str, fwd, bwd, base, targets: dict | None) -> dict:
+    """Bytes, launches and modelled times of a path (forward and backward kernel lists; ``bwd``
+    may be None), ratios to ``base``; target verdicts use the launch overhead."""
     row: dict[str, Any] = {"section": "modelled", "gpu": gpu.name, "op": op, "path": path,
-                           "shape": {"T": T_MODEL, "d_in": D_MODEL, "d_out": D_MODEL, "r": R_MODEL, "dtype": "bf16"},
+                           "shape": {"T": T_MODEL, "d_in": D_MODEL, "d_out": D_MODEL, "r": R_MODEL},
                            "bandwidth": gpu.bandwidth, "launch_overhead_s": cm.LAUNCH_OVERHEAD_S}
+    ovh = cm.LAUNCH_OVERHEAD_S
     for key, ks, ref in (("fwd", fwd, base[0]), ("bwd", bwd, base[1])):
         if ks is None:
             continue
         t, tb = cm.path_time(ks, gpu), cm.path_time(ref, gpu)
-        to, tbo = cm.path_time(ks, gpu, cm.LAUNCH_OVERHEAD_S), cm.path_time(ref, gpu, cm.LAUNCH_OVERHEAD_S)
-        row.update({f"{key}_launches": len(ks), f"{key}_bytes": cm.path_bytes(ks), f"{key}_flops": sum(k.flops for k in ks),
-                    f"{key}_time_s": t, f"{key}_base_time_s": tb, f"{key}_ratio": t / tb,
-                    f"{key}_time_ovh_s": to, f"{key}_base_time_ovh_s": tbo, f"{key}_ratio_ovh": to / tbo})
-        if targets and key in targets:
-            row[f"{key}_target"] = targets[key]
-            row[f"{key}_met"] = to / tbo <= targets[key]
+        to, tbo = cm.path_time(ks, gpu, ovh), cm.path_time(ref, gpu, ovh)
+        row.update({f"{key}_launches": len(ks), f"{key}_bytes": cm.path_bytes(ks),
+                    f"{key}_flops": sum(k.flops for k in ks), f"{key}_time_s": t, f"{key}_base_time_s": tb,
+                    f"{key}_ratio": t / tb, f"{key}_time_ovh_s": to, f"{key}_base_time_ovh_s": tbo,
+                    f"{key}_ratio_ovh": to / tbo})
+        limit = (targets or {}).get({"fwd": "forward", "bwd": "backward"}[key])
+        if limit is not None:
+            row[f"{key}_target"] = limit
+            row[f"{key}_met"] = to / tbo <= limit
     return row
 
 
 def modelled_rows() -> list[dict]:
     t, d, r = T_MODEL, D_MODEL, R_MODEL
+    lora_paths = (("PEFT, bf16 adapters, dropout 0.1", "peft", ACT, 0.1),
+                  ("PEFT, bf16 adapters, no dropout", "peft", ACT, 0.0),
+                  ("PEFT, fp32 adapters (autocast), dropout 0.1", "peft", F32, 0.1),
+                  ("PEFT, fp32 adapters (autocast), no dropout", "peft", F32, 0.0),
+                  ("peftfast, fp32 adapters, dropout 0.1", "peftfast", F32, 0.1),
+                  ("peftfast, fp32 adapters, no dropout", "peftfast", F32, 0.0),
+                  ("peftfast, bf16 adapters, dropout 0.1", "peftfast", ACT, 0.1))
+    qlora_paths = (("peftfast: fused 4-bit GEMM + lora_linear, dropout 0.1", "peftfast", 0.1),
+                   ("peftfast: fused 4-bit GEMM + lora_linear, no dropout", "peftfast", 0.0),
+                   ("PEFT+bnb: dequantize + GEMM, fp32 adapters, dropout 0.1", "peft", 0.1),
+                   ("PEFT+bnb: dequantize + GEMM, fp32 adapters, no dropout", "peft", 0.0))
     rows = []
     for gpu in GPUS:
-        base = cm.lora_layer("base", False, t, d, d, r, ACT, ACT), cm.lora_layer("base", True, t, d, d, r, ACT, ACT)
-        lora = lambda impl, ad, p: (cm.lora_layer(impl, False, t, d, d, r, ACT, ad, p),  # noqa: E731
-                                    cm.lora_layer(impl, True, t, d, d, r, ACT, ad, p))
+        base = tuple(cm.lora_layer("base", bwd, t, d, d, r, ACT, ACT) for bwd in (False, True))
         rows.append(_model_row(gpu, "lora", "base GEMM alone", *base, base, None))
-        for label, impl, ad, p in (("PEFT, bf16 adapters, dropout 0.1", "peft", ACT, 0.1),
-                                   ("PEFT, bf16 adapters, no dropout", "peft", ACT, 0.0),
-                                   ("PEFT, fp32 adapters (autocast), dropout 0.1", "peft", F32, 0.1),
-                                   ("PEFT, fp32 adapters (autocast), no dropout", "peft", F32, 0.0),
-                                   ("peftfast, fp32 adapters, dropout 0.1", "peftfast", F32, 0.1),
-                                   ("peftfast, fp32 adapters, no dropout", "peftfast", F32, 0.0),
-                                   ("peftfast, bf16 adapters, dropout 0.1", "peftfast", ACT, 0.1)):
-            rows.append(_model_row(gpu, "lora", label, *lora(impl, ad, p), base,
-                                   LORA_TARGETS if impl == "peftfast" else None))
-        q = lambda impl, p: (cm.qlora_layer(impl, False, t, d, d, r, ACT, F32, p),  # noqa: E731
-                             cm.qlora_layer(impl, True, t, d, d, r, ACT, F32, p))
+        for label, impl, ad, p in lora_paths:
+            ks = [cm.lora_layer(impl, bwd, t, d, d, r, ACT, ad, p) for bwd in (False, True)]
+            rows.append(_model_row(gpu, "lora", label, *ks, base, cm.LORA_TARGETS if impl == "peftfast" else None))
         rows.append(_model_row(gpu, "qlora_nf4", "bf16 base GEMM alone", *base, base, None))
-        for label, impl, p in (("peftfast: fused 4-bit GEMM + lora_linear, dropout 0.1", "peftfast", 0.1),
-                               ("peftfast: fused 4-bit GEMM + lora_linear, no dropout", "peftfast", 0.0),
-                               ("PEFT+bnb: dequantize + GEMM, fp32 adapters, dropout 0.1", "peft", 0.1),
-                               ("PEFT+bnb: dequantize + GEMM, fp32 adapters, no dropout", "peft", 0.0)):
-            rows.append(_model_row(gpu, "qlora_nf4", label, *q(impl, p), base,
-                                   QLORA_TARGETS if impl == "peftfast" else None))
+        for label, impl, p in qlora_paths:
+            ks = [cm.qlora_layer(impl, bwd, t, d, d, r, ACT, F32, p) for bwd in (False, True)]
+            rows.append(_model_row(gpu, "qlora_nf4", label, *ks, base,
+                                   cm.QLORA_TARGETS if impl == "peftfast" else None))
         rows.append(_model_row(gpu, "ia3", "base GEMM alone", base[0], None, base, None))
         for ff in (True, False):
             kind = "feedforward (scale on x)" if ff else "attention (scale on y)"
             rows.append(_model_row(gpu, "ia3", f"peftfast IA3 {kind}", [cm.ia3_fused_matmul(t, d, d, ACT, F32, ff)],
-                                   None, base, {"fwd": IA3_TARGET}))
-            rows.append(_model_row(gpu, "ia3", f"PEFT IA3 {kind}, fp32 ia3_l", cm.peft_ia3_forward(t, d, d, ACT, F32, ff),
-                                   None, base, None))
+                                   None, base, {"forward": IA3_TARGET}))
+            rows.append(_model_row(gpu, "ia3", f"PEFT IA3 {kind}, fp32 ia3_l",
+                                   cm.peft_ia3_forward(t, d, d, ACT, F32, ff), None, base, None))
+        weight = cm.nf4_weight_bytes(d, d)
         for tokens in range(1, 17):
             reads = decode_reads(tokens, d, d, SMS[gpu.name])
-            w = cm.nf4_weight_bytes(d, d)
             total = reads["gemm_read"] + reads["reduce_read"]
             rows.append({"section": "decode", "gpu": gpu.name, "T": tokens, "d_in": d, "d_out": d, "blocksize": 64,
-                         "packed_absmax_code_bytes": w, **reads, "total_read": total,
-                         "gemm_ratio": reads["gemm_read"] / w, "total_ratio": total / w, "target": DECODE_TARGET,
-                         "met": total / w <= DECODE_TARGET})
+                         "packed_absmax_code_bytes": weight, **reads, "total_read": total,
+                         "gemm_ratio": reads["gemm_read"] / weight, "total_ratio": total / weight,
+                         "target": DECODE_TARGET, "met": total / weight <= DECODE_TARGET})
     return rows
 
 
 def modelled_lines(rows: list[dict]) -> list[str]:
-    out = [f"== Modelled time (from counted traffic, NOT measured): T={T_MODEL}, d_in=d_out={D_MODEL}, r={R_MODEL}, bf16",
-           "   time per kernel = max(bytes / bandwidth, FLOPs / peak), summed over the path's launches; ratio = path",
-           f"   time / base time; '+ovh' adds {cm.LAUNCH_OVERHEAD_S * 1e6:.0f} us per launch (the target verdicts use it)"]
+    out = [f"== Modelled time (from counted traffic, NOT measured): T={T_MODEL}, d_in=d_out={D_MODEL}, "
+           f"r={R_MODEL}, bf16",
+           "   time per kernel = max(bytes / bandwidth, FLOPs / peak), summed over the path's launches;",
+           f"   ratio = path time / base time; '+ovh' adds {cm.LAUNCH_OVERHEAD_S * 1e6:.0f} us per launch "
+           "(the target verdicts use it)"]
+    lt, qt = cm.LORA_TARGETS, cm.QLORA_TARGETS
     titles = {"lora": "One LoRA linear; base = the base GEMM alone (backward: base dX alone); targets fwd <= "
-                      f"{LORA_TARGETS['forward']}, bwd <= {LORA_TARGETS['backward']}",
+                      f"{lt['forward']}, bwd <= {lt['backward']}",
               "qlora_nf4": "NF4 QLoRA linear (blocksize 64); base = the bf16 base GEMM; targets fwd <= "
-                           f"{QLORA_TARGETS['forward']}, bwd <= {QLORA_TARGETS['backward']}",
+                           f"{qt['forward']}, bwd <= {qt['backward']}",
               "ia3": f"IA3 linear, forward; base = the base GEMM; target <= {IA3_TARGET}"}
+    head = ["path", "fwd launches", "MB", "ratio", "+ovh", "bwd launches", "MB", "ratio", "+ovh"]
     for gpu in GPUS:
-        out.append("")
-        out.append(f"-- {gpu.name}: {gpu.bandwidth / 1e12:.1f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s bf16, "
-                   f"{gpu.fp32_flops / 1e12:.1f} TFLOP/s fp32")
+        out += ["", f"-- {gpu.name}: {gpu.bandwidth / 1e12:.1f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s "
+                    f"bf16, {gpu.fp32_flops / 1e12:.1f} TFLOP/s fp32"]
         for op, title in titles.items():
-            out.append(title)
             body = []
             for r in rows:
                 if r["section"] != "modelled" or r["gpu"] != gpu.name or r["op"] != op:
@@ -343,16 +356,16 @@ def modelled_lines(rows: list[dict]) -> list[str]:
                         continue
                     met = r.get(f"{key}_met")
                     cells += [r[f"{key}_launches"], _mb(r[f"{key}_bytes"]), f"{r[f'{key}_ratio']:.3f}",
-                              f"{r[f'{key}_ratio_ovh']:.3f}" + ("" if met is None else f" {'met' if met else 'MISSED'}")]
+                              f"{r[f'{key}_ratio_ovh']:.3f}" + ("" if met is None else f" {_verdict(met)}")]
                 body.append(cells)
-            out += table(["path", "fwd launches", "MB", "ratio", "+ovh", "bwd launches", "MB", "ratio", "+ovh"], body)
+            out += [title] + table(head, body)
         out.append(f"NF4 decode, T=1..16, {D_MODEL}x{D_MODEL}: bytes read vs packed weight + absmax + code "
                    f"(target: within {DECODE_TARGET - 1:.0%}); split = reduction split for {SMS[gpu.name]} SMs")
-        body = [[r["T"], r["split"], _mb(r["packed_absmax_code_bytes"]), _mb(r["gemm_read"]), f"{r['gemm_ratio']:.3f}",
-                 _mb(r["reduce_read"]), _mb(r["total_read"]), f"{r['total_ratio']:.3f}", _verdict(r["total_ratio"], r["target"])]
-                for r in rows if r["section"] == "decode" and r["gpu"] == gpu.name]
-        out += table(["T", "split", "weight MB", "GEMM read MB", "ratio", "partials read MB", "all read MB", "ratio",
-                      "target"], body)
+        body = [[r["T"], r["split"], _mb(r["packed_absmax_code_bytes"]), _mb(r["gemm_read"]),
+                 f"{r['gemm_ratio']:.3f}", _mb(r["reduce_read"]), _mb(r["total_read"]), f"{r['total_ratio']:.3f}",
+                 _verdict(r["met"])] for r in rows if r["section"] == "decode" and r["gpu"] == gpu.name]
+        out += table(["T", "split", "weight MB", "GEMM read MB", "ratio", "partials read MB", "all read MB",
+                      "ratio", "target"], body)
     return out
 
 
@@ -360,15 +373,30 @@ def modelled_lines(rows: list[dict]) -> list[str]:
 # shared builders: the same model, inputs and adapter weights for peftfast and PEFT
 
 
+@contextlib.contextmanager
+def quiet():
+    """Silence library warnings and transformers' progress bars while models are built."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _libs() -> list[tuple[str, Any]]:
     import peftfast
 
-    out = [("peftfast", peftfast)]
     try:
         import peft
     except ImportError:
-        return out
-    return out + [("peft", peft)]
+        return [("peftfast", peftfast)]
+    return [("peftfast", peftfast), ("peft", peft)]
 
 
 def _trainables(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -386,7 +414,8 @@ def share_adapters(src: nn.Module, *dsts: nn.Module, seed: int = 0) -> None:
     for dst in dsts:
         theirs = _trainables(dst)
         if theirs.keys() != params.keys():
-            raise RuntimeError(f"adapter parameters differ between the libraries: {sorted(set(theirs) ^ set(params))[:6]}")
+            diff = sorted(set(theirs) ^ set(params))[:6]
+            raise RuntimeError(f"adapter parameters differ between the libraries: {diff}")
         for name, p in theirs.items():
             p.copy_(params[name])
 
@@ -395,14 +424,10 @@ def tiny_llama(hidden: int, layers: int, vocab: int = 128, seed: int = 0) -> nn.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
-
-
-def _proj(layer: nn.Module) -> nn.Module:
-    return nn.Sequential(OrderedDict(proj=layer))
 
 
 @dataclass
@@ -423,506 +448,72 @@ def _layer_side(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> Side:
     return Side(lambda: module(x), step)
 
 
-def _wrap(lib: Any, base: nn.Module, config_cls: str, **kwargs) -> nn.Module:
-    model = lib.get_peft_model(base, getattr(lib, config_cls)(**kwargs))
-    model.train()
-    return model.base_model.model.proj
+def _adapter_layers(make_base: Callable[[], nn.Module], config_cls: str, **config) -> dict[str, nn.Module]:
+    """The adapter layer each library puts around ``make_base()`` (a fresh, identical base each)."""
+    layers = {}
+    for name, lib in _libs():
+        wrapper = nn.Sequential(OrderedDict(proj=make_base()))
+        wrapper.is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; PEFT dispatches on it
+        model = lib.get_peft_model(wrapper, getattr(lib, config_cls)(target_modules=["proj"], **config))
+        layers[name] = model.train().base_model.model.proj
+    share_adapters(*layers.values())
+    return layers
+
+
+def _linear_sides(t, d, device, dtype, make_base, config_cls, **config) -> dict[str, Side]:
+    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(t, d, device=device, dtype=dtype)
+    layers = _adapter_layers(make_base, config_cls, **config)
+    return {name: _layer_side(m, x, g) for name, m in layers.items()}
 
 
 def build_lora_linear(t: int, d: int, r: int, p: float, device="cpu", dtype=F32) -> dict[str, Side]:
     """One LoRA linear (bias-free base, x needs grad) under each library, plus the base alone."""
     torch.manual_seed(0)
     base = nn.Linear(d, d, bias=False).to(device, dtype).requires_grad_(False)
-    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(t, d, device=device, dtype=dtype)
-    layers = {name: _wrap(lib, _proj(copy.deepcopy(base)), "LoraConfig", r=r, lora_alpha=2 * r, lora_dropout=p,
-                          target_modules=["proj"]) for name, lib in _libs()}
-    share_adapters(*layers.values())
-    sides = {name: _layer_side(m, x, g) for name, m in layers.items()}
-    sides["base"] = _layer_side(base, x, g)
+    sides = _linear_sides(t, d, device, dtype, lambda: copy.deepcopy(base), "LoraConfig",
+                          r=r, lora_alpha=2 * r, lora_dropout=p)
+    sides["base"] = _layer_side(base, *_inputs(sides))
     return sides
 
 
 def build_ia3_linear(t: int, d: int, feedforward: bool, device="cpu", dtype=F32) -> dict[str, Side]:
     torch.manual_seed(0)
     base = nn.Linear(d, d, bias=False).to(device, dtype).requires_grad_(False)
-    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(t, d, device=device, dtype=dtype)
-    layers = {name: _wrap(lib, _proj(copy.deepcopy(base)), "IA3Config", target_modules=["proj"],
-                          feedforward_modules=["proj"] if feedforward else []) for name, lib in _libs()}
-    share_adapters(*layers.values())
-    sides = {name: _layer_side(m, x, g) for name, m in layers.items()}
-    sides["base"] = _layer_side(base, x, g)
+    sides = _linear_sides(t, d, device, dtype, lambda: copy.deepcopy(base), "IA3Config",
+                          feedforward_modules=["proj"] if feedforward else [])
+    sides["base"] = _layer_side(base, *_inputs(sides))
     return sides
 
 
-def _linear_4bit(d: int, device, dtype) -> nn.Module:
-    import bitsandbytes as bnb
-
-    torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(d, d, bias=False, compute_dtype=dtype, quant_type="nf4", compress_statistics=False)
-    return layer.to(device)  # quantised on the move
+def _inputs(sides: dict[str, Side]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, g) the layer steps close over (the base alone is timed on the very same tensors)."""
+    cells = dict(zip(sides["peftfast"].step.__code__.co_freevars, sides["peftfast"].step.__closure__))
+    return cells["x"].cell_contents, cells["g"].cell_contents
 
 
 def build_qlora_linear(t: int, d: int, r: int, p: float, device="cpu", dtype=F32) -> dict[str, Side]:
     """LoRA on a bitsandbytes NF4 Linear4bit (blocksize 64) under each library; base = the same
     weight dequantised into a plain ``dtype`` linear (the float base matmul)."""
+    import bitsandbytes as bnb
+
+    from peftfast.kernels.quant import dequantize_4bit
     from peftfast.tuners.lora import bnb as lora_bnb
     from peftfast.utils.bnb_storage import packed4bit_from_bnb
-    from peftfast.kernels.quant import dequantize_4bit
 
-    x = torch.randn(t, d, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(t, d, device=device, dtype=dtype)
-    layers = {}
-    for name, lib in _libs():
-        wrapper = _proj(_linear_4bit(d, device, dtype))
-        wrapper.is_loaded_in_4bit = True  # what transformers sets; PEFT dispatches bnb layers on it
-        layers[name] = _wrap(lib, wrapper, "LoraConfig", r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
-    if not isinstance(layers["peftfast"], lora_bnb.Linear4bit):
-        raise RuntimeError(f"peftfast wrapped the 4-bit layer in {type(layers['peftfast']).__name__}, not its QLoRA layer")
-    share_adapters(*layers.values())
+    def make_base():
+        torch.manual_seed(0)
+        layer = bnb.nn.Linear4bit(d, d, bias=False, compute_dtype=dtype, quant_type="nf4",
+                                  compress_statistics=False)
+        return layer.to(device)  # quantised on the move, identically each time
+
+    sides = _linear_sides(t, d, device, dtype, make_base, "LoraConfig", r=r, lora_alpha=2 * r, lora_dropout=p)
+    layer = sides["peftfast"].step.__closure__  # noqa: F841 - kept simple: rebuild the dense twin below
+    ours = _adapter_layers(make_base, "LoraConfig", r=1)["peftfast"]
+    if not isinstance(ours, lora_bnb.Linear4bit):
+        raise RuntimeError(f"peftfast wrapped the 4-bit layer in {type(ours).__name__}, not its QLoRA layer")
     dense = nn.Linear(d, d, bias=False, device=device, dtype=dtype).requires_grad_(False)
     with torch.no_grad():
-        dense.weight.copy_(dequantize_4bit(packed4bit_from_bnb(layers["peftfast"].get_base_layer())._replace(dtype=dtype)))
-    sides = {name: _layer_side(m, x, g) for name, m in layers.items()}
-    sides["base"] = _layer_side(dense, x, g)
+        dense.weight.copy_(dequantize_4bit(packed4bit_from_bnb(ours.get_base_layer())._replace(dtype=dtype)))
+    sides["base"] = _layer_side(dense, *_inputs(sides))
     return sides
-
-
-def build_llama_step(hidden: int, layers: int, seq: int, batch: int, r: int, p: float) -> dict[str, Side]:
-    """A training step (forward, loss, backward) of a tiny Llama with LoRA on every projection."""
-    base = tiny_llama(hidden, layers)
-    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    models = {}
-    for name, lib in _libs():
-        models[name] = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(
-            r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=PROJECTIONS, task_type="CAUSAL_LM")).train()
-    share_adapters(*models.values())
-
-    def side(model):
-        params = list(_trainables(model).values())
-
-        def step():
-            for q in params:
-                q.grad = None
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-
-        return Side(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss, step)
-
-    return {name: side(m) for name, m in models.items()}
-
-
-@dataclass
-class Comparison:
-    key: str  # short id: the pytest-benchmark group
-    label: str
-    build: Callable[[], dict[str, Side]]
-
-
-def cpu_comparisons(quick: bool) -> list[Comparison]:
-    hidden, seq = (128, 64) if quick else (256, 128)
-    return [
-        Comparison("lora_linear_p0", "LoRA linear fwd+bwd, T=512, d=512, r=16, fp32, dropout 0",
-                   lambda: build_lora_linear(512, 512, 16, 0.0)),
-        Comparison("lora_linear_p0.1", "LoRA linear fwd+bwd, T=512, d=512, r=16, fp32, dropout 0.1",
-                   lambda: build_lora_linear(512, 512, 16, 0.1)),
-        Comparison("llama_step_p0.1", f"tiny Llama training step (4 layers, hidden {hidden}, batch 2x{seq}, "
-                   "7 projections, r=16, dropout 0.1)", lambda: build_llama_step(hidden, 4, seq, 2, 16, 0.1)),
-        Comparison("ia3_ff", "IA3 linear fwd+bwd, scale on x (feedforward), T=512, d=512, fp32",
-                   lambda: build_ia3_linear(512, 512, True)),
-        Comparison("ia3_attn", "IA3 linear fwd+bwd, scale on y, T=512, d=512, fp32",
-                   lambda: build_ia3_linear(512, 512, False)),
-        Comparison("qlora_nf4_p0.1", "QLoRA NF4 linear fwd+bwd, T=512, d=512, r=16, fp32 compute, dropout 0.1",
-                   lambda: build_qlora_linear(512, 512, 16, 0.1)),
-    ]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. measured memory
-
-
-def _saved(model: nn.Module, ids: torch.Tensor):
-    from .memory import measure_saved_bytes
-
-    return measure_saved_bytes(model, lambda: model(input_ids=ids, labels=ids, use_cache=False).loss)
-
-
-def lora_memory_rows() -> list[dict]:
-    base = tiny_llama(64, 4)
-    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
-    rows = []
-    for name, lib in _libs():
-        for p in (0.1, 0.0):
-            model = lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(
-                r=8, lora_alpha=16, lora_dropout=p, target_modules=PROJECTIONS, task_type="CAUSAL_LM")).train()
-            s = _saved(model, ids)
-            rows.append({"section": "memory", "what": "saved_activations", "model": "tiny Llama, 4 layers, hidden 64, "
-                         "batch 2x48, fp32, LoRA r=8 on 7 projections", "path": name, "dropout": p,
-                         **s.as_row()})
-    return rows
-
-
-def _storage_bytes(t: torch.Tensor, seen: set) -> int:
-    key = (str(t.device), t.untyped_storage().data_ptr())
-    if key in seen:
-        return 0
-    seen.add(key)
-    return t.untyped_storage().nbytes()
-
-
-def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Resident bytes of a (quantised) model: 4-bit packed weights, their quantisation state
-    (absmax, code, nested statistics), other frozen tensors, trainable parameters; each storage once."""
-    seen: set = set()
-    out = {"packed_4bit": 0, "quant_state": 0, "frozen_other": 0, "trainable": 0, "quantised_numel": 0}
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if isinstance(w, torch.Tensor) and qs is not None:
-            out["packed_4bit"] += _storage_bytes(w, seen)
-            out["quantised_numel"] += int(np.prod(qs.shape))
-            nested = getattr(qs, "state2", None)
-            for t in (qs.absmax, qs.code, getattr(nested, "absmax", None), getattr(nested, "code", None)):
-                if isinstance(t, torch.Tensor):
-                    out["quant_state"] += _storage_bytes(t, seen)
-    for p in model.parameters():
-        out["trainable" if p.requires_grad else "frozen_other"] += _storage_bytes(p, seen)
-    for b in model.buffers():
-        out["frozen_other"] += _storage_bytes(b, seen)
-    return out
-
-
-def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    seen: set = set()
-    return sum(_storage_bytes(v, seen) for state in opt.state.values() for v in state.values()
-               if isinstance(v, torch.Tensor))
-
-
-def qlora_memory_rows() -> list[dict]:
-    """One QLoRA training step (NF4, blocksize 64, fp32 compute, LoRA r=16 with dropout 0.1 on 7
-    projections, no gradient checkpointing) under each library, on the same saved model."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    label = "tiny Llama, 4 layers, hidden 128, batch 2x48; NF4 (no double quant), fp32 compute"
-    ids = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
-    with tempfile.TemporaryDirectory() as folder:
-        tiny_llama(128, 4).save_pretrained(folder)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
-                                   bnb_4bit_compute_dtype=F32)
-        models = {}
-        for name, lib in _libs():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=F32)
-            model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-            models[name] = lib.get_peft_model(model, lib.LoraConfig(
-                r=16, lora_alpha=32, lora_dropout=0.1, target_modules=PROJECTIONS, task_type="CAUSAL_LM")).train()
-    from peftfast.tuners.lora import bnb as lora_bnb
-
-    n_fast = sum(isinstance(m, lora_bnb.Linear4bit) for m in models["peftfast"].modules())
-    if n_fast != 4 * len(PROJECTIONS):
-        raise RuntimeError(f"peftfast used its 4-bit LoRA layer for {n_fast} of {4 * len(PROJECTIONS)} projections")
-    share_adapters(*models.values())
-    rows = []
-    for name, model in models.items():
-        saved = _saved(model, ids)
-        opt = torch.optim.AdamW(_trainables(model).values(), lr=1e-4)
-        opt.step()
-        w = weight_bytes(model)
-        rows.append({"section": "memory", "what": "qlora_step", "model": label, "path": name,
-                     **{f"weights_{k}": v for k, v in w.items()},
-                     "weights_total": w["packed_4bit"] + w["quant_state"] + w["frozen_other"] + w["trainable"],
-                     "quantised_as_bf16": 2 * w["quantised_numel"], "quantised_as_fp32": 4 * w["quantised_numel"],
-                     "optimizer_state": optimizer_state_bytes(opt), **saved.as_row()})
-    return rows
-
-
-def memory_lines(rows: list[dict], errors: dict[str, str]) -> list[str]:
-    out = ["== Measured memory (CPU, this machine): one training step, peftfast vs PEFT on the same model and inputs"]
-    lora = [r for r in rows if r["what"] == "saved_activations"]
-    if lora:
-        out.append(f"Bytes saved for backward (saved_tensors_hooks, each storage once, parameters excluded); {lora[0]['model']}")
-        ref = {r["dropout"]: r["saved_bytes"] for r in lora if r["path"] == "peft"}
-        body = [[f"{r['path']}, lora_dropout={r['dropout']}", _kb(r["saved_bytes"]), r["saved_tensors"], _kb(r["bool_bytes"]),
-                 f"{r['saved_bytes'] / ref[0.1]:.3f}" if 0.1 in ref else "-",
-                 f"{r['saved_bytes'] / ref[0.0]:.3f}" if 0.0 in ref else "-"] for r in lora]
-        out += table(["path", "saved kB", "tensors", "masks kB", "/ PEFT p=0.1", "/ PEFT p=0"], body)
-    if "lora" in errors:
-        out.append(f"saved activations: not available: {errors['lora']}")
-    q = [r for r in rows if r["what"] == "qlora_step"]
-    if q:
-        out.append(f"QLoRA step; {q[0]['model']}; LoRA r=16, dropout 0.1 on 7 projections; AdamW state after one step")
-        ref = next((r for r in q if r["path"] == "peft"), None)
-        keys = [("4-bit packed weights", "weights_packed_4bit"), ("absmax + code", "weights_quant_state"),
-                ("other frozen (embeddings, norms, head)", "weights_frozen_other"), ("adapters", "weights_trainable"),
-                ("all weights", "weights_total"), ("saved activations", "saved_bytes"),
-                ("  of which dropout masks", "bool_bytes"), ("AdamW state", "optimizer_state")]
-        body = []
-        for label, key in keys:
-            cells = [label] + [_kb(r[key]) for r in q]
-            if ref is not None and len(q) == 2:
-                cells.append(f"{q[0][key] / ref[key]:.3f}" if ref[key] else "-")
-            body.append(cells)
-        head = ["kB"] + [r["path"] + (" + bitsandbytes" if r["path"] == "peft" else "") for r in q]
-        out += table(head + (["peftfast / PEFT"] if ref is not None and len(q) == 2 else []), body)
-        r0 = q[0]
-        out.append(f"the quantised linears: {_kb(r0['weights_packed_4bit'] + r0['weights_quant_state'])} kB as NF4 "
-                   f"(packed + absmax + code) vs {_kb(r0['quantised_as_bf16'])} kB in bf16 and "
-                   f"{_kb(r0['quantised_as_fp32'])} kB in fp32 "
-                   f"({(r0['weights_packed_4bit'] + r0['weights_quant_state']) / r0['quantised_as_bf16']:.3f}x bf16)")
-    if "qlora" in errors:
-        out.append(f"QLoRA memory: not available: {errors['qlora']}")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. measured wall time
-
-
-def paired_times(fast: Callable[[], Any], ref: Callable[[], Any], repeats: int, target_s: float) -> dict[str, Any]:
-    """Time ``fast`` and ``ref`` in interleaved pairs (order alternating, garbage collector off
-    while timing); each sample runs ``inner`` calls, sized to about ``target_s``."""
-    for fn in (fast, ref, fast, ref):
-        fn()
-    t0 = time.perf_counter()
-    fast()
-    inner = max(1, round(target_s / max(time.perf_counter() - t0, 1e-7)))
-    fast_s, ref_s = [], []
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(repeats):
-            order = [(fast, fast_s), (ref, ref_s)]
-            for fn, acc in (order if i % 2 == 0 else order[::-1]):
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                acc.append((time.perf_counter() - t0) / inner)
-    finally:
-        if enabled:
-            gc.enable()
-    ratios = [a / b for a, b in zip(fast_s, ref_s)]
-    q1, med, q3 = (float(v) for v in np.percentile(ratios, [25, 50, 75]))
-    return {"ratio_samples": ratios, "ratio_median": med, "ratio_q1": q1, "ratio_q3": q3,
-            "peftfast_median_s": float(np.median(fast_s)), "peft_median_s": float(np.median(ref_s)),
-            "repeats": repeats, "inner": inner}
-
-
-def cpu_time_rows(quick: bool, progress: Callable[[str], None] = lambda s: None) -> list[dict]:
-    repeats, target = (7, 0.004) if quick else (25, 0.03)
-    rows = []
-    for comp in cpu_comparisons(quick):
-        row: dict[str, Any] = {"section": "cpu_time", "key": comp.key, "label": comp.label,
-                               "threads": torch.get_num_threads()}
-        try:
-            sides = comp.build()
-            if "peft" not in sides:
-                raise RuntimeError("PEFT is not installed (pip install peftfast[test])")
-            row.update(paired_times(sides["peftfast"].step, sides["peft"].step, repeats, target), available=True)
-        except Exception as err:  # noqa: BLE001 - one comparison failing must not hide the others
-            row.update(available=False, reason=f"{type(err).__name__}: {err}")
-        progress(comp.key)
-        rows.append(row)
-        gc.collect()
-    return rows
-
-
-def cpu_time_lines(rows: list[dict]) -> list[str]:
-    threads = rows[0]["threads"] if rows else torch.get_num_threads()
-    out = [f"== Measured CPU wall time (this machine, {threads} torch threads): the PyTorch path vs PEFT, same "
-           "process, same inputs and adapter weights",
-           "   ratio = peftfast / PEFT per interleaved pair of timings; median [IQR]; target: never slower (median <= 1)"]
-    body = []
-    for r in rows:
-        if not r["available"]:
-            out.append(f"{r['label']}: not available: {r['reason']}")
-            continue
-        verdict = "met" if r["ratio_median"] <= 1.0 else ("MISSED (IQR spans 1)" if r["ratio_q1"] <= 1.0 else "MISSED")
-        body.append([r["label"], f"{r['ratio_median']:.3f}", f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}]",
-                     f"{r['peftfast_median_s'] * 1e3:.2f}", f"{r['peft_median_s'] * 1e3:.2f}",
-                     f"{r['repeats']}x{r['inner']}", verdict])
-    return out + table(["comparison", "ratio", "IQR", "peftfast ms", "PEFT ms", "pairs x calls", "target"], body)
-
-
-def cuda_comparisons(quick: bool) -> list[Comparison]:
-    t = 2048 if quick else T_MODEL
-    d, r, dev = D_MODEL, R_MODEL, "cuda"
-    return [
-        Comparison("cuda_lora_p0.1", f"LoRA linear, T={t}, d={d}, r={r}, bf16, dropout 0.1",
-                   lambda: build_lora_linear(t, d, r, 0.1, dev, ACT)),
-        Comparison("cuda_lora_p0", f"LoRA linear, T={t}, d={d}, r={r}, bf16, no dropout",
-                   lambda: build_lora_linear(t, d, r, 0.0, dev, ACT)),
-        Comparison("cuda_qlora_p0.1", f"QLoRA NF4 linear, T={t}, d={d}, r={r}, bf16 compute, dropout 0.1",
-                   lambda: build_qlora_linear(t, d, r, 0.1, dev, ACT)),
-        Comparison("cuda_ia3_ff", f"IA3 linear, scale on x, T={t}, d={d}, bf16", lambda: build_ia3_linear(t, d, True, dev, ACT)),
-        Comparison("cuda_ia3_attn", f"IA3 linear, scale on y, T={t}, d={d}, bf16", lambda: build_ia3_linear(t, d, False, dev, ACT)),
-    ]
-
-
-def do_bench_ms(fn: Callable[[], Any], quick: bool) -> tuple[float, float, float]:
-    """(median, q1, q3) in ms from ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls)."""
-    from triton.testing import do_bench
-
-    return tuple(do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 200, quantiles=[0.5, 0.25, 0.75]))
-
-
-def cuda_time_rows(quick: bool) -> list[dict]:
-    """Measured ratios to the base matmul alone, forward and backward (= step - forward)."""
-    rows = []
-    for comp in cuda_comparisons(quick):
-        try:
-            sides = comp.build()
-            times = {name: {"fwd": do_bench_ms(s.fwd, quick), "step": do_bench_ms(s.step, quick)}
-                     for name, s in sides.items()}
-        except Exception as err:  # noqa: BLE001
-            rows.append({"section": "cuda_time", "key": comp.key, "label": comp.label, "available": False,
-                         "reason": f"{type(err).__name__}: {err}"})
-            continue
-        base = times.pop("base")
-        base_bwd = base["step"][0] - base["fwd"][0]
-        for name, tm in times.items():
-            bwd = tm["step"][0] - tm["fwd"][0]
-            rows.append({"section": "cuda_time", "key": comp.key, "label": comp.label, "path": name, "available": True,
-                         "fwd_ms": tm["fwd"], "step_ms": tm["step"], "base_fwd_ms": base["fwd"], "base_step_ms": base["step"],
-                         "fwd_ratio": tm["fwd"][0] / base["fwd"][0], "bwd_ratio": bwd / base_bwd if base_bwd > 0 else None})
-        del sides
-        torch.cuda.empty_cache()
-    return rows
-
-
-def cuda_time_lines(rows: list[dict]) -> list[str]:
-    out = [f"== Measured GPU time ({torch.cuda.get_device_name(0)}, triton.testing.do_bench, median of CUDA-event "
-           "timings): ratio to the base matmul alone; bwd = (fwd+bwd) - fwd"]
-    body = []
-    for r in rows:
-        if not r["available"]:
-            out.append(f"{r['label']}: not available: {r['reason']}")
-            continue
-        bwd = "-" if r["bwd_ratio"] is None else f"{r['bwd_ratio']:.3f}"
-        body.append([r["label"], r["path"], f"{r['fwd_ms'][0]:.3f}", f"{r['base_fwd_ms'][0]:.3f}", f"{r['fwd_ratio']:.3f}", bwd])
-    return out + table(["comparison", "path", "fwd ms", "base fwd ms", "fwd ratio", "bwd ratio"], body)
-
-
-# ----------------------------------------------------------------------------------------------
-# plot
-
-
-def write_plot(rows: list[dict], path: Path) -> None:
-    """Modelled ratios per path (with targets), and a roofline of the kernels of each path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(GPUS), figsize=(8 * len(GPUS), 11))
-    t, d, r = T_MODEL, D_MODEL, R_MODEL
-    for col, gpu in enumerate(GPUS):
-        ax = axes[0][col]
-        mine = [x for x in rows if x["section"] == "modelled" and x["gpu"] == gpu.name and "base" not in x["path"]]
-        ys = np.arange(len(mine))
-        ax.barh(ys - 0.2, [x["fwd_ratio_ovh"] for x in mine], 0.4, label="forward")
-        ax.barh(ys + 0.2, [x.get("bwd_ratio_ovh", 0) for x in mine], 0.4, label="backward")
-        for y, x in zip(ys, mine):
-            for off, key in ((-0.2, "fwd_target"), (0.2, "bwd_target")):
-                if key in x:
-                    ax.plot([x[key]] * 2, [y + off - 0.2, y + off + 0.2], color="k", lw=2)
-        ax.set_yticks(ys, [f"{x['op']}: {x['path']}" for x in mine], fontsize=7)
-        ax.invert_yaxis()
-        ax.axvline(1.0, color="grey", lw=0.8)
-        ax.set_xlabel("modelled time / base matmul time (black ticks: targets)")
-        ax.set_title(f"{gpu.name}: T={t}, d={d}, r={r}, bf16 (modelled from counted traffic)", fontsize=9)
-        ax.legend(fontsize=8)
-        ax = axes[1][col]
-        paths = {"peftfast LoRA, p=0.1": (cm.lora_layer("peftfast", False, t, d, d, r, ACT, F32, 0.1)
-                                           + cm.lora_layer("peftfast", True, t, d, d, r, ACT, F32, 0.1)),
-                 "PEFT LoRA, bf16 adapters, p=0.1": (cm.lora_layer("peft", False, t, d, d, r, ACT, ACT, 0.1)
-                                                     + cm.lora_layer("peft", True, t, d, d, r, ACT, ACT, 0.1)),
-                 "peftfast QLoRA NF4": cm.qlora_layer("peftfast", False, t, d, d, r, ACT, F32, 0.1)}
-        intens = np.logspace(-1, 4, 200)
-        ax.loglog(intens, np.minimum(gpu.tensor_flops, gpu.bandwidth * intens), "k-", lw=1, label="roof (bf16 tensor)")
-        ax.loglog(intens, np.minimum(gpu.fp32_flops, gpu.bandwidth * intens), "k--", lw=1, label="roof (fp32)")
-        for (label, ks), marker in zip(paths.items(), "o^s"):
-            pts = [(k.flops / k.bytes, k.flops / k.time(gpu)) for k in ks if k.bytes and k.flops]
-            ax.scatter(*zip(*pts), marker=marker, label=label, alpha=0.7)
-        ax.set_xlabel("arithmetic intensity (FLOP / byte)")
-        ax.set_ylabel("modelled FLOP/s")
-        ax.set_title(f"{gpu.name}: roofline of each kernel launch (modelled)", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# command
-
-
-def _default_out(env: dict) -> Path:
-    root = _repo_root() if (_repo_root() / ".git").exists() else Path.cwd()
-    sha = env["git_sha"][:12]
-    return root / "bench" / "results" / f"bench-{sha}{'-dirty' if env['git_dirty'] else ''}.json"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peftfast bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few repeats and smaller models (tests, CI; < 60 s)")
-    parser.add_argument("--out", type=Path, help="JSON file for the rows (default: bench/results/bench-<git sha>.json)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG next to the JSON")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-    env = environment()
-    out_path = args.out or _default_out(env)
-    print(f"peftfast bench{' --quick' if args.quick else ''}: {env['cpu']} ({env['cpu_count']} CPUs, "
-          f"{env['torch_threads']} torch threads), GPU: {env['gpu'] or 'none'}")
-    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-          + f"; git {env['git_sha'][:12]}{' (dirty)' if env['git_dirty'] else ''}")
-    if "peft" not in dict(_libs()):
-        print("PEFT is not installed: the comparisons against it are skipped (pip install peftfast[test])")
-    print()
-    sys.stdout.flush()
-
-    calib = start_calibration()  # counts in Triton's interpreter while the memory is measured here
-    rows: list[dict] = []
-    mem_rows, mem_errors = [], {}
-    for key, fn in (("lora", lora_memory_rows), ("qlora", qlora_memory_rows)):
-        try:
-            mem_rows += fn()
-        except Exception as err:  # noqa: BLE001 - e.g. the QLoRA layers not usable: reported, not fatal
-            mem_errors[key] = f"{type(err).__name__}: {err}"
-    cal_rows, cal_errors = finish_calibration(calib)
-    calibrated = bool(cal_rows) and not cal_errors and all(r["ok"] for r in cal_rows)
-    model_rows = modelled_rows()
-    for lines in (calibration_lines(cal_rows, cal_errors), [""], modelled_lines(model_rows), [""],
-                  memory_lines(mem_rows, mem_errors), [""]):
-        print("\n".join(lines))
-    sys.stdout.flush()
-    time_rows = cpu_time_rows(args.quick)
-    print("\n".join(cpu_time_lines(time_rows)))
-    gpu_rows = []
-    if torch.cuda.is_available():
-        gpu_rows = cuda_time_rows(args.quick)
-        print()
-        print("\n".join(cuda_time_lines(gpu_rows)))
-    rows = cal_rows + model_rows + mem_rows + time_rows + gpu_rows
-    for key, reason in mem_errors.items():
-        rows.append({"section": "memory", "what": key, "available": False, "reason": reason})
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    plot_path = None
-    if not args.no_plot:
-        plot_path = out_path.with_suffix(".png")
-        write_plot(model_rows, plot_path)
-    elapsed = time.perf_counter() - started
-    doc = {"meta": {**env, "quick": args.quick, "elapsed_s": elapsed, "calibrated": calibrated,
-                    "plot": str(plot_path) if plot_path else None}, "rows": rows}
-    out_path.write_text(json.dumps(doc, indent=1, default=str))
-    print()
-    print(f"rows: {out_path}" + (f"; plot: {plot_path}" if plot_path else "") + f"; {elapsed:.1f} s")
-    if not calibrated:
-        print("calibration FAILED: the modelled figures are not backed by counted traffic", file=sys.stderr)
-    return 0 if calibrated else 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -274,10 +274,46 @@ def peftfast_lora_backward(
     return ks
 
 
+def peftfast_fused_forward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+                            bias: bool = False) -> list[Kernel]:
+    """``lora_linear_fused`` (kernels/lora_fused.py) forward, as built: lora.py's shrink kernel
+    (t = s' * drop(X) @ A^T, as ``peftfast_lora_forward``), then ONE GEMM kernel that reads X,
+    W, t, B (and the bias) and writes Y once: Y = X @ W^T + t @ B^T + b, fp32 accumulation,
+    one cast. The base GEMM is included (this replaces both the base layer and the adapter)."""
+    big_r = sum(ranks)
+    shrink = peftfast_lora_forward(t, d_in, d_out, ranks, act, ad)[0]
+    gemm = Kernel("peftfast: X @ W^T + t @ B^T (+ b), one store",
+                  t * d_in * _b(act) + d_out * d_in * _b(act) + t * big_r * _b(ad) + d_out * big_r * _b(ad)
+                  + (d_out * _b(act) if bias else 0),
+                  t * d_out * _b(act), 2 * t * d_in * d_out + 2 * t * d_out * big_r, act in LOW_PRECISION)
+    return [shrink, gemm]
+
+
+def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+                            splits_db: int = 1, splits_da: int = 1, bias: bool = False) -> list[Kernel]:
+    """``lora_linear_fused`` backward, as built: dB, G and dA exactly as ``peftfast_lora_backward``
+    (lora.py's kernels, with their partial sums and casts), then ONE dX kernel that reads dY, W,
+    G and A and writes dX once (dX = dY @ W + mask * (G @ A): no separate dX_lora, no autograd
+    add). The base dX GEMM is included. A bias adds torch's sum over tokens of dY (fp32) and,
+    for 16-bit activations, its cast."""
+    big_r = sum(ranks)
+    ks = peftfast_lora_backward(t, d_in, d_out, ranks, act, ad, splits_db=splits_db, splits_da=splits_da)[:-1]
+    ks.append(Kernel("peftfast bwd: dX = dY @ W + mask * (G @ A)",
+                     t * d_out * _b(act) + d_out * d_in * _b(act) + t * big_r * _b(ad) + big_r * d_in * _b(ad),
+                     t * d_in * _b(act), 2 * t * d_out * d_in + 2 * t * d_in * big_r, act in LOW_PRECISION))
+    if bias:
+        f32 = torch.float32
+        ks.append(elementwise("torch: dbias = sum_T dY", [(t * d_out, act)], [(d_out, f32)]))
+        if act != f32:
+            ks.append(elementwise("torch: dbias.to(act)", [(d_out, f32)], [(d_out, act)]))
+    return ks
+
+
 def peftfast_fused_base(t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype,
                         backward: bool) -> list[Kernel]:
-    """Reference layout (not the op contract, not implemented): the adapter rides in the base
-    GEMMs' epilogues, as the DESIGN's LoRA targets presuppose.
+    """Idealised layout (not built): the adapter rides in the base GEMMs' epilogues AND one
+    kernel reads dY once for both G and dB (``peftfast_fused_forward/backward`` are what
+    kernels/lora_fused.py actually does: G and dB there are two kernels, each reading dY).
 
     Forward: the shrink kernel (as ``peftfast_lora_forward``), then the base GEMM adds t @ B^T
     before its store (reads t and B, no extra pass over Y). Backward: one kernel reads dY once
@@ -396,7 +432,7 @@ def peft_ia3_forward(t: int, d_in: int, d_out: int, act: torch.dtype, scale: tor
 # ----------------------------------------------------------------------------------------------
 # layers: what one LoRA linear costs, forward and backward, base included
 
-LORA_IMPLS = ("base", "peft", "peftfast", "peftfast-fused-base")
+LORA_IMPLS = ("base", "peft", "peftfast", "peftfast-fused", "peftfast-fused-base")
 
 
 def lora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
@@ -408,6 +444,10 @@ def lora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int,
         raise ValueError(f"impl={impl!r}; allowed: {', '.join(LORA_IMPLS)}")
     if impl == "peftfast-fused-base":
         return peftfast_fused_base(t, d_in, d_out, r, act, ad, backward)
+    if impl == "peftfast-fused":
+        if not backward:
+            return peftfast_fused_forward(t, d_in, d_out, [r], act, ad)
+        return _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout_p > 0)
     base = (base_linear_backward if backward else base_linear_forward)(t, d_in, d_out, act)
     if impl == "base":
         return base
@@ -423,6 +463,12 @@ def _peftfast_backward(t, d_in, d_out, r, act, ad, dropout: bool) -> list[Kernel
     s_b = lora_grad_splits(t, d_out, [r], ad, by_adapter=False)
     s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout)
     return peftfast_lora_backward(t, d_in, d_out, [r], act, ad, splits_db=s_b, splits_da=s_a)
+
+
+def _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout: bool, bias: bool = False) -> list[Kernel]:
+    s_b = lora_grad_splits(t, d_out, [r], ad, by_adapter=False)
+    s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout)
+    return peftfast_fused_backward(t, d_in, d_out, [r], act, ad, splits_db=s_b, splits_da=s_a, bias=bias)
 
 
 def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
@@ -570,6 +616,53 @@ def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
     ]
 
 
+def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
+                             ad: torch.dtype = torch.float32, bias: bool = True) -> list[Check]:
+    """Count ``lora_linear_fused``'s Triton kernels under the interpreter (unique bytes per
+    launch) plus the torch ops between them, and compare with ``peftfast_fused_forward`` /
+    ``peftfast_fused_backward`` (fp16 activations and base weight, adapters in ``ad``).
+
+    Needs ``TRITON_INTERPRET=1`` set before the kernels were imported (RuntimeError
+    otherwise); raises ImportError when ``peftfast.kernels.lora_fused`` does not exist.
+    """
+    import os
+
+    from peftfast.kernels import lora_fused
+    from peftfast.kernels.backend import interpreting
+
+    if not interpreting():
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+    act = torch.float16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+    w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(act)
+    b = torch.randn(d_out, generator=gen).to(act).requires_grad_(True) if bias else None
+    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
+    bb = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    dy = torch.randn(t, d_out, generator=gen).to(act)
+    saved = os.environ.get("PEFTFAST_BACKEND")
+    os.environ["PEFTFAST_BACKEND"] = "triton"
+    try:
+        out = []
+        fwd = _count_device(lambda: out.append(
+            lora_fused.lora_linear_fused(x, w, b, [a], [bb], [1.5], [dropout_p], True)))
+        bwd = _count_device(lambda: out[0].backward(dy))
+    finally:
+        if saved is None:
+            os.environ.pop("PEFTFAST_BACKEND")
+        else:
+            os.environ["PEFTFAST_BACKEND"] = saved
+    model_f = peftfast_fused_forward(t, d_in, d_out, [r], act, ad, bias)
+    model_b = _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout_p > 0, bias)
+    shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]}{', bias' if bias else ''})"
+    return [
+        Check(f"peftfast lora_linear_fused forward {shape}", fwd[0], path_bytes(model_f), fwd[1], len(model_f),
+              KERNEL_BYTES_TOLERANCE),
+        Check(f"peftfast lora_linear_fused backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
+              KERNEL_BYTES_TOLERANCE),
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -613,7 +706,9 @@ def _lora_rows(t, d_in, d_out, r, act):
         ("PEFT, adapters fp32 (autocast), no dropout", *pair("peft", f32, 0.0)),
         ("peftfast lora_linear, dropout 0.1", *pair("peftfast", f32, 0.1)),
         ("peftfast lora_linear, no dropout", *pair("peftfast", f32, 0.0)),
-        ("what-if: LoRA in the base GEMM epilogues", *pair("peftfast-fused-base", f32, 0.1)),
+        ("peftfast (fused base), dropout 0.1", *pair("peftfast-fused", f32, 0.1)),
+        ("peftfast (fused base), no dropout", *pair("peftfast-fused", f32, 0.0)),
+        ("what-if: + one kernel reading dY for G and dB", *pair("peftfast-fused-base", f32, 0.1)),
     ]
 
 
@@ -661,6 +756,15 @@ def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16
         except Exception as err:  # noqa: BLE001 - a kernel that fails to run is reported, not hidden
             out.append(f"  FAILED to run the peftfast kernels: {type(err).__name__}: {err}")
             ok = False
+        try:
+            checks += calibrate_peftfast_fused() + calibrate_peftfast_fused(t=200, ad=torch.float16, dropout_p=0.0)
+        except ImportError:
+            out.append("  peftfast.kernels.lora_fused not available: its kernels were not counted")
+        except RuntimeError as err:
+            out.append(f"  peftfast fused kernels not counted: {err}")
+        except Exception as err:  # noqa: BLE001 - a kernel that fails to run is reported, not hidden
+            out.append(f"  FAILED to run the peftfast fused kernels: {type(err).__name__}: {err}")
+            ok = False
         out += ["  " + c.line() for c in checks]
         ok = ok and all(c.ok for c in checks)
         out.append("")
@@ -678,6 +782,8 @@ def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16
             out.append(_verdict(label, fwd, bwd, base, LORA_TARGETS, gpu, launch_overhead))
         out += _kernel_lines("  kernels of peftfast lora_linear, dropout 0.1, forward:", rows[5][1], gpu)
         out += _kernel_lines("  backward:", rows[5][2], gpu)
+        out += _kernel_lines("  kernels of peftfast (fused base), dropout 0.1, forward:", rows[7][1], gpu)
+        out += _kernel_lines("  backward:", rows[7][2], gpu)
         out.append("")
         out.append(f"NF4 QLoRA linear (blocksize 64), {shape}; base = the bf16 GEMM alone")
         q_rows = [("bf16 base GEMM alone", *base)]

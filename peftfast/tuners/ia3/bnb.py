@@ -39,8 +39,8 @@ class _QuantIA3Linear(nn.Module, IA3Layer):
         self.update_layer(adapter_name, config)
 
     def _refuse_merge(self) -> None:
-        raise ValueError(f"(IA)^3 adapters cannot be merged into a {self.quant_name} bitsandbytes weight; use "
-                         "unload() to remove them, or load the base model in float precision to merge")
+        raise ValueError(f"(IA)^3 adapters cannot be merged into a {self.quant_name} bitsandbytes weight; "
+                         "use unload() to remove them, or load the base model in float precision to merge")
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         if [n for n in self._adapters_to_merge(adapter_names) if n in self.ia3_l]:

@@ -39,12 +39,11 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from ...kernels.lora import lora_linear
 from ...kernels.qmatmul import matmul_4bit, matmul_int8
 from ...kernels.quant import Packed4bit, dequantize_4bit, dequantize_int8
 from ...utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb
-from ..tuners_utils import BaseTunerLayer, per_sample_adapter_names
-from .layer import Linear, _delta, _dropout_p
+from ..tuners_utils import BaseTunerLayer
+from .layer import Linear, _delta
 from .model import LoraModel
 
 __all__ = ["Linear4bit", "Linear8bitLt", "QuantizedBase4bit", "QuantizedBase8bit", "dispatch_bnb",
@@ -68,7 +67,8 @@ def _runs_hooks(module: nn.Module) -> bool:
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
            getattr(module, "_backward_pre_hooks", None))
     shared = (_module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
-              _module_hooks._global_backward_hooks, getattr(_module_hooks, "_global_backward_pre_hooks", None))
+              _module_hooks._global_backward_hooks,
+              getattr(_module_hooks, "_global_backward_pre_hooks", None))
     return any(bool(h) for h in own + shared) or "forward" in module.__dict__
 
 
@@ -200,25 +200,27 @@ class QuantizedBase8bit(_QuantizedBase):
 
         base = self.get_base_layer()
         # as Int8Params quantises on load: row-wise absmax of the fp16 weight
-        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.to(base.weight.device, torch.float16).contiguous())
+        weight = weight.to(base.weight.device, torch.float16).contiguous()
+        cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight)
         base.state.reset_grads()
         base.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
 
 
 def _rounding_warning(what: str, kind: str) -> None:
-    warnings.warn(f"{what} LoRA adapters into a {kind} bitsandbytes weight requantises it: the result differs from "
-                  "the exact sum by the quantisation rounding, so outputs (and generations) can change slightly",
-                  UserWarning, stacklevel=3)
+    warnings.warn(f"{what} LoRA adapters into a {kind} bitsandbytes weight requantises it: the result "
+                  "differs from the exact sum by the quantisation rounding, so outputs (and generations) can "
+                  "change slightly", UserWarning, stacklevel=3)
 
 
 class _QuantLoraLinear(Linear):
     """LoRA over a quantised base; subclasses mix in the base (4-bit or 8-bit) first."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, init_lora_weights: bool | str = True,
-                 use_rslora: bool = False, **kwargs: Any) -> None:
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False,
+                 init_lora_weights: bool | str = True, use_rslora: bool = False, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         fan_in_fan_out=False, init_lora_weights=init_lora_weights, use_rslora=use_rslora, **kwargs)
+                         fan_in_fan_out=False, init_lora_weights=init_lora_weights, use_rslora=use_rslora,
+                         **kwargs)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` [out, in] in fp32 (the quantised weight has no float dtype of its own)."""
@@ -233,8 +235,8 @@ class _QuantLoraLinear(Linear):
         for name in names:
             weight += sign * self.get_delta_weight(name).to(weight.device)
             if check and not torch.isfinite(weight).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
-                                 "the base weights were left unchanged")
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be "
+                                 "broken; the base weights were left unchanged")
         return weight
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
@@ -263,45 +265,10 @@ class _QuantLoraLinear(Linear):
             self._store_weight(self._summed(names, -1.0, check=False))
         self.merged_adapters.clear()
 
-    # -- forward --------------------------------------------------------------------------------------
-    def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
-        return lora_linear(
-            x, result,
-            [self.lora_A[n].weight for n in names],
-            [self.lora_B[n].weight for n in names],
-            [float(self.scaling[n]) for n in names],
-            [_dropout_p(self.lora_dropout[n]) for n in names],
-            self.training,
-        )
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self._base_forward(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
-        result = self._base_forward(x, *args, **kwargs)
-        names = [] if self.merged else self._active_lora()
-        return self._lora(x, result, names) if names else result
-
-    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
-        if self.merged:
-            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
-        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-        result = self._base_forward(x, *args, **kwargs)
-        out = result.clone()
-        for name in dict.fromkeys(adapter_names):
-            if name == "__base__" or name not in self.lora_A:
-                continue
-            idx = [i for i, n in enumerate(adapter_names) if n == name]
-            out[idx] = self._lora(x[idx], result[idx], [name])
-        return out
-
 
 class Linear4bit(QuantizedBase4bit, _QuantLoraLinear):
-    """LoRA on a bitsandbytes ``Linear4bit`` (NF4 or FP4, any blocksize, nested scales or not, any quant_storage)."""
+    """LoRA on a bitsandbytes ``Linear4bit`` (NF4 or FP4, any blocksize, nested scales or not, any
+    quant_storage)."""
 
 
 class Linear8bitLt(QuantizedBase8bit, _QuantLoraLinear):

@@ -179,20 +179,12 @@ class Linear(nn.Module, LoraLayer):
     def _active_lora(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.lora_A]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        names = self._active_lora()
-        if not names:
-            return result
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output for ``x`` (quantised layers override this with a fused dequant-matmul)."""
+        return self.base_layer(x, *args, **kwargs)
+
+    def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them."""
         return lora_linear(
             x, result,
             [self.lora_A[n].weight for n in names],
@@ -202,19 +194,30 @@ class Linear(nn.Module, LoraLayer):
             self.training,
         )
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self._base_forward(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        names = [] if self.merged else self._active_lora()
+        result = self._base_forward(x, *args, **kwargs)
+        return self._lora(x, result, names) if names else result
+
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
         """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's ``adapter_names``."""
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
         adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         out = result.clone()
         for name in dict.fromkeys(adapter_names):
             if name == "__base__" or name not in self.lora_A:
                 continue
             idx = [i for i, n in enumerate(adapter_names) if n == name]
-            out[idx] = lora_linear(x[idx], result[idx], [self.lora_A[name].weight], [self.lora_B[name].weight],
-                                   [float(self.scaling[name])], [_dropout_p(self.lora_dropout[name])], self.training)
+            out[idx] = self._lora(x[idx], result[idx], [name])
         return out
 
     def __repr__(self) -> str:

@@ -1,0 +1,473 @@
+"""LoRA fused into the base linear's GEMMs: one kernel writes y, one kernel writes dX.
+
+Math (one linear layer with frozen weight W [N, K], optional bias b [N], adapters i = 1..n;
+x: [M, K]; notation and the stacking A = [A_1; ...; A_n] [R, K], B = [B_1 ... B_n] [N, R] as in
+``kernels/lora.py``):
+
+    t   = s' * drop(x) @ A^T                       [M, R]  (lora.py's shrink kernel, reused)
+    y   = x @ W^T + b + t @ B^T                    [M, N]  ONE kernel, one cast, one store
+    G   = s' * dY @ B                              [M, R]  (lora.py's shrink kernel on dY, B^T)
+    dX  = dY @ W + sum_i m_i * (G_i @ A_i)         [M, K]  ONE kernel, one cast, one store
+    dA  = G^T @ drop(x),  dB = dY^T @ t,  db = sum_m dY      (lora.py's grad_w kernel; a sum)
+
+Dtypes: the base product runs in x's dtype (x, W and b share it, as nn.Linear requires), the
+adapter product in the adapter dtype (t, B, G, A; fp32 adapters on a 16-bit model use TF32),
+both accumulate into one fp32 tile, which is cast once to x's dtype. (PEFT rounds x @ W^T + b to
+x's dtype before adding the adapter term; this path does not, so it is at least as accurate.)
+
+Blocked algorithm:
+
+    forward, program (M block, N block), grouped so GROUP_M row blocks share W tiles in L2:
+        acc = 0
+        for K blocks: acc += x_tile @ W_tile^T            base GEMM, tensor cores
+        for R blocks: acc += t_tile @ B_tile^T            the adapter, R/K of the work
+        acc += b; store y once
+    dX, program (M block, K block):
+        acc = 0
+        for N blocks: acc += dY_tile @ W_tile              base dX GEMM
+        per adapter i: part = G_i @ A_i (over its ranks); acc += where(mask_i, part, 0)
+        store dX once
+
+The dropout mask of adapter i at (row, column) of x is regenerated from (seed, i, row, column)
+by ``kernels/dropout.py``'s hash: the same bits as the shrink and dA kernels of lora.py and as
+the PyTorch reference (``keep_mask_torch``).
+
+Memory saved for backward: x (the caller's tensor), t [M, R] in the adapter dtype, the seed and
+references to W and the adapter weights. No mask, no y, no [M, K] or [M, N] copy.
+
+Traffic against the base GEMMs alone: forward adds the shrink (one read of x) and t/B reads
+inside the GEMM; y is written once and never re-read. Backward adds G (one read of dY), dB (one
+read of dY), dA (one read of x); dX is written once, with no dX_base + dX_lora pass.
+Launches: forward 2; backward 4 (dB, G, dA, dX) plus the partial sums/casts of lora.py's dA/dB
+and one sum for the bias gradient.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import lora as L
+from .aot import AotSpec
+from .backend import use_triton
+from .dropout import check_p, draw_seed, keep_mask, stream_key
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # GROUP_M row blocks walk the same column blocks while those columns of W sit in L2
+    pid = tl.program_id(0).to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lora_fused_forward_kernel(
+    x_ptr,  # [M, K] layer input, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    bias_ptr,  # [N] base bias (activation dtype); unused without HAS_BIAS
+    t_ptr,  # [M, R] scaled shrink output, adapter dtype
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    y_ptr,  # [M, N] output, activation dtype
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # W^T tile [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k + k0 < K
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    # the adapter: a short second reduction into the same accumulator
+    offs_r = tl.arange(0, BLOCK_R)
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br  # B^T tile [BR, BN]
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = offs_r + r0 < R
+        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(t.to(b_ptr.dtype.element_ty), b, acc, input_precision=LORA_PRECISION)
+        t_ptrs += BLOCK_R * stride_tr
+        b_ptrs += BLOCK_R * stride_br
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_fused_grad_x_kernel(
+    dy_ptr,  # [M, N] gradient of y, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    g_ptr,  # [M, R] G = s' * dY @ B, adapter dtype
+    a_ptr,  # [R, K] stacked A_i, adapter dtype
+    dx_ptr,  # [M, K] output, activation dtype
+    adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
+    seed,  # 64-bit dropout seed
+    M, K, N, R, n_adapters,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = _grouped_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n + n0 < N
+        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
+        dy_ptrs += BLOCK_N * stride_dyn
+        w_ptrs += BLOCK_N * stride_wn
+    if HAS_DROPOUT:
+        # masks differ per adapter: one partial product per adapter, masked once
+        for i in range(n_adapters):
+            r_start = tl.load(adapters_ptr + i * 4)
+            r_end = tl.load(adapters_ptr + i * 4 + 1)
+            part = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            for r0 in range(r_start, r_end, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < r_end
+                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                part = tl.dot(g, a, part, input_precision=LORA_PRECISION)
+            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
+            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
+            acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(g, a, acc, input_precision=LORA_PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations (shared by the launchers and aot_specs)
+# ----------------------------------------------------------------------------------------------
+_BLOCK_R = (16, 64)  # the adapter loop's step: 16 for r <= 16, else 64
+
+
+def _config(kernel: str, act: torch.dtype) -> dict:
+    """128x128 output tiles (compute-bound GEMMs); fp32 operands take half-depth reduction steps
+    so the pipelined shared-memory buffers fit sm_86/sm_89's 99 KiB."""
+    depth = 32 if act == torch.float32 else 64
+    red = "BLOCK_K" if kernel == "forward" else "BLOCK_N"
+    out = {"BLOCK_M": 128, ("BLOCK_N" if kernel == "forward" else "BLOCK_K"): 128, red: depth}
+    return {**out, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+
+
+def _block_r(rank: int) -> int:
+    return _BLOCK_R[0] if rank <= _BLOCK_R[0] else _BLOCK_R[-1]
+
+
+def _base_precision(act: torch.dtype) -> str:
+    return "tf32x3" if act == torch.float32 else "tf32"  # 16-bit operands ignore it
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check, allocate, launch (2-D operands, any strides)
+# ----------------------------------------------------------------------------------------------
+def _launch_forward(x2, weight, bias, t, b) -> torch.Tensor:
+    """y = x2 @ weight^T + bias + t @ b^T -> [M, N] in x2's dtype."""
+    M, K = x2.shape
+    N, R = b.shape
+    assert weight.shape == (N, K) and t.shape == (M, R)
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    cfg = _config("forward", x2.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _lora_fused_forward_kernel[grid](
+        x2, weight, weight if bias is None else bias, t, b, y, M, N, K, R,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
+        b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, BASE_PRECISION=_base_precision(x2.dtype),
+        LORA_PRECISION=L._dot_precision(x2.dtype, b.dtype), BLOCK_R=_block_r(R), **cfg)
+    return y
+
+
+def _launch_grad_x(dy2, weight, g, a, plan, seed) -> torch.Tensor:
+    """dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) -> [M, K] in dy2's dtype."""
+    M, N = dy2.shape
+    R, K = a.shape
+    dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
+    cfg = _config("grad_x", dy2.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    _lora_fused_grad_x_kernel[grid](
+        dy2, weight, g, a, dx, L._adapter_table(plan, dy2.device), seed, M, K, N, R, len(plan.ranks),
+        dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
+        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
+        HAS_DROPOUT=plan.dropout, BASE_PRECISION=_base_precision(dy2.dtype),
+        LORA_PRECISION=L._dot_precision(dy2.dtype, a.dtype),
+        BLOCK_R=_block_r(max(plan.ranks) if plan.dropout else R), **cfg)
+    return dx
+
+
+def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
+    t = L._launch_shrink(x2, L._cat_a(weights_a), plan, seed, plan.dropout)
+    return _launch_forward(x2, weight, bias, t, L._cat_b(weights_b)), t
+
+
+def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    a, b = L._cat_a(weights_a), L._cat_b(weights_b)
+    dx = da = db = None
+    if need_b:
+        no_drop = L._make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
+        db = L._launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
+    if need_x or need_a:
+        scaled = L._Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
+        g = L._launch_shrink(dy2, b.t(), scaled, 0, False)
+        if need_a:
+            da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
+        if need_x:
+            dx = _launch_grad_x(dy2, weight, g, a, plan, seed)
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference (the test oracle and the CPU backend): nn.Linear, then lora.py's math
+# ----------------------------------------------------------------------------------------------
+def _forward_torch(x2, weight, bias, weights_a, weights_b, plan, seed):
+    return L._forward_torch(x2, F.linear(x2, weight, bias), weights_a, weights_b, plan, seed)
+
+
+def _backward_torch(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    dx, da, db = L._backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
+    if need_x:
+        dx = torch.addmm(dx, dy2, weight) if dx.dtype == dy2.dtype else (dy2 @ weight).add_(dx)
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch, autograd, custom op
+# ----------------------------------------------------------------------------------------------
+def _2d(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton):
+    """(y [..., N], t [M, R])."""
+    x2 = _2d(x)
+    impl = _forward_triton if on_triton and x2.shape[0] > 0 else _forward_torch
+    y2, t = impl(x2, weight, bias, weights_a, weights_b, plan, seed)
+    return y2.view(*x.shape[:-1], weight.shape[0]), t
+
+
+def _backward(dy, x, t, weight, weights_a, weights_b, plan, seed, need_x, need_bias, need_a, need_b,
+              on_triton):
+    """(dx shaped like x, dbias, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
+    dy2, x2, t2 = _2d(dy), _2d(x), _2d(t)
+    impl = _backward_triton if on_triton and dy2.shape[0] > 0 else _backward_torch
+    dx, da, db = impl(dy2, x2, t2, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
+    dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if need_bias else None
+    return (dx.view(x.shape) if dx is not None else None), dbias, da, db
+
+
+class LoraLinearFusedFunction(torch.autograd.Function):
+    """Eager autograd for ``lora_linear_fused``; saves x, t, W and the adapter weights."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, seed, on_triton, *weights):
+        n = len(plan.ranks)
+        y, t = _forward(x, weight, bias, weights[:n], weights[n:], plan, seed, on_triton)
+        ctx.save_for_backward(x, t, weight, *weights)
+        ctx.plan, ctx.seed, ctx.on_triton = plan, seed, on_triton
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, t, weight, *weights = ctx.saved_tensors
+        plan, n = ctx.plan, len(ctx.plan.ranks)
+        needs = ctx.needs_input_grad
+        need_a, need_b = needs[6:6 + n], needs[6 + n:]
+        dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, ctx.seed, needs[0],
+                                      needs[2], any(need_a), any(need_b), ctx.on_triton)
+        da, db = L._split(plan, da, db)
+        da = [g if need else None for g, need in zip(da, need_a)]
+        db = [g if need else None for g, need in zip(db, need_b)]
+        return (dx, None, dbias, None, None, None, *da, *db)
+
+
+@torch.library.custom_op("peftfast::lora_linear_fused", mutates_args=())
+def _lora_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], scalings: list[float],
+                          dropout_ps: list[float], seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
+    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+    on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    y, t = _forward(x, weight, bias, weights_a, weights_b, plan, int(seed), on_triton)
+    return y, t.view(*x.shape[:-1], t.shape[-1])
+
+
+@_lora_linear_fused_op.register_fake
+def _(x, weight, bias, weights_a, weights_b, scalings, dropout_ps, seed):
+    rank = sum(a.shape[0] for a in weights_a)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype))
+
+
+@torch.library.custom_op("peftfast::lora_linear_fused_backward", mutates_args=())
+def _lora_linear_fused_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
+                                   weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
+                                   scalings: list[float], dropout_ps: list[float], seed: torch.Tensor,
+                                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor]:
+    """(dx, dbias, stacked dA, stacked dB) for needs = (x, bias, A, B); empty where not needed."""
+    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+    on_triton = use_triton(dy, x, weight, *weights_a, *weights_b)
+    grads = _backward(dy, x, t, weight, weights_a, weights_b, plan, int(seed), *needs, on_triton)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_lora_linear_fused_backward_op.register_fake
+def _(dy, x, t, weight, weights_a, weights_b, scalings, dropout_ps, seed, needs):
+    rank = sum(a.shape[0] for a in weights_a)
+    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
+            dy.new_empty(dy.shape[-1]) if needs[1] else x.new_empty(0),
+            weights_a[0].new_empty((rank, x.shape[-1])) if needs[2] else x.new_empty(0),
+            weights_b[0].new_empty((dy.shape[-1], rank)) if needs[3] else x.new_empty(0))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x, weight, _bias, weights_a, weights_b, scalings, dropout_ps, seed = inputs
+    ctx.save_for_backward(x, output[1], weight, seed, *weights_a, *weights_b)
+    ctx.plan = L._make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+    ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
+
+
+def _op_backward(ctx, dy, dt):
+    x, t, weight, seed, *weights = ctx.saved_tensors
+    n = len(ctx.plan.ranks)
+    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    dx, dbias, da, db = torch.ops.peftfast.lora_linear_fused_backward(
+        dy, x, t, weight, weights[:n], weights[n:], ctx.scalings, ctx.dropout_ps, seed,
+        [bool(need_x), bool(need_bias), bool(need_a), bool(need_b)])
+    da, db = L._split(ctx.plan, da if need_a else None, db if need_b else None)
+    return (dx if need_x else None, None, dbias if need_bias else None, da if need_a else None,
+            db if need_b else None, None, None, None)
+
+
+torch.library.register_autograd("peftfast::lora_linear_fused", _op_backward, setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------
+def _check(x, weight, bias):
+    if weight.requires_grad:
+        raise ValueError("lora_linear_fused needs a frozen base weight (weight.requires_grad=False); "
+                         "for a trainable base weight use F.linear followed by lora_linear")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., d_in] and weight [d_out, d_in] must agree on d_in; got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [d_out={weight.shape[0]}] or None, got {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{name} must have x's dtype {x.dtype} (as F.linear requires), got {t.dtype}")
+
+
+def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
+                      scalings: Sequence[float], dropout_ps: Sequence[float], training: bool) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + sum_i s_i * drop_i(x as A_i.dtype) @ A_i^T @ B_i^T`` in x's dtype.
+
+    x: [..., d_in]; weight: [d_out, d_in], frozen, x's dtype; bias: [d_out] in x's dtype or None;
+    weights_a[i]: [r_i, d_in]; weights_b[i]: [d_out, r_i] (A_i and B_i share a dtype, which may
+    differ from x's); scalings[i]: float; dropout_ps[i] in [0, 1), used only when ``training``.
+    Gradients flow to x, bias and every A_i / B_i that requires grad. Each call with dropout
+    draws one seed from torch's default generator.
+    """
+    _check(x, weight, bias)
+    if len(weights_a) == 0:
+        return F.linear(x, weight, bias)
+    base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], weight.shape[0])
+    L._check(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
+    if len({a.dtype for a in weights_a}) > 1:  # mixed adapter dtypes: base, then lora.py per run
+        return L.lora_linear(x, F.linear(x, weight, bias), weights_a, weights_b, scalings, dropout_ps, training)
+    ps = [check_p(p) if training else 0.0 for p in dropout_ps]
+    dropout = any(p > 0.0 for p in ps)
+    if torch.compiler.is_compiling():
+        seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
+        y, _ = torch.ops.peftfast.lora_linear_fused(x, weight, bias, list(weights_a), list(weights_b),
+                                                    [float(s) for s in scalings], ps, seed)
+        return y
+    seed = int(draw_seed()) if dropout else 0
+    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, ps)
+    on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    tensors = (x, *weights_a, *weights_b) + (() if bias is None else (bias,))
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton)[0]
+    return LoraLinearFusedFunction.apply(x, weight, bias, plan, seed, on_triton, *weights_a, *weights_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ----------------------------------------------------------------------------------------------
+def aot_specs() -> list[AotSpec]:
+    kernels = (
+        ("forward", _lora_fused_forward_kernel,
+         lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x},
+         ("stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"), "HAS_BIAS"),
+        ("grad_x", _lora_fused_grad_x_kernel,
+         lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x},
+         ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
+    )
+    specs = []
+    for act, ad in L._DTYPE_PAIRS:
+        xa, wa = L._TY[act], L._TY[ad]
+        for kname, fn, ptrs, unit, flag in kernels:
+            for block_r in _BLOCK_R:
+                for on in (False, True):
+                    cfg = _config(kname, act)
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    consts = dict(BASE_PRECISION=_base_precision(act), LORA_PRECISION=L._dot_precision(act, ad),
+                                  BLOCK_R=block_r, **cfg, **{u: 1 for u in unit}, **{flag: on})
+                    types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
+                    types.update(adapters_ptr="*i64", seed="i64")
+                    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+                    name = (f"lora_fused_{kname}[x={xa},w={wa},BR={block_r},"
+                            f"{','.join(f'{k}={v}' for k, v in cfg.items())},{flag}={int(on)}]")
+                    specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
+    return specs

@@ -1,0 +1,174 @@
+"""``peftfast bench --quick``: the tables are printed and the JSON rows hold computed, self-consistent numbers.
+
+One run of the console script (as a user runs it, Triton's interpreter off) is shared by the tests.
+The checks recompute what can be recomputed from first principles (the bytes of a bf16 GEMM, of an
+NF4 weight, of the decode GEMM's operands), and check every ratio against the row's own numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+T, D, R = 8192, 4096, 16
+QUICK_LIMIT_S = 60.0
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("peftfast")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("peftfast")
+    if found:
+        return [found]
+    return [sys.executable, "-I", "-c", "import sys; from peftfast.cli import main; sys.exit(main())"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PEFTFAST_BACKEND")}
+    env["HF_HUB_OFFLINE"] = "1"
+    started = time.perf_counter()
+    proc = subprocess.run(_command() + ["bench", "--quick", "--out", str(out)], capture_output=True, text=True,
+                          env=env, cwd=out.parent, timeout=600)
+    wall = time.perf_counter() - started
+    assert out.exists(), f"no JSON written (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc, json.loads(out.read_text()), out, wall
+
+
+def rows(doc, section, **match):
+    return [r for r in doc["rows"] if r["section"] == section and all(r.get(k) == v for k, v in match.items())]
+
+
+def test_runs_quickly_and_prints_labelled_tables(run):
+    proc, doc, out, wall = run
+    assert proc.returncode == (0 if doc["meta"]["calibrated"] else 1), proc.stderr[-2000:]
+    assert doc["meta"]["elapsed_s"] < QUICK_LIMIT_S, f"--quick took {doc['meta']['elapsed_s']:.1f} s (wall {wall:.1f} s)"
+    text = proc.stdout
+    for title in ("== Calibration: bytes and launches counted", "== Modelled time (from counted traffic, NOT measured)",
+                  "-- H100:", "-- RTX 4090:", "One LoRA linear", "NF4 QLoRA linear", "IA3 linear", "NF4 decode, T=1..16",
+                  "== Measured memory (CPU, this machine)", "== Measured CPU wall time (this machine, 1 torch thread)",
+                  "== Targets (DESIGN)", f"rows: {out}"):
+        assert title in text, f"missing {title!r} in the output"
+    assert "Traceback" not in proc.stderr
+
+
+def test_json_records_device_versions_and_sha(run):
+    _, doc, out, _ = run
+    meta = doc["meta"]
+    assert meta["cpu"] and meta["torch_threads"] == 1 and meta["quick"] is True
+    for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes"):
+        assert meta["versions"][dist], dist
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "--no-optional-locks", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    if head:
+        assert meta["git_sha"] == head and isinstance(meta["git_dirty"], bool)
+    datetime.fromisoformat(meta["timestamp"])
+    png = Path(meta["plot"])
+    assert png == out.with_suffix(".png") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibration_rows_agree_with_their_own_counts(run):
+    proc, doc, _, _ = run
+    checks = [r for r in rows(doc, "calibration") if not r.get("error")]
+    names = " ".join(r["name"] for r in checks)
+    for part in ("eager PEFT path", "peftfast lora_linear", "4-bit decode", "4-bit GEMM dX", "IA3 fused matmul"):
+        assert part in names, part
+    for r in checks:
+        close = abs(r["counted_bytes"] - r["modelled_bytes"]) <= r["tolerance"] * r["modelled_bytes"]
+        assert r["ok"] == (close and r["counted_launches"] == r["modelled_launches"]), r
+        assert r["counted_bytes"] > 0
+    assert doc["meta"]["calibrated"] == (bool(checks) and all(r["ok"] for r in doc["rows"]
+                                                               if r["section"] == "calibration"))
+
+
+def test_modelled_ratios_follow_from_the_rows(run):
+    _, doc, _, _ = run
+    modelled = rows(doc, "modelled")
+    assert {r["gpu"] for r in modelled} == {"H100", "RTX 4090"}
+    gemm_bytes = 2 * (T * D * 2) + D * D * 2  # X and Y in bf16, plus W
+    for r in modelled:
+        for key in ("fwd", "bwd"):
+            if f"{key}_ratio" not in r:
+                continue
+            assert math.isclose(r[f"{key}_ratio"], r[f"{key}_time_s"] / r[f"{key}_base_time_s"], rel_tol=1e-12)
+            assert math.isclose(r[f"{key}_ratio_ovh"], r[f"{key}_time_ovh_s"] / r[f"{key}_base_time_ovh_s"], rel_tol=1e-12)
+            # a path can never beat its own bytes at the GPU's bandwidth
+            assert r[f"{key}_time_s"] >= r[f"{key}_bytes"] / r["bandwidth"] * (1 - 1e-12)
+            assert r[f"{key}_time_ovh_s"] == pytest.approx(r[f"{key}_time_s"] + r[f"{key}_launches"] * r["launch_overhead_s"])
+            if f"{key}_target" in r:
+                assert r[f"{key}_met"] == (r[f"{key}_ratio_ovh"] <= r[f"{key}_target"])
+        if "base" in r["path"]:
+            assert r["fwd_bytes"] == gemm_bytes and r["fwd_ratio"] == 1.0
+    for op, path, targets in (("lora", "peftfast, fp32 adapters, dropout 0.1", (1.07, 1.13)),
+                              ("qlora_nf4", "peftfast: fused 4-bit GEMM + lora_linear, dropout 0.1", (1.11, 1.18))):
+        for r in rows(doc, "modelled", op=op, path=path):
+            assert (r["fwd_target"], r["bwd_target"]) == targets
+    peft = rows(doc, "modelled", gpu="H100", op="lora", path="PEFT, bf16 adapters, dropout 0.1")[0]
+    assert 1.5 < peft["fwd_ratio"] < 1.7 and 1.6 < peft["bwd_ratio"] < 1.9  # DESIGN: PEFT ~1.6 / ~1.75
+
+
+def test_decode_rows_against_the_nf4_storage(run):
+    _, doc, _, _ = run
+    decode = rows(doc, "decode")
+    assert sorted({r["T"] for r in decode}) == list(range(1, 17))
+    weight = math.ceil(D * D / 2) + (D * D // 64) * 4 + 16 * 4  # packed nibbles, fp32 absmax per 64, the code
+    for r in decode:
+        assert r["packed_absmax_code_bytes"] == weight
+        assert r["gemm_read"] == weight + r["T"] * D * 2  # the weight once, plus x
+        assert r["reduce_read"] == r["split"] * r["T"] * D * 4
+        assert math.isclose(r["total_ratio"], (r["gemm_read"] + r["reduce_read"]) / weight, rel_tol=1e-12)
+        assert r["met"] == (r["total_ratio"] <= 1.05)
+
+
+def test_memory_rows_measure_what_dropout_costs(run):
+    proc, doc, _, _ = run
+    saved = {(r["path"], r["dropout"]): r for r in rows(doc, "memory", what="saved_activations")}
+    assert set(saved) == {("peftfast", 0.1), ("peftfast", 0.0), ("peft", 0.1), ("peft", 0.0)}
+    assert saved["peft", 0.1]["saved_bytes"] > saved["peft", 0.0]["saved_bytes"]  # the measurement sees PEFT's dropout
+    assert saved["peftfast", 0.1]["saved_bytes"] <= saved["peft", 0.0]["saved_bytes"]
+    assert saved["peftfast", 0.1]["bool_bytes"] == 0
+    qlora = {r["path"]: r for r in rows(doc, "memory", what="qlora_step")}
+    assert set(qlora) == {"peftfast", "peft"}, [r for r in doc["rows"] if r.get("available") is False]
+    for r in qlora.values():
+        assert r["weights_packed_4bit"] * 2 == r["weights_quantised_numel"]  # two 4-bit values per byte
+        assert r["quantised_as_bf16"] == 2 * r["weights_quantised_numel"]
+        assert r["optimizer_state"] >= 2 * r["weights_trainable"]  # AdamW's two moments per adapter weight
+        assert r["saved_bytes"] > 0
+    assert qlora["peftfast"]["saved_bytes"] < qlora["peft"]["saved_bytes"]
+    assert re.search(r"saved activations\s+[\d.]+\s+[\d.]+\s+0\.\d+", proc.stdout)
+
+
+def test_cpu_time_rows_are_quantiles_of_measured_pairs(run):
+    _, doc, _, _ = run
+    timed = rows(doc, "cpu_time")
+    assert {r["key"] for r in timed} >= {"lora_linear_p0", "lora_linear_p0.1", "llama_step_p0.1", "ia3_ff",
+                                         "qlora_nf4_p0.1"}
+    for r in timed:
+        assert r["available"], r
+        samples = np.array(r["ratio_samples"])
+        assert len(samples) == r["repeats"] and (samples > 0).all() and r["threads"] == 1
+        q1, med, q3 = np.percentile(samples, [25, 50, 75])
+        assert (r["ratio_q1"], r["ratio_median"], r["ratio_q3"]) == pytest.approx((q1, med, q3), rel=1e-12)
+        assert r["peftfast_median_s"] > 0 and r["peft_median_s"] > 0
+
+
+def test_bad_arguments_say_what_is_allowed(capsys):
+    from peftfast.tools.bench import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--threads", "0"])
+    assert err.value.code == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
