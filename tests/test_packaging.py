@@ -34,7 +34,8 @@ def test_peft_api_names_exist():
     from peftfast.utils import ModulesToSaveWrapper, PeftType, TaskType  # noqa: F401
 
 
-def test_peftfast_never_imports_peft():
-    code = ("import sys, peftfast, peftfast.tuners.lora; "
+def test_peftfast_never_imports_peft(tmp_path):
+    # cwd outside the checkout: `python -c` puts the cwd on sys.path, which would shadow the installed package
+    code = ("import sys, peftfast, peftfast.tuners.lora, peftfast.tuners.ia3; "
             "assert 'peft' not in sys.modules, sorted(m for m in sys.modules if m.startswith('peft.'))")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
