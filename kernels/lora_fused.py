@@ -6,9 +6,9 @@ x: [M, K]; notation and the stacking A = [A_1; ...; A_n] [R, K], B = [B_1 ... B_
 
     t   = s' * drop(x) @ A^T                       [M, R]  (lora.py's shrink kernel, reused)
     y   = x @ W^T + b + t @ B^T                    [M, N]  ONE kernel, one cast, one store
-    G   = s' * dY @ B                              [M, R]  (lora.py's shrink kernel on dY, B^T)
+    G   = s' * dY @ B,  dB = dY^T @ t              [M, R], [N, R]  ONE pass over dY
     dX  = dY @ W + sum_i m_i * (G_i @ A_i)         [M, K]  ONE kernel, one cast, one store
-    dA  = G^T @ drop(x),  dB = dY^T @ t,  db = sum_m dY      (lora.py's grad_w kernel; a sum)
+    dA  = G^T @ drop(x),  db = sum_m dY                    (lora.py's grad_w kernel; a torch sum)
 
 Dtypes: the base product runs in x's dtype (x, W and b share it, as nn.Linear requires), the
 adapter product in the adapter dtype (t, B, G, A; fp32 adapters on a 16-bit model use TF32),
@@ -22,6 +22,12 @@ Blocked algorithm:
         for K blocks: acc += x_tile @ W_tile^T            base GEMM, tensor cores
         for R blocks: acc += t_tile @ B_tile^T            the adapter, R/K of the work
         acc += b; store y once
+    dY pass, program (rank tile, N block of 256, split of M); the B tile stays in registers:
+        for M blocks of the split: load dY tile once
+            G partial[N block] = s' * dY_tile @ B_tile          (stored, fp32)
+            dB_acc += t_tile^T @ dY_tile                        (registers)
+        store dB partial[split] = dB_acc
+        then torch sums the G partials over N blocks and the dB partials over splits
     dX, program (M block, K block):
         acc = 0
         for N blocks: acc += dY_tile @ W_tile              base dX GEMM
@@ -36,15 +42,19 @@ Memory saved for backward: x (the caller's tensor), t [M, R] in the adapter dtyp
 references to W and the adapter weights. No mask, no y, no [M, K] or [M, N] copy.
 
 Traffic against the base GEMMs alone: forward adds the shrink (one read of x) and t/B reads
-inside the GEMM; y is written once and never re-read. Backward adds G (one read of dY), dB (one
-read of dY), dA (one read of x); dX is written once, with no dX_base + dX_lora pass.
-Launches: forward 2; backward 4 (dB, G, dA, dX) plus the partial sums/casts of lora.py's dA/dB
-and, with a trainable bias, its sum over tokens (and cast).
+inside the GEMM; y is written once and never re-read. Backward adds one read of dY (G and dB
+together, plus fp32 partials: [N/256, M, R] for G and [splits, N, R] for dB, ~264 programs) and
+one read of x (dA); dX is written once, with no dX_base + dX_lora pass.
+Launches: forward 2; backward 3 kernels (dY pass, dA, dX) plus torch's sums of the G/dB/dA
+partials and casts to a 16-bit adapter dtype, and, with a trainable bias, its sum over tokens
+(and cast). Without adapter gradients (or without x/A gradients) lora.py's separate G / dB
+kernels run instead.
 
 Modelled (peftfast.tools.costmodel, counted traffic; T=8192, d_in=d_out=4096, r=16, bf16 model,
 fp32 adapters, H100) as a ratio to the base GEMM alone: forward 1.070 (1.078 with 3 us per
-launch), backward 1.211 (1.252). The forward's only extra pass is the shrink's read of x; the
-backward's are the reads of dY by G and by dB and of x by dA (each ~6.5% of the dX GEMM).
+launch), backward 1.165 (1.207); RTX 4090: 1.045 / 1.104. The forward's only extra pass is the
+shrink's read of x; the backward's are the dY pass and dA's read of x (each ~6.5% of the dX GEMM
+on an H100) and the partial sums (~1.3%).
 
 Dot precision: 16-bit operands use the tensor cores natively; an fp32 model's base product uses
 3xTF32 (~fp32, like torch's default fp32 matmul); the adapter product follows lora.py (TF32 for
@@ -234,7 +244,7 @@ def _lora_fused_dy_kernel(
         mask_m = offs_m < m_hi
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(b_ptr.dtype.element_ty)
-        g = tl.dot(dy, b, input_precision=DOT_PRECISION)
+        g = tl.dot(dy, b, input_precision=DOT_PRECISION) * scale[None, :]
         tl.store(gp_ptr + pid_n * stride_gps + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr,
                  g, mask=mask_m[:, None] & mask_r[None, :])
         t_tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + offs_m[None, :] * stride_tm,
@@ -263,9 +273,23 @@ _CONFIGS = {
 }
 
 
-# dY pass (G and dB): wide N blocks halve the G partials; rank tiles of 16 or 32
+# dY pass (G and dB): wide N blocks halve the G partials; rank tiles of 16 or 32 (always 32 for
+# fp32 adapters: ptxas caps the 16-rank TF32 variant at 128 registers on sm_86/89 and spills)
 _DY_BLOCK_R = (16, 32)
-_DY_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2}
+
+
+def _dy_block_rs(ad: torch.dtype) -> tuple[int, ...]:
+    return _DY_BLOCK_R[1:] if ad == torch.float32 else _DY_BLOCK_R
+# (adapter dtype is fp32, activations are fp32) -> meta-parameters
+_DY_CONFIGS = {
+    (False, False): {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
+    (True, False): {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8, "num_stages": 1},
+    (True, True): {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1},
+}
+
+
+def _dy_config(act: torch.dtype, ad: torch.dtype) -> dict:
+    return dict(_DY_CONFIGS[ad == torch.float32, act == ad == torch.float32])
 _DY_TARGET_PROGRAMS = 264  # ~2 programs per SM of a 132-SM GPU: few splits, small dB partials
 
 
@@ -314,9 +338,9 @@ def _launch_grad_x(dy2, weight, g, a, plan, seed) -> torch.Tensor:
     return dx
 
 
-def _dy_splits(m: int, n: int, n_tiles: int) -> tuple[int, int]:
+def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
     """(splits of M, rows per split) for the dY pass."""
-    block_m, block_n = _DY_CONFIG["BLOCK_M"], _DY_CONFIG["BLOCK_N"]
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     splits = max(1, min(triton.cdiv(_DY_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(m, block_m)))
     rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     return triton.cdiv(m, rows), rows
@@ -326,17 +350,18 @@ def _launch_dy_pass(dy2, t, b, plan):
     """(G = s' * dy2 @ b in b's dtype [M, R], dB = dy2^T @ t in fp32 [N, R]) from one read of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
-    block_r = _DY_BLOCK_R[0] if R <= _DY_BLOCK_R[0] else _DY_BLOCK_R[-1]
+    block_r = next((br for br in _dy_block_rs(b.dtype) if br >= R), _DY_BLOCK_R[-1])
     tiles = L._tiles(plan, False, block_r, dy2.device)
-    splits, rows = _dy_splits(M, N, tiles.shape[0])
-    n_blocks = triton.cdiv(N, _DY_CONFIG["BLOCK_N"])
+    cfg = _dy_config(dy2.dtype, b.dtype)
+    splits, rows = _dy_splits(M, N, tiles.shape[0], cfg)
+    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     gp = torch.empty(n_blocks, M, R, dtype=torch.float32, device=dy2.device)
     dbp = torch.empty(splits, N, R, dtype=torch.float32, device=dy2.device)
     _lora_fused_dy_kernel[(tiles.shape[0], n_blocks, splits)](
         dy2, t, b, gp, dbp, tiles, L._rank_scale(plan, dy2.device), M, N, rows,
         dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1),
         gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1), dbp.stride(2),
-        DOT_PRECISION=L._dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **_DY_CONFIG)
+        DOT_PRECISION=L._dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
     g = gp[0] if n_blocks == 1 else gp.sum(0)
     return (g if g.dtype == b.dtype else g.to(b.dtype)), (dbp[0] if splits == 1 else dbp.sum(0))
 
@@ -556,6 +581,19 @@ def aot_specs() -> list[AotSpec]:
          ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
     )
     specs = []
+    for act, ad in L._DTYPE_PAIRS:  # the dY pass: G and dB partials
+        xa, wa = L._TY[act], L._TY[ad]
+        for block_r in _dy_block_rs(ad):
+            cfg = _dy_config(act, ad)
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            consts = dict(DOT_PRECISION=L._dot_precision(act, ad), BLOCK_R=block_r, **cfg,
+                          **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
+            types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "gp_ptr": "*fp32", "dbp_ptr": "*fp32",
+                     "tiles_ptr": "*i64", "scale_ptr": "*fp32"}
+            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in _lora_fused_dy_kernel.arg_names}
+            name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
+                    f"BLOCK_N={cfg['BLOCK_N']},warps={warps}]")
+            specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
     for act, ad in L._DTYPE_PAIRS:
         xa, wa = L._TY[act], L._TY[ad]
         for kname, fn, ptrs, unit, flag in kernels:

@@ -60,9 +60,6 @@ def with_triton_and(families, values, triton_values, marks=None) -> list:
 BACKEND_CASES = with_triton(PARITY_FAMILIES)
 
 
-
-
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -79,10 +76,12 @@ def backend(request, monkeypatch):
         return
     request.getfixturevalue("triton_backend")
     import peftfast.kernels.lora as lora_op
+    import peftfast.kernels.lora_fused as fused_op
 
     choices = []
-    real = lora_op.use_triton
-    monkeypatch.setattr(lora_op, "use_triton", lambda *t: choices.append(real(*t)) or choices[-1])
+    for module in (lora_op, fused_op):  # the fused base+LoRA op serves plain nn.Linear bases
+        real = module.use_triton
+        monkeypatch.setattr(module, "use_triton", lambda *t, real=real: choices.append(real(*t)) or choices[-1])
     yield name
     assert choices and all(choices), "PEFTFAST_BACKEND=triton but the LoRA op did not run its Triton kernels"
 

@@ -216,6 +216,7 @@ def _calibration_child() -> None:
     for name, fn in (("eager PEFT path", cm.calibrate_eager),
                      ("peftfast lora_linear",
                       lambda: cm.calibrate_peftfast() + cm.calibrate_peftfast(t=200, ad=torch.float16)),
+                     ("peftfast lora_linear_fused", cm.calibrate_peftfast_fused),
                      ("4-bit GEMM", _counted_4bit_checks), ("IA3", _counted_ia3_checks)):
         try:
             results += [dict(vars(c), ok=c.ok) for c in fn()]
@@ -293,7 +294,9 @@ def modelled_rows() -> list[dict]:
                   ("PEFT, fp32 adapters (autocast), no dropout", "peft", F32, 0.0),
                   ("peftfast, fp32 adapters, dropout 0.1", "peftfast", F32, 0.1),
                   ("peftfast, fp32 adapters, no dropout", "peftfast", F32, 0.0),
-                  ("peftfast, bf16 adapters, dropout 0.1", "peftfast", ACT, 0.1))
+                  ("peftfast, bf16 adapters, dropout 0.1", "peftfast", ACT, 0.1),
+                  ("peftfast, LoRA fused into the nn.Linear GEMM, fp32 adapters, dropout 0.1", "peftfast-fused", F32, 0.1),
+                  ("peftfast, LoRA fused into the nn.Linear GEMM, bf16 adapters, dropout 0.1", "peftfast-fused", ACT, 0.1))
     qlora_paths = (("peftfast: fused 4-bit GEMM + lora_linear, dropout 0.1", "peftfast", 0.1),
                    ("peftfast: fused 4-bit GEMM + lora_linear, no dropout", "peftfast", 0.0),
                    ("PEFT+bnb: dequantize + GEMM, fp32 adapters, dropout 0.1", "peft", 0.1),

@@ -289,20 +289,55 @@ def peftfast_fused_forward(t: int, d_in: int, d_out: int, ranks: list[int], act:
     return [shrink, gemm]
 
 
-def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
-                            splits_db: int = 1, splits_da: int = 1, bias: bool = False) -> list[Kernel]:
-    """``lora_linear_fused`` backward, as built: dB, G and dA exactly as ``peftfast_lora_backward``
-    (lora.py's kernels, with their partial sums and casts), then ONE dX kernel that reads dY, W,
-    G and A and writes dX once (dX = dY @ W + mask * (G @ A): no separate dX_lora, no autograd
-    add). The base dX GEMM is included. A bias adds torch's sum over tokens of dY (fp32) and,
-    for 16-bit activations, its cast."""
+def fused_dy_splits(t: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype) -> tuple[int, int]:
+    """(N blocks, splits of T) of kernels/lora_fused.py's dY pass, mirroring its launcher: rank
+    tiles of 16 (R <= 16, 16-bit adapters) or 32; N blocks of 256 and row blocks of 32 (fp32
+    model: 128 and 16); ~264 programs."""
     big_r = sum(ranks)
-    ks = peftfast_lora_backward(t, d_in, d_out, ranks, act, ad, splits_db=splits_db, splits_da=splits_da)[:-1]
+    f32 = torch.float32
+    tiles = _cdiv(big_r, 16 if big_r <= 16 and ad != f32 else 32)
+    block_n, block_m = (128, 16) if act == ad == f32 else (256, 32)
+    n_blocks = _cdiv(d_out, block_n)
+    splits = max(1, min(_cdiv(264, tiles * n_blocks), _cdiv(t, block_m)))
+    rows = _cdiv(_cdiv(t, splits), block_m) * block_m
+    return n_blocks, _cdiv(t, rows)
+
+
+def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+                            splits_da: int = 1, bias: bool = False) -> list[Kernel]:
+    """``lora_linear_fused`` backward, as built (adapters trainable, x needs a gradient):
+
+    dY pass: ONE kernel reads dY once (plus t, B and the per-rank scale) for both reductions,
+    G = s' dY @ B and dB = dY^T @ t, writing fp32 partials: G per block of 256 columns of dY
+    ([n_blocks, T, R]) and dB per split of T ([splits, N, R]); torch sums each (when there is
+    more than one slice) and casts to the adapter dtype (when it is not fp32).
+    dA: lora.py's kernel (reads G and X, mask regenerated; partial sums and cast as
+    ``peftfast_lora_backward``).
+    dX: ONE kernel reads dY, W, G and A and writes dX once (dX = dY @ W + mask * (G @ A): no
+    separate dX_lora, no autograd add). The base dX GEMM is included.
+    A trainable bias adds torch's sum over tokens of dY (fp32) and, for 16-bit activations, its cast.
+    """
+    big_r = sum(ranks)
+    f32 = torch.float32
+    n_blocks, splits_db = fused_dy_splits(t, d_out, ranks, act, ad)
+    tr, nr = t * big_r, d_out * big_r
+    ks = [Kernel("peftfast bwd: dY pass (G and dB partials)",
+                 t * d_out * _b(act) + tr * _b(ad) + nr * _b(ad) + big_r * 4,
+                 n_blocks * tr * 4 + splits_db * nr * 4, 4 * t * d_out * big_r, True)]
+    if n_blocks > 1:
+        ks.append(elementwise("torch: sum G partials", [(n_blocks * tr, f32)], [(tr, f32)]))
+    if ad != f32:
+        ks.append(elementwise("torch: G.to(adapter dtype)", [(tr, f32)], [(tr, ad)]))
+    if splits_db > 1:
+        ks.append(elementwise("torch: sum dB partials", [(splits_db * nr, f32)], [(nr, f32)]))
+    if ad != f32:
+        ks.append(elementwise("torch: dB.to(adapter dtype)", [(nr, f32)], [(nr, ad)]))
+    unfused = peftfast_lora_backward(t, d_in, d_out, ranks, act, ad, splits_da=splits_da)
+    ks += [k for k in unfused if "dA" in k.name]
     ks.append(Kernel("peftfast bwd: dX = dY @ W + mask * (G @ A)",
-                     t * d_out * _b(act) + d_out * d_in * _b(act) + t * big_r * _b(ad) + big_r * d_in * _b(ad),
+                     t * d_out * _b(act) + d_out * d_in * _b(act) + tr * _b(ad) + big_r * d_in * _b(ad),
                      t * d_in * _b(act), 2 * t * d_out * d_in + 2 * t * d_in * big_r, act in LOW_PRECISION))
     if bias:
-        f32 = torch.float32
         ks.append(elementwise("torch: dbias = sum_T dY", [(t * d_out, act)], [(d_out, f32)]))
         if act != f32:
             ks.append(elementwise("torch: dbias.to(act)", [(d_out, f32)], [(d_out, act)]))
@@ -311,9 +346,9 @@ def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act
 
 def peftfast_fused_base(t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype,
                         backward: bool) -> list[Kernel]:
-    """Idealised layout (not built): the adapter rides in the base GEMMs' epilogues AND one
-    kernel reads dY once for both G and dB (``peftfast_fused_forward/backward`` are what
-    kernels/lora_fused.py actually does: G and dB there are two kernels, each reading dY).
+    """Idealised layout (not built): ``peftfast_fused_forward/backward`` (what
+    kernels/lora_fused.py does) without their fp32 partial sums: the dY pass writes G and dB
+    directly and dA writes its result once.
 
     Forward: the shrink kernel (as ``peftfast_lora_forward``), then the base GEMM adds t @ B^T
     before its store (reads t and B, no extra pass over Y). Backward: one kernel reads dY once
@@ -466,9 +501,8 @@ def _peftfast_backward(t, d_in, d_out, r, act, ad, dropout: bool) -> list[Kernel
 
 
 def _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout: bool, bias: bool = False) -> list[Kernel]:
-    s_b = lora_grad_splits(t, d_out, [r], ad, by_adapter=False)
     s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout)
-    return peftfast_fused_backward(t, d_in, d_out, [r], act, ad, splits_db=s_b, splits_da=s_a, bias=bias)
+    return peftfast_fused_backward(t, d_in, d_out, [r], act, ad, splits_da=s_a, bias=bias)
 
 
 def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
@@ -708,7 +742,7 @@ def _lora_rows(t, d_in, d_out, r, act):
         ("peftfast lora_linear, no dropout", *pair("peftfast", f32, 0.0)),
         ("peftfast (fused base), dropout 0.1", *pair("peftfast-fused", f32, 0.1)),
         ("peftfast (fused base), no dropout", *pair("peftfast-fused", f32, 0.0)),
-        ("what-if: + one kernel reading dY for G and dB", *pair("peftfast-fused-base", f32, 0.1)),
+        ("what-if: fused base without partial sums", *pair("peftfast-fused-base", f32, 0.1)),
     ]
 
 

@@ -204,24 +204,30 @@ def test_peftfast_fused_kernels_match_the_model(t, ad, p, bias):
 
 def test_fused_model_by_hand():
     """The fused path replaces the base GEMMs: forward = shrink + one GEMM whose only extra
-    traffic is t and B; backward = lora.py's dB/G/dA + one dX GEMM (no dX_lora, no add)."""
+    traffic is t and B; backward = one dY pass (G and dB partials, summed and cast by torch),
+    lora.py's dA, one dX GEMM (no dX_lora, no add)."""
     bf16, f32 = torch.bfloat16, torch.float32
-    t, k, n, r = 64, 96, 80, 5
+    t, k, n, r = 64, 96, 600, 5
     fwd = cm.peftfast_fused_forward(t, k, n, [r], bf16, f32)
     base = cm.base_linear_forward(t, k, n, bf16)[0]
     assert len(fwd) == 2 and fwd[0] == cm.peftfast_lora_forward(t, k, n, [r], bf16, f32)[0]
     assert fwd[1].bytes_read == base.bytes_read + t * r * 4 + n * r * 4
     assert fwd[1].bytes_written == base.bytes_written and fwd[1].flops == base.flops + 2 * t * n * r
-    bwd = cm.peftfast_fused_backward(t, k, n, [r], bf16, f32)
-    unfused = cm.peftfast_lora_backward(t, k, n, [r], bf16, f32)
+    assert cm.fused_dy_splits(t, n, [r], bf16, bf16) == (3, 2)  # 3 blocks of 256 columns; 2 splits of 32 rows
+    assert cm.fused_dy_splits(t, n, [r], f32, f32) == (5, 4)  # fp32 model: 5 blocks of 128, 4 splits of 16 rows
+    bwd = cm.peftfast_fused_backward(t, k, n, [r], bf16, bf16)
+    dy_pass = bwd[0]
+    assert dy_pass.bytes_read == t * n * 2 + t * r * 2 + n * r * 2 + r * 4
+    assert dy_pass.bytes_written == 3 * t * r * 4 + 2 * n * r * 4
+    assert [x.name for x in bwd[1:5]] == ["torch: sum G partials", "torch: G.to(adapter dtype)",
+                                          "torch: sum dB partials", "torch: dB.to(adapter dtype)"]
     dx_base = cm.base_linear_backward(t, k, n, bf16)[0]
-    assert bwd[:-1] == unfused[:-1]
+    unfused = cm.peftfast_lora_backward(t, k, n, [r], bf16, bf16)
     assert bwd[-1].bytes == dx_base.bytes + unfused[-1].bytes_read and bwd[-1].bytes_written == t * k * 2
     with_bias = cm.peftfast_fused_backward(t, k, n, [r], bf16, f32, bias=True)
-    assert [x.name for x in with_bias[len(bwd):]] == ["torch: dbias = sum_T dY", "torch: dbias.to(act)"]
+    assert [x.name for x in with_bias[-2:]] == ["torch: dbias = sum_T dY", "torch: dbias.to(act)"]
     assert cm.lora_layer("peftfast-fused", True, t, k, n, r, bf16, f32, 0.1) == \
-        cm.peftfast_fused_backward(t, k, n, [r], bf16, f32, cm.lora_grad_splits(t, n, [r], f32, False),
-                                   cm.lora_grad_splits(t, k, [r], f32, True))
+        cm.peftfast_fused_backward(t, k, n, [r], bf16, f32, cm.lora_grad_splits(t, k, [r], f32, True))
 
 
 def test_fused_rows_in_the_report():

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.backend import use_triton
 from ...kernels.lora import lora_linear
+from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
 from ..tuners_utils import BaseTunerLayer, _conv1d_class, per_sample_adapter_names
 
@@ -203,8 +205,31 @@ class Linear(nn.Module, LoraLayer):
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         names = [] if self.merged else self._active_lora()
+        if names and not args and not kwargs and self._fuses_with_base(x):
+            return self._fused_forward(x, names)
         result = self._base_forward(x, *args, **kwargs)
         return self._lora(x, result, names) if names else result
+
+    def _fuses_with_base(self, x: torch.Tensor) -> bool:
+        """On the Triton backend a plain, frozen, hook-free nn.Linear base is computed by the same GEMM that adds
+        the adapters (one store of y, one dX kernel); anything else keeps the base module's own forward."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.weight.requires_grad or base._forward_hooks \
+                or base._forward_pre_hooks or nn.modules.module._global_forward_hooks \
+                or nn.modules.module._global_forward_pre_hooks:
+            return False
+        return use_triton(x, base.weight)
+
+    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        base = self.base_layer
+        return lora_linear_fused(
+            x, base.weight, base.bias,
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [float(self.scaling[n]) for n in names],
+            [_dropout_p(self.lora_dropout[n]) for n in names],
+            self.training,
+        )
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
         """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's ``adapter_names``."""
