@@ -197,6 +197,41 @@ def _lora_grad_w_kernel(
     tl.store(out_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
+                        stride_gm, stride_gr, stride_ar, stride_ak,
+                        HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += (G @ A) for the rows offs_m and input features offs_k, with each adapter's dropout mask applied
+    to its own rank segment (regenerated from the seed: the forward's mask). Shared by the dX kernels."""
+    if HAS_DROPOUT:
+        # masks differ per adapter: one partial product per adapter, masked once
+        for i in range(n_adapters):
+            r_start = tl.load(adapters_ptr + i * 4)
+            r_end = tl.load(adapters_ptr + i * 4 + 1)
+            part = tl.zeros_like(acc)
+            for r0 in range(r_start, r_end, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                mask_r = offs_r < r_end
+                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+                part = tl.dot(g, a, part, input_precision=PRECISION)
+            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
+            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
+            acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(g, a, acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_x_kernel(
     g_ptr,  # [M, R] G = (dY @ B) * s', compute dtype
@@ -216,32 +251,8 @@ def _lora_grad_x_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    if HAS_DROPOUT:
-        # masks differ per adapter: one partial product per adapter, masked once
-        for i in range(n_adapters):
-            r_start = tl.load(adapters_ptr + i * 4)
-            r_end = tl.load(adapters_ptr + i * 4 + 1)
-            part = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for r0 in range(r_start, r_end, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < r_end
-                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-                part = tl.dot(g, a, part, input_precision=DOT_PRECISION)
-            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
-            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
-            acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
-    else:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(g, a, acc, input_precision=DOT_PRECISION)
+    acc = _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
+                              stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, DOT_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 

@@ -177,32 +177,8 @@ def _lora_fused_grad_x_kernel(
         acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
         dy_ptrs += BLOCK_N * stride_dyn
         w_ptrs += BLOCK_N * stride_wn
-    if HAS_DROPOUT:
-        # masks differ per adapter: one partial product per adapter, masked once
-        for i in range(n_adapters):
-            r_start = tl.load(adapters_ptr + i * 4)
-            r_end = tl.load(adapters_ptr + i * 4 + 1)
-            part = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-            for r0 in range(r_start, r_end, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < r_end
-                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-                part = tl.dot(g, a, part, input_precision=LORA_PRECISION)
-            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
-            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
-            acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
-    else:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(g, a, acc, input_precision=LORA_PRECISION)
+    acc = L._accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
+                              stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
 
