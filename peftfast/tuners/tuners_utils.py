@@ -626,10 +626,3 @@ class BaseTuner(nn.Module):
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         yield
-
-
-def onload_layer(layer: nn.Module):  # kept for import compatibility with code written against PEFT
-    @contextmanager
-    def _noop():
-        yield
-    return _noop()

@@ -385,10 +385,6 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     return IncompatibleKeys(missing_keys=[mapping[m] for m in missing], unexpected_keys=[])
 
 
-def modules_to_save_wrappers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
-
-
 def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
     """Read adapter_model.safetensors (preferred) or adapter_model.bin from a folder or the Hub.
 
