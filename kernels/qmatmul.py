@@ -42,6 +42,11 @@ Tile configs are in CONFIGS / resolve_config (fp32 and the general layout use sh
 reduction steps); every variant compiles without register spills for sm_80/86/89/90.
 Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
 
+LoRA in the same kernel (HAS_LORA, used by ``lora_fused.qlora_linear_fused``): after the packed
+K-loop the forward adds a short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T,
+[M, RL]); the dX direction adds lora.py's masked sum_i m_i * (G_i @ A_i) (G = s' dY B). With a
+split reduction only split 0 adds the term. Extra traffic: t and B (or G and A), RL/K of the work.
+
 fp32 activations use ``input_precision="tf32x3"`` (fp32-accurate, on tensor cores); fp16/bf16
 use the native MMA. The PyTorch path (CPU) dequantises (bitsandbytes' native kernel when it
 applies, see quant.dequantize_4bit_native), multiplies and frees the weight, and recomputes it
@@ -59,6 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import lora as L
 from .aot import AotSpec
 from .backend import use_triton
 from .quant import (
@@ -118,7 +124,7 @@ def _tile_ids(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.co
     return pid_m.to(tl.int64), pid_c.to(tl.int64)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lora_seed"])
 def _matmul_4bit_kernel(
     a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
     out_ptr,  # [M, C] result, or fp32 [SPLIT, M, C] partial sums
@@ -145,6 +151,18 @@ def _matmul_4bit_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    lora_a_ptr,  # [M, RL] t = s' drop(x) A^T (forward) or G = s' dY B (dX), adapter dtype (HAS_LORA)
+    lora_w_ptr,  # [N, RL] stacked B (forward) or [RL, K] stacked A (dX), adapter dtype (HAS_LORA)
+    lora_adapters_ptr,  # [n_adapters, 4] int64 rank start, end, stream, keep threshold (dX with dropout)
+    lora_seed,  # 64-bit dropout seed (dX with dropout)
+    lora_n_adapters,  # number of adapters
+    RL,  # total adapter rank
+    stride_lam, stride_lar,  # strides of lora_a (row, rank)
+    stride_lw0, stride_lw1,  # strides of lora_w (dim 0, dim 1)
+    HAS_LORA: tl.constexpr,  # add the adapter term (split 0 only when the reduction is split)
+    LORA_DROPOUT: tl.constexpr,  # dX: mask each adapter's G_i @ A_i with its dropout mask
+    LORA_PRECISION: tl.constexpr,  # dot precision of the adapter product
+    BLOCK_LR: tl.constexpr,  # the adapter loop's rank step
 ):
     pid_m, pid_c = _tile_ids(M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -193,6 +211,25 @@ def _matmul_4bit_kernel(
             w = _dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
                               nested_code_ptr, offset, log2_bs, log2_nbs, NESTED)
         acc = _dot(a, _as_operand(w, a, w_round), acc)
+    if HAS_LORA:
+        # the adapter: a short second reduction over the ranks into the same accumulator (split 0 only)
+        mask_m = offs_m < M
+        mask_c = offs_c < C
+        rl = tl.where(pid_s == 0, RL, 0)
+        if TRANSPOSE_W:  # acc += t @ B^T
+            offs_lr = tl.arange(0, BLOCK_LR)
+            for l0 in range(0, rl, BLOCK_LR):
+                mask_lr = offs_lr + l0 < RL
+                t = tl.load(lora_a_ptr + offs_m[:, None] * stride_lam + (l0 + offs_lr)[None, :] * stride_lar,
+                            mask=mask_m[:, None] & mask_lr[None, :], other=0.0)
+                b = tl.load(lora_w_ptr + offs_c[None, :] * stride_lw0 + (l0 + offs_lr)[:, None] * stride_lw1,
+                            mask=mask_lr[:, None] & mask_c[None, :], other=0.0)  # B^T tile [BLR, BC]
+                acc = tl.dot(t.to(lora_w_ptr.dtype.element_ty), b, acc, input_precision=LORA_PRECISION)
+        else:  # acc += sum_i mask_i * (G_i @ A_i)
+            n_ad = tl.where(pid_s == 0, lora_n_adapters, 0)
+            acc = L._accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
+                                        offs_m, offs_c, mask_m, mask_c, stride_lam, stride_lar, stride_lw0,
+                                        stride_lw1, LORA_DROPOUT, BLOCK_LR, LORA_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
@@ -376,10 +413,29 @@ def aligned_4bit(k: int, blocksize: int, cfg: Config, transpose: bool) -> bool:
     return k % blocksize == 0 and blocksize >= (cfg.block_r if transpose else cfg.block_c)
 
 
-def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None, split=None, aligned=None):
+_LORA_BLOCK_R = 16  # the adapter loop's rank step
+
+
+def _lora_args(lora, dummy: torch.Tensor) -> dict:
+    """Kernel arguments for the adapter term: lora = (t or G [M, RL], B [N, RL] or A [RL, K],
+    adapter table [n, 4] int64, seed, dropout, dot precision), or None for none."""
+    if lora is None:
+        return dict(lora_a_ptr=dummy, lora_w_ptr=dummy, lora_adapters_ptr=dummy, lora_seed=0, lora_n_adapters=0,
+                    RL=0, stride_lam=0, stride_lar=0, stride_lw0=0, stride_lw1=0, HAS_LORA=False,
+                    LORA_DROPOUT=False, LORA_PRECISION="ieee", BLOCK_LR=_LORA_BLOCK_R)
+    la, lw, table, seed, dropout, precision = lora
+    return dict(lora_a_ptr=la, lora_w_ptr=lw, lora_adapters_ptr=table, lora_seed=seed,
+                lora_n_adapters=table.shape[0], RL=la.shape[1], stride_lam=la.stride(0), stride_lar=la.stride(1),
+                stride_lw0=lw.stride(0), stride_lw1=lw.stride(1), HAS_LORA=True, LORA_DROPOUT=bool(dropout),
+                LORA_PRECISION=precision, BLOCK_LR=_LORA_BLOCK_R)
+
+
+def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None, split=None, aligned=None,
+                       lora=None):
     """a [M, R] @ deq(W)^T (transpose, R = K) or a @ deq(W) (R = N); bias [C] or None.
 
     ``config`` (a CONFIGS name), ``split`` and ``aligned`` override the automatic choices.
+    ``lora`` (see _lora_args) adds t @ B^T (transpose) or sum_i mask_i * G_i @ A_i in the same kernel.
     """
     data, n, k = check_packed4bit(p)
     c, r = (n, k) if transpose else (k, n)
@@ -396,7 +452,7 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
                    nested_code.contiguous(), offset, k,
                    _log2(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
-    constexprs = dict(NESTED=p.nested, ALIGNED=aligned)
+    constexprs = dict(NESTED=p.nested, ALIGNED=aligned, **_lora_args(lora, data))
     return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
 
 
@@ -611,7 +667,18 @@ _COMMON_SIG = {
 }
 
 
-def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extra, general=False):
+def _lora_sig(ad: Optional[torch.dtype], a_dtype: torch.dtype, dropout: bool) -> tuple[dict, dict]:
+    """(signature, constexprs) of the 4-bit kernel's adapter arguments; ad None: HAS_LORA=False."""
+    w = _TL_NAMES[ad] if ad is not None else "fp32"
+    sig = {"lora_a_ptr": f"*{w}", "lora_w_ptr": f"*{w}", "lora_adapters_ptr": "*i64", "lora_seed": "i64",
+           "lora_n_adapters": "i32", "RL": "i32", "stride_lam": "i32", "stride_lar": "i32", "stride_lw0": "i32",
+           "stride_lw1": "i32"}
+    consts = dict(HAS_LORA=ad is not None, LORA_DROPOUT=dropout,
+                  LORA_PRECISION="ieee" if ad is None else L._dot_precision(a_dtype, ad), BLOCK_LR=_LORA_BLOCK_R)
+    return sig, consts
+
+
+def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extra, general=False, lora=None):
     cfg = resolve_config(config_name, transpose, a_dtype, general)
     a = _TL_NAMES[a_dtype]
     partial = config_name == "decode"
@@ -619,9 +686,16 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
                  **weight_sig, **_COMMON_SIG}
     constexprs = dict(TRANSPOSE_W=transpose, **extra, HAS_BIAS=transpose and not partial, BLOCK_M=cfg.block_m,
                       BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m)
+    tags = "".join(f",{k}={v}" for k, v in extra.items())
+    if kernel is _matmul_4bit_kernel:  # lora = (adapter dtype, dropout) or None
+        ad, dropout = lora if lora is not None else (None, False)
+        lsig, lconsts = _lora_sig(ad, a_dtype, dropout)
+        signature.update(lsig)
+        constexprs.update(lconsts)
+        if lora is not None:
+            tags += f",lora={_TL_NAMES[lora[0]]},dropout={int(lora[1])}"
     for key in constexprs:
         signature[key] = "constexpr"
-    tags = "".join(f",{k}={v}" for k, v in extra.items())
     return AotSpec(
         name=f"{name}[{a},{config_name},{'fwd' if transpose else 'dx'}{tags}]",
         fn=kernel, signature=signature, constexprs=constexprs, num_warps=cfg.num_warps,
@@ -646,6 +720,14 @@ def aot_specs() -> list[AotSpec]:
                     specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
                                               config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
                                               general=not aligned))
+                    if config_name == "decode" or nested:
+                        continue
+                    # the adapter term fused in (adapters in the activation dtype, or fp32 adapters)
+                    for ad in dict.fromkeys((a_dtype, torch.float32)):
+                        for dropout in ((False,) if transpose else (False, True)):
+                            specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
+                                                      config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
+                                                      general=not aligned, lora=(ad, dropout)))
             weight_sig = {"cb_ptr": "*i8", "stride_cbn": "i32", "stride_cbk": "i32", "scb_ptr": "*fp32",
                           "N": "i32"}
             specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,

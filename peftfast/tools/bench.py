@@ -217,6 +217,7 @@ def _calibration_child() -> None:
                      ("peftfast lora_linear",
                       lambda: cm.calibrate_peftfast() + cm.calibrate_peftfast(t=200, ad=torch.float16)),
                      ("peftfast lora_linear_fused", cm.calibrate_peftfast_fused),
+                     ("peftfast qlora_linear_fused", cm.calibrate_qlora_fused),
                      ("4-bit GEMM", _counted_4bit_checks), ("IA3", _counted_ia3_checks)):
         try:
             results += [dict(vars(c), ok=c.ok) for c in fn()]
@@ -299,6 +300,7 @@ def modelled_rows() -> list[dict]:
                   ("peftfast, LoRA fused into the nn.Linear GEMM, bf16 adapters, dropout 0.1", "peftfast-fused", ACT, 0.1))
     qlora_paths = (("peftfast: fused 4-bit GEMM + lora_linear, dropout 0.1", "peftfast", 0.1),
                    ("peftfast: fused 4-bit GEMM + lora_linear, no dropout", "peftfast", 0.0),
+                   ("peftfast: LoRA fused into the 4-bit GEMM, dropout 0.1", "peftfast-fused", 0.1),
                    ("PEFT+bnb: dequantize + GEMM, fp32 adapters, dropout 0.1", "peft", 0.1),
                    ("PEFT+bnb: dequantize + GEMM, fp32 adapters, no dropout", "peft", 0.0))
     rows = []
@@ -313,7 +315,7 @@ def modelled_rows() -> list[dict]:
         for label, impl, p in qlora_paths:
             ks = [cm.qlora_layer(impl, bwd, t, d, d, r, ACT, F32, p) for bwd in (False, True)]
             rows.append(_model_row(gpu, "qlora_nf4", label, *ks, base,
-                                   cm.QLORA_TARGETS if impl == "peftfast" else None))
+                                   cm.QLORA_TARGETS if impl.startswith("peftfast") else None))
         rows.append(_model_row(gpu, "ia3", "base GEMM alone", base[0], None, base, None))
         for ff in (True, False):
             kind = "feedforward (scale on x)" if ff else "attention (scale on y)"

@@ -505,11 +505,43 @@ def _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout: bool, bias: bo
     return peftfast_fused_backward(t, d_in, d_out, [r], act, ad, splits_da=s_a, bias=bias)
 
 
+def _packed_gemm(k: Kernel, name: str, d_in: int, d_out: int, act: torch.dtype, blocksize: int,
+                 nested: bool) -> Kernel:
+    """``k`` (a fused LoRA GEMM reading the dense [d_out, d_in] weight) reading the packed 4-bit weight instead."""
+    w = nf4_weight_bytes(d_out, d_in, blocksize, nested)
+    return Kernel(name, k.bytes_read - d_out * d_in * _b(act) + w, k.bytes_written, k.flops, True)
+
+
+def qlora_fused_forward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+                        bias: bool = False, blocksize: int = 64, nested: bool = False) -> list[Kernel]:
+    """``qlora_linear_fused`` (kernels/lora_fused.py) forward, as built: lora.py's shrink, then
+    qmatmul's 4-bit kernel with the adapter loop: reads X, the packed weight, t, B (and the bias)
+    and writes Y once (``peftfast_fused_forward`` with the packed instead of the dense weight)."""
+    ks = peftfast_fused_forward(t, d_in, d_out, ranks, act, ad, bias)
+    return ks[:-1] + [_packed_gemm(ks[-1], "peftfast: X @ deq(W)^T + t @ B^T (+ b), one store", d_in, d_out, act,
+                                   blocksize, nested)]
+
+
+def qlora_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
+                         splits_da: int = 1, bias: bool = False, blocksize: int = 64,
+                         nested: bool = False) -> list[Kernel]:
+    """``qlora_linear_fused`` backward, as built: ``peftfast_fused_backward`` (dY pass, dA) with
+    the dX kernel reading the packed weight: dX = dY @ deq(W) + mask * (G @ A), one store."""
+    ks = peftfast_fused_backward(t, d_in, d_out, ranks, act, ad, splits_da, bias)
+    return [_packed_gemm(k, "peftfast bwd: dX = dY @ deq(W) + mask * (G @ A)", d_in, d_out, act, blocksize, nested)
+            if k.name.startswith("peftfast bwd: dX") else k for k in ks]
+
+
 def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
                 ad: torch.dtype, dropout_p: float = 0.0, blocksize: int = 64, nested: bool = False) -> list[Kernel]:
     """A LoRA linear on an NF4 base. ``impl="peftfast"``: fused 4-bit GEMM + the lora_linear
-    kernels (+ autograd's dX add); ``"peft"``: bitsandbytes dequantise + GEMM, then PEFT's
-    adapter ops."""
+    kernels (+ autograd's dX add); ``"peftfast-fused"``: the adapter inside the 4-bit GEMMs
+    (``qlora_linear_fused``); ``"peft"``: bitsandbytes dequantise + GEMM, then PEFT's adapter ops."""
+    if impl == "peftfast-fused":
+        if not backward:
+            return qlora_fused_forward(t, d_in, d_out, [r], act, ad, blocksize=blocksize, nested=nested)
+        s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout_p > 0)
+        return qlora_fused_backward(t, d_in, d_out, [r], act, ad, splits_da=s_a, blocksize=blocksize, nested=nested)
     if impl == "peftfast":
         ks = [matmul_4bit_fused(t, d_in, d_out, act, backward, blocksize, nested)]
         if not backward:
@@ -519,7 +551,7 @@ def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int
         ks = dequant_4bit_then_matmul(t, d_in, d_out, act, backward, blocksize, nested)
         fn = peft_lora_backward if backward else peft_lora_forward
         return ks + fn(t, d_in, d_out, r, act, ad, dropout_p)
-    raise ValueError(f"impl={impl!r}; allowed: 'peftfast', 'peft'")
+    raise ValueError(f"impl={impl!r}; allowed: 'peftfast', 'peftfast-fused', 'peft'")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,6 +729,53 @@ def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: in
     ]
 
 
+def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
+                          ad: torch.dtype = torch.float32) -> list[Check]:
+    """Count ``qlora_linear_fused``'s Triton kernels under the interpreter (a random NF4-layout
+    weight, blocksize 64, fp32 scales; fp16 activations) and compare with
+    ``qlora_fused_forward`` / ``qlora_fused_backward``. Same requirements as
+    ``calibrate_peftfast_fused``."""
+    import os
+
+    from peftfast.kernels import lora_fused
+    from peftfast.kernels.backend import interpreting
+    from peftfast.kernels.quant import Packed4bit
+
+    if not interpreting():
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+    act = torch.float16
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (d_out * d_in // 2,), generator=gen, dtype=torch.uint8)
+    absmax = torch.rand(d_out * d_in // 64, generator=gen) + 0.5
+    code = torch.linspace(-1.0, 1.0, 16)
+    p = Packed4bit(data, absmax, code, 64, (d_out, d_in), act)
+    x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
+    bb = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    dy = torch.randn(t, d_out, generator=gen).to(act)
+    saved = os.environ.get("PEFTFAST_BACKEND")
+    os.environ["PEFTFAST_BACKEND"] = "triton"
+    try:
+        out = []
+        fwd = _count_device(lambda: out.append(
+            lora_fused.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True)))
+        bwd = _count_device(lambda: out[0].backward(dy))
+    finally:
+        if saved is None:
+            os.environ.pop("PEFTFAST_BACKEND")
+        else:
+            os.environ["PEFTFAST_BACKEND"] = saved
+    model_f = qlora_layer("peftfast-fused", False, t, d_in, d_out, r, act, ad, dropout_p)
+    model_b = qlora_layer("peftfast-fused", True, t, d_in, d_out, r, act, ad, dropout_p)
+    shape = f"(T={t}, {d_in}->{d_out}, r={r}, NF4 bs 64, adapters {str(ad)[6:]})"
+    return [
+        Check(f"peftfast qlora_linear_fused forward {shape}", fwd[0], path_bytes(model_f), fwd[1], len(model_f),
+              KERNEL_BYTES_TOLERANCE),
+        Check(f"peftfast qlora_linear_fused backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
+              KERNEL_BYTES_TOLERANCE),
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -822,6 +901,7 @@ def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16
         out.append(f"NF4 QLoRA linear (blocksize 64), {shape}; base = the bf16 GEMM alone")
         q_rows = [("bf16 base GEMM alone", *base)]
         for label, impl in (("peftfast: 4-bit GEMM + lora_linear, p=0.1", "peftfast"),
+                            ("peftfast: LoRA fused in the 4-bit GEMM, p=0.1", "peftfast-fused"),
                             ("PEFT+bnb: dequant+GEMM, fp32 adapters, p=0.1", "peft")):
             q_rows.append((label, qlora_layer(impl, False, t, d_in, d_out, r, act, f32, 0.1),
                            qlora_layer(impl, True, t, d_in, d_out, r, act, f32, 0.1)))
@@ -829,7 +909,8 @@ def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16
         d8 = dequant_int8_then_matmul(t, d_in, d_out, act), dequant_int8_then_matmul(t, d_in, d_out, act, True)
         q_rows += [("int8 base only: fused GEMM", *i8), ("int8 base only: dequant + GEMM", *d8)]
         out += _ratio_table(gpu, launch_overhead, q_rows)
-        out.append(_verdict(q_rows[1][0], q_rows[1][1], q_rows[1][2], base, QLORA_TARGETS, gpu, launch_overhead))
+        for row in q_rows[1:3]:
+            out.append(_verdict(row[0], row[1], row[2], base, QLORA_TARGETS, gpu, launch_overhead))
         dec = 16
         k4 = matmul_4bit_fused(dec, d_in, d_out, act)
         kb = base_linear_forward(dec, d_in, d_out, act)[0]

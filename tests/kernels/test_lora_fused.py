@@ -261,3 +261,78 @@ def test_one_gradient_at_a_time(backend, trainable):
         ulp = torch.finfo(got_i.dtype).eps * ref.abs().max().item()
         assert max_err(got_i, ref) <= K_TOL * max_err(plain, ref) + ulp, trainable
     assert all(t.grad is None for t in [xs, *As_, *Bs_] if not t.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# qlora_linear_fused: the adapter fused into the 4-bit GEMM. The reference is the same math on the
+# dequantised weight (cast to x's dtype, as matmul_4bit computes): float64 vs plain PyTorch.
+# ------------------------------------------------------------------------------------------------
+def make_qinputs(lead, d_in, d_out, ranks, xdt, wdt, bias=True, nested=True, seed=0):
+    BF = pytest.importorskip("bitsandbytes.functional")
+    from peftfast.kernels.quant import Packed4bit, dequantize_4bit_reference
+    g = torch.Generator().manual_seed(seed + 1)
+    w = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
+    with torch._dynamo.config.patch(disable=True):
+        packed, qs = BF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    extra = {}
+    if qs.nested:
+        extra = dict(nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
+                     nested_blocksize=qs.state2.blocksize, offset=qs.offset.item())
+    p = Packed4bit(packed, qs.absmax, qs.code, qs.blocksize, (d_out, d_in), qs.dtype, **extra)
+    x, _, b, As, Bs, scalings, dy = make_inputs(lead, d_in, d_out, ranks, xdt, wdt, bias=bias, seed=seed)
+    return p, (x, dequantize_4bit_reference(p).to(xdt), b, As, Bs, scalings, dy)
+
+
+def run_qop(p, inputs, ps, seed=1234, between=None):
+    x, _, bias, As, Bs, scalings, dy = inputs
+    xs, bs = leaves([x, bias])
+    As_, Bs_ = leaves(As), leaves(Bs)
+    torch.manual_seed(seed)
+    drawn = int(D.draw_seed())
+    torch.manual_seed(seed)
+    y = LF.qlora_linear_fused(xs, p, bs, As_, Bs_, scalings, ps, True)
+    if between is not None:
+        between()
+    y.backward(dy)
+    return y.detach(), [xs.grad] + ([] if bs is None else [bs.grad]) + [a.grad for a in As_] + [b.grad for b in Bs_], drawn
+
+
+QCASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias, nested)
+    ((37,), [7], (F32, F32), [0.1], True, True),
+    ((37,), [1, 7], (F16, F16), [0.2, 0.0], True, False),
+    ((37,), [1, 7], (F16, F32), [0.0, 0.0], False, True),
+    ((3, 5), [7], (F32, F32), [0.3], True, True),  # 15 tokens: the split-reduction decode path
+    ((5,), [1, 7], (F16, F16), [0.1, 0.2], False, False),
+]
+
+
+@pytest.mark.parametrize("lead,ranks,dtypes,ps,bias,nested", QCASES)
+def test_qlora_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps, bias, nested):
+    p, inputs = make_qinputs(lead, 192, 97, ranks, *dtypes, bias=bias, nested=nested)
+    y, grads, seed = run_qop(p, inputs, ps)
+    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
+        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+
+
+def test_qlora_backward_regenerates_the_forward_mask(backend):
+    p, inputs = make_qinputs((37,), 192, 97, [1, 7], F32, F32)
+    ps = [0.5, 0.25]
+    y, grads, seed = run_qop(p, inputs, ps, between=lambda: torch.rand(1000))
+    assert all(err <= allowed for _, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps))
+    wrong = errors(y, grads, inputs, masks_for(seed + 1, ps, inputs[0]), ps)
+    assert all(err > 10 * allowed for name, err, allowed in wrong if name in ("y", "dx", "dA0", "dA1"))
+
+
+def test_qlora_no_grad_and_no_adapters(backend):
+    from peftfast.kernels import qmatmul as Q
+    p, inputs = make_qinputs((21,), 128, 33, [3], F32, F32)
+    x, w, bias, As, Bs, scalings, _ = inputs
+    with torch.no_grad():
+        y = LF.qlora_linear_fused(x, p, bias, As, Bs, scalings, [0.5], training=False)
+    y64 = plain_math(*leaves([x, w, bias], torch.float64, False), leaves(As, torch.float64, False),
+                     leaves(Bs, torch.float64, False), scalings, [None], [0.5])
+    y_pt = plain_math(x, w, bias, As, Bs, scalings, [None], [0.5])
+    assert max_err(y, y64) <= K_TOL * max_err(y_pt, y64) + torch.finfo(F32).eps * y64.abs().max().item()
+    assert torch.equal(LF.qlora_linear_fused(x, p, bias, [], [], [], [], True), Q.matmul_4bit(x, p, bias))
+    with pytest.raises(ValueError, match="in_features"):
+        LF.qlora_linear_fused(x[:, :64], p, bias, As, Bs, scalings, [0.0], True)

@@ -39,11 +39,13 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
+from ...kernels.backend import use_triton
+from ...kernels.lora_fused import qlora_linear_fused
 from ...kernels.qmatmul import matmul_4bit, matmul_int8
 from ...kernels.quant import Packed4bit, dequantize_4bit, dequantize_int8
 from ...utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb
 from ..tuners_utils import BaseTunerLayer
-from .layer import Linear, _delta
+from .layer import Linear, _delta, _dropout_p
 from .model import LoraModel
 
 __all__ = ["Linear4bit", "Linear8bitLt", "QuantizedBase4bit", "QuantizedBase8bit", "dispatch_bnb",
@@ -98,6 +100,15 @@ class _QuantizedBase:
         raise NotImplementedError
 
 
+def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The 4-bit base's compute dtype for ``x``; bnb fixes it on the first call (fp32/bf16 inputs)."""
+    if not getattr(base, "compute_type_is_set", True):
+        if x.dtype in (torch.float32, torch.bfloat16):
+            base.compute_dtype = x.dtype
+        base.compute_type_is_set = True
+    return base.compute_dtype or x.dtype
+
+
 class QuantizedBase4bit(_QuantizedBase):
     quant_name = "4-bit"
 
@@ -114,11 +125,7 @@ class QuantizedBase4bit(_QuantizedBase):
         p = self.packed_weight()
         if args or kwargs or _runs_hooks(base):
             return _call_without_repack(base, x, *args, **kwargs)
-        if not getattr(base, "compute_type_is_set", True):  # bnb fixes its compute dtype on the first call so
-            if x.dtype in (torch.float32, torch.bfloat16):
-                base.compute_dtype = x.dtype
-            base.compute_type_is_set = True
-        compute = base.compute_dtype or x.dtype
+        compute = _compute_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(compute)
         # x: [..., in] -> [..., out]; W is dequantised straight into the compute dtype, as bnb's gemm does
         return matmul_4bit(x.to(compute), p._replace(dtype=compute), bias).to(x.dtype)
@@ -269,6 +276,26 @@ class _QuantLoraLinear(Linear):
 class Linear4bit(QuantizedBase4bit, _QuantLoraLinear):
     """LoRA on a bitsandbytes ``Linear4bit`` (NF4 or FP4, any blocksize, nested scales or not, any
     quant_storage)."""
+
+    def _fuses_with_base(self, x: torch.Tensor) -> bool:
+        """On the Triton backend a hook-free, frozen base whose compute dtype is x's dtype runs in the
+        same 4-bit GEMM that adds the adapters (one store of y, one dX kernel)."""
+        base = self.get_base_layer()
+        if _runs_hooks(base) or base.weight.requires_grad or not use_triton(x, base.weight):
+            return False
+        return _compute_dtype(base, x) == x.dtype
+
+    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        p = self.packed_weight()._replace(dtype=x.dtype)  # dequantised straight into the compute dtype
+        return qlora_linear_fused(
+            x, p, None if base.bias is None else base.bias.to(x.dtype),
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [float(self.scaling[n]) for n in names],
+            [_dropout_p(self.lora_dropout[n]) for n in names],
+            self.training,
+        )
 
 
 class Linear8bitLt(QuantizedBase8bit, _QuantLoraLinear):
