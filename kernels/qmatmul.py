@@ -441,6 +441,8 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     c, r = (n, k) if transpose else (k, n)
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
+    if lora is not None and not transpose and config == "large":
+        config = "medium"  # the masked G@A loop on top of the 128-row dX tile spills on sm_86/89
     can_align = aligned_4bit(k, p.blocksize, resolve_config(config, transpose, a.dtype), transpose)
     if aligned is None:
         aligned = can_align
@@ -720,8 +722,8 @@ def aot_specs() -> list[AotSpec]:
                     specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
                                               config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
                                               general=not aligned))
-                    if config_name == "decode" or nested:
-                        continue
+                    if config_name == "decode" or nested or (config_name == "large" and not transpose):
+                        continue  # adapter-carrying dX launches use the medium tile (see matmul_4bit_triton)
                     # the adapter term fused in (adapters in the activation dtype, or fp32 adapters)
                     for ad in dict.fromkeys((a_dtype, torch.float32)):
                         for dropout in ((False,) if transpose else (False, True)):
