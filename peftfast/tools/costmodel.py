@@ -637,6 +637,25 @@ def _count_device(fn) -> tuple[int, int, list[str]]:
             [x.name for x in launches])
 
 
+def _count_triton_forward_backward(forward, dy: torch.Tensor) -> tuple[tuple, tuple]:
+    """``_count_device`` of ``forward()`` and then of ``backward(dy)`` on its output, with the ops forced
+    onto their Triton kernels (PEFTFAST_BACKEND=triton) and the previous backend restored afterwards."""
+    import os
+
+    saved = os.environ.get("PEFTFAST_BACKEND")
+    os.environ["PEFTFAST_BACKEND"] = "triton"
+    try:
+        out = []
+        fwd = _count_device(lambda: out.append(forward()))
+        bwd = _count_device(lambda: out[0].backward(dy))
+    finally:
+        if saved is None:
+            os.environ.pop("PEFTFAST_BACKEND")
+        else:
+            os.environ["PEFTFAST_BACKEND"] = saved
+    return fwd, bwd
+
+
 def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
                        ad: torch.dtype = torch.float32) -> list[Check]:
     """Count ``lora_linear``'s Triton kernels under the interpreter (unique bytes per launch)
@@ -646,7 +665,6 @@ def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
     Needs ``TRITON_INTERPRET=1`` set before the kernels were imported (RuntimeError
     otherwise); raises ImportError when ``peftfast.kernels.lora`` does not exist.
     """
-    import os
 
     from peftfast.kernels import lora
     from peftfast.kernels.backend import interpreting
@@ -660,17 +678,8 @@ def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
     a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
     b = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
     dy = torch.randn(t, d_out, generator=gen).to(act)
-    saved = os.environ.get("PEFTFAST_BACKEND")
-    os.environ["PEFTFAST_BACKEND"] = "triton"
-    try:
-        out = []
-        fwd = _count_device(lambda: out.append(lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True)))
-        bwd = _count_device(lambda: out[0].backward(dy))
-    finally:
-        if saved is None:
-            os.environ.pop("PEFTFAST_BACKEND")
-        else:
-            os.environ["PEFTFAST_BACKEND"] = saved
+    fwd, bwd = _count_triton_forward_backward(
+        lambda: lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True), dy)
     model_f = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
     model_b = _peftfast_backward(t, d_in, d_out, r, act, ad, dropout_p > 0)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})"
@@ -691,7 +700,6 @@ def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: in
     Needs ``TRITON_INTERPRET=1`` set before the kernels were imported (RuntimeError
     otherwise); raises ImportError when ``peftfast.kernels.lora_fused`` does not exist.
     """
-    import os
 
     from peftfast.kernels import lora_fused
     from peftfast.kernels.backend import interpreting
@@ -706,18 +714,8 @@ def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: in
     a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
     bb = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
     dy = torch.randn(t, d_out, generator=gen).to(act)
-    saved = os.environ.get("PEFTFAST_BACKEND")
-    os.environ["PEFTFAST_BACKEND"] = "triton"
-    try:
-        out = []
-        fwd = _count_device(lambda: out.append(
-            lora_fused.lora_linear_fused(x, w, b, [a], [bb], [1.5], [dropout_p], True)))
-        bwd = _count_device(lambda: out[0].backward(dy))
-    finally:
-        if saved is None:
-            os.environ.pop("PEFTFAST_BACKEND")
-        else:
-            os.environ["PEFTFAST_BACKEND"] = saved
+    fwd, bwd = _count_triton_forward_backward(
+        lambda: lora_fused.lora_linear_fused(x, w, b, [a], [bb], [1.5], [dropout_p], True), dy)
     model_f = peftfast_fused_forward(t, d_in, d_out, [r], act, ad, bias)
     model_b = _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout_p > 0, bias)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]}{', bias' if bias else ''})"
@@ -735,7 +733,6 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     weight, blocksize 64, fp32 scales; fp16 activations) and compare with
     ``qlora_fused_forward`` / ``qlora_fused_backward``. Same requirements as
     ``calibrate_peftfast_fused``."""
-    import os
 
     from peftfast.kernels import lora_fused
     from peftfast.kernels.backend import interpreting
@@ -753,18 +750,8 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
     bb = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
     dy = torch.randn(t, d_out, generator=gen).to(act)
-    saved = os.environ.get("PEFTFAST_BACKEND")
-    os.environ["PEFTFAST_BACKEND"] = "triton"
-    try:
-        out = []
-        fwd = _count_device(lambda: out.append(
-            lora_fused.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True)))
-        bwd = _count_device(lambda: out[0].backward(dy))
-    finally:
-        if saved is None:
-            os.environ.pop("PEFTFAST_BACKEND")
-        else:
-            os.environ["PEFTFAST_BACKEND"] = saved
+    fwd, bwd = _count_triton_forward_backward(
+        lambda: lora_fused.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True), dy)
     model_f = qlora_layer("peftfast-fused", False, t, d_in, d_out, r, act, ad, dropout_p)
     model_b = qlora_layer("peftfast-fused", True, t, d_in, d_out, r, act, ad, dropout_p)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, NF4 bs 64, adapters {str(ad)[6:]})"
