@@ -232,6 +232,72 @@ def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, of
     return acc
 
 
+@triton.jit
+def _last_arrival(count_ptr, expected):
+    """True in exactly one of the ``expected`` programs that call this on one counter (from
+    ``_arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything the caller stored before the call is visible to that program (the barrier
+    orders the CTA's stores before the release; the acquire orders the winner's later loads).
+    Read what other programs stored with ``cache_modifier=".cg"`` (L1 is not coherent)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == expected - 1
+    tl.atomic_xchg(count_ptr, 0, mask=last)  # everyone has arrived: reset for the next launch
+    return last
+
+
+@triton.jit
+def _lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_adapters, R, seed,
+                      pid_m, num_m, M, offs_k, mask_k,
+                      stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
+                      stride_dar, stride_dak,
+                      HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """dA = G^T @ (m_i * x) for the input features offs_k, inside a dX kernel whose program owns
+    row block pid_m (of num_m, BLOCK_M rows). This block's share, G[rows]^T @ mask(x[rows, k]),
+    is stored as an fp32 partial dap[pid_m] (x read SUB_M rows at a time, to keep registers
+    free); the last row block to arrive at count_ptr sums the num_m partials in order
+    (deterministic) and stores dA [R, k] in da's dtype. Shared by the dense and the 4-bit fused
+    dX kernels: x is read here, by a compute-bound kernel, instead of by a separate memory-bound
+    dA pass."""
+    dap_ptr += pid_m * stride_dps
+    for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
+        if HAS_DROPOUT:
+            r_start = tl.load(adapters_ptr + i * 4)
+            r_end = tl.load(adapters_ptr + i * 4 + 1)
+            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
+            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
+        else:
+            r_start = 0
+            r_end = R
+        for r0 in range(r_start, r_end, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < r_end
+            part = tl.zeros((BLOCK_R, offs_k.shape[0]), dtype=tl.float32)
+            for h in tl.static_range(0, BLOCK_M, SUB_M):
+                offs_m = pid_m * BLOCK_M + h + tl.arange(0, SUB_M)
+                mask_m = offs_m < M
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(g_ptr.dtype.element_ty)
+                if HAS_DROPOUT:
+                    x = tl.where(keep_mask(key, offs_m, offs_k, thresh), x, 0.0)
+                g_t = tl.load(g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
+                              mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, SUB_M] = G^T
+                part = tl.dot(g_t, x, part, input_precision=PRECISION)
+            tl.store(dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk, part,
+                     mask=mask_r[:, None] & mask_k[None, :])
+    if _last_arrival(count_ptr, num_m):
+        dap_ptr -= pid_m * stride_dps
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask = (offs_r < R)[:, None] & mask_k[None, :]
+            ptrs = dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk
+            acc = tl.zeros((BLOCK_R, offs_k.shape[0]), dtype=tl.float32)
+            for _ in range(0, num_m):
+                acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                ptrs += stride_dps
+            tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
+                     acc.to(da_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_x_kernel(
     g_ptr,  # [M, R] G = (dY @ B) * s', compute dtype
@@ -423,6 +489,34 @@ def _launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: _Plan, seed: int, dr
         g.stride(0), g.stride(1), x2.stride(0), x2.stride(1), part.stride(0), stride_or, stride_on,
         HAS_DROPOUT=dropout, DOT_PRECISION=_dot_precision(x2.dtype, g.dtype), BLOCK_R=block_r, **cfg)
     return part[0] if splits == 1 else part.sum(0)
+
+
+_COUNTERS: dict = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 counters, all 0, for ``_last_arrival`` (at least n). One buffer per device and stream,
+    reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
+    arriver resets it), and launches on one stream run in order, so no memset per launch."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device, stream] = buf
+    return buf
+
+
+def _grad_a_operands(x2: torch.Tensor | None, a: torch.Tensor, num_m: int, block_k: int):
+    """(dA or None, pointers, strides) for ``_lora_grad_a_tile`` inside a dX kernel with row blocks
+    num_m and column blocks of block_k: x2, fp32 partials [num_m, R, K], dA [R, K] in A's dtype and
+    the arrival counters. Without x2 (no dA wanted) the pointers are placeholders."""
+    if x2 is None:
+        return None, (a, a, a, a), (0,) * 7
+    R, K = a.shape
+    dap = torch.empty(num_m, R, K, dtype=torch.float32, device=a.device)
+    da = torch.empty(R, K, dtype=a.dtype, device=a.device)
+    count = _arrival_counters(a.device, triton.cdiv(K, block_k))
+    return da, (x2, dap, da, count), (x2.stride(0), x2.stride(1), *dap.stride(), *da.stride())
 
 
 def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int,

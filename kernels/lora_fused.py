@@ -164,10 +164,14 @@ def _lora_fused_grad_x_kernel(
     dx_ptr,  # [M, K] output, activation dtype
     adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
     seed,  # 64-bit dropout seed
+    x_ptr,  # [M, K] layer input, activation dtype (HAS_DA)
+    dap_ptr,  # [cdiv(M, BLOCK_M), R, K] fp32 dA partials, one slice per row block (HAS_DA)
+    da_ptr,  # [R, K] stacked dA_i, adapter dtype (HAS_DA)
+    count_ptr,  # [cdiv(K, BLOCK_K)] int32 arrival counters: row blocks done per K block (HAS_DA)
     M, K, N, R, n_adapters,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
-    stride_dxm, stride_dxk,
-    HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    stride_dxm, stride_dxk, stride_xm, stride_xk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
+    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -191,6 +195,12 @@ def _lora_fused_grad_x_kernel(
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+    if HAS_DA:  # dA for these columns: x is read here instead of by a separate pass
+        L._lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr + pid_k, adapters_ptr, n_adapters, R, seed,
+                            pid_m, tl.cdiv(M, BLOCK_M), M, offs_k, mask_k,
+                            stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
+                            stride_dar, stride_dak, HAS_DROPOUT, BLOCK_M, min(BLOCK_M, 64), BLOCK_R,
+                            LORA_PRECISION)
 
 
 @triton.jit
@@ -198,21 +208,28 @@ def _lora_fused_dy_kernel(
     dy_ptr,  # [M, N] gradient of y, activation dtype
     t_ptr,  # [M, R] scaled shrink output saved by the forward, adapter dtype
     b_ptr,  # [N, R] stacked B_i, adapter dtype (also the compute dtype)
-    gp_ptr,  # [n_blocks_n, M, R] fp32 partial G (scaled by s'), one slice per N block
+    g_ptr,  # [M, R] output G = s' dY @ B, adapter dtype
+    db_ptr,  # [N, R] output dB = dY^T @ t, adapter dtype
+    gp_ptr,  # [n_blocks_n, M, R] fp32 partial G, one slice per N block
     dbp_ptr,  # [n_splits, N, R] fp32 partial dB, one slice per split of M
+    count_ptr,  # int32 arrival counters: [n_tiles, cdiv(M, BLOCK_M)] for G, then [n_tiles, n_blocks_n] for dB
     tiles_ptr,  # [n_tiles, 4] int64 rank tiles: rank start, rank end (columns 2, 3 unused)
     scale_ptr,  # [R] fp32 s' per rank
     M, N, rows_per_split,
-    stride_dym, stride_dyn, stride_tm, stride_tr, stride_bn, stride_br,
-    stride_gps, stride_gpm, stride_gpr, stride_dbs, stride_dbn, stride_dbr,
+    stride_dym, stride_dyn, stride_tm, stride_tr, stride_bn, stride_br, stride_gm, stride_gr, stride_dbn, stride_dbr,
+    stride_gps, stride_gpm, stride_gpr, stride_dbs, stride_dbpn, stride_dbpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # one pass over dY for both reductions: G = s' dY @ B sums over N (partials per N block),
-    # dB = dY^T @ t sums over M (partials per split of M)
+    # one pass over dY for both reductions: G = s' dY @ B sums over N (partials per N block), dB =
+    # dY^T @ t sums over M (partials per split of M). Each partial's last writer to arrive sums
+    # the slices in order (deterministic) and stores the result in the adapter dtype.
     pid_r = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
+    n_blocks = tl.num_programs(1)
+    n_splits = tl.num_programs(2)
+    n_chunks = tl.cdiv(M, BLOCK_M)
     r_start = tl.load(tiles_ptr + pid_r * 4)
     r_end = tl.load(tiles_ptr + pid_r * 4 + 1)
     offs_r = r_start + tl.arange(0, BLOCK_R)
@@ -228,16 +245,33 @@ def _lora_fused_dy_kernel(
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
+        mask_mr = mask_m[:, None] & mask_r[None, :]
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(b_ptr.dtype.element_ty)
         g = tl.dot(dy, b, input_precision=DOT_PRECISION) * scale[None, :]
-        tl.store(gp_ptr + pid_n * stride_gps + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr,
-                 g, mask=mask_m[:, None] & mask_r[None, :])
+        gp_ptrs = gp_ptr + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr
+        tl.store(gp_ptrs + pid_n * stride_gps, g, mask=mask_mr)
         t_tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + offs_m[None, :] * stride_tm,
                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, BLOCK_M] = t^T
         db_acc = tl.dot(t_tr.to(b_ptr.dtype.element_ty), dy, db_acc, input_precision=DOT_PRECISION)
-    tl.store(dbp_ptr + pid_s * stride_dbs + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
-             db_acc, mask=mask_r[:, None] & mask_n[None, :])
+        if L._last_arrival(count_ptr + pid_r * n_chunks + m0 // BLOCK_M, n_blocks):  # G rows complete
+            g_sum = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for _ in range(0, n_blocks):
+                g_sum += tl.load(gp_ptrs, mask=mask_mr, other=0.0, cache_modifier=".cg")
+                gp_ptrs += stride_gps
+            tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+                     g_sum.to(g_ptr.dtype.element_ty), mask=mask_mr)
+    mask_rn = mask_r[:, None] & mask_n[None, :]
+    dbp_ptrs = dbp_ptr + offs_r[:, None] * stride_dbpr + offs_n[None, :] * stride_dbpn
+    tl.store(dbp_ptrs + pid_s * stride_dbs, db_acc, mask=mask_rn)
+    n_tiles = tl.num_programs(0)
+    if L._last_arrival(count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n, n_splits):  # dB complete
+        db_sum = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for _ in range(0, n_splits):
+            db_sum += tl.load(dbp_ptrs, mask=mask_rn, other=0.0, cache_modifier=".cg")
+            dbp_ptrs += stride_dbs
+        tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
+                 db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +302,7 @@ def _dy_block_rs(ad: torch.dtype) -> tuple[int, ...]:
     return _DY_BLOCK_R[1:] if ad == torch.float32 else _DY_BLOCK_R
 # (adapter dtype is fp32, activations are fp32) -> meta-parameters
 _DY_CONFIGS = {
-    (False, False): {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
+    (False, False): {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
     (True, False): {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8, "num_stages": 1},
     (True, True): {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1},
 }
@@ -307,21 +341,24 @@ def _launch_forward(x2, weight, bias, t, b) -> torch.Tensor:
     return y
 
 
-def _launch_grad_x(dy2, weight, g, a, plan, seed) -> torch.Tensor:
-    """dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) -> [M, K] in dy2's dtype."""
+def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
+    """(dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) [M, K] in dy2's dtype, and with x2 also
+    dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None)."""
     M, N = dy2.shape
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
     cfg = _config("grad_x", dy2.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    num_m = triton.cdiv(M, cfg["BLOCK_M"])
+    da, da_ptrs, da_strides = L._grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
+    grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
     _lora_fused_grad_x_kernel[grid](
-        dy2, weight, g, a, dx, L._adapter_table(plan, dy2.device), seed, M, K, N, R, len(plan.ranks),
+        dy2, weight, g, a, dx, L._adapter_table(plan, dy2.device), seed, *da_ptrs, M, K, N, R, len(plan.ranks),
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
-        HAS_DROPOUT=plan.dropout, BASE_PRECISION=_base_precision(dy2.dtype),
+        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides,
+        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, BASE_PRECISION=_base_precision(dy2.dtype),
         LORA_PRECISION=L._dot_precision(dy2.dtype, a.dtype),
         BLOCK_R=_BLOCK_R, **cfg)
-    return dx
+    return dx, da
 
 
 def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
@@ -333,7 +370,7 @@ def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
 
 
 def _launch_dy_pass(dy2, t, b, plan):
-    """(G = s' * dy2 @ b in b's dtype [M, R], dB = dy2^T @ t in fp32 [N, R]) from one read of dy2."""
+    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
     block_r = next((br for br in _dy_block_rs(b.dtype) if br >= R), _DY_BLOCK_R[-1])
@@ -341,15 +378,18 @@ def _launch_dy_pass(dy2, t, b, plan):
     cfg = _dy_config(dy2.dtype, b.dtype)
     splits, rows = _dy_splits(M, N, tiles.shape[0], cfg)
     n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
+    n_tiles = tiles.shape[0]
     gp = torch.empty(n_blocks, M, R, dtype=torch.float32, device=dy2.device)
     dbp = torch.empty(splits, N, R, dtype=torch.float32, device=dy2.device)
-    _lora_fused_dy_kernel[(tiles.shape[0], n_blocks, splits)](
-        dy2, t, b, gp, dbp, tiles, L._rank_scale(plan, dy2.device), M, N, rows,
-        dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1),
-        gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1), dbp.stride(2),
-        DOT_PRECISION=L._dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
-    g = gp[0] if n_blocks == 1 else gp.sum(0)
-    return (g if g.dtype == b.dtype else g.to(b.dtype)), (dbp[0] if splits == 1 else dbp.sum(0))
+    g = torch.empty(M, R, dtype=b.dtype, device=dy2.device)
+    db = torch.empty(N, R, dtype=b.dtype, device=dy2.device)
+    count = L._arrival_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
+    _lora_fused_dy_kernel[(n_tiles, n_blocks, splits)](
+        dy2, t, b, g, db, gp, dbp, count, tiles, L._rank_scale(plan, dy2.device), M, N, rows,
+        dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
+        db.stride(0), db.stride(1), gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1),
+        dbp.stride(2), DOT_PRECISION=L._dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
+    return g, db
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
@@ -362,7 +402,6 @@ def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
         g, db = _launch_dy_pass(dy2, t, b, plan)
-        db = db.to(b.dtype)
     elif need_b:
         no_drop = L._make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
         db = L._launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
@@ -370,10 +409,10 @@ def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_
         if g is None:
             scaled = L._Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
             g = L._launch_shrink(dy2, b.t(), scaled, 0, False)
-        if need_a:
+        if need_x:  # dA (when wanted) inside the dX kernel
+            dx, da = _launch_grad_x(dy2, weight, g, a, plan, seed, x2 if need_a else None)
+        else:
             da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
-        if need_x:
-            dx = _launch_grad_x(dy2, weight, g, a, plan, seed)
     return dx, da, db
 
 
@@ -574,7 +613,6 @@ def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, 
     dx = da = db = g = None
     if need_b and (need_x or need_a):
         g, db = _launch_dy_pass(dy2, t, b, plan)
-        db = db.to(b.dtype)
     elif need_b:
         no_drop = L._make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
         db = L._launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
@@ -582,12 +620,15 @@ def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, 
         if g is None:
             scaled = L._Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
             g = L._launch_shrink(dy2, b.t(), scaled, 0, False)
-        if need_a:
-            da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
-        if need_x:
+        if need_x:  # dA (when wanted) inside the 4-bit dX kernel
             lora = (g, a, L._adapter_table(plan, dy2.device), seed, plan.dropout,
                     L._dot_precision(dy2.dtype, a.dtype))
-            dx = Q.matmul_4bit_triton(dy2, p, None, transpose=False, lora=lora)
+            if need_a:
+                dx, da = Q.matmul_4bit_triton(dy2, p, None, transpose=False, lora=lora, lora_x=x2)
+            else:
+                dx = Q.matmul_4bit_triton(dy2, p, None, transpose=False, lora=lora)
+        if need_a and da is None:
+            da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
     return dx, da, db
 
 
@@ -680,7 +721,8 @@ def aot_specs() -> list[AotSpec]:
          lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x},
          ("stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
-         lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x},
+         lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
+                       "da_ptr": w, "count_ptr": "i32"},
          ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
     )
     specs = []
@@ -691,8 +733,9 @@ def aot_specs() -> list[AotSpec]:
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             consts = dict(DOT_PRECISION=L._dot_precision(act, ad), BLOCK_R=block_r, **cfg,
                           **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
-            types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "gp_ptr": "*fp32", "dbp_ptr": "*fp32",
-                     "tiles_ptr": "*i64", "scale_ptr": "*fp32"}
+            types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa, "db_ptr": "*" + wa,
+                     "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i32", "tiles_ptr": "*i64",
+                     "scale_ptr": "*fp32"}
             sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in _lora_fused_dy_kernel.arg_names}
             name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
                     f"BLOCK_N={cfg['BLOCK_N']},warps={warps}]")
@@ -700,15 +743,17 @@ def aot_specs() -> list[AotSpec]:
     for act, ad in L._DTYPE_PAIRS:
         xa, wa = L._TY[act], L._TY[ad]
         for kname, fn, ptrs, unit, flag in kernels:
-            for on in (False, True):
+            for flags in ([{flag: on} for on in (False, True)] if kname == "forward" else
+                          [{flag: on, "HAS_DA": da} for on in (False, True) for da in (False, True)]):
                 cfg = _config(kname, act)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 consts = dict(BASE_PRECISION=_base_precision(act), LORA_PRECISION=L._dot_precision(act, ad),
-                              BLOCK_R=_BLOCK_R, **cfg, **{u: 1 for u in unit}, **{flag: on})
+                              BLOCK_R=_BLOCK_R, **cfg, **{u: 1 for u in unit}, **flags)
                 types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
                 types.update(adapters_ptr="*i64", seed="i64")
                 sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
                 name = (f"lora_fused_{kname}[x={xa},w={wa},BR={_BLOCK_R},"
-                        f"{','.join(f'{k}={v}' for k, v in cfg.items())},{flag}={int(on)}]")
+                        f"{','.join(f'{k}={v}' for k, v in cfg.items())},"
+                        f"{','.join(f'{k}={int(v)}' for k, v in flags.items())}]")
                 specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
     return specs

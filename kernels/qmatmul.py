@@ -163,6 +163,12 @@ def _matmul_4bit_kernel(
     LORA_DROPOUT: tl.constexpr,  # dX: mask each adapter's G_i @ A_i with its dropout mask
     LORA_PRECISION: tl.constexpr,  # dot precision of the adapter product
     BLOCK_LR: tl.constexpr,  # the adapter loop's rank step
+    lora_x_ptr,  # [M, C] layer input x (dX with LORA_DA)
+    lora_dap_ptr,  # [cdiv(M, BLOCK_M), RL, C] fp32 dA partials (LORA_DA)
+    lora_da_ptr,  # [RL, C] stacked dA_i, adapter dtype (LORA_DA)
+    lora_count_ptr,  # [cdiv(C, BLOCK_C)] int32 arrival counters (LORA_DA)
+    stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
+    LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
     pid_m, pid_c = _tile_ids(M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -234,6 +240,12 @@ def _matmul_4bit_kernel(
         acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
+    if LORA_DA:
+        L._lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
+                            lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
+                            offs_c, offs_c < C, stride_lxm, stride_lxk, stride_lam, stride_lar,
+                            stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
+                            min(BLOCK_M, 32), BLOCK_LR, LORA_PRECISION)  # 32-row x slices: no spills
 
 
 @triton.jit
@@ -419,23 +431,28 @@ _LORA_BLOCK_R = 16  # the adapter loop's rank step
 def _lora_args(lora, dummy: torch.Tensor) -> dict:
     """Kernel arguments for the adapter term: lora = (t or G [M, RL], B [N, RL] or A [RL, K],
     adapter table [n, 4] int64, seed, dropout, dot precision), or None for none."""
+    no_da = dict(lora_x_ptr=dummy, lora_dap_ptr=dummy, lora_da_ptr=dummy, lora_count_ptr=dummy, stride_lxm=0,
+                 stride_lxk=0, stride_dps=0, stride_dpr=0, stride_dpk=0, stride_dar=0, stride_dak=0, LORA_DA=False)
     if lora is None:
         return dict(lora_a_ptr=dummy, lora_w_ptr=dummy, lora_adapters_ptr=dummy, lora_seed=0, lora_n_adapters=0,
                     RL=0, stride_lam=0, stride_lar=0, stride_lw0=0, stride_lw1=0, HAS_LORA=False,
-                    LORA_DROPOUT=False, LORA_PRECISION="ieee", BLOCK_LR=_LORA_BLOCK_R)
+                    LORA_DROPOUT=False, LORA_PRECISION="ieee", BLOCK_LR=_LORA_BLOCK_R, **no_da)
     la, lw, table, seed, dropout, precision = lora
     return dict(lora_a_ptr=la, lora_w_ptr=lw, lora_adapters_ptr=table, lora_seed=seed,
                 lora_n_adapters=table.shape[0], RL=la.shape[1], stride_lam=la.stride(0), stride_lar=la.stride(1),
                 stride_lw0=lw.stride(0), stride_lw1=lw.stride(1), HAS_LORA=True, LORA_DROPOUT=bool(dropout),
-                LORA_PRECISION=precision, BLOCK_LR=_LORA_BLOCK_R)
+                LORA_PRECISION=precision, BLOCK_LR=_LORA_BLOCK_R, **no_da)
 
 
 def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None, split=None, aligned=None,
-                       lora=None):
+                       lora=None, lora_x=None):
     """a [M, R] @ deq(W)^T (transpose, R = K) or a @ deq(W) (R = N); bias [C] or None.
 
     ``config`` (a CONFIGS name), ``split`` and ``aligned`` override the automatic choices.
     ``lora`` (see _lora_args) adds t @ B^T (transpose) or sum_i mask_i * G_i @ A_i in the same kernel.
+    ``lora_x`` (dX with ``lora``): x [M, K]; the call returns (dX, dA) where the kernel also
+    computes dA = sum_i G_i^T @ (mask_i * x) ([RL, K] in A's dtype; the aligned layout only:
+    the general one returns (dX, None) and the caller computes dA separately).
     """
     data, n, k = check_packed4bit(p)
     c, r = (n, k) if transpose else (k, n)
@@ -455,6 +472,16 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
                    nested_code.contiguous(), offset, k,
                    _log2(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
     constexprs = dict(NESTED=p.nested, ALIGNED=aligned, **_lora_args(lora, data))
+    if lora_x is not None and not aligned:  # the general layout has no registers to spare for dA
+        return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split), None
+    if lora_x is not None:  # dA in the same kernel (unsplit dX only)
+        num_m = triton.cdiv(a.shape[0], cfg.block_m)
+        da, ptrs, strides = L._grad_a_operands(lora_x, lora[1], num_m, cfg.block_c)
+        constexprs.update(zip(("lora_x_ptr", "lora_dap_ptr", "lora_da_ptr", "lora_count_ptr"), ptrs))
+        constexprs.update(zip(("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
+                               "stride_dak"), strides))
+        constexprs["LORA_DA"] = True
+        return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, 1), da
     return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
 
 
@@ -669,14 +696,18 @@ _COMMON_SIG = {
 }
 
 
-def _lora_sig(ad: Optional[torch.dtype], a_dtype: torch.dtype, dropout: bool) -> tuple[dict, dict]:
+def _lora_sig(ad: Optional[torch.dtype], a_dtype: torch.dtype, dropout: bool, da: bool) -> tuple[dict, dict]:
     """(signature, constexprs) of the 4-bit kernel's adapter arguments; ad None: HAS_LORA=False."""
     w = _TL_NAMES[ad] if ad is not None else "fp32"
     sig = {"lora_a_ptr": f"*{w}", "lora_w_ptr": f"*{w}", "lora_adapters_ptr": "*i64", "lora_seed": "i64",
            "lora_n_adapters": "i32", "RL": "i32", "stride_lam": "i32", "stride_lar": "i32", "stride_lw0": "i32",
-           "stride_lw1": "i32"}
+           "stride_lw1": "i32", "lora_x_ptr": f"*{_TL_NAMES[a_dtype]}", "lora_dap_ptr": "*fp32",
+           "lora_da_ptr": f"*{w}", "lora_count_ptr": "*i32",
+           **{k: "i32" for k in ("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
+                                 "stride_dak")}}
     consts = dict(HAS_LORA=ad is not None, LORA_DROPOUT=dropout,
-                  LORA_PRECISION="ieee" if ad is None else L._dot_precision(a_dtype, ad), BLOCK_LR=_LORA_BLOCK_R)
+                  LORA_PRECISION="ieee" if ad is None else L._dot_precision(a_dtype, ad), BLOCK_LR=_LORA_BLOCK_R,
+                  LORA_DA=da)
     return sig, consts
 
 
@@ -689,13 +720,13 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
     constexprs = dict(TRANSPOSE_W=transpose, **extra, HAS_BIAS=transpose and not partial, BLOCK_M=cfg.block_m,
                       BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m)
     tags = "".join(f",{k}={v}" for k, v in extra.items())
-    if kernel is _matmul_4bit_kernel:  # lora = (adapter dtype, dropout) or None
-        ad, dropout = lora if lora is not None else (None, False)
-        lsig, lconsts = _lora_sig(ad, a_dtype, dropout)
+    if kernel is _matmul_4bit_kernel:  # lora = (adapter dtype, dropout, dA in the dX kernel) or None
+        ad, dropout, da = lora if lora is not None else (None, False, False)
+        lsig, lconsts = _lora_sig(ad, a_dtype, dropout, da)
         signature.update(lsig)
         constexprs.update(lconsts)
         if lora is not None:
-            tags += f",lora={_TL_NAMES[lora[0]]},dropout={int(lora[1])}"
+            tags += f",lora={_TL_NAMES[ad]},dropout={int(dropout)}" + (",dA=1" if da else "")
     for key in constexprs:
         signature[key] = "constexpr"
     return AotSpec(
@@ -726,10 +757,11 @@ def aot_specs() -> list[AotSpec]:
                         continue  # adapter-carrying dX launches use the medium tile (see matmul_4bit_triton)
                     # the adapter term fused in (adapters in the activation dtype, or fp32 adapters)
                     for ad in dict.fromkeys((a_dtype, torch.float32)):
-                        for dropout in ((False,) if transpose else (False, True)):
+                        for dropout, da in (((False, False),) if transpose else
+                                            ((False, False), (True, False)) + aligned * ((False, True), (True, True))):
                             specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
                                                       config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
-                                                      general=not aligned, lora=(ad, dropout)))
+                                                      general=not aligned, lora=(ad, dropout, da)))
             weight_sig = {"cb_ptr": "*i8", "stride_cbn": "i32", "stride_cbk": "i32", "scb_ptr": "*fp32",
                           "N": "i32"}
             specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,

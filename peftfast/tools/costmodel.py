@@ -291,12 +291,12 @@ def peftfast_fused_forward(t: int, d_in: int, d_out: int, ranks: list[int], act:
 
 def fused_dy_splits(t: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype) -> tuple[int, int]:
     """(N blocks, splits of T) of kernels/lora_fused.py's dY pass, mirroring its launcher: rank
-    tiles of 16 (R <= 16, 16-bit adapters) or 32; N blocks of 256 and row blocks of 32 (fp32
-    model: 128 and 16); ~264 programs."""
+    tiles of 16 (R <= 16, 16-bit adapters) or 32; N blocks of 256 and row blocks of 16 (fp32
+    adapters on a 16-bit model: 32; fp32 model: N blocks of 128, rows of 16); ~264 programs."""
     big_r = sum(ranks)
     f32 = torch.float32
     tiles = _cdiv(big_r, 16 if big_r <= 16 and ad != f32 else 32)
-    block_n, block_m = (128, 16) if act == ad == f32 else (256, 32)
+    block_n, block_m = (128, 16) if act == ad == f32 else (256, 32) if ad == f32 else (256, 16)
     n_blocks = _cdiv(d_out, block_n)
     splits = max(1, min(_cdiv(264, tiles * n_blocks), _cdiv(t, block_m)))
     rows = _cdiv(_cdiv(t, splits), block_m) * block_m
@@ -304,70 +304,41 @@ def fused_dy_splits(t: int, d_out: int, ranks: list[int], act: torch.dtype, ad: 
 
 
 def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
-                            splits_da: int = 1, bias: bool = False) -> list[Kernel]:
-    """``lora_linear_fused`` backward, as built (adapters trainable, x needs a gradient):
+                            bias: bool = False, block_m_dx: int | None = None) -> list[Kernel]:
+    """``lora_linear_fused`` backward, as built (adapters trainable, x needs a gradient): two kernels.
 
     dY pass: ONE kernel reads dY once (plus t, B and the per-rank scale) for both reductions,
-    G = s' dY @ B and dB = dY^T @ t, writing fp32 partials: G per block of 256 columns of dY
-    ([n_blocks, T, R]) and dB per split of T ([splits, N, R]); torch sums each (when there is
-    more than one slice) and casts to the adapter dtype (when it is not fp32).
-    dA: lora.py's kernel (reads G and X, mask regenerated; partial sums and cast as
-    ``peftfast_lora_backward``).
-    dX: ONE kernel reads dY, W, G and A and writes dX once (dX = dY @ W + mask * (G @ A): no
-    separate dX_lora, no autograd add). The base dX GEMM is included.
+    G = s' dY @ B and dB = dY^T @ t, writing fp32 partials (G per block of 256 columns of dY,
+    [n_blocks, T, R]; dB per split of T, [splits, N, R]); the last program to finish each piece
+    reads its partials back and writes G and dB once in the adapter dtype.
+    dX + dA: ONE kernel reads dY, W, G, A and X and writes dX once (dX = dY @ W + mask * (G @ A))
+    and dA = G^T @ mask(X): fp32 partials per row block of ``block_m_dx`` rows ([T/block_m, R, K]),
+    summed by the last row block of each column block and written once in the adapter dtype. The
+    base dX GEMM is included; X is read by this compute-bound kernel instead of a separate pass.
     A trainable bias adds torch's sum over tokens of dY (fp32) and, for 16-bit activations, its cast.
+    The arrival counters of both kernels live in one reused buffer (no per-launch memset).
     """
     big_r = sum(ranks)
     f32 = torch.float32
     n_blocks, splits_db = fused_dy_splits(t, d_out, ranks, act, ad)
-    tr, nr = t * big_r, d_out * big_r
-    ks = [Kernel("peftfast bwd: dY pass (G and dB partials)",
-                 t * d_out * _b(act) + tr * _b(ad) + nr * _b(ad) + big_r * 4,
-                 n_blocks * tr * 4 + splits_db * nr * 4, 4 * t * d_out * big_r, True)]
-    if n_blocks > 1:
-        ks.append(elementwise("torch: sum G partials", [(n_blocks * tr, f32)], [(tr, f32)]))
-    if ad != f32:
-        ks.append(elementwise("torch: G.to(adapter dtype)", [(tr, f32)], [(tr, ad)]))
-    if splits_db > 1:
-        ks.append(elementwise("torch: sum dB partials", [(splits_db * nr, f32)], [(nr, f32)]))
-    if ad != f32:
-        ks.append(elementwise("torch: dB.to(adapter dtype)", [(nr, f32)], [(nr, ad)]))
-    unfused = peftfast_lora_backward(t, d_in, d_out, ranks, act, ad, splits_da=splits_da)
-    ks += [k for k in unfused if "dA" in k.name]
-    ks.append(Kernel("peftfast bwd: dX = dY @ W + mask * (G @ A)",
-                     t * d_out * _b(act) + d_out * d_in * _b(act) + tr * _b(ad) + big_r * d_in * _b(ad),
-                     t * d_in * _b(act), 2 * t * d_out * d_in + 2 * t * d_in * big_r, act in LOW_PRECISION))
+    tr, nr, rk = t * big_r, d_out * big_r, big_r * d_in
+    gp, dbp = n_blocks * tr * 4, splits_db * nr * 4
+    ks = [Kernel("peftfast bwd: dY pass (G and dB, partials summed in-kernel)",
+                 t * d_out * _b(act) + tr * _b(ad) + nr * _b(ad) + big_r * 4 + gp + dbp,
+                 gp + dbp + tr * _b(ad) + nr * _b(ad), 4 * t * d_out * big_r, True)]
+    if block_m_dx is None:
+        block_m_dx = 64 if act == f32 else 128
+    dap = _cdiv(t, block_m_dx) * rk * 4
+    ks.append(Kernel("peftfast bwd: dX = dY @ W + mask * (G @ A), dA = G^T @ mask(X)",
+                     t * d_out * _b(act) + d_out * d_in * _b(act) + tr * _b(ad) + rk * _b(ad) + t * d_in * _b(act)
+                     + dap,
+                     t * d_in * _b(act) + dap + rk * _b(ad), 2 * t * d_out * d_in + 4 * t * d_in * big_r,
+                     act in LOW_PRECISION))
     if bias:
         ks.append(elementwise("torch: dbias = sum_T dY", [(t * d_out, act)], [(d_out, f32)]))
         if act != f32:
             ks.append(elementwise("torch: dbias.to(act)", [(d_out, f32)], [(d_out, act)]))
     return ks
-
-
-def peftfast_fused_base(t: int, d_in: int, d_out: int, r: int, act: torch.dtype, ad: torch.dtype,
-                        backward: bool) -> list[Kernel]:
-    """Idealised layout (not built): ``peftfast_fused_forward/backward`` (what
-    kernels/lora_fused.py does) without their fp32 partial sums: the dY pass writes G and dB
-    directly and dA writes its result once.
-
-    Forward: the shrink kernel (as ``peftfast_lora_forward``), then the base GEMM adds t @ B^T
-    before its store (reads t and B, no extra pass over Y). Backward: one kernel reads dY once
-    for both G = s' dY @ B and dB = dY^T @ t; the base dX GEMM adds mask * (G @ A) in its
-    epilogue; a dA kernel reads X and G.
-    """
-    if not backward:
-        shrink = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)[0]
-        base = base_linear_forward(t, d_in, d_out, act)[0]
-        epi = Kernel("base GEMM + LoRA epilogue", base.bytes_read + t * r * _b(ad) + d_out * r * _b(ad),
-                     base.bytes_written, base.flops + 2 * t * d_out * r, True)
-        return [shrink, epi]
-    dy_side = Kernel("dY side: G and dB", t * d_out * _b(act) + d_out * r * _b(ad) + t * r * _b(ad),
-                     t * r * _b(ad) + d_out * r * _b(ad), 4 * t * d_out * r, True)
-    base = base_linear_backward(t, d_in, d_out, act)[0]
-    epi = Kernel("base dX GEMM + LoRA epilogue", base.bytes_read + t * r * _b(ad) + r * d_in * _b(ad),
-                 base.bytes_written, base.flops + 2 * t * d_in * r, True)
-    d_a = Kernel("dA = G^T @ drop(X)", t * d_in * _b(act) + t * r * _b(ad), r * d_in * _b(ad), 2 * t * d_in * r, True)
-    return [dy_side, epi, d_a]
 
 
 def dx_accumulate(t: int, d_in: int, act: torch.dtype) -> Kernel:
@@ -467,7 +438,7 @@ def peft_ia3_forward(t: int, d_in: int, d_out: int, act: torch.dtype, scale: tor
 # ----------------------------------------------------------------------------------------------
 # layers: what one LoRA linear costs, forward and backward, base included
 
-LORA_IMPLS = ("base", "peft", "peftfast", "peftfast-fused", "peftfast-fused-base")
+LORA_IMPLS = ("base", "peft", "peftfast", "peftfast-fused")
 
 
 def lora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
@@ -477,8 +448,6 @@ def lora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int,
     whole overhead of the adapter."""
     if impl not in LORA_IMPLS:
         raise ValueError(f"impl={impl!r}; allowed: {', '.join(LORA_IMPLS)}")
-    if impl == "peftfast-fused-base":
-        return peftfast_fused_base(t, d_in, d_out, r, act, ad, backward)
     if impl == "peftfast-fused":
         if not backward:
             return peftfast_fused_forward(t, d_in, d_out, [r], act, ad)
@@ -501,8 +470,7 @@ def _peftfast_backward(t, d_in, d_out, r, act, ad, dropout: bool) -> list[Kernel
 
 
 def _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout: bool, bias: bool = False) -> list[Kernel]:
-    s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout)
-    return peftfast_fused_backward(t, d_in, d_out, [r], act, ad, splits_da=s_a, bias=bias)
+    return peftfast_fused_backward(t, d_in, d_out, [r], act, ad, bias=bias)
 
 
 def _packed_gemm(k: Kernel, name: str, d_in: int, d_out: int, act: torch.dtype, blocksize: int,
@@ -523,13 +491,19 @@ def qlora_fused_forward(t: int, d_in: int, d_out: int, ranks: list[int], act: to
 
 
 def qlora_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
-                         splits_da: int = 1, bias: bool = False, blocksize: int = 64,
-                         nested: bool = False) -> list[Kernel]:
-    """``qlora_linear_fused`` backward, as built: ``peftfast_fused_backward`` (dY pass, dA) with
-    the dX kernel reading the packed weight: dX = dY @ deq(W) + mask * (G @ A), one store."""
-    ks = peftfast_fused_backward(t, d_in, d_out, ranks, act, ad, splits_da, bias)
-    return [_packed_gemm(k, "peftfast bwd: dX = dY @ deq(W) + mask * (G @ A)", d_in, d_out, act, blocksize, nested)
-            if k.name.startswith("peftfast bwd: dX") else k for k in ks]
+                         bias: bool = False, blocksize: int = 64, nested: bool = False) -> list[Kernel]:
+    """``qlora_linear_fused`` backward, as built: ``peftfast_fused_backward`` (dY pass) with the
+    dX + dA kernel reading the packed weight (qmatmul's dX tile: 64 rows when it carries the
+    adapter): dX = dY @ deq(W) + mask * (G @ A) and dA = G^T @ mask(X), each stored once."""
+    ks = peftfast_fused_backward(t, d_in, d_out, ranks, act, ad, bias, block_m_dx=_qlora_dx_block_m(t, act))
+    return [_packed_gemm(k, "peftfast bwd: dX = dY @ deq(W) + mask * (G @ A), dA = G^T @ mask(X)", d_in, d_out,
+                         act, blocksize, nested) if k.name.startswith("peftfast bwd: dX") else k for k in ks]
+
+
+def _qlora_dx_block_m(t: int, act: torch.dtype) -> int:
+    """Rows per program of the adapter-carrying 4-bit dX kernel (kernels/qmatmul.py: the decode
+    tile for T <= 16, else the medium tile)."""
+    return 16 if t <= 16 else 64
 
 
 def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
@@ -540,8 +514,7 @@ def qlora_layer(impl: str, backward: bool, t: int, d_in: int, d_out: int, r: int
     if impl == "peftfast-fused":
         if not backward:
             return qlora_fused_forward(t, d_in, d_out, [r], act, ad, blocksize=blocksize, nested=nested)
-        s_a = lora_grad_splits(t, d_in, [r], ad, by_adapter=dropout_p > 0)
-        return qlora_fused_backward(t, d_in, d_out, [r], act, ad, splits_da=s_a, blocksize=blocksize, nested=nested)
+        return qlora_fused_backward(t, d_in, d_out, [r], act, ad, blocksize=blocksize, nested=nested)
     if impl == "peftfast":
         ks = [matmul_4bit_fused(t, d_in, d_out, act, backward, blocksize, nested)]
         if not backward:
@@ -639,9 +612,14 @@ def _count_device(fn) -> tuple[int, int, list[str]]:
 
 def _count_triton_forward_backward(forward, dy: torch.Tensor) -> tuple[tuple, tuple]:
     """``_count_device`` of ``forward()`` and then of ``backward(dy)`` on its output, with the ops forced
-    onto their Triton kernels (PEFTFAST_BACKEND=triton) and the previous backend restored afterwards."""
+    onto their Triton kernels (PEFTFAST_BACKEND=triton) and the previous backend restored afterwards.
+    The kernels' arrival counters (one buffer per device and stream, zeroed once when first
+    allocated and reused by every later launch) are allocated before counting: not a per-call cost."""
     import os
 
+    from peftfast.kernels.lora import _arrival_counters
+
+    _arrival_counters(dy.device, 1)
     saved = os.environ.get("PEFTFAST_BACKEND")
     os.environ["PEFTFAST_BACKEND"] = "triton"
     try:
@@ -808,7 +786,6 @@ def _lora_rows(t, d_in, d_out, r, act):
         ("peftfast lora_linear, no dropout", *pair("peftfast", f32, 0.0)),
         ("peftfast (fused base), dropout 0.1", *pair("peftfast-fused", f32, 0.1)),
         ("peftfast (fused base), no dropout", *pair("peftfast-fused", f32, 0.0)),
-        ("what-if: fused base without partial sums", *pair("peftfast-fused-base", f32, 0.1)),
     ]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peftfast.kernels import dropout as D
+from peftfast.kernels import lora as L
 from peftfast.kernels import lora_fused as LF
 
 K_TOL = 4.0
@@ -101,6 +102,7 @@ CASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias)
     ((3, 37), [7, 100], (F32, F32), [0.1, 0.3], True),
     ((3, 37), [7, 100], (F16, F32), [0.2, 0.0], True),
     ((3, 37), [1, 7], (F16, F16), [0.0, 0.0], False),
+    ((2, 150), [7, 16], (F16, F16), [0.1, 0.2], True),  # 300 rows: dA summed over three 128-row blocks
 ]
 
 
@@ -112,6 +114,18 @@ def test_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps, bias)
     y, grads, seed = run_op(inputs, ps)
     for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
         assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+
+
+@pytest.mark.parametrize("dtypes", [(F16, F16), (F32, F32)], ids=["f16", "f32"])
+def test_wide_layer_sums_partials_in_order(backend, dtypes):
+    """d_out=300 spans two or three column blocks of the dY pass (G summed over them) and 150
+    rows several splits (dB summed over them); the results must match float64 as the rest."""
+    inputs = make_inputs((150,), 45, 300, [7, 20], *dtypes)
+    y, grads, seed = run_op(inputs, [0.1, 0.0])
+    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, [0.1, 0.0], inputs[0]), [0.1, 0.0]):
+        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    # the kernels' arrival counters are shared by later launches: each must be back at zero
+    assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
 
 
 def test_backward_regenerates_the_forward_mask(backend):
@@ -303,6 +317,7 @@ QCASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias, 
     ((37,), [1, 7], (F16, F32), [0.0, 0.0], False, True),
     ((3, 5), [7], (F32, F32), [0.3], True, True),  # 15 tokens: the split-reduction decode path
     ((5,), [1, 7], (F16, F16), [0.1, 0.2], False, False),
+    ((2, 75), [7, 16], (F16, F16), [0.1, 0.0], True, True),  # 150 rows: dA summed over three row blocks
 ]
 
 
@@ -311,6 +326,15 @@ def test_qlora_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps,
     p, inputs = make_qinputs(lead, 192, 97, ranks, *dtypes, bias=bias, nested=nested)
     y, grads, seed = run_qop(p, inputs, ps)
     for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
+        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+
+
+def test_qlora_general_layout(backend):
+    """in_features=100 is not a multiple of the blocksize: the per-element (general) dequant
+    layout, whose dX kernel leaves dA to the separate kernel."""
+    p, inputs = make_qinputs((70,), 100, 97, [7], F16, F16)
+    y, grads, seed = run_qop(p, inputs, [0.1])
+    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, [0.1], inputs[0]), [0.1]):
         assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
 
 
