@@ -233,6 +233,19 @@ def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, of
 
 
 @triton.jit
+def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile number ``tile`` in grouped order: GROUP_M row
+    blocks walk the same column blocks while those columns of the weight sit in L2."""
+    tile = tile.to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+
+@triton.jit
 def _last_arrival(count_ptr, expected):
     """True in exactly one of the ``expected`` programs that call this on one counter (from
     ``_arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything the caller stored before the call is visible to that program (the barrier

@@ -94,35 +94,67 @@ from .quant import Packed4bit, check_packed4bit, dequantize_4bit_torch
 
 
 @triton.jit
-def _grouped_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # GROUP_M row blocks walk the same column blocks while those columns of W sit in L2
-    pid = tl.program_id(0).to(tl.int64)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    return pid_m, pid_n
+def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
+                 row_block, item, n_items, k_per_item, num_m,
+                 stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm, stride_tpr,
+                 HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One slice of the shrink for one row block: tp[item, rows] = mask(x[rows, k slice]) @ A[:, k slice]^T
+    (fp32, every adapter's ranks with its own mask). The last of the row block's n_items slices to
+    arrive sums them in order, scales by s', stores t [rows, R] in A's dtype and raises the row
+    block's ready flag (count_ptr[1 + num_m + row_block]) for the GEMM tiles that add t @ B^T."""
+    offs_k = tl.arange(0, BLOCK_K)
+    k_lo = item * k_per_item
+    k_hi = tl.minimum(k_lo + k_per_item, K)
+    for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
+        if HAS_DROPOUT:
+            r_start = tl.load(adapters_ptr + i * 4)
+            r_end = tl.load(adapters_ptr + i * 4 + 1)
+            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
+            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
+        else:
+            r_start = 0
+            r_end = R
+        for r0 in range(r_start, r_end, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < r_end
+            for h in range(0, BLOCK_M, SUB_M):  # SUB_M rows at a time: registers stay free
+                offs_m = row_block * BLOCK_M + h + tl.arange(0, SUB_M)
+                mask_m = offs_m < M
+                acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
+                for k0 in range(k_lo, k_hi, BLOCK_K):
+                    mask_k = offs_k + k0 < k_hi
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(a_ptr.dtype.element_ty)
+                    if HAS_DROPOUT:
+                        x = tl.where(keep_mask(key, offs_m, offs_k + k0, thresh), x, 0.0)
+                    a = tl.load(a_ptr + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
+                                mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # A^T tile [BK, BR]
+                    acc = tl.dot(x, a, acc, input_precision=PRECISION)
+                tl.store(tp_ptr + item * stride_tpi + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr,
+                         acc, mask=mask_m[:, None] & mask_r[None, :])
+    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    if L._last_arrival(count_ptr + 1 + row_block, n_items):
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask = mask_m[:, None] & (offs_r < R)[None, :]
+            ptrs = tp_ptr + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for _ in range(0, n_items):
+                acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                ptrs += stride_tpi
+            acc = acc * tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0)[None, :]
+            tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                     acc.to(t_ptr.dtype.element_ty), mask=mask)
+        tl.debug_barrier()  # every thread's t stores, then the flag
+        tl.atomic_xchg(count_ptr + 1 + num_m + row_block, 1, sem="release")
 
 
 @triton.jit
-def _lora_fused_forward_kernel(
-    x_ptr,  # [M, K] layer input, activation dtype
-    w_ptr,  # [N, K] frozen base weight, activation dtype
-    bias_ptr,  # [N] base bias (activation dtype); unused without HAS_BIAS
-    t_ptr,  # [M, R] scaled shrink output, adapter dtype
-    b_ptr,  # [N, R] stacked B_i, adapter dtype
-    y_ptr,  # [M, N] output, activation dtype
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid_m, pid_n = _grouped_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+def _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 x[rows] @ W[cols]^T for output tile (pid_m, pid_n), tensor cores."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -135,24 +167,119 @@ def _lora_fused_forward_kernel(
         mask_k = offs_k + k0 < K
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=BASE_PRECISION)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    # the adapter: a short second reduction into the same accumulator
+    return acc
+
+
+@triton.jit
+def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R,
+                 stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
+                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once.
+    t is read through L2 (another program may have just written it)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
     offs_r = tl.arange(0, BLOCK_R)
     t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br  # B^T tile [BR, BN]
     for r0 in range(0, R, BLOCK_R):
         mask_r = offs_r + r0 < R
-        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
         b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(t.to(b_ptr.dtype.element_ty), b, acc, input_precision=LORA_PRECISION)
+        acc = tl.dot(t, b, acc, input_precision=PRECISION)
         t_ptrs += BLOCK_R * stride_tr
         b_ptrs += BLOCK_R * stride_br
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_fused_forward_kernel(
+    x_ptr,  # [M, K] layer input, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    bias_ptr,  # [N] base bias (activation dtype); unused without HAS_BIAS
+    t_ptr,  # [M, R] scaled shrink output, adapter dtype (lora.py's shrink kernel)
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    y_ptr,  # [M, N] output, activation dtype
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # t computed beforehand by a separate shrink launch (fp32 models; see _launch_forward)
+    pid_m, pid_n = L._grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                     BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_tr, stride_bn,
+                 stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _lora_fused_forward_lookahead_kernel(
+    x_ptr,  # [M, K] layer input, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    bias_ptr,  # [N] base bias (activation dtype); unused without HAS_BIAS
+    a_ptr,  # [R, K] stacked A_i, adapter dtype
+    t_ptr,  # [M, R] output t = s' * drop(x) @ A^T, adapter dtype (saved for backward)
+    tp_ptr,  # [n_items, M, R] fp32 shrink partials, one slice per K slice
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    y_ptr,  # [M, N] output, activation dtype
+    count_ptr,  # int32 arrival counters: [1] tile ticket, [num_m] shrink slices done, [num_m] t ready, [num_m] t readers
+    adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
+    scale_ptr,  # [R] fp32 s' per rank
+    seed,  # 64-bit dropout seed
+    M, N, K, R, n_adapters, n_items, k_per_item,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_tm, stride_tr,
+    stride_tpi, stride_tpm, stride_tpr, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, SUB_M: tl.constexpr,  # rows per step of the shrink slices
+):
+    # Work items in ticket order: first the shrink slices of the first group's row blocks, then the
+    # output tiles in grouped order. A tile of group g also computes one shrink slice of group g+1
+    # (a look-ahead: x read inside this compute-bound kernel, not by a separate pass), so a tile
+    # only ever waits for t from work with an earlier ticket, which is running or done: no deadlock
+    # whatever the number of resident programs (and the interpreter, which runs tickets in order).
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    n_first = tl.minimum(GROUP_M, num_m) * n_items
+    ticket = tl.atomic_add(count_ptr, 1)
+    tl.atomic_xchg(count_ptr, 0, mask=ticket == n_first + num_m * num_n - 1)  # the last ticket: reset
+    if ticket < n_first:
+        _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
+                     ticket // n_items, ticket % n_items, n_items, k_per_item, num_m,
+                     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
+                     stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
+    else:
+        tile = ticket - n_first
+        pid_m, pid_n = L._grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        local = tile % (GROUP_M * num_n)
+        next_m = (tile // (GROUP_M * num_n) + 1) * GROUP_M  # first row block of the next group
+        if local < tl.minimum(num_m - next_m, GROUP_M) * n_items:
+            _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K,
+                         R, next_m + local // n_items, local % n_items, n_items, k_per_item, num_m,
+                         stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
+                         stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
+        acc = _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                         BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        # wait for this row block's t (its slices all have earlier tickets)
+        ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
+        while ready == 0:
+            ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
+        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_tr, stride_bn,
+                     stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        # the last of the row block's tiles to read t lowers its ready flag for the next launch
+        if L._last_arrival(count_ptr + 1 + 2 * num_m + pid_m, num_n):
+            tl.atomic_xchg(count_ptr + 1 + num_m + pid_m, 0)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -175,7 +302,7 @@ def _lora_fused_grad_x_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = _grouped_ids(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = L._grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
@@ -282,10 +409,10 @@ _BLOCK_R = 16  # the adapter loop's step (ranks are few next to K: a short loop 
 # shallow reduction step and 2 stages (fp32: 3xTF32 splits every operand in two); chosen so that no
 # variant spills on sm_80..sm_90 even when odd feature sizes prevent vectorised loads.
 _CONFIGS = {
-    ("forward", False): {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
+    ("forward", False): {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SUB_M": 32, "num_warps": 8,
                          "num_stages": 3},
-    ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4,
-                        "num_stages": 2},
+    ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "SUB_M": 0, "num_warps": 4,
+                        "num_stages": 2},  # fp32: no look-ahead (SUB_M unused)
     ("grad_x", False): {"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 8,
                         "num_stages": 3},
     ("grad_x", True): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16, "GROUP_M": 8, "num_warps": 8,
@@ -324,21 +451,44 @@ def _base_precision(act: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------
 # Launchers: check, allocate, launch (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
-def _launch_forward(x2, weight, bias, t, b) -> torch.Tensor:
-    """y = x2 @ weight^T + bias + t @ b^T -> [M, N] in x2's dtype."""
+_SHRINK_ITEMS = 4  # K slices per row block's shrink, each done by one tile of the previous group
+
+
+def _launch_forward(x2, weight, bias, a, b, plan, seed):
+    """(y = x2 @ weight^T + bias + t @ b^T [M, N] in x2's dtype, t = s' * drop(x2) @ a^T [M, R] in
+    a's dtype). 16-bit activations: one kernel (the look-ahead shrink); fp32 activations: lora.py's
+    shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands)."""
     M, K = x2.shape
     N, R = b.shape
-    assert weight.shape == (N, K) and t.shape == (M, R)
+    assert weight.shape == (N, K) and a.shape == (R, K)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     cfg = _config("forward", x2.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _lora_fused_forward_kernel[grid](
-        x2, weight, weight if bias is None else bias, t, b, y, M, N, K, R,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
-        b.stride(0), b.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, BASE_PRECISION=_base_precision(x2.dtype),
-        LORA_PRECISION=L._dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)
-    return y
+    sub_m = cfg.pop("SUB_M")
+    num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
+    common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=_base_precision(x2.dtype),
+                  LORA_PRECISION=L._dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)
+    if x2.dtype == torch.float32:
+        t = L._launch_shrink(x2, a, plan, seed, plan.dropout)
+        _lora_fused_forward_kernel[(num_m * num_n,)](
+            x2, weight, weight if bias is None else bias, t, b, y, M, N, K, R,
+            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
+            b.stride(0), b.stride(1), y.stride(0), y.stride(1), **common)
+        return y, t
+    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
+    # at most one slice per column block: a group's tiles cover the next group's slices
+    k_per_item = triton.cdiv(k_blocks, min(_SHRINK_ITEMS, num_n, k_blocks)) * cfg["BLOCK_K"]
+    n_items = triton.cdiv(K, k_per_item)
+    t = torch.empty(M, R, dtype=a.dtype, device=x2.device)
+    tp = torch.empty(n_items, M, R, dtype=torch.float32, device=x2.device)
+    count = L._arrival_counters(x2.device, 1 + 3 * num_m)
+    grid = (min(cfg["GROUP_M"], num_m) * n_items + num_m * num_n,)
+    _lora_fused_forward_lookahead_kernel[grid](
+        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, L._adapter_table(plan, x2.device),
+        L._rank_scale(plan, x2.device), seed, M, N, K, R, len(plan.ranks), n_items, k_per_item,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), t.stride(0),
+        t.stride(1), tp.stride(0), tp.stride(1), tp.stride(2), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
+        HAS_DROPOUT=plan.dropout, SUB_M=sub_m, **common)
+    return y, t
 
 
 def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
@@ -393,8 +543,7 @@ def _launch_dy_pass(dy2, t, b, plan):
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
-    t = L._launch_shrink(x2, L._cat_a(weights_a), plan, seed, plan.dropout)
-    return _launch_forward(x2, weight, bias, t, L._cat_b(weights_b)), t
+    return _launch_forward(x2, weight, bias, L._cat_a(weights_a), L._cat_b(weights_b), plan, seed)
 
 
 def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
@@ -720,6 +869,10 @@ def aot_specs() -> list[AotSpec]:
         ("forward", _lora_fused_forward_kernel,
          lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x},
          ("stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"), "HAS_BIAS"),
+        ("forward_lookahead", _lora_fused_forward_lookahead_kernel,
+         lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "a_ptr": w, "t_ptr": w, "tp_ptr": "fp32", "b_ptr": w,
+                       "y_ptr": x, "count_ptr": "i32", "scale_ptr": "fp32"},
+         ("stride_xk", "stride_wk", "stride_ak", "stride_tr", "stride_tpr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
          lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
                        "da_ptr": w, "count_ptr": "i32"},
@@ -743,9 +896,15 @@ def aot_specs() -> list[AotSpec]:
     for act, ad in L._DTYPE_PAIRS:
         xa, wa = L._TY[act], L._TY[ad]
         for kname, fn, ptrs, unit, flag in kernels:
-            for flags in ([{flag: on} for on in (False, True)] if kname == "forward" else
-                          [{flag: on, "HAS_DA": da} for on in (False, True) for da in (False, True)]):
-                cfg = _config(kname, act)
+            if kname.startswith("forward") and (kname == "forward") != (act == torch.float32):
+                continue  # the launcher: plain forward for fp32 activations, the look-ahead one otherwise
+            second = {"forward": None, "forward_lookahead": "HAS_DROPOUT", "grad_x": "HAS_DA"}[kname]
+            flags_list = [{flag: on} for on in (False, True)] if second is None else \
+                [{flag: on, second: on2} for on in (False, True) for on2 in (False, True)]
+            for flags in flags_list:
+                cfg = _config("forward" if kname == "forward_lookahead" else kname, act)
+                if kname != "forward_lookahead":
+                    cfg.pop("SUB_M", None)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 consts = dict(BASE_PRECISION=_base_precision(act), LORA_PRECISION=L._dot_precision(act, ad),
                               BLOCK_R=_BLOCK_R, **cfg, **{u: 1 for u in unit}, **flags)

@@ -110,20 +110,6 @@ def _dot(a, b, acc):
         return tl.dot(a, b, acc)
 
 
-@triton.jit
-def _tile_ids(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row tiles walk the same column tiles of W while those sit in L2
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_c = tl.cdiv(C, BLOCK_C)
-    group = GROUP_M * num_c
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_c = (pid % group) // group_m
-    return pid_m.to(tl.int64), pid_c.to(tl.int64)
-
-
 @triton.jit(do_not_specialize=["lora_seed"])
 def _matmul_4bit_kernel(
     a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
@@ -170,7 +156,7 @@ def _matmul_4bit_kernel(
     stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
     LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
-    pid_m, pid_c = _tile_ids(M, C, BLOCK_M, BLOCK_C, GROUP_M)
+    pid_m, pid_c = L._grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = pid_c * BLOCK_C
@@ -268,7 +254,7 @@ def _matmul_int8_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_c = _tile_ids(M, C, BLOCK_M, BLOCK_C, GROUP_M)
+    pid_m, pid_c = L._grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -216,7 +216,9 @@ def _calibration_child() -> None:
     for name, fn in (("eager PEFT path", cm.calibrate_eager),
                      ("peftfast lora_linear",
                       lambda: cm.calibrate_peftfast() + cm.calibrate_peftfast(t=200, ad=torch.float16)),
-                     ("peftfast lora_linear_fused", cm.calibrate_peftfast_fused),
+                     ("peftfast lora_linear_fused",  # T=1100: two row-block groups (the look-ahead shrink)
+                      lambda: cm.calibrate_peftfast_fused() + cm.calibrate_peftfast_fused(
+                          t=1100, d_in=150, d_out=130, ad=torch.float16)),
                      ("peftfast qlora_linear_fused", cm.calibrate_qlora_fused),
                      ("4-bit GEMM", _counted_4bit_checks), ("IA3", _counted_ia3_checks)):
         try:

@@ -128,6 +128,19 @@ def test_wide_layer_sums_partials_in_order(backend, dtypes):
     assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
 
 
+@pytest.mark.parametrize("rows,dtypes", [(1100, (F16, F16)), (1100, (F16, F32)), (700, (F32, F32))],
+                         ids=["f16", "f16-f32", "f32"])
+def test_many_row_blocks(backend, rows, dtypes):
+    """More row blocks than one group of the forward's grouped order (8 blocks of 128 rows): the
+    second group's t is computed by the first group's tiles (the look-ahead shrink slices), the
+    first group's by the slices that precede every tile. (fp32 models: the separate shrink.)"""
+    inputs = make_inputs((rows,), 150, 70, [7, 3], *dtypes)
+    y, grads, seed = run_op(inputs, [0.1, 0.2])
+    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, [0.1, 0.2], inputs[0]), [0.1, 0.2]):
+        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
+
+
 def test_backward_regenerates_the_forward_mask(backend):
     """RNG draws between forward and backward do not change the mask; the reference built with
     another seed's mask is far off, so the check can fail."""

@@ -168,7 +168,7 @@ def test_report_calibration_lines_pass():
     text, ok = cm.build_report(gpus=(cm.H100,))
     assert ok
     calib = [line for line in text.splitlines() if line.startswith("  ") and " counted " in line]
-    expected = 2 + sum(4 for m in ("lora", "lora_fused") if importlib.util.find_spec(f"peftfast.kernels.{m}"))
+    expected = 2 + sum(n for m, n in (("lora", 4), ("lora_fused", 6)) if importlib.util.find_spec(f"peftfast.kernels.{m}"))
     assert len(calib) == expected and all("[ok" in line for line in calib), "\n".join(calib)
 
 
@@ -187,7 +187,7 @@ def test_peftfast_kernels_match_the_model(t, ad, p):
 
 
 @pytest.mark.parametrize("t,ad,p,bias", [(37, torch.float32, 0.1, True), (200, torch.float16, 0.0, True),
-                                         (113, torch.float32, 0.3, False)])
+                                         (113, torch.float32, 0.3, False), (1100, torch.float16, 0.1, True)])
 def test_peftfast_fused_kernels_match_the_model(t, ad, p, bias):
     """Counted traffic of kernels/lora_fused.py (interpreter, unique bytes per launch, plus the
     torch ops between launches) vs peftfast_fused_forward/backward: launches equal, bytes within
@@ -202,16 +202,22 @@ def test_peftfast_fused_kernels_match_the_model(t, ad, p, bias):
 
 
 def test_fused_model_by_hand():
-    """The fused path replaces the base GEMMs: forward = shrink + one GEMM whose only extra
-    traffic is t and B; backward = one dY pass (G and dB partials, summed and cast by torch),
-    lora.py's dA, one dX GEMM (no dX_lora, no add)."""
+    """The fused path replaces the base GEMMs: forward = one GEMM kernel with the shrink inside
+    (16-bit activations; fp32: shrink + GEMM); backward = one dY pass (G and dB, partials summed
+    inside) and one dX GEMM that also computes dA (no dX_lora, no add, no separate read of X)."""
     bf16, f32 = torch.bfloat16, torch.float32
     t, k, n, r = 64, 96, 600, 5
-    fwd = cm.peftfast_fused_forward(t, k, n, [r], bf16, f32)
+    (fwd,) = cm.peftfast_fused_forward(t, k, n, [r], bf16, f32)
     base = cm.base_linear_forward(t, k, n, bf16)[0]
-    assert len(fwd) == 2 and fwd[0] == cm.peftfast_lora_forward(t, k, n, [r], bf16, f32)[0]
-    assert fwd[1].bytes_read == base.bytes_read + t * r * 4 + n * r * 4
-    assert fwd[1].bytes_written == base.bytes_written and fwd[1].flops == base.flops + 2 * t * n * r
+    assert cm.fused_shrink_items(k, n, bf16) == 2  # 2 K blocks of 64: 2 slices
+    partials = 2 * t * r * 4
+    assert fwd.bytes_read == base.bytes_read + t * r * 4 + n * r * 4 + t * k * 2 + r * k * 4 + r * 4 + partials
+    assert fwd.bytes_written == base.bytes_written + t * r * 4 + partials
+    assert fwd.flops == base.flops + 2 * t * n * r + 2 * t * k * r and fwd.tensor_core
+    assert cm.fused_forward_reread(t, k, bf16) == t * k * 2
+    shrink, gemm = cm.peftfast_fused_forward(t, k, n, [r], f32, f32)
+    assert shrink == cm.peftfast_lora_forward(t, k, n, [r], f32, f32)[0]
+    assert gemm.bytes_read == t * k * 4 + n * k * 4 + t * r * 4 + n * r * 4 and cm.fused_forward_reread(t, k, f32) == 0
     assert cm.fused_dy_splits(t, n, [r], bf16, bf16) == (3, 4)  # 3 blocks of 256 columns; 4 splits of 16 rows
     assert cm.fused_dy_splits(t, n, [r], bf16, f32) == (3, 2)  # fp32 adapters: 2 splits of 32 rows
     assert cm.fused_dy_splits(t, n, [r], f32, f32) == (5, 4)  # fp32 model: 5 blocks of 128, 4 splits of 16 rows
