@@ -29,11 +29,13 @@ element byte / parity / block indices, same values. 8-bit: B = CB (int8 loads) *
 
 Paths and the cost rule (``pick_config``), with T = number of tokens (rows of x):
   * decode (T <= 16): one 16-row tile, so every packed byte is read by exactly one program
-    (the weight is read once; no dequantised copy anywhere). Column tiles alone give too few
-    programs (N=4096 -> 64), so the reduction is split into S slices with
-    S = min(#reduction blocks, ceil(2 * #SMs / #column tiles)); programs write fp32 partials
-    [S, T, C] and a small kernel sums them, adds the bias and casts (deterministic, no atomics).
-    Extra traffic: 2 * S * T * C * 4 bytes, small next to N*K/2 for T <= 16.
+    (the weight is read once; no dequantised copy anywhere). The forward's column tiles are 32
+    wide (N=4096 -> 128 programs). When that leaves SMs idle, the reduction is split into S slices,
+    S = min(#reduction blocks, ceil(2 * #SMs / #column tiles), S_max): programs write fp32
+    partials [S, T, C] and a small kernel sums them, adds the bias and casts (deterministic, no
+    atomics). That reduce re-reads S * T * C * 4 bytes; S_max = max(1, floor(3 * R / (800 * T)))
+    keeps it within 3% of the packed weight (R * C / 2 bytes), so the bytes read stay within 5%
+    of the packed weight and its scales. With S = 1 the kernel stores the output itself.
   * T > 16: each row tile dequantises the W tiles it needs again, so the dequant work and the
     W traffic are (T / BLOCK_M) * N*K. 128-row tiles halve both against 64-row tiles and are
     used when they still give at least one program per SM ("large"); otherwise 64x64 tiles
@@ -318,7 +320,7 @@ class Config(NamedTuple):
 # tile lies inside one quantisation block (blocksize >= 64) and takes the ALIGNED path
 DECODE_MAX_TOKENS = 16
 CONFIGS = {
-    ("decode", True): Config(block_m=16, block_c=64, block_r=64, group_m=1, num_warps=4, num_stages=3),
+    ("decode", True): Config(block_m=16, block_c=32, block_r=64, group_m=1, num_warps=4, num_stages=2),
     ("large", True): Config(block_m=128, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
     ("medium", True): Config(block_m=64, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
     ("decode", False): Config(block_m=16, block_c=64, block_r=64, group_m=1, num_warps=4, num_stages=3),
@@ -355,13 +357,19 @@ def _sm_count(device: torch.device) -> int:
     return _DEFAULT_SMS
 
 
+def decode_split_limit(m: int, r: int) -> int:
+    """Largest reduction split whose partial sums (m * C * 4 bytes per slice, re-read by the
+    reduce) stay within 3% of the packed weight (r * C / 2 bytes)."""
+    return max(1, (3 * r) // (800 * max(m, 1)))
+
+
 def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device) -> tuple[str, int]:
     """(config name, reduction split) for out [m, c] reduced over r (rule in the module docstring)."""
     sms = _sm_count(device)
     if m <= DECODE_MAX_TOKENS:
         cfg = CONFIGS["decode", transpose]
         tiles = triton.cdiv(c, cfg.block_c)
-        split = min(triton.cdiv(r, cfg.block_r), triton.cdiv(2 * sms, tiles))
+        split = min(triton.cdiv(r, cfg.block_r), triton.cdiv(2 * sms, tiles), decode_split_limit(m, r))
         return "decode", max(split, 1)
     cfg = CONFIGS["large", transpose]
     if triton.cdiv(m, cfg.block_m) * triton.cdiv(c, cfg.block_c) >= sms:
@@ -379,8 +387,8 @@ def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg
     split = max(1, min(split or 1, blocks))
     r_per_split = triton.cdiv(blocks, split) * cfg.block_r
     split = triton.cdiv(r, r_per_split)
-    # decode always goes through fp32 partials (the bias and the cast happen in the reduce)
-    partial = name == "decode" or split > 1
+    # a split reduction goes through fp32 partials (the bias and the cast happen in the reduce)
+    partial = split > 1
     target = torch.empty((split, m, c), dtype=torch.float32, device=a.device) if partial else out
     bias = None if bias is None else bias.contiguous()
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c, cfg.block_c), split)
@@ -697,15 +705,16 @@ def _lora_sig(ad: Optional[torch.dtype], a_dtype: torch.dtype, dropout: bool, da
     return sig, consts
 
 
-def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extra, general=False, lora=None):
+def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extra, general=False, lora=None,
+                 partial=False):
+    """partial: the split reduction's fp32 partial sums (decode); else the output itself."""
     cfg = resolve_config(config_name, transpose, a_dtype, general)
     a = _TL_NAMES[a_dtype]
-    partial = config_name == "decode"
     signature = {"a_ptr": f"*{a}", "out_ptr": "*fp32" if partial else f"*{a}", "bias_ptr": f"*{a}",
                  **weight_sig, **_COMMON_SIG}
     constexprs = dict(TRANSPOSE_W=transpose, **extra, HAS_BIAS=transpose and not partial, BLOCK_M=cfg.block_m,
                       BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m)
-    tags = "".join(f",{k}={v}" for k, v in extra.items())
+    tags = "".join(f",{k}={v}" for k, v in extra.items()) + (",split" if partial else "")
     if kernel is _matmul_4bit_kernel:  # lora = (adapter dtype, dropout, dA in the dX kernel) or None
         ad, dropout, da = lora if lora is not None else (None, False, False)
         lsig, lconsts = _lora_sig(ad, a_dtype, dropout, da)
@@ -736,9 +745,10 @@ def aot_specs() -> list[AotSpec]:
                         "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32",
                         "K": "i32", "log2_bs": "i32", "log2_nbs": "i32", "w_round": "i32",
                     }
-                    specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
-                                              config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
-                                              general=not aligned))
+                    for partial in (False, True) if config_name == "decode" else (False,):
+                        specs.append(_matmul_spec(_matmul_4bit_kernel, "matmul_4bit", weight_sig, a_dtype,
+                                                  config_name, transpose, dict(NESTED=nested, ALIGNED=aligned),
+                                                  general=not aligned, partial=partial))
                     if config_name == "decode" or nested or (config_name == "large" and not transpose):
                         continue  # adapter-carrying dX launches use the medium tile (see matmul_4bit_triton)
                     # the adapter term fused in (adapters in the activation dtype, or fp32 adapters)
@@ -750,8 +760,9 @@ def aot_specs() -> list[AotSpec]:
                                                       general=not aligned, lora=(ad, dropout, da)))
             weight_sig = {"cb_ptr": "*i8", "stride_cbn": "i32", "stride_cbk": "i32", "scb_ptr": "*fp32",
                           "N": "i32"}
-            specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,
-                                      transpose, {}))
+            for partial in (False, True) if config_name == "decode" else (False,):
+                specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,
+                                          transpose, {}, partial=partial))
         for has_bias in (False, True):
             signature = {"part_ptr": "*fp32", "out_ptr": f"*{name}", "bias_ptr": f"*{name}", "MC": "i32",
                          "C": "i32", "SPLIT": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}

@@ -133,9 +133,10 @@ def test_decode_rows_against_the_nf4_storage(run):
     for r in decode:
         assert r["packed_absmax_code_bytes"] == weight
         assert r["gemm_read"] == weight + r["T"] * D * 2  # the weight once, plus x
-        assert r["reduce_read"] == r["split"] * r["T"] * D * 4
+        assert r["reduce_read"] == (r["split"] * r["T"] * D * 4 if r["split"] > 1 else 0)  # no split: no reduce
         assert math.isclose(r["total_ratio"], (r["gemm_read"] + r["reduce_read"]) / weight, rel_tol=1e-12)
         assert r["met"] == (r["total_ratio"] <= 1.05)
+        assert r["met"], r  # the decode bound holds for every T
 
 
 def test_memory_rows_measure_what_dropout_costs(run):

@@ -139,23 +139,25 @@ def _verdict(ok: bool) -> str:
 # 1. modelled time, checked against counted traffic
 
 
-def decode_split(n: int, k: int, sms: int) -> int:
+def decode_split(t: int, n: int, k: int, sms: int) -> int:
     """Reduction split of the 4-bit decode GEMM (T <= 16) for a GPU with ``sms`` SMs, as the
     launcher in ``kernels/qmatmul.py`` picks it (the calibration checks it on a counted grid)."""
     from peftfast.kernels import qmatmul
 
     cfg = qmatmul.resolve_config("decode", True, ACT)
     blocks = -(-k // cfg.block_r)
-    split = max(1, min(blocks, -(-2 * sms // -(-n // cfg.block_c))))
+    split = max(1, min(blocks, -(-2 * sms // -(-n // cfg.block_c)), qmatmul.decode_split_limit(t, k)))
     return -(-k // (-(-blocks // split) * cfg.block_r))
 
 
 def decode_reads(t: int, n: int, k: int, sms: int, act: torch.dtype = ACT) -> dict[str, int]:
-    """Bytes of the 4-bit decode path: the GEMM reads x, the packed weight, absmax and code and
-    writes fp32 partials [split, T, N]; a reduction reads them and writes the output."""
-    split = decode_split(n, k, sms)
-    return {"gemm_read": cm.matmul_4bit_fused(t, k, n, act).bytes_read, "reduce_read": split * t * n * 4,
-            "split": split, "partials_written": split * t * n * 4, "out_written": t * n * act.itemsize}
+    """Bytes of the 4-bit decode path: the GEMM reads x, the packed weight, absmax and code; with a
+    split reduction it writes fp32 partials [split, T, N] and a reduction reads them and writes the
+    output, else it writes the output itself."""
+    split = decode_split(t, n, k, sms)
+    partials = split * t * n * 4 if split > 1 else 0
+    return {"gemm_read": cm.matmul_4bit_fused(t, k, n, act).bytes_read, "reduce_read": partials,
+            "split": split, "partials_written": partials, "out_written": t * n * act.itemsize}
 
 
 def _counted_4bit_checks() -> list[cm.Check]:
@@ -166,12 +168,16 @@ def _counted_4bit_checks() -> list[cm.Check]:
     from .traffic import count_triton
 
     gen = torch.Generator().manual_seed(0)
-    n, k, bs, act = 192, 256, 64, torch.float16
+    n, bs, act = 192, 64, torch.float16
     code = torch.sort(torch.randn(16, generator=gen)).values
-    p = Packed4bit(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=gen),
-                   torch.rand(n * k // bs, generator=gen) + 0.5, code, bs, (n, k), act)
+
+    def packed(k):
+        return Packed4bit(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=gen),
+                          torch.rand(n * k // bs, generator=gen) + 0.5, code, bs, (n, k), act)
+
     checks = []
-    for t in (1, 16):
+    for t, k in ((1, 1024), (16, 256)):  # a split reduction (3 slices), then none
+        p = packed(k)
         x = torch.randn(t, k, generator=gen).to(act)
         with count_triton() as tr:
             qmatmul.matmul_4bit_triton(x, p)
@@ -182,7 +188,9 @@ def _counted_4bit_checks() -> list[cm.Check]:
         split = gemm.grid[1] if gemm.grid else None
         checks.append(cm.Check(f"4-bit decode, all launches (T={t}, split {split}, modelled {want['split']})",
                                tr.unique_bytes, sum(v for key, v in want.items() if key != "split"),
-                               tr.launches, 2))
+                               tr.launches, 2 if want["split"] > 1 else 1))
+    k = 256
+    p = packed(k)
     for backward in (False, True):
         a = torch.randn(40, n if backward else k, generator=gen).to(act)
         with count_triton() as tr:
