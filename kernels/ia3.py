@@ -37,8 +37,9 @@ place before backward raises autograd's version error) when s needs a gradient, 
 W needs one. z = x @ W^T + b is never kept: ds uses y / s, so a scale entry that is exactly 0
 gets gradient 0 (its column of z is lost in y; IA3 vectors start at 1).
 
-CPU (the reference path): PEFT's ops plus the autograd.Function's fixed cost, ~15 us per call
-on one core (T=512, d=256: 1.1x PEFT's time forward and forward+backward).
+CPU (the reference path): PEFT's own two ops under plain autograd (no autograd.Function around
+them), so the same cost, the same saved tensors and the same gradients as PEFT, including the
+gradient of a scale entry that is exactly 0.
 
 ``ia3_scale_output(y, s)`` / ``ia3_scale_input(x, s)`` are the elementwise versions for base
 layers that are not linears: out = (in * s) in the input dtype; din = dout * s; ds = sum dout * in.
@@ -386,6 +387,8 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          f"feedforward={feedforward}), got shape {tuple(scale.shape)}")
     s = scale.reshape(want).contiguous()
     bias = None if bias is None else bias.contiguous()
+    if not use_triton(x, weight, s):  # the reference path: PEFT's two ops under autograd, nothing around them
+        return _linear_forward(x, weight, bias, s, bool(feedforward))
     if torch.compiler.is_compiling():
         return torch.ops.peftfast.ia3_linear(x, weight, bias, s, bool(feedforward))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, s))):

@@ -319,7 +319,7 @@ def modelled_rows() -> list[dict]:
         rows.append(_model_row(gpu, "lora", "base GEMM alone", *base, base, None))
         for label, impl, ad, p in lora_paths:
             ks = [cm.lora_layer(impl, bwd, t, d, d, r, ACT, ad, p) for bwd in (False, True)]
-            targets = cm.LORA_TARGETS if impl == "peftfast" else None
+            targets = cm.LORA_TARGETS if impl.startswith("peftfast") else None
             rows.append(_model_row(gpu, "lora", label, *ks, base, targets))
         rows.append(_model_row(gpu, "qlora_nf4", "bf16 base GEMM alone", *base, base, None))
         for label, impl, p in qlora_paths:
