@@ -121,6 +121,25 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
+def _accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
+                       stride_br, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += t[rows] @ B[cols]^T, a short reduction over the ranks (t in B's dtype). Shared by the
+    expand kernel and the fused forward GEMMs. t is read through L2 (``.cg``): in the look-ahead
+    forward another program has just written it."""
+    offs_r = tl.arange(0, BLOCK_R)
+    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # B^T tile [BR, BN]
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = offs_r + r0 < R
+        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
+        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(t.to(b_ptr.dtype.element_ty), b, acc, input_precision=PRECISION)
+        t_ptrs += BLOCK_R * stride_tr
+        b_ptrs += BLOCK_R * stride_br
+    return acc
+
+
+@triton.jit
 def _lora_expand_kernel(
     t_ptr,  # [M, R] scaled shrink output, compute dtype
     b_ptr,  # [N, R] stacked B_i, compute dtype
@@ -136,19 +155,10 @@ def _lora_expand_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        mask_r = offs_r + r0 < R
-        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(t.to(b_ptr.dtype.element_ty), b, acc, input_precision=DOT_PRECISION)
-        t_ptrs += BLOCK_R * stride_tr
-        b_ptrs += BLOCK_R * stride_br
+    acc = _accumulate_lora_y(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), t_ptr, b_ptr, R, offs_m, offs_n,
+                             mask_m, mask_n, stride_tm, stride_tr, stride_bn, stride_br, BLOCK_R, DOT_PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
     base = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :] * stride_basen,
                    mask=mask, other=0.0)
@@ -208,8 +218,7 @@ def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, of
     if HAS_DROPOUT:
         # masks differ per adapter: one partial product per adapter, masked once
         for i in range(n_adapters):
-            r_start = tl.load(adapters_ptr + i * 4)
-            r_end = tl.load(adapters_ptr + i * 4 + 1)
+            r_start, r_end, key, thresh = _adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
             part = tl.zeros_like(acc)
             for r0 in range(r_start, r_end, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -219,8 +228,6 @@ def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, of
                 a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                             mask=mask_r[:, None] & mask_k[None, :], other=0.0)
                 part = tl.dot(g, a, part, input_precision=PRECISION)
-            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
-            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
             acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
     else:
         for r0 in range(0, R, BLOCK_R):
@@ -260,6 +267,34 @@ def _last_arrival(count_ptr, expected):
 
 
 @triton.jit
+def _adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT: tl.constexpr):
+    """(rank start, rank end, mask key, keep threshold) of adapter i of the [n, 4] adapter table;
+    without dropout a single segment [0, R) (key and threshold unused)."""
+    if HAS_DROPOUT:
+        r_start = tl.load(adapters_ptr + i * 4)
+        r_end = tl.load(adapters_ptr + i * 4 + 1)
+        key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
+        thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
+    else:
+        r_start = 0
+        r_end = R
+        key = 0
+        thresh = 0
+    return r_start, r_end, key, thresh
+
+
+@triton.jit
+def _sum_slices(ptrs, n, stride, mask, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """fp32 sum of n [BLOCK_A, BLOCK_B] partial slices ``stride`` apart, in order (deterministic),
+    read through L2: other programs wrote them (see ``_last_arrival``)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for _ in range(0, n):
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        ptrs += stride
+    return acc
+
+
+@triton.jit
 def _lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_adapters, R, seed,
                       pid_m, num_m, M, offs_k, mask_k,
                       stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
@@ -275,14 +310,7 @@ def _lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_
     dA pass."""
     dap_ptr += pid_m * stride_dps
     for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
-        if HAS_DROPOUT:
-            r_start = tl.load(adapters_ptr + i * 4)
-            r_end = tl.load(adapters_ptr + i * 4 + 1)
-            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
-            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
-        else:
-            r_start = 0
-            r_end = R
+        r_start, r_end, key, thresh = _adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
         for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < r_end
@@ -304,11 +332,8 @@ def _lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask = (offs_r < R)[:, None] & mask_k[None, :]
-            ptrs = dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk
-            acc = tl.zeros((BLOCK_R, offs_k.shape[0]), dtype=tl.float32)
-            for _ in range(0, num_m):
-                acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                ptrs += stride_dps
+            acc = _sum_slices(dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk, num_m,
+                              stride_dps, mask, BLOCK_R, offs_k.shape[0])
             tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
                      acc.to(da_ptr.dtype.element_ty), mask=mask)
 

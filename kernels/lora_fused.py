@@ -107,14 +107,7 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
     k_lo = item * k_per_item
     k_hi = tl.minimum(k_lo + k_per_item, K)
     for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
-        if HAS_DROPOUT:
-            r_start = tl.load(adapters_ptr + i * 4)
-            r_end = tl.load(adapters_ptr + i * 4 + 1)
-            key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
-            thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
-        else:
-            r_start = 0
-            r_end = R
+        r_start, r_end, key, thresh = L._adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
         for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < r_end
@@ -139,11 +132,8 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask = mask_m[:, None] & (offs_r < R)[None, :]
-            ptrs = tp_ptr + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for _ in range(0, n_items):
-                acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                ptrs += stride_tpi
+            acc = L._sum_slices(tp_ptr + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr, n_items,
+                                stride_tpi, mask, BLOCK_M, BLOCK_R)
             acc = acc * tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0)[None, :]
             tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                      acc.to(t_ptr.dtype.element_ty), mask=mask)
@@ -178,22 +168,13 @@ def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R,
                  stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once.
-    t is read through L2 (another program may have just written it)."""
+    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    offs_r = tl.arange(0, BLOCK_R)
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br  # B^T tile [BR, BN]
-    for r0 in range(0, R, BLOCK_R):
-        mask_r = offs_r + r0 < R
-        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
-        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(t, b, acc, input_precision=PRECISION)
-        t_ptrs += BLOCK_R * stride_tr
-        b_ptrs += BLOCK_R * stride_br
+    acc = L._accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
+                               stride_br, BLOCK_R, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -382,10 +363,7 @@ def _lora_fused_dy_kernel(
                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, BLOCK_M] = t^T
         db_acc = tl.dot(t_tr.to(b_ptr.dtype.element_ty), dy, db_acc, input_precision=DOT_PRECISION)
         if L._last_arrival(count_ptr + pid_r * n_chunks + m0 // BLOCK_M, n_blocks):  # G rows complete
-            g_sum = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for _ in range(0, n_blocks):
-                g_sum += tl.load(gp_ptrs, mask=mask_mr, other=0.0, cache_modifier=".cg")
-                gp_ptrs += stride_gps
+            g_sum = L._sum_slices(gp_ptrs, n_blocks, stride_gps, mask_mr, BLOCK_M, BLOCK_R)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                      g_sum.to(g_ptr.dtype.element_ty), mask=mask_mr)
     mask_rn = mask_r[:, None] & mask_n[None, :]
@@ -393,10 +371,7 @@ def _lora_fused_dy_kernel(
     tl.store(dbp_ptrs + pid_s * stride_dbs, db_acc, mask=mask_rn)
     n_tiles = tl.num_programs(0)
     if L._last_arrival(count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n, n_splits):  # dB complete
-        db_sum = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-        for _ in range(0, n_splits):
-            db_sum += tl.load(dbp_ptrs, mask=mask_rn, other=0.0, cache_modifier=".cg")
-            dbp_ptrs += stride_dbs
+        db_sum = L._sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
 

@@ -211,14 +211,8 @@ def _matmul_4bit_kernel(
         mask_c = offs_c < C
         rl = tl.where(pid_s == 0, RL, 0)
         if TRANSPOSE_W:  # acc += t @ B^T
-            offs_lr = tl.arange(0, BLOCK_LR)
-            for l0 in range(0, rl, BLOCK_LR):
-                mask_lr = offs_lr + l0 < RL
-                t = tl.load(lora_a_ptr + offs_m[:, None] * stride_lam + (l0 + offs_lr)[None, :] * stride_lar,
-                            mask=mask_m[:, None] & mask_lr[None, :], other=0.0)
-                b = tl.load(lora_w_ptr + offs_c[None, :] * stride_lw0 + (l0 + offs_lr)[:, None] * stride_lw1,
-                            mask=mask_lr[:, None] & mask_c[None, :], other=0.0)  # B^T tile [BLR, BC]
-                acc = tl.dot(t.to(lora_w_ptr.dtype.element_ty), b, acc, input_precision=LORA_PRECISION)
+            acc = L._accumulate_lora_y(acc, lora_a_ptr, lora_w_ptr, rl, offs_m, offs_c, mask_m, mask_c, stride_lam,
+                                       stride_lar, stride_lw0, stride_lw1, BLOCK_LR, LORA_PRECISION)
         else:  # acc += sum_i mask_i * (G_i @ A_i)
             n_ad = tl.where(pid_s == 0, lora_n_adapters, 0)
             acc = L._accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
