@@ -244,14 +244,15 @@ def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, of
 @triton.jit
 def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row block, column block) of output tile number ``tile`` in grouped order: GROUP_M row
-    blocks walk the same column blocks while those columns of the weight sit in L2."""
-    tile = tile.to(tl.int64)
+    blocks walk the same column blocks while those columns of the weight sit in L2. The index math
+    runs in ``tile``'s integer type (callers pick the one their kernel's registers allow); the block
+    indices come back as int64 for the address arithmetic."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
     first_m = (tile // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % group) % size_m, (tile % group) // size_m
+    return (first_m + (tile % group) % size_m).to(tl.int64), ((tile % group) // size_m).to(tl.int64)
 
 
 @triton.jit

@@ -1,14 +1,14 @@
-"""LoRA fused into the base linear's GEMMs: one kernel writes y, one kernel writes dX.
+"""LoRA fused into the base linear's GEMMs: one kernel writes y, two kernels write the gradients.
 
 Math (one linear layer with frozen weight W [N, K], optional bias b [N], adapters i = 1..n;
 x: [M, K]; notation and the stacking A = [A_1; ...; A_n] [R, K], B = [B_1 ... B_n] [N, R] as in
 ``kernels/lora.py``):
 
-    t   = s' * drop(x) @ A^T                       [M, R]  (lora.py's shrink kernel, reused)
-    y   = x @ W^T + b + t @ B^T                    [M, N]  ONE kernel, one cast, one store
+    t   = s' * drop(x) @ A^T                       [M, R]  ONE kernel with y (16-bit activations)
+    y   = x @ W^T + b + t @ B^T                    [M, N]  one cast, one store
     G   = s' * dY @ B,  dB = dY^T @ t              [M, R], [N, R]  ONE pass over dY
-    dX  = dY @ W + sum_i m_i * (G_i @ A_i)         [M, K]  ONE kernel, one cast, one store
-    dA  = G^T @ drop(x),  db = sum_m dY                    (lora.py's grad_w kernel; a torch sum)
+    dX  = dY @ W + sum_i m_i * (G_i @ A_i)         [M, K]  ONE kernel, one cast, one store,
+    dA  = G^T @ drop(x)                            [R, K]  in the same kernel;  db = sum_m dY (torch)
 
 Dtypes: the base product runs in x's dtype (x, W and b share it, as nn.Linear requires), the
 adapter product in the adapter dtype (t, B, G, A; fp32 adapters on a 16-bit model use TF32),
@@ -17,22 +17,38 @@ x's dtype before adding the adapter term; this path does not, so it is at least 
 
 Blocked algorithm:
 
-    forward, program (M block, N block), grouped so GROUP_M row blocks share W tiles in L2:
-        acc = 0
-        for K blocks: acc += x_tile @ W_tile^T            base GEMM, tensor cores
-        for R blocks: acc += t_tile @ B_tile^T            the adapter, R/K of the work
-        acc += b; store y once
+    forward (16-bit activations), work items handed out by an atomic ticket counter:
+        tickets 0..: shrink slices of the first group's row blocks (GROUP_M row blocks x 4 K slices)
+        then the output tiles (M block, N block) in grouped order (GROUP_M row blocks share W in L2);
+        a tile of group g first computes one shrink slice of group g+1 (a look-ahead):
+            tp[slice, rows] = mask(x[rows, k slice]) @ A[:, k slice]^T     (fp32 partial)
+            the last slice of a row block to arrive sums the slices in order, scales by s',
+            stores t[rows] (saved for backward) and raises the row block's ready flag
+        then: acc = x_tile @ W_tile^T over K (tensor cores); wait for its row block's flag;
+              acc += t_tile @ B_tile^T; acc += b; store y once
+      A tile only waits for slices with earlier tickets, which are held by running (or finished)
+      programs, so no launch deadlocks whatever the number of resident programs (and the
+      interpreter, which runs programs in order, never waits). x is read a second time by the
+      slices, inside this compute-bound kernel, instead of by a separate memory-bound pass.
+      fp32 activations: lora.py's shrink kernel, then the GEMM (the look-ahead variant does not
+      fit in registers with 3xTF32 operands).
     dY pass, program (rank tile, N block of 256, split of M); the B tile stays in registers:
         for M blocks of the split: load dY tile once
             G partial[N block] = s' * dY_tile @ B_tile          (stored, fp32)
             dB_acc += t_tile^T @ dY_tile                        (registers)
-        store dB partial[split] = dB_acc
-        then torch sums the G partials over N blocks and the dB partials over splits
+            the last N block to finish these rows sums the G partials in order -> G (adapter dtype)
+        store dB partial[split]; the last split to finish sums them in order -> dB (adapter dtype)
     dX, program (M block, K block):
         acc = 0
         for N blocks: acc += dY_tile @ W_tile              base dX GEMM
         per adapter i: part = G_i @ A_i (over its ranks); acc += where(mask_i, part, 0)
         store dX once
+        dA partial[M block] = G[rows]^T @ mask(x[rows, K block])  (fp32; x read here)
+        the last M block to finish this K block sums the partials in order -> dA (adapter dtype)
+
+Arrival counters (``lora._arrival_counters``) are one int32 buffer per device and stream, reset
+by the kernels themselves (each counter's last user puts it back to 0), so no launch zeroes them.
+Every reduction of partials is in a fixed order: results are deterministic.
 
 The dropout mask of adapter i at (row, column) of x is regenerated from (seed, i, row, column)
 by ``kernels/dropout.py``'s hash: the same bits as the shrink and dA kernels of lora.py and as
@@ -41,20 +57,16 @@ the PyTorch reference (``keep_mask_torch``).
 Memory saved for backward: x (the caller's tensor), t [M, R] in the adapter dtype, the seed and
 references to W and the adapter weights. No mask, no y, no [M, K] or [M, N] copy.
 
-Traffic against the base GEMMs alone: forward adds the shrink (one read of x) and t/B reads
-inside the GEMM; y is written once and never re-read. Backward adds one read of dY (G and dB
-together, plus fp32 partials: [N/256, M, R] for G and [splits, N, R] for dB, ~264 programs) and
-one read of x (dA); dX is written once, with no dX_base + dX_lora pass.
-Launches: forward 2; backward 3 kernels (dY pass, dA, dX) plus torch's sums of the G/dB/dA
-partials and casts to a 16-bit adapter dtype, and, with a trainable bias, its sum over tokens
-(and cast). Without adapter gradients (or without x/A gradients) lora.py's separate G / dB
-kernels run instead.
+Launches: forward 1 (fp32 activations: 2); backward 2 (dY pass; dX + dA), plus, with a
+trainable bias, torch's sum over tokens of dY (and its cast). Without an x gradient dA is
+lora.py's separate kernel; without adapter gradients lora.py's separate G / dB kernels run.
 
-Modelled (peftfast.tools.costmodel, counted traffic; T=8192, d_in=d_out=4096, r=16, bf16 model,
-fp32 adapters, H100) as a ratio to the base GEMM alone: forward 1.070 (1.078 with 3 us per
-launch), backward 1.165 (1.207); RTX 4090: 1.045 / 1.104. The forward's only extra pass is the
-shrink's read of x; the backward's are the dY pass and dA's read of x (each ~6.5% of the dX GEMM
-on an H100) and the partial sums (~1.3%).
+Modelled (peftfast.tools.costmodel from counted traffic; T=8192, d_in=d_out=4096, r=16, bf16
+model, fp32 adapters, dropout 0.1) as a ratio to the base GEMM alone, without / with 3 us per
+launch: H100 forward 1.008 / 1.008, backward 1.099 / 1.107; RTX 4090 forward 1.008 / 1.008,
+backward 1.064 / 1.066. The model charges the slices' second read of x and every partial's
+write and read as DRAM traffic; it does not model the time a tile may spend waiting for its
+row block's t (the slices it waits for were handed out one group of tiles earlier).
 
 Dot precision: 16-bit operands use the tensor cores natively; an fp32 model's base product uses
 3xTF32 (~fp32, like torch's default fp32 matmul); the adapter product follows lora.py (TF32 for
@@ -66,10 +78,11 @@ dY @ W into lora.py's dX with one addmm. Same cost as nn.Linear followed by ``lo
 
 ``qlora_linear_fused`` is the same op over a bitsandbytes 4-bit weight (W = deq(W_packed) in x's
 dtype, as ``qmatmul.matmul_4bit``): the y and dX kernels are qmatmul's 4-bit GEMM with its
-HAS_LORA loop (W dequantised tile by tile in registers, never stored); the shrink, dY pass and
-dA are shared with the dense path. Saved: x, t and the packed tensors (already resident).
+HAS_LORA loop (W dequantised tile by tile in registers, never stored), the dX kernel also
+computing dA (LORA_DA, aligned layout); the forward keeps lora.py's separate shrink launch; the dY
+pass is shared with the dense path. Saved: x, t and the packed tensors (already resident).
 Modelled (same shape, NF4 blocksize 64, fp32 adapters, dropout 0.1, H100) against the bf16 base
-GEMM alone: forward 1.070 (1.078 with 3 us per launch), backward 1.165 (1.207). Its CPU path
+GEMM alone: forward 1.070 (1.078 with 3 us per launch), backward 1.099 (1.107). Its CPU path
 dequantises W, runs the dense reference and frees W (recomputed in backward for dX).
 """
 from __future__ import annotations
@@ -197,7 +210,7 @@ def _lora_fused_forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     # t computed beforehand by a separate shrink launch (fp32 models; see _launch_forward)
-    pid_m, pid_n = L._grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = L._grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
                      BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_tr, stride_bn,
@@ -242,7 +255,7 @@ def _lora_fused_forward_lookahead_kernel(
                      stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
     else:
         tile = ticket - n_first
-        pid_m, pid_n = L._grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = L._grouped_tile(tile.to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         local = tile % (GROUP_M * num_n)
         next_m = (tile // (GROUP_M * num_n) + 1) * GROUP_M  # first row block of the next group
         if local < tl.minimum(num_m - next_m, GROUP_M) * n_items:
@@ -283,7 +296,7 @@ def _lora_fused_grad_x_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = L._grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_m, pid_k = L._grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = tl.arange(0, BLOCK_N)
