@@ -77,10 +77,11 @@ CPU (the reference path): F.linear, then lora.py's reference math on its output;
 dY @ W into lora.py's dX with one addmm. Same cost as nn.Linear followed by ``lora_linear``.
 
 ``qlora_linear_fused`` is the same op over a bitsandbytes 4-bit weight (W = deq(W_packed) in x's
-dtype, as ``qmatmul.matmul_4bit``): the y and dX kernels are qmatmul's 4-bit GEMM with its
-HAS_LORA loop (W dequantised tile by tile in registers, never stored), the dX kernel also
-computing dA (LORA_DA, aligned layout); the forward keeps lora.py's separate shrink launch; the dY
-pass is shared with the dense path. Saved: x, t and the packed tensors (already resident).
+dtype, as ``qmatmul.matmul_4bit``) or a row-wise int8 one (``Int8Weight``: W = CB * SCB / 127, as
+``qmatmul.matmul_int8``): the y and dX kernels are qmatmul's quantised GEMMs with their HAS_LORA
+loop (W dequantised tile by tile in registers, never stored), the dX kernel also computing dA
+(LORA_DA; for 4-bit the aligned layout); the forward keeps lora.py's separate shrink launch; the
+dY pass is shared with the dense path. Saved: x, t and the packed tensors (already resident).
 Modelled (same shape, NF4 blocksize 64, fp32 adapters, dropout 0.1, H100) against the bf16 base
 GEMM alone: forward 1.070 (1.078 with 3 us per launch), backward 1.099 (1.107). Its CPU path
 dequantises W, runs the dense reference and frees W (recomputed in backward for dX).
@@ -88,6 +89,7 @@ dequantises W, runs the dense reference and frees W (recomputed in backward for 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +101,7 @@ from . import qmatmul as Q
 from .aot import AotSpec
 from .backend import use_triton
 from .dropout import check_p, draw_seed, keep_mask, stream_key
-from .quant import Packed4bit, check_packed4bit, dequantize_4bit_torch
+from .quant import Packed4bit, check_int8, check_packed4bit, dequantize_4bit_torch, dequantize_int8_reference
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -738,11 +740,36 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # with HAS_LORA, which dequantises W tile by tile and then adds t @ B^T (forward) or the masked
 # sum_i G_i @ A_i (dX) into the same fp32 accumulator: y and dX are each stored once, and no
 # [N, K] weight is ever materialised. Saved for backward: x, t and the packed tensors.
+class Int8Weight(NamedTuple):
+    """A bitsandbytes row-wise int8 weight: W = CB * SCB[:, None] / 127 (CB int8 [N, K], SCB fp32 [N])."""
+
+    cb: torch.Tensor
+    scb: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.cb.shape)
+
+
+def _q_gemm(a, p, bias, transpose, lora=None, lora_x=None):
+    """The quantised GEMM of qmatmul.py for a 4-bit (Packed4bit) or int8 (Int8Weight) weight."""
+    if isinstance(p, Int8Weight):
+        return Q.matmul_int8_triton(a, p.cb, p.scb, bias, transpose=transpose, lora=lora, lora_x=lora_x)
+    return Q.matmul_4bit_triton(a, p, bias, transpose=transpose, lora=lora, lora_x=lora_x)
+
+
+def _q_dense(p, dtype):
+    """The weight dequantised into ``dtype`` (the CPU path; freed by the caller after use)."""
+    if isinstance(p, Int8Weight):
+        return dequantize_int8_reference(p.cb, p.scb, dtype)
+    return dequantize_4bit_torch(p).to(dtype)
+
+
 def _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed):
     t = L._launch_shrink(x2, L._cat_a(weights_a), plan, seed, plan.dropout)
     b = L._cat_b(weights_b)
     lora = (t, b, L._adapter_table(plan, x2.device), 0, False, L._dot_precision(x2.dtype, b.dtype))
-    return Q.matmul_4bit_triton(x2, p, bias, transpose=True, lora=lora), t
+    return _q_gemm(x2, p, bias, True, lora), t
 
 
 def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
@@ -761,9 +788,9 @@ def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, 
             lora = (g, a, L._adapter_table(plan, dy2.device), seed, plan.dropout,
                     L._dot_precision(dy2.dtype, a.dtype))
             if need_a:
-                dx, da = Q.matmul_4bit_triton(dy2, p, None, transpose=False, lora=lora, lora_x=x2)
+                dx, da = _q_gemm(dy2, p, None, False, lora, x2)
             else:
-                dx = Q.matmul_4bit_triton(dy2, p, None, transpose=False, lora=lora)
+                dx = _q_gemm(dy2, p, None, False, lora)
         if need_a and da is None:
             da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
     return dx, da, db
@@ -775,8 +802,7 @@ def _q_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
     if on_triton and x2.shape[0] > 0:
         y2, t = _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed)
     else:
-        w = dequantize_4bit_torch(p).to(x.dtype)
-        y2, t = _forward_torch(x2, w, bias, weights_a, weights_b, plan, seed)
+        y2, t = _forward_torch(x2, _q_dense(p, x.dtype), bias, weights_a, weights_b, plan, seed)
     return y2.view(*x.shape[:-1], p.shape[0]), t
 
 
@@ -785,7 +811,7 @@ def _q_backward(dy, x, t, p, weights_a, weights_b, plan, seed, need_x, need_a, n
     if on_triton and dy2.shape[0] > 0:
         dx, da, db = _q_backward_triton(dy2, x2, t2, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     else:
-        w = dequantize_4bit_torch(p).to(dy.dtype) if need_x else None  # recomputed, freed on return
+        w = _q_dense(p, dy.dtype) if need_x else None  # recomputed, freed on return
         dx, da, db = _backward_torch(dy2, x2, t2, w, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     return (dx.view(x.shape) if dx is not None else None), da, db
 
@@ -820,24 +846,33 @@ class QLoraLinearFusedFunction(torch.autograd.Function):
         return (dx, dbias, None, None, None, None, *da, *db)
 
 
-def qlora_linear_fused(x: torch.Tensor, p: Packed4bit, bias: torch.Tensor | None,
+def qlora_linear_fused(x: torch.Tensor, p: Packed4bit | Int8Weight, bias: torch.Tensor | None,
                        weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
                        scalings: Sequence[float], dropout_ps: Sequence[float], training: bool) -> torch.Tensor:
-    """``matmul_4bit(x, p, bias) + sum_i s_i * drop_i(x as A_i.dtype) @ A_i^T @ B_i^T`` in x's dtype.
+    """``base(x) + sum_i s_i * drop_i(x as A_i.dtype) @ A_i^T @ B_i^T`` in x's dtype, where base is
+    ``matmul_4bit(x, p, bias)`` (p: Packed4bit) or ``matmul_int8(x, p.cb, p.scb, bias)`` (p: Int8Weight).
 
-    x: [..., d_in] fp32/fp16/bf16; p: the packed 4-bit weight [d_out, d_in] (dequantised to p.dtype,
-    then to x's dtype, as matmul_4bit); bias: [d_out] float or None; the adapters as in
+    x: [..., d_in] fp32/fp16/bf16; p: the quantised weight [d_out, d_in] (a 4-bit one is dequantised to
+    p.dtype, then to x's dtype, as matmul_4bit); bias: [d_out] float or None; the adapters as in
     ``lora_linear_fused``. Gradients flow to x, bias and every A_i / B_i that requires grad.
     """
-    data, n_out, k = check_packed4bit(p)
+    if isinstance(p, Int8Weight):
+        n_out, k = check_int8(p.cb, p.scb)
+        data = p.cb
+    else:
+        data, n_out, k = check_packed4bit(p)
     Q._check_x(x, k, n_out, bias, data, "qlora_linear_fused")
+
+    def base_op():
+        return Q.matmul_int8(x, p.cb, p.scb, bias) if isinstance(p, Int8Weight) else Q.matmul_4bit(x, p, bias)
+
     if len(weights_a) == 0:
-        return Q.matmul_4bit(x, p, bias)
+        return base_op()
     base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], n_out)
     L._check(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
     if len({a.dtype for a in weights_a}) > 1 or torch.compiler.is_compiling():
-        # mixed adapter dtypes, or tracing: the 4-bit op, then lora.py's op on its output
-        return L.lora_linear(x, Q.matmul_4bit(x, p, bias), weights_a, weights_b, scalings, dropout_ps, training)
+        # mixed adapter dtypes, or tracing: the quantised op, then lora.py's op on its output
+        return L.lora_linear(x, base_op(), weights_a, weights_b, scalings, dropout_ps, training)
     ps = [check_p(p_) if training else 0.0 for p_ in dropout_ps]
     seed = int(draw_seed()) if any(p_ > 0.0 for p_ in ps) else 0
     plan = L._make_plan([a.shape[0] for a in weights_a], scalings, ps)

@@ -44,8 +44,8 @@ Tile configs are in CONFIGS / resolve_config (fp32 and the general layout use sh
 reduction steps); every variant compiles without register spills for sm_80/86/89/90.
 Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
 
-LoRA in the same kernel (HAS_LORA, used by ``lora_fused.qlora_linear_fused``): after the packed
-K-loop the forward adds a short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T,
+LoRA in the same kernel (HAS_LORA, both the 4-bit and the int8 kernel, used by
+``lora_fused.qlora_linear_fused``): after the quantised K-loop the forward adds a short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T,
 [M, RL]); the dX direction adds lora.py's masked sum_i m_i * (G_i @ A_i) (G = s' dY B). With a
 split reduction only split 0 adds the term. Extra traffic: t and B (or G and A), RL/K of the work.
 With LORA_DA (unsplit dX, aligned layout) the dX kernel also computes dA = sum_i G_i^T @ (m_i * x)
@@ -113,6 +113,41 @@ def _dot(a, b, acc):
         return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed,
+               lora_n_adapters, RL, stride_lam, stride_lar, stride_lw0, stride_lw1, TRANSPOSE_W: tl.constexpr,
+               HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr,
+               BLOCK_LR: tl.constexpr):
+    """The adapter term of a quantised GEMM tile: a short second reduction over the ranks into the same
+    accumulator (split 0 only): acc += t @ B^T (forward) or sum_i mask_i * (G_i @ A_i) (dX)."""
+    if HAS_LORA:
+        mask_m = offs_m < M
+        mask_c = offs_c < C
+        rl = tl.where(pid_s == 0, RL, 0)
+        if TRANSPOSE_W:
+            acc = L._accumulate_lora_y(acc, lora_a_ptr, lora_w_ptr, rl, offs_m, offs_c, mask_m, mask_c, stride_lam,
+                                       stride_lar, stride_lw0, stride_lw1, BLOCK_LR, LORA_PRECISION)
+        else:
+            n_ad = tl.where(pid_s == 0, lora_n_adapters, 0)
+            acc = L._accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
+                                        offs_m, offs_c, mask_m, mask_c, stride_lam, stride_lar, stride_lw0,
+                                        stride_lw1, LORA_DROPOUT, BLOCK_LR, LORA_PRECISION)
+    return acc
+
+
+@triton.jit
+def _lora_grad_a(pid_m, pid_c, offs_c, M, C, lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr,
+                 lora_adapters_ptr, lora_n_adapters, RL, lora_seed, stride_lxm, stride_lxk, stride_lam, stride_lar,
+                 stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT: tl.constexpr,
+                 LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_LR: tl.constexpr):
+    """dA of the columns offs_c inside a quantised dX kernel (LORA_DA; x read in 32-row slices: no spills)."""
+    L._lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
+                        lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
+                        offs_c, offs_c < C, stride_lxm, stride_lxk, stride_lam, stride_lar,
+                        stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
+                        min(BLOCK_M, 32), BLOCK_LR, LORA_PRECISION)
 
 
 @triton.jit(do_not_specialize=["lora_seed"])
@@ -208,32 +243,21 @@ def _matmul_4bit_kernel(
             w = _dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
                               nested_code_ptr, offset, log2_bs, log2_nbs, NESTED)
         acc = _dot(a, _as_operand(w, a, w_round), acc)
-    if HAS_LORA:
-        # the adapter: a short second reduction over the ranks into the same accumulator (split 0 only)
-        mask_m = offs_m < M
-        mask_c = offs_c < C
-        rl = tl.where(pid_s == 0, RL, 0)
-        if TRANSPOSE_W:  # acc += t @ B^T
-            acc = L._accumulate_lora_y(acc, lora_a_ptr, lora_w_ptr, rl, offs_m, offs_c, mask_m, mask_c, stride_lam,
-                                       stride_lar, stride_lw0, stride_lw1, BLOCK_LR, LORA_PRECISION)
-        else:  # acc += sum_i mask_i * (G_i @ A_i)
-            n_ad = tl.where(pid_s == 0, lora_n_adapters, 0)
-            acc = L._accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
-                                        offs_m, offs_c, mask_m, mask_c, stride_lam, stride_lar, stride_lw0,
-                                        stride_lw1, LORA_DROPOUT, BLOCK_LR, LORA_PRECISION)
+    acc = _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed,
+                     lora_n_adapters, RL, stride_lam, stride_lar, stride_lw0, stride_lw1, TRANSPOSE_W, HAS_LORA,
+                     LORA_DROPOUT, LORA_PRECISION, BLOCK_LR)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
     if LORA_DA:
-        L._lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
-                            lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
-                            offs_c, offs_c < C, stride_lxm, stride_lxk, stride_lam, stride_lar,
-                            stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
-                            min(BLOCK_M, 32), BLOCK_LR, LORA_PRECISION)  # 32-row x slices: no spills
+        _lora_grad_a(pid_m, pid_c, offs_c, M, C, lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr,
+                     lora_adapters_ptr, lora_n_adapters, RL, lora_seed, stride_lxm, stride_lxk, stride_lam,
+                     stride_lar, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT,
+                     LORA_PRECISION, BLOCK_M, BLOCK_LR)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lora_seed"])
 def _matmul_int8_kernel(
     a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
     out_ptr,  # [M, C] result, or fp32 [SPLIT, M, C] partial sums
@@ -252,6 +276,24 @@ def _matmul_int8_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    lora_a_ptr,  # [M, RL] t = s' drop(x) A^T (forward) or G = s' dY B (dX), adapter dtype (HAS_LORA)
+    lora_w_ptr,  # [N, RL] stacked B (forward) or [RL, K] stacked A (dX), adapter dtype (HAS_LORA)
+    lora_adapters_ptr,  # [n_adapters, 4] int64 rank start, end, stream, keep threshold (dX with dropout)
+    lora_seed,  # 64-bit dropout seed (dX with dropout)
+    lora_n_adapters,  # number of adapters
+    RL,  # total adapter rank
+    stride_lam, stride_lar,  # strides of lora_a (row, rank)
+    stride_lw0, stride_lw1,  # strides of lora_w (dim 0, dim 1)
+    HAS_LORA: tl.constexpr,  # add the adapter term (split 0 only when the reduction is split)
+    LORA_DROPOUT: tl.constexpr,  # dX: mask each adapter's G_i @ A_i with its dropout mask
+    LORA_PRECISION: tl.constexpr,  # dot precision of the adapter product
+    BLOCK_LR: tl.constexpr,  # the adapter loop's rank step
+    lora_x_ptr,  # [M, C] layer input x (dX with LORA_DA)
+    lora_dap_ptr,  # [cdiv(M, BLOCK_M), RL, C] fp32 dA partials (LORA_DA)
+    lora_da_ptr,  # [RL, C] stacked dA_i, adapter dtype (LORA_DA)
+    lora_count_ptr,  # [cdiv(C, BLOCK_C)] int32 arrival counters (LORA_DA)
+    stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
+    LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
     pid_m, pid_c = L._grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
@@ -272,10 +314,18 @@ def _matmul_int8_kernel(
             w = _dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk,
                               scb_ptr, N)
         acc = _dot(a, w.to(a.dtype), acc)
+    acc = _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed,
+                     lora_n_adapters, RL, stride_lam, stride_lar, stride_lw0, stride_lw1, TRANSPOSE_W, HAS_LORA,
+                     LORA_DROPOUT, LORA_PRECISION, BLOCK_LR)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
+    if LORA_DA:
+        _lora_grad_a(pid_m, pid_c, offs_c, M, C, lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr,
+                     lora_adapters_ptr, lora_n_adapters, RL, lora_seed, stride_lxm, stride_lxk, stride_lam,
+                     stride_lar, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT,
+                     LORA_PRECISION, BLOCK_M, BLOCK_LR)
 
 
 @triton.jit
@@ -317,7 +367,7 @@ class Config(NamedTuple):
 # tile lies inside one quantisation block (blocksize >= 64) and takes the ALIGNED path
 DECODE_MAX_TOKENS = 16
 CONFIGS = {
-    ("decode", True): Config(block_m=16, block_c=32, block_r=64, group_m=1, num_warps=4, num_stages=2),
+    ("decode", True): Config(block_m=16, block_c=32, block_r=64, group_m=1, num_warps=8, num_stages=2),
     ("large", True): Config(block_m=128, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
     ("medium", True): Config(block_m=64, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
     ("decode", False): Config(block_m=16, block_c=64, block_r=64, group_m=1, num_warps=4, num_stages=3),
@@ -462,28 +512,43 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
                    nested_code.contiguous(), offset, k,
                    _log2(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
-    constexprs = dict(NESTED=p.nested, ALIGNED=aligned, **_lora_args(lora, data))
+    constexprs = dict(NESTED=p.nested, ALIGNED=aligned)
     if lora_x is not None and not aligned:  # the general layout has no registers to spare for dA
+        constexprs.update(_lora_args(lora, data))
         return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split), None
-    if lora_x is not None:  # dA in the same kernel (unsplit dX only)
-        num_m = triton.cdiv(a.shape[0], cfg.block_m)
-        da, ptrs, strides = L._grad_a_operands(lora_x, lora[1], num_m, cfg.block_c)
-        constexprs.update(zip(("lora_x_ptr", "lora_dap_ptr", "lora_da_ptr", "lora_count_ptr"), ptrs))
-        constexprs.update(zip(("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
-                               "stride_dak"), strides))
-        constexprs["LORA_DA"] = True
-        return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, 1), da
-    return _launch(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
+    return _launch_with_lora(_matmul_4bit_kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg,
+                             split, lora, lora_x, data)
 
 
-def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split=None):
+def _launch_with_lora(kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split, lora, lora_x,
+                      dummy):
+    """``_launch`` with the adapter arguments (``_lora_args``); with ``lora_x`` the dX kernel also
+    computes dA (unsplit) and this returns (dX, dA)."""
+    constexprs = dict(constexprs, **_lora_args(lora, dummy))
+    if lora_x is None:
+        return _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
+    num_m = triton.cdiv(a.shape[0], cfg.block_m)
+    da, ptrs, strides = L._grad_a_operands(lora_x, lora[1], num_m, cfg.block_c)
+    constexprs.update(zip(("lora_x_ptr", "lora_dap_ptr", "lora_da_ptr", "lora_count_ptr"), ptrs))
+    constexprs.update(zip(("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
+                           "stride_dak"), strides))
+    constexprs["LORA_DA"] = True
+    return _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, 1), da
+
+
+def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split=None, lora=None, lora_x=None):
+    """a [M, R] @ W^T (transpose) or a @ W with W = CB * SCB / 127; ``lora`` and ``lora_x`` as for
+    ``matmul_4bit_triton`` (with ``lora_x`` the call returns (dX, dA))."""
     n, k = cb.shape
     c, r = (n, k) if transpose else (k, n)
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
+    if lora is not None and not transpose and config == "large":
+        config = "medium"  # as the 4-bit dX kernel: the adapter loop on top of the 128-row tile
     cfg = resolve_config(config, transpose, a.dtype)
     weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
-    return _launch(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split)
+    return _launch_with_lora(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split,
+                             lora, lora_x, cb)
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
@@ -712,13 +777,13 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
     constexprs = dict(TRANSPOSE_W=transpose, **extra, HAS_BIAS=transpose and not partial, BLOCK_M=cfg.block_m,
                       BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, GROUP_M=cfg.group_m)
     tags = "".join(f",{k}={v}" for k, v in extra.items()) + (",split" if partial else "")
-    if kernel is _matmul_4bit_kernel:  # lora = (adapter dtype, dropout, dA in the dX kernel) or None
-        ad, dropout, da = lora if lora is not None else (None, False, False)
-        lsig, lconsts = _lora_sig(ad, a_dtype, dropout, da)
-        signature.update(lsig)
-        constexprs.update(lconsts)
-        if lora is not None:
-            tags += f",lora={_TL_NAMES[ad]},dropout={int(dropout)}" + (",dA=1" if da else "")
+    # both kernels take the adapter arguments; lora = (adapter dtype, dropout, dA in the dX kernel) or None
+    ad, dropout, da = lora if lora is not None else (None, False, False)
+    lsig, lconsts = _lora_sig(ad, a_dtype, dropout, da)
+    signature.update(lsig)
+    constexprs.update(lconsts)
+    if lora is not None:
+        tags += f",lora={_TL_NAMES[ad]},dropout={int(dropout)}" + (",dA=1" if da else "")
     for key in constexprs:
         signature[key] = "constexpr"
     return AotSpec(
@@ -760,6 +825,12 @@ def aot_specs() -> list[AotSpec]:
             for partial in (False, True) if config_name == "decode" else (False,):
                 specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype, config_name,
                                           transpose, {}, partial=partial))
+            if config_name != "decode" and not (config_name == "large" and not transpose):
+                for ad in dict.fromkeys((a_dtype, torch.float32)):  # the adapter fused in, as for 4-bit
+                    for dropout, da in (((False, False),) if transpose else
+                                        ((False, False), (True, False), (False, True), (True, True))):
+                        specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype,
+                                                  config_name, transpose, {}, lora=(ad, dropout, da)))
         for has_bias in (False, True):
             signature = {"part_ptr": "*fp32", "out_ptr": f"*{name}", "bias_ptr": f"*{name}", "MC": "i32",
                          "C": "i32", "SPLIT": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}

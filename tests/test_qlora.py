@@ -275,12 +275,17 @@ def test_ia3_matches_peft_on_nf4(tiny_dir):
 
 
 @pytest.mark.interpreter
-def test_fused_triton_path_end_to_end(tiny_dir, triton_backend):
-    # The Triton kernels (matmul_4bit with double-quantised NF4 dequantised in registers, the LoRA
-    # kernels) in the interpreter, forward and backward through the whole model.
-    ours, theirs, exact = build_lora_trio(tiny_dir, "nf4-dq")
+@pytest.mark.parametrize("case", ["nf4-dq", "int8"])
+def test_fused_triton_path_end_to_end(tiny_dir, triton_backend, case, monkeypatch):
+    # The Triton kernels (the quantised GEMMs with double-quantised NF4 dequantised in registers, or
+    # int8 rows, the adapter inside them) in the interpreter, forward and backward through the model.
+    calls = []
+    fused = lora_bnb.qlora_linear_fused
+    monkeypatch.setattr(lora_bnb, "qlora_linear_fused", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    ours, theirs, exact = build_lora_trio(tiny_dir, case)
     ids = torch.randint(0, 101, (2, 7))
     compare_step(train_step(ours, ids), train_step(theirs, ids), train_step(exact, ids))
+    assert len(calls) >= 2 * len(TARGETS)  # every quantised LoRA layer took the fused op
 
 
 @pytest.mark.parametrize("case,flag", [("nf4-dq", "is_loaded_in_4bit"), ("int8", "is_loaded_in_8bit")])

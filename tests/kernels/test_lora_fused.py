@@ -342,6 +342,33 @@ def test_qlora_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps,
         assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
 
 
+def make_q8inputs(lead, d_in, d_out, ranks, xdt, wdt, bias=True, seed=0):
+    """A random bitsandbytes-layout int8 weight (CB int8, SCB fp32 row scales) and the dense reference."""
+    from peftfast.kernels.quant import dequantize_int8_reference
+    g = torch.Generator().manual_seed(seed + 2)
+    cb = torch.randint(-127, 128, (d_out, d_in), dtype=torch.int8, generator=g)
+    scb = (torch.rand(d_out, generator=g) + 0.5) / math.sqrt(d_in)
+    x, _, b, As, Bs, scalings, dy = make_inputs(lead, d_in, d_out, ranks, xdt, wdt, bias=bias, seed=seed)
+    return LF.Int8Weight(cb, scb), (x, dequantize_int8_reference(cb, scb, xdt), b, As, Bs, scalings, dy)
+
+
+Q8CASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias)
+    ((37,), [7], (F32, F32), [0.1], True),
+    ((5,), [1, 7], (F16, F16), [0.1, 0.2], False),  # 5 tokens: the decode tile
+    ((2, 75), [7, 16], (F16, F32), [0.1, 0.0], True),  # 150 rows: dA summed over three row blocks
+]
+
+
+@pytest.mark.parametrize("lead,ranks,dtypes,ps,bias", Q8CASES)
+def test_int8_lora_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps, bias):
+    """``qlora_linear_fused`` over a row-wise int8 weight: the adapter inside the int8 GEMM and its dX
+    kernel (which also computes dA), against float64 on the dequantised weight."""
+    p, inputs = make_q8inputs(lead, 96, 83, ranks, *dtypes, bias=bias)
+    y, grads, seed = run_qop(p, inputs, ps)
+    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
+        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+
+
 def test_qlora_general_layout(backend):
     """in_features=100 is not a multiple of the blocksize: the per-element (general) dequant
     layout, whose dX kernel leaves dA to the separate kernel."""

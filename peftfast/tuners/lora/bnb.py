@@ -5,8 +5,10 @@
 The base output is computed straight from bitsandbytes' storage by ``matmul_4bit`` /
 ``matmul_int8`` (on CUDA the weight is dequantised tile by tile inside the matmul; on CPU it is
 dequantised, multiplied and freed), so neither forward nor backward keeps an [N, K] weight alive
-beyond one op: autograd saves only the packed tensors that already live in the layer. The
-adapter term is the same fused op as on a float base. bitsandbytes' own ``forward`` is never
+beyond one op: autograd saves only the packed tensors that already live in the layer. On the
+Triton backend (a frozen, hook-free base whose compute dtype is the input's) the adapters run
+inside the same quantised GEMM (``qlora_linear_fused``: one store of y; the dX kernel adds the
+adapter term and computes dA); otherwise the adapter term is the same op as on a float base. bitsandbytes' own ``forward`` is never
 called (unless hooks on the base layer need it), which also keeps its CPU inference repack
 (``Linear4bit`` rewriting ``weight.data`` in eval mode without grad) away from the layers
 wrapped here.
@@ -40,7 +42,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from ...kernels.backend import use_triton
-from ...kernels.lora_fused import qlora_linear_fused
+from ...kernels.lora_fused import Int8Weight, qlora_linear_fused
 from ...kernels.qmatmul import matmul_4bit, matmul_int8
 from ...kernels.quant import Packed4bit, dequantize_4bit, dequantize_int8
 from ...utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb
@@ -300,6 +302,26 @@ class Linear4bit(QuantizedBase4bit, _QuantLoraLinear):
 
 class Linear8bitLt(QuantizedBase8bit, _QuantLoraLinear):
     """LoRA on a bitsandbytes ``Linear8bitLt`` (row-wise int8 weight)."""
+
+    def _fuses_with_base(self, x: torch.Tensor) -> bool:
+        """On the Triton backend a hook-free, frozen int8 base (CB/SCB, no fp16 weights) runs in the same
+        int8 GEMM that adds the adapters (one store of y; the dX kernel also computes dA)."""
+        base = self.get_base_layer()
+        if _runs_hooks(base) or base.weight.requires_grad or base.state.has_fp16_weights:
+            return False
+        return use_triton(x, base.weight)
+
+    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        base = self.get_base_layer()
+        cb, scb = int8_from_bnb(base)
+        return qlora_linear_fused(
+            x, Int8Weight(cb, scb), None if base.bias is None else base.bias.to(x.dtype),
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [float(self.scaling[n]) for n in names],
+            [_dropout_p(self.lora_dropout[n]) for n in names],
+            self.training,
+        )
 
 
 def dispatch_bnb(target: nn.Module, adapter_name: str, lora_config: Any = None, **kwargs: Any
