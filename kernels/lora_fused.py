@@ -100,7 +100,7 @@ from . import lora as L
 from . import qmatmul as Q
 from .aot import AotSpec
 from .backend import use_triton
-from .dropout import check_p, draw_seed, keep_mask, stream_key
+from .dropout import check_p, draw_seed, keep_mask
 from .quant import Packed4bit, check_int8, check_packed4bit, dequantize_4bit_torch, dequantize_int8_reference
 
 # ----------------------------------------------------------------------------------------------
