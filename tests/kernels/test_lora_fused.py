@@ -44,15 +44,20 @@ def reference(inputs, masks, ps, dtype=None):
     return y.detach(), [xs.grad] + ([] if bs is None else [bs.grad]) + [a.grad for a in As_] + [b.grad for b in Bs_]
 
 
-def run_op(inputs, ps, seed=1234, between=None):
-    """(y, grads, drawn seed); ``between`` runs between forward and backward."""
+def run_op(inputs, ps, seed=1234, between=None, quantised=None):
+    """(y, grads, drawn seed) of ``lora_linear_fused`` on inputs' dense weight, or of
+    ``qlora_linear_fused`` on ``quantised`` (inputs then carry its dequantised twin for the
+    reference); ``between`` runs between forward and backward."""
     x, w, bias, As, Bs, scalings, dy = inputs
     xs, bs = leaves([x, bias])
     As_, Bs_ = leaves(As), leaves(Bs)
     torch.manual_seed(seed)
     drawn = int(D.draw_seed())
     torch.manual_seed(seed)
-    y = LF.lora_linear_fused(xs, w, bs, As_, Bs_, scalings, ps, True)
+    if quantised is None:
+        y = LF.lora_linear_fused(xs, w, bs, As_, Bs_, scalings, ps, True)
+    else:
+        y = LF.qlora_linear_fused(xs, quantised, bs, As_, Bs_, scalings, ps, True)
     if between is not None:
         between()
     y.backward(dy)
@@ -94,6 +99,22 @@ def errors(y, grads, inputs, masks, ps):
     return out
 
 
+def assert_matches_float64(inputs, ps, quantised=None):
+    """Run the op (``run_op``) and hold y and every gradient to ``errors``' bounds."""
+    y, grads, seed = run_op(inputs, ps, quantised=quantised)
+    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
+        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+
+
+def assert_backward_reuses_the_forward_mask(inputs, ps, quantised=None):
+    """RNG draws between forward and backward must not change the mask: the results match the
+    reference built with the drawn seed's masks and are far off one built with another seed's."""
+    y, grads, seed = run_op(inputs, ps, between=lambda: torch.rand(1000), quantised=quantised)
+    assert all(err <= allowed for _, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps))
+    wrong = errors(y, grads, inputs, masks_for(seed + 1, ps, inputs[0]), ps)
+    assert all(err > 10 * allowed for name, err, allowed in wrong if name in ("y", "dx", "dA0", "dA1"))
+
+
 CASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias)
     ((113,), [1], (F32, F32), [0.0], True),
     ((113,), [7], (F16, F16), [0.1], True),
@@ -111,9 +132,7 @@ CASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias)
                          else "r" + "-".join(map(str, v)))
 def test_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps, bias):
     inputs = make_inputs(lead, 203, 97, ranks, *dtypes, bias=bias)
-    y, grads, seed = run_op(inputs, ps)
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, ps)
 
 
 @pytest.mark.parametrize("dtypes", [(F16, F16), (F32, F32)], ids=["f16", "f32"])
@@ -121,9 +140,7 @@ def test_wide_layer_sums_partials_in_order(backend, dtypes):
     """d_out=300 spans two or three column blocks of the dY pass (G summed over them) and 150
     rows several splits (dB summed over them); the results must match float64 as the rest."""
     inputs = make_inputs((150,), 45, 300, [7, 20], *dtypes)
-    y, grads, seed = run_op(inputs, [0.1, 0.0])
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, [0.1, 0.0], inputs[0]), [0.1, 0.0]):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, [0.1, 0.0])
     # the kernels' arrival counters are shared by later launches: each must be back at zero
     assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
 
@@ -135,9 +152,7 @@ def test_many_row_blocks(backend, rows, dtypes):
     second group's t is computed by the first group's tiles (the look-ahead shrink slices), the
     first group's by the slices that precede every tile. (fp32 models: the separate shrink.)"""
     inputs = make_inputs((rows,), 150, 70, [7, 3], *dtypes)
-    y, grads, seed = run_op(inputs, [0.1, 0.2])
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, [0.1, 0.2], inputs[0]), [0.1, 0.2]):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, [0.1, 0.2])
     assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
 
 
@@ -146,10 +161,7 @@ def test_backward_regenerates_the_forward_mask(backend):
     another seed's mask is far off, so the check can fail."""
     inputs = make_inputs((113,), 203, 97, [7, 16], F32, F32)
     ps = [0.5, 0.25]
-    y, grads, seed = run_op(inputs, ps, between=lambda: torch.rand(1000))
-    assert all(err <= allowed for _, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps))
-    wrong = errors(y, grads, inputs, masks_for(seed + 1, ps, inputs[0]), ps)
-    assert all(err > 10 * allowed for name, err, allowed in wrong if name in ("y", "dx", "dA0", "dA1"))
+    assert_backward_reuses_the_forward_mask(inputs, ps)
 
 
 def test_eval_mode_ignores_dropout(backend):
@@ -260,9 +272,7 @@ def test_bf16_reference(monkeypatch, wdt):
     monkeypatch.setenv("PEFTFAST_BACKEND", "torch")
     inputs = make_inputs((113,), 203, 97, [7, 100], torch.bfloat16, wdt)
     ps = [0.1, 0.0]
-    y, grads, seed = run_op(inputs, ps)
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, ps)
 
 
 @pytest.mark.parametrize("trainable", ["x", "B", "A"])
@@ -310,20 +320,6 @@ def make_qinputs(lead, d_in, d_out, ranks, xdt, wdt, bias=True, nested=True, see
     return p, (x, dequantize_4bit_reference(p).to(xdt), b, As, Bs, scalings, dy)
 
 
-def run_qop(p, inputs, ps, seed=1234, between=None):
-    x, _, bias, As, Bs, scalings, dy = inputs
-    xs, bs = leaves([x, bias])
-    As_, Bs_ = leaves(As), leaves(Bs)
-    torch.manual_seed(seed)
-    drawn = int(D.draw_seed())
-    torch.manual_seed(seed)
-    y = LF.qlora_linear_fused(xs, p, bs, As_, Bs_, scalings, ps, True)
-    if between is not None:
-        between()
-    y.backward(dy)
-    return y.detach(), [xs.grad] + ([] if bs is None else [bs.grad]) + [a.grad for a in As_] + [b.grad for b in Bs_], drawn
-
-
 QCASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias, nested)
     ((37,), [7], (F32, F32), [0.1], True, True),
     ((37,), [1, 7], (F16, F16), [0.2, 0.0], True, False),
@@ -337,9 +333,7 @@ QCASES = [  # (leading dims, ranks, (x dtype, adapter dtype), dropout ps, bias, 
 @pytest.mark.parametrize("lead,ranks,dtypes,ps,bias,nested", QCASES)
 def test_qlora_forward_and_grads_match_float64(backend, lead, ranks, dtypes, ps, bias, nested):
     p, inputs = make_qinputs(lead, 192, 97, ranks, *dtypes, bias=bias, nested=nested)
-    y, grads, seed = run_qop(p, inputs, ps)
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, ps, quantised=p)
 
 
 def make_q8inputs(lead, d_in, d_out, ranks, xdt, wdt, bias=True, seed=0):
@@ -364,27 +358,20 @@ def test_int8_lora_forward_and_grads_match_float64(backend, lead, ranks, dtypes,
     """``qlora_linear_fused`` over a row-wise int8 weight: the adapter inside the int8 GEMM and its dX
     kernel (which also computes dA), against float64 on the dequantised weight."""
     p, inputs = make_q8inputs(lead, 96, 83, ranks, *dtypes, bias=bias)
-    y, grads, seed = run_qop(p, inputs, ps)
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, ps, quantised=p)
 
 
 def test_qlora_general_layout(backend):
     """in_features=100 is not a multiple of the blocksize: the per-element (general) dequant
     layout, whose dX kernel leaves dA to the separate kernel."""
     p, inputs = make_qinputs((70,), 100, 97, [7], F16, F16)
-    y, grads, seed = run_qop(p, inputs, [0.1])
-    for name, err, allowed in errors(y, grads, inputs, masks_for(seed, [0.1], inputs[0]), [0.1]):
-        assert err <= allowed, f"{name}: error {err:.3e} vs float64 > allowed {allowed:.3e}"
+    assert_matches_float64(inputs, [0.1], quantised=p)
 
 
 def test_qlora_backward_regenerates_the_forward_mask(backend):
     p, inputs = make_qinputs((37,), 192, 97, [1, 7], F32, F32)
     ps = [0.5, 0.25]
-    y, grads, seed = run_qop(p, inputs, ps, between=lambda: torch.rand(1000))
-    assert all(err <= allowed for _, err, allowed in errors(y, grads, inputs, masks_for(seed, ps, inputs[0]), ps))
-    wrong = errors(y, grads, inputs, masks_for(seed + 1, ps, inputs[0]), ps)
-    assert all(err > 10 * allowed for name, err, allowed in wrong if name in ("y", "dx", "dA0", "dA1"))
+    assert_backward_reuses_the_forward_mask(inputs, ps, quantised=p)
 
 
 def test_qlora_no_grad_and_no_adapters(backend):
