@@ -157,43 +157,43 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
 
 
 @triton.jit
-def _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 x[rows] @ W[cols]^T for output tile (pid_m, pid_n), tensor cores."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """fp32 sum_k a[rows, k] * b[k, cols] over k < K, tensor cores: the base GEMM of the forward
+    (a = x, b = W^T) and of the dX kernel (a = dY, b = W)."""
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # W^T tile [BK, BN]
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k + k0 < K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
 @triton.jit
-def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R,
+def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R,
                  stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
-                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     acc = L._accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
                                stride_br, BLOCK_R, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row offsets, column offsets, row mask, column mask) of output tile (pid_m, pid_n)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
 
 
 @triton.jit
@@ -213,10 +213,11 @@ def _lora_fused_forward_kernel(
 ):
     # t computed beforehand by a separate shrink launch (fp32 models; see _launch_forward)
     pid_m, pid_n = L._grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+    offs_m, offs_n, mask_m, mask_n = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
                      BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_tr, stride_bn,
-                 stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
+                 stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -265,14 +266,15 @@ def _lora_fused_forward_lookahead_kernel(
                          R, next_m + local // n_items, local % n_items, n_items, k_per_item, num_m,
                          stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
                          stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
-        acc = _base_tile(x_ptr, w_ptr, pid_m, pid_n, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
-                         BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        offs_m, offs_n, mask_m, mask_n = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
+                         stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         # wait for this row block's t (its slices all have earlier tickets)
         ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
         while ready == 0:
             ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
-        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, pid_m, pid_n, M, N, R, stride_tm, stride_tr, stride_bn,
-                     stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
+                     stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
         # the last of the row block's tiles to read t lowers its ready flag for the next launch
         if L._last_arrival(count_ptr + 1 + 2 * num_m + pid_m, num_n):
             tl.atomic_xchg(count_ptr + 1 + num_m + pid_m, 0)
@@ -299,21 +301,9 @@ def _lora_fused_grad_x_kernel(
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = L._grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_k = offs_k < K
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        mask_n = offs_n + n0 < N
-        dy = tl.load(dy_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
-        dy_ptrs += BLOCK_N * stride_dyn
-        w_ptrs += BLOCK_N * stride_wn
+    offs_m, offs_k, mask_m, mask_k = _tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
+    acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
+                     BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
     acc = L._accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
