@@ -49,8 +49,9 @@ of partials for each of dA and dB when the reduction over M is split.
 CPU (the reference path, used for real training): with dropout, the same math with torch
 matmuls and the mask regenerated from the seed in backward (an autograd.Function: no mask and no
 dropped copy of x saved); without dropout and with adapters in x's dtype, plain autograd ops (no
-per-call Function cost; the same saved tensors): t = (x @ A^T) * s, then one addmm into base_out. One core, T=512, d=256, r=8,
-against nn.Dropout + two nn.Linear: forward 0.71x the time with p=0.1; forward+backward 0.98x.
+per-call Function cost; the same saved tensors): t = (x @ A^T) * s, then one addmm into base_out.
+One core, T=512, d=256, r=8, against nn.Dropout + two nn.Linear: forward 0.71x the time with
+p=0.1; forward+backward 0.98x.
 Small layers (T=64, d=64) pay the fixed cost of the ~16 tensor ops of a mask: 2.2x with dropout.
 
 On the Triton path, when a program's operands are not 16-byte aligned (odd feature sizes) the
@@ -258,8 +259,9 @@ def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROU
 @triton.jit
 def _last_arrival(count_ptr, expected):
     """True in exactly one of the ``expected`` programs that call this on one counter (from
-    ``_arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything the caller stored before the call is visible to that program (the barrier
-    orders the CTA's stores before the release; the acquire orders the winner's later loads).
+    ``_arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything
+    the callers stored before the call is visible to that program (the barrier orders the CTA's
+    stores before the release; the acquire orders the winner's later loads).
     Read what other programs stored with ``cache_modifier=".cg"`` (L1 is not coherent)."""
     tl.debug_barrier()
     last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == expected - 1
@@ -707,6 +709,14 @@ def _split(plan, da, db):
     return das, dbs
 
 
+def _adapter_grads(plan, da, db, need_a, need_b) -> list:
+    """[dA_1 .. dA_n, dB_1 .. dB_n] for an autograd backward to return: per-adapter pieces of the
+    stacked gradients (``_split``), None for each adapter weight that needs no gradient."""
+    das, dbs = _split(plan, da, db)
+    return [g if need else None for g, need in zip(das, need_a)] + \
+        [g if need else None for g, need in zip(dbs, need_b)]
+
+
 def _can_update_in_place(base_out: torch.Tensor) -> bool:
     return (base_out._base is None and base_out.is_contiguous()
             and not (base_out.is_leaf and base_out.requires_grad)
@@ -734,10 +744,8 @@ class LoraLinearFunction(torch.autograd.Function):
         need_a, need_b = needs[6:6 + n], needs[6 + n:]
         dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, ctx.seed, needs[0], any(need_a),
                                any(need_b), ctx.on_triton)
-        da, db = _split(plan, da, db)
-        da = [g if need else None for g, need in zip(da, need_a)]
-        db = [g if need else None for g, need in zip(db, need_b)]
-        return (dx, dy if needs[1] else None, None, None, None, None, *da, *db)
+        grads = _adapter_grads(plan, da, db, need_a, need_b)
+        return (dx, dy if needs[1] else None, None, None, None, None, *grads)
 
 
 @torch.library.custom_op("peftfast::lora_linear", mutates_args=())

@@ -603,10 +603,7 @@ class LoraLinearFusedFunction(torch.autograd.Function):
         need_a, need_b = needs[6:6 + n], needs[6 + n:]
         dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, ctx.seed, needs[0],
                                       needs[2], any(need_a), any(need_b), ctx.on_triton)
-        da, db = L._split(plan, da, db)
-        da = [g if need else None for g, need in zip(da, need_a)]
-        db = [g if need else None for g, need in zip(db, need_b)]
-        return (dx, None, dbias, None, None, None, *da, *db)
+        return (dx, None, dbias, None, None, None, *L._adapter_grads(plan, da, db, need_a, need_b))
 
 
 @torch.library.custom_op("peftfast::lora_linear_fused", mutates_args=())
@@ -830,10 +827,7 @@ class QLoraLinearFusedFunction(torch.autograd.Function):
         dbias = None
         if ctx.bias_dtype is not None and needs[1]:
             dbias = _2d(dy).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        da, db = L._split(plan, da, db)
-        da = [g if need else None for g, need in zip(da, need_a)]
-        db = [g if need else None for g, need in zip(db, need_b)]
-        return (dx, dbias, None, None, None, None, *da, *db)
+        return (dx, dbias, None, None, None, None, *L._adapter_grads(plan, da, db, need_a, need_b))
 
 
 def qlora_linear_fused(x: torch.Tensor, p: Packed4bit | Int8Weight, bias: torch.Tensor | None,

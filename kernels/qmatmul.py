@@ -45,10 +45,11 @@ reduction steps); every variant compiles without register spills for sm_80/86/89
 Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
 
 LoRA in the same kernel (HAS_LORA, both the 4-bit and the int8 kernel, used by
-``lora_fused.qlora_linear_fused``): after the quantised K-loop the forward adds a short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T,
-[M, RL]); the dX direction adds lora.py's masked sum_i m_i * (G_i @ A_i) (G = s' dY B). With a
-split reduction only split 0 adds the term. Extra traffic: t and B (or G and A), RL/K of the work.
-With LORA_DA (unsplit dX, aligned layout) the dX kernel also computes dA = sum_i G_i^T @ (m_i * x)
+``lora_fused.qlora_linear_fused``; ``_lora_term``): after the quantised K-loop the forward adds a
+short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T, [M, RL]); the dX
+direction adds lora.py's masked sum_i m_i * (G_i @ A_i) (G = s' dY B). With a split reduction
+only split 0 adds the term. Extra traffic: t and B (or G and A), RL/K of the work.
+With LORA_DA (unsplit dX; for 4-bit the aligned layout) the dX kernel also computes dA = sum_i G_i^T @ (m_i * x)
 for its columns: it reads its x tile, stores an fp32 partial per row block, and the last row
 block of each column block sums them in order (lora._lora_grad_a_tile).
 
