@@ -45,7 +45,7 @@ reduction steps); every variant compiles without register spills for sm_80/86/89
 Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
 
 LoRA in the same kernel (HAS_LORA, both the 4-bit and the int8 kernel, used by
-``lora_fused.qlora_linear_fused``; ``_lora_term``): after the quantised K-loop the forward adds a
+``lora_fused.qlora_linear_fused``; ``_finish_tile``): after the quantised K-loop the forward adds a
 short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T, [M, RL]); the dX
 direction adds lora.py's masked sum_i m_i * (G_i @ A_i) (G = s' dY B). With a split reduction
 only split 0 adds the term. Extra traffic: t and B (or G and A), RL/K of the work.
@@ -117,15 +117,19 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed,
-               lora_n_adapters, RL, stride_lam, stride_lar, stride_lw0, stride_lw1, TRANSPOSE_W: tl.constexpr,
-               HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr,
-               BLOCK_LR: tl.constexpr):
-    """The adapter term of a quantised GEMM tile: a short second reduction over the ranks into the same
-    accumulator (split 0 only): acc += t @ B^T (forward) or sum_i mask_i * (G_i @ A_i) (dX)."""
+def _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
+                 lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
+                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, stride_lxm,
+                 stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr,
+                 LORA_PRECISION: tl.constexpr, BLOCK_LR: tl.constexpr, LORA_DA: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The epilogue shared by the quantised GEMMs (only their K-loops differ): the adapter term, a
+    short second reduction over the ranks into the same accumulator (split 0 only): acc += t @ B^T
+    (forward) or sum_i mask_i * (G_i @ A_i) (dX); the bias; one store; then, with LORA_DA, dA of
+    these columns (lora._lora_grad_a_tile; x read in 32-row slices: no spills)."""
+    mask_m = offs_m < M
+    mask_c = offs_c < C
     if HAS_LORA:
-        mask_m = offs_m < M
-        mask_c = offs_c < C
         rl = tl.where(pid_s == 0, RL, 0)
         if TRANSPOSE_W:
             acc = L._accumulate_lora_y(acc, lora_a_ptr, lora_w_ptr, rl, offs_m, offs_c, mask_m, mask_c, stride_lam,
@@ -135,20 +139,16 @@ def _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_ad
             acc = L._accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
                                         offs_m, offs_c, mask_m, mask_c, stride_lam, stride_lar, stride_lw0,
                                         stride_lw1, LORA_DROPOUT, BLOCK_LR, LORA_PRECISION)
-    return acc
-
-
-@triton.jit
-def _lora_grad_a(pid_m, pid_c, offs_c, M, C, lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr,
-                 lora_adapters_ptr, lora_n_adapters, RL, lora_seed, stride_lxm, stride_lxk, stride_lam, stride_lar,
-                 stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT: tl.constexpr,
-                 LORA_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_LR: tl.constexpr):
-    """dA of the columns offs_c inside a quantised dX kernel (LORA_DA; x read in 32-row slices: no spills)."""
-    L._lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
-                        lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
-                        offs_c, offs_c < C, stride_lxm, stride_lxk, stride_lam, stride_lar,
-                        stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
-                        min(BLOCK_M, 32), BLOCK_LR, LORA_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    if LORA_DA:
+        L._lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
+                            lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
+                            offs_c, mask_c, stride_lxm, stride_lxk, stride_lam, stride_lar,
+                            stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
+                            min(BLOCK_M, 32), BLOCK_LR, LORA_PRECISION)
 
 
 @triton.jit(do_not_specialize=["lora_seed"])
@@ -244,18 +244,11 @@ def _matmul_4bit_kernel(
             w = _dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
                               nested_code_ptr, offset, log2_bs, log2_nbs, NESTED)
         acc = _dot(a, _as_operand(w, a, w_round), acc)
-    acc = _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed,
-                     lora_n_adapters, RL, stride_lam, stride_lar, stride_lw0, stride_lw1, TRANSPOSE_W, HAS_LORA,
-                     LORA_DROPOUT, LORA_PRECISION, BLOCK_LR)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
-    if LORA_DA:
-        _lora_grad_a(pid_m, pid_c, offs_c, M, C, lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr,
-                     lora_adapters_ptr, lora_n_adapters, RL, lora_seed, stride_lxm, stride_lxk, stride_lam,
-                     stride_lar, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT,
-                     LORA_PRECISION, BLOCK_M, BLOCK_LR)
+    _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
+                 lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
+                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, stride_lxm,
+                 stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W, HAS_BIAS,
+                 HAS_LORA, LORA_DROPOUT, LORA_PRECISION, BLOCK_LR, LORA_DA, BLOCK_M)
 
 
 @triton.jit(do_not_specialize=["lora_seed"])
@@ -315,18 +308,11 @@ def _matmul_int8_kernel(
             w = _dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk,
                               scb_ptr, N)
         acc = _dot(a, w.to(a.dtype), acc)
-    acc = _lora_term(acc, pid_s, offs_m, offs_c, M, C, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed,
-                     lora_n_adapters, RL, stride_lam, stride_lar, stride_lw0, stride_lw1, TRANSPOSE_W, HAS_LORA,
-                     LORA_DROPOUT, LORA_PRECISION, BLOCK_LR)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_c[None, :] < C))
-    if LORA_DA:
-        _lora_grad_a(pid_m, pid_c, offs_c, M, C, lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr,
-                     lora_adapters_ptr, lora_n_adapters, RL, lora_seed, stride_lxm, stride_lxk, stride_lam,
-                     stride_lar, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT,
-                     LORA_PRECISION, BLOCK_M, BLOCK_LR)
+    _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
+                 lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
+                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, stride_lxm,
+                 stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W, HAS_BIAS,
+                 HAS_LORA, LORA_DROPOUT, LORA_PRECISION, BLOCK_LR, LORA_DA, BLOCK_M)
 
 
 @triton.jit
