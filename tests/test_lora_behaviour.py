@@ -610,20 +610,13 @@ def test_adapter_names_mixed_batch(case):
     assert pm.active_adapter == "default"
 
 
-def test_adapter_names_mixed_batch_with_classifier_heads():
-    pm = _two_adapter_model(tiny_bert_seq_cls, "SEQ_CLS", ["query", "value"])
-    x = {k: v for k, v in seq_cls_inputs(batch=3).items() if k != "labels"}
-    names = ["other", "__base__", "default"]
-    separate = _per_adapter_outputs(pm, x)
-    with torch.no_grad():
-        mixed = model_output(pm(**x, adapter_names=names))
-    for i, name in enumerate(names):
-        assert torch.allclose(mixed[i], separate[name][i], atol=1e-5, rtol=1e-5), (i, name)
-
-
-def test_adapter_names_mixed_batch_with_embedding_target():
-    pm = _two_adapter_model(tiny_llama, "CAUSAL_LM", ["embed_tokens", "q_proj"])
-    x = {k: v for k, v in causal_inputs(batch=3).items() if k != "labels"}
+@pytest.mark.parametrize("build,task,targets,inputs", [
+    (tiny_bert_seq_cls, "SEQ_CLS", ["query", "value"], seq_cls_inputs),  # classifier heads
+    (tiny_llama, "CAUSAL_LM", ["embed_tokens", "q_proj"], causal_inputs),  # an embedding target
+], ids=["classifier_heads", "embedding_target"])
+def test_adapter_names_mixed_batch_more_layers(build, task, targets, inputs):
+    pm = _two_adapter_model(build, task, targets)
+    x = {k: v for k, v in inputs(batch=3).items() if k != "labels"}
     names = ["other", "__base__", "default"]
     separate = _per_adapter_outputs(pm, x)
     with torch.no_grad():

@@ -31,6 +31,7 @@ from peftfast.tools.memory import measure_saved_bytes
 from peftfast.tuners.ia3 import bnb as ia3_bnb
 from peftfast.tuners.lora import bnb as lora_bnb
 from peftfast.utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb, prevent_cpu_repack
+from tests._autograd import record_saved
 
 K_ERR = 4  # peftfast's error vs exact may be this many times PEFT's (same math, maybe another op order)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -556,14 +557,7 @@ def test_ia3_layer_forward_and_gradients_match_float64(case, feedforward):
 def test_no_dequantised_weight_is_saved_for_backward(case):
     layer = make_lora(make_base(case))
     x = torch.randn(3, 5, K_IN, requires_grad=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = layer(x)
+    y, saved = record_saved(lambda: layer(x))
     big = [tuple(t.shape) for t in saved if t.is_floating_point() and t.numel() >= N_OUT * K_IN]
     assert not big, f"a weight-sized tensor was saved for backward: {big}"
 

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from peftfast.kernels import ia3 as I
 
+from tests._autograd import record_saved
+
 K_TOL = 4.0
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 
@@ -172,18 +174,6 @@ def test_ia3_scale_errors():
 # ----------------------------------------------------------------------------------------------
 # memory saved for backward
 # ----------------------------------------------------------------------------------------------
-def saved_bytes(fn, skip):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, [t for t in saved if not any(t is k for k in skip)]
-
-
 @pytest.mark.parametrize("feedforward", [True, False], ids=["ff", "out"])
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
 def test_ia3_linear_saves_no_intermediate(backend, feedforward, dtype):
@@ -196,7 +186,7 @@ def test_ia3_linear_saves_no_intermediate(backend, feedforward, dtype):
     s.requires_grad_(True)
 
     def extra_bytes(fn):
-        y, saved = saved_bytes(fn, skip=[])
+        y, saved = record_saved(fn)
         owned = {t.untyped_storage().data_ptr() for t in (x, w, b, s, y)}
         return sum(t.numel() * t.element_size() for t in saved if t.untyped_storage().data_ptr() not in owned)
 

@@ -14,6 +14,8 @@ from peftfast.kernels import dropout as D
 from peftfast.kernels import lora as L
 from peftfast.kernels import lora_fused as LF
 
+from tests._autograd import record_saved
+
 K_TOL = 4.0
 F16, F32 = torch.float16, torch.float32
 
@@ -180,9 +182,7 @@ def test_saves_only_x_and_t(backend):
     xs, bs = leaves([x, bias])
     As_, Bs_ = leaves(As), leaves(Bs)
     params = {t.data_ptr() for t in (w, *As_, *Bs_)}
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = LF.lora_linear_fused(xs, w, bs, As_, Bs_, scalings, [0.1, 0.2], True)
+    y, saved = record_saved(lambda: LF.lora_linear_fused(xs, w, bs, As_, Bs_, scalings, [0.1, 0.2], True))
     y.backward(dy)
     activations = [t for t in saved if t.data_ptr() not in params]
     assert any(t.data_ptr() == xs.data_ptr() for t in activations)

@@ -12,6 +12,8 @@ import torch
 from peftfast.kernels import dropout as D
 from peftfast.kernels import lora as L
 
+from tests._autograd import record_saved
+
 K_TOL = 4.0
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 
@@ -260,18 +262,6 @@ def test_mask_statistics(p):
 # ----------------------------------------------------------------------------------------------
 # memory saved for backward
 # ----------------------------------------------------------------------------------------------
-def saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 @pytest.mark.parametrize("dtypes", [(F32, F32), (F16, F32)], ids=["fp32", "fp16x-fp32w"])
 def test_saves_no_mask_and_no_copy_of_x(backend, dtypes):
     T, d_in, d_out, r = 64, 96, 80, 8
@@ -280,7 +270,7 @@ def test_saves_no_mask_and_no_copy_of_x(backend, dtypes):
     a, b = leaves(As), leaves(Bs)
     base_in = base.clone().requires_grad_(True) * 1.0
 
-    _, saved = saved_tensors(lambda: L.lora_linear(x, base_in, a, b, scalings, [0.1], True))
+    _, saved = record_saved(lambda: L.lora_linear(x, base_in, a, b, scalings, [0.1], True))
     assert not any(t.dtype == torch.bool for t in saved), "a dropout mask was saved"
     big = [t for t in saved if t.numel() >= T * d_in]
     assert all(t is x for t in big), f"saved [T, d_in]-sized tensors other than x: {[t.shape for t in big]}"
@@ -293,7 +283,7 @@ def test_saves_no_mask_and_no_copy_of_x(backend, dtypes):
         xa = x.to(a[0].dtype)
         return base_in + (drop(xa) @ a[0].t()) @ b[0].t() * scalings[0]
 
-    _, saved_peft = saved_tensors(peft_path)
+    _, saved_peft = record_saved(peft_path)
     peft_bytes = sum(t.numel() * t.element_size() for t in saved_peft if t is not a[0] and t is not b[0])
     ours = sum(t.numel() * t.element_size() for t in saved if t is not a[0] and t is not b[0])
     assert ours < peft_bytes

@@ -24,6 +24,8 @@ from peftfast.kernels.quant import (  # noqa: E402
     dequantize_int8_reference,
 )
 
+from tests._autograd import record_saved  # noqa: E402
+
 K_TOL = 2.0
 
 
@@ -214,9 +216,7 @@ def test_backward_saves_no_weight_and_no_input(kind, backend, monkeypatch):
             return Q.matmul_int8(x_, cb, scb, b_)
     x = randn((n + 1, k), torch.float32, seed=13).requires_grad_(True)  # T != N, so shapes are telling
     bias = randn((n,), torch.float32, seed=14).requires_grad_(True)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        y = op(x, bias)
+    y, saved = record_saved(lambda: op(x, bias))
     assert saved, "nothing saved at all: the op lost its autograd"
     for t in saved:
         assert not (t.is_floating_point() and t.numel() >= n * k), f"saved a float {tuple(t.shape)} tensor"
