@@ -666,6 +666,32 @@ def _count_triton_forward_backward(forward, dy: torch.Tensor) -> tuple[tuple, tu
     return fwd, bwd
 
 
+def _require_interpreter() -> None:
+    from peftfast.kernels.backend import interpreting
+
+    if not interpreting():
+        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+
+
+def _adapter_weights(gen: torch.Generator, r: int, d_in: int, d_out: int, ad: torch.dtype):
+    """(A [r, d_in], B [d_out, r]) random adapter weights in ``ad`` that require grad."""
+    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
+    b = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    return a, b
+
+
+def _op_checks(op: str, shape: str, fwd: tuple, bwd: tuple, model_f: list[Kernel], model_b: list[Kernel],
+               fwd_reread: int = 0) -> list[Check]:
+    """Forward and backward Checks of one op's counts against its kernel lists; ``fwd_reread``:
+    bytes the formulas charge twice that a count of unique addresses sees once."""
+    return [
+        Check(f"peftfast {op} forward {shape}", fwd[0], path_bytes(model_f) - fwd_reread, fwd[1], len(model_f),
+              KERNEL_BYTES_TOLERANCE),
+        Check(f"peftfast {op} backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
+              KERNEL_BYTES_TOLERANCE),
+    ]
+
+
 def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
                        ad: torch.dtype = torch.float32) -> list[Check]:
     """Count ``lora_linear``'s Triton kernels under the interpreter (unique bytes per launch)
@@ -677,28 +703,19 @@ def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
     """
 
     from peftfast.kernels import lora
-    from peftfast.kernels.backend import interpreting
 
-    if not interpreting():
-        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+    _require_interpreter()
     act = torch.float16
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
     base_out = torch.randn(t, d_out, generator=gen).to(act)
-    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
-    b = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    a, b = _adapter_weights(gen, r, d_in, d_out, ad)
     dy = torch.randn(t, d_out, generator=gen).to(act)
     fwd, bwd = _count_triton_forward_backward(
         lambda: lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True), dy)
-    model_f = peftfast_lora_forward(t, d_in, d_out, [r], act, ad)
-    model_b = _peftfast_backward(t, d_in, d_out, r, act, ad, dropout_p > 0)
-    shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})"
-    return [
-        Check(f"peftfast lora_linear forward {shape}", fwd[0], path_bytes(model_f), fwd[1], len(model_f),
-              KERNEL_BYTES_TOLERANCE),
-        Check(f"peftfast lora_linear backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
-              KERNEL_BYTES_TOLERANCE),
-    ]
+    return _op_checks("lora_linear", f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})", fwd, bwd,
+                      peftfast_lora_forward(t, d_in, d_out, [r], act, ad),
+                      _peftfast_backward(t, d_in, d_out, r, act, ad, dropout_p > 0))
 
 
 def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
@@ -712,30 +729,23 @@ def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: in
     """
 
     from peftfast.kernels import lora_fused
-    from peftfast.kernels.backend import interpreting
 
-    if not interpreting():
-        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+    _require_interpreter()
     act = torch.float16
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
     w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(act)
     b = torch.randn(d_out, generator=gen).to(act).requires_grad_(True) if bias else None
-    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
-    bb = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    a, bb = _adapter_weights(gen, r, d_in, d_out, ad)
     dy = torch.randn(t, d_out, generator=gen).to(act)
     fwd, bwd = _count_triton_forward_backward(
         lambda: lora_fused.lora_linear_fused(x, w, b, [a], [bb], [1.5], [dropout_p], True), dy)
-    model_f = peftfast_fused_forward(t, d_in, d_out, [r], act, ad, bias)
-    model_b = _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout_p > 0, bias)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]}{', bias' if bias else ''})"
-    return [  # the forward's second read of X (same addresses) is seen once by the unique count
-        Check(f"peftfast lora_linear_fused forward {shape}", fwd[0],
-              path_bytes(model_f) - fused_forward_reread(t, d_in, act), fwd[1], len(model_f),
-              KERNEL_BYTES_TOLERANCE),
-        Check(f"peftfast lora_linear_fused backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
-              KERNEL_BYTES_TOLERANCE),
-    ]
+    # the forward's second read of X (same addresses) is seen once by the unique count
+    return _op_checks("lora_linear_fused", shape, fwd, bwd,
+                      peftfast_fused_forward(t, d_in, d_out, [r], act, ad, bias),
+                      _peftfast_fused_backward(t, d_in, d_out, r, act, ad, dropout_p > 0, bias),
+                      fwd_reread=fused_forward_reread(t, d_in, act))
 
 
 def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
@@ -746,11 +756,9 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     ``calibrate_peftfast_fused``."""
 
     from peftfast.kernels import lora_fused
-    from peftfast.kernels.backend import interpreting
     from peftfast.kernels.quant import Packed4bit
 
-    if not interpreting():
-        raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
+    _require_interpreter()
     act = torch.float16
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(0, 256, (d_out * d_in // 2,), generator=gen, dtype=torch.uint8)
@@ -758,20 +766,13 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     code = torch.linspace(-1.0, 1.0, 16)
     p = Packed4bit(data, absmax, code, 64, (d_out, d_in), act)
     x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
-    a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
-    bb = (torch.randn(d_out, r, generator=gen) / r**0.5).to(ad).requires_grad_(True)
+    a, bb = _adapter_weights(gen, r, d_in, d_out, ad)
     dy = torch.randn(t, d_out, generator=gen).to(act)
     fwd, bwd = _count_triton_forward_backward(
         lambda: lora_fused.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True), dy)
-    model_f = qlora_layer("peftfast-fused", False, t, d_in, d_out, r, act, ad, dropout_p)
-    model_b = qlora_layer("peftfast-fused", True, t, d_in, d_out, r, act, ad, dropout_p)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, NF4 bs 64, adapters {str(ad)[6:]})"
-    return [
-        Check(f"peftfast qlora_linear_fused forward {shape}", fwd[0], path_bytes(model_f), fwd[1], len(model_f),
-              KERNEL_BYTES_TOLERANCE),
-        Check(f"peftfast qlora_linear_fused backward {shape}", bwd[0], path_bytes(model_b), bwd[1], len(model_b),
-              KERNEL_BYTES_TOLERANCE),
-    ]
+    return _op_checks("qlora_linear_fused", shape, fwd, bwd, qlora_layer("peftfast-fused", False, t, d_in, d_out, r, act, ad, dropout_p),
+                      qlora_layer("peftfast-fused", True, t, d_in, d_out, r, act, ad, dropout_p))
 
 
 # ----------------------------------------------------------------------------------------------
