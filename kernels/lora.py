@@ -865,7 +865,8 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
         y, _ = torch.ops.peftfast.lora_linear(x, base_out, list(weights_a), list(weights_b),
                                               [float(s) for s in scalings], ps, seed)
         return y
-    if not dropout and dtypes[0] == x.dtype and not use_triton(x, base_out, *weights_a, *weights_b):
+    on_triton = use_triton(x, base_out, *weights_a, *weights_b)
+    if not dropout and dtypes[0] == x.dtype and not on_triton:
         # the reference path without dropout: plain autograd ops (no autograd.Function cost), saving
         # what the op would (x, t): t = (x @ A^T) * s on the small [M, r] side, then one addmm adds
         # t @ B^T to base_out (PEFT scales and adds the [M, N] product in two more passes)
@@ -878,7 +879,6 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
         return out if out.dtype == base_out.dtype else out.to(base_out.dtype)
     seed = int(draw_seed()) if dropout else 0
     plan = _make_plan([a.shape[0] for a in weights_a], scalings, ps)
-    on_triton = use_triton(x, base_out, *weights_a, *weights_b)
     inplace = on_triton and base_out.numel() > 0 and _can_update_in_place(base_out)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, *weights_a, *weights_b))):
         return _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton)[0]
