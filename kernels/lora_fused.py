@@ -391,8 +391,8 @@ _BLOCK_R = 16  # the adapter loop's step (ranks are few next to K: a short loop 
 _CONFIGS = {
     ("forward", False): {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SUB_M": 32, "num_warps": 8,
                          "num_stages": 3},
-    ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "SUB_M": 0, "num_warps": 4,
-                        "num_stages": 2},  # fp32: no look-ahead (SUB_M unused)
+    ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4,
+                        "num_stages": 2},  # fp32: no look-ahead kernel (no SUB_M)
     ("grad_x", False): {"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 8,
                         "num_stages": 3},
     ("grad_x", True): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16, "GROUP_M": 8, "num_warps": 8,
@@ -443,7 +443,7 @@ def _launch_forward(x2, weight, bias, a, b, plan, seed):
     assert weight.shape == (N, K) and a.shape == (R, K)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     cfg = _config("forward", x2.dtype)
-    sub_m = cfg.pop("SUB_M")
+    sub_m = cfg.pop("SUB_M", None)  # the look-ahead's row step (16-bit activations only)
     num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=_base_precision(x2.dtype),
                   LORA_PRECISION=L._dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)

@@ -397,9 +397,11 @@ def decode_split_limit(m: int, r: int) -> int:
     return max(1, (3 * r) // (800 * max(m, 1)))
 
 
-def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device) -> tuple[str, int]:
-    """(config name, reduction split) for out [m, c] reduced over r (rule in the module docstring)."""
-    sms = _sm_count(device)
+def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device,
+                sms: Optional[int] = None) -> tuple[str, int]:
+    """(config name, reduction split) for out [m, c] reduced over r (rule in the module docstring);
+    ``sms`` overrides the device's SM count (for modelling another GPU)."""
+    sms = _sm_count(device) if sms is None else sms
     if m <= DECODE_MAX_TOKENS:
         cfg = CONFIGS["decode", transpose]
         tiles = triton.cdiv(c, cfg.block_c)
@@ -411,16 +413,22 @@ def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device) -
     return "medium", 1
 
 
+def split_reduction(r: int, block_r: int, split: Optional[int]) -> tuple[int, int]:
+    """(slices, reduction length per slice) of a reduction of length r asked to split ``split`` ways:
+    whole blocks of block_r per slice, so fewer slices than asked when they would not divide evenly."""
+    blocks = triton.cdiv(r, block_r)
+    split = max(1, min(split or 1, blocks))
+    r_per_split = triton.cdiv(blocks, split) * block_r
+    return triton.cdiv(r, r_per_split), r_per_split
+
+
 def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg, split):
     """out [M, C] = a [M, R] @ B [R, C] where the kernel dequantises B from ``weight_args``."""
     m = a.shape[0]
     out = torch.empty((m, c), dtype=a.dtype, device=a.device)
     if m == 0 or c == 0:
         return out
-    blocks = triton.cdiv(r, cfg.block_r)
-    split = max(1, min(split or 1, blocks))
-    r_per_split = triton.cdiv(blocks, split) * cfg.block_r
-    split = triton.cdiv(r, r_per_split)
+    split, r_per_split = split_reduction(r, cfg.block_r, split)
     # a split reduction goes through fp32 partials (the bias and the cast happen in the reduce)
     partial = split > 1
     target = torch.empty((split, m, c), dtype=torch.float32, device=a.device) if partial else out

@@ -144,10 +144,8 @@ def decode_split(t: int, n: int, k: int, sms: int) -> int:
     launcher in ``kernels/qmatmul.py`` picks it (the calibration checks it on a counted grid)."""
     from peftfast.kernels import qmatmul
 
-    cfg = qmatmul.resolve_config("decode", True, ACT)
-    blocks = -(-k // cfg.block_r)
-    split = max(1, min(blocks, -(-2 * sms // -(-n // cfg.block_c)), qmatmul.decode_split_limit(t, k)))
-    return -(-k // (-(-blocks // split) * cfg.block_r))
+    name, split = qmatmul.pick_config(t, n, k, True, torch.device("cpu"), sms=sms)
+    return qmatmul.split_reduction(k, qmatmul.resolve_config(name, True, ACT).block_r, split)[0]
 
 
 def decode_reads(t: int, n: int, k: int, sms: int, act: torch.dtype = ACT) -> dict[str, int]:
