@@ -526,7 +526,10 @@ def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
     return _launch_forward(x2, weight, bias, L._cat_a(weights_a), L._cat_b(weights_b), plan, seed)
 
 
-def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+def _adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x):
+    """(dX, stacked dA, stacked dB) on the Triton backend, None where not needed. ``grad_x(g, a, x2 or
+    None)`` launches the base layer's dX kernel with the adapter term (and dA when given x2) and
+    returns (dX, dA or None); a dA it leaves out comes from lora.py's separate kernel."""
     a, b = L._cat_a(weights_a), L._cat_b(weights_b)
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
@@ -539,10 +542,15 @@ def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_
             scaled = L._Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
             g = L._launch_shrink(dy2, b.t(), scaled, 0, False)
         if need_x:  # dA (when wanted) inside the dX kernel
-            dx, da = _launch_grad_x(dy2, weight, g, a, plan, seed, x2 if need_a else None)
-        else:
+            dx, da = grad_x(g, a, x2 if need_a else None)
+        if need_a and da is None:
             da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
     return dx, da, db
+
+
+def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    return _adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b,
+                                    lambda g, a, xa: _launch_grad_x(dy2, weight, g, a, plan, seed, xa))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,27 +768,13 @@ def _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed):
 
 
 def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
-    a, b = L._cat_a(weights_a), L._cat_b(weights_b)
-    dx = da = db = g = None
-    if need_b and (need_x or need_a):
-        g, db = _launch_dy_pass(dy2, t, b, plan)
-    elif need_b:
-        no_drop = L._make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
-        db = L._launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
-    if need_x or need_a:
-        if g is None:
-            scaled = L._Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
-            g = L._launch_shrink(dy2, b.t(), scaled, 0, False)
-        if need_x:  # dA (when wanted) inside the 4-bit dX kernel
-            lora = (g, a, L._adapter_table(plan, dy2.device), seed, plan.dropout,
-                    L._dot_precision(dy2.dtype, a.dtype))
-            if need_a:
-                dx, da = _q_gemm(dy2, p, None, False, lora, x2)
-            else:
-                dx = _q_gemm(dy2, p, None, False, lora)
-        if need_a and da is None:
-            da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
-    return dx, da, db
+    def grad_x(g, a, xa):  # the quantised dX kernel with the adapter term (and dA)
+        lora = (g, a, L._adapter_table(plan, dy2.device), seed, plan.dropout, L._dot_precision(dy2.dtype, a.dtype))
+        if xa is None:
+            return _q_gemm(dy2, p, None, False, lora), None
+        return _q_gemm(dy2, p, None, False, lora, xa)
+
+    return _adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x)
 
 
 def _q_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
