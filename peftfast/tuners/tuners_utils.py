@@ -17,7 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from ..utils.other import ModulesToSaveWrapper, _get_submodules
+from ..utils.other import ModulesToSaveWrapper, get_submodules
 
 
 # Heads that task wrappers add to modules_to_save; a model has at most one of them, so absence is fine.
@@ -28,7 +28,7 @@ class AdapterError(ValueError):
     """An adapter name or adapter operation is not valid for this model."""
 
 
-def _conv1d_class() -> Optional[type]:
+def conv1d_class() -> Optional[type]:
     try:
         from transformers.pytorch_utils import Conv1D
     except Exception:  # transformers is a dependency, but keep the core usable without it
@@ -36,7 +36,7 @@ def _conv1d_class() -> Optional[type]:
     return Conv1D
 
 
-def _bnb_linear_classes() -> tuple[type, ...]:
+def bnb_linear_classes() -> tuple[type, ...]:
     import sys
 
     if "bitsandbytes" not in sys.modules:  # never import bitsandbytes just to look at a float model
@@ -46,8 +46,8 @@ def _bnb_linear_classes() -> tuple[type, ...]:
 
 
 def linear_layer_classes() -> tuple[type, ...]:
-    conv1d = _conv1d_class()
-    return (nn.Linear,) + ((conv1d,) if conv1d else ()) + _bnb_linear_classes()
+    conv1d = conv1d_class()
+    return (nn.Linear,) + ((conv1d,) if conv1d else ()) + bnb_linear_classes()
 
 
 def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
@@ -397,7 +397,7 @@ class BaseTuner(nn.Module):
         undo: list[Any] = []
         try:
             for key in planned:
-                parent, target, target_name = _get_submodules(model, key)
+                parent, target, target_name = get_submodules(model, key)
                 if isinstance(target, self.tuner_layer_cls):
                     undo.append(("delete", target, adapter_name))
                 else:
@@ -444,7 +444,7 @@ class BaseTuner(nn.Module):
             if not match:
                 continue
             found.update(match)
-            parent, target, target_name = _get_submodules(model, key)
+            parent, target, target_name = get_submodules(model, key)
             if isinstance(target, ModulesToSaveWrapper):
                 if adapter_name in target.modules_to_save:
                     continue
@@ -604,7 +604,7 @@ class BaseTuner(nn.Module):
         keep = self.active_adapters[0] if self.active_adapters else None
         for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model"):
             try:
-                parent, target, target_name = _get_submodules(self.model, key)
+                parent, target, target_name = get_submodules(self.model, key)
             except AttributeError:
                 continue  # already replaced together with an enclosing wrapper
             if isinstance(target, BaseTunerLayer):

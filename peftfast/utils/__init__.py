@@ -2,6 +2,7 @@ from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .other import (
     ModulesToSaveWrapper,
     _get_submodules,
+    get_submodules,
     cast_mixed_precision_params,
     prepare_model_for_kbit_training,
     transpose,
@@ -11,6 +12,6 @@ from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_pef
 
 __all__ = [
     "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
-    "_get_submodules", "cast_mixed_precision_params", "get_peft_model_state_dict", "load_peft_weights",
+    "_get_submodules", "get_submodules", "cast_mixed_precision_params", "get_peft_model_state_dict", "load_peft_weights",
     "prepare_model_for_kbit_training", "set_peft_model_state_dict", "transpose",
 ]

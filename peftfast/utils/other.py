@@ -8,11 +8,14 @@ import torch
 from torch import nn
 
 
-def _get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
+def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     """(parent, module, name-in-parent) for the dotted path ``key``."""
     parent_key, _, target_name = key.rpartition(".")
     parent = model.get_submodule(parent_key) if parent_key else model
     return parent, model.get_submodule(key), target_name
+
+
+_get_submodules = get_submodules  # PEFT's name for it, which user code imports from peft.utils
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:

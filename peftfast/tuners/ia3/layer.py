@@ -21,11 +21,11 @@ from torch.nn.modules import module as _module_hooks
 
 from ...kernels.ia3 import ia3_linear, ia3_scale_input, ia3_scale_output
 from ...utils.other import transpose
-from ..tuners_utils import BaseTunerLayer, _conv1d_class
+from ..tuners_utils import BaseTunerLayer, conv1d_class
 
 
 def _feature_sizes(base: nn.Module) -> tuple[int, int]:
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if conv1d is not None and isinstance(base, conv1d):
         w = base.weight
         in_features, out_features = w.ds_shape if hasattr(w, "ds_shape") else w.shape  # stored [in, out]
@@ -199,7 +199,7 @@ class Linear(nn.Module, IA3Layer):
         """The [out, in] weight view for ``ia3_linear`` when the base is a plain Linear/Conv1D that a direct
         op call reproduces exactly (no hooks, no autocast, matching dtypes); None otherwise."""
         base = self.base_layer
-        conv1d = _conv1d_class()
+        conv1d = conv1d_class()
         if type(base) is nn.Linear:
             weight = base.weight
         elif conv1d is not None and type(base) is conv1d:

@@ -15,7 +15,7 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
-from ..tuners_utils import BaseTuner, BaseTunerLayer, _bnb_linear_classes, _conv1d_class, linear_layer_classes
+from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
 from .config import IA3Config
 from .layer import IA3Layer, Linear
 
@@ -28,7 +28,7 @@ def dispatch_default(target: nn.Module, adapter_name: str, ia3_config: IA3Config
     """nn.Linear and Conv1D bases. Quantised linears (bitsandbytes) are left to their own dispatchers: they
     subclass nn.Linear but cannot be merged by multiplying their packed weight."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    quantised = _bnb_linear_classes()
+    quantised = bnb_linear_classes()
     if quantised and isinstance(base, quantised):
         return None
     if isinstance(base, nn.Linear):
@@ -37,7 +37,7 @@ def dispatch_default(target: nn.Module, adapter_name: str, ia3_config: IA3Config
                           "Setting fan_in_fan_out to False.", UserWarning)
             ia3_config.fan_in_fan_out = False
         return Linear(target, adapter_name, config=ia3_config, is_feedforward=is_feedforward)
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if conv1d is not None and isinstance(base, conv1d):
         if not ia3_config.fan_in_fan_out:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "

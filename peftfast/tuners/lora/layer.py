@@ -20,11 +20,11 @@ from ...kernels.backend import use_triton
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
-from ..tuners_utils import BaseTunerLayer, _conv1d_class, per_sample_adapter_names
+from ..tuners_utils import BaseTunerLayer, conv1d_class, per_sample_adapter_names
 
 
 def _feature_sizes(base: nn.Module) -> tuple[int, int]:
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if isinstance(base, nn.Linear):
         return base.in_features, base.out_features
     if conv1d is not None and isinstance(base, conv1d):

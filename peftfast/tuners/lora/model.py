@@ -10,7 +10,7 @@ from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper
-from ..tuners_utils import BaseTuner, _conv1d_class, linear_layer_classes
+from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
 from .config import LoraConfig
 from .layer import Embedding, Linear, LoraLayer
 
@@ -37,7 +37,7 @@ def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConf
                           "Setting fan_in_fan_out to False.", UserWarning)
             kwargs["fan_in_fan_out"] = lora_config.fan_in_fan_out = False
         return Linear(target, adapter_name, **kwargs)
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     if conv1d is not None and isinstance(base, conv1d):
         if not kwargs["fan_in_fan_out"]:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
