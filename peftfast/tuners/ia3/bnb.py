@@ -2,14 +2,15 @@
 
     feed-forward module:  y = base(l * x)          other modules:  y = l * base(x)
 
-``base`` is computed from bitsandbytes' storage by ``matmul_4bit`` / ``matmul_int8`` exactly as for
-LoRA (see ``peftfast.tuners.lora.bnb``: no [N, K] weight kept for backward, bitsandbytes' CPU repack
-never triggered, bnb's dtype rules), and ``l`` is applied by the elementwise (IA)^3 ops. The result
-keeps the input's dtype (PEFT's bnb layers return float32 for half-precision inputs; the values are
-the same).
+``base`` comes from the quantised-base mixins of ``peftfast.tuners.quantized``, shared with LoRA
+(computed from bitsandbytes' storage by ``matmul_4bit`` / ``matmul_int8``: no [N, K] weight kept for
+backward, bitsandbytes' CPU repack never triggered, bnb's dtype rules), and ``l`` is applied by the
+elementwise (IA)^3 ops. The result keeps the input's dtype (PEFT's bnb layers return float32 for
+half-precision inputs; the values are the same).
 
 As in PEFT, (IA)^3 adapters cannot be merged into a quantised weight (the model-level
-``merge_and_unload`` refuses too); ``unload()`` removes them.
+``merge_and_unload`` refuses too); ``unload()`` removes them. ``dispatch_bnb`` picks these layers by
+the base layer's type; ``IA3Model.dispatchers`` lists it first.
 """
 from __future__ import annotations
 
@@ -20,10 +21,9 @@ import torch
 from torch import nn
 
 from ...kernels.ia3 import ia3_scale_input, ia3_scale_output
-from ..lora.bnb import QuantizedBase4bit, QuantizedBase8bit, quantized_kind
+from ..quantized import QuantizedBase4bit, QuantizedBase8bit, quantized_kind
 from ..tuners_utils import BaseTunerLayer
 from .layer import IA3Layer
-from .model import IA3Model
 
 __all__ = ["Linear4bit", "Linear8bitLt", "dispatch_bnb"]
 
@@ -43,7 +43,7 @@ class _QuantIA3Linear(nn.Module, IA3Layer):
                          "use unload() to remove them, or load the base model in float precision to merge")
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        if [n for n in self._adapters_to_merge(adapter_names) if n in self.ia3_l]:
+        if self.merge_names(adapter_names):
             self._refuse_merge()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -55,10 +55,10 @@ class _QuantIA3Linear(nn.Module, IA3Layer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         scale = None if self.disable_adapters else self.active_scale()
         if scale is None:
-            return self._base_forward(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         if self.is_feedforward:  # x: [..., in], scale: [in]
-            return self._base_forward(ia3_scale_input(x, scale), *args, **kwargs)
-        return ia3_scale_output(self._base_forward(x, *args, **kwargs), scale)  # scale: [out]
+            return self.base_forward(ia3_scale_input(x, scale), *args, **kwargs)
+        return ia3_scale_output(self.base_forward(x, *args, **kwargs), scale)  # scale: [out]
 
     def __repr__(self) -> str:
         return "ia3." + super().__repr__()
@@ -85,7 +85,3 @@ def dispatch_bnb(target: nn.Module, adapter_name: str, ia3_config: Any = None, i
         ia3_config.fan_in_fan_out = False
     cls = Linear4bit if kind == "4bit" else Linear8bitLt
     return cls(target, adapter_name, config=ia3_config, is_feedforward=is_feedforward)
-
-
-if not any(getattr(d, "__name__", "") == "dispatch_bnb" for d in IA3Model.dispatchers):
-    IA3Model.dispatchers.insert(0, dispatch_bnb)

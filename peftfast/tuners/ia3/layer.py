@@ -17,36 +17,14 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_hooks
 
 from ...kernels.ia3 import ia3_linear, ia3_scale_input, ia3_scale_output
 from ...utils.other import transpose
-from ..tuners_utils import BaseTunerLayer, conv1d_class
+from ..adapter_layers import AdapterLayer, base_is_fusable, feature_sizes, raise_if_not_finite
+from ..tuners_utils import conv1d_class
 
 
-def _feature_sizes(base: nn.Module) -> tuple[int, int]:
-    conv1d = conv1d_class()
-    if conv1d is not None and isinstance(base, conv1d):
-        w = base.weight
-        in_features, out_features = w.ds_shape if hasattr(w, "ds_shape") else w.shape  # stored [in, out]
-        return int(in_features), int(out_features)
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return int(base.in_features), int(base.out_features)
-    raise TypeError(f"(IA)^3 does not support layers of type {type(base).__name__}; "
-                    "supported: Linear, Conv1D")
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs hooks (its own or global ones) that a direct op call would skip."""
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-           getattr(module, "_backward_pre_hooks", None))
-    shared = (_module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
-              _module_hooks._global_backward_hooks,
-              getattr(_module_hooks, "_global_backward_pre_hooks", None))
-    return any(bool(h) for h in own + shared)
-
-
-class IA3Layer(BaseTunerLayer):
+class IA3Layer(AdapterLayer):
     """Bookkeeping shared by every (IA)^3 layer: the per-adapter vectors and merging into the base weight."""
 
     adapter_layer_names = ("ia3_l",)
@@ -58,13 +36,7 @@ class IA3Layer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.is_feedforward = is_feedforward
         self.fan_in_fan_out = False
-        self.in_features, self.out_features = _feature_sizes(self.get_base_layer())
-
-    def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        w = getattr(self.get_base_layer(), "weight", None)
-        if w is None:
-            return torch.device("cpu"), torch.float32
-        return w.device, (w.dtype if w.is_floating_point() else torch.float32)
+        self.in_features, self.out_features = feature_sizes(self.get_base_layer(), "(IA)^3")
 
     def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
@@ -72,7 +44,7 @@ class IA3Layer(BaseTunerLayer):
         vec = torch.randn(shape)
         if config.init_ia3_weights:
             vec = torch.ones(shape)
-        device, dtype = self._adapter_device_dtype()
+        device, dtype = self.adapter_device_dtype()
         self.ia3_l[adapter_name] = nn.Parameter(vec.to(device=device, dtype=dtype))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
@@ -112,14 +84,12 @@ class IA3Layer(BaseTunerLayer):
             if bias is not None:
                 bias = (bias * self.ia3_l[name].detach().reshape(bias.shape)).to(base.bias.dtype)
             for what, t in (("weights", weight), ("bias", bias)):
-                if t is not None and not torch.isfinite(t).all():
-                    raise ValueError(f"NaNs detected in the merged {what}. The adapter {name} seems to be "
-                                     "broken; the base layer was left unchanged")
+                raise_if_not_finite(t, name, what, kept="the base layer was left unchanged")
         return weight, bias
 
     def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
         """Raise (changing nothing) if merging ``adapter_names`` would give NaN or inf weights."""
-        self._merged([n for n in self._adapters_to_merge(adapter_names) if n in self.ia3_l])
+        self._merged(self.merge_names(adapter_names))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Multiply the adapters' vectors into the base weight (and bias, for output-side modules).
@@ -127,7 +97,7 @@ class IA3Layer(BaseTunerLayer):
         With ``safe_merge`` the products are built in copies and refused (base untouched) if any value is NaN
         or inf; otherwise the weight is scaled in place.
         """
-        names = [n for n in self._adapters_to_merge(adapter_names) if n in self.ia3_l]
+        names = self.merge_names(adapter_names)
         if not names:
             return
         base = self.get_base_layer()
@@ -197,7 +167,8 @@ class Linear(nn.Module, IA3Layer):
 
     def _fused_weight(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The [out, in] weight view for ``ia3_linear`` when the base is a plain Linear/Conv1D that a direct
-        op call reproduces exactly (no hooks, no autocast, matching dtypes); None otherwise."""
+        op call reproduces exactly (``base_is_fusable``: frozen, no hooks, forward not patched; no autocast,
+        matching dtypes); None otherwise."""
         base = self.base_layer
         conv1d = conv1d_class()
         if type(base) is nn.Linear:
@@ -206,7 +177,7 @@ class Linear(nn.Module, IA3Layer):
             weight = base.weight.t()
         else:
             return None
-        if _has_hooks(base) or weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
+        if not base_is_fusable(base) or weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type):
             return None
         return weight
 

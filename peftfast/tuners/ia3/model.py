@@ -1,11 +1,15 @@
-"""IA3Model: decides which (IA)^3 layer wraps each targeted module and injects it."""
+"""IA3Model: decides which (IA)^3 layer wraps each targeted module and injects it.
+
+The layer class comes from ``IA3Model.dispatchers``, a fixed ordered tuple (first match wins):
+bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D.
+"""
 from __future__ import annotations
 
 import dataclasses
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -15,12 +19,11 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
+from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
+from .bnb import dispatch_bnb
 from .config import IA3Config
 from .layer import IA3Layer, Linear
-
-# A dispatcher returns the (IA)^3 layer for ``target`` or None; the first that answers wins.
-Dispatcher = Callable[..., Optional[nn.Module]]
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, ia3_config: IA3Config, is_feedforward: bool,
@@ -68,8 +71,8 @@ class IA3Model(BaseTuner):
     prefix = "ia3_"
     tuner_layer_cls = IA3Layer
     target_module_mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
-    # Extra dispatchers (quantised bases) are inserted in front of the default one.
-    dispatchers: list[Dispatcher] = []
+    # First match wins: quantised linears subclass nn.Linear, so their dispatcher goes first.
+    dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
     def _supported_module(self, module: nn.Module) -> bool:
         return isinstance(module, linear_layer_classes())
@@ -112,13 +115,8 @@ class IA3Model(BaseTuner):
 
     def _create_new_module(self, config: IA3Config, adapter_name: str, target: nn.Module,
                            is_feedforward: bool) -> nn.Module:
-        for dispatcher in list(self.dispatchers) + [dispatch_default]:
-            new_module = dispatcher(target, adapter_name, ia3_config=config, is_feedforward=is_feedforward)
-            if new_module is not None:
-                return new_module
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        raise ValueError(f"target module of type {type(base).__name__} is not supported by (IA)^3 in "
-                         "peftfast; supported: Linear, Conv1D")
+        return create_new_module(self.dispatchers, target, adapter_name, "(IA)^3 in peftfast",
+                                 "Linear, Conv1D", ia3_config=config, is_feedforward=is_feedforward)
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:

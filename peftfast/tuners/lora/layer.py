@@ -4,13 +4,16 @@ One forward for all active adapters of a layer: the adapter math is a single cal
 ``peftfast.kernels.lora.lora_linear`` (fused Triton kernels on CUDA, the PyTorch reference
 elsewhere), not a Python loop of nn.Linear calls. Dropout modules are kept in ``lora_dropout``
 so the module tree matches PEFT's, but the op applies dropout itself from a seed, so no mask is
-kept for backward.
+kept for backward. The active adapters reach the op as one ``LowRankAdapters`` bundle
+(``adapter_bundle``), unpacked into its per-argument lists.
+
+Merging, unmerging and safe merging come from ``peftfast.tuners.additive.AdditiveAdapterLayer``:
+each layer here only says what its delta is (``get_delta_weight``).
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,28 +23,12 @@ from ...kernels.backend import use_triton
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
-from ..tuners_utils import BaseTunerLayer, conv1d_class, per_sample_adapter_names
+from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
+from ..adapter_layers import base_is_fusable, feature_sizes
+from ..tuners_utils import per_sample_adapter_names
 
 
-def _feature_sizes(base: nn.Module) -> tuple[int, int]:
-    conv1d = conv1d_class()
-    if isinstance(base, nn.Linear):
-        return base.in_features, base.out_features
-    if conv1d is not None and isinstance(base, conv1d):
-        w = base.weight
-        return (w.ds_shape if hasattr(w, "ds_shape") else w.shape)  # Conv1D stores [in, out]
-    if isinstance(base, nn.Embedding):
-        return base.num_embeddings, base.embedding_dim
-    if hasattr(base, "in_features") and hasattr(base, "out_features"):
-        return base.in_features, base.out_features
-    raise ValueError(f"LoRA does not support layers of type {type(base).__name__}")
-
-
-def _dropout_p(module: nn.Module) -> float:
-    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
-
-
-class LoraLayer(BaseTunerLayer):
+class LoraLayer(AdditiveAdapterLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
 
@@ -58,16 +45,8 @@ class LoraLayer(BaseTunerLayer):
         self.use_dora: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.in_features, self.out_features = _feature_sizes(self.get_base_layer())
+        self.in_features, self.out_features = feature_sizes(self.get_base_layer(), "LoRA", embedding=True)
         self.kwargs = kwargs
-
-    def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        base = self.get_base_layer()
-        w = getattr(base, "weight", None)
-        if w is None:
-            return torch.device("cpu"), torch.float32
-        dtype = w.dtype if w.is_floating_point() else torch.float32
-        return w.device, dtype
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, **kwargs: Any) -> None:
@@ -83,7 +62,7 @@ class LoraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
-        device, dtype = self._adapter_device_dtype()
+        device, dtype = self.adapter_device_dtype()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
 
@@ -104,61 +83,6 @@ class LoraLayer(BaseTunerLayer):
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
 
-    # -- merging --------------------------------------------------------------------------------------
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _merge_target(self) -> torch.Tensor:
-        return self.get_base_layer().weight
-
-    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
-        """Raise if merging ``adapter_names`` would put NaN or inf into the base weight (which is not touched)."""
-        names = self._adapters_to_merge(adapter_names)
-        if not names:
-            return
-        merged = self._merge_target().data.clone()
-        for name in names:
-            merged += self.get_delta_weight(name).to(merged.dtype)
-            if not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
-                                 "the base weights were left unchanged")
-
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the adapters' deltas into the base weight. With ``safe_merge`` the sum is built in a copy and
-        refused (weights untouched) if it holds NaN or inf."""
-        names = self._adapters_to_merge(adapter_names)
-        if not names:
-            return
-        weight = self._merge_target()
-        if safe_merge:
-            merged = weight.data.clone()
-            for name in names:
-                merged += self.get_delta_weight(name).to(merged.dtype)
-                if not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken; "
-                                     "the base weights were left unchanged")
-            weight.data = merged
-        else:
-            for name in names:
-                weight.data += self.get_delta_weight(name).to(weight.dtype)
-        self.merged_adapters.extend(names)
-
-    def unmerge(self) -> None:
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
-            return
-        weight = self._merge_target()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.available_adapters():
-                weight.data -= self.get_delta_weight(name).to(weight.dtype)
-
-
-def _delta(b: torch.Tensor, a: torch.Tensor, scaling: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """``scaling * b @ a`` computed in fp32 (half-precision matmuls on CPU are slow and lossy)."""
-    compute = torch.float32 if b.dtype in (torch.float16, torch.bfloat16) else b.dtype
-    return ((b.to(compute) @ a.to(compute)) * scaling).to(out_dtype)
-
 
 class Linear(nn.Module, LoraLayer):
     """LoRA on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
@@ -174,69 +98,61 @@ class Linear(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = _delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight, self.scaling[adapter],
-                       self.get_base_layer().weight.dtype)
+        delta = low_rank_delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight,
+                               self.scaling[adapter], self.get_base_layer().weight.dtype)
         return transpose(delta, self.fan_in_fan_out)
 
     def _active_lora(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.lora_A]
 
-    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def adapter_bundle(self, names: list[str]) -> LowRankAdapters:
+        """The adapters ``names`` as the LoRA ops take them (unpack into the call)."""
+        # read the ModuleDicts' dicts once: this runs on every forward, and each ``self.lora_A[n]`` is two
+        # Python-level lookups (Module.__getattr__, ModuleDict.__getitem__)
+        a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
+        return LowRankAdapters([a[n].weight for n in names], [b[n].weight for n in names],
+                               [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names])
+
+    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer's output for ``x`` (quantised layers override this with a fused dequant-matmul)."""
         return self.base_layer(x, *args, **kwargs)
 
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them."""
-        return lora_linear(
-            x, result,
-            [self.lora_A[n].weight for n in names],
-            [self.lora_B[n].weight for n in names],
-            [float(self.scaling[n]) for n in names],
-            [_dropout_p(self.lora_dropout[n]) for n in names],
-            self.training,
-        )
+        return lora_linear(x, result, *self.adapter_bundle(names), self.training)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self._base_forward(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         names = [] if self.merged else self._active_lora()
         if names and not args and not kwargs and self._fuses_with_base(x):
             return self._fused_forward(x, names)
-        result = self._base_forward(x, *args, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
         return self._lora(x, result, names) if names else result
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
-        """On the Triton backend a plain, frozen, hook-free nn.Linear base is computed by the same GEMM that adds
-        the adapters (one store of y, one dX kernel); anything else keeps the base module's own forward."""
+        """On the Triton backend a plain nn.Linear base that may be fused (``base_is_fusable``: frozen, no
+        hooks, forward not patched) is computed by the same GEMM that adds the adapters (one store of y, one
+        dX kernel); anything else keeps the base module's own forward."""
         base = self.base_layer
-        if type(base) is not nn.Linear or base.weight.requires_grad or base._forward_hooks \
-                or base._forward_pre_hooks or nn.modules.module._global_forward_hooks \
-                or nn.modules.module._global_forward_pre_hooks:
-            return False
-        return use_triton(x, base.weight)
+        return type(base) is nn.Linear and base_is_fusable(base) and use_triton(x, base.weight)
 
     def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         base = self.base_layer
-        return lora_linear_fused(
-            x, base.weight, base.bias,
-            [self.lora_A[n].weight for n in names],
-            [self.lora_B[n].weight for n in names],
-            [float(self.scaling[n]) for n in names],
-            [_dropout_p(self.lora_dropout[n]) for n in names],
-            self.training,
-        )
+        return lora_linear_fused(x, base.weight, base.bias, *self.adapter_bundle(names), self.training)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
-        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's ``adapter_names``."""
+        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's
+        ``adapter_names``."""
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
         adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-        result = self._base_forward(x, *args, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
         out = result.clone()
         for name in dict.fromkeys(adapter_names):
             if name == "__base__" or name not in self.lora_A:
@@ -261,15 +177,15 @@ class Embedding(nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
-        device, dtype = self._adapter_device_dtype()
+        device, dtype = self.adapter_device_dtype()
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, device=device,
                                                                        dtype=dtype))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, device=device,
                                                                        dtype=dtype))
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = _delta(self.lora_embedding_B[adapter], self.lora_embedding_A[adapter], self.scaling[adapter],
-                       self.get_base_layer().weight.dtype)
+        delta = low_rank_delta(self.lora_embedding_B[adapter], self.lora_embedding_A[adapter],
+                               self.scaling[adapter], self.get_base_layer().weight.dtype)
         return delta.T
 
     def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,24 @@
-"""LoraModel: decides which LoRA layer wraps each targeted module and injects it."""
+"""LoraModel: decides which LoRA layer wraps each targeted module and injects it.
+
+The layer class comes from ``LoraModel.dispatchers``, a fixed ordered tuple (first match wins):
+bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Embedding.
+"""
 from __future__ import annotations
 
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper
+from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
+from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .layer import Embedding, Linear, LoraLayer
-
-# A dispatcher returns the LoRA layer for ``target`` or None; the first that answers wins.
-Dispatcher = Callable[..., Optional[nn.Module]]
 
 
 def get_pattern_key(pattern_keys: list[str], key: str) -> str:
@@ -53,8 +56,8 @@ class LoraModel(BaseTuner):
     prefix = "lora_"
     tuner_layer_cls = LoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-    # Extra dispatchers (quantised bases) are inserted in front of the default one.
-    dispatchers: list[Dispatcher] = []
+    # First match wins: quantised linears subclass nn.Linear, so their dispatcher goes first.
+    dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
     def _supported_module(self, module: nn.Module) -> bool:
         return isinstance(module, linear_layer_classes() + (nn.Embedding,))
@@ -86,12 +89,9 @@ class LoraModel(BaseTuner):
         setattr(parent, target_name, new_module)
 
     def _create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
-        for dispatcher in list(self.dispatchers) + [dispatch_default]:
-            new_module = dispatcher(target, adapter_name, lora_config=config, **dict(kwargs))
-            if new_module is not None:
-                return new_module
-        raise ValueError(f"target module {type(target).__name__} is not supported by LoRA; supported: "
-                         f"{', '.join(c.__name__ for c in linear_layer_classes())}, Embedding")
+        supported = ", ".join([c.__name__ for c in linear_layer_classes()] + ["Embedding"])
+        return create_new_module(self.dispatchers, target, adapter_name, "LoRA", supported,
+                                 lora_config=config, **kwargs)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
