@@ -1,7 +1,7 @@
 """What the adapter layers of every method (LoRA, IA3, ...) share, whatever their math.
 
-A method's layer wraps a base module (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding``, a
-bitsandbytes linear) and needs the same few facts about it: its feature sizes, the device and
+A method's layer wraps a base module (``nn.Linear``, GPT-2's ``Conv1D``, ``nn.Embedding``,
+``nn.Conv1d/2d/3d``, a bitsandbytes linear) and needs the same few facts about it: its feature sizes, the device and
 dtype its adapter weights are created in, and whether a fused op may compute the base module
 instead of calling it. The last one is a single rule here, :func:`base_is_fusable`, so the dense
 LoRA, quantised LoRA and IA3 layers cannot drift apart on when a hook or a patched ``forward``
@@ -21,6 +21,9 @@ from torch.nn.modules import module as torch_module
 
 from .tuners_utils import BaseTunerLayer, conv1d_class
 
+# torch's convolutions, by the number of spatial dimensions (a conv weight is [out, in / groups, *kernel]).
+CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
 # A dispatcher returns the adapter layer for ``target`` or None; the first in a tuner's tuple to answer wins.
 Dispatcher = Callable[..., Optional[nn.Module]]
 
@@ -32,7 +35,8 @@ class UnsupportedLayerError(TypeError, ValueError):
 
 def feature_sizes(base: nn.Module, method: str, embedding: bool = False) -> tuple[int, int]:
     """``(in_features, out_features)`` of ``base``; for an ``nn.Embedding`` (when ``embedding``),
-    ``(num_embeddings, embedding_dim)``. Conv1D stores its weight [in, out]."""
+    ``(num_embeddings, embedding_dim)``; for ``nn.Conv1d/2d/3d``, ``(in_channels, out_channels)``. Conv1D stores
+    its weight [in, out]."""
     conv1d = conv1d_class()
     if conv1d is not None and isinstance(base, conv1d):
         w = base.weight
@@ -40,9 +44,11 @@ def feature_sizes(base: nn.Module, method: str, embedding: bool = False) -> tupl
         return int(in_features), int(out_features)
     if embedding and isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim
+    if isinstance(base, tuple(CONV_CLASSES.values())):
+        return int(base.in_channels), int(base.out_channels)
     if hasattr(base, "in_features") and hasattr(base, "out_features"):
         return int(base.in_features), int(base.out_features)
-    supported = "Linear, Conv1D" + (", Embedding" if embedding else "")
+    supported = "Linear, Conv1D" + (", Embedding" if embedding else "") + ", Conv1d/Conv2d/Conv3d"
     raise UnsupportedLayerError(f"{method} does not support layers of type {type(base).__name__}; "
                                 f"supported: {supported}")
 

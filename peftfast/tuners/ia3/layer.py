@@ -9,6 +9,10 @@ Several active adapters multiply their vectors. On a plain ``nn.Linear`` or GPT-
 whole layer is one call to ``peftfast.kernels.ia3.ia3_linear``, which applies ``l`` inside the matmul
 (on the X tile for feed-forward modules, on the output tile otherwise) so no scaled copy of x or y is
 written; other bases run as ``base_layer`` with ``ia3_scale_input`` / ``ia3_scale_output`` around it.
+
+On ``nn.Conv2d`` / ``nn.Conv3d`` (``Conv2d`` / ``Conv3d``) ``l`` scales input or output channels:
+``ia3_l[name]`` has PEFT's shape (1, channels, 1, ...), and the math is plain torch ops on every backend
+(no Triton kernel for convolutions).
 """
 from __future__ import annotations
 
@@ -38,8 +42,12 @@ class IA3Layer(AdapterLayer):
         self.fan_in_fan_out = False
         self.in_features, self.out_features = feature_sizes(self.get_base_layer(), "(IA)^3")
 
+    def ia3_shape(self) -> tuple[int, ...]:
+        """The shape of ``ia3_l[name]`` (PEFT's, as it decides which checkpoints load)."""
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
     def update_layer(self, adapter_name: str, config: Any, **kwargs: Any) -> None:
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+        shape = self.ia3_shape()
         # Drawn even when replaced by ones, so the global RNG advances as with PEFT and seeded runs line up.
         vec = torch.randn(shape)
         if config.init_ia3_weights:
@@ -198,3 +206,86 @@ class Linear(nn.Module, IA3Layer):
         if self.is_feedforward:
             return self.base_layer(ia3_scale_input(x, scale), *args, **kwargs)
         return ia3_scale_output(self.base_layer(x, *args, **kwargs), scale)
+
+
+class ConvNd(nn.Module, IA3Layer):
+    """(IA)^3 on ``nn.Conv2d`` / ``nn.Conv3d`` (the subclasses fix the dimension). PEFT 0.21 has no (IA)^3
+    layer for ``nn.Conv1d``, so neither does peftfast (its checkpoints would not load in PEFT).
+
+        feed-forward:  y = conv(l * x)        l: ia3_l[name], shape (1, in_channels, 1, ...)
+        otherwise:     y = l * conv(x)        l: ia3_l[name], shape (1, out_channels, 1, ...)
+
+    x: [N, in, *spatial]. Several active adapters multiply their vectors. Merging scales the weight
+    [out, in / groups, *kernel] along its output rows, or (feed-forward) along the input channels each
+    output row reads, which with ``groups > 1`` are that row's group's slice of ``l``; the bias is scaled
+    with the output side. Plain torch ops on every backend: no Triton kernel for convolutions.
+    """
+
+    dims = 0  # spatial dimensions: set by Conv2d / Conv3d
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: Any, is_feedforward: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        IA3Layer.__init__(self, base_layer, is_feedforward=is_feedforward)
+        weight = self.get_base_layer().weight
+        if weight.dim() != self.dims + 2:
+            raise ValueError(f"(IA)^3 {type(self).__name__} needs a base weight with {self.dims + 2} dimensions, "
+                             f"got {weight.dim()} ({type(self.get_base_layer()).__name__})")
+        self.fan_in_fan_out = config.fan_in_fan_out  # kept as PEFT does; a conv weight has one layout
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def ia3_shape(self) -> tuple[int, ...]:
+        channels = self.in_features if self.is_feedforward else self.out_features
+        return (1, channels) + (1,) * self.dims
+
+    def _weight_factor(self, name: str) -> torch.Tensor:
+        """``ia3_l[name]`` shaped to broadcast over the weight [out, in / groups, *kernel]."""
+        vec = self.ia3_l[name].detach()
+        if not self.is_feedforward:
+            return vec.transpose(0, 1)  # (out, 1, 1, ...)
+        base = self.get_base_layer()
+        if base.groups == 1:
+            return vec  # (1, in, 1, ...)
+        # output row o reads input channels [g * in_g, (g + 1) * in_g) of group g = o // out_g
+        in_g, out_g = base.in_channels // base.groups, base.out_channels // base.groups
+        ones = (1,) * self.dims
+        per_group = vec.reshape(base.groups, 1, in_g, *ones).expand(base.groups, out_g, in_g, *ones)
+        return per_group.reshape(base.out_channels, in_g, *ones)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        names = self._active_names()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        previous_dtype = x.dtype
+        scale = self.ia3_l[names[0]]
+        for name in names[1:]:
+            scale = scale * self.ia3_l[name]
+        dtype = self.ia3_l[names[-1]].dtype  # PEFT computes in the last active adapter's dtype
+        if self.is_feedforward:
+            weight_dtype = self.get_base_layer().weight.dtype
+            result = self.base_layer((x.to(dtype) * scale).to(weight_dtype), *args, **kwargs)
+        else:
+            result = self.base_layer(x, *args, **kwargs).to(dtype) * scale
+        return result.to(previous_dtype)
+
+    def __repr__(self) -> str:
+        return "ia3." + super().__repr__()
+
+
+class Conv2d(ConvNd):
+    """(IA)^3 on ``nn.Conv2d`` (see ``ConvNd``)."""
+
+    dims = 2
+
+
+class Conv3d(ConvNd):
+    """(IA)^3 on ``nn.Conv3d`` (see ``ConvNd``)."""
+
+    dims = 3

@@ -1,7 +1,7 @@
 """IA3Model: decides which (IA)^3 layer wraps each targeted module and injects it.
 
 The layer class comes from ``IA3Model.dispatchers``, a fixed ordered tuple (first match wins):
-bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D.
+bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Conv2d / nn.Conv3d.
 """
 from __future__ import annotations
 
@@ -19,18 +19,29 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
-from ..adapter_layers import Dispatcher, create_new_module
+from ..adapter_layers import Dispatcher, UnsupportedLayerError, create_new_module
 from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
 from .config import IA3Config
-from .layer import IA3Layer, Linear
+from .layer import Conv2d, Conv3d, IA3Layer, Linear
+
+SUPPORTED = "Linear, Conv1D, Conv2d, Conv3d"
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, ia3_config: IA3Config, is_feedforward: bool,
                      **kwargs: Any) -> Optional[nn.Module]:
-    """nn.Linear and Conv1D bases. Quantised linears (bitsandbytes) are left to their own dispatchers: they
-    subclass nn.Linear but cannot be merged by multiplying their packed weight."""
+    """nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d bases. Quantised linears (bitsandbytes) are left to their own
+    dispatchers: they subclass nn.Linear but cannot be merged by multiplying their packed weight. nn.Conv1d is
+    refused, as PEFT 0.21 has no (IA)^3 layer for it."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    for conv, layer in ((nn.Conv2d, Conv2d), (nn.Conv3d, Conv3d)):
+        if isinstance(base, conv):
+            return layer(target, adapter_name, config=ia3_config, is_feedforward=is_feedforward)
+    if isinstance(base, nn.Conv1d):
+        raise UnsupportedLayerError(
+            "(IA)^3 does not support nn.Conv1d layers (PEFT 0.21 has no (IA)^3 layer for them, so such an adapter "
+            f"could not be loaded there); supported: {SUPPORTED}. LoRA supports nn.Conv1d"
+        )
     quantised = bnb_linear_classes()
     if quantised and isinstance(base, quantised):
         return None
@@ -75,7 +86,8 @@ class IA3Model(BaseTuner):
     dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
     def _supported_module(self, module: nn.Module) -> bool:
-        return isinstance(module, linear_layer_classes())
+        # nn.Conv1d is listed so that targeting one reaches dispatch_default's message rather than a generic one
+        return isinstance(module, linear_layer_classes() + (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
     def _prepare_adapter_config(self, config: IA3Config, model_config: dict) -> IA3Config:
         targets_given = config.target_modules is not None
@@ -116,7 +128,7 @@ class IA3Model(BaseTuner):
     def _create_new_module(self, config: IA3Config, adapter_name: str, target: nn.Module,
                            is_feedforward: bool) -> nn.Module:
         return create_new_module(self.dispatchers, target, adapter_name, "(IA)^3 in peftfast",
-                                 "Linear, Conv1D", ia3_config=config, is_feedforward=is_feedforward)
+                                 SUPPORTED, ia3_config=config, is_feedforward=is_feedforward)
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:

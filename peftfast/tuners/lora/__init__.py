@@ -1,5 +1,5 @@
 from .config import LoraConfig
-from .layer import Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer
 from .model import LoraModel
 
-__all__ = ["Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]

@@ -9,10 +9,15 @@ kept for backward. The active adapters reach the op as one ``LowRankAdapters`` b
 
 Merging, unmerging and safe merging come from ``peftfast.tuners.additive.AdditiveAdapterLayer``:
 each layer here only says what its delta is (``get_delta_weight``).
+
+Convolutions (``Conv1d`` / ``Conv2d`` / ``Conv3d``) keep PEFT's math in plain torch ops on every
+backend: there is no Triton kernel for them (the adapter is two small convolutions next to the base
+one, and the base convolution itself is not ours to fuse).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -24,7 +29,7 @@ from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
 from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
-from ..adapter_layers import base_is_fusable, feature_sizes
+from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes
 from ..tuners_utils import per_sample_adapter_names
 
 
@@ -224,3 +229,146 @@ class Embedding(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+class ConvNd(nn.Module, LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (the subclasses below fix the dimension).
+
+    The adapter is a pair of convolutions, as in PEFT, so the module tree and state-dict keys match:
+
+        lora_A[name]: Conv(in, r, base kernel_size, base stride, base padding, bias=False)
+        lora_B[name]: Conv(r, out, kernel 1, stride 1, groups=base groups, bias=False)
+        y = base(x) + scaling * lora_B(lora_A(dropout(x)))
+
+    x: [N, in, *spatial]; A's weight: [r, in, *kernel]; B's weight: [out, r / groups, 1, ...].
+    Like PEFT, lora_A takes neither the base's dilation nor its padding_mode (so with a non-'zeros'
+    padding mode the merged layer pads the delta differently from the unmerged one, exactly as PEFT's
+    does); a dilated base with a kernel larger than 1 is refused here, where PEFT fails at forward time
+    on mismatched shapes. With ``groups > 1`` the rank must be a multiple of ``groups`` and merging is
+    refused (PEFT's rules). Runs in torch ops on every backend: no Triton kernel for convolutions.
+    """
+
+    dims = 0  # spatial dimensions: set by Conv1d / Conv2d / Conv3d
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        base = self.get_base_layer()
+        kind = type(self).__name__
+        if base.weight.dim() != self.dims + 2:
+            raise ValueError(f"LoRA {kind} needs a base weight with {self.dims + 2} dimensions, got "
+                             f"{base.weight.dim()} ({type(base).__name__})")
+        if any(d != 1 for d in base.dilation) and any(k != 1 for k in base.kernel_size):
+            raise ValueError(
+                f"LoRA does not support a {type(base).__name__} with dilation={tuple(base.dilation)} and "
+                f"kernel_size={tuple(base.kernel_size)}: lora_A is built without dilation (as in PEFT), so its "
+                "output would not line up with the base layer's; supported: dilation 1, or kernel size 1"
+            )
+        if base.groups > 1:
+            warnings.warn(f"LoRA on a {type(base).__name__} with groups={base.groups}: merging is not supported "
+                          "for it", UserWarning)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
+        base = self.get_base_layer()
+        if r % base.groups != 0:
+            raise ValueError(
+                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
+                f"{base.groups}, got r={r} (adapter {adapter_name!r}); choose such a rank (rank_pattern can set "
+                "one for this layer) or do not target it"
+            )
+        device, dtype = self.adapter_device_dtype()
+        conv = CONV_CLASSES[self.dims]
+        ones = (1,) * self.dims
+        # Built in this order with the constructors' own init, so a seeded run draws what PEFT's does.
+        self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
+                                         bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=False,
+                                         device=device, dtype=dtype)
+
+    def _refuse_grouped_merge(self) -> None:
+        base = self.get_base_layer()
+        if base.groups > 1:
+            raise NotImplementedError(f"merging LoRA into a {type(base).__name__} with groups={base.groups} is "
+                                      "not supported (as in PEFT); use the unmerged model")
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        # Every merge asks this of every layer before changing any of them, so a grouped conv refuses there and
+        # no other layer is left merged (or rounded by an undo).
+        names = super()._adapters_to_merge(adapter_names)
+        if any(self.holds(n) for n in names):
+            self._refuse_grouped_merge()
+        return names
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * sum_r B[o, r] A[r, i, *k]``: [out, in, *kernel], in the adapter's dtype (as PEFT).
+
+        B is 1x1, so the delta of any kernel size is one [out, r] @ [r, in * prod(kernel)] matmul (PEFT takes a
+        matmul for 2-D 1x1 kernels and a convolution otherwise; both are this sum). Refused for groups > 1,
+        where B is block-diagonal over the groups and PEFT does not merge either.
+        """
+        self._refuse_grouped_merge()
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        delta = low_rank_delta(b.flatten(1), a.flatten(1), self.scaling[adapter], a.dtype)
+        return delta.view(b.shape[0], *a.shape[1:])
+
+    def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``scaling * B(A(dropout(x)))`` for adapter ``name``; x cast to the adapter's dtype first."""
+        a = self.lora_A[name]
+        x = x.to(a.weight.dtype)
+        return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                result = result + self._delta_out(x, name)
+        return result.to(dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's
+        ``adapter_names``."""
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
+        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
+        result = self.base_layer(x, *args, **kwargs)
+        out = result.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name in self.lora_A:
+                idx = [i for i, n in enumerate(adapter_names) if n == name]
+                out[idx] = result[idx] + self._delta_out(x[idx], name).to(result.dtype)
+        return out
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+class Conv1d(ConvNd):
+    """LoRA on ``nn.Conv1d`` (see ``ConvNd``)."""
+
+    dims = 1
+
+
+class Conv2d(ConvNd):
+    """LoRA on ``nn.Conv2d`` (see ``ConvNd``)."""
+
+    dims = 2
+
+
+class Conv3d(ConvNd):
+    """LoRA on ``nn.Conv3d`` (see ``ConvNd``)."""
+
+    dims = 3

@@ -1,7 +1,7 @@
 """LoraModel: decides which LoRA layer wraps each targeted module and injects it.
 
 The layer class comes from ``LoraModel.dispatchers``, a fixed ordered tuple (first match wins):
-bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Embedding.
+bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Embedding / nn.Conv1d, 2d, 3d.
 """
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
 from .config import LoraConfig
-from .layer import Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+
+# base class -> LoRA layer for torch's convolutions
+CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
 
 
 def get_pattern_key(pattern_keys: list[str], key: str) -> str:
@@ -34,6 +37,10 @@ def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConf
     if isinstance(base, nn.Embedding):
         kwargs.pop("fan_in_fan_out", None)
         return Embedding(target, adapter_name, **kwargs)
+    for conv, layer in CONV_LAYERS.items():
+        if isinstance(base, conv):
+            kwargs.pop("fan_in_fan_out", None)  # ignored for convolutions, as in PEFT
+            return layer(target, adapter_name, **kwargs)
     if isinstance(base, nn.Linear):
         if kwargs["fan_in_fan_out"]:
             warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
@@ -60,7 +67,7 @@ class LoraModel(BaseTuner):
     dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
     def _supported_module(self, module: nn.Module) -> bool:
-        return isinstance(module, linear_layer_classes() + (nn.Embedding,))
+        return isinstance(module, linear_layer_classes() + (nn.Embedding,) + tuple(CONV_LAYERS))
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
@@ -89,7 +96,8 @@ class LoraModel(BaseTuner):
         setattr(parent, target_name, new_module)
 
     def _create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
-        supported = ", ".join([c.__name__ for c in linear_layer_classes()] + ["Embedding"])
+        supported = ", ".join([c.__name__ for c in linear_layer_classes()] + ["Embedding"]
+                              + [c.__name__ for c in CONV_LAYERS])
         return create_new_module(self.dispatchers, target, adapter_name, "LoRA", supported,
                                  lora_config=config, **kwargs)
 
