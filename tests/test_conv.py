@@ -433,3 +433,52 @@ def test_ia3_several_adapters_disable_and_files_both_ways(tmp_path):
 def test_ia3_conv1d_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="nn.Conv1d"):
         peftfast.get_peft_model(conv_net(), peftfast.IA3Config(target_modules=["c1a"], feedforward_modules=[]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# half precision, string padding
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_bf16_base_keeps_fp32_adapters_and_matches_peft(method):
+    """autocast_adapter_dtype: adapters of a bf16 base are fp32; the output comes back in bf16, as PEFT's."""
+    kw = lora_kwargs() if method == "lora" else dict(target_modules=IA3_TARGETS, feedforward_modules=["c2a"])
+    models = []
+    for lib in (peftfast, peft):
+        cfg = lib.LoraConfig(**kw) if method == "lora" else lib.IA3Config(**kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = lib.get_peft_model(conv_net().to(torch.bfloat16), cfg)
+        randomize(pm, method + "_", mean=1.0 if method == "ia3" else 0.0)
+        models.append(pm.eval())
+    ours, theirs = models
+    assert {p.dtype for n, p in trainable(ours).items()} == {torch.float32}
+    x = inputs().to(torch.bfloat16)
+    with torch.no_grad():
+        y, y_peft = ours(x), theirs(x)
+        assert y.dtype == y_peft.dtype == torch.bfloat16
+        torch.testing.assert_close(y, y_peft)
+        if method == "lora":
+            layer = ours.base_model.model.c2a
+            assert layer.get_delta_weight("default").dtype == torch.float32
+            torch.testing.assert_close(layer.get_delta_weight("default"),
+                                       theirs.base_model.model.c2a.get_delta_weight("default"))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_lora_string_padding_matches_peft_and_merges(padding):
+    """lora_A takes the base's padding as given, 'same' with an even kernel (asymmetric padding) included."""
+    outs = []
+    for lib in (peftfast, peft):
+        torch.manual_seed(0)
+        model = nn.Sequential()
+        model.add_module("c1", nn.Conv1d(5, 7, kernel_size=4, padding=padding))
+        pm = lib.get_peft_model(model, lib.LoraConfig(target_modules=["c1"], r=2))
+        randomize(pm, "lora_")
+        x = inputs()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # torch: 'same' with an even kernel pads a copy of the input
+            y = pm(x)
+            pm.merge_adapter()
+            outs.append((y, pm(x)))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[0][0], rtol=1e-5, atol=1e-5)
