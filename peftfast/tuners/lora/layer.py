@@ -246,6 +246,8 @@ class ConvNd(nn.Module, LoraLayer):
     does); a dilated base with a kernel larger than 1 is refused here, where PEFT fails at forward time
     on mismatched shapes. With ``groups > 1`` the rank must be a multiple of ``groups`` and merging is
     refused (PEFT's rules). Runs in torch ops on every backend: no Triton kernel for convolutions.
+    Several active adapters run as one stacked pair of convolutions where no dropout mask is drawn
+    (``_stacked_delta_out``), instead of PEFT's pair per adapter.
     """
 
     dims = 0  # spatial dimensions: set by Conv1d / Conv2d / Conv3d
@@ -321,6 +323,25 @@ class ConvNd(nn.Module, LoraLayer):
         x = x.to(a.weight.dtype)
         return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
 
+    def _stacks(self, names: list[str]) -> bool:
+        """Whether the adapters ``names`` can run as one pair of convolutions (``_stacked_delta_out``): several of
+        them, one dtype, no dropout drawn (each adapter draws its own mask), B not grouped."""
+        if len(names) < 2 or self.get_base_layer().groups != 1:
+            return False
+        if self.training and any(dropout_p(self.lora_dropout[n]) > 0 for n in names):
+            return False
+        return len({self.lora_A[n].weight.dtype for n in names} | {self.lora_B[n].weight.dtype for n in names}) == 1
+
+    def _stacked_delta_out(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``sum_i scaling_i * B_i(A_i(x))`` in two convolutions instead of two per adapter: the A's stacked along
+        their output channels read x once ([sum r, in, *kernel]); the scaled B's stacked along their input
+        channels ([out, sum r, 1, ...]) sum the adapters."""
+        conv = getattr(F, f"conv{self.dims}d")
+        first = self.lora_A[names[0]]
+        a = torch.cat([self.lora_A[n].weight for n in names])
+        b = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
+        return conv(conv(x.to(a.dtype), a, None, first.stride, first.padding), b)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
@@ -333,9 +354,11 @@ class ConvNd(nn.Module, LoraLayer):
         if self.merged:
             return result
         dtype = result.dtype
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                result = result + self._delta_out(x, name)
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if self._stacks(names):
+            return (result + self._stacked_delta_out(x, names)).to(dtype)
+        for name in names:
+            result = result + self._delta_out(x, name)
         return result.to(dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
