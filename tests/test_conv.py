@@ -512,3 +512,30 @@ def test_lora_string_padding_matches_peft_and_merges(padding):
             outs.append((y, pm(x)))
     torch.testing.assert_close(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[0][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_a_few_training_steps_follow_peft_and_leave_the_base_untouched(method):
+    kw = lora_kwargs(lora_dropout=0.1) if method == "lora" else dict(target_modules=IA3_TARGETS,
+                                                                    feedforward_modules=["c2g", "c3b"])
+    ours, theirs = pair(kw, method=method)
+    base = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    x, target = inputs(batch=6), torch.randn(6, ours(inputs(batch=6)).shape[1])
+    losses = []
+    for model in (ours, theirs):
+        model.train()
+        opt = torch.optim.SGD(trainable(model).values(), lr=0.05)
+        curve = []
+        for step in range(4):
+            torch.manual_seed(100 + step)
+            loss = (model(x) - target).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        losses.append(curve)
+    assert losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
+    for n, p in ours.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), n
