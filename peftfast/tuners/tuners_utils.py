@@ -226,6 +226,17 @@ def _entry_matches(entry: str, keys: Iterable[str]) -> bool:
     return any(k == entry or k.endswith("." + entry) for k in keys)
 
 
+def adapter_internal_names(model: nn.Module) -> set[str]:
+    """Names of every module strictly inside an adapter layer or a modules_to_save wrapper: the wrapped
+    ``base_layer``, the adapter weights (``lora_A.<name>``, ``ia3_l``, ...), dropouts, and the ``original_module`` /
+    ``modules_to_save`` copies. Such modules belong to an adapter and must never be targeted by another one."""
+    inside: set[str] = set()
+    for prefix, module in model.named_modules():
+        if prefix and isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            inside.update(f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix)
+    return inside
+
+
 class BaseTuner(nn.Module):
     """Injects one method's adapter layers into ``model`` and manages them.
 
@@ -301,14 +312,20 @@ class BaseTuner(nn.Module):
         return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
     def _expand_all_linear(self, config: Any, model: nn.Module) -> None:
+        """'all-linear': every Linear/Conv1D of the base model, plus the adapter layers already wrapping one (so a
+        second adapter lands on the same projections), never a module inside an adapter layer, never the head."""
         if not (isinstance(config.target_modules, str) and
                 config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
             return
         linear = linear_layer_classes()
-        names = {n for n, m in model.named_modules() if isinstance(m, linear)}
+        inside = adapter_internal_names(model)
+        names = {n for n, m in model.named_modules()
+                 if n not in inside and (isinstance(m, linear) or
+                                         (isinstance(m, BaseTunerLayer) and isinstance(m.get_base_layer(), linear)))}
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None:
-            names -= {n for n, m in model.named_modules() if m is output}
+            names -= {n for n, m in model.named_modules() if m is output or
+                      (isinstance(m, BaseTunerLayer) and m.get_base_layer() is output)}
         else:
             for head in ("score", "classifier", "qa_outputs"):
                 names -= {n for n in names if n == head or n.endswith("." + head)}
@@ -336,13 +353,12 @@ class BaseTuner(nn.Module):
 
     def _plan(self, config: Any, model: nn.Module) -> list[str]:
         keys = [k for k, _ in model.named_modules() if k]
-        skip = ("modules_to_save", "original_module", "base_layer")
+        inside = adapter_internal_names(model)
         saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in (getattr(config, "modules_to_save", None)
                                                                                  or ()))]
         planned = []
         for key in keys:
-            parts = key.split(".")
-            if any(p in skip for p in parts):
+            if key in inside:  # an existing adapter's own modules are never targets, however targets are named
                 continue
             if any(key.startswith(s + ".") for s in saved):  # trained in full as modules_to_save: no adapter inside
                 continue
