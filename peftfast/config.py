@@ -16,15 +16,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from .utils import registry
 from .utils.constants import CONFIG_NAME
+from .utils.errors import ConfigError
 from .utils.peft_types import PeftType, TaskType
 
 # The PEFT release whose on-disk format these files follow (written as ``peft_version``).
 PEFT_FORMAT_VERSION = "0.21.2"
-
-
-class ConfigError(ValueError):
-    """An adapter configuration is invalid or cannot be used by peftfast."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,19 +81,17 @@ class PeftConfigMixin:
 
     @classmethod
     def _config_class(cls, data: dict, source: Optional[str] = None) -> type:
-        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
         where = f" in {source}" if source else ""
-        supported = ", ".join(t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        supported = registry.supported_names()
         peft_type = data.get("peft_type")
         if peft_type is None:
-            if cls in PEFT_TYPE_TO_CONFIG_MAPPING.values():
+            if registry.peft_type_of_config_class(cls) is not None:
                 return cls
             raise ConfigError(f"the adapter config{where} has no 'peft_type'; peftfast supports: {supported}")
         key = peft_type.value if isinstance(peft_type, PeftType) else peft_type
         try:
-            return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(key)]
-        except (KeyError, ValueError, TypeError):
+            return registry.config_class(key)
+        except registry.UnknownPeftTypeError:
             known = " (a PEFT method peftfast does not implement)" \
                 if isinstance(key, str) and key in {t.value for t in PeftType} else ""
             raise ConfigError(f"peft_type {key!r}{where} is not supported by peftfast{known}; "
@@ -155,11 +151,10 @@ class PeftConfigMixin:
         data.update({k: v for k, v in kwargs.items() if k not in hub_keys})
         if cls is PeftConfig or cls is PeftConfigMixin:
             return cls._config_class(data, path)._from_json_dict(data, path)
-        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
         declared = data.get("peft_type")
         declared = declared.value if isinstance(declared, PeftType) else declared
-        own = next((t.value for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if c is cls), None)
+        own_type = registry.peft_type_of_config_class(cls)
+        own = own_type.value if own_type is not None else None
         if declared is not None and own is not None and declared != own:
             raise ConfigError(f"{path} holds a {declared!r} adapter, not {own!r}; load it with "
                               "PeftConfig.from_pretrained to get the right config class")

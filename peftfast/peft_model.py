@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .tuners.tuners_utils import AdapterError
+from .utils import registry
+from .utils.errors import AdapterError
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.io import atomic_write_many, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
+from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
 _HEADS: dict[str, list[str]] = {
@@ -65,13 +67,12 @@ def _add_head_modules(config: PeftConfig, task_type: Optional[str]) -> None:
 
 
 def _tuner_cls(peft_type: Any) -> type:
-    from .mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
     key = PeftType(peft_type.value if isinstance(peft_type, PeftType) else peft_type)
-    if key not in PEFT_TYPE_TO_TUNER_MAPPING:
+    try:
+        return registry.tuner_class(key)
+    except registry.UnknownPeftTypeError:
         raise ValueError(f"peft_type {key.value} is not supported by peftfast; supported: "
-                         f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}")
-    return PEFT_TYPE_TO_TUNER_MAPPING[key]
+                         f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}") from None
 
 
 class PeftModel(nn.Module):
@@ -294,7 +295,7 @@ class PeftModel(nn.Module):
                for c in type(base).__mro__):
             tags.append("transformers")
         peft_type = PeftType(self.peft_type)
-        tags.append("lora" if peft_type == PeftType.LORA else peft_type.value.lower())
+        tags.append(peft_type.value.lower())
         name_or_path = getattr(base, "name_or_path", None)
         if name_or_path:
             tags.append(f"base_model:adapter:{name_or_path}")
@@ -337,7 +338,6 @@ class PeftModel(nn.Module):
             TypeError: an argument of the wrong type (e.g. ``config`` that is not a PeftConfig).
         ConfigError, AdapterLoadError and AdapterError are ValueErrors.
         """
-        from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
         from .utils.save_and_load import config_mismatch_as_load_error, snapshot_state
 
         validate_adapter_name(adapter_name)
@@ -388,8 +388,7 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         existing = self.peft_config.get(adapter_name)
         if existing is not None:
-            fields = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
-                      "modules_to_save")
+            fields = registry.load_checked_fields(config.peft_type)
             differ = [f for f in fields if getattr(existing, f, None) != getattr(config, f, None)]
             if differ:
                 warnings.warn(f"loading weights from {model_id} into the existing adapter {adapter_name!r}, whose "
@@ -478,3 +477,13 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 class PeftModelForFeatureExtraction(PeftModel):
     _task_type = TaskType.FEATURE_EXTRACTION
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

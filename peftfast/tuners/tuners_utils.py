@@ -17,15 +17,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from ..utils.other import ModulesToSaveWrapper, get_submodules
+from ..utils.errors import AdapterError
+from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
+
+__all__ = [
+    "AdapterError", "BaseTuner", "BaseTunerLayer", "adapter_internal_names", "bnb_linear_classes",
+    "check_target_module_exists", "conv1d_class", "find_minimal_target_modules", "linear_layer_classes",
+    "per_sample_adapter_names",
+]
 
 
 # Heads that task wrappers add to modules_to_save; a model has at most one of them, so absence is fine.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
-
-
-class AdapterError(ValueError):
-    """An adapter name or adapter operation is not valid for this model."""
 
 
 def conv1d_class() -> Optional[type]:
@@ -48,18 +51,6 @@ def bnb_linear_classes() -> tuple[type, ...]:
 def linear_layer_classes() -> tuple[type, ...]:
     conv1d = conv1d_class()
     return (nn.Linear,) + ((conv1d,) if conv1d else ()) + bnb_linear_classes()
-
-
-def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
-    """PEFT's ``adapter_names`` has one entry per input sample; generate() with beams (or any caller that
-    repeats each sample k times, e.g. the decoder of a seq2seq model) sees a batch k times as large."""
-    n = len(adapter_names)
-    if n == batch:
-        return list(adapter_names)
-    if n and batch % n == 0:
-        k = batch // n
-        return [name for name in adapter_names for _ in range(k)]
-    raise ValueError(f"adapter_names has {n} entries for a batch of {batch}; give one adapter name per sample")
 
 
 class BaseTunerLayer:
@@ -248,6 +239,9 @@ class BaseTuner(nn.Module):
     prefix: str = ""
     tuner_layer_cls: type = BaseTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # Long target_modules lists are condensed to short suffixes; a method with another field that must stay a
+    # subset of target_modules (IA3's feedforward_modules) turns this off, as PEFT does.
+    target_modules_condensable: bool = True
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
@@ -337,7 +331,7 @@ class BaseTuner(nn.Module):
         targets = config.target_modules
         if isinstance(targets, str) or targets is None or len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
             return
-        if str(getattr(config, "peft_type", "")) == "IA3":  # feedforward_modules must stay a subset: keep as is
+        if not self.target_modules_condensable:
             return
         keys = [k for k, _ in model.named_modules() if k]
         tails = tuple("." + t for t in targets)

@@ -33,10 +33,8 @@ import torch
 from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
-from .other import ModulesToSaveWrapper
-from .peft_types import PeftType
-
-PREFIXES = {PeftType.LORA: "lora_", PeftType.IA3: "ia3_"}
+from .errors import AdapterError, ConfigError
+from .other import ModulesToSaveWrapper, is_adapter_layer
 PEFT_PREFIX = "base_model.model."
 _MAX_LISTED = 10
 
@@ -77,11 +75,9 @@ def _inside_wrapper(module_name: str) -> bool:
 
 def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
     """(key prefixes of ``adapter_name``'s containers on every tuner layer, names of all tuner layers)."""
-    from ..tuners.tuners_utils import BaseTunerLayer  # the tuners import this module's package
-
     prefixes, layers = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer) or _inside_wrapper(name):
+        if not is_adapter_layer(module) or _inside_wrapper(name):
             continue
         layers.append(name)
         for attr in module.adapter_layer_names:
@@ -500,9 +496,6 @@ _MISSING = object()
 def config_mismatch_as_load_error(model_id: Any):
     """Errors raised while applying a checkpoint's config to a model (a target module the model lacks, a regex that
     does not compile, ...) are load errors: re-raise them as AdapterLoadError naming the checkpoint."""
-    from ..config import ConfigError
-    from ..tuners.tuners_utils import AdapterError
-
     try:
         yield
     except (ConfigError, AdapterError, AdapterLoadError):

@@ -66,6 +66,7 @@ class IA3Model(BaseTuner):
     """Creates an (IA)^3 model from a pretrained transformers model (same surface as ``peft.IA3Model``)."""
 
     prefix = "ia3_"
+    target_modules_condensable = False  # feedforward_modules must stay a subset of target_modules
     tuner_layer_cls = IA3Layer
     target_module_mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
     # Extra dispatchers (quantised bases) are inserted in front of the default one.
