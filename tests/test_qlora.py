@@ -172,7 +172,7 @@ def build_lora_trio(path, case: str):
 def test_lora_matches_peft_qlora_and_trains(tiny_dir, case):
     ours, theirs, exact = build_lora_trio(tiny_dir, case)
     want = lora_bnb.Linear4bit if case != "int8" else lora_bnb.Linear8bitLt
-    layers = [m for m in ours.modules() if isinstance(m, lora_bnb._QuantLoraLinear)]
+    layers = [m for m in ours.modules() if isinstance(m, (lora_bnb.Linear4bit, lora_bnb.Linear8bitLt))]
     assert len(layers) == 2 * len(TARGETS) and all(type(m) is want for m in layers)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
