@@ -25,6 +25,7 @@ from .utils.io import atomic_write_many, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.undo import UndoLog
 
 _HEADS: dict[str, list[str]] = {
     TaskType.SEQ_CLS.value: ["classifier", "score"],
@@ -172,14 +173,11 @@ class PeftModel(nn.Module):
             raise AdapterError(f"cannot combine adapter types: this model has {PeftType(self.peft_type).value} "
                                f"adapters and the new config is {PeftType(peft_config.peft_type).value}")
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
-        restore = self._snapshot()
-        try:
+        with UndoLog() as undo:
+            undo.call(self._snapshot())
             self.peft_config[adapter_name] = peft_config
             self.base_model.inject_adapter(self.base_model.model, adapter_name,
                                            autocast_adapter_dtype=autocast_adapter_dtype)
-        except BaseException:
-            restore()
-            raise
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
@@ -354,14 +352,11 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)
-        restore = snapshot_state([model], objects=(getattr(model, "config", None),))
-        try:
+        with UndoLog() as undo:
+            undo.call(snapshot_state([model], objects=(getattr(model, "config", None),)))
             with config_mismatch_as_load_error(model_id):
                 peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
-        except BaseException:
-            restore()
-            raise
         if not is_trainable:
             peft_model.requires_grad_(False)
             peft_model.eval()
@@ -393,15 +388,12 @@ class PeftModel(nn.Module):
             if differ:
                 warnings.warn(f"loading weights from {model_id} into the existing adapter {adapter_name!r}, whose "
                               f"config differs in {', '.join(differ)}; the existing config is kept", UserWarning)
-        restore = self._snapshot()
-        try:
+        with UndoLog() as undo:
+            undo.call(self._snapshot())
             if existing is None:
                 with config_mismatch_as_load_error(model_id):
                     self.add_adapter(adapter_name, config)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
-        except BaseException:
-            restore()
-            raise
         prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
         for name, p in self.named_parameters():
             if any(name == q or name.startswith(q + ".") for q in prefixes):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from ..utils.errors import AdapterError
 from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
+from ..utils.undo import UndoLog
 
 __all__ = [
     "AdapterError", "BaseTuner", "BaseTunerLayer", "adapter_internal_names", "bnb_linear_classes",
@@ -253,11 +254,9 @@ class BaseTuner(nn.Module):
         else:
             self.peft_config[adapter_name] = peft_config
         self.active_adapter: str | list[str] = adapter_name
-        try:
+        with UndoLog() as undo:
+            undo.call(lambda: self.peft_config.pop(adapter_name, None))
             self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        except BaseException:
-            self.peft_config.pop(adapter_name, None)
-            raise
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -404,25 +403,15 @@ class BaseTuner(nn.Module):
         self._condense_target_modules(config, model)
         planned = self._plan(config, model)
 
-        undo: list[Any] = []
-        try:
+        with UndoLog() as undo:
             for key in planned:
                 parent, target, target_name = get_submodules(model, key)
                 if isinstance(target, self.tuner_layer_cls):
-                    undo.append(("delete", target, adapter_name))
+                    undo.delete_adapter(target, adapter_name)
                 else:
-                    undo.append(("replace", parent, target_name, target))
+                    undo.replace(parent, target_name, target)
                 self._create_and_replace(config, adapter_name, target, target_name, parent, key)
-            undo.extend(self._set_modules_to_save(model, config, adapter_name))
-        except BaseException:
-            for item in reversed(undo):
-                if item[0] == "delete":
-                    item[1].delete_adapter(item[2])
-                elif item[0] == "replace":
-                    setattr(item[1], item[2], item[3])
-                else:
-                    item[1]()
-            raise
+            self._set_modules_to_save(model, config, adapter_name, undo)
         self.targeted_module_names = sorted(set(self.targeted_module_names) | set(planned))
         # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
         # instead. Trainability of existing parameters is left as it was.
@@ -439,11 +428,12 @@ class BaseTuner(nn.Module):
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
 
-    def _set_modules_to_save(self, model: nn.Module, config: Any, adapter_name: str) -> list[Any]:
+    def _set_modules_to_save(self, model: nn.Module, config: Any, adapter_name: str, undo: UndoLog) -> None:
+        """Wrap each ``modules_to_save`` module (or add the adapter's copy to its wrapper), recording every change
+        in ``undo``; an entry that names no module raises, and the caller's log takes everything back."""
         names = getattr(config, "modules_to_save", None)
         if not names:
-            return []
-        undo: list[Any] = []
+            return
         keys = [k for k, _ in model.named_modules() if k]
         found = set()
         activate = adapter_name in self.active_adapters
@@ -460,8 +450,8 @@ class BaseTuner(nn.Module):
                     continue
                 previous = target.active_adapters
                 target.update(adapter_name)
-                undo.append(("call", lambda t=target, a=adapter_name, prev=previous: (t.delete_adapter(a),
-                                                                                      t.set_adapter(prev))))
+                undo.call(lambda t=target, prev=previous: t.set_adapter(prev))
+                undo.delete_adapter(target, adapter_name)
                 if activate:
                     target.set_adapter(adapter_name, inference_mode=config.inference_mode)
             else:
@@ -470,18 +460,12 @@ class BaseTuner(nn.Module):
                     wrapper.set_adapter([])
                 elif config.inference_mode:
                     wrapper.set_adapter(adapter_name, inference_mode=True)
+                undo.replace(parent, target_name, target)
                 setattr(parent, target_name, wrapper)
-                undo.append(("replace", parent, target_name, target))
         missing = [n for n in names if n not in found and n not in TASK_HEAD_NAMES]
         if missing:
-            for item in reversed(undo):
-                if item[0] == "replace":
-                    setattr(item[1], item[2], item[3])
-                else:
-                    item[1]()
             raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
                              f"{', '.join(map(repr, missing))} matched no module in the model")
-        return undo
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
@@ -587,15 +571,10 @@ class BaseTuner(nn.Module):
                 check = getattr(layer, "check_merge", None)
                 if check is not None:
                     check(names)
-        done: list[BaseTunerLayer] = []
-        try:
+        with UndoLog() as undo:
             for layer in layers:
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
-                done.append(layer)
-        except BaseException:
-            for layer in reversed(done):
-                layer.unmerge()
-            raise
+                undo.call(layer.unmerge)
 
     def unmerge_adapter(self) -> None:
         for layer in self._tuner_layers():

@@ -35,6 +35,7 @@ from torch import nn
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 from .errors import AdapterError, ConfigError
 from .other import ModulesToSaveWrapper, is_adapter_layer
+from .undo import UndoLog
 PEFT_PREFIX = "base_model.model."
 _MAX_LISTED = 10
 
@@ -365,18 +366,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
                                                 ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
     targets = model.state_dict(keep_vars=True)
-    backup: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for key, tensor in to_load.items():
-                target = targets[key]
-                backup.append((target, target.detach().clone()))
-                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-    except BaseException:  # e.g. out of memory mid-way: put back what was already overwritten
-        with torch.no_grad():
-            for target, old in reversed(backup):
-                target.copy_(old)
-        raise
+    with torch.no_grad(), UndoLog() as undo:  # e.g. out of memory mid-way: put back what was already overwritten
+        for key, tensor in to_load.items():
+            target = targets[key]
+            undo.call(lambda target=target, old=target.detach().clone(): target.copy_(old))
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
     return IncompatibleKeys(missing_keys=[mapping[m] for m in missing], unexpected_keys=[])
 
