@@ -162,6 +162,8 @@ class PeftConfigMixin:
 
     @property
     def is_prompt_learning(self) -> bool:
+        """True for methods that prepend virtual tokens / past_key_values (PromptLearningConfig) instead of
+        injecting layers; PeftModel's task wrappers branch on it."""
         return False
 
     @property
@@ -271,3 +273,25 @@ class PeftConfig(PeftConfigMixin):
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "The base model."})
     revision: Optional[str] = field(default=None, metadata={"help": "Revision of the base model."})
     inference_mode: bool = field(default=False, metadata={"help": "Whether to use inference mode."})
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Base configuration of the prompt-learning methods (prompt tuning, p-tuning, prefix tuning), PEFT's fields.
+
+    peftfast implements no prompt-learning method yet; the class is where one plugs in, and what makes
+    ``PeftModel`` take its prompt-learning branch (``is_prompt_learning`` is True).
+    """
+
+    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
+    token_dim: int = field(default=None, metadata={"help": "The hidden embedding dimension of the base model"})
+    num_transformer_submodules: Optional[int] = field(default=None,
+                                                      metadata={"help": "Number of transformer submodules"})
+    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Number of attention heads"})
+    num_layers: Optional[int] = field(default=None, metadata={"help": "Number of transformer layers"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "Extra modules to be set as trainable and saved in the final checkpoint"})
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True

@@ -86,7 +86,6 @@ class PeftModel(nn.Module):
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
-        self._is_prompt_learning = False
         cls = _tuner_cls(peft_config.peft_type)
         self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
                               autocast_adapter_dtype=autocast_adapter_dtype)
@@ -130,10 +129,53 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (the first one when several are active)."""
+        active = self.active_adapter
+        return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    @property
+    def _is_prompt_learning(self) -> bool:  # PEFT's attribute name, derived from the active adapter's config
+        return self.active_peft_config.is_prompt_learning
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model()(*args, **kwargs)
+
+    # -- the task wrappers' shared path -----------------------------------------------------------------
+    def _task_forward(self, inputs: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        """Run a task wrapper's forward: ``inputs`` are its named arguments, ``kwargs`` the rest. The base model
+        gets the named arguments the caller set (not None) plus ``kwargs``, less PEFT's own (``adapter_names``)."""
+        config = self.active_peft_config
+        if config.is_prompt_learning:
+            return self._prompt_learning_call("forward", config, inputs, kwargs)
+        given = {k: v for k, v in inputs.items() if v is not None}
+        with self.base_model._enable_peft_forward_hooks(**given, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model()(**given, **kwargs)
+
+    def _task_generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        config = self.active_peft_config
+        if config.is_prompt_learning:
+            return self._prompt_learning_call("generate", config, args, kwargs)
+        with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _prompt_learning_call(self, entry: str, config: PeftConfig, inputs: Any, kwargs: dict[str, Any]) -> Any:
+        """Where prompt-learning methods plug in: their registered handler prepends the virtual tokens (prompt
+        tuning, p-tuning) or past_key_values (prefix tuning) and calls the base model."""
+        handler = registry.prompt_learning_handler(config.peft_type)
+        if handler is None:
+            method = PeftType(config.peft_type).value
+            raise NotImplementedError(
+                f"{type(self).__name__}.{entry}: the active adapter uses {method}, a prompt-learning method "
+                f"(virtual tokens / past_key_values), which peftfast does not implement; methods available: "
+                f"{', '.join(t.value for t, c in PEFT_TYPE_TO_TUNER_MAPPING.items() if c is not None)}"
+            )
+        return getattr(handler, entry)(self, self._task_type, inputs, kwargs)
 
     # -- parameter counts -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -435,22 +477,51 @@ def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Task wrappers. Each owns ``forward`` (and ``generate`` for the language models) with PEFT 0.21's explicit
+# signature. Methods that inject layers (LoRA, IA3) run the base model with the arguments the caller gave;
+# prompt-learning methods plug in at ``_prompt_learning_call``, where PEFT prepends virtual tokens or
+# past_key_values. ``task_ids`` belongs to methods that route by task (PEFT's Poly) and is not passed on.
+# ---------------------------------------------------------------------------------------------------------
 class PeftModelForCausalLM(PeftModel):
     """Causal LM with adapters; ``generate`` works as on the base model."""
 
     _task_type = TaskType.CAUSAL_LM
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.get_base_model().generate(*args, **kwargs)
+        return self._task_generate(args, kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder LM with adapters; ``generate`` works as on the base model."""
+
     _task_type = TaskType.SEQ_2_SEQ_LM
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._task_generate(args, kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -458,18 +529,54 @@ class PeftModelForSequenceClassification(PeftModel):
 
     _task_type = TaskType.SEQ_CLS
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
 
 class PeftModelForTokenClassification(PeftModel):
+    """The classifier head is trained and saved in full (modules_to_save)."""
+
     _task_type = TaskType.TOKEN_CLS
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
+    """The span head ("qa_outputs") is trained and saved in full (modules_to_save)."""
+
     _task_type = TaskType.QUESTION_ANS
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+            end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
+    """Encoder outputs (hidden states) with adapters."""
+
     _task_type = TaskType.FEATURE_EXTRACTION
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,

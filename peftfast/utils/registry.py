@@ -11,7 +11,7 @@ these very objects, so code written for PEFT that reads (or even writes) them se
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from .peft_types import PeftType
 
@@ -24,6 +24,12 @@ PEFT_TYPE_TO_PREFIX_MAPPING: dict[PeftType, str] = {}
 # PeftModel.load_adapter loads a checkpoint into an existing adapter whose config differs (peftfast's own table,
 # filled by register_load_checked_fields; methods that register none are compared on target_modules alone).
 PEFT_TYPE_TO_LOAD_CHECKED_FIELDS: dict[PeftType, tuple[str, ...]] = {}
+
+
+# Prompt-learning methods (prompt tuning, p-tuning, prefix tuning) inject no layers: their PeftModel task wrappers
+# hand the call to a handler instead, an object with ``forward(peft_model, task, inputs, kwargs)`` and
+# ``generate(peft_model, task, args, kwargs)`` that adds the virtual tokens or past_key_values. None is registered yet.
+PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER: dict[PeftType, Any] = {}
 
 
 class UnknownPeftTypeError(KeyError):
@@ -110,3 +116,12 @@ def parameter_prefix(peft_type: object) -> str:
 
 def load_checked_fields(peft_type: object) -> tuple[str, ...]:
     return PEFT_TYPE_TO_LOAD_CHECKED_FIELDS.get(as_peft_type(peft_type), ("target_modules",))
+
+
+def register_prompt_learning_handler(name: str, handler: Any) -> None:
+    """Plug a prompt-learning method's forward/generate into PeftModel's task wrappers."""
+    PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER[PeftType(name.upper())] = handler
+
+
+def prompt_learning_handler(peft_type: object) -> Optional[Any]:
+    return PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER.get(as_peft_type(peft_type))
