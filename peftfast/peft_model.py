@@ -4,7 +4,14 @@
 the user's model with adapter layers injected. Attribute access falls through to both, so
 ``peft_model.generate``, ``peft_model.config`` and ``peft_model.merge_and_unload`` work as in PEFT.
 Every operation that changes adapters is all-or-nothing: on error the model, its adapters,
-``peft_config`` and which parameters train are exactly as before.
+``peft_config`` and which parameters train are exactly as before (an ``UndoLog`` records each step).
+
+The tuner comes from the method registry (``peftfast.utils.registry``). The task wrappers
+(``PeftModelForCausalLM``, ...) own ``forward`` and ``generate`` with PEFT's explicit signatures:
+layer-injecting methods (LoRA, IA3) run the base model with the caller's arguments; when the active
+adapter's config ``is_prompt_learning``, the call goes to the prompt-learning handler registered for
+that method, where virtual tokens or past_key_values are added (none is registered yet, so such an
+adapter raises NotImplementedError naming its method).
 """
 from __future__ import annotations
 

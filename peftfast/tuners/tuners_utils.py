@@ -2,8 +2,14 @@
 
 `BaseTunerLayer` is mixed into each adapter layer (LoRA, IA3, ...): it owns the bookkeeping of
 adapter names, activation, merging state and the base layer. `BaseTuner` walks a model, decides
-which modules to wrap, wraps them (all or nothing: a failure leaves the model untouched), and
-implements merge / unload / adapter switching once for all methods.
+which modules to wrap, wraps them (all or nothing: every step goes into an `UndoLog`, so a failure
+leaves the model untouched), and implements merge / unload / adapter switching once for all methods.
+
+Targets are matched by PEFT's rules (a list entry matches a name or a dotted suffix, a string is a
+full-match regex, 'all-linear' expands to the linear layers, then layers_to_transform and
+exclude_modules). Whatever the form, a module inside an existing adapter layer or modules_to_save
+wrapper (``base_layer``, ``lora_A.<name>``, ``ia3_l``, ``original_module``, ...) is never a target:
+a second adapter lands on the adapter layer itself (`adapter_internal_names`).
 """
 from __future__ import annotations
 
