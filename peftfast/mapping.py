@@ -67,3 +67,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     tuner_cls = registry.tuner_class(key)
     tuner = tuner_cls(model, peft_config, adapter_name=adapter_name)
     return tuner.model
+
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "get_peft_config", "get_peft_model",
+    "inject_adapter_in_model", "register_peft_method",
+]
