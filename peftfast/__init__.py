@@ -7,7 +7,7 @@ the method registry, save/load) -> ``config`` -> ``tuners`` (each method registe
 ``peft_model`` (PeftModel and the task wrappers) -> ``mapping`` (get_peft_model and PEFT's tables).
 ``zoo`` builds the tiny models used by the tests, the demo and the benchmarks.
 """
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 from .config import PeftConfig, PeftConfigMixin, PromptLearningConfig
 from .mapping import (

@@ -33,6 +33,7 @@ from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from .utils.undo import UndoLog
+from .version import __version__
 
 _HEADS: dict[str, list[str]] = {
     TaskType.SEQ_CLS.value: ["classifier", "score"],
@@ -328,7 +329,6 @@ class PeftModel(nn.Module):
         """Write or update README.md as PEFT does: huggingface_hub's model card with ``library_name: peft``, the base
         model, tags (method, ``transformers``, ``base_model:adapter:<base>``, plus ``peftfast``), ``pipeline_tag``
         for causal LMs, and a framework-versions line. An existing card keeps its text and metadata."""
-        from . import __version__
         from .config import PEFT_FORMAT_VERSION
         from .utils.hub import model_card_text
 

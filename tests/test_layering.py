@@ -1,7 +1,8 @@
 """The package's layering, checked on the source.
 
 - Every module imports on its own in a fresh interpreter (an import cycle or a dependence on
-  import order fails here, whichever module a user happens to import first).
+  import order fails here, whichever module a user happens to import first), and no modules import
+  each other around a loop, counting imports inside functions (the usual way to hide a cycle).
 - ``kernels/`` (installed as ``peftfast.kernels``) never imports ``peftfast``, and
   ``peftfast/utils/`` never imports ``peftfast/tuners``, at module level or inside functions.
 - No file of the project reaches another module's private names: no ``from x import _name`` and no
@@ -218,6 +219,75 @@ def test_kernels_never_import_peftfast(source):
 def test_utils_never_import_tuners(source):
     bad = [(line, m) for line, m in imported_modules(source) if under(m, "peftfast.tuners")]
     assert not bad, f"{source.rel} imports peftfast.tuners (utils sit below the tuners): {bad}"
+
+
+def import_graph(folders: tuple[str, ...] = ("peftfast", "kernels")) -> dict[str, set[str]]:
+    """module -> the project modules it imports anywhere in its file (a lazy import inside a function closes a
+    cycle as surely as one at the top). ``from pkg import name`` is an edge to ``pkg.name`` when that is a module,
+    else to ``pkg``. The implicit import of a module's parent packages is not an edge."""
+    graph: dict[str, set[str]] = {}
+    for source in sources(*folders):
+        edges: set[str] = set()
+        for node in ast.walk(ast.parse(source.path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in PROJECT_MODULES)
+            elif isinstance(node, ast.ImportFrom):
+                module = absolute(source, node)
+                for alias in node.names:
+                    full = f"{module}.{alias.name}"
+                    if full in PROJECT_MODULES:
+                        edges.add(full)
+                    elif module in PROJECT_MODULES:
+                        edges.add(module)
+        graph[source.module] = edges - {source.module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_even_through_imports_inside_functions():
+    found = cycles(import_graph())
+    assert not found, f"import cycles (modules importing each other, directly or around a loop): {found}"
+    for module in ("peftfast.config", "peftfast.peft_model"):
+        assert "peftfast.mapping" not in import_graph()[module], f"{module} imports mapping"
+
+
+def test_the_cycle_check_finds_a_lazy_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_layer_checks_see_imports_inside_functions(tmp_path):
