@@ -15,6 +15,7 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
+from ...utils.undo import UndoLog
 from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
 from .config import IA3Config
 from .layer import IA3Layer, Linear
@@ -176,12 +177,10 @@ class IA3Model(BaseTuner):
                                  f"modules (all lists or all regex strings); {field_name} differs: {values}")
             merged[field_name] = ("|".join(f"({v})" for v in values) if isinstance(values[0], str)
                                   else set().union(*values))
-        self.peft_config[adapter_name] = dataclasses.replace(configs[0], **merged)
-        try:
+        with UndoLog() as undo:
+            undo.call(lambda: self.peft_config.pop(adapter_name, None))
+            self.peft_config[adapter_name] = dataclasses.replace(configs[0], **merged)
             self.inject_adapter(self.model, adapter_name)
-        except BaseException:
-            self.peft_config.pop(adapter_name, None)
-            raise
         with torch.no_grad():
             for layer in self._tuner_layers():
                 if not isinstance(layer, IA3Layer) or adapter_name not in layer.ia3_l:
