@@ -384,11 +384,10 @@ class TwoLinears(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
-@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dtype_behaviour_matches_peft(dtype, backend, request):
+def test_dtype_behaviour_matches_peft(dtype, backend):
     """A half-precision base keeps fp32 vectors (autocast_adapter_dtype); outputs keep the input dtype."""
-    request.getfixturevalue(backend)
     torch.manual_seed(0)
     base = TwoLinears().to(dtype)
     cfg = dict(target_modules=["up", "down"], feedforward_modules=["down"])
@@ -460,12 +459,11 @@ def test_triton_backend_matches_peft(triton_backend, hooked):
 
 
 @pytest.mark.parametrize("backend", [
-    "torch_backend",
-    pytest.param("triton_backend", marks=pytest.mark.xfail(
+    "torch",
+    pytest.param("triton", marks=pytest.mark.xfail(
         strict=True, reason="the Triton path derives the output-side scale gradient as sum(dy * y) / s, "
-        "which is 0 where s == 0 (PEFT: sum(dy * (W x + b)))"))])
-def test_zero_output_scale_entry_still_gets_peft_gradient(backend, request):
-    request.getfixturevalue(backend)
+        "which is 0 where s == 0 (PEFT: sum(dy * (W x + b)))"))], indirect=True)
+def test_zero_output_scale_entry_still_gets_peft_gradient(backend):
     torch.manual_seed(0)
     base = TwoLinears()
     cfg = dict(target_modules=["up"], feedforward_modules=[])
