@@ -1,13 +1,20 @@
 """peftfast: Hugging Face PEFT's API with fused Triton kernels underneath.
 
 ``import peftfast as peft`` and existing PEFT code keeps working for the methods listed in README.md.
-"""
-__version__ = "0.1.0"
 
-from .config import PeftConfig, PeftConfigMixin
+Layers, bottom up: ``kernels`` (Triton + PyTorch references, no peftfast imports) -> ``utils`` (types,
+the method registry, save/load) -> ``config`` -> ``tuners`` (each method registers itself on import) ->
+``peft_model`` (PeftModel and the task wrappers) -> ``mapping`` (get_peft_model and PEFT's tables).
+``zoo`` builds the tiny models used by the tests, the demo and the benchmarks.
+"""
+from .version import __version__ as __version__
+
+from .config import PeftConfig, PeftConfigMixin, PromptLearningConfig
 from .mapping import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
     PEFT_TYPE_TO_TUNER_MAPPING,
     get_peft_config,
     get_peft_model,
@@ -34,9 +41,10 @@ from .utils import (
 )
 
 __all__ = [
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
     "IA3Config", "IA3Model",
-    "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PeftModel", "PeftModelForCausalLM",
+    "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "cast_mixed_precision_params", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",

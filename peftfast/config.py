@@ -16,15 +16,13 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from .utils import registry
 from .utils.constants import CONFIG_NAME
+from .utils.errors import ConfigError
 from .utils.peft_types import PeftType, TaskType
 
 # The PEFT release whose on-disk format these files follow (written as ``peft_version``).
 PEFT_FORMAT_VERSION = "0.21.2"
-
-
-class ConfigError(ValueError):
-    """An adapter configuration is invalid or cannot be used by peftfast."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -83,19 +81,17 @@ class PeftConfigMixin:
 
     @classmethod
     def _config_class(cls, data: dict, source: Optional[str] = None) -> type:
-        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
         where = f" in {source}" if source else ""
-        supported = ", ".join(t.value for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        supported = registry.supported_names()
         peft_type = data.get("peft_type")
         if peft_type is None:
-            if cls in PEFT_TYPE_TO_CONFIG_MAPPING.values():
+            if registry.peft_type_of_config_class(cls) is not None:
                 return cls
             raise ConfigError(f"the adapter config{where} has no 'peft_type'; peftfast supports: {supported}")
         key = peft_type.value if isinstance(peft_type, PeftType) else peft_type
         try:
-            return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(key)]
-        except (KeyError, ValueError, TypeError):
+            return registry.config_class(key)
+        except registry.UnknownPeftTypeError:
             known = " (a PEFT method peftfast does not implement)" \
                 if isinstance(key, str) and key in {t.value for t in PeftType} else ""
             raise ConfigError(f"peft_type {key!r}{where} is not supported by peftfast{known}; "
@@ -155,11 +151,10 @@ class PeftConfigMixin:
         data.update({k: v for k, v in kwargs.items() if k not in hub_keys})
         if cls is PeftConfig or cls is PeftConfigMixin:
             return cls._config_class(data, path)._from_json_dict(data, path)
-        from .mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
         declared = data.get("peft_type")
         declared = declared.value if isinstance(declared, PeftType) else declared
-        own = next((t.value for t, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if c is cls), None)
+        own_type = registry.peft_type_of_config_class(cls)
+        own = own_type.value if own_type is not None else None
         if declared is not None and own is not None and declared != own:
             raise ConfigError(f"{path} holds a {declared!r} adapter, not {own!r}; load it with "
                               "PeftConfig.from_pretrained to get the right config class")
@@ -167,6 +162,8 @@ class PeftConfigMixin:
 
     @property
     def is_prompt_learning(self) -> bool:
+        """True for methods that prepend virtual tokens / past_key_values (PromptLearningConfig) instead of
+        injecting layers; PeftModel's task wrappers branch on it."""
         return False
 
     @property
@@ -276,3 +273,25 @@ class PeftConfig(PeftConfigMixin):
     base_model_name_or_path: Optional[str] = field(default=None, metadata={"help": "The base model."})
     revision: Optional[str] = field(default=None, metadata={"help": "Revision of the base model."})
     inference_mode: bool = field(default=False, metadata={"help": "Whether to use inference mode."})
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Base configuration of the prompt-learning methods (prompt tuning, p-tuning, prefix tuning), PEFT's fields.
+
+    peftfast implements no prompt-learning method yet; the class is where one plugs in, and what makes
+    ``PeftModel`` take its prompt-learning branch (``is_prompt_learning`` is True).
+    """
+
+    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
+    token_dim: int = field(default=None, metadata={"help": "The hidden embedding dimension of the base model"})
+    num_transformer_submodules: Optional[int] = field(default=None,
+                                                      metadata={"help": "Number of transformer submodules"})
+    num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Number of attention heads"})
+    num_layers: Optional[int] = field(default=None, metadata={"help": "Number of transformer layers"})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "Extra modules to be set as trainable and saved in the final checkpoint"})
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True

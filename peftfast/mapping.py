@@ -1,44 +1,32 @@
-"""Name -> class tables and the entry points get_peft_model, get_peft_config, inject_adapter_in_model."""
+"""The entry points get_peft_model, get_peft_config, inject_adapter_in_model, and PEFT's name -> class tables.
+
+``PEFT_TYPE_TO_CONFIG_MAPPING``, ``PEFT_TYPE_TO_TUNER_MAPPING``, ``PEFT_TYPE_TO_MIXED_MODEL_MAPPING`` and
+``PEFT_TYPE_TO_PREFIX_MAPPING`` are the registry's own dicts (``peftfast.utils.registry``), re-exported under
+PEFT's names; the methods fill them when their packages are imported (``peftfast.tuners`` below).
+``MODEL_TYPE_TO_PEFT_MODEL_MAPPING`` picks the PeftModel wrapper for a task type.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional
 
 from torch import nn
 
+from . import tuners  # noqa: F401  (each method package registers itself on import)
 from .config import PeftConfig
 from .peft_model import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
-    PeftModelForCausalLM,
-    PeftModelForFeatureExtraction,
-    PeftModelForQuestionAnswering,
-    PeftModelForSeq2SeqLM,
-    PeftModelForSequenceClassification,
-    PeftModelForTokenClassification,
     validate_adapter_name,
 )
-from .tuners.ia3 import IA3Config, IA3Model
-from .tuners.lora import LoraConfig, LoraModel
+from .utils import registry
 from .utils.peft_types import PeftType, TaskType
-
-PEFT_TYPE_TO_CONFIG_MAPPING: dict[PeftType, type[PeftConfig]] = {
-    PeftType.LORA: LoraConfig,
-    PeftType.IA3: IA3Config,
-}
-PEFT_TYPE_TO_TUNER_MAPPING: dict[PeftType, type] = {PeftType.LORA: LoraModel, PeftType.IA3: IA3Model}
-
-MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
-    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
-    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
-    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
-    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
-    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
-    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
-}
-
-
-def register_peft_method(peft_type: PeftType, config_cls: type[PeftConfig], tuner_cls: type) -> None:
-    PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-    PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = tuner_cls
+from .utils.registry import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_PREFIX_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    register_peft_method,
+)
 
 
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
@@ -74,8 +62,15 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """Inject adapter layers into ``model`` in place (no PeftModel wrapper) and return it."""
     validate_adapter_name(adapter_name)
     key = PeftType(peft_config.peft_type)
-    if key not in PEFT_TYPE_TO_TUNER_MAPPING:
-        raise ValueError(f"peft_type {key.value} is not supported; supported: "
-                         f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}")
-    tuner = PEFT_TYPE_TO_TUNER_MAPPING[key](model, peft_config, adapter_name=adapter_name)
+    if PEFT_TYPE_TO_TUNER_MAPPING.get(key) is None:
+        raise ValueError(f"peft_type {key.value} is not supported; supported: {registry.supported_names()}")
+    tuner_cls = registry.tuner_class(key)
+    tuner = tuner_cls(model, peft_config, adapter_name=adapter_name)
     return tuner.model
+
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "PEFT_TYPE_TO_PREFIX_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "get_peft_config", "get_peft_model",
+    "inject_adapter_in_model", "register_peft_method",
+]

@@ -4,7 +4,14 @@
 the user's model with adapter layers injected. Attribute access falls through to both, so
 ``peft_model.generate``, ``peft_model.config`` and ``peft_model.merge_and_unload`` work as in PEFT.
 Every operation that changes adapters is all-or-nothing: on error the model, its adapters,
-``peft_config`` and which parameters train are exactly as before.
+``peft_config`` and which parameters train are exactly as before (an ``UndoLog`` records each step).
+
+The tuner comes from the method registry (``peftfast.utils.registry``). The task wrappers
+(``PeftModelForCausalLM``, ...) own ``forward`` and ``generate`` with PEFT's explicit signatures:
+layer-injecting methods (LoRA, IA3) run the base model with the caller's arguments; when the active
+adapter's config ``is_prompt_learning``, the call goes to the prompt-learning handler registered for
+that method, where virtual tokens or past_key_values are added (none is registered yet, so such an
+adapter raises NotImplementedError naming its method).
 """
 from __future__ import annotations
 
@@ -18,11 +25,15 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .tuners.tuners_utils import AdapterError
+from .utils import registry
+from .utils.errors import AdapterError
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.io import atomic_write_many, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
+from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.undo import UndoLog
+from .version import __version__
 
 _HEADS: dict[str, list[str]] = {
     TaskType.SEQ_CLS.value: ["classifier", "score"],
@@ -65,13 +76,12 @@ def _add_head_modules(config: PeftConfig, task_type: Optional[str]) -> None:
 
 
 def _tuner_cls(peft_type: Any) -> type:
-    from .mapping import PEFT_TYPE_TO_TUNER_MAPPING
-
     key = PeftType(peft_type.value if isinstance(peft_type, PeftType) else peft_type)
-    if key not in PEFT_TYPE_TO_TUNER_MAPPING:
+    try:
+        return registry.tuner_class(key)
+    except registry.UnknownPeftTypeError:
         raise ValueError(f"peft_type {key.value} is not supported by peftfast; supported: "
-                         f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}")
-    return PEFT_TYPE_TO_TUNER_MAPPING[key]
+                         f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}") from None
 
 
 class PeftModel(nn.Module):
@@ -84,7 +94,6 @@ class PeftModel(nn.Module):
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
-        self._is_prompt_learning = False
         cls = _tuner_cls(peft_config.peft_type)
         self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
                               autocast_adapter_dtype=autocast_adapter_dtype)
@@ -128,10 +137,53 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (the first one when several are active)."""
+        active = self.active_adapter
+        return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    @property
+    def _is_prompt_learning(self) -> bool:  # PEFT's attribute name, derived from the active adapter's config
+        return self.active_peft_config.is_prompt_learning
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model()(*args, **kwargs)
+
+    # -- the task wrappers' shared path -----------------------------------------------------------------
+    def _task_forward(self, inputs: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+        """Run a task wrapper's forward: ``inputs`` are its named arguments, ``kwargs`` the rest. The base model
+        gets the named arguments the caller set (not None) plus ``kwargs``, less PEFT's own (``adapter_names``)."""
+        config = self.active_peft_config
+        if config.is_prompt_learning:
+            return self._prompt_learning_call("forward", config, inputs, kwargs)
+        given = {k: v for k, v in inputs.items() if v is not None}
+        with self.base_model._enable_peft_forward_hooks(**given, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model()(**given, **kwargs)
+
+    def _task_generate(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        config = self.active_peft_config
+        if config.is_prompt_learning:
+            return self._prompt_learning_call("generate", config, args, kwargs)
+        with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model().generate(*args, **kwargs)
+
+    def _prompt_learning_call(self, entry: str, config: PeftConfig, inputs: Any, kwargs: dict[str, Any]) -> Any:
+        """Where prompt-learning methods plug in: their registered handler prepends the virtual tokens (prompt
+        tuning, p-tuning) or past_key_values (prefix tuning) and calls the base model."""
+        handler = registry.prompt_learning_handler(config.peft_type)
+        if handler is None:
+            method = PeftType(config.peft_type).value
+            raise NotImplementedError(
+                f"{type(self).__name__}.{entry}: the active adapter uses {method}, a prompt-learning method "
+                f"(virtual tokens / past_key_values), which peftfast does not implement; methods available: "
+                f"{', '.join(t.value for t, c in PEFT_TYPE_TO_TUNER_MAPPING.items() if c is not None)}"
+            )
+        return getattr(handler, entry)(self, self._task_type, inputs, kwargs)
 
     # -- parameter counts -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -171,14 +223,11 @@ class PeftModel(nn.Module):
             raise AdapterError(f"cannot combine adapter types: this model has {PeftType(self.peft_type).value} "
                                f"adapters and the new config is {PeftType(peft_config.peft_type).value}")
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
-        restore = self._snapshot()
-        try:
+        with UndoLog() as undo:
+            undo.call(self._snapshot())
             self.peft_config[adapter_name] = peft_config
             self.base_model.inject_adapter(self.base_model.model, adapter_name,
                                            autocast_adapter_dtype=autocast_adapter_dtype)
-        except BaseException:
-            restore()
-            raise
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
@@ -280,7 +329,6 @@ class PeftModel(nn.Module):
         """Write or update README.md as PEFT does: huggingface_hub's model card with ``library_name: peft``, the base
         model, tags (method, ``transformers``, ``base_model:adapter:<base>``, plus ``peftfast``), ``pipeline_tag``
         for causal LMs, and a framework-versions line. An existing card keeps its text and metadata."""
-        from . import __version__
         from .config import PEFT_FORMAT_VERSION
         from .utils.hub import model_card_text
 
@@ -294,7 +342,7 @@ class PeftModel(nn.Module):
                for c in type(base).__mro__):
             tags.append("transformers")
         peft_type = PeftType(self.peft_type)
-        tags.append("lora" if peft_type == PeftType.LORA else peft_type.value.lower())
+        tags.append(peft_type.value.lower())
         name_or_path = getattr(base, "name_or_path", None)
         if name_or_path:
             tags.append(f"base_model:adapter:{name_or_path}")
@@ -337,7 +385,6 @@ class PeftModel(nn.Module):
             TypeError: an argument of the wrong type (e.g. ``config`` that is not a PeftConfig).
         ConfigError, AdapterLoadError and AdapterError are ValueErrors.
         """
-        from .mapping import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
         from .utils.save_and_load import config_mismatch_as_load_error, snapshot_state
 
         validate_adapter_name(adapter_name)
@@ -354,14 +401,11 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
             cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel)
-        restore = snapshot_state([model], objects=(getattr(model, "config", None),))
-        try:
+        with UndoLog() as undo:
+            undo.call(snapshot_state([model], objects=(getattr(model, "config", None),)))
             with config_mismatch_as_load_error(model_id):
                 peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
-        except BaseException:
-            restore()
-            raise
         if not is_trainable:
             peft_model.requires_grad_(False)
             peft_model.eval()
@@ -388,21 +432,17 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         existing = self.peft_config.get(adapter_name)
         if existing is not None:
-            fields = ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern", "bias",
-                      "modules_to_save")
+            fields = registry.load_checked_fields(config.peft_type)
             differ = [f for f in fields if getattr(existing, f, None) != getattr(config, f, None)]
             if differ:
                 warnings.warn(f"loading weights from {model_id} into the existing adapter {adapter_name!r}, whose "
                               f"config differs in {', '.join(differ)}; the existing config is kept", UserWarning)
-        restore = self._snapshot()
-        try:
+        with UndoLog() as undo:
+            undo.call(self._snapshot())
             if existing is None:
                 with config_mismatch_as_load_error(model_id):
                     self.add_adapter(adapter_name, config)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
-        except BaseException:
-            restore()
-            raise
         prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
         for name, p in self.named_parameters():
             if any(name == q or name.startswith(q + ".") for q in prefixes):
@@ -444,22 +484,51 @@ def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Task wrappers. Each owns ``forward`` (and ``generate`` for the language models) with PEFT 0.21's explicit
+# signature. Methods that inject layers (LoRA, IA3) run the base model with the arguments the caller gave;
+# prompt-learning methods plug in at ``_prompt_learning_call``, where PEFT prepends virtual tokens or
+# past_key_values. ``task_ids`` belongs to methods that route by task (PEFT's Poly) and is not passed on.
+# ---------------------------------------------------------------------------------------------------------
 class PeftModelForCausalLM(PeftModel):
     """Causal LM with adapters; ``generate`` works as on the base model."""
 
     _task_type = TaskType.CAUSAL_LM
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.get_base_model().generate(*args, **kwargs)
+        return self._task_generate(args, kwargs)
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(PeftModelForCausalLM):
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder LM with adapters; ``generate`` works as on the base model."""
+
     _task_type = TaskType.SEQ_2_SEQ_LM
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+            decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self._task_generate(args, kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -467,14 +536,60 @@ class PeftModelForSequenceClassification(PeftModel):
 
     _task_type = TaskType.SEQ_CLS
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
 
 class PeftModelForTokenClassification(PeftModel):
+    """The classifier head is trained and saved in full (modules_to_save)."""
+
     _task_type = TaskType.TOKEN_CLS
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
+    """The span head ("qa_outputs") is trained and saved in full (modules_to_save)."""
+
     _task_type = TaskType.QUESTION_ANS
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            position_ids=position_ids, inputs_embeds=inputs_embeds, start_positions=start_positions,
+            end_positions=end_positions, output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
 
 
 class PeftModelForFeatureExtraction(PeftModel):
+    """Encoder outputs (hidden states) with adapters."""
+
     _task_type = TaskType.FEATURE_EXTRACTION
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
+        return self._task_forward(dict(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+        ), kwargs)
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}

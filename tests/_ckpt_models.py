@@ -1,4 +1,5 @@
-"""Tiny models and helpers shared by the checkpoint tests (interop, hardening, fuzz).
+"""Tiny models (``peftfast.zoo``'s, at this suite's sizes) and helpers shared by the checkpoint tests
+(interop, hardening, fuzz).
 
 Builders seed torch themselves, so two calls give bit-identical base weights: a model saved from one
 build and loaded onto another build must reproduce its outputs exactly. Sizes are odd on purpose.
@@ -15,47 +16,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftfast import zoo
+
 VOCAB = 53
 HIDDEN = 24  # 4 heads of 6 (RoPE needs an even head size)
 SEQ_LEN = 7
 
 
 def tiny_llama(seed: int = 0, hidden: int = HIDDEN, layers: int = 2) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 3,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=32, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    return zoo.llama(seed, hidden, layers, VOCAB, heads=4, kv_heads=2, intermediate=2 * hidden + 3,
+                     max_positions=32)
 
 
 def tiny_gpt2(seed: int = 0, hidden: int = HIDDEN, layers: int = 2) -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=32, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return GPT2LMHeadModel(cfg).eval()
+    return zoo.gpt2(seed, hidden, layers, VOCAB, heads=4, max_positions=32)
 
 
 def tiny_bert(seed: int = 0, hidden: int = HIDDEN, layers: int = 2) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                     intermediate_size=2 * hidden + 3, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=3, pad_token_id=0)
-    return BertForSequenceClassification(cfg).eval()
+    return zoo.bert_seq_cls(seed, hidden, layers, VOCAB, num_labels=3, heads=4, intermediate=2 * hidden + 3,
+                            max_positions=32, classifier_dropout=None)
 
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
 def inputs(seed: int = 1, batch: int = 3) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(3, VOCAB, (batch, SEQ_LEN), generator=g)}
+    return {"input_ids": zoo.token_ids(batch, SEQ_LEN, seed, VOCAB)}
 
 
 def randomize_adapters(model: nn.Module, seed: int = 2, std: float = 0.3) -> None:

@@ -1,9 +1,10 @@
-"""Tiny models for the LoRA tests: transformers architectures built from configs, and small custom modules.
+"""Tiny models for the LoRA tests, from ``peftfast.zoo``, and the table of families that drives them.
 
-Every builder seeds torch itself, so two calls give bit-identical weights. Dropout is switched off in the
-configs so that forward passes in train mode are deterministic and comparable across libraries.
-Each ``Family`` bundles a builder with what the tests need to drive it: the task type, the default LoRA
-targets, extra targets and names for the table-driven cases, and a function making inputs (with labels).
+The builders are the zoo's with this suite's sizes (hidden 16, 2 layers, vocabulary 61, a
+``_name_or_path`` per architecture); every builder seeds torch itself, so two calls give
+bit-identical weights. Each ``Family`` bundles a builder with what the tests need to drive it: the
+task type, the default LoRA targets, extra targets and names for the table-driven cases, and a
+function making inputs (with labels).
 """
 
 from __future__ import annotations
@@ -14,218 +15,47 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-VOCAB = 61  # odd on purpose
-
-
-def _seeded(seed: int) -> None:
-    torch.manual_seed(seed)
+from peftfast import zoo
+from peftfast.zoo import (  # the suite's input builders and custom nets are the zoo's (see __all__)
+    VOCAB,
+    TinyNet,
+    WideNet,
+    causal_inputs,
+    net_inputs,
+    qa_inputs,
+    seq2seq_inputs,
+    seq_cls_inputs,
+    tiny_net,
+    token_cls_inputs,
+    wide_net,
+)
 
 
 # ------------------------------------------------------------------------------------------------------
 # transformers models
 # ------------------------------------------------------------------------------------------------------
 def tiny_llama(seed: int = 0, hidden: int = 16, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    _seeded(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden + 4,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        attention_bias=True,
-        mlp_bias=False,
-        attention_dropout=0.0,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg._name_or_path = "tiny/llama"
-    return LlamaForCausalLM(cfg).eval()
+    return zoo.llama(seed, hidden, layers, attention_bias=True, name_or_path="tiny/llama")
 
 
 def tiny_gpt2(seed: int = 0, hidden: int = 16, layers: int = 2):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    _seeded(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=hidden,
-        n_layer=layers,
-        n_head=2,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    cfg._name_or_path = "tiny/gpt2"
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def _bert_config(num_labels: int = 3, hidden: int = 16, layers: int = 2):
-    from transformers import BertConfig
-
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden + 4,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        classifier_dropout=0.0,
-        num_labels=num_labels,
-        pad_token_id=0,
-    )
-    cfg._name_or_path = "tiny/bert"
-    return cfg
+    return zoo.gpt2(seed, hidden, layers, name_or_path="tiny/gpt2")
 
 
 def tiny_bert_seq_cls(seed: int = 0, hidden: int = 16, layers: int = 2):
-    from transformers import BertForSequenceClassification
-
-    _seeded(seed)
-    return BertForSequenceClassification(_bert_config(3, hidden, layers)).eval()
+    return zoo.bert_seq_cls(seed, hidden, layers, num_labels=3, name_or_path="tiny/bert")
 
 
 def tiny_bert_token_cls(seed: int = 0, hidden: int = 16, layers: int = 2):
-    from transformers import BertForTokenClassification
-
-    _seeded(seed)
-    return BertForTokenClassification(_bert_config(5, hidden, layers)).eval()
+    return zoo.bert_token_cls(seed, hidden, layers, num_labels=5, name_or_path="tiny/bert")
 
 
 def tiny_bert_qa(seed: int = 0, hidden: int = 16, layers: int = 2):
-    from transformers import BertForQuestionAnswering
-
-    _seeded(seed)
-    return BertForQuestionAnswering(_bert_config(2, hidden, layers)).eval()
+    return zoo.bert_qa(seed, hidden, layers, num_labels=2, name_or_path="tiny/bert")
 
 
 def tiny_t5(seed: int = 0, hidden: int = 16, layers: int = 2):
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    _seeded(seed)
-    cfg = T5Config(
-        vocab_size=VOCAB,
-        d_model=hidden,
-        d_kv=8,
-        d_ff=2 * hidden + 4,
-        num_layers=layers,
-        num_decoder_layers=layers,
-        num_heads=2,
-        dropout_rate=0.0,
-        relative_attention_num_buckets=8,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    cfg._name_or_path = "tiny/t5"
-    return T5ForConditionalGeneration(cfg).eval()
-
-
-# ------------------------------------------------------------------------------------------------------
-# custom modules
-# ------------------------------------------------------------------------------------------------------
-class TinyNet(nn.Module):
-    """Embedding -> Linear -> ReLU -> Linear (no bias) -> Conv1D (GPT-2 style) -> head; odd sizes."""
-
-    def __init__(self, vocab: int = 37, dim: int = 12, hidden: int = 23, classes: int = 5) -> None:
-        super().__init__()
-        from transformers.pytorch_utils import Conv1D
-
-        self.emb = nn.Embedding(vocab, dim)
-        self.lin0 = nn.Linear(dim, hidden)
-        self.act = nn.ReLU()
-        self.lin1 = nn.Linear(hidden, dim, bias=False)
-        self.conv = Conv1D(dim, dim)  # Conv1D(nf=out, nx=in); weight stored [in, out]
-        self.head = nn.Linear(dim, classes)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        h = self.emb(input_ids)
-        h = self.lin1(self.act(self.lin0(h)))
-        h = self.conv(h)
-        return self.head(h)
-
-
-def tiny_net(seed: int = 0, **kwargs):
-    _seeded(seed)
-    net = TinyNet(**kwargs)
-    with torch.no_grad():  # Conv1D initialises its bias to zero: give it a value so bias tests see it
-        net.conv.bias.normal_(0, 0.1)
-    return net.eval()
-
-
-class WideNet(nn.Module):
-    """One wide Linear and one Embedding: enough adapter entries to test initialisation distributions."""
-
-    def __init__(self, d_in: int = 256, d_out: int = 192, vocab: int = 300, dim: int = 64) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, dim)
-        self.proj = nn.Linear(d_in, d_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
-
-
-def wide_net(seed: int = 0):
-    _seeded(seed)
-    return WideNet().eval()
-
-
-# ------------------------------------------------------------------------------------------------------
-# inputs
-# ------------------------------------------------------------------------------------------------------
-def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
-
-
-def causal_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
-    ids = _ids(batch, seq, seed)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def seq_cls_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
-    ids = _ids(batch, seq, seed)
-    labels = torch.arange(batch) % 3
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def token_cls_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
-    ids = _ids(batch, seq, seed)
-    labels = (ids * 7) % 5
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def qa_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
-    ids = _ids(batch, seq, seed)
-    start = torch.arange(batch) % seq
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "start_positions": start,
-        "end_positions": (start + 2).clamp(max=seq - 1),
-    }
-
-
-def seq2seq_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
-    ids = _ids(batch, seq, seed)
-    labels = _ids(batch, seq - 2, seed + 100)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
-def net_inputs(batch: int = 2, seq: int = 7, seed: int = 1) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 37, (batch, seq), generator=g)}
+    return zoo.t5(seed, hidden, layers, name_or_path="tiny/t5")
 
 
 def model_output(out) -> torch.Tensor:
@@ -361,3 +191,11 @@ FAMILIES: dict[str, Family] = {
 PARITY_FAMILIES = list(FAMILIES)
 # The four architecture families of the issue; option-by-option cases run on these only.
 MAIN_FAMILIES = ["llama", "gpt2", "bert", "t5"]
+
+
+__all__ = [
+    "FAMILIES", "MAIN_FAMILIES", "PARITY_FAMILIES", "VOCAB", "Family", "TinyNet", "WideNet", "causal_inputs",
+    "model_loss", "model_output", "net_inputs", "qa_inputs", "seq2seq_inputs", "seq_cls_inputs", "tiny_bert_qa",
+    "tiny_bert_seq_cls", "tiny_bert_token_cls", "tiny_gpt2", "tiny_llama", "tiny_net", "tiny_t5",
+    "token_cls_inputs", "wide_net",
+]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import peftfast
+from peftfast import zoo
 from peftfast.kernels.backend import use_triton
 from peftfast.tuners.ia3 import IA3Layer
 from peftfast.tuners.ia3 import layer as ia3_layer_module
@@ -31,48 +32,26 @@ K = 3.0  # peftfast's error vs float64 may be at most K times PEFT's own fp32 er
 # ------------------------------------------------------------------------------------------------------
 # tiny models and inputs
 # ------------------------------------------------------------------------------------------------------
-def _random_biases(model: nn.Module) -> nn.Module:
-    """transformers initialises biases to zero; give them values so that bias scaling is exercised."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0, 0.1)
-    return model
-
-
 def tiny_llama(hidden: int = 24):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden - 3,
-                                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                   max_position_embeddings=64, attention_bias=True, tie_word_embeddings=False,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return _random_biases(transformers.LlamaForCausalLM(cfg).eval())
+    return zoo.random_biases(zoo.llama(0, hidden, 2, VOCAB, intermediate=2 * hidden - 3, attention_bias=True))
 
 
 def tiny_gpt2(hidden: int = 24):
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=2, n_head=2, n_positions=64,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1,
-                                  eos_token_id=2)
-    return _random_biases(transformers.GPT2LMHeadModel(cfg).eval())
+    return zoo.random_biases(zoo.gpt2(0, hidden, 2, VOCAB, pad=None))
 
 
 def tiny_bert(hidden: int = 24):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=2 * hidden - 3,
-                                  max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0, num_labels=3)
-    return _random_biases(transformers.BertForSequenceClassification(cfg).eval())
+    return zoo.random_biases(zoo.bert_seq_cls(0, hidden, 2, VOCAB, intermediate=2 * hidden - 3,
+                                              classifier_dropout=None))
 
 
 def lm_inputs(batch: int = 2, seq: int = 9) -> dict:
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = zoo.token_ids(batch, seq, 1, VOCAB)
     return {"input_ids": ids, "labels": ids.clone()}
 
 
 def cls_inputs(batch: int = 3, seq: int = 9) -> dict:
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = zoo.token_ids(batch, seq, 1, VOCAB)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(batch) % 3}
 
 
@@ -405,11 +384,10 @@ class TwoLinears(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
-@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dtype_behaviour_matches_peft(dtype, backend, request):
+def test_dtype_behaviour_matches_peft(dtype, backend):
     """A half-precision base keeps fp32 vectors (autocast_adapter_dtype); outputs keep the input dtype."""
-    request.getfixturevalue(backend)
     torch.manual_seed(0)
     base = TwoLinears().to(dtype)
     cfg = dict(target_modules=["up", "down"], feedforward_modules=["down"])
@@ -481,12 +459,11 @@ def test_triton_backend_matches_peft(triton_backend, hooked):
 
 
 @pytest.mark.parametrize("backend", [
-    "torch_backend",
-    pytest.param("triton_backend", marks=pytest.mark.xfail(
+    "torch",
+    pytest.param("triton", marks=pytest.mark.xfail(
         strict=True, reason="the Triton path derives the output-side scale gradient as sum(dy * y) / s, "
-        "which is 0 where s == 0 (PEFT: sum(dy * (W x + b)))"))])
-def test_zero_output_scale_entry_still_gets_peft_gradient(backend, request):
-    request.getfixturevalue(backend)
+        "which is 0 where s == 0 (PEFT: sum(dy * (W x + b)))"))], indirect=True)
+def test_zero_output_scale_entry_still_gets_peft_gradient(backend):
     torch.manual_seed(0)
     base = TwoLinears()
     cfg = dict(target_modules=["up"], feedforward_modules=[])

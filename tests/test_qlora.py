@@ -23,9 +23,10 @@ import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
 import peftfast
+from peftfast import zoo
 from peftfast.kernels.quant import Packed4bit, decode_absmax, dequantize_4bit
 from peftfast.tools.memory import measure_saved_bytes
 from peftfast.tuners.ia3 import bnb as ia3_bnb
@@ -57,9 +58,7 @@ def eps(dtype: torch.dtype) -> float:
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    config = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = zoo.llama_config(64, 2, 101, heads=4, kv_heads=4, intermediate=128, max_positions=64, pad=None)
     torch.manual_seed(1234)
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
@@ -172,7 +171,7 @@ def build_lora_trio(path, case: str):
 def test_lora_matches_peft_qlora_and_trains(tiny_dir, case):
     ours, theirs, exact = build_lora_trio(tiny_dir, case)
     want = lora_bnb.Linear4bit if case != "int8" else lora_bnb.Linear8bitLt
-    layers = [m for m in ours.modules() if isinstance(m, lora_bnb._QuantLoraLinear)]
+    layers = [m for m in ours.modules() if isinstance(m, (lora_bnb.Linear4bit, lora_bnb.Linear8bitLt))]
     assert len(layers) == 2 * len(TARGETS) and all(type(m) is want for m in layers)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 

@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from .. import zoo
 from . import task
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -53,19 +54,8 @@ def quiet_loading() -> Iterator[None]:
 
 def base_config() -> LlamaConfig:
     """A Llama small enough to train in seconds: 2 layers, hidden 128, 4 heads, ~0.34M parameters."""
-    return LlamaConfig(
-        vocab_size=len(task.VOCAB),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        pad_token_id=task.PAD_ID,
-        bos_token_id=task.BOS_ID,
-        eos_token_id=task.EOS_ID,
-    )
+    return zoo.llama_config(128, 2, len(task.VOCAB), heads=4, kv_heads=4, intermediate=256, max_positions=64,
+                            pad=task.PAD_ID, bos=task.BOS_ID, eos=task.EOS_ID)
 
 
 def pretrain(steps: int = PRETRAIN_STEPS, seed: int = PRETRAIN_SEED, progress: bool = True

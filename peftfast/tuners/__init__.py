@@ -1,5 +1,7 @@
-from .ia3 import IA3Config, IA3Model
-from .lora import LoraConfig, LoraModel
+"""The adapter methods. Importing this package imports each method package, which registers itself
+(PEFT type -> config, tuner, prefix) in ``peftfast.utils.registry``."""
+from .lora import LoraConfig, LoraModel  # first: registration order is the order errors list methods in
+from .ia3 import IA3Config, IA3Model  # noqa: I001
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
 __all__ = ["BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]

@@ -2,8 +2,14 @@
 
 `BaseTunerLayer` is mixed into each adapter layer (LoRA, IA3, ...): it owns the bookkeeping of
 adapter names, activation, merging state and the base layer. `BaseTuner` walks a model, decides
-which modules to wrap, wraps them (all or nothing: a failure leaves the model untouched), and
-implements merge / unload / adapter switching once for all methods.
+which modules to wrap, wraps them (all or nothing: every step goes into an `UndoLog`, so a failure
+leaves the model untouched), and implements merge / unload / adapter switching once for all methods.
+
+Targets are matched by PEFT's rules (a list entry matches a name or a dotted suffix, a string is a
+full-match regex, 'all-linear' expands to the linear layers, then layers_to_transform and
+exclude_modules). Whatever the form, a module inside an existing adapter layer or modules_to_save
+wrapper (``base_layer``, ``lora_A.<name>``, ``ia3_l``, ``original_module``, ...) is never a target:
+a second adapter lands on the adapter layer itself (`adapter_internal_names`).
 """
 from __future__ import annotations
 
@@ -17,15 +23,19 @@ from torch import nn
 from tqdm import tqdm
 
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from ..utils.other import ModulesToSaveWrapper, get_submodules
+from ..utils.errors import AdapterError
+from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
+from ..utils.undo import UndoLog
+
+__all__ = [
+    "AdapterError", "BaseTuner", "BaseTunerLayer", "adapter_internal_names", "bnb_linear_classes",
+    "check_target_module_exists", "conv1d_class", "find_minimal_target_modules", "linear_layer_classes",
+    "per_sample_adapter_names",
+]
 
 
 # Heads that task wrappers add to modules_to_save; a model has at most one of them, so absence is fine.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
-
-
-class AdapterError(ValueError):
-    """An adapter name or adapter operation is not valid for this model."""
 
 
 def conv1d_class() -> Optional[type]:
@@ -48,18 +58,6 @@ def bnb_linear_classes() -> tuple[type, ...]:
 def linear_layer_classes() -> tuple[type, ...]:
     conv1d = conv1d_class()
     return (nn.Linear,) + ((conv1d,) if conv1d else ()) + bnb_linear_classes()
-
-
-def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
-    """PEFT's ``adapter_names`` has one entry per input sample; generate() with beams (or any caller that
-    repeats each sample k times, e.g. the decoder of a seq2seq model) sees a batch k times as large."""
-    n = len(adapter_names)
-    if n == batch:
-        return list(adapter_names)
-    if n and batch % n == 0:
-        k = batch // n
-        return [name for name in adapter_names for _ in range(k)]
-    raise ValueError(f"adapter_names has {n} entries for a batch of {batch}; give one adapter name per sample")
 
 
 class BaseTunerLayer:
@@ -226,6 +224,17 @@ def _entry_matches(entry: str, keys: Iterable[str]) -> bool:
     return any(k == entry or k.endswith("." + entry) for k in keys)
 
 
+def adapter_internal_names(model: nn.Module) -> set[str]:
+    """Names of every module strictly inside an adapter layer or a modules_to_save wrapper: the wrapped
+    ``base_layer``, the adapter weights (``lora_A.<name>``, ``ia3_l``, ...), dropouts, and the ``original_module`` /
+    ``modules_to_save`` copies. Such modules belong to an adapter and must never be targeted by another one."""
+    inside: set[str] = set()
+    for prefix, module in model.named_modules():
+        if prefix and isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            inside.update(f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix)
+    return inside
+
+
 class BaseTuner(nn.Module):
     """Injects one method's adapter layers into ``model`` and manages them.
 
@@ -237,6 +246,9 @@ class BaseTuner(nn.Module):
     prefix: str = ""
     tuner_layer_cls: type = BaseTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # Long target_modules lists are condensed to short suffixes; a method with another field that must stay a
+    # subset of target_modules (IA3's feedforward_modules) turns this off, as PEFT does.
+    target_modules_condensable: bool = True
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
@@ -248,11 +260,9 @@ class BaseTuner(nn.Module):
         else:
             self.peft_config[adapter_name] = peft_config
         self.active_adapter: str | list[str] = adapter_name
-        try:
+        with UndoLog() as undo:
+            undo.call(lambda: self.peft_config.pop(adapter_name, None))
             self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        except BaseException:
-            self.peft_config.pop(adapter_name, None)
-            raise
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -301,14 +311,20 @@ class BaseTuner(nn.Module):
         return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
     def _expand_all_linear(self, config: Any, model: nn.Module) -> None:
+        """'all-linear': every Linear/Conv1D of the base model, plus the adapter layers already wrapping one (so a
+        second adapter lands on the same projections), never a module inside an adapter layer, never the head."""
         if not (isinstance(config.target_modules, str) and
                 config.target_modules.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND):
             return
         linear = linear_layer_classes()
-        names = {n for n, m in model.named_modules() if isinstance(m, linear)}
+        inside = adapter_internal_names(model)
+        names = {n for n, m in model.named_modules()
+                 if n not in inside and (isinstance(m, linear) or
+                                         (isinstance(m, BaseTunerLayer) and isinstance(m.get_base_layer(), linear)))}
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is not None:
-            names -= {n for n, m in model.named_modules() if m is output}
+            names -= {n for n, m in model.named_modules() if m is output or
+                      (isinstance(m, BaseTunerLayer) and m.get_base_layer() is output)}
         else:
             for head in ("score", "classifier", "qa_outputs"):
                 names -= {n for n in names if n == head or n.endswith("." + head)}
@@ -320,7 +336,7 @@ class BaseTuner(nn.Module):
         targets = config.target_modules
         if isinstance(targets, str) or targets is None or len(targets) < MIN_TARGET_MODULES_FOR_OPTIMIZATION:
             return
-        if str(getattr(config, "peft_type", "")) == "IA3":  # feedforward_modules must stay a subset: keep as is
+        if not self.target_modules_condensable:
             return
         keys = [k for k, _ in model.named_modules() if k]
         tails = tuple("." + t for t in targets)
@@ -336,13 +352,12 @@ class BaseTuner(nn.Module):
 
     def _plan(self, config: Any, model: nn.Module) -> list[str]:
         keys = [k for k, _ in model.named_modules() if k]
-        skip = ("modules_to_save", "original_module", "base_layer")
+        inside = adapter_internal_names(model)
         saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in (getattr(config, "modules_to_save", None)
                                                                                  or ()))]
         planned = []
         for key in keys:
-            parts = key.split(".")
-            if any(p in skip for p in parts):
+            if key in inside:  # an existing adapter's own modules are never targets, however targets are named
                 continue
             if any(key.startswith(s + ".") for s in saved):  # trained in full as modules_to_save: no adapter inside
                 continue
@@ -394,25 +409,15 @@ class BaseTuner(nn.Module):
         self._condense_target_modules(config, model)
         planned = self._plan(config, model)
 
-        undo: list[Any] = []
-        try:
+        with UndoLog() as undo:
             for key in planned:
                 parent, target, target_name = get_submodules(model, key)
                 if isinstance(target, self.tuner_layer_cls):
-                    undo.append(("delete", target, adapter_name))
+                    undo.delete_adapter(target, adapter_name)
                 else:
-                    undo.append(("replace", parent, target_name, target))
+                    undo.replace(parent, target_name, target)
                 self._create_and_replace(config, adapter_name, target, target_name, parent, key)
-            undo.extend(self._set_modules_to_save(model, config, adapter_name))
-        except BaseException:
-            for item in reversed(undo):
-                if item[0] == "delete":
-                    item[1].delete_adapter(item[2])
-                elif item[0] == "replace":
-                    setattr(item[1], item[2], item[3])
-                else:
-                    item[1]()
-            raise
+            self._set_modules_to_save(model, config, adapter_name, undo)
         self.targeted_module_names = sorted(set(self.targeted_module_names) | set(planned))
         # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
         # instead. Trainability of existing parameters is left as it was.
@@ -429,11 +434,12 @@ class BaseTuner(nn.Module):
         if autocast_adapter_dtype:
             self._cast_adapter_dtype(adapter_name)
 
-    def _set_modules_to_save(self, model: nn.Module, config: Any, adapter_name: str) -> list[Any]:
+    def _set_modules_to_save(self, model: nn.Module, config: Any, adapter_name: str, undo: UndoLog) -> None:
+        """Wrap each ``modules_to_save`` module (or add the adapter's copy to its wrapper), recording every change
+        in ``undo``; an entry that names no module raises, and the caller's log takes everything back."""
         names = getattr(config, "modules_to_save", None)
         if not names:
-            return []
-        undo: list[Any] = []
+            return
         keys = [k for k, _ in model.named_modules() if k]
         found = set()
         activate = adapter_name in self.active_adapters
@@ -450,8 +456,8 @@ class BaseTuner(nn.Module):
                     continue
                 previous = target.active_adapters
                 target.update(adapter_name)
-                undo.append(("call", lambda t=target, a=adapter_name, prev=previous: (t.delete_adapter(a),
-                                                                                      t.set_adapter(prev))))
+                undo.call(lambda t=target, prev=previous: t.set_adapter(prev))
+                undo.delete_adapter(target, adapter_name)
                 if activate:
                     target.set_adapter(adapter_name, inference_mode=config.inference_mode)
             else:
@@ -460,18 +466,12 @@ class BaseTuner(nn.Module):
                     wrapper.set_adapter([])
                 elif config.inference_mode:
                     wrapper.set_adapter(adapter_name, inference_mode=True)
+                undo.replace(parent, target_name, target)
                 setattr(parent, target_name, wrapper)
-                undo.append(("replace", parent, target_name, target))
         missing = [n for n in names if n not in found and n not in TASK_HEAD_NAMES]
         if missing:
-            for item in reversed(undo):
-                if item[0] == "replace":
-                    setattr(item[1], item[2], item[3])
-                else:
-                    item[1]()
             raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
                              f"{', '.join(map(repr, missing))} matched no module in the model")
-        return undo
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, p in model.named_parameters():
@@ -577,15 +577,10 @@ class BaseTuner(nn.Module):
                 check = getattr(layer, "check_merge", None)
                 if check is not None:
                     check(names)
-        done: list[BaseTunerLayer] = []
-        try:
+        with UndoLog() as undo:
             for layer in layers:
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
-                done.append(layer)
-        except BaseException:
-            for layer in reversed(done):
-                layer.unmerge()
-            raise
+                undo.call(layer.unmerge)
 
     def unmerge_adapter(self) -> None:
         for layer in self._tuner_layers():

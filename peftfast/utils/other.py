@@ -1,4 +1,5 @@
-"""Helpers shared by the tuners: module lookup, modules_to_save, dtype casting."""
+"""Helpers shared by the tuners and save/load: module lookup, modules_to_save, per-sample adapter names,
+recognising adapter layers, dtype casting."""
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,24 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
 
 
 _get_submodules = get_submodules  # PEFT's name for it, which user code imports from peft.utils
+
+
+def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
+    """PEFT's ``adapter_names`` has one entry per input sample; generate() with beams (or any caller that
+    repeats each sample k times, e.g. the decoder of a seq2seq model) sees a batch k times as large."""
+    n = len(adapter_names)
+    if n == batch:
+        return list(adapter_names)
+    if n and batch % n == 0:
+        k = batch // n
+        return [name for name in adapter_names for _ in range(k)]
+    raise ValueError(f"adapter_names has {n} entries for a batch of {batch}; give one adapter name per sample")
+
+
+def is_adapter_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is an adapter layer (a BaseTunerLayer of any method), recognised by the class attribute
+    every adapter layer declares, so that this bottom layer needs no import of the tuners."""
+    return isinstance(getattr(type(module), "adapter_layer_names", None), tuple)
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -98,8 +117,6 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_names is None or self._disable_adapters:
             return self._active_module()(*args, **kwargs)
         # One adapter per sample: run each sub-batch through its adapter's copy ('__base__': the original).
-        from ..tuners.tuners_utils import per_sample_adapter_names
-
         x = args[0]
         adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
         out = None

@@ -33,10 +33,9 @@ import torch
 from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
-from .other import ModulesToSaveWrapper
-from .peft_types import PeftType
-
-PREFIXES = {PeftType.LORA: "lora_", PeftType.IA3: "ia3_"}
+from .errors import AdapterError, ConfigError
+from .other import ModulesToSaveWrapper, is_adapter_layer
+from .undo import UndoLog
 PEFT_PREFIX = "base_model.model."
 _MAX_LISTED = 10
 
@@ -77,11 +76,9 @@ def _inside_wrapper(module_name: str) -> bool:
 
 def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
     """(key prefixes of ``adapter_name``'s containers on every tuner layer, names of all tuner layers)."""
-    from ..tuners.tuners_utils import BaseTunerLayer  # the tuners import this module's package
-
     prefixes, layers = [], []
     for name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer) or _inside_wrapper(name):
+        if not is_adapter_layer(module) or _inside_wrapper(name):
             continue
         layers.append(name)
         for attr in module.adapter_layer_names:
@@ -369,18 +366,11 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
                                                 ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
     targets = model.state_dict(keep_vars=True)
-    backup: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for key, tensor in to_load.items():
-                target = targets[key]
-                backup.append((target, target.detach().clone()))
-                target.copy_(tensor.to(device=target.device, dtype=target.dtype))
-    except BaseException:  # e.g. out of memory mid-way: put back what was already overwritten
-        with torch.no_grad():
-            for target, old in reversed(backup):
-                target.copy_(old)
-        raise
+    with torch.no_grad(), UndoLog() as undo:  # e.g. out of memory mid-way: put back what was already overwritten
+        for key, tensor in to_load.items():
+            target = targets[key]
+            undo.call(lambda target=target, old=target.detach().clone(): target.copy_(old))
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
     return IncompatibleKeys(missing_keys=[mapping[m] for m in missing], unexpected_keys=[])
 
@@ -500,9 +490,6 @@ _MISSING = object()
 def config_mismatch_as_load_error(model_id: Any):
     """Errors raised while applying a checkpoint's config to a model (a target module the model lacks, a regex that
     does not compile, ...) are load errors: re-raise them as AdapterLoadError naming the checkpoint."""
-    from ..config import ConfigError
-    from ..tuners.tuners_utils import AdapterError
-
     try:
         yield
     except (ConfigError, AdapterError, AdapterLoadError):

@@ -19,6 +19,7 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
+from ...utils.undo import UndoLog
 from ..adapter_layers import Dispatcher, UnsupportedLayerError, create_new_module
 from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
@@ -80,6 +81,7 @@ class IA3Model(BaseTuner):
     """Creates an (IA)^3 model from a pretrained transformers model (same surface as ``peft.IA3Model``)."""
 
     prefix = "ia3_"
+    target_modules_condensable = False  # feedforward_modules must stay a subset of target_modules
     tuner_layer_cls = IA3Layer
     target_module_mapping = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
     # First match wins: quantised linears subclass nn.Linear, so their dispatcher goes first.
@@ -185,12 +187,10 @@ class IA3Model(BaseTuner):
                                  f"modules (all lists or all regex strings); {field_name} differs: {values}")
             merged[field_name] = ("|".join(f"({v})" for v in values) if isinstance(values[0], str)
                                   else set().union(*values))
-        self.peft_config[adapter_name] = dataclasses.replace(configs[0], **merged)
-        try:
+        with UndoLog() as undo:
+            undo.call(lambda: self.peft_config.pop(adapter_name, None))
+            self.peft_config[adapter_name] = dataclasses.replace(configs[0], **merged)
             self.inject_adapter(self.model, adapter_name)
-        except BaseException:
-            self.peft_config.pop(adapter_name, None)
-            raise
         with torch.no_grad():
             for layer in self._tuner_layers():
                 if not isinstance(layer, IA3Layer) or adapter_name not in layer.ia3_l:
