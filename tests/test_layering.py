@@ -338,8 +338,6 @@ _KNOWN = {
     },
     "peftfast/tools/bench.py": {"peftfast.kernels.qmatmul": "_sm_count", "peftfast.tools.costmodel": "_count_device"},
     "peftfast/tools/costmodel.py": {"peftfast.kernels.lora": "_arrival_counters"},
-    # the quantised LoRA layers reuse the dense layer's delta and dropout helpers
-    "peftfast/tuners/lora/bnb.py": {"peftfast.tuners.lora.layer": "_delta _dropout_p"},
     "tests/kernels/test_lora_fused.py": {"peftfast.kernels.lora": "_COUNTERS"},
     "tests/test_bench_cli.py": {"peftfast.tools.bench": "_measure_memory"},
 }
