@@ -230,3 +230,26 @@ def test_gpu_timing_rows_are_ratios_to_the_base(monkeypatch):
     lines = bench.cuda_time_lines(timed, "some GPU")
     assert lines[0].startswith("== Measured GPU time (some GPU, triton.testing.do_bench")
     assert len(lines) == 3 + 4  # title, header, rule, one row per comparison and library
+
+
+def test_rows_are_written_when_the_plot_cannot_be(monkeypatch, tmp_path):
+    """Without matplotlib (or with one that fails to import its parts) the JSON is still written,
+    records no plot, and the last line says the plot was skipped."""
+    from peftfast.tools.bench import cli
+
+    rows = [{"section": "modelled", "path": "x"}]
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(cli, "plotting_available", lambda: False)
+    note = cli.write_outputs(out, {"quick": True}, rows, [], plot=True)
+    assert note == "; plot skipped: matplotlib is not installed"
+    assert json.loads(out.read_text()) == {"meta": {"quick": True, "plot": None}, "rows": rows}
+    assert not out.with_suffix(".png").exists()
+
+    def broken(model_rows, path):
+        raise ImportError("no module named 'matplotlib.backends'")
+
+    monkeypatch.setattr(cli, "plotting_available", lambda: True)
+    monkeypatch.setattr(cli, "write_plot", broken)
+    note = cli.write_outputs(out, {"quick": True}, rows, [], plot=True)
+    assert note.startswith("; plot skipped: ImportError") and json.loads(out.read_text())["meta"]["plot"] is None
+    assert cli.write_outputs(out, {"quick": True}, rows, [], plot=False) == ""

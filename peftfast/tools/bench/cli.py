@@ -28,6 +28,25 @@ from .tables import threads_label
 DESCRIPTION = "``peftfast bench``: what each kernel costs against PEFT, three ways, each labelled where printed."
 
 
+def write_outputs(out_path: Path, meta: dict, rows: list[dict], model_rows: list[dict], plot: bool) -> str:
+    """Write the rows (``meta["plot"]`` set), then the PNG next to them; return the note for the last
+    line of output. The rows come first: a plot that cannot be drawn must not cost the results."""
+    plot_path = out_path.with_suffix(".png") if plot else None
+    skipped = None
+    if plot_path and not plotting_available():
+        plot_path, skipped = None, "matplotlib is not installed"
+    write_rows(out_path, {**meta, "plot": str(plot_path) if plot_path else None}, rows)
+    if plot_path:
+        try:
+            write_plot(model_rows, plot_path)
+        except ImportError as err:  # matplotlib present but unusable (e.g. a missing backend dependency)
+            plot_path, skipped = None, f"{type(err).__name__}: {err}"
+            write_rows(out_path, {**meta, "plot": None}, rows)
+    if plot_path:
+        return f"; plot: {plot_path}"
+    return f"; plot skipped: {skipped}" if skipped else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftfast bench", description=DESCRIPTION)
     parser.add_argument("--quick", action="store_true",
@@ -86,23 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     rows += [{"section": "calibration", "name": e, "ok": False, "error": True} for e in cal_errors]
     print("\n" + "\n".join(summary_lines(rows)))
 
-    # the rows first: a plot that cannot be drawn must not cost the results
-    plot_path = None if args.no_plot else out_path.with_suffix(".png")
-    skipped = None
-    if plot_path and not plotting_available():
-        plot_path, skipped = None, "matplotlib is not installed"
     elapsed = time.perf_counter() - started
-    meta = {**env, "quick": args.quick, "elapsed_s": elapsed, "section_s": sections, "calibrated": calibrated,
-            "plot": str(plot_path) if plot_path else None}
-    write_rows(out_path, meta, rows)
-    if plot_path:
-        try:
-            write_plot(model_rows, plot_path)
-        except ImportError as err:  # matplotlib present but unusable (e.g. a missing backend dependency)
-            plot_path, skipped = None, f"{type(err).__name__}: {err}"
-            write_rows(out_path, {**meta, "plot": None}, rows)
-    plot_note = f"; plot: {plot_path}" if plot_path else (f"; plot skipped: {skipped}" if skipped else "")
-    print(f"\nrows: {out_path}" + plot_note + f"; {elapsed:.1f} s")
+    meta = {**env, "quick": args.quick, "elapsed_s": elapsed, "section_s": sections, "calibrated": calibrated}
+    note = write_outputs(out_path, meta, rows, model_rows, plot=not args.no_plot)
+    print(f"\nrows: {out_path}" + note + f"; {elapsed:.1f} s")
     if not calibrated:
         print("calibration FAILED: the modelled figures are not backed by counted traffic", file=sys.stderr)
     return 0 if calibrated else 1
