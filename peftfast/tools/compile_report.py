@@ -282,7 +282,8 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
         with _env(**env), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             tasks = []
             seen: dict[str, str] = {}
-            listings = _map_with_progress(pool, _list_source, sources, "listing spec sources", "source", progress)
+            listings = _map_with_progress(pool, _list_source, sources, "listing spec sources", "source",
+                                          progress)
             for source, listing in zip(sources, listings):
                 if "error" in listing:
                     problems.append(listing["error"])
