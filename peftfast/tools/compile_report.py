@@ -20,8 +20,10 @@ the ``ptxas`` bundled with Triton; no GPU needed) and checked:
 
 Compiles run in a pool of 2 fresh processes with ``TRITON_INTERPRET=0``, a throwaway Triton
 cache directory and ``TRITON_ALWAYS_COMPILE=1``: every figure is measured on each run.
-Exit status is non-zero on any failure (a module that does not import, a spec that does not
-compile, spills, shared memory over the limit, missing tensor-core instructions).
+A progress bar (tqdm, on stderr when it is a terminal) counts the spec sources listed and the
+compiles done, with an ETA. Exit status is non-zero on any failure (a module that does not
+import, a spec that does not compile, spills, shared memory over the limit, missing
+tensor-core instructions).
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,9 +248,24 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+def _map_with_progress(pool: ProcessPoolExecutor, fn, items: list, desc: str, unit: str,
+                       progress: bool | None) -> list:
+    """``list(pool.map(fn, items))`` with a tqdm bar (ETA) advancing as results arrive, in any
+    order. ``progress=None``: shown only when stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    futures = [pool.submit(fn, item) for item in items]
+    with tqdm(total=len(futures), desc=desc, unit=unit, file=sys.stderr, leave=False,
+              disable=None if progress is None else not progress) as bar:
+        for _ in as_completed(futures):
+            bar.update()
+    return [f.result() for f in futures]
+
+
 def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] = ARCHS,
-               workers: int = 2, sass: bool = False) -> Report:
-    """Compile every spec of ``sources`` (default: all kernel modules) for every arch."""
+               workers: int = 2, sass: bool = False, progress: bool | None = None) -> Report:
+    """Compile every spec of ``sources`` (default: all kernel modules) for every arch.
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal)."""
     for arch in archs:
         if arch not in SHARED_LIMIT:
             raise ValueError(f"arch {arch} not supported; allowed: {', '.join(map(str, SHARED_LIMIT))}")
@@ -265,7 +282,9 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
         with _env(**env), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             tasks = []
             seen: dict[str, str] = {}
-            for source, listing in zip(sources, pool.map(_list_source, sources)):
+            listings = _map_with_progress(pool, _list_source, sources, "listing spec sources", "source",
+                                          progress)
+            for source, listing in zip(sources, listings):
                 if "error" in listing:
                     problems.append(listing["error"])
                     continue
@@ -284,7 +303,7 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
                         problems.append(f"spec name {name!r} used by {seen[name]} and {source.label}")
                     seen[name] = source.label
                     tasks += [(source, index, name, arch, sass) for arch in archs]
-            rows = list(pool.map(_compile_task, tasks))
+            rows = _map_with_progress(pool, _compile_task, tasks, "compiling", "compile", progress)
     except BrokenProcessPool as err:
         problems.append(f"a compile worker died ({err}); check that `import peftfast` works")
     finally:
@@ -346,8 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows, versions and git sha as JSON")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sass", action="store_true", help="also require tensor-core instructions in the SASS")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar with ETA on stderr (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
-    report = run_report(archs=tuple(args.arch or ARCHS), workers=args.workers, sass=args.sass)
+    report = run_report(archs=tuple(args.arch or ARCHS), workers=args.workers, sass=args.sass,
+                        progress=args.progress)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report_json(report), indent=1))
