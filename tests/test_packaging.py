@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import peftfast
 
 
@@ -39,3 +41,15 @@ def test_peftfast_never_imports_peft(tmp_path):
     code = ("import sys, peftfast, peftfast.tuners.lora, peftfast.tuners.ia3; "
             "assert 'peft' not in sys.modules, sorted(m for m in sys.modules if m.startswith('peft.'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_every_package_folder_is_listed_in_pyproject():
+    # pyproject lists packages by hand (kernels/ must map to peftfast.kernels): a folder left out is missing
+    # from a non-editable install although an editable one works
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "peftfast").rglob("__init__.py")}
+    found.add("peftfast.kernels")
+    assert found == listed, f"in the tree but not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
