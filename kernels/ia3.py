@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .backend import use_triton
+from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -184,10 +184,6 @@ _MM_CFG = {
 _EW_CFG = (16, 128, 4)  # elementwise: BLOCK_M, BLOCK_N, num_warps
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +199,12 @@ def _launch_matmul(p, q, scale, *, bias=None, aux=None, scale_k=False, scale_n=F
         partial = torch.empty(triton.cdiv(M, bm), N, dtype=torch.float32, device=p.device)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     aux_t = aux if aux is not None else c
-    _ia3_matmul_kernel[grid](
+    launch(_ia3_matmul_kernel, grid,
         p, q, c, scale, bias if bias is not None else scale, aux_t, partial, M, N, K,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
         aux_t.stride(0), aux_t.stride(1),
         SCALE_K=scale_k, SCALE_N=scale_n, HAS_BIAS=bias is not None, REDUCE_AUX=aux is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         num_warps=warps, num_stages=stages)
     return c, (partial if aux is not None else None)
 
@@ -217,7 +213,7 @@ def _launch_scale(x2, s, round_to_scale):
     M, N = x2.shape
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     bm, bn, warps = _EW_CFG
-    _ia3_scale_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    launch(_ia3_scale_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         x2, s, y, M, N, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         ROUND_TO_SCALE=round_to_scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return y
@@ -229,7 +225,7 @@ def _launch_scale_backward(dy2, x2, s, round_to_scale, write_dx):
     bm, bn, warps = _EW_CFG
     dx = torch.empty(M, N, dtype=x2.dtype, device=x2.device) if write_dx else dy2
     partial = torch.empty(triton.cdiv(M, bm), N, dtype=torch.float32, device=x2.device)
-    _ia3_scale_backward_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    launch(_ia3_scale_backward_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         dy2, x2, s, dx, partial, M, N, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
         dx.stride(0), dx.stride(1), ROUND_TO_SCALE=round_to_scale, WRITE_DX=write_dx,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
@@ -500,7 +496,6 @@ def ia3_scale_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs
 # ----------------------------------------------------------------------------------------------
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (activation/weight dtype, scale dtype): PEFT keeps IA3 vectors in fp32 by default
 _DTYPE_PAIRS = ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
                 (torch.float32, torch.float32), (torch.float16, torch.float16),
@@ -516,37 +511,32 @@ _MM_MODES = (
 )
 
 
-def _signature(fn, types: dict[str, str], consts: dict) -> dict[str, str]:
-    """Every argument of ``fn``: its pointer type, "constexpr", or "i32" (sizes and strides)."""
-    return {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-
-
 def aot_specs() -> list[AotSpec]:
     specs = []
     ebm, ebn, ewarps = _EW_CFG
     for act, sd in _DTYPE_PAIRS:
-        a, s = "*" + _TY[act], "*" + _TY[sd]
-        tag = f"x={_TY[act]},s={_TY[sd]}"
+        a, s = "*" + DTYPE_NAMES[act], "*" + DTYPE_NAMES[sd]
+        tag = f"x={DTYPE_NAMES[act]},s={DTYPE_NAMES[sd]}"
         bm, bn, bk, group, warps, stages = _MM_CFG[act]
         for name, sk, sn, hb, ra, unit in _MM_MODES:
             types = {"p_ptr": a, "q_ptr": a, "c_ptr": a, "scale_ptr": s, "bias_ptr": a, "aux_ptr": a,
                      "partial_ptr": "*fp32"}
             consts = {"SCALE_K": sk, "SCALE_N": sn, "HAS_BIAS": hb, "REDUCE_AUX": ra,
-                      "DOT_PRECISION": _dot_precision(act), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                      "DOT_PRECISION": dot_precision(act), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                       "GROUP_M": group, "stride_cn": 1, "stride_auxn": 1, **{u: 1 for u in unit}}
             specs.append(AotSpec(f"ia3_matmul[{name},{tag},BM={bm},BN={bn},BK={bk}]", _ia3_matmul_kernel,
-                                 _signature(_ia3_matmul_kernel, types, consts), consts, warps, stages, True))
+                                 aot_signature(_ia3_matmul_kernel, types, consts), consts, warps, stages, True))
         for rnd in (False, True):
             types = {"x_ptr": a, "s_ptr": s, "y_ptr": a}
             consts = {"ROUND_TO_SCALE": rnd, "BLOCK_M": ebm, "BLOCK_N": ebn, "stride_xn": 1, "stride_yn": 1}
             specs.append(AotSpec(f"ia3_scale[{tag},round={int(rnd)}]", _ia3_scale_kernel,
-                                 _signature(_ia3_scale_kernel, types, consts), consts, ewarps, 1, False))
+                                 aot_signature(_ia3_scale_kernel, types, consts), consts, ewarps, 1, False))
             for wdx in (False, True):
                 types = {"dy_ptr": a, "x_ptr": a, "s_ptr": s, "dx_ptr": a, "partial_ptr": "*fp32"}
                 consts = {"ROUND_TO_SCALE": rnd, "WRITE_DX": wdx, "BLOCK_M": ebm, "BLOCK_N": ebn,
                           "stride_dyn": 1, "stride_xn": 1, "stride_dxn": 1}
                 specs.append(AotSpec(f"ia3_scale_backward[{tag},round={int(rnd)},dx={int(wdx)}]",
                                      _ia3_scale_backward_kernel,
-                                     _signature(_ia3_scale_backward_kernel, types, consts), consts,
+                                     aot_signature(_ia3_scale_backward_kernel, types, consts), consts,
                                      ewarps, 1, False))
     return specs

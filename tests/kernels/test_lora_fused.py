@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from peftfast.kernels import dropout as D
 from peftfast.kernels import lora as L
 from peftfast.kernels import lora_fused as LF
+from peftfast.kernels import tiles
 
 from tests._autograd import record_saved
 
@@ -144,7 +145,7 @@ def test_wide_layer_sums_partials_in_order(backend, dtypes):
     inputs = make_inputs((150,), 45, 300, [7, 20], *dtypes)
     assert_matches_float64(inputs, [0.1, 0.0])
     # the kernels' arrival counters are shared by later launches: each must be back at zero
-    assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
+    assert all(int(c.count_nonzero()) == 0 for c in tiles.COUNTERS.values())
 
 
 @pytest.mark.parametrize("rows,dtypes", [(1100, (F16, F16)), (1100, (F16, F32)), (700, (F32, F32))],
@@ -155,7 +156,7 @@ def test_many_row_blocks(backend, rows, dtypes):
     first group's by the slices that precede every tile. (fp32 models: the separate shrink.)"""
     inputs = make_inputs((rows,), 150, 70, [7, 3], *dtypes)
     assert_matches_float64(inputs, [0.1, 0.2])
-    assert all(int(c.count_nonzero()) == 0 for c in L._COUNTERS.values())
+    assert all(int(c.count_nonzero()) == 0 for c in tiles.COUNTERS.values())
 
 
 def test_backward_regenerates_the_forward_mask(backend):
