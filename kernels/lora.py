@@ -78,9 +78,9 @@ from .adapters import (
     make_plan,
     rank_scale,
     rank_tiles,
-    split_grads,
 )
 from .aot import AotSpec
+from .opdecl import OpDecl
 from .dropout import check_p, draw_seed, keep_mask, keep_mask_torch, stream_key
 from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
 from .tiles import arrival_counters
@@ -464,90 +464,56 @@ def _can_update_in_place(base_out: torch.Tensor) -> bool:
             and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
 
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Eager autograd for ``lora_linear``; saves x, t and the adapter weights (see module doc)."""
-
-    @staticmethod
-    def forward(ctx, x, base_out, plan, seed, on_triton, inplace, *weights):
-        n = len(plan.ranks)
-        y, t = _forward(x, base_out, weights[:n], weights[n:], plan, seed, inplace, on_triton)
-        if inplace:
-            ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, t, *weights)
-        ctx.plan, ctx.seed, ctx.on_triton = plan, seed, on_triton
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, *weights = ctx.saved_tensors
-        plan, n = ctx.plan, len(ctx.plan.ranks)
-        needs = ctx.needs_input_grad
-        need_a, need_b = needs[6:6 + n], needs[6 + n:]
-        dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, ctx.seed, needs[0], any(need_a),
-                               any(need_b), ctx.on_triton)
-        grads = adapter_grads(plan, da, db, need_a, need_b)
-        return (dx, dy if needs[1] else None, None, None, None, None, *grads)
+def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
+                weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
+                seed: torch.Tensor, *, hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y shaped like base_out, t [..., R]); dropout_ps are the active probabilities (0 where off).
+    hint (eager): (plan, on_triton, inplace) as ``lora_linear`` decided them once per call."""
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+        on_triton, inplace = use_triton(x, base_out, *weights_a, *weights_b), False
+    else:
+        plan, on_triton, inplace = hint
+    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), inplace, on_triton)
+    return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
 
-@torch.library.custom_op("peftfast::lora_linear", mutates_args=())
-def _lora_linear_op(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
-                    weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
-                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
-    plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(x, base_out, *weights_a, *weights_b)
-    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), False, on_triton)
-    return y, t.view(*x.shape[:-1], t.shape[-1])
+def _op_save(args, outputs) -> list:
+    x, _base_out, weights_a, weights_b, _scalings, _ps, seed = args
+    return [x, outputs[1], seed, *weights_a, *weights_b]  # x and t; no mask, no dropped x
 
 
-@_lora_linear_op.register_fake
-def _(x, base_out, weights_a, weights_b, scalings, dropout_ps, seed):
+def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, seed); base_out's is dY (passthrough)."""
+    x, t, seed, *weights = saved
+    n = len(weights) // 2
+    dy = grads[0]
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights[:n]], *statics)
+        on_triton = use_triton(dy, x, *weights)
+    else:
+        plan, on_triton, _ = hint
+    need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
+    dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, int(seed), needs[0], any(need_a), any(need_b),
+                           on_triton)
+    return [dx, None, *adapter_grads(plan, da, db, need_a, need_b), None]
+
+
+def _op_fake(x, base_out, weights_a, weights_b, scalings, dropout_ps, seed):
     rank = sum(a.shape[0] for a in weights_a)
     return base_out.new_empty(base_out.shape), x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype)
 
 
-@torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                             weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
-                             scalings: list[float], dropout_ps: list[float],
-                             seed: torch.Tensor, needs: list[bool]
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, stacked dA [R, d_in], stacked dB [d_out, R]) for needs = (x, A, B); a gradient that is
-    not needed comes back as an empty tensor."""
-    plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(dy, x, *weights_a, *weights_b)
-    dx, da, db = _backward(dy, x, t, weights_a, weights_b, plan, int(seed), *needs, on_triton)
-    return tuple(x.new_empty(0) if g is None else g for g in (dx, da, db))
+def _op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _t, _seed, *weights = saved
+    return [x.new_empty(x.shape) if needs[0] else None, None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[2:-1])), None]
 
 
-@_lora_linear_backward_op.register_fake
-def _(dy, x, t, weights_a, weights_b, scalings, dropout_ps, seed, needs):
-    rank = sum(a.shape[0] for a in weights_a)
-    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            weights_a[0].new_empty((rank, x.shape[-1])) if needs[1] else x.new_empty(0),
-            weights_b[0].new_empty((dy.shape[-1], rank)) if needs[2] else x.new_empty(0))
-
-
-def _op_setup_context(ctx, inputs, output):
-    x, _base_out, weights_a, weights_b, scalings, dropout_ps, seed = inputs
-    ctx.save_for_backward(x, output[1], seed, *weights_a, *weights_b)
-    ctx.plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
-
-
-def _op_backward(ctx, dy, dt):
-    x, t, seed, *weights = ctx.saved_tensors
-    n = len(ctx.plan.ranks)
-    need_x, need_base, need_a, need_b = ctx.needs_input_grad[:4]
-    dx, da, db = torch.ops.peftfast.lora_linear_backward(
-        dy, x, t, weights[:n], weights[n:], ctx.scalings, ctx.dropout_ps, seed,
-        [bool(need_x), bool(need_a), bool(need_b)])
-    da, db = split_grads(ctx.plan, da if need_a else None, db if need_b else None)
-    return (dx if need_x else None, dy if need_base else None, da if need_a else None,
-            db if need_b else None, None, None, None)
-
-
-torch.library.register_autograd("peftfast::lora_linear", _op_backward, setup_context=_op_setup_context)
+# the op, declared once: peftfast::lora_linear (+ its fake, backward op and autograd) and the eager path
+LORA_LINEAR = OpDecl("peftfast::lora_linear", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
+                     backward_fake=_op_backward_fake, passthrough={"base_out": 0}, aux_outputs=(1,),
+                     dirty=lambda args, hint: (args[1],) if hint is not None and hint[2] else ())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,9 +549,7 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
     dropout = any(p > 0.0 for p in ps)
     if torch.compiler.is_compiling():
         seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
-        y, _ = torch.ops.peftfast.lora_linear(x, base_out, list(weights_a), list(weights_b),
-                                              [float(s) for s in scalings], ps, seed)
-        return y
+        return LORA_LINEAR(x, base_out, list(weights_a), list(weights_b), [float(s) for s in scalings], ps, seed)[0]
     on_triton = use_triton(x, base_out, *weights_a, *weights_b)
     if not dropout and dtypes[0] == x.dtype and not on_triton:
         # the reference path without dropout: plain autograd ops (no autograd.Function cost), saving
@@ -601,9 +565,8 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
     seed = int(draw_seed()) if dropout else 0
     plan = make_plan([a.shape[0] for a in weights_a], scalings, ps)
     inplace = on_triton and base_out.numel() > 0 and _can_update_in_place(base_out)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, *weights_a, *weights_b))):
-        return _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton)[0]
-    return LoraLinearFunction.apply(x, base_out, plan, seed, on_triton, inplace, *weights_a, *weights_b)
+    return LORA_LINEAR(x, base_out, list(weights_a), list(weights_b), scalings, ps, seed,
+                       hint=(plan, on_triton, inplace))[0]
 
 
 # ----------------------------------------------------------------------------------------------
