@@ -104,9 +104,9 @@ from .adapters import (
     make_plan,
     rank_scale,
     rank_tiles,
-    split_grads,
 )
 from .aot import AotSpec
+from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
 from .tiles import arrival_counters, grouped_tile, last_arrival, sum_slices, tile_offsets
 from .dropout import check_p, draw_seed, keep_mask
@@ -586,88 +586,57 @@ def _backward(dy, x, t, weight, weights_a, weights_b, plan, seed, need_x, need_b
     return (dx.view(x.shape) if dx is not None else None), dbias, da, db
 
 
-class LoraLinearFusedFunction(torch.autograd.Function):
-    """Eager autograd for ``lora_linear_fused``; saves x, t, W and the adapter weights."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan, seed, on_triton, *weights):
-        n = len(plan.ranks)
-        y, t = _forward(x, weight, bias, weights[:n], weights[n:], plan, seed, on_triton)
-        ctx.save_for_backward(x, t, weight, *weights)
-        ctx.plan, ctx.seed, ctx.on_triton = plan, seed, on_triton
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, weight, *weights = ctx.saved_tensors
-        plan, n = ctx.plan, len(ctx.plan.ranks)
-        needs = ctx.needs_input_grad
-        need_a, need_b = needs[6:6 + n], needs[6 + n:]
-        dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, ctx.seed, needs[0],
-                                      needs[2], any(need_a), any(need_b), ctx.on_triton)
-        return (dx, None, dbias, None, None, None, *adapter_grads(plan, da, db, need_a, need_b))
-
-
-@torch.library.custom_op("peftfast::lora_linear_fused", mutates_args=())
-def _lora_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], scalings: list[float],
-                          dropout_ps: list[float], seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
-    plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(x, weight, *weights_a, *weights_b)
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weights_a: list[torch.Tensor],
+                weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float], seed: torch.Tensor,
+                *, hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., N], t [..., R]); dropout_ps are the active probabilities (0 where off).
+    hint (eager): (plan, on_triton) as ``lora_linear_fused`` decided them once per call."""
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+        on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    else:
+        plan, on_triton = hint
     y, t = _forward(x, weight, bias, weights_a, weights_b, plan, int(seed), on_triton)
-    return y, t.view(*x.shape[:-1], t.shape[-1])
+    return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
 
-@_lora_linear_fused_op.register_fake
-def _(x, weight, bias, weights_a, weights_b, scalings, dropout_ps, seed):
+def _op_save(args, outputs) -> list:
+    x, weight, _bias, weights_a, weights_b, _scalings, _ps, seed = args
+    return [x, outputs[1], weight, seed, *weights_a, *weights_b]  # W and the adapters by reference
+
+
+def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, weight (frozen), bias, A_1..A_n, B_1..B_n, seed)."""
+    x, t, weight, seed, *weights = saved
+    n = len(weights) // 2
+    dy = grads[0]
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights[:n]], *statics)
+        on_triton = use_triton(dy, x, weight, *weights)
+    else:
+        plan, on_triton = hint
+    need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, int(seed), needs[0], needs[2],
+                                  any(need_a), any(need_b), on_triton)
+    return [dx, None, dbias, *adapter_grads(plan, da, db, need_a, need_b), None]
+
+
+def _op_fake(x, weight, bias, weights_a, weights_b, scalings, dropout_ps, seed):
     rank = sum(a.shape[0] for a in weights_a)
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype))
 
 
-@torch.library.custom_op("peftfast::lora_linear_fused_backward", mutates_args=())
-def _lora_linear_fused_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
-                                   weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
-                                   scalings: list[float], dropout_ps: list[float], seed: torch.Tensor,
-                                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
-    """(dx, dbias, stacked dA, stacked dB) for needs = (x, bias, A, B); empty where not needed."""
-    plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(dy, x, weight, *weights_a, *weights_b)
-    grads = _backward(dy, x, t, weight, weights_a, weights_b, plan, int(seed), *needs, on_triton)
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
+def _op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _t, _weight, _seed, *weights = saved
+    dy = grads[0]
+    return [x.new_empty(x.shape) if needs[0] else None, None, dy.new_empty(dy.shape[-1]) if needs[2] else None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[3:-1])), None]
 
 
-@_lora_linear_fused_backward_op.register_fake
-def _(dy, x, t, weight, weights_a, weights_b, scalings, dropout_ps, seed, needs):
-    rank = sum(a.shape[0] for a in weights_a)
-    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            dy.new_empty(dy.shape[-1]) if needs[1] else x.new_empty(0),
-            weights_a[0].new_empty((rank, x.shape[-1])) if needs[2] else x.new_empty(0),
-            weights_b[0].new_empty((dy.shape[-1], rank)) if needs[3] else x.new_empty(0))
-
-
-def _op_setup_context(ctx, inputs, output):
-    x, weight, _bias, weights_a, weights_b, scalings, dropout_ps, seed = inputs
-    ctx.save_for_backward(x, output[1], weight, seed, *weights_a, *weights_b)
-    ctx.plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
-
-
-def _op_backward(ctx, dy, dt):
-    x, t, weight, seed, *weights = ctx.saved_tensors
-    n = len(ctx.plan.ranks)
-    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    dx, dbias, da, db = torch.ops.peftfast.lora_linear_fused_backward(
-        dy, x, t, weight, weights[:n], weights[n:], ctx.scalings, ctx.dropout_ps, seed,
-        [bool(need_x), bool(need_bias), bool(need_a), bool(need_b)])
-    da, db = split_grads(ctx.plan, da if need_a else None, db if need_b else None)
-    return (dx if need_x else None, None, dbias if need_bias else None, da if need_a else None,
-            db if need_b else None, None, None, None)
-
-
-torch.library.register_autograd("peftfast::lora_linear_fused", _op_backward, setup_context=_op_setup_context)
+# the op, declared once: peftfast::lora_linear_fused (+ fake, backward op, autograd) and the eager path
+LORA_LINEAR_FUSED = OpDecl("peftfast::lora_linear_fused", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
+                           backward_fake=_op_backward_fake, aux_outputs=(1,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,16 +678,13 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     dropout = any(p > 0.0 for p in ps)
     if torch.compiler.is_compiling():
         seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
-        y, _ = torch.ops.peftfast.lora_linear_fused(x, weight, bias, list(weights_a), list(weights_b),
-                                                    [float(s) for s in scalings], ps, seed)
-        return y
+        return LORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings], ps,
+                                 seed)[0]
     seed = int(draw_seed()) if dropout else 0
     plan = make_plan([a.shape[0] for a in weights_a], scalings, ps)
     on_triton = use_triton(x, weight, *weights_a, *weights_b)
-    tensors = (x, *weights_a, *weights_b) + (() if bias is None else (bias,))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton)[0]
-    return LoraLinearFusedFunction.apply(x, weight, bias, plan, seed, on_triton, *weights_a, *weights_b)
+    return LORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), scalings, ps, seed,
+                             hint=(plan, on_triton))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -781,7 +747,7 @@ def aot_specs() -> list[AotSpec]:
 def __getattr__(name: str):
     """The QLoRA op's old import path (``lora_fused.qlora_linear_fused`` / ``Int8Weight``); it lives in
     kernels/qlora.py, which imports this module (hence the lazy lookup)."""
-    if name in ("Int8Weight", "qlora_linear_fused", "QLoraLinearFusedFunction"):
+    if name in ("Int8Weight", "qlora_linear_fused"):
         from . import qlora
 
         return getattr(qlora, name)
