@@ -72,6 +72,7 @@ import triton.language as tl
 
 from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lora_grad_a_tile
 from .aot import AotSpec
+from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
 from .tiles import grouped_tile
 from .quant import (
@@ -590,12 +591,11 @@ def _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
                       nested_absmax, nested_code, nested_blocksize, offset)
 
 
-@torch.library.custom_op("peftfast::matmul_4bit", mutates_args=())
-def _matmul_4bit_op(
+def _forward_4bit(
     x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
     out_features: int, in_features: int, dtype: torch.dtype, nested_absmax: Optional[torch.Tensor],
     nested_code: Optional[torch.Tensor], nested_blocksize: int, offset: Optional[float],
-    bias: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], *, hint=None,
 ) -> torch.Tensor:
     p = _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
                  nested_absmax, nested_code, nested_blocksize, offset)
@@ -607,54 +607,45 @@ def _matmul_4bit_op(
     return y.reshape(*x.shape[:-1], out_features)
 
 
-@_matmul_4bit_op.register_fake
-def _(x, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
-      nested_blocksize, offset, bias):
+def _save_4bit(args, outputs) -> list:
+    """The packed tensors only (already resident; x is not needed: W is frozen)."""
+    _x, data, absmax, code, _bs, _n, _k, _dtype, nested_absmax, nested_code, _nbs, _offset, bias = args
+    return [data, absmax, code, nested_absmax, nested_code, bias]
+
+
+def _backward_4bit(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, data, absmax, code, nested_absmax, nested_code, bias): dx = dy @ deq(W), db."""
+    data, absmax, code, nested_absmax, nested_code, bias = saved
+    bs, n, k, dtype, nbs, offset = statics
+    dy = grads[0]
+    dx = dbias = None
+    if needs[0]:
+        p = _unpack4(data, absmax, code, bs, n, k, dtype, nested_absmax, nested_code, nbs, offset)
+        dy2 = dy.reshape(-1, n)
+        if use_triton(dy, data):
+            dx = matmul_4bit_triton(dy2, p, None, transpose=False)
+        else:
+            dx = dy2 @ dequantize_4bit_torch(p).to(dy.dtype)  # recomputed, freed on return
+        dx = dx.reshape(*dy.shape[:-1], k)
+    if bias is not None and needs[6]:
+        dbias = _bias_grad(dy, bias.dtype)
+    return [dx, None, None, None, None, None, dbias]
+
+
+def _fake_4bit(x, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
+               nested_blocksize, offset, bias):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("peftfast::matmul_4bit_dx", mutates_args=())
-def _matmul_4bit_dx_op(
-    dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-    out_features: int, in_features: int, dtype: torch.dtype, nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor], nested_blocksize: int, offset: Optional[float],
-) -> torch.Tensor:
-    p = _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
-                 nested_absmax, nested_code, nested_blocksize, offset)
-    dy2 = dy.reshape(-1, out_features)
-    if use_triton(dy, data):
-        dx = matmul_4bit_triton(dy2, p, None, transpose=False)
-    else:
-        dx = dy2 @ dequantize_4bit_torch(p).to(dy.dtype)  # recomputed, freed on return
-    return dx.reshape(*dy.shape[:-1], in_features)
+def _backward_fake_4bit(saved, grads, needs, statics) -> list:
+    bias, k, dy = saved[5], statics[2], grads[0]
+    return [dy.new_empty((*dy.shape[:-1], k)) if needs[0] else None, None, None, None, None, None,
+            bias.new_empty(bias.shape) if bias is not None and needs[6] else None]
 
 
-@_matmul_4bit_dx_op.register_fake
-def _(dy, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
-      nested_blocksize, offset):
-    return dy.new_empty((*dy.shape[:-1], in_features))
-
-
-def _setup_4bit(ctx, inputs, output):
-    x, data, absmax, code, bs, n, k, dtype, nested_absmax, nested_code, nbs, offset, bias = inputs
-    ctx.save_for_backward(data, absmax, code, nested_absmax, nested_code)
-    ctx.meta = (bs, n, k, dtype, nbs, offset)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward_4bit(ctx, dy):
-    data, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
-    bs, n, k, dtype, nbs, offset = ctx.meta
-    dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.peftfast.matmul_4bit_dx(dy, data, absmax, code, bs, n, k, dtype, nested_absmax,
-                                               nested_code, nbs, offset)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[12]:
-        dbias = _bias_grad(dy, ctx.bias_dtype)
-    return (dx,) + (None,) * 11 + (dbias,)
-
-
-torch.library.register_autograd("peftfast::matmul_4bit", _backward_4bit, setup_context=_setup_4bit)
+# the op, declared once: peftfast::matmul_4bit (+ fake, backward op, autograd)
+MATMUL_4BIT = OpDecl("peftfast::matmul_4bit", _forward_4bit, _backward_4bit, save=_save_4bit, fake=_fake_4bit,
+                     backward_fake=_backward_fake_4bit)
 
 
 def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -666,7 +657,8 @@ def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = N
     data, n, k = check_packed4bit(p)
     check_x(x, k, n, bias, data, "matmul_4bit")
     offset = None if p.offset is None else float(p.offset)
-    return torch.ops.peftfast.matmul_4bit(
+    # as ever, the custom op in eager mode too (one op for a TorchDispatchMode, the same saved tensors)
+    return MATMUL_4BIT.packet(
         x, data, p.absmax, p.code, int(p.blocksize), n, k, p.dtype, p.nested_absmax, p.nested_code,
         int(p.nested_blocksize), offset, bias,
     )
@@ -675,10 +667,8 @@ def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = N
 # ----------------------------------------------------------------------------- 8-bit op
 
 
-@torch.library.custom_op("peftfast::matmul_int8", mutates_args=())
-def _matmul_int8_op(
-    x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor],
-) -> torch.Tensor:
+def _forward_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor],
+                  *, hint=None) -> torch.Tensor:
     n, k = cb.shape
     x2 = x.reshape(-1, k)
     if use_triton(x, cb):
@@ -688,44 +678,36 @@ def _matmul_int8_op(
     return y.reshape(*x.shape[:-1], n)
 
 
-@_matmul_int8_op.register_fake
-def _(x, cb, scb, bias):
-    return x.new_empty((*x.shape[:-1], cb.shape[0]))
-
-
-@torch.library.custom_op("peftfast::matmul_int8_dx", mutates_args=())
-def _matmul_int8_dx_op(dy: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    n, k = cb.shape
-    dy2 = dy.reshape(-1, n)
-    if use_triton(dy, cb):
-        dx = matmul_int8_triton(dy2, cb, scb, None, transpose=False)
-    else:
-        dx = dy2 @ dequantize_int8_reference(cb, scb, dy.dtype)
-    return dx.reshape(*dy.shape[:-1], k)
-
-
-@_matmul_int8_dx_op.register_fake
-def _(dy, cb, scb):
-    return dy.new_empty((*dy.shape[:-1], cb.shape[1]))
-
-
-def _setup_int8(ctx, inputs, output):
-    x, cb, scb, bias = inputs
-    ctx.save_for_backward(cb, scb)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward_int8(ctx, dy):
-    cb, scb = ctx.saved_tensors
+def _backward_int8(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, cb, scb, bias)."""
+    cb, scb, bias = saved
+    dy = grads[0]
     dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.peftfast.matmul_int8_dx(dy, cb, scb)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        dbias = _bias_grad(dy, ctx.bias_dtype)
-    return dx, None, None, dbias
+    if needs[0]:
+        n, k = cb.shape
+        dy2 = dy.reshape(-1, n)
+        if use_triton(dy, cb):
+            dx = matmul_int8_triton(dy2, cb, scb, None, transpose=False)
+        else:
+            dx = dy2 @ dequantize_int8_reference(cb, scb, dy.dtype)
+        dx = dx.reshape(*dy.shape[:-1], k)
+    if bias is not None and needs[3]:
+        dbias = _bias_grad(dy, bias.dtype)
+    return [dx, None, None, dbias]
 
 
-torch.library.register_autograd("peftfast::matmul_int8", _backward_int8, setup_context=_setup_int8)
+def _backward_fake_int8(saved, grads, needs, statics) -> list:
+    cb, _scb, bias = saved
+    dy = grads[0]
+    return [dy.new_empty((*dy.shape[:-1], cb.shape[1])) if needs[0] else None, None, None,
+            bias.new_empty(bias.shape) if bias is not None and needs[3] else None]
+
+
+# the op, declared once: peftfast::matmul_int8 (+ fake, backward op, autograd)
+MATMUL_INT8 = OpDecl("peftfast::matmul_int8", _forward_int8, _backward_int8,
+                     save=lambda args, outputs: [args[1], args[2], args[3]],
+                     fake=lambda x, cb, scb, bias: x.new_empty((*x.shape[:-1], cb.shape[0])),
+                     backward_fake=_backward_fake_int8)
 
 
 def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None):
@@ -736,7 +718,7 @@ def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Opti
     """
     n, k = check_int8(cb, scb)
     check_x(x, k, n, bias, cb, "matmul_int8")
-    return torch.ops.peftfast.matmul_int8(x, cb, scb.reshape(-1), bias)
+    return MATMUL_INT8.packet(x, cb, scb.reshape(-1), bias)
 
 
 # ----------------------------------------------------------------------------- AOT declarations
