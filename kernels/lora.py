@@ -308,19 +308,35 @@ def _launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: 
         DOT_PRECISION=dot_precision(base2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
 
 
+def grad_w_plan(t: int, n: int, ranks, ad: torch.dtype, by_adapter: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, splits of T, rows per split) of the weight-gradient kernel for an [R, n] gradient
+    reduced over t rows: rank tiles of 16/64/128 covering the largest rank (per adapter when
+    ``by_adapter``, i.e. the dropout masks differ) or R; enough programs for ~4 waves on 132 SMs
+    (_TARGET_PROGRAMS), at most one split per row block; whole row blocks per split."""
+    block_r = _tile_block_r(max(ranks) if by_adapter else sum(ranks))
+    n_tiles = sum(triton.cdiv(r, block_r) for r in ranks) if by_adapter else triton.cdiv(sum(ranks), block_r)
+    cfg = _config("grad_w", block_r, ad)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(t, block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(t, splits), block_m) * block_m
+    return block_r, triton.cdiv(t, rows_per_split), rows_per_split
+
+
+def grad_w_splits(t: int, n: int, ranks, ad: torch.dtype, by_adapter: bool) -> int:
+    """How many ways ``launch_grad_w`` splits the reduction over T of a weight gradient [R, n] with
+    adapters of ``ad`` (fp32 partials [splits, R, n] summed once afterwards when > 1)."""
+    return grad_w_plan(t, n, ranks, ad, by_adapter)[1]
+
+
 def launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: Plan, seed: int, dropout: bool,
-                   transpose_out: bool) -> torch.Tensor:
+                  transpose_out: bool) -> torch.Tensor:
     """fp32 g^T @ mask(x2): [R, N], or its transpose [N, R] with ``transpose_out``."""
     M, R = g.shape
     N = x2.shape[1]
-    block_r = _tile_block_r(max(plan.ranks) if dropout else R)
+    block_r, splits, rows_per_split = grad_w_plan(M, N, plan.ranks, g.dtype, dropout)
     tiles = rank_tiles(plan, dropout, block_r, x2.device)
     cfg = _config("grad_w", block_r, g.dtype)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    programs = tiles.shape[0] * triton.cdiv(N, block_n)
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(M, block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    block_n = cfg["BLOCK_N"]
     shape = (splits, N, R) if transpose_out else (splits, R, N)
     part = torch.empty(shape, dtype=torch.float32, device=x2.device)
     stride_or, stride_on = part.stride(1), part.stride(2)

@@ -430,6 +430,58 @@ def _config(kernel: str, act: torch.dtype) -> dict:
 _SHRINK_ITEMS = 4  # K slices per row block's shrink, each done by one tile of the previous group
 
 
+# ----------------------------------------------------------------------------------------------
+# Launch plans: pure functions of the shapes; the launchers below call them, and so can a cost model
+# ----------------------------------------------------------------------------------------------
+def shrink_slices(d_in: int, d_out: int, act: torch.dtype) -> tuple[int, int]:
+    """(K per slice, slices) of the look-ahead shrink of one row block (16-bit activations):
+    min(_SHRINK_ITEMS, column blocks, K blocks) slices of whole K blocks (at most one slice per
+    column block: a group's tiles cover the next group's slices)."""
+    cfg = _CONFIGS["forward", act == torch.float32]
+    k_blocks = triton.cdiv(d_in, cfg["BLOCK_K"])
+    k_per_item = triton.cdiv(k_blocks, min(_SHRINK_ITEMS, triton.cdiv(d_out, cfg["BLOCK_N"]), k_blocks)) * cfg["BLOCK_K"]
+    return k_per_item, triton.cdiv(d_in, k_per_item)
+
+
+def shrink_items(d_in: int, d_out: int, act: torch.dtype) -> int:
+    """K slices per row block of the forward's look-ahead shrink (16-bit activations; an fp32
+    model runs lora.py's separate shrink instead): fp32 partials [slices, T, R] are written and summed."""
+    return shrink_slices(d_in, d_out, act)[1]
+
+
+def fused_dx_block_m(act: torch.dtype) -> int:
+    """Rows per program of the dense fused dX kernel (64 for fp32 activations, else 128): dA's fp32
+    partials are [cdiv(T, this), R, K]."""
+    return _CONFIGS["grad_x", act == torch.float32]["BLOCK_M"]
+
+
+def dy_block_r(rank: int, ad: torch.dtype) -> int:
+    """Rank tile of the dY pass: 16 when R <= 16 with 16-bit adapters, else 32."""
+    return next((br for br in _dy_block_rs(ad) if br >= rank), _DY_BLOCK_R[-1])
+
+
+def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
+    """(splits of M, rows per split) for the dY pass."""
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    splits = max(1, min(triton.cdiv(_DY_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(m, block_m)))
+    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    return triton.cdiv(m, rows), rows
+
+
+def _dy_launch_plan(t: int, d_out: int, rank: int, act: torch.dtype, ad: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_R, N blocks, splits of T, rows per split) of the dY pass."""
+    block_r = dy_block_r(rank, ad)
+    cfg = _dy_config(act, ad)
+    splits, rows = _dy_splits(t, d_out, triton.cdiv(rank, block_r), cfg)
+    return block_r, triton.cdiv(d_out, cfg["BLOCK_N"]), splits, rows
+
+
+def dy_plan(t: int, d_out: int, ranks, act: torch.dtype, ad: torch.dtype) -> tuple[int, int]:
+    """(N blocks, splits of T) of the dY pass: G's fp32 partials are [N blocks, T, R], dB's
+    [splits, N, R]. Rank tiles of ``dy_block_r``, ~_DY_TARGET_PROGRAMS programs."""
+    return _dy_launch_plan(t, d_out, sum(ranks), act, ad)[1:3]
+
+
 def _launch_forward(x2, weight, bias, a, b, plan, seed):
     """(y = x2 @ weight^T + bias + t @ b^T [M, N] in x2's dtype, t = s' * drop(x2) @ a^T [M, R] in
     a's dtype). 16-bit activations: one kernel (the look-ahead shrink); fp32 activations: lora.py's
@@ -450,10 +502,7 @@ def _launch_forward(x2, weight, bias, a, b, plan, seed):
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
             b.stride(0), b.stride(1), y.stride(0), y.stride(1), **common)
         return y, t
-    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
-    # at most one slice per column block: a group's tiles cover the next group's slices
-    k_per_item = triton.cdiv(k_blocks, min(_SHRINK_ITEMS, num_n, k_blocks)) * cfg["BLOCK_K"]
-    n_items = triton.cdiv(K, k_per_item)
+    k_per_item, n_items = shrink_slices(K, N, x2.dtype)
     t = torch.empty(M, R, dtype=a.dtype, device=x2.device)
     tp = torch.empty(n_items, M, R, dtype=torch.float32, device=x2.device)
     count = arrival_counters(x2.device, 1 + 3 * num_m)
@@ -474,7 +523,7 @@ def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
     cfg = _config("grad_x", dy2.dtype)
-    num_m = triton.cdiv(M, cfg["BLOCK_M"])
+    num_m = triton.cdiv(M, fused_dx_block_m(dy2.dtype))
     da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lora_fused_grad_x_kernel, grid,
@@ -487,23 +536,13 @@ def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     return dx, da
 
 
-def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
-    """(splits of M, rows per split) for the dY pass."""
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    splits = max(1, min(triton.cdiv(_DY_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(m, block_m)))
-    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    return triton.cdiv(m, rows), rows
-
-
 def _launch_dy_pass(dy2, t, b, plan):
     """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
-    block_r = next((br for br in _dy_block_rs(b.dtype) if br >= R), _DY_BLOCK_R[-1])
+    block_r, n_blocks, splits, rows = _dy_launch_plan(M, N, R, dy2.dtype, b.dtype)
     tiles = rank_tiles(plan, False, block_r, dy2.device)
     cfg = _dy_config(dy2.dtype, b.dtype)
-    splits, rows = _dy_splits(M, N, tiles.shape[0], cfg)
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = tiles.shape[0]
     gp = torch.empty(n_blocks, M, R, dtype=torch.float32, device=dy2.device)
     dbp = torch.empty(splits, N, R, dtype=torch.float32, device=dy2.device)

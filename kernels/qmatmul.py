@@ -414,6 +414,20 @@ def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device,
     return "medium", 1
 
 
+def lora_dx_config(config: str) -> str:
+    """The config of a dX launch that carries the adapter term: never the 128-row tile (the masked
+    G @ A loop on top of it spills on sm_86/89), the medium one instead."""
+    return "medium" if config == "large" else config
+
+
+def qlora_dx_block_m(t: int, act: torch.dtype) -> int:
+    """Rows per program of the adapter-carrying quantised dX kernel for T = t tokens: the decode
+    tile (16) for T <= DECODE_MAX_TOKENS, else the medium tile (64) whatever the SM count (a
+    'large' pick becomes medium). dA's fp32 partials are [cdiv(T, this), R, K]."""
+    name = "decode" if t <= DECODE_MAX_TOKENS else "large"  # pick_config: decode, else large or medium
+    return resolve_config(lora_dx_config(name), False, act).block_m
+
+
 def split_reduction(r: int, block_r: int, split: Optional[int]) -> tuple[int, int]:
     """(slices, reduction length per slice) of a reduction of length r asked to split ``split`` ways:
     whole blocks of block_r per slice, so fewer slices than asked when they would not divide evenly."""
@@ -495,8 +509,8 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     c, r = (n, k) if transpose else (k, n)
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
-    if lora is not None and not transpose and config == "large":
-        config = "medium"  # the masked G@A loop on top of the 128-row dX tile spills on sm_86/89
+    if lora is not None and not transpose:
+        config = lora_dx_config(config)
     can_align = aligned_4bit(k, p.blocksize, resolve_config(config, transpose, a.dtype), transpose)
     if aligned is None:
         aligned = can_align
@@ -539,8 +553,8 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
     c, r = (n, k) if transpose else (k, n)
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
-    if lora is not None and not transpose and config == "large":
-        config = "medium"  # as the 4-bit dX kernel: the adapter loop on top of the 128-row tile
+    if lora is not None and not transpose:
+        config = lora_dx_config(config)  # as the 4-bit dX kernel
     cfg = resolve_config(config, transpose, a.dtype)
     weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
     return _launch_with_lora(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split,
