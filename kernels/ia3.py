@@ -41,6 +41,10 @@ CPU (the reference path): PEFT's own two ops under plain autograd (no autograd.F
 them), so the same cost, the same saved tensors and the same gradients as PEFT, including the
 gradient of a scale entry that is exactly 0.
 
+Declared once each (``IA3_LINEAR``, ``IA3_SCALE``; kernels/opdecl.py): the custom ops
+``peftfast::ia3_linear`` / ``peftfast::ia3_scale`` and the eager autograd paths come from one
+forward and one backward.
+
 ``ia3_scale_output(y, s)`` / ``ia3_scale_input(x, s)`` are the elementwise versions for base
 layers that are not linears: out = (in * s) in the input dtype; din = dout * s; ds = sum dout * in.
 """

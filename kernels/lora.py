@@ -43,6 +43,11 @@ never a cast or dropped copy), t ([M, R] in the adapter dtype: at most 2*R/K of 
 seed (a Python int; a 0-d int64 tensor under torch.compile) and references to the A_i / B_i
 parameters. No mask, no [M, K] copy.
 
+Declared once (``LORA_LINEAR``, kernels/opdecl.py): one forward, one backward and the fake rules
+yield the custom op ``peftfast::lora_linear`` (traced by torch.compile) and the eager autograd
+path. Launch plan: ``grad_w_splits`` (splits of the weight-gradient reduction over T) is what
+``launch_grad_w`` uses; the cost model reads the same function.
+
 Launches: forward 2 (shrink, expand). Backward up to 4 kernels (dT, dB, dA, dX) plus one sum
 of partials for each of dA and dB when the reduction over M is split.
 
@@ -449,7 +454,7 @@ def backward_reference(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, nee
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch, autograd, custom op
+# Dispatch and the op's declaration (kernels/opdecl.py)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -57,6 +57,11 @@ the PyTorch reference (``keep_mask_torch``).
 Memory saved for backward: x (the caller's tensor), t [M, R] in the adapter dtype, the seed and
 references to W and the adapter weights. No mask, no y, no [M, K] or [M, N] copy.
 
+Declared once (``LORA_LINEAR_FUSED``, kernels/opdecl.py): the custom op and the eager autograd
+path from one forward and one backward. Launch plans, called by the launchers and readable by a
+cost model: ``shrink_items`` (look-ahead K slices), ``dy_plan`` (dY pass: N blocks, splits of T),
+``fused_dx_block_m`` (rows per program of the dX kernel).
+
 Launches: forward 1 (fp32 activations: 2); backward 2 (dY pass; dX + dA), plus, with a
 trainable bias, torch's sum over tokens of dY (and its cast). Without an x gradient dA is
 lora.py's separate kernel; without adapter gradients lora.py's separate G / dB kernels run.
@@ -603,7 +608,7 @@ def backward_reference(dy2, x2, t, weight, weights_a, weights_b, plan, seed, nee
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch, autograd, custom op
+# Dispatch and the op's declaration (kernels/opdecl.py)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -56,7 +56,8 @@ block of each column block sums them in order (adapters.lora_grad_a_tile).
 fp32 activations use ``input_precision="tf32x3"`` (fp32-accurate, on tensor cores); fp16/bf16
 use the native MMA. The PyTorch path (CPU) dequantises (bitsandbytes' native kernel when it
 applies, see quant.dequantize_4bit_native), multiplies and frees the weight, and recomputes it
-in backward. Both ops are ``torch.library.custom_op``s (``peftfast::matmul_4bit``,
+in backward. Both ops are declared once (``MATMUL_4BIT``, ``MATMUL_INT8``; kernels/opdecl.py) as
+``torch.library.custom_op``s (``peftfast::matmul_4bit``,
 ``peftfast::matmul_int8``) with fake implementations and registered autograd, so
 torch.compile traces them without graph breaks. The LLM.int8 outlier threshold is not used:
 like bitsandbytes' CPU training path, the 8-bit product uses the dequantised weight.

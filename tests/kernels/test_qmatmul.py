@@ -25,6 +25,7 @@ from peftfast.kernels.quant import (  # noqa: E402
 )
 
 from tests._autograd import record_saved  # noqa: E402
+from tests.numerics import assert_matches_float64  # noqa: E402
 
 K_TOL = 2.0
 
@@ -63,10 +64,7 @@ def randn(shape, dtype, seed, noncontiguous=False):
 
 def check_close(actual, ref64, plain, what):
     """|actual - ref| <= K_TOL * |plain - ref| + one ulp of max|ref| (plain: PyTorch, same dtype)."""
-    err = (actual.double() - ref64).abs().max().item()
-    plain_err = (plain.double() - ref64).abs().max().item()
-    ulp = torch.finfo(actual.dtype).eps * ref64.abs().max().item()
-    assert err <= K_TOL * plain_err + ulp, f"{what}: error {err:.3e} > {K_TOL} x {plain_err:.3e} + {ulp:.3e}"
+    assert_matches_float64(what, actual, plain, ref64, K_TOL, check_dtype=False)
 
 
 def check_op(op, x, weight, bias, n, seed):
