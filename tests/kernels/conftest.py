@@ -7,11 +7,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def triton_kernels(triton_backend):
+    """The Triton backend, skipped where the kernels cannot run on the tests' CPU tensors (no
+    TRITON_INTERPRET=1)."""
+    from peftfast.kernels.backend import interpreting
+
+    if not interpreting():
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    return triton_backend
+
+
 @pytest.fixture(params=["triton", "torch"])
 def backend(request):
     """Each test runs twice: through the Triton kernels (interpreter) and the PyTorch reference."""
-    from peftfast.kernels.backend import interpreting
-
-    if request.param == "triton" and not interpreting():
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    return request.getfixturevalue(f"{request.param}_backend")
+    return request.getfixturevalue("triton_kernels" if request.param == "triton" else "torch_backend")
