@@ -41,6 +41,10 @@ CPU (the reference path): PEFT's own two ops under plain autograd (no autograd.F
 them), so the same cost, the same saved tensors and the same gradients as PEFT, including the
 gradient of a scale entry that is exactly 0.
 
+Declared once each (``IA3_LINEAR``, ``IA3_SCALE``; kernels/opdecl.py): the custom ops
+``peftfast::ia3_linear`` / ``peftfast::ia3_scale`` and the eager autograd paths come from one
+forward and one backward.
+
 ``ia3_scale_output(y, s)`` / ``ia3_scale_input(x, s)`` are the elementwise versions for base
 layers that are not linears: out = (in * s) in the input dtype; din = dout * s; ds = sum dout * in.
 """
@@ -52,7 +56,8 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .backend import use_triton
+from .opdecl import OpDecl
+from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -184,10 +189,6 @@ _MM_CFG = {
 _EW_CFG = (16, 128, 4)  # elementwise: BLOCK_M, BLOCK_N, num_warps
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
@@ -203,12 +204,12 @@ def _launch_matmul(p, q, scale, *, bias=None, aux=None, scale_k=False, scale_n=F
         partial = torch.empty(triton.cdiv(M, bm), N, dtype=torch.float32, device=p.device)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     aux_t = aux if aux is not None else c
-    _ia3_matmul_kernel[grid](
+    launch(_ia3_matmul_kernel, grid,
         p, q, c, scale, bias if bias is not None else scale, aux_t, partial, M, N, K,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), c.stride(0), c.stride(1),
         aux_t.stride(0), aux_t.stride(1),
         SCALE_K=scale_k, SCALE_N=scale_n, HAS_BIAS=bias is not None, REDUCE_AUX=aux is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group,
         num_warps=warps, num_stages=stages)
     return c, (partial if aux is not None else None)
 
@@ -217,7 +218,7 @@ def _launch_scale(x2, s, round_to_scale):
     M, N = x2.shape
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     bm, bn, warps = _EW_CFG
-    _ia3_scale_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    launch(_ia3_scale_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         x2, s, y, M, N, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
         ROUND_TO_SCALE=round_to_scale, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return y
@@ -229,7 +230,7 @@ def _launch_scale_backward(dy2, x2, s, round_to_scale, write_dx):
     bm, bn, warps = _EW_CFG
     dx = torch.empty(M, N, dtype=x2.dtype, device=x2.device) if write_dx else dy2
     partial = torch.empty(triton.cdiv(M, bm), N, dtype=torch.float32, device=x2.device)
-    _ia3_scale_backward_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+    launch(_ia3_scale_backward_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
         dy2, x2, s, dx, partial, M, N, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
         dx.stride(0), dx.stride(1), ROUND_TO_SCALE=round_to_scale, WRITE_DX=write_dx,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
@@ -297,70 +298,42 @@ def _linear_backward(dy, x, y, weight, s, feedforward, need_x, need_w, need_b, n
     return dx, dw, db, (None if ds is None else ds.to(s.dtype))
 
 
-class Ia3LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, s, feedforward):
-        y = _linear_forward(x, weight, bias, s, feedforward)
-        keep_x = feedforward or weight.requires_grad
-        keep_y = (not feedforward) and s.requires_grad
-        ctx.save_for_backward(x if keep_x else None, y if keep_y else None, weight, s)
-        ctx.feedforward = feedforward
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, y, weight, s = ctx.saved_tensors
-        nx, nw, nb, ns, _ = ctx.needs_input_grad
-        dx, dw, db, ds = _linear_backward(dy, x, y, weight, s, ctx.feedforward, nx, nw, nb, ns)
-        return dx, dw, (db.to(weight.dtype) if db is not None else None), ds, None
-
-
-@torch.library.custom_op("peftfast::ia3_linear", mutates_args=())
-def _ia3_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-                   feedforward: bool) -> torch.Tensor:
+def _linear_op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                       feedforward: bool, *, hint=None) -> torch.Tensor:
     return _linear_forward(x, weight, bias, scale, feedforward)
 
 
-@_ia3_linear_op.register_fake
-def _(x, weight, bias, scale, feedforward):
+def _linear_op_save(args, outputs) -> list:
+    """feedforward: x; output scale: y when s needs a gradient, x only when W needs one (module doc)."""
+    x, weight, _bias, scale, feedforward = args
+    keep_x = feedforward or weight.requires_grad
+    keep_y = (not feedforward) and scale.requires_grad
+    return [x if keep_x else None, outputs[0] if keep_y else None, weight, scale]
+
+
+def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, W, b, s)."""
+    x, y, weight, s = saved
+    nx, nw, nb, ns = needs
+    dx, dw, db, ds = _linear_backward(grads[0], x, y, weight, s, statics[0], nx, nw, nb, ns)
+    return [dx, dw, (db.to(weight.dtype) if db is not None else None), ds]
+
+
+def _linear_op_fake(x, weight, bias, scale, feedforward):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("peftfast::ia3_linear_backward", mutates_args=())
-def _ia3_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                            scale: torch.Tensor, feedforward: bool, needs: list[bool]
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dW, db, ds) for needs = (x, W, b, s); empty tensors where not needed."""
-    grads = _linear_backward(dy, x, y, weight, scale, feedforward, *needs)
-    return tuple(dy.new_empty(0) if g is None else g for g in grads)
+def _linear_op_backward_fake(saved, grads, needs, statics) -> list:
+    _x, _y, weight, s = saved
+    dy = grads[0]
+    shapes = ((*dy.shape[:-1], weight.shape[1]), weight.shape, weight.shape[:1], s.shape)
+    dtypes = (dy.dtype, weight.dtype, weight.dtype, s.dtype)
+    return [dy.new_empty(sh, dtype=dt) if need else None for sh, dt, need in zip(shapes, dtypes, needs)]
 
 
-@_ia3_linear_backward_op.register_fake
-def _(dy, x, y, weight, scale, feedforward, needs):
-    shapes = ((*dy.shape[:-1], weight.shape[1]), weight.shape, weight.shape[:1], scale.shape)
-    dtypes = (dy.dtype, weight.dtype, weight.dtype, scale.dtype)
-    return tuple(dy.new_empty(sh, dtype=dt) if need else dy.new_empty(0)
-                 for sh, dt, need in zip(shapes, dtypes, needs))
-
-
-def _ia3_linear_setup(ctx, inputs, output):
-    x, weight, _bias, scale, feedforward = inputs
-    keep_x = feedforward or weight.requires_grad
-    keep_y = (not feedforward) and scale.requires_grad
-    ctx.save_for_backward(x if keep_x else x.new_empty(0), output if keep_y else output.new_empty(0),
-                          weight, scale)
-    ctx.feedforward = feedforward
-
-
-def _ia3_linear_bwd(ctx, dy):
-    x, y, weight, scale = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
-    grads = torch.ops.peftfast.ia3_linear_backward(dy, x, y, weight, scale, ctx.feedforward, needs)
-    dx, dw, db, ds = (g if n else None for g, n in zip(grads, needs))
-    return dx, dw, db, ds, None
-
-
-torch.library.register_autograd("peftfast::ia3_linear", _ia3_linear_bwd, setup_context=_ia3_linear_setup)
+# the op, declared once: peftfast::ia3_linear (+ fake, backward op, autograd) and the eager path
+IA3_LINEAR = OpDecl("peftfast::ia3_linear", _linear_op_forward, _linear_op_backward, save=_linear_op_save,
+                    fake=_linear_op_fake, backward_fake=_linear_op_backward_fake)
 
 
 def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
@@ -389,11 +362,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bias = None if bias is None else bias.contiguous()
     if not use_triton(x, weight, s):  # the reference path: PEFT's two ops under autograd, nothing around them
         return _linear_forward(x, weight, bias, s, bool(feedforward))
-    if torch.compiler.is_compiling():
-        return torch.ops.peftfast.ia3_linear(x, weight, bias, s, bool(feedforward))
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, s))):
-        return _linear_forward(x, weight, bias, s, bool(feedforward))
-    return Ia3LinearFunction.apply(x, weight, bias, s, bool(feedforward))
+    return IA3_LINEAR(x, weight, bias, s, bool(feedforward))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,57 +390,22 @@ def _scale_backward(dy, x, s, round_to_scale, need_x, need_s):
     return (dx.view(x.shape) if dx is not None else None), (ds.to(s.dtype) if need_s else None)
 
 
-class Ia3ScaleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, s, round_to_scale):
-        ctx.save_for_backward(x, s)
-        ctx.round_to_scale = round_to_scale
-        return _scale_forward(x, s, round_to_scale)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, s = ctx.saved_tensors
-        dx, ds = _scale_backward(dy, x, s, ctx.round_to_scale, *ctx.needs_input_grad[:2])
-        return dx, ds, None
-
-
-@torch.library.custom_op("peftfast::ia3_scale", mutates_args=())
-def _ia3_scale_op(x: torch.Tensor, scale: torch.Tensor, round_to_scale: bool) -> torch.Tensor:
+def _scale_op_forward(x: torch.Tensor, scale: torch.Tensor, round_to_scale: bool, *, hint=None) -> torch.Tensor:
     return _scale_forward(x, scale, round_to_scale)
 
 
-@_ia3_scale_op.register_fake
-def _(x, scale, round_to_scale):
-    return x.new_empty(x.shape)
+def _scale_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    x, s = saved
+    return list(_scale_backward(grads[0], x, s, statics[0], needs[0], needs[1]))
 
 
-@torch.library.custom_op("peftfast::ia3_scale_backward", mutates_args=())
-def _ia3_scale_backward_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, round_to_scale: bool,
-                           needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-    dx, ds = _scale_backward(dy, x, scale, round_to_scale, *needs)
-    return (dy.new_empty(0) if dx is None else dx), (dy.new_empty(0) if ds is None else ds)
+def _scale_op_backward_fake(saved, grads, needs, statics) -> list:
+    x, s = saved
+    return [x.new_empty(x.shape) if needs[0] else None, s.new_empty(s.shape) if needs[1] else None]
 
 
-@_ia3_scale_backward_op.register_fake
-def _(dy, x, scale, round_to_scale, needs):
-    return (x.new_empty(x.shape) if needs[0] else dy.new_empty(0),
-            scale.new_empty(scale.shape) if needs[1] else dy.new_empty(0))
-
-
-def _ia3_scale_setup(ctx, inputs, output):
-    x, scale, round_to_scale = inputs
-    ctx.save_for_backward(x, scale)
-    ctx.round_to_scale = round_to_scale
-
-
-def _ia3_scale_bwd(ctx, dy):
-    x, scale = ctx.saved_tensors
-    needs = [bool(n) for n in ctx.needs_input_grad[:2]]
-    dx, ds = torch.ops.peftfast.ia3_scale_backward(dy, x, scale, ctx.round_to_scale, needs)
-    return (dx if needs[0] else None), (ds if needs[1] else None), None
-
-
-torch.library.register_autograd("peftfast::ia3_scale", _ia3_scale_bwd, setup_context=_ia3_scale_setup)
+IA3_SCALE = OpDecl("peftfast::ia3_scale", _scale_op_forward, _scale_op_backward, save=lambda args, outputs: list(args[:2]),
+                   fake=lambda x, scale, round_to_scale: x.new_empty(x.shape), backward_fake=_scale_op_backward_fake)
 
 
 def _scale(x: torch.Tensor, scale: torch.Tensor, round_to_scale: bool, name: str) -> torch.Tensor:
@@ -480,11 +414,7 @@ def _scale(x: torch.Tensor, scale: torch.Tensor, round_to_scale: bool, name: str
         raise ValueError(f"{name}: scale must have one value per feature of the last dim ({n}), "
                          f"got shape {tuple(scale.shape)}")
     s = scale.reshape(n).contiguous()
-    if torch.compiler.is_compiling():
-        return torch.ops.peftfast.ia3_scale(x, s, round_to_scale)
-    if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
-        return _scale_forward(x, s, round_to_scale)
-    return Ia3ScaleFunction.apply(x, s, round_to_scale)
+    return IA3_SCALE(x, s, round_to_scale)
 
 
 def ia3_scale_output(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -500,7 +430,6 @@ def ia3_scale_input(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs
 # ----------------------------------------------------------------------------------------------
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (activation/weight dtype, scale dtype): PEFT keeps IA3 vectors in fp32 by default
 _DTYPE_PAIRS = ((torch.float16, torch.float32), (torch.bfloat16, torch.float32),
                 (torch.float32, torch.float32), (torch.float16, torch.float16),
@@ -516,37 +445,32 @@ _MM_MODES = (
 )
 
 
-def _signature(fn, types: dict[str, str], consts: dict) -> dict[str, str]:
-    """Every argument of ``fn``: its pointer type, "constexpr", or "i32" (sizes and strides)."""
-    return {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-
-
 def aot_specs() -> list[AotSpec]:
     specs = []
     ebm, ebn, ewarps = _EW_CFG
     for act, sd in _DTYPE_PAIRS:
-        a, s = "*" + _TY[act], "*" + _TY[sd]
-        tag = f"x={_TY[act]},s={_TY[sd]}"
+        a, s = "*" + DTYPE_NAMES[act], "*" + DTYPE_NAMES[sd]
+        tag = f"x={DTYPE_NAMES[act]},s={DTYPE_NAMES[sd]}"
         bm, bn, bk, group, warps, stages = _MM_CFG[act]
         for name, sk, sn, hb, ra, unit in _MM_MODES:
             types = {"p_ptr": a, "q_ptr": a, "c_ptr": a, "scale_ptr": s, "bias_ptr": a, "aux_ptr": a,
                      "partial_ptr": "*fp32"}
             consts = {"SCALE_K": sk, "SCALE_N": sn, "HAS_BIAS": hb, "REDUCE_AUX": ra,
-                      "DOT_PRECISION": _dot_precision(act), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                      "DOT_PRECISION": dot_precision(act), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                       "GROUP_M": group, "stride_cn": 1, "stride_auxn": 1, **{u: 1 for u in unit}}
             specs.append(AotSpec(f"ia3_matmul[{name},{tag},BM={bm},BN={bn},BK={bk}]", _ia3_matmul_kernel,
-                                 _signature(_ia3_matmul_kernel, types, consts), consts, warps, stages, True))
+                                 aot_signature(_ia3_matmul_kernel, types, consts), consts, warps, stages, True))
         for rnd in (False, True):
             types = {"x_ptr": a, "s_ptr": s, "y_ptr": a}
             consts = {"ROUND_TO_SCALE": rnd, "BLOCK_M": ebm, "BLOCK_N": ebn, "stride_xn": 1, "stride_yn": 1}
             specs.append(AotSpec(f"ia3_scale[{tag},round={int(rnd)}]", _ia3_scale_kernel,
-                                 _signature(_ia3_scale_kernel, types, consts), consts, ewarps, 1, False))
+                                 aot_signature(_ia3_scale_kernel, types, consts), consts, ewarps, 1, False))
             for wdx in (False, True):
                 types = {"dy_ptr": a, "x_ptr": a, "s_ptr": s, "dx_ptr": a, "partial_ptr": "*fp32"}
                 consts = {"ROUND_TO_SCALE": rnd, "WRITE_DX": wdx, "BLOCK_M": ebm, "BLOCK_N": ebn,
                           "stride_dyn": 1, "stride_xn": 1, "stride_dxn": 1}
                 specs.append(AotSpec(f"ia3_scale_backward[{tag},round={int(rnd)},dx={int(wdx)}]",
                                      _ia3_scale_backward_kernel,
-                                     _signature(_ia3_scale_backward_kernel, types, consts), consts,
+                                     aot_signature(_ia3_scale_backward_kernel, types, consts), consts,
                                      ewarps, 1, False))
     return specs

@@ -43,6 +43,11 @@ never a cast or dropped copy), t ([M, R] in the adapter dtype: at most 2*R/K of 
 seed (a Python int; a 0-d int64 tensor under torch.compile) and references to the A_i / B_i
 parameters. No mask, no [M, K] copy.
 
+Declared once (``LORA_LINEAR``, kernels/opdecl.py): one forward, one backward and the fake rules
+yield the custom op ``peftfast::lora_linear`` (traced by torch.compile) and the eager autograd
+path. Launch plan: ``grad_w_splits`` (splits of the weight-gradient reduction over T) is what
+``launch_grad_w`` uses; the cost model reads the same function.
+
 Launches: forward 2 (shrink, expand). Backward up to 4 kernels (dT, dB, dA, dX) plus one sum
 of partials for each of dA and dB when the reduction over M is split.
 
@@ -59,18 +64,34 @@ compiler cannot vectorise; the configurations are chosen so that even then no va
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .adapters import (
+    Plan,
+    accumulate_lora_dx,
+    accumulate_lora_y,
+    adapter_grads,
+    adapter_table,
+    cat_a,
+    cat_b,
+    check_adapters,
+    make_plan,
+    rank_scale,
+    rank_tiles,
+)
 from .aot import AotSpec
-from .backend import use_triton
-from .dropout import check_p, draw_seed, keep_mask, keep_mask_torch, stream_key, threshold
+from .opdecl import OpDecl
+from .dropout import check_p, draw_seed, keep_mask, keep_mask_torch, stream_key
+from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
+from .tiles import arrival_counters
+
+# the old private spelling, until peftfast/tools/costmodel.py imports tiles.arrival_counters
+_arrival_counters = arrival_counters
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -122,25 +143,6 @@ def _lora_shrink_kernel(
 
 
 @triton.jit
-def _accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
-                       stride_br, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += t[rows] @ B[cols]^T, a short reduction over the ranks (t in B's dtype). Shared by the
-    expand kernel and the fused forward GEMMs. t is read through L2 (``.cg``): in the look-ahead
-    forward another program has just written it."""
-    offs_r = tl.arange(0, BLOCK_R)
-    t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
-    b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # B^T tile [BR, BN]
-    for r0 in range(0, R, BLOCK_R):
-        mask_r = offs_r + r0 < R
-        t = tl.load(t_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0, cache_modifier=".cg")
-        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(t.to(b_ptr.dtype.element_ty), b, acc, input_precision=PRECISION)
-        t_ptrs += BLOCK_R * stride_tr
-        b_ptrs += BLOCK_R * stride_br
-    return acc
-
-
-@triton.jit
 def _lora_expand_kernel(
     t_ptr,  # [M, R] scaled shrink output, compute dtype
     b_ptr,  # [N, R] stacked B_i, compute dtype
@@ -158,7 +160,7 @@ def _lora_expand_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = _accumulate_lora_y(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), t_ptr, b_ptr, R, offs_m, offs_n,
+    acc = accumulate_lora_y(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), t_ptr, b_ptr, R, offs_m, offs_n,
                              mask_m, mask_n, stride_tm, stride_tr, stride_bn, stride_br, BLOCK_R, DOT_PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
     base = tl.load(base_ptr + offs_m[:, None] * stride_basem + offs_n[None, :] * stride_basen,
@@ -210,137 +212,6 @@ def _lora_grad_w_kernel(
     tl.store(out_ptrs, acc, mask=mask_r[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
-                        stride_gm, stride_gr, stride_ar, stride_ak,
-                        HAS_DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += (G @ A) for the rows offs_m and input features offs_k, with each adapter's dropout mask applied
-    to its own rank segment (regenerated from the seed: the forward's mask). Shared by the dX kernels."""
-    if HAS_DROPOUT:
-        # masks differ per adapter: one partial product per adapter, masked once
-        for i in range(n_adapters):
-            r_start, r_end, key, thresh = _adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
-            part = tl.zeros_like(acc)
-            for r0 in range(r_start, r_end, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                mask_r = offs_r < r_end
-                g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-                part = tl.dot(g, a, part, input_precision=PRECISION)
-            acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
-    else:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(g, a, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column block) of output tile number ``tile`` in grouped order: GROUP_M row
-    blocks walk the same column blocks while those columns of the weight sit in L2. The index math
-    runs in ``tile``'s integer type (callers pick the one their kernel's registers allow); the block
-    indices come back as int64 for the address arithmetic."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (tile // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return (first_m + (tile % group) % size_m).to(tl.int64), ((tile % group) // size_m).to(tl.int64)
-
-
-@triton.jit
-def _last_arrival(count_ptr, expected):
-    """True in exactly one of the ``expected`` programs that call this on one counter (from
-    ``_arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything
-    the callers stored before the call is visible to that program (the barrier orders the CTA's
-    stores before the release; the acquire orders the winner's later loads).
-    Read what other programs stored with ``cache_modifier=".cg"`` (L1 is not coherent)."""
-    tl.debug_barrier()
-    last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == expected - 1
-    tl.atomic_xchg(count_ptr, 0, mask=last)  # everyone has arrived: reset for the next launch
-    return last
-
-
-@triton.jit
-def _adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT: tl.constexpr):
-    """(rank start, rank end, mask key, keep threshold) of adapter i of the [n, 4] adapter table;
-    without dropout a single segment [0, R) (key and threshold unused)."""
-    if HAS_DROPOUT:
-        r_start = tl.load(adapters_ptr + i * 4)
-        r_end = tl.load(adapters_ptr + i * 4 + 1)
-        key = stream_key(seed, tl.load(adapters_ptr + i * 4 + 2))
-        thresh = tl.load(adapters_ptr + i * 4 + 3).to(tl.uint32)
-    else:
-        r_start = 0
-        r_end = R
-        key = 0
-        thresh = 0
-    return r_start, r_end, key, thresh
-
-
-@triton.jit
-def _sum_slices(ptrs, n, stride, mask, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    """fp32 sum of n [BLOCK_A, BLOCK_B] partial slices ``stride`` apart, in order (deterministic),
-    read through L2: other programs wrote them (see ``_last_arrival``)."""
-    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for _ in range(0, n):
-        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-        ptrs += stride
-    return acc
-
-
-@triton.jit
-def _lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_adapters, R, seed,
-                      pid_m, num_m, M, offs_k, mask_k,
-                      stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
-                      stride_dar, stride_dak,
-                      HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """dA = G^T @ (m_i * x) for the input features offs_k, inside a dX kernel whose program owns
-    row block pid_m (of num_m, BLOCK_M rows). This block's share, G[rows]^T @ mask(x[rows, k]),
-    is stored as an fp32 partial dap[pid_m] (x read SUB_M rows at a time, to keep registers
-    free); the last row block to arrive at count_ptr sums the num_m partials in order
-    (deterministic) and stores dA [R, k] in da's dtype. Shared by the dense and the 4-bit fused
-    dX kernels: x is read here, by a compute-bound kernel, instead of by a separate memory-bound
-    dA pass."""
-    dap_ptr += pid_m * stride_dps
-    for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
-        r_start, r_end, key, thresh = _adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
-        for r0 in range(r_start, r_end, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < r_end
-            part = tl.zeros((BLOCK_R, offs_k.shape[0]), dtype=tl.float32)
-            for h in tl.static_range(0, BLOCK_M, SUB_M):
-                offs_m = pid_m * BLOCK_M + h + tl.arange(0, SUB_M)
-                mask_m = offs_m < M
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(g_ptr.dtype.element_ty)
-                if HAS_DROPOUT:
-                    x = tl.where(keep_mask(key, offs_m, offs_k, thresh), x, 0.0)
-                g_t = tl.load(g_ptr + offs_r[:, None] * stride_gr + offs_m[None, :] * stride_gm,
-                              mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, SUB_M] = G^T
-                part = tl.dot(g_t, x, part, input_precision=PRECISION)
-            tl.store(dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk, part,
-                     mask=mask_r[:, None] & mask_k[None, :])
-    if _last_arrival(count_ptr, num_m):
-        dap_ptr -= pid_m * stride_dps
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask = (offs_r < R)[:, None] & mask_k[None, :]
-            acc = _sum_slices(dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk, num_m,
-                              stride_dps, mask, BLOCK_R, offs_k.shape[0])
-            tl.store(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak,
-                     acc.to(da_ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit(do_not_specialize=["seed"])
 def _lora_grad_x_kernel(
     g_ptr,  # [M, R] G = (dY @ B) * s', compute dtype
@@ -360,7 +231,7 @@ def _lora_grad_x_kernel(
     mask_m = offs_m < M
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc = _accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
+    acc = accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, DOT_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
@@ -402,94 +273,28 @@ def _loop_block_r(rank: int) -> int:
     return _LOOP_BLOCK_R[0] if rank <= _LOOP_BLOCK_R[0] else _LOOP_BLOCK_R[-1]
 
 
-def _dot_precision(act_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
-    """fp32 model: 3 TF32 products (~fp32 accuracy, like torch's default fp32 matmul). fp32
-    adapters on a 16-bit model: plain TF32 (10 mantissa bits, finer than the 16-bit result)."""
-    return "tf32x3" if act_dtype == adapter_dtype == torch.float32 else "tf32"
-
-
 # ----------------------------------------------------------------------------------------------
 # Adapter plan: per-adapter constants and the small device tables the kernels read
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Plan:
-    ranks: tuple[int, ...]
-    scales: tuple[float, ...]  # s_i / (1 - p_i)
-    ps: tuple[float, ...]  # active dropout probabilities (0.0 where dropout is off)
-
-    @functools.cached_property
-    def total_rank(self) -> int:
-        return sum(self.ranks)
-
-    @functools.cached_property
-    def offsets(self) -> tuple[int, ...]:
-        out, acc = [], 0
-        for r in self.ranks:
-            out.append(acc)
-            acc += r
-        return tuple(out)
-
-    @functools.cached_property
-    def dropout(self) -> bool:
-        return any(p > 0.0 for p in self.ps)
-
-    @functools.cached_property
-    def single_scale(self) -> bool:
-        return len(set(self.scales)) == 1
-
-
-@functools.lru_cache(maxsize=1024)
-def _plan(ranks: tuple, scalings: tuple, ps: tuple) -> _Plan:
-    return _Plan(ranks, tuple(float(s) / (1.0 - p) for s, p in zip(scalings, ps)), ps)
-
-
-def _make_plan(ranks, scalings, ps) -> _Plan:
-    return _plan(tuple(int(r) for r in ranks), tuple(float(s) for s in scalings), tuple(float(p) for p in ps))
-
-
-@functools.lru_cache(maxsize=512)
-def _tiles(plan: _Plan, by_adapter: bool, block_r: int, device: torch.device) -> torch.Tensor:
-    """[n_tiles, 4] int64 rows (rank start, rank end, stream, threshold); with ``by_adapter`` no
-    tile straddles two adapters (each carries its adapter's mask), else tiles cover [0, R)."""
-    rows = []
-    if by_adapter:
-        for i, (r0, r, p) in enumerate(zip(plan.offsets, plan.ranks, plan.ps)):
-            rows += [(s, min(s + block_r, r0 + r), i, threshold(p)) for s in range(r0, r0 + r, block_r)]
-    else:
-        rows = [(s, min(s + block_r, plan.total_rank), 0, 0) for s in range(0, plan.total_rank, block_r)]
-    return torch.tensor(rows, dtype=torch.int64, device=device)
-
-
-@functools.lru_cache(maxsize=512)
-def _adapter_table(plan: _Plan, device: torch.device) -> torch.Tensor:
-    rows = [(r0, r0 + r, i, threshold(p))
-            for i, (r0, r, p) in enumerate(zip(plan.offsets, plan.ranks, plan.ps))]
-    return torch.tensor(rows, dtype=torch.int64, device=device)
-
-
-@functools.lru_cache(maxsize=512)
-def _rank_scale(plan: _Plan, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    vals = [s for s, r in zip(plan.scales, plan.ranks) for _ in range(r)]
-    return torch.tensor(vals, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers: check, allocate, launch (2-D [M, *] operands, any strides)
 # ----------------------------------------------------------------------------------------------
-def _launch_shrink(x2: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int, dropout: bool) -> torch.Tensor:
+def launch_shrink(x2: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int, dropout: bool) -> torch.Tensor:
     """t = (mask(x2) @ a^T) * s' -> [M, R] in a's dtype. a: [R, K] (any strides)."""
     M, K = x2.shape
     R = a.shape[0]
     assert a.shape[1] == K and R == plan.total_rank
     t = torch.empty(M, R, dtype=a.dtype, device=x2.device)
     block_r = _tile_block_r(max(plan.ranks) if dropout else R)
-    tiles = _tiles(plan, dropout, block_r, x2.device)
+    tiles = rank_tiles(plan, dropout, block_r, x2.device)
     cfg = _config("shrink", block_r, a.dtype)
     grid = (tiles.shape[0], triton.cdiv(M, cfg["BLOCK_M"]))
-    _lora_shrink_kernel[grid](
-        x2, a, t, tiles, _rank_scale(plan, x2.device), seed, M, K,
+    launch(_lora_shrink_kernel, grid,
+        x2, a, t, tiles, rank_scale(plan, x2.device), seed, M, K,
         x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        HAS_DROPOUT=dropout, DOT_PRECISION=_dot_precision(x2.dtype, a.dtype), BLOCK_R=block_r, **cfg)
+        HAS_DROPOUT=dropout, DOT_PRECISION=dot_precision(x2.dtype, a.dtype), BLOCK_R=block_r, **cfg)
     return t
 
 
@@ -501,110 +306,90 @@ def _launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: 
     block_r = _loop_block_r(R)
     cfg = _config("expand", block_r, b.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _lora_expand_kernel[grid](
+    launch(_lora_expand_kernel, grid,
         t, b, base2, out2, M, N, R,
         t.stride(0), t.stride(1), b.stride(0), b.stride(1),
         base2.stride(0), base2.stride(1), out2.stride(0), out2.stride(1),
-        DOT_PRECISION=_dot_precision(base2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
+        DOT_PRECISION=dot_precision(base2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
 
 
-def _launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: _Plan, seed: int, dropout: bool,
-                   transpose_out: bool) -> torch.Tensor:
+def grad_w_plan(t: int, n: int, ranks, ad: torch.dtype, by_adapter: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, splits of T, rows per split) of the weight-gradient kernel for an [R, n] gradient
+    reduced over t rows: rank tiles of 16/64/128 covering the largest rank (per adapter when
+    ``by_adapter``, i.e. the dropout masks differ) or R; enough programs for ~4 waves on 132 SMs
+    (_TARGET_PROGRAMS), at most one split per row block; whole row blocks per split."""
+    block_r = _tile_block_r(max(ranks) if by_adapter else sum(ranks))
+    n_tiles = sum(triton.cdiv(r, block_r) for r in ranks) if by_adapter else triton.cdiv(sum(ranks), block_r)
+    cfg = _config("grad_w", block_r, ad)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(t, block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(t, splits), block_m) * block_m
+    return block_r, triton.cdiv(t, rows_per_split), rows_per_split
+
+
+def grad_w_splits(t: int, n: int, ranks, ad: torch.dtype, by_adapter: bool) -> int:
+    """How many ways ``launch_grad_w`` splits the reduction over T of a weight gradient [R, n] with
+    adapters of ``ad`` (fp32 partials [splits, R, n] summed once afterwards when > 1)."""
+    return grad_w_plan(t, n, ranks, ad, by_adapter)[1]
+
+
+def launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: Plan, seed: int, dropout: bool,
+                  transpose_out: bool) -> torch.Tensor:
     """fp32 g^T @ mask(x2): [R, N], or its transpose [N, R] with ``transpose_out``."""
     M, R = g.shape
     N = x2.shape[1]
-    block_r = _tile_block_r(max(plan.ranks) if dropout else R)
-    tiles = _tiles(plan, dropout, block_r, x2.device)
+    block_r, splits, rows_per_split = grad_w_plan(M, N, plan.ranks, g.dtype, dropout)
+    tiles = rank_tiles(plan, dropout, block_r, x2.device)
     cfg = _config("grad_w", block_r, g.dtype)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    programs = tiles.shape[0] * triton.cdiv(N, block_n)
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, programs), triton.cdiv(M, block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
-    splits = triton.cdiv(M, rows_per_split)
+    block_n = cfg["BLOCK_N"]
     shape = (splits, N, R) if transpose_out else (splits, R, N)
     part = torch.empty(shape, dtype=torch.float32, device=x2.device)
     stride_or, stride_on = part.stride(1), part.stride(2)
     if transpose_out:
         stride_or, stride_on = stride_on, stride_or
     grid = (tiles.shape[0], triton.cdiv(N, block_n), splits)
-    _lora_grad_w_kernel[grid](
+    launch(_lora_grad_w_kernel, grid,
         g, x2, part, tiles, seed, M, N, rows_per_split,
         g.stride(0), g.stride(1), x2.stride(0), x2.stride(1), part.stride(0), stride_or, stride_on,
-        HAS_DROPOUT=dropout, DOT_PRECISION=_dot_precision(x2.dtype, g.dtype), BLOCK_R=block_r, **cfg)
+        HAS_DROPOUT=dropout, DOT_PRECISION=dot_precision(x2.dtype, g.dtype), BLOCK_R=block_r, **cfg)
     return part[0] if splits == 1 else part.sum(0)
 
 
-_COUNTERS: dict = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 counters, all 0, for ``_last_arrival`` (at least n). One buffer per device and stream,
-    reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
-    arriver resets it), and launches on one stream run in order, so no memset per launch."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device, stream] = buf
-    return buf
-
-
-def _grad_a_operands(x2: torch.Tensor | None, a: torch.Tensor, num_m: int, block_k: int):
-    """(dA or None, pointers, strides) for ``_lora_grad_a_tile`` inside a dX kernel with row blocks
-    num_m and column blocks of block_k: x2, fp32 partials [num_m, R, K], dA [R, K] in A's dtype and
-    the arrival counters. Without x2 (no dA wanted) the pointers are placeholders."""
-    if x2 is None:
-        return None, (a, a, a, a), (0,) * 7
-    R, K = a.shape
-    dap = torch.empty(num_m, R, K, dtype=torch.float32, device=a.device)
-    da = torch.empty(R, K, dtype=a.dtype, device=a.device)
-    count = _arrival_counters(a.device, triton.cdiv(K, block_k))
-    return da, (x2, dap, da, count), (x2.stride(0), x2.stride(1), *dap.stride(), *da.stride())
-
-
-def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: _Plan, seed: int,
+def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """dX = sum_i mask_i * (g_i @ a_i) -> [M, K] in ``dtype``."""
     M, R = g.shape
     K = a.shape[1]
     dx = torch.empty(M, K, dtype=dtype, device=g.device)
-    table = _adapter_table(plan, g.device)
+    table = adapter_table(plan, g.device)
     block_r = _loop_block_r(max(plan.ranks) if plan.dropout else R)
     cfg = _config("grad_x", block_r, a.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    _lora_grad_x_kernel[grid](
+    launch(_lora_grad_x_kernel, grid,
         g, a, dx, table, seed, M, K, R, len(plan.ranks),
         g.stride(0), g.stride(1), a.stride(0), a.stride(1), dx.stride(0), dx.stride(1),
-        HAS_DROPOUT=plan.dropout, DOT_PRECISION=_dot_precision(dtype, a.dtype), BLOCK_R=block_r, **cfg)
+        HAS_DROPOUT=plan.dropout, DOT_PRECISION=dot_precision(dtype, a.dtype), BLOCK_R=block_r, **cfg)
     return dx
 
 
-def _cat_a(weights_a):
-    return weights_a[0] if len(weights_a) == 1 else torch.cat(list(weights_a), 0)
-
-
-def _cat_b(weights_b):
-    return weights_b[0] if len(weights_b) == 1 else torch.cat(list(weights_b), 1)
-
-
 def _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2):
-    a, b = _cat_a(weights_a), _cat_b(weights_b)
-    t = _launch_shrink(x2, a, plan, seed, plan.dropout)
+    a, b = cat_a(weights_a), cat_b(weights_b)
+    t = launch_shrink(x2, a, plan, seed, plan.dropout)
     _launch_expand(t, b, base2, out2)
     return out2, t
 
 
 def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
-    a, b = _cat_a(weights_a), _cat_b(weights_b)
-    no_drop = _Plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
+    a, b = cat_a(weights_a), cat_b(weights_b)
+    no_drop = Plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
     dx = da = db = None
     if need_b:
-        db = _launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
+        db = launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
     if need_x or need_a:
-        scaled = _Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
-        g = _launch_shrink(dy2, b.t(), scaled, 0, False)
+        scaled = Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
+        g = launch_shrink(dy2, b.t(), scaled, 0, False)
         if need_a:
-            da = _launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
+            da = launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
         if need_x:
             dx = _launch_grad_x(g, a, plan, seed, x2.dtype)
     return dx, da, db
@@ -613,20 +398,20 @@ def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference (the test oracle and the CPU backend): same math, torch matmuls
 # ----------------------------------------------------------------------------------------------
-def _forward_torch(x2, base2, weights_a, weights_b, plan, seed):
+def forward_reference(x2, base2, weights_a, weights_b, plan, seed):
     cd = weights_a[0].dtype
     xc = x2 if x2.dtype == cd else x2.to(cd)
     M, K = x2.shape
     if not plan.dropout:
-        t = xc @ _cat_a(weights_a).t()
-        t = t.mul_(plan.scales[0]) if plan.single_scale else t.mul_(_rank_scale(plan, t.device, cd))
+        t = xc @ cat_a(weights_a).t()
+        t = t.mul_(plan.scales[0]) if plan.single_scale else t.mul_(rank_scale(plan, t.device, cd))
     else:
         parts = []
         for i, (a, p, s) in enumerate(zip(weights_a, plan.ps, plan.scales)):
             xi = xc if p == 0.0 else xc * keep_mask_torch(seed, i, M, K, p, xc.device)
             parts.append((xi @ a.t()).mul_(s))
         t = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    b = _cat_b(weights_b)
+    b = cat_b(weights_b)
     if base2.dtype == cd:
         y = torch.addmm(base2, t, b.t())
     else:  # PEFT: result + lora term in the promoted dtype, then one cast back
@@ -635,20 +420,20 @@ def _forward_torch(x2, base2, weights_a, weights_b, plan, seed):
     return y, t
 
 
-def _backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+def backward_reference(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
     cd = weights_a[0].dtype
     dyc = dy2 if dy2.dtype == cd else dy2.to(cd)
-    b = _cat_b(weights_b)
+    b = cat_b(weights_b)
     dx = da = db = None
     if need_b:
         db = dyc.t() @ t
     if need_x or need_a:
         g = dyc @ b
-        g = g.mul_(plan.scales[0]) if plan.single_scale else g.mul_(_rank_scale(plan, g.device, cd))
+        g = g.mul_(plan.scales[0]) if plan.single_scale else g.mul_(rank_scale(plan, g.device, cd))
         xc = (x2 if x2.dtype == cd else x2.to(cd)) if need_a else None
         M, K = x2.shape
         if not plan.dropout:
-            a = _cat_a(weights_a)
+            a = cat_a(weights_a)
             da = g.t() @ xc if need_a else None
             dx = g @ a if need_x else None
         else:
@@ -669,52 +454,29 @@ def _backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch, autograd, custom op
+# Dispatch and the op's declaration (kernels/opdecl.py)
 # ----------------------------------------------------------------------------------------------
-def _2d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton):
     """(y, t) with y shaped like base_out; y is base_out itself when ``inplace``."""
-    x2, base2 = _2d(x), _2d(base_out)
+    x2, base2 = as_2d(x), as_2d(base_out)
     if on_triton and x2.shape[0] > 0:
         out2 = base2 if inplace else torch.empty(base2.shape, dtype=base2.dtype, device=base2.device)
         y2, t = _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2)
         y = base_out if inplace else y2.view(base_out.shape)
     else:
-        y2, t = _forward_torch(x2, base2, weights_a, weights_b, plan, seed)
+        y2, t = forward_reference(x2, base2, weights_a, weights_b, plan, seed)
         y = y2 if base_out.dim() == 2 else y2.view(base_out.shape)
     return y, t
 
 
 def _backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
     """(dx shaped like x, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
-    dy2, x2, t2 = _2d(dy), _2d(x), _2d(t)
-    impl = _backward_triton if on_triton and dy2.shape[0] > 0 else _backward_torch
+    dy2, x2, t2 = as_2d(dy), as_2d(x), as_2d(t)
+    impl = _backward_triton if on_triton and dy2.shape[0] > 0 else backward_reference
     dx, da, db = impl(dy2, x2, t2, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     return (dx.view(x.shape) if dx is not None and x.dim() != 2 else dx), da, db
-
-
-def _split(plan, da, db):
-    """Per-adapter views of the stacked gradients (lists of None where not computed)."""
-    n = len(plan.ranks)
-    if n == 1:  # whole tensors, not views: autograd can take them as .grad without a copy
-        return [da], [db]
-    das = [None] * n if da is None else [da[r0:r0 + r] for r0, r in zip(plan.offsets, plan.ranks)]
-    if db is None:
-        dbs = [None] * n
-    else:
-        dbs = [db[:, r0:r0 + r].contiguous() for r0, r in zip(plan.offsets, plan.ranks)]
-    return das, dbs
-
-
-def _adapter_grads(plan, da, db, need_a, need_b) -> list:
-    """[dA_1 .. dA_n, dB_1 .. dB_n] for an autograd backward to return: per-adapter pieces of the
-    stacked gradients (``_split``), None for each adapter weight that needs no gradient."""
-    das, dbs = _split(plan, da, db)
-    return [g if need else None for g, need in zip(das, need_a)] + \
-        [g if need else None for g, need in zip(dbs, need_b)]
 
 
 def _can_update_in_place(base_out: torch.Tensor) -> bool:
@@ -723,115 +485,61 @@ def _can_update_in_place(base_out: torch.Tensor) -> bool:
             and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
 
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Eager autograd for ``lora_linear``; saves x, t and the adapter weights (see module doc)."""
-
-    @staticmethod
-    def forward(ctx, x, base_out, plan, seed, on_triton, inplace, *weights):
-        n = len(plan.ranks)
-        y, t = _forward(x, base_out, weights[:n], weights[n:], plan, seed, inplace, on_triton)
-        if inplace:
-            ctx.mark_dirty(base_out)
-        ctx.save_for_backward(x, t, *weights)
-        ctx.plan, ctx.seed, ctx.on_triton = plan, seed, on_triton
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, *weights = ctx.saved_tensors
-        plan, n = ctx.plan, len(ctx.plan.ranks)
-        needs = ctx.needs_input_grad
-        need_a, need_b = needs[6:6 + n], needs[6 + n:]
-        dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, ctx.seed, needs[0], any(need_a),
-                               any(need_b), ctx.on_triton)
-        grads = _adapter_grads(plan, da, db, need_a, need_b)
-        return (dx, dy if needs[1] else None, None, None, None, None, *grads)
+def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
+                weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
+                seed: torch.Tensor, *, hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y shaped like base_out, t [..., R]); dropout_ps are the active probabilities (0 where off).
+    hint (eager): (plan, on_triton, inplace) as ``lora_linear`` decided them once per call."""
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+        on_triton, inplace = use_triton(x, base_out, *weights_a, *weights_b), False
+    else:
+        plan, on_triton, inplace = hint
+    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), inplace, on_triton)
+    return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
 
-@torch.library.custom_op("peftfast::lora_linear", mutates_args=())
-def _lora_linear_op(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
-                    weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float],
-                    seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
-    plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(x, base_out, *weights_a, *weights_b)
-    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), False, on_triton)
-    return y, t.view(*x.shape[:-1], t.shape[-1])
+def _op_save(args, outputs) -> list:
+    x, _base_out, weights_a, weights_b, _scalings, _ps, seed = args
+    return [x, outputs[1], seed, *weights_a, *weights_b]  # x and t; no mask, no dropped x
 
 
-@_lora_linear_op.register_fake
-def _(x, base_out, weights_a, weights_b, scalings, dropout_ps, seed):
+def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, seed); base_out's is dY (passthrough)."""
+    x, t, seed, *weights = saved
+    n = len(weights) // 2
+    dy = grads[0]
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights[:n]], *statics)
+        on_triton = use_triton(dy, x, *weights)
+    else:
+        plan, on_triton, _ = hint
+    need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
+    dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, int(seed), needs[0], any(need_a), any(need_b),
+                           on_triton)
+    return [dx, None, *adapter_grads(plan, da, db, need_a, need_b), None]
+
+
+def _op_fake(x, base_out, weights_a, weights_b, scalings, dropout_ps, seed):
     rank = sum(a.shape[0] for a in weights_a)
     return base_out.new_empty(base_out.shape), x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype)
 
 
-@torch.library.custom_op("peftfast::lora_linear_backward", mutates_args=())
-def _lora_linear_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor,
-                             weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
-                             scalings: list[float], dropout_ps: list[float],
-                             seed: torch.Tensor, needs: list[bool]
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, stacked dA [R, d_in], stacked dB [d_out, R]) for needs = (x, A, B); a gradient that is
-    not needed comes back as an empty tensor."""
-    plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(dy, x, *weights_a, *weights_b)
-    dx, da, db = _backward(dy, x, t, weights_a, weights_b, plan, int(seed), *needs, on_triton)
-    return tuple(x.new_empty(0) if g is None else g for g in (dx, da, db))
+def _op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _t, _seed, *weights = saved
+    return [x.new_empty(x.shape) if needs[0] else None, None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[2:-1])), None]
 
 
-@_lora_linear_backward_op.register_fake
-def _(dy, x, t, weights_a, weights_b, scalings, dropout_ps, seed, needs):
-    rank = sum(a.shape[0] for a in weights_a)
-    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            weights_a[0].new_empty((rank, x.shape[-1])) if needs[1] else x.new_empty(0),
-            weights_b[0].new_empty((dy.shape[-1], rank)) if needs[2] else x.new_empty(0))
-
-
-def _op_setup_context(ctx, inputs, output):
-    x, _base_out, weights_a, weights_b, scalings, dropout_ps, seed = inputs
-    ctx.save_for_backward(x, output[1], seed, *weights_a, *weights_b)
-    ctx.plan = _make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
-
-
-def _op_backward(ctx, dy, dt):
-    x, t, seed, *weights = ctx.saved_tensors
-    n = len(ctx.plan.ranks)
-    need_x, need_base, need_a, need_b = ctx.needs_input_grad[:4]
-    dx, da, db = torch.ops.peftfast.lora_linear_backward(
-        dy, x, t, weights[:n], weights[n:], ctx.scalings, ctx.dropout_ps, seed,
-        [bool(need_x), bool(need_a), bool(need_b)])
-    da, db = _split(ctx.plan, da if need_a else None, db if need_b else None)
-    return (dx if need_x else None, dy if need_base else None, da if need_a else None,
-            db if need_b else None, None, None, None)
-
-
-torch.library.register_autograd("peftfast::lora_linear", _op_backward, setup_context=_op_setup_context)
+# the op, declared once: peftfast::lora_linear (+ its fake, backward op and autograd) and the eager path
+LORA_LINEAR = OpDecl("peftfast::lora_linear", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
+                     backward_fake=_op_backward_fake, passthrough={"base_out": 0}, aux_outputs=(1,),
+                     dirty=lambda args, hint: (args[1],) if hint is not None and hint[2] else ())
 
 
 # ----------------------------------------------------------------------------------------------
 # Public op
 # ----------------------------------------------------------------------------------------------
-def _check(x, base_out, weights_a, weights_b, scalings, dropout_ps):
-    n = len(weights_a)
-    if not (len(weights_b) == len(scalings) == len(dropout_ps) == n):
-        raise ValueError(f"lora_linear needs one A, B, scaling and dropout p per adapter; got {n} A, "
-                         f"{len(weights_b)} B, {len(scalings)} scalings, {len(dropout_ps)} dropout_ps")
-    if x.dim() < 1 or tuple(x.shape)[:-1] != tuple(base_out.shape)[:-1]:
-        raise ValueError(f"x [..., d_in] and base_out [..., d_out] must share leading dims; got "
-                         f"{tuple(x.shape)} and {tuple(base_out.shape)}")
-    d_in, d_out = x.shape[-1], base_out.shape[-1]
-    for i, (a, b) in enumerate(zip(weights_a, weights_b)):
-        if a.dim() != 2 or a.shape[1] != d_in or a.shape[0] < 1:
-            raise ValueError(f"adapter {i}: A must be [r, d_in={d_in}] with r >= 1, got {tuple(a.shape)}")
-        if b.dim() != 2 or tuple(b.shape) != (d_out, a.shape[0]):
-            raise ValueError(f"adapter {i}: B must be [d_out={d_out}, r={a.shape[0]}], got {tuple(b.shape)}")
-        if a.dtype != b.dtype or not a.dtype.is_floating_point:
-            raise ValueError(f"adapter {i}: A and B must share one floating dtype, "
-                             f"got {a.dtype} and {b.dtype}")
-    for t, name in ((x, "x"), (base_out, "base_out")):
-        if not t.dtype.is_floating_point:
-            raise ValueError(f"{name} must be floating point (fp32, fp16 or bf16), got {t.dtype}")
 
 
 def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
@@ -846,7 +554,7 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
     x, base_out, and every A_i / B_i that requires grad. Each call with dropout draws one seed
     from torch's default generator.
     """
-    _check(x, base_out, weights_a, weights_b, scalings, dropout_ps)
+    check_adapters(x, base_out, weights_a, weights_b, scalings, dropout_ps)
     if len(weights_a) == 0:
         return base_out
     ps = [check_p(p) if training else 0.0 for p in dropout_ps]
@@ -862,9 +570,7 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
     dropout = any(p > 0.0 for p in ps)
     if torch.compiler.is_compiling():
         seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
-        y, _ = torch.ops.peftfast.lora_linear(x, base_out, list(weights_a), list(weights_b),
-                                              [float(s) for s in scalings], ps, seed)
-        return y
+        return LORA_LINEAR(x, base_out, list(weights_a), list(weights_b), [float(s) for s in scalings], ps, seed)[0]
     on_triton = use_triton(x, base_out, *weights_a, *weights_b)
     if not dropout and dtypes[0] == x.dtype and not on_triton:
         # the reference path without dropout: plain autograd ops (no autograd.Function cost), saving
@@ -878,19 +584,17 @@ def lora_linear(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[tor
         out = out.view(base_out.shape)
         return out if out.dtype == base_out.dtype else out.to(base_out.dtype)
     seed = int(draw_seed()) if dropout else 0
-    plan = _make_plan([a.shape[0] for a in weights_a], scalings, ps)
+    plan = make_plan([a.shape[0] for a in weights_a], scalings, ps)
     inplace = on_triton and base_out.numel() > 0 and _can_update_in_place(base_out)
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, base_out, *weights_a, *weights_b))):
-        return _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton)[0]
-    return LoraLinearFunction.apply(x, base_out, plan, seed, on_triton, inplace, *weights_a, *weights_b)
+    return LORA_LINEAR(x, base_out, list(weights_a), list(weights_b), scalings, ps, seed,
+                       hint=(plan, on_triton, inplace))[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs
 # ----------------------------------------------------------------------------------------------
-_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (activation dtype, adapter dtype): same dtype, plus PEFT's default of fp32 adapters on a 16-bit model
-_DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                 (torch.float32, torch.float32), (torch.float16, torch.float32),
                 (torch.bfloat16, torch.float32))
 
@@ -908,20 +612,20 @@ def aot_specs() -> list[AotSpec]:
          ("stride_gr", "stride_ak", "stride_dxk"), (False, True), _LOOP_BLOCK_R),
     )
     specs = []
-    for act, ad in _DTYPE_PAIRS:
-        xa, wa = _TY[act], _TY[ad]
+    for act, ad in DTYPE_PAIRS:
+        xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for kname, fn, ptrs, unit, drops, block_rs in kernels:
             for block_r in block_rs:
                 for drop in drops:
                     cfg = dict(_config(kname, block_r, ad))
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                    consts = dict(DOT_PRECISION=_dot_precision(act, ad), BLOCK_R=block_r, **cfg,
+                    consts = dict(DOT_PRECISION=dot_precision(act, ad), BLOCK_R=block_r, **cfg,
                                   **{u: 1 for u in unit})
                     if drop is not None:
                         consts["HAS_DROPOUT"] = drop
                     types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
                     types.update(tiles_ptr="*i64", adapters_ptr="*i64", scale_ptr="*fp32", seed="i64")
-                    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+                    sig = aot_signature(fn, types, consts)
                     blocks = ",".join(f"B{k[6:]}={v}" for k, v in cfg.items()) + f",warps={warps}"
                     name = f"lora_{kname}[x={xa},w={wa},BR={block_r},{blocks}" + (
                         "]" if drop is None else f",dropout={int(drop)}]")

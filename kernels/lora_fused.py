@@ -46,7 +46,7 @@ Blocked algorithm:
         dA partial[M block] = G[rows]^T @ mask(x[rows, K block])  (fp32; x read here)
         the last M block to finish this K block sums the partials in order -> dA (adapter dtype)
 
-Arrival counters (``lora._arrival_counters``) are one int32 buffer per device and stream, reset
+Arrival counters (``tiles.arrival_counters``) are one int32 buffer per device and stream, reset
 by the kernels themselves (each counter's last user puts it back to 0), so no launch zeroes them.
 Every reduction of partials is in a fixed order: results are deterministic.
 
@@ -56,6 +56,11 @@ the PyTorch reference (``keep_mask_torch``).
 
 Memory saved for backward: x (the caller's tensor), t [M, R] in the adapter dtype, the seed and
 references to W and the adapter weights. No mask, no y, no [M, K] or [M, N] copy.
+
+Declared once (``LORA_LINEAR_FUSED``, kernels/opdecl.py): the custom op and the eager autograd
+path from one forward and one backward. Launch plans, called by the launchers and readable by a
+cost model: ``shrink_items`` (look-ahead K slices), ``dy_plan`` (dY pass: N blocks, splits of T),
+``fused_dx_block_m`` (rows per program of the dX kernel).
 
 Launches: forward 1 (fp32 activations: 2); backward 2 (dY pass; dX + dA), plus, with a
 trainable bias, torch's sum over tokens of dY (and its cast). Without an x gradient dA is
@@ -76,20 +81,12 @@ even without 16-byte alignment; the adapter loop steps 16 ranks at a time for an
 CPU (the reference path): F.linear, then lora.py's reference math on its output; backward adds
 dY @ W into lora.py's dX with one addmm. Same cost as nn.Linear followed by ``lora_linear``.
 
-``qlora_linear_fused`` is the same op over a bitsandbytes 4-bit weight (W = deq(W_packed) in x's
-dtype, as ``qmatmul.matmul_4bit``) or a row-wise int8 one (``Int8Weight``: W = CB * SCB / 127, as
-``qmatmul.matmul_int8``): the y and dX kernels are qmatmul's quantised GEMMs with their HAS_LORA
-loop (W dequantised tile by tile in registers, never stored), the dX kernel also computing dA
-(LORA_DA; for 4-bit the aligned layout); the forward keeps lora.py's separate shrink launch; the
-dY pass is shared with the dense path. Saved: x, t and the packed tensors (already resident).
-Modelled (same shape, NF4 blocksize 64, fp32 adapters, dropout 0.1, H100) against the bf16 base
-GEMM alone: forward 1.070 (1.078 with 3 us per launch), backward 1.099 (1.107). Its CPU path
-dequantises W, runs the dense reference and frees W (recomputed in backward for dX).
+``qlora_linear_fused`` (the same op over a bitsandbytes 4-bit or int8 weight) lives in
+``kernels/qlora.py``; it is re-exported here for its old import path.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +94,27 @@ import triton
 import triton.language as tl
 
 from . import lora as L
-from . import qmatmul as Q
+from .adapters import (
+    Plan,
+    accumulate_lora_dx,
+    accumulate_lora_y,
+    adapter_grads,
+    adapter_ranks,
+    adapter_table,
+    cat_a,
+    cat_b,
+    check_adapters,
+    grad_a_operands,
+    lora_grad_a_tile,
+    make_plan,
+    rank_scale,
+    rank_tiles,
+)
 from .aot import AotSpec
-from .backend import use_triton
+from .opdecl import OpDecl
+from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
+from .tiles import arrival_counters, grouped_tile, last_arrival, sum_slices, tile_offsets
 from .dropout import check_p, draw_seed, keep_mask
-from .quant import Packed4bit, check_int8, check_packed4bit, dequantize_4bit_torch, dequantize_int8_reference
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
@@ -122,7 +135,7 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
     k_lo = item * k_per_item
     k_hi = tl.minimum(k_lo + k_per_item, K)
     for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
-        r_start, r_end, key, thresh = L._adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
+        r_start, r_end, key, thresh = adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
         for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < r_end
@@ -143,11 +156,11 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
                          acc, mask=mask_m[:, None] & mask_r[None, :])
     offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    if L._last_arrival(count_ptr + 1 + row_block, n_items):
+    if last_arrival(count_ptr + 1 + row_block, n_items):
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask = mask_m[:, None] & (offs_r < R)[None, :]
-            acc = L._sum_slices(tp_ptr + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr, n_items,
+            acc = sum_slices(tp_ptr + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr, n_items,
                                 stride_tpi, mask, BLOCK_M, BLOCK_R)
             acc = acc * tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0)[None, :]
             tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
@@ -180,20 +193,12 @@ def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mas
                  stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
     """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once."""
-    acc = L._accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
+    acc = accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
                                stride_br, BLOCK_R, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(row offsets, column offsets, row mask, column mask) of output tile (pid_m, pid_n)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return offs_m, offs_n, offs_m < M, offs_n < N
 
 
 @triton.jit
@@ -212,8 +217,8 @@ def _lora_fused_forward_kernel(
     GROUP_M: tl.constexpr,
 ):
     # t computed beforehand by a separate shrink launch (fp32 models; see _launch_forward)
-    pid_m, pid_n = L._grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m, offs_n, mask_m, mask_n = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
                      BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
@@ -258,7 +263,7 @@ def _lora_fused_forward_lookahead_kernel(
                      stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
     else:
         tile = ticket - n_first
-        pid_m, pid_n = L._grouped_tile(tile.to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile.to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         local = tile % (GROUP_M * num_n)
         next_m = (tile // (GROUP_M * num_n) + 1) * GROUP_M  # first row block of the next group
         if local < tl.minimum(num_m - next_m, GROUP_M) * n_items:
@@ -266,7 +271,7 @@ def _lora_fused_forward_lookahead_kernel(
                          R, next_m + local // n_items, local % n_items, n_items, k_per_item, num_m,
                          stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
                          stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
-        offs_m, offs_n, mask_m, mask_n = _tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+        offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
                          stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         # wait for this row block's t (its slices all have earlier tickets)
@@ -276,7 +281,7 @@ def _lora_fused_forward_lookahead_kernel(
         _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
                      stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
         # the last of the row block's tiles to read t lowers its ready flag for the next launch
-        if L._last_arrival(count_ptr + 1 + 2 * num_m + pid_m, num_n):
+        if last_arrival(count_ptr + 1 + 2 * num_m + pid_m, num_n):
             tl.atomic_xchg(count_ptr + 1 + num_m + pid_m, 0)
 
 
@@ -300,16 +305,16 @@ def _lora_fused_grad_x_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_k = L._grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    offs_m, offs_k, mask_m, mask_k = _tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
+    pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
     acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
                      BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
-    acc = L._accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
+    acc = accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
     if HAS_DA:  # dA for these columns: x is read here instead of by a separate pass
-        L._lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr + pid_k, adapters_ptr, n_adapters, R, seed,
+        lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr + pid_k, adapters_ptr, n_adapters, R, seed,
                             pid_m, tl.cdiv(M, BLOCK_M), M, offs_k, mask_k,
                             stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
                             stride_dar, stride_dak, HAS_DROPOUT, BLOCK_M, min(BLOCK_M, 64), BLOCK_R,
@@ -367,16 +372,16 @@ def _lora_fused_dy_kernel(
         t_tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + offs_m[None, :] * stride_tm,
                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, BLOCK_M] = t^T
         db_acc = tl.dot(t_tr.to(b_ptr.dtype.element_ty), dy, db_acc, input_precision=DOT_PRECISION)
-        if L._last_arrival(count_ptr + pid_r * n_chunks + m0 // BLOCK_M, n_blocks):  # G rows complete
-            g_sum = L._sum_slices(gp_ptrs, n_blocks, stride_gps, mask_mr, BLOCK_M, BLOCK_R)
+        if last_arrival(count_ptr + pid_r * n_chunks + m0 // BLOCK_M, n_blocks):  # G rows complete
+            g_sum = sum_slices(gp_ptrs, n_blocks, stride_gps, mask_mr, BLOCK_M, BLOCK_R)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                      g_sum.to(g_ptr.dtype.element_ty), mask=mask_mr)
     mask_rn = mask_r[:, None] & mask_n[None, :]
     dbp_ptrs = dbp_ptr + offs_r[:, None] * stride_dbpr + offs_n[None, :] * stride_dbpn
     tl.store(dbp_ptrs + pid_s * stride_dbs, db_acc, mask=mask_rn)
     n_tiles = tl.num_programs(0)
-    if L._last_arrival(count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n, n_splits):  # dB complete
-        db_sum = L._sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
+    if last_arrival(count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n, n_splits):  # dB complete
+        db_sum = sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
 
@@ -424,14 +429,62 @@ def _config(kernel: str, act: torch.dtype) -> dict:
     return dict(_CONFIGS[kernel, act == torch.float32])
 
 
-def _base_precision(act: torch.dtype) -> str:
-    return "tf32x3" if act == torch.float32 else "tf32"  # 16-bit operands ignore it
-
-
 # ----------------------------------------------------------------------------------------------
 # Launchers: check, allocate, launch (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
 _SHRINK_ITEMS = 4  # K slices per row block's shrink, each done by one tile of the previous group
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: pure functions of the shapes; the launchers below call them, and so can a cost model
+# ----------------------------------------------------------------------------------------------
+def shrink_slices(d_in: int, d_out: int, act: torch.dtype) -> tuple[int, int]:
+    """(K per slice, slices) of the look-ahead shrink of one row block (16-bit activations):
+    min(_SHRINK_ITEMS, column blocks, K blocks) slices of whole K blocks (at most one slice per
+    column block: a group's tiles cover the next group's slices)."""
+    cfg = _CONFIGS["forward", act == torch.float32]
+    k_blocks = triton.cdiv(d_in, cfg["BLOCK_K"])
+    k_per_item = triton.cdiv(k_blocks, min(_SHRINK_ITEMS, triton.cdiv(d_out, cfg["BLOCK_N"]), k_blocks)) * cfg["BLOCK_K"]
+    return k_per_item, triton.cdiv(d_in, k_per_item)
+
+
+def shrink_items(d_in: int, d_out: int, act: torch.dtype) -> int:
+    """K slices per row block of the forward's look-ahead shrink (16-bit activations; an fp32
+    model runs lora.py's separate shrink instead): fp32 partials [slices, T, R] are written and summed."""
+    return shrink_slices(d_in, d_out, act)[1]
+
+
+def fused_dx_block_m(act: torch.dtype) -> int:
+    """Rows per program of the dense fused dX kernel (64 for fp32 activations, else 128): dA's fp32
+    partials are [cdiv(T, this), R, K]."""
+    return _CONFIGS["grad_x", act == torch.float32]["BLOCK_M"]
+
+
+def dy_block_r(rank: int, ad: torch.dtype) -> int:
+    """Rank tile of the dY pass: 16 when R <= 16 with 16-bit adapters, else 32."""
+    return next((br for br in _dy_block_rs(ad) if br >= rank), _DY_BLOCK_R[-1])
+
+
+def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
+    """(splits of M, rows per split) for the dY pass."""
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    splits = max(1, min(triton.cdiv(_DY_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(m, block_m)))
+    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    return triton.cdiv(m, rows), rows
+
+
+def _dy_launch_plan(t: int, d_out: int, rank: int, act: torch.dtype, ad: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_R, N blocks, splits of T, rows per split) of the dY pass."""
+    block_r = dy_block_r(rank, ad)
+    cfg = _dy_config(act, ad)
+    splits, rows = _dy_splits(t, d_out, triton.cdiv(rank, block_r), cfg)
+    return block_r, triton.cdiv(d_out, cfg["BLOCK_N"]), splits, rows
+
+
+def dy_plan(t: int, d_out: int, ranks, act: torch.dtype, ad: torch.dtype) -> tuple[int, int]:
+    """(N blocks, splits of T) of the dY pass: G's fp32 partials are [N blocks, T, R], dB's
+    [splits, N, R]. Rank tiles of ``dy_block_r``, ~_DY_TARGET_PROGRAMS programs."""
+    return _dy_launch_plan(t, d_out, sum(ranks), act, ad)[1:3]
 
 
 def _launch_forward(x2, weight, bias, a, b, plan, seed):
@@ -445,26 +498,23 @@ def _launch_forward(x2, weight, bias, a, b, plan, seed):
     cfg = _config("forward", x2.dtype)
     sub_m = cfg.pop("SUB_M", None)  # the look-ahead's row step (16-bit activations only)
     num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
-    common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=_base_precision(x2.dtype),
-                  LORA_PRECISION=L._dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)
+    common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(x2.dtype),
+                  LORA_PRECISION=dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)
     if x2.dtype == torch.float32:
-        t = L._launch_shrink(x2, a, plan, seed, plan.dropout)
-        _lora_fused_forward_kernel[(num_m * num_n,)](
+        t = L.launch_shrink(x2, a, plan, seed, plan.dropout)
+        launch(_lora_fused_forward_kernel, (num_m * num_n,),
             x2, weight, weight if bias is None else bias, t, b, y, M, N, K, R,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
             b.stride(0), b.stride(1), y.stride(0), y.stride(1), **common)
         return y, t
-    k_blocks = triton.cdiv(K, cfg["BLOCK_K"])
-    # at most one slice per column block: a group's tiles cover the next group's slices
-    k_per_item = triton.cdiv(k_blocks, min(_SHRINK_ITEMS, num_n, k_blocks)) * cfg["BLOCK_K"]
-    n_items = triton.cdiv(K, k_per_item)
+    k_per_item, n_items = shrink_slices(K, N, x2.dtype)
     t = torch.empty(M, R, dtype=a.dtype, device=x2.device)
     tp = torch.empty(n_items, M, R, dtype=torch.float32, device=x2.device)
-    count = L._arrival_counters(x2.device, 1 + 3 * num_m)
+    count = arrival_counters(x2.device, 1 + 3 * num_m)
     grid = (min(cfg["GROUP_M"], num_m) * n_items + num_m * num_n,)
-    _lora_fused_forward_lookahead_kernel[grid](
-        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, L._adapter_table(plan, x2.device),
-        L._rank_scale(plan, x2.device), seed, M, N, K, R, len(plan.ranks), n_items, k_per_item,
+    launch(_lora_fused_forward_lookahead_kernel, grid,
+        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, adapter_table(plan, x2.device),
+        rank_scale(plan, x2.device), seed, M, N, K, R, len(plan.ranks), n_items, k_per_item,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), t.stride(0),
         t.stride(1), tp.stride(0), tp.stride(1), tp.stride(2), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
         HAS_DROPOUT=plan.dropout, SUB_M=sub_m, **common)
@@ -478,106 +528,94 @@ def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
     cfg = _config("grad_x", dy2.dtype)
-    num_m = triton.cdiv(M, cfg["BLOCK_M"])
-    da, da_ptrs, da_strides = L._grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
+    num_m = triton.cdiv(M, fused_dx_block_m(dy2.dtype))
+    da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
-    _lora_fused_grad_x_kernel[grid](
-        dy2, weight, g, a, dx, L._adapter_table(plan, dy2.device), seed, *da_ptrs, M, K, N, R, len(plan.ranks),
+    launch(_lora_fused_grad_x_kernel, grid,
+        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs, M, K, N, R, len(plan.ranks),
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides,
-        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, BASE_PRECISION=_base_precision(dy2.dtype),
-        LORA_PRECISION=L._dot_precision(dy2.dtype, a.dtype),
+        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, BASE_PRECISION=dot_precision(dy2.dtype),
+        LORA_PRECISION=dot_precision(dy2.dtype, a.dtype),
         BLOCK_R=_BLOCK_R, **cfg)
     return dx, da
-
-
-def _dy_splits(m: int, n: int, n_tiles: int, cfg: dict) -> tuple[int, int]:
-    """(splits of M, rows per split) for the dY pass."""
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    splits = max(1, min(triton.cdiv(_DY_TARGET_PROGRAMS, n_tiles * triton.cdiv(n, block_n)), triton.cdiv(m, block_m)))
-    rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    return triton.cdiv(m, rows), rows
 
 
 def _launch_dy_pass(dy2, t, b, plan):
     """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
-    block_r = next((br for br in _dy_block_rs(b.dtype) if br >= R), _DY_BLOCK_R[-1])
-    tiles = L._tiles(plan, False, block_r, dy2.device)
+    block_r, n_blocks, splits, rows = _dy_launch_plan(M, N, R, dy2.dtype, b.dtype)
+    tiles = rank_tiles(plan, False, block_r, dy2.device)
     cfg = _dy_config(dy2.dtype, b.dtype)
-    splits, rows = _dy_splits(M, N, tiles.shape[0], cfg)
-    n_blocks = triton.cdiv(N, cfg["BLOCK_N"])
     n_tiles = tiles.shape[0]
     gp = torch.empty(n_blocks, M, R, dtype=torch.float32, device=dy2.device)
     dbp = torch.empty(splits, N, R, dtype=torch.float32, device=dy2.device)
     g = torch.empty(M, R, dtype=b.dtype, device=dy2.device)
     db = torch.empty(N, R, dtype=b.dtype, device=dy2.device)
-    count = L._arrival_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
-    _lora_fused_dy_kernel[(n_tiles, n_blocks, splits)](
-        dy2, t, b, g, db, gp, dbp, count, tiles, L._rank_scale(plan, dy2.device), M, N, rows,
+    count = arrival_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
+    launch(_lora_fused_dy_kernel, (n_tiles, n_blocks, splits),
+        dy2, t, b, g, db, gp, dbp, count, tiles, rank_scale(plan, dy2.device), M, N, rows,
         dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
         db.stride(0), db.stride(1), gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1),
-        dbp.stride(2), DOT_PRECISION=L._dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
+        dbp.stride(2), DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
     return g, db
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
-    return _launch_forward(x2, weight, bias, L._cat_a(weights_a), L._cat_b(weights_b), plan, seed)
+    return _launch_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, seed)
 
 
-def _adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x):
+def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x):
     """(dX, stacked dA, stacked dB) on the Triton backend, None where not needed. ``grad_x(g, a, x2 or
     None)`` launches the base layer's dX kernel with the adapter term (and dA when given x2) and
     returns (dX, dA or None); a dA it leaves out comes from lora.py's separate kernel."""
-    a, b = L._cat_a(weights_a), L._cat_b(weights_b)
+    a, b = cat_a(weights_a), cat_b(weights_b)
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
         g, db = _launch_dy_pass(dy2, t, b, plan)
     elif need_b:
-        no_drop = L._make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
-        db = L._launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
+        no_drop = make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
+        db = L.launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
     if need_x or need_a:
         if g is None:
-            scaled = L._Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
-            g = L._launch_shrink(dy2, b.t(), scaled, 0, False)
+            scaled = Plan(plan.ranks, plan.scales, (0.0,) * len(plan.ranks))
+            g = L.launch_shrink(dy2, b.t(), scaled, 0, False)
         if need_x:  # dA (when wanted) inside the dX kernel
             dx, da = grad_x(g, a, x2 if need_a else None)
         if need_a and da is None:
-            da = L._launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
+            da = L.launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
     return dx, da, db
 
 
 def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
-    return _adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b,
+    return adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b,
                                     lambda g, a, xa: _launch_grad_x(dy2, weight, g, a, plan, seed, xa))
 
 
 # ----------------------------------------------------------------------------------------------
 # PyTorch reference (the test oracle and the CPU backend): nn.Linear, then lora.py's math
 # ----------------------------------------------------------------------------------------------
-def _forward_torch(x2, weight, bias, weights_a, weights_b, plan, seed):
-    return L._forward_torch(x2, F.linear(x2, weight, bias), weights_a, weights_b, plan, seed)
+def forward_reference(x2, weight, bias, weights_a, weights_b, plan, seed):
+    return L.forward_reference(x2, F.linear(x2, weight, bias), weights_a, weights_b, plan, seed)
 
 
-def _backward_torch(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
-    dx, da, db = L._backward_torch(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
+def backward_reference(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
+    dx, da, db = L.backward_reference(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     if need_x:
         dx = torch.addmm(dx, dy2, weight) if dx.dtype == dy2.dtype else (dy2 @ weight).add_(dx)
     return dx, da, db
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch, autograd, custom op
+# Dispatch and the op's declaration (kernels/opdecl.py)
 # ----------------------------------------------------------------------------------------------
-def _2d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton):
     """(y [..., N], t [M, R])."""
-    x2 = _2d(x)
-    impl = _forward_triton if on_triton and x2.shape[0] > 0 else _forward_torch
+    x2 = as_2d(x)
+    impl = _forward_triton if on_triton and x2.shape[0] > 0 else forward_reference
     y2, t = impl(x2, weight, bias, weights_a, weights_b, plan, seed)
     return y2.view(*x.shape[:-1], weight.shape[0]), t
 
@@ -585,95 +623,64 @@ def _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton):
 def _backward(dy, x, t, weight, weights_a, weights_b, plan, seed, need_x, need_bias, need_a, need_b,
               on_triton):
     """(dx shaped like x, dbias, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
-    dy2, x2, t2 = _2d(dy), _2d(x), _2d(t)
-    impl = _backward_triton if on_triton and dy2.shape[0] > 0 else _backward_torch
+    dy2, x2, t2 = as_2d(dy), as_2d(x), as_2d(t)
+    impl = _backward_triton if on_triton and dy2.shape[0] > 0 else backward_reference
     dx, da, db = impl(dy2, x2, t2, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if need_bias else None
     return (dx.view(x.shape) if dx is not None else None), dbias, da, db
 
 
-class LoraLinearFusedFunction(torch.autograd.Function):
-    """Eager autograd for ``lora_linear_fused``; saves x, t, W and the adapter weights."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, plan, seed, on_triton, *weights):
-        n = len(plan.ranks)
-        y, t = _forward(x, weight, bias, weights[:n], weights[n:], plan, seed, on_triton)
-        ctx.save_for_backward(x, t, weight, *weights)
-        ctx.plan, ctx.seed, ctx.on_triton = plan, seed, on_triton
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, weight, *weights = ctx.saved_tensors
-        plan, n = ctx.plan, len(ctx.plan.ranks)
-        needs = ctx.needs_input_grad
-        need_a, need_b = needs[6:6 + n], needs[6 + n:]
-        dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, ctx.seed, needs[0],
-                                      needs[2], any(need_a), any(need_b), ctx.on_triton)
-        return (dx, None, dbias, None, None, None, *L._adapter_grads(plan, da, db, need_a, need_b))
-
-
-@torch.library.custom_op("peftfast::lora_linear_fused", mutates_args=())
-def _lora_linear_fused_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], scalings: list[float],
-                          dropout_ps: list[float], seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (y, t); dropout_ps are the active probabilities (0 where off)."""
-    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(x, weight, *weights_a, *weights_b)
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weights_a: list[torch.Tensor],
+                weights_b: list[torch.Tensor], scalings: list[float], dropout_ps: list[float], seed: torch.Tensor,
+                *, hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., N], t [..., R]); dropout_ps are the active probabilities (0 where off).
+    hint (eager): (plan, on_triton) as ``lora_linear_fused`` decided them once per call."""
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
+        on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    else:
+        plan, on_triton = hint
     y, t = _forward(x, weight, bias, weights_a, weights_b, plan, int(seed), on_triton)
-    return y, t.view(*x.shape[:-1], t.shape[-1])
+    return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
 
-@_lora_linear_fused_op.register_fake
-def _(x, weight, bias, weights_a, weights_b, scalings, dropout_ps, seed):
+def _op_save(args, outputs) -> list:
+    x, weight, _bias, weights_a, weights_b, _scalings, _ps, seed = args
+    return [x, outputs[1], weight, seed, *weights_a, *weights_b]  # W and the adapters by reference
+
+
+def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, weight (frozen), bias, A_1..A_n, B_1..B_n, seed)."""
+    x, t, weight, seed, *weights = saved
+    n = len(weights) // 2
+    dy = grads[0]
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights[:n]], *statics)
+        on_triton = use_triton(dy, x, weight, *weights)
+    else:
+        plan, on_triton = hint
+    need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, int(seed), needs[0], needs[2],
+                                  any(need_a), any(need_b), on_triton)
+    return [dx, None, dbias, *adapter_grads(plan, da, db, need_a, need_b), None]
+
+
+def _op_fake(x, weight, bias, weights_a, weights_b, scalings, dropout_ps, seed):
     rank = sum(a.shape[0] for a in weights_a)
     return (x.new_empty((*x.shape[:-1], weight.shape[0])),
             x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype))
 
 
-@torch.library.custom_op("peftfast::lora_linear_fused_backward", mutates_args=())
-def _lora_linear_fused_backward_op(dy: torch.Tensor, x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor,
-                                   weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
-                                   scalings: list[float], dropout_ps: list[float], seed: torch.Tensor,
-                                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                               torch.Tensor]:
-    """(dx, dbias, stacked dA, stacked dB) for needs = (x, bias, A, B); empty where not needed."""
-    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    on_triton = use_triton(dy, x, weight, *weights_a, *weights_b)
-    grads = _backward(dy, x, t, weight, weights_a, weights_b, plan, int(seed), *needs, on_triton)
-    return tuple(x.new_empty(0) if g is None else g for g in grads)
+def _op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _t, _weight, _seed, *weights = saved
+    dy = grads[0]
+    return [x.new_empty(x.shape) if needs[0] else None, None, dy.new_empty(dy.shape[-1]) if needs[2] else None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[3:-1])), None]
 
 
-@_lora_linear_fused_backward_op.register_fake
-def _(dy, x, t, weight, weights_a, weights_b, scalings, dropout_ps, seed, needs):
-    rank = sum(a.shape[0] for a in weights_a)
-    return (x.new_empty(x.shape) if needs[0] else x.new_empty(0),
-            dy.new_empty(dy.shape[-1]) if needs[1] else x.new_empty(0),
-            weights_a[0].new_empty((rank, x.shape[-1])) if needs[2] else x.new_empty(0),
-            weights_b[0].new_empty((dy.shape[-1], rank)) if needs[3] else x.new_empty(0))
-
-
-def _op_setup_context(ctx, inputs, output):
-    x, weight, _bias, weights_a, weights_b, scalings, dropout_ps, seed = inputs
-    ctx.save_for_backward(x, output[1], weight, seed, *weights_a, *weights_b)
-    ctx.plan = L._make_plan([a.shape[0] for a in weights_a], scalings, dropout_ps)
-    ctx.scalings, ctx.dropout_ps = scalings, dropout_ps
-
-
-def _op_backward(ctx, dy, dt):
-    x, t, weight, seed, *weights = ctx.saved_tensors
-    n = len(ctx.plan.ranks)
-    need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    dx, dbias, da, db = torch.ops.peftfast.lora_linear_fused_backward(
-        dy, x, t, weight, weights[:n], weights[n:], ctx.scalings, ctx.dropout_ps, seed,
-        [bool(need_x), bool(need_bias), bool(need_a), bool(need_b)])
-    da, db = L._split(ctx.plan, da if need_a else None, db if need_b else None)
-    return (dx if need_x else None, None, dbias if need_bias else None, da if need_a else None,
-            db if need_b else None, None, None, None)
-
-
-torch.library.register_autograd("peftfast::lora_linear_fused", _op_backward, setup_context=_op_setup_context)
+# the op, declared once: peftfast::lora_linear_fused (+ fake, backward op, autograd) and the eager path
+LORA_LINEAR_FUSED = OpDecl("peftfast::lora_linear_fused", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
+                           backward_fake=_op_backward_fake, aux_outputs=(1,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,158 +715,20 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if len(weights_a) == 0:
         return F.linear(x, weight, bias)
     base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], weight.shape[0])
-    L._check(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
+    check_adapters(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
     if len({a.dtype for a in weights_a}) > 1:  # mixed adapter dtypes: base, then lora.py per run
         return L.lora_linear(x, F.linear(x, weight, bias), weights_a, weights_b, scalings, dropout_ps, training)
     ps = [check_p(p) if training else 0.0 for p in dropout_ps]
     dropout = any(p > 0.0 for p in ps)
     if torch.compiler.is_compiling():
         seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
-        y, _ = torch.ops.peftfast.lora_linear_fused(x, weight, bias, list(weights_a), list(weights_b),
-                                                    [float(s) for s in scalings], ps, seed)
-        return y
+        return LORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings], ps,
+                                 seed)[0]
     seed = int(draw_seed()) if dropout else 0
-    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, ps)
+    plan = make_plan([a.shape[0] for a in weights_a], scalings, ps)
     on_triton = use_triton(x, weight, *weights_a, *weights_b)
-    tensors = (x, *weights_a, *weights_b) + (() if bias is None else (bias,))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton)[0]
-    return LoraLinearFusedFunction.apply(x, weight, bias, plan, seed, on_triton, *weights_a, *weights_b)
-
-
-# ----------------------------------------------------------------------------------------------
-# QLoRA: the adapter fused into the 4-bit GEMM of qmatmul.py
-# ----------------------------------------------------------------------------------------------
-# Same math with W = deq(W_packed) cast to x's dtype (as matmul_4bit): the shrink, the dY pass and
-# dA are the kernels above / lora.py's; the base forward and dX are qmatmul's _matmul_4bit_kernel
-# with HAS_LORA, which dequantises W tile by tile and then adds t @ B^T (forward) or the masked
-# sum_i G_i @ A_i (dX) into the same fp32 accumulator: y and dX are each stored once, and no
-# [N, K] weight is ever materialised. Saved for backward: x, t and the packed tensors.
-class Int8Weight(NamedTuple):
-    """A bitsandbytes row-wise int8 weight: W = CB * SCB[:, None] / 127 (CB int8 [N, K], SCB fp32 [N])."""
-
-    cb: torch.Tensor
-    scb: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.cb.shape)
-
-
-def _q_gemm(a, p, bias, transpose, lora=None, lora_x=None):
-    """The quantised GEMM of qmatmul.py for a 4-bit (Packed4bit) or int8 (Int8Weight) weight."""
-    if isinstance(p, Int8Weight):
-        return Q.matmul_int8_triton(a, p.cb, p.scb, bias, transpose=transpose, lora=lora, lora_x=lora_x)
-    return Q.matmul_4bit_triton(a, p, bias, transpose=transpose, lora=lora, lora_x=lora_x)
-
-
-def _q_dense(p, dtype):
-    """The weight dequantised into ``dtype`` (the CPU path; freed by the caller after use)."""
-    if isinstance(p, Int8Weight):
-        return dequantize_int8_reference(p.cb, p.scb, dtype)
-    return dequantize_4bit_torch(p).to(dtype)
-
-
-def _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed):
-    t = L._launch_shrink(x2, L._cat_a(weights_a), plan, seed, plan.dropout)
-    b = L._cat_b(weights_b)
-    lora = (t, b, L._adapter_table(plan, x2.device), 0, False, L._dot_precision(x2.dtype, b.dtype))
-    return _q_gemm(x2, p, bias, True, lora), t
-
-
-def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
-    def grad_x(g, a, xa):  # the quantised dX kernel with the adapter term (and dA)
-        lora = (g, a, L._adapter_table(plan, dy2.device), seed, plan.dropout, L._dot_precision(dy2.dtype, a.dtype))
-        if xa is None:
-            return _q_gemm(dy2, p, None, False, lora), None
-        return _q_gemm(dy2, p, None, False, lora, xa)
-
-    return _adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x)
-
-
-def _q_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
-    """(y [..., N], t [M, R]); bias already in x's dtype."""
-    x2 = _2d(x)
-    if on_triton and x2.shape[0] > 0:
-        y2, t = _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed)
-    else:
-        y2, t = _forward_torch(x2, _q_dense(p, x.dtype), bias, weights_a, weights_b, plan, seed)
-    return y2.view(*x.shape[:-1], p.shape[0]), t
-
-
-def _q_backward(dy, x, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
-    dy2, x2, t2 = _2d(dy), _2d(x), _2d(t)
-    if on_triton and dy2.shape[0] > 0:
-        dx, da, db = _q_backward_triton(dy2, x2, t2, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
-    else:
-        w = _q_dense(p, dy.dtype) if need_x else None  # recomputed, freed on return
-        dx, da, db = _backward_torch(dy2, x2, t2, w, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
-    return (dx.view(x.shape) if dx is not None else None), da, db
-
-
-class QLoraLinearFusedFunction(torch.autograd.Function):
-    """Eager autograd for ``qlora_linear_fused``; saves x, t, the packed weight and the adapter weights."""
-
-    @staticmethod
-    def forward(ctx, x, bias, p, plan, seed, on_triton, *weights):
-        n = len(plan.ranks)
-        y, t = _q_forward(x, p, None if bias is None else bias.to(x.dtype), weights[:n], weights[n:], plan, seed,
-                          on_triton)
-        ctx.save_for_backward(x, t, *weights)
-        ctx.p, ctx.plan, ctx.seed, ctx.on_triton = p, plan, seed, on_triton
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, t, *weights = ctx.saved_tensors
-        plan, n = ctx.plan, len(ctx.plan.ranks)
-        needs = ctx.needs_input_grad
-        need_a, need_b = needs[6:6 + n], needs[6 + n:]
-        dx, da, db = _q_backward(dy, x, t, ctx.p, weights[:n], weights[n:], plan, ctx.seed, needs[0], any(need_a),
-                                 any(need_b), ctx.on_triton)
-        dbias = None
-        if ctx.bias_dtype is not None and needs[1]:
-            dbias = _2d(dy).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return (dx, dbias, None, None, None, None, *L._adapter_grads(plan, da, db, need_a, need_b))
-
-
-def qlora_linear_fused(x: torch.Tensor, p: Packed4bit | Int8Weight, bias: torch.Tensor | None,
-                       weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
-                       scalings: Sequence[float], dropout_ps: Sequence[float], training: bool) -> torch.Tensor:
-    """``base(x) + sum_i s_i * drop_i(x as A_i.dtype) @ A_i^T @ B_i^T`` in x's dtype, where base is
-    ``matmul_4bit(x, p, bias)`` (p: Packed4bit) or ``matmul_int8(x, p.cb, p.scb, bias)`` (p: Int8Weight).
-
-    x: [..., d_in] fp32/fp16/bf16; p: the quantised weight [d_out, d_in] (a 4-bit one is dequantised to
-    p.dtype, then to x's dtype, as matmul_4bit); bias: [d_out] float or None; the adapters as in
-    ``lora_linear_fused``. Gradients flow to x, bias and every A_i / B_i that requires grad.
-    """
-    if isinstance(p, Int8Weight):
-        n_out, k = check_int8(p.cb, p.scb)
-        data = p.cb
-    else:
-        data, n_out, k = check_packed4bit(p)
-    Q._check_x(x, k, n_out, bias, data, "qlora_linear_fused")
-
-    def base_op():
-        return Q.matmul_int8(x, p.cb, p.scb, bias) if isinstance(p, Int8Weight) else Q.matmul_4bit(x, p, bias)
-
-    if len(weights_a) == 0:
-        return base_op()
-    base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], n_out)
-    L._check(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
-    if len({a.dtype for a in weights_a}) > 1 or torch.compiler.is_compiling():
-        # mixed adapter dtypes, or tracing: the quantised op, then lora.py's op on its output
-        return L.lora_linear(x, base_op(), weights_a, weights_b, scalings, dropout_ps, training)
-    ps = [check_p(p_) if training else 0.0 for p_ in dropout_ps]
-    seed = int(draw_seed()) if any(p_ > 0.0 for p_ in ps) else 0
-    plan = L._make_plan([a.shape[0] for a in weights_a], scalings, ps)
-    on_triton = use_triton(x, data, *weights_a, *weights_b)
-    tensors = (x, *weights_a, *weights_b) + (() if bias is None else (bias,))
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        bias_x = None if bias is None else bias.to(x.dtype)
-        return _q_forward(x, p, bias_x, weights_a, weights_b, plan, seed, on_triton)[0]
-    return QLoraLinearFusedFunction.apply(x, bias, p, plan, seed, on_triton, *weights_a, *weights_b)
+    return LORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), scalings, ps, seed,
+                             hint=(plan, on_triton))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -880,22 +749,22 @@ def aot_specs() -> list[AotSpec]:
          ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
     )
     specs = []
-    for act, ad in L._DTYPE_PAIRS:  # the dY pass: G and dB partials
-        xa, wa = L._TY[act], L._TY[ad]
+    for act, ad in L.DTYPE_PAIRS:  # the dY pass: G and dB partials
+        xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for block_r in _dy_block_rs(ad):
             cfg = _dy_config(act, ad)
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            consts = dict(DOT_PRECISION=L._dot_precision(act, ad), BLOCK_R=block_r, **cfg,
+            consts = dict(DOT_PRECISION=dot_precision(act, ad), BLOCK_R=block_r, **cfg,
                           **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
             types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa, "db_ptr": "*" + wa,
                      "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i32", "tiles_ptr": "*i64",
                      "scale_ptr": "*fp32"}
-            sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in _lora_fused_dy_kernel.arg_names}
+            sig = aot_signature(_lora_fused_dy_kernel, types, consts)
             name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
                     f"BLOCK_N={cfg['BLOCK_N']},warps={warps}]")
             specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
-    for act, ad in L._DTYPE_PAIRS:
-        xa, wa = L._TY[act], L._TY[ad]
+    for act, ad in L.DTYPE_PAIRS:
+        xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for kname, fn, ptrs, unit, flag in kernels:
             if kname.startswith("forward") and (kname == "forward") != (act == torch.float32):
                 continue  # the launcher: plain forward for fp32 activations, the look-ahead one otherwise
@@ -907,13 +776,23 @@ def aot_specs() -> list[AotSpec]:
                 if kname != "forward_lookahead":
                     cfg.pop("SUB_M", None)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                consts = dict(BASE_PRECISION=_base_precision(act), LORA_PRECISION=L._dot_precision(act, ad),
+                consts = dict(BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
                               BLOCK_R=_BLOCK_R, **cfg, **{u: 1 for u in unit}, **flags)
                 types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
                 types.update(adapters_ptr="*i64", seed="i64")
-                sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+                sig = aot_signature(fn, types, consts)
                 name = (f"lora_fused_{kname}[x={xa},w={wa},BR={_BLOCK_R},"
                         f"{','.join(f'{k}={v}' for k, v in cfg.items())},"
                         f"{','.join(f'{k}={int(v)}' for k, v in flags.items())}]")
                 specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
     return specs
+
+
+def __getattr__(name: str):
+    """The QLoRA op's old import path (``lora_fused.qlora_linear_fused`` / ``Int8Weight``); it lives in
+    kernels/qlora.py, which imports this module (hence the lazy lookup)."""
+    if name in ("Int8Weight", "qlora_linear_fused"):
+        from . import qlora
+
+        return getattr(qlora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,18 +45,19 @@ reduction steps); every variant compiles without register spills for sm_80/86/89
 Memory: no [N, K] tensor is ever materialised; saved for backward: the packed tensors only.
 
 LoRA in the same kernel (HAS_LORA, both the 4-bit and the int8 kernel, used by
-``lora_fused.qlora_linear_fused``; ``_finish_tile``): after the quantised K-loop the forward adds a
+``qlora.qlora_linear_fused``; ``_finish_tile``): after the quantised K-loop the forward adds a
 short loop over the adapter ranks, acc += t @ B^T (t = s' drop(x) A^T, [M, RL]); the dX
-direction adds lora.py's masked sum_i m_i * (G_i @ A_i) (G = s' dY B). With a split reduction
+direction adds the masked sum_i m_i * (G_i @ A_i) (adapters.accumulate_lora_dx) (G = s' dY B). With a split reduction
 only split 0 adds the term. Extra traffic: t and B (or G and A), RL/K of the work.
 With LORA_DA (unsplit dX; for 4-bit the aligned layout) the dX kernel also computes dA = sum_i G_i^T @ (m_i * x)
 for its columns: it reads its x tile, stores an fp32 partial per row block, and the last row
-block of each column block sums them in order (lora._lora_grad_a_tile).
+block of each column block sums them in order (adapters.lora_grad_a_tile).
 
 fp32 activations use ``input_precision="tf32x3"`` (fp32-accurate, on tensor cores); fp16/bf16
 use the native MMA. The PyTorch path (CPU) dequantises (bitsandbytes' native kernel when it
 applies, see quant.dequantize_4bit_native), multiplies and frees the weight, and recomputes it
-in backward. Both ops are ``torch.library.custom_op``s (``peftfast::matmul_4bit``,
+in backward. Both ops are declared once (``MATMUL_4BIT``, ``MATMUL_INT8``; kernels/opdecl.py) as
+``torch.library.custom_op``s (``peftfast::matmul_4bit``,
 ``peftfast::matmul_int8``) with fake implementations and registered autograd, so
 torch.compile traces them without graph breaks. The LLM.int8 outlier threshold is not used:
 like bitsandbytes' CPU training path, the 8-bit product uses the dequantised weight.
@@ -70,17 +71,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import lora as L
+from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lora_grad_a_tile
 from .aot import AotSpec
-from .backend import use_triton
+from .opdecl import OpDecl
+from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
+from .tiles import grouped_tile
 from .quant import (
-    _TL_NAMES,
     Packed4bit,
-    _block_scale,
-    _dequant_4bit,
-    _dequant_int8,
-    _log2,
-    _lookup16,
+    block_scale,
+    dequant_4bit,
+    dequant_int8,
+    log2_exact,
+    lookup16,
     check_int8,
     check_packed4bit,
     dequantize_4bit_torch,
@@ -126,17 +128,17 @@ def _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_p
     """The epilogue shared by the quantised GEMMs (only their K-loops differ): the adapter term, a
     short second reduction over the ranks into the same accumulator (split 0 only): acc += t @ B^T
     (forward) or sum_i mask_i * (G_i @ A_i) (dX); the bias; one store; then, with LORA_DA, dA of
-    these columns (lora._lora_grad_a_tile; x read in 32-row slices: no spills)."""
+    these columns (adapters.lora_grad_a_tile; x read in 32-row slices: no spills)."""
     mask_m = offs_m < M
     mask_c = offs_c < C
     if HAS_LORA:
         rl = tl.where(pid_s == 0, RL, 0)
         if TRANSPOSE_W:
-            acc = L._accumulate_lora_y(acc, lora_a_ptr, lora_w_ptr, rl, offs_m, offs_c, mask_m, mask_c, stride_lam,
+            acc = accumulate_lora_y(acc, lora_a_ptr, lora_w_ptr, rl, offs_m, offs_c, mask_m, mask_c, stride_lam,
                                        stride_lar, stride_lw0, stride_lw1, BLOCK_LR, LORA_PRECISION)
         else:
             n_ad = tl.where(pid_s == 0, lora_n_adapters, 0)
-            acc = L._accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
+            acc = accumulate_lora_dx(acc, lora_a_ptr, lora_w_ptr, lora_adapters_ptr, n_ad, rl, lora_seed,
                                         offs_m, offs_c, mask_m, mask_c, stride_lam, stride_lar, stride_lw0,
                                         stride_lw1, LORA_DROPOUT, BLOCK_LR, LORA_PRECISION)
     if HAS_BIAS:
@@ -144,7 +146,7 @@ def _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_p
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_c[None, :] * stride_oc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
     if LORA_DA:
-        L._lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
+        lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
                             lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
                             offs_c, mask_c, stride_lxm, stride_lxk, stride_lam, stride_lar,
                             stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
@@ -197,7 +199,7 @@ def _matmul_4bit_kernel(
     stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
     LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
-    pid_m, pid_c = L._grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
+    pid_m, pid_c = grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     c0 = pid_c * BLOCK_C
@@ -221,17 +223,17 @@ def _matmul_4bit_kernel(
                 byte = tl.load(data_ptr + (c0 * half_k + (r0 >> 1)) + (lc[None, :] * half_k + lh[:, None]),
                                mask=((r0 + 2 * lh[:, None]) < r_end) & (offs_c[None, :] < C), other=0)
                 q = tl.reshape(tl.permute(_unpack_pairs(byte), (0, 2, 1)), (BLOCK_R, BLOCK_C))
-                scale = _block_scale(c0 * k_blocks + (r0 >> log2_bs), lc * k_blocks, offs_c < C, absmax_ptr,
+                scale = block_scale(c0 * k_blocks + (r0 >> log2_bs), lc * k_blocks, offs_c < C, absmax_ptr,
                                      nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
-                w = _lookup16(q, code_ptr) * scale[None, :]
+                w = lookup16(q, code_ptr) * scale[None, :]
             else:  # B[r, c] = W[r, c]: byte pairs run along c
                 lh = tl.arange(0, BLOCK_C // 2)
                 byte = tl.load(data_ptr + (r0 * half_k + (c0 >> 1)) + (lr[:, None] * half_k + lh[None, :]),
                                mask=(offs_r[:, None] < r_end) & ((c0 + 2 * lh[None, :]) < C), other=0)
                 q = tl.reshape(_unpack_pairs(byte), (BLOCK_R, BLOCK_C))
-                scale = _block_scale(r0 * k_blocks + (c0 >> log2_bs), lr * k_blocks, offs_r < r_end,
+                scale = block_scale(r0 * k_blocks + (c0 >> log2_bs), lr * k_blocks, offs_r < r_end,
                                      absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
-                w = _lookup16(q, code_ptr) * scale[:, None]
+                w = lookup16(q, code_ptr) * scale[:, None]
         else:
             # general layout (odd K, blocks spanning rows): per-element byte and block indices
             if TRANSPOSE_W:
@@ -241,7 +243,7 @@ def _matmul_4bit_kernel(
                 base = r0 * K + c0
                 local = lr[:, None] * K + lc[None, :]  # B[r, c] = W[r, c]
             w_mask = (offs_r[:, None] < r_end) & (offs_c[None, :] < C)
-            w = _dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
+            w = dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
                               nested_code_ptr, offset, log2_bs, log2_nbs, NESTED)
         acc = _dot(a, _as_operand(w, a, w_round), acc)
     _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
@@ -289,7 +291,7 @@ def _matmul_int8_kernel(
     stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
     LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
-    pid_m, pid_c = L._grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
+    pid_m, pid_c = grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
     pid_s = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -302,10 +304,10 @@ def _matmul_int8_kernel(
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar, mask=a_mask, other=0.0)
         w_mask = (offs_r[:, None] < r_end) & (offs_c[None, :] < C)
         if TRANSPOSE_W:
-            w = _dequant_int8(offs_c[None, :], offs_r[:, None], w_mask, cb_ptr, stride_cbn, stride_cbk,
+            w = dequant_int8(offs_c[None, :], offs_r[:, None], w_mask, cb_ptr, stride_cbn, stride_cbk,
                               scb_ptr, N)
         else:
-            w = _dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk,
+            w = dequant_int8(offs_r[:, None], offs_c[None, :], w_mask, cb_ptr, stride_cbn, stride_cbk,
                               scb_ptr, N)
         acc = _dot(a, w.to(a.dtype), acc)
     _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
@@ -413,6 +415,20 @@ def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device,
     return "medium", 1
 
 
+def lora_dx_config(config: str) -> str:
+    """The config of a dX launch that carries the adapter term: never the 128-row tile (the masked
+    G @ A loop on top of it spills on sm_86/89), the medium one instead."""
+    return "medium" if config == "large" else config
+
+
+def qlora_dx_block_m(t: int, act: torch.dtype) -> int:
+    """Rows per program of the adapter-carrying quantised dX kernel for T = t tokens: the decode
+    tile (16) for T <= DECODE_MAX_TOKENS, else the medium tile (64) whatever the SM count (a
+    'large' pick becomes medium). dA's fp32 partials are [cdiv(T, this), R, K]."""
+    name = "decode" if t <= DECODE_MAX_TOKENS else "large"  # pick_config: decode, else large or medium
+    return resolve_config(lora_dx_config(name), False, act).block_m
+
+
 def split_reduction(r: int, block_r: int, split: Optional[int]) -> tuple[int, int]:
     """(slices, reduction length per slice) of a reduction of length r asked to split ``split`` ways:
     whole blocks of block_r per slice, so fewer slices than asked when they would not divide evenly."""
@@ -434,7 +450,7 @@ def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg
     target = torch.empty((split, m, c), dtype=torch.float32, device=a.device) if partial else out
     bias = None if bias is None else bias.contiguous()
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c, cfg.block_c), split)
-    kernel[grid](
+    launch(kernel, grid,
         a, target, bias if bias is not None else target, *weight_args,
         m, c, r, a.stride(0), a.stride(1),
         target.stride(0) if partial else 0, target.stride(-2), target.stride(-1), r_per_split,
@@ -443,7 +459,7 @@ def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg
         num_stages=cfg.num_stages, enable_fp_fusion=False, **constexprs,
     )
     if partial:
-        _split_reduce_kernel[(triton.cdiv(m * c, _REDUCE_BLOCK),)](
+        launch(_split_reduce_kernel, (triton.cdiv(m * c, _REDUCE_BLOCK),),
             target, out, bias if bias is not None else out, m * c, c, split,
             HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK, num_warps=4, enable_fp_fusion=False,
         )
@@ -494,8 +510,8 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     c, r = (n, k) if transpose else (k, n)
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
-    if lora is not None and not transpose and config == "large":
-        config = "medium"  # the masked G@A loop on top of the 128-row dX tile spills on sm_86/89
+    if lora is not None and not transpose:
+        config = lora_dx_config(config)
     can_align = aligned_4bit(k, p.blocksize, resolve_config(config, transpose, a.dtype), transpose)
     if aligned is None:
         aligned = can_align
@@ -506,7 +522,7 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
     weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
                    nested_code.contiguous(), offset, k,
-                   _log2(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
+                   log2_exact(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
     constexprs = dict(NESTED=p.nested, ALIGNED=aligned)
     if lora_x is not None and not aligned:  # the general layout has no registers to spare for dA
         constexprs.update(_lora_args(lora, data))
@@ -523,7 +539,7 @@ def _launch_with_lora(kernel, weight_args, constexprs, a, c, r, bias, transpose,
     if lora_x is None:
         return _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
     num_m = triton.cdiv(a.shape[0], cfg.block_m)
-    da, ptrs, strides = L._grad_a_operands(lora_x, lora[1], num_m, cfg.block_c)
+    da, ptrs, strides = grad_a_operands(lora_x, lora[1], num_m, cfg.block_c)
     constexprs.update(zip(("lora_x_ptr", "lora_dap_ptr", "lora_da_ptr", "lora_count_ptr"), ptrs))
     constexprs.update(zip(("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
                            "stride_dak"), strides))
@@ -538,8 +554,8 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
     c, r = (n, k) if transpose else (k, n)
     if config is None:
         config, split = pick_config(a.shape[0], c, r, transpose, a.device)
-    if lora is not None and not transpose and config == "large":
-        config = "medium"  # as the 4-bit dX kernel: the adapter loop on top of the 128-row tile
+    if lora is not None and not transpose:
+        config = lora_dx_config(config)  # as the 4-bit dX kernel
     cfg = resolve_config(config, transpose, a.dtype)
     weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
     return _launch_with_lora(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split,
@@ -563,7 +579,7 @@ def matmul_int8_reference(x, cb, scb, bias=None):
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_x(x: torch.Tensor, k: int, n: int, bias: Optional[torch.Tensor], weight: torch.Tensor, what: str):
+def check_x(x: torch.Tensor, k: int, n: int, bias: Optional[torch.Tensor], weight: torch.Tensor, what: str):
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{what}: x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != k:
@@ -590,12 +606,11 @@ def _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
                       nested_absmax, nested_code, nested_blocksize, offset)
 
 
-@torch.library.custom_op("peftfast::matmul_4bit", mutates_args=())
-def _matmul_4bit_op(
+def _forward_4bit(
     x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
     out_features: int, in_features: int, dtype: torch.dtype, nested_absmax: Optional[torch.Tensor],
     nested_code: Optional[torch.Tensor], nested_blocksize: int, offset: Optional[float],
-    bias: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], *, hint=None,
 ) -> torch.Tensor:
     p = _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
                  nested_absmax, nested_code, nested_blocksize, offset)
@@ -607,54 +622,45 @@ def _matmul_4bit_op(
     return y.reshape(*x.shape[:-1], out_features)
 
 
-@_matmul_4bit_op.register_fake
-def _(x, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
-      nested_blocksize, offset, bias):
+def _save_4bit(args, outputs) -> list:
+    """The packed tensors only (already resident; x is not needed: W is frozen)."""
+    _x, data, absmax, code, _bs, _n, _k, _dtype, nested_absmax, nested_code, _nbs, _offset, bias = args
+    return [data, absmax, code, nested_absmax, nested_code, bias]
+
+
+def _backward_4bit(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, data, absmax, code, nested_absmax, nested_code, bias): dx = dy @ deq(W), db."""
+    data, absmax, code, nested_absmax, nested_code, bias = saved
+    bs, n, k, dtype, nbs, offset = statics
+    dy = grads[0]
+    dx = dbias = None
+    if needs[0]:
+        p = _unpack4(data, absmax, code, bs, n, k, dtype, nested_absmax, nested_code, nbs, offset)
+        dy2 = dy.reshape(-1, n)
+        if use_triton(dy, data):
+            dx = matmul_4bit_triton(dy2, p, None, transpose=False)
+        else:
+            dx = dy2 @ dequantize_4bit_torch(p).to(dy.dtype)  # recomputed, freed on return
+        dx = dx.reshape(*dy.shape[:-1], k)
+    if bias is not None and needs[6]:
+        dbias = _bias_grad(dy, bias.dtype)
+    return [dx, None, None, None, None, None, dbias]
+
+
+def _fake_4bit(x, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
+               nested_blocksize, offset, bias):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("peftfast::matmul_4bit_dx", mutates_args=())
-def _matmul_4bit_dx_op(
-    dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
-    out_features: int, in_features: int, dtype: torch.dtype, nested_absmax: Optional[torch.Tensor],
-    nested_code: Optional[torch.Tensor], nested_blocksize: int, offset: Optional[float],
-) -> torch.Tensor:
-    p = _unpack4(data, absmax, code, blocksize, out_features, in_features, dtype,
-                 nested_absmax, nested_code, nested_blocksize, offset)
-    dy2 = dy.reshape(-1, out_features)
-    if use_triton(dy, data):
-        dx = matmul_4bit_triton(dy2, p, None, transpose=False)
-    else:
-        dx = dy2 @ dequantize_4bit_torch(p).to(dy.dtype)  # recomputed, freed on return
-    return dx.reshape(*dy.shape[:-1], in_features)
+def _backward_fake_4bit(saved, grads, needs, statics) -> list:
+    bias, k, dy = saved[5], statics[2], grads[0]
+    return [dy.new_empty((*dy.shape[:-1], k)) if needs[0] else None, None, None, None, None, None,
+            bias.new_empty(bias.shape) if bias is not None and needs[6] else None]
 
 
-@_matmul_4bit_dx_op.register_fake
-def _(dy, data, absmax, code, blocksize, out_features, in_features, dtype, nested_absmax, nested_code,
-      nested_blocksize, offset):
-    return dy.new_empty((*dy.shape[:-1], in_features))
-
-
-def _setup_4bit(ctx, inputs, output):
-    x, data, absmax, code, bs, n, k, dtype, nested_absmax, nested_code, nbs, offset, bias = inputs
-    ctx.save_for_backward(data, absmax, code, nested_absmax, nested_code)
-    ctx.meta = (bs, n, k, dtype, nbs, offset)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward_4bit(ctx, dy):
-    data, absmax, code, nested_absmax, nested_code = ctx.saved_tensors
-    bs, n, k, dtype, nbs, offset = ctx.meta
-    dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.peftfast.matmul_4bit_dx(dy, data, absmax, code, bs, n, k, dtype, nested_absmax,
-                                               nested_code, nbs, offset)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[12]:
-        dbias = _bias_grad(dy, ctx.bias_dtype)
-    return (dx,) + (None,) * 11 + (dbias,)
-
-
-torch.library.register_autograd("peftfast::matmul_4bit", _backward_4bit, setup_context=_setup_4bit)
+# the op, declared once: peftfast::matmul_4bit (+ fake, backward op, autograd)
+MATMUL_4BIT = OpDecl("peftfast::matmul_4bit", _forward_4bit, _backward_4bit, save=_save_4bit, fake=_fake_4bit,
+                     backward_fake=_backward_fake_4bit)
 
 
 def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -664,9 +670,10 @@ def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = N
     bias: [N] or None. Differentiable in x and bias.
     """
     data, n, k = check_packed4bit(p)
-    _check_x(x, k, n, bias, data, "matmul_4bit")
+    check_x(x, k, n, bias, data, "matmul_4bit")
     offset = None if p.offset is None else float(p.offset)
-    return torch.ops.peftfast.matmul_4bit(
+    # as ever, the custom op in eager mode too (one op for a TorchDispatchMode, the same saved tensors)
+    return MATMUL_4BIT.packet(
         x, data, p.absmax, p.code, int(p.blocksize), n, k, p.dtype, p.nested_absmax, p.nested_code,
         int(p.nested_blocksize), offset, bias,
     )
@@ -675,10 +682,8 @@ def matmul_4bit(x: torch.Tensor, p: Packed4bit, bias: Optional[torch.Tensor] = N
 # ----------------------------------------------------------------------------- 8-bit op
 
 
-@torch.library.custom_op("peftfast::matmul_int8", mutates_args=())
-def _matmul_int8_op(
-    x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor],
-) -> torch.Tensor:
+def _forward_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor],
+                  *, hint=None) -> torch.Tensor:
     n, k = cb.shape
     x2 = x.reshape(-1, k)
     if use_triton(x, cb):
@@ -688,44 +693,36 @@ def _matmul_int8_op(
     return y.reshape(*x.shape[:-1], n)
 
 
-@_matmul_int8_op.register_fake
-def _(x, cb, scb, bias):
-    return x.new_empty((*x.shape[:-1], cb.shape[0]))
-
-
-@torch.library.custom_op("peftfast::matmul_int8_dx", mutates_args=())
-def _matmul_int8_dx_op(dy: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
-    n, k = cb.shape
-    dy2 = dy.reshape(-1, n)
-    if use_triton(dy, cb):
-        dx = matmul_int8_triton(dy2, cb, scb, None, transpose=False)
-    else:
-        dx = dy2 @ dequantize_int8_reference(cb, scb, dy.dtype)
-    return dx.reshape(*dy.shape[:-1], k)
-
-
-@_matmul_int8_dx_op.register_fake
-def _(dy, cb, scb):
-    return dy.new_empty((*dy.shape[:-1], cb.shape[1]))
-
-
-def _setup_int8(ctx, inputs, output):
-    x, cb, scb, bias = inputs
-    ctx.save_for_backward(cb, scb)
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def _backward_int8(ctx, dy):
-    cb, scb = ctx.saved_tensors
+def _backward_int8(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, cb, scb, bias)."""
+    cb, scb, bias = saved
+    dy = grads[0]
     dx = dbias = None
-    if ctx.needs_input_grad[0]:
-        dx = torch.ops.peftfast.matmul_int8_dx(dy, cb, scb)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        dbias = _bias_grad(dy, ctx.bias_dtype)
-    return dx, None, None, dbias
+    if needs[0]:
+        n, k = cb.shape
+        dy2 = dy.reshape(-1, n)
+        if use_triton(dy, cb):
+            dx = matmul_int8_triton(dy2, cb, scb, None, transpose=False)
+        else:
+            dx = dy2 @ dequantize_int8_reference(cb, scb, dy.dtype)
+        dx = dx.reshape(*dy.shape[:-1], k)
+    if bias is not None and needs[3]:
+        dbias = _bias_grad(dy, bias.dtype)
+    return [dx, None, None, dbias]
 
 
-torch.library.register_autograd("peftfast::matmul_int8", _backward_int8, setup_context=_setup_int8)
+def _backward_fake_int8(saved, grads, needs, statics) -> list:
+    cb, _scb, bias = saved
+    dy = grads[0]
+    return [dy.new_empty((*dy.shape[:-1], cb.shape[1])) if needs[0] else None, None, None,
+            bias.new_empty(bias.shape) if bias is not None and needs[3] else None]
+
+
+# the op, declared once: peftfast::matmul_int8 (+ fake, backward op, autograd)
+MATMUL_INT8 = OpDecl("peftfast::matmul_int8", _forward_int8, _backward_int8,
+                     save=lambda args, outputs: [args[1], args[2], args[3]],
+                     fake=lambda x, cb, scb, bias: x.new_empty((*x.shape[:-1], cb.shape[0])),
+                     backward_fake=_backward_fake_int8)
 
 
 def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Optional[torch.Tensor] = None):
@@ -735,8 +732,8 @@ def matmul_int8(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: Opti
     product uses the dequantised weight. Differentiable in x and bias.
     """
     n, k = check_int8(cb, scb)
-    _check_x(x, k, n, bias, cb, "matmul_int8")
-    return torch.ops.peftfast.matmul_int8(x, cb, scb.reshape(-1), bias)
+    check_x(x, k, n, bias, cb, "matmul_int8")
+    return MATMUL_INT8.packet(x, cb, scb.reshape(-1), bias)
 
 
 # ----------------------------------------------------------------------------- AOT declarations
@@ -749,15 +746,15 @@ _COMMON_SIG = {
 
 def _lora_sig(ad: Optional[torch.dtype], a_dtype: torch.dtype, dropout: bool, da: bool) -> tuple[dict, dict]:
     """(signature, constexprs) of the 4-bit kernel's adapter arguments; ad None: HAS_LORA=False."""
-    w = _TL_NAMES[ad] if ad is not None else "fp32"
+    w = DTYPE_NAMES[ad] if ad is not None else "fp32"
     sig = {"lora_a_ptr": f"*{w}", "lora_w_ptr": f"*{w}", "lora_adapters_ptr": "*i64", "lora_seed": "i64",
            "lora_n_adapters": "i32", "RL": "i32", "stride_lam": "i32", "stride_lar": "i32", "stride_lw0": "i32",
-           "stride_lw1": "i32", "lora_x_ptr": f"*{_TL_NAMES[a_dtype]}", "lora_dap_ptr": "*fp32",
+           "stride_lw1": "i32", "lora_x_ptr": f"*{DTYPE_NAMES[a_dtype]}", "lora_dap_ptr": "*fp32",
            "lora_da_ptr": f"*{w}", "lora_count_ptr": "*i32",
            **{k: "i32" for k in ("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
                                  "stride_dak")}}
     consts = dict(HAS_LORA=ad is not None, LORA_DROPOUT=dropout,
-                  LORA_PRECISION="ieee" if ad is None else L._dot_precision(a_dtype, ad), BLOCK_LR=_LORA_BLOCK_R,
+                  LORA_PRECISION="ieee" if ad is None else dot_precision(a_dtype, ad), BLOCK_LR=_LORA_BLOCK_R,
                   LORA_DA=da)
     return sig, consts
 
@@ -766,7 +763,7 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
                  partial=False):
     """partial: the split reduction's fp32 partial sums (decode); else the output itself."""
     cfg = resolve_config(config_name, transpose, a_dtype, general)
-    a = _TL_NAMES[a_dtype]
+    a = DTYPE_NAMES[a_dtype]
     signature = {"a_ptr": f"*{a}", "out_ptr": "*fp32" if partial else f"*{a}", "bias_ptr": f"*{a}",
                  **weight_sig, **_COMMON_SIG}
     constexprs = dict(TRANSPOSE_W=transpose, **extra, HAS_BIAS=transpose and not partial, BLOCK_M=cfg.block_m,
@@ -778,9 +775,8 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
     signature.update(lsig)
     constexprs.update(lconsts)
     if lora is not None:
-        tags += f",lora={_TL_NAMES[ad]},dropout={int(dropout)}" + (",dA=1" if da else "")
-    for key in constexprs:
-        signature[key] = "constexpr"
+        tags += f",lora={DTYPE_NAMES[ad]},dropout={int(dropout)}" + (",dA=1" if da else "")
+    signature = aot_signature(kernel, signature, constexprs)
     return AotSpec(
         name=f"{name}[{a},{config_name},{'fwd' if transpose else 'dx'}{tags}]",
         fn=kernel, signature=signature, constexprs=constexprs, num_warps=cfg.num_warps,
@@ -791,7 +787,7 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
 def aot_specs() -> list[AotSpec]:
     """Every (kernel, config, activation dtype, direction, layout flag) a launch can use."""
     specs = []
-    for a_dtype, name in _TL_NAMES.items():
+    for a_dtype, name in DTYPE_NAMES.items():
         for config_name, transpose in CONFIGS:
             for nested in (False, True):
                 for aligned in (True, False):
@@ -827,10 +823,11 @@ def aot_specs() -> list[AotSpec]:
                         specs.append(_matmul_spec(_matmul_int8_kernel, "matmul_int8", weight_sig, a_dtype,
                                                   config_name, transpose, {}, lora=(ad, dropout, da)))
         for has_bias in (False, True):
-            signature = {"part_ptr": "*fp32", "out_ptr": f"*{name}", "bias_ptr": f"*{name}", "MC": "i32",
-                         "C": "i32", "SPLIT": "i32", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"}
+            consts = {"HAS_BIAS": has_bias, "BLOCK": _REDUCE_BLOCK}
+            signature = aot_signature(_split_reduce_kernel,
+                                      {"part_ptr": "*fp32", "out_ptr": f"*{name}", "bias_ptr": f"*{name}"}, consts)
             specs.append(AotSpec(
                 name=f"split_reduce[{name},bias={has_bias}]", fn=_split_reduce_kernel, signature=signature,
-                constexprs={"HAS_BIAS": has_bias, "BLOCK": _REDUCE_BLOCK}, num_warps=4, num_stages=1,
+                constexprs=consts, num_warps=4, num_stages=1,
             ))
     return specs

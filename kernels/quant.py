@@ -49,12 +49,11 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .backend import use_triton
+from .runtime import DTYPE_NAMES, aot_signature, launch, use_triton
 
 # bnb's 1/127 for the int8 row-wise scale (bitsandbytes int8_vectorwise_dequant)
 INT8_SCALE = 7.874015718698502e-3
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 class Packed4bit(NamedTuple):
@@ -89,7 +88,7 @@ class Packed4bit(NamedTuple):
         return self.nested_absmax is not None
 
 
-def _log2(value: int, what: str) -> int:
+def log2_exact(value: int, what: str) -> int:
     if value <= 0 or value & (value - 1):
         raise ValueError(f"{what} must be a positive power of two, got {value}")
     return value.bit_length() - 1
@@ -113,7 +112,7 @@ def check_packed4bit(p: Packed4bit) -> tuple[torch.Tensor, int, int]:
         raise ValueError(f"Packed4bit.shape must be positive, got {(n, k)}")
     if p.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"Packed4bit.dtype must be float32, float16 or bfloat16, got {p.dtype}")
-    _log2(p.blocksize, "Packed4bit.blocksize")
+    log2_exact(p.blocksize, "Packed4bit.blocksize")
     data = packed_bytes(p.data)
     numel = n * k
     if data.numel() != (numel + 1) // 2:
@@ -129,7 +128,7 @@ def check_packed4bit(p: Packed4bit) -> tuple[torch.Tensor, int, int]:
     if p.code.numel() != 16 or p.code.dtype != torch.float32:
         raise ValueError(f"Packed4bit.code must be fp32 [16], got {p.code.dtype} {tuple(p.code.shape)}")
     if p.nested:
-        _log2(p.nested_blocksize, "Packed4bit.nested_blocksize")
+        log2_exact(p.nested_blocksize, "Packed4bit.nested_blocksize")
         if p.absmax.dtype != torch.uint8:
             raise ValueError(f"nested Packed4bit.absmax must hold uint8 codes, got {p.absmax.dtype}")
         if p.nested_code is None or p.nested_code.numel() != 256 or p.offset is None:
@@ -149,7 +148,7 @@ def check_packed4bit(p: Packed4bit) -> tuple[torch.Tensor, int, int]:
 
 
 @triton.jit
-def _lookup16(q, code_ptr):
+def lookup16(q, code_ptr):
     """code[q] for 4-bit indices q (int32 tile).
 
     A gather from the 64-byte table: one cache line, so a warp's lookups are served from L1 in
@@ -159,7 +158,7 @@ def _lookup16(q, code_ptr):
 
 
 @triton.jit
-def _block_scale(
+def block_scale(
     blk_base,  # int64 scalar: first block index
     lblk,  # int32 tile: block offsets from blk_base
     mask,  # valid entries
@@ -183,7 +182,7 @@ def _block_scale(
 
 
 @triton.jit
-def _dequant_4bit(
+def dequant_4bit(
     base,  # int64 scalar: flattened index of the tile origin
     local,  # int32 tile: offsets from base (e = base + local)
     mask,  # valid elements of the tile
@@ -200,16 +199,16 @@ def _dequant_4bit(
     """fp32 code[q_e] * scale_{e // blocksize} for e = base + local, any layout (see module docstring)."""
     lb = (base & 1).to(tl.int32) + local
     byte = tl.load(data_ptr + (base >> 1) + (lb >> 1), mask=mask, other=0).to(tl.int32)
-    value = _lookup16((byte >> (4 - (lb & 1) * 4)) & 15, code_ptr)
+    value = lookup16((byte >> (4 - (lb & 1) * 4)) & 15, code_ptr)
     blk_base = base >> log2_bs
     lblk = ((base & ((1 << log2_bs) - 1)).to(tl.int32) + local) >> log2_bs
-    scale = _block_scale(blk_base, lblk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    scale = block_scale(blk_base, lblk, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
                          log2_nbs, NESTED)
     return value * scale
 
 
 @triton.jit
-def _dequant_int8(
+def dequant_int8(
     offs_n,  # int64 row indices (broadcastable against offs_k)
     offs_k,  # int64 column indices
     mask,  # valid elements
@@ -244,7 +243,7 @@ def _dequantize_4bit_kernel(
     base = pid * BLOCK
     local = tl.arange(0, BLOCK)
     mask = local < numel - base
-    w = _dequant_4bit(base, local, mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+    w = dequant_4bit(base, local, mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
                       offset, log2_bs, log2_nbs, NESTED)
     tl.store(out_ptr + base + local, w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -266,7 +265,7 @@ def _dequantize_int8_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    w = _dequant_int8(offs_n[:, None], offs_k[None, :], mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
+    w = dequant_int8(offs_n[:, None], offs_k[None, :], mask, cb_ptr, stride_cbn, stride_cbk, scb_ptr, N)
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -277,7 +276,7 @@ _DEQ8_BLOCK_N, _DEQ8_BLOCK_K = 32, 128
 def nested_args(p: Packed4bit) -> tuple:
     """(nested_absmax, nested_code, offset, log2_nested_blocksize) for a launch; dummies when flat."""
     if p.nested:
-        return p.nested_absmax, p.nested_code, float(p.offset), _log2(p.nested_blocksize, "nested_blocksize")
+        return p.nested_absmax, p.nested_code, float(p.offset), log2_exact(p.nested_blocksize, "nested_blocksize")
     return p.code, p.code, 0.0, 0
 
 
@@ -289,10 +288,10 @@ def dequantize_4bit_triton(p: Packed4bit) -> torch.Tensor:
     out = torch.empty((n, k), dtype=p.dtype, device=data.device)
     nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
     grid = (triton.cdiv(n * k, _DEQ4_BLOCK),)
-    _dequantize_4bit_kernel[grid](
+    launch(_dequantize_4bit_kernel, grid,
         out, data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
         nested_code.contiguous(), offset, n * k,
-        _log2(p.blocksize, "blocksize"), log2_nbs,
+        log2_exact(p.blocksize, "blocksize"), log2_nbs,
         NESTED=p.nested, BLOCK=_DEQ4_BLOCK, num_warps=4, enable_fp_fusion=False,
     )
     return out
@@ -319,7 +318,7 @@ def dequantize_int8_triton(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dty
     n, k = _check_int8(cb, scb, dtype)
     out = torch.empty((n, k), dtype=dtype, device=cb.device)
     grid = (triton.cdiv(n, _DEQ8_BLOCK_N), triton.cdiv(k, _DEQ8_BLOCK_K))
-    _dequantize_int8_kernel[grid](
+    launch(_dequantize_int8_kernel, grid,
         out, cb, scb.reshape(-1), n, k, cb.stride(0), cb.stride(1),
         BLOCK_N=_DEQ8_BLOCK_N, BLOCK_K=_DEQ8_BLOCK_K, num_warps=4, enable_fp_fusion=False,
     )
@@ -334,7 +333,7 @@ def decode_absmax(p: Packed4bit) -> torch.Tensor:
     if not p.nested:
         return p.absmax
     n_blocks = p.absmax.numel()
-    group = torch.arange(n_blocks, device=p.absmax.device) >> _log2(p.nested_blocksize, "nested_blocksize")
+    group = torch.arange(n_blocks, device=p.absmax.device) >> log2_exact(p.nested_blocksize, "nested_blocksize")
     scale = p.nested_code[p.absmax.long()] * p.nested_absmax[group]
     return scale + p.offset
 
@@ -441,26 +440,22 @@ def dequantize_int8(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> 
 
 def aot_specs() -> list[AotSpec]:
     specs = []
-    for dtype, name in _TL_NAMES.items():
+    for dtype, name in DTYPE_NAMES.items():
         for nested in (False, True):
-            signature = {
-                "out_ptr": f"*{name}", "data_ptr": "*u8", "code_ptr": "*fp32",
-                "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
-                "nested_code_ptr": "*fp32", "offset": "fp32", "numel": "i32", "log2_bs": "i32",
-                "log2_nbs": "i32", "NESTED": "constexpr", "BLOCK": "constexpr",
-            }
+            consts = {"NESTED": nested, "BLOCK": _DEQ4_BLOCK}
+            types = {"out_ptr": f"*{name}", "data_ptr": "*u8", "code_ptr": "*fp32",
+                     "absmax_ptr": "*u8" if nested else "*fp32", "nested_absmax_ptr": "*fp32",
+                     "nested_code_ptr": "*fp32", "offset": "fp32"}
             specs.append(AotSpec(
                 name=f"dequantize_4bit[{name},nested={nested},BLOCK={_DEQ4_BLOCK}]",
-                fn=_dequantize_4bit_kernel, signature=signature,
-                constexprs={"NESTED": nested, "BLOCK": _DEQ4_BLOCK}, num_warps=4, num_stages=1,
+                fn=_dequantize_4bit_kernel, signature=aot_signature(_dequantize_4bit_kernel, types, consts),
+                constexprs=consts, num_warps=4, num_stages=1,
             ))
-        signature = {
-            "out_ptr": f"*{name}", "cb_ptr": "*i8", "scb_ptr": "*fp32", "N": "i32", "K": "i32",
-            "stride_cbn": "i32", "stride_cbk": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-        }
+        consts = {"BLOCK_N": _DEQ8_BLOCK_N, "BLOCK_K": _DEQ8_BLOCK_K}
+        types = {"out_ptr": f"*{name}", "cb_ptr": "*i8", "scb_ptr": "*fp32"}
         specs.append(AotSpec(
             name=f"dequantize_int8[{name},BN={_DEQ8_BLOCK_N},BK={_DEQ8_BLOCK_K}]",
-            fn=_dequantize_int8_kernel, signature=signature,
-            constexprs={"BLOCK_N": _DEQ8_BLOCK_N, "BLOCK_K": _DEQ8_BLOCK_K}, num_warps=4, num_stages=1,
+            fn=_dequantize_int8_kernel, signature=aot_signature(_dequantize_int8_kernel, types, consts),
+            constexprs=consts, num_warps=4, num_stages=1,
         ))
     return specs

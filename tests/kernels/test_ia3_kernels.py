@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from peftfast.kernels import ia3 as I
 
 from tests._autograd import record_saved
+from tests.numerics import assert_matches_float64, max_err
 
 K_TOL = 4.0
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
@@ -39,21 +40,13 @@ def run(fn, tensors, trainable, dy, dtype=None):
     return out.detach(), [t.grad for t, tr in zip(leaves, trainable) if t is not None and tr]
 
 
-def max_err(got, ref):
-    return (got.double() - ref.double()).abs().max().item()
-
-
 def check(op, peft_fn, tensors, trainable, dy, names):
     out, grads = run(op, tensors, trainable, dy)
     out64, g64 = run(peft_fn, tensors, trainable, dy, torch.float64)
     out_pt, g_pt = run(peft_fn, tensors, trainable, dy)
     assert len(grads) == len(names)
     for name, got, plain, ref in zip(["y"] + names, [out] + grads, [out_pt] + g_pt, [out64] + g64):
-        assert got.dtype == plain.dtype and got.shape == ref.shape, name
-        ulp = torch.finfo(got.dtype).eps * ref.abs().max().item()
-        err, err_pt = max_err(got, ref), max_err(plain, ref)
-        assert err <= K_TOL * err_pt + ulp, (
-            f"{name}: error {err:.3e} vs float64 > {K_TOL} x plain PyTorch error {err_pt:.3e} + {ulp:.3e}")
+        assert_matches_float64(name, got, plain, ref, K_TOL)
 
 
 def make(lead, d_in, d_out, feedforward, dtype, sdtype=F32, seed=0, noncontig=False, transposed_w=False):

@@ -13,6 +13,7 @@ from peftfast.kernels import dropout as D
 from peftfast.kernels import lora as L
 
 from tests._autograd import record_saved
+from tests.numerics import assert_matches_float64, max_err
 
 K_TOL = 4.0
 F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
@@ -81,20 +82,12 @@ def masks_for(seed, ps, x, training=True):
             for i, p in enumerate(ps)]
 
 
-def max_err(got, ref):
-    return (got.double() - ref.double()).abs().max().item()
-
-
 def check_against_f64(y, grads, inputs, masks, ps, names):
     x, base, As, Bs, scalings, dy = inputs
     y64, g64 = run_reference(x, base, As, Bs, scalings, masks, ps, dy, torch.float64)
     y_pt, g_pt = run_reference(x, base, As, Bs, scalings, masks, ps, dy)
     for name, got, plain, ref in zip(["y"] + names, [y] + grads, [y_pt] + g_pt, [y64] + g64):
-        assert got.dtype == plain.dtype and got.shape == ref.shape, name
-        ulp = torch.finfo(got.dtype).eps * ref.abs().max().item()
-        err, err_pt = max_err(got, ref), max_err(plain, ref)
-        assert err <= K_TOL * err_pt + ulp, (
-            f"{name}: error {err:.3e} vs float64 > {K_TOL} x plain PyTorch error {err_pt:.3e} + {ulp:.3e}")
+        assert_matches_float64(name, got, plain, ref, K_TOL)
 
 
 def grad_names(n):

@@ -17,7 +17,6 @@ import torch  # noqa: E402
 BF = pytest.importorskip("bitsandbytes.functional")
 
 from peftfast.kernels import qmatmul as Q  # noqa: E402
-from peftfast.kernels.backend import interpreting  # noqa: E402
 from peftfast.kernels.quant import (  # noqa: E402
     Packed4bit,
     dequantize_4bit_reference,
@@ -25,14 +24,9 @@ from peftfast.kernels.quant import (  # noqa: E402
 )
 
 from tests._autograd import record_saved  # noqa: E402
+from tests.numerics import assert_matches_float64  # noqa: E402
 
 K_TOL = 2.0
-
-
-def set_backend(monkeypatch, name):
-    if name == "triton" and not interpreting():
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    monkeypatch.setenv("PEFTFAST_BACKEND", name)
 
 
 def make_packed(n, k, blocksize=64, nested=True, quant_type="nf4", w_dtype=torch.float32, seed=0):
@@ -63,10 +57,7 @@ def randn(shape, dtype, seed, noncontiguous=False):
 
 def check_close(actual, ref64, plain, what):
     """|actual - ref| <= K_TOL * |plain - ref| + one ulp of max|ref| (plain: PyTorch, same dtype)."""
-    err = (actual.double() - ref64).abs().max().item()
-    plain_err = (plain.double() - ref64).abs().max().item()
-    ulp = torch.finfo(actual.dtype).eps * ref64.abs().max().item()
-    assert err <= K_TOL * plain_err + ulp, f"{what}: error {err:.3e} > {K_TOL} x {plain_err:.3e} + {ulp:.3e}"
+    assert_matches_float64(what, actual, plain, ref64, K_TOL, check_dtype=False)
 
 
 def check_op(op, x, weight, bias, n, seed):
@@ -107,9 +98,8 @@ CASES_4BIT = [
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", CASES_4BIT, ids=_case_id)
-def test_matmul_4bit(case, backend, monkeypatch):
+def test_matmul_4bit(case, backend):
     n, k, bs, nested, qt, w_dtype, prefix, dtype, has_bias, noncontig = case
-    set_backend(monkeypatch, backend)
     p = make_packed(n, k, bs, nested, qt, w_dtype, seed=n + k)
     x = randn((*prefix, k), dtype, seed=1, noncontiguous=noncontig)
     bias = randn((n,), torch.float32, seed=2) if has_bias else None
@@ -126,9 +116,8 @@ CASES_INT8 = [
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case", CASES_INT8, ids=lambda c: f"N{c[0]}-K{c[1]}-T{c[2]}-{str(c[3])[6:]}")
-def test_matmul_int8(case, backend, monkeypatch):
+def test_matmul_int8(case, backend):
     n, k, prefix, dtype, has_bias, noncontig = case
-    set_backend(monkeypatch, backend)
     cb, scb = make_int8(n, k, seed=n)
     x = randn((*prefix, k), dtype, seed=4, noncontiguous=noncontig)
     bias = randn((n,), dtype, seed=5) if has_bias else None
@@ -149,9 +138,8 @@ def _activations(config, transpose, dtype):
 @pytest.mark.parametrize("aligned", [True, False])
 @pytest.mark.parametrize("transpose", [True, False], ids=["fwd", "dx"])
 @pytest.mark.parametrize("config,split", [("decode", 3), ("decode", 1), ("large", 1), ("medium", 2)])
-def test_4bit_launcher_paths(config, split, transpose, aligned, dtype, monkeypatch):
+def test_4bit_launcher_paths(config, split, transpose, aligned, dtype, triton_kernels):
     """Each tile config on both weight layouts; split > 1 outside decode goes through partials."""
-    set_backend(monkeypatch, "triton")
     p = make_packed(97, 256, 64, nested=True, seed=8)
     w = dequantize_4bit_reference(p)
     a = _activations(config, transpose, dtype)
@@ -166,8 +154,7 @@ def test_4bit_launcher_paths(config, split, transpose, aligned, dtype, monkeypat
 @pytest.mark.interpreter
 @pytest.mark.parametrize("transpose", [True, False], ids=["fwd", "dx"])
 @pytest.mark.parametrize("config,split", [("decode", 3), ("decode", 1), ("large", 1), ("medium", 2)])
-def test_int8_launcher_paths(config, split, transpose, monkeypatch):
-    set_backend(monkeypatch, "triton")
+def test_int8_launcher_paths(config, split, transpose, triton_kernels):
     cb, scb = make_int8(97, 256, seed=10)
     w = dequantize_int8_reference(cb, scb, torch.float32)
     a = _activations(config, transpose, torch.float16)
@@ -201,8 +188,7 @@ def test_cost_rule():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kind", ["4bit", "int8"])
-def test_backward_saves_no_weight_and_no_input(kind, backend, monkeypatch):
-    set_backend(monkeypatch, backend)
+def test_backward_saves_no_weight_and_no_input(kind, backend):
     n, k = 97, 128
     if kind == "4bit":
         p = make_packed(n, k, seed=12)
@@ -224,8 +210,7 @@ def test_backward_saves_no_weight_and_no_input(kind, backend, monkeypatch):
     assert x.grad is not None and bias.grad is not None
 
 
-def test_custom_ops_opcheck(monkeypatch):
-    set_backend(monkeypatch, "torch")
+def test_custom_ops_opcheck(torch_backend):
     p = make_packed(33, 128, seed=15)
     x = randn((5, 128), torch.float32, seed=16).requires_grad_(True)
     bias = randn((33,), torch.float32, seed=17).requires_grad_(True)
@@ -237,8 +222,7 @@ def test_custom_ops_opcheck(monkeypatch):
     torch.library.opcheck(torch.ops.peftfast.matmul_int8.default, (x, cb, scb, bias), test_utils=tests)
 
 
-def test_torch_compile_fullgraph(monkeypatch):
-    set_backend(monkeypatch, "torch")
+def test_torch_compile_fullgraph(torch_backend):
     p = make_packed(33, 128, seed=19)
     cb, scb = make_int8(33, 128, seed=20)
     bias = randn((33,), torch.float32, seed=21)
@@ -254,8 +238,7 @@ def test_torch_compile_fullgraph(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_zero_tokens(backend, monkeypatch):
-    set_backend(monkeypatch, backend)
+def test_zero_tokens(backend):
     p = make_packed(33, 128, seed=23)
     x = torch.randn(0, 128, requires_grad=True)
     y = Q.matmul_4bit(x, p, None)

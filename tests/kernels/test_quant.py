@@ -18,7 +18,6 @@ bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as BF  # noqa: E402
 
 from peftfast.kernels import quant  # noqa: E402
-from peftfast.kernels.backend import interpreting  # noqa: E402
 from peftfast.kernels.quant import Packed4bit  # noqa: E402
 from peftfast.utils import bnb_storage  # noqa: E402
 
@@ -64,17 +63,6 @@ def assert_bits_equal(actual, expected):
     assert mismatch == 0, f"{mismatch} of {a.numel()} elements differ; max |diff| {max_diff}"
 
 
-def set_backend(monkeypatch, name):
-    if name == "triton" and not interpreting():
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    monkeypatch.setenv("PEFTFAST_BACKEND", name)
-
-
-@pytest.fixture
-def triton_backend(monkeypatch):
-    set_backend(monkeypatch, "triton")
-
-
 CASES_4BIT = list(itertools.product(["nf4", "fp4"], [False, True], [64, 128, 256], SHAPES, DTYPES))
 
 
@@ -103,7 +91,7 @@ def test_cpu_path_uses_native_kernel_only_for_bnb_tables():
 @pytest.mark.interpreter
 @pytest.mark.parametrize("quant_type,nested,blocksize,shape,dtype",
                          [c for c in CASES_4BIT if c[-1] != torch.bfloat16])
-def test_dequantize_4bit_triton_matches_bnb(quant_type, nested, blocksize, shape, dtype, triton_backend):
+def test_dequantize_4bit_triton_matches_bnb(quant_type, nested, blocksize, shape, dtype, triton_kernels):
     packed, qs, expected = _quantize(shape, dtype, quant_type, nested, blocksize)
     assert_bits_equal(quant.dequantize_4bit(_packed(packed, qs)), expected)
 
@@ -111,11 +99,10 @@ def test_dequantize_4bit_triton_matches_bnb(quant_type, nested, blocksize, shape
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_dequantize_4bit_bf16_storage(nested, dtype, backend, monkeypatch):
+def test_dequantize_4bit_bf16_storage(nested, dtype, backend):
     """quant_storage=bf16 (FSDP): the same bytes viewed as bf16."""
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("bf16 output is not reliable in the Triton interpreter (checked via the reference)")
-    set_backend(monkeypatch, backend)
     packed, qs, expected = _quantize((33, 128), dtype, "nf4", nested, 64, storage=torch.bfloat16)
     assert packed.dtype == torch.bfloat16
     assert_bits_equal(quant.dequantize_4bit(_packed(packed, qs)), expected)
@@ -124,10 +111,9 @@ def test_dequantize_4bit_bf16_storage(nested, dtype, backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(97, 203), (5, 77), (64, 130)])
-def test_dequantize_int8_matches_bnb(shape, dtype, backend, monkeypatch):
+def test_dequantize_int8_matches_bnb(shape, dtype, backend):
     if backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("bf16 output is not reliable in the Triton interpreter (checked via the reference)")
-    set_backend(monkeypatch, backend)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).half()
     cb, scb, _ = BF.int8_vectorwise_quant(w)
     expected = BF.int8_vectorwise_dequant(cb, scb).to(dtype)

@@ -130,3 +130,73 @@ def test_compile_inductor_matches_eager(torch_backend):
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
     for name in g_eager:
         torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# qlora_linear_fused: one custom op per weight format (4-bit, int8), traced without a graph break
+# ----------------------------------------------------------------------------------------------
+def _quantised(kind, n=20, k=64):
+    from peftfast.kernels.qlora import Int8Weight
+    from peftfast.kernels.quant import Packed4bit
+
+    g = torch.Generator().manual_seed(4)
+    if kind == "int8":
+        return Int8Weight(torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g),
+                          torch.rand(n, generator=g) + 0.5)
+    code = torch.sort(torch.randn(16, generator=g)).values
+    return Packed4bit(torch.randint(0, 256, (n * k // 2,), dtype=torch.uint8, generator=g),
+                      torch.rand(n * k // 64, generator=g) + 0.5, code, 64, (n, k), torch.float32)
+
+
+class TinyQLoraModel(torch.nn.Module):
+    """A QLoRA layer (quantised base + bias, two adapters with dropout)."""
+
+    def __init__(self, kind, d=64, h=20):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.p = _quantised(kind, h, d)
+        self.bias = torch.nn.Parameter(torch.randn(h, generator=g))
+        param = torch.nn.Parameter
+        self.a = torch.nn.ParameterList(param(torch.randn(r, d, generator=g) * 0.2) for r in (4, 2))
+        self.b = torch.nn.ParameterList(param(torch.randn(h, r, generator=g) * 0.2) for r in (4, 2))
+
+    def forward(self, x):
+        from peftfast.kernels.qlora import qlora_linear_fused
+
+        return qlora_linear_fused(x, self.p, self.bias, list(self.a), list(self.b), [2.0, 0.5], [0.1, 0.2],
+                                  self.training)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+def test_opcheck_qlora_linear_fused(backend, kind):
+    g = torch.Generator().manual_seed(6)
+    p = _quantised(kind)
+    x = torch.randn(3, 4, 64, generator=g, requires_grad=True)
+    bias = torch.randn(20, generator=g, requires_grad=True)
+    a = [torch.randn(r, 64, generator=g, requires_grad=True) for r in (3, 5)]
+    b = [torch.randn(20, r, generator=g, requires_grad=True) for r in (3, 5)]
+    adapters = (a, b, [0.5, 2.0], [0.1, 0.3], torch.tensor(2**40 + 7))
+    if kind == "int8":
+        op, args = torch.ops.peftfast.qlora_linear_fused_int8.default, (x, p.cb, p.scb, bias, *adapters)
+    else:
+        op = torch.ops.peftfast.qlora_linear_fused_4bit.default
+        args = (x, p.data, p.absmax, p.code, p.blocksize, 20, 64, p.dtype, None, None, 256, None, bias, *adapters)
+    torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+def test_qlora_compiles_to_one_op_and_matches_eager(torch_backend, kind):
+    """The reference path under torch.compile(fullgraph=True): the graph holds the QLoRA op (not the
+    quantised matmul followed by lora_linear), and aot_eager gives eager's output and gradients."""
+    model = TinyQLoraModel(kind).train()
+    x = torch.randn(2, 5, 64)
+    ops = _graph_ops(model, x)
+    assert f"peftfast.qlora_linear_fused_{kind}" in ops, sorted(ops)
+    assert not {"peftfast.matmul_4bit", "peftfast.matmul_int8", "peftfast.lora_linear"} & ops, sorted(ops)
+    torch._dynamo.reset()
+    y_eager, g_eager = _step(model, x, seed=11)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_comp, g_comp = _step(model, x, seed=11, fwd=compiled)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    for name in g_eager:
+        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -1,0 +1,86 @@
+"""Tile helpers shared by the matmul kernels (lora.py, lora_fused.py, qmatmul.py).
+
+* ``grouped_tile``: output tile number -> (row block, column block) in grouped order: GROUP_M row
+  blocks walk the same column blocks while those columns of the right operand sit in L2.
+* ``tile_offsets``: the row/column offsets and bounds masks of one output tile.
+* Arrival counters: a kernel whose programs each write an fp32 partial lets the LAST program to
+  arrive sum them. ``last_arrival`` is true in exactly one program per counter and resets the
+  counter to 0, so the int32 buffer from ``arrival_counters`` (one per device and stream, zeroed
+  once when allocated) never needs a memset per launch; launches on one stream run in order.
+* ``sum_slices``: that last program's fp32 sum of n partial slices, in order (deterministic).
+
+Memory: the counter buffer is 16 KiB per device and stream (4096 int32, grown on demand).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+
+# (device, stream) -> int32 counter buffer; every counter is 0 between launches
+COUNTERS: dict = {}
+
+
+@triton.jit
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile number ``tile`` in grouped order: GROUP_M row
+    blocks walk the same column blocks while those columns of the weight sit in L2. The index math
+    runs in ``tile``'s integer type (callers pick the one their kernel's registers allow); the block
+    indices come back as int64 for the address arithmetic."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (tile // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return (first_m + (tile % group) % size_m).to(tl.int64), ((tile % group) // size_m).to(tl.int64)
+
+
+@triton.jit
+def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row offsets, column offsets, row mask, column mask) of output tile (pid_m, pid_n)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def last_arrival(count_ptr, expected):
+    """True in exactly one of the ``expected`` programs that call this on one counter (from
+    ``arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything
+    the callers stored before the call is visible to that program (the barrier orders the CTA's
+    stores before the release; the acquire orders the winner's later loads).
+    Read what other programs stored with ``cache_modifier=".cg"`` (L1 is not coherent)."""
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == expected - 1
+    tl.atomic_xchg(count_ptr, 0, mask=last)  # everyone has arrived: reset for the next launch
+    return last
+
+
+@triton.jit
+def sum_slices(ptrs, n, stride, mask, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """fp32 sum of n [BLOCK_A, BLOCK_B] partial slices ``stride`` apart, in order (deterministic),
+    read through L2: other programs wrote them (see ``last_arrival``)."""
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for _ in range(0, n):
+        acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        ptrs += stride
+    return acc
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 counters, all 0, for ``last_arrival`` (at least n). One buffer per device and stream,
+    reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
+    arriver resets it), and launches on one stream run in order, so no memset per launch."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buf = COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        COUNTERS[device, stream] = buf
+    return buf
+
+
+def aot_specs() -> list[AotSpec]:
+    """Device helpers only: they are compiled inside the kernels that call them."""
+    return []
