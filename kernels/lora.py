@@ -90,9 +90,6 @@ from .dropout import check_p, draw_seed, keep_mask, keep_mask_torch, stream_key
 from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
 from .tiles import arrival_counters
 
-# the old private spelling, until peftfast/tools/costmodel.py imports tiles.arrival_counters
-_arrival_counters = arrival_counters
-
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------

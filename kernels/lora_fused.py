@@ -82,7 +82,7 @@ CPU (the reference path): F.linear, then lora.py's reference math on its output;
 dY @ W into lora.py's dX with one addmm. Same cost as nn.Linear followed by ``lora_linear``.
 
 ``qlora_linear_fused`` (the same op over a bitsandbytes 4-bit or int8 weight) lives in
-``kernels/qlora.py``; it is re-exported here for its old import path.
+``kernels/qlora.py``.
 """
 from __future__ import annotations
 
@@ -787,12 +787,3 @@ def aot_specs() -> list[AotSpec]:
                 specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
     return specs
 
-
-def __getattr__(name: str):
-    """The QLoRA op's old import path (``lora_fused.qlora_linear_fused`` / ``Int8Weight``); it lives in
-    kernels/qlora.py, which imports this module (hence the lazy lookup)."""
-    if name in ("Int8Weight", "qlora_linear_fused"):
-        from . import qlora
-
-        return getattr(qlora, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -387,7 +387,7 @@ def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return _DEFAULT_SMS
@@ -403,7 +403,7 @@ def pick_config(m: int, c: int, r: int, transpose: bool, device: torch.device,
                 sms: Optional[int] = None) -> tuple[str, int]:
     """(config name, reduction split) for out [m, c] reduced over r (rule in the module docstring);
     ``sms`` overrides the device's SM count (for modelling another GPU)."""
-    sms = _sm_count(device) if sms is None else sms
+    sms = sm_count(device) if sms is None else sms
     if m <= DECODE_MAX_TOKENS:
         cfg = CONFIGS["decode", transpose]
         tiles = triton.cdiv(c, cfg.block_c)

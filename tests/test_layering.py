@@ -32,7 +32,7 @@ PEFT_PRIVATE_ALIASES = {"_get_submodules"}
 # Private names reached across files today by code this layer does not own (adapter layers, kernels, tools,
 # bench and their tests), as (file, module, name). Each entry is a file to fix by giving the name a public home;
 # the list must only shrink, and any new crossing fails the test.
-KNOWN_PRIVATE_CROSSINGS: set[tuple[str, str, str]] = set()  # listed at the end of the file
+KNOWN_PRIVATE_CROSSINGS: set[tuple[str, str, str]] = set()  # none left: keep it that way
 
 
 @dataclass(frozen=True)
@@ -318,28 +318,3 @@ def test_the_private_name_check_sees_both_spellings(tmp_path):
         ("peftfast.config", "_jsonable"), ("peftfast.utils.other", "_secret")]
 
 
-# Today's crossings, all in files outside the model/tuner level (kernels, adapter layers, tools and their tests):
-# file -> {module: private names it reaches}. Emptied as those files get their shared public names.
-_KNOWN = {
-    # the fused LoRA kernels reuse the plain LoRA kernels' tile helpers and launch plan
-    "kernels/lora_fused.py": {
-        "peftfast.kernels.lora": "_DTYPE_PAIRS _Plan _TY _accumulate_lora_dx _accumulate_lora_y _adapter_grads "
-                                 "_adapter_ranks _adapter_table _arrival_counters _backward_torch _cat_a _cat_b "
-                                 "_check _dot_precision _forward_torch _grad_a_operands _grouped_tile "
-                                 "_last_arrival _launch_grad_w _launch_shrink _lora_grad_a_tile _make_plan "
-                                 "_rank_scale _split _sum_slices _tiles",
-        "peftfast.kernels.qmatmul": "_check_x",
-    },
-    # the quantised matmul reuses the LoRA tile helpers and the dequantisation helpers
-    "kernels/qmatmul.py": {
-        "peftfast.kernels.lora": "_accumulate_lora_dx _accumulate_lora_y _dot_precision _grad_a_operands "
-                                 "_grouped_tile _lora_grad_a_tile",
-        "peftfast.kernels.quant": "_TL_NAMES _block_scale _dequant_4bit _dequant_int8 _log2 _lookup16",
-    },
-    "peftfast/tools/bench.py": {"peftfast.kernels.qmatmul": "_sm_count", "peftfast.tools.costmodel": "_count_device"},
-    "peftfast/tools/costmodel.py": {"peftfast.kernels.lora": "_arrival_counters"},
-    "tests/kernels/test_lora_fused.py": {"peftfast.kernels.lora": "_COUNTERS"},
-    "tests/test_bench_cli.py": {"peftfast.tools.bench": "_measure_memory"},
-}
-KNOWN_PRIVATE_CROSSINGS |= {(f, m, n) for f, modules in _KNOWN.items() for m, names in modules.items()
-                            for n in names.split()}

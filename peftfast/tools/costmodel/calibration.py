@@ -211,7 +211,7 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     ``qlora_fused_forward`` / ``qlora_fused_backward``. Same requirements as
     ``calibrate_peftfast_fused``."""
 
-    from peftfast.kernels import lora_fused
+    from peftfast.kernels import qlora
     from peftfast.kernels.quant import Packed4bit
 
     require_interpreter()
@@ -225,7 +225,7 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     a, bb = adapter_weights(gen, r, d_in, d_out, ad)
     dy = torch.randn(t, d_out, generator=gen).to(act)
     fwd, bwd = count_triton_forward_backward(
-        lambda: lora_fused.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True), dy)
+        lambda: qlora.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True), dy)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, NF4 bs 64, adapters {str(ad)[6:]})"
     return op_checks("qlora_linear_fused", shape, fwd, bwd,
                      qlora_layer("peftfast-fused", False, t, d_in, d_out, r, act, ad, dropout_p),

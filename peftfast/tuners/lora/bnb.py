@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...kernels.backend import use_triton
-from ...kernels.lora_fused import Int8Weight, qlora_linear_fused
+from ...kernels.qlora import Int8Weight, qlora_linear_fused
 from ..additive import QuantizedAdditiveLayer, low_rank_delta
 from ..adapter_layers import base_is_fusable
 from ..quantized import QuantizedBase4bit, QuantizedBase8bit, compute_dtype, quantized_kind

@@ -74,7 +74,7 @@ def packed_gemm(k: Kernel, name: str, d_in: int, d_out: int, act: torch.dtype, b
 
 def qlora_fused_forward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype,
                         bias: bool = False, blocksize: int = 64, nested: bool = False) -> list[Kernel]:
-    """``qlora_linear_fused`` (kernels/lora_fused.py) forward, as built: lora.py's shrink, then
+    """``qlora_linear_fused`` (kernels/qlora.py) forward, as built: lora.py's shrink, then
     qmatmul's 4-bit kernel with the adapter loop: reads X, the packed weight, t, B (and the bias)
     and writes Y once (``peftfast_fused_forward`` with the packed instead of the dense weight)."""
     big_r = sum(ranks)
