@@ -293,10 +293,8 @@ class PeftModel(nn.Module):
                 get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
                                           save_embedding_layers=save_embedding_layers)
             return
-        card = self._model_card_update(save_directory)  # (path, text) or None: written with the adapters
-        tx = SaveTransaction(save_directory)
-        if card is not None:
-            tx.write_text(*card)
+        tx = SaveTransaction(save_directory)  # the model card is computed and written with the adapters
+        tx.write_text(os.path.join(save_directory, "README.md"), lambda: self._model_card_text(save_directory))
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
 
@@ -331,12 +329,12 @@ class PeftModel(nn.Module):
         """Write or update README.md as PEFT does: huggingface_hub's model card with ``library_name: peft``, the base
         model, tags (method, ``transformers``, ``base_model:adapter:<base>``, plus ``peftfast``), ``pipeline_tag``
         for causal LMs, and a framework-versions line. An existing card keeps its text and metadata."""
-        card = self._model_card_update(output_dir)
-        if card is not None:
-            atomic_write_text(*card)
+        text = self._model_card_text(output_dir)
+        if text is not None:
+            atomic_write_text(os.path.join(output_dir, "README.md"), text)
 
-    def _model_card_update(self, output_dir: str) -> Optional[tuple[str, str]]:
-        """(README.md path, new text) for ``output_dir``, or None (with a warning) when the card is left alone."""
+    def _model_card_text(self, output_dir: str) -> Optional[str]:
+        """The new README.md text for ``output_dir``, or None (with a warning) when the card is left alone."""
         from .config import PEFT_FORMAT_VERSION
         from .utils.hub import model_card_text
 
@@ -369,7 +367,7 @@ class PeftModel(nn.Module):
             warnings.warn(f"{path} has metadata that is not valid YAML; the model card was left unchanged",
                           UserWarning)
             return None
-        return path, text
+        return text
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

@@ -63,10 +63,12 @@ def _fsync_dir(directory: str) -> None:
 
 
 def _discard(paths: list[str]) -> None:
+    """Remove temporary files while cleaning up after an error: never raise over that error (a file that cannot be
+    removed now is removed by the next save or load of the folder)."""
     for tmp in paths:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
 
 
@@ -118,7 +120,8 @@ JOURNAL_NAME = ".peftfast-save.journal"
 _OWN_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "README.md", JOURNAL_NAME)
 _TEMP_RE = re.compile(r"^\.(" + "|".join(re.escape(n) for n in _OWN_NAMES) + r")\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX)
                       + r"$")
-LOCK_TIMEOUT_S = 120.0  # PEFTFAST_SAVE_LOCK_TIMEOUT overrides
+LOCK_TIMEOUT_S = 120.0
+SKIP = object()  # returned by a SaveTransaction writer: leave that file as it is  # PEFTFAST_SAVE_LOCK_TIMEOUT overrides
 
 
 def _lock_timeout() -> float:
@@ -216,9 +219,10 @@ def _apply(root: str, renames: list[tuple[str, str]], removes: list[str]) -> Non
     """Carry out a committed journal: idempotent, so a crash at any point is finished by running it again."""
     dirs = {root}
     for tmp, dst in renames:
-        src = os.path.join(root, tmp)
-        if os.path.lexists(src):
-            os.replace(src, os.path.join(root, dst))
+        try:
+            os.replace(os.path.join(root, tmp), os.path.join(root, dst))
+        except FileNotFoundError:  # renamed before the crash
+            pass
         dirs.add(os.path.dirname(os.path.join(root, dst)))
     for rel in removes:
         path = os.path.join(root, rel)
@@ -292,6 +296,11 @@ def _clean_stray_temps(folders: list[str], held: frozenset = frozenset()) -> Non
                     break
                 fds.append(fd)
             else:
+                # with both locks held no save can be staging here; a save that died after its commit point
+                # still needs its staged files: finish it first
+                for root in dict.fromkeys((os.path.dirname(folder), folder)):
+                    if root:
+                        _roll_forward_locked(root)
                 for name in _own_temps(folder):
                     try:
                         os.unlink(os.path.join(folder, name))
@@ -302,9 +311,19 @@ def _clean_stray_temps(folders: list[str], held: frozenset = frozenset()) -> Non
                 os.close(fd)
 
 
+def _has_journal(root: str) -> bool:
+    """Whether ``root`` holds a committed journal; an error other than 'no such file' propagates (guessing 'no'
+    would let the staged files it names be removed as strays)."""
+    try:
+        os.lstat(os.path.join(root, JOURNAL_NAME))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
 def _roll_forward_locked(root: str) -> None:
     """With ``root``'s lock held: finish a save whose journal was committed there."""
-    if os.path.lexists(os.path.join(root, JOURNAL_NAME)):
+    if _has_journal(root):
         try:
             renames, removes = _read_journal(root)
         except (ValueError, KeyError, TypeError) as e:
@@ -326,7 +345,7 @@ def recover_folder(folder: str) -> None:
         return
     try:
         for root in dict.fromkeys((os.path.dirname(folder), folder)):
-            if os.path.lexists(os.path.join(root, JOURNAL_NAME)):
+            if _has_journal(root):
                 with folder_lock(root):
                     _roll_forward_locked(root)
         _clean_stray_temps([folder] + _subfolders(folder))
@@ -341,7 +360,8 @@ def recover_folder(folder: str) -> None:
 class SaveTransaction:
     """All-or-nothing save of several files into ``root`` and its immediate subfolders.
 
-    ``write(path, writer)`` and ``remove(path)`` plan; ``commit()`` runs it:
+    ``write(path, writer)`` (``writer(tmp)`` writes the file; returning SKIP leaves it as it is), ``write_text``
+    and ``remove(path)`` plan; ``commit()`` runs it:
 
     1. take an exclusive lock on ``root`` (other saves wait, up to PEFTFAST_SAVE_LOCK_TIMEOUT seconds);
     2. finish a committed save that died in ``root``; remove stray temporary files of dead saves (matched by
@@ -377,10 +397,15 @@ class SaveTransaction:
             raise ValueError(f"a save transaction writes only {', '.join(_OWN_NAMES[:-1])}; got {path}")
         self._writes.append((os.path.abspath(path), writer))
 
-    def write_text(self, path: str, text: str) -> None:
-        def writer(tmp: str) -> None:
+    def write_text(self, path: str, text: "str | Callable[[], Optional[str]]") -> None:
+        """Write ``text``; a callable is called while the folder is locked and its None leaves the file as it is."""
+        def writer(tmp: str) -> object:
+            content = text() if callable(text) else text
+            if content is None:
+                return SKIP
             with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
+                f.write(content)
+            return None
 
         self.write(path, writer)
 
@@ -426,13 +451,16 @@ class SaveTransaction:
                 tmp = _temp_path(path)
                 staged.append((tmp, path))
                 mode = os.stat(tmp).st_mode
-                writer(tmp)
+                if writer(tmp) is SKIP:
+                    staged.pop()
+                    _discard([tmp])
+                    continue
                 os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0600
                 _fsync_file(tmp)
             current = os.path.join(root, JOURNAL_NAME)
             plan = {"version": 1,
                     "renames": [[self._rel(tmp), self._rel(dst)] for tmp, dst in staged],
-                    "removes": [self._rel(p) for p in dict.fromkeys(self._removes) if os.path.lexists(p)]}
+                    "removes": [self._rel(p) for p in dict.fromkeys(self._removes)]}
             journal_tmp = _temp_path(current)
             staged.append((journal_tmp, current))
             with open(journal_tmp, "w", encoding="utf-8") as f:
