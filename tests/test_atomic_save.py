@@ -209,7 +209,7 @@ def test_fault_at_every_file_system_call(tmp_path, monkeypatch, old_safe, new_sa
         folder = tmp_path / f"k{k}"
         shutil.copytree(template, folder)
         before = tree(folder)
-        monkeypatch.setattr(os, "fsync", lambda fd: None)  # still a fault point, but fast: durability is not tested here
+        monkeypatch.setattr(os, "fsync", lambda fd: None)  # still a fault point, but fast (durability is not tested)
         inj = Injector(monkeypatch, fail_at=k, persist=persist)
         inj.active = True
         error = None

@@ -1,8 +1,8 @@
 """The errors peftfast raises for bad configurations and adapter operations.
 
 They live at the bottom of the package so that every layer can raise and catch them (save/load in
-``utils`` catches what the tuners raise) without importing upward. All but AdapterSaveError (an OSError) are ValueErrors, as
-PEFT's errors for the same situations are. ``peftfast.config`` re-exports ConfigError and
+``utils`` catches what the tuners raise) without importing upward. All but AdapterSaveError (an OSError) are
+ValueErrors, as PEFT's errors for the same situations are. ``peftfast.config`` re-exports ConfigError and
 ``peftfast.tuners.tuners_utils`` re-exports AdapterError, where users have always found them.
 """
 

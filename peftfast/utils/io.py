@@ -11,13 +11,13 @@ destination as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import errno as errno_codes
 import json
 import os
 import re
 import secrets
 import time
-from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 from .errors import AdapterSaveError
@@ -75,6 +75,13 @@ def _discard(paths: list[str]) -> None:
 def atomic_write_many(writes: list[tuple[str, Callable[[str], None]]]) -> None:
     """For each (path, write): ``write(tmp_path)`` to a temporary file beside ``path``; once all succeeded,
     rename each over its ``path``. On any error every temporary file is removed and no ``path`` is touched."""
+    with contextlib.ExitStack() as locks:  # a save transaction cleaning these folders leaves our files alone
+        for directory in sorted({os.path.dirname(os.path.abspath(p)) for p, _ in writes}):
+            locks.enter_context(folder_lock(directory))
+        _write_many_locked(writes)
+
+
+def _write_many_locked(writes: list[tuple[str, Callable[[str], None]]]) -> None:
     staged: list[tuple[str, str]] = []
     try:
         for path, write in writes:
@@ -120,8 +127,8 @@ JOURNAL_NAME = ".peftfast-save.journal"
 _OWN_NAMES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_config.json", "README.md", JOURNAL_NAME)
 _TEMP_RE = re.compile(r"^\.(" + "|".join(re.escape(n) for n in _OWN_NAMES) + r")\.[0-9a-f]{12}" + re.escape(TMP_SUFFIX)
                       + r"$")
-LOCK_TIMEOUT_S = 120.0
-SKIP = object()  # returned by a SaveTransaction writer: leave that file as it is  # PEFTFAST_SAVE_LOCK_TIMEOUT overrides
+LOCK_TIMEOUT_S = 120.0  # PEFTFAST_SAVE_LOCK_TIMEOUT overrides
+SKIP = object()  # returned by a SaveTransaction writer: leave that file as it is
 
 
 def _lock_timeout() -> float:
@@ -131,7 +138,7 @@ def _lock_timeout() -> float:
         return LOCK_TIMEOUT_S
 
 
-@contextmanager
+@contextlib.contextmanager
 def folder_lock(folder: str, timeout: Optional[float] = None) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``folder`` itself (its directory file descriptor: no lock file is created, so
     the folder's contents stay exactly PEFT's). Waits up to ``timeout`` seconds, then raises AdapterSaveError."""
@@ -457,6 +464,8 @@ class SaveTransaction:
                     continue
                 os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0600
                 _fsync_file(tmp)
+            for folder in dict.fromkeys(os.path.dirname(tmp) for tmp, _ in staged):
+                _fsync_dir(folder)  # the staged files' names are durable before the journal names them
             current = os.path.join(root, JOURNAL_NAME)
             plan = {"version": 1,
                     "renames": [[self._rel(tmp), self._rel(dst)] for tmp, dst in staged],
@@ -490,7 +499,7 @@ class SaveTransaction:
                                          "save or load of this folder completes it: ") from first
 
 
-@contextmanager
+@contextlib.contextmanager
 def atomic_save(root: str, lock_timeout: Optional[float] = None) -> Iterator[SaveTransaction]:
     """``with atomic_save(folder) as tx: tx.write(...); tx.remove(...)`` commits on leaving the block without an
     exception (see SaveTransaction)."""
