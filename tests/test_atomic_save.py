@@ -2,7 +2,8 @@
 adapter in the folder is entirely the old one or entirely the new one, and loads.
 
 - Fault injection at every file-system call of a multi-adapter save (root adapter, two subfolder adapters, the
-  model card; both serialisations, switching between them), failing once or failing for good from that call on.
+  model card; both serialisations, switching between them; and a first save into an empty folder), failing once
+  or failing for good from that call on.
 - Real SIGKILLs of a child process at random points of a save loop, then recovery.
 - Two processes saving different adapters to one folder at once never leave a mixed folder.
 - Save failures raise AdapterSaveError (an OSError) naming the path and the cause; a full disk keeps ENOSPC.
@@ -242,6 +243,45 @@ def test_fault_at_every_file_system_call(tmp_path, monkeypatch, old_safe, new_sa
     assert seen["old"] > 0 and seen["new"] > 0
     if persist:
         assert seen["committed-error"] > 0  # faults after the commit point were completed by the next load
+
+
+@pytest.mark.parametrize("persist", [False, True], ids=["fails-once", "fails-from-then-on"])
+def test_fault_at_every_call_of_a_first_save(tmp_path, monkeypatch, persist):
+    """Into an empty folder (the adapter subfolders are created by the save): afterwards there are either no
+    adapter files at all (loading says so, and leaves no temporary file) or all the new adapters."""
+    count = tmp_path / "count"
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    inj = Injector(monkeypatch)
+    inj.active = True
+    quiet(NEW.save_pretrained, count)
+    inj.active = False
+    monkeypatch.undo()
+    assert inj.kinds.count("mkdir") >= 2
+    outcomes = {"nothing": 0, "new": 0}
+    for k in range(len(inj.kinds)):
+        folder = tmp_path / f"k{k}"
+        folder.mkdir()
+        monkeypatch.setattr(os, "fsync", lambda fd: None)
+        fault = Injector(monkeypatch, fail_at=k, persist=persist)
+        fault.active = True
+        error = None
+        try:
+            quiet(NEW.save_pretrained, folder)
+        except AdapterSaveError as e:
+            error = e
+        fault.active = False
+        monkeypatch.undo()
+        if error is None or error.committed:
+            labels = check_folder(folder, {"new": (NEW_OUT, True)}, ADAPTERS[::-1])
+            assert set(labels.values()) == {"new"}
+            outcomes["new"] += 1
+            continue
+        for name in ADAPTERS[::-1]:
+            with pytest.raises(FileNotFoundError):
+                load_output(folder, name)
+        assert not set(tree(folder)), (k, inj.kinds[k], set(tree(folder)))
+        outcomes["nothing"] += 1
+    assert outcomes["nothing"] > 0 and outcomes["new"] > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
