@@ -250,6 +250,7 @@ def test_fault_at_every_call_of_a_first_save(tmp_path, monkeypatch, persist):
     """Into an empty folder (the adapter subfolders are created by the save): afterwards there are either no
     adapter files at all (loading says so, and leaves no temporary file) or all the new adapters."""
     count = tmp_path / "count"
+    count.mkdir()
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     inj = Injector(monkeypatch)
     inj.active = True
