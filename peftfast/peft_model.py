@@ -28,7 +28,7 @@ from .config import PeftConfig
 from .utils import registry
 from .utils.errors import AdapterError
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
-from .utils.io import atomic_write_many, atomic_write_text
+from .utils.io import SaveTransaction, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -259,10 +259,16 @@ class PeftModel(nn.Module):
 
         Tensor keys carry no adapter name; ``modules_to_save`` copies are saved under the original module's name,
         and the embedding layers when ``save_embedding_layers`` is True ('auto': when an embedding is targeted or
-        the vocabulary was resized). The write is atomic across all selected adapters: every file is first written
-        under a temporary name and renamed into place only once all of them have been written, so an error or
-        interruption leaves the previous files intact and no temporary files behind. Only ``is_main_process``
+        the vocabulary was resized). The save is one transaction over all selected adapters and the model card
+        (``peftfast.utils.io.SaveTransaction``): the folder is locked against other saves, every file is staged under
+        a temporary name, a journal commits the save, then the files are renamed into place. After an error, Ctrl-C
+        or kill at any point each adapter is entirely the old or entirely the new one (the next save or load of the
+        folder finishes or undoes an interrupted save and removes its temporary files). Only ``is_main_process``
         writes. ``state_dict=`` (keyword) saves from that state dict instead of the model's.
+
+        Raises:
+            AdapterSaveError (an OSError): a file could not be written (full disk, no permission, an adapter
+                subfolder name taken by a file, ...); it names the path and the cause, and the folder is as before.
         """
         from .config import PEFT_FORMAT_VERSION
 
@@ -287,12 +293,10 @@ class PeftModel(nn.Module):
                 get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
                                           save_embedding_layers=save_embedding_layers)
             return
-        os.makedirs(save_directory, exist_ok=True)
-        self.create_or_update_model_card(save_directory)
-        writes = []
+        tx = SaveTransaction(save_directory)  # the model card is computed and written with the adapters
+        tx.write_text(os.path.join(save_directory, "README.md"), lambda: self._model_card_text(save_directory))
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out, exist_ok=True)
 
             def write_weights(tmp: str, name: str = name) -> None:
                 state = _contiguous_unshared(get_peft_model_state_dict(
@@ -304,8 +308,8 @@ class PeftModel(nn.Module):
                 else:
                     torch.save(state, tmp)
 
-            writes.append((os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME),
-                           write_weights))
+            tx.write(os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME),
+                     write_weights)
             config = copy.deepcopy(self.peft_config[name])
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
@@ -315,20 +319,22 @@ class PeftModel(nn.Module):
             if config.task_type is None:
                 base = self.get_base_model()
                 auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-            writes.append(_save_config(config, out, auto_mapping))
-        atomic_write_many(writes)
-        # A weights file of the other format left by an earlier save would shadow this one (.safetensors is read
-        # first) or leave two answers in one folder: remove it once the new files are in place.
-        stale = WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME
-        for name in names:
-            out = save_directory if name == "default" else os.path.join(save_directory, name)
-            if os.path.isfile(os.path.join(out, stale)):
-                os.unlink(os.path.join(out, stale))
+            tx.write(*_save_config(config, out, auto_mapping))
+            # A weights file of the other format left by an earlier save would shadow this one (.safetensors is
+            # read first): it is removed in the same transaction.
+            tx.remove(os.path.join(out, WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME))
+        tx.commit()
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write or update README.md as PEFT does: huggingface_hub's model card with ``library_name: peft``, the base
         model, tags (method, ``transformers``, ``base_model:adapter:<base>``, plus ``peftfast``), ``pipeline_tag``
         for causal LMs, and a framework-versions line. An existing card keeps its text and metadata."""
+        text = self._model_card_text(output_dir)
+        if text is not None:
+            atomic_write_text(os.path.join(output_dir, "README.md"), text)
+
+    def _model_card_text(self, output_dir: str) -> Optional[str]:
+        """The new README.md text for ``output_dir``, or None (with a warning) when the card is left alone."""
         from .config import PEFT_FORMAT_VERSION
         from .utils.hub import model_card_text
 
@@ -354,14 +360,14 @@ class PeftModel(nn.Module):
                     existing = f.read()
             except UnicodeDecodeError:
                 warnings.warn(f"{path} is not UTF-8 text; the model card was left unchanged", UserWarning)
-                return
+                return None
         text = model_card_text(existing, base_model=base_name, tags=tags, pipeline_tag=pipeline,
                                version_line=f"- peftfast {__version__} (PEFT {PEFT_FORMAT_VERSION} format)")
         if text is None:
             warnings.warn(f"{path} has metadata that is not valid YAML; the model card was left unchanged",
                           UserWarning)
-            return
-        atomic_write_text(path, text)
+            return None
+        return text
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",

@@ -27,6 +27,9 @@ def resolve_file(model_id: str, filename: str, subfolder: Optional[str] = None, 
     model_id = os.fspath(model_id)
     local = os.path.join(model_id, subfolder) if subfolder else model_id
     if os.path.isdir(local):
+        from .io import recover_folder
+
+        recover_folder(local)  # finish or undo a save that was interrupted there before reading from it
         path = os.path.join(local, filename)
         if not os.path.isfile(path):
             present = sorted(os.listdir(local))
