@@ -709,11 +709,15 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     weights_a[i]: [r_i, d_in]; weights_b[i]: [d_out, r_i] (A_i and B_i share a dtype, which may
     differ from x's); scalings[i]: float; dropout_ps[i] in [0, 1), used only when ``training``.
     Gradients flow to x, bias and every A_i / B_i that requires grad. Each call with dropout
-    draws one seed from torch's default generator.
+    draws one seed from torch's default generator. The op picks the backend: on the Triton backend
+    the fused kernels; elsewhere ``F.linear`` then ``lora_linear`` (the same math, reference path).
     """
     _check(x, weight, bias)
     if len(weights_a) == 0:
         return F.linear(x, weight, bias)
+    if not torch.compiler.is_compiling() and not use_triton(x, weight):
+        # the reference backend: the base matmul, then lora.py's op on its output (which checks the adapters)
+        return L.lora_linear(x, F.linear(x, weight, bias), weights_a, weights_b, scalings, dropout_ps, training)
     base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], weight.shape[0])
     check_adapters(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
     if len({a.dtype for a in weights_a}) > 1:  # mixed adapter dtypes: base, then lora.py per run

@@ -234,7 +234,9 @@ def qlora_linear_fused(x: torch.Tensor, p: Packed4bit | Int8Weight, bias: torch.
     x: [..., d_in] fp32/fp16/bf16; p: the quantised weight [d_out, d_in] (a 4-bit one is dequantised to
     p.dtype, then to x's dtype, as matmul_4bit); bias: [d_out] float or None; the adapters as in
     ``lora_linear_fused``. Gradients flow to x, bias and every A_i / B_i that requires grad.
-    Under torch.compile one custom op (``peftfast::qlora_linear_fused_4bit`` / ``_int8``).
+    Under torch.compile one custom op (``peftfast::qlora_linear_fused_4bit`` / ``_int8``). The op
+    picks the backend: on the Triton backend the fused kernels; elsewhere the quantised matmul, then
+    ``lora_linear`` (the same math, reference path).
     """
     if isinstance(p, Int8Weight):
         n_out, k = check_int8(p.cb, p.scb)
@@ -244,6 +246,10 @@ def qlora_linear_fused(x: torch.Tensor, p: Packed4bit | Int8Weight, bias: torch.
     Q.check_x(x, k, n_out, bias, data, "qlora_linear_fused")
     if len(weights_a) == 0:
         return Q.matmul_int8(x, p.cb, p.scb, bias) if isinstance(p, Int8Weight) else Q.matmul_4bit(x, p, bias)
+    if not torch.compiler.is_compiling() and not use_triton(x, data):
+        # the reference backend: the quantised matmul, then lora.py's op on its output (which checks the adapters)
+        base = Q.matmul_int8(x, p.cb, p.scb, bias) if isinstance(p, Int8Weight) else Q.matmul_4bit(x, p, bias)
+        return L.lora_linear(x, base, weights_a, weights_b, scalings, dropout_ps, training)
     base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], n_out)
     check_adapters(x, base_shape, weights_a, weights_b, scalings, dropout_ps)
     if len({a.dtype for a in weights_a}) > 1:

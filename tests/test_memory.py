@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import peftfast
+from peftfast import zoo
 from peftfast.tools.memory import measure_saved_bytes
 
 peft = pytest.importorskip("peft")
@@ -12,10 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def _llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return zoo.llama(0, 48, 2, 97, heads=4, kv_heads=2, intermediate=80, pad=None).train()
 
 
 def _saved(lib, base, dropout):

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import zoo
 from .constants import ACT, D_MODEL, F32, PROJECTIONS, R_MODEL, T_MODEL
 
 
@@ -68,13 +69,9 @@ def share_adapters(src: nn.Module, *dsts: nn.Module, seed: int = 0) -> None:
 
 
 def tiny_llama(hidden: int, layers: int, vocab: int = 128, seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    """The bench's Llama (from peftfast.zoo), in training mode."""
+    return zoo.llama(seed, hidden, layers, vocab, heads=4, kv_heads=2, intermediate=3 * hidden, max_positions=512,
+                     pad=None).train()
 
 
 @dataclass

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...kernels.backend import use_triton
 from ...kernels.qlora import Int8Weight, qlora_linear_fused
 from ..additive import QuantizedAdditiveLayer, low_rank_delta
 from ..adapter_layers import base_is_fusable
@@ -62,12 +61,12 @@ class Linear4bit(QuantizedBase4bit, QuantLoraLinear):
     quant_storage)."""
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
-        """On the Triton backend a base that may be fused (``base_is_fusable``) and whose compute dtype is x's
-        dtype runs in the same 4-bit GEMM that adds the adapters (one store of y, one dX kernel)."""
+        """A base that may be fused (``base_is_fusable``) and whose compute dtype is x's dtype is handed to
+        ``qlora_linear_fused`` with the adapters: on the Triton backend the same 4-bit GEMM adds them (one
+        store of y, one dX kernel); elsewhere the op runs the 4-bit matmul, then ``lora_linear`` (the op
+        picks the backend)."""
         base = self.get_base_layer()
-        if not base_is_fusable(base) or not use_triton(x, base.weight):
-            return False
-        return compute_dtype(base, x) == x.dtype
+        return base_is_fusable(base) and compute_dtype(base, x) == x.dtype
 
     def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         base = self.get_base_layer()
@@ -80,13 +79,12 @@ class Linear8bitLt(QuantizedBase8bit, QuantLoraLinear):
     """LoRA on a bitsandbytes ``Linear8bitLt`` (row-wise int8 weight)."""
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
-        """On the Triton backend a base that may be fused (``base_is_fusable``) holding int8 storage (CB/SCB,
-        no fp16 weights) runs in the same int8 GEMM that adds the adapters (one store of y; the dX kernel
-        also computes dA)."""
+        """A base that may be fused (``base_is_fusable``) holding int8 storage (CB/SCB, no fp16 weights) is
+        handed to ``qlora_linear_fused`` with the adapters: on the Triton backend the same int8 GEMM adds them
+        (one store of y; the dX kernel also computes dA); elsewhere the op runs the int8 matmul, then
+        ``lora_linear`` (the op picks the backend)."""
         base = self.get_base_layer()
-        if not base_is_fusable(base) or base.state.has_fp16_weights:
-            return False
-        return use_triton(x, base.weight)
+        return base_is_fusable(base) and not base.state.has_fp16_weights
 
     def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         base = self.get_base_layer()

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels.backend import use_triton
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
@@ -141,11 +140,12 @@ class Linear(nn.Module, LoraLayer):
         return self._lora(x, result, names) if names else result
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
-        """On the Triton backend a plain nn.Linear base that may be fused (``base_is_fusable``: frozen, no
-        hooks, forward not patched) is computed by the same GEMM that adds the adapters (one store of y, one
-        dX kernel); anything else keeps the base module's own forward."""
+        """A plain nn.Linear base that may be fused (``base_is_fusable``: frozen, no hooks, forward not
+        patched) is handed to ``lora_linear_fused`` with the adapters: on the Triton backend one GEMM adds
+        them (one store of y, one dX kernel), elsewhere the op runs the base matmul then ``lora_linear``
+        (the op picks the backend). Anything else keeps the base module's own forward."""
         base = self.base_layer
-        return type(base) is nn.Linear and base_is_fusable(base) and use_triton(x, base.weight)
+        return type(base) is nn.Linear and base_is_fusable(base)
 
     def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         base = self.base_layer
