@@ -38,6 +38,7 @@ def _placeholder(name):
 
     mod = types.ModuleType(name)
     mod.__conformance_placeholder__ = True
+    mod.__version__ = "0.0.0"
 
     def __getattr__(attr):
         if attr.startswith("__"):
@@ -64,16 +65,40 @@ def pytest_addoption(parser):
     g.addoption("--conf-sample", type=int, default=1, help="keep 1 in N selected tests (by crc32 of the id)")
 
 
+# Test classes named after a method (TestLoraInitialization, TestHiraInitialization, ...) in files
+# whose ids name no config class. Methods with their own config class are "other"; LoRA options
+# configured through LoraConfig (PiSSA, OLoRA, LoftQ, CorDA, EVA, BD-LoRA, KaSA, ...) count as LoRA
+# when the class name says "lora", else as general.
+_OTHER_METHOD_CLASS = re.compile(
+    r"adalora|vblora|randlora|tinylora|unilora|xlora|delora|gralora|"
+    r"loha|lokr|boft|oft|vera|hira|hra|fourierft|lntuning|prefix|prompt|poly|shira|c3a|road|miss|waveft|"
+    r"osf|cpt|trainabletoken|lily|adamss|frod|deft|beft|glora|psoft|peanut|shadow|supertuning|arrow|"
+    r"bone|adaption"
+)
+_SELECTED_CLASS = {"lora": re.compile(r"lora"), "ia3": re.compile(r"ia3")}
+
+
 def method_of(nodeid: str, methods: list[str]) -> str | None:
-    """'lora' / 'ia3' / 'general' (names no config class) / None (names only other methods)."""
+    """'lora' / 'ia3' / 'general' (names no method) / None (names only other methods).
+
+    First by config class names in the id (``LoraConfig``, ``IA3Config``: exact tokens, so
+    ``AdaLoraConfig`` is not LoRA); else by the test class name (``TestLoraInitialization``)."""
     names = set(_ANY_CONFIG.findall(nodeid))
     names.discard("PeftConfig")
     for m in methods:
         if METHOD_CONFIGS[m] in names:
             return m
-    if not names:
-        return "general"
-    return None
+    if names:
+        return None
+    cls = next((p for p in nodeid.split("::")[1:] if p.startswith("Test")), "").lower()
+    if cls:
+        rest = _OTHER_METHOD_CLASS.sub("", cls[4:])
+        for m in methods:
+            if _SELECTED_CLASS[m].search(rest):
+                return m
+        if rest != cls[4:]:
+            return None
+    return "general"
 
 
 def pytest_collection_modifyitems(session, config, items):
