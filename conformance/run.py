@@ -99,7 +99,11 @@ def run_one(file: str, variant: str, methods: str, sample: int, timeout: int) ->
             rc = subprocess.run(cmd, cwd=SRC, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    wall = time.time() - t0
+    return read_run(file, variant, rc, time.time() - t0)
+
+
+def read_run(file, variant, rc, wall) -> dict:
+    out = OUT / f"{file.removesuffix('.py')}.{variant}.jsonl"
     records, meta = {}, {}
     if out.exists():
         for line in out.read_text().splitlines():
@@ -108,7 +112,20 @@ def run_one(file: str, variant: str, methods: str, sample: int, timeout: int) ->
                 meta = rec["_meta"]
             else:
                 records[rec["nodeid"]] = rec
-    return {"file": file, "variant": variant, "rc": rc, "wall_s": round(wall, 1), "records": records, "meta": meta}
+    return {"file": file, "variant": variant, "rc": rc, "wall_s": None if wall is None else round(wall, 1),
+            "records": records, "meta": meta}
+
+
+def previous_walls() -> dict:
+    """Exit codes and wall times of the runs recorded in an earlier results.json (for --report-only)."""
+    path = OUT / "results.json"
+    if not path.exists():
+        return {}
+    walls = {}
+    for f, c in json.loads(path.read_text())["per_file"].items():
+        walls[(f, "peft")] = (c.get("rc_peft"), c.get("wall_s_peft"))
+        walls[(f, "peftfast")] = (c.get("rc_peftfast"), c.get("wall_s_peftfast"))
+    return walls
 
 
 def load_expected() -> tuple[dict[str, str], list[tuple[re.Pattern, str]]]:
@@ -133,15 +150,24 @@ def expected_reason(nodeid, exact, patterns):
     return None
 
 
+GENERIC = {"", "assert False", "AssertionError", "assert True", "Regex pattern did not match."}
+
+
 def cause(rec) -> str:
+    """Group key: exception type + first message line with numbers and addresses blanked; a
+    generic message (``assert False``) is qualified by the test function name."""
     exc = rec.get("exc") or rec.get("outcome", "")
-    msg = rec.get("msg", "")
+    msg = rec.get("msg", "") or ""
+    if msg.strip() in GENERIC:
+        func = rec["nodeid"].split("::")[-1].split("[")[0]
+        return f"{exc}: {msg.strip() or '(no message)'} in {func}"
     msg = re.sub(r"0x[0-9a-f]+", "0x..", msg)
-    msg = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", msg)
-    return f"{exc}: {msg[:160]}" if msg else exc
+    msg = re.sub(r"\b\d+(\.\d+)?(e-?\d+)?\b", "N", msg)
+    return f"{exc}: {msg[:160]}"
 
 
 def main(argv=None) -> int:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default="lora,ia3")
     ap.add_argument("--files", default=",".join(DEFAULT_FILES))
@@ -151,8 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--update-hub-only", action="store_true",
                     help="add the oracle's Hub-dependent failures/skips to expected.json as hub-only")
     ap.add_argument("--out", default=str(OUT), help="output folder (default conformance/out)")
+    ap.add_argument("--report-only", action="store_true", help="re-read the .jsonl files in --out, run nothing")
     args = ap.parse_args(argv)
-    global OUT
     OUT = Path(args.out).resolve()
 
     t_all = time.time()
@@ -160,13 +186,19 @@ def main(argv=None) -> int:
     files = [f if f.endswith(".py") else f + ".py" for f in args.files.split(",") if f]
     jobs = [(f, v) for f in files for v in ("peft", "peftfast")]
     results = {}
-    with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futs = {pool.submit(run_one, f, v, args.methods, args.sample, args.timeout): (f, v) for f, v in jobs}
-        for fut in cf.as_completed(futs):
-            r = fut.result()
-            results[(r["file"], r["variant"])] = r
-            print(f"[{r['variant']:8s}] {r['file']}: {len(r['records'])} tests, rc={r['rc']}, {r['wall_s']}s",
-                  flush=True)
+    if args.report_only:
+        walls = previous_walls()
+        for f, v in jobs:
+            rc, wall = walls.get((f, v), (None, None))
+            results[(f, v)] = read_run(f, v, rc, wall)
+    else:
+        with cf.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futs = [pool.submit(run_one, f, v, args.methods, args.sample, args.timeout) for f, v in jobs]
+            for fut in cf.as_completed(futs):
+                r = fut.result()
+                results[(r["file"], r["variant"])] = r
+                print(f"[{r['variant']:8s}] {r['file']}: {len(r['records'])} tests, rc={r['rc']}, {r['wall_s']}s",
+                      flush=True)
 
     exact, patterns = load_expected()
     per_file, per_method = {}, collections.defaultdict(collections.Counter)
@@ -225,6 +257,8 @@ def main(argv=None) -> int:
     missing = sorted({n for r in results.values() for n in r["meta"].get("missing_names", [])})
     shimmed = sorted({n for r in results.values() for n in r["meta"].get("shimmed", [])})
     wall = round(time.time() - t_all, 1)
+    if args.report_only and (OUT / "results.json").exists():
+        wall = json.loads((OUT / "results.json").read_text())["wall_s"]
     summary = {
         "peft_version": PEFT_VERSION, "methods": args.methods, "files": files, "sample": args.sample,
         "wall_s": wall, "per_file": per_file, "per_method": {k: dict(v) for k, v in per_method.items()},
