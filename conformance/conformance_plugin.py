@@ -16,6 +16,9 @@ import importlib.util
 import json
 import re
 import sys
+
+import pytest
+import signal
 import types
 import zlib
 
@@ -58,10 +61,48 @@ for _dep in PLACEHOLDER_DEPS:
         sys.modules[_dep] = _placeholder(_dep)
 
 
+class ConformanceTimeout(Exception):
+    """A test phase ran past --conf-test-timeout (e.g. retrying an unreachable Hub)."""
+
+
+def _alarm(signum, frame):
+    raise ConformanceTimeout("test phase exceeded --conf-test-timeout")
+
+
+def _timed(item):
+    limit = item.config.getoption("--conf-test-timeout")
+    if limit and hasattr(signal, "SIGALRM"):
+        old = signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(limit)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+    else:
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield from _timed(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield from _timed(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item):
+    yield from _timed(item)
+
+
 def pytest_addoption(parser):
     g = parser.getgroup("conformance")
     g.addoption("--conf-methods", default="lora,ia3")
     g.addoption("--conf-out", default=None)
+    g.addoption("--conf-test-timeout", type=int, default=60, help="seconds per test phase (0: none)")
     g.addoption("--conf-sample", type=int, default=1, help="keep 1 in N selected tests (by crc32 of the id)")
 
 
