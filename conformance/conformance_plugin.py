@@ -19,6 +19,7 @@ import sys
 
 import pytest
 import signal
+import time
 import types
 import zlib
 
@@ -96,6 +97,28 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_teardown(item):
     yield from _timed(item)
+
+
+class _NoSleepTime:
+    """``time`` for huggingface_hub's HTTP retry loop without the back-off sleeps: this machine has no
+    route to the Hub, and PEFT's ``hub_online_once`` turns offline mode off for a model's first use,
+    so each download would otherwise retry with exponential back-off. Same in both runs."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds):
+        pass
+
+
+try:
+    import huggingface_hub.utils._http as _hf_http
+
+    if hasattr(_hf_http, "time"):
+        _hf_http.time = _NoSleepTime()
+except Exception:  # pragma: no cover - a huggingface_hub without that module
+    pass
 
 
 def pytest_addoption(parser):
