@@ -240,17 +240,21 @@ def test_lora_safe_merge_refuses_nan_and_leaves_weights_unchanged():
     assert not any(m.merged for m in ours.base_model.model.modules() if hasattr(m, "merged_adapters"))
 
 
+def assert_each_and_both_adapters_agree(ours, theirs, x):
+    """Adapters "one" and "two" active alone, then together: same outputs as PEFT's."""
+    for name in ("one", "two"):
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        torch.testing.assert_close(ours(x), theirs(x))
+    ours.base_model.set_adapter(["one", "two"])
+    theirs.base_model.set_adapter(["one", "two"])
+    torch.testing.assert_close(ours(x), theirs(x))
+
 def test_lora_several_adapters_set_adapter_disable_and_mixed_batch():
     ours, theirs = pair(lora_kwargs(), adapters=("one", "two"))
     x = inputs(batch=5)
     with torch.no_grad():
-        for name in ("one", "two"):
-            ours.set_adapter(name)
-            theirs.set_adapter(name)
-            torch.testing.assert_close(ours(x), theirs(x))
-        ours.base_model.set_adapter(["one", "two"])
-        theirs.base_model.set_adapter(["one", "two"])
-        torch.testing.assert_close(ours(x), theirs(x))
+        assert_each_and_both_adapters_agree(ours, theirs, x)
         with ours.disable_adapter(), theirs.disable_adapter():
             torch.testing.assert_close(ours(x), theirs(x))
             torch.testing.assert_close(ours(x), conv_net()(x))
@@ -437,13 +441,7 @@ def test_ia3_several_adapters_disable_and_files_both_ways(tmp_path):
     ours, theirs = pair(kw, method="ia3", adapters=("one", "two"))
     x = inputs()
     with torch.no_grad():
-        for name in ("one", "two"):
-            ours.set_adapter(name)
-            theirs.set_adapter(name)
-            torch.testing.assert_close(ours(x), theirs(x))
-        ours.base_model.set_adapter(["one", "two"])
-        theirs.base_model.set_adapter(["one", "two"])
-        torch.testing.assert_close(ours(x), theirs(x))
+        assert_each_and_both_adapters_agree(ours, theirs, x)
         with ours.disable_adapter():
             torch.testing.assert_close(ours(x), conv_net()(x))
         ours.set_adapter("two")

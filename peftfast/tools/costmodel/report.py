@@ -80,6 +80,21 @@ def render_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 1
     return build_report(t, d_in, d_out, r, act, gpus, launch_overhead, calibrate)[0]
 
 
+def _count_kernels(out: list[str], checks: list, module: str, label: str, calibrate) -> bool:
+    """Add ``calibrate()``'s checks to ``checks``; a kernel module that is absent or cannot be counted here is
+    noted in ``out``; one that fails to run is reported (returns False), not hidden."""
+    try:
+        checks += calibrate()
+    except ImportError:
+        out.append(f"  peftfast.kernels.{module} not available: its kernels were not counted")
+    except RuntimeError as err:
+        out.append(f"  {label} kernels not counted: {err}")
+    except Exception as err:  # noqa: BLE001 - a kernel that fails to run is reported, not hidden
+        out.append(f"  FAILED to run the {label} kernels: {type(err).__name__}: {err}")
+        return False
+    return True
+
+
 def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16,
                  act: torch.dtype = torch.bfloat16, gpus: tuple[Gpu, ...] = (H100, RTX4090),
                  launch_overhead: float = LAUNCH_OVERHEAD_S, calibrate: bool = True) -> tuple[str, bool]:
@@ -89,25 +104,11 @@ def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16
     if calibrate:
         out.append("Calibration (counted at small shapes vs the formulas):")
         checks = calibrate_eager()
-        try:
-            checks += calibrate_peftfast() + calibrate_peftfast(t=200, ad=torch.float16)
-        except ImportError:
-            out.append("  peftfast.kernels.lora not available: its kernels were not counted")
-        except RuntimeError as err:
-            out.append(f"  peftfast kernels not counted: {err}")
-        except Exception as err:  # noqa: BLE001 - a kernel that fails to run is reported, not hidden
-            out.append(f"  FAILED to run the peftfast kernels: {type(err).__name__}: {err}")
-            ok = False
-        try:
-            checks += calibrate_peftfast_fused() + calibrate_peftfast_fused(t=200, ad=torch.float16, dropout_p=0.0)
-            checks += calibrate_peftfast_fused(t=1100, d_in=150, d_out=130, ad=torch.float16)  # two row-block groups
-        except ImportError:
-            out.append("  peftfast.kernels.lora_fused not available: its kernels were not counted")
-        except RuntimeError as err:
-            out.append(f"  peftfast fused kernels not counted: {err}")
-        except Exception as err:  # noqa: BLE001 - a kernel that fails to run is reported, not hidden
-            out.append(f"  FAILED to run the peftfast fused kernels: {type(err).__name__}: {err}")
-            ok = False
+        ok = _count_kernels(out, checks, "lora", "peftfast",
+                            lambda: calibrate_peftfast() + calibrate_peftfast(t=200, ad=torch.float16))
+        ok = _count_kernels(out, checks, "lora_fused", "peftfast fused", lambda: (
+            calibrate_peftfast_fused() + calibrate_peftfast_fused(t=200, ad=torch.float16, dropout_p=0.0)
+            + calibrate_peftfast_fused(t=1100, d_in=150, d_out=130, ad=torch.float16))) and ok  # two row-block groups
         out += ["  " + c.line() for c in checks]
         ok = ok and all(c.ok for c in checks)
         out.append("")

@@ -160,6 +160,15 @@ class IA3Layer(AdapterLayer):
             bias.data = new_b
         self.merged_adapters.clear()
 
+    def base_alone(self) -> bool:
+        """Whether the base layer alone gives this layer's output: adapters disabled (a disabled layer with
+        merged adapters is unmerged first, as PEFT does) or merged into the base weight."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return True
+        return self.merged
+
 
 class Linear(nn.Module, IA3Layer):
     """(IA)^3 on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
@@ -190,11 +199,7 @@ class Linear(nn.Module, IA3Layer):
         return weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.base_alone():
             return self.base_layer(x, *args, **kwargs)
         scale = self.active_scale()
         if scale is None:
@@ -254,11 +259,7 @@ class ConvNd(nn.Module, IA3Layer):
         return per_group.reshape(base.out_channels, in_g, *ones)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.base_alone():
             return self.base_layer(x, *args, **kwargs)
         names = self._active_names()
         if not names:
