@@ -129,6 +129,15 @@ def require_interpreter() -> None:
         raise RuntimeError("counting the Triton kernels needs TRITON_INTERPRET=1 set before triton is imported")
 
 
+def counted_input(t: int, d_in: int) -> tuple[torch.dtype, torch.Generator, torch.Tensor]:
+    """(fp16, a generator seeded 0, x [t, d_in] fp16 drawn from it first, requiring grad) for a kernel count;
+    raises RuntimeError outside the interpreter."""
+    require_interpreter()
+    act = torch.float16
+    gen = torch.Generator().manual_seed(0)
+    return act, gen, torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+
+
 def adapter_weights(gen: torch.Generator, r: int, d_in: int, d_out: int, ad: torch.dtype):
     """(A [r, d_in], B [d_out, r]) random adapter weights in ``ad`` that require grad."""
     a = (torch.randn(r, d_in, generator=gen) / d_in**0.5).to(ad).requires_grad_(True)
@@ -160,10 +169,7 @@ def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
 
     from peftfast.kernels import lora
 
-    require_interpreter()
-    act = torch.float16
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+    act, gen, x = counted_input(t, d_in)
     base_out = torch.randn(t, d_out, generator=gen).to(act)
     a, b = adapter_weights(gen, r, d_in, d_out, ad)
     dy = torch.randn(t, d_out, generator=gen).to(act)
@@ -186,10 +192,7 @@ def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: in
 
     from peftfast.kernels import lora_fused
 
-    require_interpreter()
-    act = torch.float16
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
+    act, gen, x = counted_input(t, d_in)
     w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(act)
     b = torch.randn(d_out, generator=gen).to(act).requires_grad_(True) if bias else None
     a, bb = adapter_weights(gen, r, d_in, d_out, ad)
