@@ -157,6 +157,14 @@ def op_checks(op: str, shape: str, fwd: tuple, bwd: tuple, model_f: list[Kernel]
     ]
 
 
+def count_with_adapters(gen: torch.Generator, t: int, d_in: int, d_out: int, r: int, act: torch.dtype,
+                        ad: torch.dtype, op) -> tuple[tuple, tuple]:
+    """Draw one adapter (A, B in ``ad``) and dY [t, d_out] from ``gen``, then count ``op(A, B)``'s forward and
+    backward Triton kernels (``count_triton_forward_backward``)."""
+    a, b = adapter_weights(gen, r, d_in, d_out, ad)
+    dy = torch.randn(t, d_out, generator=gen).to(act)
+    return count_triton_forward_backward(lambda: op(a, b), dy)
+
 def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7, dropout_p: float = 0.1,
                        ad: torch.dtype = torch.float32) -> list[Check]:
     """Count ``lora_linear``'s Triton kernels under the interpreter (unique bytes per launch)
@@ -171,10 +179,8 @@ def calibrate_peftfast(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
 
     act, gen, x = counted_input(t, d_in)
     base_out = torch.randn(t, d_out, generator=gen).to(act)
-    a, b = adapter_weights(gen, r, d_in, d_out, ad)
-    dy = torch.randn(t, d_out, generator=gen).to(act)
-    fwd, bwd = count_triton_forward_backward(
-        lambda: lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True), dy)
+    fwd, bwd = count_with_adapters(
+        gen, t, d_in, d_out, r, act, ad, lambda a, b: lora.lora_linear(x, base_out, [a], [b], [1.5], [dropout_p], True))
     return op_checks("lora_linear", f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})", fwd, bwd,
                      peftfast_lora_forward(t, d_in, d_out, [r], act, ad),
                      planned_lora_backward(t, d_in, d_out, r, act, ad, dropout_p > 0))
@@ -195,10 +201,9 @@ def calibrate_peftfast_fused(t: int = 37, d_in: int = 45, d_out: int = 52, r: in
     act, gen, x = counted_input(t, d_in)
     w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(act)
     b = torch.randn(d_out, generator=gen).to(act).requires_grad_(True) if bias else None
-    a, bb = adapter_weights(gen, r, d_in, d_out, ad)
-    dy = torch.randn(t, d_out, generator=gen).to(act)
-    fwd, bwd = count_triton_forward_backward(
-        lambda: lora_fused.lora_linear_fused(x, w, b, [a], [bb], [1.5], [dropout_p], True), dy)
+    fwd, bwd = count_with_adapters(
+        gen, t, d_in, d_out, r, act, ad,
+        lambda a, bb: lora_fused.lora_linear_fused(x, w, b, [a], [bb], [1.5], [dropout_p], True))
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]}{', bias' if bias else ''})"
     # the forward's second read of X (same addresses) is seen once by the unique count
     return op_checks("lora_linear_fused", shape, fwd, bwd,
@@ -225,10 +230,9 @@ def calibrate_qlora_fused(t: int = 37, d_in: int = 128, d_out: int = 52, r: int 
     code = torch.linspace(-1.0, 1.0, 16)
     p = Packed4bit(data, absmax, code, 64, (d_out, d_in), act)
     x = torch.randn(t, d_in, generator=gen).to(act).requires_grad_(True)
-    a, bb = adapter_weights(gen, r, d_in, d_out, ad)
-    dy = torch.randn(t, d_out, generator=gen).to(act)
-    fwd, bwd = count_triton_forward_backward(
-        lambda: qlora.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True), dy)
+    fwd, bwd = count_with_adapters(
+        gen, t, d_in, d_out, r, act, ad,
+        lambda a, bb: qlora.qlora_linear_fused(x, p, None, [a], [bb], [1.5], [dropout_p], True))
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, NF4 bs 64, adapters {str(ad)[6:]})"
     return op_checks("qlora_linear_fused", shape, fwd, bwd,
                      qlora_layer("peftfast-fused", False, t, d_in, d_out, r, act, ad, dropout_p),
