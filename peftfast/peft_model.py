@@ -94,6 +94,7 @@ class PeftModel(nn.Module):
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
         cls = _tuner_cls(peft_config.peft_type)
         self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
                               autocast_adapter_dtype=autocast_adapter_dtype)
@@ -142,6 +143,13 @@ class PeftModel(nn.Module):
         """The config of the active adapter (the first one when several are active)."""
         active = self.active_adapter
         return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether adapters are neither disabled with ``disable_adapter()`` nor all inactive (PEFT's rule)."""
+        if self.active_peft_config.is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
 
     @property
     def _is_prompt_learning(self) -> bool:  # PEFT's attribute name, derived from the active adapter's config
@@ -242,12 +250,26 @@ class PeftModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model without adapters inside the ``with`` block."""
-        self.base_model.disable_adapter_layers()
+        """Run the base model without adapters inside the ``with`` block.
+
+        On exit every adapter layer and modules_to_save wrapper is put back as it was on entry: layers that were
+        disabled before stay disabled, and a nested ``with`` restores the outer block's (all disabled) state. The
+        requires_grad flags of adapter parameters are restored too.
+        """
+        was_disabled = self._adapters_disabled
+        layers = self.base_model._tuner_layers() + self.base_model._wrappers()
+        states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
         try:
+            self.base_model.disable_adapter_layers()
+            self._adapters_disabled = True
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            for module, disabled, grads in states:
+                if not disabled:
+                    module.enable_adapters(True)
+                for p, flag in grads:
+                    p.requires_grad_(flag)
+            self._adapters_disabled = was_disabled
 
     # -- saving and loading ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,

@@ -146,14 +146,20 @@ class BaseTunerLayer:
     def unmerge(self) -> None:
         raise NotImplementedError
 
-    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]], warn: bool = True) -> list[str]:
+        """PEFT's ``check_adapters_to_merge``: the adapters of ``adapter_names`` (default: the active ones) that are
+        not merged yet. Already merged ones are skipped with a warning (PEFT's wording), not an error."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            raise AdapterError(
-                f"adapter(s) {', '.join(already)} already merged into this layer; call unmerge_adapter() first "
-                f"(merged now: {', '.join(self.merged_adapters)})"
-            )
+        if self.merged:
+            merged = set(self.merged_adapters)
+            names = [n for n in names if n not in merged]
+            if warn and names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.", UserWarning)
+            elif warn:
+                warnings.warn("All adapters are already merged, nothing to do.", UserWarning)
         return [n for n in names if n in self.available_adapters()]
 
 
@@ -570,8 +576,8 @@ class BaseTuner(nn.Module):
         if adapter_names is not None:
             self._check_adapter_names(adapter_names)
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for layer in layers:  # validate everything first: a refused merge changes nothing
-            layer._adapters_to_merge(names)
+        for layer in layers:  # every layer may refuse (e.g. a grouped conv) before any of them changes
+            layer._adapters_to_merge(names, warn=False)
         if safe_merge:  # check every layer's merged weights are finite before changing any of them
             for layer in layers:
                 check = getattr(layer, "check_merge", None)

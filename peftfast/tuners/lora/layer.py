@@ -297,10 +297,10 @@ class ConvNd(nn.Module, LoraLayer):
             raise NotImplementedError(f"merging LoRA into a {type(base).__name__} with groups={base.groups} is "
                                       "not supported (as in PEFT); use the unmerged model")
 
-    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
         # Every merge asks this of every layer before changing any of them, so a grouped conv refuses there and
         # no other layer is left merged (or rounded by an undo).
-        names = super()._adapters_to_merge(adapter_names)
+        names = super()._adapters_to_merge(adapter_names, warn=warn)
         if any(self.holds(n) for n in names):
             self._refuse_grouped_merge()
         return names

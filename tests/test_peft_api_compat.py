@@ -1,0 +1,109 @@
+"""PEFT 0.21 API details that PEFT's own test suite relies on, checked against the installed ``peft``
+(the test-only oracle): disable_adapter's restore, merging merged adapters, dtype autocasting, error
+wording, status helpers, per-adapter bookkeeping after deletion, default target tables, FSDP prefixes."""
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftfast as fast
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lin1(self.relu(self.lin0(x))))
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> MLP:
+    torch.manual_seed(0)
+    return MLP().to(dtype)
+
+
+def both(config_kwargs: dict, dtype: torch.dtype = torch.float32, **kw):
+    """The same model and config wrapped by peftfast and by peft, with identical non-zero adapter weights."""
+    config_kwargs = {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, **config_kwargs}
+    torch.manual_seed(1)
+    ours = fast.get_peft_model(mlp(dtype), fast.LoraConfig(**config_kwargs), **kw)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(mlp(dtype), peft.LoraConfig(**config_kwargs), **kw)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def layer_states(pm) -> list[bool]:
+    return [m.disable_adapters for m in pm.modules() if hasattr(m, "merged_adapters")]
+
+
+X = torch.randn(4, 10, generator=torch.Generator().manual_seed(3))
+
+
+# -- 1. disable_adapter restores what was there --------------------------------------------------------------
+def test_disable_adapter_keeps_layers_that_were_disabled():
+    for pm in both({}):
+        pm.base_model.disable_adapter_layers()
+        with pm.disable_adapter():
+            pass
+        assert layer_states(pm) == [True, True]
+
+
+def test_disable_adapter_nested_restores_outer_state():
+    ours, theirs = both({})
+    for pm in (ours, theirs):
+        with pm.disable_adapter():
+            with pm.disable_adapter():
+                pass
+            assert layer_states(pm) == [True, True]  # the outer block is still disabled
+        assert layer_states(pm) == [False, False]
+    assert torch.equal(ours(X), theirs(X))
+
+
+def test_disable_adapter_restores_partial_state_and_grads():
+    ours, _ = both({})
+    ours.base_model.model.lin1.enable_adapters(False)
+    grads = {n: p.requires_grad for n, p in ours.named_parameters()}
+    with ours.disable_adapter():
+        assert layer_states(ours) == [True, True]
+        assert ours.has_active_enabled_adapter is False or not ours.active_adapters
+    assert layer_states(ours) == [False, True]
+    assert {n: p.requires_grad for n, p in ours.named_parameters()} == grads
+    assert ours.has_active_enabled_adapter
+
+
+# -- 2. merging merged adapters warns and skips ---------------------------------------------------------------
+def test_merge_already_merged_warns_like_peft():
+    ours, theirs = both({})
+    for pm in (ours, theirs):
+        pm.merge_adapter()
+        with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+            pm.merge_adapter()
+    assert torch.allclose(ours(X), theirs(X), atol=1e-6)
+
+
+def test_merge_merges_only_the_rest():
+    ours, theirs = both({})
+    for pm in (ours, theirs):
+        pm.add_adapter("other", type(pm.peft_config["default"])(target_modules=["lin0", "lin1"],
+                                                                init_lora_weights=False))
+    theirs.load_state_dict(ours.state_dict())
+    for pm in (ours, theirs):
+        pm.merge_adapter(["default"])
+        with pytest.warns(UserWarning, match="Already following adapters were merged default. "
+                                             "You are now additionally merging other."):
+            pm.merge_adapter(["default", "other"])
+        lin0 = pm.base_model.model.lin0
+        assert lin0.merged_adapters == ["default", "other"]
+    assert torch.allclose(ours.base_model.model.lin0.base_layer.weight,
+                          theirs.base_model.model.lin0.base_layer.weight, atol=1e-6)
+    with pytest.raises(TypeError, match="adapter_names should be a list of strings"):
+        ours.base_model.model.lin0.merge(adapter_names="default")
