@@ -463,7 +463,7 @@ class PeftModel(nn.Module):
             undo.call(self._snapshot())
             if existing is None:
                 with config_mismatch_as_load_error(model_id):
-                    self.add_adapter(adapter_name, config)
+                    self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
         prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
         for name, p in self.named_parameters():

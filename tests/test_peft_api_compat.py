@@ -107,3 +107,24 @@ def test_merge_merges_only_the_rest():
                           theirs.base_model.model.lin0.base_layer.weight, atol=1e-6)
     with pytest.raises(TypeError, match="adapter_names should be a list of strings"):
         ours.base_model.model.lin0.merge(adapter_names="default")
+
+
+# -- 3. autocast_adapter_dtype is honoured wherever an adapter is created -------------------------------------
+def adapter_dtypes(pm, name: str) -> set[torch.dtype]:
+    return {p.dtype for n, p in pm.named_parameters() if f".{name}." in n and "lora_" in n}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_autocast_adapter_dtype_on_load(tmp_path, autocast):
+    ours, _ = both({}, dtype=torch.float16)
+    ours.save_pretrained(tmp_path)
+    expected = {torch.float32} if autocast else {torch.float16}
+    for lib in (fast, peft):
+        loaded = lib.PeftModel.from_pretrained(mlp(torch.float16), tmp_path, autocast_adapter_dtype=autocast)
+        assert adapter_dtypes(loaded, "default") == expected, lib.__name__
+        loaded.load_adapter(tmp_path, adapter_name="other", autocast_adapter_dtype=autocast)
+        assert adapter_dtypes(loaded, "other") == expected, lib.__name__
+        pm = lib.get_peft_model(mlp(torch.float16), lib.LoraConfig(target_modules=["lin0"]),
+                                autocast_adapter_dtype=autocast)
+        pm.add_adapter("more", lib.LoraConfig(target_modules=["lin0"]), autocast_adapter_dtype=autocast)
+        assert adapter_dtypes(pm, "default") == adapter_dtypes(pm, "more") == expected, lib.__name__
