@@ -225,11 +225,12 @@ class PeftModel(nn.Module):
         """Add (but do not activate) a new adapter."""
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} already exists; existing adapters: "
-                               f"{', '.join(self.peft_config)}. Pick another name or delete_adapter() it first.")
+            raise AdapterError(f"Adapter with name '{adapter_name}' already exists. Existing adapters: "
+                               f"{', '.join(self.peft_config)}; pick another name or delete_adapter() it first.")
         if PeftType(peft_config.peft_type) != PeftType(self.peft_type):
-            raise AdapterError(f"cannot combine adapter types: this model has {PeftType(self.peft_type).value} "
-                               f"adapters and the new config is {PeftType(peft_config.peft_type).value}")
+            raise AdapterError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and "
+                               f"{peft_config.peft_type}: this model has {PeftType(self.peft_type).value} adapters "
+                               f"and the new config is {PeftType(peft_config.peft_type).value}")
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         with UndoLog() as undo:
             undo.call(self._snapshot())
@@ -240,12 +241,14 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
             if adapter_name not in self.peft_config:
-                raise AdapterError(f"adapter {adapter_name!r} not found; available: {', '.join(self.peft_config)}")
+                raise AdapterError(f"Adapter {adapter_name} not found. Available adapters: "
+                                   f"{', '.join(self.peft_config)}")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} not found; available: {', '.join(self.peft_config)}")
+            raise AdapterError(f"Adapter {adapter_name} does not exist; available adapters: "
+                               f"{', '.join(self.peft_config)}")
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
@@ -298,7 +301,9 @@ class PeftModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise AdapterError(f"selected_adapters {unknown} not found; available: {', '.join(self.peft_config)}")
+            raise AdapterError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                               f"are {list(self.peft_config.keys())} - got {names}. selected_adapters {unknown} not found; "
+                               f"available: {', '.join(self.peft_config)}")
         for name in names:
             validate_adapter_name(name)
         if save_embedding_layers not in ("auto", True, False):

@@ -128,3 +128,39 @@ def test_autocast_adapter_dtype_on_load(tmp_path, autocast):
                                 autocast_adapter_dtype=autocast)
         pm.add_adapter("more", lib.LoraConfig(target_modules=["lin0"]), autocast_adapter_dtype=autocast)
         assert adapter_dtypes(pm, "default") == adapter_dtypes(pm, "more") == expected, lib.__name__
+
+
+# -- 4. error texts contain PEFT's phrase ---------------------------------------------------------------------
+def peft_error(lib_call) -> str:
+    with pytest.raises(ValueError) as info:
+        lib_call()
+    return str(info.value)
+
+
+ERROR_CASES = {
+    "set_adapter": lambda pm: pm.set_adapter("unknown-adapter"),
+    "delete_adapter": lambda pm: pm.delete_adapter("unknown-adapter"),
+    "tuner_delete_adapter": lambda pm: pm.base_model.delete_adapter("unknown-adapter"),
+    "add_existing": lambda pm: pm.add_adapter("default", type(pm.peft_config["default"])(target_modules=["lin0"])),
+    "save_selected": lambda pm: pm.save_pretrained("/nonexistent-dir-for-test", selected_adapters=["nope"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_error_messages_contain_peft_text(case):
+    ours, theirs = both({})
+    expected = peft_error(lambda: ERROR_CASES[case](theirs))
+    got = peft_error(lambda: ERROR_CASES[case](ours))
+    assert expected.rstrip(".") in got, (expected, got)
+
+
+def test_combine_types_and_delete_merged_errors():
+    ours, theirs = both({})
+    for pm, lib in ((ours, fast), (theirs, peft)):
+        pm.merge_adapter()
+    msgs = [peft_error(lambda pm=pm: pm.delete_adapter("default")) for pm in (ours, theirs)]
+    assert msgs[1] in msgs[0]
+    msgs = [peft_error(lambda pm=pm, lib=lib: pm.add_adapter("x", lib.IA3Config(target_modules=["lin0"],
+                                                                                  feedforward_modules=[])))
+            for pm, lib in ((ours, fast), (theirs, peft))]
+    assert msgs[1] in msgs[0]

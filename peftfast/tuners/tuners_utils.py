@@ -524,7 +524,7 @@ class BaseTuner(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise AdapterError(f"adapter(s) {', '.join(map(repr, unknown))} not found; available adapters: "
+            raise AdapterError(f"Adapter {', '.join(map(str, unknown))} does not exist; available adapters: "
                                f"{', '.join(map(repr, self.peft_config)) or 'none'}")
         return names
 
@@ -532,7 +532,7 @@ class BaseTuner(nn.Module):
         names = self._check_adapter_names(adapter_name)
         for layer in self._tuner_layers():
             if layer.merged:
-                warnings.warn("Adapters were merged, unmerging them before switching adapters.", UserWarning)
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning)
                 layer.unmerge()
             layer.set_adapter(names, inference_mode=inference_mode)
         for wrapper in self._wrappers():
@@ -556,7 +556,8 @@ class BaseTuner(nn.Module):
         self._check_adapter_names(adapter_name)
         merged = [m for m in self._tuner_layers() if adapter_name in m.merged_adapters]
         if merged:
-            raise AdapterError(f"adapter {adapter_name!r} is merged into the base weights of {len(merged)} layer(s); "
+            raise AdapterError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                               f"first. {adapter_name!r} is merged into the base weights of {len(merged)} layer(s); "
                                "call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
         for layer in self._tuner_layers():

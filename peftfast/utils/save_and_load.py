@@ -186,7 +186,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
                     state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, str]:
     """checkpoint key -> model key, for every tensor saved with ``adapter_name`` (see the module docstring)."""
     if adapter_name not in model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} not found; available: {', '.join(model.peft_config)}")
+        raise ValueError(f"Adapter {adapter_name} does not exist; available adapters: "
+                         f"{', '.join(model.peft_config)}")
     config = model.peft_config[adapter_name]
     keys = list((state_dict if state_dict is not None else model.state_dict()).keys())
     mapping: dict[str, str] = {}
