@@ -228,9 +228,10 @@ class PeftModel(nn.Module):
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists. Existing adapters: "
                                f"{', '.join(self.peft_config)}; pick another name or delete_adapter() it first.")
         if PeftType(peft_config.peft_type) != PeftType(self.peft_type):
-            raise AdapterError(f"Cannot combine adapters with different peft types. Found {self.peft_type} and "
-                               f"{peft_config.peft_type}: this model has {PeftType(self.peft_type).value} adapters "
-                               f"and the new config is {PeftType(peft_config.peft_type).value}")
+            ours, theirs = PeftType(self.peft_type), PeftType(peft_config.peft_type)
+            raise AdapterError(f"Cannot combine adapters with different peft types. Found PeftType.{ours.name} and "
+                               f"PeftType.{theirs.name}. This model has {ours.value} adapters and the new config is "
+                               f"{theirs.value}; add_adapter() takes configs of this model's type only.")
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         with UndoLog() as undo:
             undo.call(self._snapshot())
