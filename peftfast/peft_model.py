@@ -32,8 +32,20 @@ from .utils.io import atomic_write_many, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .tuners.status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .utils.undo import UndoLog
 from .version import __version__
+
+try:  # PEFT's PeftModel is a transformers PushToHubMixin: push_to_hub(repo_id, ...) saves and uploads
+    from transformers.utils import PushToHubMixin
+except Exception:  # transformers is a dependency; keep the core importable without it
+    class PushToHubMixin:  # type: ignore[no-redef]
+        def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                        commit_description: Optional[str] = None, private: Optional[bool] = None,
+                        token: bool | str | None = None, revision: Optional[str] = None, create_pr: bool = False,
+                        max_shard_size: int | str | None = "50GB", tags: Optional[list[str]] = None) -> str:
+            raise RuntimeError("push_to_hub needs transformers and huggingface_hub; install them, or save with "
+                               "save_pretrained() and upload the folder yourself")
 
 _HEADS: dict[str, list[str]] = {
     TaskType.SEQ_CLS.value: ["classifier", "score"],
@@ -84,7 +96,7 @@ def _tuner_cls(peft_type: Any) -> type:
                          f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}") from None
 
 
-class PeftModel(nn.Module):
+class PeftModel(PushToHubMixin, nn.Module):
     """Base model with adapters (same constructor and methods as ``peft.PeftModel``)."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
@@ -195,16 +207,15 @@ class PeftModel(nn.Module):
 
     # -- parameter counts -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable, total = 0, 0
-        for _, p in self.named_parameters():
-            n = p.numel()
-            if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
-                itemsize = getattr(getattr(p, "quant_storage", None), "itemsize", None) or p.element_size()
-                n = n * 2 * itemsize
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
+        return count_parameters(self)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """PEFT's per-layer status report (see ``peftfast.tuners.status``)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """PEFT's whole-model status report; values that differ between layers read "irregular"."""
+        return get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -4,6 +4,7 @@ wording, status helpers, per-adapter bookkeeping after deletion, default target 
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 
 import peft
 import pytest
@@ -164,3 +165,70 @@ def test_combine_types_and_delete_merged_errors():
                                                                                   feedforward_modules=[])))
             for pm, lib in ((ours, fast), (theirs, peft))]
     assert msgs[1] in msgs[0]
+
+
+# -- 5. API that PEFT's tests use ----------------------------------------------------------------------------
+def test_model_and_layer_status_match_peft():
+    ours, theirs = both({"modules_to_save": ["head"]})
+    for pm, lib in ((ours, fast), (theirs, peft)):
+        pm.add_adapter("other", lib.LoraConfig(target_modules=["lin0"]))
+        pm.base_model.model.lin0.merge(adapter_names=["other"])
+    assert asdict(ours.get_model_status()) == asdict(theirs.get_model_status())
+    assert asdict(fast.get_model_status(ours)) == asdict(peft.get_model_status(theirs))
+    assert [asdict(s) for s in ours.get_layer_status()] == [asdict(s) for s in theirs.get_layer_status()]
+    with ours.disable_adapter(), theirs.disable_adapter():
+        assert asdict(ours.get_model_status()) == asdict(theirs.get_model_status())
+    with pytest.raises(ValueError, match="No adapter layers found in the model"):
+        fast.get_layer_status(mlp())
+
+
+def test_small_api_names():
+    ours, theirs = both({})
+    assert ours.base_model.active_peft_config is ours.peft_config["default"]
+    for pm in (ours, theirs):
+        pm.add_adapter("b", type(pm.peft_config["default"])(target_modules=["lin0"]))
+    assert ours.base_model.model.lin0._all_available_adapter_names() == \
+        theirs.base_model.model.lin0._all_available_adapter_names() == ["b", "default"]
+    assert ours.base_model.model.lin1._get_available_adapters() == {"default"}
+    for name in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+        assert name in ours.base_model.model.lin0.adapter_layer_names
+    assert fast.get_base_model_state_dict(ours).keys() == peft.get_base_model_state_dict(theirs).keys() \
+        == mlp().state_dict().keys()
+    from peftfast.utils.other import EMBEDDING_LAYER_NAMES
+    from peft.utils.other import EMBEDDING_LAYER_NAMES as PEFT_EMBEDDING_LAYER_NAMES
+
+    assert EMBEDDING_LAYER_NAMES == PEFT_EMBEDDING_LAYER_NAMES
+    import inspect
+
+    assert inspect.signature(fast.PeftModel.push_to_hub) == inspect.signature(peft.PeftModel.push_to_hub)
+
+
+def test_buffer_dict_like_peft():
+    from peft.tuners._buffer_dict import BufferDict as PeftBufferDict
+
+    from peftfast.tuners._buffer_dict import BufferDict
+
+    data = {"b": torch.ones(2), "a": torch.zeros(3)}
+    for persistent in (True, False):
+        ours, theirs = BufferDict(data, persistent=persistent), PeftBufferDict(data, persistent=persistent)
+        assert list(ours.keys()) == list(theirs.keys()) == ["a", "b"]
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+        assert repr(ours) == repr(theirs).replace("PeftBufferDict", "BufferDict")
+        assert torch.equal(ours.pop("a"), theirs.pop("a")) and len(ours) == len(theirs) == 1
+
+
+def test_helpers(tmp_path):
+    from peftfast.helpers import check_if_peft_model, disable_input_dtype_casting, rescale_adapter_scale
+
+    ours, theirs = both({})
+    ours.save_pretrained(tmp_path)
+    assert check_if_peft_model(str(tmp_path)) and not check_if_peft_model(str(tmp_path / "nope"))
+    with rescale_adapter_scale(ours, 0.5), peft.helpers.rescale_adapter_scale(theirs, 0.5):
+        assert torch.allclose(ours(X), theirs(X), atol=1e-6)
+        assert ours.base_model.model.lin0.scaling["default"] == 0.5 * 8 / 8
+    assert torch.allclose(ours(X), theirs(X), atol=1e-6)
+    with pytest.raises(ValueError, match="scaling is only supported"), rescale_adapter_scale(mlp(), 2.0):
+        pass
+    with disable_input_dtype_casting(ours):
+        assert not ours.base_model.model.lin0.cast_input_dtype_enabled
+    assert ours.base_model.model.lin0.cast_input_dtype_enabled

@@ -69,6 +69,8 @@ class BaseTunerLayer:
 
     _active_adapter: str | list[str] = "default"
     _disable_adapters: bool = False
+    # PEFT's switch for peft.helpers.disable_input_dtype_casting.
+    cast_input_dtype_enabled: bool = True
     merged_adapters: list[str]
 
     def get_base_layer(self) -> nn.Module:
@@ -110,6 +112,21 @@ class BaseTunerLayer:
         for d in self._adapter_dicts():
             names.update(d.keys())
         return names
+
+    def _get_available_adapters(self) -> set[str]:  # PEFT's name: adapters with trainable weights here
+        names: set[str] = set()
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+                names.update(container.keys())
+        return names
+
+    def _all_available_adapter_names(self) -> list[str]:  # PEFT's name: every adapter any per-adapter dict knows
+        names: set[str] = set()
+        for d in self._adapter_dicts():
+            if hasattr(d, "keys"):
+                names.update(d.keys())
+        return sorted(names)
 
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
@@ -285,6 +302,18 @@ class BaseTuner(nn.Module):
     @property
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    @property
+    def active_peft_config(self) -> Any:
+        """The config of the active adapter (the first one when several are active)."""
+        active = self.active_adapter
+        return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    def get_base_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's weights under its original keys (no adapter weights, no ``base_layer`` infix)."""
+        from ..utils.save_and_load import base_model_state_dict
+
+        return base_model_state_dict(self.model)
 
     # -- hooks for subclasses ------------------------------------------------------------------------
     def _supported_module(self, module: nn.Module) -> bool:

@@ -237,6 +237,38 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
     return {ckpt: sd[key] for ckpt, key in mapping.items()}
 
 
+def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without adapter tensors and under the keys the model had before adapters were
+    injected: ``x.base_layer.weight`` -> ``x.weight``, ``head.original_module.weight`` -> ``head.weight``; adapter
+    weights, dropouts and modules_to_save copies are left out."""
+    wrapped: list[tuple[str, str]] = []  # (module name, the attribute holding the original module)
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            wrapped.append((name, "original_module"))
+        elif is_adapter_layer(module):
+            wrapped.append((name, "base_layer"))
+    # Deepest first, so that a key below nested wrappers is rewritten from the inside out.
+    wrapped.sort(key=lambda w: -len(w[0]))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        new_key: Optional[str] = key
+        for name, attr in wrapped:
+            inner = _join(name, attr)
+            if new_key is not None and _under(new_key, inner):
+                new_key = name + new_key[len(inner):] if name else new_key[len(attr) + 1:]
+            elif new_key is not None and (not name or new_key.startswith(name + ".")):
+                new_key = None  # an adapter's own tensor (lora_A.<name>, modules_to_save.<name>, ...)
+        if new_key is not None:
+            out[new_key] = value
+    return out
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_base_model_state_dict``: the base model's weights of a PeftModel under their original keys."""
+    base = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
+    return base_model_state_dict(base)
+
+
 def _load_key_map(model: nn.Module, adapter_name: str, own_keys: list[str]) -> tuple[dict[str, str], set[str]]:
     """(every accepted checkpoint spelling -> model key, checkpoint keys the adapter cannot do without)."""
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
