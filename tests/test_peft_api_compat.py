@@ -232,3 +232,46 @@ def test_helpers(tmp_path):
     with disable_input_dtype_casting(ours):
         assert not ours.base_model.model.lin0.cast_input_dtype_enabled
     assert ours.base_model.model.lin0.cast_input_dtype_enabled
+
+
+# -- 6. delete_adapter leaves no trace --------------------------------------------------------------------------
+def per_adapter_entries(pm) -> int:
+    """Entries in every dict-like attribute of every adapter layer and wrapper (whatever their names)."""
+    total = 0
+    for module in pm.modules():
+        if not hasattr(module, "merged_adapters"):
+            continue
+        for value in list(vars(module).values()) + list(module._modules.values()):
+            if isinstance(value, (dict, nn.ModuleDict, nn.ParameterDict)) and value is not module._modules:
+                total += len(value)
+    return total
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_add_delete_cycles_leave_no_entries(method):
+    def config():
+        if method == "lora":
+            return fast.LoraConfig(target_modules=["lin0", "lin1"], modules_to_save=["head"], use_rslora=True)
+        return fast.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"],
+                              modules_to_save=["head"])
+
+    pm = fast.get_peft_model(mlp(), config())
+    before = per_adapter_entries(pm)
+    state = pm.base_model.model.lin0.__dict__.keys()
+    for i in range(200):
+        pm.add_adapter(f"a{i}", config())
+        assert per_adapter_entries(pm) > before
+        pm.delete_adapter(f"a{i}")
+    assert per_adapter_entries(pm) == before
+    assert pm.base_model.model.lin0.__dict__.keys() == state
+    assert list(pm.peft_config) == ["default"]
+
+
+def test_lora_per_adapter_dicts_match_peft():
+    ours, theirs = both({"use_rslora": True})
+    for name in theirs.base_model.model.lin0.adapter_layer_names + theirs.base_model.model.lin0.other_param_names:
+        if name in ("lora_variant",):
+            continue
+        assert set(getattr(ours.base_model.model.lin0, name).keys()) == \
+            set(getattr(theirs.base_model.model.lin0, name).keys()), name
+    assert ours.base_model.model.lin0.use_rslora == theirs.base_model.model.lin0.use_rslora
