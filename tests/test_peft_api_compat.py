@@ -275,3 +275,28 @@ def test_lora_per_adapter_dicts_match_peft():
         assert set(getattr(ours.base_model.model.lin0, name).keys()) == \
             set(getattr(theirs.base_model.model.lin0, name).keys()), name
     assert ours.base_model.model.lin0.use_rslora == theirs.base_model.model.lin0.use_rslora
+
+
+# -- 7. default tables are PEFT's ---------------------------------------------------------------------------
+@pytest.mark.parametrize("table", ["TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+                                   "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+                                   "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING"])
+def test_default_tables_are_peft_s(table):
+    from peft.utils import constants as peft_constants
+
+    from peftfast.utils import constants
+
+    assert getattr(constants, table) == getattr(peft_constants, table)
+
+
+def test_ia3_defaults_for_opt_follow_peft():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+               word_embed_proj_dim=16, max_position_embeddings=32)
+    got = []
+    for lib in (fast, peft):
+        torch.manual_seed(0)
+        pm = lib.get_peft_model(OPTForCausalLM(OPTConfig(**cfg)), lib.IA3Config(task_type="CAUSAL_LM"))
+        got.append(sorted(n for n, _ in pm.named_parameters() if "ia3_l" in n))
+    assert got[0] == got[1] and any("k_proj" in n for n in got[0])

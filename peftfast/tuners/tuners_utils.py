@@ -334,7 +334,8 @@ class BaseTuner(nn.Module):
                     f"target_modules is not set and there is no default for model_type {model_type!r}; "
                     f"set target_modules (defaults exist for: {', '.join(sorted(self.target_module_mapping))})"
                 )
-            config.target_modules = set(self.target_module_mapping[model_type])
+            default = self.target_module_mapping[model_type]
+            config.target_modules = default if isinstance(default, str) else set(default)  # a str is a regex
         return config
 
     # -- injection -------------------------------------------------------------------------------------
