@@ -300,3 +300,31 @@ def test_ia3_defaults_for_opt_follow_peft():
         pm = lib.get_peft_model(OPTForCausalLM(OPTConfig(**cfg)), lib.IA3Config(task_type="CAUSAL_LM"))
         got.append(sorted(n for n, _ in pm.named_parameters() if "ia3_l" in n))
     assert got[0] == got[1] and any("k_proj" in n for n in got[0])
+
+
+# -- 8. own modules in target lists; modules_to_save overlapping targets ---------------------------------------
+TARGET_CASES = {
+    "names_own_dropout": dict(target_modules=["lin0", "lora_dropout"], lora_dropout=0.1),
+    "names_own_weights": dict(target_modules=["lin1", "lora_A", "lora_B"]),
+    "saved_target_skipped": dict(target_modules=["lin0", "head"], modules_to_save=["head"]),
+    "only_saved_targets": dict(target_modules=["lin0"], modules_to_save=["lin0"]),
+    "regex_only_saved": dict(target_modules=r"lin0", modules_to_save=["lin0"]),
+    "nothing_found": dict(target_modules=r"nope.*"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TARGET_CASES))
+def test_targets_follow_peft(case):
+    results = []
+    for lib in (fast, peft):
+        try:
+            pm = lib.get_peft_model(mlp(), lib.LoraConfig(**TARGET_CASES[case]))
+            results.append(sorted(n for n, p in pm.named_parameters() if p.requires_grad))
+        except ValueError as e:
+            results.append(e)
+    ours, theirs = results
+    if isinstance(theirs, Exception):
+        assert isinstance(ours, Exception), f"peft raised {theirs!r}, peftfast did not"
+        assert str(theirs) in str(ours)
+    else:
+        assert ours == theirs

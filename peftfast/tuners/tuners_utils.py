@@ -380,40 +380,62 @@ class BaseTuner(nn.Module):
         config.target_modules = find_minimal_target_modules(targets, others)
 
     def _candidate_names(self, model: nn.Module) -> list[str]:
+        inside = adapter_internal_names(model)
         seen: dict[str, None] = {}
         for key, module in model.named_modules():
-            if key and self._supported_module(module) and not isinstance(module, BaseTunerLayer):
+            if key and key not in inside and self._supported_module(module) and not isinstance(module, BaseTunerLayer):
                 seen.setdefault(key.rsplit(".", 1)[-1], None)
         return list(seen)
+
+    def _own_module_names(self) -> set[str]:
+        """Attribute names of the modules adapters add (``lora_A``, ``lora_dropout``, ``ia3_l``, ``base_layer``,
+        ``modules_to_save``, ...): a target entry naming one of them names no base-model module, and is ignored
+        (PEFT never targets its own modules)."""
+        layer = self.tuner_layer_cls
+        return set(layer.adapter_layer_names) | set(layer.other_param_names) | {
+            "base_layer", "modules_to_save", "original_module"}
 
     def _plan(self, config: Any, model: nn.Module) -> list[str]:
         keys = [k for k, _ in model.named_modules() if k]
         inside = adapter_internal_names(model)
-        saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in (getattr(config, "modules_to_save", None)
-                                                                                 or ()))]
-        planned = []
+        saved_names = list(getattr(config, "modules_to_save", None) or ())
+        # PEFT's rule: a modules_to_save module and everything inside it is trained in full, never adapted.
+        saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in saved_names)]
+        planned, excluded = [], []
         for key in keys:
             if key in inside:  # an existing adapter's own modules are never targets, however targets are named
                 continue
-            if any(key.startswith(s + ".") for s in saved):  # trained in full as modules_to_save: no adapter inside
-                continue
             if check_target_module_exists(config, key):
-                planned.append(key)
+                if any(key == s or key.startswith(s + ".") for s in saved):
+                    excluded.append(key)
+                else:
+                    planned.append(key)
         kinds = "/".join(sorted({c.__name__ for c in linear_layer_classes()} | {"Embedding"}))
+        not_found = (f"Target modules {config.target_modules} not found in the base model. Please check the target "
+                     "modules and try again. ")
+        nothing = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                   "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                   "configuration. You may also have only targeted modules that are marked to be saved "
+                   "(`modules_to_save`). ")
         if isinstance(config.target_modules, str):
             if not planned:
                 raise ValueError(
-                    f"target_modules regex {config.target_modules!r} matched no module; modules with "
-                    f"{kinds} layers: {', '.join(self._candidate_names(model))}"
+                    (nothing if excluded else not_found)
+                    + f"target_modules regex {config.target_modules!r} matched no module"
+                    + (f" outside modules_to_save {saved_names}" if excluded else "")
+                    + f"; modules with {kinds} layers: {', '.join(self._candidate_names(model))}"
                 )
         else:
-            # An entry that names modules which the user's own exclude_modules / layers_to_transform then removed
-            # is fine (as in PEFT); an entry that names no module at all is a mistake.
-            unmatched = sorted(e for e in config.target_modules if not _entry_matches(e, keys))
+            # An entry that names modules which the user's own exclude_modules / layers_to_transform / modules_to_save
+            # then removed is fine (as in PEFT); an entry that names no module at all is a mistake, unless it names
+            # one of the adapters' own modules (``lora_dropout``), which PEFT ignores.
+            own = self._own_module_names()
+            unmatched = sorted(e for e in config.target_modules
+                               if not _entry_matches(e, keys) and e.rsplit(".", 1)[-1] not in own)
             if not planned and not unmatched:
                 raise ValueError(
-                    f"target_modules {sorted(config.target_modules)} matched modules, but exclude_modules / "
-                    f"layers_to_transform removed all of them; nothing to adapt"
+                    nothing + f"target_modules {sorted(config.target_modules)} matched modules, but exclude_modules "
+                    f"/ layers_to_transform / modules_to_save removed all of them; nothing to adapt"
                 )
             if unmatched:
                 why = ""
@@ -422,7 +444,8 @@ class BaseTuner(nn.Module):
                 if getattr(config, "exclude_modules", None):
                     why += f" after exclude_modules={config.exclude_modules}"
                 raise ValueError(
-                    f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} "
+                    (not_found if not planned else "")
+                    + f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} "
                     f"{', '.join(repr(u) for u in unmatched)} matched no module{why}; modules with "
                     f"{kinds} layers: {', '.join(self._candidate_names(model))}"
                 )
