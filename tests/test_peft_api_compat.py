@@ -328,3 +328,53 @@ def test_targets_follow_peft(case):
         assert str(theirs) in str(ours)
     else:
         assert ours == theirs
+
+
+# -- 9. state dicts of FSDP-wrapped models -----------------------------------------------------------------------
+@pytest.fixture
+def process_group():
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"bias": "lora_only"}, {"bias": "all"}, {"modules_to_save": ["head"]},
+                                    {"ia3": True}], ids=["plain", "lora_only", "bias_all", "saved", "ia3"])
+def test_fsdp_wrapped_state_dict_roundtrip(process_group, kwargs):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    kwargs = dict(kwargs)
+
+    def config(lib, init: bool):
+        if kwargs.get("ia3"):
+            return lib.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"],
+                                 init_ia3_weights=init)
+        return lib.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=init, **kwargs)
+
+    state_dicts = []
+    for lib in (fast, peft):
+        torch.manual_seed(0)
+        pm = lib.get_peft_model(mlp(), config(lib, init=False)).eval()
+        with torch.no_grad():
+            for name, module in pm.named_modules():
+                only_layers = kwargs.get("bias") == "lora_only"
+                if getattr(module, "bias", None) is not None and kwargs.get("bias") and \
+                        (not only_layers or hasattr(module, "merged_adapters")):
+                    module.bias.fill_(1.23)
+        wrapped = FSDP(pm, use_orig_params=True, device_id="cpu")
+        with torch.no_grad():
+            before = wrapped(X)
+        sd = lib.get_peft_model_state_dict(wrapped)
+        state_dicts.append(sd)
+        torch.manual_seed(0)
+        fresh = lib.get_peft_model(mlp(), config(lib, init=True)).eval()
+        lib.set_peft_model_state_dict(fresh, sd)
+        with torch.no_grad():
+            assert torch.allclose(fresh(X), before), lib.__name__
+    assert sorted(state_dicts[0]) == sorted(state_dicts[1])

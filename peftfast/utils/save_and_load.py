@@ -50,6 +50,18 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+FSDP_WRAPPED_MODULE = "_fsdp_wrapped_module"
+
+
+def clean_named_modules(model: nn.Module):
+    """``model.named_modules()`` under the names its state dict uses: FSDP (and PEFT with it) drops every
+    ``_fsdp_wrapped_module.`` level from state-dict keys, so module names are matched to keys without them."""
+    for name, module in model.named_modules():
+        if FSDP_WRAPPED_MODULE in name:
+            name = ".".join(p for p in name.split(".") if p != FSDP_WRAPPED_MODULE)
+        yield name, module
+
+
 def _strip_adapter_name(key: str, adapter_name: str) -> str:
     """'x.lora_A.default.weight' -> 'x.lora_A.weight'; 'x.lora_embedding_A.default' -> 'x.lora_embedding_A'."""
     if "." not in key:
@@ -77,7 +89,7 @@ def _inside_wrapper(module_name: str) -> bool:
 def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
     """(key prefixes of ``adapter_name``'s containers on every tuner layer, names of all tuner layers)."""
     prefixes, layers = [], []
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if not is_adapter_layer(module) or _inside_wrapper(name):
             continue
         layers.append(name)
@@ -175,7 +187,7 @@ def _embedding_module_names(model: nn.Module, targeted: bool) -> list[str]:
             wanted = (base,)
         else:
             wanted = (layer, base)
-        for name, module in model.named_modules():
+        for name, module in clean_named_modules(model):
             if any(module is w for w in wanted if w is not None):
                 out.append(name)
                 break
@@ -209,7 +221,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
             if key in present:
                 mapping.setdefault(key, key)
 
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             inner = _join(name, f"modules_to_save.{adapter_name}") + "."
             for key in keys:
@@ -242,7 +254,7 @@ def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     injected: ``x.base_layer.weight`` -> ``x.weight``, ``head.original_module.weight`` -> ``head.weight``; adapter
     weights, dropouts and modules_to_save copies are left out."""
     wrapped: list[tuple[str, str]] = []  # (module name, the attribute holding the original module)
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
             wrapped.append((name, "original_module"))
         elif is_adapter_layer(module):
@@ -461,7 +473,7 @@ def adapter_parameter_prefixes(model: nn.Module, adapter_name: str) -> list[str]
     """Name prefixes of ``adapter_name``'s own parameters: its containers on tuner layers and its copies of
     ``modules_to_save`` modules (what PEFT's ``set_requires_grad(adapter_name)`` switches)."""
     prefixes, _ = _tuner_prefixes(model, adapter_name)
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             prefixes.append(_join(name, f"modules_to_save.{adapter_name}"))
     return prefixes
