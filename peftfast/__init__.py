@@ -34,6 +34,7 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
+from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
     PeftType,
     TaskType,

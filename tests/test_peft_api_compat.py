@@ -378,3 +378,12 @@ def test_fsdp_wrapped_state_dict_roundtrip(process_group, kwargs):
         with torch.no_grad():
             assert torch.allclose(fresh(X), before), lib.__name__
     assert sorted(state_dicts[0]) == sorted(state_dicts[1])
+
+
+def test_helpers_loaded_with_the_package():
+    import subprocess
+    import sys
+    import tempfile
+
+    code = "import peftfast, sys; assert 'peftfast.helpers' in sys.modules; peftfast.helpers.rescale_adapter_scale"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())  # not the repo root
