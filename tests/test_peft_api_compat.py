@@ -3,7 +3,6 @@
 wording, status helpers, per-adapter bookkeeping after deletion, default target tables, FSDP prefixes."""
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict
 
 import peft
