@@ -21,6 +21,10 @@ from .mapping import (
     inject_adapter_in_model,
 )
 from .peft_model import (
+    TunerLayerStatus,
+    TunerModelStatus,
+    get_layer_status,
+    get_model_status,
     PeftModel,
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -30,10 +34,12 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
+from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
     PeftType,
     TaskType,
     cast_mixed_precision_params,
+    get_base_model_state_dict,
     get_peft_model_state_dict,
     load_peft_weights,
     prepare_model_for_kbit_training,
@@ -47,6 +53,7 @@ __all__ = [
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
+    "TunerLayerStatus", "TunerModelStatus", "get_base_model_state_dict", "get_layer_status", "get_model_status",
     "cast_mixed_precision_params", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
     "inject_adapter_in_model", "load_peft_weights", "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]

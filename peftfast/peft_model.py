@@ -32,8 +32,20 @@ from .utils.io import SaveTransaction, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .tuners.status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .utils.undo import UndoLog
 from .version import __version__
+
+try:  # PEFT's PeftModel is a transformers PushToHubMixin: push_to_hub(repo_id, ...) saves and uploads
+    from transformers.utils import PushToHubMixin
+except Exception:  # transformers is a dependency; keep the core importable without it
+    class PushToHubMixin:  # type: ignore[no-redef]
+        def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                        commit_description: Optional[str] = None, private: Optional[bool] = None,
+                        token: bool | str | None = None, revision: Optional[str] = None, create_pr: bool = False,
+                        max_shard_size: int | str | None = "50GB", tags: Optional[list[str]] = None) -> str:
+            raise RuntimeError("push_to_hub needs transformers and huggingface_hub; install them, or save with "
+                               "save_pretrained() and upload the folder yourself")
 
 _HEADS: dict[str, list[str]] = {
     TaskType.SEQ_CLS.value: ["classifier", "score"],
@@ -84,7 +96,7 @@ def _tuner_cls(peft_type: Any) -> type:
                          f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}") from None
 
 
-class PeftModel(nn.Module):
+class PeftModel(PushToHubMixin, nn.Module):
     """Base model with adapters (same constructor and methods as ``peft.PeftModel``)."""
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
@@ -94,6 +106,7 @@ class PeftModel(nn.Module):
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
         cls = _tuner_cls(peft_config.peft_type)
         self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
                               autocast_adapter_dtype=autocast_adapter_dtype)
@@ -144,6 +157,13 @@ class PeftModel(nn.Module):
         return self.peft_config[active if isinstance(active, str) else active[0]]
 
     @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether adapters are neither disabled with ``disable_adapter()`` nor all inactive (PEFT's rule)."""
+        if self.active_peft_config.is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
+
+    @property
     def _is_prompt_learning(self) -> bool:  # PEFT's attribute name, derived from the active adapter's config
         return self.active_peft_config.is_prompt_learning
 
@@ -187,16 +207,15 @@ class PeftModel(nn.Module):
 
     # -- parameter counts -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable, total = 0, 0
-        for _, p in self.named_parameters():
-            n = p.numel()
-            if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
-                itemsize = getattr(getattr(p, "quant_storage", None), "itemsize", None) or p.element_size()
-                n = n * 2 * itemsize
-            total += n
-            if p.requires_grad:
-                trainable += n
-        return trainable, total
+        return count_parameters(self)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """PEFT's per-layer status report (see ``peftfast.tuners.status``)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """PEFT's whole-model status report; values that differ between layers read "irregular"."""
+        return get_model_status(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -217,11 +236,13 @@ class PeftModel(nn.Module):
         """Add (but do not activate) a new adapter."""
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} already exists; existing adapters: "
-                               f"{', '.join(self.peft_config)}. Pick another name or delete_adapter() it first.")
+            raise AdapterError(f"Adapter with name '{adapter_name}' already exists. Existing adapters: "
+                               f"{', '.join(self.peft_config)}; pick another name or delete_adapter() it first.")
         if PeftType(peft_config.peft_type) != PeftType(self.peft_type):
-            raise AdapterError(f"cannot combine adapter types: this model has {PeftType(self.peft_type).value} "
-                               f"adapters and the new config is {PeftType(peft_config.peft_type).value}")
+            ours, theirs = PeftType(self.peft_type), PeftType(peft_config.peft_type)
+            raise AdapterError(f"Cannot combine adapters with different peft types. Found PeftType.{ours.name} and "
+                               f"PeftType.{theirs.name}. This model has {ours.value} adapters and the new config is "
+                               f"{theirs.value}; add_adapter() takes configs of this model's type only.")
         _add_head_modules(peft_config, getattr(self, "_task_type", None))
         with UndoLog() as undo:
             undo.call(self._snapshot())
@@ -232,22 +253,38 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
             if adapter_name not in self.peft_config:
-                raise AdapterError(f"adapter {adapter_name!r} not found; available: {', '.join(self.peft_config)}")
+                raise AdapterError(f"Adapter {adapter_name} not found. Available adapters: "
+                                   f"{', '.join(self.peft_config)}")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
-            raise AdapterError(f"adapter {adapter_name!r} not found; available: {', '.join(self.peft_config)}")
+            raise AdapterError(f"Adapter {adapter_name} does not exist; available adapters: "
+                               f"{', '.join(self.peft_config)}")
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self):
-        """Run the base model without adapters inside the ``with`` block."""
-        self.base_model.disable_adapter_layers()
+        """Run the base model without adapters inside the ``with`` block.
+
+        On exit every adapter layer and modules_to_save wrapper is put back as it was on entry: layers that were
+        disabled before stay disabled, and a nested ``with`` restores the outer block's (all disabled) state. The
+        requires_grad flags of adapter parameters are restored too.
+        """
+        was_disabled = self._adapters_disabled
+        layers = self.base_model._tuner_layers() + self.base_model._wrappers()
+        states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
         try:
+            self.base_model.disable_adapter_layers()
+            self._adapters_disabled = True
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            for module, disabled, grads in states:
+                if not disabled:
+                    module.enable_adapters(True)
+                for p, flag in grads:
+                    p.requires_grad_(flag)
+            self._adapters_disabled = was_disabled
 
     # -- saving and loading ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
@@ -282,7 +319,9 @@ class PeftModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise AdapterError(f"selected_adapters {unknown} not found; available: {', '.join(self.peft_config)}")
+            raise AdapterError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                               f"are {list(self.peft_config.keys())} - got {names}. selected_adapters {unknown} not found; "
+                               f"available: {', '.join(self.peft_config)}")
         for name in names:
             validate_adapter_name(name)
         if save_embedding_layers not in ("auto", True, False):
@@ -447,7 +486,7 @@ class PeftModel(nn.Module):
             undo.call(self._snapshot())
             if existing is None:
                 with config_mismatch_as_load_error(model_id):
-                    self.add_adapter(adapter_name, config)
+                    self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
         prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
         for name, p in self.named_parameters():

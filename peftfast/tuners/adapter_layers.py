@@ -115,7 +115,7 @@ class AdapterLayer(BaseTunerLayer):
         """Whether this layer has trainable weights for ``adapter``."""
         return any(adapter in getattr(self, name) for name in self.adapter_layer_names)
 
-    def merge_names(self, adapter_names: Optional[list[str]]) -> list[str]:
+    def merge_names(self, adapter_names: Optional[list[str]], warn: bool = True) -> list[str]:
         """The adapters a merge of ``adapter_names`` (default: the active ones) changes this layer by, in
-        order; raises if one of them is merged already."""
-        return [n for n in self._adapters_to_merge(adapter_names) if self.holds(n)]
+        order; those merged already are skipped (with PEFT's warning when ``warn``)."""
+        return [n for n in self._adapters_to_merge(adapter_names, warn=warn) if self.holds(n)]

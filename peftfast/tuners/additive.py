@@ -89,7 +89,7 @@ class AdditiveAdapterLayer(AdapterLayer):
 
     def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
         """Raise if merging ``adapter_names`` would put NaN or inf into the base weight (left untouched)."""
-        names = self.merge_names(adapter_names)
+        names = self.merge_names(adapter_names, warn=False)
         if names:
             self.add_deltas(self.merge_start(copy=True), names, check=True)
 

@@ -69,6 +69,8 @@ class BaseTunerLayer:
 
     _active_adapter: str | list[str] = "default"
     _disable_adapters: bool = False
+    # PEFT's switch for peft.helpers.disable_input_dtype_casting.
+    cast_input_dtype_enabled: bool = True
     merged_adapters: list[str]
 
     def get_base_layer(self) -> nn.Module:
@@ -111,6 +113,21 @@ class BaseTunerLayer:
             names.update(d.keys())
         return names
 
+    def _get_available_adapters(self) -> set[str]:  # PEFT's name: adapters with trainable weights here
+        names: set[str] = set()
+        for layer_name in self.adapter_layer_names:
+            container = getattr(self, layer_name)
+            if isinstance(container, (nn.ModuleDict, nn.ParameterDict)):
+                names.update(container.keys())
+        return names
+
+    def _all_available_adapter_names(self) -> list[str]:  # PEFT's name: every adapter any per-adapter dict knows
+        names: set[str] = set()
+        for d in self._adapter_dicts():
+            if hasattr(d, "keys"):
+                names.update(d.keys())
+        return sorted(names)
+
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
             self.set_adapter(self.active_adapters)
@@ -146,14 +163,20 @@ class BaseTunerLayer:
     def unmerge(self) -> None:
         raise NotImplementedError
 
-    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]], warn: bool = True) -> list[str]:
+        """PEFT's ``check_adapters_to_merge``: the adapters of ``adapter_names`` (default: the active ones) that are
+        not merged yet. Already merged ones are skipped with a warning (PEFT's wording), not an error."""
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        already = [n for n in names if n in self.merged_adapters]
-        if already:
-            raise AdapterError(
-                f"adapter(s) {', '.join(already)} already merged into this layer; call unmerge_adapter() first "
-                f"(merged now: {', '.join(self.merged_adapters)})"
-            )
+        if self.merged:
+            merged = set(self.merged_adapters)
+            names = [n for n in names if n not in merged]
+            if warn and names:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(names)}.", UserWarning)
+            elif warn:
+                warnings.warn("All adapters are already merged, nothing to do.", UserWarning)
         return [n for n in names if n in self.available_adapters()]
 
 
@@ -280,6 +303,18 @@ class BaseTuner(nn.Module):
     def active_adapters(self) -> list[str]:
         return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
 
+    @property
+    def active_peft_config(self) -> Any:
+        """The config of the active adapter (the first one when several are active)."""
+        active = self.active_adapter
+        return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    def get_base_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base model's weights under its original keys (no adapter weights, no ``base_layer`` infix)."""
+        from ..utils.save_and_load import base_model_state_dict
+
+        return base_model_state_dict(self.model)
+
     # -- hooks for subclasses ------------------------------------------------------------------------
     def _supported_module(self, module: nn.Module) -> bool:
         raise NotImplementedError
@@ -299,7 +334,8 @@ class BaseTuner(nn.Module):
                     f"target_modules is not set and there is no default for model_type {model_type!r}; "
                     f"set target_modules (defaults exist for: {', '.join(sorted(self.target_module_mapping))})"
                 )
-            config.target_modules = set(self.target_module_mapping[model_type])
+            default = self.target_module_mapping[model_type]
+            config.target_modules = default if isinstance(default, str) else set(default)  # a str is a regex
         return config
 
     # -- injection -------------------------------------------------------------------------------------
@@ -344,40 +380,62 @@ class BaseTuner(nn.Module):
         config.target_modules = find_minimal_target_modules(targets, others)
 
     def _candidate_names(self, model: nn.Module) -> list[str]:
+        inside = adapter_internal_names(model)
         seen: dict[str, None] = {}
         for key, module in model.named_modules():
-            if key and self._supported_module(module) and not isinstance(module, BaseTunerLayer):
+            if key and key not in inside and self._supported_module(module) and not isinstance(module, BaseTunerLayer):
                 seen.setdefault(key.rsplit(".", 1)[-1], None)
         return list(seen)
+
+    def _own_module_names(self) -> set[str]:
+        """Attribute names of the modules adapters add (``lora_A``, ``lora_dropout``, ``ia3_l``, ``base_layer``,
+        ``modules_to_save``, ...): a target entry naming one of them names no base-model module, and is ignored
+        (PEFT never targets its own modules)."""
+        layer = self.tuner_layer_cls
+        return set(layer.adapter_layer_names) | set(layer.other_param_names) | {
+            "base_layer", "modules_to_save", "original_module"}
 
     def _plan(self, config: Any, model: nn.Module) -> list[str]:
         keys = [k for k, _ in model.named_modules() if k]
         inside = adapter_internal_names(model)
-        saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in (getattr(config, "modules_to_save", None)
-                                                                                 or ()))]
-        planned = []
+        saved_names = list(getattr(config, "modules_to_save", None) or ())
+        # PEFT's rule: a modules_to_save module and everything inside it is trained in full, never adapted.
+        saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in saved_names)]
+        planned, excluded = [], []
         for key in keys:
             if key in inside:  # an existing adapter's own modules are never targets, however targets are named
                 continue
-            if any(key.startswith(s + ".") for s in saved):  # trained in full as modules_to_save: no adapter inside
-                continue
             if check_target_module_exists(config, key):
-                planned.append(key)
+                if any(key == s or key.startswith(s + ".") for s in saved):
+                    excluded.append(key)
+                else:
+                    planned.append(key)
         kinds = "/".join(sorted({c.__name__ for c in linear_layer_classes()} | {"Embedding"}))
+        not_found = (f"Target modules {config.target_modules} not found in the base model. Please check the target "
+                     "modules and try again. ")
+        nothing = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                   "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                   "configuration. You may also have only targeted modules that are marked to be saved "
+                   "(`modules_to_save`). ")
         if isinstance(config.target_modules, str):
             if not planned:
                 raise ValueError(
-                    f"target_modules regex {config.target_modules!r} matched no module; modules with "
-                    f"{kinds} layers: {', '.join(self._candidate_names(model))}"
+                    (nothing if excluded else not_found)
+                    + f"target_modules regex {config.target_modules!r} matched no module"
+                    + (f" outside modules_to_save {saved_names}" if excluded else "")
+                    + f"; modules with {kinds} layers: {', '.join(self._candidate_names(model))}"
                 )
         else:
-            # An entry that names modules which the user's own exclude_modules / layers_to_transform then removed
-            # is fine (as in PEFT); an entry that names no module at all is a mistake.
-            unmatched = sorted(e for e in config.target_modules if not _entry_matches(e, keys))
+            # An entry that names modules which the user's own exclude_modules / layers_to_transform / modules_to_save
+            # then removed is fine (as in PEFT); an entry that names no module at all is a mistake, unless it names
+            # one of the adapters' own modules (``lora_dropout``), which PEFT ignores.
+            own = self._own_module_names()
+            unmatched = sorted(e for e in config.target_modules
+                               if not _entry_matches(e, keys) and e.rsplit(".", 1)[-1] not in own)
             if not planned and not unmatched:
                 raise ValueError(
-                    f"target_modules {sorted(config.target_modules)} matched modules, but exclude_modules / "
-                    f"layers_to_transform removed all of them; nothing to adapt"
+                    nothing + f"target_modules {sorted(config.target_modules)} matched modules, but exclude_modules "
+                    f"/ layers_to_transform / modules_to_save removed all of them; nothing to adapt"
                 )
             if unmatched:
                 why = ""
@@ -386,7 +444,8 @@ class BaseTuner(nn.Module):
                 if getattr(config, "exclude_modules", None):
                     why += f" after exclude_modules={config.exclude_modules}"
                 raise ValueError(
-                    f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} "
+                    (not_found if not planned else "")
+                    + f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} "
                     f"{', '.join(repr(u) for u in unmatched)} matched no module{why}; modules with "
                     f"{kinds} layers: {', '.join(self._candidate_names(model))}"
                 )
@@ -518,7 +577,7 @@ class BaseTuner(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise AdapterError(f"adapter(s) {', '.join(map(repr, unknown))} not found; available adapters: "
+            raise AdapterError(f"Adapter {', '.join(map(str, unknown))} does not exist; available adapters: "
                                f"{', '.join(map(repr, self.peft_config)) or 'none'}")
         return names
 
@@ -526,7 +585,7 @@ class BaseTuner(nn.Module):
         names = self._check_adapter_names(adapter_name)
         for layer in self._tuner_layers():
             if layer.merged:
-                warnings.warn("Adapters were merged, unmerging them before switching adapters.", UserWarning)
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning)
                 layer.unmerge()
             layer.set_adapter(names, inference_mode=inference_mode)
         for wrapper in self._wrappers():
@@ -550,7 +609,8 @@ class BaseTuner(nn.Module):
         self._check_adapter_names(adapter_name)
         merged = [m for m in self._tuner_layers() if adapter_name in m.merged_adapters]
         if merged:
-            raise AdapterError(f"adapter {adapter_name!r} is merged into the base weights of {len(merged)} layer(s); "
+            raise AdapterError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them "
+                               f"first. {adapter_name!r} is merged into the base weights of {len(merged)} layer(s); "
                                "call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
         for layer in self._tuner_layers():
@@ -570,8 +630,8 @@ class BaseTuner(nn.Module):
         if adapter_names is not None:
             self._check_adapter_names(adapter_names)
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for layer in layers:  # validate everything first: a refused merge changes nothing
-            layer._adapters_to_merge(names)
+        for layer in layers:  # every layer may refuse (e.g. a grouped conv) before any of them changes
+            layer._adapters_to_merge(names, warn=False)
         if safe_merge:  # check every layer's merged weights are finite before changing any of them
             for layer in layers:
                 check = getattr(layer, "check_merge", None)

@@ -13,10 +13,16 @@ from .other import (
 )
 from .peft_types import PeftType, TaskType
 from .registry import register_peft_method
-from .save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .save_and_load import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    load_peft_weights,
+    set_peft_model_state_dict,
+)
 
 __all__ = [
     "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
-    "_get_submodules", "get_submodules", "cast_mixed_precision_params", "get_peft_model_state_dict", "load_peft_weights",
+    "_get_submodules", "get_submodules", "cast_mixed_precision_params", "get_base_model_state_dict",
+    "get_peft_model_state_dict", "load_peft_weights",
     "prepare_model_for_kbit_training", "register_peft_method", "set_peft_model_state_dict", "transpose",
 ]

@@ -8,6 +8,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from .constants import EMBEDDING_LAYER_NAMES  # noqa: F401  PEFT's import path: peft.utils.other
+
 
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
     """(parent, module, name-in-parent) for the dotted path ``key``."""
@@ -34,7 +36,8 @@ def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
 def is_adapter_layer(module: nn.Module) -> bool:
     """Whether ``module`` is an adapter layer (a BaseTunerLayer of any method), recognised by the class attribute
     every adapter layer declares, so that this bottom layer needs no import of the tuners."""
-    return isinstance(getattr(type(module), "adapter_layer_names", None), tuple)
+    return isinstance(getattr(type(module), "adapter_layer_names", None), tuple) and \
+        not isinstance(module, ModulesToSaveWrapper)
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -46,6 +49,11 @@ class ModulesToSaveWrapper(nn.Module):
 
     ``original_module`` runs when adapters are disabled or the active adapter has no copy here.
     """
+
+    # PEFT's bookkeeping names (status reports read them): the per-adapter copies; a wrapper never merges.
+    adapter_layer_names: tuple[str, ...] = ("modules_to_save",)
+    other_param_names: tuple[str, ...] = ()
+    merged_adapters: list[str] = []
 
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
         super().__init__()

@@ -50,6 +50,18 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
+FSDP_WRAPPED_MODULE = "_fsdp_wrapped_module"
+
+
+def clean_named_modules(model: nn.Module):
+    """``model.named_modules()`` under the names its state dict uses: FSDP (and PEFT with it) drops every
+    ``_fsdp_wrapped_module.`` level from state-dict keys, so module names are matched to keys without them."""
+    for name, module in model.named_modules():
+        if FSDP_WRAPPED_MODULE in name:
+            name = ".".join(p for p in name.split(".") if p != FSDP_WRAPPED_MODULE)
+        yield name, module
+
+
 def _strip_adapter_name(key: str, adapter_name: str) -> str:
     """'x.lora_A.default.weight' -> 'x.lora_A.weight'; 'x.lora_embedding_A.default' -> 'x.lora_embedding_A'."""
     if "." not in key:
@@ -77,7 +89,7 @@ def _inside_wrapper(module_name: str) -> bool:
 def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
     """(key prefixes of ``adapter_name``'s containers on every tuner layer, names of all tuner layers)."""
     prefixes, layers = [], []
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if not is_adapter_layer(module) or _inside_wrapper(name):
             continue
         layers.append(name)
@@ -175,7 +187,7 @@ def _embedding_module_names(model: nn.Module, targeted: bool) -> list[str]:
             wanted = (base,)
         else:
             wanted = (layer, base)
-        for name, module in model.named_modules():
+        for name, module in clean_named_modules(model):
             if any(module is w for w in wanted if w is not None):
                 out.append(name)
                 break
@@ -186,7 +198,8 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
                     state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, str]:
     """checkpoint key -> model key, for every tensor saved with ``adapter_name`` (see the module docstring)."""
     if adapter_name not in model.peft_config:
-        raise ValueError(f"adapter {adapter_name!r} not found; available: {', '.join(model.peft_config)}")
+        raise ValueError(f"Adapter {adapter_name} does not exist; available adapters: "
+                         f"{', '.join(model.peft_config)}")
     config = model.peft_config[adapter_name]
     keys = list((state_dict if state_dict is not None else model.state_dict()).keys())
     mapping: dict[str, str] = {}
@@ -208,7 +221,7 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
             if key in present:
                 mapping.setdefault(key, key)
 
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             inner = _join(name, f"modules_to_save.{adapter_name}") + "."
             for key in keys:
@@ -234,6 +247,38 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
     sd = model.state_dict() if state_dict is None else state_dict
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers, state_dict=sd)
     return {ckpt: sd[key] for ckpt, key in mapping.items()}
+
+
+def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without adapter tensors and under the keys the model had before adapters were
+    injected: ``x.base_layer.weight`` -> ``x.weight``, ``head.original_module.weight`` -> ``head.weight``; adapter
+    weights, dropouts and modules_to_save copies are left out."""
+    wrapped: list[tuple[str, str]] = []  # (module name, the attribute holding the original module)
+    for name, module in clean_named_modules(model):
+        if isinstance(module, ModulesToSaveWrapper):
+            wrapped.append((name, "original_module"))
+        elif is_adapter_layer(module):
+            wrapped.append((name, "base_layer"))
+    # Deepest first, so that a key below nested wrappers is rewritten from the inside out.
+    wrapped.sort(key=lambda w: -len(w[0]))
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        new_key: Optional[str] = key
+        for name, attr in wrapped:
+            inner = _join(name, attr)
+            if new_key is not None and _under(new_key, inner):
+                new_key = name + new_key[len(inner):] if name else new_key[len(attr) + 1:]
+            elif new_key is not None and (not name or new_key.startswith(name + ".")):
+                new_key = None  # an adapter's own tensor (lora_A.<name>, modules_to_save.<name>, ...)
+        if new_key is not None:
+            out[new_key] = value
+    return out
+
+
+def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's ``get_base_model_state_dict``: the base model's weights of a PeftModel under their original keys."""
+    base = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
+    return base_model_state_dict(base)
 
 
 def _load_key_map(model: nn.Module, adapter_name: str, own_keys: list[str]) -> tuple[dict[str, str], set[str]]:
@@ -428,7 +473,7 @@ def adapter_parameter_prefixes(model: nn.Module, adapter_name: str) -> list[str]
     """Name prefixes of ``adapter_name``'s own parameters: its containers on tuner layers and its copies of
     ``modules_to_save`` modules (what PEFT's ``set_requires_grad(adapter_name)`` switches)."""
     prefixes, _ = _tuner_prefixes(model, adapter_name)
-    for name, module in model.named_modules():
+    for name, module in clean_named_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             prefixes.append(_join(name, f"modules_to_save.{adapter_name}"))
     return prefixes

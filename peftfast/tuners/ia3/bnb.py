@@ -43,11 +43,12 @@ class _QuantIA3Linear(nn.Module, IA3Layer):
                          "use unload() to remove them, or load the base model in float precision to merge")
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
-        if self.merge_names(adapter_names):
+        if self.merge_names(adapter_names, warn=False):
             self._refuse_merge()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        self.check_merge(adapter_names)
+        if self.merge_names(adapter_names):
+            self._refuse_merge()
 
     def unmerge(self) -> None:
         warnings.warn("Already unmerged. Nothing to do.", UserWarning)

@@ -97,7 +97,7 @@ class IA3Layer(AdapterLayer):
 
     def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
         """Raise (changing nothing) if merging ``adapter_names`` would give NaN or inf weights."""
-        self._merged(self.merge_names(adapter_names))
+        self._merged(self.merge_names(adapter_names, warn=False))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Multiply the adapters' vectors into the base weight (and bias, for output-side modules).

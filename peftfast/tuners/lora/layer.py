@@ -33,8 +33,10 @@ from ..tuners_utils import per_sample_adapter_names
 
 
 class LoraLayer(AdditiveAdapterLayer):
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    # PEFT's names: every per-adapter container is listed here, so delete_adapter leaves no trace of an adapter.
+    # lora_magnitude_vector (DoRA) stays empty: peftfast refuses use_dora.
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -46,7 +48,10 @@ class LoraLayer(AdditiveAdapterLayer):
         self.lora_B = nn.ModuleDict({})
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
+        self.lora_magnitude_vector = nn.ModuleDict()
         self.use_dora: dict[str, bool] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = feature_sizes(self.get_base_layer(), "LoRA", embedding=True)
@@ -61,6 +66,8 @@ class LoraLayer(AdditiveAdapterLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.use_dora[adapter_name] = False
+        self.use_rslora[adapter_name] = use_rslora
+        self.lora_bias[adapter_name] = False
         self._create_adapter_weights(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
         self.set_adapter(self.active_adapters)
@@ -297,10 +304,10 @@ class ConvNd(nn.Module, LoraLayer):
             raise NotImplementedError(f"merging LoRA into a {type(base).__name__} with groups={base.groups} is "
                                       "not supported (as in PEFT); use the unmerged model")
 
-    def _adapters_to_merge(self, adapter_names: list[str] | None) -> list[str]:
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
         # Every merge asks this of every layer before changing any of them, so a grouped conv refuses there and
         # no other layer is left merged (or rounded by an undo).
-        names = super()._adapters_to_merge(adapter_names)
+        names = super()._adapters_to_merge(adapter_names, warn=warn)
         if any(self.holds(n) for n in names):
             self._refuse_grouped_merge()
         return names
