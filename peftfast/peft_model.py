@@ -535,17 +535,19 @@ def _contiguous_unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 # prompt-learning methods plug in at ``_prompt_learning_call``, where PEFT prepends virtual tokens or
 # past_key_values. ``task_ids`` belongs to methods that route by task (PEFT's Poly) and is not passed on.
 # ---------------------------------------------------------------------------------------------------------
-class PeftModelForCausalLM(PeftModel):
-    """Causal LM with adapters; ``generate`` works as on the base model."""
+def forward_with_labels(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                        output_attentions=None, output_hidden_states=None, return_dict=None, task_ids=None,
+                        **kwargs: Any) -> Any:
+    """``forward`` of the causal-LM, sequence- and token-classification wrappers (PEFT 0.21's signature)."""
+    return self._task_forward(dict(
+        input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
+    ), kwargs)
 
-    _task_type = TaskType.CAUSAL_LM
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        return self._task_forward(dict(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-        ), kwargs)
+class Generating:
+    """``generate`` for the language-model wrappers: as on the base model (prompt methods plug in at
+    ``_task_generate``)."""
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self._task_generate(args, kwargs)
@@ -554,7 +556,15 @@ class PeftModelForCausalLM(PeftModel):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
-class PeftModelForSeq2SeqLM(PeftModel):
+class PeftModelForCausalLM(Generating, PeftModel):
+    """Causal LM with adapters; ``generate`` works as on the base model."""
+
+    _task_type = TaskType.CAUSAL_LM
+
+    forward = forward_with_labels
+
+
+class PeftModelForSeq2SeqLM(Generating, PeftModel):
     """Encoder-decoder LM with adapters; ``generate`` works as on the base model."""
 
     _task_type = TaskType.SEQ_2_SEQ_LM
@@ -569,24 +579,13 @@ class PeftModelForSeq2SeqLM(PeftModel):
             output_hidden_states=output_hidden_states, return_dict=return_dict,
         ), kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self._task_generate(args, kwargs)
-
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
-
 
 class PeftModelForSequenceClassification(PeftModel):
     """The classifier head ("classifier" or "score") is trained and saved in full (modules_to_save)."""
 
     _task_type = TaskType.SEQ_CLS
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        return self._task_forward(dict(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-        ), kwargs)
+    forward = forward_with_labels
 
 
 class PeftModelForTokenClassification(PeftModel):
@@ -594,12 +593,7 @@ class PeftModelForTokenClassification(PeftModel):
 
     _task_type = TaskType.TOKEN_CLS
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs: Any) -> Any:
-        return self._task_forward(dict(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict,
-        ), kwargs)
+    forward = forward_with_labels
 
 
 class PeftModelForQuestionAnswering(PeftModel):

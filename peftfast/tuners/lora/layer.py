@@ -90,6 +90,25 @@ class LoraLayer(AdditiveAdapterLayer):
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
 
+    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output for ``x`` (quantised layers override this with a fused dequant-matmul)."""
+        return self.base_layer(x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's
+        ``adapter_names``; each layer class adds one adapter with ``_with_adapter``."""
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
+        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
+        result = self.base_forward(x, *args, **kwargs)
+        out = result.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or name not in self.lora_A:
+                continue
+            idx = [i for i, n in enumerate(adapter_names) if n == name]
+            out[idx] = self._with_adapter(x[idx], result[idx], name)
+        return out
+
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
@@ -124,10 +143,6 @@ class Linear(nn.Module, LoraLayer):
         return LowRankAdapters([a[n].weight for n in names], [b[n].weight for n in names],
                                [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names])
 
-    def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base layer's output for ``x`` (quantised layers override this with a fused dequant-matmul)."""
-        return self.base_layer(x, *args, **kwargs)
-
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them."""
         return lora_linear(x, result, *self.adapter_bundle(names), self.training)
@@ -158,20 +173,9 @@ class Linear(nn.Module, LoraLayer):
         base = self.base_layer
         return lora_linear_fused(x, base.weight, base.bias, *self.adapter_bundle(names), self.training)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
-        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's
-        ``adapter_names``."""
-        if self.merged:
-            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
-        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-        result = self.base_forward(x, *args, **kwargs)
-        out = result.clone()
-        for name in dict.fromkeys(adapter_names):
-            if name == "__base__" or name not in self.lora_A:
-                continue
-            idx = [i for i, n in enumerate(adapter_names) if n == name]
-            out[idx] = self._lora(x[idx], result[idx], [name])
-        return out
+    def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
+        return self._lora(x, result, [name])
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
@@ -368,19 +372,9 @@ class ConvNd(nn.Module, LoraLayer):
             result = result + self._delta_out(x, name)
         return result.to(dtype)
 
-    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
-        """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's
-        ``adapter_names``."""
-        if self.merged:
-            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
-        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-        result = self.base_layer(x, *args, **kwargs)
-        out = result.clone()
-        for name in dict.fromkeys(adapter_names):
-            if name in self.lora_A:
-                idx = [i for i, n in enumerate(adapter_names) if n == name]
-                out[idx] = result[idx] + self._delta_out(x[idx], name).to(result.dtype)
-        return out
+    def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
+        return result + self._delta_out(x, name).to(result.dtype)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
