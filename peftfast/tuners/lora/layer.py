@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,18 @@ class LoraLayer(AdditiveAdapterLayer):
         """The base layer's output for ``x`` (quantised layers override this with a fused dequant-matmul)."""
         return self.base_layer(x, *args, **kwargs)
 
+    def disabled_or_mixed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The output when the active adapters do not simply apply: adapters disabled (the base output, merged
+        adapters unmerged first) or a mixed batch (``adapter_names``, popped from ``kwargs``); None otherwise."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_forward(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        return None
+
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
         """Each sample of the batch uses its own adapter (``'__base__'`` for none), as PEFT's
         ``adapter_names``; each layer class adds one adapter with ``_with_adapter``."""
@@ -148,13 +160,9 @@ class Linear(nn.Module, LoraLayer):
         return lora_linear(x, result, *self.adapter_bundle(names), self.training)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_forward(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        special = self.disabled_or_mixed_forward(x, args, kwargs)
+        if special is not None:
+            return special
         names = [] if self.merged else self._active_lora()
         if names and not args and not kwargs and self._fuses_with_base(x):
             return self._fused_forward(x, names)
@@ -354,13 +362,9 @@ class ConvNd(nn.Module, LoraLayer):
         return conv(conv(x.to(a.dtype), a, None, first.stride, first.padding), b)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        special = self.disabled_or_mixed_forward(x, args, kwargs)
+        if special is not None:
+            return special
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
