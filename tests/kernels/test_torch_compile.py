@@ -99,16 +99,22 @@ def test_compiled_graph_holds_the_custom_ops(backend):
         assert "peftfast.ia3_linear" not in ops
 
 
+def _aot_eager_matches_eager(model, x, seed):
+    """torch.compile(fullgraph=True, backend="aot_eager") gives eager's output and every gradient for the same
+    seed; returns (the compiled model, its output)."""
+    y_eager, g_eager = _step(model, x, seed=seed)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y_comp, g_comp = _step(model, x, seed=seed, fwd=compiled)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    for name in g_eager:
+        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    return compiled, y_comp
+
 def test_compile_aot_eager_matches_eager(backend):
     torch._dynamo.reset()
     model = TinyModel().train()
     x = torch.randn(2, 5, 24, requires_grad=False)
-    y_eager, g_eager = _step(model, x, seed=7)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    y_comp, g_comp = _step(model, x, seed=7, fwd=compiled)
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
-    for name in g_eager:
-        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    compiled, y_comp = _aot_eager_matches_eager(model, x, seed=7)
     # a second step with another seed: new dropout masks, still equal to eager
     y2_comp, _ = _step(model, x, seed=8, fwd=compiled)
     y2_eager, _ = _step(model, x, seed=8)
@@ -194,9 +200,4 @@ def test_qlora_compiles_to_one_op_and_matches_eager(torch_backend, kind):
     assert f"peftfast.qlora_linear_fused_{kind}" in ops, sorted(ops)
     assert not {"peftfast.matmul_4bit", "peftfast.matmul_int8", "peftfast.lora_linear"} & ops, sorted(ops)
     torch._dynamo.reset()
-    y_eager, g_eager = _step(model, x, seed=11)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    y_comp, g_comp = _step(model, x, seed=11, fwd=compiled)
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
-    for name in g_eager:
-        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    _aot_eager_matches_eager(model, x, seed=11)
