@@ -625,15 +625,15 @@ def test_adapter_names_mixed_batch_more_layers(build, task, targets, inputs):
         assert torch.allclose(mixed[i], separate[name][i], atol=1e-5, rtol=1e-5), (i, name)
 
 
-def test_adapter_names_in_generate():
+def _greedy_generation_case(batch: int, **options):
+    """A tiny Llama with adapters "default" and "other" on q_proj/v_proj, and greedy generate() arguments
+    for ``batch`` prompts of 5 tokens."""
     pm = _two_adapter_model(tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj"])
-    x = causal_inputs(batch=3, seq=5)
-    gen = {
-        "input_ids": x["input_ids"],
-        "attention_mask": x["attention_mask"],
-        "max_new_tokens": 4,
-        "do_sample": False,
-    }
+    x = causal_inputs(batch=batch, seq=5)
+    return pm, {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "do_sample": False, **options}
+
+def test_adapter_names_in_generate():
+    pm, gen = _greedy_generation_case(batch=3, max_new_tokens=4)
     names = ["default", "other", "__base__"]
     mixed = pm.generate(**gen, adapter_names=names)
     for i, name in enumerate(names):
@@ -651,15 +651,7 @@ def test_adapter_names_in_generate():
 
 
 def test_adapter_names_with_beam_search():
-    pm = _two_adapter_model(tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj"])
-    x = causal_inputs(batch=2, seq=5)
-    gen = {
-        "input_ids": x["input_ids"],
-        "attention_mask": x["attention_mask"],
-        "max_new_tokens": 3,
-        "do_sample": False,
-        "num_beams": 2,
-    }
+    pm, gen = _greedy_generation_case(batch=2, max_new_tokens=3, num_beams=2)
     mixed = pm.generate(**gen, adapter_names=["other", "default"])
     pm.set_adapter("other")
     first = pm.generate(**dict(gen, input_ids=gen["input_ids"][:1], attention_mask=gen["attention_mask"][:1]))
