@@ -11,7 +11,7 @@ A kernel that computes something else (a wrong mask, a missing term) is off by f
 few roundings of the same math, so the check can fail; a kernel that rounds once where PyTorch
 rounds several times passes with room to spare.
 
-Used by tests/kernels/*. tests/test_lora_parity.py's ``assert_close`` (a fixed relative
+Used by tests/kernels/* and tests/test_conv.py. tests/test_lora_parity.py's ``assert_close`` (a fixed relative
 tolerance against PEFT's fp32 model) could derive its bound the same way.
 """
 from __future__ import annotations
