@@ -94,13 +94,17 @@ class OpDecl:
 
         def backward_body(saved, grads, needs, *statics):
             like = next(g for g in grads if g is not None)
-            inputs = [t for t in (*saved, *grads) if t is not None]
+            # outputs of a custom op share storage neither with its inputs nor with each other (torch checks
+            # storages); a view of a fresh result is fine and is not copied
+            taken = {t.untyped_storage().data_ptr() for t in (*saved, *grads) if t is not None}
             out = []
             for g in backward(list(saved), list(grads), list(needs), statics):
                 if g is None:
                     g = like.new_empty(0)
-                elif g._base is not None or any(g is t for t in inputs):
-                    g = g.clone()  # outputs of a custom op alias neither its inputs nor each other
+                else:
+                    if g.untyped_storage().data_ptr() in taken:
+                        g = g.clone()
+                    taken.add(g.untyped_storage().data_ptr())
                 out.append(g)
             return out
 
