@@ -115,7 +115,7 @@ class LoraLayer(AdditiveAdapterLayer):
         result = self.base_forward(x, *args, **kwargs)
         out = result.clone()
         for name in dict.fromkeys(adapter_names):
-            if name == "__base__" or name not in self.lora_A:
+            if name == "__base__" or not self.holds(name):
                 continue
             idx = [i for i, n in enumerate(adapter_names) if n == name]
             out[idx] = self._with_adapter(x[idx], result[idx], name)
@@ -221,26 +221,18 @@ class Embedding(nn.Module, LoraLayer):
         after_a = self._embed(x, self.lora_embedding_A[name].T)
         return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
 
+    def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
+        return (result + self._delta_out(x, name)).to(result.dtype)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+        special = self.disabled_or_mixed_forward(x, args, kwargs)
+        if special is not None:
+            return special
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            if adapter_names is not None:
-                raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
             return result
         dtype = result.dtype
-        if adapter_names is not None:  # one adapter per sample
-            adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-            out = result.clone()
-            for name in dict.fromkeys(adapter_names):
-                if name in self.lora_embedding_A:
-                    idx = [i for i, n in enumerate(adapter_names) if n == name]
-                    out[idx] = (result[idx] + self._delta_out(x[idx], name)).to(dtype)
-            return out
         for name in self.active_adapters:
             if name in self.lora_embedding_A:
                 result = result + self._delta_out(x, name)
