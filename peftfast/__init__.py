@@ -57,3 +57,9 @@ __all__ = [
     "cast_mixed_precision_params", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
     "inject_adapter_in_model", "load_peft_weights", "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]
+
+# PEFT's error and warning base classes, and the counterpart of get_base_model_state_dict.
+from .utils.errors import NoMatchingPeftModuleError, PeftError, PeftWarning  # noqa: E402
+from .utils import set_base_model_state_dict  # noqa: E402
+
+__all__ += ["NoMatchingPeftModuleError", "PeftError", "PeftWarning", "set_base_model_state_dict"]

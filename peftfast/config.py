@@ -18,11 +18,52 @@ from typing import Any, Literal, Optional, Union
 
 from .utils import registry
 from .utils.constants import CONFIG_NAME
-from .utils.errors import ConfigError
+from .utils.errors import ConfigError, ConfigKeysMissingError
 from .utils.peft_types import PeftType, TaskType
 
 # The PEFT release whose on-disk format these files follow (written as ``peft_version``).
 PEFT_FORMAT_VERSION = "0.21.2"
+# PEFT's module attribute of the same name: the version a new config records as ``peft_version``. It is the PEFT
+# format version (not peftfast's own ``peftfast.__version__``), so PEFT reading the file knows what wrote it.
+__version__ = PEFT_FORMAT_VERSION
+
+
+def _get_commit_hash(pkg_name: str) -> Optional[str]:
+    """The VCS commit an installed distribution was built from (pip's direct_url.json), if recorded."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(pkg_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for path in dist.files or []:
+        if path.name == "direct_url.json":
+            info = json.loads(dist.locate_file(path).read_text()).get("vcs_info") or {}
+            if "commit_id" in info:
+                return info["commit_id"]
+    return None
+
+
+def _current_version() -> str:
+    """``__version__``, with the commit hash appended for a development version (``X.Y.devN@<hash>``), as PEFT
+    records it; a hash that cannot be determined is written as UNKNOWN, with a warning if looking it up failed."""
+    from packaging.version import InvalidVersion, Version
+
+    version = __version__
+    try:
+        is_dev = Version(version).dev is not None
+    except InvalidVersion:
+        return version
+    if not is_dev:
+        return version
+    try:
+        commit = _get_commit_hash("peftfast")
+    except Exception as e:  # never fail a config because metadata could not be read
+        warnings.warn(f"A dev version of PEFT is used but there was an error while trying to determine the commit "
+                      f"hash of the installed peftfast: {type(e).__name__}: {e}. Recording {version}@UNKNOWN",
+                      UserWarning)
+        commit = None
+    return f"{version}@{commit or 'UNKNOWN'}"
 
 
 def _jsonable(value: Any) -> Any:
@@ -51,10 +92,11 @@ class PeftConfigMixin:
             valid = [t.value for t in TaskType]
             value = self.task_type.value if isinstance(self.task_type, TaskType) else self.task_type
             if value not in valid:
-                raise ConfigError(f"task_type {self.task_type!r} is not one of {', '.join(valid)}")
+                raise ConfigError(f"{type(self).__name__}.task_type: Invalid task type: '{value}'. Must be one of the following task types: "
+                                  f"{', '.join(valid)}.")
             self.task_type = TaskType(value)
         if self.peft_version is None:
-            self.peft_version = PEFT_FORMAT_VERSION
+            self.peft_version = _current_version()
 
     # -- serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -137,8 +179,14 @@ class PeftConfigMixin:
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
-        with open(path_json_file, encoding="utf-8") as f:
-            return json.load(f)
+        """The JSON object in ``path_json_file`` (checked as adapter_config.json files are), without a stray
+        ``runtime_config`` entry, which only has a meaning at run time (PEFT drops it the same way)."""
+        data = read_config_json(path_json_file)
+        if "runtime_config" in data:
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored: runtime "
+                          "configurations are only valid at runtime.", UserWarning, stacklevel=2)
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
@@ -153,6 +201,10 @@ class PeftConfigMixin:
             return cls._config_class(data, path)._from_json_dict(data, path)
         declared = data.get("peft_type")
         declared = declared.value if isinstance(declared, PeftType) else declared
+        if declared is None:
+            raise ConfigKeysMissingError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"{path} does not look like an adapter config (it has no 'peft_type')")
         own_type = registry.peft_type_of_config_class(cls)
         own = own_type.value if own_type is not None else None
         if declared is not None and own is not None and declared != own:

@@ -257,6 +257,19 @@ class PeftModel(PushToHubMixin, nn.Module):
                                    f"{', '.join(self.peft_config)}")
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters on or off, independently of which one is active (PEFT's
+        method). Not available for prompt-learning methods, as in PEFT."""
+        if self.active_peft_config.is_prompt_learning:
+            raise TypeError("Setting `requires_grad` is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}.")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterError(f"Adapter {', '.join(map(str, unknown))} does not exist; available adapters: "
+                               f"{', '.join(self.peft_config)}")
+        self.base_model.set_requires_grad(names, requires_grad=requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.peft_config:
             raise AdapterError(f"Adapter {adapter_name} does not exist; available adapters: "

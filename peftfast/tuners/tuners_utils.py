@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from ..utils.errors import AdapterError
+from ..utils.errors import AdapterError, NoMatchingPeftModuleError
 from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
 from ..utils.undo import UndoLog
 
@@ -145,6 +145,14 @@ class BaseTunerLayer:
                 module.requires_grad_(key in names and not inference_mode)
         self._active_adapter = names
 
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights on or off here, whatever is active (PEFT's method)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for layer_name in self.adapter_layer_names:
+            for key, weights in getattr(self, layer_name).items():
+                if key in names:
+                    weights.requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         for d in self._adapter_dicts():
             if adapter_name in d:
@@ -181,15 +189,13 @@ class BaseTunerLayer:
 
 
 def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
+    """The layer index of ``key``: the number after the first ``<pattern>.`` (any segment when no pattern is
+    given). The FIRST numbered segment counts, not a nested one (``layers.1.experts.0`` is layer 1)."""
     if not layers_pattern:
-        patterns: list[str] = []
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
-    if not patterns:
-        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)  # the first numbered segment, not a nested one
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
         return int(m.group(1)) if m else None
-    for pattern in patterns:
-        m = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern):
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
         if m:
             return int(m.group(1))
     return None
@@ -215,7 +221,7 @@ def check_target_module_exists(config: Any, key: str) -> bool:
     if targets is None or not _name_matches(targets, key):
         return False
     layers = getattr(config, "layers_to_transform", None)
-    if layers is None or isinstance(targets, str):
+    if layers is None or isinstance(targets, str) or (isinstance(layers, (list, tuple)) and not layers):
         return True
     index = _layer_index(key, getattr(config, "layers_pattern", None))
     if index is None:
@@ -241,6 +247,22 @@ def find_minimal_target_modules(targets: Iterable[str], others: Iterable[str]) -
             continue
         chosen.add(next((tail for tail in _suffixes(target) if tail not in forbidden), target))
     return chosen
+
+
+def _find_minimal_target_modules(target_modules: Iterable[str], other_module_names: Iterable[str]) -> set[str]:
+    """PEFT's name for :func:`find_minimal_target_modules`, with its argument checks: ``target_modules`` must be a
+    non-empty list or set of non-empty strings, disjoint from ``other_module_names``."""
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError("target_modules should be a list or set of strings.")
+    targets = set(target_modules)
+    if "" in targets:
+        raise ValueError("target_modules should not contain an empty string.")
+    others = set(other_module_names)
+    common = targets & others
+    if common:
+        raise ValueError(f"target_modules and other_module_names contain common elements ({sorted(common)[:5]}); "
+                         "a module cannot be both a target and a non-target")
+    return find_minimal_target_modules(targets, others)
 
 
 def _entry_matches(entry: str, keys: Iterable[str]) -> bool:
@@ -272,6 +294,8 @@ class BaseTuner(nn.Module):
     # Long target_modules lists are condensed to short suffixes; a method with another field that must stay a
     # subset of target_modules (IA3's feedforward_modules) turns this off, as PEFT does.
     target_modules_condensable: bool = True
+    # PEFT's flag for methods whose adapters share weights across layers (VeRA-style); none of peftfast's do.
+    uses_shared_state: bool = False
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
@@ -401,54 +425,56 @@ class BaseTuner(nn.Module):
         saved_names = list(getattr(config, "modules_to_save", None) or ())
         # PEFT's rule: a modules_to_save module and everything inside it is trained in full, never adapted.
         saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in saved_names)]
-        planned, excluded = [], []
+        exclude = getattr(config, "exclude_modules", None)
+        planned, excluded, unmatched_keys = [], [], []
         for key in keys:
             if key in inside:  # an existing adapter's own modules are never targets, however targets are named
                 continue
-            if check_target_module_exists(config, key):
-                if any(key == s or key.startswith(s + ".") for s in saved):
-                    excluded.append(key)
-                else:
-                    planned.append(key)
+            if (exclude and _name_matches(exclude, key)) or any(key == s or key.startswith(s + ".") for s in saved):
+                excluded.append(key)
+            elif check_target_module_exists(config, key):
+                planned.append(key)
+            else:
+                unmatched_keys.append(key)
         kinds = "/".join(sorted({c.__name__ for c in linear_layer_classes()} | {"Embedding"}))
-        not_found = (f"Target modules {config.target_modules} not found in the base model. Please check the target "
-                     "modules and try again. ")
-        nothing = ("No modules were targeted for adaptation. This might be caused by a combination of mismatched "
-                   "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
-                   "configuration. You may also have only targeted modules that are marked to be saved "
-                   "(`modules_to_save`). ")
-        if isinstance(config.target_modules, str):
-            if not planned:
-                raise ValueError(
-                    (nothing if excluded else not_found)
-                    + f"target_modules regex {config.target_modules!r} matched no module"
-                    + (f" outside modules_to_save {saved_names}" if excluded else "")
-                    + f"; modules with {kinds} layers: {', '.join(self._candidate_names(model))}"
-                )
-        else:
-            # An entry that names modules which the user's own exclude_modules / layers_to_transform / modules_to_save
-            # then removed is fine (as in PEFT); an entry that names no module at all is a mistake, unless it names
-            # one of the adapters' own modules (``lora_dropout``), which PEFT ignores.
-            own = self._own_module_names()
-            unmatched = sorted(e for e in config.target_modules
-                               if not _entry_matches(e, keys) and e.rsplit(".", 1)[-1] not in own)
-            if not planned and not unmatched:
-                raise ValueError(
-                    nothing + f"target_modules {sorted(config.target_modules)} matched modules, but exclude_modules "
-                    f"/ layers_to_transform / modules_to_save removed all of them; nothing to adapt"
-                )
-            if unmatched:
-                why = ""
-                if getattr(config, "layers_to_transform", None) is not None:
-                    why = f" within layers_to_transform={config.layers_to_transform}"
-                if getattr(config, "exclude_modules", None):
-                    why += f" after exclude_modules={config.exclude_modules}"
-                raise ValueError(
-                    (not_found if not planned else "")
-                    + f"target_modules entr{'y' if len(unmatched) == 1 else 'ies'} "
-                    f"{', '.join(repr(u) for u in unmatched)} matched no module{why}; modules with "
-                    f"{kinds} layers: {', '.join(self._candidate_names(model))}"
-                )
+        candidates = f"modules with {kinds} layers: {', '.join(self._candidate_names(model))}"
+        notes = ""
+        if getattr(config, "layers_to_transform", None) is not None:
+            notes += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+        if getattr(config, "layers_pattern", None) is not None:
+            notes += f" You also specified 'layers_pattern': {config.layers_pattern}."
+        # Entries of a target list that name no module at all (a typo, or a name from another architecture);
+        # entries naming the adapters' own modules (``lora_dropout``) are ignored, as PEFT ignores them.
+        own = self._own_module_names()
+        unmatched_entries = [] if isinstance(config.target_modules, str) else sorted(
+            e for e in config.target_modules if not _entry_matches(e, keys) and e.rsplit(".", 1)[-1] not in own)
+        if not planned:
+            if excluded and not unmatched_keys:
+                raise NoMatchingPeftModuleError(
+                    "All modules were excluded. This is likely unintended. Check your `target_modules`, "
+                    f"`exclude_modules` and `modules_to_save` configuration (exclude_modules={exclude}, "
+                    f"modules_to_save={saved_names or None}).")
+            what = (f"target_modules regex {config.target_modules!r} matched no module"
+                    if isinstance(config.target_modules, str) else
+                    f"entries {', '.join(repr(u) for u in unmatched_entries)} matched no module"
+                    if unmatched_entries else "every matching module lies outside layers_to_transform")
+            if not excluded:
+                raise NoMatchingPeftModuleError(
+                    f"Target modules {config.target_modules} not found in the base model. Please check the target "
+                    f"modules and try again.{notes} ({what}; {candidates})")
+            raise NoMatchingPeftModuleError(
+                "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+                "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+                "configuration. You may also have only targeted modules that are marked to be saved "
+                f"(`modules_to_save`).{notes} ({what}; excluded: {', '.join(excluded[:10])}; {candidates})")
+        if exclude and not any(exclude and _name_matches(exclude, k) for k in excluded):
+            warnings.warn(f"You have passed exclude_modules={exclude} but no modules were excluded. Please check "
+                          "that exclude_modules was set correctly.", UserWarning, stacklevel=3)
+        if unmatched_entries:
+            warnings.warn(
+                f"target_modules entr{'y' if len(unmatched_entries) == 1 else 'ies'} "
+                f"{', '.join(repr(u) for u in unmatched_entries)} matched no module and {'is' if len(unmatched_entries) == 1 else 'are'} "
+                f"ignored; {candidates}", UserWarning, stacklevel=3)
         for key in planned:
             module = model.get_submodule(key)
             if not (self._supported_module(module) or isinstance(module, self.tuner_layer_cls)):
@@ -477,7 +503,8 @@ class BaseTuner(nn.Module):
                     undo.replace(parent, target_name, target)
                 self._create_and_replace(config, adapter_name, target, target_name, parent, key)
             self._set_modules_to_save(model, config, adapter_name, undo)
-        self.targeted_module_names = sorted(set(self.targeted_module_names) | set(planned))
+        # Each module once, in the order adapters first targeted it (PEFT's order).
+        self.targeted_module_names = list(dict.fromkeys([*self.targeted_module_names, *planned]))
         # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
         # instead. Trainability of existing parameters is left as it was.
         for layer in self._tuner_layers():
@@ -510,6 +537,10 @@ class BaseTuner(nn.Module):
                 continue
             found.update(match)
             parent, target, target_name = get_submodules(model, key)
+            if isinstance(target, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+                # A container has no forward of its own to route through a copy (PEFT refuses it the same way).
+                raise TypeError(f"modules_to_save cannot be applied to modules of type {type(target).__name__} "
+                                f"({key!r}); name the modules inside it instead (e.g. {key}.<name>)")
             if isinstance(target, ModulesToSaveWrapper):
                 if adapter_name in target.modules_to_save:
                     continue
@@ -591,6 +622,16 @@ class BaseTuner(nn.Module):
         for wrapper in self._wrappers():
             wrapper.set_adapter(names, inference_mode=inference_mode)
         self.active_adapter = names[0] if len(names) == 1 else names
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights (adapter layers and modules_to_save copies) on or off,
+        independently of which adapter is active (PEFT's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"adapter_names must be a str or a list of str, got {adapter_names!r}")
+        for module in self.model.modules():
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                module.set_requires_grad(names, requires_grad=requires_grad)
 
     def enable_adapter_layers(self) -> None:
         for m in self._tuner_layers() + self._wrappers():

@@ -17,6 +17,7 @@ from .save_and_load import (
     get_base_model_state_dict,
     get_peft_model_state_dict,
     load_peft_weights,
+    set_base_model_state_dict,
     set_peft_model_state_dict,
 )
 
@@ -24,5 +25,5 @@ __all__ = [
     "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
     "_get_submodules", "get_submodules", "cast_mixed_precision_params", "get_base_model_state_dict",
     "get_peft_model_state_dict", "load_peft_weights",
-    "prepare_model_for_kbit_training", "register_peft_method", "set_peft_model_state_dict", "transpose",
+    "prepare_model_for_kbit_training", "register_peft_method", "set_base_model_state_dict", "set_peft_model_state_dict", "transpose",
 ]

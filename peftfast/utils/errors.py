@@ -7,8 +7,25 @@ ValueErrors, as PEFT's errors for the same situations are. ``peftfast.config`` r
 """
 
 
+class PeftError(Exception):
+    """PEFT's base error class (``peft.PeftError``): code that catches it keeps working."""
+
+
+class NoMatchingPeftModuleError(PeftError, ValueError):
+    """An adapter's ``target_modules`` matched no module of the model (PEFT's error of the same name)."""
+
+
+class PeftWarning(UserWarning):
+    """PEFT's base warning class (``peft.PeftWarning``)."""
+
+
 class ConfigError(ValueError):
     """An adapter configuration is invalid or cannot be used by peftfast."""
+
+
+class ConfigKeysMissingError(ConfigError, TypeError):
+    """A file offered as adapter_config.json lacks the keys every adapter config has (``peft_type``): it is not
+    an adapter config. A TypeError as well, as PEFT raises for the same file."""
 
 
 class AdapterError(ValueError):

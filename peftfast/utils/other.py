@@ -115,6 +115,13 @@ class ModulesToSaveWrapper(nn.Module):
             self.modules_to_save.requires_grad_(False)
         self._disable_adapters = not enabled
 
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' copies on or off, whatever is active (PEFT's method)."""
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for key, module in self.modules_to_save.items():
+            if key in names:
+                module.requires_grad_(requires_grad)
+
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]

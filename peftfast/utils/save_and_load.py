@@ -249,10 +249,10 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
     return {ckpt: sd[key] for ckpt, key in mapping.items()}
 
 
-def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict without adapter tensors and under the keys the model had before adapters were
-    injected: ``x.base_layer.weight`` -> ``x.weight``, ``head.original_module.weight`` -> ``head.weight``; adapter
-    weights, dropouts and modules_to_save copies are left out."""
+def base_model_key_map(model: nn.Module) -> dict[str, str]:
+    """For each tensor of ``model``'s state dict that belongs to the base model: the key it had before adapters
+    were injected -> its key now (``x.weight`` -> ``x.base_layer.weight``, ``head.weight`` ->
+    ``head.original_module.weight``). Adapter weights, dropouts and modules_to_save copies have no entry."""
     wrapped: list[tuple[str, str]] = []  # (module name, the attribute holding the original module)
     for name, module in clean_named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
@@ -261,8 +261,8 @@ def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             wrapped.append((name, "base_layer"))
     # Deepest first, so that a key below nested wrappers is rewritten from the inside out.
     wrapped.sort(key=lambda w: -len(w[0]))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
+    out: dict[str, str] = {}
+    for key in model.state_dict(keep_vars=True):
         new_key: Optional[str] = key
         for name, attr in wrapped:
             inner = _join(name, attr)
@@ -271,14 +271,52 @@ def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             elif new_key is not None and (not name or new_key.startswith(name + ".")):
                 new_key = None  # an adapter's own tensor (lora_A.<name>, modules_to_save.<name>, ...)
         if new_key is not None:
-            out[new_key] = value
+            out[new_key] = key
     return out
+
+
+def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict without adapter tensors and under the keys the model had before adapters were
+    injected: ``x.base_layer.weight`` -> ``x.weight``, ``head.original_module.weight`` -> ``head.weight``; adapter
+    weights, dropouts and modules_to_save copies are left out."""
+    sd = model.state_dict()
+    return {original: sd[key] for original, key in base_model_key_map(model).items()}
+
+
+def _inner_base_model(model: nn.Module) -> nn.Module:
+    return model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
 
 
 def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT's ``get_base_model_state_dict``: the base model's weights of a PeftModel under their original keys."""
-    base = model.base_model.model if hasattr(model, "base_model") and hasattr(model.base_model, "model") else model
-    return base_model_state_dict(base)
+    return base_model_state_dict(_inner_base_model(model))
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def set_base_model_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor],
+                              strict: bool = True) -> IncompatibleKeys:
+    """PEFT's ``set_base_model_state_dict``: load base-model weights given under the model's original keys (as
+    :func:`get_base_model_state_dict` returns them, or as a checkpoint of the model without adapters has them)
+    into a model with adapters injected. Adapter weights are not touched. With ``strict``, missing or unexpected
+    keys raise RuntimeError before anything is loaded; returns (missing_keys, unexpected_keys)."""
+    base = _inner_base_model(model)
+    key_map = base_model_key_map(base)
+    unexpected = [k for k in state_dict if k not in key_map]
+    missing = [k for k in key_map if k not in state_dict]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"Missing key(s) in state_dict: {_listed(missing)}")
+        if unexpected:
+            parts.append(f"Unexpected key(s) in state_dict: {_listed(unexpected)}")
+        raise RuntimeError("Error(s) in loading state_dict:\n\t" + "\n\t".join(parts))
+    mapped = {key_map[k]: v for k, v in state_dict.items() if k in key_map}
+    base.load_state_dict(mapped, strict=False)
+    return IncompatibleKeys(missing, unexpected)
 
 
 def _load_key_map(model: nn.Module, adapter_name: str, own_keys: list[str]) -> tuple[dict[str, str], set[str]]:
