@@ -280,23 +280,34 @@ class PeftModel(PushToHubMixin, nn.Module):
     def disable_adapter(self):
         """Run the base model without adapters inside the ``with`` block.
 
-        On exit every adapter layer and modules_to_save wrapper is put back as it was on entry: layers that were
-        disabled before stay disabled, and a nested ``with`` restores the outer block's (all disabled) state. The
-        requires_grad flags of adapter parameters are restored too.
+        On exit every adapter layer and modules_to_save wrapper is put back as it was on entry: a model whose
+        adapters were all disabled stays disabled, and a nested ``with`` restores the outer block's (all disabled)
+        state. The requires_grad flags of adapter parameters are restored too. A model entered with some adapter
+        layers enabled and others disabled (most likely a mistake) gets a warning and, as in PEFT, comes back with
+        every layer enabled.
         """
         was_disabled = self._adapters_disabled
         layers = self.base_model._tuner_layers() + self.base_model._wrappers()
         states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
+        tuner_states = {m.disable_adapters for m in self.base_model._tuner_layers()}
+        irregular = len(tuner_states) > 1
+        if irregular:
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled", UserWarning, stacklevel=3)
         try:
             self.base_model.disable_adapter_layers()
             self._adapters_disabled = True
             yield
         finally:
-            for module, disabled, grads in states:
-                if not disabled:
-                    module.enable_adapters(True)
-                for p, flag in grads:
-                    p.requires_grad_(flag)
+            if irregular:  # PEFT's rule for a mixed state: every layer comes back enabled
+                self.base_model.enable_adapter_layers()
+            else:
+                for module, disabled, grads in states:
+                    if not disabled:
+                        module.enable_adapters(True)
+                    for p, flag in grads:
+                        p.requires_grad_(flag)
             self._adapters_disabled = was_disabled
 
     # -- saving and loading ---------------------------------------------------------------------------

@@ -68,15 +68,30 @@ def test_disable_adapter_nested_restores_outer_state():
     assert torch.equal(ours(X), theirs(X))
 
 
-def test_disable_adapter_restores_partial_state_and_grads():
-    ours, _ = both({})
-    ours.base_model.model.lin1.enable_adapters(False)
+def test_disable_adapter_restores_all_disabled_state_and_grads():
+    ours, theirs = both({})
+    for pm in (ours, theirs):
+        pm.base_model.disable_adapter_layers()
     grads = {n: p.requires_grad for n, p in ours.named_parameters()}
     with ours.disable_adapter():
         assert layer_states(ours) == [True, True]
-        assert ours.has_active_enabled_adapter is False or not ours.active_adapters
-    assert layer_states(ours) == [False, True]
+    assert layer_states(ours) == [True, True]  # all disabled before: all disabled after, as in PEFT
+    with theirs.disable_adapter():
+        pass
+    assert layer_states(theirs) == [True, True]
     assert {n: p.requires_grad for n, p in ours.named_parameters()} == grads
+
+
+def test_disable_adapter_with_mixed_states_warns_and_enables_all_like_peft():
+    ours, theirs = both({})
+    for pm in (ours, theirs):
+        pm.base_model.model.lin1.enable_adapters(False)
+        with pytest.warns(UserWarning, match="some adapter layers that are enabled and others that are disabled"):
+            with pm.disable_adapter():
+                assert layer_states(pm) == [True, True]
+        assert layer_states(pm) == [False, False]
+    assert {n: p.requires_grad for n, p in ours.named_parameters()} == \
+        {n: p.requires_grad for n, p in theirs.named_parameters()}
     assert ours.has_active_enabled_adapter
 
 

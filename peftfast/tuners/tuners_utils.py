@@ -614,6 +614,8 @@ class BaseTuner(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = self._check_adapter_names(adapter_name)
+        for wrapper in self._wrappers():  # checked for every wrapper before anything changes
+            wrapper.check_can_activate(names)
         for layer in self._tuner_layers():
             if layer.merged:
                 warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning)

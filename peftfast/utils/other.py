@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES  # noqa: F401  PEFT's import path: peft.utils.other
+from .errors import AdapterError
 
 
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
@@ -99,8 +100,19 @@ class ModulesToSaveWrapper(nn.Module):
         new.requires_grad_(False)
         self.modules_to_save[adapter_name] = new
 
+    def check_can_activate(self, adapter_names: str | Iterable[str]) -> None:
+        """A module trained in full cannot run two adapters' copies at once: at most one of ``adapter_names`` may
+        have a copy here (PEFT's rule, and its message)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        owners = [n for n in names if n in self.modules_to_save]
+        if len(owners) > 1:
+            raise AdapterError(f"Only one adapter can be set at a time for ModulesToSaveWrapper: adapters "
+                               f"{', '.join(owners)} each have their own copy of this module (modules_to_save); "
+                               "activate at most one of them together with other adapters")
+
     def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.check_can_activate(names)
         self.original_module.requires_grad_(False)
         for key, module in self.modules_to_save.items():
             module.requires_grad_(key in names and not inference_mode)
