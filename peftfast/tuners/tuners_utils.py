@@ -260,8 +260,8 @@ def _find_minimal_target_modules(target_modules: Iterable[str], other_module_nam
     others = set(other_module_names)
     common = targets & others
     if common:
-        raise ValueError(f"target_modules and other_module_names contain common elements ({sorted(common)[:5]}); "
-                         "a module cannot be both a target and a non-target")
+        raise ValueError(f"target_modules and other_module_names contain common elements, this should not happen "
+                         f"({sorted(common)[:5]}): a module cannot be both a target and a non-target")
     return find_minimal_target_modules(targets, others)
 
 
