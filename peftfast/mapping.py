@@ -65,7 +65,7 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     if PEFT_TYPE_TO_TUNER_MAPPING.get(key) is None:
         raise ValueError(f"peft_type {key.value} is not supported; supported: {registry.supported_names()}")
     tuner_cls = registry.tuner_class(key)
-    tuner = tuner_cls(model, peft_config, adapter_name=adapter_name)
+    tuner = tuner_cls(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     return tuner.model
 
 

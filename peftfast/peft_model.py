@@ -109,7 +109,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         self._adapters_disabled = False
         cls = _tuner_cls(peft_config.peft_type)
         self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
-                              autocast_adapter_dtype=autocast_adapter_dtype)
+                              autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -248,7 +248,8 @@ class PeftModel(PushToHubMixin, nn.Module):
             undo.call(self._snapshot())
             self.peft_config[adapter_name] = peft_config
             self.base_model.inject_adapter(self.base_model.model, adapter_name,
-                                           autocast_adapter_dtype=autocast_adapter_dtype)
+                                           autocast_adapter_dtype=autocast_adapter_dtype,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
@@ -473,8 +474,10 @@ class PeftModel(PushToHubMixin, nn.Module):
         with UndoLog() as undo:
             undo.call(snapshot_state([model], objects=(getattr(model, "config", None),)))
             with config_mismatch_as_load_error(model_id):
-                peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+                peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                 low_cpu_mem_usage=low_cpu_mem_usage)
             set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
+            _check_nothing_left_on_meta(peft_model, model_id)
         if not is_trainable:
             peft_model.requires_grad_(False)
             peft_model.eval()
@@ -510,8 +513,10 @@ class PeftModel(PushToHubMixin, nn.Module):
             undo.call(self._snapshot())
             if existing is None:
                 with config_mismatch_as_load_error(model_id):
-                    self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+                    self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype,
+                                     low_cpu_mem_usage=low_cpu_mem_usage)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
+            _check_nothing_left_on_meta(self, model_id)
         prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
         for name, p in self.named_parameters():
             if any(name == q or name.startswith(q + ".") for q in prefixes):
@@ -519,6 +524,17 @@ class PeftModel(PushToHubMixin, nn.Module):
         if not is_trainable:
             self.eval()
         return result
+
+
+def _check_nothing_left_on_meta(model: nn.Module, model_id: str) -> None:
+    """After a low_cpu_mem_usage load every adapter weight must have come from the checkpoint."""
+    from .utils.save_and_load import AdapterLoadError, adapter_weights_left_on_meta
+
+    left = adapter_weights_left_on_meta(model)
+    if left:
+        raise AdapterLoadError(f"low_cpu_mem_usage=True: the checkpoint at {model_id} does not provide "
+                               f"{len(left)} adapter weight(s) (e.g. {', '.join(left[:3])}); they would stay "
+                               "uninitialised on the meta device. Load without low_cpu_mem_usage to initialise them")
 
 
 def _save_config(config: PeftConfig, out: str, auto_mapping: Optional[dict]) -> tuple[str, Callable[[str], None]]:

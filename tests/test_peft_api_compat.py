@@ -401,3 +401,53 @@ def test_helpers_loaded_with_the_package():
 
     code = "import peftfast, sys; assert 'peftfast.helpers' in sys.modules; peftfast.helpers.rescale_adapter_scale"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tempfile.gettempdir())  # not the repo root
+
+
+# -- low_cpu_mem_usage: adapters created on the meta device, the checkpoint's tensors assigned ------------------
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_low_cpu_mem_usage_loads_like_a_normal_load(method, tmp_path):
+    if method == "lora":
+        kw = {"target_modules": ["lin0", "lin1"], "init_lora_weights": False, "modules_to_save": ["head"]}
+        config_fast, config_peft = fast.LoraConfig(**kw), peft.LoraConfig(**kw)
+    else:
+        kw = {"target_modules": ["lin0", "lin1"], "feedforward_modules": ["lin1"], "init_ia3_weights": False}
+        config_fast, config_peft = fast.IA3Config(**kw), peft.IA3Config(**kw)
+    injected = fast.inject_adapter_in_model(config_fast, mlp(), low_cpu_mem_usage=True)
+    assert "meta" in {p.device.type for p in injected.parameters()}
+    x = torch.randn(5, 10, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(mlp(), config_peft)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path / "a")
+    expected = theirs(x)
+    ours = fast.PeftModel.from_pretrained(mlp(), str(tmp_path / "a"), low_cpu_mem_usage=True)
+    assert {p.device.type for p in ours.parameters()} == {"cpu"}
+    assert torch.equal(ours(x), expected)
+    ours.load_adapter(str(tmp_path / "a"), adapter_name="other", low_cpu_mem_usage=True)
+    assert {p.device.type for p in ours.parameters()} == {"cpu"}
+    ours.set_adapter("other")
+    assert torch.equal(ours(x), expected)
+    trainable = fast.PeftModel.from_pretrained(mlp(), str(tmp_path / "a"), low_cpu_mem_usage=True,
+                                               is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+    trainable(x).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in trainable.parameters() if p.requires_grad)
+
+
+def test_low_cpu_mem_usage_incomplete_checkpoint_fails_cleanly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ours = fast.get_peft_model(mlp(), fast.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False))
+    ours.save_pretrained(tmp_path / "a")
+    weights = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    save_file({k: v for k, v in weights.items() if "lin1" not in k}, tmp_path / "a" / "adapter_model.safetensors")
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="lin1"):
+        fast.PeftModel.from_pretrained(model, str(tmp_path / "a"), low_cpu_mem_usage=True)
+    assert type(model.lin1) is nn.Linear and set(model.state_dict()) == set(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

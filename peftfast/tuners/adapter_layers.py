@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from .tuners_utils import BaseTunerLayer, conv1d_class
+from .tuners_utils import BaseTunerLayer, conv1d_class, creation_device
 
 # torch's convolutions, by the number of spatial dimensions (a conv weight is [out, in / groups, *kernel]).
 CONV_CLASSES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -55,11 +55,12 @@ def feature_sizes(base: nn.Module, method: str, embedding: bool = False) -> tupl
 
 def adapter_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where adapter weights for a float ``base`` live: its weight's device and dtype (float32 for a
-    weight that is not floating point, CPU float32 for a base without one)."""
+    weight that is not floating point, CPU float32 for a base without one); the meta device inside
+    :func:`adapter_weights_on_meta`."""
     w = getattr(base, "weight", None)
     if w is None:
-        return torch.device("cpu"), torch.float32
-    return w.device, (w.dtype if w.is_floating_point() else torch.float32)
+        return creation_device(torch.device("cpu")), torch.float32
+    return creation_device(w.device), (w.dtype if w.is_floating_point() else torch.float32)
 
 
 def base_is_fusable(module: nn.Module) -> bool:

@@ -41,7 +41,7 @@ from torch import nn
 from ..kernels.qmatmul import matmul_4bit, matmul_int8
 from ..kernels.quant import Packed4bit, dequantize_4bit, dequantize_int8
 from ..utils.bnb_storage import int8_from_bnb, packed4bit_from_bnb
-from .adapter_layers import base_is_fusable
+from .adapter_layers import base_is_fusable, creation_device
 
 __all__ = ["QuantizedBase", "QuantizedBase4bit", "QuantizedBase8bit", "compute_dtype", "quantized_kind",
            "rounding_warning"]
@@ -87,7 +87,7 @@ class QuantizedBase:
         # PEFT moves adapters to the base's compute dtype (float32 when it has none)
         base = self.get_base_layer()
         dtype = getattr(base, "compute_dtype", None) or torch.float32
-        return base.weight.device, dtype
+        return creation_device(base.weight.device), dtype
 
     def base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from contextlib import contextmanager
-from typing import Any, Iterable, Optional
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -188,6 +189,25 @@ class BaseTunerLayer:
         return [n for n in names if n in self.available_adapters()]
 
 
+_ON_META: ContextVar[bool] = ContextVar("peftfast_adapters_on_meta", default=False)
+
+
+@contextmanager
+def adapter_weights_on_meta() -> Iterator[None]:
+    """Adapter weights created inside this block go on the meta device (no memory, no initialisation); a loader
+    then assigns the checkpoint's tensors in their place (PEFT's ``low_cpu_mem_usage=True``)."""
+    token = _ON_META.set(True)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
+
+def creation_device(device: torch.device) -> torch.device:
+    """``device``, or the meta device inside :func:`adapter_weights_on_meta`."""
+    return torch.device("meta") if _ON_META.get() else device
+
+
 def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
     """The layer index of ``key``: the number after the first ``<pattern>.`` (any segment when no pattern is
     given). The FIRST numbered segment counts, not a nested one (``layers.1.experts.0`` is layer 1)."""
@@ -309,7 +329,8 @@ class BaseTuner(nn.Module):
         self.active_adapter: str | list[str] = adapter_name
         with UndoLog() as undo:
             undo.call(lambda: self.peft_config.pop(adapter_name, None))
-            self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.inject_adapter(self.model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
@@ -495,13 +516,16 @@ class BaseTuner(nn.Module):
         planned = self._plan(config, model)
 
         with UndoLog() as undo:
-            for key in planned:
-                parent, target, target_name = get_submodules(model, key)
-                if isinstance(target, self.tuner_layer_cls):
-                    undo.delete_adapter(target, adapter_name)
-                else:
-                    undo.replace(parent, target_name, target)
-                self._create_and_replace(config, adapter_name, target, target_name, parent, key)
+            # low_cpu_mem_usage: the new adapter weights are created on the meta device (no memory, no init);
+            # whoever loads the adapter assigns the checkpoint's tensors in their place.
+            with adapter_weights_on_meta() if low_cpu_mem_usage else nullcontext():
+                for key in planned:
+                    parent, target, target_name = get_submodules(model, key)
+                    if isinstance(target, self.tuner_layer_cls):
+                        undo.delete_adapter(target, adapter_name)
+                    else:
+                        undo.replace(parent, target_name, target)
+                    self._create_and_replace(config, adapter_name, target, target_name, parent, key)
             self._set_modules_to_save(model, config, adapter_name, undo)
         # Each module once, in the order adapters first targeted it (PEFT's order).
         self.targeted_module_names = list(dict.fromkeys([*self.targeted_module_names, *planned]))

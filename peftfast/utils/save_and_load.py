@@ -452,10 +452,43 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     with torch.no_grad(), UndoLog() as undo:  # e.g. out of memory mid-way: put back what was already overwritten
         for key, tensor in to_load.items():
             target = targets[key]
+            if target.is_meta:  # created by low_cpu_mem_usage: the checkpoint's tensor takes its place
+                _assign(model, key, target, tensor, undo)
+                continue
             undo.call(lambda target=target, old=target.detach().clone(): target.copy_(old))
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
     return IncompatibleKeys(missing_keys=[mapping[m] for m in missing], unexpected_keys=[])
+
+
+def _assign(model: nn.Module, key: str, target: torch.Tensor, tensor: torch.Tensor, undo: UndoLog) -> None:
+    """Put ``tensor`` (cast to the adapter's dtype, on the device its layer keeps adapters on) in place of the
+    meta tensor ``target`` at ``key``, keeping the slot's Parameter-ness and requires_grad; undone by ``undo``."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    device = None
+    parts = owner_name.split(".") if owner_name else []
+    for i in range(len(parts), -1, -1):  # the nearest enclosing adapter layer says where its weights live
+        layer = model.get_submodule(".".join(parts[:i])) if i else model
+        if hasattr(layer, "adapter_device_dtype"):
+            device = layer.adapter_device_dtype()[0]
+            break
+    if device is None or device.type == "meta":
+        device = torch.device("cpu")
+    value = tensor.to(device=device, dtype=target.dtype)
+    new = nn.Parameter(value, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else value
+    if isinstance(target, nn.Parameter):
+        undo.call(lambda: owner.register_parameter(attr, target))
+        owner.register_parameter(attr, new)
+    else:
+        undo.call(lambda: owner.register_buffer(attr, target))
+        owner.register_buffer(attr, new)
+
+
+def adapter_weights_left_on_meta(model: nn.Module) -> list[str]:
+    """Names of parameters and buffers still on the meta device (an adapter created with low_cpu_mem_usage whose
+    checkpoint did not provide them)."""
+    return [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
 
 
 def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs: Any) -> dict[str, torch.Tensor]:
