@@ -505,11 +505,17 @@ def test_fullgraph_compile_traces_the_ia3_layers():
 def test_unknown_target_is_refused_and_names_candidates():
     base = tiny_llama()
     with pytest.raises(ValueError) as err:
-        peftfast.get_peft_model(base, peftfast.IA3Config(target_modules=["k_prj", "down_proj"],
-                                                         feedforward_modules=["down_proj"]))
+        peftfast.get_peft_model(base, peftfast.IA3Config(target_modules=["k_prj", "dwn_proj"],
+                                                         feedforward_modules=["dwn_proj"]))
     msg = str(err.value)
     assert "'k_prj'" in msg and "k_proj" in msg and "down_proj" in msg
     assert not ia3_modules(base) and not hasattr(base, "peft_config")  # nothing was injected
+    # next to entries that match, an unknown entry is a warning (as in PEFT), naming it and the candidates
+    with pytest.warns(UserWarning) as record:
+        peftfast.get_peft_model(tiny_llama(), peftfast.IA3Config(target_modules=["k_prj", "down_proj"],
+                                                                 feedforward_modules=["down_proj"]))
+    msg = " ".join(str(w.message) for w in record)
+    assert "'k_prj'" in msg and "k_proj" in msg
 
 
 def test_missing_feedforward_for_unknown_architecture_is_refused():
