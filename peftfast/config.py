@@ -279,8 +279,8 @@ class PeftConfig(PeftConfigMixin):
 class PromptLearningConfig(PeftConfig):
     """Base configuration of the prompt-learning methods (prompt tuning, p-tuning, prefix tuning), PEFT's fields.
 
-    peftfast implements no prompt-learning method yet; the class is where one plugs in, and what makes
-    ``PeftModel`` take its prompt-learning branch (``is_prompt_learning`` is True).
+    Subclassed by PromptTuningConfig, PromptEncoderConfig and PrefixTuningConfig; ``is_prompt_learning`` makes
+    ``PeftModel`` take its prompt-learning branch. Sizes left None are filled from the model's config.
     """
 
     num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
