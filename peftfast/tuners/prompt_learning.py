@@ -279,12 +279,16 @@ def prefix_cache(peft_model: Any, config: Any, rows: torch.Tensor, batch_size: i
     # rows [n, N*2*d] -> [N*2, H, n, D]: one key/value slab per layer; the batch is an expand (no copy per sample)
     kv = rows.view(n, layers * 2, heads, head_dim).permute(1, 2, 0, 3)
     base = peft_model.base_model
+    seq2seq = _is_seq2seq(base)
     cache = DynamicCache()
     for layer in range(layers):
-        key = kv[2 * layer][None].expand(batch_size, -1, -1, -1)
-        value = kv[2 * layer + 1][None].expand(batch_size, -1, -1, -1)
+        # Encoder-decoder models: PEFT 0.21 hands decoder layer l the slab of layer (2 l) mod N (its key/value list is
+        # doubled, then cut in fours); kept so that its checkpoints give the same outputs.
+        slab = (2 * layer) % layers if seq2seq else layer
+        key = kv[2 * slab][None].expand(batch_size, -1, -1, -1)
+        value = kv[2 * slab + 1][None].expand(batch_size, -1, -1, -1)
         cache.update(key, value, layer)
-    if _is_seq2seq(base):
+    if seq2seq:  # the prefix is on the decoder's self-attention; cross-attention is computed from the encoder
         return EncoderDecoderCache(cache, DynamicCache())
     return cache
 
@@ -439,8 +443,28 @@ class PromptLearningHandler:
     @staticmethod
     def _prefix_generate(peft_model: Any, config: Any, input_ids, inputs_embeds, kwargs: dict, batch: int,
                          seq2seq: bool) -> Any:
-        raise NotImplementedError("prefix tuning generate")
-
+        """The base model's generate with the prefix already in its cache: the first step runs the whole input
+        after the n cached positions, each later step one token."""
+        base = peft_model.base_model
+        n = config.num_virtual_tokens
+        for name in ("past_key_values", "cache"):
+            if kwargs.pop(name, None) is not None:
+                raise ValueError(f"generate() with prefix tuning builds its own cache (the prefix); do not pass {name}")
+        if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("num_return_sequences", 1) not in (None, 1):
+            raise NotImplementedError("prefix tuning's generate supports one sequence per input (num_beams=1, "
+                                      "num_return_sequences=1)")
+        if seq2seq:
+            if kwargs.get("decoder_attention_mask") is not None:
+                kwargs["decoder_attention_mask"] = _ones_before(kwargs["decoder_attention_mask"], n)
+        else:
+            source = input_ids if input_ids is not None else inputs_embeds
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                mask = torch.ones(batch, source.shape[1], dtype=torch.long, device=source.device)
+            kwargs["attention_mask"] = _ones_before(mask, n)
+        with torch.no_grad():
+            kwargs["cache"] = get_prompt(peft_model, batch)
+        return base.generate(**_given({"input_ids": input_ids, "inputs_embeds": inputs_embeds}), **kwargs)
 
 def register_prompt_method(name: str, encoder_cls: type) -> PromptLearningHandler:
     from ..utils.registry import register_prompt_learning_handler
