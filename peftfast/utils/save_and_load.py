@@ -251,7 +251,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
         model = getattr(model, "_orig_mod", model)
     sd = model.state_dict() if state_dict is None else state_dict
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers, state_dict=sd)
-    out = {ckpt: sd[key] for ckpt, key in mapping.items() if key in sd}
+    out = {ckpt: sd[key] for ckpt, key in mapping.items() if ckpt != PROMPT_EMBEDDINGS or key in sd}
     config = model.peft_config[adapter_name]
     if getattr(config, "is_prompt_learning", False) and not config.inference_mode:
         # P-tuning and projected prefixes save their encoder's output, not the embedding it starts from (PEFT's rule)
