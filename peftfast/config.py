@@ -138,7 +138,12 @@ class PeftConfigMixin:
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
         with open(path_json_file, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
+        if isinstance(data, dict) and "runtime_config" in data:  # never saved on purpose; PEFT drops it too
+            warnings.warn("The configuration file contains a `runtime_config` key. This is ignored. Runtime "
+                          "configurations are only valid at runtime and should not be saved.")
+            del data["runtime_config"]
+        return data
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
@@ -283,8 +288,8 @@ class PromptLearningConfig(PeftConfig):
     ``PeftModel`` take its prompt-learning branch. Sizes left None are filled from the model's config.
     """
 
-    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
-    token_dim: int = field(default=None, metadata={"help": "The hidden embedding dimension of the base model"})
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Number of virtual tokens"})
+    token_dim: Optional[int] = field(default=None, metadata={"help": "The hidden embedding dimension of the base model"})
     num_transformer_submodules: Optional[int] = field(default=None,
                                                       metadata={"help": "Number of transformer submodules"})
     num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Number of attention heads"})

@@ -10,8 +10,10 @@ The tuner comes from the method registry (``peftfast.utils.registry``). The task
 (``PeftModelForCausalLM``, ...) own ``forward`` and ``generate`` with PEFT's explicit signatures:
 layer-injecting methods (LoRA, IA3) run the base model with the caller's arguments; when the active
 adapter's config ``is_prompt_learning``, the call goes to the prompt-learning handler registered for
-that method, where virtual tokens or past_key_values are added (none is registered yet, so such an
-adapter raises NotImplementedError naming its method).
+that method (``peftfast.tuners.prompt_learning``), where virtual tokens or the prefix cache are added; a
+prompt-learning method without a handler raises NotImplementedError naming it. A model made with a prompt-learning
+config has PEFT's tree for it: ``base_model`` is the user's model itself, and the encoders sit in
+``prompt_encoder[adapter_name]``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""p_tuning: a prompt-learning method; the package registers the method and its PeftModel handler on import."""
+"""P-tuning: virtual-token embeddings through a trained MLP or LSTM encoder, in front of the input embeddings; the
+package registers the method and its PeftModel handler (peftfast.tuners.prompt_learning) on import."""
 from ...utils.registry import register_load_checked_fields, register_peft_method
 from ..prompt_learning import register_prompt_method
 from .config import PromptEncoderConfig, PromptEncoderReparameterizationType

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 from ...config import ConfigError, PromptLearningConfig
 from ...utils.peft_types import PeftType
@@ -22,7 +22,7 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     encoder_reparameterization_type: Union[str, PromptEncoderReparameterizationType] = field(
         default=PromptEncoderReparameterizationType.MLP)
-    encoder_hidden_size: int = field(default=None)
+    encoder_hidden_size: Optional[int] = field(default=None)
     encoder_num_layers: int = field(default=2)
     encoder_dropout: float = field(default=0.0)
 

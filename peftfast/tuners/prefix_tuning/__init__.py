@@ -1,4 +1,5 @@
-"""prefix_tuning: a prompt-learning method; the package registers the method and its PeftModel handler on import."""
+"""Prefix tuning: trained keys and values in front of every attention layer's own (a prefilled cache); the package
+registers the method and its PeftModel handler (peftfast.tuners.prompt_learning) on import."""
 from ...utils.registry import register_load_checked_fields, register_peft_method
 from ..prompt_learning import register_prompt_method
 from .config import PrefixTuningConfig

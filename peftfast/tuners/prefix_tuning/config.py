@@ -16,7 +16,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     the prefix (or the MLP's last layer) at zero."""
 
     init_weights: Optional[Literal["zero"]] = field(default=None)
-    encoder_hidden_size: int = field(default=None)
+    encoder_hidden_size: Optional[int] = field(default=None)
     prefix_projection: bool = field(default=False)
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""prompt_tuning: a prompt-learning method; the package registers the method and its PeftModel handler on import."""
+"""Prompt tuning: trained virtual-token embeddings in front of the input embeddings; the package registers the
+method and its PeftModel handler (peftfast.tuners.prompt_learning) on import."""
 from ...utils.registry import register_load_checked_fields, register_peft_method
 from ..prompt_learning import register_prompt_method
 from .config import PromptTuningConfig, PromptTuningInit
