@@ -154,3 +154,21 @@ def test_checkpoints_both_ways(tmp_path, projection):
         fast.get_peft_model(base, fast.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2,
                                                                   token_dim=64, num_attention_heads=2))
     assert [n for n, _ in base.named_modules()] == names and all(p.requires_grad for p in base.parameters())
+
+
+def test_encoder_prefix_is_keys_and_values_in_front():
+    """The encoder path (BERT: the classification, QA and feature-extraction wrappers): on a 1-layer model a prefix
+    holding the layer's keys/values of real tokens gives the logits those tokens give in front of the input."""
+    from peftfast import zoo
+
+    base = zoo.bert_token_cls(0, 16, 1, num_labels=5)
+    model = quiet(fast.get_peft_model, base, fast.PrefixTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=3))
+    full = zoo.token_ids(2, 8, 3)
+    with torch.no_grad():
+        emb = base.bert.embeddings(input_ids=full[:1])[:, :3]
+        attention = base.bert.encoder.layer[0].attention.self
+        rows = torch.cat([attention.key(emb)[0], attention.value(emb)[0]], dim=1)
+        model.prompt_encoder["default"].embedding.weight.copy_(rows)
+        ours = model(input_ids=full[:, 3:], attention_mask=torch.ones(2, 5, dtype=torch.long)).logits
+        reference = base(input_ids=torch.cat([full[:1, :3].expand(2, -1), full[:, 3:]], dim=1)).logits[:, 3:]
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
