@@ -348,3 +348,16 @@ def test_prompt_attributes_and_config_fields_match_peft():
     assert model.get_prompt_embedding_to_save("default").shape == (8, 16)
     with pytest.raises(TypeError, match="invalid PeftModel"):
         model.get_layer_status()
+
+
+def test_inference_mode_config_counts_as_peft():
+    """PEFT leaves an inference-mode prompt encoder's embedding trainable (get_peft_model); so does peftfast.
+    from_pretrained(is_trainable=False) freezes it here (PEFT leaves it trainable)."""
+    for method in ("prompt_tuning", "p_tuning_mlp"):
+        configs = [METHODS[method](lib, "CAUSAL_LM") for lib in (peft, fast)]
+        for c in configs:
+            c.inference_mode = True
+        theirs = quiet(peft.get_peft_model, tiny_llama(), configs[0])
+        ours = quiet(fast.get_peft_model, tiny_llama(), configs[1])
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+        assert list(ours.state_dict()) == list(theirs.state_dict())

@@ -232,8 +232,6 @@ def build_prompt_encoder(peft_model: Any, adapter_name: str, encoder_cls: type) 
     peft_model.prompt_encoder[adapter_name] = encoder.to(device)
     peft_model.prompt_tokens[adapter_name] = torch.arange(config.num_virtual_tokens
                                                           * config.num_transformer_submodules).long()
-    if config.inference_mode:
-        encoder.requires_grad_(False)
 
 
 def prompt_rows(peft_model: Any, adapter_name: str, count: Optional[int] = None) -> torch.Tensor:
