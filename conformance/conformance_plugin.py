@@ -140,8 +140,9 @@ _OTHER_METHOD_CLASS = re.compile(
     r"osf|cpt|trainabletoken|lily|adamss|frod|deft|beft|glora|psoft|peanut|shadow|supertuning|arrow|"
     r"bone|adaption"
 )
+_NEVER = re.compile(r"(?!)")  # prompt methods are selected by their config class names only
 _SELECTED_CLASS = {"lora": re.compile(r"lora"), "ia3": re.compile(r"ia3"),
-                   "prompt_tuning": re.compile(r"$^"), "p_tuning": re.compile(r"$^"), "prefix_tuning": re.compile(r"$^")}
+                   "prompt_tuning": _NEVER, "p_tuning": _NEVER, "prefix_tuning": _NEVER}
 
 
 def method_of(nodeid: str, methods: list[str]) -> str | None:
