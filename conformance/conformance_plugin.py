@@ -26,7 +26,8 @@ import zlib
 PLACEHOLDER_DEPS = ("diffusers", "datasets")
 
 # config class -> method label; the PEFT config classes of the methods peftfast implements
-METHOD_CONFIGS = {"lora": "LoraConfig", "ia3": "IA3Config"}
+METHOD_CONFIGS = {"lora": "LoraConfig", "ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig",
+                  "p_tuning": "PromptEncoderConfig", "prefix_tuning": "PrefixTuningConfig"}
 # any PEFT config class name (to tell "names another method" from "names no method")
 _ANY_CONFIG = re.compile(r"(?<![A-Za-z0-9])([A-Z][A-Za-z0-9]*Config)(?![A-Za-z0-9])")
 
@@ -139,7 +140,9 @@ _OTHER_METHOD_CLASS = re.compile(
     r"osf|cpt|trainabletoken|lily|adamss|frod|deft|beft|glora|psoft|peanut|shadow|supertuning|arrow|"
     r"bone|adaption"
 )
-_SELECTED_CLASS = {"lora": re.compile(r"lora"), "ia3": re.compile(r"ia3")}
+_NEVER = re.compile(r"(?!)")  # prompt methods are selected by their config class names only
+_SELECTED_CLASS = {"lora": re.compile(r"lora"), "ia3": re.compile(r"ia3"),
+                   "prompt_tuning": _NEVER, "p_tuning": _NEVER, "prefix_tuning": _NEVER}
 
 
 def method_of(nodeid: str, methods: list[str]) -> str | None:

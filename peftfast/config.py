@@ -331,12 +331,12 @@ class PeftConfig(PeftConfigMixin):
 class PromptLearningConfig(PeftConfig):
     """Base configuration of the prompt-learning methods (prompt tuning, p-tuning, prefix tuning), PEFT's fields.
 
-    peftfast implements no prompt-learning method yet; the class is where one plugs in, and what makes
-    ``PeftModel`` take its prompt-learning branch (``is_prompt_learning`` is True).
+    Subclassed by PromptTuningConfig, PromptEncoderConfig and PrefixTuningConfig; ``is_prompt_learning`` makes
+    ``PeftModel`` take its prompt-learning branch. Sizes left None are filled from the model's config.
     """
 
-    num_virtual_tokens: int = field(default=None, metadata={"help": "Number of virtual tokens"})
-    token_dim: int = field(default=None, metadata={"help": "The hidden embedding dimension of the base model"})
+    num_virtual_tokens: Optional[int] = field(default=None, metadata={"help": "Number of virtual tokens"})
+    token_dim: Optional[int] = field(default=None, metadata={"help": "The hidden embedding dimension of the base model"})
     num_transformer_submodules: Optional[int] = field(default=None,
                                                       metadata={"help": "Number of transformer submodules"})
     num_attention_heads: Optional[int] = field(default=None, metadata={"help": "Number of attention heads"})

@@ -62,6 +62,9 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
     """Inject adapter layers into ``model`` in place (no PeftModel wrapper) and return it."""
     validate_adapter_name(adapter_name)
     key = PeftType(peft_config.peft_type)
+    if peft_config.is_prompt_learning:
+        raise ValueError("`create_and_replace` does not support prompt learning and adaption prompt yet: "
+                         f"{key.value} adds virtual tokens through a PeftModel; use get_peft_model instead")
     if PEFT_TYPE_TO_TUNER_MAPPING.get(key) is None:
         raise ValueError(f"peft_type {key.value} is not supported; supported: {registry.supported_names()}")
     tuner_cls = registry.tuner_class(key)

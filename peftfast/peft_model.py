@@ -10,8 +10,10 @@ The tuner comes from the method registry (``peftfast.utils.registry``). The task
 (``PeftModelForCausalLM``, ...) own ``forward`` and ``generate`` with PEFT's explicit signatures:
 layer-injecting methods (LoRA, IA3) run the base model with the caller's arguments; when the active
 adapter's config ``is_prompt_learning``, the call goes to the prompt-learning handler registered for
-that method, where virtual tokens or past_key_values are added (none is registered yet, so such an
-adapter raises NotImplementedError naming its method).
+that method (``peftfast.tuners.prompt_learning``), where virtual tokens or the prefix cache are added; a
+prompt-learning method without a handler raises NotImplementedError naming it. A model made with a prompt-learning
+config has PEFT's tree for it: ``base_model`` is the user's model itself, and the encoders sit in
+``prompt_encoder[adapter_name]``.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from .utils.io import SaveTransaction, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .tuners import prompt_learning
 from .tuners.status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .utils.undo import UndoLog
 from .version import __version__
@@ -107,9 +110,17 @@ class PeftModel(PushToHubMixin, nn.Module):
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
-        cls = _tuner_cls(peft_config.peft_type)
-        self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
-                              autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+        self._peft_config: Optional[dict[str, PeftConfig]] = None
+        if peft_config.is_prompt_learning:
+            # Prompt learning injects no layers: base_model is the model itself, the encoders live here (PEFT's tree).
+            self._peft_config = {}
+            self._prompt_active_adapter: str | list[str] = adapter_name
+            self.base_model = model
+            self.add_adapter(adapter_name, peft_config)
+        else:
+            cls = _tuner_cls(peft_config.peft_type)
+            self.base_model = cls(model, {adapter_name: peft_config}, adapter_name,
+                                  autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -128,19 +139,34 @@ class PeftModel(PushToHubMixin, nn.Module):
             return getattr(self.base_model, name)
 
     @property
+    def _prompt_model(self) -> bool:
+        """Whether this model holds prompt-learning adapters (base_model is then the user's model itself)."""
+        return self.__dict__.get("_peft_config") is not None
+
+    @property
     def peft_config(self) -> dict[str, PeftConfig]:
+        if self._prompt_model:
+            return self._peft_config
         return self.base_model.peft_config
 
     @peft_config.setter
     def peft_config(self, value: dict[str, PeftConfig]) -> None:
-        self.base_model.peft_config = value
+        if self._prompt_model:
+            self._peft_config = value
+        else:
+            self.base_model.peft_config = value
 
     @property
     def active_adapters(self) -> list[str]:
+        if self._prompt_model:
+            active = self._prompt_active_adapter
+            return [active] if isinstance(active, str) else list(active)
         return self.base_model.active_adapters
 
     @property
     def active_adapter(self) -> str | list[str]:
+        if self._prompt_model:
+            return self._prompt_active_adapter
         return self.base_model.active_adapter
 
     @property
@@ -148,7 +174,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         return getattr(self.base_model, "dtype", None)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self._prompt_model else self.base_model.model
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -168,6 +194,9 @@ class PeftModel(PushToHubMixin, nn.Module):
         return self.active_peft_config.is_prompt_learning
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._prompt_model:  # PEFT's PeftModel.forward runs the base model as is for prompt learning
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.base_model(*args, **kwargs)
         with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model()(*args, **kwargs)
@@ -204,6 +233,45 @@ class PeftModel(PushToHubMixin, nn.Module):
                 f"{', '.join(t.value for t, c in PEFT_TYPE_TO_TUNER_MAPPING.items() if c is not None)}"
             )
         return getattr(handler, entry)(self, self._task_type, inputs, kwargs)
+
+    # -- prompt learning (PEFT's attributes: prompt_encoder, prompt_tokens, word_embeddings, ...) -----------
+    def _add_prompt_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Build the adapter's prompt encoder (and its copies of classifier heads); the caller's UndoLog takes it back
+        on error."""
+        if not config.is_prompt_learning:
+            raise AdapterError(f"this model holds prompt-learning adapters; a {PeftType(config.peft_type).value} "
+                               "adapter cannot be added to it")
+        handler = registry.prompt_learning_handler(config.peft_type)
+        if handler is None:
+            self._prompt_learning_call("add_adapter", config, None, {})
+        handler.add(self, adapter_name)
+        active = adapter_name in self.active_adapters
+        prompt_learning.set_head_modules(self.base_model, config, adapter_name, active=active)
+
+    def _delete_prompt_adapter(self, adapter_name: str) -> None:
+        del self.peft_config[adapter_name]
+        del self.prompt_encoder[adapter_name]
+        del self.prompt_tokens[adapter_name]
+        for wrapper in prompt_learning.head_wrappers(self.base_model):
+            wrapper.delete_adapter(adapter_name)
+        if adapter_name in self.active_adapters:
+            remaining = list(self.peft_config)
+            if not remaining:
+                self._prompt_active_adapter = []
+            else:
+                warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                              f"{remaining[0]}.")
+                self.set_adapter(remaining[0])
+
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None,
+                   max_cache_len: Optional[int] = None) -> Any:
+        """The active adapter's virtual-token embeddings [batch, tokens, token_dim], or for prefix tuning the cache
+        (``transformers.DynamicCache``) holding every layer's key/value prefix."""
+        return prompt_learning.get_prompt(self, batch_size)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """What the checkpoint stores as ``prompt_embeddings``: the encoder's output rows, detached, on CPU."""
+        return prompt_learning.prompt_embedding_to_save(self, adapter_name)
 
     # -- parameter counts -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -243,19 +311,32 @@ class PeftModel(PushToHubMixin, nn.Module):
             raise AdapterError(f"Cannot combine adapters with different peft types. Found PeftType.{ours.name} and "
                                f"PeftType.{theirs.name}. This model has {ours.value} adapters and the new config is "
                                f"{theirs.value}; add_adapter() takes configs of this model's type only.")
-        _add_head_modules(peft_config, getattr(self, "_task_type", None))
+        from .utils.save_and_load import snapshot_state
+
         with UndoLog() as undo:
+            undo.call(snapshot_state([], objects=(peft_config,)))
+            _add_head_modules(peft_config, getattr(self, "_task_type", None))
             undo.call(self._snapshot())
             self.peft_config[adapter_name] = peft_config
-            self.base_model.inject_adapter(self.base_model.model, adapter_name,
-                                           autocast_adapter_dtype=autocast_adapter_dtype,
-                                           low_cpu_mem_usage=low_cpu_mem_usage)
+            if self._prompt_model:
+                self._add_prompt_adapter(adapter_name, peft_config)
+            else:
+                self.base_model.inject_adapter(self.base_model.model, adapter_name,
+                                               autocast_adapter_dtype=autocast_adapter_dtype,
+                                               low_cpu_mem_usage=low_cpu_mem_usage)
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         if isinstance(adapter_name, str):
             if adapter_name not in self.peft_config:
                 raise AdapterError(f"Adapter {adapter_name} not found. Available adapters: "
                                    f"{', '.join(self.peft_config)}")
+        if self._prompt_model:
+            if not isinstance(adapter_name, str):
+                raise AdapterError(f"prompt-learning adapters are used one at a time; got {adapter_name!r}")
+            self._prompt_active_adapter = adapter_name
+            for wrapper in prompt_learning.head_wrappers(self.base_model):
+                wrapper.set_adapter(adapter_name, inference_mode=inference_mode)
+            return
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
@@ -275,6 +356,9 @@ class PeftModel(PushToHubMixin, nn.Module):
         if adapter_name not in self.peft_config:
             raise AdapterError(f"Adapter {adapter_name} does not exist; available adapters: "
                                f"{', '.join(self.peft_config)}")
+        if self._prompt_model:
+            self._delete_prompt_adapter(adapter_name)
+            return
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
@@ -288,6 +372,22 @@ class PeftModel(PushToHubMixin, nn.Module):
         every layer enabled.
         """
         was_disabled = self._adapters_disabled
+        if self._prompt_model:
+            layers = prompt_learning.head_wrappers(self.base_model)
+            states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
+            try:
+                for m in layers:
+                    m.enable_adapters(False)
+                self._adapters_disabled = True
+                yield
+            finally:
+                for module, disabled, grads in states:
+                    if not disabled:
+                        module.enable_adapters(True)
+                    for p, flag in grads:
+                        p.requires_grad_(flag)
+                self._adapters_disabled = was_disabled
+            return
         layers = self.base_model._tuner_layers() + self.base_model._wrappers()
         states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
         tuner_states = {m.disable_adapters for m in self.base_model._tuner_layers()}
@@ -466,6 +566,8 @@ class PeftModel(PushToHubMixin, nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub)
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}")
+        if config.is_prompt_learning and is_trainable:
+            raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
         weights = load_peft_weights(model_id, **hub)
         config.inference_mode = not is_trainable
         if cls is PeftModel and config.task_type is not None:
@@ -500,6 +602,8 @@ class PeftModel(PushToHubMixin, nn.Module):
         hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "force_download",
                                       "local_files_only") if k in kwargs}
         config = PeftConfig.from_pretrained(model_id, **hub)
+        if config.is_prompt_learning and is_trainable:
+            raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         config.inference_mode = not is_trainable
         existing = self.peft_config.get(adapter_name)

@@ -62,10 +62,15 @@ def test_a_prompt_learning_adapter_without_a_handler_is_refused_by_name():
     model = llama_with_prompt_config()
     assert model._is_prompt_learning is True
     batch = causal_inputs()
-    with pytest.raises(NotImplementedError, match=r"PeftModelForCausalLM.forward: .*PROMPT_TUNING, a prompt-learning"):
-        model(**batch)
-    with pytest.raises(NotImplementedError, match=r"PeftModelForCausalLM.generate: .*PROMPT_TUNING"):
-        model.generate(input_ids=batch["input_ids"], max_new_tokens=2)
+    saved = dict(registry.PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER)
+    registry.PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER.pop(fast.PeftType.PROMPT_TUNING)
+    try:
+        with pytest.raises(NotImplementedError, match=r"PeftModelForCausalLM.forward: .*PROMPT_TUNING, a prompt-"):
+            model(**batch)
+        with pytest.raises(NotImplementedError, match=r"PeftModelForCausalLM.generate: .*PROMPT_TUNING"):
+            model.generate(input_ids=batch["input_ids"], max_new_tokens=2)
+    finally:
+        registry.PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER.update(saved)
 
 
 def test_a_registered_handler_receives_the_call():
@@ -81,6 +86,7 @@ def test_a_registered_handler_receives_the_call():
             return "generated"
 
     model = llama_with_prompt_config()
+    saved = dict(registry.PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER)
     registry.register_prompt_learning_handler("prompt_tuning", Handler())
     try:
         ids = causal_inputs()["input_ids"]
@@ -88,6 +94,7 @@ def test_a_registered_handler_receives_the_call():
         assert model.generate(ids, max_new_tokens=2) == "generated"
     finally:
         registry.PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER.clear()
+        registry.PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER.update(saved)
     assert calls == [("forward", fast.TaskType.CAUSAL_LM, ["input_ids"], ["use_cache"]),
                      ("generate", fast.TaskType.CAUSAL_LM, 1, ["max_new_tokens"])]
 

@@ -30,14 +30,21 @@ def test_register_peft_method_has_peft_signature():
 
 
 def test_methods_register_themselves_as_peft_does():
+    prompt = {PeftType.PROMPT_TUNING: (peftfast.PromptTuningConfig, peftfast.PromptEmbedding),
+              PeftType.P_TUNING: (peftfast.PromptEncoderConfig, peftfast.PromptEncoder),
+              PeftType.PREFIX_TUNING: (peftfast.PrefixTuningConfig, peftfast.PrefixEncoder)}
     assert peftfast.PEFT_TYPE_TO_CONFIG_MAPPING == {PeftType.LORA: peftfast.LoraConfig,
-                                                    PeftType.IA3: peftfast.IA3Config}
+                                                    PeftType.IA3: peftfast.IA3Config,
+                                                    **{t: c for t, (c, _) in prompt.items()}}
     assert peftfast.PEFT_TYPE_TO_TUNER_MAPPING == {PeftType.LORA: peftfast.LoraModel,
-                                                   PeftType.IA3: peftfast.IA3Model}
+                                                   PeftType.IA3: peftfast.IA3Model,
+                                                   **{t: m for t, (_, m) in prompt.items()}}
     assert {t.value: p for t, p in peftfast.PEFT_TYPE_TO_PREFIX_MAPPING.items()} == \
-        {t.value: p for t, p in peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if t.value in ("LORA", "IA3")}
+        {t.value: p for t, p in peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
+         if t.value in ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")}
     for peft_type, model_cls in peftfast.PEFT_TYPE_TO_TUNER_MAPPING.items():
-        assert model_cls.prefix == registry.parameter_prefix(peft_type)
+        if peft_type not in prompt:  # prompt encoders have no parameter prefix (PEFT's too)
+            assert model_cls.prefix == registry.parameter_prefix(peft_type)
     assert set(peftfast.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == {PeftType.LORA, PeftType.IA3}
 
 

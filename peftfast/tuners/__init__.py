@@ -2,6 +2,9 @@
 (PEFT type -> config, tuner, prefix) in ``peftfast.utils.registry``."""
 from .lora import LoraConfig, LoraModel  # first: registration order is the order errors list methods in
 from .ia3 import IA3Config, IA3Model  # noqa: I001
+from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
 __all__ = ["BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]

@@ -28,7 +28,8 @@ PEFT_TYPE_TO_LOAD_CHECKED_FIELDS: dict[PeftType, tuple[str, ...]] = {}
 
 # Prompt-learning methods (prompt tuning, p-tuning, prefix tuning) inject no layers: their PeftModel task wrappers
 # hand the call to a handler instead, an object with ``forward(peft_model, task, inputs, kwargs)`` and
-# ``generate(peft_model, task, args, kwargs)`` that adds the virtual tokens or past_key_values. None is registered yet.
+# ``generate(peft_model, task, args, kwargs)`` that adds the virtual tokens or past_key_values (and ``add`` to build an
+# adapter's encoder); ``peftfast.tuners.prompt_learning`` registers one per method.
 PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER: dict[PeftType, Any] = {}
 
 

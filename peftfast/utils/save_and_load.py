@@ -37,6 +37,7 @@ from .errors import AdapterError, ConfigError
 from .other import ModulesToSaveWrapper, is_adapter_layer
 from .undo import UndoLog
 PEFT_PREFIX = "base_model.model."
+PROMPT_EMBEDDINGS = "prompt_embeddings"  # prompt learning's key on disk (the encoder's rows)
 _MAX_LISTED = 10
 
 
@@ -228,6 +229,10 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
                 if key.startswith(inner):
                     mapping[_join(name, key[len(inner):])] = key
 
+    if getattr(config, "is_prompt_learning", False):  # the prompt encoder's rows, under PEFT's one key
+        mapping[PROMPT_EMBEDDINGS] = f"prompt_encoder.{adapter_name}.embedding.weight"
+        return mapping
+
     if resolve_save_embedding_layers(model, config, save_embedding_layers):
         targeted = _embedding_is_targeted(model, config)
         filtered = _without_other_adapters(keys, model, adapter_name)
@@ -246,7 +251,12 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
         model = getattr(model, "_orig_mod", model)
     sd = model.state_dict() if state_dict is None else state_dict
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers, state_dict=sd)
-    return {ckpt: sd[key] for ckpt, key in mapping.items()}
+    out = {ckpt: sd[key] for ckpt, key in mapping.items() if ckpt != PROMPT_EMBEDDINGS or key in sd}
+    config = model.peft_config[adapter_name]
+    if getattr(config, "is_prompt_learning", False) and not config.inference_mode:
+        # P-tuning and projected prefixes save their encoder's output, not the embedding it starts from (PEFT's rule)
+        out[PROMPT_EMBEDDINGS] = model.get_prompt_embedding_to_save(adapter_name)
+    return out
 
 
 def base_model_key_map(model: nn.Module) -> dict[str, str]:
@@ -324,7 +334,8 @@ def _load_key_map(model: nn.Module, adapter_name: str, own_keys: list[str]) -> t
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers=False)
     prefixes, _ = _tuner_prefixes(model, adapter_name)
     required = {c for c, k in mapping.items()
-                if any(_under(k, p) for p in prefixes) or f"modules_to_save.{adapter_name}." in k}
+                if any(_under(k, p) for p in prefixes) or f"modules_to_save.{adapter_name}." in k
+                or c == PROMPT_EMBEDDINGS}
     # Embedding weights, as written in either save_embedding_layers mode (PEFT loads whichever are present).
     filtered = _without_other_adapters(own_keys, model, adapter_name)
     for targeted in (True, False):
