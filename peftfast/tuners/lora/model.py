@@ -85,10 +85,11 @@ class LoraModel(BaseTuner):
         alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
-                      use_rslora=config.use_rslora)
+                      use_rslora=config.use_rslora, use_dora=config.use_dora,
+                      ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora)
+                                config.use_rslora, use_dora=config.use_dora)
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:
