@@ -19,6 +19,7 @@ from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .weighted import add_weighted_adapter
 
 # base class -> LoRA layer for torch's convolutions
 CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
@@ -101,6 +102,17 @@ class LoraModel(BaseTuner):
                               + [c.__name__ for c in CONV_LAYERS])
         return create_new_module(self.dispatchers, target, adapter_name, "LoRA", supported,
                                  lora_config=config, **kwargs)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, combined from ``adapters`` with ``weights`` (PEFT's method and arguments; see
+        ``peftfast.tuners.lora.weighted``). The new adapter is not activated. All or nothing."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
+                             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                             svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
