@@ -354,3 +354,36 @@ def test_quantized_bases_match_peft(case):
     assert max_err(out_o, out_t) <= 1e-5 * out_t.abs().max().item()
     for n in g_t:
         assert max_err(g_o[n], g_t[n]) <= 1e-5 * g_t[n].abs().max().item(), n
+
+
+def test_bf16_base_with_fp32_adapters_is_as_accurate_as_peft():
+    # bf16 base (adapters and magnitudes autocast to fp32, as PEFT): errors against a float64 copy of PEFT's model
+    # within K_ERR x PEFT's own, floor one bf16 ulp of the result
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 20)).bfloat16()
+    models = [lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=4, target_modules=["0", "2"], use_dora=True))
+              for lib in (peft, peftfast)]
+    theirs, ours = models
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
+    assert all(p.dtype == torch.float32 for n, p in ours.named_parameters() if "lora_" in n)
+    exact = copy.deepcopy(theirs).double()
+    x = torch.randn(8, 40).bfloat16()
+    outs = [m.train()(x if m is not exact else x.double()) for m in (theirs, ours, exact)]
+    assert outs[1].dtype == torch.bfloat16
+    for out in outs:
+        out.double().sum().backward()
+    bf16 = torch.finfo(torch.bfloat16).eps
+
+    def check(what, got, ref, want):
+        err, err_ref = max_err(got, want), max_err(ref, want)
+        assert err <= K_ERR * max(err_ref, bf16 * want.abs().max().item()), f"{what}: {err:.3e} vs PEFT {err_ref:.3e}"
+
+    check("output", outs[1], outs[0], outs[2])
+    params = [dict(m.named_parameters()) for m in (theirs, ours, exact)]
+    for n, p in params[2].items():
+        if p.requires_grad:
+            check(n, params[1][n].grad, params[0][n].grad, p.grad)
