@@ -44,6 +44,17 @@ class Net(nn.Module):
         return self.conv2(h.unsqueeze(-1).expand(-1, -1, -1, 4))
 
 
+class Wrap(nn.Module):
+    """One layer under test, called as ``step`` calls a model (ids unused)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids, x):
+        return self.inner(x)
+
+
 def inputs(seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 19, (3, 8), generator=g), torch.randn(3, 8, 13, generator=g)
@@ -294,12 +305,33 @@ def test_refusals_leave_the_model_unchanged():
     ours.eval()
     with pytest.raises(ValueError, match="DoRA"):
         ours(ids, x, adapter_names=["default"] * 3)
-    grouped = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2))
-    before = copy.deepcopy(grouped.state_dict())
-    with pytest.raises(ValueError, match="groups"):
-        peftfast.get_peft_model(grouped, peftfast.LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    assert type(grouped[0]) is nn.Conv2d
-    assert all(torch.equal(v, grouped.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="DoRA"):  # and the model is left as it was
+        ours(ids, x, adapter_names=["default"] * 3)
+    assert not ours.base_model.model.lin.merged
+
+
+def test_grouped_conv_matches_peft():
+    # PEFT's norm for groups > 1 adds B.view(-1, r) @ A.view(r, -1) reshaped to the weight (materialised here too)
+    torch.manual_seed(0)
+    base = Wrap(nn.Conv2d(4, 6, 3, groups=2, padding=1))
+    models = [lib.get_peft_model(copy.deepcopy(base), lib.LoraConfig(r=4, target_modules=["inner"], use_dora=True,
+                                                                     init_lora_weights=False))
+              for lib in (peft, peftfast)]
+    theirs, ours = models
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
+    ours.base_model.model.inner.dora_init("default")  # from PEFT's A and B: PEFT's initial magnitude
+    mt = theirs.base_model.model.inner.lora_magnitude_vector["default"].weight
+    mo = ours.base_model.model.inner.lora_magnitude_vector["default"].weight
+    assert mt.shape == mo.shape and max_err(mo, mt) <= 1e-6 * mt.abs().max().item()
+    with torch.no_grad():
+        mt.mul_(1 + 0.3 * torch.randn_like(mt))
+    ours.load_state_dict({k: v for k, v in theirs.state_dict().items() if "lora_" in k}, strict=False)
+    x = torch.randn(2, 4, 5, 6)
+    out_t, g_t = step(theirs, None, x)
+    out_o, g_o = step(ours, None, x)
+    assert max_err(out_o, out_t) <= 1e-5 * out_t.abs().max().item()
+    for n in g_t:
+        assert max_err(g_o[n], g_t[n]) <= 1e-5 * g_t[n].abs().max().item(), n
 
 
 def test_ephemeral_gpu_offload_is_accepted_and_not_saved(tmp_path):

@@ -109,6 +109,19 @@ class LoraLayer(AdditiveAdapterLayer):
     def dora_magnitude_shape(self) -> tuple[int, ...]:
         return (self.out_features,)
 
+    def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
+        """The [out, -1] delta (before scaling) a layer's DoRA norm must add as a materialised tensor, for layers
+        where it is not ``B @ A`` of ``dora_factors``; None elsewhere."""
+        return None
+
+    def _dora_row_norm(self, adapter: str, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       w_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+        special = self.dora_norm_delta(adapter)
+        if special is not None:
+            special = special.to(rows.device)
+            return exact_row_norm(rows, self.scaling[adapter] * special, compute_dtype(rows, special))
+        return dora_row_norm(rows, a.to(rows.device), b.to(rows.device), self.scaling[adapter], w_sq)
+
     @torch.no_grad()
     def dora_init(self, adapter: str) -> None:
         """Create ``lora_magnitude_vector[adapter]``: ``m = ||W + s B A||_row`` (PEFT's initialisation)."""
@@ -118,7 +131,7 @@ class LoraLayer(AdditiveAdapterLayer):
         if self.ephemeral_gpu_offload and torch.cuda.is_available() and device.type == "cpu":
             device = torch.device("cuda")
         rows = self.dora_rows(weight.detach()).to(device)
-        norm = dora_row_norm(rows, a.to(device), b.to(device), self.scaling[adapter])
+        norm = self._dora_row_norm(adapter, rows, a, b)
         dtype = torch.promote_types(weight.dtype, a.dtype) if weight.is_floating_point() else a.dtype
         m = norm.to(device=a.device, dtype=dtype).reshape(self.dora_magnitude_shape())
         self.lora_magnitude_vector[adapter] = DoraMagnitude(m)
@@ -131,7 +144,7 @@ class LoraLayer(AdditiveAdapterLayer):
         w_sq = None
         if isinstance(weight, nn.Parameter) and not weight.requires_grad:
             w_sq = self._dora_w_sq.get(weight, rows, compute_dtype(rows, a, b))
-        return dora_row_norm(rows, a.to(rows.device), b.to(rows.device), self.scaling[adapter], w_sq)
+        return self._dora_row_norm(adapter, rows, a, b, w_sq)
 
     def dora_scale(self, adapter: str) -> torch.Tensor:
         """``m / ||W + s B A||_row`` in the magnitude's shape and dtype; gradient to m only."""
@@ -476,11 +489,14 @@ class ConvNd(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
 
-    def check_dora_supported(self) -> None:
-        base = self.get_base_layer()
-        if base.groups > 1:
-            raise ValueError(f"DoRA is not supported on a {type(base).__name__} with groups={base.groups} (its "
-                             "lora_B is block-diagonal over the groups); use_dora needs groups=1")
+    def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
+        """With groups > 1, PEFT's norm adds ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the weight's shape (not
+        the grouped convolution's own delta, which PEFT does not merge either); that [out, -1] tensor, unscaled."""
+        if self.get_base_layer().groups == 1:
+            return None
+        a, b = self.lora_A[adapter].weight.detach(), self.lora_B[adapter].weight.detach()
+        r = a.shape[0]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self.out_features, -1)
 
     def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(1)  # [out, in * prod(kernel)]
