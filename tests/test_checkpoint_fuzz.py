@@ -111,7 +111,7 @@ def unknown_on(case):
     case.effect("error", f"unknown field on ({value!r})")
 
 
-UNSUPPORTED = [("use_dora", True), ("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]]),
+UNSUPPORTED = [("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 1]]),
                ("loftq_config", {"loftq_bits": 4}), ("eva_config", {"rho": 2}), ("corda_config", {"x": 1}),
                ("alora_invocation_tokens", [4]), ("target_parameters", ["w"]), ("trainable_token_indices", [1]),
                ("megatron_config", {"a": 1}), ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"),

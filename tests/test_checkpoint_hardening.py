@@ -281,8 +281,8 @@ BAD_INPUTS = {
     "unknown field switched on": (lambda d: edit_config(d, lambda c: c.update(use_hyper_lora=True, rank_warmup=4)),
                                   ConfigError, r"unknown fields rank_warmup=4, use_hyper_lora=True .*only accepted "
                                                r"when they are off"),
-    "DoRA": (lambda d: edit_config(d, lambda c: c.update(use_dora=True)), ConfigError,
-             r"use_dora=True asks for DoRA, which peftfast does not implement"),
+    "DoRA switched on without magnitudes": (lambda d: edit_config(d, lambda c: c.update(use_dora=True)),
+                                            AdapterLoadError, r"lora_magnitude_vector"),
     "PiSSA init": (lambda d: edit_config(d, lambda c: c.update(init_lora_weights="pissa")), ConfigError,
                    r"init_lora_weights='pissa' is not supported by peftfast; supported: True, False, 'gaussian'"),
     "target the model lacks": (lambda d: edit_config(d, lambda c: c.update(target_modules=["qkv"])),
@@ -396,7 +396,7 @@ def test_unknown_field_that_is_on_is_refused(saved, value):
 
 
 @pytest.mark.parametrize("field,value,feature", [
-    ("use_dora", True, "DoRA"), ("lora_bias", True, "a bias term on lora_B"), ("use_qalora", True, "QA-LoRA"),
+    ("lora_bias", True, "a bias term on lora_B"), ("use_qalora", True, "QA-LoRA"),
     ("layer_replication", [[0, 1]], "layer replication"), ("alora_invocation_tokens", [5], "activated LoRA"),
     ("loftq_config", {"loftq_bits": 4}, "LoftQ"), ("eva_config", {"rho": 2.0}, "EVA"),
     ("target_parameters", ["mlp.experts.weight"], "LoRA on nn.Parameter targets"),

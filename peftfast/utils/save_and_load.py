@@ -101,6 +101,20 @@ def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], lis
     return prefixes, layers
 
 
+def _flat_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """model key -> checkpoint key for containers a layer lists in ``checkpoint_flat_containers``: their one
+    ``weight`` is saved under the container's name (PEFT's DoRA files: 'x.lora_magnitude_vector')."""
+    out = {}
+    for name, module in clean_named_modules(model):
+        if not is_adapter_layer(module) or _inside_wrapper(name):
+            continue
+        for attr in getattr(module, "checkpoint_flat_containers", ()):
+            container = getattr(module, attr, None)
+            if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                out[_join(name, f"{attr}.{adapter_name}.weight")] = _join(name, attr)
+    return out
+
+
 def _without_other_adapters(keys: list[str], model: nn.Module, adapter_name: str) -> list[str]:
     """Drop keys of the model's other adapters (PEFT's filter: the name as a whole key component)."""
     others = [n for n in getattr(model, "peft_config", {}) if n != adapter_name]
@@ -206,8 +220,11 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
     mapping: dict[str, str] = {}
 
     prefixes, layers = _tuner_prefixes(model, adapter_name)
+    flat = _flat_keys(model, adapter_name)
     for key in keys:
-        if any(_under(key, p) for p in prefixes):
+        if key in flat:
+            mapping[flat[key]] = key
+        elif any(_under(key, p) for p in prefixes):
             mapping[_strip_adapter_name(key, adapter_name)] = key
 
     bias = getattr(config, "bias", "none")

@@ -52,6 +52,10 @@ class QuantLoraLinear(QuantizedAdditiveLayer, Linear):
         return low_rank_delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight, self.scaling[adapter],
                               torch.float32)
 
+    def dora_base_weight(self) -> torch.Tensor:
+        """DoRA's norm reads the dequantised weight (fp32 [out, in], a new tensor each call, as in PEFT)."""
+        return self.dequantized_weight()
+
 
 _QuantLoraLinear = QuantLoraLinear  # the name this class had before it was public
 
@@ -68,10 +72,10 @@ class Linear4bit(QuantizedBase4bit, QuantLoraLinear):
         base = self.get_base_layer()
         return base_is_fusable(base) and compute_dtype(base, x) == x.dtype
 
-    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.get_base_layer()
         p = self.packed_weight()._replace(dtype=x.dtype)  # dequantised straight into the compute dtype
-        bias = None if base.bias is None else base.bias.to(x.dtype)
+        bias = None if base.bias is None or not with_bias else base.bias.to(x.dtype)
         return qlora_linear_fused(x, p, bias, *self.adapter_bundle(names), self.training)
 
 
@@ -86,9 +90,9 @@ class Linear8bitLt(QuantizedBase8bit, QuantLoraLinear):
         base = self.get_base_layer()
         return base_is_fusable(base) and not base.state.has_fp16_weights
 
-    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.get_base_layer()
-        bias = None if base.bias is None else base.bias.to(x.dtype)
+        bias = None if base.bias is None or not with_bias else base.bias.to(x.dtype)
         return qlora_linear_fused(x, Int8Weight(*self.int8_weight()), bias, *self.adapter_bundle(names),
                                   self.training)
 

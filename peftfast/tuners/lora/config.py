@@ -1,7 +1,7 @@
 """LoraConfig: PEFT's fields, defaults and JSON layout.
 
 Every field PEFT 0.21 writes to adapter_config.json is declared here, so a PEFT checkpoint loads
-without warnings. Fields for features peftfast does not implement (DoRA, LoftQ, EVA, ...) are
+without warnings. Fields for features peftfast does not implement (LoftQ, EVA, ...) are
 accepted at their defaults and refused with a clear message otherwise, because silently ignoring
 them would change the model's math.
 """
@@ -17,7 +17,6 @@ from ...utils.peft_types import PeftType
 
 # field -> (default as PEFT writes it, what it would enable)
 UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
-    "use_dora": (False, "DoRA"),
     "loftq_config": ({}, "LoftQ initialisation"),
     "eva_config": (None, "EVA initialisation"),
     "corda_config": (None, "CorDA initialisation"),
@@ -37,6 +36,17 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """PEFT's runtime-only LoRA options (never written to adapter_config.json).
+
+    ``ephemeral_gpu_offload``: adapters kept on the CPU have DoRA's initial norms computed on the GPU
+    (when one is available), the result placed back on the CPU.
+    """
+
+    ephemeral_gpu_offload: bool = field(default=False)
 
 
 def _is_number(x: Any) -> bool:
@@ -88,10 +98,18 @@ class LoraConfig(PeftConfig):
     arrow_config: Optional[Any] = field(default=None)
     kasa_config: Optional[Any] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out.pop("runtime_config", None)  # runtime only, as in PEFT
+        return out
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LORA
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set, frozenset)):

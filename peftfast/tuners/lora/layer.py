@@ -28,15 +28,18 @@ from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
 from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
-from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes
+from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names
+from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 
 
 class LoraLayer(AdditiveAdapterLayer):
     # PEFT's names: every per-adapter container is listed here, so delete_adapter leaves no trace of an adapter.
-    # lora_magnitude_vector (DoRA) stays empty: peftfast refuses use_dora.
+    # lora_magnitude_vector holds the magnitude of each DoRA adapter (``.dora``).
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "use_rslora", "lora_bias")
+    # PEFT's files name a DoRA magnitude 'x.lora_magnitude_vector' (no '.weight'), as before it became a module
+    checkpoint_flat_containers = ("lora_magnitude_vector",)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -55,22 +58,156 @@ class LoraLayer(AdditiveAdapterLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.in_features, self.out_features = feature_sizes(self.get_base_layer(), "LoRA", embedding=True)
+        # PEFT's runtime option: compute DoRA's initial norms on the GPU for adapters kept on the CPU
+        self.ephemeral_gpu_offload: bool = bool(kwargs.pop("ephemeral_gpu_offload", False))
         self.kwargs = kwargs
+        self._dora_w_sq = FrozenNormCache()  # ||W_o||^2 of a frozen float base
+        self._dora_merged_norms: dict[str, torch.Tensor] = {}  # the norm each merged DoRA adapter was merged with
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
-                     init_lora_weights: bool | str = True, use_rslora: bool = False, **kwargs: Any) -> None:
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
+                     **kwargs: Any) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if use_dora:
+            self.check_dora_supported()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        self.use_dora[adapter_name] = False
+        self.use_dora[adapter_name] = bool(use_dora)
         self.use_rslora[adapter_name] = use_rslora
         self.lora_bias[adapter_name] = False
         self._create_adapter_weights(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
+        if use_dora:
+            self.dora_init(adapter_name)
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self.set_adapter(self.active_adapters)
+
+    # -- DoRA ---------------------------------------------------------------------------------------------
+    # Every layer sees its weight as rows, one per output feature: ``dora_rows`` turns a tensor in the base
+    # weight's stored layout into that [out, -1] view, ``dora_factors`` gives (A [r, -1], B [out, r]) in the
+    # same orientation, so the norm of ``W + s B A`` and the merge are written once for every layer type.
+
+    def check_dora_supported(self) -> None:
+        """Raise if DoRA cannot be used on this layer (overridden where it cannot)."""
+
+    def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (base weight layout) as [out, -1]: a view (writes reach ``t``)."""
+        raise NotImplementedError
+
+    def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, -1], B [out, r]) of ``adapter``, oriented like ``dora_rows``."""
+        return self.lora_A[adapter].weight.flatten(1), self.lora_B[adapter].weight.flatten(1)
+
+    def dora_base_weight(self) -> torch.Tensor:
+        """The base weight in its stored layout, as a float tensor (quantised layers: dequantised, fp32)."""
+        return self.get_base_layer().weight
+
+    def dora_magnitude_shape(self) -> tuple[int, ...]:
+        return (self.out_features,)
+
+    def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
+        """The [out, -1] delta (before scaling) a layer's DoRA norm must add as a materialised tensor, for layers
+        where it is not ``B @ A`` of ``dora_factors``; None elsewhere."""
+        return None
+
+    def _dora_row_norm(self, adapter: str, rows: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                       w_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+        special = self.dora_norm_delta(adapter)
+        if special is not None:
+            special = special.to(rows.device)
+            return exact_row_norm(rows, self.scaling[adapter] * special, compute_dtype(rows, special))
+        return dora_row_norm(rows, a.to(rows.device), b.to(rows.device), self.scaling[adapter], w_sq)
+
+    @torch.no_grad()
+    def dora_init(self, adapter: str) -> None:
+        """Create ``lora_magnitude_vector[adapter]``: ``m = ||W + s B A||_row`` (PEFT's initialisation)."""
+        a, b = self.dora_factors(adapter)
+        weight = self.dora_base_weight()
+        device = a.device
+        if self.ephemeral_gpu_offload and torch.cuda.is_available() and device.type == "cpu":
+            device = torch.device("cuda")
+        rows = self.dora_rows(weight.detach()).to(device)
+        norm = self._dora_row_norm(adapter, rows, a, b)
+        dtype = torch.promote_types(weight.dtype, a.dtype) if weight.is_floating_point() else a.dtype
+        m = norm.to(device=a.device, dtype=dtype).reshape(self.dora_magnitude_shape())
+        self.lora_magnitude_vector[adapter] = DoraMagnitude(m)
+
+    def dora_norm(self, adapter: str) -> torch.Tensor:
+        """``||W + s B A||_row`` of ``adapter`` [out] (float32, float64 for float64 weights; no gradient)."""
+        a, b = self.dora_factors(adapter)
+        weight = self.dora_base_weight()
+        rows = self.dora_rows(weight.detach())
+        w_sq = None
+        if isinstance(weight, nn.Parameter) and not weight.requires_grad:
+            w_sq = self._dora_w_sq.get(weight, rows, compute_dtype(rows, a, b))
+        return self._dora_row_norm(adapter, rows, a, b, w_sq)
+
+    def dora_scale(self, adapter: str) -> torch.Tensor:
+        """``m / ||W + s B A||_row`` in the magnitude's shape and dtype; gradient to m only."""
+        m = self.lora_magnitude_vector[adapter].weight
+        return m / self.dora_norm(adapter).to(device=m.device, dtype=m.dtype).view(m.shape)
+
+    def uses_dora(self, names: list[str]) -> bool:
+        use = self.use_dora
+        return any(use.get(n, False) for n in names)
+
+    def _unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A copy of ``weight`` (the base weight now, in the layout of the merge) with every merged adapter taken
+        out again: the weight DoRA's norm is defined on, whatever was merged before."""
+        base = weight.clone()
+        return self._remove_merged(base, list(reversed(self.merged_adapters)))
+
+    def _remove_merged(self, weight: torch.Tensor, names: list[str]) -> torch.Tensor:
+        for name in names:
+            if not self.holds(name):
+                continue
+            delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+            if self.use_dora.get(name, False):
+                factor = self._dora_merge_factor(name, self._dora_merged_norms[name], weight)
+                rows = self.dora_rows(weight)
+                rows.copy_(rows / factor - self.dora_rows(delta))
+            else:
+                weight -= delta
+        return weight
+
+    def _dora_merge_factor(self, name: str, norm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        m = self.lora_magnitude_vector[name].weight.detach().reshape(-1)
+        return (m.to(norm.dtype) / norm).to(device=weight.device, dtype=weight.dtype).view(-1, 1)
+
+    @torch.no_grad()
+    def add_deltas(self, weight: torch.Tensor, names: list[str], subtract: bool = False,
+                   check: bool = False) -> torch.Tensor:
+        """As the additive layers', with DoRA's merge ``W <- (m / ||W0 + dW||_row) * (W + dW)`` (W0: the base
+        weight with nothing merged, as the forward sees it) and its inverse, with the norm kept from the merge.
+        A plain LoRA adapter is added or subtracted as usual."""
+        self._dora_w_sq.clear()
+        if not self.uses_dora(names):
+            return super().add_deltas(weight, names, subtract=subtract, check=check)
+        if subtract:
+            self._remove_merged(weight, names)
+            for name in names:
+                self._dora_merged_norms.pop(name, None)
+            return weight
+        base_rows = self.dora_rows(self._unmerged_weight(weight))
+        norms = {}
+        for name in names:
+            delta = self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+            if self.use_dora.get(name, False):
+                d_rows = self.dora_rows(delta)
+                norm = exact_row_norm(base_rows, d_rows, compute_dtype(base_rows, d_rows)).to(weight.dtype)
+                norms[name] = norm
+                rows = self.dora_rows(weight)
+                rows.copy_(self._dora_merge_factor(name, norm, weight) * (rows + d_rows))
+            else:
+                weight += delta
+            if check:
+                raise_if_not_finite(weight, name)
+        self._dora_merged_norms.update(norms)
+        return weight
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         device, dtype = self.adapter_device_dtype()
@@ -111,6 +248,9 @@ class LoraLayer(AdditiveAdapterLayer):
         ``adapter_names``; each layer class adds one adapter with ``_with_adapter``."""
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
+        if self.uses_dora([n for n in adapter_names if n != "__base__"]):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled: a batch mixing adapters is "
+                             "supported for LoRA adapters without use_dora only")
         adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
         result = self.base_forward(x, *args, **kwargs)
         out = result.clone()
@@ -125,19 +265,24 @@ class LoraLayer(AdditiveAdapterLayer):
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._dora_merged_norms.pop(adapter_name, None)
+
 
 class Linear(nn.Module, LoraLayer):
     """LoRA on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
-                 init_lora_weights: bool | str = True, use_rslora: bool = False, **kwargs: Any) -> None:
+                 init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         delta = low_rank_delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight,
@@ -146,6 +291,16 @@ class Linear(nn.Module, LoraLayer):
 
     def _active_lora(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.lora_A]
+
+    def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T if self.fan_in_fan_out else t  # Conv1D stores [in, out]
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as ``F.linear`` takes it ([out, in]) in ``dtype``."""
+        return self.dora_rows(self.dora_base_weight()).to(dtype)
+
+    def base_bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
 
     def adapter_bundle(self, names: list[str]) -> LowRankAdapters:
         """The adapters ``names`` as the LoRA ops take them (unpack into the call)."""
@@ -164,10 +319,47 @@ class Linear(nn.Module, LoraLayer):
         if special is not None:
             return special
         names = [] if self.merged else self._active_lora()
+        if names and self.uses_dora(names):
+            return self._dora_forward(x, names, args, kwargs)
         if names and not args and not kwargs and self._fuses_with_base(x):
             return self._fused_forward(x, names)
         result = self.base_forward(x, *args, **kwargs)
         return self._lora(x, result, names) if names else result
+
+    def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """The active adapters ``names`` (some with DoRA) in PEFT's order and math (see ``dora.py``).
+
+        One DoRA adapter over a fusable base, without dropout drawn: the fused op computes
+        ``x W^T + s B A x`` in one GEMM and one ``addcmul`` applies ``mns`` and the bias. Otherwise the base
+        output is computed once and each adapter updates it in turn."""
+        drops = self.training and any(dropout_p(self.lora_dropout[n]) > 0 for n in names if self.use_dora[n])
+        if len(names) == 1 and not drops and not args and not kwargs and self._fuses_with_base(x):
+            (name,) = names
+            y = self._fused_forward(x, names, with_bias=False)
+            mns = self.dora_scale(name)
+            bias = self.base_bias()
+            out = y * mns if bias is None else torch.addcmul(bias.to(y.dtype), y, mns)
+            return out.to(y.dtype)
+        result = self.base_forward(x, *args, **kwargs)
+        dtype = result.dtype
+        bias = self.base_bias()
+        for name in names:
+            if not self.use_dora[name]:
+                result = self._lora(x, result, [name])
+                continue
+            mns = self.dora_scale(name)
+            a, b = self.lora_A[name], self.lora_B[name]
+            drop = self.lora_dropout[name]
+            if self.training and dropout_p(drop) > 0:
+                # PEFT: the undropped base output stays, the dropped one is rescaled
+                xd = drop(x.to(a.weight.dtype))
+                base_d = F.linear(xd, self.dense_weight(xd.dtype))
+                result = result + (mns - 1) * base_d + mns * (b(a(xd)) * self.scaling[name])
+            else:
+                unbiased = result if bias is None else result - bias.to(result.dtype)
+                inner = self._lora(x, unbiased, [name])  # y - bias + s B A x, dropout-free
+                result = inner * mns if bias is None else torch.addcmul(bias.to(inner.dtype), inner, mns)
+        return result.to(dtype)
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
         """A plain nn.Linear base that may be fused (``base_is_fusable``: frozen, no hooks, forward not
@@ -177,9 +369,10 @@ class Linear(nn.Module, LoraLayer):
         base = self.base_layer
         return type(base) is nn.Linear and base_is_fusable(base)
 
-    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.base_layer
-        return lora_linear_fused(x, base.weight, base.bias, *self.adapter_bundle(names), self.training)
+        return lora_linear_fused(x, base.weight, base.bias if with_bias else None, *self.adapter_bundle(names),
+                                 self.training)
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
@@ -194,11 +387,17 @@ class Embedding(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 **kwargs: Any) -> None:
+                 use_dora: bool = False, **kwargs: Any) -> None:
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        LoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
+
+    def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.T  # [num_embeddings, dim]: one row per embedding dimension
+
+    def dora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         device, dtype = self.adapter_device_dtype()
@@ -234,7 +433,12 @@ class Embedding(nn.Module, LoraLayer):
             return result
         dtype = result.dtype
         for name in self.active_adapters:
-            if name in self.lora_embedding_A:
+            if name not in self.lora_embedding_A:
+                continue
+            if self.use_dora.get(name, False):
+                mns = self.dora_scale(name)  # PEFT: the output so far is rescaled, then the scaled adapter added
+                result = mns * result + mns * self._delta_out(x, name)
+            else:
                 result = result + self._delta_out(x, name)
         return result.to(dtype)
 
@@ -265,9 +469,9 @@ class ConvNd(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 **kwargs: Any) -> None:
+                 use_dora: bool = False, **kwargs: Any) -> None:
         super().__init__()
-        LoraLayer.__init__(self, base_layer)
+        LoraLayer.__init__(self, base_layer, **kwargs)
         base = self.get_base_layer()
         kind = type(self).__name__
         if base.weight.dim() != self.dims + 2:
@@ -283,7 +487,38 @@ class ConvNd(nn.Module, LoraLayer):
             warnings.warn(f"LoRA on a {type(base).__name__} with groups={base.groups}: merging is not supported "
                           "for it", UserWarning)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
+
+    def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
+        """With groups > 1, PEFT's norm adds ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the weight's shape (not
+        the grouped convolution's own delta, which PEFT does not merge either); that [out, -1] tensor, unscaled."""
+        if self.get_base_layer().groups == 1:
+            return None
+        a, b = self.lora_A[adapter].weight.detach(), self.lora_B[adapter].weight.detach()
+        r = a.shape[0]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(self.out_features, -1)
+
+    def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(1)  # [out, in * prod(kernel)]
+
+    def dora_magnitude_shape(self) -> tuple[int, ...]:
+        return (1, self.out_features) + (1,) * self.dims  # PEFT's [1, out, 1, ...]
+
+    def _dora_step(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` after DoRA adapter ``name`` (PEFT's math, see ``dora.py``)."""
+        base = self.get_base_layer()
+        mns = self.dora_scale(name)
+        a = self.lora_A[name]
+        drop = self.lora_dropout[name]
+        if self.training and dropout_p(drop) > 0:
+            xd = drop(x.to(a.weight.dtype))
+            conv = getattr(F, f"conv{self.dims}d")
+            base_d = conv(xd, base.weight.to(xd.dtype), None, base.stride, base.padding, base.dilation, base.groups)
+            return result + (mns - 1) * base_d + mns * (self.lora_B[name](a(xd)) * self.scaling[name])
+        bias = base.bias
+        unbiased = result if bias is None else result - bias.view((1, -1) + (1,) * self.dims)
+        out = mns * (unbiased + self._delta_out(x, name))
+        return out if bias is None else out + bias.view((1, -1) + (1,) * self.dims)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         base = self.get_base_layer()
@@ -362,10 +597,13 @@ class ConvNd(nn.Module, LoraLayer):
             return result
         dtype = result.dtype
         names = [n for n in self.active_adapters if n in self.lora_A]
-        if self._stacks(names):
+        if self._stacks(names) and not self.uses_dora(names):
             return (result + self._stacked_delta_out(x, names)).to(dtype)
         for name in names:
-            result = result + self._delta_out(x, name)
+            if self.use_dora.get(name, False):
+                result = self._dora_step(x, result, name)
+            else:
+                result = result + self._delta_out(x, name)
         return result.to(dtype)
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:

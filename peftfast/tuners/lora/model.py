@@ -19,6 +19,7 @@ from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .weighted import add_weighted_adapter
 
 # base class -> LoRA layer for torch's convolutions
 CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
@@ -85,10 +86,11 @@ class LoraModel(BaseTuner):
         alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
-                      use_rslora=config.use_rslora)
+                      use_rslora=config.use_rslora, use_dora=config.use_dora,
+                      ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora)
+                                config.use_rslora, use_dora=config.use_dora)
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:
@@ -100,6 +102,17 @@ class LoraModel(BaseTuner):
                               + [c.__name__ for c in CONV_LAYERS])
         return create_new_module(self.dispatchers, target, adapter_name, "LoRA", supported,
                                  lora_config=config, **kwargs)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, combined from ``adapters`` with ``weights`` (PEFT's method and arguments; see
+        ``peftfast.tuners.lora.weighted``). The new adapter is not activated. All or nothing."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
+                             svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                             svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
