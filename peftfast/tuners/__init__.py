@@ -2,6 +2,7 @@
 (PEFT type -> config, tuner, prefix) in ``peftfast.utils.registry``."""
 from .lora import LoraConfig, LoraModel  # first: registration order is the order errors list methods in
 from .ia3 import IA3Config, IA3Model  # noqa: I001
+from .adalora import AdaLoraConfig, AdaLoraModel  # noqa: I001
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
-__all__ = ["BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]
+__all__ = ["AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]

@@ -35,6 +35,7 @@ from torch import nn
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 from .errors import AdapterError, ConfigError
 from .other import ModulesToSaveWrapper, is_adapter_layer
+from .registry import PEFT_TYPE_TO_TUNER_MAPPING, as_peft_type
 from .undo import UndoLog
 PEFT_PREFIX = "base_model.model."
 _MAX_LISTED = 10
@@ -246,7 +247,21 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
         model = getattr(model, "_orig_mod", model)
     sd = model.state_dict() if state_dict is None else state_dict
     mapping = adapter_key_map(model, adapter_name, save_embedding_layers, state_dict=sd)
-    return {ckpt: sd[key] for ckpt, key in mapping.items()}
+    out = {ckpt: sd[key] for ckpt, key in mapping.items()}
+    hook = tuner_checkpoint_hook(model, adapter_name, "adapter_state_dict_to_save")
+    return out if hook is None else hook(model, model.peft_config[adapter_name], adapter_name, out)
+
+
+def tuner_checkpoint_hook(model: nn.Module, adapter_name: str, name: str) -> Optional[Callable[..., Any]]:
+    """The tuner class's checkpoint hook ``name`` for ``adapter_name``'s method, if it has one: a method whose files
+    hold other shapes than its live tensors (AdaLoRA keeps only its unpruned ranks) defines
+    ``adapter_state_dict_to_save(model, config, adapter_name, state_dict) -> state_dict`` and
+    ``prepare_adapter_load(model, config, adapter_name)`` (reshape the adapter before its weights are checked)."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is None or getattr(config, "peft_type", None) is None:
+        return None
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(as_peft_type(config.peft_type))
+    return getattr(tuner_cls, name, None)
 
 
 def base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -408,8 +423,17 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if adapter_name not in getattr(model, "peft_config", {}):
         raise AdapterLoadError(f"adapter {adapter_name!r} not found in the model; available: "
                                f"{', '.join(getattr(model, 'peft_config', {})) or 'none'}")
-    to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
-                                                ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
+    prepare = tuner_checkpoint_hook(model, adapter_name, "prepare_adapter_load")
+    restore = snapshot_state([model], objects=(model.peft_config[adapter_name],)) if prepare else None
+    try:
+        if prepare is not None:
+            prepare(model, model.peft_config[adapter_name], adapter_name)
+        to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
+                                                    ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
+    except BaseException:
+        if restore is not None:
+            restore()  # the adapter's tensors back as they were before the reshape
+        raise
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad(), UndoLog() as undo:  # e.g. out of memory mid-way: put back what was already overwritten
         for key, tensor in to_load.items():
