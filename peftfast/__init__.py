@@ -34,7 +34,7 @@ from .peft_model import (
     PeftModelForTokenClassification,
 )
 from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
-from .tuners import AdaLoraConfig, AdaLoraModel
+from .tuners import AdaLoraConfig, AdaLoraModel, LoHaConfig, LoHaModel, LoKrConfig, LoKrModel
 from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
     PeftType,
@@ -51,7 +51,7 @@ __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
     "PEFT_TYPE_TO_PREFIX_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
     "IA3Config", "IA3Model",
-    "AdaLoraConfig", "AdaLoraModel",
+    "AdaLoraConfig", "AdaLoraModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",

@@ -3,6 +3,9 @@
 from .lora import LoraConfig, LoraModel  # first: registration order is the order errors list methods in
 from .ia3 import IA3Config, IA3Model  # noqa: I001
 from .adalora import AdaLoraConfig, AdaLoraModel  # noqa: I001
+from .loha import LoHaConfig, LoHaModel  # noqa: I001
+from .lokr import LoKrConfig, LoKrModel  # noqa: I001
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
-__all__ = ["AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]
+__all__ = ["AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
+           "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel"]
