@@ -239,3 +239,54 @@ def test_triton_backend_matches_peft(triton_backend):
     for (n, p), (_, q) in zip(ref.named_parameters(), ours.named_parameters()):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_bitsandbytes_bases_match_peft(quant, tmp_path):
+    """AdaLoRA over bitsandbytes Linear4bit / Linear8bitLt (loaded with BitsAndBytesConfig): logits, loss and
+    every adapter gradient as PEFT's; merging requantises (PEFT cannot merge these)."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from peftfast.tuners.adalora import SVDLinear4bit, SVDLinear8bitLt
+
+    from peftfast import zoo
+
+    # bitsandbytes' CPU kernels need every quantised layer 64 wide
+    zoo.llama(0, 64, 2, heads=4, kv_heads=4, intermediate=128).save_pretrained(tmp_path / "base")
+    q = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32) \
+        if quant == "nf4" else dict(load_in_8bit=True)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=BitsAndBytesConfig(**q),
+                                                        dtype=torch.float32)
+
+    ref, ours = _pair(load, ["q_proj", "v_proj"])
+    cls = SVDLinear4bit if quant == "nf4" else SVDLinear8bitLt
+    assert sum(type(m) is cls for m in ours.modules()) == 4
+    batch = causal_inputs()
+    with torch.no_grad(), ref.disable_adapter(), ours.disable_adapter():
+        # the quantised base alone: bitsandbytes' CPU matmul and peftfast's differ in rounding; the adapters
+        # may add at most a few times that
+        base_err = (ours(**batch).logits - ref(**batch).logits).abs().max().item()
+    out_ref, out_ours = ref(**batch), ours(**batch)
+    assert (out_ours.logits - out_ref.logits).abs().max().item() <= 4 * base_err + 1e-5
+    out_ref.loss.backward()
+    out_ours.loss.backward()
+    for (n, p), (_, q_) in zip(ref.named_parameters(), ours.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q_.grad, p.grad, rtol=2e-2, atol=1e-4 + 4 * base_err, msg=n)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        before = layer.dequantized_weight()
+        expected = before + layer.get_delta_weight("default")
+    with pytest.warns(UserWarning, match="requantises"):
+        merged = ours.merge_and_unload()
+    after = merged.model.layers[0].self_attn.q_proj
+    assert type(after) is type(layer.get_base_layer())
+    with torch.no_grad():
+        got = layer.dequantized_weight()  # the layer's base is the merged model's module
+        assert (got - expected).abs().mean() < 0.5 * (before - expected).abs().mean()

@@ -257,9 +257,11 @@ class LycorisLayer(AdditiveAdapterLayer):
         """Register the adapter's (CPU fp32, initialised) tensors, moved to the base's device and dtype."""
         weight = self.get_base_layer().weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        # only the new adapter's flags are set: the other adapters keep theirs (a frozen loaded one stays frozen)
+        trainable = adapter_name in self.active_adapters and not getattr(config, "inference_mode", False)
         for attr, t in tensors.items():
-            getattr(self, attr)[adapter_name] = nn.Parameter(t.to(device=weight.device, dtype=dtype))
-        self.set_adapter(self.active_adapters, inference_mode=bool(getattr(config, "inference_mode", False)))
+            getattr(self, attr)[adapter_name] = nn.Parameter(t.to(device=weight.device, dtype=dtype),
+                                                             requires_grad=trainable)
 
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self._available_adapters:

@@ -14,7 +14,7 @@ The rank allocator prunes a rank by zeroing its entry of E, so a pruned rank cos
 output but keeps its slot until the adapter is saved (then the file holds only the kept ranks).
 
 Merging comes from ``AdditiveAdapterLayer`` (``get_delta_weight``). ``nn.Conv2d`` bases keep PEFT's
-math in torch ops (the delta reshaped to the kernel and one extra convolution).
+math in torch ops (the delta reshaped to the kernel and one extra convolution). bitsandbytes bases: ``bnb.py``.
 """
 from __future__ import annotations
 
@@ -78,13 +78,14 @@ class AdaLoraLayer(AdditiveAdapterLayer):
             nn.init.normal_(a, mean=0.0, std=0.02)
             nn.init.normal_(b, mean=0.0, std=0.02)
         device, dtype = self.adapter_device_dtype()
-        self.lora_A[adapter_name] = nn.Parameter(a.to(device=device, dtype=dtype))
-        self.lora_B[adapter_name] = nn.Parameter(b.to(device=device, dtype=dtype))
-        self.lora_E[adapter_name] = nn.Parameter(e.to(device=device, dtype=dtype))
+        # only the new adapter's flags are set: the other adapters keep theirs (a frozen loaded one stays frozen)
+        trainable = adapter_name in self.active_adapters and not getattr(config, "inference_mode", False)
+        self.lora_A[adapter_name] = nn.Parameter(a.to(device=device, dtype=dtype), requires_grad=trainable)
+        self.lora_B[adapter_name] = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=trainable)
+        self.lora_E[adapter_name] = nn.Parameter(e.to(device=device, dtype=dtype), requires_grad=trainable)
         self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), device=device, dtype=dtype),
                                                   requires_grad=False)
         self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
-        self.set_adapter(self.active_adapters, inference_mode=bool(getattr(config, "inference_mode", False)))
 
     def scale(self, adapter: str) -> float:
         """``scaling / (ranknum + 1e-5)``, the factor of the adapter's product (ranknum read once per change)."""

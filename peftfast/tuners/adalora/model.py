@@ -28,7 +28,8 @@ from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import BaseTuner, conv1d_class
+from ..tuners_utils import BaseTuner, bnb_linear_classes, conv1d_class
+from .bnb import dispatch_bnb
 from .allocator import RankAllocator, adalora_triplets
 from .config import AdaLoraConfig, strip_adapter_from_pattern_key
 from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
@@ -83,7 +84,8 @@ class AdaLoraModel(BaseTuner):
     prefix = "lora_"
     tuner_layer_cls = AdaLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
-    dispatchers: tuple[Dispatcher, ...] = (dispatch_default,)
+    # first match wins: quantised linears subclass nn.Linear, so their dispatcher goes first
+    dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         super().__init__(model, config, adapter_name, **kwargs)
@@ -97,7 +99,7 @@ class AdaLoraModel(BaseTuner):
 
     def _supported_module(self, module: nn.Module) -> bool:
         conv1d = conv1d_class()
-        return isinstance(module, (nn.Linear, nn.Conv2d) + ((conv1d,) if conv1d else ()))
+        return isinstance(module, (nn.Linear, nn.Conv2d) + ((conv1d,) if conv1d else ()) + bnb_linear_classes())
 
     def _check_new_adapter_config(self, config: AdaLoraConfig) -> None:
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
@@ -112,14 +114,11 @@ class AdaLoraModel(BaseTuner):
 
     def _create_and_replace(self, config: AdaLoraConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
-        if getattr(self.model, "is_loaded_in_8bit", False) or getattr(self.model, "is_loaded_in_4bit", False):
-            raise ValueError("AdaLoRA on a bitsandbytes 4-bit / 8-bit model is not supported by peftfast; "
-                             "supported bases: nn.Linear, transformers Conv1D, nn.Conv2d")
         if isinstance(target, AdaLoraLayer):
             target.update_layer(adapter_name, config.init_r, config.lora_alpha, config=config)
             return
         new_module = create_new_module(self.dispatchers, target, adapter_name, "AdaLoRA",
-                                       "Linear, Conv1D, Conv2d", lora_config=config, r=config.init_r,
+                                       "Linear, Conv1D, Conv2d, bitsandbytes Linear4bit/Linear8bitLt", lora_config=config, r=config.init_r,
                                        lora_alpha=config.lora_alpha)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

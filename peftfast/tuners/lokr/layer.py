@@ -55,7 +55,6 @@ class LoKrLayer(nn.Module, LycorisLayer):
         self.lokr_w2_a = nn.ParameterDict({})
         self.lokr_w2_b = nn.ParameterDict({})
         self.lokr_t2 = nn.ParameterDict({})
-        self.lokr_row_align: dict[str, int] = {}
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, config: Any, **kwargs: Any) -> None:
         self._set_common(adapter_name, r, alpha, config)
@@ -87,7 +86,6 @@ class LoKrLayer(nn.Module, LycorisLayer):
         else:
             t["lokr_w2_a"], t["lokr_w2_b"] = torch.empty(b, r), torch.empty(r, d * kernel_elems)
         self._init(t, config.init_weights)
-        self.lokr_row_align[adapter_name] = b
         self._store(adapter_name, t, config)
 
     @staticmethod
@@ -107,6 +105,12 @@ class LoKrLayer(nn.Module, LycorisLayer):
                 nn.init.zeros_(t[name])
             else:
                 kaiming_init_(t[name])
+
+    def w2_rows(self, adapter: str) -> int:
+        """Rows of the second Kronecker factor (b, with out = a * b), read from the adapter's parameters."""
+        if adapter in self.lokr_w2:
+            return self.lokr_w2[adapter].shape[0]
+        return self.lokr_w2_a[adapter].shape[1 if adapter in self.lokr_t2 else 0]
 
     def _w1(self, adapter: str) -> torch.Tensor:
         if adapter in self.lokr_w1:
@@ -129,7 +133,7 @@ class LoKrLayer(nn.Module, LycorisLayer):
 
     def delta_term(self, adapter: str, row_scale: Optional[torch.Tensor]) -> DeltaTerm:
         s = self.scaling[adapter]
-        b = self.lokr_row_align[adapter]
+        b = self.w2_rows(adapter)
         split_w1 = adapter not in self.lokr_w1
         split_w2 = adapter not in self.lokr_w2
         factors = ((self.lokr_w1_a[adapter], self.lokr_w1_b[adapter]) if split_w1 else (self.lokr_w1[adapter],)) \
