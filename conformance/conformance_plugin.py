@@ -4,8 +4,9 @@
   empty placeholder module so that PEFT's ``testing_common.py`` / ``testing_utils.py`` import;
   a test that really uses them fails in both runs and so never counts as PEFT-passing.
 * ``--conf-methods lora,ia3`` keeps the tests whose id names a selected method's config class
-  (``LoraConfig``, ``IA3Config``; also ``adalora``, ``loha``, ``lokr``) and, outside test_custom_models.py, also the tests that name
-  no method at all; tests that name only other methods are deselected.
+  (``LoraConfig``, ``IA3Config``; ``adalora``, ``loha``, ``lokr``: their config classes, or a test class
+  named after them) and, outside test_custom_models.py, also the tests that name no method at all;
+  tests that name only other methods are deselected.
 * ``--conf-out FILE`` writes one JSON line per test: nodeid, outcome, method, exception type and
   the first line of its message.
 """
@@ -166,8 +167,8 @@ def method_of(nodeid: str, methods: list[str]) -> str | None:
         for m in methods:
             if m in _SELECTED_CLASS and _SELECTED_CLASS[m].search(rest):
                 return m
-        if rest != cls[4:]:
-            return None
+        if rest != cls[4:] or any(p.search(rest) for p in _SELECTED_CLASS.values()):
+            return None  # names another method, or LoRA / IA3 when they are not selected
     return "general"
 
 

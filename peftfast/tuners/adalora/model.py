@@ -118,8 +118,8 @@ class AdaLoraModel(BaseTuner):
             target.update_layer(adapter_name, config.init_r, config.lora_alpha, config=config)
             return
         new_module = create_new_module(self.dispatchers, target, adapter_name, "AdaLoRA",
-                                       "Linear, Conv1D, Conv2d, bitsandbytes Linear4bit/Linear8bitLt", lora_config=config, r=config.init_r,
-                                       lora_alpha=config.lora_alpha)
+                                       "Linear, Conv1D, Conv2d, bitsandbytes Linear4bit/Linear8bitLt",
+                                       lora_config=config, r=config.init_r, lora_alpha=config.lora_alpha)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
