@@ -4,8 +4,9 @@
   empty placeholder module so that PEFT's ``testing_common.py`` / ``testing_utils.py`` import;
   a test that really uses them fails in both runs and so never counts as PEFT-passing.
 * ``--conf-methods lora,ia3`` keeps the tests whose id names a selected method's config class
-  (``LoraConfig``, ``IA3Config``) and, outside test_custom_models.py, also the tests that name
-  no method at all; tests that name only other methods are deselected.
+  (``LoraConfig``, ``IA3Config``; ``adalora``, ``loha``, ``lokr``: their config classes, or a test class
+  named after them) and, outside test_custom_models.py, also the tests that name no method at all;
+  tests that name only other methods are deselected.
 * ``--conf-out FILE`` writes one JSON line per test: nodeid, outcome, method, exception type and
   the first line of its message.
 """
@@ -27,7 +28,8 @@ PLACEHOLDER_DEPS = ("diffusers", "datasets")
 
 # config class -> method label; the PEFT config classes of the methods peftfast implements
 METHOD_CONFIGS = {"lora": "LoraConfig", "ia3": "IA3Config", "prompt_tuning": "PromptTuningConfig",
-                  "p_tuning": "PromptEncoderConfig", "prefix_tuning": "PrefixTuningConfig"}
+                  "p_tuning": "PromptEncoderConfig", "prefix_tuning": "PrefixTuningConfig",
+                  "adalora": "AdaLoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig"}
 # any PEFT config class name (to tell "names another method" from "names no method")
 _ANY_CONFIG = re.compile(r"(?<![A-Za-z0-9])([A-Z][A-Za-z0-9]*Config)(?![A-Za-z0-9])")
 
@@ -143,6 +145,8 @@ _OTHER_METHOD_CLASS = re.compile(
 _NEVER = re.compile(r"(?!)")  # prompt methods are selected by their config class names only
 _SELECTED_CLASS = {"lora": re.compile(r"lora"), "ia3": re.compile(r"ia3"),
                    "prompt_tuning": _NEVER, "p_tuning": _NEVER, "prefix_tuning": _NEVER}
+# methods whose own name is one of the "other" names above: matched on the test class name before those are removed
+_NAMED_CLASS = {"adalora": re.compile(r"adalora"), "loha": re.compile(r"loha"), "lokr": re.compile(r"lokr")}
 
 
 def method_of(nodeid: str, methods: list[str]) -> str | None:
@@ -159,12 +163,15 @@ def method_of(nodeid: str, methods: list[str]) -> str | None:
         return None
     cls = next((p for p in nodeid.split("::")[1:] if p.startswith("Test")), "").lower()
     if cls:
+        for m in methods:
+            if m in _NAMED_CLASS and _NAMED_CLASS[m].search(cls[4:]):
+                return m
         rest = _OTHER_METHOD_CLASS.sub("", cls[4:])
         for m in methods:
-            if _SELECTED_CLASS[m].search(rest):
+            if m in _SELECTED_CLASS and _SELECTED_CLASS[m].search(rest):
                 return m
-        if rest != cls[4:]:
-            return None
+        if rest != cls[4:] or any(p.search(rest) for p in _SELECTED_CLASS.values()):
+            return None  # names another method, or LoRA / IA3 when they are not selected
     return "general"
 
 

@@ -30,22 +30,20 @@ def test_register_peft_method_has_peft_signature():
 
 
 def test_methods_register_themselves_as_peft_does():
-    prompt = {PeftType.PROMPT_TUNING: (peftfast.PromptTuningConfig, peftfast.PromptEmbedding),
-              PeftType.P_TUNING: (peftfast.PromptEncoderConfig, peftfast.PromptEncoder),
-              PeftType.PREFIX_TUNING: (peftfast.PrefixTuningConfig, peftfast.PrefixEncoder)}
-    assert peftfast.PEFT_TYPE_TO_CONFIG_MAPPING == {PeftType.LORA: peftfast.LoraConfig,
-                                                    PeftType.IA3: peftfast.IA3Config,
-                                                    **{t: c for t, (c, _) in prompt.items()}}
-    assert peftfast.PEFT_TYPE_TO_TUNER_MAPPING == {PeftType.LORA: peftfast.LoraModel,
-                                                   PeftType.IA3: peftfast.IA3Model,
-                                                   **{t: m for t, (_, m) in prompt.items()}}
+    ours = {t.value for t in peftfast.PEFT_TYPE_TO_CONFIG_MAPPING}
+    prompt = {"PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+    assert ours >= {"LORA", "IA3", "ADALORA", "LOHA", "LOKR"} | prompt
+    assert {t.value: c.__name__ for t, c in peftfast.PEFT_TYPE_TO_CONFIG_MAPPING.items()} == \
+        {t.value: c.__name__ for t, c in peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING.items() if t.value in ours}
+    assert {t.value: c.__name__ for t, c in peftfast.PEFT_TYPE_TO_TUNER_MAPPING.items()} == \
+        {t.value: c.__name__ for t, c in peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING.items() if t.value in ours}
     assert {t.value: p for t, p in peftfast.PEFT_TYPE_TO_PREFIX_MAPPING.items()} == \
-        {t.value: p for t, p in peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
-         if t.value in ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")}
+        {t.value: p for t, p in peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items() if t.value in ours}
     for peft_type, model_cls in peftfast.PEFT_TYPE_TO_TUNER_MAPPING.items():
-        if peft_type not in prompt:  # prompt encoders have no parameter prefix (PEFT's too)
+        if peft_type.value not in prompt:  # prompt encoders have no parameter prefix (PEFT's too)
             assert model_cls.prefix == registry.parameter_prefix(peft_type)
-    assert set(peftfast.PEFT_TYPE_TO_MIXED_MODEL_MAPPING) == {PeftType.LORA, PeftType.IA3}
+    assert {t.value for t in peftfast.PEFT_TYPE_TO_MIXED_MODEL_MAPPING} == \
+        {t.value for t in peft.mapping.PEFT_TYPE_TO_MIXED_MODEL_MAPPING if t.value in ours}
 
 
 def test_mapping_tables_are_the_registry():
@@ -61,8 +59,8 @@ def test_mapping_tables_are_the_registry():
     ({"name": "lora_", "config_cls": object, "model_cls": object}, ValueError, "without '_' suffix", True),
     ({"name": "LoRA", "config_cls": object, "model_cls": object}, ValueError, "lower case", True),
     ({"name": "nosuch", "config_cls": object, "model_cls": object}, ValueError, "Unknown PEFT type", True),
-    ({"name": "loha", "config_cls": object, "model_cls": object, "prefix": "lora_"}, KeyError, "prefix", False),
-    ({"name": "loha", "config_cls": object, "model_cls": peftfast.LoraModel}, ValueError, "Inconsistent prefixes",
+    ({"name": "vera", "config_cls": object, "model_cls": object, "prefix": "lora_"}, KeyError, "prefix", False),
+    ({"name": "vera", "config_cls": object, "model_cls": peftfast.LoraModel}, ValueError, "Inconsistent prefixes",
      False),
 ])
 def test_register_peft_method_refuses_what_peft_refuses(kwargs, error, match, ask_peft):
@@ -82,21 +80,21 @@ def test_a_registered_method_is_used_by_configs_and_models():
                                                     "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
                                                     "PEFT_TYPE_TO_PREFIX_MAPPING")}
 
-    class LohaLikeConfig(peftfast.LoraConfig):
+    class VeraLikeConfig(peftfast.LoraConfig):
         def __post_init__(self):
             super().__post_init__()
-            self.peft_type = PeftType.LOHA
+            self.peft_type = PeftType.VERA
 
-    class LohaLikeModel(peftfast.LoraModel):
-        prefix = "hada_"
+    class VeraLikeModel(peftfast.LoraModel):
+        prefix = "vera_lambda_"
 
     try:
-        peftfast.utils.register_peft_method(name="loha", config_cls=LohaLikeConfig, model_cls=LohaLikeModel,
-                                            prefix="hada_")
-        config = peftfast.PeftConfig.from_peft_type(peft_type="LOHA", r=2, target_modules=["q"])
-        assert type(config) is LohaLikeConfig
-        assert peftfast.PEFT_TYPE_TO_TUNER_MAPPING[PeftType.LOHA] is LohaLikeModel
-        assert registry.tuner_class("LOHA") is LohaLikeModel
+        peftfast.utils.register_peft_method(name="vera", config_cls=VeraLikeConfig, model_cls=VeraLikeModel,
+                                            prefix="vera_lambda_")
+        config = peftfast.PeftConfig.from_peft_type(peft_type="VERA", r=2, target_modules=["q"])
+        assert type(config) is VeraLikeConfig
+        assert peftfast.PEFT_TYPE_TO_TUNER_MAPPING[PeftType.VERA] is VeraLikeModel
+        assert registry.tuner_class("VERA") is VeraLikeModel
     finally:
         for name, table in saved.items():
             getattr(registry, name).clear()
@@ -104,7 +102,7 @@ def test_a_registered_method_is_used_by_configs_and_models():
 
 
 def test_unknown_types_are_refused_with_the_supported_list():
-    with pytest.raises(registry.UnknownPeftTypeError, match="supported: LORA, IA3"):
+    with pytest.raises(registry.UnknownPeftTypeError, match="supported: LORA, IA3, ADALORA, LOHA, LOKR"):
         registry.config_class("VERA")
     with pytest.raises(registry.UnknownPeftTypeError, match="not a PEFT method"):
         registry.tuner_class("MAGIC")

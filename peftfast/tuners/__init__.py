@@ -5,6 +5,12 @@ from .ia3 import IA3Config, IA3Model  # noqa: I001
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .adalora import AdaLoraConfig, AdaLoraModel  # noqa: I001
+from .loha import LoHaConfig, LoHaModel  # noqa: I001
+from .lokr import LoKrConfig, LoKrModel  # noqa: I001
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
-__all__ = ["BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoraConfig", "LoraModel"]
+__all__ = ["AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
+           "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel", "PrefixEncoder", "PrefixTuningConfig",
+           "PromptEmbedding", "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+           "PromptTuningConfig", "PromptTuningInit"]

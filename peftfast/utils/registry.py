@@ -44,7 +44,8 @@ def register_peft_method(*, name: str, config_cls: type, model_cls: Optional[typ
                          is_mixed_compatible: bool = False) -> None:
     """Make a method available (PEFT's signature and checks): ``name`` is the lower-case PeftType name ("lora"),
     ``prefix`` the start of its parameter names (default ``name + "_"``), which ``model_cls.prefix`` must agree
-    with. A name or prefix can be registered once."""
+    with. A name can be registered once, and a prefix too, except by a variant of the method holding it (a config
+    class derived from that method's: AdaLoRA's config is a LoraConfig and its parameters are ``lora_*``)."""
     if name.endswith("_"):
         raise ValueError(f"Please pass the name of the PEFT method without '_' suffix, got {name}.")
     if not name.islower():
@@ -57,7 +58,9 @@ def register_peft_method(*, name: str, config_cls: type, model_cls: Optional[typ
     if peft_type in PEFT_TYPE_TO_CONFIG_MAPPING or peft_type in PEFT_TYPE_TO_TUNER_MAPPING \
             or peft_type in PEFT_TYPE_TO_MIXED_MODEL_MAPPING:
         raise KeyError(f"There is already PEFT method called '{name}', please choose a unique name.")
-    if prefix in PEFT_TYPE_TO_PREFIX_MAPPING.values():
+    holders = [t for t, p in PEFT_TYPE_TO_PREFIX_MAPPING.items() if p == prefix]
+    if holders and not all(isinstance(config_cls, type) and issubclass(config_cls, PEFT_TYPE_TO_CONFIG_MAPPING[t])
+                           for t in holders):
         raise KeyError(f"There is already a prefix called '{prefix}', please choose a unique prefix.")
     model_prefix = getattr(model_cls, "prefix", None)
     if model_prefix is not None and model_prefix != prefix:

@@ -35,6 +35,7 @@ from torch import nn
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 from .errors import AdapterError, ConfigError
 from .other import ModulesToSaveWrapper, is_adapter_layer
+from .registry import PEFT_TYPE_TO_TUNER_MAPPING, as_peft_type
 from .undo import UndoLog
 PEFT_PREFIX = "base_model.model."
 PROMPT_EMBEDDINGS = "prompt_embeddings"  # prompt learning's key on disk (the encoder's rows)
@@ -273,7 +274,20 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, t
     if getattr(config, "is_prompt_learning", False) and not config.inference_mode:
         # P-tuning and projected prefixes save their encoder's output, not the embedding it starts from (PEFT's rule)
         out[PROMPT_EMBEDDINGS] = model.get_prompt_embedding_to_save(adapter_name)
-    return out
+    hook = tuner_checkpoint_hook(model, adapter_name, "adapter_state_dict_to_save")
+    return out if hook is None else hook(model, config, adapter_name, out)
+
+
+def tuner_checkpoint_hook(model: nn.Module, adapter_name: str, name: str) -> Optional[Callable[..., Any]]:
+    """The tuner class's checkpoint hook ``name`` for ``adapter_name``'s method, if it has one: a method whose files
+    hold other shapes than its live tensors (AdaLoRA keeps only its unpruned ranks) defines
+    ``adapter_state_dict_to_save(model, config, adapter_name, state_dict) -> state_dict`` and
+    ``prepare_adapter_load(model, config, adapter_name)`` (reshape the adapter before its weights are checked)."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is None or getattr(config, "peft_type", None) is None:
+        return None
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING.get(as_peft_type(config.peft_type))
+    return getattr(tuner_cls, name, None)
 
 
 def base_model_key_map(model: nn.Module) -> dict[str, str]:
@@ -474,8 +488,17 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if adapter_name not in getattr(model, "peft_config", {}):
         raise AdapterLoadError(f"adapter {adapter_name!r} not found in the model; available: "
                                f"{', '.join(getattr(model, 'peft_config', {})) or 'none'}")
-    to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
-                                                ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
+    prepare = tuner_checkpoint_hook(model, adapter_name, "prepare_adapter_load")
+    restore = snapshot_state([model], objects=(model.peft_config[adapter_name],)) if prepare else None
+    try:
+        if prepare is not None:
+            prepare(model, model.peft_config[adapter_name], adapter_name)
+        to_load, missing = check_adapter_state_dict(model, peft_model_state_dict, adapter_name,
+                                                    ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
+    except BaseException:
+        if restore is not None:
+            restore()  # the adapter's tensors back as they were before the reshape
+        raise
     targets = model.state_dict(keep_vars=True)
     with torch.no_grad(), UndoLog() as undo:  # e.g. out of memory mid-way: put back what was already overwritten
         for key, tensor in to_load.items():
