@@ -69,8 +69,6 @@ class LoraLayer(AdditiveAdapterLayer):
                      **kwargs: Any) -> None:
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
-        if use_dora:
-            self.check_dora_supported()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
@@ -90,9 +88,6 @@ class LoraLayer(AdditiveAdapterLayer):
     # Every layer sees its weight as rows, one per output feature: ``dora_rows`` turns a tensor in the base
     # weight's stored layout into that [out, -1] view, ``dora_factors`` gives (A [r, -1], B [out, r]) in the
     # same orientation, so the norm of ``W + s B A`` and the merge are written once for every layer type.
-
-    def check_dora_supported(self) -> None:
-        """Raise if DoRA cannot be used on this layer (overridden where it cannot)."""
 
     def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (base weight layout) as [out, -1]: a view (writes reach ``t``)."""
