@@ -102,7 +102,7 @@ def test_a_registered_method_is_used_by_configs_and_models():
 
 
 def test_unknown_types_are_refused_with_the_supported_list():
-    with pytest.raises(registry.UnknownPeftTypeError, match="supported: LORA, IA3, ADALORA, LOHA, LOKR"):
+    with pytest.raises(registry.UnknownPeftTypeError, match="supported: LORA, IA3, PROMPT_TUNING, P_TUNING, PREFIX_TUNING, ADALORA, LOHA, LOKR"):
         registry.config_class("VERA")
     with pytest.raises(registry.UnknownPeftTypeError, match="not a PEFT method"):
         registry.tuner_class("MAGIC")
