@@ -417,7 +417,8 @@ class PeftModel(PushToHubMixin, nn.Module):
         validate_adapter_name(adapter_name)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(model, PeftModel) or isinstance(getattr(model, "peft_config", None), dict):
+        existing = getattr(model, "peft_config", None)
+        if isinstance(model, PeftModel) or (isinstance(existing, dict) and existing):
             raise AdapterError(f"model already has adapters ({type(model).__name__} with "
                                f"{', '.join(map(repr, getattr(model, 'peft_config', {})))}); from_pretrained takes "
                                "the base model. To add this adapter, call model.load_adapter(model_id, adapter_name)")
