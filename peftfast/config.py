@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional, Union
 
 from .utils import registry
 from .utils.constants import CONFIG_NAME
-from .utils.errors import ConfigError, ConfigKeysMissingError
+from .utils.errors import ConfigError, ConfigKeysMissingError, cap_message, short_repr
 from .utils.peft_types import PeftType, TaskType
 
 # The PEFT release whose on-disk format these files follow (written as ``peft_version``).
@@ -152,7 +152,9 @@ class PeftConfigMixin:
         unknown = sorted(k for k in data if k not in known)
         switched_on = [k for k in unknown if not _is_off(data[k])]
         if switched_on:
-            found = ", ".join(f"{k}={data[k]!r}" for k in switched_on)
+            found = ", ".join(f"{k[:60]}={short_repr(data[k])}" for k in switched_on[:10])
+            if len(switched_on) > 10:
+                found += f" (and {len(switched_on) - 10} more)"
             raise ConfigError(
                 f"{cls.__name__}{where}: unknown field{'s' if len(switched_on) > 1 else ''} {found} "
                 f"(written by PEFT {data.get('peft_version', '?')}; peftfast follows PEFT {PEFT_FORMAT_VERSION}). "
@@ -161,8 +163,9 @@ class PeftConfigMixin:
             )
         if unknown:
             warnings.warn(
-                f"{cls.__name__}{where}: ignoring fields peftfast does not know, all off (null/false/empty): "
-                f"{', '.join(unknown)}",
+                cap_message(f"{cls.__name__}{where}: ignoring fields peftfast does not know, all off "
+                            f"(null/false/empty): {', '.join(unknown[:50])}"
+                            + (f" (and {len(unknown) - 50} more)" if len(unknown) > 50 else "")),
                 UserWarning,
                 stacklevel=3,
             )
@@ -296,25 +299,70 @@ def _check_json_types(cls: type, values: dict, where: str) -> None:
     for name, value in values.items():
         tp = hints.get(name)
         if tp is not None and not _value_fits(value, tp):
-            raise ConfigError(f"{cls.__name__}{where}: field {name}={value!r} has the wrong type; expected "
+            raise ConfigError(f"{cls.__name__}{where}: field {name}={short_repr(value)} has the wrong type; expected "
                               f"{_describe(_json_kinds(tp))}")
 
 
+# Bounds on adapter_config.json (README, "Bounds on inputs"): PEFT's configs are a few kB and nest three levels
+# (rank_pattern, layer_replication, loftq_config); the bounds leave room for 10^6 target module names.
+MAX_CONFIG_BYTES = 32 * 2**20
+MAX_CONFIG_DEPTH = 32
+
+
+def _nesting_depth(data: Any) -> int:
+    """Depth of nested lists/objects in parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth)
+            if depth > MAX_CONFIG_DEPTH:
+                return depth
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def read_config_json(path: str) -> dict:
-    """Read adapter_config.json with messages that name the file and the problem."""
+    """Read adapter_config.json with messages that name the file and the problem. Files over MAX_CONFIG_BYTES are
+    refused before being read, and nesting deeper than MAX_CONFIG_DEPTH is refused (not a RecursionError)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:  # tolerate a byte-order mark some editors add
-            text = f.read()
+        size = os.path.getsize(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CONFIG_NAME} at {path}") from None
+    too_big = (f"{path} is larger than {MAX_CONFIG_BYTES} bytes, the most peftfast reads for an adapter config "
+               f"(peftfast.config.MAX_CONFIG_BYTES); a PEFT adapter config is a few kB")
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(too_big.replace("is larger", f"has {size} bytes, more"))
+    try:
+        with open(path, "rb") as f:  # in chunks: a file that grows, or a device that never ends, stops at the cap
+            chunks, read = [], 0
+            while read <= MAX_CONFIG_BYTES:
+                chunk = f.read(min(max(size, 1), 2**20) + 1)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                read += len(chunk)
+            raw = b"".join(chunks)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(too_big)
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark some editors add
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path} is not UTF-8 text: {e}") from None
+    deep = (f"{path} nests lists/objects more than {MAX_CONFIG_DEPTH} levels deep, the most peftfast accepts "
+            f"(peftfast.config.MAX_CONFIG_DEPTH); a PEFT adapter config nests at most 3")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e.msg}: line {e.lineno}, column {e.colno})") from None
+    except RecursionError:  # deeper than the parser's own limit
+        raise ConfigError(deep) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    if _nesting_depth(data) > MAX_CONFIG_DEPTH:
+        raise ConfigError(deep)
     return data
 
 

@@ -33,8 +33,10 @@ from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.io import SaveTransaction, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
-from .utils.save_and_load import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from .utils.save_and_load import (check_adapter_has_weights, get_peft_model_state_dict, load_adapter_weights,
+                                  set_peft_model_state_dict)
 from .tuners import prompt_learning
+from .tuners.tuners_utils import validate_adapter_name
 from .tuners.status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
 from .utils.undo import UndoLog
 from .version import __version__
@@ -55,31 +57,6 @@ _HEADS: dict[str, list[str]] = {
     TaskType.TOKEN_CLS.value: ["classifier", "score"],
     TaskType.QUESTION_ANS.value: ["qa_outputs"],
 }
-
-
-def validate_adapter_name(name: Any) -> str:
-    """Adapter names become folder names and state-dict key parts: keep them to one plain path component.
-
-    Refused: non-strings, empty or padded names, path separators, '.', ':', control characters, names longer than
-    200 bytes, and names that would read as parts of parameter names (``weight``, ``base_layer``, ...) or as the
-    base model in ``adapter_names`` (``__base__``).
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
-    allowed = ("allowed: one folder name without path separators, '.', ':', control characters or surrounding "
-               "spaces, e.g. 'default' or 'my_adapter-2'")
-    if any(c in name for c in "/\\.:") or any(ord(c) < 32 or ord(c) == 127 for c in name) \
-            or name != name.strip() or name.startswith("~") or os.path.isabs(name):
-        raise AdapterError(f"adapter name {name!r} is not allowed: it names a subfolder when saving and a "
-                           f"component of parameter names; {allowed}")
-    if len(name.encode("utf-8")) > 200:
-        raise AdapterError(f"adapter name {name[:20]!r}... is {len(name.encode('utf-8'))} bytes long; at most 200 "
-                           "are allowed (it becomes a folder name)")
-    reserved = ("weight", "bias", "base_layer", "modules_to_save", "original_module", "__base__")
-    if name in reserved:
-        raise AdapterError(f"adapter name {name!r} is reserved: it would be read as part of parameter names or as "
-                           f"the base model; reserved names: {', '.join(reserved)}")
-    return name
 
 
 def _add_head_modules(config: PeftConfig, task_type: Optional[str]) -> None:
@@ -303,6 +280,10 @@ class PeftModel(PushToHubMixin, nn.Module):
                     autocast_adapter_dtype: bool = True) -> None:
         """Add (but do not activate) a new adapter."""
         validate_adapter_name(adapter_name)
+        if not isinstance(peft_config, PeftConfig):
+            raise AdapterError(f"peft_config must be a PeftConfig such as LoraConfig(...), got "
+                               f"{type(peft_config).__name__}; a dict can be turned into one with "
+                               "peftfast.get_peft_config(d)")
         if adapter_name in self.peft_config:
             raise AdapterError(f"Adapter with name '{adapter_name}' already exists. Existing adapters: "
                                f"{', '.join(self.peft_config)}; pick another name or delete_adapter() it first.")
@@ -449,6 +430,7 @@ class PeftModel(PushToHubMixin, nn.Module):
                                f"available: {', '.join(self.peft_config)}")
         for name in names:
             validate_adapter_name(name)
+            check_adapter_has_weights(self, name)
         if save_embedding_layers not in ("auto", True, False):
             raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
         state_dict = kwargs.get("state_dict")
@@ -560,6 +542,11 @@ class PeftModel(PushToHubMixin, nn.Module):
         validate_adapter_name(adapter_name)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        existing = getattr(model, "peft_config", None)
+        if isinstance(model, PeftModel) or (isinstance(existing, dict) and existing):
+            raise AdapterError(f"model already has adapters ({type(model).__name__} with "
+                               f"{', '.join(map(repr, getattr(model, 'peft_config', {})))}); from_pretrained takes "
+                               "the base model. To add this adapter, call model.load_adapter(model_id, adapter_name)")
         hub = {k: kwargs[k] for k in ("subfolder", "revision", "cache_dir", "token", "force_download",
                                       "local_files_only") if k in kwargs}
         if config is None:
@@ -568,7 +555,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}")
         if config.is_prompt_learning and is_trainable:
             raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-        weights = load_peft_weights(model_id, **hub)
+        weights = load_adapter_weights(model_id, config, **hub)
         config.inference_mode = not is_trainable
         if cls is PeftModel and config.task_type is not None:
             task = config.task_type.value if isinstance(config.task_type, TaskType) else config.task_type
@@ -604,7 +591,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         config = PeftConfig.from_pretrained(model_id, **hub)
         if config.is_prompt_learning and is_trainable:
             raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
-        weights = load_peft_weights(model_id, device=torch_device, **hub)
+        weights = load_adapter_weights(model_id, config, device=torch_device, **hub)
         config.inference_mode = not is_trainable
         existing = self.peft_config.get(adapter_name)
         if existing is not None:

@@ -13,6 +13,8 @@ a second adapter lands on the adapter layer itself (`adapter_internal_names`).
 """
 from __future__ import annotations
 
+import heapq
+import os
 import re
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -23,16 +25,74 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..config import PeftConfig
 from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
-from ..utils.errors import AdapterError, NoMatchingPeftModuleError
+from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
+from ..utils.patterns import BoundedPattern
 from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
 from ..utils.undo import UndoLog
 
 __all__ = [
     "AdapterError", "BaseTuner", "BaseTunerLayer", "adapter_internal_names", "bnb_linear_classes",
     "check_target_module_exists", "conv1d_class", "find_minimal_target_modules", "linear_layer_classes",
-    "per_sample_adapter_names",
+    "per_sample_adapter_names", "validate_adapter_name",
 ]
+
+# Names that would read as parts of parameter names, or as the base model in ``adapter_names``.
+RESERVED_ADAPTER_NAMES = ("weight", "bias", "base_layer", "modules_to_save", "original_module", "__base__")
+MAX_ADAPTER_NAME_BYTES = 200
+
+
+def _container_attributes() -> frozenset[str]:
+    """Attribute names of the containers that hold one entry per adapter (nn.ModuleDict, nn.ParameterDict): torch
+    stores entries as attributes, so an adapter named ``training``, ``to`` or ``keys`` cannot be stored at all."""
+    names: set[str] = set()
+    for container in (nn.ModuleDict(), nn.ParameterDict()):
+        names.update(dir(container))
+    return frozenset(names)
+
+
+_CONTAINER_ATTRIBUTES = _container_attributes()
+
+
+def validate_adapter_name(name: Any) -> str:
+    """Adapter names become folder names, state-dict key parts and keys of nn.ModuleDict / nn.ParameterDict: keep
+    them to one plain path component that torch can store.
+
+    Refused (AdapterError, a ValueError): non-strings; empty or padded names; path separators, '.', ':', control
+    characters, a leading '~'; names longer than 200 bytes; the reserved names (``weight``, ``bias``,
+    ``base_layer``, ``modules_to_save``, ``original_module``, ``__base__``); and names that are attributes of
+    ``nn.Module`` / ``nn.ModuleDict`` / ``nn.ParameterDict`` (``training``, ``forward``, ``to``, ``state_dict``,
+    ``keys``, ``__class__``, ...). Names that are also module names of the model (``model``, ``layers``, ``0``,
+    ``q_proj``) are allowed: saving and loading find an adapter's tensors by structure, not by name.
+    """
+    if not isinstance(name, str):
+        raise AdapterError(f"adapter name must be a str, got {type(name).__name__} ({short_repr(name)})")
+    if not name.strip():
+        raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise AdapterError(f"adapter name {short_repr(name, 40)} is not valid Unicode text (a lone surrogate); it "
+                           "becomes a folder name and must encode as UTF-8") from None
+    if size > MAX_ADAPTER_NAME_BYTES:
+        raise AdapterError(f"adapter name {short_repr(name, 40)} is {size} bytes long; at most "
+                           f"{MAX_ADAPTER_NAME_BYTES} are allowed (it becomes a folder name)")
+    allowed = ("allowed: one folder name without path separators, '.', ':', control characters or surrounding "
+               "spaces, e.g. 'default' or 'my_adapter-2'")
+    if any(c in name for c in "/\\.:") or any(ord(c) < 32 or ord(c) == 127 for c in name) \
+            or name != name.strip() or name.startswith("~") or os.path.isabs(name):
+        raise AdapterError(f"adapter name {name!r} is not allowed: it names a subfolder when saving and a "
+                           f"component of parameter names; {allowed}")
+    if name in RESERVED_ADAPTER_NAMES:
+        raise AdapterError(f"adapter name {name!r} is reserved: it would be read as part of parameter names or as "
+                           f"the base model; reserved names: {', '.join(RESERVED_ADAPTER_NAMES)}")
+    if name in _CONTAINER_ATTRIBUTES:
+        raise AdapterError(f"adapter name {name!r} is not allowed: it is an attribute of torch's nn.Module / "
+                           "nn.ModuleDict / nn.ParameterDict, which store one entry per adapter as an attribute "
+                           "(names such as 'training', 'forward', 'to', 'state_dict', 'keys' cannot be stored); "
+                           "pick another name, e.g. 'my_adapter'")
+    return name
 
 
 # Heads that task wrappers add to modules_to_save; a model has at most one of them, so absence is fine.
@@ -208,23 +268,74 @@ def creation_device(device: torch.device) -> torch.device:
     return torch.device("meta") if _ON_META.get() else device
 
 
-def _layer_index(key: str, layers_pattern: Optional[str | list[str]]) -> Optional[int]:
-    """The layer index of ``key``: the number after the first ``<pattern>.`` (any segment when no pattern is
-    given). The FIRST numbered segment counts, not a nested one (``layers.1.experts.0`` is layer 1)."""
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(\d+)\.", key)
-        return int(m.group(1)) if m else None
-    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern):
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", key)
-        if m:
-            return int(m.group(1))
-    return None
+def _join_name(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
-def _name_matches(names: str | Iterable[str], key: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, key) is not None
-    return any(key == n or key.endswith("." + n) for n in names)
+def _suffixes_of(key: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'b.c', 'c']: the forms of ``key`` a target list entry can equal."""
+    out = [key]
+    i = key.find(".")
+    while i != -1:
+        out.append(key[i + 1:])
+        i = key.find(".", i + 1)
+    return out
+
+
+class _NameMatcher:
+    """PEFT's rule for target_modules / exclude_modules: a string is a regex that must match the whole key (matched
+    in bounded time, ``peftfast.utils.patterns``); a list matches a key equal to an entry or ending with
+    ``.entry``. Lists are sets, so matching a key costs its depth, not the length of the list."""
+
+    def __init__(self, names: Any, what: str) -> None:
+        self.pattern = BoundedPattern(names, what) if isinstance(names, str) else None
+        self.names = None if self.pattern is not None else {n for n in names if isinstance(n, str)}
+
+    def __call__(self, key: str) -> bool:
+        if self.pattern is not None:
+            return self.pattern.fullmatch(key) is not None
+        return any(s in self.names for s in _suffixes_of(key))
+
+
+class TargetMatcher:
+    """``check_target_module_exists`` for one config and many keys: patterns compiled and lists hashed once."""
+
+    def __init__(self, config: Any) -> None:
+        exclude = getattr(config, "exclude_modules", None)
+        self.exclude = _NameMatcher(exclude, "exclude_modules") if exclude else None
+        targets = config.target_modules
+        self.targets = None if targets is None else _NameMatcher(targets, "target_modules")
+        self.layers = getattr(config, "layers_to_transform", None)
+        self.regex_targets = isinstance(targets, str)
+        patterns = getattr(config, "layers_pattern", None) or []
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        # PEFT's rule: the FIRST index after a pattern counts (``layers.1.layers.0`` is layer 1), at the start
+        # of the key too; an empty layers_to_transform list keeps every layer.
+        self.layer_patterns = [BoundedPattern(rf"(?:^|.*?\.){p}\.(\d+)\.", "layers_pattern") for p in patterns]
+        if isinstance(self.layers, (list, tuple)) and not self.layers:
+            self.layers = None
+
+    def layer_index(self, key: str) -> Optional[int]:
+        if not self.layer_patterns:
+            m = re.match(r".*?\.[^.]*\.(\d+)\.", key)  # the first numbered segment, not a nested one
+            return int(m.group(1)) if m else None
+        for pattern in self.layer_patterns:
+            m = pattern.match(key)
+            if m:
+                return int(m.group(1))
+        return None
+
+    def __call__(self, key: str) -> bool:
+        if self.exclude is not None and self.exclude(key):
+            return False
+        if self.targets is None or not self.targets(key):
+            return False
+        if self.layers is None or self.regex_targets:
+            return True
+        index = self.layer_index(key)
+        if index is None:
+            return False
+        return index == self.layers if isinstance(self.layers, int) else index in self.layers
 
 
 def check_target_module_exists(config: Any, key: str) -> bool:
@@ -232,21 +343,9 @@ def check_target_module_exists(config: Any, key: str) -> bool:
 
     A string ``target_modules`` is a regex that must match the whole key; a list matches a key equal to an
     entry or ending with ``.entry``. ``layers_to_transform`` keeps only modules inside those layer indices.
-    ``exclude_modules`` (same rules) wins over ``target_modules``.
+    ``exclude_modules`` (same rules) wins over ``target_modules``. For many keys build one ``TargetMatcher``.
     """
-    exclude = getattr(config, "exclude_modules", None)
-    if exclude and _name_matches(exclude, key):
-        return False
-    targets = config.target_modules
-    if targets is None or not _name_matches(targets, key):
-        return False
-    layers = getattr(config, "layers_to_transform", None)
-    if layers is None or isinstance(targets, str) or (isinstance(layers, (list, tuple)) and not layers):
-        return True
-    index = _layer_index(key, getattr(config, "layers_pattern", None))
-    if index is None:
-        return False
-    return index == layers if isinstance(layers, int) else index in layers
+    return TargetMatcher(config)(key)
 
 
 # Lists at least this long are condensed to the shortest distinguishing name suffixes, as PEFT does.
@@ -259,13 +358,14 @@ def _suffixes(name: str) -> list[str]:
 
 
 def find_minimal_target_modules(targets: Iterable[str], others: Iterable[str]) -> set[str]:
-    """The shortest dotted suffixes that match every name in ``targets`` and no name in ``others``."""
-    forbidden = {tail for name in others for tail in _suffixes(name)}
+    """The shortest dotted suffixes that match every name in ``targets`` and no name in ``others``. Linear in the
+    number of names (set lookups), so a list of 10^6 module names is condensed in seconds."""
+    forbidden = {tail for name in others for tail in _suffixes_of(name)}
     chosen: set[str] = set()
-    for target in sorted(targets, key=lambda t: (len(t.split(".")), t)):
-        if any(target == c or target.endswith("." + c) for c in chosen):
-            continue
-        chosen.add(next((tail for tail in _suffixes(target) if tail not in forbidden), target))
+    for target in sorted(targets, key=lambda t: t.count(".")):  # shallow names first
+        tails = _suffixes_of(target)  # longest first
+        if chosen.isdisjoint(tails):
+            chosen.add(next((tail for tail in reversed(tails) if tail not in forbidden), target))
     return chosen
 
 
@@ -281,12 +381,13 @@ def _find_minimal_target_modules(target_modules: Iterable[str], other_module_nam
     common = targets & others
     if common:
         raise ValueError(f"target_modules and other_module_names contain common elements, this should not happen "
-                         f"({sorted(common)[:5]}): a module cannot be both a target and a non-target")
+                         f"({short_repr(sorted(common)[:5])}): a module cannot be both a target and a non-target")
     return find_minimal_target_modules(targets, others)
 
 
-def _entry_matches(entry: str, keys: Iterable[str]) -> bool:
-    return any(k == entry or k.endswith("." + entry) for k in keys)
+def _key_suffixes(keys: Iterable[str]) -> set[str]:
+    """Every form a target entry can take to match one of ``keys`` (each key and each of its dotted suffixes)."""
+    return {s for k in keys for s in _suffixes_of(k)}
 
 
 def adapter_internal_names(model: nn.Module) -> set[str]:
@@ -319,6 +420,7 @@ class BaseTuner(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default",
                  low_cpu_mem_usage: bool = False, autocast_adapter_dtype: bool = True) -> None:
+        validate_adapter_name(adapter_name)
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
@@ -420,8 +522,8 @@ class BaseTuner(nn.Module):
         if not self.target_modules_condensable:
             return
         keys = [k for k, _ in model.named_modules() if k]
-        tails = tuple("." + t for t in targets)
-        others = [k for k in keys if k not in targets and not k.endswith(tails)]
+        wanted = {t for t in targets if isinstance(t, str)}
+        others = [k for k in keys if not any(s in wanted for s in _suffixes_of(k))]
         config.target_modules = find_minimal_target_modules(targets, others)
 
     def _candidate_names(self, model: nn.Module) -> list[str]:
@@ -445,57 +547,67 @@ class BaseTuner(nn.Module):
         inside = adapter_internal_names(model)
         saved_names = list(getattr(config, "modules_to_save", None) or ())
         # PEFT's rule: a modules_to_save module and everything inside it is trained in full, never adapted.
-        saved = [k for k in keys if any(k == n or k.endswith("." + n) for n in saved_names)]
-        exclude = getattr(config, "exclude_modules", None)
+        saved_set = set(saved_names)
+        saved = [k for k in keys if any(x in saved_set for x in _suffixes_of(k))]
         planned, excluded, unmatched_keys = [], [], []
+        matcher = TargetMatcher(config)
         for key in keys:
             if key in inside:  # an existing adapter's own modules are never targets, however targets are named
                 continue
-            if (exclude and _name_matches(exclude, key)) or any(key == s or key.startswith(s + ".") for s in saved):
-                excluded.append(key)
-            elif check_target_module_exists(config, key):
+            if (matcher.exclude is not None and matcher.exclude(key)) or \
+                    any(key == s or key.startswith(s + ".") for s in saved):
+                excluded.append(key)  # PEFT's "excluded": by exclude_modules or inside a modules_to_save module
+            elif matcher(key):
                 planned.append(key)
             else:
                 unmatched_keys.append(key)
         kinds = "/".join(sorted({c.__name__ for c in linear_layer_classes()} | {"Embedding"}))
         candidates = f"modules with {kinds} layers: {', '.join(self._candidate_names(model))}"
+        targets = config.target_modules  # shown as PEFT shows it (str()), in bounded size
+        shown = targets if isinstance(targets, str) and len(targets) <= 200 else short_repr(targets)
         notes = ""
         if getattr(config, "layers_to_transform", None) is not None:
-            notes += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+            notes += f" Note: You specified 'layers_to_transform': {short_repr(config.layers_to_transform)}."
         if getattr(config, "layers_pattern", None) is not None:
-            notes += f" You also specified 'layers_pattern': {config.layers_pattern}."
+            notes += f" You also specified 'layers_pattern': {short_repr(config.layers_pattern)}."
         # Entries of a target list that name no module at all (a typo, or a name from another architecture);
         # entries naming the adapters' own modules (``lora_dropout``) are ignored, as PEFT ignores them.
-        own = self._own_module_names()
-        unmatched_entries = [] if isinstance(config.target_modules, str) else sorted(
-            e for e in config.target_modules if not _entry_matches(e, keys) and e.rsplit(".", 1)[-1] not in own)
+        unmatched_entries: list = []
+        if not isinstance(targets, str) and targets is not None:
+            own = self._own_module_names()
+            present = _key_suffixes(keys)
+            unmatched_entries = [e for e in targets if e not in present and str(e).rsplit(".", 1)[-1] not in own]
+        listed = ", ".join(short_repr(u, 60) for u in heapq.nsmallest(10, unmatched_entries, key=str))
+        if len(unmatched_entries) > 10:
+            listed += f" (and {len(unmatched_entries) - 10} more)"
         if not planned:
             if excluded and not unmatched_keys:
                 raise NoMatchingPeftModuleError(
                     "All modules were excluded. This is likely unintended. Check your `target_modules`, "
-                    f"`exclude_modules` and `modules_to_save` configuration (exclude_modules={exclude}, "
-                    f"modules_to_save={saved_names or None}).")
-            what = (f"target_modules regex {config.target_modules!r} matched no module"
-                    if isinstance(config.target_modules, str) else
-                    f"entries {', '.join(repr(u) for u in unmatched_entries)} matched no module"
-                    if unmatched_entries else "every matching module lies outside layers_to_transform")
+                    f"`exclude_modules` and `modules_to_save` configuration (exclude_modules="
+                    f"{short_repr(getattr(config, 'exclude_modules', None))}, modules_to_save="
+                    f"{short_repr(saved_names or None)}).")
+            what = (f"target_modules regex {short_repr(targets)} matched no module" if isinstance(targets, str) else
+                    f"entries {listed} matched no module" if unmatched_entries else
+                    "every matching module lies outside layers_to_transform")
             if not excluded:
                 raise NoMatchingPeftModuleError(
-                    f"Target modules {config.target_modules} not found in the base model. Please check the target "
-                    f"modules and try again.{notes} ({what}; {candidates})")
+                    f"Target modules {shown} not found in the base model. Please check the target modules and try "
+                    f"again.{notes} ({what}; {candidates})")
             raise NoMatchingPeftModuleError(
                 "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
                 "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
                 "configuration. You may also have only targeted modules that are marked to be saved "
                 f"(`modules_to_save`).{notes} ({what}; excluded: {', '.join(excluded[:10])}; {candidates})")
-        if exclude and not any(exclude and _name_matches(exclude, k) for k in excluded):
-            warnings.warn(f"You have passed exclude_modules={exclude} but no modules were excluded. Please check "
-                          "that exclude_modules was set correctly.", UserWarning, stacklevel=3)
+        exclude = getattr(config, "exclude_modules", None)
+        if exclude and not any(matcher.exclude(k) for k in excluded):
+            warnings.warn(f"You have passed exclude_modules={short_repr(exclude)} but no modules were excluded. "
+                          "Please check that exclude_modules was set correctly.", UserWarning, stacklevel=3)
         if unmatched_entries:
-            warnings.warn(
-                f"target_modules entr{'y' if len(unmatched_entries) == 1 else 'ies'} "
-                f"{', '.join(repr(u) for u in unmatched_entries)} matched no module and {'is' if len(unmatched_entries) == 1 else 'are'} "
-                f"ignored; {candidates}", UserWarning, stacklevel=3)
+            warnings.warn(cap_message(
+                f"target_modules entr{'y' if len(unmatched_entries) == 1 else 'ies'} {listed} matched no module "
+                f"and {'is' if len(unmatched_entries) == 1 else 'are'} ignored; {candidates}"), UserWarning,
+                stacklevel=3)
         for key in planned:
             module = model.get_submodule(key)
             if not (self._supported_module(module) or isinstance(module, self.tuner_layer_cls)):
@@ -508,7 +620,11 @@ class BaseTuner(nn.Module):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False) -> None:
         """Wrap every targeted module with an adapter layer for ``adapter_name``; all or nothing."""
+        validate_adapter_name(adapter_name)
         config = self.peft_config[adapter_name]
+        if not isinstance(config, PeftConfig):
+            raise AdapterError(f"the config of adapter {adapter_name!r} must be a PeftConfig such as LoraConfig(...), "
+                               f"got {type(config).__name__}")
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         self._expand_all_linear(config, model)
@@ -629,6 +745,11 @@ class BaseTuner(nn.Module):
         return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
 
     def _check_adapter_names(self, names: Iterable[str]) -> list[str]:
+        if not isinstance(names, (str, list, tuple)) or \
+                (not isinstance(names, str) and not all(isinstance(n, str) for n in names)):
+            raise AdapterError(f"adapter names must be a str or a list of str, got {short_repr(names)} "
+                               f"({type(names).__name__}); available adapters: "
+                               f"{', '.join(map(repr, self.peft_config)) or 'none'}")
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -638,6 +759,9 @@ class BaseTuner(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         names = self._check_adapter_names(adapter_name)
+        if not names:
+            raise AdapterError("set_adapter needs at least one adapter name; to run the base model without adapters "
+                               "use disable_adapter() (or disable_adapter_layers())")
         for wrapper in self._wrappers():  # checked for every wrapper before anything changes
             wrapper.check_can_activate(names)
         for layer in self._tuner_layers():
@@ -699,6 +823,7 @@ class BaseTuner(nn.Module):
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         for layer in layers:  # every layer may refuse (e.g. a grouped conv) before any of them changes
             layer._adapters_to_merge(names, warn=False)
+        self._refuse_tied_merge(layers, names)
         if safe_merge:  # check every layer's merged weights are finite before changing any of them
             for layer in layers:
                 check = getattr(layer, "check_merge", None)
@@ -708,6 +833,31 @@ class BaseTuner(nn.Module):
             for layer in layers:
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
                 undo.call(layer.unmerge)
+
+    def _refuse_tied_merge(self, layers: list[BaseTunerLayer], names: list[str]) -> None:
+        """Merging writes the delta into the base weight. When that tensor is tied to another module's (input and
+        output embeddings sharing one matrix), the other module's output would change too, and with adapters on
+        both, each delta would land in both: refuse, naming the tie."""
+        merging = {id(layer) for layer in layers if layer._adapters_to_merge(names, warn=False)}
+        if not merging:
+            return
+        users: dict[int, list[str]] = {}
+        for module_name, module in self.model.named_modules(remove_duplicate=False):
+            for param_name, param in module.named_parameters(recurse=False):
+                if param_name == "weight":
+                    users.setdefault(id(param), []).append(_join_name(module_name, param_name))
+        for key, layer in self.model.named_modules():
+            if id(layer) not in merging:
+                continue
+            weight = getattr(layer.get_base_layer(), "weight", None)
+            shared = sorted(set(users.get(id(weight), [])) - {_join_name(key, "base_layer.weight")})
+            shared = [n for n in shared if not n.startswith(key + ".")]
+            if shared:
+                raise AdapterError(
+                    f"cannot merge into {key}: its base weight is tied to (the same tensor as) {', '.join(shared)}, so "
+                    "merging would change that module's output too (and with adapters on both, add each delta to "
+                    "both). Untie the weights first (e.g. give one module its own nn.Parameter copy) or keep the "
+                    "adapter unmerged")
 
     def unmerge_adapter(self) -> None:
         for layer in self._tuner_layers():

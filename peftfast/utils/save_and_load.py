@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
-from .errors import AdapterError, ConfigError
+from .errors import AdapterError, CappedMessage, ConfigError, short_repr
 from .other import ModulesToSaveWrapper, is_adapter_layer
+from .patterns import BoundedPattern
 from .registry import PEFT_TYPE_TO_TUNER_MAPPING, as_peft_type
 from .undo import UndoLog
 PEFT_PREFIX = "base_model.model."
@@ -42,9 +43,14 @@ PROMPT_EMBEDDINGS = "prompt_embeddings"  # prompt learning's key on disk (the en
 _MAX_LISTED = 10
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(CappedMessage, ValueError):
     """Adapter weights cannot be used with this model: the file is damaged or unreadable, or its tensors do not fit
-    the adapter (unexpected or missing keys, wrong shapes, non-floating-point dtypes, NaN/inf values)."""
+    the adapter (unexpected or missing keys, wrong shapes, non-floating-point dtypes, NaN/inf values).
+
+    Floating-point tensors of any width (float8_e4m3fn / e5m2, float16, bfloat16, float64, ...) are checked for
+    NaN/inf and cast to the adapter's dtype, as PEFT's load casts them. Integer, bool and complex tensors are
+    refused for floating-point weights (PEFT would cast them silently, dropping a complex tensor's imaginary
+    part)."""
 
 
 class IncompatibleKeys(NamedTuple):
@@ -117,9 +123,23 @@ def _flat_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
 
 
 def _without_other_adapters(keys: list[str], model: nn.Module, adapter_name: str) -> list[str]:
-    """Drop keys of the model's other adapters (PEFT's filter: the name as a whole key component)."""
+    """Drop the tensors of the model's other adapters (their containers on tuner layers, their modules_to_save
+    copies). Found by structure, not by name: an adapter may be named like a module of the model ('layers', '0',
+    'q_proj'), and matching its name in keys would drop the base tensors of every module on that path."""
     others = [n for n in getattr(model, "peft_config", {}) if n != adapter_name]
-    return [k for k in keys if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)]
+    prefixes = {p for other in others for p in adapter_parameter_prefixes(model, other)}
+    if not prefixes:
+        return keys
+
+    def owned_by_other(key: str) -> bool:
+        i = key.find(".")
+        while i != -1:
+            if key[:i] in prefixes:
+                return True
+            i = key.find(".", i + 1)
+        return key in prefixes
+
+    return [k for k in keys if not owned_by_other(k)]
 
 
 def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
@@ -131,7 +151,7 @@ def _embedding_is_targeted(model: nn.Module, config: Any) -> bool:
             return False
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         try:
-            pattern = re.compile(targets)
+            pattern = BoundedPattern(targets)
         except re.error:
             return False
         return any(pattern.fullmatch(name) for name, _ in base.named_modules()
@@ -259,6 +279,17 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
                 if key.startswith(name + "."):
                     mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
     return mapping
+
+
+def check_adapter_has_weights(model: nn.Module, adapter_name: str) -> None:
+    """Refuse to save an adapter of which the model holds no tensor (its layers were removed by
+    ``merge_and_unload()`` / ``unload()``): the save would replace a good checkpoint with an empty one."""
+    prefixes = adapter_parameter_prefixes(model, adapter_name)
+    if not prefixes:
+        raise AdapterError(
+            f"adapter {adapter_name!r} has no weights in this model any more (its adapter layers were removed, e.g. "
+            "by merge_and_unload() or unload()); saving it would write an empty checkpoint over the folder. Save "
+            "before unloading, or save the merged model itself with its own save_pretrained()")
 
 
 def get_peft_model_state_dict(model: nn.Module, state_dict: Optional[dict[str, torch.Tensor]] = None,
@@ -393,6 +424,29 @@ def _listed(items: list[str]) -> str:
     return "; ".join(items[:_MAX_LISTED]) + more
 
 
+def _all_finite(tensor: torch.Tensor) -> Optional[bool]:
+    """Whether every value is finite; None when the dtype cannot even be converted to float32. torch has no
+    isfinite for the float8 dtypes (and others may follow), so those are checked in float32, which holds each of
+    their values exactly."""
+    try:
+        return bool(torch.isfinite(tensor).all())
+    except (NotImplementedError, RuntimeError, TypeError):
+        pass
+    try:
+        return bool(torch.isfinite(tensor.to(torch.float32)).all())
+    except (NotImplementedError, RuntimeError, TypeError):
+        return None
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype == b.dtype:
+        try:
+            return torch.equal(a, b)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return torch.equal(a.to(torch.float32), b.to(torch.float32))
+
+
 def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str,
                              ignore_mismatched_sizes: bool = False, strict: bool = False) -> tuple[dict, list[str]]:
     """Map checkpoint keys onto the model's; raise AdapterLoadError for anything that does not fit.
@@ -440,10 +494,15 @@ def check_adapter_state_dict(model: nn.Module, peft_model_state_dict: dict[str, 
         if not target.is_floating_point() and tensor.dtype != target.dtype:
             bad.append(f"{ckpt_key}: dtype {tensor.dtype}, the model expects {target.dtype}")
             continue
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad.append(f"{ckpt_key}: holds NaN or inf values")
-            continue
-        if model_key in out and not torch.equal(out[model_key].to(tensor.dtype), tensor):
+        if tensor.is_floating_point():
+            finite = _all_finite(tensor)
+            if finite is None:
+                bad.append(f"{ckpt_key}: dtype {tensor.dtype} cannot be converted to the model's {target.dtype}")
+                continue
+            if not finite:
+                bad.append(f"{ckpt_key}: holds NaN or inf values")
+                continue
+        if model_key in out and not _same_values(out[model_key], tensor):
             conflicts.append(f"{ckpt_key} and another key both name {model_key} with different values")
             continue
         out[model_key] = tensor
@@ -488,6 +547,13 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: dict[str,
     if adapter_name not in getattr(model, "peft_config", {}):
         raise AdapterLoadError(f"adapter {adapter_name!r} not found in the model; available: "
                                f"{', '.join(getattr(model, 'peft_config', {})) or 'none'}")
+    merged = [name for name, m in clean_named_modules(model)
+              if is_adapter_layer(m) and adapter_name in getattr(m, "merged_adapters", ())]
+    if merged:
+        raise AdapterError(
+            f"adapter {adapter_name!r} is merged into the base weights of {len(merged)} layer(s) (e.g. "
+            f"{merged[0]}); loading new weights into it now would make a later unmerge subtract the new weights "
+            "instead of the merged ones and corrupt the base weights. Call unmerge_adapter() first")
     prepare = tuner_checkpoint_hook(model, adapter_name, "prepare_adapter_load")
     restore = snapshot_state([model], objects=(model.peft_config[adapter_name],)) if prepare else None
     try:
@@ -589,6 +655,64 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, **hub_kwargs:
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise AdapterLoadError(f"{path} must hold a dict of name -> tensor, found {type(state).__name__}")
     return state
+
+
+def _safetensors_shapes(path: str) -> Optional[dict[str, tuple[int, ...]]]:
+    """Tensor shapes from a safetensors file's header, without reading any tensor data; None when the header
+    cannot be read (``load_peft_weights`` then reports the damage)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception:
+        return None
+
+
+def check_ranks_fit_weights(config: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a config whose rank (``r``, ``rank_pattern`` values) no tensor of the weights could hold: each adapter
+    weight of rank r has r as one of its dimensions, so a rank larger than every dimension in the file means the
+    config does not belong to these weights. Run before the adapter is created, so that ``r=10**9`` is refused
+    instead of allocating 10^9 x d_in floats per layer."""
+    ranks = []
+    r = getattr(config, "r", None)
+    if isinstance(r, int) and not isinstance(r, bool):
+        ranks.append(("r", r))
+    pattern = getattr(config, "rank_pattern", None)
+    if isinstance(pattern, dict):
+        ranks.extend((f"rank_pattern[{short_repr(k, 60)}]", v) for k, v in pattern.items()
+                     if isinstance(v, int) and not isinstance(v, bool))
+    if not ranks:
+        return
+    largest = max((d for shape in shapes.values() for d in shape), default=0)
+    too_big = [f"{name}={value}" for name, value in ranks if value > largest]
+    if too_big:
+        raise AdapterLoadError(
+            f"adapter config and weights at {source!r} do not match: the config asks for rank "
+            f"{', '.join(too_big[:5])}{' ...' if len(too_big) > 5 else ''}, but no tensor in the weights file has a "
+            f"dimension that large (largest: {largest}); nothing was allocated. Is the adapter_config.json from "
+            "another adapter?")
+
+
+def load_adapter_weights(model_id: str, config: Any, device: Optional[str] = None,
+                         **hub_kwargs: Any) -> dict[str, torch.Tensor]:
+    """``load_peft_weights``, with the config's ranks checked against the file's shapes first: from the safetensors
+    header before any tensor is read, and for a .bin file on the loaded tensors (before the adapter is created)."""
+    from .constants import SAFETENSORS_WEIGHTS_NAME
+    from .hub import resolve_file
+
+    try:
+        path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, **hub_kwargs)
+    except FileNotFoundError:
+        path = None
+    if path is not None:
+        shapes = _safetensors_shapes(path)
+        if shapes is not None:
+            check_ranks_fit_weights(config, shapes, str(model_id))
+    weights = load_peft_weights(model_id, device=device, **hub_kwargs)
+    check_ranks_fit_weights(config, {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)},
+                            str(model_id))
+    return weights
 
 
 def adapter_parameter_prefixes(model: nn.Module, adapter_name: str) -> list[str]:
