@@ -284,6 +284,9 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
 def check_adapter_has_weights(model: nn.Module, adapter_name: str) -> None:
     """Refuse to save an adapter of which the model holds no tensor (its layers were removed by
     ``merge_and_unload()`` / ``unload()``): the save would replace a good checkpoint with an empty one."""
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if getattr(config, "is_prompt_learning", False):  # its weights are the prompt encoder's, never unloaded
+        return
     prefixes = adapter_parameter_prefixes(model, adapter_name)
     if not prefixes:
         raise AdapterError(
