@@ -57,3 +57,7 @@ __all__ = [
     "cast_mixed_precision_params", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
     "inject_adapter_in_model", "load_peft_weights", "prepare_model_for_kbit_training", "set_peft_model_state_dict",
 ]
+
+from . import integrations  # noqa: E402  Trainer, transformers' adapter API: see peftfast/integrations/
+
+integrations.install()
