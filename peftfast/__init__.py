@@ -33,6 +33,15 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
 from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
@@ -50,6 +59,9 @@ __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
     "PEFT_TYPE_TO_PREFIX_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
     "IA3Config", "IA3Model",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
