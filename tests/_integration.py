@@ -54,6 +54,17 @@ def run_without_peft(tmp_path: Path, scenario: str, timeout: int = 300) -> dict:
     return json.loads((out / "result.json").read_text())
 
 
+def without_peft_results(tmp_path_factory) -> dict:
+    """Every scenario's result without ``peft``, computed once per test session (one interpreter start-up and
+    one run, shared by the test files)."""
+    folder = tmp_path_factory.getbasetemp() / "without-peft"
+    cached = folder / "out-all" / "result.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    folder.mkdir(exist_ok=True)
+    return run_without_peft(folder, "all")
+
+
 # ------------------------------------------------------------------------------------------------------ data
 def lm_rows(n: int = 8, seq: int = 7, vocab: int = 61) -> list[dict]:
     """Causal-LM rows with a string column the model does not take: Trainer's default remove_unused_columns must
@@ -203,8 +214,51 @@ def scenario_qlora(out: str, all_bits: tuple = (4, 8)) -> dict:
     return result
 
 
+def scenario_adapter_api(out: str) -> dict:
+    """transformers' adapter API with a peftfast config: add, switch, disable/enable, state dict, save, load into a
+    fresh model, delete; then Trainer on such a model saves PEFT's files."""
+    import peftfast
+    from peftfast import zoo
+
+    x = zoo.causal_inputs(batch=2, seq=6, seed=9)
+    model = zoo.llama(0)
+    torch.manual_seed(21)
+    model.add_adapter(peftfast.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    torch.manual_seed(22)
+    model.add_adapter(peftfast.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name="b")
+    result: dict[str, Any] = {"after_add": model.active_adapters()}
+    with torch.no_grad():
+        result["b"] = model(**x).logits.flatten().tolist()
+        model.set_adapter("default")
+        result["active"] = model.active_adapters()
+        result["default"] = model(**x).logits.flatten().tolist()
+        model.disable_adapters()
+        result["disabled"] = model(**x).logits.flatten().tolist()
+        model.enable_adapters()
+        result["enabled"] = model(**x).logits.flatten().tolist()
+    result["state_keys"] = sorted(model.get_adapter_state_dict())
+    model.save_pretrained(os.path.join(out, "saved"))
+    result["files"] = sorted(os.listdir(os.path.join(out, "saved")))
+    fresh = zoo.llama(0)
+    fresh.load_adapter(os.path.join(out, "saved"), adapter_name="loaded")
+    with torch.no_grad():
+        result["loaded"] = fresh(**x).logits.flatten().tolist()
+    result["loaded_active"] = fresh.active_adapters()
+    model.delete_adapter("b")
+    result["after_delete"] = sorted(model.peft_config)
+
+    trained = zoo.llama(0)
+    torch.manual_seed(23)
+    trained.add_adapter(peftfast.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+    trainer = train(trained, os.path.join(out, "train"), lm_rows(), max_steps=2, save_steps=100)
+    trainer.save_model(os.path.join(out, "trained"))
+    result["trained_files"] = sorted(os.listdir(os.path.join(out, "trained")))
+    result["trained_losses"] = losses(trainer)
+    return result
+
+
 # without peft: the LoRA run with activation checkpointing (its losses must still equal the plain run's), QLoRA 4-bit
-PARTS = {"checks": scenario_checks, "lora": lambda out: scenario_lora(out, checkpointing=True),
+PARTS = {"checks": scenario_checks, "adapter_api": scenario_adapter_api, "lora": lambda out: scenario_lora(out, checkpointing=True),
          "qlora": lambda out: scenario_qlora(out, (4,))}
 
 

@@ -21,7 +21,7 @@ import torch
 
 import peftfast
 from peftfast import zoo
-from tests._integration import (adapter_files, lm_rows, lora_llama, losses, qlora, run_without_peft, scenario_lora,
+from tests._integration import (adapter_files, lm_rows, lora_llama, losses, qlora, scenario_lora, without_peft_results,
                                 scenario_qlora,
                                 seq_cls_rows, tensors_json, train)
 
@@ -113,7 +113,7 @@ def test_qlora_trains_through_trainer_like_peft(qlora_run, bits, tmp_path):
 
 @pytest.fixture(scope="module")
 def without_peft(tmp_path_factory):
-    return run_without_peft(tmp_path_factory.mktemp("no-peft"), "all")
+    return without_peft_results(tmp_path_factory)
 
 
 def test_without_peft_installed_same_numbers_and_files(lora_run, without_peft):

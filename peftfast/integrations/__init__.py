@@ -6,6 +6,9 @@ peftfast imports none of them. Every patch keeps the original behaviour for mode
 peftfast's, and none needs the real ``peft`` (it works installed or not).
 
     transformers.trainer_utils, .trainer, .integrations.neftune   Trainer and trainers built on it (``trainer``)
+    transformers.integrations.peft                                 PeftAdapterMixin: model.add_adapter(...) and
+                                                                   the rest of transformers' adapter API
+                                                                   (``adapter_api``)
 
 Set ``PEFTFAST_NO_INTEGRATIONS=1`` before importing peftfast to leave every library untouched.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from . import trainer
+from . import adapter_api, trainer
 from .hooks import when_imported
 
 __all__ = ["install"]
@@ -30,3 +33,4 @@ def install() -> None:
     when_imported("transformers.trainer_utils", trainer.patch_trainer_utils)
     when_imported("transformers.trainer", trainer.patch_trainer)
     when_imported("transformers.integrations.neftune", trainer.patch_importer)
+    when_imported("transformers.integrations.peft", adapter_api.patch_adapter_mixin)
