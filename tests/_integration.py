@@ -257,8 +257,51 @@ def scenario_adapter_api(out: str) -> dict:
     return result
 
 
+def word_tokenizer(vocab: int = 61):
+    """A word-level tokenizer over zoo's vocabulary ("t0".."t60"; 0 pad, 1 bos, 2 eos), built offline."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="t3")),
+                                   pad_token="t0", bos_token="t1", eos_token="t2", unk_token="t3")
+
+
+def sft(lib, out: str) -> dict:
+    """TRL's SFTTrainer(model, peft_config=lib.LoraConfig(...)) on zoo.llama: 3 steps, then save_model."""
+    from datasets import Dataset
+    from peftfast import zoo
+    from trl import SFTConfig, SFTTrainer
+
+    rows = Dataset.from_list([{"input_ids": zoo.token_ids(1, 7, seed=300 + i)[0].tolist()} for i in range(8)])
+    args = SFTConfig(out, max_steps=3, per_device_train_batch_size=2, learning_rate=0.5, optim="sgd", report_to=[], seed=0,
+                     logging_steps=1, save_steps=100, use_cpu=True, disable_tqdm=True)
+    config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM", init_lora_weights=False)
+    torch.manual_seed(31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SFTTrainer(zoo.llama(0), args=args, train_dataset=rows, processing_class=word_tokenizer(),
+                             peft_config=config)
+        # TRL draws the LoRA init at a point of its own; give both libraries the same adapter weights
+        g = torch.Generator().manual_seed(32)
+        with torch.no_grad():
+            for name, p in sorted(trainer.model.named_parameters()):
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        trainer.train()
+    trainer.save_model(os.path.join(out, "final"))
+    return {"losses": losses(trainer), "files": sorted(os.listdir(os.path.join(out, "final"))),
+            "final": tensors_json(adapter_files(os.path.join(out, "final"))), "wrapper": type(trainer.model).__module__}
+
+
+def scenario_sft(out: str) -> dict:
+    import peftfast
+
+    return sft(peftfast, out)
+
+
 # without peft: the LoRA run with activation checkpointing (its losses must still equal the plain run's), QLoRA 4-bit
-PARTS = {"checks": scenario_checks, "adapter_api": scenario_adapter_api, "lora": lambda out: scenario_lora(out, checkpointing=True),
+PARTS = {"checks": scenario_checks, "adapter_api": scenario_adapter_api, "sft": scenario_sft, "lora": lambda out: scenario_lora(out, checkpointing=True),
          "qlora": lambda out: scenario_qlora(out, (4,))}
 
 

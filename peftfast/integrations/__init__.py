@@ -9,6 +9,8 @@ peftfast's, and none needs the real ``peft`` (it works installed or not).
     transformers.integrations.peft                                 PeftAdapterMixin: model.add_adapter(...) and
                                                                    the rest of transformers' adapter API
                                                                    (``adapter_api``)
+    trl.trainer.sft_trainer                                        SFTTrainer(..., peft_config=peftfast config)
+                                                                   (``trl``)
 
 Set ``PEFTFAST_NO_INTEGRATIONS=1`` before importing peftfast to leave every library untouched.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from . import adapter_api, trainer
+from . import adapter_api, trainer, trl
 from .hooks import when_imported
 
 __all__ = ["install"]
@@ -34,3 +36,4 @@ def install() -> None:
     when_imported("transformers.trainer", trainer.patch_trainer)
     when_imported("transformers.integrations.neftune", trainer.patch_importer)
     when_imported("transformers.integrations.peft", adapter_api.patch_adapter_mixin)
+    when_imported("trl.trainer.sft_trainer", trl.patch_module)
