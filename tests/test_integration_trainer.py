@@ -1,4 +1,4 @@
-"""transformers Trainer with peftfast models, with the real ``peft`` installed and without it.
+"""transformers Trainer (and Seq2SeqTrainer) with peftfast models, with the real ``peft`` installed and without it.
 
 Real libraries throughout (transformers' Trainer, PEFT 0.21.2 as the oracle), tiny zoo models, no downloads:
 - the losses Trainer logs equal PEFT's under the same seed (LoRA on a causal LM, a sequence classifier trained
@@ -199,3 +199,29 @@ def test_models_without_peftfast_are_left_alone(tmp_path):
     trainer.save_model(str(tmp_path / "final"))
     assert "model.safetensors" in os.listdir(tmp_path / "final")
     assert "adapter_config.json" not in os.listdir(tmp_path / "final")
+
+
+def test_seq2seq_trainer_matches_peft_and_saves_adapters(tmp_path):
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    def run(lib, name):
+        config = lib.LoraConfig(r=4, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM", init_lora_weights=False)
+        model = zoo.t5(0)
+        torch.manual_seed(41)
+        model = lib.get_peft_model(model, config)
+        d = zoo.seq2seq_inputs(batch=4)
+        rows = [{k: v[i] for k, v in d.items()} | {"text": "unused"} for i in range(4)]
+        args = Seq2SeqTrainingArguments(str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
+                                        learning_rate=2e-2, logging_steps=1, save_steps=100, report_to=[], seed=0,
+                                        use_cpu=True, disable_tqdm=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = Seq2SeqTrainer(model, args, train_dataset=rows)
+            trainer.train()
+        trainer.save_model(str(tmp_path / name / "final"))
+        return losses(trainer), adapter_files(str(tmp_path / name / "final"))
+
+    (ours, ours_sd), (theirs, theirs_sd) = run(peftfast, "ours"), run(peft, "theirs")
+    assert len(ours) == 2
+    assert_close_lists(ours, theirs, "Seq2SeqTrainer losses vs PEFT")
+    assert_same_tensors(ours_sd, theirs_sd, "Seq2SeqTrainer adapter vs PEFT")
