@@ -4,7 +4,6 @@ files PEFT loads, and the same
 behaviour in an interpreter without ``peft`` (run by tests/_integration.py's ``adapter_api`` scenario)."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

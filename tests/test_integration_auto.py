@@ -3,7 +3,6 @@ offline from a Hub cache; the result equals loading both by hand, and PEFT's Aut
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import pytest
