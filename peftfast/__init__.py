@@ -33,6 +33,15 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
 from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
 from .tuners import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .tuners import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -58,6 +67,9 @@ __all__ = [
     "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
     "PrefixEncoder", "PrefixTuningConfig",
     "AdaLoraConfig", "AdaLoraModel", "LoHaConfig", "LoHaModel", "LoKrConfig", "LoKrModel",
+    "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
@@ -71,3 +83,6 @@ from .utils.errors import NoMatchingPeftModuleError, PeftError, PeftWarning  # n
 from .utils import set_base_model_state_dict  # noqa: E402
 
 __all__ += ["NoMatchingPeftModuleError", "PeftError", "PeftWarning", "set_base_model_state_dict"]
+from . import integrations  # noqa: E402  Trainer, transformers' adapter API: see peftfast/integrations/
+
+integrations.install()

@@ -12,6 +12,10 @@ Two bitsandbytes behaviours matter here:
   the block scales to bf16. Such a weight is decoded back to the standard layout here (a copy,
   with a warning: its scales are the bf16-rounded ones bitsandbytes now uses).
   :func:`prevent_cpu_repack` stops bitsandbytes from doing this in the first place.
+  Saving (``state_dict()``) or moving such a weight to a GPU converts it back to the standard layout
+  (``_convert_weight_packed_for_cpu_inverse``): with double quantisation the scales are quantised
+  again (uint8 codes, fine as is); without it they stay bf16 in the CPU layout's transposed
+  [K / blocksize, N] order. :func:`block_scales` reads them back in block order, as fp32.
 * ``Linear8bitLt`` keeps CB/SCB on ``weight`` until its first forward, then moves them to
   ``module.state`` (and ``weight.data`` is CB again after the forward).
 
@@ -67,6 +71,28 @@ def _from_cpu_layout(weight: torch.Tensor, qs, n: int, k: int) -> Packed4bit:
     return Packed4bit(data, absmax, qs.code.float(), int(qs.blocksize), (n, k), dtype)
 
 
+def block_scales(absmax: torch.Tensor, n: int, k: int, blocksize: int) -> torch.Tensor:
+    """fp32 [n_blocks] scales in the flat weight's block order, from a non-nested ``absmax`` as bitsandbytes
+    may leave it: fp32 [n_blocks] (returned as is), another float dtype, or the bf16 [K / blocksize, N] of
+    a weight brought back from its AVX512-BF16 CPU layout (transposed, one row per column block).
+
+    bitsandbytes' own dequantisation reads that transposed tensor in memory order, i.e. with the wrong
+    block scales whenever K > blocksize; the scales here are the ones the quantisation produced (rounded
+    to bf16 by the CPU repack)."""
+    n_blocks = -(-n * k // blocksize)
+    if absmax.dtype == torch.float32 and absmax.dim() == 1:
+        return absmax
+    if not absmax.is_floating_point():
+        raise ValueError(f"4-bit absmax without double quantisation must be a float tensor, got {absmax.dtype}")
+    if absmax.dim() == 2 and k % blocksize == 0 and tuple(absmax.shape) == (k // blocksize, n):
+        return absmax.t().reshape(-1).float()
+    if absmax.numel() != n_blocks:
+        raise ValueError(f"4-bit absmax has shape {tuple(absmax.shape)}; a {n}x{k} weight in blocks of {blocksize} "
+                         f"needs {n_blocks} scales ([{n_blocks}], or [{k // blocksize}, {n}] after bitsandbytes' "
+                         "CPU repack)")
+    return absmax.reshape(-1).float()
+
+
 def packed4bit_from_bnb(obj, quant_state=None) -> Packed4bit:
     """Packed4bit view of a bitsandbytes 4-bit weight.
 
@@ -104,7 +130,8 @@ def packed4bit_from_bnb(obj, quant_state=None) -> Packed4bit:
         offset = qs.offset.item() if isinstance(qs.offset, torch.Tensor) else float(qs.offset)
         nested = dict(nested_absmax=qs.state2.absmax, nested_code=qs.state2.code,
                       nested_blocksize=int(qs.state2.blocksize), offset=offset)
-    p = Packed4bit(packed_bytes(data), qs.absmax, qs.code, int(qs.blocksize), (n, k), qs.dtype, **nested)
+    absmax = qs.absmax if qs.nested else block_scales(qs.absmax, n, k, int(qs.blocksize))
+    p = Packed4bit(packed_bytes(data), absmax, qs.code, int(qs.blocksize), (n, k), qs.dtype, **nested)
     check_packed4bit(p)
     return p
 
