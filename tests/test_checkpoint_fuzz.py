@@ -184,8 +184,8 @@ def change_targets(case):
         case.config["target_modules"] = case.config["target_modules"] + ["k_proj"]
     elif choice == "drop v_proj":
         case.config["target_modules"] = [t for t in case.config["target_modules"] if t != "v_proj"]
-    elif choice == "unknown module":
-        case.config["target_modules"] = case.config["target_modules"] + ["qkv_proj"]
+    elif choice == "unknown module":  # only names the model lacks (one unknown entry beside known ones warns)
+        case.config["target_modules"] = ["qkv_proj"]
     else:
         if "r" in case.touched:
             return
