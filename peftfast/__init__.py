@@ -37,6 +37,7 @@ from .tuners import IA3Config, IA3Model, LoraConfig, LoraModel
 from .tuners import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .tuners import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners import PrefixEncoder, PrefixTuningConfig
+from .tuners import AdaptionPromptConfig, AdaptionPromptModel
 from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
     PeftType,
@@ -56,6 +57,7 @@ __all__ = [
     "PromptEmbedding", "PromptTuningConfig", "PromptTuningInit",
     "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
     "PrefixEncoder", "PrefixTuningConfig",
+    "AdaptionPromptConfig", "AdaptionPromptModel",
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",

@@ -35,13 +35,15 @@ def test_methods_register_themselves_as_peft_does():
               PeftType.PREFIX_TUNING: (peftfast.PrefixTuningConfig, peftfast.PrefixEncoder)}
     assert peftfast.PEFT_TYPE_TO_CONFIG_MAPPING == {PeftType.LORA: peftfast.LoraConfig,
                                                     PeftType.IA3: peftfast.IA3Config,
-                                                    **{t: c for t, (c, _) in prompt.items()}}
+                                                    **{t: c for t, (c, _) in prompt.items()},
+                                                    PeftType.ADAPTION_PROMPT: peftfast.AdaptionPromptConfig}
     assert peftfast.PEFT_TYPE_TO_TUNER_MAPPING == {PeftType.LORA: peftfast.LoraModel,
                                                    PeftType.IA3: peftfast.IA3Model,
-                                                   **{t: m for t, (_, m) in prompt.items()}}
+                                                   **{t: m for t, (_, m) in prompt.items()},
+                                                   PeftType.ADAPTION_PROMPT: peftfast.AdaptionPromptModel}
     assert {t.value: p for t, p in peftfast.PEFT_TYPE_TO_PREFIX_MAPPING.items()} == \
         {t.value: p for t, p in peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING.items()
-         if t.value in ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")}
+         if t.value in ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT")}
     for peft_type, model_cls in peftfast.PEFT_TYPE_TO_TUNER_MAPPING.items():
         if peft_type not in prompt:  # prompt encoders have no parameter prefix (PEFT's too)
             assert model_cls.prefix == registry.parameter_prefix(peft_type)
