@@ -43,8 +43,10 @@ class AdaptionPromptModel(BaseTuner):
     def _prepare_adapter_config(self, config: Any, model_config: dict) -> Any:
         model_type = model_config.get("model_type")
         if model_type not in TRANSFORMERS_MODEL_TO_ADAPTION_PROMPT_TARGET:
+            also = " (PEFT 0.21 also has GPT-2 adaption prompts; peftfast does not implement them)" \
+                if model_type == "gpt2" else ""
             raise ValueError(f"Unsupported model type for adaption prompt: '{model_type}'. Supported model types: "
-                             f"{', '.join(sorted(TRANSFORMERS_MODEL_TO_ADAPTION_PROMPT_TARGET))}")
+                             f"{', '.join(sorted(TRANSFORMERS_MODEL_TO_ADAPTION_PROMPT_TARGET))}{also}")
         if config.target_modules is None:
             config.target_modules = TRANSFORMERS_MODEL_TO_ADAPTION_PROMPT_TARGET[model_type]
         for name in ("adapter_len", "adapter_layers"):
