@@ -127,25 +127,36 @@ def test_parity_with_peft(family):
     assert not torch.allclose(out_o.logits, base, atol=1e-2)
 
 
-def test_gated_attention_matches_math_float64():
-    """One biased attention module in float64: peftfast = o_proj(attention + A) (checked against the definition
-    written out here), and PEFT's output is that plus o_proj's bias once more; gradients of prompt and gate agree
-    with both. With the gate at zero peftfast's output is the base attention's exactly."""
+def math_llama(case):
+    """float64 Llama, 4 query heads sharing 2 key/value heads: with random attention biases (head_dim 4), or with
+    head_dim 6 set explicitly (heads * head_dim != hidden, which PEFT's AdaptedAttention cannot reshape)."""
+    from transformers import LlamaForCausalLM
+
+    if case == "bias":
+        return zoo.random_biases(tiny_llama(attention_bias=True)).double()
+    cfg = zoo.llama_config(16, 3, heads=4, kv_heads=2)
+    cfg.head_dim = 6
+    torch.manual_seed(0)
+    return sharpen(LlamaForCausalLM(cfg).eval(), 0).double()
+
+
+@pytest.mark.parametrize("case", ["bias", "head_dim6"])
+def test_gated_attention_matches_math_float64(case):
+    """One attention module in float64: peftfast = o_proj(attention + A), against the definition written out here;
+    gradients of prompt and gate too. With biases PEFT's output is that plus o_proj's bias once more (same
+    gradients). With the gate at zero peftfast's output is the base attention's."""
     from peft.tuners.adaption_prompt.layer import AdaptedAttention as PeftAdapted
 
     from peftfast.tuners.adaption_prompt import AdaptedAttention
 
-    model = zoo.random_biases(tiny_llama(attention_bias=True)).double()
+    model = math_llama(case)
     attn = model.model.layers[1].self_attn
-    cfg = config(fast, adapter_len=5)
-    ours = AdaptedAttention(attn, "default", cfg)
-    theirs = PeftAdapted("llama", 5, attn)
+    heads, kv_heads, hd, length = 4, 2, attn.head_dim, 5
+    ours = AdaptedAttention(attn, "default", config(fast, adapter_len=length))
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        theirs.adaption_prompt.copy_(torch.randn(1, 5, 16, generator=g, dtype=torch.float64))
-        theirs.adaption_gate.copy_(torch.tensor([0.8], dtype=torch.float64))
-        ours.adaption_prompt["default"].copy_(theirs.adaption_prompt)
-        ours.adaption_gate["default"].copy_(theirs.adaption_gate)
+        ours.adaption_prompt["default"].copy_(torch.randn(1, length, 16, generator=g, dtype=torch.float64))
+        ours.adaption_gate["default"].copy_(torch.tensor([0.8], dtype=torch.float64))
     hidden = torch.randn(2, 6, 16, generator=g, dtype=torch.float64)
     position_ids = torch.arange(6).expand(2, -1)
     cos, sin = model.model.rotary_emb(hidden, position_ids)
@@ -153,41 +164,47 @@ def test_gated_attention_matches_math_float64():
     kwargs = dict(hidden_states=hidden, position_embeddings=(cos, sin), attention_mask=mask)
 
     def reference(prompt, gate):
-        b, s, h = hidden.shape
-        heads, hd = 4, 4
+        b, s, _ = hidden.shape
         q = attn.q_proj(hidden).view(b, s, heads, hd).transpose(1, 2)
-        k = attn.k_proj(hidden).view(b, s, 2, hd).transpose(1, 2)
-        v = attn.v_proj(hidden).view(b, s, 2, hd).transpose(1, 2)
+        k = attn.k_proj(hidden).view(b, s, kv_heads, hd).transpose(1, 2)
+        v = attn.v_proj(hidden).view(b, s, kv_heads, hd).transpose(1, 2)
         c, si = cos.unsqueeze(1), sin.unsqueeze(1)
         rot = lambda x: torch.cat((-x[..., hd // 2:], x[..., :hd // 2]), -1)  # noqa: E731
         q, k = q * c + rot(q) * si, k * c + rot(k) * si
         k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
-        kp = attn.k_proj(prompt).view(1, 5, 2, hd).transpose(1, 2).repeat_interleave(2, 1)
-        vp = attn.v_proj(prompt).view(1, 5, 2, hd).transpose(1, 2).repeat_interleave(2, 1)
+        kp = attn.k_proj(prompt).view(1, length, kv_heads, hd).transpose(1, 2).repeat_interleave(2, 1)
+        vp = attn.v_proj(prompt).view(1, length, kv_heads, hd).transpose(1, 2).repeat_interleave(2, 1)
         extra = gate * torch.softmax(q @ kp.transpose(-1, -2) / math.sqrt(hd), -1) @ vp
-        return attn.o_proj((att + extra).transpose(1, 2).reshape(b, s, h))
+        return attn.o_proj((att + extra).transpose(1, 2).reshape(b, s, heads * hd))
 
-    prompt = theirs.adaption_prompt.detach().clone().requires_grad_(True)
-    gate = theirs.adaption_gate.detach().clone().requires_grad_(True)
+    prompt = ours.adaption_prompt["default"].detach().clone().requires_grad_(True)
+    gate = ours.adaption_gate["default"].detach().clone().requires_grad_(True)
     ref = reference(prompt, gate)
     got = ours(**kwargs)[0]
-    peft_out = theirs(**kwargs)[0]
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
-    # PEFT's softmax runs in float32 even for float64 inputs: its match is to float32 precision
-    torch.testing.assert_close(peft_out, ref + attn.o_proj.bias, rtol=1e-5, atol=1e-6)
-    assert (peft_out - got - attn.o_proj.bias).abs().max() < 1e-5 < attn.o_proj.bias.abs().max()
     w = torch.randn(got.shape, generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad((ref * w).sum(), (prompt, gate))
     our_grads = torch.autograd.grad((got * w).sum(), (ours.adaption_prompt["default"], ours.adaption_gate["default"]))
-    peft_grads = torch.autograd.grad((peft_out * w).sum(), (theirs.adaption_prompt, theirs.adaption_gate))
-    for r, o, p in zip(ref_grads, our_grads, peft_grads):
+    for r, o in zip(ref_grads, our_grads):
         assert r.abs().max() > 0
         torch.testing.assert_close(o, r, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+    if case == "bias":
+        theirs = PeftAdapted("llama", length, attn)
+        with torch.no_grad():
+            theirs.adaption_prompt.copy_(prompt)
+            theirs.adaption_gate.copy_(gate)
+        peft_out = theirs(**kwargs)[0]
+        # PEFT's softmax runs in float32 even for float64 inputs: its match is to float32 precision
+        torch.testing.assert_close(peft_out, ref + attn.o_proj.bias, rtol=1e-5, atol=1e-6)
+        assert (peft_out - got - attn.o_proj.bias).abs().max() < 1e-5 < attn.o_proj.bias.abs().max()
+        peft_grads = torch.autograd.grad((peft_out * w).sum(), (theirs.adaption_prompt, theirs.adaption_gate))
+        for r, p in zip(ref_grads, peft_grads):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         ours.adaption_gate["default"].zero_()
         torch.testing.assert_close(ours(**kwargs)[0], attn(**kwargs)[0], rtol=0, atol=1e-13)
+    assert not attn.q_proj._forward_hooks and not attn.o_proj._forward_pre_hooks  # removed after each call
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
