@@ -246,7 +246,7 @@ def test_disable_adapter_and_unload():
         torch.testing.assert_close(plain(**inputs).logits, base, rtol=0, atol=0)
 
 
-def test_several_adapters_as_in_peft():
+def test_several_adapters_as_in_peft(tmp_path):
     theirs, ours = pair("llama")
     torch.manual_seed(12)
     theirs.add_adapter("other", config(peft, adapter_len=4, adapter_layers=1))
@@ -272,6 +272,14 @@ def test_several_adapters_as_in_peft():
     with pytest.raises(ValueError, match="one at a time"):
         ours.set_adapter(["default", "other"])
     assert ours.active_adapters == ["other"]
+    ours.set_adapter("default")  # an inactive adapter is saved too, in its subfolder, and PEFT loads it
+    ours.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path / "other")) == ["adapter_config.json", "adapter_model.safetensors"]
+    with torch.no_grad():
+        loaded = quiet(peft.PeftModel.from_pretrained, tiny_llama(), str(tmp_path / "other"))
+        torch.testing.assert_close(loaded(**inputs).logits, second, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(**inputs).logits, first, rtol=0, atol=0)
+    ours.set_adapter("other")
     ours.delete_adapter("other")
     theirs.delete_adapter("other")
     assert ours.active_adapters == theirs.active_adapters == ["default"]
