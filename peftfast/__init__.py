@@ -47,6 +47,7 @@ from .tuners import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .tuners import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners import PrefixEncoder, PrefixTuningConfig
 from .tuners import AdaLoraConfig, AdaLoraModel, LoHaConfig, LoHaModel, LoKrConfig, LoKrModel
+from .tuners import AdaptionPromptConfig, AdaptionPromptModel
 from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
     PeftType,
@@ -70,6 +71,7 @@ __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "AdaptionPromptConfig", "AdaptionPromptModel",
     "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",

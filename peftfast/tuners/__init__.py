@@ -8,6 +8,7 @@ from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .adalora import AdaLoraConfig, AdaLoraModel  # noqa: I001
 from .loha import LoHaConfig, LoHaModel  # noqa: I001
 from .lokr import LoKrConfig, LoKrModel  # noqa: I001
+from .adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
 __all__ = ["AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
