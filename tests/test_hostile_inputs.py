@@ -416,6 +416,20 @@ def test_catastrophic_regex_is_stopped_by_the_budget(field):
     assert_same_fingerprint(before, fingerprint(base))
 
 
+@pytest.mark.parametrize("make", [
+    lambda: peftfast.LoraConfig(**dict(LORA, rank_pattern={CATASTROPHIC: 4})),
+    lambda: peftfast.LoraConfig(**dict(LORA, alpha_pattern={CATASTROPHIC: 4})),
+    lambda: peftfast.LoHaConfig(target_modules=["q_proj", "v_proj"], rank_pattern={CATASTROPHIC: 4}),
+    lambda: peftfast.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=CATASTROPHIC),
+], ids=["lora-rank_pattern", "lora-alpha_pattern", "loha-rank_pattern", "ia3-feedforward_modules"])
+def test_catastrophic_regex_in_other_fields_is_stopped_by_the_budget(make):
+    base = tiny_llama()
+    before = fingerprint(base)
+    with pytest.raises(ConfigError, match="took more than"):
+        peftfast.get_peft_model(base, make())
+    assert_same_fingerprint(before, fingerprint(base))
+
+
 def test_catastrophic_regex_in_a_checkpoint_is_refused(saved):
     folder, _ = saved
     edit_config(folder, target_modules=CATASTROPHIC)

@@ -26,7 +26,6 @@ convolution or matmul with the delta).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, PeftConfig
+from ..utils.patterns import get_pattern_key
 from .adapter_layers import base_is_fusable
 from .additive import AdditiveAdapterLayer
 from .tuners_utils import BaseTuner
@@ -204,14 +204,6 @@ class LycorisConfig(PeftConfig):
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def get_pattern_key(pattern_keys: Sequence[str], key: str) -> str:
-    """The first rank/alpha pattern matching the end of ``key`` at a dotted boundary, else ``key`` (PEFT's rule)."""
-    for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return pattern
-    return key
 
 
 class LycorisLayer(AdditiveAdapterLayer):

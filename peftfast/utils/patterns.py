@@ -63,3 +63,12 @@ class BoundedPattern:
 
     def match(self, text: str) -> Optional[regex.Match]:
         return self._run("match", text)
+
+
+def get_pattern_key(pattern_keys, key: str, what: str = "rank_pattern / alpha_pattern") -> str:
+    """The first of ``pattern_keys`` (rank_pattern / alpha_pattern keys, regexes) that matches the end of ``key``
+    at a dotted boundary, else ``key`` itself (PEFT's rule); each match is time-bounded like the others here."""
+    for pattern in pattern_keys:
+        if BoundedPattern(rf"(.*\.)?({pattern})$", what).match(key):
+            return pattern
+    return key

@@ -6,7 +6,6 @@ bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Conv2d / nn.Conv3d.
 from __future__ import annotations
 
 import dataclasses
-import re
 import warnings
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -20,6 +19,7 @@ from ...utils.constants import (
     TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
 )
 from ...utils.undo import UndoLog
+from ...utils.patterns import BoundedPattern
 from ..adapter_layers import Dispatcher, UnsupportedLayerError, create_new_module
 from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
@@ -73,7 +73,7 @@ def is_feedforward_module(config: IA3Config, key: str) -> bool:
     if ff is None:
         return False
     if isinstance(ff, str):
-        return re.fullmatch(ff, key) is not None
+        return BoundedPattern(ff, "feedforward_modules").fullmatch(key) is not None
     return any(key.endswith(name) for name in ff)
 
 

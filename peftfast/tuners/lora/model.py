@@ -5,7 +5,6 @@ bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Embedding / nn.Conv1
 """
 from __future__ import annotations
 
-import re
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +15,7 @@ from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPIN
 from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
+from ...utils.patterns import get_pattern_key
 from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
@@ -23,14 +23,6 @@ from .weighted import add_weighted_adapter
 
 # base class -> LoRA layer for torch's convolutions
 CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
-
-
-def get_pattern_key(pattern_keys: list[str], key: str) -> str:
-    """The first rank/alpha pattern that matches the end of ``key`` (dotted boundary), else ``key``."""
-    for pattern in pattern_keys:
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return pattern
-    return key
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any):
