@@ -38,6 +38,26 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 
 
 @triton.jit
+def lookahead_work(ticket, num_m, num_n, n_items, GROUP_M: tl.constexpr):
+    """The work of ``ticket`` in a ticketed look-ahead kernel (kernels/lora_fused.py): tickets
+    0..n_first-1 are the first group's slices (row block ticket // n_items, slice ticket % n_items),
+    then output tile number ``tile`` in grouped order, which also takes slice next_item of row block
+    next_block when has_next. Returns (n_first, tile, next_block, next_item, has_next). Tile-number
+    arithmetic in the ticket's int32: every value is below the number of tickets (the grid size)."""
+    n_first = tl.minimum(GROUP_M, num_m) * n_items
+    tile = ticket - n_first
+    local = tile % (GROUP_M * num_n)
+    next_m = (tile // (GROUP_M * num_n) + 1) * GROUP_M  # first row block of the next group
+    has_next = local < tl.minimum(num_m - next_m, GROUP_M) * n_items
+    return n_first, tile, next_m + local // n_items, local % n_items, has_next
+
+
+# helpers whose int32 arithmetic is on tile numbers (below the grid size, < 2**31): the compile
+# report's int32-offset check does not flag it
+TILE_NUMBER_HELPERS = (grouped_tile, lookahead_work)
+
+
+@triton.jit
 def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(row offsets, column offsets, row mask, column mask) of output tile (pid_m, pid_n)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
