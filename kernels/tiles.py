@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
+from .runtime import check_not_capturing, launch_stream
 
 # (device, stream) -> int32 counter buffer; every counter is 0 between launches
 COUNTERS: dict = {}
@@ -93,7 +94,8 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 counters, all 0, for ``last_arrival`` (at least n). One buffer per device and stream,
     reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
     arriver resets it), and launches on one stream run in order, so no memset per launch."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    check_not_capturing(device)  # a buffer grown or replaced during capture would be freed under the graph
+    stream = launch_stream(device)  # the stream the kernel is launched on (runtime.launch: device's current one)
     buf = COUNTERS.get((device, stream))
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
