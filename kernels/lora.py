@@ -297,7 +297,7 @@ def launch_shrink(x2: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int, drop
     return t
 
 
-def _launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: torch.Tensor) -> None:
+def launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: torch.Tensor) -> None:
     """out2 = base2 + t @ b^T (out2 may be base2)."""
     M, R = t.shape
     N = b.shape[0]
@@ -354,7 +354,7 @@ def launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: Plan, seed: int, drop
     return part[0] if splits == 1 else part.sum(0)
 
 
-def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
+def launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """dX = sum_i mask_i * (g_i @ a_i) -> [M, K] in ``dtype``."""
     M, R = g.shape
@@ -374,7 +374,7 @@ def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
 def _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2):
     a, b = cat_a(weights_a), cat_b(weights_b)
     t = launch_shrink(x2, a, plan, seed, plan.dropout)
-    _launch_expand(t, b, base2, out2)
+    launch_expand(t, b, base2, out2)
     return out2, t
 
 
@@ -390,7 +390,7 @@ def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_
         if need_a:
             da = launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
         if need_x:
-            dx = _launch_grad_x(g, a, plan, seed, x2.dtype)
+            dx = launch_grad_x(g, a, plan, seed, x2.dtype)
     return dx, da, db
 
 

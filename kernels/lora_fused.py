@@ -225,7 +225,7 @@ def _lora_fused_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # t computed beforehand by a separate shrink launch (fp32 models; see _launch_forward)
+    # t computed beforehand by a separate shrink launch (fp32 models; see launch_fused_forward)
     pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
@@ -498,7 +498,7 @@ def dy_plan(t: int, d_out: int, ranks, act: torch.dtype, ad: torch.dtype) -> tup
     return _dy_launch_plan(t, d_out, sum(ranks), act, ad)[1:3]
 
 
-def _launch_forward(x2, weight, bias, a, b, plan, seed):
+def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     """(y = x2 @ weight^T + bias + t @ b^T [M, N] in x2's dtype, t = s' * drop(x2) @ a^T [M, R] in
     a's dtype). 16-bit activations: one kernel (the look-ahead shrink); fp32 activations: lora.py's
     shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands)."""
@@ -532,7 +532,7 @@ def _launch_forward(x2, weight, bias, a, b, plan, seed):
     return y, t
 
 
-def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
+def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     """(dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) [M, K] in dy2's dtype, and with x2 also
     dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None)."""
     M, N = dy2.shape
@@ -552,7 +552,7 @@ def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     return dx, da
 
 
-def _launch_dy_pass(dy2, t, b, plan):
+def launch_dy_pass(dy2, t, b, plan):
     """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
@@ -574,7 +574,7 @@ def _launch_dy_pass(dy2, t, b, plan):
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
-    return _launch_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, seed)
+    return launch_fused_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, seed)
 
 
 def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x):
@@ -584,7 +584,7 @@ def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x
     a, b = cat_a(weights_a), cat_b(weights_b)
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
-        g, db = _launch_dy_pass(dy2, t, b, plan)
+        g, db = launch_dy_pass(dy2, t, b, plan)
     elif need_b:
         no_drop = make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
         db = L.launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
@@ -601,7 +601,7 @@ def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x
 
 def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
     return adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b,
-                                    lambda g, a, xa: _launch_grad_x(dy2, weight, g, a, plan, seed, xa))
+                                    lambda g, a, xa: launch_fused_grad_x(dy2, weight, g, a, plan, seed, xa))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,13 +106,15 @@ def test_every_kernel_has_64_bit_offsets_on_large_tensors():
 def test_declared_int32_operands_are_checked_at_launch():
     import torch
     from peftfast.kernels import runtime
-    from peftfast.kernels.qmatmul import _matmul_4bit_kernel
+    from peftfast.kernels import qmatmul
 
-    assert "code_ptr" in runtime.int32_operands(_matmul_4bit_kernel)
+    kernel = next(s.fn for s in qmatmul.aot_specs() if s.name.startswith("matmul_4bit"))
+
+    assert "code_ptr" in runtime.int32_operands(kernel)
     big = torch.empty(2**31 + 1, dtype=torch.uint8, device="meta").as_strided((2,), (2**31,))
-    args = [None] * len(_matmul_4bit_kernel.arg_names)
-    args[_matmul_4bit_kernel.arg_names.index("code_ptr")] = big
+    args = [None] * len(kernel.arg_names)
+    args[kernel.arg_names.index("code_ptr")] = big
     with pytest.raises(ValueError, match="code_ptr .* spans 2147483648 elements"):
-        runtime.launch(_matmul_4bit_kernel, (1,), *args)
+        runtime.launch(kernel, (1,), *args)
     with pytest.raises(ValueError, match="no argument"):
-        runtime.declare_int32_operands(_matmul_4bit_kernel, "nope_ptr")
+        runtime.declare_int32_operands(kernel, "nope_ptr")
