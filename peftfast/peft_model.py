@@ -355,22 +355,18 @@ class PeftModel(PushToHubMixin, nn.Module):
         was_disabled = self._adapters_disabled
         if self._prompt_model:
             layers = prompt_learning.head_wrappers(self.base_model)
-            states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
+            states = _adapter_states(layers)
             try:
                 for m in layers:
                     m.enable_adapters(False)
                 self._adapters_disabled = True
                 yield
             finally:
-                for module, disabled, grads in states:
-                    if not disabled:
-                        module.enable_adapters(True)
-                    for p, flag in grads:
-                        p.requires_grad_(flag)
+                _restore_adapter_states(states)
                 self._adapters_disabled = was_disabled
             return
         layers = self.base_model._tuner_layers() + self.base_model._wrappers()
-        states = [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in layers]
+        states = _adapter_states(layers)
         tuner_states = {m.disable_adapters for m in self.base_model._tuner_layers()}
         irregular = len(tuner_states) > 1
         if irregular:
@@ -385,11 +381,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             if irregular:  # PEFT's rule for a mixed state: every layer comes back enabled
                 self.base_model.enable_adapter_layers()
             else:
-                for module, disabled, grads in states:
-                    if not disabled:
-                        module.enable_adapters(True)
-                    for p, flag in grads:
-                        p.requires_grad_(flag)
+                _restore_adapter_states(states)
             self._adapters_disabled = was_disabled
 
     # -- saving and loading ---------------------------------------------------------------------------
@@ -615,6 +607,20 @@ class PeftModel(PushToHubMixin, nn.Module):
         if not is_trainable:
             self.eval()
         return result
+
+
+def _adapter_states(modules: list[nn.Module]) -> list:
+    """Each module's disabled flag and its parameters' requires_grad flags, for ``_restore_adapter_states``."""
+    return [(m, m.disable_adapters, [(p, p.requires_grad) for p in m.parameters()]) for m in modules]
+
+
+def _restore_adapter_states(states: list) -> None:
+    """Re-enable the modules that were enabled when ``states`` was taken, and put back every requires_grad flag."""
+    for module, disabled, grads in states:
+        if not disabled:
+            module.enable_adapters(True)
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
 
 def _check_nothing_left_on_meta(model: nn.Module, model_id: str) -> None:
