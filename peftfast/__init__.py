@@ -33,6 +33,7 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .mixed_model import PeftMixedModel
 from .auto import (
     AutoPeftModel,
     AutoPeftModelForCausalLM,
@@ -72,7 +73,7 @@ __all__ = [
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "AdaptionPromptConfig", "AdaptionPromptModel",
-    "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftModel", "PeftModelForCausalLM",
+    "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftMixedModel", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "TunerLayerStatus", "TunerModelStatus", "get_base_model_state_dict", "get_layer_status", "get_model_status",

@@ -38,8 +38,6 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
                    mixed: bool = False, autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
                    low_cpu_mem_usage: bool = False) -> PeftModel:
     """Wrap ``model`` with a new adapter; the PeftModel subclass follows ``peft_config.task_type``."""
-    if mixed:
-        raise NotImplementedError("mixed adapter types (PeftMixedModel) are not supported by peftfast")
     if not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
     validate_adapter_name(adapter_name)
@@ -51,6 +49,10 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
         peft_config.base_model_name_or_path = name_or_path
     if revision is not None:
         peft_config.revision = revision
+    if mixed:  # adapters of several methods on one model (no task-specific wrapper, as in PEFT)
+        from .mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name=adapter_name)
     task = peft_config.task_type.value if isinstance(peft_config.task_type, TaskType) else peft_config.task_type
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(task, PeftModel) if task is not None else PeftModel
     return cls(model, peft_config, adapter_name=adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,

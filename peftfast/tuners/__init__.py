@@ -8,10 +8,11 @@ from .prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .adalora import AdaLoraConfig, AdaLoraModel  # noqa: I001
 from .loha import LoHaConfig, LoHaModel  # noqa: I001
 from .lokr import LoKrConfig, LoKrModel  # noqa: I001
+from .mixed import MixedModel  # noqa: I001  (after the methods it mixes)
 from .adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
 __all__ = ["AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
-           "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel", "PrefixEncoder", "PrefixTuningConfig",
+           "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel", "MixedModel", "PrefixEncoder", "PrefixTuningConfig",
            "PromptEmbedding", "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
            "PromptTuningConfig", "PromptTuningInit"]

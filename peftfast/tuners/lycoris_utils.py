@@ -37,7 +37,7 @@ from ..config import ConfigError, PeftConfig
 from ..utils.patterns import get_pattern_key
 from .adapter_layers import base_is_fusable
 from .additive import AdditiveAdapterLayer
-from .tuners_utils import BaseTuner
+from .tuners_utils import BaseTuner, BaseTunerLayer
 
 # Elements of one block of delta rows ([rows, in]) in delta_linear: 4M fp32 = 16 MiB.
 DELTA_BLOCK_ELEMENTS = 1 << 22
@@ -369,7 +369,7 @@ class LycorisTuner(BaseTuner):
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, r=r, alpha=alpha, config=config)
             return
-        base = target
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         for base_cls, layer_cls in self.layers_mapping.items():
             if isinstance(base, base_cls):
                 new_module = layer_cls(target, adapter_name, config=config, r=r, alpha=alpha)

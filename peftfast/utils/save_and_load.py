@@ -108,6 +108,25 @@ def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], lis
     return prefixes, layers
 
 
+def _nested_layer_names(model: nn.Module) -> dict[str, str]:
+    """Adapter layers wrapped by another adapter layer (a PeftMixedModel's module adapted by two methods:
+    'x.base_layer' inside 'x') -> the outermost layer's name, under which PEFT's files keep their tensors."""
+    layers = {name for name, module in clean_named_modules(model) if is_adapter_layer(module)}
+    out: dict[str, str] = {}
+    for name in sorted(layers, key=len):
+        parent = name[: -len(".base_layer")] if name.endswith(".base_layer") else None
+        if parent is not None and parent in layers:
+            out[name] = out.get(parent, parent)
+    return out
+
+
+def _unnested(key: str, nested: dict[str, str]) -> str:
+    for name in sorted(nested, key=len, reverse=True):
+        if _under(key, name):
+            return nested[name] + key[len(name):]
+    return key
+
+
 def _flat_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
     """model key -> checkpoint key for containers a layer lists in ``checkpoint_flat_containers``: their one
     ``weight`` is saved under the container's name (PEFT's DoRA files: 'x.lora_magnitude_vector')."""
@@ -242,11 +261,12 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
 
     prefixes, layers = _tuner_prefixes(model, adapter_name)
     flat = _flat_keys(model, adapter_name)
+    nested = _nested_layer_names(model)
     for key in keys:
         if key in flat:
-            mapping[flat[key]] = key
+            mapping[_unnested(flat[key], nested)] = key
         elif any(_under(key, p) for p in prefixes):
-            mapping[_strip_adapter_name(key, adapter_name)] = key
+            mapping[_unnested(_strip_adapter_name(key, adapter_name), nested)] = key
 
     bias = getattr(config, "bias", "none")
     if bias == "all":

@@ -28,7 +28,7 @@ from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import BaseTuner, bnb_linear_classes, conv1d_class
+from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class
 from .bnb import dispatch_bnb
 from .allocator import RankAllocator, adalora_triplets
 from .config import AdaLoraConfig, strip_adapter_from_pattern_key
@@ -36,7 +36,7 @@ from .layer import AdaLoraLayer, SVDConv2d, SVDLinear
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: AdaLoraConfig, **kwargs: Any):
-    base = target.get_base_layer() if isinstance(target, AdaLoraLayer) else target
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, nn.Conv2d):
         return SVDConv2d(target, adapter_name, config=lora_config, **kwargs)
     if isinstance(base, nn.Linear):

@@ -14,7 +14,7 @@ from torch import nn
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
+from ..tuners_utils import BaseTuner, BaseTunerLayer, conv1d_class, linear_layer_classes
 from ...utils.patterns import get_pattern_key
 from .bnb import dispatch_bnb
 from .config import LoraConfig
@@ -26,7 +26,7 @@ CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Con
 
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any):
-    base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, nn.Embedding):
         kwargs.pop("fan_in_fan_out", None)
         return Embedding(target, adapter_name, **kwargs)
