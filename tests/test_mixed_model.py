@@ -287,3 +287,62 @@ def test_adalora_mixes_with_lora_as_in_peft():
     assert sorted(g_ref) == sorted(g_ours) and any(".lora_E." in n for n in g_ref)
     for n in g_ref:
         torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_lokr_with_full_factors_loads(tmp_path):
+    """A LoKr adapter whose r reaches half a layer's size keeps full Kronecker factors: its file has no tensor with
+    a dimension r, and loading it must not be refused as a config/weights mismatch."""
+    spec = ("LoKrConfig", dict(r=16, alpha=4, target_modules=["lin", "c1"], init_weights=False))
+    torch.manual_seed(5)
+    ref = peft.get_peft_model(build_net(), _config(peft, spec))
+    ref.save_pretrained(str(tmp_path))
+    shapes = [t.shape for t in load_file(str(tmp_path / "adapter_model.safetensors")).values()]
+    assert max(max(s) for s in shapes) < 16
+    ours = PeftMixedModel.from_pretrained(build_net(), str(tmp_path))
+    plain = peftfast.PeftModel.from_pretrained(build_net(), str(tmp_path))
+    x, img = inputs()
+    with torch.no_grad():
+        expected = ref.eval()(x, img)
+        torch.testing.assert_close(ours(x, img), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(plain(x, img), expected, rtol=1e-5, atol=1e-5)
+
+
+def _unnested_name(name):
+    return ".".join(p for p in name.split(".") if p != "base_layer")
+
+
+def test_lora_around_another_methods_conv_layer():
+    """PEFT 0.21.2 fails to put a LoRA conv layer around a LoHa/LoKr conv layer (see COMBOS); here it works. The
+    sum of adapters does not depend on the nesting order: compared with PEFT's model holding the same adapters
+    added the other way round (LoRA first, nested inside)."""
+    lora = ("LoraConfig", dict(r=3, lora_alpha=5, target_modules=["c2", "c1"]))
+    lokr = ("LoKrConfig", dict(r=2, alpha=5, target_modules=["c2"]))
+    loha = ("LoHaConfig", dict(r=2, alpha=3, target_modules=["c1"]))
+    ours = _mixed(peftfast, [lokr, loha, lora])
+    ref = peft.get_peft_model(build_net(), _config(peft, lora), "third", mixed=True)
+    ref.add_adapter("default", _config(peft, lokr))
+    ref.add_adapter("second", _config(peft, loha))
+    assert type(ours.base_model.model.c2).__name__ == "Conv2d" and "lora" in type(ours.base_model.model.c2).__module__
+    names = ["default", "second", "third"]
+    ours.set_adapter(names)
+    ref.set_adapter(names)
+    gen = torch.Generator().manual_seed(4)
+    theirs = {_unnested_name(n): p for n, p in ref.named_parameters()}
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if any(prefix in n for prefix in PREFIXES):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+                theirs[_unnested_name(n)].copy_(p)
+    x, img = inputs()
+    y_ours, y_ref = ours(x, img), ref(x, img)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+    y_ours.square().sum().backward()
+    y_ref.square().sum().backward()
+    g_ref = {_unnested_name(n): p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    g_ours = {_unnested_name(n): p.grad for n, p in ours.named_parameters() if p.grad is not None}
+    assert sorted(g_ours) == sorted(g_ref) and len(g_ours) > 6
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+    with torch.no_grad():
+        merged = ours.merge_and_unload()
+        torch.testing.assert_close(merged(x, img), y_ref, rtol=1e-4, atol=1e-4)

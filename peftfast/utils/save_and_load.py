@@ -707,6 +707,10 @@ def check_ranks_fit_weights(config: Any, shapes: dict[str, tuple[int, ...]], sou
                      if isinstance(v, int) and not isinstance(v, bool))
     if not ranks:
         return
+    peft_type = getattr(config, "peft_type", None)
+    low_rank = ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")
+    if getattr(peft_type, "value", peft_type) == "LOKR" and not any(k.rsplit(".", 1)[-1] in low_rank for k in shapes):
+        return  # LoKr keeps full Kronecker factors (no rank-sized tensor) where r reaches half a layer's size
     largest = max((d for shape in shapes.values() for d in shape), default=0)
     too_big = [f"{name}={value}" for name, value in ranks if value > largest]
     if too_big:

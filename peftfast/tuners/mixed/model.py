@@ -163,8 +163,8 @@ class MixedModel(BaseTuner):
             raise ValueError(f"Adapter(s) {unknown} not found, available adapters: {sorted(self.peft_config)}")
         merged = sorted({n for m in self._tuner_layers() for n in m.merged_adapters if n in names})
         if merged:
-            raise AdapterError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first "
-                               "(unmerge_adapter())")
+            raise AdapterError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first. "
+                               "(unmerge_adapter() unmerges every layer; nothing was deleted)")
         still_active = [n for n in self.active_adapters if n not in names]
         for name in names:
             del self.peft_config[name]
