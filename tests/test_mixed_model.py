@@ -346,3 +346,32 @@ def test_lora_around_another_methods_conv_layer():
     with torch.no_grad():
         merged = ours.merge_and_unload()
         torch.testing.assert_close(merged(x, img), y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_failed_load_leaves_the_mixed_model_as_it_was(tmp_path):
+    from safetensors.torch import save_file
+
+    from peftfast.utils.save_and_load import AdapterLoadError
+
+    peft.get_peft_model(build_net(), _config(peft, LOKR)).save_pretrained(str(tmp_path / "lokr"))
+    path = tmp_path / "lokr" / "adapter_model.safetensors"
+    state = load_file(str(path))
+    key = sorted(state)[0]
+    state[key] = torch.randn(state[key].shape[0] + 1, *state[key].shape[1:])  # one row too many
+    save_file(state, str(path))
+    ours = _mixed(peftfast, [LORA, LOHA])
+    ours.set_adapter(["default", "second"])
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    modules = [(n, type(m)) for n, m in ours.named_modules()]
+    grads = {n: p.requires_grad for n, p in ours.named_parameters()}
+    with pytest.raises(AdapterLoadError, match="shape"):
+        ours.load_adapter(str(tmp_path / "lokr"), "third")
+    assert list(ours.peft_config) == ["default", "second"] and ours.active_adapters == ["default", "second"]
+    assert [(n, type(m)) for n, m in ours.named_modules()] == modules
+    assert {n: p.requires_grad for n, p in ours.named_parameters()} == grads
+    after = ours.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(AdapterLoadError):
+        PeftMixedModel.from_pretrained(base := build_net(), str(tmp_path / "lokr"))
+    assert not any(isinstance(m, peftfast.tuners.BaseTunerLayer) for m in base.modules())
+    assert not hasattr(base, "peft_config")
