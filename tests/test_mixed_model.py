@@ -276,7 +276,7 @@ def test_adapter_name_errors():
         ours.get_layer_status()
 
 
-def test_adalora_mixes_with_lora_as_in_peft():
+def test_adalora_mixes_with_lora_as_in_peft(tmp_path):
     specs = [LORA, ("AdaLoraConfig", dict(init_r=3, lora_alpha=4, total_step=10, target_modules=["lin", "c2"]))]
     ref, ours = _pair(specs)
     x, img = inputs()
@@ -287,6 +287,17 @@ def test_adalora_mixes_with_lora_as_in_peft():
     assert sorted(g_ref) == sorted(g_ours) and any(".lora_E." in n for n in g_ref)
     for n in g_ref:
         torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=n)
+    # saved here, loaded by PEFT and here
+    ours.eval()
+    with torch.no_grad():
+        expected = ours(x, img)
+    ours.save_pretrained(str(tmp_path))
+    for lib in (peft, peftfast):
+        back = lib.PeftMixedModel.from_pretrained(build_net(), str(tmp_path))
+        back.load_adapter(str(tmp_path / "second"), "second")
+        back.set_adapter(["default", "second"])
+        with torch.no_grad():
+            torch.testing.assert_close(back(x, img), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lokr_with_full_factors_loads(tmp_path):
