@@ -214,3 +214,33 @@ if __name__ == "__main__":
     print(render(H100))
     print()
     print(render(RTX4090))
+
+
+LYCORIS_TARGETS = {"forward": 1.05, "backward": 2.1}  # the issue's modelled targets (H100, bf16)
+
+
+def bench_rows(gpu: Gpu, t: int, d: int, r: int, act: torch.dtype, launch_overhead: float) -> list[dict]:
+    """Rows for the bench's modelled section (op "lycoris"): the keys of ``bench.modelled.model_row``, times
+    "serial" (CUDA-core delta work not overlapped with the tensor cores), ratios to the base GEMMs."""
+    fac_cases = {f"LoHa r={r}": loha(d, d, r), f"LoKr w1 full 64x64, w2 rank {r}": lokr(d, d, 64, 64, 0, r)}
+    base = (base_forward(t, d, d, act), base_backward(t, d, d, act))
+    rows = []
+    for name, fac in fac_cases.items():
+        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, 128),
+                               peftfast_backward(t, d, d, fac, act, 128)),
+                              ("PEFT", peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act))):
+            row = {"section": "modelled", "gpu": gpu.name, "op": "lycoris", "path": f"{who} {name}",
+                   "shape": {"T": t, "d_in": d, "d_out": d, "r": r}, "bandwidth": gpu.bandwidth,
+                   "launch_overhead_s": launch_overhead}
+            for key, ks, ref in (("fwd", fwd, base[0]), ("bwd", bwd, base[1])):
+                tt, tb = path_time(ks, gpu), path_time(ref, gpu)
+                to, tbo = tt + launch_overhead * len(ks), tb + launch_overhead * len(ref)
+                row.update({f"{key}_launches": len(ks), f"{key}_bytes": sum(x.kernel.bytes for x in ks),
+                            f"{key}_flops": sum(x.kernel.flops + x.cuda_flops for x in ks), f"{key}_time_s": tt,
+                            f"{key}_base_time_s": tb, f"{key}_ratio": tt / tb, f"{key}_time_ovh_s": to,
+                            f"{key}_base_time_ovh_s": tbo, f"{key}_ratio_ovh": to / tbo})
+                if who == "peftfast":
+                    limit = LYCORIS_TARGETS["forward" if key == "fwd" else "backward"]
+                    row[f"{key}_target"], row[f"{key}_met"] = limit, to / tbo <= limit
+            rows.append(row)
+    return rows
