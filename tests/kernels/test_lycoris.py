@@ -172,3 +172,43 @@ def test_public_ops_and_errors():
         LY.lokr_linear(x, w, b, factors[:1], [factors[1][:-1], factors[2]], scale)
     with pytest.raises(ValueError, match="frozen"):
         LY.loha_linear(h[0], h[1].requires_grad_(), h[2], *h[3], h[5])
+
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
+def test_opcheck(backend, kind):
+    x, w, b, factors, layout, scale, _ = make(kind, F32, seed=7)
+    x = x[:5].requires_grad_()
+    b.requires_grad_()
+    fs = [f.requires_grad_() for f in factors]
+    torch.library.opcheck(torch.ops.peftfast.lycoris_linear.default, (x, w, b, fs, layout, scale),
+                          test_utils=OPCHECK_TESTS)
+
+
+def test_compile_fullgraph_matches_eager(backend):
+    """torch.compile(fullgraph=True) traces the op as one node and gives eager's output and gradients."""
+    x, w, b, factors, layout, scale, dy = make("loha", F32, seed=8)
+    fs = [f.detach().requires_grad_() for f in factors]
+
+    def fn(x, *fs):
+        return LY.loha_linear(x, w, b, *fs, scale)
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    y = torch.compile(fn, fullgraph=True, backend=record)(x, *fs)
+    assert len(graphs) == 1
+    assert "peftfast.lycoris_linear" in {str(n.target) for n in graphs[0].graph.nodes}
+    y.backward(dy)
+    got = [f.grad.clone() for f in fs]
+    for f in fs:
+        f.grad = None
+    fn(x, *fs).backward(dy)
+    for g, f in zip(got, fs):
+        torch.testing.assert_close(g, f.grad, rtol=1e-5, atol=1e-5)
