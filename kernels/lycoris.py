@@ -296,11 +296,16 @@ _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16,
                      "num_warps": 4, "num_stages": 1}
 
 
+def gpu_config(kernel: str, act: torch.dtype) -> dict:
+    """Meta-parameters of ``kernel`` ("forward", "grad_x", "grad_factors") on a GPU, activations ``act``."""
+    return dict(_CONFIGS[kernel, act == torch.float32])
+
+
 def config(kernel: str, act: torch.dtype) -> dict:
-    """Meta-parameters of ``kernel`` ("forward", "grad_x", "grad_factors") for activations of dtype ``act``."""
+    """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter."""
     if interpreting():
         return dict(_INTERPRET_CONFIG)
-    return dict(_CONFIGS[kernel, act == torch.float32])
+    return gpu_config(kernel, act)
 
 
 # ----------------------------------------------------------------------------------------------

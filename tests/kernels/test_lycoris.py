@@ -177,7 +177,7 @@ def test_public_ops_and_errors():
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
+@pytest.mark.parametrize("kind", ["loha"])
 def test_opcheck(backend, kind):
     x, w, b, factors, layout, scale, _ = make(kind, F32, seed=7)
     x = x[:5].requires_grad_()
@@ -212,3 +212,11 @@ def test_compile_fullgraph_matches_eager(backend):
     fn(x, *fs).backward(dy)
     for g, f in zip(got, fs):
         torch.testing.assert_close(g, f.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, dtype", [("loha", F16)])
+def test_triton_gpu_tiles(triton_kernels, monkeypatch, kind, dtype):
+    """The launch configurations used on GPUs (128-wide tiles, one ragged tile here) under the interpreter."""
+    monkeypatch.setattr(LY, "config", LY.gpu_config)
+    inputs = make(kind, dtype, seed=9)
+    check(kind, inputs, run_op(inputs, True))

@@ -163,9 +163,8 @@ def peft_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype)
                 _ew("PEFT bwd: kron grad w2", nk, fac.f2[0] * fac.f2[1], act)]
     for rows, cols, r in (fac.f1, fac.f2):
         if r:
-            p_read = nk if fac.f1[0] == d_out else rows * cols
-            out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act), _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
-            del p_read
+            out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
+                    _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
     return out
 
 
@@ -177,8 +176,16 @@ def base_backward(t, d_in, d_out, act) -> list[Launch]:
     return [_mm("base: dX = dY @ W", t, d_out, d_in, act)]
 
 
-def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.dtype = torch.bfloat16,
-               block_m: int = 128, block_m_dx: int = 128) -> list[tuple[str, float, float, float, float]]:
+def block_ms(act: torch.dtype) -> tuple[int, int]:
+    """Rows per program of the forward and of the dX kernel (the launchers' GPU tiles): the delta is
+    regenerated once per such row block. (Imported here: the kernel module reads TRITON_INTERPRET on import.)"""
+    from peftfast.kernels.lycoris import gpu_config
+
+    return gpu_config("forward", act)["BLOCK_M"], gpu_config("grad_x", act)["BLOCK_M"]
+
+
+def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16,
+               act: torch.dtype = torch.bfloat16) -> list[tuple[str, float, float, float, float]]:
     """(case, peftfast fwd / base fwd serial, overlapped, peftfast bwd / base dX serial, overlapped) and the
     same for PEFT (serial only: PEFT's launches are separate kernels), as rows."""
     cases = {
@@ -187,6 +194,7 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.d
         f"LoKr w1, w2 full (r >= {d // 128})": lokr(d, d, 64, 64, 0, 0),
     }
     bf, bb = path_time(base_forward(t, d, d, act), gpu), path_time(base_backward(t, d, d, act), gpu)
+    block_m, block_m_dx = block_ms(act)
     rows = []
     for name, fac in cases.items():
         fw = peftfast_forward(t, d, d, fac, act, block_m)
@@ -226,8 +234,8 @@ def bench_rows(gpu: Gpu, t: int, d: int, r: int, act: torch.dtype, launch_overhe
     base = (base_forward(t, d, d, act), base_backward(t, d, d, act))
     rows = []
     for name, fac in fac_cases.items():
-        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, 128),
-                               peftfast_backward(t, d, d, fac, act, 128)),
+        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, block_ms(act)[0]),
+                               peftfast_backward(t, d, d, fac, act, block_ms(act)[1])),
                               ("PEFT", peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act))):
             row = {"section": "modelled", "gpu": gpu.name, "op": "lycoris", "path": f"{who} {name}",
                    "shape": {"T": t, "d_in": d, "d_out": d, "r": r}, "bandwidth": gpu.bandwidth,
