@@ -53,3 +53,31 @@ def test_modelled_ratios_h100():
     assert fwd == pytest.approx(1.483, abs=1e-3) and bwd == pytest.approx(2.503, abs=1e-3)
     pf, _, pb, _ = rows["PEFT LoHa r=16"]
     assert pf > fwd and pb > bwd
+
+
+@pytest.mark.parametrize("name, kw, fac", [
+    ("LoHaConfig", dict(r=4, alpha=4), FL.loha(K, N, 4)),
+    ("LoKrConfig", dict(r=2, alpha=2), FL.lokr(K, N, 5, 3, 0, 2)),  # w1 [5, 3] full, w2 = [9, 2] @ [2, 11]
+])
+def test_peft_formulas_match_counted_peft(name, kw, fac):
+    """PEFT's eager LoHa / LoKr layer (the real peft 0.21) counted op by op: the formulas' bytes per launch, up
+    to the 4-byte 0-dim scale tensor PEFT multiplies by."""
+    import peft
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(K, N, bias=False)),
+                                getattr(peft, name)(target_modules=["0"], init_weights=False, **kw))
+    layer = model.base_model.model[0].eval()  # eval: no module-dropout draw (gradients still flow)
+    x = torch.randn(T, K, requires_grad=True)
+    with count_torch() as fwd:
+        y = layer(x)
+    dy = torch.randn_like(y)
+    with count_torch() as bwd:
+        y.backward(dy)
+    for counted, formula in ((fwd, FL.peft_forward(T, K, N, fac, torch.float32)),
+                             (bwd, FL.peft_backward(T, K, N, fac, torch.float32))):
+        got = sorted(lt.bytes_read + lt.bytes_written for lt in counted.launch_log)
+        want = sorted(m.kernel.bytes for m in formula)
+        assert len(got) == len(want)
+        assert all(0 <= g - w <= 4 for g, w in zip(got, want)), (got, want)

@@ -151,20 +151,29 @@ def peft_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype) 
 
 
 def peft_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype) -> list[Launch]:
-    """Autograd's backward (D saved from the forward; base dX included)."""
+    """Autograd's backward, op by op as PEFT 0.21 runs it (base dX included): dY @ W, dY @ D, dD = dY^T X, the
+    scale; LoHa's custom backward recomputes each rank product (an [N, K] write) before its Hadamard factor
+    and contracts; LoKr's kron backward multiplies dD by each broadcast factor and sums; then the add of the
+    two dX terms (autograd accumulates it last)."""
     nk = d_in * d_out
     out = [_mm("PEFT bwd: dY @ W", t, d_out, d_in, act), _mm("PEFT bwd: dY @ D", t, d_out, d_in, act),
-           _ew("PEFT bwd: dX add", 2 * t * d_in, t * d_in, act), _mm("PEFT bwd: dD = dY^T X", d_out, t, d_in, act),
            _ew("PEFT bwd: dD * scale", nk, nk, act)]
-    if fac.f1[0] == d_out:  # Hadamard: dP1 = dD * P2, dP2 = dD * P1 (P1, P2 saved)
-        out += [_ew("PEFT bwd: dD * P2", 2 * nk, nk, act), _ew("PEFT bwd: dD * P1", 2 * nk, nk, act)]
-    else:  # Kronecker: contractions of dD against each factor (read dD twice)
-        out += [_ew("PEFT bwd: kron grad w1", nk, fac.f1[0] * fac.f1[1], act),
-                _ew("PEFT bwd: kron grad w2", nk, fac.f2[0] * fac.f2[1], act)]
-    for rows, cols, r in (fac.f1, fac.f2):
-        if r:
-            out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
+    if fac.f1[0] == d_out:  # Hadamard: per factor, recompute the other product, dP = dD * it, dU, dV
+        for (rows, cols, r), (orows, ocols, o_r) in ((fac.f1, fac.f2), (fac.f2, fac.f1)):
+            out += [_mm("PEFT bwd: recompute the other rank product", orows, o_r, ocols, act),
+                    _ew("PEFT bwd: dD * other product", 2 * nk, nk, act),
+                    _mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
                     _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
+    else:  # Kronecker: dD * broadcast factor, summed to the other factor's shape (w1's gradient, then w2's)
+        for (rows, cols, _r), (orows, ocols, _o) in ((fac.f1, fac.f2), (fac.f2, fac.f1)):
+            out += [_ew("PEFT bwd: dD * broadcast factor", nk + orows * ocols, nk, act),
+                    _ew("PEFT bwd: sum to the factor's shape", nk, rows * cols, act)]
+        for rows, cols, r in (fac.f1, fac.f2):
+            if r:
+                out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
+                        _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
+    out += [_mm("PEFT bwd: dD = dY^T X", d_out, t, d_in, act),
+            _ew("PEFT bwd: dX add", 2 * t * d_in, t * d_in, act)]
     return out
 
 
