@@ -16,6 +16,7 @@ Layout (one file per op; shared pieces are public names in shared modules):
     qmatmul.py                matmul_4bit / matmul_int8: GEMMs over quantised weights
     qlora.py                  qlora_linear_fused: the adapters inside the quantised GEMMs
     ia3.py                    ia3_linear / ia3_scale_*: IA3 scales inside the matmul
+    lycoris.py                loha_linear / lokr_linear: the LoHa / LoKr delta generated inside the GEMMs
 
 The public ops and launch plans below are importable from here; the submodules are imported on
 first use (so that TRITON_INTERPRET, read when a kernel module is imported, can still be set by
@@ -36,6 +37,7 @@ _EXPORTS = {
     "Packed4bit": "quant", "dequantize_4bit": "quant", "dequantize_int8": "quant",
     "ia3_linear": "ia3", "ia3_scale_input": "ia3", "ia3_scale_output": "ia3",
     "arrival_counters": "tiles",
+    "loha_linear": "lycoris", "lokr_linear": "lycoris",
 }
 
 __all__ = ["backend_name", "interpreting", "triton_available", "use_triton", *_EXPORTS]

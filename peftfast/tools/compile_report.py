@@ -362,13 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peftfast compile-report", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
                         help="compute capability to build for (repeatable; default: all)")
+    parser.add_argument("--module", action="append", metavar="NAME",
+                        help="only this kernel module of peftfast.kernels, e.g. lycoris (repeatable; default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows, versions and git sha as JSON")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--sass", action="store_true", help="also require tensor-core instructions in the SASS")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar with ETA on stderr (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
-    report = run_report(archs=tuple(args.arch or ARCHS), workers=args.workers, sass=args.sass,
+    sources = None if not args.module else [SpecSource(module=f"peftfast.kernels.{m}") for m in args.module]
+    report = run_report(sources, archs=tuple(args.arch or ARCHS), workers=args.workers, sass=args.sass,
                         progress=args.progress)
     print(format_report(report))
     if args.json:

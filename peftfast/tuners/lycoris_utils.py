@@ -12,6 +12,11 @@ deltas from the factors on the fly:
     backward, for the same blocks: W_R again;  dx += dy[:, R] @ W_R
                                    dD_R = dy[:, R]^T @ x   -> the factor gradients of D_i[R] (autograd on the block)
 
+On CUDA (the Triton backend), when one adapter is active, no rank dropout mask is drawn and the adapter is
+not merged, the layers call ``kernels/lycoris.py`` instead: the delta tile is generated from the factors
+inside the base GEMM's K-loop (forward and dX), and the factor gradients are contracted tile by tile from
+dY^T x (no [out, in] tensor at all). Several active adapters or a rank-dropout mask take ``delta_linear``.
+
 Memory: nothing of size [out, in] is saved for backward (x and the factors are), and forward and
 backward hold at most one block of W_R, of D_R and of dD_R at a time (blocks of about
 ``DELTA_BLOCK_ELEMENTS`` elements; a small layer is one block, so one GEMM). Costs per call: the delta
@@ -34,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, PeftConfig
+from ..kernels.backend import use_triton
+from ..kernels.lycoris import LYCORIS_LINEAR, loha_layout, lokr_layout
 from ..utils.patterns import get_pattern_key
 from .adapter_layers import base_is_fusable
 from .additive import AdditiveAdapterLayer
@@ -334,6 +341,12 @@ class LycorisLayer(AdditiveAdapterLayer):
         base = self.base_layer
         if chosen and not args and not kwargs and type(base) is nn.Linear and base_is_fusable(base) \
                 and all(self._dtype(n) == x.dtype == base.weight.dtype for n, _ in chosen):
+            if len(chosen) == 1 and chosen[0][1] is None and use_triton(x, base.weight):
+                fused = self._kernel_operands(chosen[0][0])
+                if fused is not None:  # the Triton kernels: the delta tile generated inside the GEMMs
+                    factors, layout = fused
+                    return LYCORIS_LINEAR(x, base.weight, base.bias, factors, layout,
+                                          float(self.scaling[chosen[0][0]]), hint=True)
             return delta_linear(x, base.weight, base.bias, [self.delta_term(n, m) for n, m in chosen])
         result = self.base_layer(x, *args, **kwargs)
         for name, mask in chosen:
@@ -342,6 +355,27 @@ class LycorisLayer(AdditiveAdapterLayer):
                 delta = delta * mask.to(delta.device).view(-1, *[1] * (delta.dim() - 1))
             result = result + self.delta_output(x, delta)
         return result.to(previous_dtype)
+
+    def _kernel_operands(self, adapter: str) -> Optional[tuple[list[torch.Tensor], list[int]]]:
+        """(factors, layout) of ``kernels.lycoris`` for the adapter on an nn.Linear base, or None (CP forms)."""
+        out, inp = self.out_features, self.in_features
+        if self.method == "LoHa":
+            if adapter in self.hada_t1:
+                return None
+            return ([self.hada_w1_a[adapter], self.hada_w1_b[adapter], self.hada_w2_a[adapter],
+                     self.hada_w2_b[adapter]], loha_layout(out, inp))
+        if self.method == "LoKr":
+            if adapter in self.lokr_t2:
+                return None
+            w1 = [self.lokr_w1[adapter]] if adapter in self.lokr_w1 else [self.lokr_w1_a[adapter],
+                                                                            self.lokr_w1_b[adapter]]
+            w2 = [self.lokr_w2[adapter]] if adapter in self.lokr_w2 else [self.lokr_w2_a[adapter],
+                                                                            self.lokr_w2_b[adapter]]
+            a, c, p, q = w1[0].shape[0], w1[-1].shape[1], w2[0].shape[0], w2[-1].shape[1]
+            if a * p != out or c * q != inp or w2[0].dim() != 2:
+                return None
+            return w1 + w2, lokr_layout(len(w1) == 1, len(w2) == 1, p, q, a, c)
+        return None
 
     def _dtype(self, adapter: str) -> torch.dtype:
         for attr in self.adapter_layer_names:

@@ -131,6 +131,13 @@ def build_lora_linear(t: int, d: int, r: int, p: float, device="cpu", dtype=F32)
                          r=r, lora_alpha=2 * r, lora_dropout=p)
 
 
+def build_lycoris_linear(t: int, d: int, r: int, config_cls: str, device="cpu", dtype=F32) -> dict[str, Side]:
+    """One LoHa / LoKr linear (bias-free base, random factors, no dropout) under each library, and the base alone."""
+    base = frozen_linear(d, device, dtype)
+    return linear_sides(t, d, device, dtype, lambda: copy.deepcopy(base), lambda _: base, config_cls,
+                         r=r, alpha=r, init_weights=False)
+
+
 def build_ia3_linear(t: int, d: int, feedforward: bool, device="cpu", dtype=F32) -> dict[str, Side]:
     """One IA3 linear (scale on the input when ``feedforward``, else on the output), and the base alone."""
     base = frozen_linear(d, device, dtype)
@@ -232,6 +239,10 @@ def cuda_comparisons(quick: bool) -> list[Comparison]:
                    lambda: build_lora_linear(t, d, r, 0.0, dev, ACT)),
         Comparison("cuda_qlora_p0.1", f"QLoRA NF4 linear, {shape}, r={r}, bf16 compute, dropout 0.1",
                    lambda: build_qlora_linear(t, d, r, 0.1, dev, ACT)),
+        Comparison("cuda_loha", f"LoHa linear, {shape}, r={r}, bf16, no dropout",
+                   lambda: build_lycoris_linear(t, d, r, "LoHaConfig", dev, ACT)),
+        Comparison("cuda_lokr", f"LoKr linear, {shape}, r={r}, bf16, no dropout",
+                   lambda: build_lycoris_linear(t, d, r, "LoKrConfig", dev, ACT)),
         Comparison("cuda_ia3_ff", f"IA3 linear, scale on x, {shape}, bf16",
                    lambda: build_ia3_linear(t, d, True, dev, ACT)),
         Comparison("cuda_ia3_attn", f"IA3 linear, scale on y, {shape}, bf16",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import costmodel as cm
+from ..costmodel.formulas import lycoris as lycoris_model
 from .constants import ACT, D_MODEL, DECODE_TARGET, F32, GPUS, IA3_TARGET, R_MODEL, SMS, T_MODEL
 from .tables import mb, table, verdict_word
 
@@ -76,6 +77,7 @@ def modelled_rows() -> list[dict]:
             rows.append(model_row(gpu, "ia3", f"peftfast IA3 {kind}", fused, None, base, target))
             rows.append(model_row(gpu, "ia3", f"PEFT IA3 {kind}, fp32 ia3_l",
                                   cm.peft_ia3_forward(t, d, d, ACT, F32, ff), None, base, None))
+        rows += lycoris_model.bench_rows(gpu, t, d, r, ACT, cm.LAUNCH_OVERHEAD_S)
         weight = cm.nf4_weight_bytes(d, d)
         for tokens in range(1, 17):
             reads = cm.decode_reads(tokens, d, d, SMS[gpu.name])
@@ -99,7 +101,10 @@ def modelled_lines(rows: list[dict]) -> list[str]:
                       f"{lt['forward']}, bwd <= {lt['backward']}",
               "qlora_nf4": "NF4 QLoRA linear (blocksize 64); base = the bf16 base GEMM; targets fwd <= "
                            f"{qt['forward']}, bwd <= {qt['backward']}",
-              "ia3": f"IA3 linear, forward; base = the base GEMM; target <= {IA3_TARGET}"}
+              "ia3": f"IA3 linear, forward; base = the base GEMM; target <= {IA3_TARGET}",
+              "lycoris": "One LoHa / LoKr linear (delta tiles generated in the GEMMs; CUDA-core work not overlapped); "
+                         f"targets fwd <= {lycoris_model.LYCORIS_TARGETS['forward']}, "
+                         f"bwd <= {lycoris_model.LYCORIS_TARGETS['backward']}"}
     head = ["path", "fwd launches", "MB", "ratio", "+ovh", "bwd launches", "MB", "ratio", "+ovh"]
     for gpu in GPUS:
         out += ["", f"-- {gpu.name}: {gpu.bandwidth / 1e12:.1f} TB/s, {gpu.tensor_flops / 1e12:.0f} TFLOP/s "

@@ -1,0 +1,667 @@
+"""LoHa / LoKr on a frozen linear: the delta weight generated tile by tile inside the GEMMs.
+
+Math (frozen W [N, K], optional bias b [N], x [M, K]; s the adapter's scaling):
+
+    LoHa:  D = s * (w1a @ w1b) * (w2a @ w2b)         w1a, w2a [N, r1|r2]; w1b, w2b [r1|r2, K]
+    LoKr:  D = s * kron(w1, w2)                       w1 [a, c] (or w1a @ w1b), w2 [p, q] (or w2a @ w2b),
+                                                      N = a * p, K = c * q
+    y  = x @ (W + D)^T + b
+    dX = dY @ (W + D),  dD = dY^T @ x  ->  the factor gradients (chain rule below), db = sum_m dY
+
+One form covers both: D[n, k] = s * P1[n, k] * P2[n, k] with factor f in {1, 2} either FULL
+(P[n, k] = F[row(n), col(k)]) or LOW-RANK (P[n, k] = U[row(n)] . V[:, col(k)]), where
+row(n) = (n // rdiv) % rmod and col(k) = (k // cdiv) % cmod (the ``layout``):
+
+    LoHa:  both low rank, rdiv = cdiv = 1, rmod = N, cmod = K (row(n) = n, col(k) = k)
+    LoKr:  factor 1 = w1: row(n) = n // p, col(k) = k // q;  factor 2 = w2: row(n) = n % p, col(k) = k % q
+           (a LoKr factor is FULL when PEFT keeps it whole, LOW-RANK when it is stored as a product)
+
+Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the tests):
+
+    forward, program (M block, N block), grouped order:
+        for K blocks: D tile [BK, BN] = s * P1 * P2 from the factors (a low-rank P: gathered U rows
+                      [BR, BN] and V columns [BK, BR], one small dot per 16/32 ranks; a full P: one
+                      gathered load), Wt = (W^T tile as fp32 + D tile) in x's dtype,
+                      acc += x tile @ Wt                (ONE dot per K block on the tensor cores)
+        acc += b; y stored once
+    dX, program (M block, K block): for N blocks: W' tile [BN, BK] the same way, acc += dY tile @ W'
+    factor gradients, program (N block, K block):
+        dD tile = sum over M blocks dY^T tile @ x tile          (fp32, registers; the inherent GEMM)
+        dP1 = s * dD * P2,  dP2 = s * dD * P1                   (Hadamard / Kronecker chain rule)
+        FULL:     dF[row(n), col(k)] += dP                      (fp32 atomics)
+        LOW-RANK: dU[row(n)] += dP @ V[:, col(k)]^T, dV[:, col(k)] += U[row(n)]^T @ dP  (fp32 atomics)
+      then one cast of the fp32 sums to each factor's dtype (torch).
+
+No [N, K] tensor is ever allocated: the extra memory of a call is the fp32 gradient buffers of the
+factors (the size of the factors: O(r * (N + K)) for LoHa) and y / dX themselves. Nothing beyond x
+and references to W and the factors is saved for backward.
+
+Atomics: the factor gradients sum tile contributions with fp32 atomic adds, so their last bits
+depend on the order the programs run in (not bitwise deterministic, like torch's index_add_ on CUDA).
+LoKr's full factors take every contribution of a whole tile at few addresses (a [BN, BK] tile
+hits (BN / p + 1) x (BK / q + 1) elements of w1): correct, contended.
+
+Dtypes: W and x share a dtype (as F.linear requires) and so do the factors (the layer calls the
+op only when they all match); D is computed in fp32, added to the W tile in fp32 and rounded once
+to x's dtype before the dot (the same rounding as F.linear(x, W + D) in x's dtype). fp32 models use
+3xTF32 dots (~fp32), 16-bit models the tensor cores natively.
+
+CPU (the reference path): the same math in PyTorch over blocks of output rows (about
+``BLOCK_ELEMENTS`` elements of [rows, K] at a time): forward y[:, R] = x @ (W[R] + D[R])^T; backward
+dX += dY[:, R] @ (W[R] + D[R]), dD[R] = dY[:, R]^T @ x and the factor chain rule by hand on that
+block. It holds one block of D and dD at a time, never [N, K].
+
+Declared once (``LYCORIS_LINEAR``, kernels/opdecl.py); public wrappers ``loha_linear`` and
+``lokr_linear``. Launches: forward 1; backward 1 (dX) + 1 (factor gradients, with their fp32
+buffers zeroed by torch and cast by torch) + torch's sum for db.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+from .opdecl import OpDecl
+from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, interpreting, launch, use_triton
+from .tiles import grouped_tile, tile_offsets
+
+# Elements of one [rows, K] block of the reference path (4M: 16 MiB in fp32)
+BLOCK_ELEMENTS = 1 << 22
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
+                 stride_u0, stride_u1, stride_v0, stride_v1,
+                 FULL: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """fp32 P[n, k] for the tile's n (offs_n) and k (offs_k): [BN, BK], or [BK, BN] with TRANS.
+    FULL: P[n, k] = u[row(n), col(k)]; else P[n, k] = sum_r u[row(n), r] * v[r, col(k)]."""
+    rows = (offs_n // rdiv) % rmod
+    cols = (offs_k // cdiv) % cmod
+    if FULL:
+        if TRANS:
+            p = tl.load(u_ptr + rows[None, :] * stride_u0 + cols[:, None] * stride_u1,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        else:
+            p = tl.load(u_ptr + rows[:, None] * stride_u0 + cols[None, :] * stride_u1,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    else:
+        if TRANS:
+            p = tl.zeros((offs_k.shape[0], offs_n.shape[0]), dtype=tl.float32)
+        else:
+            p = tl.zeros((offs_n.shape[0], offs_k.shape[0]), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask_r = offs_r < R
+            if TRANS:
+                vt = tl.load(v_ptr + offs_r[None, :] * stride_v0 + cols[:, None] * stride_v1,
+                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # [BK, BR]
+                ut = tl.load(u_ptr + rows[None, :] * stride_u0 + offs_r[:, None] * stride_u1,
+                             mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # [BR, BN]
+                p = tl.dot(vt, ut, p, input_precision=PRECISION)
+            else:
+                u = tl.load(u_ptr + rows[:, None] * stride_u0 + offs_r[None, :] * stride_u1,
+                            mask=mask_n[:, None] & mask_r[None, :], other=0.0)  # [BN, BR]
+                v = tl.load(v_ptr + offs_r[:, None] * stride_v0 + cols[None, :] * stride_v1,
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # [BR, BK]
+                p = tl.dot(u, v, p, input_precision=PRECISION)
+    return p
+
+
+@triton.jit
+def _delta_tile(u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, scale, offs_n, offs_k, mask_n, mask_k,
+                rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                FULL1: tl.constexpr, FULL2: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_R: tl.constexpr):
+    """fp32 s * P1 * P2 on the tile ([BN, BK], or [BK, BN] with TRANS)."""
+    p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R)
+    p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R)
+    return p1 * p2 * scale
+
+
+@triton.jit
+def _lycoris_forward_kernel(
+    x_ptr,  # [M, K] input, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    bias_ptr,  # [N] bias, activation dtype (unused without HAS_BIAS)
+    u1_ptr, v1_ptr, u2_ptr, v2_ptr,  # the factors (factor dtype); v*_ptr unused for a FULL factor
+    y_ptr,  # [M, N] output, activation dtype
+    M, N, K, R1, R2, scale,
+    rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # W^T tile [BK, BN]
+        d = _delta_tile(u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, scale, offs_n, offs_k, mask_n, mask_k,
+                        rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                        su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                        FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R)
+        wt = (wt.to(tl.float32) + d).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, wt, acc, input_precision=BASE_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lycoris_grad_x_kernel(
+    dy_ptr,  # [M, N] gradient of y, activation dtype
+    w_ptr,  # [N, K] frozen base weight
+    u1_ptr, v1_ptr, u2_ptr, v2_ptr,
+    dx_ptr,  # [M, K] output, activation dtype
+    M, N, K, R1, R2, scale,
+    rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+    stride_dym, stride_dyn, stride_wn, stride_wk,
+    su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+    stride_dxm, stride_dxk,
+    FULL1: tl.constexpr, FULL2: tl.constexpr, BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask_n = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+        d = _delta_tile(u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, scale, offs_n, offs_k, mask_n, mask_k,
+                        rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                        su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                        FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R)
+        w = (w.to(tl.float32) + d).to(dy_ptr.dtype.element_ty)
+        acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
+    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _factor_grad(dp, u_ptr, v_ptr, gu_ptr, gv_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
+                 stride_u0, stride_u1, stride_v0, stride_v1, sgu_0, sgu_1, sgv_0, sgv_1,
+                 FULL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Adds the tile's dP [BN, BK] (fp32) into the factor's fp32 gradient buffers (atomics)."""
+    rows = (offs_n // rdiv) % rmod
+    cols = (offs_k // cdiv) % cmod
+    if FULL:
+        tl.atomic_add(gu_ptr + rows[:, None] * sgu_0 + cols[None, :] * sgu_1, dp,
+                      mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
+    else:
+        dpc = dp.to(u_ptr.dtype.element_ty)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask_r = offs_r < R
+            vt = tl.load(v_ptr + offs_r[None, :] * stride_v0 + cols[:, None] * stride_v1,
+                         mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # V^T [BK, BR]
+            ut = tl.load(u_ptr + rows[None, :] * stride_u0 + offs_r[:, None] * stride_u1,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # U^T [BR, BN]
+            gu = tl.dot(dpc, vt, input_precision=PRECISION)  # [BN, BR]
+            gv = tl.dot(ut, dpc, input_precision=PRECISION)  # [BR, BK]
+            tl.atomic_add(gu_ptr + rows[:, None] * sgu_0 + offs_r[None, :] * sgu_1, gu,
+                          mask=mask_n[:, None] & mask_r[None, :], sem="relaxed")
+            tl.atomic_add(gv_ptr + offs_r[:, None] * sgv_0 + cols[None, :] * sgv_1, gv,
+                          mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
+
+
+@triton.jit
+def _lycoris_grad_factors_kernel(
+    dy_ptr,  # [M, N] gradient of y, activation dtype
+    x_ptr,  # [M, K] layer input, activation dtype
+    u1_ptr, v1_ptr, u2_ptr, v2_ptr,  # the factors
+    gu1_ptr, gv1_ptr, gu2_ptr, gv2_ptr,  # fp32 gradient buffers shaped like the factors (zeroed)
+    M, N, K, R1, R2, scale,
+    rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+    stride_dym, stride_dyn, stride_xm, stride_xk,
+    su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+    sgu1_0, sgu1_1, sgv1_0, sgv1_1, sgu2_0, sgu2_1, sgv2_0, sgv2_1,
+    FULL1: tl.constexpr, FULL2: tl.constexpr, NEED1: tl.constexpr, NEED2: tl.constexpr,
+    BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_n, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    offs_n, offs_k, mask_n, mask_k = tile_offsets(pid_n, pid_k, N, K, BLOCK_N, BLOCK_K)
+    dd = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask_m = offs_m < M
+        dyt = tl.load(dy_ptr + offs_m[None, :] * stride_dym + offs_n[:, None] * stride_dyn,
+                      mask=mask_n[:, None] & mask_m[None, :], other=0.0)  # dY^T [BN, BM]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        dd = tl.dot(dyt, x, dd, input_precision=BASE_PRECISION)
+    dd = dd * scale
+    p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R)
+    p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R)
+    if NEED1:
+        _factor_grad(dd * p2, u1_ptr, v1_ptr, gu1_ptr, gv1_ptr, R1, offs_n, offs_k, mask_n, mask_k,
+                     rdiv1, rmod1, cdiv1, cmod1, su1_0, su1_1, sv1_0, sv1_1, sgu1_0, sgu1_1, sgv1_0, sgv1_1,
+                     FULL1, DELTA_PRECISION, BLOCK_R)
+    if NEED2:
+        _factor_grad(dd * p1, u2_ptr, v2_ptr, gu2_ptr, gv2_ptr, R2, offs_n, offs_k, mask_n, mask_k,
+                     rdiv2, rmod2, cdiv2, cmod2, su2_0, su2_1, sv2_0, sv2_1, sgu2_0, sgu2_1, sgv2_0, sgv2_1,
+                     FULL2, DELTA_PRECISION, BLOCK_R)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations (shared by the launchers and aot_specs)
+# ----------------------------------------------------------------------------------------------
+# (kernel, fp32 activations) -> meta-parameters. BLOCK_R: ranks per small dot of a low-rank factor.
+_CONFIGS = {
+    ("forward", False): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 8,
+                         "num_warps": 8, "num_stages": 3},
+    ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 8,
+                        "num_warps": 4, "num_stages": 2},
+    ("grad_x", False): {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_M": 8,
+                        "num_warps": 8, "num_stages": 3},
+    ("grad_x", True): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 8,
+                       "num_warps": 4, "num_stages": 2},
+    ("grad_factors", False): {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64, "BLOCK_R": 16, "GROUP_M": 8,
+                              "num_warps": 8, "num_stages": 3},
+    ("grad_factors", True): {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "BLOCK_R": 16, "GROUP_M": 8,
+                             "num_warps": 4, "num_stages": 2},  # 64 x 64 spills on sm_80 with 3xTF32
+}
+# The interpreter (tests on CPU tensors) runs the same kernels on 16 x 16 x 16 tiles: small odd shapes
+# then cover several tiles, masked edges and the K / N / M loops.
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2,
+                     "num_warps": 4, "num_stages": 1}
+
+
+def gpu_config(kernel: str, act: torch.dtype) -> dict:
+    """Meta-parameters of ``kernel`` ("forward", "grad_x", "grad_factors") on a GPU, activations ``act``."""
+    return dict(_CONFIGS[kernel, act == torch.float32])
+
+
+def config(kernel: str, act: torch.dtype) -> dict:
+    """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter."""
+    if interpreting():
+        return dict(_INTERPRET_CONFIG)
+    return gpu_config(kernel, act)
+
+
+# ----------------------------------------------------------------------------------------------
+# The factor layout
+# ----------------------------------------------------------------------------------------------
+# layout (static list of ints): [full1, full2, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2]
+# factors (tensors): factor 1's (F,) or (U, V), then factor 2's
+
+
+def loha_layout(n: int, k: int) -> list[int]:
+    """Both factors low rank, indexed by (n, k) directly."""
+    return [0, 0, 1, n, 1, k, 1, n, 1, k]
+
+
+def lokr_layout(w1_full: bool, w2_full: bool, p: int, q: int, a: int, c: int) -> list[int]:
+    """delta = kron(w1 [a, c], w2 [p, q]): w1 at (n // p, k // q), w2 at (n % p, k % q)."""
+    return [int(w1_full), int(w2_full), p, a, q, c, 1, p, 1, q]
+
+
+def _split(factors: Sequence[torch.Tensor], layout: Sequence[int]):
+    """((U1, V1 or None), (U2, V2 or None))."""
+    n1 = 1 if layout[0] else 2
+    f1, f2 = list(factors[:n1]), list(factors[n1:])
+    if len(f2) != (1 if layout[1] else 2):
+        raise ValueError(f"layout {list(layout)} expects {n1 + (1 if layout[1] else 2)} factors, got {len(factors)}")
+    return (f1[0], f1[1] if n1 == 2 else None), (f2[0], f2[1] if not layout[1] else None)
+
+
+def _maps(layout):
+    return layout[2:6], layout[6:10]
+
+
+def _rank(uv) -> int:
+    return 0 if uv[1] is None else uv[0].shape[1]
+
+
+def _strides(uv) -> tuple[int, int, int, int]:
+    u, v = uv
+    return (u.stride(0), u.stride(1), *((0, 0) if v is None else (v.stride(0), v.stride(1))))
+
+
+def _ptrs(uv):
+    return uv[0], uv[0] if uv[1] is None else uv[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (2-D operands, any strides)
+# ----------------------------------------------------------------------------------------------
+def _common(f1, f2, layout, scale):
+    m1, m2 = _maps(layout)
+    return (*_ptrs(f1), *_ptrs(f2)), (_rank(f1), _rank(f2), float(scale), *m1, *m2), (*_strides(f1), *_strides(f2))
+
+
+def launch_forward(x2, weight, bias, factors, layout, scale):
+    """y = x2 @ (weight + D)^T + bias [M, N] in x2's dtype."""
+    f1, f2 = _split(factors, layout)
+    M, K = x2.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    cfg = config("forward", x2.dtype)
+    ptrs, scalars, strides = _common(f1, f2, layout, scale)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    launch(_lycoris_forward_kernel, grid,
+           x2, weight, weight if bias is None else bias, *ptrs, y, M, N, K, *scalars,
+           x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides, y.stride(0), y.stride(1),
+           HAS_BIAS=bias is not None, FULL1=bool(layout[0]), FULL2=bool(layout[1]),
+           BASE_PRECISION=dot_precision(x2.dtype), DELTA_PRECISION=dot_precision(x2.dtype, f1[0].dtype), **cfg)
+    return y
+
+
+def launch_grad_x(dy2, weight, factors, layout, scale):
+    """dX = dy2 @ (weight + D) [M, K] in dy2's dtype."""
+    f1, f2 = _split(factors, layout)
+    M, N = dy2.shape
+    K = weight.shape[1]
+    dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
+    cfg = config("grad_x", dy2.dtype)
+    ptrs, scalars, strides = _common(f1, f2, layout, scale)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    launch(_lycoris_grad_x_kernel, grid,
+           dy2, weight, *ptrs, dx, M, N, K, *scalars,
+           dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), *strides, dx.stride(0), dx.stride(1),
+           FULL1=bool(layout[0]), FULL2=bool(layout[1]), BASE_PRECISION=dot_precision(dy2.dtype),
+           DELTA_PRECISION=dot_precision(dy2.dtype, f1[0].dtype), **cfg)
+    return dx
+
+
+def launch_grad_factors(dy2, x2, factors, layout, scale, need1: bool, need2: bool):
+    """fp32 gradients of the factors (factor 1's then factor 2's, like ``factors``; None where not needed)."""
+    f1, f2 = _split(factors, layout)
+    M, N = dy2.shape
+    K = x2.shape[1]
+    grads = []
+    for uv, need in ((f1, need1), (f2, need2)):
+        for t in uv:
+            if t is not None:
+                grads.append(torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None)
+    g1 = grads[:1 if layout[0] else 2]
+    g2 = grads[len(g1):]
+
+    def gptrs(g, uv):
+        if g[0] is None:  # not needed: any pointer (never dereferenced)
+            return (uv[0], uv[0]), (0, 0, 0, 0)
+        v = g[1] if len(g) == 2 else g[0]
+        return (g[0], v), (g[0].stride(0), g[0].stride(1), v.stride(0), v.stride(1))
+
+    (gp1, gs1), (gp2, gs2) = gptrs(g1, f1), gptrs(g2, f2)
+    cfg = config("grad_factors", dy2.dtype)
+    ptrs, scalars, strides = _common(f1, f2, layout, scale)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
+    launch(_lycoris_grad_factors_kernel, grid,
+           dy2, x2, *ptrs, *gp1, *gp2, M, N, K, *scalars,
+           dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), *strides, *gs1, *gs2,
+           FULL1=bool(layout[0]), FULL2=bool(layout[1]), NEED1=need1, NEED2=need2,
+           BASE_PRECISION=dot_precision(dy2.dtype), DELTA_PRECISION=dot_precision(dy2.dtype, f1[0].dtype), **cfg)
+    return grads
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference (the CPU backend and the blocked oracle): blocks of output rows
+# ----------------------------------------------------------------------------------------------
+def _block_rows(n: int, k: int, layout) -> int:
+    align = 1 if layout[2] == 1 else layout[2]  # LoKr: whole rows of w1 per block
+    rows = max(align, BLOCK_ELEMENTS // max(1, k) // align * align)
+    return min(rows, n)
+
+
+def _p_rows(uv, rmap, r0, r1, k):
+    """P[r0:r1, :k] (the factor expanded to the delta's rows r0:r1), in the factors' dtype."""
+    rdiv, rmod, cdiv, cmod = rmap
+    rows = torch.div(torch.arange(r0, r1, device=uv[0].device), rdiv, rounding_mode="floor") % rmod
+    cols = torch.div(torch.arange(k, device=uv[0].device), cdiv, rounding_mode="floor") % cmod
+    u, v = uv
+    if v is None:
+        return u[rows][:, cols]
+    return u[rows] @ v[:, cols]
+
+
+def _delta_rows(f1, f2, layout, scale, r0, r1, k):
+    m1, m2 = _maps(layout)
+    p1, p2 = _p_rows(f1, m1, r0, r1, k), _p_rows(f2, m2, r0, r1, k)
+    return p1, p2, p1 * p2 * scale
+
+
+def _accumulate_factor(grads, uv, rmap, dp, r0, r1, k):
+    """Adds dP (the gradient of P[r0:r1, :k]) into the factor's gradients (index_add_ over repeated rows/cols)."""
+    rdiv, rmod, cdiv, cmod = rmap
+    dev = dp.device
+    rows = torch.div(torch.arange(r0, r1, device=dev), rdiv, rounding_mode="floor") % rmod
+    cols = torch.div(torch.arange(k, device=dev), cdiv, rounding_mode="floor") % cmod
+    u, v = uv
+    if v is None:
+        gu = torch.zeros(dp.shape[0], u.shape[1], dtype=dp.dtype, device=dev).index_add_(1, cols, dp)
+        grads[0].index_add_(0, rows, gu)
+        return
+    vg = v[:, cols].to(dp.dtype)
+    grads[0].index_add_(0, rows, dp @ vg.t())
+    grads[1].index_add_(1, cols, u[rows].to(dp.dtype).t() @ dp)
+
+
+def forward_reference(x2, weight, bias, factors, layout, scale):
+    f1, f2 = _split(factors, layout)
+    N, K = weight.shape
+    rows = _block_rows(N, K, layout)
+    if rows >= N:
+        return F.linear(x2, weight + _delta_rows(f1, f2, layout, scale, 0, N, K)[2].to(weight.dtype), bias)
+    y = x2.new_empty(x2.shape[0], N)
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        d = _delta_rows(f1, f2, layout, scale, r0, r1, K)[2].to(weight.dtype)
+        y[:, r0:r1] = F.linear(x2, weight[r0:r1] + d, None if bias is None else bias[r0:r1])
+    return y
+
+
+def backward_reference(dy2, x2, weight, factors, layout, scale, need_x, need1, need2):
+    """(dX or None, fp32 factor gradients like launch_grad_factors)."""
+    f1, f2 = _split(factors, layout)
+    m1, m2 = _maps(layout)
+    N, K = weight.shape
+    rows = _block_rows(N, K, layout)
+    dx = torch.zeros_like(x2) if need_x else None
+    g1 = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need1 else None for t in f1 if t is not None]
+    g2 = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need2 else None for t in f2 if t is not None]
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        p1, p2, d = _delta_rows(f1, f2, layout, scale, r0, r1, K)
+        g = dy2[:, r0:r1]
+        if need_x:
+            dx += g @ (weight[r0:r1] + d.to(weight.dtype))
+        if need1 or need2:
+            dd = (g.t() @ x2).float() * scale  # the block of dD, times s
+            if need1:
+                _accumulate_factor(g1, f1, m1, dd * p2.float(), r0, r1, K)
+            if need2:
+                _accumulate_factor(g2, f2, m2, dd * p1.float(), r0, r1, K)
+    return dx, [*g1, *g2]
+
+
+# ----------------------------------------------------------------------------------------------
+# The op's declaration (kernels/opdecl.py)
+# ----------------------------------------------------------------------------------------------
+def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factors: list[torch.Tensor],
+                layout: list[int], scale: float, *, hint=None) -> torch.Tensor:
+    """y [..., N]. hint (eager): the backend already chosen (True: Triton)."""
+    on_triton = use_triton(x, weight, *factors) if hint is None else hint
+    x2 = as_2d(x)
+    impl = launch_forward if on_triton and x2.shape[0] > 0 else forward_reference
+    y2 = impl(x2, weight, bias, factors, layout, scale)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+def _op_save(args, outputs) -> list:
+    x, weight, _bias, factors, _layout, _scale = args
+    return [x, weight, *factors]  # references: nothing new is allocated
+
+
+def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, weight (frozen: None), bias, factors...)."""
+    x, weight, *factors = saved
+    layout, scale = statics
+    dy = grads[0]
+    on_triton = use_triton(dy, x, weight, *factors) if hint is None else hint
+    n1 = 1 if layout[0] else 2
+    need_f = needs[3:]
+    need1, need2 = any(need_f[:n1]), any(need_f[n1:])
+    dy2, x2 = as_2d(dy), as_2d(x)
+    if on_triton and dy2.shape[0] > 0:
+        dx = launch_grad_x(dy2, weight, factors, layout, scale) if needs[0] else None
+        fgrads = launch_grad_factors(dy2, x2, factors, layout, scale, need1, need2) if need1 or need2 else \
+            [None] * len(factors)
+    else:
+        dx, fgrads = backward_reference(dy2, x2, weight, factors, layout, scale, needs[0], need1, need2)
+    dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if needs[2] else None
+    out = [None if g is None or not n else g.to(f.dtype) for g, f, n in zip(fgrads, factors, need_f)]
+    return [dx.view(x.shape) if dx is not None else None, None, dbias, *out]
+
+
+def _op_fake(x, weight, bias, factors, layout, scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _weight, *factors = saved
+    dy = grads[0]
+    return [x.new_empty(x.shape) if needs[0] else None, None, dy.new_empty(dy.shape[-1]) if needs[2] else None,
+            *(f.new_empty(f.shape) if n else None for f, n in zip(factors, needs[3:]))]
+
+
+# the op, declared once: peftfast::lycoris_linear (+ fake, backward op, autograd) and the eager path
+LYCORIS_LINEAR = OpDecl("peftfast::lycoris_linear", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
+                        backward_fake=_op_backward_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public ops
+# ----------------------------------------------------------------------------------------------
+def _check(x, weight, bias, factors, name):
+    if weight.requires_grad:
+        raise ValueError(f"{name} needs a frozen base weight (weight.requires_grad=False)")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., d_in] and weight [d_out, d_in] must agree on d_in; got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [d_out={weight.shape[0]}] in x's dtype {x.dtype} or None, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight must have x's dtype {x.dtype} (as F.linear requires), got {weight.dtype}")
+    dtypes = {f.dtype for f in factors}
+    if len(dtypes) != 1:
+        raise ValueError(f"{name}'s factors must share one dtype, got {sorted(map(str, dtypes))}")
+    for f in factors:
+        if f.dim() != 2 or f.device != x.device:
+            raise ValueError(f"{name}'s factors must be 2-D tensors on x's device {x.device}, got "
+                             f"{tuple(f.shape)} on {f.device}")
+
+
+def _call(x, weight, bias, factors, layout, scale):
+    if torch.compiler.is_compiling():
+        return LYCORIS_LINEAR(x, weight, bias, factors, layout, float(scale))
+    return LYCORIS_LINEAR(x, weight, bias, factors, layout, float(scale),
+                          hint=use_triton(x, weight, *factors))
+
+
+def loha_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1a: torch.Tensor,
+                w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``F.linear(x, weight + scale * (w1a @ w1b) * (w2a @ w2b), bias)`` without forming the delta.
+
+    weight [N, K] frozen in x's dtype; w1a [N, r1], w1b [r1, K], w2a [N, r2], w2b [r2, K] (one dtype).
+    Gradients flow to x, bias and every factor that requires grad."""
+    factors = [w1a, w1b, w2a, w2b]
+    _check(x, weight, bias, factors, "loha_linear")
+    N, K = weight.shape
+    if w1a.shape[0] != N or w2a.shape[0] != N or w1b.shape[1] != K or w2b.shape[1] != K \
+            or w1a.shape[1] != w1b.shape[0] or w2a.shape[1] != w2b.shape[0]:
+        raise ValueError(f"loha_linear: factors must be w1a [N={N}, r1], w1b [r1, K={K}], w2a [N, r2], w2b [r2, K]; "
+                         f"got {[tuple(f.shape) for f in factors]}")
+    return _call(x, weight, bias, factors, loha_layout(N, K), scale)
+
+
+def lokr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w1: Sequence[torch.Tensor],
+                w2: Sequence[torch.Tensor], scale: float) -> torch.Tensor:
+    """``F.linear(x, weight + scale * kron(W1, W2), bias)`` without forming the delta.
+
+    w1: (lokr_w1 [a, c],) or (w1_a [a, r], w1_b [r, c]); w2: (lokr_w2 [p, q],) or (w2_a [p, r], w2_b [r, q]);
+    weight [N = a * p, K = c * q] frozen in x's dtype. Gradients flow to x, bias and every factor that
+    requires grad."""
+    w1, w2 = list(w1), list(w2)
+    if len(w1) not in (1, 2) or len(w2) not in (1, 2):
+        raise ValueError("lokr_linear: w1 and w2 are each (full,) or (a, b) of a low-rank product")
+    factors = w1 + w2
+    _check(x, weight, bias, factors, "lokr_linear")
+    a, c = w1[0].shape[0], w1[-1].shape[1]
+    p, q = w2[0].shape[0], w2[-1].shape[1]
+    N, K = weight.shape
+    ok = a * p == N and c * q == K and (len(w1) == 1 or w1[0].shape[1] == w1[1].shape[0]) \
+        and (len(w2) == 1 or w2[0].shape[1] == w2[1].shape[0])
+    if not ok:
+        raise ValueError(f"lokr_linear: kron(w1 [a, c], w2 [p, q]) must be weight's shape {(N, K)}; got factors "
+                         f"{[tuple(f.shape) for f in factors]}")
+    return _call(x, weight, bias, factors, lokr_layout(len(w1) == 1, len(w2) == 1, p, q, a, c), scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ----------------------------------------------------------------------------------------------
+_ACTS = (torch.float16, torch.bfloat16, torch.float32)
+# (full1, full2): LoHa and LoKr with both factors low rank (0, 0); LoKr's usual w1 full + w2 low rank
+# (1, 0); both full (1, 1)
+_FACTOR_KINDS = ((0, 0), (1, 0), (1, 1))
+
+
+def aot_specs() -> list[AotSpec]:
+    kernels = (
+        ("forward", _lycoris_forward_kernel,
+         {"x_ptr": "a", "w_ptr": "a", "bias_ptr": "a", "y_ptr": "a"}, ("HAS_BIAS",)),
+        ("grad_x", _lycoris_grad_x_kernel, {"dy_ptr": "a", "w_ptr": "a", "dx_ptr": "a"}, ()),
+        ("grad_factors", _lycoris_grad_factors_kernel, {"dy_ptr": "a", "x_ptr": "a", "gu1_ptr": "fp32",
+                                                        "gv1_ptr": "fp32", "gu2_ptr": "fp32", "gv2_ptr": "fp32"},
+         ()),
+    )
+    specs = []
+    for act in _ACTS:
+        an = DTYPE_NAMES[act]
+        for kname, fn, ptrs, flags in kernels:
+            cfg = dict(_CONFIGS[kname, act == torch.float32])
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            for full1, full2 in _FACTOR_KINDS:
+                extra = {"HAS_BIAS": True} if flags else {}
+                if kname == "grad_factors":
+                    extra = {"NEED1": True, "NEED2": True}
+                consts = dict(FULL1=bool(full1), FULL2=bool(full2), BASE_PRECISION=dot_precision(act),
+                              DELTA_PRECISION=dot_precision(act), **cfg, **extra)
+                types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
+                types.update({p: "*" + an for p in ("u1_ptr", "v1_ptr", "u2_ptr", "v2_ptr")}, scale="fp32")
+                sig = aot_signature(fn, types, consts)
+                name = (f"lycoris_{kname}[x={an},full={full1}{full2},"
+                        f"{','.join(f'{k}={v}' for k, v in cfg.items())}]")
+                specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
+    return specs

@@ -1,0 +1,263 @@
+"""LoHa / LoKr on a linear: peftfast's kernels (kernels/lycoris.py) and PEFT's eager computation.
+
+peftfast (``LYCORIS_LINEAR`` on the Triton backend), bytes per launch as counted (unique addresses):
+
+    forward:  ONE kernel: reads X, W, the factors (and b), writes Y. Tensor-core FLOPs: the GEMM
+              2 T N K, plus the low-rank factor products regenerated for every row block of BLOCK_M
+              rows: cdiv(T, BM) * 2 N K R_pad per low-rank factor (R_pad: the rank rounded up to
+              BLOCK_R = 16, as the dots are padded). CUDA-core work: ~5 fp32 operations per delta
+              element per row block (two products, the scale, the add to W, the casts).
+    backward: dX kernel (the same structure over the other operand: reads dY, W, factors, writes dX);
+              factor-gradient kernel: reads dY, X, factors, adds into fp32 buffers shaped like the
+              factors with atomics (each buffer element read and written), the GEMM dY^T X
+              (2 T N K) plus per (N, K) tile the factor products again and two small dots per
+              low-rank factor; torch: zero the fp32 buffers, cast them to the factor dtype, db.
+
+Time of one launch: ``max(bytes / bandwidth, tensor FLOPs / tensor peak + CUDA-core FLOPs / fp32 peak)``
+("serial": the CUDA-core work of the delta does not overlap the tensor cores), and the optimistic
+``max(bytes / bandwidth, tensor, CUDA-core)`` ("overlapped"). Both are reported.
+
+PEFT (``loha.Linear.forward`` / ``lokr.Linear.forward`` unmerged, no dropout): the base F.linear,
+the delta built in full (rank products, Hadamard or Kronecker product, the scale), a second F.linear
+with the delta, the add; autograd's backward: dY @ W and dY @ D, their add, dD = dY^T X, the chain
+rule over [N, K] tensors and the small products.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..specs import Gpu, Kernel, cdiv, nbytes
+
+BLOCK_R = 16
+DELTA_OPS = 5  # fp32 operations per generated delta element (see the module doc)
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A delta's two factors: each (rows, cols, rank) with rank 0 for a full factor."""
+
+    f1: tuple[int, int, int]
+    f2: tuple[int, int, int]
+
+    def elements(self) -> int:
+        n = 0
+        for rows, cols, r in (self.f1, self.f2):
+            n += rows * cols if r == 0 else r * (rows + cols)
+        return n
+
+    def tensors(self) -> list[int]:
+        """Elements of each factor tensor, in the op's order (F, or U then V, per factor)."""
+        out = []
+        for rows, cols, r in (self.f1, self.f2):
+            out += [rows * cols] if r == 0 else [rows * r, r * cols]
+        return out
+
+    def padded_ranks(self) -> list[int]:
+        return [cdiv(r, BLOCK_R) * BLOCK_R for _, _, r in (self.f1, self.f2) if r]
+
+
+def loha(d_in: int, d_out: int, r: int) -> Factors:
+    return Factors((d_out, d_in, r), (d_out, d_in, r))
+
+
+def lokr(d_in: int, d_out: int, a: int, c: int, r1: int, r2: int) -> Factors:
+    """kron(w1 [a, c], w2 [d_out / a, d_in / c]); r1 / r2 = 0 for a full factor."""
+    return Factors((a, c, r1), (d_out // a, d_in // c, r2))
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: Kernel
+    cuda_flops: int = 0  # CUDA-core FLOPs of the same launch (Kernel.flops: tensor cores)
+
+    def time(self, gpu: Gpu, overlapped: bool = False) -> float:
+        tc = self.kernel.flops / (gpu.tensor_flops if self.kernel.tensor_core else gpu.fp32_flops)
+        cc = self.cuda_flops / gpu.fp32_flops
+        compute = max(tc, cc) if overlapped else tc + cc
+        return max(self.kernel.bytes / gpu.bandwidth, compute)
+
+
+def path_time(launches: list[Launch], gpu: Gpu, overlapped: bool = False) -> float:
+    return sum(x.time(gpu, overlapped) for x in launches)
+
+
+def _tile_work(row_blocks: int, d_in: int, d_out: int, fac: Factors) -> tuple[int, int]:
+    """(tensor FLOPs, CUDA-core FLOPs) of generating the delta ``row_blocks`` times."""
+    tc = sum(row_blocks * 2 * d_out * d_in * rp for rp in fac.padded_ranks())
+    return tc, row_blocks * DELTA_OPS * d_out * d_in
+
+
+def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m: int,
+                     bias: bool = False) -> list[Launch]:
+    a = nbytes(act)
+    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, fac)
+    read = t * d_in * a + d_out * d_in * a + fac.elements() * a + (d_out * a if bias else 0)
+    return [Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
+                          2 * t * d_in * d_out + tc, True), cc)]
+
+
+def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m_dx: int,
+                      bias: bool = False) -> list[Launch]:
+    a = nbytes(act)
+    e = fac.elements()
+    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, fac)
+    dx = Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
+                       t * d_out * a + d_out * d_in * a + e * a, t * d_in * a, 2 * t * d_in * d_out + tc, True), cc)
+    tc1, cc1 = _tile_work(1, d_in, d_out, fac)
+    ranks = fac.padded_ranks()
+    tc_g = 2 * t * d_in * d_out + tc1 + sum(2 * 2 * d_out * d_in * rp for rp in ranks)
+    grads = Launch(Kernel("peftfast bwd: dD = dY^T X tiles -> factor grads (fp32 atomics)",
+                          t * d_out * a + t * d_in * a + e * a + e * 4, e * 4, tc_g, True), cc1 + 3 * d_out * d_in)
+    out = [dx, grads]
+    out += [Launch(Kernel("torch: zero an fp32 factor-gradient buffer", 0, n * 4, 0)) for n in fac.tensors()]
+    if bias:  # fp32 sum, then its cast (none for fp32)
+        out.append(Launch(Kernel("torch: db = sum dY (fp32)", t * d_out * a, d_out * 4, t * d_out)))
+        if a != 4:
+            out.append(Launch(Kernel("torch: cast db", d_out * 4, d_out * a, d_out)))
+    if a != 4:
+        out += [Launch(Kernel("torch: cast a factor gradient", n * 4, n * a, n)) for n in fac.tensors()]
+    return out
+
+
+def _mm(name, m, k, n, act):
+    a = nbytes(act)
+    return Launch(Kernel(name, (m * k + k * n) * a, m * n * a, 2 * m * k * n, act != torch.float32))
+
+
+def _ew(name, reads, writes, act):
+    a = nbytes(act)
+    return Launch(Kernel(name, reads * a, writes * a, writes))
+
+
+def _peft_delta(d_in, d_out, fac: Factors, act) -> list[Launch]:
+    """PEFT's construction of D [N, K] (rank products, the elementwise product, the scale)."""
+    nk = d_in * d_out
+    out = [_mm("PEFT: factor product", rows, r, cols, act) for rows, cols, r in (fac.f1, fac.f2) if r]
+    if fac.f1[0] == d_out:  # LoHa: Hadamard of two [N, K]
+        out.append(_ew("PEFT: Hadamard product", 2 * nk, nk, act))
+    else:  # LoKr: kron of two small factors
+        out.append(_ew("PEFT: Kronecker product", fac.f1[0] * fac.f1[1] + fac.f2[0] * fac.f2[1], nk, act))
+    out.append(_ew("PEFT: * scale", nk, nk, act))
+    return out
+
+
+def peft_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype) -> list[Launch]:
+    """Base F.linear included."""
+    return ([_mm("PEFT: base X @ W^T", t, d_in, d_out, act)] + _peft_delta(d_in, d_out, fac, act)
+            + [_mm("PEFT: X @ D^T", t, d_in, d_out, act), _ew("PEFT: result + delta output", 2 * t * d_out,
+                                                               t * d_out, act)])
+
+
+def peft_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype) -> list[Launch]:
+    """Autograd's backward, op by op as PEFT 0.21 runs it (base dX included): dY @ W, dY @ D, dD = dY^T X, the
+    scale; LoHa's custom backward recomputes each rank product (an [N, K] write) before its Hadamard factor
+    and contracts; LoKr's kron backward multiplies dD by each broadcast factor and sums; then the add of the
+    two dX terms (autograd accumulates it last)."""
+    nk = d_in * d_out
+    out = [_mm("PEFT bwd: dY @ W", t, d_out, d_in, act), _mm("PEFT bwd: dY @ D", t, d_out, d_in, act),
+           _ew("PEFT bwd: dD * scale", nk, nk, act)]
+    if fac.f1[0] == d_out:  # Hadamard: per factor, recompute the other product, dP = dD * it, dU, dV
+        for (rows, cols, r), (orows, ocols, o_r) in ((fac.f1, fac.f2), (fac.f2, fac.f1)):
+            out += [_mm("PEFT bwd: recompute the other rank product", orows, o_r, ocols, act),
+                    _ew("PEFT bwd: dD * other product", 2 * nk, nk, act),
+                    _mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
+                    _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
+    else:  # Kronecker: dD * broadcast factor, summed to the other factor's shape (w1's gradient, then w2's)
+        for (rows, cols, _r), (orows, ocols, _o) in ((fac.f1, fac.f2), (fac.f2, fac.f1)):
+            out += [_ew("PEFT bwd: dD * broadcast factor", nk + orows * ocols, nk, act),
+                    _ew("PEFT bwd: sum to the factor's shape", nk, rows * cols, act)]
+        for rows, cols, r in (fac.f1, fac.f2):
+            if r:
+                out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
+                        _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
+    out += [_mm("PEFT bwd: dD = dY^T X", d_out, t, d_in, act),
+            _ew("PEFT bwd: dX add", 2 * t * d_in, t * d_in, act)]
+    return out
+
+
+def base_forward(t, d_in, d_out, act) -> list[Launch]:
+    return [_mm("base: X @ W^T", t, d_in, d_out, act)]
+
+
+def base_backward(t, d_in, d_out, act) -> list[Launch]:
+    return [_mm("base: dX = dY @ W", t, d_out, d_in, act)]
+
+
+def block_ms(act: torch.dtype) -> tuple[int, int]:
+    """Rows per program of the forward and of the dX kernel (the launchers' GPU tiles): the delta is
+    regenerated once per such row block. (Imported here: the kernel module reads TRITON_INTERPRET on import.)"""
+    from peftfast.kernels.lycoris import gpu_config
+
+    return gpu_config("forward", act)["BLOCK_M"], gpu_config("grad_x", act)["BLOCK_M"]
+
+
+def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16,
+               act: torch.dtype = torch.bfloat16) -> list[tuple[str, float, float, float, float]]:
+    """(case, peftfast fwd / base fwd serial, overlapped, peftfast bwd / base dX serial, overlapped) and the
+    same for PEFT (serial only: PEFT's launches are separate kernels), as rows."""
+    cases = {
+        f"LoHa r={r}": loha(d, d, r),
+        f"LoKr w1 full [64,64], w2 rank {r}": lokr(d, d, 64, 64, 0, r),
+        f"LoKr w1, w2 full (r >= {d // 128})": lokr(d, d, 64, 64, 0, 0),
+    }
+    bf, bb = path_time(base_forward(t, d, d, act), gpu), path_time(base_backward(t, d, d, act), gpu)
+    block_m, block_m_dx = block_ms(act)
+    rows = []
+    for name, fac in cases.items():
+        fw = peftfast_forward(t, d, d, fac, act, block_m)
+        bw = peftfast_backward(t, d, d, fac, act, block_m_dx)
+        rows.append((f"peftfast {name}", path_time(fw, gpu) / bf, path_time(fw, gpu, True) / bf,
+                     path_time(bw, gpu) / bb, path_time(bw, gpu, True) / bb))
+        pf, pb = peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act)
+        rows.append((f"PEFT {name}", path_time(pf, gpu) / bf, path_time(pf, gpu) / bf,
+                     path_time(pb, gpu) / bb, path_time(pb, gpu) / bb))
+    return rows
+
+
+def render(gpu: Gpu, **kw) -> str:
+    lines = [f"LoHa / LoKr linear, modelled on {gpu.name} (T={kw.get('t', 8192)}, {kw.get('d', 4096)}x"
+             f"{kw.get('d', 4096)}, bf16): ratio to the base GEMM (forward) / base dX GEMM (backward)",
+             f"{'path':<48} {'fwd serial':>10} {'fwd overl.':>10} {'bwd serial':>10} {'bwd overl.':>10}"]
+    for name, a, b, c, d in ratio_rows(gpu, **kw):
+        lines.append(f"{name:<48} {a:>10.3f} {b:>10.3f} {c:>10.3f} {d:>10.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from ..specs import H100, RTX4090
+
+    print(render(H100))
+    print()
+    print(render(RTX4090))
+
+
+LYCORIS_TARGETS = {"forward": 1.05, "backward": 2.1}  # the issue's modelled targets (H100, bf16)
+
+
+def bench_rows(gpu: Gpu, t: int, d: int, r: int, act: torch.dtype, launch_overhead: float) -> list[dict]:
+    """Rows for the bench's modelled section (op "lycoris"): the keys of ``bench.modelled.model_row``, times
+    "serial" (CUDA-core delta work not overlapped with the tensor cores), ratios to the base GEMMs."""
+    fac_cases = {f"LoHa r={r}": loha(d, d, r), f"LoKr w1 full 64x64, w2 rank {r}": lokr(d, d, 64, 64, 0, r)}
+    base = (base_forward(t, d, d, act), base_backward(t, d, d, act))
+    rows = []
+    for name, fac in fac_cases.items():
+        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, block_ms(act)[0]),
+                               peftfast_backward(t, d, d, fac, act, block_ms(act)[1])),
+                              ("PEFT", peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act))):
+            row = {"section": "modelled", "gpu": gpu.name, "op": "lycoris", "path": f"{who} {name}",
+                   "shape": {"T": t, "d_in": d, "d_out": d, "r": r}, "bandwidth": gpu.bandwidth,
+                   "launch_overhead_s": launch_overhead}
+            for key, ks, ref in (("fwd", fwd, base[0]), ("bwd", bwd, base[1])):
+                tt, tb = path_time(ks, gpu), path_time(ref, gpu)
+                to, tbo = tt + launch_overhead * len(ks), tb + launch_overhead * len(ref)
+                row.update({f"{key}_launches": len(ks), f"{key}_bytes": sum(x.kernel.bytes for x in ks),
+                            f"{key}_flops": sum(x.kernel.flops + x.cuda_flops for x in ks), f"{key}_time_s": tt,
+                            f"{key}_base_time_s": tb, f"{key}_ratio": tt / tb, f"{key}_time_ovh_s": to,
+                            f"{key}_base_time_ovh_s": tbo, f"{key}_ratio_ovh": to / tbo})
+                if who == "peftfast":
+                    limit = LYCORIS_TARGETS["forward" if key == "fwd" else "backward"]
+                    row[f"{key}_target"], row[f"{key}_met"] = limit, to / tbo <= limit
+            rows.append(row)
+    return rows

@@ -1,0 +1,222 @@
+"""loha_linear / lokr_linear (Triton kernels under the interpreter, and the blocked PyTorch reference)
+against float64.
+
+Every output and gradient's max-abs error against a float64 evaluation of the math must be at most
+K_TOL times the error of plain PyTorch (``F.linear(x, W + delta, b)`` with the delta built in the
+factors' dtype, PEFT's construction) in the same dtype, plus one ulp of the largest reference value.
+Shapes are small and odd (several 16 x 16 interpreter tiles with ragged edges); every factor is
+drawn random (none zero), so each gradient is non-trivial.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from peftfast.kernels import lycoris as LY
+
+from tests.numerics import allowed_error, max_err
+
+K_TOL = 4.0
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+M, A, P, C, Q = 37, 5, 9, 3, 11  # LoKr: N = A * P = 45, K = C * Q = 33
+N, K = A * P, C * Q
+
+
+def make(kind, dtype, bias=True, seed=0):
+    """(x, W, b, factors, layout, scale, dy): LoHa ranks 3 and 5; LoKr w1 / w2 full or rank 4 / 2."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    if kind == "loha":
+        factors = [rnd(N, 3), rnd(3, K), rnd(N, 5), rnd(5, K)]
+        layout = LY.loha_layout(N, K)
+    else:
+        full1, full2 = {"lokr_ff": (True, True), "lokr_fl": (True, False), "lokr_lf": (False, True),
+                        "lokr_ll": (False, False)}[kind]
+        w1 = [rnd(A, C)] if full1 else [rnd(A, 4), rnd(4, C)]
+        w2 = [rnd(P, Q)] if full2 else [rnd(P, 2), rnd(2, Q)]
+        factors = w1 + w2
+        layout = LY.lokr_layout(full1, full2, P, Q, A, C)
+    x = rnd(M, K)
+    w = rnd(N, K, scale=0.5)
+    b = rnd(N) if bias else None
+    dy = rnd(M, N)
+    return x, w, b, factors, layout, 0.37, dy
+
+
+def delta(kind, factors, layout, scale):
+    if kind == "loha":
+        w1a, w1b, w2a, w2b = factors
+        return (w1a @ w1b) * (w2a @ w2b) * scale
+    n1 = 1 if layout[0] else 2
+    w1 = factors[0] if n1 == 1 else factors[0] @ factors[1]
+    rest = factors[n1:]
+    w2 = rest[0] if layout[1] else rest[0] @ rest[1]
+    return torch.kron(w1, w2) * scale
+
+
+def plain(kind, inputs, dtype=None):
+    """(y, [dx, db, d factors...]) of PEFT's math in ``dtype`` (default: the inputs' dtype)."""
+    x, w, b, factors, layout, scale, dy = inputs
+    cast = (lambda t: t.detach().to(dtype or t.dtype).requires_grad_())
+    xs, fs = cast(x), [cast(f) for f in factors]
+    bs = None if b is None else cast(b)
+    y = F.linear(xs, w.to(dtype or w.dtype) + delta(kind, fs, layout, scale), bs)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), [xs.grad] + ([] if bs is None else [bs.grad]) + [f.grad for f in fs]
+
+
+def run_op(inputs, on_triton):
+    x, w, b, factors, layout, scale, dy = inputs
+    xs = x.detach().requires_grad_()
+    bs = None if b is None else b.detach().requires_grad_()
+    fs = [f.detach().requires_grad_() for f in factors]
+    y = LY.LYCORIS_LINEAR(xs, w, bs, fs, layout, scale, hint=on_triton)
+    y.backward(dy)
+    return y.detach(), [xs.grad] + ([] if bs is None else [bs.grad]) + [f.grad for f in fs]
+
+
+def check(kind, inputs, got):
+    ref = plain(kind, inputs, torch.float64)
+    base = plain(kind, inputs)
+    names = ["y", "dx", "db"] + [f"d_factor{i}" for i in range(len(inputs[3]))]
+    for name, g, p, r in zip(names, [got[0], *got[1]], [base[0], *base[1]], [ref[0], *ref[1]]):
+        assert g is not None and g.dtype == p.dtype and g.shape == r.shape, name
+        assert r.abs().max() > 0, name  # a gradient that is zero would check nothing
+        err = max_err(g, r)
+        bound = allowed_error(p, r, K_TOL)
+        assert err <= bound, f"{kind} {p.dtype} {name}: error {err:.3e} > {bound:.3e} (plain {max_err(p, r):.3e})"
+
+
+KINDS = ["loha", "lokr_ff", "lokr_fl", "lokr_lf", "lokr_ll"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_fp32(triton_kernels, kind):
+    inputs = make(kind, F32)
+    check(kind, inputs, run_op(inputs, True))
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
+def test_triton_fp16(triton_kernels, kind):
+    inputs = make(kind, F16, seed=1)
+    check(kind, inputs, run_op(inputs, True))
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
+def test_reference_bf16(kind, monkeypatch):
+    """bf16 runs through the PyTorch reference only: the interpreter's tl.dot on bf16 operands returns
+    garbage (Triton 3.9); the bf16 kernels are checked by compiling them (aot_specs)."""
+    monkeypatch.setattr(LY, "BLOCK_ELEMENTS", 20 * K)
+    inputs = make(kind, BF16, seed=1)
+    check(kind, inputs, run_op(inputs, False))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_blocked(kind, monkeypatch):
+    """The CPU path over several blocks of output rows (LoKr: blocks of whole w1 rows)."""
+    monkeypatch.setattr(LY, "BLOCK_ELEMENTS", 20 * K)
+    inputs = make(kind, F32, seed=2)
+    check(kind, inputs, run_op(inputs, False))
+
+
+def test_no_bias_and_partial_grads(triton_kernels):
+    """No bias; only some factors trainable; x without a gradient."""
+    x, w, _b, factors, layout, scale, dy = make("loha", F32, bias=False, seed=3)
+    fs = [f.detach().requires_grad_(i in (1, 2)) for i, f in enumerate(factors)]
+    y = LY.LYCORIS_LINEAR(x, w, None, fs, layout, scale, hint=True)
+    y.backward(dy)
+    fd = [f.detach().double().requires_grad_(i in (1, 2)) for i, f in enumerate(factors)]
+    yd = F.linear(x.double(), w.double() + delta("loha", fd, layout, scale))
+    yd.backward(dy.double())
+    assert fs[0].grad is None and fs[3].grad is None
+    for got, ref in ((y, yd), (fs[1].grad, fd[1].grad), (fs[2].grad, fd[2].grad)):
+        assert max_err(got, ref) <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("on_triton", [True, False])
+def test_no_full_size_tensor(triton_kernels, on_triton, monkeypatch):
+    """Forward and backward never allocate a torch tensor with N x K elements (few tokens, so y and dX are
+    far smaller than the weight)."""
+    monkeypatch.setattr(LY, "BLOCK_ELEMENTS", 20 * K)
+    x, w, b, factors, layout, scale, dy = make("loha", F32, seed=4)
+    x, dy = x[:3], dy[:3]
+    big = []
+    real_empty, real_zeros = torch.empty, torch.zeros
+
+    def spy(real):
+        def f(*shape, **kw):
+            t = real(*shape, **kw)
+            if t.numel() >= N * K // 2:
+                big.append(tuple(t.shape))
+            return t
+        return f
+
+    monkeypatch.setattr(torch, "empty", spy(real_empty))
+    monkeypatch.setattr(torch, "zeros", spy(real_zeros))
+    xs = x.detach().requires_grad_()
+    fs = [f.detach().requires_grad_() for f in factors]
+    LY.LYCORIS_LINEAR(xs, w, b, fs, layout, scale, hint=on_triton).backward(dy)
+    assert fs[0].grad is not None and xs.grad is not None
+    assert big == []
+
+
+def test_public_ops_and_errors():
+    x, w, b, factors, layout, scale, _ = make("lokr_fl", F32, seed=5)
+    got = LY.lokr_linear(x, w, b, factors[:1], factors[1:], scale)
+    assert max_err(got, F.linear(x, w + delta("lokr_fl", factors, layout, scale), b)) < 1e-4
+    h = make("loha", F32, seed=6)
+    got = LY.loha_linear(h[0], h[1], h[2], *h[3], h[5])
+    assert max_err(got, F.linear(h[0], h[1] + delta("loha", h[3], h[4], h[5]), h[2])) < 1e-4
+    with pytest.raises(ValueError, match="kron"):
+        LY.lokr_linear(x, w, b, factors[:1], [factors[1][:-1], factors[2]], scale)
+    with pytest.raises(ValueError, match="frozen"):
+        LY.loha_linear(h[0], h[1].requires_grad_(), h[2], *h[3], h[5])
+
+
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("kind", ["loha"])
+def test_opcheck(backend, kind):
+    x, w, b, factors, layout, scale, _ = make(kind, F32, seed=7)
+    x = x[:5].requires_grad_()
+    b.requires_grad_()
+    fs = [f.requires_grad_() for f in factors]
+    torch.library.opcheck(torch.ops.peftfast.lycoris_linear.default, (x, w, b, fs, layout, scale),
+                          test_utils=OPCHECK_TESTS)
+
+
+def test_compile_fullgraph_matches_eager(backend):
+    """torch.compile(fullgraph=True) traces the op as one node and gives eager's output and gradients."""
+    x, w, b, factors, layout, scale, dy = make("loha", F32, seed=8)
+    fs = [f.detach().requires_grad_() for f in factors]
+
+    def fn(x, *fs):
+        return LY.loha_linear(x, w, b, *fs, scale)
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    y = torch.compile(fn, fullgraph=True, backend=record)(x, *fs)
+    assert len(graphs) == 1
+    assert "peftfast.lycoris_linear" in {str(n.target) for n in graphs[0].graph.nodes}
+    y.backward(dy)
+    got = [f.grad.clone() for f in fs]
+    for f in fs:
+        f.grad = None
+    fn(x, *fs).backward(dy)
+    for g, f in zip(got, fs):
+        torch.testing.assert_close(g, f.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, dtype", [("loha", F16)])
+def test_triton_gpu_tiles(triton_kernels, monkeypatch, kind, dtype):
+    """The launch configurations used on GPUs (128-wide tiles, one ragged tile here) under the interpreter."""
+    monkeypatch.setattr(LY, "config", LY.gpu_config)
+    inputs = make(kind, dtype, seed=9)
+    check(kind, inputs, run_op(inputs, True))

@@ -1,0 +1,83 @@
+"""The LoHa / LoKr cost model (peftfast/tools/costmodel/formulas/lycoris.py) against counted traffic: every
+Triton launch's unique bytes (interpreter) and every torch op between them, forward and backward, equal the
+formulas' per-launch bytes; and the modelled ratios at the issue's shape are what the report states."""
+import pytest
+import torch
+
+from peftfast.kernels import lycoris as LY
+from peftfast.tools.costmodel.formulas import lycoris as FL
+from peftfast.tools.costmodel.specs import H100
+from peftfast.tools.traffic import count_torch, count_triton
+
+T, N, K = 37, 45, 33
+
+
+def _case(kind, act, g):
+    if kind == "loha":
+        shapes, layout, fac = [(N, 3), (3, K), (N, 5), (5, K)], LY.loha_layout(N, K), FL.Factors((N, K, 3), (N, K, 5))
+    elif kind == "lokr_fl":
+        shapes, layout = [(5, 3), (9, 2), (2, 11)], LY.lokr_layout(True, False, 9, 11, 5, 3)
+        fac = FL.lokr(K, N, 5, 3, 0, 2)
+    else:
+        shapes, layout, fac = [(5, 3), (9, 11)], LY.lokr_layout(True, True, 9, 11, 5, 3), FL.lokr(K, N, 5, 3, 0, 0)
+    return [torch.randn(*s, generator=g).to(act).requires_grad_() for s in shapes], layout, fac
+
+
+@pytest.mark.parametrize("kind, act", [("loha", torch.float16), ("lokr_ff", torch.float32)])
+def test_counted_bytes_match_formulas(triton_kernels, kind, act):
+    g = torch.Generator().manual_seed(0)
+    fs, layout, fac = _case(kind, act, g)
+    x = torch.randn(T, K, generator=g).to(act).requires_grad_()
+    w = torch.randn(N, K, generator=g).to(act)
+    b = torch.randn(N, generator=g).to(act).requires_grad_()
+    with count_triton() as tr, count_torch() as to:
+        y = LY.LYCORIS_LINEAR(x, w, b, fs, layout, 0.5, hint=True)
+    model = FL.peftfast_forward(T, K, N, fac, act, 16, bias=True)
+    assert to.launches == 0
+    assert [(lt.unique_bytes_read, lt.unique_bytes_written) for lt in tr.launch_log] == \
+        [(m.kernel.bytes_read, m.kernel.bytes_written) for m in model]
+    dy = torch.randn(T, N, generator=g).to(act)
+    with count_triton() as tr, count_torch() as to:
+        y.backward(dy)
+    model = FL.peftfast_backward(T, K, N, fac, act, 16, bias=True)
+    assert [(lt.unique_bytes_read, lt.unique_bytes_written) for lt in tr.launch_log] == \
+        [(m.kernel.bytes_read, m.kernel.bytes_written) for m in model[:2]]
+    assert [(lt.bytes_read, lt.bytes_written) for lt in to.launch_log] == \
+        [(m.kernel.bytes_read, m.kernel.bytes_written) for m in model[2:]]
+
+
+def test_modelled_ratios_h100():
+    """The figures the report quotes (T=8192, 4096 x 4096, r=16, bf16, H100, serial CUDA-core work)."""
+    rows = {name: vals for name, *vals in FL.ratio_rows(H100)}
+    fwd, _, bwd, _ = rows["peftfast LoHa r=16"]
+    assert fwd == pytest.approx(1.483, abs=1e-3) and bwd == pytest.approx(2.503, abs=1e-3)
+    pf, _, pb, _ = rows["PEFT LoHa r=16"]
+    assert pf > fwd and pb > bwd
+
+
+@pytest.mark.parametrize("name, kw, fac", [
+    ("LoHaConfig", dict(r=4, alpha=4), FL.loha(K, N, 4)),
+    ("LoKrConfig", dict(r=2, alpha=2), FL.lokr(K, N, 5, 3, 0, 2)),  # w1 [5, 3] full, w2 = [9, 2] @ [2, 11]
+])
+def test_peft_formulas_match_counted_peft(name, kw, fac):
+    """PEFT's eager LoHa / LoKr layer (the real peft 0.21) counted op by op: the formulas' bytes per launch, up
+    to the 4-byte 0-dim scale tensor PEFT multiplies by."""
+    import peft
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(K, N, bias=False)),
+                                getattr(peft, name)(target_modules=["0"], init_weights=False, **kw))
+    layer = model.base_model.model[0].eval()  # eval: no module-dropout draw (gradients still flow)
+    x = torch.randn(T, K, requires_grad=True)
+    with count_torch() as fwd:
+        y = layer(x)
+    dy = torch.randn_like(y)
+    with count_torch() as bwd:
+        y.backward(dy)
+    for counted, formula in ((fwd, FL.peft_forward(T, K, N, fac, torch.float32)),
+                             (bwd, FL.peft_backward(T, K, N, fac, torch.float32))):
+        got = sorted(lt.bytes_read + lt.bytes_written for lt in counted.launch_log)
+        want = sorted(m.kernel.bytes for m in formula)
+        assert len(got) == len(want)
+        assert all(0 <= g - w <= 4 for g, w in zip(got, want)), (got, want)

@@ -1,0 +1,93 @@
+"""The LoHa / LoKr layers on the Triton backend (the interpreter on CPU tensors) dispatch nn.Linear to
+``kernels/lycoris.py`` and match the real PEFT 0.21 (output and every gradient); with a rank-dropout mask
+drawn they keep the blocked PyTorch path."""
+import peft
+import pytest
+import torch
+from torch import nn
+
+import peftfast
+from peftfast.kernels import lycoris as LY
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(33, 45)
+        self.down = nn.Linear(45, 21, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+CASES = [
+    ("LoHaConfig", dict(r=3, alpha=5)),
+    ("LoKrConfig", dict(r=2, alpha=3)),  # w1 full, w2 = w2_a @ w2_b
+    ("LoKrConfig", dict(r=8, alpha=4)),  # both full
+    ("LoKrConfig", dict(r=1, alpha=2, decompose_both=True, decompose_factor=3)),  # both low rank
+]
+
+
+def _pair(name, kw):
+    kw = dict(kw, target_modules=["up", "down"])
+    torch.manual_seed(1)
+    ref = peft.get_peft_model(Mlp(), getattr(peft, name)(**kw))
+    torch.manual_seed(1)
+    ours = peftfast.get_peft_model(Mlp(), getattr(peftfast, name)(**kw))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(ref.named_parameters(), ours.named_parameters()):
+            assert n == m
+            if p.requires_grad:  # no zero-initialised factor: every gradient is non-trivial
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+                q.copy_(p)
+    return ref, ours
+
+
+def _count_launches(monkeypatch):
+    calls = []
+    for name in ("launch_forward", "launch_grad_x", "launch_grad_factors"):
+        real = getattr(LY, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(LY, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("name, kw", CASES, ids=[f"{n[:4]}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_layer_uses_kernel_and_matches_peft(triton_kernels, monkeypatch, name, kw):
+    ref, ours = _pair(name, kw)
+    calls = _count_launches(monkeypatch)
+    x = torch.randn(2, 7, 33)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y_ours.backward(dy)
+    assert calls.count("launch_forward") == 2 and calls.count("launch_grad_factors") == 2
+    assert calls.count("launch_grad_x") == 2  # "up" needs dX for x (x requires grad)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert grads
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert n in grads and grads[n].abs().max() > 0, n
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-4, msg=n)
+
+
+def test_rank_dropout_keeps_blocked_path(triton_kernels, monkeypatch):
+    ref, ours = _pair("LoHaConfig", dict(r=3, alpha=5, rank_dropout=0.5))
+    ref.train()
+    ours.train()
+    calls = _count_launches(monkeypatch)
+    x = torch.randn(5, 33)
+    torch.manual_seed(9)
+    y_ref = ref(x)
+    torch.manual_seed(9)
+    y_ours = ours(x)
+    assert calls == []
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-4, atol=1e-4)
