@@ -20,6 +20,8 @@ import sys
 
 import pytest
 import signal
+
+from conformance_ids import norm_id
 import time
 import types
 import zlib
@@ -175,13 +177,6 @@ def method_of(nodeid: str, methods: list[str]) -> str | None:
         if rest != cls[4:] or any(p.search(rest) for p in _SELECTED_CLASS.values()):
             return None  # names another method, or LoRA / IA3 when they are not selected
     return "general"
-
-
-def norm_id(nodeid: str) -> str:
-    """Node id without the list indices that depend on which PEFT classes exist: test_config.py numbers
-    ``mandatory_kwargsN`` by position in a list filtered by signature, and the alias's placeholder classes
-    (methods peftfast lacks) are filtered out, shifting the numbers of the same test case."""
-    return re.sub(r"(?<=mandatory_kwargs)\d+", "", nodeid)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -34,7 +34,7 @@ import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conformance_plugin import norm_id  # noqa: E402
+from conformance_ids import norm_id  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
