@@ -72,3 +72,10 @@ def test_modules_to_save_with_a_broken_active_name_raises_attribute_error():
     with model.disable_adapter():
         assert wrapper.weight is wrapper.original_module.weight
 
+
+
+def test_include_linear_layers_shorthand_at_peft_utils():
+    from peftfast.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND
+    from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND as real
+
+    assert INCLUDE_LINEAR_LAYERS_SHORTHAND == real
