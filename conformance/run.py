@@ -178,7 +178,7 @@ def update_oracle(files, methods, jobs, timeout, test_timeout) -> int:
         ORACLE.write_text(json.dumps({
             "_doc": "Tests of PEFT 0.21.2's suite that the real PEFT passes on this project's CI machine (CPU, "
                     "offline), per file: node id -> method. Regenerate with `python conformance/run.py "
-                    f"--update-oracle` (all methods: {METHODS}; about 30 min on 2 cores).",
+                    f"--update-oracle` (all methods: {METHODS}; about 40 min on 2 cores).",
             "methods": methods, "versions": versions(), "files": dict(sorted(per_file.items())),
         }, indent=0) + "\n")
 
