@@ -20,6 +20,8 @@ import sys
 
 import pytest
 import signal
+
+from conformance_ids import norm_id
 import time
 import types
 import zlib
@@ -130,6 +132,8 @@ def pytest_addoption(parser):
     g.addoption("--conf-out", default=None)
     g.addoption("--conf-test-timeout", type=int, default=60, help="seconds per test phase (0: none)")
     g.addoption("--conf-sample", type=int, default=1, help="keep 1 in N selected tests (by crc32 of the id)")
+    g.addoption("--conf-ids", default=None,
+                help="file with one node id a line: run only these (the oracle's PEFT-passing tests)")
 
 
 # Test classes named after a method (TestLoraInitialization, TestHiraInitialization, ...) in files
@@ -178,8 +182,13 @@ def method_of(nodeid: str, methods: list[str]) -> str | None:
 def pytest_collection_modifyitems(session, config, items):
     methods = [m for m in config.getoption("--conf-methods").split(",") if m]
     sample = config.getoption("--conf-sample")
+    ids_file = config.getoption("--conf-ids")
+    only = {norm_id(n) for n in open(ids_file).read().split("\n") if n} if ids_file else None
     keep, drop = [], []
     for item in items:
+        if only is not None and norm_id(item.nodeid) not in only:
+            drop.append(item)
+            continue
         m = method_of(item.nodeid, methods)
         if m == "general" and "test_custom_models.py" in item.nodeid:
             m = None  # the custom-model cases all name their config class

@@ -34,7 +34,7 @@ from .utils.io import SaveTransaction, atomic_write_text
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import (check_adapter_has_weights, get_peft_model_state_dict, load_adapter_weights,
-                                  set_peft_model_state_dict)
+                                  set_peft_model_state_dict, warn_unsharded_lora_tensors)
 from .tuners import prompt_learning
 from .tuners.tuners_utils import validate_adapter_name
 from .tuners.status import TunerLayerStatus, TunerModelStatus, count_parameters, get_layer_status, get_model_status
@@ -439,6 +439,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             def write_weights(tmp: str, name: str = name) -> None:
                 state = _contiguous_unshared(get_peft_model_state_dict(
                     self, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers))
+                warn_unsharded_lora_tensors(state, name)
                 if safe_serialization:
                     from safetensors.torch import save_file
 

@@ -26,7 +26,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import PeftConfig
-from ..utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
+from ..utils.constants import (
+    DUMMY_MODEL_CONFIG,
+    INCLUDE_LINEAR_LAYERS_SHORTHAND,
+    MIN_TARGET_MODULES_FOR_OPTIMIZATION,
+)
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern
 from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
@@ -348,9 +352,6 @@ def check_target_module_exists(config: Any, key: str) -> bool:
     return TargetMatcher(config)(key)
 
 
-# Lists at least this long are condensed to the shortest distinguishing name suffixes, as PEFT does.
-MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
-
 
 def _suffixes(name: str) -> list[str]:
     parts = name.split(".")
@@ -490,7 +491,7 @@ class BaseTuner(nn.Module):
     def get_model_config(model: nn.Module) -> dict:
         cfg = getattr(model, "config", None)
         if cfg is None:
-            return {"model_type": "custom"}
+            return dict(DUMMY_MODEL_CONFIG)
         return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
 
     def _expand_all_linear(self, config: Any, model: nn.Module) -> None:
@@ -704,8 +705,17 @@ class BaseTuner(nn.Module):
                              f"{', '.join(map(repr, missing))} matched no module in the model")
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        # An adapter's own tensor sits directly under an adapter layer, in an attribute named with the method's
+        # prefix (x.lora_A.default.weight); a base model module that merely has the prefix in its name
+        # (a user's `lora_head`) is base model and stays frozen.
+        layers = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+
+        def is_adapter_tensor(name: str) -> bool:
+            parts = name.split(".")
+            return any(self.prefix in parts[i] and ".".join(parts[:i]) in layers for i in range(len(parts)))
+
         for name, p in model.named_parameters():
-            if self.prefix not in name and "modules_to_save" not in name:
+            if "modules_to_save" not in name and not is_adapter_tensor(name):
                 p.requires_grad = False
         for active in self.active_adapters:
             bias = getattr(self.peft_config[active], "bias", "none")

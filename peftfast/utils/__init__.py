@@ -2,7 +2,7 @@
 
 Nothing here imports ``peftfast.tuners``; the methods reach down into this package, never the reverse.
 """
-from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+from .constants import CONFIG_NAME, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .other import (
     ModulesToSaveWrapper,
     _get_submodules,
@@ -22,7 +22,7 @@ from .save_and_load import (
 )
 
 __all__ = [
-    "CONFIG_NAME", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
+    "CONFIG_NAME", "INCLUDE_LINEAR_LAYERS_SHORTHAND", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
     "_get_submodules", "get_submodules", "cast_mixed_precision_params", "get_base_model_state_dict",
     "get_peft_model_state_dict", "load_peft_weights",
     "prepare_model_for_kbit_training", "register_peft_method", "set_base_model_state_dict", "set_peft_model_state_dict", "transpose",

@@ -6,6 +6,10 @@ WEIGHTS_NAME = "adapter_model.bin"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 
 INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
+# What BaseTuner.get_model_config returns for a model without a `config` attribute.
+DUMMY_MODEL_CONFIG = {"model_type": "custom"}
+# target_modules lists at least this long are condensed to the shortest distinguishing name suffixes.
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
 
 # Per-architecture defaults, PEFT 0.21's tables (peft/utils/constants.py) entry for entry; tests compare them with

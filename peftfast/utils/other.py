@@ -92,6 +92,11 @@ class ModulesToSaveWrapper(nn.Module):
         except AttributeError:
             if name.startswith("_") or name in ("original_module", "modules_to_save"):
                 raise
+            active = self.__dict__.get("_active_adapter")
+            if isinstance(active, str) and not self._disable_adapters and active not in self.modules_to_save:
+                # set directly to one name (PEFT keeps a str here) that has no copy: a broken state, not a fallback
+                raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}': its active adapter "
+                                     f"{active!r} has no copy here (copies: {sorted(self.modules_to_save)})") from None
             return getattr(self._active_module(), name)
 
     def update(self, adapter_name: str) -> None:

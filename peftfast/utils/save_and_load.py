@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
-from .errors import AdapterError, CappedMessage, ConfigError, short_repr
+from .errors import AdapterError, CappedMessage, ConfigError, PeftWarning, short_repr
 from .other import ModulesToSaveWrapper, is_adapter_layer
 from .patterns import BoundedPattern
 from .registry import PEFT_TYPE_TO_TUNER_MAPPING, as_peft_type
@@ -299,6 +299,21 @@ def adapter_key_map(model: nn.Module, adapter_name: str = "default", save_embedd
                 if key.startswith(name + "."):
                     mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
     return mapping
+
+
+def warn_unsharded_lora_tensors(state_dict: dict[str, Any], adapter_name: str) -> None:
+    """Warn (the save still happens) when a LoRA matrix about to be written is not a matrix: a 1-D or empty
+    ``lora_A`` / ``lora_B`` is what a DeepSpeed ZeRO-3 or FSDP shard looks like when the parameters were not gathered
+    before the state dict was taken, and such a file cannot be loaded back."""
+    bad = [(k, tuple(t.shape)) for k, t in state_dict.items()
+           if isinstance(t, torch.Tensor) and (".lora_A." in k or ".lora_B." in k) and (t.dim() < 2 or t.numel() == 0)]
+    if bad:
+        shown = ", ".join(f"{k} {list(shape)}" for k, shape in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3
+                                                                            else "")
+        warnings.warn(f"adapter {adapter_name!r}: {len(bad)} LoRA tensor(s) to save are not 2-D matrices ({shown}); "
+                      "this is what DeepSpeed ZeRO-3 / FSDP shards look like when the parameters were not gathered "
+                      "before saving (gather them first, e.g. with deepspeed.zero.GatheredParameters or FSDP's "
+                      "full state dict); the file is written but will not load", PeftWarning, stacklevel=3)
 
 
 def check_adapter_has_weights(model: nn.Module, adapter_name: str) -> None:
