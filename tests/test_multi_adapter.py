@@ -1,0 +1,244 @@
+"""Mixed batches of many LoRA adapters (``adapter_names``): the grouped path (kernels/lora_grouped.py,
+tuners/lora/grouped.py) against running each sample alone with its adapter, and against float64.
+
+Inference and training (each sample's loss reaches only its own adapter), 1 / 3 / 17 adapters with ranks
+1 / 8 / 64 mixed, adapters no sample uses (empty segments), odd feature sizes, per-token names, bad input.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peftfast as fast
+from peftfast.kernels.lora_grouped import group_plan, lora_grouped
+from tests.numerics import assert_matches_float64
+
+RANKS = (1, 8, 64)
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set")
+
+
+class Net(nn.Module):
+    """Embedding -> Linear -> Conv1D (transformers', fan_in_fan_out) -> Linear, odd sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(29, 13)
+        self.lin0 = nn.Linear(13, 17)
+        self.c1d = Conv1D(11, 17)  # nf=11 outputs, nx=17 inputs
+        self.lin1 = nn.Linear(11, 7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.tanh(self.c1d(torch.tanh(self.lin0(self.emb(ids))))))
+
+
+def _model(n: int, dtype=torch.float32, dropout: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    base = Net().to(dtype)
+    names = [f"a{i}" for i in range(n)]
+    pm = None
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=2 + i, target_modules=["emb", "lin0", "c1d", "lin1"],
+                              fan_in_fan_out=False, lora_dropout=dropout)
+        if pm is None:
+            pm = fast.get_peft_model(base, cfg, adapter_name=name)
+        else:
+            pm.add_adapter(name, cfg)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn_like(p) * 0.3)  # B non-zero: every adapter changes the output
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    return pm, names
+
+
+def _alone(pm, ids, names):
+    """Each sample run alone with its adapter active (or adapters disabled for '__base__')."""
+    outs = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                outs.append(pm(ids[i:i + 1]))
+        else:
+            pm.base_model.set_adapter(name)
+            outs.append(pm(ids[i:i + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("n,batch", [(1, 3), (3, 5), (17, 11)])
+def test_mixed_batch_equals_each_sample_alone(n, batch):
+    pm, names = _model(n)
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 29, (batch, 6), generator=g)
+    choice = names + ["__base__"]
+    per_sample = [choice[int(i)] for i in torch.randint(0, len(choice), (batch,), generator=g)]
+    per_sample[0] = names[-1]
+    pm.eval()
+    with torch.no_grad():
+        mixed = pm(ids, adapter_names=per_sample)
+        alone = _alone(pm, ids, per_sample)
+        pm64, _ = _model(n, torch.float64)
+        pm64.eval()
+        ref = _alone(pm64, ids, per_sample)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    # against float64: no further from it than running each sample alone in fp32 (a few roundings)
+    assert_matches_float64("mixed", mixed, alone, ref, k=4)
+
+
+def test_store_follows_adapter_changes():
+    """Adding, deleting, reloading (in-place writes) and rescaling adapters between mixed calls: the stacked
+    store follows, outputs equal each sample alone."""
+    pm, names = _model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 5))
+    per_sample = ["a0", "a2", "__base__", "a1"]
+    with torch.no_grad():
+        pm(ids, adapter_names=per_sample)
+        pm.add_adapter("new", fast.LoraConfig(r=5, lora_alpha=3, target_modules=["lin0", "lin1"]))
+        for pname, p in pm.named_parameters():
+            if ".new." in pname:
+                p.copy_(torch.randn_like(p))
+        pm.delete_adapter("a2")
+        layer = pm.base_model.model.lin0
+        layer.lora_B["a1"].weight.mul_(-2.0)  # an in-place write, as load_adapter / an optimizer step does
+        layer.set_scale("a0", 0.5)
+        names2 = ["a0", "new", "__base__", "a1"]
+        mixed = pm(ids, adapter_names=names2)
+        alone = _alone(pm, ids, names2)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [3, 17])
+def test_training_gradients_equal_each_adapter_alone(n):
+    """Several adapters trained on one mixed batch: each adapter's gradients equal training it alone on its
+    samples (the loss is a sum over samples), other adapters' gradients zero where they have no sample."""
+    pm, names = _model(n)
+    pm.train()
+    batch = 7
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 29, (batch, 4), generator=g)
+    per_sample = [names[i % min(n, 3)] for i in range(batch)]
+    per_sample[2] = "__base__"
+    weight = torch.randn(batch, 4, 7, generator=g)
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    out = pm(ids, adapter_names=per_sample)
+    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}." in k or k.endswith(f".{name}")}
+        if not rows:
+            assert all(grads[k] is None or not grads[k].any() for k in own), name
+            continue
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        alone = pm(ids[rows])
+        ref = torch.autograd.grad((alone * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_training_dropout_per_adapter_masks_rows():
+    """lora_dropout in training: a mixed batch still runs (one mask per row with its adapter's p), and an
+    adapter with p close to 1 differs from its eval output while a sample of the base model does not."""
+    pm, names = _model(2, dropout=0.5)
+    ids = torch.randint(0, 29, (4, 3))
+    per_sample = ["a0", "a1", "__base__", "a0"]
+    pm.train()
+    torch.manual_seed(0)
+    tr = pm(ids, adapter_names=per_sample)
+    pm.eval()
+    ev = pm(ids, adapter_names=per_sample)
+    assert torch.equal(tr[2], ev[2])
+    assert (tr[0] - ev[0]).abs().max() > 1e-3
+
+
+def test_per_token_adapter_names():
+    """One adapter name per token on linear layers: each token as if its sample used that token's adapter."""
+    pm, names = _model(3)
+    pm.eval()
+    lin = pm.base_model.model.lin0
+    x = torch.randn(2, 3, 13)
+    per_token = [["a0", "a1", "__base__"], ["a2", "a2", "a0"]]
+    with torch.no_grad():
+        got = lin(x, adapter_names=per_token)
+        for b in range(2):
+            for t in range(3):
+                name = per_token[b][t]
+                if name == "__base__":
+                    want = lin.base_layer(x[b, t])
+                else:
+                    lin.set_adapter(name)
+                    want = lin(x[b, t][None])[0]
+                torch.testing.assert_close(got[b, t], want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the op on its own
+# ------------------------------------------------------------------------------------------------------
+def _op_case(n, m, k, o, ranks, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(r, k, generator=g).to(dtype).requires_grad_() for r in ranks]
+    b = [torch.randn(o, r, generator=g).to(dtype).requires_grad_() for r in ranks]
+    scal = [0.25 + i for i in range(n)]
+    index = torch.randint(-1, max(1, n - 2), (m,), generator=g)  # the last adapters unused: empty segments
+    x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    base = torch.randn(m, o, generator=g).to(dtype).requires_grad_()
+    return a, b, scal, index, x, base
+
+
+def _store(a, b, scal):
+    r = 1 << (max(w.shape[0] for w in a) - 1).bit_length()
+    st_a = torch.zeros(len(a), r, a[0].shape[1], dtype=a[0].dtype)
+    st_b = torch.zeros(len(a), b[0].shape[0], r, dtype=a[0].dtype)
+    for i, (wa, wb) in enumerate(zip(a, b)):
+        st_a[i, :wa.shape[0]] = wa.detach()
+        st_b[i, :, :wb.shape[1]] = wb.detach()
+    return st_a, st_b, torch.tensor(scal, dtype=torch.float32)
+
+
+def _loop(x, base, a, b, scal, index):
+    out = base.clone()
+    for i in range(len(a)):
+        rows = (index == i).nonzero().flatten()
+        out = out.index_add(0, rows, (x[rows] @ a[i].T) @ b[i].T * scal[i])
+    return out
+
+
+def run_op_case(n, m, k, o, ranks):
+    """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
+    every gradient."""
+    a, b, scal, index, x, base = _op_case(n, m, k, o, ranks, torch.float32)
+    y = lora_grouped(x, base, a, b, *_store(a, b, scal), index)
+    plain = _loop(x, base, a, b, scal, index)
+    leaves = [x, base, *a, *b]
+    d = [t.detach().double().requires_grad_() for t in leaves]
+    ref = _loop(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
+    assert_matches_float64("y", y, plain, ref, k=8)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, gy)
+    pl = torch.autograd.grad(plain, leaves, gy)
+    rf = torch.autograd.grad(ref, d, gy.double())
+    for i, (g1, g2, g3) in enumerate(zip(got, pl, rf)):
+        assert_matches_float64(f"grad {i}", g1, g2, g3, k=8)
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 41, 13, 9)])
+def test_op_reference_vs_float64(n, m, k, o):
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+
+
+def test_group_plan_blocks():
+    """Every non-base row in exactly one block slot of its adapter; base rows in none; no host sync needed."""
+    index = torch.tensor([2, -1, 0, 2, 2, 0, -1, 2, 2])
+    table, badapter = group_plan(index, 4, 2)
+    assert table.shape == (4 + 5, 2)
+    seen = {}
+    for blk in range(table.shape[0]):
+        for row in table[blk].tolist():
+            if row < 9:
+                assert row not in seen
+                seen[row] = int(badapter[blk])
+    assert seen == {i: int(a) for i, a in enumerate(index.tolist()) if a >= 0}
