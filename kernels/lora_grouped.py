@@ -117,6 +117,13 @@ def dense_plan(index: torch.Tensor, adapters: int, slack: float = 2.0):
     return group_plan(index, adapters, c, counts=counts)
 
 
+def make_plan(index: torch.Tensor, adapters: int, on_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan ``lora_grouped`` uses for ``index``: dense on the CPU when its padding is small, else blocks."""
+    plan = None if on_triton or index.is_cuda else dense_plan(index, adapters)
+    return plan if plan is not None else group_plan(index, adapters, block_rows_for(index.shape[0], adapters,
+                                                                                     on_triton))
+
+
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +142,8 @@ def _grouped_shrink_kernel(
     offs_m = tl.arange(0, BLOCK_ROWS).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     h_ptrs = h_ptr + (b * BLOCK_ROWS + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
-    if adapter >= N_ADAPTERS:
+    if adapter >= N_ADAPTERS:  # an unused block: zeros (backward multiplies them by zero gradients)
+        tl.store(h_ptrs, tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32))
         return
     rows = tl.load(table_ptr + b * BLOCK_ROWS + offs_m).to(tl.int64)
     row_ok = rows < M
@@ -194,7 +202,15 @@ def kernel_rank(rank: int) -> int:
     return max(16, rank)
 
 
-def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows):
+def updatable_in_place(base_out: torch.Tensor) -> bool:
+    """Whether the expand may add into ``base_out`` itself (a fresh contiguous output no one else holds as a
+    leaf or a view base), saving the copy of y."""
+    return (base_out._base is None and base_out.is_contiguous() and base_out.numel() > 0
+            and not (base_out.is_leaf and base_out.requires_grad)
+            and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
+
+
+def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, inplace=False):
     m, k = x2.shape
     n, o, rank = a.shape[0], b.shape[1], a.shape[1]
     nb = table.shape[0]
@@ -202,8 +218,8 @@ def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows):
     if br != a.shape[1]:  # ranks below 16: pad the store's rank to the tile (small, once per call)
         a = torch.nn.functional.pad(a, (0, 0, 0, br - a.shape[1]))
         b = torch.nn.functional.pad(b, (0, br - b.shape[2]))
-    h = torch.zeros(nb, block_rows, br, dtype=torch.float32, device=x2.device)
-    out = base2.clone()
+    h = torch.empty(nb, block_rows, br, dtype=torch.float32, device=x2.device)  # unused blocks: never read
+    out = base2 if inplace else base2.clone()
     prec = dot_precision(base2.dtype, a.dtype)
     launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, m, k, n,
            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2),
@@ -283,9 +299,9 @@ def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.T
     to); the stores hold the same values (see the module docstring)."""
     x2 = x.reshape(-1, x.shape[-1])
     base2 = base_out.reshape(-1, base_out.shape[-1])
-    on_triton = use_triton(x, base_out, a_store, b_store) if hint is None else hint
+    on_triton, inplace = (use_triton(x, base_out, a_store, b_store), False) if hint is None else hint
     if on_triton:
-        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, table.shape[1])
+        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, table.shape[1], inplace)
     else:
         y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter)
     return y.view(base_out.shape), h
@@ -331,15 +347,18 @@ def _op_backward_fake(saved, grads, needs, statics) -> list:
 
 
 LORA_GROUPED = OpDecl("peftfast::lora_grouped", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
-                      backward_fake=_op_backward_fake, passthrough={"base_out": 0}, aux_outputs=(1,))
+                      backward_fake=_op_backward_fake, passthrough={"base_out": 0}, aux_outputs=(1,),
+                      dirty=lambda args, hint: (args[1],) if hint is not None and hint[1] else ())
 
 
 def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
                  weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
-                 scale: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                 scale: torch.Tensor, index: torch.Tensor,
+                 plan: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``base_out`` plus, for each row m of x ([..., K] as [M, K]), adapter ``index[m]``'s ``s * x A^T B^T``
     (index [M] int64, -1: none). The stores ([N, R, K], [N, O, R], scale [N] fp32) hold ``weights_a`` /
-    ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights."""
+    ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights.
+    ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows."""
     n, r, k = a_store.shape
     if len(weights_a) != n or len(weights_b) != n or b_store.shape[0] != n or b_store.shape[2] != r:
         raise ValueError(f"lora_grouped: stores of {n} adapters (A {tuple(a_store.shape)}, B "
@@ -349,10 +368,10 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
         raise ValueError(f"lora_grouped: x {tuple(x.shape)} / base_out {tuple(base_out.shape)} do not match "
                          f"{m} rows of index and stores with K={k}, O={b_store.shape[1]}")
     on_triton = use_triton(x, base_out, a_store, b_store)
-    plan = None if on_triton or index.is_cuda else dense_plan(index, n)
-    table, badapter = plan if plan is not None else group_plan(index, n, block_rows_for(m, n, on_triton))
+    table, badapter = make_plan(index, n, on_triton) if plan is None else plan
+    inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
-                        hint=on_triton)[0]
+                        hint=(on_triton, inplace))[0]
 
 
 # ----------------------------------------------------------------------------------------------

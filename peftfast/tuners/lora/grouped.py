@@ -19,7 +19,12 @@ from typing import Optional
 
 import torch
 
-from ...kernels.lora_grouped import lora_grouped, rank_bucket
+from ...kernels.backend import use_triton
+from ...kernels.lora_grouped import lora_grouped, make_plan, rank_bucket
+
+# the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
+# per layer); a key of plain values, so a later call never sees a stale plan
+_LAST_PLAN: dict = {}
 
 
 class AdapterStore:
@@ -83,19 +88,34 @@ def row_index(slots: dict[str, int], names: list, rows: int, device: torch.devic
     return per_sample.repeat_interleave(rows // len(names))
 
 
+def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.device, on_triton: bool):
+    """(index, plan) for these rows: made once, then reused by the next layers of the call."""
+    key = (store.names, tuple(tuple(n) if isinstance(n, (list, tuple)) else n for n in names), rows, device,
+           on_triton)
+    hit = _LAST_PLAN.get("key")
+    if hit == key:
+        return _LAST_PLAN["value"]
+    index = row_index(store.slots, names, rows, device)
+    value = (index, make_plan(index, len(store.names), on_triton))
+    _LAST_PLAN.clear()
+    _LAST_PLAN.update(key=key, value=value)
+    return value
+
+
 def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, names: list,
                   weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> torch.Tensor:
     """``result`` (the base output for x) plus, for each row of x, the adapter its sample (or token) names."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     base2 = result.reshape(-1, result.shape[-1])
-    index = row_index(store.slots, names, x2.shape[0], x.device)
     xa = x2 if x2.dtype == store.a.dtype else x2.to(store.a.dtype)
+    on_triton = use_triton(xa, base2, store.a, store.b)
+    index, plan = shared_plan(store, names, x2.shape[0], x.device, on_triton)
     if training and store.max_dropout > 0:
         keep = (1.0 - store.dropout.to(xa.dtype))[index.clamp(min=0)]
         keep = torch.where(index >= 0, keep, torch.ones_like(keep))[:, None]
         xa = xa * (torch.rand_like(xa) < keep).to(xa.dtype) / keep
-    out = lora_grouped(xa, base2, weights_a, weights_b, store.a, store.b, store.scale, index)
+    out = lora_grouped(xa, result, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
     return out.view(result.shape)
 
 
