@@ -12,6 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import peftfast as fast
+from peftfast import zoo
 from peftfast.kernels.lora_grouped import group_plan, lora_grouped
 from tests.numerics import assert_matches_float64
 
@@ -242,3 +243,106 @@ def test_group_plan_blocks():
                 assert row not in seen
                 seen[row] = int(badapter[blk])
     assert seen == {i: int(a) for i, a in enumerate(index.tolist()) if a >= 0}
+
+
+# ------------------------------------------------------------------------------------------------------
+# a causal LM: forward and generate (prefill, then decode one token per sequence)
+# ------------------------------------------------------------------------------------------------------
+def _llama_with_adapters(n: int):
+    from tests._models import tiny_llama
+
+    pm = None
+    names = [f"t{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=4 + i, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                               "down_proj"], task_type="CAUSAL_LM")
+        pm = fast.get_peft_model(tiny_llama(), cfg, adapter_name=name) if pm is None else pm.add_adapter(name, cfg) or pm
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return pm.eval(), names
+
+
+def test_causal_lm_generate_with_many_adapters():
+    pm, names = _llama_with_adapters(5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, zoo.VOCAB, (6, 5), generator=g)
+    mask = torch.ones_like(ids)
+    per_sample = ["t4", "t0", "__base__", "t2", "t4", "t1"]
+    gen = dict(do_sample=False, max_new_tokens=4)
+    with torch.no_grad():
+        mixed_logits = pm(input_ids=ids, attention_mask=mask, adapter_names=per_sample).logits
+        mixed = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=per_sample, **gen)
+        for i, name in enumerate(per_sample):
+            one = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+            if name == "__base__":
+                with pm.disable_adapter():
+                    logits, out = pm(**one).logits, pm.generate(**one, **gen)
+            else:
+                pm.set_adapter(name)
+                logits, out = pm(**one).logits, pm.generate(**one, **gen)
+            torch.testing.assert_close(mixed_logits[i], logits[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(mixed[i], out[0]), name
+    assert len({tuple(r.tolist()) for r in mixed}) > 2  # the adapters change what is generated
+
+
+# ------------------------------------------------------------------------------------------------------
+# bad input: a clear error, the model unchanged
+# ------------------------------------------------------------------------------------------------------
+def _snapshot(pm):
+    return {k: v.clone() for k, v in pm.state_dict().items()}, pm.active_adapters, pm.training
+
+
+def _unchanged(pm, before):
+    state, active, training = before
+    now = pm.state_dict()
+    assert list(now) == list(state) and all(torch.equal(now[k], state[k]) for k in now)
+    assert pm.active_adapters == active and pm.training == training
+
+
+@pytest.mark.parametrize("names,match", [
+    (["a0", "nope", "a1", "a0"], "unknown adapters \\['nope'\\]"),
+    (["a0", "a1", "a0"], "3 entries for a batch of 4"),
+    ("a0", "must be a non-empty list"),
+    ([], "must be a non-empty list"),
+    (["a0", 3, "a1", "a0"], "mixes names and other values"),
+    ([["a0", "a1"], ["a0"]], "lengths \\[1, 2\\]"),
+])
+def test_bad_adapter_names_leave_model_unchanged(names, match):
+    pm, _ = _model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 2))
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match=match):
+        pm(ids, adapter_names=names)
+    _unchanged(pm, before)
+    pm(ids, adapter_names=["a0", "a1", "a2", "__base__"])  # still usable
+
+
+def test_merged_and_dora_adapters_are_refused():
+    pm, _ = _model(2)
+    pm.eval()
+    ids = torch.randint(0, 29, (2, 2))
+    pm.base_model.merge_adapter(["a0"])
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="merged"):
+        pm(ids, adapter_names=["a0", "a1"])
+    _unchanged(pm, before)
+    pm.base_model.unmerge_adapter()
+    pm.add_adapter("d", fast.LoraConfig(r=2, target_modules=["lin0"], use_dora=True))
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="DoRA"):
+        pm(ids, adapter_names=["d", "a1"])
+    _unchanged(pm, before)
+
+
+def test_unmixable_method_is_refused():
+    base = Net()
+    pm = fast.get_peft_model(base, fast.LoHaConfig(r=2, target_modules=["lin0"]))
+    pm.eval()
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="adapter_names"):
+        pm(torch.randint(0, 29, (2, 2)), adapter_names=["default", "__base__"])
+    _unchanged(pm, before)
