@@ -190,11 +190,20 @@ def _grouped_expand_kernel(
     tl.store(o_ptrs, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# launch configurations (shared by the launchers and aot_specs)
-SHRINK_BLOCK_K = 64
-EXPAND_BLOCK_O = 64
-_WARPS = 4
+# launch configurations (shared by the launchers and aot_specs): the tile along K (shrink) or O (expand) and
+# the warps, per (block rows, rank tile, adapter dtype); large tiles take smaller K/O steps and 8 warps so
+# that the gathered rows' int64 pointers do not spill (the compile report checks every entry)
 _STAGES = 2
+MAX_KERNEL_RANK = 64
+
+
+def launch_config(kernel: str, block_rows: int, block_r: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_K or BLOCK_O, num_warps) of ``kernel`` ("shrink" / "expand")."""
+    big = block_rows * block_r >= 64 * 64
+    wide = dtype == torch.float32
+    if kernel == "shrink":
+        return (32 if big or wide else 64), (8 if big else 4)
+    return (32 if big or (wide and block_rows >= 64) or block_r >= 64 else 64), (8 if big else 4)
 
 
 def kernel_rank(rank: int) -> int:
@@ -221,14 +230,16 @@ def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, inplace
     h = torch.empty(nb, block_rows, br, dtype=torch.float32, device=x2.device)  # unused blocks: never read
     out = base2 if inplace else base2.clone()
     prec = dot_precision(base2.dtype, a.dtype)
+    block_k, warps = launch_config("shrink", block_rows, br, a.dtype)
     launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, m, k, n,
            x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2),
-           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_K=SHRINK_BLOCK_K, DOT_PRECISION=prec,
-           num_warps=_WARPS, num_stages=_STAGES)
-    launch(_grouped_expand_kernel, (nb, triton.cdiv(o, EXPAND_BLOCK_O)), h, b, table, badapter, out, m, o, n,
+           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec,
+           num_warps=warps, num_stages=_STAGES)
+    block_o, warps = launch_config("expand", block_rows, br, a.dtype)
+    launch(_grouped_expand_kernel, (nb, triton.cdiv(o, block_o)), h, b, table, badapter, out, m, o, n,
            b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_O=EXPAND_BLOCK_O, DOT_PRECISION=prec,
-           num_warps=_WARPS, num_stages=_STAGES)
+           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec,
+           num_warps=warps, num_stages=_STAGES)
     return out, h[..., :rank].to(a.dtype)
 
 
@@ -367,7 +378,8 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     if x.shape[-1] != k or x.numel() != m * k or base_out.numel() != m * b_store.shape[1]:
         raise ValueError(f"lora_grouped: x {tuple(x.shape)} / base_out {tuple(base_out.shape)} do not match "
                          f"{m} rows of index and stores with K={k}, O={b_store.shape[1]}")
-    on_triton = use_triton(x, base_out, a_store, b_store)
+    # rank tiles above MAX_KERNEL_RANK would spill: such stores run the reference (batched matmuls) on the GPU
+    on_triton = use_triton(x, base_out, a_store, b_store) and r <= MAX_KERNEL_RANK
     table, badapter = make_plan(index, n, on_triton) if plan is None else plan
     inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
@@ -390,18 +402,20 @@ def aot_specs() -> list[AotSpec]:
         for rows in SPEC_BLOCK_ROWS:
             for br in SPEC_RANKS:
                 prec = dot_precision(act, ad)
-                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=SHRINK_BLOCK_K, DOT_PRECISION=prec, stride_xk=1,
+                block_k, warps = launch_config("shrink", rows, br, ad)
+                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec, stride_xk=1,
                          stride_ak=1)
                 types = {"x_ptr": "*" + xa, "a_ptr": "*" + wa, "scale_ptr": "*fp32", "table_ptr": "*i64",
                          "badapter_ptr": "*i64", "h_ptr": "*fp32", "stride_xm": "i64", "stride_an": "i64"}
-                specs.append(AotSpec(f"lora_grouped_shrink[x={xa},w={wa},BM={rows},BR={br}]",
-                                     _grouped_shrink_kernel, aot_signature(_grouped_shrink_kernel, types, c), c,
-                                     _WARPS, _STAGES, True))
-                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=EXPAND_BLOCK_O, DOT_PRECISION=prec, stride_bo=1,
+                specs.append(AotSpec(f"lora_grouped_shrink[x={xa},w={wa},BM={rows},BR={br},BK={block_k},"
+                                     f"warps={warps}]", _grouped_shrink_kernel,
+                                     aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
+                block_o, warps = launch_config("expand", rows, br, ad)
+                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec, stride_bo=1,
                          stride_oo=1)
                 types = {"h_ptr": "*fp32", "b_ptr": "*" + wa, "table_ptr": "*i64", "badapter_ptr": "*i64",
                          "out_ptr": "*" + xa, "stride_om": "i64", "stride_bn": "i64"}
-                specs.append(AotSpec(f"lora_grouped_expand[x={xa},w={wa},BM={rows},BR={br}]",
-                                     _grouped_expand_kernel, aot_signature(_grouped_expand_kernel, types, c), c,
-                                     _WARPS, _STAGES, True))
+                specs.append(AotSpec(f"lora_grouped_expand[x={xa},w={wa},BM={rows},BR={br},BO={block_o},"
+                                     f"warps={warps}]", _grouped_expand_kernel,
+                                     aot_signature(_grouped_expand_kernel, types, c), c, warps, _STAGES, True))
     return specs

@@ -346,3 +346,47 @@ def test_unmixable_method_is_refused():
     with pytest.raises(ValueError, match="adapter_names"):
         pm(torch.randint(0, 29, (2, 2)), adapter_names=["default", "__base__"])
     _unchanged(pm, before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# (IA)^3
+# ------------------------------------------------------------------------------------------------------
+def test_ia3_mixed_batch_equals_each_sample_alone_and_trains():
+    torch.manual_seed(0)
+    pm = None
+    names = [f"i{k}" for k in range(3)]
+    for name in names:
+        cfg = fast.IA3Config(target_modules=["lin0", "c1d", "lin1"], feedforward_modules=["c1d"])
+        pm = fast.get_peft_model(Net(), cfg, adapter_name=name) if pm is None else pm.add_adapter(name, cfg) or pm
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "ia3_l" in pname:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("ia3_l" in pname)
+    pm.eval()
+    ids = torch.randint(0, 29, (5, 3))
+    per_sample = ["i2", "__base__", "i0", "i2", "i1"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids, adapter_names=per_sample), _alone(pm, ids, per_sample),
+                                   rtol=1e-5, atol=1e-5)
+    pm.train()
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("ia3_l" in pname)  # set_adapter above left one adapter trainable
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    weight = torch.randn(5, 3, 7)
+    grads = dict(zip(params, torch.autograd.grad((pm(ids, adapter_names=per_sample) * weight).sum(),
+                                                 list(params.values()), allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}" in k}
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        ref = torch.autograd.grad((pm(ids[rows]) * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-6, msg=k)
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="unknown adapters"):
+        pm(ids, adapter_names=["i0", "x", "i0", "i0", "i0"])
+    _unchanged(pm, before)

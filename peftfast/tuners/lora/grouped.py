@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ...kernels.backend import use_triton
-from ...kernels.lora_grouped import lora_grouped, make_plan, rank_bucket
+from ...kernels.lora_grouped import MAX_KERNEL_RANK, lora_grouped, make_plan, rank_bucket
 
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
@@ -109,7 +109,7 @@ def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, na
     x2 = x.reshape(-1, k)
     base2 = result.reshape(-1, result.shape[-1])
     xa = x2 if x2.dtype == store.a.dtype else x2.to(store.a.dtype)
-    on_triton = use_triton(xa, base2, store.a, store.b)
+    on_triton = use_triton(xa, base2, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
     index, plan = shared_plan(store, names, x2.shape[0], x.device, on_triton)
     if training and store.max_dropout > 0:
         keep = (1.0 - store.dropout.to(xa.dtype))[index.clamp(min=0)]
