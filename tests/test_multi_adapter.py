@@ -390,3 +390,43 @@ def test_ia3_mixed_batch_equals_each_sample_alone_and_trains():
     with pytest.raises(ValueError, match="unknown adapters"):
         pm(ids, adapter_names=["i0", "x", "i0", "i0", "i0"])
     _unchanged(pm, before)
+
+
+def _saved_activation_bytes(n: int) -> int:
+    """Bytes autograd saves in one training forward of a 16-sample mixed batch over ``n`` adapters (all rank
+    8), parameters and the layers' adapter stores (persistent, not activations) excluded."""
+    torch.manual_seed(0)
+    pm = None
+    for i in range(n):
+        cfg = fast.LoraConfig(r=8, lora_alpha=8, target_modules=["lin0", "c1d", "lin1"])
+        pm = fast.get_peft_model(Net(), cfg, adapter_name=f"a{i}") if pm is None else pm.add_adapter(f"a{i}", cfg) or pm
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    pm.train()
+    ids = torch.randint(0, 29, (16, 9))
+    names = [f"a{i % n}" for i in range(16)]
+    pm(ids, adapter_names=names)  # builds the stores
+    keep = {p.untyped_storage().data_ptr() for p in pm.parameters()}
+    for m in pm.modules():
+        store = m.__dict__.get("_grouped_store")
+        if store is not None:
+            keep |= {store.a.untyped_storage().data_ptr(), store.b.untyped_storage().data_ptr(),
+                     store.scale.untyped_storage().data_ptr()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in keep and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pm(ids, adapter_names=names).sum()
+    return total
+
+
+def test_saved_activations_do_not_grow_with_adapters():
+    two, sixteen = _saved_activation_bytes(2), _saved_activation_bytes(16)
+    assert sixteen <= 1.25 * two, (two, sixteen)
