@@ -119,7 +119,8 @@ def dense_plan(index: torch.Tensor, adapters: int, slack: float = 2.0):
 
 def make_plan(index: torch.Tensor, adapters: int, on_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan ``lora_grouped`` uses for ``index``: dense on the CPU when its padding is small, else blocks."""
-    plan = None if on_triton or index.is_cuda else dense_plan(index, adapters)
+    dense = not (on_triton or index.is_cuda or torch.compiler.is_compiling())  # dense_plan reads counts on the host
+    plan = dense_plan(index, adapters) if dense else None
     return plan if plan is not None else group_plan(index, adapters, block_rows_for(index.shape[0], adapters,
                                                                                      on_triton))
 
@@ -201,8 +202,8 @@ def launch_config(kernel: str, block_rows: int, block_r: int, dtype: torch.dtype
     """(BLOCK_K or BLOCK_O, num_warps) of ``kernel`` ("shrink" / "expand")."""
     big = block_rows * block_r >= 64 * 64
     wide = dtype == torch.float32
-    if kernel == "shrink":
-        return (32 if big or wide else 64), (8 if big else 4)
+    if kernel == "shrink":  # fp32 x fp32 (3xTF32 dots) at the largest tile: 16-wide K steps
+        return (16 if big and wide else 32 if big or wide else 64), (8 if big else 4)
     return (32 if big or (wide and block_rows >= 64) or block_r >= 64 else 64), (8 if big else 4)
 
 
@@ -381,6 +382,8 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     # rank tiles above MAX_KERNEL_RANK would spill: such stores run the reference (batched matmuls) on the GPU
     on_triton = use_triton(x, base_out, a_store, b_store) and r <= MAX_KERNEL_RANK
     table, badapter = make_plan(index, n, on_triton) if plan is None else plan
+    if torch.compiler.is_compiling():
+        return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter)[0]
     inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
                         hint=(on_triton, inplace))[0]

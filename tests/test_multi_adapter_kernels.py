@@ -63,3 +63,24 @@ def test_triton_in_place_and_model(interpreted):
     with torch.no_grad():
         torch.testing.assert_close(pm(ids, adapter_names=per_sample), _alone(pm, ids, per_sample),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(torch_backend):
+    """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op trace without a graph
+    break and give eager's output and gradients."""
+    from peftfast.kernels.lora_grouped import lora_grouped
+    from tests.test_multi_adapter import _op_case, _store
+
+    a, b, scal, index, x, base = _op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
+    stores = _store(a, b, scal)
+
+    def f(x, base, index):
+        return lora_grouped(x, base, a, b, *stores, index)
+
+    leaves = [x, base, *a, *b]
+    want = f(x, base, index)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, base, index)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(want)
+    for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        torch.testing.assert_close(g1, g2)
