@@ -277,6 +277,10 @@ def test_unknown_adapter_in_adapter_names():
         pm(**x, adapter_names=["default", "nope"])
     with raises(ValueError, "one adapter name per sample"):
         pm(**x, adapter_names=["default", "other", "default"])
+    pm.train()
+    with raises(ValueError, "training mode"):
+        pm(**x, adapter_names=["default", "other"])
+    pm.eval()
     assert_unchanged(pm, before)
 
 

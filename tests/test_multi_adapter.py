@@ -117,6 +117,9 @@ def test_training_gradients_equal_each_adapter_alone(n):
     samples (the loss is a sum over samples), other adapters' gradients zero where they have no sample."""
     pm, names = _model(n)
     pm.train()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        pm(torch.randint(0, 29, (2, 4)), adapter_names=[names[0], "__base__"])  # PEFT's rule by default
+    pm.base_model.train_mixed_batches = True
     batch = 7
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 29, (batch, 4), generator=g)
@@ -145,6 +148,7 @@ def test_training_dropout_per_adapter_masks_rows():
     """lora_dropout in training: a mixed batch still runs (one mask per row with its adapter's p), and an
     adapter with p close to 1 differs from its eval output while a sample of the base model does not."""
     pm, names = _model(2, dropout=0.5)
+    pm.base_model.train_mixed_batches = True
     ids = torch.randint(0, 29, (4, 3))
     per_sample = ["a0", "a1", "__base__", "a0"]
     pm.train()
@@ -403,6 +407,7 @@ def _saved_activation_bytes(n: int) -> int:
     for pname, p in pm.named_parameters():
         p.requires_grad_("lora_" in pname)
     pm.train()
+    pm.base_model.train_mixed_batches = True
     ids = torch.randint(0, 29, (16, 9))
     names = [f"a{i % n}" for i in range(16)]
     pm(ids, adapter_names=names)  # builds the stores

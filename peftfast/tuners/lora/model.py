@@ -111,11 +111,16 @@ class LoraModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """Route PEFT's ``adapter_names=[...]`` (one adapter per sample, or one list of names per sample: one per
         token) to every LoRA layer for one call. Unlike PEFT, also in training: each sample's loss reaches only
-        its own adapter (``grouped.py``)."""
+        its own adapter (``grouped.py``), once ``train_mixed_batches`` is set (PEFT refuses training with
+        adapter_names, and so does peftfast by default)."""
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             yield
             return
+        if self.training and not getattr(self, "train_mixed_batches", False):
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode. (PEFT's rule; peftfast "
+                             "can train several adapters on one mixed batch, each sample's loss reaching only its "
+                             "adapter: set `model.base_model.train_mixed_batches = True` first)")
         check_adapter_names_shape(adapter_names)
         flat = [n for per in adapter_names for n in per] if isinstance(adapter_names[0], (list, tuple)) \
             else adapter_names
