@@ -34,7 +34,7 @@ class Net(nn.Module):
         return self.lin1(torch.tanh(self.c1d(torch.tanh(self.lin0(self.emb(ids))))))
 
 
-def _model(n: int, dtype=torch.float32, dropout: float = 0.0, seed: int = 0):
+def make_model(n: int, dtype=torch.float32, dropout: float = 0.0, seed: int = 0):
     torch.manual_seed(seed)
     base = Net().to(dtype)
     names = [f"a{i}" for i in range(n)]
@@ -55,7 +55,7 @@ def _model(n: int, dtype=torch.float32, dropout: float = 0.0, seed: int = 0):
     return pm, names
 
 
-def _alone(pm, ids, names):
+def alone_outputs(pm, ids, names):
     """Each sample run alone with its adapter active (or adapters disabled for '__base__')."""
     outs = []
     for i, name in enumerate(names):
@@ -70,7 +70,7 @@ def _alone(pm, ids, names):
 
 @pytest.mark.parametrize("n,batch", [(1, 3), (3, 5), (17, 11)])
 def test_mixed_batch_equals_each_sample_alone(n, batch):
-    pm, names = _model(n)
+    pm, names = make_model(n)
     g = torch.Generator().manual_seed(n)
     ids = torch.randint(0, 29, (batch, 6), generator=g)
     choice = names + ["__base__"]
@@ -79,10 +79,10 @@ def test_mixed_batch_equals_each_sample_alone(n, batch):
     pm.eval()
     with torch.no_grad():
         mixed = pm(ids, adapter_names=per_sample)
-        alone = _alone(pm, ids, per_sample)
-        pm64, _ = _model(n, torch.float64)
+        alone = alone_outputs(pm, ids, per_sample)
+        pm64, _ = make_model(n, torch.float64)
         pm64.eval()
-        ref = _alone(pm64, ids, per_sample)
+        ref = alone_outputs(pm64, ids, per_sample)
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
     # against float64: no further from it than running each sample alone in fp32 (a few roundings)
     assert_matches_float64("mixed", mixed, alone, ref, k=4)
@@ -91,7 +91,7 @@ def test_mixed_batch_equals_each_sample_alone(n, batch):
 def test_store_follows_adapter_changes():
     """Adding, deleting, reloading (in-place writes) and rescaling adapters between mixed calls: the stacked
     store follows, outputs equal each sample alone."""
-    pm, names = _model(3)
+    pm, names = make_model(3)
     pm.eval()
     ids = torch.randint(0, 29, (4, 5))
     per_sample = ["a0", "a2", "__base__", "a1"]
@@ -107,7 +107,7 @@ def test_store_follows_adapter_changes():
         layer.set_scale("a0", 0.5)
         names2 = ["a0", "new", "__base__", "a1"]
         mixed = pm(ids, adapter_names=names2)
-        alone = _alone(pm, ids, names2)
+        alone = alone_outputs(pm, ids, names2)
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
 
 
@@ -115,7 +115,7 @@ def test_store_follows_adapter_changes():
 def test_training_gradients_equal_each_adapter_alone(n):
     """Several adapters trained on one mixed batch: each adapter's gradients equal training it alone on its
     samples (the loss is a sum over samples), other adapters' gradients zero where they have no sample."""
-    pm, names = _model(n)
+    pm, names = make_model(n)
     pm.train()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
         pm(torch.randint(0, 29, (2, 4)), adapter_names=[names[0], "__base__"])  # PEFT's rule by default
@@ -147,7 +147,7 @@ def test_training_gradients_equal_each_adapter_alone(n):
 def test_training_dropout_per_adapter_masks_rows():
     """lora_dropout in training: a mixed batch still runs (one mask per row with its adapter's p), and an
     adapter with p close to 1 differs from its eval output while a sample of the base model does not."""
-    pm, names = _model(2, dropout=0.5)
+    pm, names = make_model(2, dropout=0.5)
     pm.base_model.train_mixed_batches = True
     ids = torch.randint(0, 29, (4, 3))
     per_sample = ["a0", "a1", "__base__", "a0"]
@@ -162,7 +162,7 @@ def test_training_dropout_per_adapter_masks_rows():
 
 def test_per_token_adapter_names():
     """One adapter name per token on linear layers: each token as if its sample used that token's adapter."""
-    pm, names = _model(3)
+    pm, names = make_model(3)
     pm.eval()
     lin = pm.base_model.model.lin0
     x = torch.randn(2, 3, 13)
@@ -183,7 +183,7 @@ def test_per_token_adapter_names():
 # ------------------------------------------------------------------------------------------------------
 # the op on its own
 # ------------------------------------------------------------------------------------------------------
-def _op_case(n, m, k, o, ranks, dtype, seed=0):
+def op_case(n, m, k, o, ranks, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = [torch.randn(r, k, generator=g).to(dtype).requires_grad_() for r in ranks]
     b = [torch.randn(o, r, generator=g).to(dtype).requires_grad_() for r in ranks]
@@ -194,7 +194,7 @@ def _op_case(n, m, k, o, ranks, dtype, seed=0):
     return a, b, scal, index, x, base
 
 
-def _store(a, b, scal):
+def stacked_store(a, b, scal):
     r = 1 << (max(w.shape[0] for w in a) - 1).bit_length()
     st_a = torch.zeros(len(a), r, a[0].shape[1], dtype=a[0].dtype)
     st_b = torch.zeros(len(a), b[0].shape[0], r, dtype=a[0].dtype)
@@ -204,7 +204,7 @@ def _store(a, b, scal):
     return st_a, st_b, torch.tensor(scal, dtype=torch.float32)
 
 
-def _loop(x, base, a, b, scal, index):
+def loop_reference(x, base, a, b, scal, index):
     out = base.clone()
     for i in range(len(a)):
         rows = (index == i).nonzero().flatten()
@@ -215,12 +215,12 @@ def _loop(x, base, a, b, scal, index):
 def run_op_case(n, m, k, o, ranks):
     """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
     every gradient."""
-    a, b, scal, index, x, base = _op_case(n, m, k, o, ranks, torch.float32)
-    y = lora_grouped(x, base, a, b, *_store(a, b, scal), index)
-    plain = _loop(x, base, a, b, scal, index)
+    a, b, scal, index, x, base = op_case(n, m, k, o, ranks, torch.float32)
+    y = lora_grouped(x, base, a, b, *stacked_store(a, b, scal), index)
+    plain = loop_reference(x, base, a, b, scal, index)
     leaves = [x, base, *a, *b]
     d = [t.detach().double().requires_grad_() for t in leaves]
-    ref = _loop(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
+    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
     assert_matches_float64("y", y, plain, ref, k=8)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, gy)
@@ -315,7 +315,7 @@ def _unchanged(pm, before):
     ([["a0", "a1"], ["a0"]], "lengths \\[1, 2\\]"),
 ])
 def test_bad_adapter_names_leave_model_unchanged(names, match):
-    pm, _ = _model(3)
+    pm, _ = make_model(3)
     pm.eval()
     ids = torch.randint(0, 29, (4, 2))
     before = _snapshot(pm)
@@ -326,7 +326,7 @@ def test_bad_adapter_names_leave_model_unchanged(names, match):
 
 
 def test_merged_and_dora_adapters_are_refused():
-    pm, _ = _model(2)
+    pm, _ = make_model(2)
     pm.eval()
     ids = torch.randint(0, 29, (2, 2))
     pm.base_model.merge_adapter(["a0"])
@@ -372,7 +372,7 @@ def test_ia3_mixed_batch_equals_each_sample_alone_and_trains():
     ids = torch.randint(0, 29, (5, 3))
     per_sample = ["i2", "__base__", "i0", "i2", "i1"]
     with torch.no_grad():
-        torch.testing.assert_close(pm(ids, adapter_names=per_sample), _alone(pm, ids, per_sample),
+        torch.testing.assert_close(pm(ids, adapter_names=per_sample), alone_outputs(pm, ids, per_sample),
                                    rtol=1e-5, atol=1e-5)
     pm.train()
     for pname, p in pm.named_parameters():

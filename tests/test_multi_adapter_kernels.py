@@ -47,21 +47,21 @@ def test_triton_in_place_and_model(interpreted):
     """Without autograd the expand adds into the base output itself; a whole model's mixed batch through the
     kernels equals each sample alone."""
     from peftfast.kernels.lora_grouped import lora_grouped
-    from tests.test_multi_adapter import _alone, _model, _op_case, _loop, _store
+    from tests.test_multi_adapter import alone_outputs, make_model, op_case, loop_reference, stacked_store
 
-    a, b, scal, index, x, base = _op_case(3, 19, 11, 7, [1, 8, 5], torch.float32)
+    a, b, scal, index, x, base = op_case(3, 19, 11, 7, [1, 8, 5], torch.float32)
     with torch.no_grad():
         fresh = base.detach() * 1.0
-        want = _loop(x, base, a, b, scal, index)
-        y = lora_grouped(x.detach(), fresh, a, b, *_store(a, b, scal), index)
+        want = loop_reference(x, base, a, b, scal, index)
+        y = lora_grouped(x.detach(), fresh, a, b, *stacked_store(a, b, scal), index)
     assert y.data_ptr() == fresh.data_ptr()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-    pm, names = _model(3)
+    pm, names = make_model(3)
     pm.eval()
     ids = torch.randint(0, 29, (4, 3))
     per_sample = ["a2", "__base__", "a0", "a2"]
     with torch.no_grad():
-        torch.testing.assert_close(pm(ids, adapter_names=per_sample), _alone(pm, ids, per_sample),
+        torch.testing.assert_close(pm(ids, adapter_names=per_sample), alone_outputs(pm, ids, per_sample),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -69,10 +69,10 @@ def test_torch_compile_fullgraph(torch_backend):
     """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op trace without a graph
     break and give eager's output and gradients."""
     from peftfast.kernels.lora_grouped import lora_grouped
-    from tests.test_multi_adapter import _op_case, _store
+    from tests.test_multi_adapter import op_case, stacked_store
 
-    a, b, scal, index, x, base = _op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
-    stores = _store(a, b, scal)
+    a, b, scal, index, x, base = op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
+    stores = stacked_store(a, b, scal)
 
     def f(x, base, index):
         return lora_grouped(x, base, a, b, *stores, index)
