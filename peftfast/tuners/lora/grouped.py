@@ -92,13 +92,12 @@ def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.devic
     """(index, plan) for these rows: made once, then reused by the next layers of the call."""
     key = (store.names, tuple(tuple(n) if isinstance(n, (list, tuple)) else n for n in names), rows, device,
            on_triton)
-    hit = _LAST_PLAN.get("key")
-    if hit == key:
-        return _LAST_PLAN["value"]
+    hit = _LAST_PLAN.get("entry")  # one (key, value) tuple, replaced whole: no torn read across threads
+    if hit is not None and hit[0] == key:
+        return hit[1]
     index = row_index(store.slots, names, rows, device)
     value = (index, make_plan(index, len(store.names), on_triton))
-    _LAST_PLAN.clear()
-    _LAST_PLAN.update(key=key, value=value)
+    _LAST_PLAN["entry"] = (key, value)
     return value
 
 
