@@ -13,6 +13,8 @@ Layout (one file per op; shared pieces are public names in shared modules):
     quant.py                  bitsandbytes 4-bit / int8 storage and dequantisation
     lora.py                   lora_linear: the adapters on a base layer's output
     lora_fused.py             lora_linear_fused: the adapters inside the base linear's GEMMs
+    lora_grouped.py           lora_grouped (import it from the module: its name is the module's): each
+                              row its own adapter (mixed batches), rows grouped by adapter
     qmatmul.py                matmul_4bit / matmul_int8: GEMMs over quantised weights
     qlora.py                  qlora_linear_fused: the adapters inside the quantised GEMMs
     ia3.py                    ia3_linear / ia3_scale_*: IA3 scales inside the matmul

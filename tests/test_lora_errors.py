@@ -275,8 +275,10 @@ def test_unknown_adapter_in_adapter_names():
     x = {k: v for k, v in causal_inputs(batch=2).items() if k != "labels"}
     with raises(ValueError, "nope"):
         pm(**x, adapter_names=["default", "nope"])
+    with raises(ValueError, "one adapter name per sample"):
+        pm(**x, adapter_names=["default", "other", "default"])
     pm.train()
-    with raises(ValueError, "eval"):
+    with raises(ValueError, "training mode"):
         pm(**x, adapter_names=["default", "other"])
     pm.eval()
     assert_unchanged(pm, before)

@@ -907,4 +907,7 @@ class BaseTuner(nn.Module):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        if kwargs.get("adapter_names") is not None:  # a tuner that mixes adapters per sample overrides this
+            raise ValueError(f"adapter_names (one adapter per sample) is not supported by {type(self).__name__}; it "
+                             "is supported for LoRA; use set_adapter() to choose the adapter for the whole batch")
         yield

@@ -25,7 +25,7 @@ from torch import nn
 from ...kernels.ia3 import ia3_linear, ia3_scale_input, ia3_scale_output
 from ...utils.other import transpose
 from ..adapter_layers import AdapterLayer, base_is_fusable, feature_sizes, raise_if_not_finite
-from ..tuners_utils import conv1d_class
+from ..tuners_utils import per_sample_adapter_names, conv1d_class
 
 
 class IA3Layer(AdapterLayer):
@@ -199,8 +199,11 @@ class Linear(nn.Module, IA3Layer):
         return weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.base_alone():
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, args, kwargs)
         scale = self.active_scale()
         if scale is None:
             return self.base_layer(x, *args, **kwargs)
@@ -211,6 +214,26 @@ class Linear(nn.Module, IA3Layer):
         if self.is_feedforward:
             return self.base_layer(ia3_scale_input(x, scale), *args, **kwargs)
         return ia3_scale_output(self.base_layer(x, *args, **kwargs), scale)
+
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], args: tuple,
+                             kwargs: dict) -> torch.Tensor:
+        """Each sample scaled by its own adapter's vector (``'__base__'`` and adapters this layer does not hold:
+        ones): the vectors are stacked once per call (one [N + 1, features] tensor; gradients reach each
+        adapter's vector from its samples only) and gathered per row, no loop over adapters."""
+        names = per_sample_adapter_names(adapter_names, x.shape[0])
+        held = [n for n in dict.fromkeys(names) if n in self.ia3_l]
+        if not held:
+            return self.base_layer(x, *args, **kwargs)
+        slots = {n: i for i, n in enumerate(held)}
+        vecs = [self.ia3_l[n].flatten() for n in held]
+        table = torch.stack([*vecs, torch.ones_like(vecs[0])])
+        index = torch.tensor([slots.get(n, len(held)) for n in names], device=table.device)
+        per_row = table[index].view(x.shape[0], *(1,) * (x.dim() - 2), -1)  # [B, 1.., features]
+        if self.is_feedforward:
+            return self.base_layer((x * per_row).to(x.dtype), *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        return (out * per_row).to(out.dtype)
 
 
 class ConvNd(nn.Module, IA3Layer):

@@ -207,7 +207,35 @@ class IA3Model(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        if kwargs.get("adapter_names") is not None:
-            raise ValueError("adapter_names (one adapter per sample) is supported for LoRA only, not (IA)^3; "
-                             "use set_adapter() to choose the adapter for the whole batch")
-        yield
+        """PEFT's ``adapter_names=[...]`` (one adapter per sample, '__base__' for none) routed to every (IA)^3
+        linear layer for one call; checked first, so a refused call changes nothing."""
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            yield
+            return
+        if not isinstance(adapter_names, (list, tuple)) or not adapter_names or \
+                not all(isinstance(n, str) for n in adapter_names):
+            raise ValueError("adapter_names for (IA)^3 must be a non-empty list of adapter names, one per sample "
+                             f"('__base__' for none), got {adapter_names!r:.200}")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; available: "
+                             f"{', '.join(self.peft_config)} and '__base__'")
+        layers = [m for m in self.model.modules() if isinstance(m, IA3Layer)]
+        other = sorted({type(m).__name__ for m in layers if type(m) is not Linear})
+        if other:
+            raise ValueError(f"adapter_names with (IA)^3 is supported on linear layers only; this model has (IA)^3 "
+                             f"{', '.join(other)} layers")
+        if any(m.merged for m in layers):
+            raise ValueError("adapter_names cannot be used while (IA)^3 adapters are merged; unmerge first")
+
+        def pre_hook(module: nn.Module, args: tuple, kw: dict):
+            kw["adapter_names"] = adapter_names
+            return args, kw
+
+        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()

@@ -30,6 +30,7 @@ from ...utils.other import transpose
 from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names
+from .grouped import AdapterStore, grouped_delta
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 
 
@@ -243,11 +244,23 @@ class LoraLayer(AdditiveAdapterLayer):
         ``adapter_names``; each layer class adds one adapter with ``_with_adapter``."""
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
-        if self.uses_dora([n for n in adapter_names if n != "__base__"]):
+        per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
+        flat = [n for per in adapter_names for n in per] if per_token else adapter_names
+        if self.uses_dora([n for n in flat if n != "__base__"]):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled: a batch mixing adapters is "
                              "supported for LoRA adapters without use_dora only")
+        if per_token:  # one name per token
+            result = self.base_forward(x, *args, **kwargs)
+            out = self._grouped_mixed(x, result, adapter_names)
+            if out is None:
+                raise ValueError(f"adapter_names per token is supported for LoRA on linear layers, not on "
+                                 f"{type(self.get_base_layer()).__name__}; give one adapter name per sample")
+            return out
         adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
         result = self.base_forward(x, *args, **kwargs)
+        grouped = self._grouped_mixed(x, result, adapter_names)
+        if grouped is not None:
+            return grouped
         out = result.clone()
         for name in dict.fromkeys(adapter_names):
             if name == "__base__" or not self.holds(name):
@@ -255,6 +268,11 @@ class LoraLayer(AdditiveAdapterLayer):
             idx = [i for i, n in enumerate(adapter_names) if n == name]
             out[idx] = self._with_adapter(x[idx], result[idx], name)
         return out
+
+    def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+        """``result`` plus each row's adapter as one grouped op (``grouped.py``), or None where the layer type
+        has no grouped path (the caller then adds one adapter at a time)."""
+        return None
 
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
@@ -372,6 +390,17 @@ class Linear(nn.Module, LoraLayer):
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
         return self._lora(x, result, [name])
+
+    def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+        names = [n for n in self.lora_A._modules if not self.use_dora.get(n, False)]
+        if not names:
+            return result
+        bundle = self.adapter_bundle(names)
+        store = self.__dict__.get("_grouped_store")
+        if store is None:
+            store = self.__dict__["_grouped_store"] = AdapterStore()
+        store.sync(names, bundle.weights_a, bundle.weights_b, bundle.scalings, bundle.dropout_ps)
+        return grouped_delta(store, x, result, adapter_names, bundle.weights_a, bundle.weights_b, self.training)
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()

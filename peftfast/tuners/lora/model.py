@@ -18,6 +18,7 @@ from ..tuners_utils import BaseTuner, BaseTunerLayer, conv1d_class, linear_layer
 from ...utils.patterns import get_pattern_key
 from .bnb import dispatch_bnb
 from .config import LoraConfig
+from .grouped import check_adapter_names_shape
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
 from .weighted import add_weighted_adapter
 
@@ -108,14 +109,22 @@ class LoraModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """Route PEFT's ``adapter_names=[...]`` (one adapter per sample) to every LoRA layer for one call."""
+        """Route PEFT's ``adapter_names=[...]`` (one adapter per sample, or one list of names per sample: one per
+        token) to every LoRA layer for one call. Unlike PEFT, also in training: each sample's loss reaches only
+        its own adapter (``grouped.py``), once ``train_mixed_batches`` is set (PEFT refuses training with
+        adapter_names, and so does peftfast by default)."""
         adapter_names = kwargs.get("adapter_names")
         if adapter_names is None:
             yield
             return
-        if self.training:
-            raise ValueError("adapter_names (one adapter per sample) can only be used in eval mode")
-        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if self.training and not getattr(self, "train_mixed_batches", False):
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode. (PEFT's rule; peftfast "
+                             "can train several adapters on one mixed batch, each sample's loss reaching only its "
+                             "adapter: set `model.base_model.train_mixed_batches = True` first)")
+        check_adapter_names_shape(adapter_names)
+        flat = [n for per in adapter_names for n in per] if isinstance(adapter_names[0], (list, tuple)) \
+            else adapter_names
+        unknown = sorted(set(flat) - set(self.peft_config) - {"__base__"})
         if unknown:
             raise ValueError(f"adapter_names contains unknown adapters {unknown}; available: "
                              f"{', '.join(self.peft_config)} and '__base__'")

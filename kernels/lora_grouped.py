@@ -1,0 +1,424 @@
+"""Grouped LoRA: each row of a batch uses its own adapter (PEFT's ``adapter_names``), in one pass.
+
+Math (one layer; x: [M, K]; base_out: [M, O]; adapter slot a(m) of row m, -1 for none):
+
+    y[m] = base_out[m] + s_a * (x[m] @ A_a^T) @ B_a^T       (a = a(m) >= 0)
+    y[m] = base_out[m]                                      (a(m) = -1: the base model)
+
+Adapters live in a stacked store: A [N, R, K], B [N, O, R], scale [N] (fp32), R a power of two >= every
+rank, rank rows r_a..R-1 of A and columns of B zero. The store is built once and reused while the
+adapters' tensors are unchanged (the layer keeps it; see ``peftfast.tuners.lora.layer``): adding or
+deleting an adapter changes only the store's contents, never a kernel.
+
+Plan (``group_plan``, torch ops on the device, no host synchronisation, a fixed number of launches
+whatever N is): rows are sorted by adapter (stable argsort) and each adapter's run of rows is cut into
+blocks of ``block_rows``; ``table`` [nb, block_rows] holds the row index of each block slot (M for an
+empty slot), ``block_adapter`` [nb] the adapter of each block (N for an unused block). nb = N +
+ceil(M / block_rows) bounds the blocks any assignment needs, so it is known without reading counts.
+Rows of ``__base__`` are in no block.
+
+Per block (SGMV, one adapter per block):
+
+    shrink:  h = s_a * x[table] @ A_a^T           [block_rows, R]    (fp32 accumulation)
+    expand:  y[table] = base_out[table] + h @ B_a^T
+
+Triton: one shrink launch (grid nb) and one expand launch (grid nb x O blocks) per layer; a program of an
+unused block returns at once. Offsets are int64 throughout. The PyTorch reference runs the same plan with
+two batched matmuls over the blocks (gathering each block's A and B from the store: at most
+nb <= N + M / block_rows copies of an adapter's factors), so neither path loops over adapters in Python.
+
+Backward (reference, both backends), G = dY[table]:
+
+    dB_a += G^T @ h          dH = (G @ B_a) * s_a          dA_a += dH^T @ x[table]        dx[table] = dH @ A_a
+
+each summed into the store's shape by ``index_add`` over blocks, then handed to every adapter's own A and
+B as views of its rank rows. Saved for backward: x (the caller's tensor), h ([nb, block_rows, R]) and the
+plan; none of it grows with the number of adapters.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import AotSpec
+from .opdecl import OpDecl
+from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
+
+# ----------------------------------------------------------------------------------------------
+# Plan
+# ----------------------------------------------------------------------------------------------
+
+
+def rank_bucket(rank: int) -> int:
+    """The store's rank: the next power of two >= ``rank`` (a new adapter of a smaller rank reuses it)."""
+    return 1 << max(0, int(rank) - 1).bit_length()
+
+
+def block_rows_for(rows: int, adapters: int, on_triton: bool) -> int:
+    """Rows per block: ~rows / adapters (so the blocks' padding is at most ~M), a power of two; the Triton
+    kernels need 16..64 (``tl.dot`` tiles)."""
+    per = max(1, -(-rows // max(1, adapters)))
+    b = rank_bucket(per)
+    return min(64, max(16, b)) if on_triton else min(256, b)
+
+
+def num_blocks(rows: int, adapters: int, block_rows: int) -> int:
+    """Blocks that any assignment of ``rows`` rows to ``adapters`` adapters fits in."""
+    return adapters + -(-rows // block_rows)
+
+
+def group_plan(index: torch.Tensor, adapters: int, block_rows: int,
+               counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table [nb, block_rows] int64, block_adapter [nb] int64) for rows whose adapter slots are ``index``
+    ([M] int64, -1 for the base model); see the module docstring. Torch ops only, no host synchronisation.
+
+    ``dense_plan`` instead: one block per adapter (block_rows >= every adapter's row count, which the caller
+    read), so block b is adapter b and the stores are used as they are, without gathering per block."""
+    m = index.shape[0]
+    dev = index.device
+    key = torch.where(index < 0, torch.full_like(index, adapters), index)
+    order = torch.argsort(key, stable=True)
+    if counts is None:
+        counts = torch.bincount(key, minlength=adapters + 1)
+        blocks = (counts[:adapters] + block_rows - 1) // block_rows
+        nb = num_blocks(m, adapters, block_rows)
+    else:
+        blocks = torch.ones(adapters, dtype=torch.int64, device=dev)
+        nb = adapters
+    seg_start = torch.cumsum(counts, 0) - counts
+    blk_end = torch.cumsum(blocks, 0)
+    blk_start = blk_end - blocks
+    ks = key[order]
+    pos = torch.arange(m, device=dev) - seg_start[ks]
+    valid = ks < adapters
+    ks_c = ks.clamp(max=max(adapters - 1, 0))
+    flat = torch.where(valid, (blk_start[ks_c] + pos // block_rows) * block_rows + pos % block_rows,
+                       torch.full_like(pos, nb * block_rows))
+    table = torch.full(((nb + 1) * block_rows,), m, dtype=torch.int64, device=dev)
+    table.scatter_(0, flat, order)  # base rows all land in the extra block, dropped below
+    table = table[:nb * block_rows].view(nb, block_rows)
+    block_adapter = torch.searchsorted(blk_end, torch.arange(nb, device=dev), right=True)
+    return table, block_adapter
+
+
+def dense_plan(index: torch.Tensor, adapters: int, slack: float = 2.0):
+    """The CPU plan: (table [N, C], block_adapter = arange(N)) with C the largest adapter's row count, when the
+    padding N * C stays within ``slack`` x the rows (else None: use ``group_plan``). Reads the counts on the
+    host (free on the CPU; the Triton path never calls it)."""
+    m = index.shape[0]
+    key = torch.where(index < 0, torch.full_like(index, adapters), index)
+    counts = torch.bincount(key, minlength=adapters + 1)
+    c = max(1, int(counts[:adapters].max()))
+    if adapters * c > slack * m + adapters:
+        return None
+    return group_plan(index, adapters, c, counts=counts)
+
+
+def make_plan(index: torch.Tensor, adapters: int, on_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan ``lora_grouped`` uses for ``index``: dense on the CPU when its padding is small, else blocks."""
+    dense = not (on_triton or index.is_cuda or torch.compiler.is_compiling())  # dense_plan reads counts on the host
+    plan = dense_plan(index, adapters) if dense else None
+    return plan if plan is not None else group_plan(index, adapters, block_rows_for(index.shape[0], adapters,
+                                                                                     on_triton))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _grouped_shrink_kernel(
+    x_ptr, a_ptr, scale_ptr, table_ptr, badapter_ptr, h_ptr,
+    M, K, N_ADAPTERS,
+    stride_xm, stride_xk, stride_an, stride_ar, stride_ak,
+    BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """h[b] = scale[a] * x[table[b]] @ A[a]^T for block b of adapter a (fp32, [BLOCK_ROWS, BLOCK_R])."""
+    b = tl.program_id(0).to(tl.int64)
+    adapter = tl.load(badapter_ptr + b).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    h_ptrs = h_ptr + (b * BLOCK_ROWS + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
+    if adapter >= N_ADAPTERS:  # an unused block: zeros (backward multiplies them by zero gradients)
+        tl.store(h_ptrs, tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32))
+        return
+    rows = tl.load(table_ptr + b * BLOCK_ROWS + offs_m).to(tl.int64)
+    row_ok = rows < M
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
+    a_base = a_ptr + adapter * stride_an
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        at = tl.load(a_base + offs_r[:, None] * stride_ar + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        acc += tl.dot(xt.to(at.dtype), tl.trans(at), input_precision=DOT_PRECISION)
+    s = tl.load(scale_ptr + adapter)
+    tl.store(h_ptrs, acc * s)
+
+
+@triton.jit
+def _grouped_expand_kernel(
+    h_ptr, b_ptr, table_ptr, badapter_ptr, out_ptr,
+    M, O, N_ADAPTERS,
+    stride_bn, stride_bo, stride_br, stride_om, stride_oo,
+    BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[table[b], o-block] += h[b] @ B[a]^T (out holds the base output; each row is in one block)."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_o = tl.program_id(1).to(tl.int64)
+    adapter = tl.load(badapter_ptr + b).to(tl.int64)
+    if adapter >= N_ADAPTERS:
+        return
+    offs_m = tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
+    rows = tl.load(table_ptr + b * BLOCK_ROWS + offs_m).to(tl.int64)
+    row_ok = rows < M
+    o_ok = offs_o < O
+    h = tl.load(h_ptr + (b * BLOCK_ROWS + offs_m[:, None]) * BLOCK_R + offs_r[None, :])
+    bt = tl.load(b_ptr + adapter * stride_bn + offs_r[:, None] * stride_br + offs_o[None, :] * stride_bo,
+                 mask=o_ok[None, :], other=0.0)
+    acc = tl.dot(h.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+    o_ptrs = out_ptr + rows[:, None] * stride_om + offs_o[None, :] * stride_oo
+    mask = row_ok[:, None] & o_ok[None, :]
+    base = tl.load(o_ptrs, mask=mask, other=0.0)
+    tl.store(o_ptrs, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# launch configurations (shared by the launchers and aot_specs): the tile along K (shrink) or O (expand) and
+# the warps, per (block rows, rank tile, adapter dtype); large tiles take smaller K/O steps and 8 warps so
+# that the gathered rows' int64 pointers do not spill (the compile report checks every entry)
+_STAGES = 2
+MAX_KERNEL_RANK = 64
+
+
+def launch_config(kernel: str, block_rows: int, block_r: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_K or BLOCK_O, num_warps) of ``kernel`` ("shrink" / "expand")."""
+    big = block_rows * block_r >= 64 * 64
+    wide = dtype == torch.float32
+    if kernel == "shrink":  # fp32 x fp32 (3xTF32 dots) at the largest tile: 16-wide K steps
+        return (16 if big and wide else 32 if big or wide else 64), (8 if big else 4)
+    return (32 if big or (wide and block_rows >= 64) or block_r >= 64 else 64), (8 if big else 4)
+
+
+def kernel_rank(rank: int) -> int:
+    """The rank tile of the kernels: the store's rank, at least 16 (``tl.dot``)."""
+    return max(16, rank)
+
+
+def updatable_in_place(base_out: torch.Tensor) -> bool:
+    """Whether the expand may add into ``base_out`` itself (a fresh contiguous output no one else holds as a
+    leaf or a view base), saving the copy of y."""
+    return (base_out._base is None and base_out.is_contiguous() and base_out.numel() > 0
+            and not (base_out.is_leaf and base_out.requires_grad)
+            and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
+
+
+def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, inplace=False):
+    m, k = x2.shape
+    n, o, rank = a.shape[0], b.shape[1], a.shape[1]
+    nb = table.shape[0]
+    br = kernel_rank(rank)
+    if br != a.shape[1]:  # ranks below 16: pad the store's rank to the tile (small, once per call)
+        a = torch.nn.functional.pad(a, (0, 0, 0, br - a.shape[1]))
+        b = torch.nn.functional.pad(b, (0, br - b.shape[2]))
+    h = torch.empty(nb, block_rows, br, dtype=torch.float32, device=x2.device)  # unused blocks: never read
+    out = base2 if inplace else base2.clone()
+    prec = dot_precision(base2.dtype, a.dtype)
+    block_k, warps = launch_config("shrink", block_rows, br, a.dtype)
+    launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, m, k, n,
+           x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2),
+           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec,
+           num_warps=warps, num_stages=_STAGES)
+    block_o, warps = launch_config("expand", block_rows, br, a.dtype)
+    launch(_grouped_expand_kernel, (nb, triton.cdiv(o, block_o)), h, b, table, badapter, out, m, o, n,
+           b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
+           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec,
+           num_warps=warps, num_stages=_STAGES)
+    return out, h[..., :rank].to(a.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch reference
+# ----------------------------------------------------------------------------------------------
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [M, D] with one zero row appended (index M: an empty block slot)."""
+    return torch.cat([t, t.new_zeros(1, t.shape[1])])
+
+
+def _block_factors(a, b, scale, badapter):
+    n = a.shape[0]
+    if badapter.shape[0] == n:  # a dense plan (or no rows): block i is adapter i
+        return a, b, scale
+    used = badapter.clamp(max=n - 1)
+    live = (badapter < n).to(scale.dtype) * scale[used]
+    return a[used], b[used], live
+
+
+def forward_reference(x2, base2, a, b, scale, table, badapter):
+    """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
+    m = x2.shape[0]
+    ab, bb, s = _block_factors(a, b, scale, badapter)
+    xb = _padded(x2 if x2.dtype == a.dtype else x2.to(a.dtype))[table]  # [nb, rows, K]
+    h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
+    yb = torch.bmm(h, bb.transpose(1, 2))  # [nb, rows, O]
+    acc = _padded(base2.to(a.dtype)) if base2.dtype != a.dtype else _padded(base2)
+    acc.index_add_(0, table.reshape(-1), yb.reshape(-1, yb.shape[-1]))
+    return acc[:m].to(base2.dtype), h
+
+
+def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w):
+    """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None)."""
+    m, n = x2.shape[0], a.shape[0]
+    ab, bb, s = _block_factors(a, b, scale, badapter)
+    g = _padded(dy2.to(a.dtype))[table]  # [nb, rows, O]
+    h = h.to(a.dtype)
+    dh = torch.bmm(g, bb) * s.to(a.dtype)[:, None, None]  # [nb, rows, R]
+    dx = da = db = None
+    if need_x:
+        dxb = torch.bmm(dh, ab)
+        acc = x2.new_zeros(m + 1, x2.shape[1], dtype=a.dtype)
+        acc.index_add_(0, table.reshape(-1), dxb.reshape(-1, dxb.shape[-1]))
+        dx = acc[:m].to(x2.dtype)
+    if need_w:
+        xb = _padded(x2.to(a.dtype))[table]
+        da, db = torch.bmm(dh.transpose(1, 2), xb), torch.bmm(g.transpose(1, 2), h)
+        if ab is not a:  # blocks gathered per adapter: sum them into the store's shape
+            used = badapter.clamp(max=n - 1)
+            da = torch.zeros_like(a).index_add_(0, used, da)
+            db = torch.zeros_like(b).index_add_(0, used, db)
+    return dx, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------------
+
+
+def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
+                weights_b: list[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
+                scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor, *,
+                hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y shaped like base_out, h). weights_a / weights_b are the adapters' own tensors (what gradients go
+    to); the stores hold the same values (see the module docstring)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    base2 = base_out.reshape(-1, base_out.shape[-1])
+    on_triton, inplace = (use_triton(x, base_out, a_store, b_store), False) if hint is None else hint
+    if on_triton:
+        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, table.shape[1], inplace)
+    else:
+        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter)
+    return y.view(base_out.shape), h
+
+
+def _op_save(args, outputs) -> list:
+    x, _base, weights_a, weights_b, a_store, b_store, scale, table, badapter = args
+    return [x, outputs[1], a_store, b_store, scale, table, badapter, *weights_a, *weights_b]
+
+
+def _split_grads(full: torch.Tensor, weights: list[torch.Tensor], needs: list[bool], dim: int) -> list:
+    out = []
+    for i, (w, need) in enumerate(zip(weights, needs)):
+        out.append(full[i].narrow(dim, 0, w.shape[dim]).to(w.dtype) if need and full is not None else None)
+    return out
+
+
+def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, stores, scale, table, block_adapter)."""
+    x, h, a, b, scale, table, badapter, *weights = saved
+    n = len(weights) // 2
+    dy = grads[0]
+    need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
+    dx, da, db = backward_reference(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), h[..., :a.shape[1]],
+                                    a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b))
+    if dx is not None:
+        dx = dx.view(x.shape)
+    return [dx, None, *_split_grads(da, weights[:n], need_a, 0), *_split_grads(db, weights[n:], need_b, 1),
+            None, None, None, None, None]
+
+
+def _op_fake(x, base_out, weights_a, weights_b, a_store, b_store, scale, table, block_adapter):
+    r = a_store.shape[1]
+    return base_out.new_empty(base_out.shape), x.new_empty((table.shape[0], table.shape[1], r), dtype=a_store.dtype)
+
+
+def _op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _h, _a, _b, _s, _t, _ba, *weights = saved
+    n = len(weights) // 2
+    return [x.new_empty(x.shape) if needs[0] else None, None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[2:2 + 2 * n])),
+            None, None, None, None, None]
+
+
+LORA_GROUPED = OpDecl("peftfast::lora_grouped", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
+                      backward_fake=_op_backward_fake, passthrough={"base_out": 0}, aux_outputs=(1,),
+                      dirty=lambda args, hint: (args[1],) if hint is not None and hint[1] else ())
+
+
+def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
+                 weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
+                 scale: torch.Tensor, index: torch.Tensor,
+                 plan: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``base_out`` plus, for each row m of x ([..., K] as [M, K]), adapter ``index[m]``'s ``s * x A^T B^T``
+    (index [M] int64, -1: none). The stores ([N, R, K], [N, O, R], scale [N] fp32) hold ``weights_a`` /
+    ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights.
+    ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows."""
+    n, r, k = a_store.shape
+    if len(weights_a) != n or len(weights_b) != n or b_store.shape[0] != n or b_store.shape[2] != r:
+        raise ValueError(f"lora_grouped: stores of {n} adapters (A {tuple(a_store.shape)}, B "
+                         f"{tuple(b_store.shape)}) for {len(weights_a)} A and {len(weights_b)} B weights")
+    m = index.shape[0]
+    if x.shape[-1] != k or x.numel() != m * k or base_out.numel() != m * b_store.shape[1]:
+        raise ValueError(f"lora_grouped: x {tuple(x.shape)} / base_out {tuple(base_out.shape)} do not match "
+                         f"{m} rows of index and stores with K={k}, O={b_store.shape[1]}")
+    # rank tiles above MAX_KERNEL_RANK would spill: such stores run the reference (batched matmuls) on the GPU
+    on_triton = use_triton(x, base_out, a_store, b_store) and r <= MAX_KERNEL_RANK
+    table, badapter = make_plan(index, n, on_triton) if plan is None else plan
+    if torch.compiler.is_compiling():
+        return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter)[0]
+    inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
+    return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
+                        hint=(on_triton, inplace))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs
+# ----------------------------------------------------------------------------------------------
+DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+               (torch.float32, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32))
+SPEC_BLOCK_ROWS = (16, 64)
+SPEC_RANKS = (16, 64)
+
+
+def aot_specs() -> list[AotSpec]:
+    specs = []
+    for act, ad in DTYPE_PAIRS:
+        xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+        for rows in SPEC_BLOCK_ROWS:
+            for br in SPEC_RANKS:
+                prec = dot_precision(act, ad)
+                block_k, warps = launch_config("shrink", rows, br, ad)
+                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec, stride_xk=1,
+                         stride_ak=1)
+                types = {"x_ptr": "*" + xa, "a_ptr": "*" + wa, "scale_ptr": "*fp32", "table_ptr": "*i64",
+                         "badapter_ptr": "*i64", "h_ptr": "*fp32", "stride_xm": "i64", "stride_an": "i64"}
+                specs.append(AotSpec(f"lora_grouped_shrink[x={xa},w={wa},BM={rows},BR={br},BK={block_k},"
+                                     f"warps={warps}]", _grouped_shrink_kernel,
+                                     aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
+                block_o, warps = launch_config("expand", rows, br, ad)
+                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec, stride_bo=1,
+                         stride_oo=1)
+                types = {"h_ptr": "*fp32", "b_ptr": "*" + wa, "table_ptr": "*i64", "badapter_ptr": "*i64",
+                         "out_ptr": "*" + xa, "stride_om": "i64", "stride_bn": "i64"}
+                specs.append(AotSpec(f"lora_grouped_expand[x={xa},w={wa},BM={rows},BR={br},BO={block_o},"
+                                     f"warps={warps}]", _grouped_expand_kernel,
+                                     aot_signature(_grouped_expand_kernel, types, c), c, warps, _STAGES, True))
+    return specs

@@ -1,0 +1,135 @@
+"""Mixed batches of LoRA adapters (PEFT's ``adapter_names``) as one grouped op per layer.
+
+A layer keeps its adapters' factors in a stacked store (``AdapterStore``: A [N, R, K], B [N, O, R], the
+scalings [N]; R the power-of-two bucket of the largest rank, rows beyond an adapter's rank zero). The store
+holds every adapter of the layer, not only those of the current batch, so a batch of other names reuses it.
+It is rebuilt when an adapter is added, deleted or replaced, when a factor is written in place (an
+optimizer step, ``load_adapter``, ``set_peft_model_state_dict``: torch's version counter of the tensor moves)
+or a scaling changes; checking costs one tuple of version counters per call, no copy.
+
+``grouped_delta`` maps each row of the batch to its adapter's slot (``__base__`` and adapters the layer does
+not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sorted by adapter on the
+device, then one shrink and one expand over blocks of rows (Triton on CUDA; two batched matmuls elsewhere).
+No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
+the rows that used it only; dropout draws one mask per row with that row's adapter's probability.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...kernels.backend import use_triton
+from ...kernels.lora_grouped import MAX_KERNEL_RANK, lora_grouped, make_plan, rank_bucket
+
+# the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
+# per layer); a key of plain values, so a later call never sees a stale plan
+_LAST_PLAN: dict = {}
+
+
+class AdapterStore:
+    """The stacked factors of one layer's adapters, rebuilt only when they change (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.weights: tuple = ()
+        self.names: tuple[str, ...] = ()
+        self.slots: dict[str, int] = {}
+        self.a: Optional[torch.Tensor] = None
+        self.b: Optional[torch.Tensor] = None
+        self.scale: Optional[torch.Tensor] = None
+        self.dropout: Optional[torch.Tensor] = None
+        self.max_dropout = 0.0
+
+    def sync(self, names: list[str], weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
+             scalings: list[float], dropout_ps: list[float]) -> None:
+        weights = (*weights_a, *weights_b)
+        key = (tuple(names), tuple(scalings), tuple(dropout_ps), tuple(w._version for w in weights),
+               tuple((w.device, w.dtype, w.shape) for w in weights))
+        if key == self.key and len(weights) == len(self.weights) and all(
+                w is v for w, v in zip(weights, self.weights)):
+            return
+        with torch.no_grad():
+            dtype = weights_a[0].dtype
+            for w in weights:
+                dtype = torch.promote_types(dtype, w.dtype)
+            device = weights_a[0].device
+            n, k, o = len(names), weights_a[0].shape[1], weights_b[0].shape[0]
+            r = rank_bucket(max(a.shape[0] for a in weights_a))
+            a_store = torch.zeros(n, r, k, dtype=dtype, device=device)
+            b_store = torch.zeros(n, o, r, dtype=dtype, device=device)
+            for i, (a, b) in enumerate(zip(weights_a, weights_b)):  # on a change only, not per call
+                a_store[i, :a.shape[0]].copy_(a)
+                b_store[i, :, :b.shape[1]].copy_(b)
+            self.a, self.b = a_store, b_store
+            self.scale = torch.tensor(scalings, dtype=torch.float32, device=device)
+            self.dropout = torch.tensor(dropout_ps, dtype=torch.float32, device=device)
+        self.max_dropout = max(dropout_ps)
+        self.names = tuple(names)
+        self.slots = {name: i for i, name in enumerate(names)}
+        self.weights = weights
+        # the version counters now (the copies above read, never write, the weights)
+        self.key = key
+
+
+def row_index(slots: dict[str, int], names: list, rows: int, device: torch.device) -> torch.Tensor:
+    """The adapter slot of each of ``rows`` rows: ``names`` has one entry per sample (its rows are
+    consecutive) or, per token, one list of names per sample; -1 where no adapter of the store applies."""
+    if names and isinstance(names[0], (list, tuple)):
+        flat = [slots.get(n, -1) for per in names for n in per]
+        if len(flat) != rows:
+            raise ValueError(f"adapter_names per token gives {len(flat)} names for {rows} rows of this layer's "
+                             "input; give one list of names per sample, one name per token")
+        return torch.tensor(flat, dtype=torch.int64, device=device)
+    per_sample = torch.tensor([slots.get(n, -1) for n in names], dtype=torch.int64, device=device)
+    if rows % len(names):
+        raise ValueError(f"adapter_names has {len(names)} entries for {rows} rows of this layer's input; give "
+                         "one adapter name per sample")
+    return per_sample.repeat_interleave(rows // len(names))
+
+
+def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.device, on_triton: bool):
+    """(index, plan) for these rows: made once, then reused by the next layers of the call."""
+    key = (store.names, tuple(tuple(n) if isinstance(n, (list, tuple)) else n for n in names), rows, device,
+           on_triton)
+    hit = _LAST_PLAN.get("entry")  # one (key, value) tuple, replaced whole: no torn read across threads
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    index = row_index(store.slots, names, rows, device)
+    value = (index, make_plan(index, len(store.names), on_triton))
+    _LAST_PLAN["entry"] = (key, value)
+    return value
+
+
+def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, names: list,
+                  weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> torch.Tensor:
+    """``result`` (the base output for x) plus, for each row of x, the adapter its sample (or token) names."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    base2 = result.reshape(-1, result.shape[-1])
+    xa = x2 if x2.dtype == store.a.dtype else x2.to(store.a.dtype)
+    on_triton = use_triton(xa, base2, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
+    index, plan = shared_plan(store, names, x2.shape[0], x.device, on_triton)
+    if training and store.max_dropout > 0:
+        keep = (1.0 - store.dropout.to(xa.dtype))[index.clamp(min=0)]
+        keep = torch.where(index >= 0, keep, torch.ones_like(keep))[:, None]
+        xa = xa * (torch.rand_like(xa) < keep).to(xa.dtype) / keep
+    out = lora_grouped(xa, result, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
+    return out.view(result.shape)
+
+
+def check_adapter_names_shape(adapter_names: object) -> None:
+    """Raise unless ``adapter_names`` is a non-empty list of adapter names (one per sample) or a non-empty list
+    of equally long non-empty lists of names (one per token of each sample)."""
+    allowed = ("allowed: a list of adapter names, one per sample ('__base__' for none), or a list of lists of "
+               "names, one per token of each sample")
+    if not isinstance(adapter_names, (list, tuple)) or not adapter_names:
+        raise ValueError(f"adapter_names must be a non-empty list, got {type(adapter_names).__name__}; {allowed}")
+    if all(isinstance(n, str) for n in adapter_names):
+        return
+    if all(isinstance(p, (list, tuple)) and p and all(isinstance(n, str) for n in p) for p in adapter_names):
+        if len({len(p) for p in adapter_names}) == 1:
+            return
+        raise ValueError(f"adapter_names per token has lists of lengths {sorted({len(p) for p in adapter_names})}; "
+                         "every sample needs one name per token (the same count for all)")
+    raise ValueError(f"adapter_names mixes names and other values ({adapter_names!r:.200}); {allowed}")

@@ -1,0 +1,437 @@
+"""Mixed batches of many LoRA adapters (``adapter_names``): the grouped path (kernels/lora_grouped.py,
+tuners/lora/grouped.py) against running each sample alone with its adapter, and against float64.
+
+Inference and training (each sample's loss reaches only its own adapter), 1 / 3 / 17 adapters with ranks
+1 / 8 / 64 mixed, adapters no sample uses (empty segments), odd feature sizes, per-token names, bad input.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import peftfast as fast
+from peftfast import zoo
+from peftfast.kernels.lora_grouped import group_plan, lora_grouped
+from tests.numerics import assert_matches_float64
+
+RANKS = (1, 8, 64)
+pytestmark = pytest.mark.filterwarnings("ignore:fan_in_fan_out is set")
+
+
+class Net(nn.Module):
+    """Embedding -> Linear -> Conv1D (transformers', fan_in_fan_out) -> Linear, odd sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(29, 13)
+        self.lin0 = nn.Linear(13, 17)
+        self.c1d = Conv1D(11, 17)  # nf=11 outputs, nx=17 inputs
+        self.lin1 = nn.Linear(11, 7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.tanh(self.c1d(torch.tanh(self.lin0(self.emb(ids))))))
+
+
+def make_model(n: int, dtype=torch.float32, dropout: float = 0.0, seed: int = 0):
+    torch.manual_seed(seed)
+    base = Net().to(dtype)
+    names = [f"a{i}" for i in range(n)]
+    pm = None
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=2 + i, target_modules=["emb", "lin0", "c1d", "lin1"],
+                              fan_in_fan_out=False, lora_dropout=dropout)
+        if pm is None:
+            pm = fast.get_peft_model(base, cfg, adapter_name=name)
+        else:
+            pm.add_adapter(name, cfg)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn_like(p) * 0.3)  # B non-zero: every adapter changes the output
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    return pm, names
+
+
+def alone_outputs(pm, ids, names):
+    """Each sample run alone with its adapter active (or adapters disabled for '__base__')."""
+    outs = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                outs.append(pm(ids[i:i + 1]))
+        else:
+            pm.base_model.set_adapter(name)
+            outs.append(pm(ids[i:i + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("n,batch", [(1, 3), (3, 5), (17, 11)])
+def test_mixed_batch_equals_each_sample_alone(n, batch):
+    pm, names = make_model(n)
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, 29, (batch, 6), generator=g)
+    choice = names + ["__base__"]
+    per_sample = [choice[int(i)] for i in torch.randint(0, len(choice), (batch,), generator=g)]
+    per_sample[0] = names[-1]
+    pm.eval()
+    with torch.no_grad():
+        mixed = pm(ids, adapter_names=per_sample)
+        alone = alone_outputs(pm, ids, per_sample)
+        pm64, _ = make_model(n, torch.float64)
+        pm64.eval()
+        ref = alone_outputs(pm64, ids, per_sample)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    # against float64: no further from it than running each sample alone in fp32 (a few roundings)
+    assert_matches_float64("mixed", mixed, alone, ref, k=4)
+
+
+def test_store_follows_adapter_changes():
+    """Adding, deleting, reloading (in-place writes) and rescaling adapters between mixed calls: the stacked
+    store follows, outputs equal each sample alone."""
+    pm, names = make_model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 5))
+    per_sample = ["a0", "a2", "__base__", "a1"]
+    with torch.no_grad():
+        pm(ids, adapter_names=per_sample)
+        pm.add_adapter("new", fast.LoraConfig(r=5, lora_alpha=3, target_modules=["lin0", "lin1"]))
+        for pname, p in pm.named_parameters():
+            if ".new." in pname:
+                p.copy_(torch.randn_like(p))
+        pm.delete_adapter("a2")
+        layer = pm.base_model.model.lin0
+        layer.lora_B["a1"].weight.mul_(-2.0)  # an in-place write, as load_adapter / an optimizer step does
+        layer.set_scale("a0", 0.5)
+        names2 = ["a0", "new", "__base__", "a1"]
+        mixed = pm(ids, adapter_names=names2)
+        alone = alone_outputs(pm, ids, names2)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [3, 17])
+def test_training_gradients_equal_each_adapter_alone(n):
+    """Several adapters trained on one mixed batch: each adapter's gradients equal training it alone on its
+    samples (the loss is a sum over samples), other adapters' gradients zero where they have no sample."""
+    pm, names = make_model(n)
+    pm.train()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        pm(torch.randint(0, 29, (2, 4)), adapter_names=[names[0], "__base__"])  # PEFT's rule by default
+    pm.base_model.train_mixed_batches = True
+    batch = 7
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 29, (batch, 4), generator=g)
+    per_sample = [names[i % min(n, 3)] for i in range(batch)]
+    per_sample[2] = "__base__"
+    weight = torch.randn(batch, 4, 7, generator=g)
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    out = pm(ids, adapter_names=per_sample)
+    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}." in k or k.endswith(f".{name}")}
+        if not rows:
+            assert all(grads[k] is None or not grads[k].any() for k in own), name
+            continue
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        alone = pm(ids[rows])
+        ref = torch.autograd.grad((alone * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_training_dropout_per_adapter_masks_rows():
+    """lora_dropout in training: a mixed batch still runs (one mask per row with its adapter's p), and an
+    adapter with p close to 1 differs from its eval output while a sample of the base model does not."""
+    pm, names = make_model(2, dropout=0.5)
+    pm.base_model.train_mixed_batches = True
+    ids = torch.randint(0, 29, (4, 3))
+    per_sample = ["a0", "a1", "__base__", "a0"]
+    pm.train()
+    torch.manual_seed(0)
+    tr = pm(ids, adapter_names=per_sample)
+    pm.eval()
+    ev = pm(ids, adapter_names=per_sample)
+    assert torch.equal(tr[2], ev[2])
+    assert (tr[0] - ev[0]).abs().max() > 1e-3
+
+
+def test_per_token_adapter_names():
+    """One adapter name per token on linear layers: each token as if its sample used that token's adapter."""
+    pm, names = make_model(3)
+    pm.eval()
+    lin = pm.base_model.model.lin0
+    x = torch.randn(2, 3, 13)
+    per_token = [["a0", "a1", "__base__"], ["a2", "a2", "a0"]]
+    with torch.no_grad():
+        got = lin(x, adapter_names=per_token)
+        for b in range(2):
+            for t in range(3):
+                name = per_token[b][t]
+                if name == "__base__":
+                    want = lin.base_layer(x[b, t])
+                else:
+                    lin.set_adapter(name)
+                    want = lin(x[b, t][None])[0]
+                torch.testing.assert_close(got[b, t], want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the op on its own
+# ------------------------------------------------------------------------------------------------------
+def op_case(n, m, k, o, ranks, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = [torch.randn(r, k, generator=g).to(dtype).requires_grad_() for r in ranks]
+    b = [torch.randn(o, r, generator=g).to(dtype).requires_grad_() for r in ranks]
+    scal = [0.25 + i for i in range(n)]
+    index = torch.randint(-1, max(1, n - 2), (m,), generator=g)  # the last adapters unused: empty segments
+    x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    base = torch.randn(m, o, generator=g).to(dtype).requires_grad_()
+    return a, b, scal, index, x, base
+
+
+def stacked_store(a, b, scal):
+    r = 1 << (max(w.shape[0] for w in a) - 1).bit_length()
+    st_a = torch.zeros(len(a), r, a[0].shape[1], dtype=a[0].dtype)
+    st_b = torch.zeros(len(a), b[0].shape[0], r, dtype=a[0].dtype)
+    for i, (wa, wb) in enumerate(zip(a, b)):
+        st_a[i, :wa.shape[0]] = wa.detach()
+        st_b[i, :, :wb.shape[1]] = wb.detach()
+    return st_a, st_b, torch.tensor(scal, dtype=torch.float32)
+
+
+def loop_reference(x, base, a, b, scal, index):
+    out = base.clone()
+    for i in range(len(a)):
+        rows = (index == i).nonzero().flatten()
+        out = out.index_add(0, rows, (x[rows] @ a[i].T) @ b[i].T * scal[i])
+    return out
+
+
+def run_op_case(n, m, k, o, ranks):
+    """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
+    every gradient."""
+    a, b, scal, index, x, base = op_case(n, m, k, o, ranks, torch.float32)
+    y = lora_grouped(x, base, a, b, *stacked_store(a, b, scal), index)
+    plain = loop_reference(x, base, a, b, scal, index)
+    leaves = [x, base, *a, *b]
+    d = [t.detach().double().requires_grad_() for t in leaves]
+    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
+    assert_matches_float64("y", y, plain, ref, k=8)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, leaves, gy)
+    pl = torch.autograd.grad(plain, leaves, gy)
+    rf = torch.autograd.grad(ref, d, gy.double())
+    for i, (g1, g2, g3) in enumerate(zip(got, pl, rf)):
+        assert_matches_float64(f"grad {i}", g1, g2, g3, k=8)
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 41, 13, 9)])
+def test_op_reference_vs_float64(n, m, k, o):
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+
+
+def test_group_plan_blocks():
+    """Every non-base row in exactly one block slot of its adapter; base rows in none; no host sync needed."""
+    index = torch.tensor([2, -1, 0, 2, 2, 0, -1, 2, 2])
+    table, badapter = group_plan(index, 4, 2)
+    assert table.shape == (4 + 5, 2)
+    seen = {}
+    for blk in range(table.shape[0]):
+        for row in table[blk].tolist():
+            if row < 9:
+                assert row not in seen
+                seen[row] = int(badapter[blk])
+    assert seen == {i: int(a) for i, a in enumerate(index.tolist()) if a >= 0}
+
+
+# ------------------------------------------------------------------------------------------------------
+# a causal LM: forward and generate (prefill, then decode one token per sequence)
+# ------------------------------------------------------------------------------------------------------
+def _llama_with_adapters(n: int):
+    from tests._models import tiny_llama
+
+    pm = None
+    names = [f"t{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=4 + i, target_modules=["q_proj", "v_proj", "o_proj",
+                                                                               "down_proj"], task_type="CAUSAL_LM")
+        pm = fast.get_peft_model(tiny_llama(), cfg, adapter_name=name) if pm is None else pm.add_adapter(name, cfg) or pm
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return pm.eval(), names
+
+
+def test_causal_lm_generate_with_many_adapters():
+    pm, names = _llama_with_adapters(5)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, zoo.VOCAB, (6, 5), generator=g)
+    mask = torch.ones_like(ids)
+    per_sample = ["t4", "t0", "__base__", "t2", "t4", "t1"]
+    gen = dict(do_sample=False, max_new_tokens=4)
+    with torch.no_grad():
+        mixed_logits = pm(input_ids=ids, attention_mask=mask, adapter_names=per_sample).logits
+        mixed = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=per_sample, **gen)
+        for i, name in enumerate(per_sample):
+            one = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+            if name == "__base__":
+                with pm.disable_adapter():
+                    logits, out = pm(**one).logits, pm.generate(**one, **gen)
+            else:
+                pm.set_adapter(name)
+                logits, out = pm(**one).logits, pm.generate(**one, **gen)
+            torch.testing.assert_close(mixed_logits[i], logits[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(mixed[i], out[0]), name
+    assert len({tuple(r.tolist()) for r in mixed}) > 2  # the adapters change what is generated
+
+
+# ------------------------------------------------------------------------------------------------------
+# bad input: a clear error, the model unchanged
+# ------------------------------------------------------------------------------------------------------
+def _snapshot(pm):
+    return {k: v.clone() for k, v in pm.state_dict().items()}, pm.active_adapters, pm.training
+
+
+def _unchanged(pm, before):
+    state, active, training = before
+    now = pm.state_dict()
+    assert list(now) == list(state) and all(torch.equal(now[k], state[k]) for k in now)
+    assert pm.active_adapters == active and pm.training == training
+
+
+@pytest.mark.parametrize("names,match", [
+    (["a0", "nope", "a1", "a0"], "unknown adapters \\['nope'\\]"),
+    (["a0", "a1", "a0"], "3 entries for a batch of 4"),
+    ("a0", "must be a non-empty list"),
+    ([], "must be a non-empty list"),
+    (["a0", 3, "a1", "a0"], "mixes names and other values"),
+    ([["a0", "a1"], ["a0"]], "lengths \\[1, 2\\]"),
+])
+def test_bad_adapter_names_leave_model_unchanged(names, match):
+    pm, _ = make_model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 2))
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match=match):
+        pm(ids, adapter_names=names)
+    _unchanged(pm, before)
+    pm(ids, adapter_names=["a0", "a1", "a2", "__base__"])  # still usable
+
+
+def test_merged_and_dora_adapters_are_refused():
+    pm, _ = make_model(2)
+    pm.eval()
+    ids = torch.randint(0, 29, (2, 2))
+    pm.base_model.merge_adapter(["a0"])
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="merged"):
+        pm(ids, adapter_names=["a0", "a1"])
+    _unchanged(pm, before)
+    pm.base_model.unmerge_adapter()
+    pm.add_adapter("d", fast.LoraConfig(r=2, target_modules=["lin0"], use_dora=True))
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="DoRA"):
+        pm(ids, adapter_names=["d", "a1"])
+    _unchanged(pm, before)
+
+
+def test_unmixable_method_is_refused():
+    base = Net()
+    pm = fast.get_peft_model(base, fast.LoHaConfig(r=2, target_modules=["lin0"]))
+    pm.eval()
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="adapter_names"):
+        pm(torch.randint(0, 29, (2, 2)), adapter_names=["default", "__base__"])
+    _unchanged(pm, before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# (IA)^3
+# ------------------------------------------------------------------------------------------------------
+def test_ia3_mixed_batch_equals_each_sample_alone_and_trains():
+    torch.manual_seed(0)
+    pm = None
+    names = [f"i{k}" for k in range(3)]
+    for name in names:
+        cfg = fast.IA3Config(target_modules=["lin0", "c1d", "lin1"], feedforward_modules=["c1d"])
+        pm = fast.get_peft_model(Net(), cfg, adapter_name=name) if pm is None else pm.add_adapter(name, cfg) or pm
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "ia3_l" in pname:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("ia3_l" in pname)
+    pm.eval()
+    ids = torch.randint(0, 29, (5, 3))
+    per_sample = ["i2", "__base__", "i0", "i2", "i1"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids, adapter_names=per_sample), alone_outputs(pm, ids, per_sample),
+                                   rtol=1e-5, atol=1e-5)
+    pm.train()
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("ia3_l" in pname)  # set_adapter above left one adapter trainable
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    weight = torch.randn(5, 3, 7)
+    grads = dict(zip(params, torch.autograd.grad((pm(ids, adapter_names=per_sample) * weight).sum(),
+                                                 list(params.values()), allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}" in k}
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        ref = torch.autograd.grad((pm(ids[rows]) * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-6, msg=k)
+    before = _snapshot(pm)
+    with pytest.raises(ValueError, match="unknown adapters"):
+        pm(ids, adapter_names=["i0", "x", "i0", "i0", "i0"])
+    _unchanged(pm, before)
+
+
+def _saved_activation_bytes(n: int) -> int:
+    """Bytes autograd saves in one training forward of a 16-sample mixed batch over ``n`` adapters (all rank
+    8), parameters and the layers' adapter stores (persistent, not activations) excluded."""
+    torch.manual_seed(0)
+    pm = None
+    for i in range(n):
+        cfg = fast.LoraConfig(r=8, lora_alpha=8, target_modules=["lin0", "c1d", "lin1"])
+        pm = fast.get_peft_model(Net(), cfg, adapter_name=f"a{i}") if pm is None else pm.add_adapter(f"a{i}", cfg) or pm
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    ids = torch.randint(0, 29, (16, 9))
+    names = [f"a{i % n}" for i in range(16)]
+    pm(ids, adapter_names=names)  # builds the stores
+    keep = {p.untyped_storage().data_ptr() for p in pm.parameters()}
+    for m in pm.modules():
+        store = m.__dict__.get("_grouped_store")
+        if store is not None:
+            keep |= {store.a.untyped_storage().data_ptr(), store.b.untyped_storage().data_ptr(),
+                     store.scale.untyped_storage().data_ptr()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in keep and ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pm(ids, adapter_names=names).sum()
+    return total
+
+
+def test_saved_activations_do_not_grow_with_adapters():
+    two, sixteen = _saved_activation_bytes(2), _saved_activation_bytes(16)
+    assert sixteen <= 1.25 * two, (two, sixteen)

@@ -1,0 +1,86 @@
+"""The grouped LoRA kernels (kernels/lora_grouped.py) in Triton's interpreter: tiny odd shapes, ranks 1 / 8 / 64
+mixed, 1 / 3 / 17 adapters with unused ones (empty segments) and base rows, against float64 (forward and every
+gradient; the backward is the reference on both backends), and the launch plan."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftfast.kernels.backend import interpreting
+from peftfast.kernels.lora_grouped import aot_specs, block_rows_for, group_plan, num_blocks
+from tests.test_multi_adapter import RANKS, run_op_case
+
+
+@pytest.fixture
+def interpreted(triton_backend):
+    if not interpreting():
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    return triton_backend
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 21, 13, 9)])
+def test_triton_grouped_vs_float64(interpreted, n, m, k, o):
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+
+
+def test_plan_size_independent_of_which_adapters():
+    """The plan's size depends on (rows, adapters, block) only: a new adapter mix needs no new launch shape."""
+    for n, m in ((1, 64), (16, 64), (64, 64), (16, 32768)):
+        br = block_rows_for(m, n, True)
+        assert 16 <= br <= 64
+        g = torch.Generator().manual_seed(n)
+        for skew in (torch.randint(-1, n, (m,), generator=g), torch.zeros(m, dtype=torch.int64)):
+            table, badapter = group_plan(skew, n, br)
+            assert table.shape == (num_blocks(m, n, br), br)
+            rows = table[table < m]
+            assert rows.numel() == int((skew >= 0).sum()) and rows.unique().numel() == rows.numel()
+
+
+def test_aot_specs_cover_the_launcher_configs():
+    specs = aot_specs()
+    names = {s.name for s in specs}
+    assert len(names) == len(specs)
+    assert any("shrink" in n and "BM=16" in n for n in names) and any("expand" in n and "BM=64" in n for n in names)
+
+
+def test_triton_in_place_and_model(interpreted):
+    """Without autograd the expand adds into the base output itself; a whole model's mixed batch through the
+    kernels equals each sample alone."""
+    from peftfast.kernels.lora_grouped import lora_grouped
+    from tests.test_multi_adapter import alone_outputs, make_model, op_case, loop_reference, stacked_store
+
+    a, b, scal, index, x, base = op_case(3, 19, 11, 7, [1, 8, 5], torch.float32)
+    with torch.no_grad():
+        fresh = base.detach() * 1.0
+        want = loop_reference(x, base, a, b, scal, index)
+        y = lora_grouped(x.detach(), fresh, a, b, *stacked_store(a, b, scal), index)
+    assert y.data_ptr() == fresh.data_ptr()
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    pm, names = make_model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 3))
+    per_sample = ["a2", "__base__", "a0", "a2"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(ids, adapter_names=per_sample), alone_outputs(pm, ids, per_sample),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(torch_backend):
+    """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op trace without a graph
+    break and give eager's output and gradients."""
+    from peftfast.kernels.lora_grouped import lora_grouped
+    from tests.test_multi_adapter import op_case, stacked_store
+
+    a, b, scal, index, x, base = op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
+    stores = stacked_store(a, b, scal)
+
+    def f(x, base, index):
+        return lora_grouped(x, base, a, b, *stores, index)
+
+    leaves = [x, base, *a, *b]
+    want = f(x, base, index)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, base, index)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(want)
+    for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        torch.testing.assert_close(g1, g2)
