@@ -18,7 +18,7 @@ from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
 from ...utils.patterns import get_pattern_key
 from .bnb import dispatch_bnb
 from .config import LoraConfig
-from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, base_weight_changes
 from .weighted import add_weighted_adapter
 
 # base class -> LoRA layer for torch's convolutions
@@ -62,6 +62,13 @@ class LoraModel(BaseTuner):
     def _supported_module(self, module: nn.Module) -> bool:
         return isinstance(module, linear_layer_classes() + (nn.Embedding,) + tuple(CONV_LAYERS))
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False) -> None:
+        # PiSSA / OLoRA replace base weights while the adapter is added: a failure puts them back too
+        with base_weight_changes():
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage)
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
         if len(with_bias) > 1:
@@ -78,11 +85,11 @@ class LoraModel(BaseTuner):
         alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
-                      use_rslora=config.use_rslora, use_dora=config.use_dora,
+                      use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
                       ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora, use_dora=config.use_dora)
+                                config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias)
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:
