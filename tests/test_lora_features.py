@@ -28,14 +28,14 @@ K = 3.0
 
 
 class Net(nn.Module):
-    """ids [N, L] -> Embedding(13, 7) -> lin0 (bias) -> c1d (Conv1D 9->11) -> lin1 (no bias) -> image -> conv."""
+    """ids [N, L] -> Embedding(13, 7) -> lin0 (bias) -> c1d (Conv1D 9->12) -> lin1 (no bias) -> image -> conv."""
 
     def __init__(self) -> None:
         super().__init__()
         self.emb = nn.Embedding(13, 7)
         self.lin0 = nn.Linear(7, 9)
-        self.c1d = Conv1D(11, 9)  # nf=11 outputs, nx=9 inputs; weight [9, 11]
-        self.lin1 = nn.Linear(11, 10, bias=False)
+        self.c1d = Conv1D(12, 9)  # nf=12 outputs, nx=9 inputs; weight [9, 12]
+        self.lin1 = nn.Linear(12, 10, bias=False)
         self.conv = nn.Conv2d(2, 5, 3, padding=1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -337,3 +337,103 @@ def test_init_refusals_are_precise():
     # an embedding takes its own initialisation whatever is asked, as in PEFT
     pm = peftfast.get_peft_model(net(), peftfast.LoraConfig(target_modules=["emb"], init_lora_weights="olora"))
     assert not pm.base_model.model.emb.lora_embedding_A["default"].any()
+
+
+# ------------------------------------------------------------------------------------------------------
+# BD-LoRA (block-diagonal lora_A or lora_B)
+# ------------------------------------------------------------------------------------------------------
+def bd_kw(lib, **extra) -> dict:
+    """lin0: block-diagonal B (3 blocks of [3, 2]); lin1: block-diagonal A (3 blocks of [2, 4]); c1d: plain LoRA
+    (match_strict=False; PEFT 0.21 fails on a block-diagonal factor of a Conv1D)."""
+    bd = dict(target_modules_bd_a=["lin1"], target_modules_bd_b=["lin0"], nblocks=3, match_strict=False)
+    bd.update(extra)
+    return dict(target_modules=["lin0", "c1d", "lin1"], r=6, lora_alpha=4, use_bdlora=lib.BdLoraConfig(**bd))
+
+
+def test_bdlora_tree_shapes_and_seeded_init_match_peft():
+    ours, theirs = (make(lib, {"default": bd_kw(lib)}) for lib in (peftfast, peft))
+    so, sp = ours.state_dict(), theirs.state_dict()
+    assert list(so) == list(sp)
+    for k in so:
+        assert so[k].shape == sp[k].shape and torch.equal(so[k], sp[k]), k
+    assert so["base_model.model.lin0.lora_B.default.weight"].shape == (9, 2)
+    assert so["base_model.model.lin1.lora_A.default.weight"].shape == (6, 4)
+    assert type(ours.base_model.model.lin1.lora_A["default"]).__name__ == "BlockDiagonalLinear"
+    assert list(trainable(ours)) == list(trainable(theirs))
+
+
+def test_bdlora_forward_gradients_merge_and_dense_equivalence_match_peft():
+    ours, theirs = (make(lib, {"default": bd_kw(lib)}) for lib in (peftfast, peft))
+    randomize(ours)
+    randomize(theirs)
+    ref = copy.deepcopy(theirs).double()
+    x = ids()
+    outs = []
+    for model in (ours, theirs, ref):
+        y = model(x)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(y.dtype)
+        (y * w).sum().backward()
+        outs.append((y.detach(), {n: p.grad for n, p in trainable(model).items()}))
+    assert_close(outs[0][0], outs[1][0], outs[2][0], "output")
+    for name, grad in outs[0][1].items():
+        assert grad.abs().sum() > 0, name
+        assert_close(grad, outs[1][1][name], outs[2][1][name], name)
+    layer = ours.base_model.model.lin0
+    b = layer.lora_B["default"]
+    dense = b.dense_weight()
+    assert dense.shape == (9, 6) and not dense[:3, 2:].any() and not dense[3:6, :2].any()  # zeros off the blocks
+    h = torch.randn(2, 6)
+    torch.testing.assert_close(b(h), h @ dense.T)
+    with torch.no_grad():
+        y = ours(x)
+        ours.merge_adapter()
+        theirs.merge_adapter()
+        for (n, p), (_, p2) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(p, p2, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(ours(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_bdlora_save_in_peftfast_load_in_peft_and_the_reverse(tmp_path):
+    ours = make(peftfast, {"default": bd_kw(peftfast)})
+    theirs = make(peft, {"default": bd_kw(peft)})
+    randomize(ours)
+    randomize(theirs)
+    x = ids()
+    with torch.no_grad():
+        ours.save_pretrained(tmp_path / "ours")
+        theirs.save_pretrained(tmp_path / "peft")
+        files = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "peft")]
+        assert sorted(files[0]) == sorted(files[1])
+        for k in files[0]:
+            assert torch.equal(files[0][k], files[1][k]), k
+        loaded_peft = peft.PeftModel.from_pretrained(net(), tmp_path / "ours")
+        assert loaded_peft.peft_config["default"].use_bdlora.nblocks == 3
+        torch.testing.assert_close(loaded_peft(x), ours(x))
+        loaded_ours = peftfast.PeftModel.from_pretrained(net(), tmp_path / "peft")
+        assert loaded_ours.peft_config["default"].use_bdlora == peftfast.BdLoraConfig(**{
+            k: v for k, v in vars(theirs.peft_config["default"].use_bdlora).items()})
+        torch.testing.assert_close(loaded_ours(x), theirs(x))
+
+
+def test_bdlora_refusals_are_precise_and_leave_the_model_unchanged():
+    model = net()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    cases = [
+        (dict(target_modules_bd_a=["lin0"], target_modules_bd_b=None), "divisible by nblocks=3"),  # 7 inputs
+        (dict(target_modules_bd_b=["lin0", "conv"]), "nn.Linear and Conv1D layers only"),
+        (dict(match_strict=True), "matches neither A nor B"),
+        (dict(target_modules_bd_a=["lin"], target_modules_bd_b=["0"]), "matches both A and B"),
+    ]
+    for extra, match in cases:
+        kw = bd_kw(peftfast, **extra)
+        if "conv" in (extra.get("target_modules_bd_b") or []):
+            kw["target_modules"] = ["lin0", "conv"]
+        with pytest.raises(ValueError, match=match):
+            peftfast.get_peft_model(model, peftfast.LoraConfig(**kw))
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), n
+        assert type(model.lin0) is nn.Linear
+    with pytest.raises(ValueError, match="overlapping"):
+        peftfast.BdLoraConfig(target_modules_bd_a=["q"], target_modules_bd_b=["q"])
+    with pytest.raises(ValueError, match="use_dora"):
+        peftfast.LoraConfig(use_dora=True, use_bdlora=peftfast.BdLoraConfig(target_modules_bd_a=["q"]))

@@ -27,7 +27,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "monteclora_config": (None, "MonteCLoRA"),
     "layer_replication": (None, "layer replication"),
     "target_parameters": (None, "LoRA on nn.Parameter targets"),
-    "use_bdlora": (None, "block-diagonal LoRA"),
     "arrow_config": (None, "Arrow routing"),
     "kasa_config": (None, "KaSA"),
     "trainable_token_indices": (None, "trainable tokens"),
@@ -54,6 +53,34 @@ def _pissa_niter(init: Any) -> Optional[int]:
         return None
     tail = init[len("pissa_niter_"):]
     return int(tail) if tail.isdigit() else None
+
+
+@dataclass
+class BdLoraConfig:
+    """BD-LoRA (PEFT's ``BdLoraConfig``): which targeted layers get a block-diagonal factor.
+
+    ``target_modules_bd_a`` / ``target_modules_bd_b``: substrings of a targeted module's name; a match makes that
+    layer's lora_A (row-sharded layers: out / down projections) or lora_B (column-sharded: q, k, v, up, gate)
+    block-diagonal with ``nblocks`` blocks. ``match_strict``: every targeted layer must match one of the lists.
+    """
+
+    target_modules_bd_a: Optional[list[str]] = field(default=None)
+    target_modules_bd_b: Optional[list[str]] = field(default=None)
+    nblocks: int = field(default=1)
+    match_strict: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"BdLoraConfig.{name} must be a list of module-name substrings or None, "
+                                  f"got {value!r}")
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ConfigError(f"Found overlapping modules in target_modules_bd lists: {sorted(overlap)} are in both "
+                              f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B).")
+        if not isinstance(self.nblocks, int) or isinstance(self.nblocks, bool) or self.nblocks < 1:
+            raise ConfigError(f"BdLoraConfig.nblocks must be a positive integer, got {self.nblocks!r}")
 
 
 @dataclass
@@ -113,7 +140,7 @@ class LoraConfig(PeftConfig):
     layer_replication: Optional[list[tuple[int, int]]] = field(default=None)
     lora_bias: bool = field(default=False)
     target_parameters: Optional[list[str]] = field(default=None)
-    use_bdlora: Optional[Any] = field(default=None)
+    use_bdlora: Optional[BdLoraConfig] = field(default=None)
     arrow_config: Optional[Any] = field(default=None)
     kasa_config: Optional[Any] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
@@ -129,6 +156,10 @@ class LoraConfig(PeftConfig):
         self.peft_type = PeftType.LORA
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        if isinstance(self.use_bdlora, dict):  # as read back from adapter_config.json
+            self.use_bdlora = BdLoraConfig(**self.use_bdlora)
+        elif self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
+            raise ConfigError(f"use_bdlora must be a BdLoraConfig, a dict or None, got {type(self.use_bdlora).__name__}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set, frozenset)):
@@ -159,6 +190,9 @@ class LoraConfig(PeftConfig):
                 f"supported: True, False, {', '.join(map(repr, SUPPORTED_INITS))}, 'pissa_niter_<N>' (N iterations "
                 "of the randomised SVD)"
             )
+        if self.use_bdlora is not None and self.use_dora:
+            raise ConfigError("use_bdlora cannot be combined with use_dora (PEFT: invalid or unsupported variant "
+                              "combination ('use_bdlora', 'use_dora')); use one of them")
         if self.lora_bias:
             if init not in (True, False):
                 raise ConfigError(f"The argument lora_bias=True is only supported with init_lora_weights=True or "

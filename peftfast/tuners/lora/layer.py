@@ -33,6 +33,7 @@ from ...utils.other import transpose
 from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names
+from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 
 
@@ -65,6 +66,7 @@ def base_weight_changes() -> Iterator[None]:
 
 
 class LoraLayer(AdditiveAdapterLayer):
+    supports_bd_lora = False  # whether a factor may be block-diagonal (BD-LoRA): Linear
     # PEFT's names: every per-adapter container is listed here, so delete_adapter leaves no trace of an adapter.
     # lora_magnitude_vector holds the magnitude of each DoRA adapter (``.dora``).
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -97,9 +99,15 @@ class LoraLayer(AdditiveAdapterLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, **kwargs: Any) -> None:
+                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+        """Add (or re-create) adapter ``adapter_name``. ``bd_lora``: ('A' or 'B', nblocks) for BD-LoRA, the factor
+        made block-diagonal (``bdlora.py``); linear layers only."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if bd_lora is not None and not self.supports_bd_lora:
+            raise ValueError(f"BD-LoRA (use_bdlora) supports LoRA on nn.Linear and Conv1D layers only, not on a "
+                             f"{type(self.get_base_layer()).__name__} ({type(self).__name__}); leave this layer out of "
+                             "target_modules_bd_a / target_modules_bd_b (with match_strict=False)")
         if lora_bias:
             self.check_lora_bias()
         self.r[adapter_name] = r
@@ -111,6 +119,8 @@ class LoraLayer(AdditiveAdapterLayer):
         self.lora_bias[adapter_name] = bool(lora_bias)
         self._create_adapter_weights(adapter_name, r)
         self.init_adapter_weights(adapter_name, init_lora_weights)
+        if bd_lora is not None:
+            self._make_block_diagonal(adapter_name, *bd_lora)
         if use_dora:
             self.dora_init(adapter_name)
         elif adapter_name in self.lora_magnitude_vector:
@@ -384,22 +394,36 @@ class LoraLayer(AdditiveAdapterLayer):
 class Linear(nn.Module, LoraLayer):
     """LoRA on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
 
+    supports_bd_lora = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
                  init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                 lora_bias: bool = False, **kwargs: Any) -> None:
+                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias)
+                          lora_bias=lora_bias, bd_lora=bd_lora)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = low_rank_delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight,
+        delta = low_rank_delta(dense_factor(self.lora_B[adapter]), dense_factor(self.lora_A[adapter]),
                                self.scaling[adapter], self.get_base_layer().weight.dtype)
         return transpose(delta, self.fan_in_fan_out)
+
+    def _make_block_diagonal(self, adapter_name: str, side: str, nblocks: int) -> None:
+        """BD-LoRA: replace lora_A (side 'A', PEFT's kaiming init) or lora_B (side 'B', zeros) of ``adapter_name``
+        by a ``BlockDiagonalLinear`` with ``nblocks`` blocks."""
+        device, dtype = self.adapter_device_dtype()
+        r = self.r[adapter_name]
+        if side == "A":
+            self.lora_A[adapter_name] = BlockDiagonalLinear(self.in_features, r, nblocks, init_zero=False,
+                                                            dtype=dtype, device=device)
+        else:
+            self.lora_B[adapter_name] = BlockDiagonalLinear(r, self.out_features, nblocks, init_zero=True,
+                                                            dtype=dtype, device=device)
 
     # -- initialisations that read the base weight ------------------------------------------------------------
     # W below is the base weight as [out, in] (Conv1D's stored [in, out] transposed), s the adapter's scaling.
@@ -510,7 +534,7 @@ class Linear(nn.Module, LoraLayer):
         # read the ModuleDicts' dicts once: this runs on every forward, and each ``self.lora_A[n]`` is two
         # Python-level lookups (Module.__getattr__, ModuleDict.__getitem__)
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
-        return LowRankAdapters([a[n].weight for n in names], [b[n].weight for n in names],
+        return LowRankAdapters([dense_factor(a[n]) for n in names], [dense_factor(b[n]) for n in names],
                                [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names])
 
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, conv1d_class, linear_layer_classes
 from ...utils.patterns import get_pattern_key
+from .bdlora import bd_side
 from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, base_weight_changes
@@ -27,6 +28,11 @@ CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Con
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any):
     base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+    if kwargs.get("bd_lora") is not None and not isinstance(base, nn.Linear) and not (
+            conv1d_class() is not None and isinstance(base, conv1d_class())):
+        raise ValueError(f"BD-LoRA (use_bdlora) supports LoRA on nn.Linear and Conv1D layers only, not on a "
+                         f"{type(base).__name__}; leave this layer out of target_modules_bd_a / target_modules_bd_b "
+                         "(with match_strict=False)")
     if isinstance(base, nn.Embedding):
         kwargs.pop("fan_in_fan_out", None)
         return Embedding(target, adapter_name, **kwargs)
@@ -87,9 +93,14 @@ class LoraModel(BaseTuner):
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
                       use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
                       ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
+        if config.use_bdlora is not None:
+            side = bd_side(config.use_bdlora, current_key)
+            if side is not None:
+                kwargs["bd_lora"] = (side, config.use_bdlora.nblocks)
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias)
+                                config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
+                                bd_lora=kwargs.get("bd_lora"))
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:
