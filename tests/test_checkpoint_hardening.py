@@ -408,7 +408,7 @@ def test_known_features_peftfast_lacks_are_refused(saved, field, value, feature)
         peftfast.PeftConfig.from_pretrained(str(folder))
 
 
-@pytest.mark.parametrize("init", ["loftq", "eva", "corda", "lora_ga", "mica"])
+@pytest.mark.parametrize("init", ["loftq", "eva", "corda", "lora_ga"])
 def test_init_methods_peftfast_lacks_are_refused(saved, init):
     folder, _ = saved
     edit_config(folder, lambda c: c.update(init_lora_weights=init))

@@ -1,5 +1,5 @@
-"""LoRA features beyond the plain adapter, against the real PEFT 0.21.2: ``lora_bias`` and the initialisations
-that read the base weight (PiSSA, OLoRA, orthogonal).
+"""LoRA features beyond the plain adapter, against the real PEFT 0.21.2: ``lora_bias``, the initialisations
+that read the base weight (PiSSA, OLoRA, orthogonal, MiCA) and BD-LoRA.
 
 One small network holds a Linear with bias, a Linear without, transformers' Conv1D (``fan_in_fan_out``), a Conv2d
 with bias and an Embedding, at odd sizes. Same config and same adapter values (fresh random, B and the lora_B bias
@@ -327,8 +327,7 @@ def test_init_refusals_are_precise():
                                                            init_lora_weights="orthogonal"))
     with pytest.raises(ValueError, match="Unknown initialization.*Conv2d"):
         peftfast.get_peft_model(net(), peftfast.LoraConfig(target_modules=["conv"], init_lora_weights="pissa"))
-    for name, what in (("loftq", "LoftQ"), ("eva", "EVA"), ("corda", "CorDA"), ("lora_ga", "LoRA-GA"),
-                       ("mica", "MiCA")):
+    for name, what in (("loftq", "LoftQ"), ("eva", "EVA"), ("corda", "CorDA"), ("lora_ga", "LoRA-GA")):
         with pytest.raises(ValueError, match=f"init_lora_weights='{name}' asks for {what}"):
             peftfast.LoraConfig(init_lora_weights=name)
     for bad in ("pissa_niter_", "pissa_niter_x", "Gaussian", "svd"):
@@ -437,3 +436,53 @@ def test_bdlora_refusals_are_precise_and_leave_the_model_unchanged():
         peftfast.BdLoraConfig(target_modules_bd_a=["q"], target_modules_bd_b=["q"])
     with pytest.raises(ValueError, match="use_dora"):
         peftfast.LoraConfig(use_dora=True, use_bdlora=peftfast.BdLoraConfig(target_modules_bd_a=["q"]))
+
+
+# ------------------------------------------------------------------------------------------------------
+# MiCA (B from the minor singular vectors, frozen; A zero)
+# ------------------------------------------------------------------------------------------------------
+def test_mica_init_frozen_b_and_training_match_peft():
+    kw = dict(target_modules=["emb", "lin0", "c1d", "lin1"], r=3, lora_alpha=5, init_lora_weights="mica")
+    other = dict(target_modules=["lin0"], r=2)
+    ours, theirs = (make(lib, {"default": kw, "other": other}) for lib in (peftfast, peft))
+    so, sp = ours.state_dict(), theirs.state_dict()
+    assert list(so) == list(sp)
+    for k in so:
+        torch.testing.assert_close(so[k], sp[k], rtol=1e-5, atol=1e-6, msg=k)
+    layer = ours.base_model.model.lin0
+    assert not layer.lora_A["default"].weight.any()
+    w = net().lin0.weight.double()
+    u, s, _ = torch.linalg.svd(w)
+    b = layer.lora_B["default"].weight.double()
+    torch.testing.assert_close(b.T @ w @ w.T @ b, torch.diag(s[-3:] ** 2), rtol=1e-4, atol=1e-5)  # minor part
+    for model in (ours, theirs):  # switching adapters and gradients on does not unfreeze B
+        model.set_adapter("other")
+        model.set_adapter("default")
+        model.base_model.set_requires_grad("default", True)
+    frozen = sorted(n for n, p in ours.named_parameters() if "default" in n and "lora_" in n and not p.requires_grad)
+    assert frozen == sorted(n for n, p in theirs.named_parameters()
+                            if "default" in n and "lora_" in n and not p.requires_grad)
+    assert len(frozen) == 4 and all("_B" in n for n in frozen)
+    randomize(ours)
+    randomize(theirs)
+    for model in (ours, theirs):  # randomize() wrote B too: keep the frozen B of the init for the step below
+        for name, p in model.named_parameters():
+            if name in frozen:
+                with torch.no_grad():
+                    p.copy_(so[name])
+    ref = copy.deepcopy(theirs).double()
+    x = ids()
+    outs = []
+    for model in (ours, theirs, ref):
+        y = model(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), {n: p.grad for n, p in trainable(model).items()}))
+    assert_close(outs[0][0], outs[1][0], outs[2][0], "output")
+    assert list(outs[0][1]) == list(outs[1][1])
+    for name, grad in outs[0][1].items():
+        assert_close(grad, outs[1][1][name], outs[2][1][name], name)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    before = {n: p.clone() for n, p in ours.named_parameters()}
+    opt.step()
+    for n, p in ours.named_parameters():
+        assert torch.equal(p, before[n]) == (n in frozen or "lora_" not in n or "other" in n), n

@@ -36,14 +36,13 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
 BIAS_MODES = ("none", "all", "lora_only")
 
 # init_lora_weights values implemented here: True, False and these strings (plus "pissa_niter_<N>")
-SUPPORTED_INITS = ("gaussian", "pissa", "olora", "orthogonal")
+SUPPORTED_INITS = ("gaussian", "pissa", "olora", "orthogonal", "mica")
 # PEFT's other initialisations, refused by name (each needs data, a preprocessing pass or a variant of the layer)
 REFUSED_INITS: dict[str, str] = {
     "loftq": "LoftQ (quantise-and-approximate initialisation)",
     "eva": "EVA (data-driven initialisation from activations)",
     "corda": "CorDA (initialisation from a preprocessing pass over data)",
     "lora_ga": "LoRA-GA (initialisation from estimated gradients)",
-    "mica": "MiCA (minor-component adaptation)",
 }
 
 
@@ -106,7 +105,7 @@ class LoraConfig(PeftConfig):
     (list of names, a full-match regex, or ``'all-linear'``), ``exclude_modules``, ``fan_in_fan_out``
     (True for GPT-2's Conv1D), ``bias`` ('none', 'all', 'lora_only'), ``use_rslora`` (scale by
     alpha/sqrt(r)), ``modules_to_save``, ``init_lora_weights`` (True, False, 'gaussian', 'pissa',
-    'pissa_niter_<N>', 'olora', 'orthogonal'), ``lora_bias`` (a trainable bias on lora_B),
+    'pissa_niter_<N>', 'olora', 'orthogonal', 'mica'), ``lora_bias`` (a trainable bias on lora_B),
     ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``.
     """
 

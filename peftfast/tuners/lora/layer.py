@@ -30,7 +30,7 @@ from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.errors import PeftWarning
 from ...utils.other import transpose
-from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
+from ..additive import AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, dropout_p, low_rank_delta
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names
 from .bdlora import BlockDiagonalLinear, dense_factor
@@ -94,6 +94,8 @@ class LoraLayer(AdditiveAdapterLayer):
         # PEFT's runtime option: compute DoRA's initial norms on the GPU for adapters kept on the CPU
         self.ephemeral_gpu_offload: bool = bool(kwargs.pop("ephemeral_gpu_offload", False))
         self.kwargs = kwargs
+        # adapter -> containers (of adapter_layer_names) whose entry for it never trains: MiCA's lora_B
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self._dora_w_sq = FrozenNormCache()  # ||W_o||^2 of a frozen float base
         self._dora_merged_norms: dict[str, torch.Tensor] = {}  # the norm each merged DoRA adapter was merged with
 
@@ -329,8 +331,8 @@ class LoraLayer(AdditiveAdapterLayer):
         PEFT, for which they are unknown initialisations of these layer types."""
         if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
             raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r} for LoRA on "
-                             f"{type(self.get_base_layer()).__name__}: 'pissa', 'olora' and 'orthogonal' need a "
-                             "linear layer; here: True, False or 'gaussian'")
+                             f"{type(self.get_base_layer()).__name__}: 'pissa', 'olora', 'orthogonal' and 'mica' "
+                             "need a linear layer ('mica': or an embedding); here: True, False or 'gaussian'")
         self.reset_lora_parameters(adapter_name, init_lora_weights)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
@@ -342,7 +344,7 @@ class LoraLayer(AdditiveAdapterLayer):
             else:
                 nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[adapter_name].weight)
-            if self.lora_B[adapter_name].bias is not None:
+            if getattr(self.lora_B[adapter_name], "bias", None) is not None:  # lora_bias
                 nn.init.zeros_(self.lora_B[adapter_name].bias)
         if adapter_name in self.lora_embedding_A:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
@@ -382,6 +384,48 @@ class LoraLayer(AdditiveAdapterLayer):
             out[idx] = self._with_adapter(x[idx], result[idx], name)
         return out
 
+    # -- weights an adapter keeps frozen (MiCA: its B) -------------------------------------------------------
+    def freeze_peft_weight(self, adapter_name: str, container: str) -> None:
+        """``container[adapter_name]`` (e.g. lora_B) stays frozen, whatever set_adapter / set_requires_grad do."""
+        names = self.frozen_peft_weight_names.get(adapter_name, ())
+        if container not in names:
+            self.frozen_peft_weight_names[adapter_name] = names + (container,)
+        self._freeze_non_trainable_peft_weights()
+
+    def _freeze_non_trainable_peft_weights(self) -> None:
+        for adapter_name, containers in self.frozen_peft_weight_names.items():
+            for container in containers:
+                holder = getattr(self, container)
+                if adapter_name in holder:
+                    holder[adapter_name].requires_grad_(False)
+
+    def set_adapter(self, adapter_names: Any, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_non_trainable_peft_weights()
+
+    def set_requires_grad(self, adapter_names: Any, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._freeze_non_trainable_peft_weights()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        self._freeze_non_trainable_peft_weights()
+
+    def _minor_components(self, weight: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """MiCA: the left singular vectors of ``weight`` ([rows, cols], float) for its r smallest singular values,
+        [rows, r] float32; None on the meta device (a checkpoint fills the adapter in)."""
+        if weight.is_meta:
+            return None
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"MiCA initialisation needs a float32, float16 or bfloat16 base weight, got {weight.dtype}")
+        r = self.r[adapter_name]
+        if r > min(weight.shape):
+            raise ValueError(f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with "
+                             f"weight shape {tuple(self.get_base_layer().weight.shape)} (max usable r is "
+                             f"{min(weight.shape)}).")
+        u, _, _ = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        return u[:, -r:]
+
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
@@ -389,6 +433,7 @@ class LoraLayer(AdditiveAdapterLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._dora_merged_norms.pop(adapter_name, None)
+        self.frozen_peft_weight_names.pop(adapter_name, None)
 
 
 class Linear(nn.Module, LoraLayer):
@@ -445,6 +490,8 @@ class Linear(nn.Module, LoraLayer):
             self._pissa_init(adapter_name, init_lora_weights)
         elif init_lora_weights == "olora":
             self._olora_init(adapter_name)
+        elif init_lora_weights == "mica":
+            self._mica_init(adapter_name)
         else:
             LoraLayer.init_adapter_weights(self, adapter_name, init_lora_weights)
 
@@ -452,7 +499,7 @@ class Linear(nn.Module, LoraLayer):
         """The base weight as float32 (float64 for a float64 base) [out, in], and its stored dtype."""
         weight = self.get_base_layer().weight
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) \
-                or type(self).get_delta_weight is not Linear.get_delta_weight:
+                or isinstance(self, QuantizedAdditiveLayer):
             raise TypeError(f"{what} initialisation needs a float32, float16 or bfloat16 base weight; the base layer "
                             f"({type(self.get_base_layer()).__name__}) holds {weight.dtype} (a quantised base must "
                             "be initialised in float and quantised afterwards)")
@@ -505,6 +552,17 @@ class Linear(nn.Module, LoraLayer):
         param = self.get_base_layer().weight
         log_base_weight(param)
         param.data = transpose(residual, self.fan_in_fan_out).to(dtype).contiguous()
+
+    def _mica_init(self, adapter_name: str) -> None:
+        """MiCA: B = the left singular vectors of W for its r smallest singular values (frozen), A = 0; the base
+        weight is unchanged (B A = 0) and only A trains."""
+        if isinstance(self, QuantizedAdditiveLayer):
+            raise TypeError("MiCA initialisation needs a float base weight; this layer's base is quantised")
+        weight = self.get_base_layer().weight
+        b = self._minor_components(transpose(weight, self.fan_in_fan_out), adapter_name)
+        if b is not None:
+            self._set_factors(adapter_name, torch.zeros(self.r[adapter_name], self.in_features), b)
+        self.freeze_peft_weight(adapter_name, "lora_B")
 
     def _orthogonal_init(self, adapter_name: str) -> None:
         r = self.r[adapter_name]
@@ -624,8 +682,17 @@ class Embedding(nn.Module, LoraLayer):
                           lora_bias=lora_bias)
 
     def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
-        # PEFT gives embeddings their own initialisation (A zero, B normal) whatever string is asked for
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        """MiCA: B [dim, r] = the minor left singular vectors of W^T [dim, num_embeddings] (frozen), A = 0. Any
+        other string: the embedding's own initialisation (A zero, B normal), as in PEFT."""
+        if init_lora_weights != "mica":
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+            return
+        b = self._minor_components(self.get_base_layer().weight.T, adapter_name)
+        if b is not None:
+            with torch.no_grad():
+                self.lora_embedding_A[adapter_name].zero_()
+                self.lora_embedding_B[adapter_name].copy_(b)
+        self.freeze_peft_weight(adapter_name, "lora_embedding_B")
 
     def check_lora_bias(self) -> None:
         raise ValueError("lora_bias=True is not supported for Embedding (as in PEFT: its adapter weights are plain "
