@@ -119,8 +119,10 @@ def test_lora_bias_tree_keys_seeded_init_and_trainable_params_match_peft():
     assert ours.base_model.model.lin0.lora_bias == {"default": True}
 
 
-def test_lora_bias_forward_and_gradients_match_peft():
-    """Two active adapters, one with a lora_B bias and one without."""
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+def test_lora_bias_forward_and_gradients_match_peft(backend):
+    """Two active adapters, one with a lora_B bias and one without; the fused op's PyTorch reference and its
+    Triton kernels (interpreter) both."""
     dropout = 0.0
     adapters = {"one": bias_kw(lora_dropout=dropout), "two": dict(target_modules=["lin0", "lin1", "conv"], r=2,
                                                                   lora_alpha=3, lora_dropout=dropout)}
@@ -361,7 +363,8 @@ def test_bdlora_tree_shapes_and_seeded_init_match_peft():
     assert list(trainable(ours)) == list(trainable(theirs))
 
 
-def test_bdlora_forward_gradients_merge_and_dense_equivalence_match_peft():
+@pytest.mark.parametrize("backend", ["torch", "triton"], indirect=True)
+def test_bdlora_forward_gradients_merge_and_dense_equivalence_match_peft(backend):
     ours, theirs = (make(lib, {"default": bd_kw(lib)}) for lib in (peftfast, peft))
     randomize(ours)
     randomize(theirs)
