@@ -186,7 +186,7 @@ def test_get_peft_model_twice_on_the_same_model():
         ("bias", "some", r"bias.*'none'.*'all'.*'lora_only'"),
         ("bias", "lora", "bias"),
         ("bias", None, "bias"),
-        ("init_lora_weights", "pissa", r"init_lora_weights.*True.*False.*gaussian"),
+        ("init_lora_weights", "loftq", r"init_lora_weights.*LoftQ.*supported: True, False, 'gaussian'"),
         ("rank_pattern", {"q_proj": 0}, "rank_pattern"),
         ("alpha_pattern", {"q_proj": math.nan}, "alpha_pattern"),
         ("task_type", "TRANSLATION", r"task_type.*CAUSAL_LM"),

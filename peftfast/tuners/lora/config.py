@@ -26,9 +26,7 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "use_qalora": (False, "QA-LoRA"),
     "monteclora_config": (None, "MonteCLoRA"),
     "layer_replication": (None, "layer replication"),
-    "lora_bias": (False, "a bias term on lora_B"),
     "target_parameters": (None, "LoRA on nn.Parameter targets"),
-    "use_bdlora": (None, "block-diagonal LoRA"),
     "arrow_config": (None, "Arrow routing"),
     "kasa_config": (None, "KaSA"),
     "trainable_token_indices": (None, "trainable tokens"),
@@ -36,6 +34,52 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
 }
 
 BIAS_MODES = ("none", "all", "lora_only")
+
+# init_lora_weights values implemented here: True, False and these strings (plus "pissa_niter_<N>")
+SUPPORTED_INITS = ("gaussian", "pissa", "olora", "orthogonal", "mica")
+# PEFT's other initialisations, refused by name (each needs data, a preprocessing pass or a variant of the layer)
+REFUSED_INITS: dict[str, str] = {
+    "loftq": "LoftQ (quantise-and-approximate initialisation)",
+    "eva": "EVA (data-driven initialisation from activations)",
+    "corda": "CorDA (initialisation from a preprocessing pass over data)",
+    "lora_ga": "LoRA-GA (initialisation from estimated gradients)",
+}
+
+
+def _pissa_niter(init: Any) -> Optional[int]:
+    """N of ``'pissa_niter_N'`` (N >= 0), else None."""
+    if not isinstance(init, str) or not init.startswith("pissa_niter_"):
+        return None
+    tail = init[len("pissa_niter_"):]
+    return int(tail) if tail.isdigit() else None
+
+
+@dataclass
+class BdLoraConfig:
+    """BD-LoRA (PEFT's ``BdLoraConfig``): which targeted layers get a block-diagonal factor.
+
+    ``target_modules_bd_a`` / ``target_modules_bd_b``: substrings of a targeted module's name; a match makes that
+    layer's lora_A (row-sharded layers: out / down projections) or lora_B (column-sharded: q, k, v, up, gate)
+    block-diagonal with ``nblocks`` blocks. ``match_strict``: every targeted layer must match one of the lists.
+    """
+
+    target_modules_bd_a: Optional[list[str]] = field(default=None)
+    target_modules_bd_b: Optional[list[str]] = field(default=None)
+    nblocks: int = field(default=1)
+    match_strict: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"BdLoraConfig.{name} must be a list of module-name substrings or None, "
+                                  f"got {value!r}")
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ConfigError(f"Found overlapping modules in target_modules_bd lists: {sorted(overlap)} are in both "
+                              f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B).")
+        if not isinstance(self.nblocks, int) or isinstance(self.nblocks, bool) or self.nblocks < 1:
+            raise ConfigError(f"BdLoraConfig.nblocks must be a positive integer, got {self.nblocks!r}")
 
 
 @dataclass
@@ -60,7 +104,8 @@ class LoraConfig(PeftConfig):
     Args mirror ``peft.LoraConfig``: ``r`` (rank), ``lora_alpha``, ``lora_dropout``, ``target_modules``
     (list of names, a full-match regex, or ``'all-linear'``), ``exclude_modules``, ``fan_in_fan_out``
     (True for GPT-2's Conv1D), ``bias`` ('none', 'all', 'lora_only'), ``use_rslora`` (scale by
-    alpha/sqrt(r)), ``modules_to_save``, ``init_lora_weights`` (True, False, 'gaussian'),
+    alpha/sqrt(r)), ``modules_to_save``, ``init_lora_weights`` (True, False, 'gaussian', 'pissa',
+    'pissa_niter_<N>', 'olora', 'orthogonal', 'mica'), ``lora_bias`` (a trainable bias on lora_B),
     ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``.
     """
 
@@ -73,7 +118,7 @@ class LoraConfig(PeftConfig):
     bias: Literal["none", "all", "lora_only"] = field(default="none")
     use_rslora: bool = field(default=False)
     modules_to_save: Optional[list[str]] = field(default=None)
-    init_lora_weights: bool | Literal["gaussian"] = field(default=True)
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora", "orthogonal"] | str = field(default=True)
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
     layers_pattern: Optional[Union[list[str], str]] = field(default=None)
     rank_pattern: Optional[dict] = field(default_factory=dict)
@@ -94,7 +139,7 @@ class LoraConfig(PeftConfig):
     layer_replication: Optional[list[tuple[int, int]]] = field(default=None)
     lora_bias: bool = field(default=False)
     target_parameters: Optional[list[str]] = field(default=None)
-    use_bdlora: Optional[Any] = field(default=None)
+    use_bdlora: Optional[BdLoraConfig] = field(default=None)
     arrow_config: Optional[Any] = field(default=None)
     kasa_config: Optional[Any] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
@@ -110,6 +155,10 @@ class LoraConfig(PeftConfig):
         self.peft_type = PeftType.LORA
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        if isinstance(self.use_bdlora, dict):  # as read back from adapter_config.json
+            self.use_bdlora = BdLoraConfig(**self.use_bdlora)
+        elif self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
+            raise ConfigError(f"use_bdlora must be a BdLoraConfig, a dict or None, got {type(self.use_bdlora).__name__}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set, frozenset)):
@@ -128,12 +177,27 @@ class LoraConfig(PeftConfig):
             raise ConfigError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {self.bias!r}")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
+        init = self.init_lora_weights
+        if isinstance(init, str) and init in REFUSED_INITS:
             raise ConfigError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported by peftfast; "
-                f"supported: True, False, 'gaussian'"
+                f"init_lora_weights={init!r} asks for {REFUSED_INITS[init]}, which peftfast does not implement; "
+                f"supported: True, False, {', '.join(map(repr, SUPPORTED_INITS))}, 'pissa_niter_<N>'"
             )
+        if not (init is True or init is False or init in SUPPORTED_INITS or _pissa_niter(init) is not None):
+            raise ConfigError(
+                f"init_lora_weights={init!r} is not supported by peftfast; "
+                f"supported: True, False, {', '.join(map(repr, SUPPORTED_INITS))}, 'pissa_niter_<N>' (N iterations "
+                "of the randomised SVD)"
+            )
+        if self.use_bdlora is not None and self.use_dora:
+            raise ConfigError("use_bdlora cannot be combined with use_dora (PEFT: invalid or unsupported variant "
+                              "combination ('use_bdlora', 'use_dora')); use one of them")
+        if self.lora_bias:
+            if init not in (True, False):
+                raise ConfigError(f"The argument lora_bias=True is only supported with init_lora_weights=True or "
+                                  f"False, got init_lora_weights={init} instead.")
+            if self.use_dora:
+                raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         for key, pattern in (("rank_pattern", self.rank_pattern or {}), ("alpha_pattern", self.alpha_pattern or {})):
             if not isinstance(pattern, dict):
                 raise ConfigError(f"{key} must be a dict of module-name pattern -> value, got {type(pattern).__name__}")

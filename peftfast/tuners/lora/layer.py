@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +28,46 @@ from torch import nn
 
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
+from ...utils.errors import PeftWarning
 from ...utils.other import transpose
-from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p, low_rank_delta
+from ..additive import AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, dropout_p, low_rank_delta
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names
 from .grouped import AdapterStore, grouped_delta
+from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 
 
+# (parameter, tensor it held) for each base weight an initialisation replaced (PiSSA, OLoRA), while a
+# ``base_weight_changes()`` block is open: lets the caller put them back when adding the adapter fails
+_BASE_WEIGHT_LOG: ContextVar[Optional[list]] = ContextVar("peftfast_lora_base_weight_log", default=None)
+
+
+def log_base_weight(param: nn.Parameter) -> None:
+    """``param.data`` is about to be replaced: remember the tensor it holds now (no copy)."""
+    log = _BASE_WEIGHT_LOG.get()
+    if log is not None:
+        log.append((param, param.data))
+
+
+@contextmanager
+def base_weight_changes() -> Iterator[None]:
+    """Base weights replaced inside this block (by PiSSA / OLoRA initialisation) get their old tensors back
+    when the block raises."""
+    log: list = []
+    token = _BASE_WEIGHT_LOG.set(log)
+    try:
+        yield
+    except BaseException:
+        for param, old in reversed(log):
+            param.data = old
+        raise
+    finally:
+        _BASE_WEIGHT_LOG.reset(token)
+
+
 class LoraLayer(AdditiveAdapterLayer):
+    supports_bd_lora = False  # whether a factor may be block-diagonal (BD-LoRA): Linear
     # PEFT's names: every per-adapter container is listed here, so delete_adapter leaves no trace of an adapter.
     # lora_magnitude_vector holds the magnitude of each DoRA adapter (``.dora``).
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -62,23 +95,35 @@ class LoraLayer(AdditiveAdapterLayer):
         # PEFT's runtime option: compute DoRA's initial norms on the GPU for adapters kept on the CPU
         self.ephemeral_gpu_offload: bool = bool(kwargs.pop("ephemeral_gpu_offload", False))
         self.kwargs = kwargs
+        # adapter -> containers (of adapter_layer_names) whose entry for it never trains: MiCA's lora_B
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self._dora_w_sq = FrozenNormCache()  # ||W_o||^2 of a frozen float base
         self._dora_merged_norms: dict[str, torch.Tensor] = {}  # the norm each merged DoRA adapter was merged with
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     **kwargs: Any) -> None:
+                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+        """Add (or re-create) adapter ``adapter_name``. ``bd_lora``: ('A' or 'B', nblocks) for BD-LoRA, the factor
+        made block-diagonal (``bdlora.py``); linear layers only."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if bd_lora is not None and not self.supports_bd_lora:
+            raise ValueError(f"BD-LoRA (use_bdlora) supports LoRA on nn.Linear and Conv1D layers only, not on a "
+                             f"{type(self.get_base_layer()).__name__} ({type(self).__name__}); leave this layer out of "
+                             "target_modules_bd_a / target_modules_bd_b (with match_strict=False)")
+        if lora_bias:
+            self.check_lora_bias()
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.use_dora[adapter_name] = bool(use_dora)
         self.use_rslora[adapter_name] = use_rslora
-        self.lora_bias[adapter_name] = False
+        self.lora_bias[adapter_name] = bool(lora_bias)
         self._create_adapter_weights(adapter_name, r)
-        self.reset_lora_parameters(adapter_name, init_lora_weights)
+        self.init_adapter_weights(adapter_name, init_lora_weights)
+        if bd_lora is not None:
+            self._make_block_diagonal(adapter_name, *bd_lora)
         if use_dora:
             self.dora_init(adapter_name)
         elif adapter_name in self.lora_magnitude_vector:
@@ -208,7 +253,88 @@ class LoraLayer(AdditiveAdapterLayer):
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
         device, dtype = self.adapter_device_dtype()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias.get(adapter_name, False),
+                                              device=device, dtype=dtype)
+
+    # -- lora_bias ------------------------------------------------------------------------------------------
+    # PEFT's lora_B of an adapter with lora_bias=True carries a bias b: the adapter adds s * (B A x + b), and
+    # merging adds s * b to the base layer's bias.
+
+    def bias_names(self, names: list[str]) -> list[str]:
+        """The adapters of ``names`` that carry a lora_B bias here."""
+        flags = self.lora_bias
+        return [n for n in names if flags.get(n, False) and n in self.lora_B]
+
+    def add_lora_bias(self, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``result`` plus ``scaling * lora_B.bias`` of every adapter of ``names`` that has one (a broadcast over
+        the last dimension for linears; convolutions add theirs inside lora_B)."""
+        for name in self.bias_names(names):
+            result = result + (self.lora_B[name].bias * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _merged_bias(self, names: list[str], subtract: bool = False) -> Optional[torch.Tensor]:
+        """The base bias after adding (subtracting) ``scaling * lora_B.bias`` of ``names``; None when none of them
+        has a bias."""
+        names = self.bias_names(names)
+        if not names:
+            return None
+        base_bias = self.get_base_layer().bias
+        new = base_bias.detach().clone()
+        for name in names:
+            delta = (self.lora_B[name].bias.detach() * self.scaling[name]).to(device=new.device, dtype=new.dtype)
+            new = new - delta if subtract else new + delta
+        return new
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
+        # asked of every layer before any is changed, so no layer is left half-merged
+        names = super()._adapters_to_merge(adapter_names, warn=warn)
+        if self.bias_names(names) and getattr(self.get_base_layer(), "bias", None) is None:
+            raise RuntimeError(f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias "
+                               f"(adapters {', '.join(self.bias_names(names))} on a "
+                               f"{type(self.get_base_layer()).__name__} without bias); use the unmerged model")
+        return names
+
+    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        super().check_merge(adapter_names)
+        names = self.merge_names(adapter_names, warn=False)
+        new = self._merged_bias(names)
+        if new is not None and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(self.bias_names(names))} "
+                             "seems to be broken (its lora_B bias makes the merged bias non-finite)")
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        names = self.merge_names(adapter_names, warn=False)
+        new = self._merged_bias(names)
+        if safe_merge and new is not None and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {', '.join(self.bias_names(names))} "
+                             "seems to be broken (its lora_B bias makes the merged bias non-finite)")
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        if new is not None:
+            self.get_base_layer().bias.data = new
+
+    def unmerge(self) -> None:
+        new = self._merged_bias(list(self.merged_adapters), subtract=True) if self.merged else None
+        super().unmerge()
+        if new is not None:
+            self.get_base_layer().bias.data = new
+
+    def check_lora_bias(self) -> None:
+        """Called before an adapter with ``lora_bias=True`` is added: raise where the layer type has no place for
+        the bias; warn (as PEFT) where the base layer has no bias to merge it into."""
+        if getattr(self.get_base_layer(), "bias", None) is None:
+            warnings.warn(f"`lora_bias=True` was passed but the targeted layer of type "
+                          f"{type(self.get_base_layer()).__name__} has no bias. This means that merging LoRA weights "
+                          "won't be possible.", PeftWarning)
+
+    def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """Initialise the new adapter's weights as ``init_lora_weights`` asks. Linear layers add the
+        initialisations that read (and PiSSA/OLoRA: change) the base weight; elsewhere they are refused, as in
+        PEFT, for which they are unknown initialisations of these layer types."""
+        if isinstance(init_lora_weights, str) and init_lora_weights != "gaussian":
+            raise ValueError(f"Unknown initialization init_lora_weights={init_lora_weights!r} for LoRA on "
+                             f"{type(self.get_base_layer()).__name__}: 'pissa', 'olora', 'orthogonal' and 'mica' "
+                             "need a linear layer ('mica': or an embedding); here: True, False or 'gaussian'")
+        self.reset_lora_parameters(adapter_name, init_lora_weights)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         if init_lora_weights is False:
@@ -219,6 +345,8 @@ class LoraLayer(AdditiveAdapterLayer):
             else:
                 nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[adapter_name].weight)
+            if getattr(self.lora_B[adapter_name], "bias", None) is not None:  # lora_bias
+                nn.init.zeros_(self.lora_B[adapter_name].bias)
         if adapter_name in self.lora_embedding_A:
             nn.init.zeros_(self.lora_embedding_A[adapter_name])
             nn.init.normal_(self.lora_embedding_B[adapter_name])
@@ -273,6 +401,47 @@ class LoraLayer(AdditiveAdapterLayer):
         """``result`` plus each row's adapter as one grouped op (``grouped.py``), or None where the layer type
         has no grouped path (the caller then adds one adapter at a time)."""
         return None
+    # -- weights an adapter keeps frozen (MiCA: its B) -------------------------------------------------------
+    def freeze_peft_weight(self, adapter_name: str, container: str) -> None:
+        """``container[adapter_name]`` (e.g. lora_B) stays frozen, whatever set_adapter / set_requires_grad do."""
+        names = self.frozen_peft_weight_names.get(adapter_name, ())
+        if container not in names:
+            self.frozen_peft_weight_names[adapter_name] = names + (container,)
+        self._freeze_non_trainable_peft_weights()
+
+    def _freeze_non_trainable_peft_weights(self) -> None:
+        for adapter_name, containers in self.frozen_peft_weight_names.items():
+            for container in containers:
+                holder = getattr(self, container)
+                if adapter_name in holder:
+                    holder[adapter_name].requires_grad_(False)
+
+    def set_adapter(self, adapter_names: Any, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_non_trainable_peft_weights()
+
+    def set_requires_grad(self, adapter_names: Any, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._freeze_non_trainable_peft_weights()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        super().enable_adapters(enabled)
+        self._freeze_non_trainable_peft_weights()
+
+    def _minor_components(self, weight: torch.Tensor, adapter_name: str) -> Optional[torch.Tensor]:
+        """MiCA: the left singular vectors of ``weight`` ([rows, cols], float) for its r smallest singular values,
+        [rows, r] float32; None on the meta device (a checkpoint fills the adapter in)."""
+        if weight.is_meta:
+            return None
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise TypeError(f"MiCA initialisation needs a float32, float16 or bfloat16 base weight, got {weight.dtype}")
+        r = self.r[adapter_name]
+        if r > min(weight.shape):
+            raise ValueError(f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with "
+                             f"weight shape {tuple(self.get_base_layer().weight.shape)} (max usable r is "
+                             f"{min(weight.shape)}).")
+        u, _, _ = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+        return u[:, -r:]
 
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
@@ -281,26 +450,146 @@ class LoraLayer(AdditiveAdapterLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._dora_merged_norms.pop(adapter_name, None)
+        self.frozen_peft_weight_names.pop(adapter_name, None)
 
 
 class Linear(nn.Module, LoraLayer):
     """LoRA on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
 
+    supports_bd_lora = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
                  init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                 **kwargs: Any) -> None:
+                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
+                          lora_bias=lora_bias, bd_lora=bd_lora)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = low_rank_delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight,
+        delta = low_rank_delta(dense_factor(self.lora_B[adapter]), dense_factor(self.lora_A[adapter]),
                                self.scaling[adapter], self.get_base_layer().weight.dtype)
         return transpose(delta, self.fan_in_fan_out)
+
+    def _make_block_diagonal(self, adapter_name: str, side: str, nblocks: int) -> None:
+        """BD-LoRA: replace lora_A (side 'A', PEFT's kaiming init) or lora_B (side 'B', zeros) of ``adapter_name``
+        by a ``BlockDiagonalLinear`` with ``nblocks`` blocks."""
+        device, dtype = self.adapter_device_dtype()
+        r = self.r[adapter_name]
+        if side == "A":
+            self.lora_A[adapter_name] = BlockDiagonalLinear(self.in_features, r, nblocks, init_zero=False,
+                                                            dtype=dtype, device=device)
+        else:
+            self.lora_B[adapter_name] = BlockDiagonalLinear(r, self.out_features, nblocks, init_zero=True,
+                                                            dtype=dtype, device=device)
+
+    # -- initialisations that read the base weight ------------------------------------------------------------
+    # W below is the base weight as [out, in] (Conv1D's stored [in, out] transposed), s the adapter's scaling.
+
+    def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """PEFT's initialisations of a linear adapter:
+
+        - ``'pissa'``: W = U S V^T (SVD); A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), and the base weight
+          becomes the residual W - s B A (the top-r singular part moves into the adapter).
+          ``'pissa_niter_N'``: the same with ``torch.svd_lowrank(W, r, niter=N)`` (randomised).
+        - ``'olora'``: W = Q R (QR); A = R[:r], B = Q[:, :r], base weight W - s B A.
+        - ``'orthogonal'``: A, B from the rows of one random r x r orthogonal matrix (even r), base untouched.
+
+        PiSSA and OLoRA change the base weight (as in PEFT): loading such an adapter onto a fresh base repeats
+        the initialisation, so save and load them against the same base weight."""
+        if init_lora_weights == "orthogonal":
+            self._orthogonal_init(adapter_name)
+        elif isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+            self._pissa_init(adapter_name, init_lora_weights)
+        elif init_lora_weights == "olora":
+            self._olora_init(adapter_name)
+        elif init_lora_weights == "mica":
+            self._mica_init(adapter_name)
+        else:
+            LoraLayer.init_adapter_weights(self, adapter_name, init_lora_weights)
+
+    def _float_base_weight(self, what: str) -> tuple[torch.Tensor, torch.dtype]:
+        """The base weight as float32 (float64 for a float64 base) [out, in], and its stored dtype."""
+        weight = self.get_base_layer().weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64) \
+                or isinstance(self, QuantizedAdditiveLayer):
+            raise TypeError(f"{what} initialisation needs a float32, float16 or bfloat16 base weight; the base layer "
+                            f"({type(self.get_base_layer()).__name__}) holds {weight.dtype} (a quantised base must "
+                            "be initialised in float and quantised afterwards)")
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        return transpose(weight.detach().to(work), self.fan_in_fan_out), weight.dtype
+
+    def _check_rank(self, adapter_name: str, w: torch.Tensor, what: str) -> int:
+        r = self.r[adapter_name]
+        if r > min(w.shape):
+            raise ValueError(f"{what} initialisation needs r <= min(in_features, out_features); got r={r} for a "
+                             f"layer with weight [out, in] = {list(w.shape)}")
+        return r
+
+    def _set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        if self.lora_A[adapter_name].weight.is_meta:  # low_cpu_mem_usage: a checkpoint fills them in
+            return
+        with torch.no_grad():
+            self.lora_A[adapter_name].weight.copy_(a)
+            self.lora_B[adapter_name].weight.copy_(b)
+
+    def _pissa_init(self, adapter_name: str, init: str) -> None:
+        w, dtype = self._float_base_weight("PiSSA")
+        r = self._check_rank(adapter_name, w, "PiSSA")
+        s = self.scaling[adapter_name]
+        if init == "pissa":
+            u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+            u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        else:
+            niter = int(init[len("pissa_niter_"):])
+            u, sv, v = torch.svd_lowrank(w, r, niter=niter)
+            vh = v.T
+        root = torch.sqrt(sv / s)
+        a, b = root[:, None] * vh, u * root[None, :]
+        self._set_factors(adapter_name, a, b)
+        self._residual_from(w, a, b, adapter_name, dtype)
+
+    def _olora_init(self, adapter_name: str) -> None:
+        w, dtype = self._float_base_weight("OLoRA")
+        r = self._check_rank(adapter_name, w, "OLoRA")
+        q, rr = torch.linalg.qr(w)
+        a, b = rr[:r].contiguous(), q[:, :r].contiguous()
+        self._set_factors(adapter_name, a, b)
+        self._residual_from(w, a, b, adapter_name, dtype)
+
+    def _residual_from(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, adapter_name: str,
+                       dtype: torch.dtype) -> None:
+        """The base weight becomes ``W - s B A`` (in W's float dtype, then the stored layout and dtype), with the
+        factors as computed (PEFT subtracts the float32 factors, not the adapter's rounded copies)."""
+        residual = w - self.scaling[adapter_name] * (b @ a)
+        param = self.get_base_layer().weight
+        log_base_weight(param)
+        param.data = transpose(residual, self.fan_in_fan_out).to(dtype).contiguous()
+
+    def _mica_init(self, adapter_name: str) -> None:
+        """MiCA: B = the left singular vectors of W for its r smallest singular values (frozen), A = 0; the base
+        weight is unchanged (B A = 0) and only A trains."""
+        if isinstance(self, QuantizedAdditiveLayer):
+            raise TypeError("MiCA initialisation needs a float base weight; this layer's base is quantised")
+        weight = self.get_base_layer().weight
+        b = self._minor_components(transpose(weight, self.fan_in_fan_out), adapter_name)
+        if b is not None:
+            self._set_factors(adapter_name, torch.zeros(self.r[adapter_name], self.in_features), b)
+        self.freeze_peft_weight(adapter_name, "lora_B")
+
+    def _orthogonal_init(self, adapter_name: str) -> None:
+        r = self.r[adapter_name]
+        if r % 2 != 0:
+            raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+        # drawn on the CPU in PEFT's order, so a seeded run gives PEFT's factors
+        q, _ = torch.linalg.qr(torch.randn(r, r))
+        a = torch.randn(self.in_features, r // 2).mm(q[0::2, :]).T / 10.0  # [r, in]
+        b = torch.randn(r // 2, self.out_features).T.mm(q[1::2, :]) / 10.0  # [out, r]
+        self._set_factors(adapter_name, a, b)
 
     def _active_lora(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.lora_A]
@@ -320,12 +609,13 @@ class Linear(nn.Module, LoraLayer):
         # read the ModuleDicts' dicts once: this runs on every forward, and each ``self.lora_A[n]`` is two
         # Python-level lookups (Module.__getattr__, ModuleDict.__getitem__)
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
-        return LowRankAdapters([a[n].weight for n in names], [b[n].weight for n in names],
+        return LowRankAdapters([dense_factor(a[n]) for n in names], [dense_factor(b[n]) for n in names],
                                [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names])
 
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them."""
-        return lora_linear(x, result, *self.adapter_bundle(names), self.training)
+        """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them (then the
+        lora_B biases of those that have one)."""
+        return self.add_lora_bias(lora_linear(x, result, *self.adapter_bundle(names), self.training), names)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         special = self.disabled_or_mixed_forward(x, args, kwargs)
@@ -384,8 +674,9 @@ class Linear(nn.Module, LoraLayer):
 
     def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.base_layer
-        return lora_linear_fused(x, base.weight, base.bias if with_bias else None, *self.adapter_bundle(names),
-                                 self.training)
+        out = lora_linear_fused(x, base.weight, base.bias if with_bias else None, *self.adapter_bundle(names),
+                                self.training)
+        return self.add_lora_bias(out, names)
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
@@ -411,11 +702,29 @@ class Embedding(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
+                          lora_bias=lora_bias)
+
+    def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
+        """MiCA: B [dim, r] = the minor left singular vectors of W^T [dim, num_embeddings] (frozen), A = 0. Any
+        other string: the embedding's own initialisation (A zero, B normal), as in PEFT."""
+        if init_lora_weights != "mica":
+            self.reset_lora_parameters(adapter_name, init_lora_weights)
+            return
+        b = self._minor_components(self.get_base_layer().weight.T, adapter_name)
+        if b is not None:
+            with torch.no_grad():
+                self.lora_embedding_A[adapter_name].zero_()
+                self.lora_embedding_B[adapter_name].copy_(b)
+        self.freeze_peft_weight(adapter_name, "lora_embedding_B")
+
+    def check_lora_bias(self) -> None:
+        raise ValueError("lora_bias=True is not supported for Embedding (as in PEFT: its adapter weights are plain "
+                         "parameters with no bias); use lora_bias=False or do not target embedding layers")
 
     def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.T  # [num_embeddings, dim]: one row per embedding dimension
@@ -493,7 +802,7 @@ class ConvNd(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         base = self.get_base_layer()
@@ -511,7 +820,8 @@ class ConvNd(nn.Module, LoraLayer):
             warnings.warn(f"LoRA on a {type(base).__name__} with groups={base.groups}: merging is not supported "
                           "for it", UserWarning)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
+                          lora_bias=lora_bias)
 
     def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
         """With groups > 1, PEFT's norm adds ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the weight's shape (not
@@ -558,8 +868,8 @@ class ConvNd(nn.Module, LoraLayer):
         # Built in this order with the constructors' own init, so a seeded run draws what PEFT's does.
         self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                          bias=False, device=device, dtype=dtype)
-        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups, bias=False,
-                                         device=device, dtype=dtype)
+        self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups,
+                                         bias=self.lora_bias.get(adapter_name, False), device=device, dtype=dtype)
 
     def _refuse_grouped_merge(self) -> None:
         base = self.get_base_layer()
@@ -610,7 +920,9 @@ class ConvNd(nn.Module, LoraLayer):
         first = self.lora_A[names[0]]
         a = torch.cat([self.lora_A[n].weight for n in names])
         b = torch.cat([self.lora_B[n].weight * self.scaling[n] for n in names], dim=1)
-        return conv(conv(x.to(a.dtype), a, None, first.stride, first.padding), b)
+        biases = [self.lora_B[n].bias * self.scaling[n] for n in self.bias_names(names)]
+        bias = torch.stack(biases).sum(0) if biases else None  # lora_bias: s_i * b_i, summed over the adapters
+        return conv(conv(x.to(a.dtype), a, None, first.stride, first.padding), b, bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         special = self.disabled_or_mixed_forward(x, args, kwargs)

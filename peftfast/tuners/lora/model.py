@@ -16,10 +16,11 @@ from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, BaseTunerLayer, conv1d_class, linear_layer_classes
 from ...utils.patterns import get_pattern_key
+from .bdlora import bd_side
 from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .grouped import check_adapter_names_shape
-from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, base_weight_changes
 from .weighted import add_weighted_adapter
 
 # base class -> LoRA layer for torch's convolutions
@@ -28,6 +29,11 @@ CONV_LAYERS: dict[type[nn.Module], type[LoraLayer]] = {nn.Conv1d: Conv1d, nn.Con
 
 def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConfig, **kwargs: Any):
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if kwargs.get("bd_lora") is not None and not isinstance(base, nn.Linear) and not (
+            conv1d_class() is not None and isinstance(base, conv1d_class())):
+        raise ValueError(f"BD-LoRA (use_bdlora) supports LoRA on nn.Linear and Conv1D layers only, not on a "
+                         f"{type(base).__name__}; leave this layer out of target_modules_bd_a / target_modules_bd_b "
+                         "(with match_strict=False)")
     if isinstance(base, nn.Embedding):
         kwargs.pop("fan_in_fan_out", None)
         return Embedding(target, adapter_name, **kwargs)
@@ -63,6 +69,13 @@ class LoraModel(BaseTuner):
     def _supported_module(self, module: nn.Module) -> bool:
         return isinstance(module, linear_layer_classes() + (nn.Embedding,) + tuple(CONV_LAYERS))
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
+                       low_cpu_mem_usage: bool = False) -> None:
+        # PiSSA / OLoRA replace base weights while the adapter is added: a failure puts them back too
+        with base_weight_changes():
+            super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=low_cpu_mem_usage)
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
         if len(with_bias) > 1:
@@ -79,11 +92,16 @@ class LoraModel(BaseTuner):
         alpha = (config.alpha_pattern or {}).get(alpha_key, config.lora_alpha)
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
-                      use_rslora=config.use_rslora, use_dora=config.use_dora,
+                      use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
                       ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
+        if config.use_bdlora is not None:
+            side = bd_side(config.use_bdlora, current_key)
+            if side is not None:
+                kwargs["bd_lora"] = (side, config.use_bdlora.nblocks)
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
-                                config.use_rslora, use_dora=config.use_dora)
+                                config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
+                                bd_lora=kwargs.get("bd_lora"))
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:

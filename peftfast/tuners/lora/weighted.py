@@ -30,6 +30,7 @@ from ...utils.other import ModulesToSaveWrapper
 from ...utils.save_and_load import snapshot_state
 from ...utils.undo import UndoLog
 from ..additive import low_rank_delta
+from .bdlora import dense_factor
 from .layer import ConvNd, LoraLayer
 
 SAME_RANK_TYPES = ("linear", "ties", "dare_ties", "dare_linear", "magnitude_prune")
@@ -116,7 +117,7 @@ def check_weighted_adapter(model: Any, adapters: list[str], weights: list[float]
 def _factors(layer: LoraLayer, adapter: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) parameters of ``adapter`` on ``layer`` (embedding layers: lora_embedding_A/B), or None."""
     if adapter in layer.lora_A:
-        return layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        return dense_factor(layer.lora_A[adapter]), dense_factor(layer.lora_B[adapter])  # BD-LoRA: block_diag
     if adapter in layer.lora_embedding_A:
         return layer.lora_embedding_A[adapter], layer.lora_embedding_B[adapter]
     return None
