@@ -232,6 +232,21 @@ def test_lora_bias_mixed_batch_matches_peft():
         torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names))
 
 
+def test_lora_bias_per_token_names_equal_per_sample_names():
+    """Per-token adapter_names (a peftfast extension) with every token of a sample on that sample's adapter give
+    the per-sample outputs, PEFT's, lora_B biases included."""
+    ours, theirs = pair({"one": bias_kw(), "two": bias_kw(r=4)})
+    x = ids(batch=3)
+    names = ["two", "__base__", "one"]
+    lin = ours.base_model.model.lin0
+    with torch.no_grad():
+        h = torch.randn(3, 5, lin.in_features)
+        per_sample = lin(h, adapter_names=names)
+        per_token = lin(h, adapter_names=[[n] * 5 for n in names])
+        torch.testing.assert_close(per_token, per_sample)
+        torch.testing.assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names))
+
+
 def test_lora_bias_save_in_peftfast_load_in_peft_and_the_reverse(tmp_path):
     ours, theirs = pair({"default": bias_kw()})
     x = ids()

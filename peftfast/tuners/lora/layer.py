@@ -691,7 +691,21 @@ class Linear(nn.Module, LoraLayer):
         if store is None:
             store = self.__dict__["_grouped_store"] = AdapterStore()
         store.sync(names, bundle.weights_a, bundle.weights_b, bundle.scalings, bundle.dropout_ps)
-        return grouped_delta(store, x, result, adapter_names, bundle.weights_a, bundle.weights_b, self.training)
+        out = grouped_delta(store, x, result, adapter_names, bundle.weights_a, bundle.weights_b, self.training)
+        return self._add_rows_lora_bias(out, adapter_names, self.bias_names(names))
+
+    def _add_rows_lora_bias(self, out: torch.Tensor, adapter_names: list, biased: list[str]) -> torch.Tensor:
+        """``out`` plus ``scaling * lora_B.bias`` on the rows (samples, or tokens for per-token names) whose adapter
+        carries one (lora_bias=True); the grouped op adds the low-rank term only."""
+        per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
+        for name in biased:
+            if per_token:
+                mask = torch.tensor([[n == name for n in per] for per in adapter_names], device=out.device)
+            else:
+                mask = torch.tensor([n == name for n in adapter_names], device=out.device)
+            mask = mask.reshape(*mask.shape, *([1] * (out.dim() - mask.dim())))
+            out = out + mask.to(out.dtype) * (self.lora_B[name].bias * self.scaling[name]).to(out.dtype)
+        return out
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
