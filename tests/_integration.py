@@ -257,6 +257,33 @@ def scenario_adapter_api(out: str) -> dict:
     return result
 
 
+def scenario_from_pretrained(out: str) -> dict:
+    """``AutoModelForCausalLM.from_pretrained(<adapter folder>)`` and ``LlamaForCausalLM.from_pretrained(<adapter
+    folder>)``: transformers reads adapter_config.json, loads the base model it names and the adapter. Logits of
+    each, and of ``peftfast.PeftModel.from_pretrained`` on the same folders."""
+    import peftfast
+    from peftfast import zoo
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    base_dir, adapter_dir = os.path.join(out, "base"), os.path.join(out, "adapter")
+    zoo.llama(0).save_pretrained(base_dir)
+    model = lora_llama(peftfast)
+    model.peft_config["default"].base_model_name_or_path = base_dir
+    model.save_pretrained(adapter_dir)
+    x = zoo.causal_inputs(batch=2, seq=6, seed=11)
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        result["trained"] = model(**x).logits.flatten().tolist()
+        for name, cls in (("auto", AutoModelForCausalLM), ("llama", LlamaForCausalLM)):
+            loaded = cls.from_pretrained(adapter_dir)
+            result[name] = loaded(**x).logits.flatten().tolist()
+            result[f"{name}_active"] = loaded.active_adapters()
+            result[f"{name}_class"] = type(loaded).__name__
+            result[f"{name}_lora_layers"] = sum(1 for n, _ in loaded.named_modules() if n.endswith("lora_A.default"))
+        result["base"] = AutoModelForCausalLM.from_pretrained(base_dir)(**x).logits.flatten().tolist()
+    return result
+
+
 def word_tokenizer(vocab: int = 61):
     """A word-level tokenizer over zoo's vocabulary ("t0".."t60"; 0 pad, 1 bos, 2 eos), built offline."""
     from tokenizers import Tokenizer, models
@@ -372,6 +399,7 @@ def scenario_trl(out: str) -> dict:
 
 # without peft: the LoRA run with activation checkpointing (its losses must still equal the plain run's), QLoRA 4-bit
 PARTS = {"checks": scenario_checks, "adapter_api": scenario_adapter_api, "sft": scenario_sft, "trl": scenario_trl,
+         "from_pretrained": scenario_from_pretrained,
          "lora": lambda out: scenario_lora(out, checkpointing=True),
          "qlora": lambda out: scenario_qlora(out, (4,))}
 

@@ -9,6 +9,8 @@ peftfast's, and none needs the real ``peft`` (it works installed or not).
     transformers.integrations.peft                                 PeftAdapterMixin: model.add_adapter(...) and
                                                                    the rest of transformers' adapter API
                                                                    (``adapter_api``)
+    transformers.models.auto.auto_factory                          AutoModelFor...from_pretrained(<adapter
+                                                                   folder>) without peft (``adapter_api``)
     trl.trainer.sft_trainer, .dpo_trainer                          SFTTrainer / DPOTrainer with a peftfast
                                                                    config or a peftfast model (``trl``)
 
@@ -36,5 +38,6 @@ def install() -> None:
     when_imported("transformers.trainer", trainer.patch_trainer)
     when_imported("transformers.integrations.neftune", trainer.patch_importer)
     when_imported("transformers.integrations.peft", adapter_api.patch_adapter_mixin)
+    when_imported("transformers.models.auto.auto_factory", adapter_api.accept_adapter_folders)
     when_imported("trl.trainer.sft_trainer", trl.patch_module)
     when_imported("trl.trainer.dpo_trainer", trl.patch_module)
