@@ -72,3 +72,46 @@ def test_left_padded_batch_generate_equals_each_prompt_alone(build, method):
     with model.disable_adapter():  # the adapter matters for these tokens
         plain = [greedy_alone(model.get_base_model(), p, steps) for p in prompts]
     assert any(not torch.equal(a, b) for a, b in zip(expected, plain)), method
+
+
+def sequence_logprob(model, prompt, new):
+    """log p(new | prompt) under the model's forward (the prefix included), summed over the new tokens."""
+    seq = torch.cat([prompt, new])[None]
+    with torch.no_grad():
+        logp = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0].log_softmax(-1)
+    n = prompt.shape[0]
+    return sum(logp[n - 1 + i, t].item() for i, t in enumerate(new.tolist()))
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prefix_tuning", "prefix_projection"])
+def test_prefix_beam_search_scores_are_the_forward_log_probs(build, method):
+    """num_beams > 1: the cache rows holding the prefix are expanded and reordered with the beams. Each returned
+    beam's score (length_penalty 0: the sum of its tokens' log-probs) is the log-prob the forward pass gives it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fast.get_peft_model(sharp(build), CONFIGS[method]()).eval()
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    vocab = model.get_base_model().config.vocab_size
+    ids = torch.randint(3, vocab, (2, 4), generator=g)
+    steps, beams = 4, 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                             min_new_tokens=steps, num_beams=beams, num_return_sequences=beams, do_sample=False,
+                             length_penalty=0.0, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    assert out.sequences.shape == (2 * beams, 4 + steps)
+    for row in range(2 * beams):
+        prompt, new = ids[row // beams], out.sequences[row, 4:]
+        want = sequence_logprob(model, prompt, new)
+        assert abs(out.sequences_scores[row].item() - want) < 1e-4 * max(1.0, abs(want)), (row, want)
+    for b in range(2):
+        rows = out.sequences[b * beams:(b + 1) * beams, 4:]
+        assert len({tuple(r.tolist()) for r in rows}) == beams
+        greedy = greedy_alone(model, ids[b], steps)
+        # the best beam is at least as likely as the greedy sequence
+        assert out.sequences_scores[b * beams].item() >= sequence_logprob(model, ids[b], greedy) - 1e-4
