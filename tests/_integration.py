@@ -257,6 +257,33 @@ def scenario_adapter_api(out: str) -> dict:
     return result
 
 
+def scenario_from_pretrained(out: str) -> dict:
+    """``AutoModelForCausalLM.from_pretrained(<adapter folder>)`` and ``LlamaForCausalLM.from_pretrained(<adapter
+    folder>)``: transformers reads adapter_config.json, loads the base model it names and the adapter. Logits of
+    each, and of ``peftfast.PeftModel.from_pretrained`` on the same folders."""
+    import peftfast
+    from peftfast import zoo
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    base_dir, adapter_dir = os.path.join(out, "base"), os.path.join(out, "adapter")
+    zoo.llama(0).save_pretrained(base_dir)
+    model = lora_llama(peftfast)
+    model.peft_config["default"].base_model_name_or_path = base_dir
+    model.save_pretrained(adapter_dir)
+    x = zoo.causal_inputs(batch=2, seq=6, seed=11)
+    result: dict[str, Any] = {}
+    with torch.no_grad():
+        result["trained"] = model(**x).logits.flatten().tolist()
+        for name, cls in (("auto", AutoModelForCausalLM), ("llama", LlamaForCausalLM)):
+            loaded = cls.from_pretrained(adapter_dir)
+            result[name] = loaded(**x).logits.flatten().tolist()
+            result[f"{name}_active"] = loaded.active_adapters()
+            result[f"{name}_class"] = type(loaded).__name__
+            result[f"{name}_lora_layers"] = sum(1 for n, _ in loaded.named_modules() if n.endswith("lora_A.default"))
+        result["base"] = AutoModelForCausalLM.from_pretrained(base_dir)(**x).logits.flatten().tolist()
+    return result
+
+
 def word_tokenizer(vocab: int = 61):
     """A word-level tokenizer over zoo's vocabulary ("t0".."t60"; 0 pad, 1 bos, 2 eos), built offline."""
     from tokenizers import Tokenizer, models
@@ -275,7 +302,7 @@ def sft(lib, out: str) -> dict:
 
     rows = Dataset.from_list([{"input_ids": zoo.token_ids(1, 7, seed=300 + i)[0].tolist()} for i in range(8)])
     args = SFTConfig(out, max_steps=3, per_device_train_batch_size=2, learning_rate=0.5, optim="sgd", report_to=[], seed=0,
-                     logging_steps=1, save_steps=100, use_cpu=True, disable_tqdm=True)
+                     logging_steps=1, save_steps=100, use_cpu=True, disable_tqdm=True, bf16=False)
     config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM", init_lora_weights=False)
     torch.manual_seed(31)
     with warnings.catch_warnings():
@@ -294,14 +321,86 @@ def sft(lib, out: str) -> dict:
             "final": tensors_json(adapter_files(os.path.join(out, "final"))), "wrapper": type(trainer.model).__module__}
 
 
+def sft_wrapped(lib, out: str) -> dict:
+    """SFTTrainer given a model already wrapped by ``lib.get_peft_model`` (no peft_config): 3 steps, save_model."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = Dataset.from_list([{"input_ids": zoo_ids(7, 300 + i)} for i in range(8)])
+    args = SFTConfig(out, max_steps=3, per_device_train_batch_size=2, learning_rate=0.5, optim="sgd", report_to=[],
+                     seed=0, logging_steps=1, save_steps=100, use_cpu=True, disable_tqdm=True, bf16=False)
+    model = lora_llama(lib, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = SFTTrainer(model, args=args, train_dataset=rows, processing_class=word_tokenizer())
+        trainer.train()
+    trainer.save_model(os.path.join(out, "final"))
+    return {"losses": losses(trainer), "files": sorted(os.listdir(os.path.join(out, "final"))),
+            "final": tensors_json(adapter_files(os.path.join(out, "final"))), "wrapper": type(trainer.model).__module__}
+
+
+def zoo_ids(seq: int, seed: int) -> list[int]:
+    from peftfast import zoo
+
+    return zoo.token_ids(1, seq, seed=seed)[0].tolist()
+
+
+def dpo(lib, out: str, wrapped: bool = False) -> dict:
+    """TRL's DPOTrainer with no ref_model on zoo.llama, 3 steps, then save_model. ``wrapped=False``:
+    ``peft_config=lib.LoraConfig(...)``, the reference log-probs come from the model with its adapter disabled;
+    ``wrapped=True``: a model already wrapped by ``lib.get_peft_model``, for which TRL adds a frozen copy of the
+    adapter named "ref" as the reference."""
+    from datasets import Dataset
+    from peftfast import zoo
+    from trl import DPOConfig, DPOTrainer
+
+    rows = Dataset.from_list([{"prompt": " ".join(f"t{t}" for t in zoo_ids(4, 400 + i)),
+                               "chosen": " ".join(f"t{t}" for t in zoo_ids(3, 500 + i)),
+                               "rejected": " ".join(f"t{t}" for t in zoo_ids(3, 600 + i))} for i in range(8)])
+    args = DPOConfig(out, max_steps=3, per_device_train_batch_size=2, learning_rate=0.5, optim="sgd", report_to=[],
+                     seed=0, logging_steps=1, save_steps=100, use_cpu=True, disable_tqdm=True, bf16=False)
+    config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM", init_lora_weights=False)
+    torch.manual_seed(41)
+    model = lib.get_peft_model(zoo.llama(0), config) if wrapped else zoo.llama(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(model, args=args, train_dataset=rows, processing_class=word_tokenizer(),
+                             peft_config=None if wrapped else config)
+        # the same adapter weights for both libraries (each draws its init at its own point)
+        g = torch.Generator().manual_seed(42)
+        with torch.no_grad():
+            for name, p in sorted(trainer.model.named_parameters()):
+                if "lora_" in name and ".ref." not in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                    if wrapped:  # the reference copy TRL made of the initial adapter
+                        trainer.model.get_parameter(name.replace(".default.", ".ref.")).copy_(p)
+        trainer.train()
+    trainer.save_model(os.path.join(out, "final"))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return {"losses": [h["loss"] for h in logs], "margins": [h.get("rewards/margins") for h in logs],
+            "adapters": sorted(trainer.model.peft_config), "files": sorted(os.listdir(os.path.join(out, "final"))),
+            "final": tensors_json(adapter_files(os.path.join(out, "final"))), "wrapper": type(trainer.model).__module__}
+
+
 def scenario_sft(out: str) -> dict:
     import peftfast
 
     return sft(peftfast, out)
 
 
+def scenario_trl(out: str) -> dict:
+    """SFTTrainer on a wrapped model, DPOTrainer with a peft_config and with a wrapped model."""
+    import peftfast
+
+    return {"sft_wrapped": sft_wrapped(peftfast, os.path.join(out, "sft")),
+            "dpo": dpo(peftfast, os.path.join(out, "dpo")),
+            "dpo_wrapped": dpo(peftfast, os.path.join(out, "dpo-wrapped"), wrapped=True)}
+
+
 # without peft: the LoRA run with activation checkpointing (its losses must still equal the plain run's), QLoRA 4-bit
-PARTS = {"checks": scenario_checks, "adapter_api": scenario_adapter_api, "sft": scenario_sft, "lora": lambda out: scenario_lora(out, checkpointing=True),
+PARTS = {"checks": scenario_checks, "adapter_api": scenario_adapter_api, "sft": scenario_sft, "trl": scenario_trl,
+         "from_pretrained": scenario_from_pretrained,
+         "lora": lambda out: scenario_lora(out, checkpointing=True),
          "qlora": lambda out: scenario_qlora(out, (4,))}
 
 

@@ -184,6 +184,7 @@ def test_unusable_parts_degrade_to_a_stated_reason(monkeypatch):
         raise ImportError("the 4-bit LoRA layer cannot be imported")
 
     monkeypatch.setattr(memory, "lora_memory_rows", lambda: [])
+    monkeypatch.setattr(memory, "prompt_memory_rows", lambda: [])
     monkeypatch.setattr(memory, "qlora_memory_rows", broken)
     mem_rows, errors = bench.measure_memory()
     assert mem_rows == [] and errors == {"qlora": "ImportError: the 4-bit LoRA layer cannot be imported"}

@@ -10,7 +10,7 @@ import torch
 
 import peftfast
 from peftfast import zoo
-from tests._integration import TARGETS, scenario_adapter_api, without_peft_results
+from tests._integration import TARGETS, scenario_adapter_api, scenario_from_pretrained, without_peft_results
 
 peft = pytest.importorskip("peft")
 
@@ -110,3 +110,28 @@ def test_without_peft_installed(ours, tmp_path_factory):
         assert hidden[key] == ours[key], key
     for key in ("b", "default", "disabled", "enabled", "loaded", "trained_losses"):
         close(hidden[key], ours[key], key)
+
+
+@pytest.fixture(scope="module")
+def from_folder(tmp_path_factory):
+    return scenario_from_pretrained(str(tmp_path_factory.mktemp("from-pretrained")))
+
+
+def check_from_pretrained(result, what):
+    for name in ("auto", "llama"):
+        assert result[f"{name}_class"] == "LlamaForCausalLM", what
+        assert result[f"{name}_active"] == ["default"], what
+        assert result[f"{name}_lora_layers"] == 4, what  # q_proj and v_proj of both layers
+        close(result[name], result["trained"], f"{what}: {name} from_pretrained(<adapter folder>)")
+    # the adapter (random B) changes the logits: loading it is not a no-op
+    assert max(abs(a - b) for a, b in zip(result["base"], result["trained"])) > 1e-2, what
+
+
+def test_from_pretrained_adapter_folder(from_folder):
+    check_from_pretrained(from_folder, "with peft installed")
+
+
+def test_from_pretrained_adapter_folder_without_peft(from_folder, tmp_path_factory):
+    hidden = without_peft_results(tmp_path_factory)["from_pretrained"]
+    check_from_pretrained(hidden, "without peft")
+    close(hidden["auto"], from_folder["auto"], "without peft vs with peft")

@@ -53,3 +53,13 @@ def test_every_package_folder_is_listed_in_pyproject():
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "peftfast").rglob("__init__.py")}
     found.add("peftfast.kernels")
     assert found == listed, f"in the tree but not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
+
+
+def test_python_m_pytest_from_the_checkout_root():
+    # `python -m pytest` puts the checkout root first on sys.path; the root conftest.py takes it off again
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_packaging.py::test_kernels_is_not_a_top_level_module",
+                        "tests/test_packaging.py::test_kernels_installed_as_peftfast_kernels"],
+                       cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -9,8 +9,10 @@ peftfast's, and none needs the real ``peft`` (it works installed or not).
     transformers.integrations.peft                                 PeftAdapterMixin: model.add_adapter(...) and
                                                                    the rest of transformers' adapter API
                                                                    (``adapter_api``)
-    trl.trainer.sft_trainer                                        SFTTrainer(..., peft_config=peftfast config)
-                                                                   (``trl``)
+    transformers.models.auto.auto_factory                          AutoModelFor...from_pretrained(<adapter
+                                                                   folder>) without peft (``adapter_api``)
+    trl.trainer.sft_trainer, .dpo_trainer                          SFTTrainer / DPOTrainer with a peftfast
+                                                                   config or a peftfast model (``trl``)
 
 Set ``PEFTFAST_NO_INTEGRATIONS=1`` before importing peftfast to leave every library untouched.
 """
@@ -36,4 +38,6 @@ def install() -> None:
     when_imported("transformers.trainer", trainer.patch_trainer)
     when_imported("transformers.integrations.neftune", trainer.patch_importer)
     when_imported("transformers.integrations.peft", adapter_api.patch_adapter_mixin)
+    when_imported("transformers.models.auto.auto_factory", adapter_api.accept_adapter_folders)
     when_imported("trl.trainer.sft_trainer", trl.patch_module)
+    when_imported("trl.trainer.dpo_trainer", trl.patch_module)

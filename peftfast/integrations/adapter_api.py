@@ -10,6 +10,12 @@ peftfast's (marked by ``PEFTFAST_ADAPTERS``), ``add_adapter`` given a peftfast c
 transformers could not do it itself (``peft`` not installed, or older than transformers' ``MIN_PEFT_VERSION``)
 take peftfast's path; everything else (models with PEFT's adapters, PEFT configs) goes
 to transformers' original method unchanged. A model holds adapters of one library only.
+
+``from_pretrained(<adapter folder or repo>)`` (``AutoModelFor...`` and the model classes): transformers looks for
+``adapter_config.json``, loads the base model named in it and calls ``load_adapter`` only when
+``is_peft_available()``. ``accept_adapter_folders`` rebinds that name in the two modules that use it for this
+lookup alone (``integrations.peft``'s ``maybe_load_adapters`` and ``models.auto.auto_factory``) to answer True:
+with peftfast imported, adapters load without ``peft``. With ``peft`` installed nothing changes.
 """
 from __future__ import annotations
 
@@ -192,7 +198,22 @@ def config_arg(args: tuple, kwargs: dict) -> Any:
     return kwargs.get("adapter_config", args[0] if args else None)
 
 
+def accept_adapter_folders(module: Any) -> None:
+    """``module.is_peft_available`` answers True (see the module docstring); kept when already patched."""
+    original = getattr(module, "is_peft_available", None)
+    if original is None or getattr(original, PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def is_peft_available() -> bool:
+        return True  # peftfast loads the adapter when peft cannot (load_adapter above)
+
+    setattr(is_peft_available, PATCHED, True)
+    module.is_peft_available = is_peft_available
+
+
 def patch_adapter_mixin(module: Any) -> None:
+    accept_adapter_folders(module)
     mixin = getattr(module, "PeftAdapterMixin", None)
     if mixin is None or getattr(mixin.add_adapter, PATCHED, False):
         return

@@ -1,22 +1,36 @@
-"""TRL's trainers with a peftfast ``peft_config``: ``SFTTrainer(model, peft_config=peftfast.LoraConfig(...))``.
+"""TRL's trainers with peftfast: ``SFTTrainer`` and ``DPOTrainer`` given ``peft_config=peftfast.LoraConfig(...)`` or
+a model already wrapped by ``peftfast.get_peft_model``.
 
 TRL checks ``isinstance(peft_config, peft.PeftConfig)`` (and needs ``peft`` installed) before it wraps the model
 with ``peft.get_peft_model``. The wrapped ``__init__`` does that step with peftfast instead, for a peftfast config
 only, and hands TRL the wrapped model without a config. The module's ``is_peft_model`` (accelerate's, which knows
-PEFT's class only) also accepts a peftfast model, so TRL patches its fused loss onto the base model; saving, checkpoints and the rest go through the Trainer
-integration (``trainer.py``). Any other ``peft_config`` reaches TRL unchanged.
+PEFT's class only) also accepts a peftfast model, so TRL patches its fused loss onto the base model; saving,
+checkpoints and the rest go through the Trainer integration (``trainer.py``). Any other ``peft_config`` reaches
+TRL unchanged.
+
+DPOTrainer without a ``ref_model`` takes the reference log-probs from the policy itself: with a new adapter
+(``peft_config``) from the model with its adapters disabled; with a model that already carries an adapter, from a
+frozen copy TRL adds under the name "ref". Handing TRL a wrapped model would take the second path for a new
+adapter too, so the wrapped ``__init__`` removes the "ref" copy it made TRL add, as PEFT's path never creates it.
+``use_adapter`` (TRL's switch between the policy and the reference, which requires ``peft`` installed) runs
+peftfast's own ``disable_adapter`` / ``set_adapter`` for a peftfast model. Without ``peft``, the names TRL imports
+from it for a wrapped model's checks (``LoraConfig``, ``peft.__version__``) are peftfast's.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from typing import Any
+import types
+from typing import Any, Iterator, Optional
 
-from ..config import PeftConfig
+from ..config import PEFT_FORMAT_VERSION, PeftConfig
 from ..mapping import get_peft_model
+from ..peft_model import PeftModel
 
 PATCHED = "__peftfast_patched__"
-TRAINERS = ("SFTTrainer",)
+TRAINERS = ("SFTTrainer", "DPOTrainer")
+REFERENCE_ADAPTER = "ref"  # the name DPOTrainer gives its frozen copy of a wrapped model's adapter
 
 
 def wrap_model(model: Any, peft_config: PeftConfig, args: Any) -> Any:
@@ -40,13 +54,47 @@ def patch_trainer_class(cls: Any) -> None:
         bound = signature.bind_partial(self, *args, **kwargs)
         config = bound.arguments.get("peft_config")
         if isinstance(config, PeftConfig):
-            bound.arguments["model"] = wrap_model(bound.arguments["model"], config, bound.arguments.get("args"))
+            model = wrap_model(bound.arguments["model"], config, bound.arguments.get("args"))
+            bound.arguments["model"] = model
             bound.arguments["peft_config"] = None
-            return original(*bound.args, **bound.kwargs)
+            original(*bound.args, **bound.kwargs)
+            if REFERENCE_ADAPTER in model.peft_config:
+                # made by DPOTrainer for a pre-wrapped model; a new adapter's reference is the disabled adapter
+                model.delete_adapter(REFERENCE_ADAPTER)
+            return None
         return original(self, *args, **kwargs)
 
     setattr(__init__, PATCHED, True)
     cls.__init__ = __init__
+
+
+@contextlib.contextmanager
+def peftfast_use_adapter(model: PeftModel, adapter_name: Optional[str]) -> Iterator[None]:
+    """TRL's ``use_adapter`` for a peftfast model: all adapters disabled (``None``) or ``adapter_name`` active."""
+    if adapter_name is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def accept_peftfast_in_use_adapter(original: Any) -> Any:
+    if getattr(original, PATCHED, False):
+        return original
+
+    @functools.wraps(original)
+    def use_adapter(model: Any, adapter_name: Optional[str]) -> Any:
+        if isinstance(model, PeftModel):
+            return peftfast_use_adapter(model, adapter_name)
+        return original(model, adapter_name)
+
+    setattr(use_adapter, PATCHED, True)
+    return use_adapter
 
 
 def patch_module(module: Any) -> None:
@@ -59,6 +107,15 @@ def patch_module(module: Any) -> None:
         from ..tuners.tuners_utils import BaseTunerLayer
 
         module.BaseTunerLayer = BaseTunerLayer
+    if not hasattr(module, "LoraConfig"):  # likewise: a wrapped model's target_parameters check reads both
+        from ..tuners.lora import LoraConfig
+
+        module.LoraConfig = LoraConfig
+    if not hasattr(module, "peft"):
+        module.peft = types.SimpleNamespace(__version__=PEFT_FORMAT_VERSION)
+    switch = getattr(module, "use_adapter", None)
+    if switch is not None:
+        module.use_adapter = accept_peftfast_in_use_adapter(switch)
     for name in TRAINERS:
         cls = getattr(module, name, None)
         if cls is not None:

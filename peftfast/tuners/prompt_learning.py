@@ -448,9 +448,13 @@ class PromptLearningHandler:
         for name in ("past_key_values", "cache"):
             if kwargs.pop(name, None) is not None:
                 raise ValueError(f"generate() with prefix tuning builds its own cache (the prefix); do not pass {name}")
-        if kwargs.get("num_beams", 1) not in (None, 1) or kwargs.get("num_return_sequences", 1) not in (None, 1):
-            raise NotImplementedError("prefix tuning's generate supports one sequence per input (num_beams=1, "
-                                      "num_return_sequences=1)")
+        # generate expands every input row to max(num_beams, num_return_sequences) rows before the first step; the
+        # cache is not a tensor and is not expanded, so it is built for the expanded batch (every row's prefix is
+        # the same, so the order of the rows does not matter; beam search reorders the cache rows itself)
+        settings = kwargs.get("generation_config") or getattr(base, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(settings, "num_beams", None) or 1
+        sequences = kwargs.get("num_return_sequences") or getattr(settings, "num_return_sequences", None) or 1
+        expand = max(int(beams), int(sequences))
         if seq2seq:
             if kwargs.get("decoder_attention_mask") is not None:
                 kwargs["decoder_attention_mask"] = _ones_before(kwargs["decoder_attention_mask"], n)
@@ -461,7 +465,7 @@ class PromptLearningHandler:
                 mask = torch.ones(batch, source.shape[1], dtype=torch.long, device=source.device)
             kwargs["attention_mask"] = _ones_before(mask, n)
         with torch.no_grad():
-            kwargs["cache"] = get_prompt(peft_model, batch)
+            kwargs["cache"] = get_prompt(peft_model, batch * expand)
         return base.generate(**_given({"input_ids": input_ids, "inputs_embeds": inputs_embeds}), **kwargs)
 
 def register_prompt_method(name: str, encoder_cls: type) -> PromptLearningHandler:

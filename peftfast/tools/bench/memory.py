@@ -1,7 +1,7 @@
 """Section 2: memory measured on this machine (CPU), peftfast against PEFT on the same model.
 
 Bytes saved for backward by one training step of a tiny Llama with LoRA (with and without
-dropout), and for an NF4 QLoRA model the resident bytes of weights (packed, quantisation state,
+dropout) and with prefix tuning and prompt tuning, and for an NF4 QLoRA model the resident bytes of weights (packed, quantisation state,
 other frozen, adapters), saved activations and AdamW state. Saved bytes come from
 ``saved_tensors_hooks`` (``peftfast.tools.memory``), each storage once: measured, and
 deterministic for a given model and input.
@@ -39,6 +39,26 @@ def lora_memory_rows() -> list[dict]:
                          "model": "tiny Llama, 4 layers, hidden 64, batch 2x48, fp32, LoRA r=8 on 7 "
                                   "projections",
                          **saved_bytes_of(model.train(), ids).as_row()})
+    return rows
+
+
+PROMPT_MODEL = "tiny Llama, 4 layers, hidden 64, batch 8x48, fp32, 16 virtual tokens"
+
+
+def prompt_memory_rows() -> list[dict]:
+    """Bytes saved for backward by one training step with prefix tuning and prompt tuning, each library."""
+    base = tiny_llama(64, 4)
+    ids = torch.randint(0, 128, (8, 48), generator=torch.Generator().manual_seed(0))
+    rows = []
+    for method in ("prefix_tuning", "prompt_tuning"):
+        for name, lib in libs():
+            config = (lib.PrefixTuningConfig if method == "prefix_tuning" else lib.PromptTuningConfig)(
+                task_type="CAUSAL_LM", num_virtual_tokens=16)
+            with quiet():
+                model = lib.get_peft_model(copy.deepcopy(base), config).train()
+                measured = measure_saved_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
+            rows.append({"section": "memory", "what": "prompt_saved_activations", "method": method, "path": name,
+                         "model": PROMPT_MODEL, **measured.as_row()})
     return rows
 
 
@@ -161,6 +181,15 @@ def memory_lines(rows: list[dict], errors: dict[str, str]) -> list[str]:
                    f"{kb(r0['quantised_as_fp32'])} kB in fp32 ({nf4 / r0['quantised_as_fp32']:.3f}x)")
     if "qlora" in errors:
         out.append(f"QLoRA memory: not available: {errors['qlora']}")
+    prompt = [r for r in rows if r["what"] == "prompt_saved_activations"]
+    if prompt:
+        out.append("Prompt methods, bytes saved for backward; " + prompt[0]["model"])
+        ref = {r["method"]: r["saved_bytes"] for r in prompt if r["path"] == "peft"}
+        body = [[r["method"], r["path"], kb(r["saved_bytes"]), r["saved_tensors"],
+                 f"{r['saved_bytes'] / ref[r['method']]:.3f}" if r["method"] in ref else "-"] for r in prompt]
+        out += table(["method", "path", "saved kB", "tensors", "/ PEFT"], body)
+    if "prompt" in errors:
+        out.append(f"prompt-method memory: not available: {errors['prompt']}")
     return out
 
 
@@ -168,7 +197,7 @@ def measure_memory() -> tuple[list[dict], dict[str, str]]:
     """(rows, {section: error}) of the LoRA and QLoRA memory measurements; one failing does not
     hide the other."""
     rows, errors = [], {}
-    for key, fn in (("lora", lora_memory_rows), ("qlora", qlora_memory_rows)):
+    for key, fn in (("lora", lora_memory_rows), ("qlora", qlora_memory_rows), ("prompt", prompt_memory_rows)):
         try:
             rows += fn()
         except Exception as err:  # noqa: BLE001 - e.g. the QLoRA layers not usable: reported, not fatal
