@@ -51,6 +51,35 @@ class LowRankAdapters(NamedTuple):
     scalings: list[float]
     dropout_ps: list[float]
 
+    def under_autocast(self) -> "LowRankAdapters":
+        """The bundle as ``torch.autocast`` would compute it, when autocast is on for the adapters' device: the
+        factors cast to autocast's dtype (as ``F.linear`` casts PEFT's lora_A/lora_B weights; gradients reach the
+        float32 parameters through the cast). Unchanged when autocast is off."""
+        dtype = autocast_dtype(self.weights_a[0]) if self.weights_a else None
+        if dtype is None:
+            return self
+        return LowRankAdapters([a.to(dtype) for a in self.weights_a], [b.to(dtype) for b in self.weights_b],
+                               self.scalings, self.dropout_ps)
+
+
+def autocast_dtype(t: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` computes matmuls in on ``t``'s device when it is on there, else None."""
+    kind = t.device.type
+    if kind in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def autocast_base(x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``x``, a dense base weight and bias as ``F.linear`` under ``torch.autocast`` takes them (all in autocast's
+    dtype) when autocast is on for x's device, so a fused op computes what the base module would; unchanged
+    otherwise."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return x, weight, bias
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
 
 class AdditiveAdapterLayer(AdapterLayer):
     """Merging for adapters that add a delta to the base weight; subclasses define ``get_delta_weight``."""

@@ -27,7 +27,7 @@ from torch import nn
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.other import transpose
-from ..additive import AdditiveAdapterLayer, LowRankAdapters, dropout_p
+from ..additive import AdditiveAdapterLayer, LowRankAdapters, autocast_base, dropout_p
 from ..adapter_layers import base_is_fusable, feature_sizes
 
 # PEFT's guard against a zero rank count in the scale.
@@ -144,7 +144,7 @@ class SVDLinear(nn.Module, AdaLoraLayer):
     def adapter_bundle(self, names: list[str]) -> LowRankAdapters:
         drop = self.lora_dropout._modules
         return LowRankAdapters([self.folded_a(n) for n in names], [self.lora_B[n] for n in names],
-                               [self.scale(n) for n in names], [dropout_p(drop[n]) for n in names])
+                               [self.scale(n) for n in names], [dropout_p(drop[n]) for n in names]).under_autocast()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         special = self.disabled_forward(x, args, kwargs)
@@ -154,7 +154,8 @@ class SVDLinear(nn.Module, AdaLoraLayer):
         base = self.base_layer
         if names and not args and not kwargs and type(base) is nn.Linear and base_is_fusable(base):
             # a plain frozen nn.Linear: the base GEMM and the adapters in one op (one GEMM on the Triton backend)
-            return lora_linear_fused(x, base.weight, base.bias, *self.adapter_bundle(names), self.training)
+            return lora_linear_fused(*autocast_base(x, base.weight, base.bias), *self.adapter_bundle(names),
+                                     self.training)
         result = self.base_forward(x, *args, **kwargs)
         return lora_linear(x, result, *self.adapter_bundle(names), self.training) if names else result
 

@@ -30,7 +30,8 @@ from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.errors import PeftWarning
 from ...utils.other import transpose
-from ..additive import AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, dropout_p, low_rank_delta
+from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
+                        low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names
 from .grouped import AdapterStore, grouped_delta
@@ -610,7 +611,7 @@ class Linear(nn.Module, LoraLayer):
         # Python-level lookups (Module.__getattr__, ModuleDict.__getitem__)
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
         return LowRankAdapters([dense_factor(a[n]) for n in names], [dense_factor(b[n]) for n in names],
-                               [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names])
+                               [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names]).under_autocast()
 
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them (then the
@@ -674,8 +675,8 @@ class Linear(nn.Module, LoraLayer):
 
     def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.base_layer
-        out = lora_linear_fused(x, base.weight, base.bias if with_bias else None, *self.adapter_bundle(names),
-                                self.training)
+        x, weight, bias = autocast_base(x, base.weight, base.bias if with_bias else None)
+        out = lora_linear_fused(x, weight, bias, *self.adapter_bundle(names), self.training)
         return self.add_lora_bias(out, names)
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
