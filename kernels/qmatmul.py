@@ -74,7 +74,7 @@ import triton.language as tl
 from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lora_grad_a_tile
 from .aot import AotSpec
 from .opdecl import OpDecl
-from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
+from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
 from .tiles import grouped_tile
 from .quant import (
     Packed4bit,
@@ -338,6 +338,11 @@ def _split_reduce_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % C, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# small operands addressed with 32-bit offsets (checked by runtime.launch on each call): the code tables and the adapter table
+declare_int32_operands(_matmul_4bit_kernel, "code_ptr", "nested_code_ptr", "lora_adapters_ptr")
+declare_int32_operands(_matmul_int8_kernel, "lora_adapters_ptr")
 
 
 # ----------------------------------------------------------------------------- launchers
