@@ -500,9 +500,13 @@ def _map_with_progress(pool: ProcessPoolExecutor, fn, items: list, desc: str, un
 
 
 def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] = ARCHS,
-               workers: int = 2, sass: bool = False, progress: bool | None = None) -> Report:
+               workers: int = 2, sass: bool = False, progress: bool | None = None,
+               only: str | None = None) -> Report:
     """Compile every spec of ``sources`` (default: all kernel modules) for every arch.
-    ``progress``: a progress bar on stderr (None: only when stderr is a terminal)."""
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    ``only``: a regular expression; only specs whose name it matches (``re.search``) are compiled
+    (to check a few configs in seconds instead of the whole report)."""
+    keep = None if only is None else re.compile(only)
     for arch in archs:
         if arch not in SHARED_LIMIT:
             raise ValueError(f"arch {arch} not supported; allowed: {', '.join(map(str, SHARED_LIMIT))}")
@@ -536,6 +540,8 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
                     notes.append(f"{source.label}: jitted functions in no spec (device helpers?): "
                                  f"{', '.join(listing['uncovered'])}")
                 for index, name in enumerate(listing["specs"]):
+                    if keep is not None and not keep.search(name):
+                        continue
                     if name in seen:
                         problems.append(f"spec name {name!r} used by {seen[name]} and {source.label}")
                     seen[name] = source.label
@@ -546,7 +552,8 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     if not rows and not problems:
-        problems.append("no AotSpec found: no kernel module defines aot_specs()")
+        problems.append("no AotSpec found: no kernel module defines aot_specs()" if keep is None
+                        else f"no spec name matches --only {only!r}")
     return Report(rows, problems, notes, time.perf_counter() - start)
 
 
@@ -601,12 +608,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capability to build for (repeatable; default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows, versions and git sha as JSON")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", metavar="REGEX",
+                        help="compile only the specs whose name matches this regular expression (re.search)")
     parser.add_argument("--sass", action="store_true", help="also require tensor-core instructions in the SASS")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar with ETA on stderr (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
     report = run_report(archs=tuple(args.arch or ARCHS), workers=args.workers, sass=args.sass,
-                        progress=args.progress)
+                        progress=args.progress, only=args.only)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report_json(report), indent=1))
