@@ -95,6 +95,8 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
     arriver resets it), and launches on one stream run in order, so no memset per launch."""
     check_not_capturing(device)  # a buffer grown or replaced during capture would be freed under the graph
+    if device.type == "meta":  # shape-only launches (nothing runs): nothing to reuse, nothing to keep
+        return torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     stream = launch_stream(device)  # the stream the kernel is launched on (runtime.launch: device's current one)
     buf = COUNTERS.get((device, stream))
     if buf is None or buf.numel() < n:
