@@ -172,7 +172,7 @@ def _err(got, ref) -> float:
     return (got.double().cpu() - ref.double().cpu()).abs().max().item() if got.numel() else 0.0
 
 
-def _compare(name: str, got, plain, ref) -> dict:
+def compare_to_float64(name: str, got, plain, ref) -> dict:
     """The Triton result ``got`` against the float64 ``ref``: within K_FACTOR x plain PyTorch's error
     (``plain``, same dtypes) + one ulp of got's dtype."""
     import torch
@@ -227,7 +227,7 @@ def _check_op(label: str, op: Callable, inputs: list, dy, names: list[str], ref_
                                      if isinstance(t, torch.Tensor) and t.is_floating_point() else
                                      (t.cpu() if isinstance(t, torch.Tensor) else t) for t in inputs],
                       dy.double().cpu())
-    return [_compare(f"{label} {n}", g, p, r) for n, g, p, r in zip(names, got, plain, ref)]
+    return [compare_to_float64(f"{label} {n}", g, p, r) for n, g, p, r in zip(names, got, plain, ref)]
 
 
 def _lora_inputs(t: int, d_in: int, d_out: int, rank: int, act, ad, device, gen):

@@ -39,8 +39,8 @@ def test_stress_section_dry_checks_counters(interpreted):
 def test_compare_fails_on_a_wrong_result():
     ref = torch.randn(5, 7, dtype=torch.float64)
     plain = ref.float()
-    ok = gc._compare("x", ref.float(), plain, ref)
-    bad = gc._compare("x", ref.float() + 1e-3, plain, ref)
+    ok = gc.compare_to_float64("x", ref.float(), plain, ref)
+    bad = gc.compare_to_float64("x", ref.float() + 1e-3, plain, ref)
     assert ok["ok"] and not bad["ok"] and "allowed" in bad["detail"]
 
 
