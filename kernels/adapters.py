@@ -76,7 +76,7 @@ def accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, off
             acc += tl.where(keep_mask(key, offs_m, offs_k, thresh), part, 0.0)
     else:
         for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+            offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit offsets
             mask_r = offs_r < R
             g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -121,7 +121,7 @@ def lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_a
     for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
         r_start, r_end, key, thresh = adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
         for r0 in range(r_start, r_end, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+            offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit offsets
             mask_r = offs_r < r_end
             part = tl.zeros((BLOCK_R, offs_k.shape[0]), dtype=tl.float32)
             for h in tl.static_range(0, BLOCK_M, SUB_M):
@@ -139,7 +139,7 @@ def lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_a
     if last_arrival(count_ptr, num_m):
         dap_ptr -= pid_m * stride_dps
         for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+            offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit offsets
             mask = (offs_r < R)[:, None] & mask_k[None, :]
             acc = sum_slices(dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk, num_m,
                               stride_dps, mask, BLOCK_R, offs_k.shape[0])

@@ -192,7 +192,7 @@ _EW_CFG = (16, 128, 4)  # elementwise: BLOCK_M, BLOCK_N, num_warps
 # ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
-def _launch_matmul(p, q, scale, *, bias=None, aux=None, scale_k=False, scale_n=False, out_dtype):
+def launch_ia3_matmul(p, q, scale, *, bias=None, aux=None, scale_k=False, scale_n=False, out_dtype):
     """C = [scale_k] P @ Q [+ bias] [* scale_n], and the column sums of (P @ Q) * aux when aux
     is given. p: [M, K]; q: [K, N] (any strides); returns (C, partial or None)."""
     M, K = p.shape
@@ -214,7 +214,7 @@ def _launch_matmul(p, q, scale, *, bias=None, aux=None, scale_k=False, scale_n=F
     return c, (partial if aux is not None else None)
 
 
-def _launch_scale(x2, s, round_to_scale):
+def launch_ia3_scale(x2, s, round_to_scale):
     M, N = x2.shape
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     bm, bn, warps = _EW_CFG
@@ -224,7 +224,7 @@ def _launch_scale(x2, s, round_to_scale):
     return y
 
 
-def _launch_scale_backward(dy2, x2, s, round_to_scale, write_dx):
+def launch_ia3_scale_backward(dy2, x2, s, round_to_scale, write_dx):
     """(dx or None, fp32 column sums of dY * x)."""
     M, N = dy2.shape
     bm, bn, warps = _EW_CFG
@@ -244,7 +244,7 @@ def _linear_forward(x, weight, bias, s, feedforward):
     K = x.shape[-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, K)
     if x2.shape[0] > 0 and use_triton(x, weight, s):
-        y2, _ = _launch_matmul(x2, weight.t(), s, bias=bias, scale_k=feedforward, scale_n=not feedforward,
+        y2, _ = launch_ia3_matmul(x2, weight.t(), s, bias=bias, scale_k=feedforward, scale_n=not feedforward,
                                out_dtype=x.dtype)
     elif feedforward:
         y2 = F.linear((x2.to(s.dtype) * s).to(x.dtype), weight, bias)
@@ -266,7 +266,7 @@ def _linear_backward(dy, x, y, weight, s, feedforward, need_x, need_w, need_b, n
     if feedforward:
         if need_x or need_s:
             if triton_path:
-                dx, part = _launch_matmul(dy2, weight, s, aux=x2 if need_s else None, scale_n=True,
+                dx, part = launch_ia3_matmul(dy2, weight, s, aux=x2 if need_s else None, scale_n=True,
                                           out_dtype=x2.dtype)
                 ds = part.sum(0) if need_s else None
             else:
@@ -280,13 +280,13 @@ def _linear_backward(dy, x, y, weight, s, feedforward, need_x, need_w, need_b, n
     else:
         if need_x:
             if triton_path:
-                dx, _ = _launch_matmul(dy2, weight, s, scale_k=True, out_dtype=weight.dtype)
+                dx, _ = launch_ia3_matmul(dy2, weight, s, scale_k=True, out_dtype=weight.dtype)
             else:
                 dx = (dy2.to(wide) * s).to(weight.dtype) @ weight
         if need_s:
             y2 = y.reshape(-1, N)
             if triton_path:
-                _, colsum = _launch_scale_backward(dy2, y2, s, False, False)
+                _, colsum = launch_ia3_scale_backward(dy2, y2, s, False, False)
             else:
                 colsum = (dy2.float() * y2.float()).sum(0)
             ds = torch.where(s == 0, 0.0, colsum / s.float())
@@ -371,7 +371,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _scale_forward(x, s, round_to_scale):
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[0] > 0 and use_triton(x, s):
-        y2 = _launch_scale(x2, s, round_to_scale)
+        y2 = launch_ia3_scale(x2, s, round_to_scale)
     else:
         y2 = ((x2.to(s.dtype) if round_to_scale else x2) * s).to(x.dtype)
     return y2.view(x.shape)
@@ -381,7 +381,7 @@ def _scale_backward(dy, x, s, round_to_scale, need_x, need_s):
     N = x.shape[-1]
     dy2, x2 = dy.reshape(-1, N), x.reshape(-1, N)
     if dy2.shape[0] > 0 and use_triton(dy, x, s):
-        dx, ds = _launch_scale_backward(dy2, x2, s, round_to_scale, need_x)
+        dx, ds = launch_ia3_scale_backward(dy2, x2, s, round_to_scale, need_x)
     else:
         xs = x2.to(s.dtype) if round_to_scale else x2
         dyw = dy2.to(torch.promote_types(dy2.dtype, s.dtype))

@@ -103,14 +103,16 @@ def _lora_shrink_kernel(
     tiles_ptr,  # [n_tiles, 4] int64: rank start, rank end, stream, keep threshold
     scale_ptr,  # [R] fp32 scale of each rank column (s_i / (1 - p_i))
     seed,  # 64-bit dropout seed
-    M, K,
+    M, K, n_tiles,  # n_tiles: rows of tiles_ptr
     stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # rank tiles vary fastest so the programs reading one x block run back to back (L2 reuse)
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
+    # one grid axis (rows on axis 0: axis 1 allows only 65535 programs); rank tiles vary fastest so
+    # the programs reading one x block run back to back (L2 reuse)
+    pid = tl.program_id(0).to(tl.int64)
+    pid_r = pid % n_tiles
+    pid_m = pid // n_tiles
     r_start = tl.load(tiles_ptr + pid_r * 4)
     r_end = tl.load(tiles_ptr + pid_r * 4 + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -242,12 +244,14 @@ _TILE_BLOCK_R = (16, 64, 128)
 # rank-loop kernels (expand, grad_x): loop over R in chunks of BLOCK_R
 _LOOP_BLOCK_R = (16, 64)
 # (kernel, BLOCK_R, fp32 operands) -> meta-parameters; fp32 operands (TF32 dots) take half-size
-# K tiles. 8 warps everywhere: no variant spills on sm_80..sm_90 even without 16-byte alignment
+# K tiles, and quarter-size ones for the 128-rank shrink (32 spilled on sm_86/89 with 64-bit row
+# offsets). 8 warps everywhere: no variant spills on sm_80..sm_90 even without 16-byte alignment
 _CONFIGS = {}
 for _wide in (False, True):
     _k = 32 if _wide else 64
     for _br in _TILE_BLOCK_R:
-        _CONFIGS["shrink", _br, _wide] = {"BLOCK_M": 64, "BLOCK_K": _k, "num_warps": 8, "num_stages": 3}
+        _CONFIGS["shrink", _br, _wide] = {"BLOCK_M": 64, "BLOCK_K": 16 if _wide and _br == 128 else _k,
+                                          "num_warps": 8, "num_stages": 3}
         _CONFIGS["grad_w", _br, _wide] = {"BLOCK_M": _k, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     for _br in _LOOP_BLOCK_R:
         _m = 32 if _wide and _br == 64 else 64
@@ -287,15 +291,15 @@ def launch_shrink(x2: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int, drop
     block_r = _tile_block_r(max(plan.ranks) if dropout else R)
     tiles = rank_tiles(plan, dropout, block_r, x2.device)
     cfg = _config("shrink", block_r, a.dtype)
-    grid = (tiles.shape[0], triton.cdiv(M, cfg["BLOCK_M"]))
+    grid = (tiles.shape[0] * triton.cdiv(M, cfg["BLOCK_M"]),)
     launch(_lora_shrink_kernel, grid,
-        x2, a, t, tiles, rank_scale(plan, x2.device), seed, M, K,
+        x2, a, t, tiles, rank_scale(plan, x2.device), seed, M, K, tiles.shape[0],
         x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), t.stride(0), t.stride(1),
         HAS_DROPOUT=dropout, DOT_PRECISION=dot_precision(x2.dtype, a.dtype), BLOCK_R=block_r, **cfg)
     return t
 
 
-def _launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: torch.Tensor) -> None:
+def launch_expand(t: torch.Tensor, b: torch.Tensor, base2: torch.Tensor, out2: torch.Tensor) -> None:
     """out2 = base2 + t @ b^T (out2 may be base2)."""
     M, R = t.shape
     N = b.shape[0]
@@ -352,7 +356,7 @@ def launch_grad_w(g: torch.Tensor, x2: torch.Tensor, plan: Plan, seed: int, drop
     return part[0] if splits == 1 else part.sum(0)
 
 
-def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
+def launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """dX = sum_i mask_i * (g_i @ a_i) -> [M, K] in ``dtype``."""
     M, R = g.shape
@@ -372,7 +376,7 @@ def _launch_grad_x(g: torch.Tensor, a: torch.Tensor, plan: Plan, seed: int,
 def _forward_triton(x2, base2, weights_a, weights_b, plan, seed, out2):
     a, b = cat_a(weights_a), cat_b(weights_b)
     t = launch_shrink(x2, a, plan, seed, plan.dropout)
-    _launch_expand(t, b, base2, out2)
+    launch_expand(t, b, base2, out2)
     return out2, t
 
 
@@ -388,7 +392,7 @@ def _backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_
         if need_a:
             da = launch_grad_w(g, x2, plan, seed, plan.dropout, transpose_out=False).to(a.dtype)
         if need_x:
-            dx = _launch_grad_x(g, a, plan, seed, x2.dtype)
+            dx = launch_grad_x(g, a, plan, seed, x2.dtype)
     return dx, da, db
 
 

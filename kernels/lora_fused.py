@@ -112,8 +112,9 @@ from .adapters import (
 )
 from .aot import AotSpec
 from .opdecl import OpDecl
-from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
-from .tiles import arrival_counters, grouped_tile, last_arrival, sum_slices, tile_offsets
+from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, launch,
+                      use_triton)
+from .tiles import arrival_counters, grouped_tile, last_arrival, lookahead_work, sum_slices, tile_offsets
 from .dropout import check_p, draw_seed, keep_mask
 
 # ----------------------------------------------------------------------------------------------
@@ -131,39 +132,47 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
     (fp32, every adapter's ranks with its own mask). The last of the row block's n_items slices to
     arrive sums them in order, scales by s', stores t [rows, R] in A's dtype and raises the row
     block's ready flag (count_ptr[1 + num_m + row_block]) for the GEMM tiles that add t @ B^T."""
+    # 64-bit addresses from scalar bases (row_block and item are int64); the per-element offsets stay
+    # tile-local int32 (registers: this runs inside the GEMM kernel)
     offs_k = tl.arange(0, BLOCK_K)
-    k_lo = item * k_per_item
-    k_hi = tl.minimum(k_lo + k_per_item, K)
+    k_lo = item.to(tl.int64) * k_per_item
+    k_len = (tl.minimum(k_lo + k_per_item, K) - k_lo).to(tl.int32)
+    row0 = row_block * BLOCK_M
+    m_left = (M - row0).to(tl.int32)  # rows of this block (int32 compares: registers)
+    x_blk = x_ptr + row0 * stride_xm + k_lo * stride_xk
+    tp_blk = tp_ptr + item.to(tl.int64) * stride_tpi + row0 * stride_tpm
     for i in range(n_adapters if HAS_DROPOUT else 1):  # with dropout, each adapter's ranks see its own mask
         r_start, r_end, key, thresh = adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT)
         for r0 in range(r_start, r_end, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < r_end
             for h in range(0, BLOCK_M, SUB_M):  # SUB_M rows at a time: registers stay free
-                offs_m = row_block * BLOCK_M + h + tl.arange(0, SUB_M)
-                mask_m = offs_m < M
+                rows = h + tl.arange(0, SUB_M)
+                mask_m = rows < m_left
                 acc = tl.zeros((SUB_M, BLOCK_R), dtype=tl.float32)
-                for k0 in range(k_lo, k_hi, BLOCK_K):
-                    mask_k = offs_k + k0 < k_hi
-                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                for k0 in range(0, k_len, BLOCK_K):
+                    mask_k = offs_k < k_len - k0
+                    k_abs = (k_lo + k0).to(tl.int32) + offs_k  # columns of x and A (< K)
+                    x = tl.load(x_blk + rows[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
                                 mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(a_ptr.dtype.element_ty)
                     if HAS_DROPOUT:
-                        x = tl.where(keep_mask(key, offs_m, offs_k + k0, thresh), x, 0.0)
-                    a = tl.load(a_ptr + offs_r[None, :] * stride_ar + (k0 + offs_k)[:, None] * stride_ak,
+                        x = tl.where(keep_mask(key, row0.to(tl.int32) + rows, k_abs, thresh), x, 0.0)
+                    a = tl.load(a_ptr + offs_r[None, :] * stride_ar + k_abs[:, None] * stride_ak,
                                 mask=mask_k[:, None] & mask_r[None, :], other=0.0)  # A^T tile [BK, BR]
                     acc = tl.dot(x, a, acc, input_precision=PRECISION)
-                tl.store(tp_ptr + item * stride_tpi + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr,
+                tl.store(tp_blk + rows[:, None] * stride_tpm + offs_r[None, :] * stride_tpr,
                          acc, mask=mask_m[:, None] & mask_r[None, :])
-    offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
+    rows = tl.arange(0, BLOCK_M)
+    mask_m = rows < m_left
     if last_arrival(count_ptr + 1 + row_block, n_items):
+        t_blk = t_ptr + row0 * stride_tm
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask = mask_m[:, None] & (offs_r < R)[None, :]
-            acc = sum_slices(tp_ptr + offs_m[:, None] * stride_tpm + offs_r[None, :] * stride_tpr, n_items,
-                                stride_tpi, mask, BLOCK_M, BLOCK_R)
+            acc = sum_slices(tp_ptr + row0 * stride_tpm + rows[:, None] * stride_tpm + offs_r[None, :] * stride_tpr,
+                             n_items, stride_tpi, mask, BLOCK_M, BLOCK_R)
             acc = acc * tl.load(scale_ptr + offs_r, mask=offs_r < R, other=0.0)[None, :]
-            tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+            tl.store(t_blk + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                      acc.to(t_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every thread's t stores, then the flag
         tl.atomic_xchg(count_ptr + 1 + num_m + row_block, 1, sem="release")
@@ -216,7 +225,7 @@ def _lora_fused_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # t computed beforehand by a separate shrink launch (fp32 models; see _launch_forward)
+    # t computed beforehand by a separate shrink launch (fp32 models; see launch_fused_forward)
     pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
@@ -253,22 +262,19 @@ def _lora_fused_forward_lookahead_kernel(
     # whatever the number of resident programs (and the interpreter, which runs tickets in order).
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    n_first = tl.minimum(GROUP_M, num_m) * n_items
     ticket = tl.atomic_add(count_ptr, 1)
+    n_first, tile, next_block, next_item, has_next = lookahead_work(ticket, num_m, num_n, n_items, GROUP_M)
     tl.atomic_xchg(count_ptr, 0, mask=ticket == n_first + num_m * num_n - 1)  # the last ticket: reset
-    if ticket < n_first:
+    if ticket < n_first:  # row blocks go to the slices as int64: they address x, t and tp
         _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
-                     ticket // n_items, ticket % n_items, n_items, k_per_item, num_m,
+                     (ticket // n_items).to(tl.int64), ticket % n_items, n_items, k_per_item, num_m,
                      stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
                      stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
     else:
-        tile = ticket - n_first
         pid_m, pid_n = grouped_tile(tile.to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        local = tile % (GROUP_M * num_n)
-        next_m = (tile // (GROUP_M * num_n) + 1) * GROUP_M  # first row block of the next group
-        if local < tl.minimum(num_m - next_m, GROUP_M) * n_items:
+        if has_next:
             _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K,
-                         R, next_m + local // n_items, local % n_items, n_items, k_per_item, num_m,
+                         R, next_block.to(tl.int64), next_item, n_items, k_per_item, num_m,
                          stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
                          stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
         offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
@@ -386,6 +392,11 @@ def _lora_fused_dy_kernel(
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
 
 
+# small operands addressed with 32-bit offsets (checked by runtime.launch on each call)
+declare_int32_operands(_lora_fused_dy_kernel, "count_ptr", "tiles_ptr", "scale_ptr")
+declare_int32_operands(_lora_fused_forward_lookahead_kernel, "a_ptr", "adapters_ptr", "scale_ptr")
+
+
 # ----------------------------------------------------------------------------------------------
 # Launch configurations (shared by the launchers and aot_specs)
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +498,7 @@ def dy_plan(t: int, d_out: int, ranks, act: torch.dtype, ad: torch.dtype) -> tup
     return _dy_launch_plan(t, d_out, sum(ranks), act, ad)[1:3]
 
 
-def _launch_forward(x2, weight, bias, a, b, plan, seed):
+def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     """(y = x2 @ weight^T + bias + t @ b^T [M, N] in x2's dtype, t = s' * drop(x2) @ a^T [M, R] in
     a's dtype). 16-bit activations: one kernel (the look-ahead shrink); fp32 activations: lora.py's
     shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands)."""
@@ -521,7 +532,7 @@ def _launch_forward(x2, weight, bias, a, b, plan, seed):
     return y, t
 
 
-def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
+def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     """(dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) [M, K] in dy2's dtype, and with x2 also
     dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None)."""
     M, N = dy2.shape
@@ -541,7 +552,7 @@ def _launch_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     return dx, da
 
 
-def _launch_dy_pass(dy2, t, b, plan):
+def launch_dy_pass(dy2, t, b, plan):
     """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
@@ -563,7 +574,7 @@ def _launch_dy_pass(dy2, t, b, plan):
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
-    return _launch_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, seed)
+    return launch_fused_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, seed)
 
 
 def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x):
@@ -573,7 +584,7 @@ def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x
     a, b = cat_a(weights_a), cat_b(weights_b)
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
-        g, db = _launch_dy_pass(dy2, t, b, plan)
+        g, db = launch_dy_pass(dy2, t, b, plan)
     elif need_b:
         no_drop = make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
         db = L.launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
@@ -590,7 +601,7 @@ def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x
 
 def _backward_triton(dy2, x2, t, weight, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
     return adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b,
-                                    lambda g, a, xa: _launch_grad_x(dy2, weight, g, a, plan, seed, xa))
+                                    lambda g, a, xa: launch_fused_grad_x(dy2, weight, g, a, plan, seed, xa))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ import triton.language as tl
 from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lora_grad_a_tile
 from .aot import AotSpec
 from .opdecl import OpDecl
-from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
+from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
 from .tiles import grouped_tile
 from .quant import (
     Packed4bit,
@@ -340,6 +340,11 @@ def _split_reduce_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# small operands addressed with 32-bit offsets (checked by runtime.launch on each call): the code tables and the adapter table
+declare_int32_operands(_matmul_4bit_kernel, "code_ptr", "nested_code_ptr", "lora_adapters_ptr")
+declare_int32_operands(_matmul_int8_kernel, "lora_adapters_ptr")
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -419,6 +424,12 @@ def lora_dx_config(config: str) -> str:
     """The config of a dX launch that carries the adapter term: never the 128-row tile (the masked
     G @ A loop on top of it spills on sm_86/89), the medium one instead."""
     return "medium" if config == "large" else config
+
+
+def int8_lora_da_config(cfg: Config, adapter_dtype: Optional[torch.dtype], da: bool) -> Config:
+    """The int8 dX kernel that also computes dA of fp32 adapters runs two stages: with three, ptxas
+    keeps it at 128 registers and spills on sm_80 (16-bit activations, 64-bit addresses)."""
+    return cfg._replace(num_stages=2) if da and adapter_dtype == torch.float32 else cfg
 
 
 def qlora_dx_block_m(t: int, act: torch.dtype) -> int:
@@ -557,6 +568,8 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
     if lora is not None and not transpose:
         config = lora_dx_config(config)  # as the 4-bit dX kernel
     cfg = resolve_config(config, transpose, a.dtype)
+    if lora is not None and lora_x is not None:
+        cfg = int8_lora_da_config(cfg, lora[1].dtype, True)
     weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
     return _launch_with_lora(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split,
                              lora, lora_x, cb)
@@ -763,6 +776,8 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
                  partial=False):
     """partial: the split reduction's fp32 partial sums (decode); else the output itself."""
     cfg = resolve_config(config_name, transpose, a_dtype, general)
+    if kernel is _matmul_int8_kernel and lora is not None:
+        cfg = int8_lora_da_config(cfg, lora[0], lora[2])
     a = DTYPE_NAMES[a_dtype]
     signature = {"a_ptr": f"*{a}", "out_ptr": "*fp32" if partial else f"*{a}", "bias_ptr": f"*{a}",
                  **weight_sig, **_COMMON_SIG}

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
-from .runtime import DTYPE_NAMES, aot_signature, launch, use_triton
+from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, launch, use_triton
 
 # bnb's 1/127 for the int8 row-wise scale (bitsandbytes int8_vectorwise_dequant)
 INT8_SCALE = 7.874015718698502e-3
@@ -269,6 +269,7 @@ def _dequantize_int8_kernel(
     tl.store(out_ptr + offs_n[:, None] * K + offs_k[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+declare_int32_operands(_dequantize_4bit_kernel, "code_ptr", "nested_code_ptr")  # 16 / 256-entry tables
 _DEQ4_BLOCK = 1024
 _DEQ8_BLOCK_N, _DEQ8_BLOCK_K = 32, 128
 

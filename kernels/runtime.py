@@ -23,8 +23,14 @@ import torch
 
 from .backend import backend_name, interpreting, triton_available, use_triton
 
-__all__ = ["DTYPE_NAMES", "aot_signature", "as_2d", "backend_name", "dot_precision", "interpreting", "launch",
+__all__ = ["DTYPE_NAMES", "INT32_LIMIT", "aot_signature", "as_2d", "backend_name", "check_grid", "check_not_capturing",
+           "declare_int32_operands", "dot_precision", "int32_operands", "interpreting", "kernel_name", "launch",
+           "launch_stream",
            "on_device", "triton_available", "use_triton"]
+
+INT32_LIMIT = 2**31  # offsets into a declared-small operand stay below this (elements)
+# kernel name -> pointer arguments whose offsets the kernel computes in int32 (see declare_int32_operands)
+_INT32_OPERANDS: dict[str, tuple[str, ...]] = {}
 
 # Triton's names of the activation / adapter dtypes (AOT signatures and spec names)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -53,10 +59,90 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def kernel_name(kernel) -> str:
+    """A kernel's function name (a JIT or interpreted function, or the name itself)."""
+    if isinstance(kernel, str):
+        return kernel
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", repr(fn))
+
+
+def declare_int32_operands(kernel, *names: str):
+    """Declare that ``kernel`` computes offsets into the pointer arguments ``names`` in int32 (small
+    tensors: adapter weights, tables, counters). ``launch`` then checks on every call that each such
+    tensor's largest offset is below 2**31 elements, and the compile report's int32-offset check
+    (peftfast.tools.compile_report.int32_offsets) skips them. Returns the kernel."""
+    unknown = [n for n in names if n not in kernel.arg_names]
+    if unknown:
+        raise ValueError(f"{kernel_name(kernel)} has no argument(s) {unknown}; arguments: {kernel.arg_names}")
+    _INT32_OPERANDS[kernel_name(kernel)] = tuple(names)
+    return kernel
+
+
+def int32_operands(kernel) -> tuple[str, ...]:
+    """The pointer arguments ``kernel`` declared with ``declare_int32_operands`` (empty when none)."""
+    return _INT32_OPERANDS.get(kernel_name(kernel), ())
+
+
+def _check_int32_operands(kernel, args) -> None:
+    names = int32_operands(kernel)
+    if not names:
+        return
+    for name, value in zip(kernel.arg_names, args):
+        if name in names and isinstance(value, torch.Tensor):
+            span = sum((n - 1) * abs(s) for n, s in zip(value.shape, value.stride()) if n > 0)
+            if span >= INT32_LIMIT:
+                raise ValueError(f"{kernel_name(kernel)}: operand {name} {tuple(value.shape)} with strides "
+                                 f"{value.stride()} spans {span} elements; this kernel addresses it with 32-bit "
+                                 f"offsets (at most {INT32_LIMIT - 1})")
+
+
+# CUDA's grid limits: x up to 2**31 - 1 programs, y and z up to 65535
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(kernel, grid) -> tuple[int, ...]:
+    """The grid as a tuple, after checking it against CUDA's limits (a ValueError naming the axis)."""
+    grid = tuple(int(g) for g in grid)
+    if not 1 <= len(grid) <= 3:
+        raise ValueError(f"{kernel_name(kernel)}: a grid has 1 to 3 axes, got {grid}")
+    for axis, (n, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if n > limit:
+            raise ValueError(f"{kernel_name(kernel)}: grid {grid} has {n} programs on axis {axis}; CUDA allows at "
+                             f"most {limit} there (rows go on axis 0)")
+    return grid
+
+
+def launch_stream(device: torch.device) -> int:
+    """The raw CUDA stream a launch on ``device`` runs on (what Triton launches on while ``device``
+    is current: that device's current torch stream); 0 for a CPU device (the interpreter). Per-stream
+    state (tiles.arrival_counters) is keyed by this."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def check_not_capturing(device: torch.device) -> None:
+    """Refuse a launch while ``device``'s current stream is being captured into a CUDA graph
+    (``torch.cuda.graphs`` / ``torch.compile(mode="reduce-overhead")``): the launches read tables
+    built from host lists, grow and reuse arrival-counter buffers that a replay would find in another
+    state, and take a dropout seed drawn on the host, so a replayed graph would be wrong."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("peftfast's Triton kernels cannot be captured in a CUDA graph (torch.cuda.graph, "
+                           "torch.compile(mode='reduce-overhead')): they copy host tables, reuse per-stream arrival "
+                           "counters and draw dropout seeds on the host. Capture without them (e.g. "
+                           "PEFTFAST_BACKEND=torch, or torch.compile with mode='default' / 'max-autotune-no-cudagraphs')")
+
+
 def launch(kernel, grid, *args, **meta) -> None:
-    """``kernel[grid](*args, **meta)`` under the device of the first tensor argument."""
+    """``kernel[grid](*args, **meta)`` under the device of the first tensor argument, after checking the
+    grid against CUDA's limits (``check_grid``) and the declared int32 operands' sizes
+    (``declare_int32_operands``)."""
+    grid = check_grid(kernel, grid)
+    _check_int32_operands(kernel, args)
     t = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if t is not None and t.is_cuda:
+        check_not_capturing(t.device)
         with torch.cuda.device(t.device):
             kernel[grid](*args, **meta)
     else:

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .aot import AotSpec
+from .runtime import check_not_capturing, launch_stream
 
 # (device, stream) -> int32 counter buffer; every counter is 0 between launches
 COUNTERS: dict = {}
@@ -35,6 +36,26 @@ def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     first_m = (tile // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
     return (first_m + (tile % group) % size_m).to(tl.int64), ((tile % group) // size_m).to(tl.int64)
+
+
+@triton.jit
+def lookahead_work(ticket, num_m, num_n, n_items, GROUP_M: tl.constexpr):
+    """The work of ``ticket`` in a ticketed look-ahead kernel (kernels/lora_fused.py): tickets
+    0..n_first-1 are the first group's slices (row block ticket // n_items, slice ticket % n_items),
+    then output tile number ``tile`` in grouped order, which also takes slice next_item of row block
+    next_block when has_next. Returns (n_first, tile, next_block, next_item, has_next). Tile-number
+    arithmetic in the ticket's int32: every value is below the number of tickets (the grid size)."""
+    n_first = tl.minimum(GROUP_M, num_m) * n_items
+    tile = ticket - n_first
+    local = tile % (GROUP_M * num_n)
+    next_m = (tile // (GROUP_M * num_n) + 1) * GROUP_M  # first row block of the next group
+    has_next = local < tl.minimum(num_m - next_m, GROUP_M) * n_items
+    return n_first, tile, next_m + local // n_items, local % n_items, has_next
+
+
+# helpers whose int32 arithmetic is on tile numbers (below the grid size, < 2**31): the compile
+# report's int32-offset check does not flag it
+TILE_NUMBER_HELPERS = (grouped_tile, lookahead_work)
 
 
 @triton.jit
@@ -73,7 +94,10 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     """int32 counters, all 0, for ``last_arrival`` (at least n). One buffer per device and stream,
     reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
     arriver resets it), and launches on one stream run in order, so no memset per launch."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    check_not_capturing(device)  # a buffer grown or replaced during capture would be freed under the graph
+    if device.type == "meta":  # shape-only launches (nothing runs): nothing to reuse, nothing to keep
+        return torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    stream = launch_stream(device)  # the stream the kernel is launched on (runtime.launch: device's current one)
     buf = COUNTERS.get((device, stream))
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)

@@ -1,4 +1,4 @@
-"""The ``peftfast`` command: ``demo`` (the main job), ``bench``, ``compile-report``."""
+"""The ``peftfast`` command: ``demo`` (the main job), ``bench``, ``compile-report``, ``gpu-check``."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,7 @@ commands:
   demo            fine-tune the bundled small language model with LoRA end to end (CPU or CUDA)
   bench           run the kernel benchmark suite and print its tables (traffic, modelled time, memory)
   compile-report  compile every Triton kernel ahead of time for sm_80/86/89/90 and check resources
+  gpu-check       the GPU acceptance run (kernels on CUDA tensors, stress, graphs, measured ratios); --dry on CPU
 
 Run `peftfast <command> --help` for the options of a command.
 """
@@ -33,10 +34,17 @@ def _compile_report(argv: list[str]) -> int:
     return main(argv)
 
 
+def _gpu_check(argv: list[str]) -> int:
+    from .tools.gpu_check import main
+
+    return main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "demo": _demo,
     "bench": _bench,
     "compile-report": _compile_report,
+    "gpu-check": _gpu_check,
 }
 
 

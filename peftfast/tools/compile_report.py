@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import io
@@ -140,7 +141,16 @@ def _list_source(source: SpecSource) -> dict:
     if specs is None:
         return {"specs": None, "jitted": jitted}
     covered = {getattr(s.fn, "__name__", "") for s in specs}
-    return {"specs": [s.name for s in specs], "uncovered": [k for k in jitted if k not in covered]}
+    return {"specs": [s.name for s in specs], "uncovered": [k for k in jitted if k not in covered],
+            "index_keys": [index_key(s) for s in specs]}
+
+
+def index_key(spec) -> str:
+    """What a spec's index arithmetic depends on: the kernel and its constexprs except dot precisions
+    (pointer dtypes and precisions change the values computed, not the offsets). Specs with one key
+    share their int32-offset result, so ``offset_report(one_per_key=True)`` builds one TTIR per key."""
+    consts = sorted((k, repr(v)) for k, v in spec.constexprs.items() if "PRECISION" not in k)
+    return f"{getattr(spec.fn, '__name__', '?')}{consts}"
 
 
 def _short(text: str, limit: int = 400) -> str:
@@ -222,6 +232,233 @@ def _compile_task(task: tuple[SpecSource, int, str, int, bool]) -> Row:
 
 
 # ----------------------------------------------------------------------------------------------
+# 32-bit address offsets (TTIR analysis)
+#
+# Triton computes a pointer offset in the integer type of its operands: an index in int32 times a
+# stride in int32 is int32, and wraps silently once index * stride >= 2**31 elements (a GPU then
+# reads or writes the wrong address; the interpreter does not show it). The check walks each
+# ``tt.addptr`` offset of the kernel's TTIR back through the values it is computed from (through
+# extensions to int64, broadcasts, loop variables) and flags every 32-bit multiplication on that
+# path that can reach 2**31 for a large tensor:
+#   * a product whose operand comes from a program id or an atomic (a ticket): block number times
+#     block size or stride, in int32 (cast program ids and tickets to int64 first), or
+#   * a product of two run-time values (an index times a stride, an index times a size), unless one
+#     of them is tile-local: computed from ``tl.arange``, constants and loop variables between
+#     constants only, i.e. below a constexpr block size B. Such a product (a tile's row offsets times a stride) wraps only for a stride or
+#     row length of at least 2**31 / B elements (8 Mi for B = 256), which this check does not cover.
+# A product of a run-time value with a constant (``i * 4`` on a table row, a hash multiplier) is not
+# flagged. Values read from memory end the walk (their pointer is checked at its own ``tt.addptr``).
+# Exempt: the tile-number arithmetic of ``kernels/tiles.py`` (``TILE_NUMBER_HELPERS``: grouped_tile,
+# lookahead_work), which runs on tile numbers and tickets below the grid size (< 2**31, checked by
+# ``runtime.check_grid``); callers turn its row blocks into int64 before addressing.
+# Pointers a kernel declares small (``kernels.runtime.int32_operands``: every offset into them is
+# below 2**31, which ``launch`` checks on each call) are not walked.
+
+_TTIR_DEF = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)? = ([\w.]+)(.*)$")
+_TTIR_FOR = re.compile(r"scf\.for (%[\w.$-]+) = (%[\w.$-]+) to (%[\w.$-]+) step (%[\w.$-]+)"
+                       r"(?: iter_args\((.*?)\))?")
+_TTIR_VAL = re.compile(r"%[\w.$-]+")
+_TTIR_LOC = re.compile(r"\s*loc\((#loc\d*)\)\s*(\{.*)?$")
+_TTIR_LOCDEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+_TTIR_FILELOC = re.compile(r'"([^"]+)":(\d+):(\d+)')
+_TTIR_PASS_THROUGH_STOP = {"tt.load", "arith.constant", "tt.make_range"}
+
+
+def ttir_text(spec, arch: int = 90) -> str:
+    """The kernel's TTIR (Triton's first IR, after its own simplifications; no GPU, no ptxas) for
+    ``arch``: what ``triton.compile`` builds before lowering to the GPU dialect."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+    from triton._C.libtriton import ir
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    src = ASTSource(spec.fn, spec.signature, spec.constexprs)
+    options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                     **src.parse_options()})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(),
+                         context)
+    stages: dict = {}
+    backend.add_stages(stages, options, src.language)
+    return str(stages["ttir"](module, {}))
+
+
+@functools.lru_cache(maxsize=1)
+def _exempt_lines() -> frozenset[str]:
+    """'tiles.py:N' for every line of ``tiles.TILE_NUMBER_HELPERS`` (tile-number arithmetic, see above)."""
+    import inspect
+
+    from peftfast.kernels import tiles
+
+    out = set()
+    for helper in tiles.TILE_NUMBER_HELPERS:
+        fn = getattr(helper, "fn", helper)
+        lines, first = inspect.getsourcelines(fn)
+        out.update(f"{Path(inspect.getsourcefile(fn)).name}:{first + i}" for i in range(len(lines)))
+    return frozenset(out)
+
+
+def _is_i32(ty: str) -> bool:
+    return re.search(r"(?:^|x|<)i32>?$", ty.strip()) is not None
+
+
+def _loc_source(loc: str | None, locs: dict[str, str], depth: int = 0) -> str:
+    """'file.py:line' of a TTIR location (following named and nested locations)."""
+    if loc is None or depth > 20:
+        return "?"
+    text = locs.get(loc, "")
+    m = _TTIR_FILELOC.search(text)
+    if m:
+        return f"{Path(m.group(1)).name}:{m.group(2)}"
+    inner = re.search(r"(#loc\d*)", text)
+    return _loc_source(inner.group(1), locs, depth + 1) if inner else "?"
+
+
+def int32_offsets(ttir: str, small: tuple[str, ...] = ()) -> list[str]:
+    """Each 32-bit multiplication that feeds a pointer offset and can wrap (see the rules above), as
+    'name (file:line) = a * b in int32, an offset of <pointer> (file:line)'; empty when there is none.
+    ``small``: pointer arguments whose offsets are known to stay below 2**31 (not walked)."""
+    lines = ttir.splitlines()
+    locs = {m.group(1): m.group(2) for m in map(_TTIR_LOCDEF.match, lines) if m}
+    defs: dict[str, tuple[str, list[str], str, str | None]] = {}
+    addptrs = []
+    for line in lines:
+        lm = _TTIR_LOC.search(line)
+        loc = lm.group(1) if lm else None
+        body = line[:lm.start()] if lm else line
+        f = _TTIR_FOR.search(body)
+        if f:
+            iv, lb, ub, step, iters = f.groups()
+            defs[iv] = ("scf.for.iv", [lb, ub, step], "", loc)
+            for pair in (iters or "").split(","):
+                if "=" in pair:
+                    name, init = (p.strip() for p in pair.split("=", 1))
+                    defs[name] = ("scf.for.iter", [init], "", loc)
+        m = _TTIR_DEF.match(body)
+        if not m or m.group(2) == "scf.for":
+            continue
+        name, op, rest = m.groups()
+        args, sep, ty = rest.rpartition(" : ")
+        if not sep:
+            args, ty = rest, ""
+        defs[name] = (op, _TTIR_VAL.findall(args), ty, loc)
+        if op == "tt.addptr":
+            addptrs.append(name)
+
+    origin_cache: dict[str, bool] = {}
+
+    def from_index(v: str, seen: set) -> bool:  # computed from a program id or an atomic's result
+        if v in origin_cache:
+            return origin_cache[v]
+        if v in seen or v not in defs:
+            return False
+        seen.add(v)
+        op, operands, _ty, _loc = defs[v]
+        if op in ("tt.get_program_id", "tt.atomic_rmw", "tt.atomic_cas"):
+            out = True
+        elif op in _TTIR_PASS_THROUGH_STOP:
+            out = False
+        else:
+            out = any(from_index(o, seen) for o in operands)
+        origin_cache[v] = out
+        return out
+
+    local_cache: dict[str, bool] = {}
+
+    def tile_local(v: str, seen: set) -> bool:  # from tl.arange and constants only
+        if v in local_cache:
+            return local_cache[v]
+        if v in seen or v not in defs:
+            return False
+        seen.add(v)
+        op, operands, _ty, _loc = defs[v]
+        if op in ("tt.make_range", "arith.constant"):
+            out = True
+        elif op == "scf.for.iv":  # a loop variable between two constants (the bound is not walked)
+            out = all(defs.get(o, ("",))[0] == "arith.constant" for o in operands[:2])
+        elif op in ("tt.load", "scf.for.iter") or op.startswith(("tt.get_", "tt.atomic")):
+            out = False
+        else:
+            out = bool(operands) and all(tile_local(o, seen) for o in operands)
+        local_cache[v] = out
+        return out
+
+    found: dict[str, str] = {}
+    for ptr in addptrs:
+        _op, operands, ty, ptr_loc = defs[ptr]
+        types = ty.split(", ")
+        if len(operands) != 2 or len(types) != 2:
+            continue
+        base = operands[0]
+        while base in defs and defs[base][0] in ("tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims",
+                                                 "scf.for.iter"):
+            base = defs[base][1][0]
+        if base.lstrip("%") in small:
+            continue
+        stack, seen = [operands[1]], set()
+        while stack:
+            v = stack.pop()
+            if v in seen or v not in defs:
+                continue
+            seen.add(v)
+            op, args, vty, vloc = defs[v]
+            if op in _TTIR_PASS_THROUGH_STOP or "ptr" in vty:
+                continue
+            if op == "arith.muli" and _is_i32(vty) and len(args) == 2 and \
+                    _loc_source(vloc, locs) not in _exempt_lines():
+                consts = [defs.get(a, ("",))[0] == "arith.constant" for a in args]
+                local = [tile_local(a, set()) for a in args]
+                if any(from_index(a, set()) for a in args) or not (any(consts) or any(local)):
+                    found.setdefault(v, f"{v} ({_loc_source(vloc, locs)}) = {args[0]} * {args[1]} in int32, "
+                                        f"an offset of {base} ({_loc_source(ptr_loc, locs)})")
+            stack.extend(args)
+    return list(found.values())
+
+
+def _offsets_task(task: tuple[SpecSource, int, str]) -> tuple[str, list[str] | str]:
+    source, index, name = task
+    try:
+        specs = _load_specs(source)
+        spec = specs[index] if specs is not None and index < len(specs) else None
+        if spec is None or spec.name != name:
+            return name, "the module's spec list changed during the run"
+        from peftfast.kernels.runtime import int32_operands
+
+        return name, int32_offsets(ttir_text(spec), int32_operands(spec.fn))
+    except Exception as err:  # noqa: BLE001 - reported
+        return name, f"{type(err).__name__}: {_short(str(err))}"
+
+
+def offset_report(sources: list[SpecSource] | None = None, select=None, workers: int = 2,
+                  progress: bool | None = None, one_per_key: bool = False) -> dict[str, list[str] | str]:
+    """spec name -> its 32-bit offsets that can wrap (``int32_offsets``; a string: why the TTIR
+    could not be built), for every spec of ``sources`` (default: all kernel modules) that
+    ``select(name)`` keeps (default: all); ``one_per_key``: only the first spec of each ``index_key``
+    (the same offsets in another dtype). TTIR only, no LLVM/ptxas: about 0.1-0.3 s per spec."""
+    sources = discover_sources() if sources is None else list(sources)
+    env = {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
+    out: dict[str, list[str] | str] = {}
+    with _env(**env), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        listings = list(pool.map(_list_source, sources))
+        tasks = []
+        for source, listing in zip(sources, listings):
+            if "error" in listing:
+                out[source.label] = listing["error"]
+                continue
+            keys_seen: set[str] = set()
+            for index, (name, key) in enumerate(zip(listing.get("specs") or [], listing.get("index_keys") or [])):
+                if (select is None or select(name)) and not (one_per_key and key in keys_seen):
+                    tasks.append((source, index, name))
+                keys_seen.add(key)
+        for name, result in _map_with_progress(pool, _offsets_task, tasks, "TTIR offsets", "spec", progress):
+            out[name] = result
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # parent side
 
 
@@ -263,9 +500,13 @@ def _map_with_progress(pool: ProcessPoolExecutor, fn, items: list, desc: str, un
 
 
 def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] = ARCHS,
-               workers: int = 2, sass: bool = False, progress: bool | None = None) -> Report:
+               workers: int = 2, sass: bool = False, progress: bool | None = None,
+               only: str | None = None) -> Report:
     """Compile every spec of ``sources`` (default: all kernel modules) for every arch.
-    ``progress``: a progress bar on stderr (None: only when stderr is a terminal)."""
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal).
+    ``only``: a regular expression; only specs whose name it matches (``re.search``) are compiled
+    (to check a few configs in seconds instead of the whole report)."""
+    keep = None if only is None else re.compile(only)
     for arch in archs:
         if arch not in SHARED_LIMIT:
             raise ValueError(f"arch {arch} not supported; allowed: {', '.join(map(str, SHARED_LIMIT))}")
@@ -299,6 +540,8 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
                     notes.append(f"{source.label}: jitted functions in no spec (device helpers?): "
                                  f"{', '.join(listing['uncovered'])}")
                 for index, name in enumerate(listing["specs"]):
+                    if keep is not None and not keep.search(name):
+                        continue
                     if name in seen:
                         problems.append(f"spec name {name!r} used by {seen[name]} and {source.label}")
                     seen[name] = source.label
@@ -309,7 +552,8 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     if not rows and not problems:
-        problems.append("no AotSpec found: no kernel module defines aot_specs()")
+        problems.append("no AotSpec found: no kernel module defines aot_specs()" if keep is None
+                        else f"no spec name matches --only {only!r}")
     return Report(rows, problems, notes, time.perf_counter() - start)
 
 
@@ -366,13 +610,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="only this kernel module of peftfast.kernels, e.g. lycoris (repeatable; default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows, versions and git sha as JSON")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", metavar="REGEX",
+                        help="compile only the specs whose name matches this regular expression (re.search)")
     parser.add_argument("--sass", action="store_true", help="also require tensor-core instructions in the SASS")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar with ETA on stderr (default: when stderr is a terminal)")
     args = parser.parse_args(argv)
     sources = None if not args.module else [SpecSource(module=f"peftfast.kernels.{m}") for m in args.module]
     report = run_report(sources, archs=tuple(args.arch or ARCHS), workers=args.workers, sass=args.sass,
-                        progress=args.progress)
+                        progress=args.progress, only=args.only)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report_json(report), indent=1))

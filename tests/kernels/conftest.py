@@ -22,3 +22,14 @@ def triton_kernels(triton_backend):
 def backend(request):
     """Each test runs twice: through the Triton kernels (interpreter) and the PyTorch reference."""
     return request.getfixturevalue("triton_kernels" if request.param == "triton" else "torch_backend")
+
+
+@pytest.fixture(autouse=True)
+def no_meta_counters_left():
+    """No test leaves arrival-counter buffers on the meta device in ``tiles.COUNTERS`` (the
+    counter checks of later tests read every buffer there)."""
+    yield
+    from peftfast.kernels import tiles
+
+    left = [key for key in tiles.COUNTERS if getattr(key[0], "type", None) == "meta"]
+    assert not left, f"arrival counters left on the meta device: {left}"

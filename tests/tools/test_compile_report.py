@@ -214,3 +214,12 @@ def test_real_kernels_compile_cleanly():
     print(cr.format_report(report))
     assert report.rows, "no kernel module defines aot_specs()"
     assert report.ok, cr.format_report(report)
+
+
+def test_only_compiles_the_matching_specs():
+    source = cr.SpecSource(path=__file__, factory="good_specs")
+    report = cr.run_report([source], archs=(86,), only=r"^toy_copy\[")
+    assert report.rows and {r.spec.split("[")[0] for r in report.rows} == {"toy_copy"}, cr.format_report(report)
+    assert len(report.rows) < len(good_specs())
+    none = cr.run_report([source], archs=(86,), only="no_such_spec")
+    assert not none.ok and "no spec name matches --only 'no_such_spec'" in none.problems[0]
