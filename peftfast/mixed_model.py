@@ -8,22 +8,18 @@ them), so each folder loads with ``PeftModel.from_pretrained`` or ``PeftMixedMod
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-import torch
 from torch import nn
 
-from .config import PEFT_FORMAT_VERSION, PeftConfig
-from .peft_model import PeftModel
+from .config import PeftConfig
+from .peft_model import PeftModel, write_adapter_folders
 from .tuners.mixed import MixedModel
 from .tuners.mixed.model import check_config_compatible
 from .tuners.status import count_parameters
 from .tuners.tuners_utils import validate_adapter_name
-from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.errors import AdapterError
 from .utils.io import SaveTransaction
 from .utils.save_and_load import (check_adapter_has_weights, config_mismatch_as_load_error,
@@ -48,11 +44,6 @@ def _enable_input_grads(model: nn.Module) -> None:
         model.enable_input_require_grads()
     elif hasattr(model, "get_input_embeddings"):
         model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
-
-
-def _compact_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Each tensor as its own contiguous CPU copy (safetensors refuses shared or strided storage)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 class PeftMixedModel(PushToHubMixin, nn.Module):
@@ -263,37 +254,8 @@ class PeftMixedModel(PushToHubMixin, nn.Module):
         if not is_main_process:
             return
         tx = SaveTransaction(save_directory)
-        for name in names:
-            out = save_directory if name == "default" else os.path.join(save_directory, name)
-
-            def write_weights(tmp: str, name: str = name) -> None:
-                state = _compact_cpu(get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=False))
-                if safe_serialization:
-                    from safetensors.torch import save_file
-
-                    save_file(state, tmp, metadata={"format": "pt"})
-                else:
-                    torch.save(state, tmp)
-
-            tx.write(os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME),
-                     write_weights)
-            config = copy.deepcopy(self.peft_config[name])
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
-            config.inference_mode = True
-            config.peft_version = PEFT_FORMAT_VERSION
-            if config.task_type is None:
-                base = self.get_base_model()
-                config.auto_mapping = {"base_model_class": type(base).__name__,
-                                       "parent_library": type(base).__module__}
-            text = json.dumps(config.to_json_dict(), indent=2, sort_keys=True)
-
-            def write_config(tmp: str, text: str = text) -> None:
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write(text)
-
-            tx.write(os.path.join(out, CONFIG_NAME), write_config)
-            tx.remove(os.path.join(out, WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME))
+        write_adapter_folders(tx, self, names, save_directory, safe_serialization,
+                              lambda name: get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=False))
         tx.commit()
 
 

@@ -405,8 +405,6 @@ class PeftModel(PushToHubMixin, nn.Module):
             AdapterSaveError (an OSError): a file could not be written (full disk, no permission, an adapter
                 subfolder name taken by a file, ...); it names the path and the cause, and the folder is as before.
         """
-        from .config import PEFT_FORMAT_VERSION
-
         if not isinstance(save_directory, (str, os.PathLike)):
             raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
         save_directory = os.fspath(save_directory)
@@ -433,35 +431,14 @@ class PeftModel(PushToHubMixin, nn.Module):
             return
         tx = SaveTransaction(save_directory)  # the model card is computed and written with the adapters
         tx.write_text(os.path.join(save_directory, "README.md"), lambda: self._model_card_text(save_directory))
-        for name in names:
-            out = save_directory if name == "default" else os.path.join(save_directory, name)
 
-            def write_weights(tmp: str, name: str = name) -> None:
-                state = _contiguous_unshared(get_peft_model_state_dict(
-                    self, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embedding_layers))
-                warn_unsharded_lora_tensors(state, name)
-                if safe_serialization:
-                    from safetensors.torch import save_file
+        def state_of(name: str) -> dict[str, torch.Tensor]:
+            state = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
+                                              save_embedding_layers=save_embedding_layers)
+            warn_unsharded_lora_tensors(state, name)
+            return state
 
-                    save_file(state, tmp, metadata={"format": "pt"})
-                else:
-                    torch.save(state, tmp)
-
-            tx.write(os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME),
-                     write_weights)
-            config = copy.deepcopy(self.peft_config[name])
-            if config.base_model_name_or_path is None:
-                config.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
-            config.inference_mode = True
-            config.peft_version = PEFT_FORMAT_VERSION
-            auto_mapping = None
-            if config.task_type is None:
-                base = self.get_base_model()
-                auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-            tx.write(*_save_config(config, out, auto_mapping))
-            # A weights file of the other format left by an earlier save would shadow this one (.safetensors is
-            # read first): it is removed in the same transaction.
-            tx.remove(os.path.join(out, WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME))
+        write_adapter_folders(tx, self, names, save_directory, safe_serialization, state_of)
         tx.commit()
 
     def create_or_update_model_card(self, output_dir: str) -> None:
@@ -633,6 +610,42 @@ def _check_nothing_left_on_meta(model: nn.Module, model_id: str) -> None:
         raise AdapterLoadError(f"low_cpu_mem_usage=True: the checkpoint at {model_id} does not provide "
                                f"{len(left)} adapter weight(s) (e.g. {', '.join(left[:3])}); they would stay "
                                "uninitialised on the meta device. Load without low_cpu_mem_usage to initialise them")
+
+
+def write_adapter_folders(tx: Any, model: nn.Module, names: list[str], save_directory: str,
+                          safe_serialization: bool, state_of: Callable[[str], dict[str, torch.Tensor]]) -> None:
+    """Stage on the save transaction ``tx`` each adapter of ``names`` as PEFT lays a folder out: "default" in
+    ``save_directory``, every other adapter in a subfolder named after it, each with adapter_config.json and
+    adapter_model.safetensors (adapter_model.bin when not ``safe_serialization``). ``state_of(name)``: the
+    adapter's tensors with their checkpoint keys; ``model``: the PeftModel or PeftMixedModel they come from."""
+    from .config import PEFT_FORMAT_VERSION
+
+    for name in names:
+        out = save_directory if name == "default" else os.path.join(save_directory, name)
+
+        def write_weights(tmp: str, name: str = name) -> None:
+            state = _contiguous_unshared(state_of(name))
+            if safe_serialization:
+                from safetensors.torch import save_file
+
+                save_file(state, tmp, metadata={"format": "pt"})
+            else:
+                torch.save(state, tmp)
+
+        tx.write(os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME), write_weights)
+        config = copy.deepcopy(model.peft_config[name])
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = model.get_base_model().__dict__.get("name_or_path", None) or None
+        config.inference_mode = True
+        config.peft_version = PEFT_FORMAT_VERSION
+        auto_mapping = None
+        if config.task_type is None:
+            base = model.get_base_model()
+            auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        tx.write(*_save_config(config, out, auto_mapping))
+        # A weights file of the other format left by an earlier save would shadow this one (.safetensors is
+        # read first): it is removed in the same transaction.
+        tx.remove(os.path.join(out, WEIGHTS_NAME if safe_serialization else SAFETENSORS_WEIGHTS_NAME))
 
 
 def _save_config(config: PeftConfig, out: str, auto_mapping: Optional[dict]) -> tuple[str, Callable[[str], None]]:

@@ -717,8 +717,13 @@ class BaseTuner(nn.Module):
         for name, p in model.named_parameters():
             if "modules_to_save" not in name and not is_adapter_tensor(name):
                 p.requires_grad = False
+        self._mark_active_biases_trainable(model, self.tuner_layer_cls)
+
+    def _mark_active_biases_trainable(self, model: nn.Module, layer_cls: type) -> None:
+        """PEFT's ``bias`` option of each active adapter: 'all' unfreezes every bias of the model (but the
+        modules_to_save originals), '<method>_only' the base biases of the ``layer_cls`` layers."""
         for active in self.active_adapters:
-            bias = getattr(self.peft_config[active], "bias", "none")
+            bias = getattr(self.peft_config.get(active), "bias", "none")
             if bias == "none":
                 continue
             if bias == "all":
@@ -728,10 +733,12 @@ class BaseTuner(nn.Module):
                         p.requires_grad = True
             elif bias.endswith("_only"):
                 for module in model.modules():
-                    if isinstance(module, self.tuner_layer_cls):
+                    if isinstance(module, layer_cls):
                         b = getattr(module.get_base_layer(), "bias", None)
                         if b is not None:
                             b.requires_grad = True
+            else:
+                raise ValueError(f"Requested bias: {bias}, is not implemented.")
 
     def _cast_adapter_dtype(self, adapter_name: str) -> None:
         """PEFT's autocast_adapter_dtype: adapter weights of a half-precision base are kept in float32."""

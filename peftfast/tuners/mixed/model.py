@@ -135,23 +135,7 @@ class MixedModel(BaseTuner):
         for name, p in model.named_parameters():
             if not any(prefix in name for prefix in prefixes) and "modules_to_save" not in name:
                 p.requires_grad = False
-        for active in self.active_adapters:
-            bias = getattr(self.peft_config.get(active), "bias", "none")
-            if bias == "none":
-                continue
-            if bias == "all":
-                for name, p in model.named_parameters():
-                    if (name == "bias" or name.endswith(".bias")) and "modules_to_save" not in name \
-                            and "original_module" not in name:
-                        p.requires_grad = True
-            elif bias.endswith("_only"):
-                for module in model.modules():
-                    if isinstance(module, BaseTunerLayer):
-                        b = getattr(module.get_base_layer(), "bias", None)
-                        if b is not None:
-                            b.requires_grad = True
-            else:
-                raise ValueError(f"Requested bias: {bias}, is not implemented.")
+        self._mark_active_biases_trainable(model, BaseTunerLayer)
 
     # -- adapters ----------------------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str | list[str]) -> None:
