@@ -56,7 +56,7 @@ def test_update_expected_files_prunes_and_groups_by_cause(run):
     assert all(not g["match"] for g in auto)
 
 
-def test_ci_selection_is_a_fixed_subset(run):
+def test_ci_selection_is_every_peft_passing_test_of_the_methods(run):
     oracle = {"files": {"test_custom_models.py": {"passing": {f"tests/test_custom_models.py::t[{i}]": "lora"
                                                              for i in range(300)}},
                         "test_config.py": {"passing": {"tests/test_config.py::a": "ia3",
@@ -64,5 +64,7 @@ def test_ci_selection_is_a_fixed_subset(run):
     sel = run.select(oracle, ["test_custom_models.py", "test_config.py"], "lora,ia3", 1, run.CI_SAMPLE)
     again = run.select(oracle, ["test_custom_models.py", "test_config.py"], "lora,ia3", 1, run.CI_SAMPLE)
     assert sel == again
-    assert 60 < len(sel["test_custom_models.py"]) < 140
+    assert len(sel["test_custom_models.py"]) == 300
+    sampled = run.select(oracle, ["test_custom_models.py"], "lora", 1, {"test_custom_models.py": 3})
+    assert 60 < len(sampled["test_custom_models.py"]) < 140  # a per-file sample stays available, by id
     assert sel["test_config.py"] == ["tests/test_config.py::a"]  # other methods' tests are not selected
