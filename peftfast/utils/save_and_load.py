@@ -443,6 +443,11 @@ def _load_key_map(model: nn.Module, adapter_name: str, own_keys: list[str]) -> t
             for key in filtered:
                 if key.startswith(name + "."):
                     mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
+    # Base biases, as an adapter trained with bias='all' or '<method>_only' writes them: PEFT loads them whatever
+    # the loading config's `bias` says (the checks on shape, dtype and finiteness below still apply).
+    for key in filtered:
+        if key == "bias" or key.endswith(".bias"):
+            mapping.setdefault(_strip_adapter_name(key, adapter_name), key)
     # Embedding weights written before PEFT wrapped targeted embeddings (no '.base_layer' in the key).
     for ckpt, key in list(mapping.items()):
         if ".base_layer." in ckpt and not any(_under(key, p) for p in prefixes):

@@ -83,7 +83,11 @@ class AdaLoraLayer(AdditiveAdapterLayer):
         self.lora_A[adapter_name] = nn.Parameter(a.to(device=device, dtype=dtype), requires_grad=trainable)
         self.lora_B[adapter_name] = nn.Parameter(b.to(device=device, dtype=dtype), requires_grad=trainable)
         self.lora_E[adapter_name] = nn.Parameter(e.to(device=device, dtype=dtype), requires_grad=trainable)
-        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), device=device, dtype=dtype),
+        rank_device = device
+        if device.type == "meta":  # low_cpu_mem_usage: checkpoints do not hold ranknum, so it is made here
+            weight = getattr(self.get_base_layer(), "weight", None)
+            rank_device = weight.device if weight is not None else torch.device("cpu")
+        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), device=rank_device, dtype=dtype),
                                                   requires_grad=False)
         self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
 

@@ -169,6 +169,11 @@ class LoraLayer(AdditiveAdapterLayer):
         """Create ``lora_magnitude_vector[adapter]``: ``m = ||W + s B A||_row`` (PEFT's initialisation)."""
         a, b = self.dora_factors(adapter)
         weight = self.dora_base_weight()
+        if a.is_meta:  # low_cpu_mem_usage: the checkpoint provides the magnitude (PEFT saves it)
+            dtype = torch.promote_types(weight.dtype, a.dtype) if weight.is_floating_point() else a.dtype
+            m = torch.empty(self.dora_magnitude_shape(), device="meta", dtype=dtype)
+            self.lora_magnitude_vector[adapter] = DoraMagnitude(m)
+            return
         device = a.device
         if self.ephemeral_gpu_offload and torch.cuda.is_available() and device.type == "cpu":
             device = torch.device("cuda")
