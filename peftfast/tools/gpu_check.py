@@ -32,6 +32,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,10 @@ def run_child(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     last stdout line), or a status 'hang' (killed at the timeout) / 'fail' (crashed, no result)."""
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        # run from the temporary folder: ``python -m`` puts the working directory first on sys.path, and from a
+        # source checkout that would import the checkout's peftfast/ (without its kernels) instead of the installed one
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired as err:
         tail = (err.stderr or b"")[-2000:]
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
