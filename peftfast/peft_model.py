@@ -570,6 +570,8 @@ class PeftModel(PushToHubMixin, nn.Module):
             if differ:
                 warnings.warn(f"loading weights from {model_id} into the existing adapter {adapter_name!r}, whose "
                               f"config differs in {', '.join(differ)}; the existing config is kept", UserWarning)
+        # adding an adapter re-applies the trainability rule to the whole model; a load changes only its own adapter
+        flags = [(p, p.requires_grad) for p in self.parameters()]
         with UndoLog() as undo:
             undo.call(self._snapshot())
             if existing is None:
@@ -578,6 +580,8 @@ class PeftModel(PushToHubMixin, nn.Module):
                                      low_cpu_mem_usage=low_cpu_mem_usage)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
             _check_nothing_left_on_meta(self, model_id)
+        for p, flag in flags:
+            p.requires_grad_(flag)
         prefixes = tuple(adapter_parameter_prefixes(self, adapter_name))
         for name, p in self.named_parameters():
             if any(name == q or name.startswith(q + ".") for q in prefixes):

@@ -76,3 +76,38 @@ def test_low_cpu_mem_usage_load_equals_the_saved_model(kind, tmp_path):
     # DoRA's weight norm is recomputed after the load (float32 summation order): equal to fp32 rounding
     torch.testing.assert_close(ours, ours_expected, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha"])
+@pytest.mark.parametrize("first_trainable", [False, True])
+def test_adding_and_loading_adapters_leaves_other_adapters_trainability_as_in_peft(tmp_path, method, first_trainable):
+    """load_adapter(is_trainable=...) and add_adapter change only their own adapter's requires_grad flags (PEFT 0.21);
+    they used to re-apply the active adapter's trainability to the whole model."""
+    def config(lib):
+        if method == "lora":
+            return lib.LoraConfig(target_modules=["lin0"])
+        if method == "ia3":
+            return lib.IA3Config(target_modules=["lin0"], feedforward_modules=[])
+        return lib.LoHaConfig(target_modules=["lin0"])
+
+    trainable = {}
+    for lib in (peftfast, peft):
+        folder = tmp_path / lib.__name__
+        lib.get_peft_model(base(), config(lib)).save_pretrained(folder)
+        model = lib.PeftModel.from_pretrained(base(), folder, is_trainable=first_trainable)
+        model.load_adapter(folder, adapter_name="other", is_trainable=first_trainable)
+        model.load_adapter(folder, adapter_name="opposite", is_trainable=not first_trainable)
+        model.add_adapter("added", config(lib))
+        trainable[lib.__name__] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable["peftfast"] == trainable["peft"]
+    expected = ("default", "other") if first_trainable else ("opposite",)
+    assert trainable["peftfast"] and all(any(f".{a}" in n for a in expected) for n in trainable["peftfast"])
+
+
+@pytest.mark.parametrize("config", [peftfast.LoHaConfig(target_modules=["lin0"]),
+                                    peftfast.LoKrConfig(target_modules=["lin0"])], ids=["loha", "lokr"])
+def test_low_cpu_mem_usage_injection_puts_lycoris_weights_on_meta(config):
+    model = peftfast.inject_adapter_in_model(config, base(), low_cpu_mem_usage=True)
+    new = {n: p.device.type for n, p in model.named_parameters() if ".default" in n}
+    assert new and set(new.values()) == {"meta"}
+    assert {p.device.type for n, p in model.named_parameters() if ".default" not in n} == {"cpu"}

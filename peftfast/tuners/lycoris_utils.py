@@ -42,7 +42,7 @@ from ..config import ConfigError, PeftConfig
 from ..kernels.backend import use_triton
 from ..kernels.lycoris import LYCORIS_LINEAR, loha_layout, lokr_layout
 from ..utils.patterns import get_pattern_key
-from .adapter_layers import base_is_fusable
+from .adapter_layers import base_is_fusable, creation_device
 from .additive import AdditiveAdapterLayer
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
@@ -258,8 +258,9 @@ class LycorisLayer(AdditiveAdapterLayer):
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         # only the new adapter's flags are set: the other adapters keep theirs (a frozen loaded one stays frozen)
         trainable = adapter_name in self.active_adapters and not getattr(config, "inference_mode", False)
+        device = creation_device(weight.device)  # meta under low_cpu_mem_usage: the checkpoint fills them in
         for attr, t in tensors.items():
-            getattr(self, attr)[adapter_name] = nn.Parameter(t.to(device=weight.device, dtype=dtype),
+            getattr(self, attr)[adapter_name] = nn.Parameter(t.to(device=device, dtype=dtype),
                                                              requires_grad=trainable)
 
     def set_scale(self, adapter: str, scale: float) -> None:

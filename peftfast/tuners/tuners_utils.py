@@ -632,6 +632,11 @@ class BaseTuner(nn.Module):
         self._condense_target_modules(config, model)
         planned = self._plan(config, model)
 
+        # Adding an adapter leaves the trainability of every parameter that was already there as it was (the first
+        # adapter instead freezes the base model); the new adapter's own parameters follow the rule below.
+        kept = [] if not self._tuner_layers() else [
+            (p, p.requires_grad) for n, p in model.named_parameters(remove_duplicate=True)
+            if f".{adapter_name}." not in n and not n.endswith(f".{adapter_name}")]
         with UndoLog() as undo:
             # low_cpu_mem_usage: the new adapter weights are created on the meta device (no memory, no init);
             # whoever loads the adapter assigns the checkpoint's tensors in their place.
@@ -651,6 +656,8 @@ class BaseTuner(nn.Module):
         for layer in self._tuner_layers():
             layer._active_adapter = list(self.active_adapters)
         self._mark_only_adapters_as_trainable(model)
+        for p, flag in kept:
+            p.requires_grad_(flag)
         if config.inference_mode:
             from ..utils.save_and_load import adapter_parameter_prefixes
 
@@ -837,25 +844,27 @@ class BaseTuner(nn.Module):
         layers = self._tuner_layers()
         if adapter_names is not None:
             self._check_adapter_names(adapter_names)
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        # no names: each layer merges the adapters active on it (PEFT's rule; layers may have been set apart)
+        names_of = {id(layer): list(layer.active_adapters) if adapter_names is None else list(adapter_names)
+                    for layer in layers}
         for layer in layers:  # every layer may refuse (e.g. a grouped conv) before any of them changes
-            layer._adapters_to_merge(names, warn=False)
-        self._refuse_tied_merge(layers, names)
+            layer._adapters_to_merge(names_of[id(layer)], warn=False)
+        self._refuse_tied_merge(layers, names_of)
         if safe_merge:  # check every layer's merged weights are finite before changing any of them
             for layer in layers:
                 check = getattr(layer, "check_merge", None)
                 if check is not None:
-                    check(names)
+                    check(names_of[id(layer)])
         with UndoLog() as undo:
             for layer in layers:
-                layer.merge(safe_merge=safe_merge, adapter_names=names)
+                layer.merge(safe_merge=safe_merge, adapter_names=names_of[id(layer)])
                 undo.call(layer.unmerge)
 
-    def _refuse_tied_merge(self, layers: list[BaseTunerLayer], names: list[str]) -> None:
+    def _refuse_tied_merge(self, layers: list[BaseTunerLayer], names_of: dict[int, list[str]]) -> None:
         """Merging writes the delta into the base weight. When that tensor is tied to another module's (input and
         output embeddings sharing one matrix), the other module's output would change too, and with adapters on
         both, each delta would land in both: refuse, naming the tie."""
-        merging = {id(layer) for layer in layers if layer._adapters_to_merge(names, warn=False)}
+        merging = {id(layer) for layer in layers if layer._adapters_to_merge(names_of[id(layer)], warn=False)}
         if not merging:
             return
         users: dict[int, list[str]] = {}
