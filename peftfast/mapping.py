@@ -7,6 +7,8 @@ PEFT's names; the methods fill them when their packages are imported (``peftfast
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Optional
 
 from torch import nn
@@ -44,9 +46,15 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     if hasattr(model, "peft_config") and isinstance(getattr(model, "peft_config"), dict):
         raise ValueError("this model already has adapters injected (it has a peft_config); call get_peft_model "
                          "on a fresh base model, or use add_adapter/load_adapter on the PeftModel")
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
-    if peft_config.base_model_name_or_path is None and name_or_path:
-        peft_config.base_model_name_or_path = name_or_path
+    # the config names the model it wraps (PEFT's rule: the model's name replaces the config's, with a warning)
+    old_name = peft_config.base_model_name_or_path
+    new_name = (model.__dict__.get("name_or_path", None)
+                or getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+    peft_config.base_model_name_or_path = new_name
+    if old_name is not None and old_name != new_name:
+        warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}' "
+                      "(the name of the model it wraps): make sure this base model is loaded when loading this "
+                      "checkpoint", UserWarning)
     if revision is not None:
         peft_config.revision = revision
     if mixed:  # adapters of several methods on one model (no task-specific wrapper, as in PEFT)

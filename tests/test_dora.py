@@ -172,7 +172,19 @@ def test_single_dora_on_frozen_linear_uses_the_fused_op(monkeypatch):
                         lambda x, w, bias, *a, **k: calls.append(bias) or real(x, w, bias, *a, **k))
     theirs, ours = make_pair(targets=["lin", "lin_nb"])
     compare(theirs, ours, *inputs(), train=True)
-    assert len(calls) >= 2 and all(b is None for b in calls)  # the bias is added after the DoRA scale
+    assert len(calls) >= 2  # one fused call per layer and step; the bias goes in with the GEMM
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fresh_dora_adapter_leaves_the_base_output_bit_for_bit(bias):
+    # B = 0 and m = ||W||: mns is exactly 1, and the output is the base output itself (PEFT's form adds
+    # (mns - 1) * base; the bias must not be re-added in another order)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(257, 131, bias=bias), nn.ReLU(), nn.Linear(131, 67, bias=bias))
+    x = torch.rand(9, 257) - 0.5
+    expected = base(x)
+    model = peftfast.get_peft_model(base, peftfast.LoraConfig(target_modules=["0", "2"], use_dora=True)).eval()
+    assert torch.equal(model(x), expected)
 
 
 @pytest.mark.interpreter

@@ -32,7 +32,7 @@ from ..utils.constants import (
     MIN_TARGET_MODULES_FOR_OPTIMIZATION,
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
-from ..utils.patterns import BoundedPattern
+from ..utils.patterns import BoundedPattern, get_pattern_key
 from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
 from ..utils.undo import UndoLog
 
@@ -270,6 +270,31 @@ def adapter_weights_on_meta() -> Iterator[None]:
 def creation_device(device: torch.device) -> torch.device:
     """``device``, or the meta device inside :func:`adapter_weights_on_meta`."""
     return torch.device("meta") if _ON_META.get() else device
+
+
+def _warn_unmatched_pattern_keys(config: PeftConfig, targeted: Iterable[str]) -> None:
+    """rank_pattern / alpha_pattern keys that match none of the modules this adapter targets are ignored: say so
+    (a typo there silently trains with the default rank or alpha). AdaLoRA keeps its own rank_pattern (per lora_E
+    parameter, written by its rank allocator), which is not checked here."""
+    if getattr(config, "peft_type", None) == "ADALORA":
+        return
+    targeted = list(targeted)
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None)
+        if not isinstance(patterns, dict) or not patterns:
+            continue
+        unmatched = sorted(p for p in patterns if not any(get_pattern_key([p], key, attr) == p for key in targeted))
+        if unmatched:
+            warnings.warn(f"The following {attr} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", RuntimeWarning, stacklevel=3)
+
+
+def check_single_bias_adapter(tuner: Any) -> None:
+    """At most one adapter of a model may train a bias (a bias is shared by all adapters of a layer)."""
+    with_bias = [name for name, c in tuner.peft_config.items() if getattr(c, "bias", "none") != "none"]
+    if len(with_bias) > 1:
+        raise ValueError(f"{type(tuner).__name__} supports only 1 adapter with bias. When using multiple adapters, "
+                         f"set bias='none' for all adapters but one; adapters with a bias: {', '.join(with_bias)}")
 
 
 def _join_name(prefix: str, name: str) -> str:
@@ -651,6 +676,7 @@ class BaseTuner(nn.Module):
             self._set_modules_to_save(model, config, adapter_name, undo)
         # Each module once, in the order adapters first targeted it (PEFT's order).
         self.targeted_module_names = list(dict.fromkeys([*self.targeted_module_names, *planned]))
+        _warn_unmatched_pattern_keys(config, planned)
         # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
         # instead. Trainability of existing parameters is left as it was.
         for layer in self._tuner_layers():

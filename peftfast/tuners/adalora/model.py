@@ -28,7 +28,7 @@ from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class
+from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, check_single_bias_adapter, conv1d_class
 from .bnb import dispatch_bnb
 from .allocator import RankAllocator, adalora_triplets
 from .config import AdaLoraConfig, strip_adapter_from_pattern_key
@@ -102,10 +102,7 @@ class AdaLoraModel(BaseTuner):
         return isinstance(module, (nn.Linear, nn.Conv2d) + ((conv1d,) if conv1d else ()) + bnb_linear_classes())
 
     def _check_new_adapter_config(self, config: AdaLoraConfig) -> None:
-        with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
-        if len(with_bias) > 1:
-            raise ValueError(f"{type(self).__name__} supports only one adapter with bias != 'none'; adapters with a "
-                             f"bias: {', '.join(with_bias)}. Set bias='none' for the new adapter.")
+        check_single_bias_adapter(self)
         trainable = [name for name, c in self.peft_config.items() if not c.inference_mode]
         if len(trainable) > 1:
             raise ValueError(f"{type(self).__name__} supports only 1 trainable adapter. When using multiple "

@@ -213,6 +213,8 @@ class LoraConfig(PeftConfig):
             raise ConfigError("layers_pattern cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("layers_pattern requires layers_to_transform to be set as well")
+        if self.use_dora and self.megatron_config:
+            raise ConfigError("DoRA does not support megatron_core (megatron_config is set); set use_dora=False")
         for name, (default, feature) in UNSUPPORTED_LORA_FIELDS.items():
             value = getattr(self, name)
             if not (value == default or (default is None and value in ({}, [], False))):

@@ -639,15 +639,17 @@ class Linear(nn.Module, LoraLayer):
         """The active adapters ``names`` (some with DoRA) in PEFT's order and math (see ``dora.py``).
 
         One DoRA adapter over a fusable base, without dropout drawn: the fused op computes
-        ``x W^T + s B A x`` in one GEMM and one ``addcmul`` applies ``mns`` and the bias. Otherwise the base
-        output is computed once and each adapter updates it in turn."""
+        ``y = x W^T + b + s B A x`` in one GEMM and one elementwise op applies ``mns``. Otherwise the base
+        output is computed once and each adapter updates it in turn. Both add ``(mns - 1)`` times the unbiased
+        output to the output (PEFT's form), so a fresh adapter (B = 0, m = ||W||: mns == 1) leaves the base
+        output bit for bit as it was."""
         drops = self.training and any(dropout_p(self.lora_dropout[n]) > 0 for n in names if self.use_dora[n])
         if len(names) == 1 and not drops and not args and not kwargs and self._fuses_with_base(x):
             (name,) = names
-            y = self._fused_forward(x, names, with_bias=False)
+            y = self._fused_forward(x, names)
             mns = self.dora_scale(name)
             bias = self.base_bias()
-            out = y * mns if bias is None else torch.addcmul(bias.to(y.dtype), y, mns)
+            out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
             return out.to(y.dtype)
         result = self.base_forward(x, *args, **kwargs)
         dtype = result.dtype
@@ -667,7 +669,7 @@ class Linear(nn.Module, LoraLayer):
             else:
                 unbiased = result if bias is None else result - bias.to(result.dtype)
                 inner = self._lora(x, unbiased, [name])  # y - bias + s B A x, dropout-free
-                result = inner * mns if bias is None else torch.addcmul(bias.to(inner.dtype), inner, mns)
+                result = result + (mns - 1) * unbiased + mns * (inner - unbiased)
         return result.to(dtype)
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
@@ -878,9 +880,10 @@ class ConvNd(nn.Module, LoraLayer):
         base = self.get_base_layer()
         if r % base.groups != 0:
             raise ValueError(
-                f"LoRA on a {type(base).__name__} with groups={base.groups} needs a rank divisible by "
-                f"{base.groups}, got r={r} (adapter {adapter_name!r}); choose such a rank (rank_pattern can set "
-                "one for this layer) or do not target it"
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. Currently, support is "
+                "limited to conv layers where the rank is divisible by groups. Either choose a different rank or do "
+                f"not target this specific layer. (adapter {adapter_name!r}: rank_pattern can set a rank divisible "
+                f"by {base.groups} for this layer)"
             )
         device, dtype = self.adapter_device_dtype()
         conv = CONV_CLASSES[self.dims]

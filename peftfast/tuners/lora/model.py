@@ -14,7 +14,7 @@ from torch import nn
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import BaseTuner, BaseTunerLayer, conv1d_class, linear_layer_classes
+from ..tuners_utils import BaseTuner, BaseTunerLayer, check_single_bias_adapter, conv1d_class, linear_layer_classes
 from ...utils.patterns import get_pattern_key
 from .bdlora import bd_side
 from .bnb import dispatch_bnb
@@ -77,12 +77,7 @@ class LoraModel(BaseTuner):
                                    low_cpu_mem_usage=low_cpu_mem_usage)
 
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
-        with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
-        if len(with_bias) > 1:
-            raise ValueError(
-                f"{type(self).__name__} supports only one adapter with bias != 'none'; adapters with a bias: "
-                f"{', '.join(with_bias)}. Set bias='none' for the new adapter."
-            )
+        check_single_bias_adapter(self)
 
     def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:

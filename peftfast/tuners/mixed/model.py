@@ -16,7 +16,7 @@ from torch import nn
 from ...utils import registry
 from ...utils.errors import AdapterError
 from ...utils.peft_types import PeftType
-from ..tuners_utils import BaseTuner, BaseTunerLayer
+from ..tuners_utils import BaseTuner, BaseTunerLayer, check_single_bias_adapter
 
 # PEFT's list; OFT and SHiRA are PEFT methods peftfast does not implement (their configs do not exist here).
 COMPATIBLE_TUNER_TYPES = (PeftType.LORA, PeftType.LOHA, PeftType.LOKR, PeftType.ADALORA, PeftType.OFT, PeftType.SHIRA)
@@ -105,10 +105,7 @@ class MixedModel(BaseTuner):
 
     def _check_new_adapter_config(self, config: Any) -> None:
         check_config_compatible(config)
-        with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
-        if len(with_bias) > 1:
-            raise ValueError(f"{type(self).__name__} supports only one adapter with bias != 'none'; adapters with a "
-                             f"bias: {', '.join(with_bias)}. Set bias='none' for the new adapter.")
+        check_single_bias_adapter(self)
 
     def _prepare_adapter_config(self, config: Any, model_config: dict) -> Any:
         return self._method()._prepare_adapter_config(self, config, model_config)
