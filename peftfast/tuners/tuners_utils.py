@@ -504,8 +504,9 @@ class BaseTuner(nn.Module):
             model_type = model_config.get("model_type")
             if model_type not in self.target_module_mapping:
                 raise ValueError(
-                    f"target_modules is not set and there is no default for model_type {model_type!r}; "
-                    f"set target_modules (defaults exist for: {', '.join(sorted(self.target_module_mapping))})"
+                    f"target_modules is not set and there is no default for model_type {model_type!r}. Please "
+                    "specify `target_modules` in `peft_config` (defaults exist for: "
+                    f"{', '.join(sorted(self.target_module_mapping))})"
                 )
             default = self.target_module_mapping[model_type]
             config.target_modules = default if isinstance(default, str) else set(default)  # a str is a regex
