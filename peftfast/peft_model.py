@@ -429,6 +429,15 @@ class PeftModel(PushToHubMixin, nn.Module):
                 get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
                                           save_embedding_layers=save_embedding_layers)
             return
+        initial_path = kwargs.get("path_initial_model_for_weight_conversion")
+        edit_config = None
+        if initial_path is not None:  # PiSSA / OLoRA saved as plain LoRA of the unmodified base (lora/conversion.py)
+            from .tuners.lora import conversion
+
+            for name in names:
+                conversion.check_convertible(self.peft_config[name], name)
+            initial = {name: conversion.read_initial_weights(initial_path, self.peft_config[name]) for name in names}
+            edit_config = conversion.converted_config
         tx = SaveTransaction(save_directory)  # the model card is computed and written with the adapters
         tx.write_text(os.path.join(save_directory, "README.md"), lambda: self._model_card_text(save_directory))
 
@@ -436,9 +445,11 @@ class PeftModel(PushToHubMixin, nn.Module):
             state = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
                                               save_embedding_layers=save_embedding_layers)
             warn_unsharded_lora_tensors(state, name)
+            if initial_path is not None:
+                state = conversion.convert_state(state, initial[name], initial_path)
             return state
 
-        write_adapter_folders(tx, self, names, save_directory, safe_serialization, state_of)
+        write_adapter_folders(tx, self, names, save_directory, safe_serialization, state_of, edit_config)
         tx.commit()
 
     def create_or_update_model_card(self, output_dir: str) -> None:
@@ -617,11 +628,13 @@ def _check_nothing_left_on_meta(model: nn.Module, model_id: str) -> None:
 
 
 def write_adapter_folders(tx: Any, model: nn.Module, names: list[str], save_directory: str,
-                          safe_serialization: bool, state_of: Callable[[str], dict[str, torch.Tensor]]) -> None:
+                          safe_serialization: bool, state_of: Callable[[str], dict[str, torch.Tensor]],
+                          edit_config: Optional[Callable[[PeftConfig], PeftConfig]] = None) -> None:
     """Stage on the save transaction ``tx`` each adapter of ``names`` as PEFT lays a folder out: "default" in
     ``save_directory``, every other adapter in a subfolder named after it, each with adapter_config.json and
     adapter_model.safetensors (adapter_model.bin when not ``safe_serialization``). ``state_of(name)``: the
-    adapter's tensors with their checkpoint keys; ``model``: the PeftModel or PeftMixedModel they come from."""
+    adapter's tensors with their checkpoint keys; ``model``: the PeftModel or PeftMixedModel they come from;
+    ``edit_config``: maps a copy of each adapter's config to the one written."""
     from .config import PEFT_FORMAT_VERSION
 
     for name in names:
@@ -638,6 +651,8 @@ def write_adapter_folders(tx: Any, model: nn.Module, names: list[str], save_dire
 
         tx.write(os.path.join(out, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME), write_weights)
         config = copy.deepcopy(model.peft_config[name])
+        if edit_config is not None:
+            config = edit_config(config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = model.get_base_model().__dict__.get("name_or_path", None) or None
         config.inference_mode = True

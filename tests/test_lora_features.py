@@ -504,3 +504,45 @@ def test_mica_init_frozen_b_and_training_match_peft():
     opt.step()
     for n, p in ours.named_parameters():
         assert torch.equal(p, before[n]) == (n in frozen or "lora_" not in n or "other" in n), n
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_pissa_olora_saved_as_lora_of_the_original_base_as_in_peft(tmp_path, init, rslora):
+    """save_pretrained(path_initial_model_for_weight_conversion=...) writes a rank-2r LoRA adapter of the unmodified
+    base: loaded in PEFT onto the original base it gives the trained PiSSA/OLoRA model's output; PEFT's conversion
+    of the same model writes the same tensors and config."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(23, 17), nn.Tanh(), nn.Linear(17, 11))
+    x = torch.randn(6, 23)
+    outputs, files = {}, {}
+    for lib in (peftfast, peft):
+        torch.manual_seed(1)
+        config = lib.LoraConfig(target_modules=["0", "2"], r=4, lora_alpha=6, init_lora_weights=init, use_rslora=rslora)
+        model = lib.get_peft_model(copy.deepcopy(base), config)
+        model.save_pretrained(tmp_path / lib.__name__ / "init")
+        with torch.no_grad():  # "training": the same change in both libraries
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        outputs[lib.__name__] = model(x)
+        model.save_pretrained(tmp_path / lib.__name__ / "lora",
+                              path_initial_model_for_weight_conversion=str(tmp_path / lib.__name__ / "init"))
+        files[lib.__name__] = load_file(tmp_path / lib.__name__ / "lora" / "adapter_model.safetensors")
+        assert model.peft_config["default"].r == 4  # the model's own config is unchanged
+    assert files["peftfast"].keys() == files["peft"].keys()
+    for key, value in files["peftfast"].items():
+        torch.testing.assert_close(value, files["peft"][key], rtol=1e-5, atol=1e-6)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peftfast" / "lora")
+    assert loaded.peft_config["default"].r == 8
+    torch.testing.assert_close(loaded(x), outputs["peftfast"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outputs["peftfast"], outputs["peft"], rtol=1e-4, atol=1e-5)
+
+
+def test_conversion_refused_for_rslora_with_patterns_before_writing(tmp_path):
+    model = peftfast.get_peft_model(nn.Sequential(nn.Linear(9, 7)), peftfast.LoraConfig(
+        target_modules=["0"], r=4, init_lora_weights="pissa", use_rslora=True, rank_pattern={"0": 2}))
+    model.save_pretrained(tmp_path / "init")
+    with pytest.raises(ValueError, match="use_rslora=True"):
+        model.save_pretrained(tmp_path / "out", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

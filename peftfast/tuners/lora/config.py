@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -167,6 +168,13 @@ class LoraConfig(PeftConfig):
                 raise ConfigError(f"{name} must be a list of module names, a regex string or None, "
                                   f"got {type(value).__name__}")
         self._validate()
+        if (self.use_rslora and (self.rank_pattern or self.alpha_pattern)
+                and str(self.init_lora_weights).lower().startswith(("pissa", "olora"))):
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights (PiSSA/OLoRA) means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; to do that, do not use rslora with rank_pattern/alpha_pattern",
+                          UserWarning, stacklevel=3)
 
     def _validate(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -183,6 +191,8 @@ class LoraConfig(PeftConfig):
                 f"init_lora_weights={init!r} asks for {REFUSED_INITS[init]}, which peftfast does not implement; "
                 f"supported: True, False, {', '.join(map(repr, SUPPORTED_INITS))}, 'pissa_niter_<N>'"
             )
+        if isinstance(init, str) and init.lower() == "olora":  # PEFT accepts any case for OLoRA ("OLoRA")
+            init = "olora"
         if not (init is True or init is False or init in SUPPORTED_INITS or _pissa_niter(init) is not None):
             raise ConfigError(
                 f"init_lora_weights={init!r} is not supported by peftfast; "

@@ -511,7 +511,7 @@ class Linear(nn.Module, LoraLayer):
             self._orthogonal_init(adapter_name)
         elif isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
             self._pissa_init(adapter_name, init_lora_weights)
-        elif init_lora_weights == "olora":
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "olora":
             self._olora_init(adapter_name)
         elif init_lora_weights == "mica":
             self._mica_init(adapter_name)
