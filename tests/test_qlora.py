@@ -174,6 +174,10 @@ def test_lora_matches_peft_qlora_and_trains(tiny_dir, case):
     layers = [m for m in ours.modules() if isinstance(m, (lora_bnb.Linear4bit, lora_bnb.Linear8bitLt))]
     assert len(layers) == 2 * len(TARGETS) and all(type(m) is want for m in layers)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    # the status reports show the quantization backend as PEFT 0.21's do (None: its bnb layers set none)
+    assert [s.quantization_backend for s in ours.get_layer_status()] == \
+        [s.quantization_backend for s in theirs.get_layer_status()]
+    assert ours.get_model_status().quantization_backend == theirs.get_model_status().quantization_backend
 
     ids = torch.randint(0, 101, (2, 11))
     compare_step(train_step(ours, ids), train_step(theirs, ids), train_step(exact, ids))
