@@ -504,7 +504,7 @@ def dispatch_checks(device, cases, folder: Path, expect_measured: bool) -> list[
     gen = torch.Generator().manual_seed(3)
     checks: list[dict] = []
     try:
-        with _backend("triton"):
+        with _backend("triton"), _env("PEFTFAST_AUTOTUNE", "1"):  # measured even where the caller switched it off
             for t, d_in, d_out, rank, act, ad, p, backward in cases:
                 act, ad = getattr(torch, act), getattr(torch, ad)
                 x, a, b, dy = _lora_inputs(t, d_in, d_out, rank, act, ad, device, gen)

@@ -2,6 +2,7 @@
 about it without a GPU. The sections' checks run here in Triton's interpreter (the kernel
 tests' TRITON_INTERPRET=1), the parent's child processes and watchdog on real subprocesses."""
 import json
+import os
 import sys
 
 import pytest
@@ -92,12 +93,14 @@ def test_dispatch_checks_of_the_cuda_run_on_cpu(interpreted, monkeypatch, tmp_pa
     monkeypatch.setattr(autotune, "tunable", lambda device: autotune.autotune_enabled())
     monkeypatch.setattr(autotune, "may_measure", lambda device: True)
     monkeypatch.setattr(autotune, "cuda_event_timer", timer)
+    monkeypatch.setenv("PEFTFAST_AUTOTUNE", "0")  # the section measures even so (and restores the setting)
     checks = gc.dispatch_checks(torch.device("cpu"), gc.DRY_DISPATCH_CASES, tmp_path, expect_measured=True)
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
     details = {c["name"]: c["detail"] for c in checks}
     assert sum(d.startswith("unfused won: fused 2.000 ms, unfused 1.000 ms") for d in details.values()) == 2
     assert details["decisions written and read back by a fresh tuner"].startswith("2 key(s) in dispatch-cpu-")
     assert details["PEFTFAST_AUTOTUNE=0: nothing timed"] == "0 decision(s)"
+    assert os.environ["PEFTFAST_AUTOTUNE"] == "0"
     # and it fails when a candidate could not be timed
 
     def failing(fn, warmup, repeats):
