@@ -20,7 +20,8 @@ Never measured (the default runs, nothing is timed or written):
   (a decision already made for the key is still used during a capture).
 
 A candidate that raises is recorded as failed (``inf``) and never chosen; when every candidate fails
-the default is used (the real call then reports its own error). Timing runs on the current stream
+the default is used (the real call then reports its own error) and the decision is kept in memory only
+(a later process measures again). Timing runs on the current stream
 with the caller's tensors (read only) and synchronises once per measured key.
 
 Cache file: ``$PEFTFAST_CACHE_DIR`` or ``~/.cache/peftfast``, named ``dispatch-<gpu>-<version>.json``,
@@ -275,7 +276,8 @@ class Tuner:
                     ms[name] = math.inf
             decision = Decision(self.pick(ms, default), ms, "measured")
             self._memory.setdefault(device, {})[key] = decision
-            self._write(device)
+            if any(math.isfinite(v) for v in ms.values()):  # all failed (e.g. out of memory): not kept on disk
+                self._write(device)
             return decision
 
     def pick(self, ms: Mapping[str, float], default: str) -> str:

@@ -763,6 +763,9 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # ----------------------------------------------------------------------------------------------
 FUSED, UNFUSED = "fused", "unfused"  # the default: fused (what runs with PEFTFAST_AUTOTUNE=0, on CPU, compiled)
 _DTYPE_TAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (backward, dX in it, dropout) -> the key's step
+_STEPS = {(grads, need_x, drop): (("fwd+bwd" if need_x else "fwd+bwd-dx") if grads else "fwd")
+          + ("+dropout" if drop else "") for grads in (False, True) for need_x in (False, True) for drop in (False, True)}
 
 
 def dispatch_key(x, weight, weights_a, need_x: bool, need_grads: bool, dropout: bool) -> tuple:
@@ -771,10 +774,11 @@ def dispatch_key(x, weight, weights_a, need_x: bool, need_grads: bool, dropout: 
     "+dropout" when a mask is drawn."""
     d_out, d_in = weight.shape
     tokens = x.numel() // max(d_in, 1)
-    step = ("fwd+bwd" if need_x else "fwd+bwd-dx") if need_grads else "fwd"
-    return ("lora_linear_fused", autotune.bucket(tokens), d_out, d_in, sum(a.shape[0] for a in weights_a),
-            len(weights_a), _DTYPE_TAGS.get(x.dtype, str(x.dtype)),
-            _DTYPE_TAGS.get(weights_a[0].dtype, str(weights_a[0].dtype)), step + ("+dropout" if dropout else ""))
+    step = _STEPS[need_grads, need_x, dropout]
+    rank = weights_a[0].shape[0] if len(weights_a) == 1 else sum(a.shape[0] for a in weights_a)
+    ad = weights_a[0].dtype
+    return ("lora_linear_fused", autotune.bucket(tokens), d_out, d_in, rank, len(weights_a),
+            _DTYPE_TAGS.get(x.dtype) or str(x.dtype), _DTYPE_TAGS.get(ad) or str(ad), step)
 
 
 def describe_key(key: tuple) -> str:

@@ -161,8 +161,10 @@ def test_failing_candidates_are_never_chosen(tmp_path):
     d = t.choose(DEV, KEY, candidates("fused", "unfused"), default="fused")
     assert d.choice == "fused" and d.ms["unfused"] == math.inf
     assert json.loads(t.path(DEV).read_text())["entries"].popitem()[1]["ms"]["unfused"] is None
-    t2, _ = tuner(tmp_path / "b", {"fused": RuntimeError("no"), "unfused": float("nan")})
+    t2, timer = tuner(tmp_path / "b", {"fused": RuntimeError("no"), "unfused": float("nan")})
     assert t2.choose(DEV, KEY, candidates("fused", "unfused"), default="fused").choice == "fused"
+    assert t2.lookup(DEV, KEY).ms == {"fused": math.inf, "unfused": math.inf} and len(timer.calls) == 2
+    assert not t2.path(DEV).exists()  # every candidate failed (perhaps out of memory for now): not kept on disk
     t3, _ = tuner(tmp_path / "c", {"fused": RuntimeError("no"), "unfused": 5.0})
     assert t3.choose(DEV, KEY, candidates("fused", "unfused"), default="fused").choice == "unfused"
     with pytest.raises(ValueError, match="not one of the candidates"):
