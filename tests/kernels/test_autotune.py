@@ -290,3 +290,36 @@ def test_default_setup_measures_nothing_in_the_interpreter(triton_kernels, monke
     monkeypatch.setattr(AT, "TUNER", t)
     run_op(make_inputs((13,), 45, 52, [5], F32, F32), [0.0])
     assert timer.calls == [] and t.decisions() == []
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_layer_follows_the_measured_choice(triton_kernels, measurable, monkeypatch, use_dora):
+    """A LoRA (and DoRA) layer over nn.Linear on the unfused path it was measured to prefer: the same output
+    and gradients as PEFT (the oracle) on the same weights."""
+    import copy
+
+    import peft
+    import peftfast
+    from torch import nn
+
+    _, timer = measurable
+    torch.manual_seed(3)
+    base = nn.Sequential(nn.Linear(45, 52), nn.Tanh(), nn.Linear(52, 30))
+    kw = dict(r=5, lora_alpha=10, target_modules=["0", "2"], init_lora_weights=False, use_dora=use_dora)
+    ours = peftfast.get_peft_model(copy.deepcopy(base), peftfast.LoraConfig(**kw)).eval()
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw)).eval()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 45)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [m(v) for m, v in zip((ours, ref), xs)]
+    dy = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(dy)
+    assert [c[0] for c in timer.calls] == ["fused", "unfused"] * 2  # two layers, two keys
+    assert all(d.choice == "unfused" for _, _, d in AT.TUNER.decisions())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    theirs = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-5, msg=name)
