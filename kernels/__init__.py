@@ -9,6 +9,7 @@ Layout (one file per op; shared pieces are public names in shared modules):
     tiles.py                  grouped tile order, arrival counters, ordered partial sums
     adapters.py               the adapter plan and tables, the adapter epilogues of the GEMMs
     opdecl.py                 one declaration per op -> custom op + fake + backward + eager autograd
+    autotune.py               measured dispatch: candidates timed once per key on CUDA, cached on disk
     dropout.py                the counter-based dropout mask (Triton and PyTorch, same bits)
     quant.py                  bitsandbytes 4-bit / int8 storage and dequantisation
     lora.py                   lora_linear: the adapters on a base layer's output

@@ -81,6 +81,11 @@ even without 16-byte alignment; the adapter loop steps 16 ranks at a time for an
 CPU (the reference path): F.linear, then lora.py's reference math on its output; backward adds
 dY @ W into lora.py's dX with one addmm. Same cost as nn.Linear followed by ``lora_linear``.
 
+Measured, not assumed: the figures above assume this kernel's base GEMM runs as fast as cuBLAS's.
+Where it does not (a GPU, shape or dtype Triton's GEMM handles less well), ``F.linear`` + lora.py's
+kernels is faster, so on CUDA ``lora_linear_fused`` times both once per key and keeps the faster
+(``dispatch``; kernels/autotune.py). CPU, the interpreter and torch.compile run the fused op.
+
 ``qlora_linear_fused`` (the same op over a bitsandbytes 4-bit or int8 weight) lives in
 ``kernels/qlora.py``.
 """
@@ -93,6 +98,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import autotune
 from . import lora as L
 from .adapters import (
     Plan,
@@ -722,6 +728,10 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     Gradients flow to x, bias and every A_i / B_i that requires grad. Each call with dropout
     draws one seed from torch's default generator. The op picks the backend: on the Triton backend
     the fused kernels; elsewhere ``F.linear`` then ``lora_linear`` (the same math, reference path).
+    On a CUDA device the first call of each key (``dispatch_key``: GPU, tokens rounded up to a power of
+    two, d_out, d_in, ranks, dtypes, backward or not, dropout) times the fused kernels against
+    ``F.linear`` (cuBLAS) + lora.py's kernels and keeps the faster (kernels/autotune.py;
+    ``PEFTFAST_AUTOTUNE=0``: always fused).
     """
     _check(x, weight, bias)
     if len(weights_a) == 0:
@@ -739,11 +749,102 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         seed = draw_seed() if dropout else torch.zeros((), dtype=torch.int64)
         return LORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings], ps,
                                  seed)[0]
-    seed = int(draw_seed()) if dropout else 0
     plan = make_plan([a.shape[0] for a in weights_a], scalings, ps)
     on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    if on_triton and dispatch(x, weight, bias, weights_a, weights_b, scalings, ps, plan) == UNFUSED:
+        return L.lora_linear(x, base_linear(x, weight, bias), weights_a, weights_b, scalings, dropout_ps, training)
+    seed = int(draw_seed()) if dropout else 0
     return LORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), scalings, ps, seed,
                              hint=(plan, on_triton))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measured dispatch (kernels/autotune.py): the fused GEMM, or torch's base matmul + lora.py's kernels
+# ----------------------------------------------------------------------------------------------
+FUSED, UNFUSED = "fused", "unfused"  # the default: fused (what runs with PEFTFAST_AUTOTUNE=0, on CPU, compiled)
+_DTYPE_TAGS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (backward, dX in it, dropout) -> the key's step
+_STEPS = {(grads, need_x, drop): (("fwd+bwd" if need_x else "fwd+bwd-dx") if grads else "fwd")
+          + ("+dropout" if drop else "") for grads in (False, True) for need_x in (False, True) for drop in (False, True)}
+
+
+def dispatch_key(x, weight, weights_a, need_x: bool, need_grads: bool, dropout: bool) -> tuple:
+    """(op, tokens rounded up to a power of two, d_out, d_in, total rank, adapters, x dtype, adapter
+    dtype, step): step is "fwd" (no backward), "fwd+bwd" or "fwd+bwd-dx" (no x gradient), plus
+    "+dropout" when a mask is drawn."""
+    d_out, d_in = weight.shape
+    tokens = x.numel() // max(d_in, 1)
+    step = _STEPS[need_grads, need_x, dropout]
+    rank = weights_a[0].shape[0] if len(weights_a) == 1 else sum(a.shape[0] for a in weights_a)
+    ad = weights_a[0].dtype
+    return ("lora_linear_fused", autotune.bucket(tokens), d_out, d_in, rank, len(weights_a),
+            _DTYPE_TAGS.get(x.dtype) or str(x.dtype), _DTYPE_TAGS.get(ad) or str(ad), step)
+
+
+def describe_key(key: tuple) -> str:
+    """A ``dispatch_key`` in words: "T<=2048 4096->4096 r=16 bf16/fp32 fwd+bwd+dropout"."""
+    _op, tokens, d_out, d_in, rank, n, act, ad, step = key
+    return (f"T<={tokens} {d_in}->{d_out} r={rank}" + (f" ({n} adapters)" if n > 1 else "")
+            + f" {act}/{ad} {step}")
+
+
+def dispatch(x, weight, bias, weights_a, weights_b, scalings, ps, plan) -> str:
+    """FUSED or UNFUSED for this call on the Triton backend: the measured choice for its key on a CUDA
+    device (timed on the first call of the key, see kernels/autotune.py), else FUSED."""
+    if x.numel() == 0 or not autotune.tunable(x.device):
+        return FUSED
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    need_params = grad and (any(t.requires_grad for t in (*weights_a, *weights_b))
+                            or (bias is not None and bias.requires_grad))
+    key = dispatch_key(x, weight, weights_a, need_x, need_x or need_params, plan.dropout)
+    device = autotune.device_name(x.device)
+    known = autotune.TUNER.lookup(device, key)
+    if known is not None:
+        return known.choice
+    if not autotune.may_measure(x.device):
+        return FUSED
+    with torch.random.fork_rng(devices=[]):  # the candidates' dropout seeds leave the caller's RNG as it was
+        return autotune.TUNER.choose(device, key, dispatch_candidates(x, weight, bias, weights_a, weights_b,
+                                                                      scalings, ps, plan), FUSED).choice
+
+
+def dispatch_candidates(x, weight, bias, weights_a, weights_b, scalings, ps, plan) -> dict:
+    """{FUSED: step, UNFUSED: step}: each runs this call's forward (and, where the call will need one, the
+    backward for the gradients it needs, with a random dY) on the Triton backend, on detached views of
+    the caller's tensors: no .grad is written, nothing the caller holds is changed."""
+    grad = torch.is_grad_enabled()
+
+    def leaf(t):
+        return None if t is None else t.detach().requires_grad_(grad and t.requires_grad)
+
+    xl, bl = leaf(x), leaf(bias)
+    al, bbl = [leaf(a) for a in weights_a], [leaf(b) for b in weights_b]
+    leaves = [t for t in (xl, bl, *al, *bbl) if t is not None and t.requires_grad]
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    dy = torch.randn(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device, generator=gen) \
+        if leaves else None
+    seed = 0x5EED if plan.dropout else 0
+
+    def backward(y):
+        if leaves:
+            torch.autograd.grad(y, leaves, dy)
+
+    def fused():
+        backward(LORA_LINEAR_FUSED(xl, weight, bl, al, bbl, scalings, ps, seed, hint=(plan, True))[0])
+
+    def unfused():
+        backward(L.lora_linear(xl, base_linear(xl, weight, bl), al, bbl, scalings, ps, True))
+
+    return {FUSED: fused, UNFUSED: unfused}
+
+
+def base_linear(x, weight, bias):
+    """``F.linear`` in x's dtype even under autocast: the unfused path returns what the fused op returns."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,6 +233,48 @@ def test_gpu_timing_rows_are_ratios_to_the_base(monkeypatch):
     assert len(lines) == 3 + 4  # title, header, rule, one row per comparison and library
 
 
+def test_gpu_timing_reports_which_dispatch_path_won(monkeypatch, tmp_path):
+    """The keys the comparisons decided (kernels/autotune.py) come back as "dispatch" rows of their comparison
+    and as a table of the winners; PEFTFAST_AUTOTUNE=0 is said instead."""
+    import torch
+
+    from peftfast.kernels import autotune
+    from peftfast.tools import bench
+    from peftfast.tools.bench import cuda_time
+
+    times = {"fused": 1.25, "unfused": 1.0}
+    tuner = autotune.Tuner(timer=lambda fn, warmup, repeats: times[fn.__name__], directory=tmp_path, version="t")
+    key = ("lora_linear_fused", 2048, 4096, 4096, 16, 1, "bf16", "fp32", "fwd+bwd+dropout")
+
+    def fused():
+        return None
+
+    def unfused():
+        return None
+
+    def build():
+        tuner.choose("Some GPU", key, {"fused": fused, "unfused": unfused}, "fused")
+        return {"base": bench.Side(lambda: None, lambda: None), "peftfast": bench.Side(lambda: None, lambda: None)}
+
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    monkeypatch.setattr(cuda_time, "do_bench_ms", lambda fn, quick: (1.0, 0.9, 1.1))
+    monkeypatch.setattr(cuda_time, "cuda_comparisons", lambda quick: [bench.Comparison("lora", "LoRA linear", build),
+                                                                      bench.Comparison("again", "same key", build)])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = bench.cuda_time_rows(quick=True)
+    picked = [r for r in rows if r["section"] == "dispatch"]
+    assert picked == [{"section": "dispatch", "key": "lora", "label": "LoRA linear", "device": "Some GPU",
+                       "op": "lora_linear_fused", "shape": "T<=2048 4096->4096 r=16 bf16/fp32 fwd+bwd+dropout",
+                       "choice": "unfused", "source": "measured", "ms": {"fused": 1.25, "unfused": 1.0}}]
+    lines = bench.cuda_time_lines(rows, "Some GPU")
+    assert any(line.startswith("== Dispatch: the path that won per key") for line in lines)
+    row = next(line for line in lines if line.startswith("LoRA linear  T<=2048"))
+    assert row.split()[-4:] == ["unfused", "1.250", "1.000", "measured"]
+    monkeypatch.setenv("PEFTFAST_AUTOTUNE", "0")
+    assert bench.cuda_time_lines(rows, "Some GPU")[-1] == \
+        "dispatch: PEFTFAST_AUTOTUNE=0: the fused paths ran, nothing was measured"
+
+
 def test_rows_are_written_when_the_plot_cannot_be(monkeypatch, tmp_path):
     """Without matplotlib (or with one that fails to import its parts) the JSON is still written,
     records no plot, and the last line says the plot was skipped."""

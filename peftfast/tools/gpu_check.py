@@ -17,12 +17,18 @@ a hang instead of hanging the run):
   a capture that succeeds silently, or fails with another error, fails the section.
 - ``bench``: the bench's modelled ratios (``peftfast bench``'s cost model) next to the ratios
   measured on this GPU with CUDA events (``tools.bench.cuda_time``).
+- ``dispatch``: the measured choice between the fused LoRA GEMM and cuBLAS + the adapter kernels
+  (kernels/autotune.py) at a few training and decode keys, with a fresh cache folder: every key is
+  timed once (both candidates finite, the faster kept), the chosen path and the other one both
+  match float64, the decisions are written and read back by a fresh tuner, and with
+  ``PEFTFAST_AUTOTUNE=0`` nothing is timed.
 
 Writes ``gpu-check.json`` (environment, every check with its numbers, section status and time)
 and ``gpu-check.txt`` (a readable summary) into ``--out``. Exit status 0 when no section failed
 or hung. ``--dry`` runs the same sections on CPU tensors in Triton's interpreter at tiny shapes
 (fp32 and fp16 only: the interpreter has no bf16 arithmetic; ``graphs`` and the measured half of
-``bench`` are skipped): it proves the script itself works, and CI runs it.
+``bench`` are skipped; ``dispatch`` checks that nothing is timed there and runs the selection with
+set timings): it proves the script itself works, and CI runs it.
 """
 from __future__ import annotations
 
@@ -37,9 +43,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-SECTIONS = ("kernels", "stress", "graphs", "bench")
+SECTIONS = ("kernels", "stress", "graphs", "bench", "dispatch")
 # seconds per section before the watchdog calls it a hang (GPU run / dry run); at most 8 min on a GPU
-TIMEOUTS = {"kernels": (210, 600), "stress": (120, 300), "graphs": (60, 60), "bench": (90, 300)}
+TIMEOUTS = {"kernels": (210, 600), "stress": (120, 300), "graphs": (60, 60), "bench": (90, 300),
+            "dispatch": (120, 240)}
 K_FACTOR = 4.0  # Triton error <= K_FACTOR x plain PyTorch's error (same dtypes) + 1 ulp
 
 
@@ -90,7 +97,7 @@ def summary_text(data: dict) -> str:
         lines.append(f"[{sec['status'].upper():>7}] {name:<8} {sec.get('seconds', 0):6.1f} s"
                      + (f"  {sec['error']}" if sec.get("error") else ""))
         for check in sec.get("checks", []):
-            if not check.get("ok", True) or name in ("bench", "graphs"):
+            if not check.get("ok", True) or name in ("bench", "graphs") or check.get("show"):
                 lines.append(f"          {'ok  ' if check.get('ok', True) else 'FAIL'} {check['name']}: "
                              f"{check.get('detail', '')}")
         n = len(sec.get("checks", []))
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _child(name: str, dry: bool) -> int:
     fn = {"kernels": section_kernels, "stress": section_stress, "graphs": section_graphs,
-          "bench": section_bench}[name]
+          "bench": section_bench, "dispatch": section_dispatch}[name]
     try:
         result = fn(dry)
     except Exception as err:  # noqa: BLE001 - reported as the section's failure
@@ -425,6 +432,11 @@ def section_bench(dry: bool) -> dict:
 
     measured = cuda_time_rows(quick=True)
     for r in measured:
+        if r["section"] == "dispatch":  # which path the measured dispatch kept for a key the bench ran
+            ms = ", ".join(f"{n} {'failed' if v is None else f'{v:.3f} ms'}" for n, v in r["ms"].items())
+            checks.append({"name": f"dispatch {r['label']}: {r['shape']}", "ok": True,
+                           "detail": f"{r['choice']} won ({ms}; {r['source']})"})
+            continue
         name = f"measured {r['label']} {r.get('path', '')}".strip()
         if not r["available"]:
             checks.append({"name": name, "ok": False, "detail": f"not measured: {r['reason']}"})
@@ -434,6 +446,174 @@ def section_bench(dry: bool) -> dict:
     if not all(c["ok"] for c in checks):
         return {"status": "fail", "checks": checks, "modelled": model, "measured": measured}
     return {"status": "pass", "checks": checks, "modelled": model, "measured": measured}
+
+
+# (tokens, d_in, d_out, rank, x dtype, adapter dtype, dropout, backward): training keys and a decode key
+DISPATCH_CASES = ((2048, 4096, 4096, 16, "bfloat16", "float32", 0.1, True),
+                  (1024, 4096, 11008, 16, "bfloat16", "bfloat16", 0.0, True),
+                  (1000, 1536, 1000, 24, "float16", "float16", 0.0, True),
+                  (8, 4096, 4096, 16, "bfloat16", "bfloat16", 0.0, False))
+DRY_DISPATCH_CASES = ((37, 72, 40, 5, "float32", "float32", 0.1, True), (3, 64, 48, 4, "float16", "float32", 0.0,
+                                                                          False))
+
+
+def section_dispatch(dry: bool) -> dict:
+    import torch
+
+    from peftfast.kernels import autotune
+
+    with tempfile.TemporaryDirectory() as folder:
+        if dry:  # nothing may be timed in the interpreter: a timer that fails if called
+            checks = dispatch_checks(torch.device("cpu"), DRY_DISPATCH_CASES, Path(folder), expect_measured=False)
+            checks.append(_selection_with_set_timings(autotune, Path(folder) / "set"))
+        else:
+            checks = dispatch_checks(torch.device("cuda"), DISPATCH_CASES, Path(folder), expect_measured=True)
+    return {"status": "pass" if all(c["ok"] for c in checks) else "fail", "checks": checks}
+
+
+def _selection_with_set_timings(autotune, folder: Path) -> dict:
+    """The selection itself with set timings: the faster kept, written, read back by a fresh tuner."""
+    key = ("gpu-check", 1)
+    fast = {"fused": lambda: None, "unfused": lambda: None}
+    times = {fast["fused"]: 2.0, fast["unfused"]: 1.0}
+    first = autotune.Tuner(timer=lambda fn, w, r: times[fn], directory=folder).choose("set", key, fast, "fused")
+    again = autotune.Tuner(timer=lambda fn, w, r: 1 / 0, directory=folder).choose("set", key, fast, "fused")
+    ok = (first.choice, first.source, again.choice, again.source) == ("unfused", "measured", "unfused", "cache file")
+    return {"name": "selection with set timings (fused 2 ms, unfused 1 ms)", "ok": ok, "show": True,
+            "detail": f"chose {first.choice} ({first.source}), read back {again.choice} ({again.source})"}
+
+
+def dispatch_checks(device, cases, folder: Path, expect_measured: bool) -> list[dict]:
+    """For each case (a ``lora_linear_fused`` call), with a fresh tuner writing to ``folder``: the key was
+    timed (``expect_measured``; else: nothing timed, no decision), the chosen path and the fused and
+    unfused paths each match float64, and afterwards a fresh tuner reads every decision back from the
+    file and ``PEFTFAST_AUTOTUNE=0`` times nothing."""
+    import torch
+    import torch.nn.functional as F
+
+    from peftfast.kernels import autotune, lora_linear_fused
+    from peftfast.kernels import lora as L
+    from peftfast.kernels import lora_fused as LF
+
+    def no_timing(fn, warmup, repeats):
+        raise AssertionError("a candidate was timed where nothing may be")
+
+    old = autotune.TUNER
+    autotune.TUNER = tuner = autotune.Tuner(directory=folder) if expect_measured else \
+        autotune.Tuner(timer=no_timing, directory=folder)
+    gen = torch.Generator().manual_seed(3)
+    checks: list[dict] = []
+    try:
+        with _backend("triton"), _env("PEFTFAST_AUTOTUNE", "1"):  # measured even where the caller switched it off
+            for t, d_in, d_out, rank, act, ad, p, backward in cases:
+                act, ad = getattr(torch, act), getattr(torch, ad)
+                x, a, b, dy = _lora_inputs(t, d_in, d_out, rank, act, ad, device, gen)
+                w = (torch.randn(d_out, d_in, generator=gen) * d_in ** -0.5).to(device=device, dtype=act)
+                bias = torch.randn(d_out, generator=gen).to(device=device, dtype=act).requires_grad_(backward)
+                x.requires_grad_(backward)
+                key = LF.dispatch_key(x, w, [a], backward, backward, p > 0)
+                tag = LF.describe_key(key)
+                before = len(tuner.decisions())
+                ps = [p]
+
+                def chosen(x_, bias_, a_, b_, w_):
+                    return lora_linear_fused(x_, w_, bias_, [a_], [b_], [2.0], ps, True)
+
+                def fused(x_, bias_, a_, b_, w_):
+                    with _env("PEFTFAST_AUTOTUNE", "0"):
+                        return lora_linear_fused(x_, w_, bias_, [a_], [b_], [2.0], ps, True)
+
+                def unfused(x_, bias_, a_, b_, w_):
+                    return L.lora_linear(x_, F.linear(x_, w_, bias_), [a_], [b_], [2.0], ps, True)
+
+                names = ["out", "dX", "db", "dA", "dB"] if backward else ["out"]
+                inputs = [x, bias, a.requires_grad_(backward), b.requires_grad_(backward), w]
+                checks += _check_dispatch_ops(tag, {"chosen": chosen, "fused": fused, "unfused": unfused}, inputs,
+                                              dy, names, p, backward)
+                made = tuner.decisions()[before:]
+                if expect_measured:
+                    d = made[0][2] if made else None
+                    ok = (d is not None and d.source == "measured" and set(d.ms) == {"fused", "unfused"}
+                          and all(v == v and v < float("inf") for v in d.ms.values())
+                          and d.choice == tuner.pick(d.ms, "fused"))
+                    detail = (f"{d.choice} won: " + ", ".join(f"{n} {v:.3f} ms" for n, v in d.ms.items())
+                              if d is not None else "no decision was made")
+                else:
+                    ok, detail = not made, "nothing timed (fixed choice: fused)" if not made else f"decided {made}"
+                checks.append({"name": f"dispatch {tag}", "ok": ok, "detail": detail, "show": True})
+        if expect_measured:
+            fresh = autotune.Tuner(timer=no_timing, directory=folder)
+            back = [fresh.lookup(dev, key) for dev, key, _ in tuner.decisions()]
+            ok = bool(back) and all(d is not None and d.source == "cache file" for d in back) and \
+                [d.choice for d in back] == [d.choice for _, _, d in tuner.decisions()]
+            checks.append({"name": "decisions written and read back by a fresh tuner", "ok": ok, "show": True,
+                           "detail": f"{len(back)} key(s) in {tuner.path(autotune.device_name(device)).name}"})
+            autotune.TUNER = off = autotune.Tuner(timer=no_timing, directory=folder / "off")
+            x, a, b, _ = _lora_inputs(64, 256, 128, 8, torch.float16, torch.float16, device, gen)
+            w = torch.randn(128, 256, generator=gen).to(device=device, dtype=torch.float16)
+            with _backend("triton"), _env("PEFTFAST_AUTOTUNE", "0"):
+                lora_linear_fused(x, w, None, [a], [b], [1.0], [0.0], True).sum().backward()
+            checks.append({"name": "PEFTFAST_AUTOTUNE=0: nothing timed", "ok": not off.decisions(), "show": True,
+                           "detail": f"{len(off.decisions())} decision(s)"})
+    finally:
+        autotune.TUNER = old
+    return checks
+
+
+def _check_dispatch_ops(tag, ops: dict, inputs, dy, names, p, backward) -> list[dict]:
+    """Each of ``ops`` (the same math: x @ w^T + bias + 2 (drop(x) @ a^T) @ b^T) on the Triton backend against
+    float64, with the tolerance from plain PyTorch (the reference backend, same dtypes). The seed is fixed before
+    each run and the float64 reference applies the mask of the seed the op draws."""
+    import torch
+
+    from peftfast.kernels import dropout as D
+
+    seed = 1234
+    torch.manual_seed(seed)
+    drawn = int(D.draw_seed())
+    x = inputs[0]
+    mask = D.keep_mask_torch(drawn, 0, x.shape[0], x.shape[1], p) if p > 0 else None
+
+    def seeded(op):
+        def run(*args):
+            torch.manual_seed(seed)
+            return op(*args)
+        return run
+
+    def reference(x_, bias_, a_, b_, w_):  # float64: the base, then the adapter on the masked x
+        xa = x_ if mask is None else x_ * mask.to(x_) / (1 - p)
+        return x_ @ w_.T + bias_ + 2.0 * (xa @ a_.T) @ b_.T
+
+    frozen = [*inputs[:4], inputs[4].detach()]
+    wide = [t.detach().double().cpu().requires_grad_(t.requires_grad and backward) for t in inputs]
+    with torch.set_grad_enabled(backward):
+        run = _run_op if backward else (lambda op, args, _dy: [op(*args).detach()])
+        with _backend("torch"):
+            plain = run(seeded(ops["chosen"]), frozen, dy)
+            ref = run(reference, wide, dy.double().cpu())
+        out = []
+        for label, op in ops.items():
+            with _backend("triton"):
+                got = run(seeded(op), frozen, dy)
+            out += [compare_to_float64(f"{tag} {label} {n}", g, q, r) for n, g, q, r in zip(names, got, plain, ref)]
+    return out
+
+
+def _env(name: str, value: str):
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+    return ctx()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 about it without a GPU. The sections' checks run here in Triton's interpreter (the kernel
 tests' TRITON_INTERPRET=1), the parent's child processes and watchdog on real subprocesses."""
 import json
+import os
 import sys
 
 import pytest
@@ -66,3 +67,65 @@ def test_dry_run_writes_json_and_summary(tmp_path):
 def test_unknown_section_is_refused(tmp_path):
     with pytest.raises(SystemExit):
         gc.main(["--dry", "--out", str(tmp_path), "--sections", "kernels,nope"])
+
+
+def test_dispatch_section_dry(interpreted):
+    """Dry: nothing is timed in the interpreter (a timer that fails if called), every path matches float64,
+    and the selection runs with set timings."""
+    result = gc.section_dispatch(dry=True)
+    assert result["status"] == "pass", [c for c in result["checks"] if not c["ok"]]
+    names = [c["name"] for c in result["checks"]]
+    assert sum(n.startswith("dispatch T<=") for n in names) == len(gc.DRY_DISPATCH_CASES)
+    for label in ("chosen", "fused", "unfused"):
+        assert any(f" {label} dX" in n for n in names) and any(f" {label} out" in n for n in names)
+    assert "selection with set timings (fused 2 ms, unfused 1 ms)" in names
+
+
+def test_dispatch_checks_of_the_cuda_run_on_cpu(interpreted, monkeypatch, tmp_path):
+    """The CUDA half of the section, driven on the interpreter's CPU tensors: measurement allowed there and
+    CUDA events replaced by set times (unfused faster), each candidate run once."""
+    from peftfast.kernels import autotune
+
+    def timer(fn, warmup, repeats):
+        fn()
+        return {"fused": 2.0, "unfused": 1.0}[fn.__name__]
+
+    monkeypatch.setattr(autotune, "tunable", lambda device: autotune.autotune_enabled())
+    monkeypatch.setattr(autotune, "may_measure", lambda device: True)
+    monkeypatch.setattr(autotune, "cuda_event_timer", timer)
+    monkeypatch.setenv("PEFTFAST_AUTOTUNE", "0")  # the section measures even so (and restores the setting)
+    checks = gc.dispatch_checks(torch.device("cpu"), gc.DRY_DISPATCH_CASES, tmp_path, expect_measured=True)
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    details = {c["name"]: c["detail"] for c in checks}
+    assert sum(d.startswith("unfused won: fused 2.000 ms, unfused 1.000 ms") for d in details.values()) == 2
+    assert details["decisions written and read back by a fresh tuner"].startswith("2 key(s) in dispatch-cpu-")
+    assert details["PEFTFAST_AUTOTUNE=0: nothing timed"] == "0 decision(s)"
+    assert os.environ["PEFTFAST_AUTOTUNE"] == "0"
+    # and it fails when a candidate could not be timed
+
+    def failing(fn, warmup, repeats):
+        if fn.__name__ == "unfused":
+            raise RuntimeError("launch failed")
+        return 1.0
+
+    monkeypatch.setattr(autotune, "cuda_event_timer", failing)
+    checks = gc.dispatch_checks(torch.device("cpu"), gc.DRY_DISPATCH_CASES[:1], tmp_path / "b", expect_measured=True)
+    assert not next(c for c in checks if c["name"].startswith("dispatch T<="))["ok"]
+
+
+def test_bench_section_lists_the_dispatch_winners(monkeypatch):
+    """The measured half of the bench section (CUDA) on stand-in rows: a dispatch row becomes a check that
+    names the winner and every candidate's time."""
+    from peftfast.tools.bench import cuda_time
+
+    rows = [{"section": "cuda_time", "key": "lora", "label": "LoRA linear", "path": "peftfast", "available": True,
+             "fwd_ratio": 1.01, "bwd_ratio": 1.1},
+            {"section": "dispatch", "key": "lora", "label": "LoRA linear", "device": "G", "op": "lora_linear_fused",
+             "shape": "T<=2048 4096->4096 r=16 bf16/fp32 fwd+bwd", "choice": "unfused", "source": "measured",
+             "ms": {"fused": None, "unfused": 1.0}}]
+    monkeypatch.setattr(cuda_time, "cuda_time_rows", lambda quick: rows)
+    result = gc.section_bench(dry=False)
+    assert result["status"] == "pass"
+    check = next(c for c in result["checks"] if c["name"].startswith("dispatch "))
+    assert check["name"] == "dispatch LoRA linear: T<=2048 4096->4096 r=16 bf16/fp32 fwd+bwd"
+    assert check["detail"] == "unfused won (fused failed, unfused 1.000 ms; measured)"
