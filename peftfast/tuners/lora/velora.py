@@ -108,8 +108,9 @@ def reconstructed_weight_grad(g2: torch.Tensor, compressed: torch.Tensor, embed:
 class VeloraProjection(torch.autograd.Function):
     """``x @ A^T`` whose backward has the exact ``dx`` and VeLoRA's ``dA`` (from the compressed input).
 
-    Saves ``c`` [N, G] (x's dtype), ``embed`` and, when x needs a gradient, ``A``; never ``x``. Backward computes in the incoming gradient's
-    dtype and returns each gradient in its input's dtype.
+    Saves ``c`` [N, G] (x's dtype), ``embed`` and, when x needs a gradient, ``A``; never ``x``. Backward computes
+    ``dx`` in the incoming gradient's dtype (as PEFT), ``dA`` in at least float32, and returns each gradient in its
+    input's dtype.
     """
 
     @staticmethod
@@ -133,6 +134,8 @@ class VeloraProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (g2 @ weight.to(dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_w = reconstructed_weight_grad(g2, compressed.to(dtype), embed.to(dtype), ctx.w_in,
+            # at least float32: g2^T c is only [r, G] (half-precision gradients under autocast are summed in fp32)
+            acc = torch.promote_types(dtype, torch.float32)
+            grad_w = reconstructed_weight_grad(g2.to(acc), compressed.to(acc), embed.to(acc), ctx.w_in,
                                                ctx.scale).to(ctx.w_dtype)
         return grad_x, grad_w, None, None, None
