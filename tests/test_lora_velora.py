@@ -436,3 +436,37 @@ def test_mixed_batch_training_each_sample_its_adapter():
                 _tight(k, embeds[k], v)
     with pytest.raises(ValueError, match="per token is not supported"):
         fm(x, adapter_names=[["a", "b", "a"]] * 5)
+
+
+def test_velora_next_to_a_dora_adapter():
+    """A VeLoRA adapter active together with a DoRA adapter on the same layers: PEFT's outputs, gradients and
+    projection vectors (the VeLoRA adapter keeps its approximate gradient on the DoRA path)."""
+    torch.manual_seed(23)
+    base = Net().double()
+    pv, fv = _configs({"num_groups": 3, "init_type": "batch_average"}, init_lora_weights=False)
+    pd, fd = (lib.LoraConfig(target_modules=TARGETS, r=2, lora_alpha=4, use_dora=True, init_lora_weights=False)
+              for lib in (peft, peftfast))
+    pm = peft.get_peft_model(copy.deepcopy(base), pd, adapter_name="d")
+    pm.add_adapter("v", pv)
+    fm = peftfast.get_peft_model(copy.deepcopy(base), fd, adapter_name="d")
+    fm.add_adapter("v", fv)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name and "magnitude" not in name:
+                p.copy_(torch.randn_like(p) * 0.4)
+    fm.load_state_dict(pm.state_dict())
+    for model in (pm, fm):
+        model.base_model.set_adapter(["d", "v"])
+        model.train()
+    for step in range(2):
+        x = torch.randn(3, 4, 13, dtype=torch.float64)
+        g = torch.randn(3, 4, 5, dtype=torch.float64)
+        got, want = _step(fm, x, g, step), _step(pm, x, g, step)
+        _tight("output", got[0], want[0])
+        _tight("input grad", got[1], want[1])
+        assert got[2].keys() == want[2].keys() and any(".v." in n for n in want[2])
+        for name in want[2]:
+            _tight(name, got[2][name], want[2][name])
+        assert want[3]
+        for name in want[3]:
+            _tight(name, got[3][name], want[3][name])

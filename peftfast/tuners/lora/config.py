@@ -161,6 +161,10 @@ class LoraConfig(PeftConfig):
         elif self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
             raise ConfigError(f"use_bdlora must be a BdLoraConfig, a dict or None, got {type(self.use_bdlora).__name__}")
         if isinstance(self.velora_config, dict):  # as read back from adapter_config.json
+            unknown = sorted(set(self.velora_config) - set(VeloraConfig.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(f"velora_config has unknown fields {unknown}; VeloraConfig takes num_groups, scale "
+                                  "and init_type")
             self.velora_config = VeloraConfig(**self.velora_config)
         elif self.velora_config is not None and not isinstance(self.velora_config, VeloraConfig):
             raise ConfigError(f"velora_config must be a VeloraConfig, a dict or None, got "

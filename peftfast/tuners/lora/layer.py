@@ -744,9 +744,10 @@ class Linear(nn.Module, LoraLayer):
         result = self.base_forward(x, *args, **kwargs)
         dtype = result.dtype
         bias = self.base_bias()
+        velora = set(self.velora_training(names))  # VeLoRA adapters active next to a DoRA one
         for name in names:
             if not self.use_dora[name]:
-                result = self._lora(x, result, [name])
+                result = self._velora_step(x, result, name) if name in velora else self._lora(x, result, [name])
                 continue
             mns = self.dora_scale(name)
             a, b = self.lora_A[name], self.lora_B[name]

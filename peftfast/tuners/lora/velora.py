@@ -21,10 +21,13 @@ VeLoRA adapters (below): the fused Triton kernels keep ``x`` for ``dA``, which i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+
+from ...utils.errors import ConfigError
 
 INIT_TYPES = ("batch_average_once", "batch_average", "random")
 
@@ -41,17 +44,16 @@ class VeloraConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int):
-            raise ValueError(f"`num_groups` should be a positive integer, got {self.num_groups!r}.")
+            raise ConfigError(f"`num_groups` should be a positive integer, got {self.num_groups!r}.")
         if self.num_groups <= 0:
-            raise ValueError(f"`num_groups` should be positive, got {self.num_groups}.")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
-                or not torch.isfinite(torch.tensor(float(self.scale))):
-            raise ValueError(f"`scale` should be a positive finite number, got {self.scale!r}.")
+            raise ConfigError(f"`num_groups` should be positive, got {self.num_groups}.")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ConfigError(f"`scale` should be a positive finite number, got {self.scale!r}.")
         if self.scale <= 0:
-            raise ValueError(f"`scale` should be positive, got {self.scale}.")
+            raise ConfigError(f"`scale` should be positive, got {self.scale}.")
         if self.init_type not in INIT_TYPES:
-            raise ValueError(f"Unsupported `init_type` {self.init_type!r}. Supported values are "
-                             "'batch_average_once', 'batch_average', and 'random'.")
+            raise ConfigError(f"Unsupported `init_type` {self.init_type!r}. Supported values are "
+                              "'batch_average_once', 'batch_average', and 'random'.")
 
 
 def group_dim(in_features: int, num_groups: int) -> int:
