@@ -787,6 +787,11 @@ class BaseTuner(nn.Module):
                           else [container[adapter_name]]):
                     if p.dtype in (torch.float16, torch.bfloat16):
                         p.data = p.data.to(torch.float32)
+            for layer_name in module.other_param_names:  # buffers kept per adapter (VeLoRA's projection)
+                container = getattr(module, layer_name, None)
+                if type(container).__name__ == "BufferDict" and adapter_name in container \
+                        and container[adapter_name].dtype in (torch.float16, torch.bfloat16):
+                    container[adapter_name] = container[adapter_name].to(torch.float32)
 
     # -- adapters ----------------------------------------------------------------------------------------
     def _tuner_layers(self) -> list[BaseTunerLayer]:

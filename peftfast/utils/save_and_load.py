@@ -105,6 +105,11 @@ def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], lis
             container = getattr(module, attr, None)
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
                 prefixes.append(_join(name, f"{attr}.{adapter_name}"))
+        for attr in module.other_param_names:  # persistent per-adapter buffers (VeLoRA's projection vector)
+            container = getattr(module, attr, None)
+            if type(container).__name__ == "BufferDict" and getattr(container, "persistent", False) \
+                    and adapter_name in container:
+                prefixes.append(_join(name, f"{attr}.{adapter_name}"))
     return prefixes, layers
 
 

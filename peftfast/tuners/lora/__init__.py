@@ -4,10 +4,11 @@ from .bdlora import BlockDiagonalLinear
 from .config import BdLoraConfig, LoraConfig, LoraRuntimeConfig
 from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer
 from .model import LoraModel
+from .velora import VeloraConfig
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_",
                      is_mixed_compatible=True)
 register_load_checked_fields("lora", ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
                                       "alpha_pattern", "bias", "modules_to_save"))
 
-__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]
+__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "VeloraConfig"]

@@ -41,6 +41,7 @@ class QuantLoraLinear(QuantizedAdditiveLayer, Linear):
     """LoRA over a quantised base; subclasses mix in the base (4-bit or 8-bit) first."""
 
     supports_bd_lora = False  # PEFT has no BD-LoRA variant for quantised layers either
+    supports_velora = False  # nor VeLoRA
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False,

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from ...config import ConfigError, PeftConfig
 from ...utils.peft_types import PeftType
+from .velora import VeloraConfig
 
 # field -> (default as PEFT writes it, what it would enable)
 UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
@@ -22,7 +23,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "eva_config": (None, "EVA initialisation"),
     "corda_config": (None, "CorDA initialisation"),
     "lora_ga_config": (None, "LoRA-GA initialisation"),
-    "velora_config": (None, "VeLoRA"),
     "alora_invocation_tokens": (None, "activated LoRA (aLoRA)"),
     "use_qalora": (False, "QA-LoRA"),
     "monteclora_config": (None, "MonteCLoRA"),
@@ -107,6 +107,7 @@ class LoraConfig(PeftConfig):
     (True for GPT-2's Conv1D), ``bias`` ('none', 'all', 'lora_only'), ``use_rslora`` (scale by
     alpha/sqrt(r)), ``modules_to_save``, ``init_lora_weights`` (True, False, 'gaussian', 'pissa',
     'pissa_niter_<N>', 'olora', 'orthogonal', 'mica'), ``lora_bias`` (a trainable bias on lora_B),
+    ``velora_config`` (a ``VeloraConfig``: VeLoRA's compressed activations for lora_A, see ``velora.py``),
     ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``.
     """
 
@@ -132,7 +133,7 @@ class LoraConfig(PeftConfig):
     corda_config: Optional[Any] = field(default=None)
     lora_ga_config: Optional[Any] = field(default=None)
     use_dora: bool = field(default=False)
-    velora_config: Optional[Any] = field(default=None)
+    velora_config: Optional[VeloraConfig] = field(default=None)
     alora_invocation_tokens: Optional[list[int]] = field(default=None)
     use_qalora: bool = field(default=False)
     qalora_group_size: int = field(default=16)
@@ -160,6 +161,15 @@ class LoraConfig(PeftConfig):
             self.use_bdlora = BdLoraConfig(**self.use_bdlora)
         elif self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
             raise ConfigError(f"use_bdlora must be a BdLoraConfig, a dict or None, got {type(self.use_bdlora).__name__}")
+        if isinstance(self.velora_config, dict):  # as read back from adapter_config.json
+            unknown = sorted(set(self.velora_config) - set(VeloraConfig.__dataclass_fields__))
+            if unknown:
+                raise ConfigError(f"velora_config has unknown fields {unknown}; VeloraConfig takes num_groups, scale "
+                                  "and init_type")
+            self.velora_config = VeloraConfig(**self.velora_config)
+        elif self.velora_config is not None and not isinstance(self.velora_config, VeloraConfig):
+            raise ConfigError(f"velora_config must be a VeloraConfig, a dict or None, got "
+                              f"{type(self.velora_config).__name__}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set, frozenset)):
@@ -202,6 +212,12 @@ class LoraConfig(PeftConfig):
         if self.use_bdlora is not None and self.use_dora:
             raise ConfigError("use_bdlora cannot be combined with use_dora (PEFT: invalid or unsupported variant "
                               "combination ('use_bdlora', 'use_dora')); use one of them")
+        if self.velora_config is not None:
+            other = [name for name, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
+                                           ("init_lora_weights='mica'", init == "mica")) if on]
+            if other:
+                raise ConfigError(f"velora_config cannot be combined with {other[0]} (PEFT: invalid or unsupported "
+                                  "variant combination); use one of them")
         if self.lora_bias:
             if init not in (True, False):
                 raise ConfigError(f"The argument lora_bias=True is only supported with init_lora_weights=True or "

@@ -37,6 +37,12 @@ from ..tuners_utils import per_sample_adapter_names
 from .grouped import AdapterStore, grouped_delta
 from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
+from ..buffer_dict import BufferDict
+from .velora import VeloraConfig, VeloraProjection, batch_average_projection, group_dim, unit_projection
+
+# PEFT's per-adapter VeLoRA state on a layer, created with its first VeLoRA adapter (``_velora_init``)
+VELORA_NAMES = ("lora_velora_embed", "lora_velora_initialized", "lora_velora_num_groups", "lora_velora_init_type",
+                "lora_velora_scale")
 
 
 # (parameter, tensor it held) for each base weight an initialisation replaced (PiSSA, OLoRA), while a
@@ -69,6 +75,7 @@ def base_weight_changes() -> Iterator[None]:
 
 class LoraLayer(AdditiveAdapterLayer):
     supports_bd_lora = False  # whether a factor may be block-diagonal (BD-LoRA): Linear
+    supports_velora = False  # whether an adapter may be VeLoRA (velora_config): Linear
     # PEFT's names: every per-adapter container is listed here, so delete_adapter leaves no trace of an adapter.
     # lora_magnitude_vector holds the magnitude of each DoRA adapter (``.dora``).
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -103,11 +110,19 @@ class LoraLayer(AdditiveAdapterLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None,
+                     velora: Optional[VeloraConfig] = None, **kwargs: Any) -> None:
         """Add (or re-create) adapter ``adapter_name``. ``bd_lora``: ('A' or 'B', nblocks) for BD-LoRA, the factor
-        made block-diagonal (``bdlora.py``); linear layers only."""
+        made block-diagonal (``bdlora.py``); ``velora``: a ``VeloraConfig`` for VeLoRA (``velora.py``); linear
+        layers only."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if velora is not None and not self.supports_velora:
+            kind = type(self.get_base_layer()).__name__
+            what = "conv layers" if isinstance(self, ConvNd) else f"a {kind} ({type(self).__name__})"
+            raise ValueError(f"VeLoRA does not support adapting {what}: velora_config supports LoRA on nn.Linear "
+                             f"and Conv1D layers only; leave this {kind} out of target_modules or set "
+                             "velora_config=None")
         if bd_lora is not None and not self.supports_bd_lora:
             raise ValueError(f"BD-LoRA (use_bdlora) supports LoRA on nn.Linear and Conv1D layers only, not on a "
                              f"{type(self.get_base_layer()).__name__} ({type(self).__name__}); leave this layer out of "
@@ -129,7 +144,80 @@ class LoraLayer(AdditiveAdapterLayer):
             self.dora_init(adapter_name)
         elif adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
+        if velora is not None:
+            self._velora_init(adapter_name, velora)
+        else:
+            self._velora_forget(adapter_name)
         self.set_adapter(self.active_adapters)
+
+    # -- VeLoRA (velora.py) -------------------------------------------------------------------------------
+    # Per adapter: lora_velora_embed (a persistent buffer, saved with the adapter), and plain dicts for whether it
+    # was set from a batch yet, num_groups, init_type and scale: PEFT's names, made with the first VeLoRA adapter.
+
+    def _velora_init(self, adapter_name: str, config: VeloraConfig) -> None:
+        if "lora_velora_scale" not in self.__dict__:
+            self.lora_velora_embed = BufferDict({}, persistent=True)
+            for name in VELORA_NAMES[1:]:
+                setattr(self, name, {})
+            self.other_param_names = tuple(self.other_param_names) + VELORA_NAMES
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        d = group_dim(self.in_features, config.num_groups)
+        random = config.init_type == "random"
+        if random:  # drawn after the factors, on the base weight's device and in its dtype (PEFT's order)
+            embed = unit_projection(torch.randn(d, device=weight.device, dtype=dtype)).to(dtype)
+        else:
+            embed = torch.zeros(d, device=weight.device, dtype=dtype)
+        self.lora_velora_embed[adapter_name] = embed
+        self.lora_velora_initialized[adapter_name] = random
+        self.lora_velora_num_groups[adapter_name] = config.num_groups
+        self.lora_velora_init_type[adapter_name] = config.init_type
+        self.lora_velora_scale[adapter_name] = float(config.scale)
+
+    def _velora_forget(self, adapter_name: str) -> None:
+        """Drop ``adapter_name``'s VeLoRA state (it is re-created as a plain LoRA adapter)."""
+        if "lora_velora_scale" in self.__dict__:
+            for name in VELORA_NAMES:
+                holder = getattr(self, name)
+                if adapter_name in holder:
+                    del holder[adapter_name]
+
+    def velora_adapters(self) -> dict[str, float]:
+        """VeLoRA adapter -> its scale (empty when the layer has none)."""
+        return self.__dict__.get("lora_velora_scale") or {}
+
+    def _velora_update_embed(self, adapter_name: str, x: torch.Tensor) -> None:
+        """Set the projection vector from the batch ``x`` (dropped-out input) as ``init_type`` says."""
+        init_type = self.lora_velora_init_type[adapter_name]
+        if init_type == "random" or (init_type == "batch_average_once" and self.lora_velora_initialized[adapter_name]):
+            return
+        with torch.no_grad():
+            embed = batch_average_projection(x, self.lora_velora_num_groups[adapter_name])
+            old = self.lora_velora_embed[adapter_name]
+            # a new tensor, not an in-place write: a graph recorded earlier keeps the vector it used
+            self.lora_velora_embed[adapter_name] = embed.to(device=old.device, dtype=old.dtype)
+        self.lora_velora_initialized[adapter_name] = True
+
+    def _velora_step(self, x: torch.Tensor, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result + scaling * lora_B(VeLoRA-projection(dropout(x)))`` for one adapter in training: PEFT's math,
+        with lora_A's input kept as [N, num_groups] for backward (``VeloraProjection``)."""
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if self.cast_input_dtype_enabled:
+            x = x.to(a.weight.dtype)
+        x = self.lora_dropout[adapter_name](x)
+        self._velora_update_embed(adapter_name, x)
+        after_a = VeloraProjection.apply(x, a.weight, self.lora_velora_embed[adapter_name],
+                                         self.lora_velora_num_groups[adapter_name],
+                                         self.lora_velora_scale[adapter_name])
+        return result + b(after_a) * self.scaling[adapter_name]
+
+    def velora_training(self, names: list[str]) -> list[str]:
+        """The VeLoRA adapters of ``names`` when this forward records a gradient in training (else none: a VeLoRA
+        adapter is then plain LoRA)."""
+        vel = self.velora_adapters()
+        if not vel or not self.training or not torch.is_grad_enabled():
+            return []
+        return [n for n in names if n in vel]
 
     # -- DoRA ---------------------------------------------------------------------------------------------
     # Every layer sees its weight as rows, one per output feature: ``dora_rows`` turns a tensor in the base
@@ -463,18 +551,20 @@ class Linear(nn.Module, LoraLayer):
     """LoRA on nn.Linear, and on transformers' Conv1D with ``fan_in_fan_out=True``."""
 
     supports_bd_lora = True
+    supports_velora = True
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
                  init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None,
+                 velora: Optional[VeloraConfig] = None, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias, bd_lora=bd_lora)
+                          lora_bias=lora_bias, bd_lora=bd_lora, velora=velora)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         delta = low_rank_delta(dense_factor(self.lora_B[adapter]), dense_factor(self.lora_A[adapter]),
@@ -630,6 +720,8 @@ class Linear(nn.Module, LoraLayer):
         names = [] if self.merged else self._active_lora()
         if names and self.uses_dora(names):
             return self._dora_forward(x, names, args, kwargs)
+        if names and self.velora_training(names):
+            return self._velora_forward(x, names, args, kwargs)
         if names and not args and not kwargs and self._fuses_with_base(x):
             return self._fused_forward(x, names)
         result = self.base_forward(x, *args, **kwargs)
@@ -654,9 +746,10 @@ class Linear(nn.Module, LoraLayer):
         result = self.base_forward(x, *args, **kwargs)
         dtype = result.dtype
         bias = self.base_bias()
+        velora = set(self.velora_training(names))  # VeLoRA adapters active next to a DoRA one
         for name in names:
             if not self.use_dora[name]:
-                result = self._lora(x, result, [name])
+                result = self._velora_step(x, result, name) if name in velora else self._lora(x, result, [name])
                 continue
             mns = self.dora_scale(name)
             a, b = self.lora_A[name], self.lora_B[name]
@@ -670,6 +763,17 @@ class Linear(nn.Module, LoraLayer):
                 unbiased = result if bias is None else result - bias.to(result.dtype)
                 inner = self._lora(x, unbiased, [name])  # y - bias + s B A x, dropout-free
                 result = result + (mns - 1) * unbiased + mns * (inner - unbiased)
+        return result.to(dtype)
+
+    def _velora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """Training with VeLoRA adapters among ``names``: the base output, then each adapter in turn, a VeLoRA one
+        through ``_velora_step`` (PyTorch ops: the fused kernels would keep x for lora_A's gradient), the others
+        through the LoRA op."""
+        velora = set(self.velora_training(names))
+        result = self.base_forward(x, *args, **kwargs)
+        dtype = result.dtype
+        for name in names:
+            result = self._velora_step(x, result, name) if name in velora else self._lora(x, result, [name])
         return result.to(dtype)
 
     def _fuses_with_base(self, x: torch.Tensor) -> bool:
@@ -688,9 +792,19 @@ class Linear(nn.Module, LoraLayer):
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
+        if self.velora_training([name]):
+            return self._velora_step(x, result, name).to(result.dtype)
         return self._lora(x, result, [name])
 
     def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+        per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
+        flat = [n for per in adapter_names for n in per] if per_token else adapter_names
+        velora = self.velora_training(list(dict.fromkeys(flat)))
+        if velora:  # trained on its own rows through _with_adapter, with VeLoRA's compressed input
+            if per_token:
+                raise ValueError(f"Training VeLoRA adapters ({', '.join(velora)}) with adapter_names per token is not "
+                                 "supported; give one adapter name per sample")
+            return None
         names = [n for n in self.lora_A._modules if not self.use_dora.get(n, False)]
         if not names:
             return result
@@ -724,12 +838,13 @@ class Embedding(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, velora: Optional[VeloraConfig] = None,
+                 **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias)
+                          lora_bias=lora_bias, velora=velora)
 
     def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """MiCA: B [dim, r] = the minor left singular vectors of W^T [dim, num_embeddings] (frozen), A = 0. Any
@@ -824,9 +939,14 @@ class ConvNd(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, velora: Optional[VeloraConfig] = None,
+                 **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
+        if velora is not None:
+            raise ValueError(f"VeLoRA does not support adapting conv layers (here a {type(base_layer).__name__}): "
+                             "velora_config supports LoRA on nn.Linear and Conv1D layers only; leave this layer out "
+                             "of target_modules or set velora_config=None")
         base = self.get_base_layer()
         kind = type(self).__name__
         if base.weight.dim() != self.dims + 2:
@@ -843,7 +963,7 @@ class ConvNd(nn.Module, LoraLayer):
                           "for it", UserWarning)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias)
+                          lora_bias=lora_bias, velora=velora)
 
     def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
         """With groups > 1, PEFT's norm adds ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the weight's shape (not

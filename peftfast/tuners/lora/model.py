@@ -88,6 +88,7 @@ class LoraModel(BaseTuner):
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
                       use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
+                      velora=config.velora_config,
                       ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
         if config.use_bdlora is not None:
             side = bd_side(config.use_bdlora, current_key)
@@ -96,7 +97,7 @@ class LoraModel(BaseTuner):
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
                                 config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
-                                bd_lora=kwargs.get("bd_lora"))
+                                bd_lora=kwargs.get("bd_lora"), velora=config.velora_config)
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:
