@@ -29,7 +29,7 @@ from torch import nn
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.errors import PeftWarning
-from ...utils.other import transpose
+from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
                         low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
@@ -449,6 +449,20 @@ class LoraLayer(AdditiveAdapterLayer):
         u, _, _ = torch.linalg.svd(weight.detach().float(), full_matrices=False)
         return u[:, -r:]
 
+    # -- rank padding (peftfast.utils.hotswap.prepare_model_for_compiled_hotswap) -------------------------------
+    # Zero rows of A and zero columns of B add nothing to B A, so padding keeps the output; every adapter of a
+    # padded layer then has the same factor shapes whatever rank is swapped in later (no recompilation).
+
+    def rank_padding_problem(self, target_rank: int) -> Optional[str]:
+        """Why the adapters here cannot be padded to ``target_rank`` (None: they can, or this layer type is not
+        padded at all)."""
+        return None
+
+    def pad_ranks(self, target_rank: int) -> bool:
+        """Zero-pad every adapter's lora_A / lora_B here to rank ``target_rank`` (call ``rank_padding_problem``
+        first); returns whether this layer type takes part in padding."""
+        return False
+
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
@@ -600,6 +614,41 @@ class Linear(nn.Module, LoraLayer):
     def _active_lora(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.lora_A]
 
+    def rank_padding_problem(self, target_rank: int) -> Optional[str]:
+        for name in self.lora_A:
+            if type(self.lora_A[name]) is not nn.Linear or type(self.lora_B[name]) is not nn.Linear:
+                return (f"adapter {name!r} has a block-diagonal factor (BD-LoRA), whose rank cannot be padded; "
+                        "prepare_model_for_compiled_hotswap supports plain LoRA factors")
+            rank = self.lora_A[name].weight.shape[0]
+            if rank > target_rank:
+                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
+                        f"({rank}). This is not possible.")
+        return None
+
+    def pad_ranks(self, target_rank: int) -> bool:
+        for name in list(self.lora_A):
+            a, b = self.lora_A[name], self.lora_B[name]
+            rank = a.weight.shape[0]
+            if rank == target_rank:
+                continue
+            wa, wb = a.weight, b.weight
+            new_a = nn.Linear(self.in_features, target_rank, bias=False, device=wa.device, dtype=wa.dtype)
+            new_b = nn.Linear(target_rank, self.out_features, bias=b.bias is not None, device=wb.device,
+                              dtype=wb.dtype)
+            with torch.no_grad():
+                new_a.weight.zero_()
+                new_a.weight[:rank].copy_(wa)
+                new_b.weight.zero_()
+                new_b.weight[:, :rank].copy_(wb)
+                if b.bias is not None:
+                    new_b.bias.copy_(b.bias)
+            new_a.weight.requires_grad_(wa.requires_grad)
+            new_b.weight.requires_grad_(wb.requires_grad)
+            if b.bias is not None:
+                new_b.bias.requires_grad_(b.bias.requires_grad)
+            self.lora_A[name], self.lora_B[name] = new_a, new_b
+        return True
+
     def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.T if self.fan_in_fan_out else t  # Conv1D stores [in, out]
 
@@ -615,8 +664,18 @@ class Linear(nn.Module, LoraLayer):
         # read the ModuleDicts' dicts once: this runs on every forward, and each ``self.lora_A[n]`` is two
         # Python-level lookups (Module.__getattr__, ModuleDict.__getitem__)
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
-        return LowRankAdapters([dense_factor(a[n]) for n in names], [dense_factor(b[n]) for n in names],
-                               [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names]).under_autocast()
+        weights_b, scalings = [], []
+        for n in names:
+            wb, s = dense_factor(b[n]), scaling[n]
+            if isinstance(s, torch.Tensor):
+                # a scaling kept as a tensor (prepare_model_for_compiled_hotswap): applied to B as a tensor op, so a
+                # compiled graph reads its current value instead of baking a constant in (no recompilation when a
+                # hotswap changes it)
+                wb, s = wb * s.to(device=wb.device, dtype=wb.dtype), 1.0
+            weights_b.append(wb)
+            scalings.append(float(s))
+        return LowRankAdapters([dense_factor(a[n]) for n in names], weights_b, scalings,
+                               [dropout_p(drop[n]) for n in names]).under_autocast()
 
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them (then the
@@ -890,6 +949,46 @@ class ConvNd(nn.Module, LoraLayer):
                                          bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups,
                                          bias=self.lora_bias.get(adapter_name, False), device=device, dtype=dtype)
+
+    def rank_padding_problem(self, target_rank: int) -> Optional[str]:
+        groups = self.get_base_layer().groups
+        if target_rank % groups != 0:
+            return (f"Trying to pad a {type(self.get_base_layer()).__name__} LoRA adapter with groups={groups} to "
+                    f"target rank {target_rank}, but the target rank is not divisible by {groups}. Please choose a "
+                    f"target rank that is divisible by {groups}.")
+        for name in self.lora_A:
+            rank = self.lora_A[name].weight.shape[0]
+            if rank > target_rank:
+                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
+                        f"({rank}). This is not possible.")
+        return None
+
+    def pad_ranks(self, target_rank: int) -> bool:
+        """As the linear layers'. With base groups g, B's g groups each read their own block of r / g rows of A's
+        output, so each block of A's rows moves to the start of its padded block (``copy_rank_blocks``)."""
+        groups = self.get_base_layer().groups
+        conv = CONV_CLASSES[self.dims]
+        for name in list(self.lora_A):
+            a, b = self.lora_A[name], self.lora_B[name]
+            if a.weight.shape[0] == target_rank:
+                continue
+            wa, wb = a.weight, b.weight
+            new_a = conv(self.in_features, target_rank, a.kernel_size, a.stride, a.padding, bias=False,
+                         device=wa.device, dtype=wa.dtype)
+            new_b = conv(target_rank, self.out_features, b.kernel_size, b.stride, groups=b.groups,
+                         bias=b.bias is not None, device=wb.device, dtype=wb.dtype)
+            with torch.no_grad():
+                copy_rank_blocks(new_a.weight, wa, groups)
+                new_b.weight.zero_()
+                new_b.weight[:, :wb.shape[1]].copy_(wb)
+                if b.bias is not None:
+                    new_b.bias.copy_(b.bias)
+            new_a.weight.requires_grad_(wa.requires_grad)
+            new_b.weight.requires_grad_(wb.requires_grad)
+            if b.bias is not None:
+                new_b.bias.requires_grad_(b.bias.requires_grad)
+            self.lora_A[name], self.lora_B[name] = new_a, new_b
+        return True
 
     def _refuse_grouped_merge(self) -> None:
         base = self.get_base_layer()
