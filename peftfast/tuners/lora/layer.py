@@ -103,11 +103,14 @@ class LoraLayer(AdditiveAdapterLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, use_kasa: bool = False,
+                     **kwargs: Any) -> None:
         """Add (or re-create) adapter ``adapter_name``. ``bd_lora``: ('A' or 'B', nblocks) for BD-LoRA, the factor
-        made block-diagonal (``bdlora.py``); linear layers only."""
+        made block-diagonal (``bdlora.py``); linear layers only. ``use_kasa``: a KaSA adapter (``kasa_init``)."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if use_kasa:
+            self.check_kasa(r)
         if bd_lora is not None and not self.supports_bd_lora:
             raise ValueError(f"BD-LoRA (use_bdlora) supports LoRA on nn.Linear and Conv1D layers only, not on a "
                              f"{type(self.get_base_layer()).__name__} ({type(self).__name__}); leave this layer out of "
@@ -129,7 +132,27 @@ class LoraLayer(AdditiveAdapterLayer):
             self.dora_init(adapter_name)
         elif adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
+        if use_kasa:
+            self.kasa_init(adapter_name)
+        elif self.kasa_diag(adapter_name) is not None:
+            del self.lora_diag[adapter_name]
         self.set_adapter(self.active_adapters)
+
+    # -- KaSA (kasa_config): linear layers only, see Linear.kasa_init ------------------------------------------
+    def check_kasa(self, r: int) -> None:
+        """Raise where a KaSA adapter of rank ``r`` cannot be added here."""
+        raise ValueError(f"{type(self).__name__} does not support KaSA, please set `kasa_config=None`.")
+
+    def kasa_init(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def kasa_diag(self, adapter_name: str) -> Optional[nn.Parameter]:
+        """``lora_diag[adapter_name]`` of a KaSA adapter, else None."""
+        diag = self._modules.get("lora_diag")
+        return diag[adapter_name] if diag is not None and adapter_name in diag else None
+
+    def apply_pending_kasa(self) -> None:
+        """Truncate the base weight for KaSA adapters added while it was on the meta device."""
 
     # -- DoRA ---------------------------------------------------------------------------------------------
     # Every layer sees its weight as rows, one per output feature: ``dora_rows`` turns a tensor in the base
@@ -309,6 +332,7 @@ class LoraLayer(AdditiveAdapterLayer):
                              "seems to be broken (its lora_B bias makes the merged bias non-finite)")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self.apply_pending_kasa()
         names = self.merge_names(adapter_names, warn=False)
         new = self._merged_bias(names)
         if safe_merge and new is not None and not torch.isfinite(new).all():
@@ -481,18 +505,87 @@ class Linear(nn.Module, LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
                  init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, use_kasa: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias, bd_lora=bd_lora)
+                          lora_bias=lora_bias, bd_lora=bd_lora, use_kasa=use_kasa)
+
+    # -- KaSA ------------------------------------------------------------------------------------------------
+    # A KaSA adapter (PEFT's kasa_config) is LoRA with B replaced by B diag(d), d = lora_diag[name] (trained, [r]):
+    # ``kasa_b`` folds d into B, so the fused ops, merging and mixed batches run it as a plain LoRA adapter
+    # (autograd takes the gradient of B and d through the fold). Adding one truncates the base weight to its
+    # rank min(in, out) - r SVD approximation, once, for good (``kasa_truncate``).
+
+    def check_kasa(self, r: int) -> None:
+        if self.fan_in_fan_out:
+            raise ValueError("KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
+                             "nn.Linear layers.")
+        if isinstance(self, QuantizedAdditiveLayer):
+            raise ValueError(f"{type(self).__name__} does not support KaSA (its base weight is quantised and KaSA "
+                             "rewrites it), please set `kasa_config=None`.")
+        k = min(self.in_features, self.out_features)
+        if r >= k:
+            raise ValueError(f"KaSA requires `r` ({r}) to be smaller than min(in_features, out_features) ({k}) so "
+                             "that at least one singular component of the base weight is preserved after truncation.")
+
+    def kasa_init(self, adapter_name: str) -> None:
+        if "lora_diag" not in self._modules:
+            self.lora_diag = nn.ParameterDict({})
+            self.adapter_layer_names = type(self).adapter_layer_names + ("lora_diag",)
+        r = self.r[adapter_name]
+        a = self.lora_A[adapter_name].weight
+        diag = torch.empty(r, device=a.device, dtype=a.dtype)
+        if not a.is_meta:
+            diag = torch.randn(r, device=a.device, dtype=a.dtype)  # B is zero at init: no change to the output
+        self.lora_diag[adapter_name] = nn.Parameter(diag)
+        if self.get_base_layer().weight.is_meta:
+            self.__dict__.setdefault("_kasa_pending", set()).add(adapter_name)
+        else:
+            self.kasa_truncate(r)
+
+    @torch.no_grad()
+    def kasa_truncate(self, r: int) -> None:
+        """The base weight becomes its best rank ``min(in, out) - r`` approximation (SVD in float32, float64 for a
+        float64 weight), stored in its dtype."""
+        param = self.get_base_layer().weight
+        work = torch.float64 if param.dtype == torch.float64 else torch.float32
+        u, sv, vh = torch.linalg.svd(param.detach().to(work), full_matrices=False)
+        keep = min(param.shape) - r
+        log_base_weight(param)
+        param.data = ((u[:, :keep] * sv[:keep]) @ vh[:keep]).to(param.dtype).contiguous()
+
+    def apply_pending_kasa(self) -> None:
+        pending = self.__dict__.get("_kasa_pending")
+        if not pending:
+            return
+        if self.get_base_layer().weight.is_meta:
+            raise RuntimeError("KaSA could not apply its SVD base-weight truncation because the base weight is still "
+                               "on the meta device. Materialize the base model weights before running a forward pass "
+                               "or merging.")
+        for name in sorted(pending):
+            if name in self.r:
+                self.kasa_truncate(self.r[name])
+                diag = self.kasa_diag(name)
+                if diag is not None and diag.is_meta:
+                    weight = self.get_base_layer().weight
+                    self.lora_diag[name] = nn.Parameter(torch.randn(diag.shape, device=weight.device,
+                                                                    dtype=weight.dtype))
+        pending.clear()
+
+    def kasa_b(self, name: str, b: torch.Tensor) -> torch.Tensor:
+        """The dense lora_B factor ``b`` of adapter ``name`` with its KaSA diagonal folded in (``b`` otherwise)."""
+        diag = self.kasa_diag(name)
+        return b if diag is None else b * diag.to(b.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = low_rank_delta(dense_factor(self.lora_B[adapter]), dense_factor(self.lora_A[adapter]),
-                               self.scaling[adapter], self.get_base_layer().weight.dtype)
+        delta = low_rank_delta(self.kasa_b(adapter, dense_factor(self.lora_B[adapter])),
+                               dense_factor(self.lora_A[adapter]), self.scaling[adapter],
+                               self.get_base_layer().weight.dtype)
         return transpose(delta, self.fan_in_fan_out)
 
     def _make_block_diagonal(self, adapter_name: str, side: str, nblocks: int) -> None:
@@ -666,7 +759,7 @@ class Linear(nn.Module, LoraLayer):
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
         weights_b, scalings = [], []
         for n in names:
-            wb, s = dense_factor(b[n]), scaling[n]
+            wb, s = self.kasa_b(n, dense_factor(b[n])), scaling[n]
             if isinstance(s, torch.Tensor):
                 # a scaling kept as a tensor (prepare_model_for_compiled_hotswap): applied to B as a tensor op, so a
                 # compiled graph reads its current value instead of baking a constant in (no recompilation when a
@@ -683,6 +776,7 @@ class Linear(nn.Module, LoraLayer):
         return self.add_lora_bias(lora_linear(x, result, *self.adapter_bundle(names), self.training), names)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.apply_pending_kasa()
         special = self.disabled_or_mixed_forward(x, args, kwargs)
         if special is not None:
             return special
@@ -781,12 +875,12 @@ class Embedding(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, use_kasa: bool = False, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias)
+                          lora_bias=lora_bias, use_kasa=use_kasa)
 
     def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """MiCA: B [dim, r] = the minor left singular vectors of W^T [dim, num_embeddings] (frozen), A = 0. Any
@@ -881,7 +975,7 @@ class ConvNd(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, use_kasa: bool = False, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         base = self.get_base_layer()
@@ -900,7 +994,7 @@ class ConvNd(nn.Module, LoraLayer):
                           "for it", UserWarning)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias)
+                          lora_bias=lora_bias, use_kasa=use_kasa)
 
     def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
         """With groups > 1, PEFT's norm adds ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the weight's shape (not
