@@ -148,18 +148,26 @@ def _pattern_name(layer_name: str) -> str:
     return layer_name
 
 
-def _fits(old: torch.Tensor, new: torch.Tensor) -> str:
-    """'same', 'smaller' (new fits into old along the rank dimension), 'larger' or 'incompatible'."""
+def _rank_dim(key: str) -> Optional[int]:
+    """The dimension of the tensor ``key`` that is the adapter's rank (None: it has none)."""
+    container = next((part for part in key.split(".") if part.startswith("lora_")), "")
+    if container in ("lora_A", "lora_embedding_A", "lora_diag"):
+        return 0
+    if container in ("lora_B", "lora_embedding_B") and not key.endswith(".bias"):
+        return 1
+    return None
+
+
+def _fits(key: str, old: torch.Tensor, new: torch.Tensor) -> str:
+    """'same', 'smaller' / 'larger' (the new tensor differs in its rank dimension only) or 'incompatible'."""
     if old.shape == new.shape:
         return "same"
     if old.dim() != new.dim():
         return "incompatible"
-    if all(o >= n for o, n in zip(old.shape, new.shape)):
-        differing = [i for i, (o, n) in enumerate(zip(old.shape, new.shape)) if o != n]
-        return "smaller" if len(differing) == 1 and differing[0] in (0, 1) else "incompatible"
-    if all(o <= n for o, n in zip(old.shape, new.shape)):
-        return "larger"
-    return "incompatible"
+    differing = [i for i, (o, n) in enumerate(zip(old.shape, new.shape)) if o != n]
+    if len(differing) != 1 or differing[0] != _rank_dim(key):
+        return "incompatible"
+    return "smaller" if old.shape[differing[0]] > new.shape[differing[0]] else "larger"
 
 
 def hotswap_adapter_from_state_dict(
@@ -197,7 +205,7 @@ def hotswap_adapter_from_state_dict(
     plan = []
     for key, new in state_dict.items():
         old = tensors[key]
-        fit = _fits(old, new)
+        fit = _fits(key, old, new)
         if fit == "incompatible":
             raise ValueError(f"Incompatible shapes found for LoRA weights {key}: {tuple(old.shape)} vs "
                              f"{tuple(new.shape)}. Please ensure that all ranks are padded to the largest rank among "

@@ -740,6 +740,11 @@ class Linear(nn.Module, LoraLayer):
             if b.bias is not None:
                 new_b.bias.requires_grad_(b.bias.requires_grad)
             self.lora_A[name], self.lora_B[name] = new_a, new_b
+            diag = self.kasa_diag(name)
+            if diag is not None:  # KaSA: the padded entries of the diagonal are zero too
+                padded = torch.zeros(target_rank, device=diag.device, dtype=diag.dtype)
+                padded[:rank] = diag.detach()
+                self.lora_diag[name] = nn.Parameter(padded, requires_grad=diag.requires_grad)
         return True
 
     def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
