@@ -195,3 +195,53 @@ def test_refused_swaps_leave_model_unchanged(tmp_path):
     hotswap_adapter(model, tmp_path / "big", adapter_name="default")
     with torch.no_grad():
         assert max_err(model(inputs()), loaded(peft, tmp_path / "big")(inputs())) < 1e-5
+
+
+class Convs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 6, 3, groups=2, padding=1)
+        self.c3 = nn.Conv3d(6, 5, (1, 2, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, 4, 12]
+        h = torch.tanh(self.c1(x)).view(x.shape[0], 6, 3, 4)
+        h = torch.tanh(self.c2(h)).unsqueeze(2)
+        return self.c3(h)
+
+
+def test_padding_every_convolution_keeps_output_and_swaps(tmp_path):
+    targets = ["c1", "c2", "c3"]
+    for name, seed, r in (("a0", 1, 2), ("a1", 2, 4)):
+        torch.manual_seed(0)
+        m = peftfast.get_peft_model(Convs(), peftfast.LoraConfig(r=r, lora_alpha=r + 1, target_modules=targets))
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.save_pretrained(tmp_path / name)
+    x = torch.randn(3, 4, 12, generator=torch.Generator().manual_seed(4))
+
+    def load(name):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return peftfast.PeftModel.from_pretrained(Convs(), tmp_path / name).eval()
+
+    model = load("a0")
+    with torch.no_grad():
+        out0 = model(x)
+        with pytest.raises(ValueError, match="divisible by 2"):
+            prepare_model_for_compiled_hotswap(model, target_rank=5)
+        prepare_model_for_compiled_hotswap(model, target_rank=6)
+        for name in targets:
+            layer = getattr(model.base_model.model, name)
+            assert layer.lora_A["default"].weight.shape[0] == 6
+        assert max_err(model(x), out0) < 1e-5
+        hotswap_adapter(model, tmp_path / "a1", adapter_name="default")
+        assert max_err(model(x), load("a1")(x)) < 1e-5
+        hotswap_adapter(model, tmp_path / "a0", adapter_name="default")
+        assert max_err(model(x), out0) < 1e-5

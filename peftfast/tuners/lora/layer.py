@@ -539,10 +539,9 @@ class Linear(nn.Module, LoraLayer):
             self.adapter_layer_names = type(self).adapter_layer_names + ("lora_diag",)
         r = self.r[adapter_name]
         a = self.lora_A[adapter_name].weight
-        diag = torch.empty(r, device=a.device, dtype=a.dtype)
-        if not a.is_meta:
-            diag = torch.randn(r, device=a.device, dtype=a.dtype)  # B is zero at init: no change to the output
-        self.lora_diag[adapter_name] = nn.Parameter(diag)
+        # random (B is zero at init, so the output does not change); on the meta device a checkpoint fills it in
+        make = torch.empty if a.is_meta else torch.randn
+        self.lora_diag[adapter_name] = nn.Parameter(make(r, device=a.device, dtype=a.dtype))
         if self.get_base_layer().weight.is_meta:
             self.__dict__.setdefault("_kasa_pending", set()).add(adapter_name)
         else:
