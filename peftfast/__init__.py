@@ -43,7 +43,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .tuners import BdLoraConfig, IA3Config, IA3Model, LoraConfig, LoraModel, VeloraConfig
+from .tuners import BdLoraConfig, IA3Config, IA3Model, LoraConfig, LoraModel, KasaConfig, VeloraConfig
 from .tuners import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .tuners import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .tuners import PrefixEncoder, PrefixTuningConfig
@@ -73,7 +73,7 @@ __all__ = [
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "AdaptionPromptConfig", "AdaptionPromptModel",
-    "BdLoraConfig", "VeloraConfig", "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftMixedModel", "PeftModel", "PeftModelForCausalLM",
+    "BdLoraConfig", "KasaConfig", "VeloraConfig", "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftMixedModel", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",
     "TunerLayerStatus", "TunerModelStatus", "get_base_model_state_dict", "get_layer_status", "get_model_status",

@@ -111,7 +111,8 @@ class PeftModel(PushToHubMixin, nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name == "base_model":
+            # private names stay unforwarded, but for the tuner methods PEFT documents for users (KaSA's loss)
+            if (name.startswith("_") and name != "_get_kasa_loss") or name == "base_model":
                 raise
             return getattr(self.base_model, name)
 

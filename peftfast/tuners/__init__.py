@@ -1,6 +1,6 @@
 """The adapter methods. Importing this package imports each method package, which registers itself
 (PEFT type -> config, tuner, prefix) in ``peftfast.utils.registry``."""
-from .lora import BdLoraConfig, LoraConfig, LoraModel, VeloraConfig  # first: registration order is the order errors list methods in
+from .lora import BdLoraConfig, LoraConfig, LoraModel, KasaConfig, VeloraConfig  # first: registration order is the order errors list methods in
 from .ia3 import IA3Config, IA3Model  # noqa: I001
 from .prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
@@ -12,7 +12,7 @@ from .mixed import MixedModel  # noqa: I001  (after the methods it mixes)
 from .adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
-__all__ = ["BdLoraConfig", "VeloraConfig", "AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
+__all__ = ["BdLoraConfig", "KasaConfig", "VeloraConfig", "AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
            "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel", "MixedModel", "PrefixEncoder", "PrefixTuningConfig",
            "PromptEmbedding", "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
            "PromptTuningConfig", "PromptTuningInit"]

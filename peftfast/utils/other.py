@@ -242,3 +242,14 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         takes_kwargs = "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters
         enable(gradient_checkpointing_kwargs=kwargs) if takes_kwargs else enable()
     return model
+
+
+@torch.no_grad()
+def copy_rank_blocks(dest: torch.Tensor, src: torch.Tensor, groups: int) -> None:
+    """``dest`` (rank R along dim 0) := zeros, with ``src`` (rank r <= R) in it: with ``groups`` > 1 the rank is
+    ``groups`` blocks (one per group of a grouped convolution), and block i of ``src`` goes to the start of block i
+    of ``dest``. Both ranks must be divisible by ``groups``."""
+    dest.zero_()
+    big, small = dest.shape[0] // groups, src.shape[0] // groups
+    for g in range(groups):
+        dest[g * big:g * big + small].copy_(src[g * small:(g + 1) * small])

@@ -1,7 +1,7 @@
 """LoRA: low-rank adapters ``W x + (B A x) * scaling``; the package registers the method on import."""
 from ...utils.registry import register_load_checked_fields, register_peft_method
 from .bdlora import BlockDiagonalLinear
-from .config import BdLoraConfig, LoraConfig, LoraRuntimeConfig
+from .config import BdLoraConfig, KasaConfig, LoraConfig, LoraRuntimeConfig
 from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer
 from .model import LoraModel
 from .velora import VeloraConfig
@@ -11,4 +11,4 @@ register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, pr
 register_load_checked_fields("lora", ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
                                       "alpha_pattern", "bias", "modules_to_save"))
 
-__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "VeloraConfig"]
+__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "KasaConfig", "VeloraConfig"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Optional, Union
 
 from ...config import ConfigError, PeftConfig
@@ -29,7 +29,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "layer_replication": (None, "layer replication"),
     "target_parameters": (None, "LoRA on nn.Parameter targets"),
     "arrow_config": (None, "Arrow routing"),
-    "kasa_config": (None, "KaSA"),
     "trainable_token_indices": (None, "trainable tokens"),
     "megatron_config": (None, "Megatron parallel layers"),
 }
@@ -81,6 +80,30 @@ class BdLoraConfig:
                               f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B).")
         if not isinstance(self.nblocks, int) or isinstance(self.nblocks, bool) or self.nblocks < 1:
             raise ConfigError(f"BdLoraConfig.nblocks must be a positive integer, got {self.nblocks!r}")
+
+
+@dataclass
+class KasaConfig:
+    """KaSA (knowledge-aware singular-value adaptation; PEFT's ``KasaConfig``), enabled by ``kasa_config``.
+
+    Adding a KaSA adapter to a linear layer replaces its base weight by the rank ``min(in, out) - r`` SVD
+    approximation (its ``r`` smallest singular components dropped, for good: disabling or unloading the adapter does
+    not bring them back), and the adapter's update is ``scaling * B diag(lora_diag) A`` with ``lora_diag`` a trained
+    r-vector. ``beta`` and ``gamma`` weigh the paper's two regularisers, ``beta * sum(lora_diag^2)`` and
+    ``gamma * (||B^T B - I||_F + ||A A^T - I||_F)``, which ``LoraModel._get_kasa_loss()`` returns for adding to the
+    task loss (they act only there).
+    """
+
+    beta: float = field(default=1e-4)
+    gamma: float = field(default=1e-3)
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "gamma"):
+            value = getattr(self, name)
+            if not _is_number(value):
+                raise ConfigError(f"KasaConfig.{name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise ConfigError(f"`{name}` must be non-negative, got {value}.")
 
 
 @dataclass
@@ -143,7 +166,7 @@ class LoraConfig(PeftConfig):
     target_parameters: Optional[list[str]] = field(default=None)
     use_bdlora: Optional[BdLoraConfig] = field(default=None)
     arrow_config: Optional[Any] = field(default=None)
-    kasa_config: Optional[Any] = field(default=None)
+    kasa_config: Optional[KasaConfig] = field(default=None)
     ensure_weight_tying: bool = field(default=False)
     runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
 
@@ -170,6 +193,11 @@ class LoraConfig(PeftConfig):
         elif self.velora_config is not None and not isinstance(self.velora_config, VeloraConfig):
             raise ConfigError(f"velora_config must be a VeloraConfig, a dict or None, got "
                               f"{type(self.velora_config).__name__}")
+        if isinstance(self.kasa_config, dict):  # as read back from adapter_config.json
+            known = {f.name for f in fields(KasaConfig)}
+            self.kasa_config = KasaConfig(**{k: v for k, v in self.kasa_config.items() if k in known})
+        elif self.kasa_config is not None and not isinstance(self.kasa_config, KasaConfig):
+            raise TypeError("`KasaConfig` must be a `KasaConfig`, a dict, or None.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set, frozenset)):
@@ -214,10 +242,17 @@ class LoraConfig(PeftConfig):
                               "combination ('use_bdlora', 'use_dora')); use one of them")
         if self.velora_config is not None:
             other = [name for name, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
-                                           ("init_lora_weights='mica'", init == "mica")) if on]
+                                           ("init_lora_weights='mica'", init == "mica"),
+                                           ("kasa_config", self.kasa_config is not None)) if on]
             if other:
                 raise ConfigError(f"velora_config cannot be combined with {other[0]} (PEFT: invalid or unsupported "
                                   "variant combination); use one of them")
+        if self.kasa_config is not None:
+            clash = [name for name, on in (("use_dora", self.use_dora), ("use_bdlora", self.use_bdlora is not None),
+                                           ("init_lora_weights='mica'", init == "mica")) if on]
+            if clash:
+                raise ConfigError(f"kasa_config cannot be combined with {', '.join(clash)} (PEFT: invalid or "
+                                  "unsupported variant combination); use one of them")
         if self.lora_bias:
             if init not in (True, False):
                 raise ConfigError(f"The argument lora_bias=True is only supported with init_lora_weights=True or "

@@ -29,7 +29,7 @@ from torch import nn
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import lora_linear_fused
 from ...utils.errors import PeftWarning
-from ...utils.other import transpose
+from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
                         low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
@@ -110,13 +110,15 @@ class LoraLayer(AdditiveAdapterLayer):
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None,
+                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, use_kasa: bool = False,
                      velora: Optional[VeloraConfig] = None, **kwargs: Any) -> None:
         """Add (or re-create) adapter ``adapter_name``. ``bd_lora``: ('A' or 'B', nblocks) for BD-LoRA, the factor
         made block-diagonal (``bdlora.py``); ``velora``: a ``VeloraConfig`` for VeLoRA (``velora.py``); linear
-        layers only."""
+        layers only. ``use_kasa``: a KaSA adapter (``kasa_init``)."""
         if not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        if use_kasa:
+            self.check_kasa(r)
         if velora is not None and not self.supports_velora:
             kind = type(self.get_base_layer()).__name__
             what = "conv layers" if isinstance(self, ConvNd) else f"a {kind} ({type(self).__name__})"
@@ -144,6 +146,10 @@ class LoraLayer(AdditiveAdapterLayer):
             self.dora_init(adapter_name)
         elif adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
+        if use_kasa:
+            self.kasa_init(adapter_name)
+        elif self.kasa_diag(adapter_name) is not None:
+            del self.lora_diag[adapter_name]
         if velora is not None:
             self._velora_init(adapter_name, velora)
         else:
@@ -218,6 +224,22 @@ class LoraLayer(AdditiveAdapterLayer):
         if not vel or not self.training or not torch.is_grad_enabled():
             return []
         return [n for n in names if n in vel]
+
+    # -- KaSA (kasa_config): linear layers only, see Linear.kasa_init ------------------------------------------
+    def check_kasa(self, r: int) -> None:
+        """Raise where a KaSA adapter of rank ``r`` cannot be added here."""
+        raise ValueError(f"{type(self).__name__} does not support KaSA, please set `kasa_config=None`.")
+
+    def kasa_init(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def kasa_diag(self, adapter_name: str) -> Optional[nn.Parameter]:
+        """``lora_diag[adapter_name]`` of a KaSA adapter, else None."""
+        diag = self._modules.get("lora_diag")
+        return diag[adapter_name] if diag is not None and adapter_name in diag else None
+
+    def apply_pending_kasa(self) -> None:
+        """Truncate the base weight for KaSA adapters added while it was on the meta device."""
 
     # -- DoRA ---------------------------------------------------------------------------------------------
     # Every layer sees its weight as rows, one per output feature: ``dora_rows`` turns a tensor in the base
@@ -397,6 +419,7 @@ class LoraLayer(AdditiveAdapterLayer):
                              "seems to be broken (its lora_B bias makes the merged bias non-finite)")
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self.apply_pending_kasa()
         names = self.merge_names(adapter_names, warn=False)
         new = self._merged_bias(names)
         if safe_merge and new is not None and not torch.isfinite(new).all():
@@ -537,6 +560,20 @@ class LoraLayer(AdditiveAdapterLayer):
         u, _, _ = torch.linalg.svd(weight.detach().float(), full_matrices=False)
         return u[:, -r:]
 
+    # -- rank padding (peftfast.utils.hotswap.prepare_model_for_compiled_hotswap) -------------------------------
+    # Zero rows of A and zero columns of B add nothing to B A, so padding keeps the output; every adapter of a
+    # padded layer then has the same factor shapes whatever rank is swapped in later (no recompilation).
+
+    def rank_padding_problem(self, target_rank: int) -> Optional[str]:
+        """Why the adapters here cannot be padded to ``target_rank`` (None: they can, or this layer type is not
+        padded at all)."""
+        return None
+
+    def pad_ranks(self, target_rank: int) -> bool:
+        """Zero-pad every adapter's lora_A / lora_B here to rank ``target_rank`` (call ``rank_padding_problem``
+        first); returns whether this layer type takes part in padding."""
+        return False
+
     def set_scale(self, adapter: str, scale: float) -> None:
         if adapter in self.scaling:
             self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
@@ -556,7 +593,7 @@ class Linear(nn.Module, LoraLayer):
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, is_target_conv_1d_layer: bool = False,
                  init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
-                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None,
+                 lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, use_kasa: bool = False,
                  velora: Optional[VeloraConfig] = None, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
@@ -564,11 +601,78 @@ class Linear(nn.Module, LoraLayer):
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias, bd_lora=bd_lora, velora=velora)
+                          lora_bias=lora_bias, bd_lora=bd_lora, use_kasa=use_kasa, velora=velora)
+
+    # -- KaSA ------------------------------------------------------------------------------------------------
+    # A KaSA adapter (PEFT's kasa_config) is LoRA with B replaced by B diag(d), d = lora_diag[name] (trained, [r]):
+    # ``kasa_b`` folds d into B, so the fused ops, merging and mixed batches run it as a plain LoRA adapter
+    # (autograd takes the gradient of B and d through the fold). Adding one truncates the base weight to its
+    # rank min(in, out) - r SVD approximation, once, for good (``kasa_truncate``).
+
+    def check_kasa(self, r: int) -> None:
+        if self.fan_in_fan_out:
+            raise ValueError("KaSA does not support `fan_in_fan_out=True` layers (e.g. Conv1D). Please target "
+                             "nn.Linear layers.")
+        if isinstance(self, QuantizedAdditiveLayer):
+            raise ValueError(f"{type(self).__name__} does not support KaSA (its base weight is quantised and KaSA "
+                             "rewrites it), please set `kasa_config=None`.")
+        k = min(self.in_features, self.out_features)
+        if r >= k:
+            raise ValueError(f"KaSA requires `r` ({r}) to be smaller than min(in_features, out_features) ({k}) so "
+                             "that at least one singular component of the base weight is preserved after truncation.")
+
+    def kasa_init(self, adapter_name: str) -> None:
+        if "lora_diag" not in self._modules:
+            self.lora_diag = nn.ParameterDict({})
+            self.adapter_layer_names = type(self).adapter_layer_names + ("lora_diag",)
+        r = self.r[adapter_name]
+        a = self.lora_A[adapter_name].weight
+        # random (B is zero at init, so the output does not change); on the meta device a checkpoint fills it in
+        make = torch.empty if a.is_meta else torch.randn
+        self.lora_diag[adapter_name] = nn.Parameter(make(r, device=a.device, dtype=a.dtype))
+        if self.get_base_layer().weight.is_meta:
+            self.__dict__.setdefault("_kasa_pending", set()).add(adapter_name)
+        else:
+            self.kasa_truncate(r)
+
+    @torch.no_grad()
+    def kasa_truncate(self, r: int) -> None:
+        """The base weight becomes its best rank ``min(in, out) - r`` approximation (SVD in float32, float64 for a
+        float64 weight), stored in its dtype."""
+        param = self.get_base_layer().weight
+        work = torch.float64 if param.dtype == torch.float64 else torch.float32
+        u, sv, vh = torch.linalg.svd(param.detach().to(work), full_matrices=False)
+        keep = min(param.shape) - r
+        log_base_weight(param)
+        param.data = ((u[:, :keep] * sv[:keep]) @ vh[:keep]).to(param.dtype).contiguous()
+
+    def apply_pending_kasa(self) -> None:
+        pending = self.__dict__.get("_kasa_pending")
+        if not pending:
+            return
+        if self.get_base_layer().weight.is_meta:
+            raise RuntimeError("KaSA could not apply its SVD base-weight truncation because the base weight is still "
+                               "on the meta device. Materialize the base model weights before running a forward pass "
+                               "or merging.")
+        for name in sorted(pending):
+            if name in self.r:
+                self.kasa_truncate(self.r[name])
+                diag = self.kasa_diag(name)
+                if diag is not None and diag.is_meta:
+                    weight = self.get_base_layer().weight
+                    self.lora_diag[name] = nn.Parameter(torch.randn(diag.shape, device=weight.device,
+                                                                    dtype=weight.dtype))
+        pending.clear()
+
+    def kasa_b(self, name: str, b: torch.Tensor) -> torch.Tensor:
+        """The dense lora_B factor ``b`` of adapter ``name`` with its KaSA diagonal folded in (``b`` otherwise)."""
+        diag = self.kasa_diag(name)
+        return b if diag is None else b * diag.to(b.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        delta = low_rank_delta(dense_factor(self.lora_B[adapter]), dense_factor(self.lora_A[adapter]),
-                               self.scaling[adapter], self.get_base_layer().weight.dtype)
+        delta = low_rank_delta(self.kasa_b(adapter, dense_factor(self.lora_B[adapter])),
+                               dense_factor(self.lora_A[adapter]), self.scaling[adapter],
+                               self.get_base_layer().weight.dtype)
         return transpose(delta, self.fan_in_fan_out)
 
     def _make_block_diagonal(self, adapter_name: str, side: str, nblocks: int) -> None:
@@ -690,6 +794,46 @@ class Linear(nn.Module, LoraLayer):
     def _active_lora(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.lora_A]
 
+    def rank_padding_problem(self, target_rank: int) -> Optional[str]:
+        for name in self.lora_A:
+            if type(self.lora_A[name]) is not nn.Linear or type(self.lora_B[name]) is not nn.Linear:
+                return (f"adapter {name!r} has a block-diagonal factor (BD-LoRA), whose rank cannot be padded; "
+                        "prepare_model_for_compiled_hotswap supports plain LoRA factors")
+            rank = self.lora_A[name].weight.shape[0]
+            if rank > target_rank:
+                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
+                        f"({rank}). This is not possible.")
+        return None
+
+    def pad_ranks(self, target_rank: int) -> bool:
+        for name in list(self.lora_A):
+            a, b = self.lora_A[name], self.lora_B[name]
+            rank = a.weight.shape[0]
+            if rank == target_rank:
+                continue
+            wa, wb = a.weight, b.weight
+            new_a = nn.Linear(self.in_features, target_rank, bias=False, device=wa.device, dtype=wa.dtype)
+            new_b = nn.Linear(target_rank, self.out_features, bias=b.bias is not None, device=wb.device,
+                              dtype=wb.dtype)
+            with torch.no_grad():
+                new_a.weight.zero_()
+                new_a.weight[:rank].copy_(wa)
+                new_b.weight.zero_()
+                new_b.weight[:, :rank].copy_(wb)
+                if b.bias is not None:
+                    new_b.bias.copy_(b.bias)
+            new_a.weight.requires_grad_(wa.requires_grad)
+            new_b.weight.requires_grad_(wb.requires_grad)
+            if b.bias is not None:
+                new_b.bias.requires_grad_(b.bias.requires_grad)
+            self.lora_A[name], self.lora_B[name] = new_a, new_b
+            diag = self.kasa_diag(name)
+            if diag is not None:  # KaSA: the padded entries of the diagonal are zero too
+                padded = torch.zeros(target_rank, device=diag.device, dtype=diag.dtype)
+                padded[:rank] = diag.detach()
+                self.lora_diag[name] = nn.Parameter(padded, requires_grad=diag.requires_grad)
+        return True
+
     def dora_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t.T if self.fan_in_fan_out else t  # Conv1D stores [in, out]
 
@@ -705,8 +849,18 @@ class Linear(nn.Module, LoraLayer):
         # read the ModuleDicts' dicts once: this runs on every forward, and each ``self.lora_A[n]`` is two
         # Python-level lookups (Module.__getattr__, ModuleDict.__getitem__)
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
-        return LowRankAdapters([dense_factor(a[n]) for n in names], [dense_factor(b[n]) for n in names],
-                               [float(scaling[n]) for n in names], [dropout_p(drop[n]) for n in names]).under_autocast()
+        weights_b, scalings = [], []
+        for n in names:
+            wb, s = self.kasa_b(n, dense_factor(b[n])), scaling[n]
+            if isinstance(s, torch.Tensor):
+                # a scaling kept as a tensor (prepare_model_for_compiled_hotswap): applied to B as a tensor op, so a
+                # compiled graph reads its current value instead of baking a constant in (no recompilation when a
+                # hotswap changes it)
+                wb, s = wb * s.to(device=wb.device, dtype=wb.dtype), 1.0
+            weights_b.append(wb)
+            scalings.append(float(s))
+        return LowRankAdapters([dense_factor(a[n]) for n in names], weights_b, scalings,
+                               [dropout_p(drop[n]) for n in names]).under_autocast()
 
     def _lora(self, x: torch.Tensor, result: torch.Tensor, names: list[str]) -> torch.Tensor:
         """``result`` plus the adapters ``names`` applied to ``x``: one fused op for all of them (then the
@@ -714,6 +868,7 @@ class Linear(nn.Module, LoraLayer):
         return self.add_lora_bias(lora_linear(x, result, *self.adapter_bundle(names), self.training), names)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.apply_pending_kasa()
         special = self.disabled_or_mixed_forward(x, args, kwargs)
         if special is not None:
             return special
@@ -838,13 +993,13 @@ class Embedding(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, velora: Optional[VeloraConfig] = None,
-                 **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, use_kasa: bool = False,
+                 velora: Optional[VeloraConfig] = None, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias, velora=velora)
+                          lora_bias=lora_bias, use_kasa=use_kasa, velora=velora)
 
     def init_adapter_weights(self, adapter_name: str, init_lora_weights: bool | str) -> None:
         """MiCA: B [dim, r] = the minor left singular vectors of W^T [dim, num_embeddings] (frozen), A = 0. Any
@@ -939,8 +1094,8 @@ class ConvNd(nn.Module, LoraLayer):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
-                 use_dora: bool = False, lora_bias: bool = False, velora: Optional[VeloraConfig] = None,
-                 **kwargs: Any) -> None:
+                 use_dora: bool = False, lora_bias: bool = False, use_kasa: bool = False,
+                 velora: Optional[VeloraConfig] = None, **kwargs: Any) -> None:
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         if velora is not None:
@@ -963,7 +1118,7 @@ class ConvNd(nn.Module, LoraLayer):
                           "for it", UserWarning)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora, use_dora=use_dora,
-                          lora_bias=lora_bias, velora=velora)
+                          lora_bias=lora_bias, use_kasa=use_kasa, velora=velora)
 
     def dora_norm_delta(self, adapter: str) -> Optional[torch.Tensor]:
         """With groups > 1, PEFT's norm adds ``B.view(-1, r) @ A.view(r, -1)`` reshaped to the weight's shape (not
@@ -1013,6 +1168,46 @@ class ConvNd(nn.Module, LoraLayer):
                                          bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = conv(r, self.out_features, ones, ones, groups=base.groups,
                                          bias=self.lora_bias.get(adapter_name, False), device=device, dtype=dtype)
+
+    def rank_padding_problem(self, target_rank: int) -> Optional[str]:
+        groups = self.get_base_layer().groups
+        if target_rank % groups != 0:
+            return (f"Trying to pad a {type(self.get_base_layer()).__name__} LoRA adapter with groups={groups} to "
+                    f"target rank {target_rank}, but the target rank is not divisible by {groups}. Please choose a "
+                    f"target rank that is divisible by {groups}.")
+        for name in self.lora_A:
+            rank = self.lora_A[name].weight.shape[0]
+            if rank > target_rank:
+                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
+                        f"({rank}). This is not possible.")
+        return None
+
+    def pad_ranks(self, target_rank: int) -> bool:
+        """As the linear layers'. With base groups g, B's g groups each read their own block of r / g rows of A's
+        output, so each block of A's rows moves to the start of its padded block (``copy_rank_blocks``)."""
+        groups = self.get_base_layer().groups
+        conv = CONV_CLASSES[self.dims]
+        for name in list(self.lora_A):
+            a, b = self.lora_A[name], self.lora_B[name]
+            if a.weight.shape[0] == target_rank:
+                continue
+            wa, wb = a.weight, b.weight
+            new_a = conv(self.in_features, target_rank, a.kernel_size, a.stride, a.padding, bias=False,
+                         device=wa.device, dtype=wa.dtype)
+            new_b = conv(target_rank, self.out_features, b.kernel_size, b.stride, groups=b.groups,
+                         bias=b.bias is not None, device=wb.device, dtype=wb.dtype)
+            with torch.no_grad():
+                copy_rank_blocks(new_a.weight, wa, groups)
+                new_b.weight.zero_()
+                new_b.weight[:, :wb.shape[1]].copy_(wb)
+                if b.bias is not None:
+                    new_b.bias.copy_(b.bias)
+            new_a.weight.requires_grad_(wa.requires_grad)
+            new_b.weight.requires_grad_(wb.requires_grad)
+            if b.bias is not None:
+                new_b.bias.requires_grad_(b.bias.requires_grad)
+            self.lora_A[name], self.lora_B[name] = new_a, new_b
+        return True
 
     def _refuse_grouped_merge(self) -> None:
         base = self.get_base_layer()

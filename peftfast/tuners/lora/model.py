@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -79,6 +80,44 @@ class LoraModel(BaseTuner):
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         check_single_bias_adapter(self)
 
+        # KaSA rewrites the base weights when added: an adapter without it would see them changed or not depending on
+        # the order the adapters came in, so the two kinds do not share a model (PEFT's rule)
+        new_kasa = getattr(config, "kasa_config", None) is not None
+        for name, other in self.peft_config.items():
+            if other is config:
+                continue
+            if (getattr(other, "kasa_config", None) is not None) is not new_kasa:
+                raise ValueError(
+                    "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base weights: "
+                    f"the new adapter {'uses' if new_kasa else 'does not use'} KaSA but adapter '{name}' "
+                    f"{'does not' if new_kasa else 'does'}."
+                )
+
+    def _get_kasa_loss(self, adapter_names: Optional[Union[str, list[str]]] = None) -> Union[torch.Tensor, float]:
+        """KaSA's auxiliary regularisation over every KaSA layer, for the adapters ``adapter_names`` (default: the
+        active ones), to add to the task loss: per layer and adapter ``beta * sum(d^2) + gamma * (||B^T B - I||_F +
+        ||A A^T - I||_F)`` (d: lora_diag; beta, gamma from its KasaConfig), in float32. 0.0 when no layer matches."""
+        if adapter_names is None:
+            adapter_names = self.active_adapters
+        elif isinstance(adapter_names, str):
+            adapter_names = [adapter_names]
+        total: Union[torch.Tensor, float] = 0.0
+        for module in self.model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            for name in adapter_names:
+                diag = module.kasa_diag(name)
+                if diag is None:
+                    continue
+                cfg = self.peft_config[name].kasa_config
+                a = module.lora_A[name].weight.float()
+                b = module.lora_B[name].weight.float()
+                eye = torch.eye(diag.shape[0], device=diag.device, dtype=torch.float32)
+                l2 = diag.float().pow(2).sum()
+                l3 = torch.linalg.norm(b.T @ b - eye) + torch.linalg.norm(a @ a.T - eye)
+                total = total + cfg.beta * l2 + cfg.gamma * l3
+        return total
+
     def _create_and_replace(self, config: LoraConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
         r_key = get_pattern_key(list((config.rank_pattern or {}).keys()), current_key)
@@ -88,7 +127,7 @@ class LoraModel(BaseTuner):
         kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout,
                       fan_in_fan_out=config.fan_in_fan_out, init_lora_weights=config.init_lora_weights,
                       use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
-                      velora=config.velora_config,
+                      velora=config.velora_config, use_kasa=config.kasa_config is not None,
                       ephemeral_gpu_offload=getattr(config.runtime_config, "ephemeral_gpu_offload", False))
         if config.use_bdlora is not None:
             side = bd_side(config.use_bdlora, current_key)
@@ -97,7 +136,8 @@ class LoraModel(BaseTuner):
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config.lora_dropout, config.init_lora_weights,
                                 config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
-                                bd_lora=kwargs.get("bd_lora"), velora=config.velora_config)
+                                bd_lora=kwargs.get("bd_lora"), velora=config.velora_config,
+                                use_kasa=kwargs["use_kasa"])
             return
         new_module = self._create_new_module(config, adapter_name, target, **kwargs)
         if adapter_name not in self.active_adapters:

@@ -68,6 +68,11 @@ def check_weighted_adapter(model: Any, adapters: list[str], weights: list[float]
         if adapter not in model.peft_config:
             raise ValueError(f"Adapter {adapter} does not exist; available adapters: "
                              f"{', '.join(model.peft_config)}")
+    kasa = [a for a in adapters if getattr(model.peft_config[a], "kasa_config", None) is not None]
+    if kasa:
+        raise ValueError(f"add_weighted_adapter does not support KaSA adapters ({', '.join(kasa)}): their update "
+                         "B diag(lora_diag) A is made against a truncated base weight, which a new adapter would "
+                         "truncate again; combine adapters without kasa_config")
     if len(weights) != len(adapters):
         raise ValueError(f"weights must have one entry per adapter: got {len(weights)} weights for "
                          f"{len(adapters)} adapters")
