@@ -77,6 +77,10 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
                          f"{key.value} adds virtual tokens through a PeftModel; use get_peft_model instead")
     if PEFT_TYPE_TO_TUNER_MAPPING.get(key) is None:
         raise ValueError(f"peft_type {key.value} is not supported; supported: {registry.supported_names()}")
+    if getattr(peft_config, "target_parameters", None) and state_dict:
+        raise ValueError("Trying to inject a PEFT adapter from a state_dict but the PEFT config uses "
+                         "`target_parameters`. This is not supported -- when using `target_parameters`, please inject "
+                         "the adapter without the state_dict.")
     tuner_cls = registry.tuner_class(key)
     tuner = tuner_cls(model, peft_config, adapter_name=adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
     return tuner.model

@@ -450,6 +450,7 @@ class BaseTuner(nn.Module):
         super().__init__()
         self.model = model
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []  # LoRA's target_parameters ('lin0.weight', ...)
         if not hasattr(self, "peft_config"):
             self.peft_config = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         else:
@@ -569,7 +570,33 @@ class BaseTuner(nn.Module):
         return set(layer.adapter_layer_names) | set(layer.other_param_names) | {
             "base_layer", "modules_to_save", "original_module"}
 
-    def _plan(self, config: Any, model: nn.Module) -> list[str]:
+    def _inject_parameters(self, config: Any, model: nn.Module, adapter_name: str, undo: UndoLog) -> list[str]:
+        """Adapt the ``nn.Parameter`` s ``config.target_parameters`` names (LoRA; see ``lora/param.py``), recording
+        every change in ``undo``; returns their names. Methods without it refuse a config that asks for it."""
+        raise ValueError(f"target_parameters is not supported by {type(self).__name__}; LoRA supports it through "
+                         "get_peft_model / LoraModel (not in a PeftMixedModel)")
+
+    def _check_targets_found(self, config: Any, model: nn.Module, planned: list[str], parameters: list[str]) -> None:
+        """With target_parameters: PEFT's errors when neither modules nor parameters were targeted (nothing was
+        changed yet), its warnings when only one of the two lists matched."""
+        if not planned and not parameters:
+            if not config.target_modules:
+                raise NoMatchingPeftModuleError(
+                    "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                    f"these arguments. (target_parameters={short_repr(config.target_parameters)} matched no "
+                    "parameter: an entry must be a parameter's full name or a dotted suffix of it, e.g. "
+                    "'lin0.weight' or 'experts.gate_up_proj')")
+            self._plan(config, model)  # raises the error of a target_modules that matched nothing
+        if config.target_modules and not planned:
+            warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.",
+                          RuntimeWarning, stacklevel=3)
+        elif not parameters:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                          RuntimeWarning, stacklevel=3)
+
+    def _plan(self, config: Any, model: nn.Module, parameters_too: bool = False) -> list[str]:
+        """The names of the modules ``config`` targets. Raises when there are none, unless ``parameters_too``
+        (target_parameters may still target something: ``_check_targets_found`` decides)."""
         keys = [k for k, _ in model.named_modules() if k]
         inside = adapter_internal_names(model)
         saved_names = list(getattr(config, "modules_to_save", None) or ())
@@ -607,6 +634,8 @@ class BaseTuner(nn.Module):
         listed = ", ".join(short_repr(u, 60) for u in heapq.nsmallest(10, unmatched_entries, key=str))
         if len(unmatched_entries) > 10:
             listed += f" (and {len(unmatched_entries) - 10} more)"
+        if not planned and parameters_too:
+            return planned
         if not planned:
             if excluded and not unmatched_keys:
                 raise NoMatchingPeftModuleError(
@@ -656,7 +685,9 @@ class BaseTuner(nn.Module):
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         self._expand_all_linear(config, model)
         self._condense_target_modules(config, model)
-        planned = self._plan(config, model)
+        with_parameters = bool(getattr(config, "target_parameters", None))
+        planned = self._plan(config, model, parameters_too=with_parameters)
+        parameters: list[str] = []
 
         # Adding an adapter leaves the trainability of every parameter that was already there as it was (the first
         # adapter instead freezes the base model); the new adapter's own parameters follow the rule below.
@@ -674,10 +705,15 @@ class BaseTuner(nn.Module):
                     else:
                         undo.replace(parent, target_name, target)
                     self._create_and_replace(config, adapter_name, target, target_name, parent, key)
+                if with_parameters:  # after the modules, as PEFT: a parameter of an adapted module is refused
+                    parameters = self._inject_parameters(config, model, adapter_name, undo)
+            if with_parameters:
+                self._check_targets_found(config, model, planned, parameters)
             self._set_modules_to_save(model, config, adapter_name, undo)
         # Each module once, in the order adapters first targeted it (PEFT's order).
         self.targeted_module_names = list(dict.fromkeys([*self.targeted_module_names, *planned]))
         _warn_unmatched_pattern_keys(config, planned)
+        self.targeted_parameter_names = list(dict.fromkeys([*self.targeted_parameter_names, *parameters]))
         # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
         # instead. Trainability of existing parameters is left as it was.
         for layer in self._tuner_layers():
@@ -902,12 +938,12 @@ class BaseTuner(nn.Module):
         users: dict[int, list[str]] = {}
         for module_name, module in self.model.named_modules(remove_duplicate=False):
             for param_name, param in module.named_parameters(recurse=False):
-                if param_name == "weight":
-                    users.setdefault(id(param), []).append(_join_name(module_name, param_name))
+                users.setdefault(id(param), []).append(_join_name(module_name, param_name))
         for key, layer in self.model.named_modules():
             if id(layer) not in merging:
                 continue
-            weight = getattr(layer.get_base_layer(), "weight", None)
+            target = getattr(layer, "merge_target", None)  # the tensor a merge writes (ParamWrapper: its parameter)
+            weight = target() if target is not None else getattr(layer.get_base_layer(), "weight", None)
             shared = sorted(set(users.get(id(weight), [])) - {_join_name(key, "base_layer.weight")})
             shared = [n for n in shared if not n.startswith(key + ".")]
             if shared:

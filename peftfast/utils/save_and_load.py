@@ -116,9 +116,12 @@ def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], lis
 def _nested_layer_names(model: nn.Module) -> dict[str, str]:
     """Adapter layers wrapped by another adapter layer (a PeftMixedModel's module adapted by two methods:
     'x.base_layer' inside 'x') -> the outermost layer's name, under which PEFT's files keep their tensors."""
-    layers = {name for name, module in clean_named_modules(model) if is_adapter_layer(module)}
+    modules = {name: module for name, module in clean_named_modules(model) if is_adapter_layer(module)}
+    layers = set(modules)
     out: dict[str, str] = {}
     for name in sorted(layers, key=len):
+        if getattr(modules[name], "checkpoint_keeps_nesting", False):
+            continue  # LoRA on nn.Parameter: PEFT's keys keep 'x.base_layer.lora_A...' (the depth names the parameter)
         parent = name[: -len(".base_layer")] if name.endswith(".base_layer") else None
         if parent is not None and parent in layers:
             out[name] = out.get(parent, parent)

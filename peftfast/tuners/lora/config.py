@@ -27,7 +27,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "use_qalora": (False, "QA-LoRA"),
     "monteclora_config": (None, "MonteCLoRA"),
     "layer_replication": (None, "layer replication"),
-    "target_parameters": (None, "LoRA on nn.Parameter targets"),
     "arrow_config": (None, "Arrow routing"),
     "trainable_token_indices": (None, "trainable tokens"),
     "megatron_config": (None, "Megatron parallel layers"),
@@ -131,7 +130,8 @@ class LoraConfig(PeftConfig):
     alpha/sqrt(r)), ``modules_to_save``, ``init_lora_weights`` (True, False, 'gaussian', 'pissa',
     'pissa_niter_<N>', 'olora', 'orthogonal', 'mica'), ``lora_bias`` (a trainable bias on lora_B),
     ``velora_config`` (a ``VeloraConfig``: VeLoRA's compressed activations for lora_A, see ``velora.py``),
-    ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``.
+    ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``, ``target_parameters``
+    (names of ``nn.Parameter`` s to adapt directly, e.g. 3-D MoE expert weights; see ``lora/param.py``).
     """
 
     r: int = field(default=8, metadata={"help": "Lora attention dimension"})
@@ -268,6 +268,16 @@ class LoraConfig(PeftConfig):
                 if not ok:
                     raise ConfigError(f"{key}[{name!r}] must be a positive "
                                       f"{'integer' if key == 'rank_pattern' else 'number'}, got {value!r}")
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None. (Got the string "
+                            f"{self.target_parameters!r}; wrap it in a list, e.g. [{self.target_parameters!r}])")
+        if self.target_parameters is not None:
+            if not isinstance(self.target_parameters, (list, tuple, set, frozenset)) or \
+                    not all(isinstance(n, str) and n for n in self.target_parameters):
+                raise TypeError(f"`target_parameters` must be a list of strings or None, got "
+                                f"{self.target_parameters!r}")
+            params = self.target_parameters
+            self.target_parameters = sorted(params) if isinstance(params, (set, frozenset)) else list(params)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ConfigError("layers_to_transform cannot be used when target_modules is a regex string")
         if isinstance(self.target_modules, str) and self.layers_pattern:

@@ -99,7 +99,7 @@ class LoraLayer(AdditiveAdapterLayer):
         self.lora_bias: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.in_features, self.out_features = feature_sizes(self.get_base_layer(), "LoRA", embedding=True)
+        self.in_features, self.out_features = self._feature_sizes()
         # PEFT's runtime option: compute DoRA's initial norms on the GPU for adapters kept on the CPU
         self.ephemeral_gpu_offload: bool = bool(kwargs.pop("ephemeral_gpu_offload", False))
         self.kwargs = kwargs
@@ -107,6 +107,10 @@ class LoraLayer(AdditiveAdapterLayer):
         self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
         self._dora_w_sq = FrozenNormCache()  # ||W_o||^2 of a frozen float base
         self._dora_merged_norms: dict[str, torch.Tensor] = {}  # the norm each merged DoRA adapter was merged with
+
+    def _feature_sizes(self) -> tuple[int, int]:
+        """(in_features, out_features) of the base layer (``ParamWrapper``: of the targeted parameter)."""
+        return feature_sizes(self.get_base_layer(), "LoRA", embedding=True)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
@@ -1304,3 +1308,6 @@ class Conv3d(ConvNd):
     """LoRA on ``nn.Conv3d`` (see ``ConvNd``)."""
 
     dims = 3
+
+
+from .param import ParamWrapper  # noqa: E402  (PEFT's place for it: peft.tuners.lora.layer.ParamWrapper)

@@ -22,6 +22,7 @@ from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .grouped import check_adapter_names_shape
 from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, base_weight_changes
+from .param import check_same_target_parameters, inject_parameters
 from .weighted import add_weighted_adapter
 
 # base class -> LoRA layer for torch's convolutions
@@ -77,8 +78,23 @@ class LoraModel(BaseTuner):
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage)
 
+    def _prepare_adapter_config(self, config: LoraConfig, model_config: dict) -> LoraConfig:
+        # PEFT's rule: without target_modules, the model type's default modules are targeted when there is one;
+        # with target_parameters and no default, only the parameters are
+        if config.target_modules is None and getattr(config, "target_parameters", None):
+            default = self.target_module_mapping.get(model_config.get("model_type"))
+            if default is not None:
+                config.target_modules = default if isinstance(default, str) else set(default)
+            return config
+        return BaseTuner._prepare_adapter_config(self, config, model_config)  # also called with a MixedModel as self
+
+    def _inject_parameters(self, config: LoraConfig, model: nn.Module, adapter_name: str, undo: Any) -> list[str]:
+        """LoRA on the ``nn.Parameter`` s of ``config.target_parameters`` (``lora/param.py``)."""
+        return inject_parameters(self, model, config, adapter_name, undo)
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         check_single_bias_adapter(self)
+        check_same_target_parameters(self.peft_config, config)
 
         # KaSA rewrites the base weights when added: an adapter without it would see them changed or not depending on
         # the order the adapters came in, so the two kinds do not share a model (PEFT's rule)
@@ -157,6 +173,10 @@ class LoraModel(BaseTuner):
                              majority_sign_method: str = "total") -> None:
         """Add ``adapter_name``, combined from ``adapters`` with ``weights`` (PEFT's method and arguments; see
         ``peftfast.tuners.lora.weighted``). The new adapter is not activated. All or nothing."""
+        for adapter in adapters:
+            if adapter in self.peft_config and getattr(self.peft_config[adapter], "target_parameters", None):
+                raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic "
+                                 f"adapter '{adapter}'): its adapters use target_parameters")
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
                              svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
                              svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
