@@ -2,7 +2,7 @@
 from ...utils.registry import register_load_checked_fields, register_peft_method
 from .bdlora import BlockDiagonalLinear
 from .config import BdLoraConfig, LoraConfig, LoraRuntimeConfig
-from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer, MultiheadAttention
 from .model import LoraModel
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_",
@@ -10,4 +10,5 @@ register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, pr
 register_load_checked_fields("lora", ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
                                       "alpha_pattern", "bias", "modules_to_save"))
 
-__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel"]
+__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel",
+           "MultiheadAttention"]
