@@ -330,3 +330,17 @@ def test_mixed_adapter_batch_is_refused():
     ours, _ = pair(adapters=("one", "two"))
     with pytest.raises(TypeError, match="does not support mixed adapter batches"):
         ours(*inputs(), adapter_names=["one", "two", "__base__"])
+
+
+def test_failed_get_peft_model_leaves_the_attention_module_unwrapped():
+    """OLoRA is refused on the packed projection after out_proj was wrapped and its weight re-initialised: the
+    base model is left as it was, out_proj and its weight included."""
+    base = attn_net()
+    out_proj = base.mha.out_proj
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="Unknown initialization init_lora_weights='olora'"):
+        peftfast.get_peft_model(base, peftfast.LoraConfig(target_modules=["mha"], init_lora_weights="olora"))
+    assert type(base.mha) is nn.MultiheadAttention and base.mha.out_proj is out_proj
+    assert base.state_dict().keys() == state.keys()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, state[k]), k

@@ -52,17 +52,27 @@ def log_base_weight(param: nn.Parameter) -> None:
         log.append((param, param.data))
 
 
+def log_base_child(parent: nn.Module, name: str) -> None:
+    """Child ``name`` of a base module is about to be replaced (MultiheadAttention's out_proj): remember it."""
+    log = _BASE_WEIGHT_LOG.get()
+    if log is not None:
+        log.append((parent, name, getattr(parent, name)))
+
+
 @contextmanager
 def base_weight_changes() -> Iterator[None]:
     """Base weights replaced inside this block (by PiSSA / OLoRA initialisation) get their old tensors back
-    when the block raises."""
+    when the block raises, and so do base modules whose children were wrapped (MultiheadAttention)."""
     log: list = []
     token = _BASE_WEIGHT_LOG.set(log)
     try:
         yield
     except BaseException:
-        for param, old in reversed(log):
-            param.data = old
+        for entry in reversed(log):
+            if len(entry) == 3:
+                setattr(*entry)
+            else:
+                entry[0].data = entry[1]
         raise
     finally:
         _BASE_WEIGHT_LOG.reset(token)
@@ -1055,6 +1065,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         # out_proj's adapter first, then the packed projection's (PEFT's order: a seeded run draws the same)
+        log_base_child(base_layer, "out_proj")
         base_layer.out_proj = Linear(base_layer.out_proj, adapter_name, r=r, lora_alpha=lora_alpha,
                                      lora_dropout=lora_dropout, init_lora_weights=init_lora_weights,
                                      use_rslora=use_rslora, **kwargs)
