@@ -36,7 +36,7 @@ class UnsupportedLayerError(TypeError, ValueError):
 def feature_sizes(base: nn.Module, method: str, embedding: bool = False) -> tuple[int, int]:
     """``(in_features, out_features)`` of ``base``; for an ``nn.Embedding`` (when ``embedding``),
     ``(num_embeddings, embedding_dim)``; for ``nn.Conv1d/2d/3d``, ``(in_channels, out_channels)``. Conv1D stores
-    its weight [in, out]."""
+    its weight [in, out]. ``nn.MultiheadAttention``: ``(embed_dim, 3 * embed_dim)``, its packed projection."""
     conv1d = conv1d_class()
     if conv1d is not None and isinstance(base, conv1d):
         w = base.weight
@@ -46,6 +46,8 @@ def feature_sizes(base: nn.Module, method: str, embedding: bool = False) -> tupl
         return base.num_embeddings, base.embedding_dim
     if isinstance(base, tuple(CONV_CLASSES.values())):
         return int(base.in_channels), int(base.out_channels)
+    if isinstance(base, nn.MultiheadAttention):  # the packed q/k/v projection: [3 * embed_dim, embed_dim]
+        return int(base.embed_dim), 3 * int(base.embed_dim)
     if hasattr(base, "in_features") and hasattr(base, "out_features"):
         return int(base.in_features), int(base.out_features)
     supported = "Linear, Conv1D" + (", Embedding" if embedding else "") + ", Conv1d/Conv2d/Conv3d"

@@ -974,7 +974,11 @@ class BaseTuner(nn.Module):
             except AttributeError:
                 continue  # already replaced together with an enclosing wrapper
             if isinstance(target, BaseTunerLayer):
-                setattr(parent, target_name, target.get_base_layer())
+                # a layer whose base module holds adapter layers of its own (LoRA on MultiheadAttention, whose
+                # out_proj is wrapped) unwraps those too; merging was done above
+                unload = getattr(target, "unload_and_optionally_merge_module", None)
+                base = unload(merge=False, safe_merge=False, adapter_names=None) if unload else target.get_base_layer()
+                setattr(parent, target_name, base)
             elif isinstance(target, ModulesToSaveWrapper):
                 setattr(parent, target_name, target.unwrapped(keep if not target.disable_adapters else None))
         if "peft_config" in getattr(self.model, "__dict__", {}):

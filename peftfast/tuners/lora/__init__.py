@@ -2,7 +2,7 @@
 from ...utils.registry import register_load_checked_fields, register_peft_method
 from .bdlora import BlockDiagonalLinear
 from .config import BdLoraConfig, KasaConfig, LoraConfig, LoraRuntimeConfig
-from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer
+from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer, MultiheadAttention
 from .model import LoraModel
 from .param import ParamWrapper
 from .velora import VeloraConfig
@@ -12,4 +12,5 @@ register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, pr
 register_load_checked_fields("lora", ("r", "lora_alpha", "use_rslora", "target_modules", "rank_pattern",
                                       "alpha_pattern", "bias", "modules_to_save"))
 
-__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "KasaConfig", "VeloraConfig", "ParamWrapper"]
+__all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "KasaConfig", "VeloraConfig", "ParamWrapper",
+           "MultiheadAttention"]

@@ -12,7 +12,8 @@ each layer here only says what its delta is (``get_delta_weight``).
 
 Convolutions (``Conv1d`` / ``Conv2d`` / ``Conv3d``) keep PEFT's math in plain torch ops on every
 backend: there is no Triton kernel for them (the adapter is two small convolutions next to the base
-one, and the base convolution itself is not ours to fuse).
+one, and the base convolution itself is not ours to fuse). So does ``MultiheadAttention``, whose
+adapters act through the projection weights the attention op reads.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
                         low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
-from ..tuners_utils import per_sample_adapter_names
+from ..tuners_utils import creation_device, per_sample_adapter_names
 from .grouped import AdapterStore, grouped_delta
 from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
@@ -57,17 +58,27 @@ def log_base_weight(param: nn.Parameter) -> None:
         log.append((param, param.data))
 
 
+def log_base_child(parent: nn.Module, name: str) -> None:
+    """Child ``name`` of a base module is about to be replaced (MultiheadAttention's out_proj): remember it."""
+    log = _BASE_WEIGHT_LOG.get()
+    if log is not None:
+        log.append((parent, name, getattr(parent, name)))
+
+
 @contextmanager
 def base_weight_changes() -> Iterator[None]:
     """Base weights replaced inside this block (by PiSSA / OLoRA initialisation) get their old tensors back
-    when the block raises."""
+    when the block raises, and so do base modules whose children were wrapped (MultiheadAttention)."""
     log: list = []
     token = _BASE_WEIGHT_LOG.set(log)
     try:
         yield
     except BaseException:
-        for param, old in reversed(log):
-            param.data = old
+        for entry in reversed(log):
+            if len(entry) == 3:
+                setattr(*entry)
+            else:
+                entry[0].data = entry[1]
         raise
     finally:
         _BASE_WEIGHT_LOG.reset(token)
@@ -1308,6 +1319,251 @@ class Conv3d(ConvNd):
     """LoRA on ``nn.Conv3d`` (see ``ConvNd``)."""
 
     dims = 3
+
+
+@contextmanager
+def tensors_in_place(items: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """Inside the block, ``module.<name>`` reads ``tensor`` for each (module, name, tensor); the original objects
+    are put back on exit. The tensor goes where the attribute lives now: the module's ``_parameters`` or, where a
+    wrapper such as FSDP (use_orig_params) has set a plain tensor over it, the instance ``__dict__``."""
+    saved: list[tuple[dict, str, Any]] = []
+    try:
+        for module, name, tensor in items:
+            store = module.__dict__ if name in module.__dict__ else module._parameters
+            saved.append((store, name, store[name]))
+            store[name] = tensor
+        yield
+    finally:
+        for store, name, old in reversed(saved):
+            store[name] = old
+
+
+class MultiheadAttention(nn.Module, LoraLayer):
+    """LoRA on ``nn.MultiheadAttention``: one adapter on the packed q/k/v projection, one on ``out_proj``.
+
+    The module tree is PEFT's, so state-dict keys and checkpoints are shared both ways::
+
+        lora.MultiheadAttention
+          base_layer: nn.MultiheadAttention          (in_proj_weight [3E, E], in_proj_bias [3E])
+            out_proj: lora.Linear                    (its own lora_A [r, E] / lora_B [E, r] per adapter)
+          lora_A[name]: Linear(E, r), lora_B[name]: Linear(r, 3E)
+
+    ``nn.MultiheadAttention`` never calls ``in_proj`` or ``out_proj`` as modules: its forward reads
+    ``in_proj_weight`` and ``out_proj.weight`` and runs the attention op on them. So the adapters act
+    through the weights: the forward runs the base module with ``in_proj_weight + dW_in`` and
+    ``out_proj.weight + 2 dW_out`` in place of its weights for that one call (``tensors_in_place``: the
+    parameters are put back afterwards, never re-created, and gradients reach lora_A / lora_B, and any
+    trainable base weight, through the sum). dW = scaling * B @ A of each active adapter.
+
+    The 2 on out_proj is PEFT 0.21.2's behaviour, kept so that outputs, gradients and merged weights
+    agree with PEFT for the same checkpoint: its merge writes ``W_out + dW_out`` and then merges the
+    out_proj layer, which adds ``dW_out`` again in place (unmerge takes both out). Its forward goes
+    through that merge, so the second ``dW_out`` changes the output but, added outside autograd, not
+    the gradients: lora_A / lora_B of out_proj get the gradient of ``W_out + dW_out``. Each adapter's
+    merge also starts from the weight detached, so with several active adapters only the last one gets
+    gradients. The forward here computes the same values and gradients (the deltas PEFT adds outside
+    autograd are added detached), so training follows PEFT's step for step; merging adds 2 dW_out.
+
+    As in PEFT: the adapters' dropout is not applied (the adapter is a weight change, not a separate
+    branch); q, k and v must share the embedding size (``_qkv_same_embed_dim``); DoRA and
+    ``adapter_names`` (mixed batches) are refused. ``lora_bias`` is refused too: PEFT creates a bias
+    for the packed projection that its forward never uses.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 0, lora_alpha: float = 1,
+                 lora_dropout: float = 0.0, init_lora_weights: bool | str = True, use_rslora: bool = False,
+                 use_dora: bool = False, lora_bias: bool = False, **kwargs: Any) -> None:
+        if not getattr(base_layer, "_qkv_same_embed_dim", True):
+            raise ValueError("Only same embed for query/key/value is supported as of now for MultiheadAttention: "
+                             f"this one has kdim={base_layer.kdim}, vdim={base_layer.vdim} and embed_dim="
+                             f"{base_layer.embed_dim} (separate q/k/v weights); LoRA needs kdim = vdim = embed_dim")
+        self._refuse_unsupported(use_dora, lora_bias)
+        if not isinstance(getattr(base_layer, "out_proj", None), nn.Linear):
+            raise TypeError(f"out_proj must be an instance of nn.Linear for LoRA on MultiheadAttention, got "
+                            f"{type(getattr(base_layer, 'out_proj', None)).__name__}")
+        super().__init__()
+        LoraLayer.__init__(self, base_layer, **kwargs)
+        # out_proj's adapter first, then the packed projection's (PEFT's order: a seeded run draws the same)
+        log_base_child(base_layer, "out_proj")
+        base_layer.out_proj = Linear(base_layer.out_proj, adapter_name, r=r, lora_alpha=lora_alpha,
+                                     lora_dropout=lora_dropout, init_lora_weights=init_lora_weights,
+                                     use_rslora=use_rslora, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora)
+
+    @staticmethod
+    def _refuse_unsupported(use_dora: bool, lora_bias: bool) -> None:
+        if use_dora:
+            raise ValueError("MultiheadAttention does not support DoRA (yet), please set use_dora to False (DoRA "
+                             "is supported for LoRA on Linear, Conv1D, Embedding and Conv layers)")
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for LoRA on MultiheadAttention (PEFT would add a bias "
+                             "to the packed q/k/v projection that its forward never applies); use lora_bias=False")
+
+    # -- the base module's attributes, as nn.MultiheadAttention has them (PEFT exposes the same) ---------------
+    embed_dim = property(lambda self: self.get_base_layer().embed_dim)
+    kdim = property(lambda self: self.get_base_layer().kdim)
+    vdim = property(lambda self: self.get_base_layer().vdim)
+    _qkv_same_embed_dim = property(lambda self: self.get_base_layer()._qkv_same_embed_dim)
+    num_heads = property(lambda self: self.get_base_layer().num_heads)
+    dropout = property(lambda self: self.get_base_layer().dropout)
+    batch_first = property(lambda self: self.get_base_layer().batch_first)
+    head_dim = property(lambda self: self.get_base_layer().head_dim)
+    in_proj_weight = property(lambda self: self.get_base_layer().in_proj_weight)
+    in_proj_bias = property(lambda self: self.get_base_layer().in_proj_bias)
+    bias_k = property(lambda self: self.get_base_layer().bias_k)
+    bias_v = property(lambda self: self.get_base_layer().bias_v)
+    add_zero_attn = property(lambda self: self.get_base_layer().add_zero_attn)
+
+    @property
+    def out_proj(self) -> nn.Module:
+        """The base module's own out_proj linear (not its LoRA wrapper), as on nn.MultiheadAttention."""
+        return self.out_proj_layer.get_base_layer()
+
+    @property
+    def out_proj_layer(self) -> Linear:
+        """The LoRA layer wrapping out_proj."""
+        return self.get_base_layer().out_proj
+
+    def merge_masks(self, *args: Any, **kwargs: Any) -> tuple[Optional[torch.Tensor], Optional[int]]:
+        return self.get_base_layer().merge_masks(*args, **kwargs)
+
+    def adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        # nn.MultiheadAttention has no ``weight``: adapters follow the packed projection weight
+        w = self.get_base_layer().in_proj_weight
+        return creation_device(w.device), (w.dtype if w.is_floating_point() else torch.float32)
+
+    # -- adapters: adding or deleting one reaches the out_proj layer too. set_adapter, enable_adapters, ... do
+    # not: the model calls them on every LoRA layer, out_proj's included (as in PEFT, which lets them differ).
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float,
+                     init_lora_weights: bool | str = True, use_rslora: bool = False, use_dora: bool = False,
+                     lora_bias: bool = False, bd_lora: Optional[tuple[str, int]] = None, **kwargs: Any) -> None:
+        self._refuse_unsupported(use_dora, lora_bias)
+        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
+                             bd_lora=bd_lora)
+        self.out_proj_layer.update_layer(adapter_name, r, lora_alpha, lora_dropout, init_lora_weights, use_rslora,
+                                         bd_lora=bd_lora)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.out_proj_layer.delete_adapter(adapter_name)
+
+    # -- deltas and merging ---------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` of the packed projection: [3E, E], in the dtype of ``in_proj_weight``."""
+        return low_rank_delta(self.lora_B[adapter].weight, self.lora_A[adapter].weight, self.scaling[adapter],
+                              self.get_base_layer().in_proj_weight.dtype)
+
+    def merge_target(self) -> torch.Tensor:
+        return self.get_base_layer().in_proj_weight
+
+    def _out_names(self, names: list[str]) -> list[str]:
+        """The adapters of ``names`` the out_proj layer holds and has not merged."""
+        out = self.out_proj_layer
+        return [n for n in names if out.holds(n) and n not in out.merged_adapters]
+
+    def _add_out_deltas(self, weight: torch.Tensor, names: list[str], times: int, subtract: bool = False,
+                        check: bool = False) -> torch.Tensor:
+        """``weight`` (out_proj's, or a copy) plus (minus) ``times`` x each adapter's out_proj delta, in place."""
+        out = self.out_proj_layer
+        with torch.no_grad():
+            for name in names:
+                delta = out.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+                for _ in range(times):
+                    weight.sub_(delta) if subtract else weight.add_(delta)
+                if check:
+                    raise_if_not_finite(weight, name)
+        return weight
+
+    def check_merge(self, adapter_names: Optional[list[str]] = None) -> None:
+        super().check_merge(adapter_names)
+        names = self._out_names(self.merge_names(adapter_names, warn=False))
+        if names:
+            self._add_out_deltas(self.out_proj.weight.detach().clone(), names, times=2, check=True)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge into ``in_proj_weight`` and ``out_proj.weight`` (twice the out_proj delta, see the class
+        docstring). With ``safe_merge`` both sums are checked for NaN/inf before either weight changes."""
+        names = self.merge_names(adapter_names, warn=False)
+        if not names:
+            super().merge(adapter_names=adapter_names)  # PEFT's warnings for adapters merged already
+            return
+        if safe_merge:
+            self.check_merge(names)
+        out_names = self._out_names(names)
+        super().merge(adapter_names=adapter_names)
+        self._add_out_deltas(self.out_proj.weight.data, out_names, times=1)
+        self.out_proj_layer.merge(adapter_names=out_names)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning)
+            return
+        out = self.out_proj_layer
+        extra = [n for n in reversed(self.merged_adapters) if n in out.merged_adapters]
+        super().unmerge()
+        self._add_out_deltas(self.out_proj.weight.data, extra, times=1, subtract=True)
+        if out.merged:
+            out.unmerge()
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool,
+                                           adapter_names: Optional[list[str]]) -> nn.MultiheadAttention:
+        """The plain nn.MultiheadAttention (out_proj unwrapped too), merged first when ``merge`` (PEFT's method)."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        base = self.get_base_layer()
+        base.out_proj = self.out_proj
+        return base
+
+    def _restore_weights(self) -> None:
+        """PEFT re-registers the base weights it swapped out for merged tensors; here they are never swapped
+        (kept for code that calls it)."""
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def _adapted_weights(self, names: list[str]) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        """(module, attribute, tensor): ``in_proj_weight`` and out_proj's weight with the adapters ``names``
+        added, and where the base module reads them. Values and gradients are PEFT's (class docstring): only the
+        last adapter's deltas carry gradient, out_proj's second delta none."""
+        base, out_base = self.get_base_layer(), self.out_proj
+        w_in, w_out = base.in_proj_weight, out_base.weight
+        out = self.out_proj_layer
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            d_in = self.get_delta_weight(name).to(w_in.dtype)
+            w_in = w_in + (d_in if last else d_in.detach())
+            if out.holds(name):
+                d_out = out.get_delta_weight(name).to(w_out.dtype)
+                w_out = w_out + (d_out if last else d_out.detach()) + d_out.detach()
+        return [(base, "in_proj_weight", w_in), (out_base, "weight", w_out)]
+
+    def forward(self, query: torch.Tensor, *args: Any,
+                **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """nn.MultiheadAttention's forward (same arguments) with the active adapters applied:
+        (attn_output, attn_weights or None), both in the dtype of ``query``."""
+        if "adapter_names" in kwargs:
+            raise TypeError("lora.MultiheadAttention does not support mixed adapter batches (adapter_names); use "
+                            "set_adapter() to choose the adapter for the whole batch")
+        dtype = query.dtype
+        base = self.base_layer
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = base(query, *args, **kwargs)
+        elif self.merged or not names:
+            result = base(query, *args, **kwargs)
+        else:
+            if self.out_proj_layer.merged:
+                raise ValueError("The out_proj layer of MultiheadAttention has merged adapters but "
+                                 "MultiheadAttention itself has none; merge or unmerge both (merge_adapter / "
+                                 "unmerge_adapter on the model) before calling it")
+            with tensors_in_place(self._adapted_weights(names)):
+                result = base(query, *args, **kwargs)
+        attn, weights = result
+        return attn.to(dtype), (None if weights is None else weights.to(dtype))
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
 
 
 from .param import ParamWrapper  # noqa: E402  (PEFT's place for it: peft.tuners.lora.layer.ParamWrapper)

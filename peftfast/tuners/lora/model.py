@@ -1,7 +1,8 @@
 """LoraModel: decides which LoRA layer wraps each targeted module and injects it.
 
 The layer class comes from ``LoraModel.dispatchers``, a fixed ordered tuple (first match wins):
-bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Embedding / nn.Conv1d, 2d, 3d.
+bitsandbytes 4-/8-bit linears, then nn.Linear / Conv1D / nn.Embedding / nn.Conv1d, 2d, 3d /
+nn.MultiheadAttention.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from .bdlora import bd_side
 from .bnb import dispatch_bnb
 from .config import LoraConfig
 from .grouped import check_adapter_names_shape
-from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, base_weight_changes
+from .layer import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoraLayer, MultiheadAttention, base_weight_changes
 from .param import check_same_target_parameters, inject_parameters
 from .weighted import add_weighted_adapter
 
@@ -39,6 +40,9 @@ def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConf
     if isinstance(base, nn.Embedding):
         kwargs.pop("fan_in_fan_out", None)
         return Embedding(target, adapter_name, **kwargs)
+    if isinstance(base, nn.MultiheadAttention):
+        kwargs.pop("fan_in_fan_out", None)
+        return MultiheadAttention(target, adapter_name, **kwargs)
     for conv, layer in CONV_LAYERS.items():
         if isinstance(base, conv):
             kwargs.pop("fan_in_fan_out", None)  # ignored for convolutions, as in PEFT
@@ -69,7 +73,7 @@ class LoraModel(BaseTuner):
     dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
     def _supported_module(self, module: nn.Module) -> bool:
-        return isinstance(module, linear_layer_classes() + (nn.Embedding,) + tuple(CONV_LAYERS))
+        return isinstance(module, linear_layer_classes() + (nn.Embedding, nn.MultiheadAttention) + tuple(CONV_LAYERS))
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False) -> None:
@@ -162,7 +166,7 @@ class LoraModel(BaseTuner):
 
     def _create_new_module(self, config: LoraConfig, adapter_name: str, target: nn.Module, **kwargs: Any):
         supported = ", ".join([c.__name__ for c in linear_layer_classes()] + ["Embedding"]
-                              + [c.__name__ for c in CONV_LAYERS])
+                              + [c.__name__ for c in CONV_LAYERS] + ["MultiheadAttention"])
         return create_new_module(self.dispatchers, target, adapter_name, "LoRA", supported,
                                  lora_config=config, **kwargs)
 
