@@ -33,7 +33,7 @@ from ..utils.constants import (
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern
-from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
+from ..utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
 from ..utils.undo import UndoLog
 
 __all__ = [
@@ -644,6 +644,7 @@ class BaseTuner(nn.Module):
                         undo.replace(parent, target_name, target)
                     self._create_and_replace(config, adapter_name, target, target_name, parent, key)
             self._set_modules_to_save(model, config, adapter_name, undo)
+            self._set_auxiliary_modules(model, config, adapter_name, undo)
         # Each module once, in the order adapters first targeted it (PEFT's order).
         self.targeted_module_names = list(dict.fromkeys([*self.targeted_module_names, *planned]))
         # A layer created for a new (inactive) adapter starts with that adapter active; follow the model's choice
@@ -704,15 +705,26 @@ class BaseTuner(nn.Module):
             raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
                              f"{', '.join(map(repr, missing))} matched no module in the model")
 
+    def _set_auxiliary_modules(self, model: nn.Module, config: Any, adapter_name: str, undo: UndoLog) -> None:
+        """Other modules the adapter trains outside its own layers (LoRA's trainable tokens, layers tied to the
+        adapted ones); every change is recorded in ``undo``. None by default."""
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # An adapter's own tensor sits directly under an adapter layer, in an attribute named with the method's
         # prefix (x.lora_A.default.weight); a base model module that merely has the prefix in its name
         # (a user's `lora_head`) is base model and stays frozen.
-        layers = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+        # (A layer of another method inside this adapter, e.g. LoRA's trainable tokens, is known by its container
+        # names: x.token_adapter.trainable_tokens_delta.default.)
+        layers = {name: module.adapter_layer_names for name, module in model.named_modules()
+                  if isinstance(module, BaseTunerLayer)}
 
         def is_adapter_tensor(name: str) -> bool:
             parts = name.split(".")
-            return any(self.prefix in parts[i] and ".".join(parts[:i]) in layers for i in range(len(parts)))
+            for i in range(len(parts)):
+                owner = layers.get(".".join(parts[:i]))
+                if owner is not None and (self.prefix in parts[i] or parts[i] in owner):
+                    return True
+            return False
 
         for name, p in model.named_parameters():
             if "modules_to_save" not in name and not is_adapter_tensor(name):
@@ -864,8 +876,8 @@ class BaseTuner(nn.Module):
                 if param_name == "weight":
                     users.setdefault(id(param), []).append(_join_name(module_name, param_name))
         for key, layer in self.model.named_modules():
-            if id(layer) not in merging:
-                continue
+            if id(layer) not in merging or getattr(layer, "merge_replaces_rows", False):
+                continue  # (a layer that writes rows, never adds, changes a tied module as training it does)
             weight = getattr(layer.get_base_layer(), "weight", None)
             shared = sorted(set(users.get(id(weight), [])) - {_join_name(key, "base_layer.weight")})
             shared = [n for n in shared if not n.startswith(key + ".")]
@@ -889,7 +901,7 @@ class BaseTuner(nn.Module):
             pending = [n for n in names if n not in already]
             if pending:
                 self.merge_adapter(adapter_names=pending, safe_merge=safe_merge)
-        keys = [k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+        keys = [k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
         keep = self.active_adapters[0] if self.active_adapters else None
         for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model"):
             try:
@@ -898,7 +910,7 @@ class BaseTuner(nn.Module):
                 continue  # already replaced together with an enclosing wrapper
             if isinstance(target, BaseTunerLayer):
                 setattr(parent, target_name, target.get_base_layer())
-            elif isinstance(target, ModulesToSaveWrapper):
+            elif isinstance(target, AuxiliaryTrainingWrapper):
                 setattr(parent, target_name, target.unwrapped(keep if not target.disable_adapters else None))
         if "peft_config" in getattr(self.model, "__dict__", {}):
             del self.model.peft_config  # the unloaded model is a plain model again and can be wrapped anew

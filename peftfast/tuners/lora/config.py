@@ -29,7 +29,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "target_parameters": (None, "LoRA on nn.Parameter targets"),
     "arrow_config": (None, "Arrow routing"),
     "kasa_config": (None, "KaSA"),
-    "trainable_token_indices": (None, "trainable tokens"),
     "megatron_config": (None, "Megatron parallel layers"),
 }
 

@@ -76,6 +76,14 @@ class LoraModel(BaseTuner):
             super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                    low_cpu_mem_usage=low_cpu_mem_usage)
 
+    def _set_auxiliary_modules(self, model: nn.Module, config: LoraConfig, adapter_name: str, undo: Any) -> None:
+        """``trainable_token_indices``: the named embeddings train only those rows (TrainableTokensWrapper)."""
+        if config.trainable_token_indices is None:
+            return
+        from ..trainable_tokens.model import set_trainable_tokens  # (here: registers after LoRA)
+
+        set_trainable_tokens(model, config, adapter_name, undo, activate=adapter_name in self.active_adapters)
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         with_bias = [name for name, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
         if len(with_bias) > 1:
@@ -152,7 +160,8 @@ class LoraModel(BaseTuner):
             return args, kw
 
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-                   for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+                   for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+                   or getattr(m, "merge_replaces_rows", False)]  # (trainable tokens)
         try:
             yield
         finally:
