@@ -101,8 +101,8 @@ def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], lis
         if not is_adapter_layer(module) or _inside_wrapper(name):
             continue
         layers.append(name)
-        if getattr(module, "tied_adapter", None) is not None:
-            continue  # a layer tied to another one (an LM head's trainable tokens): its tensors are saved there
+        if getattr(module, "tied_adapter", None) is not None and name.rpartition(".")[2] == "token_adapter":
+            continue  # LoRA's trainable tokens of an LM head tied to the embedding: saved under the embedding only
         for attr in module.adapter_layer_names:
             container = getattr(module, attr, None)
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
@@ -217,7 +217,10 @@ def resolve_save_embedding_layers(model: nn.Module, config: Any, save_embedding_
         raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
     if save_embedding_layers != "auto":
         return bool(save_embedding_layers)
-    if _embedding_is_targeted(model, config) and getattr(config, "trainable_token_indices", None) is None:
+    # (trainable tokens save their rows, not the embedding, whether on their own or through LoRA)
+    trains_tokens = str(getattr(config, "peft_type", "")) == "TRAINABLE_TOKENS" or \
+        getattr(config, "trainable_token_indices", None) is not None
+    if _embedding_is_targeted(model, config) and not trains_tokens:
         warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
                       UserWarning)
         return True

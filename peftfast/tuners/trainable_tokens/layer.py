@@ -4,9 +4,9 @@ Each adapter keeps the trained rows (``trainable_tokens_delta[name]``, one row p
 and a copy of the rows it replaces (``trainable_tokens_original[name]``, not saved) so that unmerging restores
 them. The trained rows *replace* the base rows, they are not added to them.
 
-The forward never copies the full matrix: an embedding looks up the base rows and swaps in the trained rows where
-the input hits one of the indices; a linear head computes the base product and overwrites the output columns of
-the indices. (Embeddings with ``max_norm``, ``scale_grad_by_freq`` or ``sparse`` use a full copy, as PEFT does.)
+An embedding's forward never copies the full matrix: it looks up the base rows and swaps in the trained rows where
+the input hits one of the indices (embeddings with ``max_norm``, ``scale_grad_by_freq`` or ``sparse`` use a full
+copy, as PEFT does). A linear head runs one GEMM on a copy of its weight with the rows swapped in.
 
 A layer can be *tied* to another one (an LM head whose weight is the input embedding's): it then has no rows of
 its own and reads those of the layer it is tied to, so training one trains both.
@@ -189,12 +189,9 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
             if base.padding_idx is not None:  # the padding row receives no gradient, as in F.embedding
                 trained = torch.where((x == base.padding_idx).unsqueeze(-1), trained.detach(), trained)
             return torch.where(hit.unsqueeze(-1), trained.to(out.dtype), out)
-        # a linear head: the base product, with the output columns of the trained rows recomputed
-        out = self.base_layer(x, *args, **kwargs)
-        cols = x.to(rows.dtype) @ rows.T
-        if base.bias is not None:
-            cols = cols + base.bias.index_select(0, index).to(cols.dtype)
-        return out.index_copy(-1, index.to(out.device), cols.to(out.dtype))
+        # a linear head (tied to the embedding): one GEMM with the rows swapped into the weight, so that untrained
+        # rows give exactly the base output
+        return F.linear(x, base.weight.index_copy(0, index, rows), base.bias)
 
     @staticmethod
     def _scaled(out: torch.Tensor, base: nn.Module) -> torch.Tensor:
