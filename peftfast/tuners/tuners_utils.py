@@ -28,12 +28,14 @@ from tqdm import tqdm
 from ..config import PeftConfig
 from ..utils.constants import (
     DUMMY_MODEL_CONFIG,
+    EMBEDDING_LAYER_NAMES,
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     MIN_TARGET_MODULES_FOR_OPTIMIZATION,
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern
-from ..utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
+from ..utils.other import (AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, module_names_tied_with_embedding,
+                           per_sample_adapter_names)
 from ..utils.undo import UndoLog
 
 __all__ = [
@@ -628,6 +630,7 @@ class BaseTuner(nn.Module):
                                f"got {type(config).__name__}")
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
+        self._check_tied_modules(model, config)
         self._expand_all_linear(config, model)
         self._condense_target_modules(config, model)
         planned = self._plan(config, model)
@@ -704,6 +707,69 @@ class BaseTuner(nn.Module):
         if missing:
             raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
                              f"{', '.join(map(repr, missing))} matched no module in the model")
+        tie = getattr(config, "modules_to_tie", None)
+        embedding = model.get_input_embeddings() if tie and hasattr(model, "get_input_embeddings") else None
+        if isinstance(embedding, ModulesToSaveWrapper) and adapter_name in embedding.modules_to_save:
+            # ensure_weight_tying: modules tied to the embedding train the embedding's copy of the weight
+            shared = embedding.modules_to_save[adapter_name]
+            for key in sorted(tie):
+                parent, target, target_name = get_submodules(model, key)
+                if isinstance(target, ModulesToSaveWrapper):
+                    if adapter_name in target.modules_to_save:
+                        continue
+                    target.update(adapter_name, tied_module=shared)
+                    undo.delete_adapter(target, adapter_name)
+                    if activate:
+                        target.set_adapter(adapter_name, inference_mode=config.inference_mode)
+                    continue
+                wrapper = ModulesToSaveWrapper(target, adapter_name, tied_module=shared)
+                if not activate:
+                    wrapper.set_adapter([])
+                elif config.inference_mode:
+                    wrapper.set_adapter(adapter_name, inference_mode=True)
+                undo.replace(parent, target_name, target)
+                setattr(parent, target_name, wrapper)
+
+    def _check_tied_modules(self, model: nn.Module, config: Any) -> None:
+        """Input embedding and LM head sharing one weight (``tie_word_embeddings``) with one of them in
+        ``modules_to_save`` or ``target_modules``: with ``ensure_weight_tying``, the embedding's modules_to_save copy
+        is shared with the tied modules (recorded in ``config.modules_to_tie``); otherwise PEFT's warnings."""
+        saved = list(getattr(config, "modules_to_save", None) or [])
+        embedding_saved = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in saved)
+        targets = getattr(config, "target_modules", None)
+        if isinstance(targets, str):
+            embedding_targeted = any(re.fullmatch(targets, m) or re.search(rf"{targets}$", m)
+                                     for m in EMBEDDING_LAYER_NAMES)
+        else:
+            embedding_targeted = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in (targets or ()))
+        tied = module_names_tied_with_embedding(model)
+        if getattr(config, "ensure_weight_tying", False):
+            if not tied:
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model",
+                              UserWarning, stacklevel=3)
+            elif embedding_saved:
+                embedding = model.get_input_embeddings()
+                name = next(n for n, m in model.named_modules() if m is embedding)
+                kept = [m for m in saved if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", t) for t in tied)]
+                if name not in kept:
+                    kept.append(name)
+                config.modules_to_save = kept
+                config.modules_to_tie = set(tied)
+            elif embedding_targeted:
+                raise ValueError("ensure_weight_tying=True with the embedding or LM head in target_modules (one LoRA "
+                                 "shared, transposed, by the tied embedding and LM head) is not implemented in "
+                                 "peftfast; list the embedding in modules_to_save instead, or set "
+                                 "ensure_weight_tying=False")
+            else:
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                              "`modules_to_save` or `target_modules`", UserWarning, stacklevel=3)
+        elif (embedding_saved or embedding_targeted) and tied:
+            what = ("but `ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying")
+                    else "but no implementation exists to tie the adapters")
+            warnings.warn(f"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, {what}. This "
+                          "can lead to complications, for example when merging the adapter or converting your model "
+                          "to formats other than safetensors. Check the discussion here: "
+                          "https://github.com/huggingface/peft/issues/2777", UserWarning, stacklevel=3)
 
     def _set_auxiliary_modules(self, model: nn.Module, config: Any, adapter_name: str, undo: UndoLog) -> None:
         """Other modules the adapter trains outside its own layers (LoRA's trainable tokens, layers tied to the

@@ -102,13 +102,13 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     other_param_names: tuple[str, ...] = ()
     merged_adapters: list[str] = []
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.update(adapter_name, tied_module=tied_module)
         self.set_adapter(adapter_name)
 
     # -- state ---------------------------------------------------------------------------------------
@@ -152,9 +152,18 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
                                      f"{active!r} has no copy here (copies: {sorted(self.modules_to_save)})") from None
             return getattr(self._active_module(), name)
 
-    def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for ``adapter_name`` (frozen until activated)."""
-        new = copy.deepcopy(self.original_module)
+    def update(self, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
+        """Add a trainable copy of the original module for ``adapter_name`` (frozen until activated). With
+        ``tied_module`` (``ensure_weight_tying``: an LM head tied to the embedding), the copy's weight is that
+        module's weight, so that both train one tensor."""
+        memo = {}
+        if tied_module is not None:
+            weight = getattr(self.original_module, "weight", None)
+            if weight is None or tuple(tied_module.weight.shape) != tuple(weight.shape):
+                raise ValueError(f"cannot tie the copy of a {type(self.original_module).__name__} to a "
+                                 f"{type(tied_module).__name__}: their weights differ in shape")
+            memo[id(weight)] = tied_module.weight
+        new = copy.deepcopy(self.original_module, memo)
         new.requires_grad_(False)
         self.modules_to_save[adapter_name] = new
 
