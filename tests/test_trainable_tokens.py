@@ -248,3 +248,23 @@ def test_delete_and_disable_adapters():
     assert wrapper._adapters == {"default"} and "other" not in wrapper.token_adapter.token_indices
     assert wrapper.active_adapters == ["default"]
     copy.deepcopy(model)  # the tied/untied layers survive a deepcopy
+
+
+# ------------------------------------------------------------------------------------------------------
+# ensure_weight_tying with modules_to_save
+# ------------------------------------------------------------------------------------------------------
+def test_ensure_weight_tying_modules_to_save_matches_peft(tmp_path):
+    kwargs = {**LORA, "modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}
+    ours, theirs = pair(kwargs, "LoraConfig", tied=True)
+    emb, head = ours.base_model.model.model.embed_tokens, ours.base_model.model.lm_head
+    assert head.modules_to_save["default"].weight is emb.modules_to_save["default"].weight
+    with torch.no_grad():  # a trained copy: both modules see it
+        emb.modules_to_save["default"].weight.add_(torch.randn(emb.weight.shape, generator=torch.Generator()
+                                                               .manual_seed(4)))
+        theirs.base_model.model.model.embed_tokens.modules_to_save["default"].weight.copy_(
+            emb.modules_to_save["default"].weight)
+    assert_same_run(ours, theirs, inputs(), exact=False)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert sorted(load_file(os.path.join(tmp_path / "ours", "adapter_model.safetensors"))) == \
+        sorted(load_file(os.path.join(tmp_path / "theirs", "adapter_model.safetensors")))
