@@ -49,6 +49,7 @@ from .tuners import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameter
 from .tuners import PrefixEncoder, PrefixTuningConfig
 from .tuners import AdaLoraConfig, AdaLoraModel, LoHaConfig, LoHaModel, LoKrConfig, LoKrModel
 from .tuners import AdaptionPromptConfig, AdaptionPromptModel
+from .tuners import TrainableTokensConfig, TrainableTokensModel
 from . import helpers  # noqa: E402  ``peft.helpers`` is loaded by ``import peft``
 from .utils import (
     PeftType,
@@ -72,7 +73,7 @@ __all__ = [
     "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
-    "AdaptionPromptConfig", "AdaptionPromptModel",
+    "AdaptionPromptConfig", "AdaptionPromptModel", "TrainableTokensConfig", "TrainableTokensModel",
     "BdLoraConfig", "KasaConfig", "VeloraConfig", "LoraConfig", "LoraModel", "PeftConfig", "PeftConfigMixin", "PromptLearningConfig", "PeftMixedModel", "PeftModel", "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType", "TaskType",

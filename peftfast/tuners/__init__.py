@@ -10,9 +10,10 @@ from .loha import LoHaConfig, LoHaModel  # noqa: I001
 from .lokr import LoKrConfig, LoKrModel  # noqa: I001
 from .mixed import MixedModel  # noqa: I001  (after the methods it mixes)
 from .adaption_prompt import AdaptedAttention, AdaptionPromptConfig, AdaptionPromptModel
+from .trainable_tokens import TrainableTokensConfig, TrainableTokensModel  # noqa: I001
 from .tuners_utils import BaseTuner, BaseTunerLayer
 
 __all__ = ["BdLoraConfig", "KasaConfig", "VeloraConfig", "AdaLoraConfig", "AdaLoraModel", "BaseTuner", "BaseTunerLayer", "IA3Config", "IA3Model", "LoHaConfig",
            "LoHaModel", "LoKrConfig", "LoKrModel", "LoraConfig", "LoraModel", "MixedModel", "PrefixEncoder", "PrefixTuningConfig",
            "PromptEmbedding", "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
-           "PromptTuningConfig", "PromptTuningInit"]
+           "PromptTuningConfig", "PromptTuningInit", "TrainableTokensConfig", "TrainableTokensModel"]

@@ -28,12 +28,14 @@ from tqdm import tqdm
 from ..config import PeftConfig
 from ..utils.constants import (
     DUMMY_MODEL_CONFIG,
+    EMBEDDING_LAYER_NAMES,
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     MIN_TARGET_MODULES_FOR_OPTIMIZATION,
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern, get_pattern_key
-from ..utils.other import ModulesToSaveWrapper, get_submodules, per_sample_adapter_names
+from ..utils.other import (AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, module_names_tied_with_embedding,
+                           per_sample_adapter_names)
 from ..utils.undo import UndoLog
 
 __all__ = [
@@ -683,6 +685,7 @@ class BaseTuner(nn.Module):
                                f"got {type(config).__name__}")
         self._check_new_adapter_config(config)
         config = self._prepare_adapter_config(config, self.get_model_config(model))
+        self._check_tied_modules(model, config)
         self._expand_all_linear(config, model)
         self._condense_target_modules(config, model)
         with_parameters = bool(getattr(config, "target_parameters", None))
@@ -710,6 +713,7 @@ class BaseTuner(nn.Module):
             if with_parameters:
                 self._check_targets_found(config, model, planned, parameters)
             self._set_modules_to_save(model, config, adapter_name, undo)
+            self._set_auxiliary_modules(model, config, adapter_name, undo)
         # Each module once, in the order adapters first targeted it (PEFT's order).
         self.targeted_module_names = list(dict.fromkeys([*self.targeted_module_names, *planned]))
         _warn_unmatched_pattern_keys(config, planned)
@@ -773,16 +777,90 @@ class BaseTuner(nn.Module):
         if missing:
             raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
                              f"{', '.join(map(repr, missing))} matched no module in the model")
+        tie = getattr(config, "modules_to_tie", None)
+        embedding = model.get_input_embeddings() if tie and hasattr(model, "get_input_embeddings") else None
+        if isinstance(embedding, ModulesToSaveWrapper) and adapter_name in embedding.modules_to_save:
+            # ensure_weight_tying: modules tied to the embedding train the embedding's copy of the weight
+            shared = embedding.modules_to_save[adapter_name]
+            for key in sorted(tie):
+                parent, target, target_name = get_submodules(model, key)
+                if isinstance(target, ModulesToSaveWrapper):
+                    if adapter_name in target.modules_to_save:
+                        continue
+                    target.update(adapter_name, tied_module=shared)
+                    undo.delete_adapter(target, adapter_name)
+                    if activate:
+                        target.set_adapter(adapter_name, inference_mode=config.inference_mode)
+                    continue
+                wrapper = ModulesToSaveWrapper(target, adapter_name, tied_module=shared)
+                if not activate:
+                    wrapper.set_adapter([])
+                elif config.inference_mode:
+                    wrapper.set_adapter(adapter_name, inference_mode=True)
+                undo.replace(parent, target_name, target)
+                setattr(parent, target_name, wrapper)
+
+    def _check_tied_modules(self, model: nn.Module, config: Any) -> None:
+        """Input embedding and LM head sharing one weight (``tie_word_embeddings``) with one of them in
+        ``modules_to_save`` or ``target_modules``: with ``ensure_weight_tying``, the embedding's modules_to_save copy
+        is shared with the tied modules (recorded in ``config.modules_to_tie``); otherwise PEFT's warnings."""
+        saved = list(getattr(config, "modules_to_save", None) or [])
+        embedding_saved = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in saved)
+        targets = getattr(config, "target_modules", None)
+        if isinstance(targets, str):
+            embedding_targeted = any(re.fullmatch(targets, m) or re.search(rf"{targets}$", m)
+                                     for m in EMBEDDING_LAYER_NAMES)
+        else:
+            embedding_targeted = any(m.split(".")[-1] in EMBEDDING_LAYER_NAMES for m in (targets or ()))
+        tied = module_names_tied_with_embedding(model)
+        if getattr(config, "ensure_weight_tying", False):
+            if not tied:
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules were found in the model",
+                              UserWarning, stacklevel=3)
+            elif embedding_saved:
+                embedding = model.get_input_embeddings()
+                name = next(n for n, m in model.named_modules() if m is embedding)
+                kept = [m for m in saved if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", t) for t in tied)]
+                if name not in kept:
+                    kept.append(name)
+                config.modules_to_save = kept
+                config.modules_to_tie = set(tied)
+            elif embedding_targeted:
+                raise ValueError("ensure_weight_tying=True with the embedding or LM head in target_modules (one LoRA "
+                                 "shared, transposed, by the tied embedding and LM head) is not implemented in "
+                                 "peftfast; list the embedding in modules_to_save instead, or set "
+                                 "ensure_weight_tying=False")
+            else:
+                warnings.warn("You have requested `ensure_weight_tying`, but no tied modules are added in either "
+                              "`modules_to_save` or `target_modules`", UserWarning, stacklevel=3)
+        elif (embedding_saved or embedding_targeted) and tied:
+            what = ("but `ensure_weight_tying` is not set to True" if hasattr(config, "ensure_weight_tying")
+                    else "but no implementation exists to tie the adapters")
+            warnings.warn(f"Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, {what}. This "
+                          "can lead to complications, for example when merging the adapter or converting your model "
+                          "to formats other than safetensors. Check the discussion here: "
+                          "https://github.com/huggingface/peft/issues/2777", UserWarning, stacklevel=3)
+
+    def _set_auxiliary_modules(self, model: nn.Module, config: Any, adapter_name: str, undo: UndoLog) -> None:
+        """Other modules the adapter trains outside its own layers (LoRA's trainable tokens, layers tied to the
+        adapted ones); every change is recorded in ``undo``. None by default."""
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         # An adapter's own tensor sits directly under an adapter layer, in an attribute named with the method's
         # prefix (x.lora_A.default.weight); a base model module that merely has the prefix in its name
         # (a user's `lora_head`) is base model and stays frozen.
-        layers = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+        # (A layer of another method inside this adapter, e.g. LoRA's trainable tokens, is known by its container
+        # names: x.token_adapter.trainable_tokens_delta.default.)
+        layers = {name: module.adapter_layer_names for name, module in model.named_modules()
+                  if isinstance(module, BaseTunerLayer)}
 
         def is_adapter_tensor(name: str) -> bool:
             parts = name.split(".")
-            return any(self.prefix in parts[i] and ".".join(parts[:i]) in layers for i in range(len(parts)))
+            for i in range(len(parts)):
+                owner = layers.get(".".join(parts[:i]))
+                if owner is not None and (self.prefix in parts[i] or parts[i] in owner):
+                    return True
+            return False
 
         for name, p in model.named_parameters():
             if "modules_to_save" not in name and not is_adapter_tensor(name):
@@ -940,8 +1018,8 @@ class BaseTuner(nn.Module):
             for param_name, param in module.named_parameters(recurse=False):
                 users.setdefault(id(param), []).append(_join_name(module_name, param_name))
         for key, layer in self.model.named_modules():
-            if id(layer) not in merging:
-                continue
+            if id(layer) not in merging or getattr(layer, "merge_replaces_rows", False):
+                continue  # (a layer that writes rows, never adds, changes a tied module as training it does)
             target = getattr(layer, "merge_target", None)  # the tensor a merge writes (ParamWrapper: its parameter)
             weight = target() if target is not None else getattr(layer.get_base_layer(), "weight", None)
             shared = sorted(set(users.get(id(weight), [])) - {_join_name(key, "base_layer.weight")})
@@ -966,7 +1044,7 @@ class BaseTuner(nn.Module):
             pending = [n for n in names if n not in already]
             if pending:
                 self.merge_adapter(adapter_names=pending, safe_merge=safe_merge)
-        keys = [k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))]
+        keys = [k for k, m in self.model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
         keep = self.active_adapters[0] if self.active_adapters else None
         for key in tqdm(keys, disable=not progressbar, desc="Unloading " + ("and merging " if merge else "") + "model"):
             try:
@@ -979,7 +1057,7 @@ class BaseTuner(nn.Module):
                 unload = getattr(target, "unload_and_optionally_merge_module", None)
                 base = unload(merge=False, safe_merge=False, adapter_names=None) if unload else target.get_base_layer()
                 setattr(parent, target_name, base)
-            elif isinstance(target, ModulesToSaveWrapper):
+            elif isinstance(target, AuxiliaryTrainingWrapper):
                 setattr(parent, target_name, target.unwrapped(keep if not target.disable_adapters else None))
         if "peft_config" in getattr(self.model, "__dict__", {}):
             del self.model.peft_config  # the unloaded model is a plain model again and can be wrapped anew

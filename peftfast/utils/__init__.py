@@ -4,7 +4,9 @@ Nothing here imports ``peftfast.tuners``; the methods reach down into this packa
 """
 from .constants import CONFIG_NAME, INCLUDE_LINEAR_LAYERS_SHORTHAND, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .other import (
+    AuxiliaryTrainingWrapper,
     ModulesToSaveWrapper,
+    TrainableTokensWrapper,
     _get_submodules,
     get_submodules,
     cast_mixed_precision_params,
@@ -22,7 +24,7 @@ from .save_and_load import (
 )
 
 __all__ = [
-    "CONFIG_NAME", "INCLUDE_LINEAR_LAYERS_SHORTHAND", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "ModulesToSaveWrapper", "PeftType", "TaskType",
+    "CONFIG_NAME", "INCLUDE_LINEAR_LAYERS_SHORTHAND", "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "AuxiliaryTrainingWrapper", "ModulesToSaveWrapper", "TrainableTokensWrapper", "PeftType", "TaskType",
     "_get_submodules", "get_submodules", "cast_mixed_precision_params", "get_base_model_state_dict",
     "get_peft_model_state_dict", "load_peft_weights",
     "prepare_model_for_kbit_training", "register_peft_method", "set_base_model_state_dict", "set_peft_model_state_dict", "transpose",

@@ -10,6 +10,7 @@ from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES  # noqa: F401  PEFT's import path: peft.utils.other
 from .errors import AdapterError
+from .registry import trainable_tokens_layer_class
 
 
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
@@ -38,14 +39,59 @@ def is_adapter_layer(module: nn.Module) -> bool:
     """Whether ``module`` is an adapter layer (a BaseTunerLayer of any method), recognised by the class attribute
     every adapter layer declares, so that this bottom layer needs no import of the tuners."""
     return isinstance(getattr(type(module), "adapter_layer_names", None), tuple) and \
-        not isinstance(module, ModulesToSaveWrapper)
+        not isinstance(module, AuxiliaryTrainingWrapper)
 
 
 def transpose(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
 
-class ModulesToSaveWrapper(nn.Module):
+class AuxiliaryTrainingWrapper(nn.Module):
+    """A module replaced by a wrapper that trains (part of) it for each adapter outside of any adapter layer:
+    ``ModulesToSaveWrapper`` (a full copy) and the trainable-tokens wrapper (a few rows). ``original_attr`` names
+    the child through which the original module's tensors are reached; ``unwrapped()`` is what replaces the
+    wrapper on unload."""
+
+    original_attr: str = "original_module"
+
+    def unwrapped(self, adapter_name: Optional[str] = None) -> nn.Module:
+        raise NotImplementedError
+
+
+def module_names_tied_with_embedding(model: nn.Module) -> list[str]:
+    """Names of the modules whose ``weight`` is the very tensor of ``model``'s input embedding (an LM head tied to
+    it), for a model whose config says ``tie_word_embeddings=True``; [] otherwise. Modules inside adapter layers or
+    wrappers are reported under the name of the outermost one."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False) or \
+            not hasattr(model, "get_input_embeddings"):
+        return []
+    try:
+        embedding = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return []
+    while hasattr(embedding, "base_layer") or hasattr(embedding, "token_adapter"):
+        embedding = getattr(embedding, "token_adapter", None) or embedding.base_layer
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        return []
+    inner = ("base_layer", "token_adapter", "original_module", "modules_to_save")
+    names = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if module is embedding or module._parameters.get("weight") is not weight:
+            continue
+        parts = name.split(".")
+        while parts and parts[-1] in inner:
+            parts.pop()
+        if any(p in inner for p in parts):
+            continue
+        outer = ".".join(parts)
+        if outer and model.get_submodule(outer) is not model.get_input_embeddings():
+            names.add(outer)
+    return sorted(names)
+
+
+class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
     """Keeps the original module frozen and trains a full copy of it per adapter (PEFT's ``modules_to_save``).
 
     ``original_module`` runs when adapters are disabled or the active adapter has no copy here.
@@ -56,16 +102,23 @@ class ModulesToSaveWrapper(nn.Module):
     other_param_names: tuple[str, ...] = ()
     merged_adapters: list[str] = []
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = []
         self._disable_adapters = False
-        self.update(adapter_name)
+        self.update(adapter_name, tied_module=tied_module)
         self.set_adapter(adapter_name)
 
     # -- state ---------------------------------------------------------------------------------------
+    @property
+    def _adapters(self) -> set[str]:  # PEFT's attribute: the adapters with a copy here
+        return set(self.modules_to_save.keys())
+
+    def _get_available_adapters(self) -> set[str]:  # PEFT's name
+        return self._adapters
+
     @property
     def disable_adapters(self) -> bool:
         return self._disable_adapters
@@ -99,9 +152,18 @@ class ModulesToSaveWrapper(nn.Module):
                                      f"{active!r} has no copy here (copies: {sorted(self.modules_to_save)})") from None
             return getattr(self._active_module(), name)
 
-    def update(self, adapter_name: str) -> None:
-        """Add a trainable copy of the original module for ``adapter_name`` (frozen until activated)."""
-        new = copy.deepcopy(self.original_module)
+    def update(self, adapter_name: str, tied_module: Optional[nn.Module] = None) -> None:
+        """Add a trainable copy of the original module for ``adapter_name`` (frozen until activated). With
+        ``tied_module`` (``ensure_weight_tying``: an LM head tied to the embedding), the copy's weight is that
+        module's weight, so that both train one tensor."""
+        memo = {}
+        if tied_module is not None:
+            weight = getattr(self.original_module, "weight", None)
+            if weight is None or tuple(tied_module.weight.shape) != tuple(weight.shape):
+                raise ValueError(f"cannot tie the copy of a {type(self.original_module).__name__} to a "
+                                 f"{type(tied_module).__name__}: their weights differ in shape")
+            memo[id(weight)] = tied_module.weight
+        new = copy.deepcopy(self.original_module, memo)
         new.requires_grad_(False)
         self.modules_to_save[adapter_name] = new
 
@@ -166,6 +228,75 @@ class ModulesToSaveWrapper(nn.Module):
         if adapter_name is not None and adapter_name in self.modules_to_save:
             return self.modules_to_save[adapter_name]
         return self._active_module()
+
+
+class TrainableTokensWrapper(AuxiliaryTrainingWrapper):
+    """``LoraConfig(trainable_token_indices=...)``: the module is replaced by this wrapper; its ``token_adapter``
+    (a TrainableTokensLayer, which the tuner drives like its other layers) holds each adapter's rows. Attribute
+    reads fall through to the wrapped module; ``weight`` is the weight with the active adapters' rows in place."""
+
+    original_attr = "token_adapter"
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, token_indices: list[int],
+                 tied_adapter: Optional[nn.Module] = None, init_weights: bool = True) -> None:
+        super().__init__()
+        self.token_adapter = trainable_tokens_layer_class()(module_to_save, adapter_name, tied_adapter=tied_adapter)
+        self.token_adapter.update_layer(adapter_name, tied_adapter=tied_adapter, token_indices=token_indices,
+                                        init_weights=init_weights)
+
+    @property
+    def original_module(self) -> nn.Module:
+        return self.token_adapter.base_layer
+
+    @property
+    def _adapters(self) -> set[str]:  # PEFT's attribute: the adapters with rows here
+        return set(self.token_adapter.trainable_tokens_delta.keys())
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [n for n in self.token_adapter.active_adapters if n in self._adapters]
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.token_adapter.disable_adapters
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "token_adapter":
+                raise
+            layer = self._modules["token_adapter"]
+            if name == "weight":
+                if layer.disable_adapters or layer.merged:
+                    return layer.get_base_layer().weight
+                return layer.get_merged_weights(layer.active_adapters)
+            return getattr(layer.get_base_layer(), name)
+
+    def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
+        self.token_adapter.set_adapter(adapter_names, inference_mode=inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.token_adapter.enable_adapters(enabled)
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        self.token_adapter.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.token_adapter.delete_adapter(adapter_name)
+
+    def _get_available_adapters(self) -> set[str]:  # PEFT's name
+        return self._adapters
+
+    def update(self, adapter_name: str, token_indices: list[int], init_weights: bool = True) -> None:
+        self.token_adapter.update_layer(adapter_name, token_indices=token_indices, init_weights=init_weights)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.token_adapter(x, *args, **kwargs)
+
+    def unwrapped(self, adapter_name: Optional[str] = None) -> nn.Module:
+        """The module that replaces this wrapper on unload (merging, if asked, is the tuner's job)."""
+        return self.token_adapter.get_base_layer()
 
 
 def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:

@@ -33,6 +33,22 @@ PEFT_TYPE_TO_LOAD_CHECKED_FIELDS: dict[PeftType, tuple[str, ...]] = {}
 PEFT_TYPE_TO_PROMPT_LEARNING_HANDLER: dict[PeftType, Any] = {}
 
 
+# The trainable-tokens layer class (set by peftfast.tuners.trainable_tokens), which utils.other's
+# TrainableTokensWrapper builds without importing the tuners.
+_TRAINABLE_TOKENS_LAYER: list[type] = []
+
+
+def register_trainable_tokens_layer(cls: type) -> None:
+    _TRAINABLE_TOKENS_LAYER[:] = [cls]
+
+
+def trainable_tokens_layer_class() -> type:
+    if not _TRAINABLE_TOKENS_LAYER:
+        raise RuntimeError("trainable tokens are not available: import peftfast (which registers the "
+                           "TrainableTokensLayer) before building a TrainableTokensWrapper")
+    return _TRAINABLE_TOKENS_LAYER[0]
+
+
 class UnknownPeftTypeError(KeyError):
     """A peft_type that no registered method implements."""
 

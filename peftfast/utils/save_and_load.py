@@ -34,7 +34,7 @@ from torch import nn
 
 from .constants import EMBEDDING_LAYER_NAMES, INCLUDE_LINEAR_LAYERS_SHORTHAND
 from .errors import AdapterError, CappedMessage, ConfigError, PeftWarning, short_repr
-from .other import ModulesToSaveWrapper, is_adapter_layer
+from .other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, is_adapter_layer
 from .patterns import BoundedPattern
 from .registry import PEFT_TYPE_TO_TUNER_MAPPING, as_peft_type
 from .undo import UndoLog
@@ -101,6 +101,8 @@ def _tuner_prefixes(model: nn.Module, adapter_name: str) -> tuple[list[str], lis
         if not is_adapter_layer(module) or _inside_wrapper(name):
             continue
         layers.append(name)
+        if getattr(module, "tied_adapter", None) is not None and name.rpartition(".")[2] == "token_adapter":
+            continue  # LoRA's trainable tokens of an LM head tied to the embedding: saved under the embedding only
         for attr in module.adapter_layer_names:
             container = getattr(module, attr, None)
             if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
@@ -223,7 +225,10 @@ def resolve_save_embedding_layers(model: nn.Module, config: Any, save_embedding_
         raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
     if save_embedding_layers != "auto":
         return bool(save_embedding_layers)
-    if _embedding_is_targeted(model, config) and getattr(config, "trainable_token_indices", None) is None:
+    # (trainable tokens save their rows, not the embedding, whether on their own or through LoRA)
+    trains_tokens = str(getattr(config, "peft_type", "")) == "TRAINABLE_TOKENS" or \
+        getattr(config, "trainable_token_indices", None) is not None
+    if _embedding_is_targeted(model, config) and not trains_tokens:
         warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
                       UserWarning)
         return True
@@ -373,8 +378,8 @@ def base_model_key_map(model: nn.Module) -> dict[str, str]:
     ``head.original_module.weight``). Adapter weights, dropouts and modules_to_save copies have no entry."""
     wrapped: list[tuple[str, str]] = []  # (module name, the attribute holding the original module)
     for name, module in clean_named_modules(model):
-        if isinstance(module, ModulesToSaveWrapper):
-            wrapped.append((name, "original_module"))
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            wrapped.append((name, module.original_attr))
         elif is_adapter_layer(module):
             wrapped.append((name, "base_layer"))
     # Deepest first, so that a key below nested wrappers is rewritten from the inside out.

@@ -28,7 +28,6 @@ UNSUPPORTED_LORA_FIELDS: dict[str, tuple[Any, str]] = {
     "monteclora_config": (None, "MonteCLoRA"),
     "layer_replication": (None, "layer replication"),
     "arrow_config": (None, "Arrow routing"),
-    "trainable_token_indices": (None, "trainable tokens"),
     "megatron_config": (None, "Megatron parallel layers"),
 }
 

@@ -96,6 +96,14 @@ class LoraModel(BaseTuner):
         """LoRA on the ``nn.Parameter`` s of ``config.target_parameters`` (``lora/param.py``)."""
         return inject_parameters(self, model, config, adapter_name, undo)
 
+    def _set_auxiliary_modules(self, model: nn.Module, config: LoraConfig, adapter_name: str, undo: Any) -> None:
+        """``trainable_token_indices``: the named embeddings train only those rows (TrainableTokensWrapper)."""
+        if config.trainable_token_indices is None:
+            return
+        from ..trainable_tokens.model import set_trainable_tokens  # (here: registers after LoRA)
+
+        set_trainable_tokens(model, config, adapter_name, undo, activate=adapter_name in self.active_adapters)
+
     def _check_new_adapter_config(self, config: LoraConfig) -> None:
         check_single_bias_adapter(self)
         check_same_target_parameters(self.peft_config, config)
@@ -212,7 +220,8 @@ class LoraModel(BaseTuner):
             return args, kw
 
         handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-                   for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+                   for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+                   or getattr(m, "merge_replaces_rows", False)]  # (trainable tokens)
         try:
             yield
         finally:

@@ -121,6 +121,9 @@ class MixedModel(BaseTuner):
     def _create_new_module(self, config: Any, adapter_name: str, target: nn.Module, **kwargs: Any) -> nn.Module:
         return self._method()._create_new_module(self, config, adapter_name, target, **kwargs)
 
+    def _set_auxiliary_modules(self, model: nn.Module, config: Any, adapter_name: str, undo: Any) -> None:
+        self._method()._set_auxiliary_modules(self, model, config, adapter_name, undo)
+
     def _own_module_names(self) -> set[str]:
         names: set[str] = {"base_layer", "modules_to_save", "original_module"}
         for layer in _adapter_layer_classes():
@@ -130,7 +133,8 @@ class MixedModel(BaseTuner):
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         prefixes = _adapter_prefixes()
         for name, p in model.named_parameters():
-            if not any(prefix in name for prefix in prefixes) and "modules_to_save" not in name:
+            if not any(prefix in name for prefix in prefixes) and "modules_to_save" not in name \
+                    and ".token_adapter.trainable_tokens_delta." not in name:  # (LoRA's trainable tokens)
                 p.requires_grad = False
         self._mark_active_biases_trainable(model, BaseTunerLayer)
 
