@@ -4,7 +4,10 @@ from .bdlora import BlockDiagonalLinear
 from .config import BdLoraConfig, KasaConfig, LoraConfig, LoraRuntimeConfig
 from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer, MultiheadAttention
 from .model import LoraModel
+from . import layer as _layer
 from .param import ParamWrapper
+
+_layer.ParamWrapper = ParamWrapper  # PEFT's place for it too: peft.tuners.lora.layer.ParamWrapper
 from .velora import VeloraConfig
 
 register_peft_method(name="lora", config_cls=LoraConfig, model_cls=LoraModel, prefix="lora_",

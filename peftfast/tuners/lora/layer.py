@@ -1565,5 +1565,3 @@ class MultiheadAttention(nn.Module, LoraLayer):
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
-
-from .param import ParamWrapper  # noqa: E402  (PEFT's place for it: peft.tuners.lora.layer.ParamWrapper)
