@@ -34,9 +34,8 @@ index, row, column) with the counter-based hash of ``kernels/dropout.py``; the P
 regenerates the same bits. A rank tile never straddles two adapters when dropout is on. Ranks are
 tiled (tiles of 16, 64 or 128 ranks), so any rank works; the kernels are tested for 1..256.
 
-Dot precision: 16-bit adapters use the tensor cores natively; fp32 adapters on a 16-bit model
-use TF32 (x is exact in TF32, A/B keep 10 mantissa bits, finer than the 16-bit result); an fp32
-model uses 3xTF32 (~fp32 accuracy, as torch's default fp32 matmul).
+Dot precision: 16-bit adapters use the tensor cores natively; fp32 adapters, on a 16-bit or an
+fp32 model, use 3xTF32 (~fp32 accuracy, as torch's default fp32 matmul and PEFT's fp32 adapters).
 
 Memory saved for backward: x (the tensor the caller passed, which the base layer keeps too;
 never a cast or dropped copy), t ([M, R] in the adapter dtype: at most 2*R/K of x's bytes), the

@@ -48,10 +48,10 @@ def fused_dy_splits(t: int, d_out: int, ranks: list[int], act: torch.dtype, ad: 
     return tuple(kernels.dy_plan(t, d_out, ranks, act, ad))
 
 
-def fused_dx_block_m(act: torch.dtype) -> int:
+def fused_dx_block_m(act: torch.dtype, ad: torch.dtype | None = None) -> int:
     """Rows per program of the fused backward's dX + dA kernel (dense weight;
     ``peftfast.kernels.fused_dx_block_m``): dA's fp32 partials are [T / rows, R, K]."""
-    return kernels.fused_dx_block_m(act)
+    return kernels.fused_dx_block_m(act, ad)
 
 
 # ----------------------------------------------------------------------------------------------
