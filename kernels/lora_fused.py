@@ -442,16 +442,18 @@ _DY_BLOCK_R = (16, 32)
 
 def _dy_block_rs(ad: torch.dtype) -> tuple[int, ...]:
     return _DY_BLOCK_R[1:] if ad == torch.float32 else _DY_BLOCK_R
-# adapter dtype is fp32 -> meta-parameters (fp32 adapters, on any model: 3xTF32 dots, whose split
-# operands spill 256-wide N blocks)
+# (adapter dtype is fp32, activations are fp32) -> meta-parameters. fp32 adapters use 3xTF32 dots,
+# whose split operands spill 256-wide N blocks; on a 16-bit model (dY converted to fp32 in
+# registers) 128-wide ones still spill on bf16: 64.
 _DY_CONFIGS = {
-    False: {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
-    True: {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1},
+    (False, False): {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
+    (True, False): {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
+    (True, True): {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1},
 }
 
 
 def _dy_config(act: torch.dtype, ad: torch.dtype) -> dict:
-    return dict(_DY_CONFIGS[ad == torch.float32])
+    return dict(_DY_CONFIGS[ad == torch.float32, act == ad == torch.float32])
 _DY_TARGET_PROGRAMS = 264  # ~2 programs per SM of a 132-SM GPU: few splits, small dB partials
 
 

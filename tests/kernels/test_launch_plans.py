@@ -43,10 +43,10 @@ def documented_shrink_items(d_in, d_out, act):
 
 def documented_dy_plan(t, d_out, ranks, act, ad):
     """Rank tiles of 16 (R <= 16, 16-bit adapters) or 32; N blocks of 256 and row blocks of 16 (fp32
-    adapters, on any model: N blocks of 128, rows of 16); ~264 programs."""
+    adapters on a 16-bit model: N blocks of 64; fp32 model: 128); ~264 programs."""
     big_r = sum(ranks)
     tiles = cdiv(big_r, 16 if big_r <= 16 and ad != F32 else 32)
-    block_n, block_m = (128, 16) if ad == F32 else (256, 16)
+    block_n, block_m = (128, 16) if act == ad == F32 else (64, 16) if ad == F32 else (256, 16)
     n_blocks = cdiv(d_out, block_n)
     splits = max(1, min(cdiv(264, tiles * n_blocks), cdiv(t, block_m)))
     rows = cdiv(cdiv(t, splits), block_m) * block_m
