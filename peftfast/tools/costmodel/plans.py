@@ -32,6 +32,12 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return kernels.arrival_counters(device, n)
 
 
+def epoch_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The fused forward's epoch-counter buffer (``peftfast.kernels.epoch_counters``): one per device
+    and stream, zeroed once when first allocated; each launch takes a new epoch, no per-launch memset."""
+    return kernels.epoch_counters(device, n)[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels/lora_fused.py
 
