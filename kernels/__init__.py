@@ -39,7 +39,7 @@ _EXPORTS = {
     "matmul_4bit": "qmatmul", "matmul_int8": "qmatmul", "qlora_dx_block_m": "qmatmul",
     "Packed4bit": "quant", "dequantize_4bit": "quant", "dequantize_int8": "quant",
     "ia3_linear": "ia3", "ia3_scale_input": "ia3", "ia3_scale_output": "ia3",
-    "arrival_counters": "tiles",
+    "arrival_counters": "tiles", "epoch_counters": "tiles",
     "loha_linear": "lycoris", "lokr_linear": "lycoris",
 }
 

@@ -34,9 +34,8 @@ index, row, column) with the counter-based hash of ``kernels/dropout.py``; the P
 regenerates the same bits. A rank tile never straddles two adapters when dropout is on. Ranks are
 tiled (tiles of 16, 64 or 128 ranks), so any rank works; the kernels are tested for 1..256.
 
-Dot precision: 16-bit adapters use the tensor cores natively; fp32 adapters on a 16-bit model
-use TF32 (x is exact in TF32, A/B keep 10 mantissa bits, finer than the 16-bit result); an fp32
-model uses 3xTF32 (~fp32 accuracy, as torch's default fp32 matmul).
+Dot precision: 16-bit adapters use the tensor cores natively; fp32 adapters, on a 16-bit or an
+fp32 model, use 3xTF32 (~fp32 accuracy, as torch's default fp32 matmul and PEFT's fp32 adapters).
 
 Memory saved for backward: x (the tensor the caller passed, which the base layer keeps too;
 never a cast or dropped copy), t ([M, R] in the adapter dtype: at most 2*R/K of x's bytes), the
@@ -243,14 +242,15 @@ def _lora_grad_x_kernel(
 _TILE_BLOCK_R = (16, 64, 128)
 # rank-loop kernels (expand, grad_x): loop over R in chunks of BLOCK_R
 _LOOP_BLOCK_R = (16, 64)
-# (kernel, BLOCK_R, fp32 operands) -> meta-parameters; fp32 operands (TF32 dots) take half-size
-# K tiles, and quarter-size ones for the 128-rank shrink (32 spilled on sm_86/89 with 64-bit row
-# offsets). 8 warps everywhere: no variant spills on sm_80..sm_90 even without 16-byte alignment
+# (kernel, BLOCK_R, fp32 operands) -> meta-parameters; fp32 operands (3xTF32 dots) take half-size
+# K tiles, and quarter-size ones for the 64- and 128-rank shrink (32 spilled on sm_86/89 with 64-bit
+# row offsets, and for 64 ranks with a 16-bit x and dropout). 8 warps everywhere: no variant spills
+# on sm_80..sm_90 even without 16-byte alignment
 _CONFIGS = {}
 for _wide in (False, True):
     _k = 32 if _wide else 64
     for _br in _TILE_BLOCK_R:
-        _CONFIGS["shrink", _br, _wide] = {"BLOCK_M": 64, "BLOCK_K": 16 if _wide and _br == 128 else _k,
+        _CONFIGS["shrink", _br, _wide] = {"BLOCK_M": 64, "BLOCK_K": 16 if _wide and _br >= 64 else _k,
                                           "num_warps": 8, "num_stages": 3}
         _CONFIGS["grad_w", _br, _wide] = {"BLOCK_M": _k, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     for _br in _LOOP_BLOCK_R:

@@ -11,7 +11,7 @@ x: [M, K]; notation and the stacking A = [A_1; ...; A_n] [R, K], B = [B_1 ... B_
     dA  = G^T @ drop(x)                            [R, K]  in the same kernel;  db = sum_m dY (torch)
 
 Dtypes: the base product runs in x's dtype (x, W and b share it, as nn.Linear requires), the
-adapter product in the adapter dtype (t, B, G, A; fp32 adapters on a 16-bit model use TF32),
+adapter product in the adapter dtype (t, B, G, A; fp32 adapters use 3xTF32 on any model),
 both accumulate into one fp32 tile, which is cast once to x's dtype. (PEFT rounds x @ W^T + b to
 x's dtype before adding the adapter term; this path does not, so it is at least as accurate.)
 
@@ -46,8 +46,12 @@ Blocked algorithm:
         dA partial[M block] = G[rows]^T @ mask(x[rows, K block])  (fp32; x read here)
         the last M block to finish this K block sums the partials in order -> dA (adapter dtype)
 
-Arrival counters (``tiles.arrival_counters``) are one int32 buffer per device and stream, reset
-by the kernels themselves (each counter's last user puts it back to 0), so no launch zeroes them.
+Arrival counters of the backward kernels (``tiles.arrival_counters``) are one int32 buffer per
+device and stream, reset by the kernels themselves (each counter's last user puts it back to 0),
+so no launch zeroes them. The forward's ticket, slice counters and ready flags, which tiles WAIT
+on, are epoch counters (``tiles.epoch_counters``): each launch takes a new epoch, counts arrivals
+above its base and raises flags to its base, so a launch that died midway leaves nothing a later
+launch could skip a ticket for, mistake for its own flag, or wait on forever.
 Every reduction of partials is in a fixed order: results are deterministic.
 
 The dropout mask of adapter i at (row, column) of x is regenerated from (seed, i, row, column)
@@ -74,8 +78,9 @@ write and read as DRAM traffic; it does not model the time a tile may spend wait
 row block's t (the slices it waits for were handed out one group of tiles earlier).
 
 Dot precision: 16-bit operands use the tensor cores natively; an fp32 model's base product uses
-3xTF32 (~fp32, like torch's default fp32 matmul); the adapter product follows lora.py (TF32 for
-fp32 adapters on a 16-bit model). Tiles (see _CONFIGS) compile for sm_80..sm_90 without spills
+3xTF32 (~fp32, like torch's default fp32 matmul); the adapter product follows lora.py (3xTF32 for
+fp32 adapters on any model: 64-row tiles, and a look-ahead shrink of 16 rows per step over 2
+stages, when the model is 16-bit). Tiles (see _CONFIGS) compile for sm_80..sm_90 without spills
 even without 16-byte alignment; the adapter loop steps 16 ranks at a time for any rank.
 
 CPU (the reference path): F.linear, then lora.py's reference math on its output; backward adds
@@ -120,7 +125,8 @@ from .aot import AotSpec
 from .opdecl import OpDecl
 from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, launch,
                       use_triton)
-from .tiles import arrival_counters, grouped_tile, last_arrival, lookahead_work, sum_slices, tile_offsets
+from .tiles import (arrival_counters, epoch_arrival, epoch_counters, grouped_tile, last_arrival, lookahead_work,
+                    sum_slices, tile_offsets)
 from .dropout import check_p, draw_seed, keep_mask
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ from .dropout import check_p, draw_seed, keep_mask
 
 
 @triton.jit
-def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
+def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, epoch, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
                  row_block, item, n_items, k_per_item, num_m,
                  stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm, stride_tpr,
                  HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
@@ -137,7 +143,8 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
     """One slice of the shrink for one row block: tp[item, rows] = mask(x[rows, k slice]) @ A[:, k slice]^T
     (fp32, every adapter's ranks with its own mask). The last of the row block's n_items slices to
     arrive sums them in order, scales by s', stores t [rows, R] in A's dtype and raises the row
-    block's ready flag (count_ptr[1 + num_m + row_block]) for the GEMM tiles that add t @ B^T."""
+    block's ready flag (count_ptr[1 + num_m + row_block] := this launch's epoch base) for the GEMM
+    tiles that add t @ B^T. Arrivals are counted per epoch (tiles.epoch_arrival)."""
     # 64-bit addresses from scalar bases (row_block and item are int64); the per-element offsets stay
     # tile-local int32 (registers: this runs inside the GEMM kernel)
     offs_k = tl.arange(0, BLOCK_K)
@@ -170,7 +177,8 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
                          acc, mask=mask_m[:, None] & mask_r[None, :])
     rows = tl.arange(0, BLOCK_M)
     mask_m = rows < m_left
-    if last_arrival(count_ptr + 1 + row_block, n_items):
+    tl.debug_barrier()  # every thread's partial stores, then the arrival (see tiles.last_arrival)
+    if epoch_arrival(count_ptr + 1 + row_block, epoch) == n_items - 1:
         t_blk = t_ptr + row0 * stride_tm
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -181,7 +189,7 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr
             tl.store(t_blk + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr,
                      acc.to(t_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # every thread's t stores, then the flag
-        tl.atomic_xchg(count_ptr + 1 + num_m + row_block, 1, sem="release")
+        tl.atomic_xchg(count_ptr + 1 + num_m + row_block, epoch, sem="release")
 
 
 @triton.jit
@@ -240,7 +248,7 @@ def _lora_fused_forward_kernel(
                  stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "epoch"])
 def _lora_fused_forward_lookahead_kernel(
     x_ptr,  # [M, K] layer input, activation dtype
     w_ptr,  # [N, K] frozen base weight, activation dtype
@@ -250,7 +258,8 @@ def _lora_fused_forward_lookahead_kernel(
     tp_ptr,  # [n_items, M, R] fp32 shrink partials, one slice per K slice
     b_ptr,  # [N, R] stacked B_i, adapter dtype
     y_ptr,  # [M, N] output, activation dtype
-    count_ptr,  # int32 arrival counters: [1] tile ticket, [num_m] shrink slices done, [num_m] t ready, [num_m] t readers
+    count_ptr,  # int64 epoch counters (tiles.epoch_counters): [1] tile ticket, [num_m] shrink slices done, [num_m] t ready
+    epoch,  # this launch's epoch base (epoch << 32): counters hold base + arrivals, raised flags hold base
     adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
     scale_ptr,  # [R] fp32 s' per rank
     seed,  # 64-bit dropout seed
@@ -268,33 +277,31 @@ def _lora_fused_forward_lookahead_kernel(
     # whatever the number of resident programs (and the interpreter, which runs tickets in order).
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    ticket = tl.atomic_add(count_ptr, 1)
+    # tickets of this launch's epoch: whatever a launch that died midway left in the counters is
+    # from an older epoch, so nothing is reset and nothing stale is waited for
+    ticket = epoch_arrival(count_ptr, epoch).to(tl.int32)
     n_first, tile, next_block, next_item, has_next = lookahead_work(ticket, num_m, num_n, n_items, GROUP_M)
-    tl.atomic_xchg(count_ptr, 0, mask=ticket == n_first + num_m * num_n - 1)  # the last ticket: reset
     if ticket < n_first:  # row blocks go to the slices as int64: they address x, t and tp
-        _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
+        _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, epoch, adapters_ptr, scale_ptr, seed, n_adapters, M, K, R,
                      (ticket // n_items).to(tl.int64), ticket % n_items, n_items, k_per_item, num_m,
                      stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
                      stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
     else:
         pid_m, pid_n = grouped_tile(tile.to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         if has_next:
-            _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, adapters_ptr, scale_ptr, seed, n_adapters, M, K,
+            _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, epoch, adapters_ptr, scale_ptr, seed, n_adapters, M, K,
                          R, next_block.to(tl.int64), next_item, n_items, k_per_item, num_m,
                          stride_xm, stride_xk, stride_ar, stride_ak, stride_tm, stride_tr, stride_tpi, stride_tpm,
                          stride_tpr, HAS_DROPOUT, LORA_PRECISION, BLOCK_M, SUB_M, BLOCK_K, BLOCK_R)
         offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
         acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
                          stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        # wait for this row block's t (its slices all have earlier tickets)
+        # wait for this row block's t of THIS launch (its slices all have earlier tickets)
         ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
-        while ready == 0:
+        while ready != epoch:
             ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
         _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
                      stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
-        # the last of the row block's tiles to read t lowers its ready flag for the next launch
-        if last_arrival(count_ptr + 1 + 2 * num_m + pid_m, num_n):
-            tl.atomic_xchg(count_ptr + 1 + num_m + pid_m, 0)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -407,19 +414,31 @@ declare_int32_operands(_lora_fused_forward_lookahead_kernel, "a_ptr", "adapters_
 # Launch configurations (shared by the launchers and aot_specs)
 # ----------------------------------------------------------------------------------------------
 _BLOCK_R = 16  # the adapter loop's step (ranks are few next to K: a short loop of small dots)
-# (kernel, fp32 activations) -> meta-parameters. Output tiles of 128 x 64 (16-bit) and 64 x 64 with a
+# (kernel, dtypes) -> meta-parameters; dtypes "16" (16-bit model and adapters), "16+fp32" (fp32
+# adapters on a 16-bit model: 3xTF32 adapter dots), "fp32" (fp32 model). Output tiles of 128 x 64
+# (16-bit), 64 x 64 (16-bit with 3xTF32 adapter dots: 128-row tiles spill) and 64 x 64 with a
 # shallow reduction step and 2 stages (fp32: 3xTF32 splits every operand in two); chosen so that no
 # variant spills on sm_80..sm_90 even when odd feature sizes prevent vectorised loads.
 _CONFIGS = {
-    ("forward", False): {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SUB_M": 32, "num_warps": 8,
-                         "num_stages": 3},
-    ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4,
-                        "num_stages": 2},  # fp32: no look-ahead kernel (no SUB_M)
-    ("grad_x", False): {"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 8,
+    ("forward", "16"): {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SUB_M": 32, "num_warps": 8,
                         "num_stages": 3},
-    ("grad_x", True): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16, "GROUP_M": 8, "num_warps": 8,
-                       "num_stages": 2},
+    ("forward", "16+fp32"): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "SUB_M": 16,
+                             "num_warps": 8, "num_stages": 2},
+    ("forward", "fp32"): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8, "num_warps": 4,
+                          "num_stages": 2},  # fp32: no look-ahead kernel (no SUB_M)
+    ("grad_x", "16"): {"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 8,
+                       "num_stages": 3},
+    ("grad_x", "16+fp32"): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 64, "GROUP_M": 8, "num_warps": 8,
+                            "num_stages": 3},
+    ("grad_x", "fp32"): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16, "GROUP_M": 8, "num_warps": 8,
+                         "num_stages": 2},
 }
+
+
+def _dtypes_key(act: torch.dtype, ad: torch.dtype | None) -> str:
+    if act == torch.float32:
+        return "fp32"
+    return "16+fp32" if ad == torch.float32 else "16"
 
 
 # dY pass (G and dB): wide N blocks halve the G partials; rank tiles of 16 or 32 (always 32 for
@@ -429,10 +448,12 @@ _DY_BLOCK_R = (16, 32)
 
 def _dy_block_rs(ad: torch.dtype) -> tuple[int, ...]:
     return _DY_BLOCK_R[1:] if ad == torch.float32 else _DY_BLOCK_R
-# (adapter dtype is fp32, activations are fp32) -> meta-parameters
+# (adapter dtype is fp32, activations are fp32) -> meta-parameters. fp32 adapters use 3xTF32 dots,
+# whose split operands spill 256-wide N blocks; on a 16-bit model (dY converted to fp32 in
+# registers) 128-wide ones still spill on bf16: 64.
 _DY_CONFIGS = {
     (False, False): {"BLOCK_M": 16, "BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
-    (True, False): {"BLOCK_M": 32, "BLOCK_N": 256, "num_warps": 8, "num_stages": 1},
+    (True, False): {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1},
     (True, True): {"BLOCK_M": 16, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1},
 }
 
@@ -442,8 +463,9 @@ def _dy_config(act: torch.dtype, ad: torch.dtype) -> dict:
 _DY_TARGET_PROGRAMS = 264  # ~2 programs per SM of a 132-SM GPU: few splits, small dB partials
 
 
-def _config(kernel: str, act: torch.dtype) -> dict:
-    return dict(_CONFIGS[kernel, act == torch.float32])
+def _config(kernel: str, act: torch.dtype, ad: torch.dtype | None = None) -> dict:
+    """The meta-parameters of ``kernel`` for activations ``act`` and adapters ``ad`` (default: act)."""
+    return dict(_CONFIGS[kernel, _dtypes_key(act, ad)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +481,7 @@ def shrink_slices(d_in: int, d_out: int, act: torch.dtype) -> tuple[int, int]:
     """(K per slice, slices) of the look-ahead shrink of one row block (16-bit activations):
     min(_SHRINK_ITEMS, column blocks, K blocks) slices of whole K blocks (at most one slice per
     column block: a group's tiles cover the next group's slices)."""
-    cfg = _CONFIGS["forward", act == torch.float32]
+    cfg = _CONFIGS["forward", _dtypes_key(act, None)]  # BLOCK_K and BLOCK_N: the same for any adapter dtype
     k_blocks = triton.cdiv(d_in, cfg["BLOCK_K"])
     k_per_item = triton.cdiv(k_blocks, min(_SHRINK_ITEMS, triton.cdiv(d_out, cfg["BLOCK_N"]), k_blocks)) * cfg["BLOCK_K"]
     return k_per_item, triton.cdiv(d_in, k_per_item)
@@ -471,10 +493,11 @@ def shrink_items(d_in: int, d_out: int, act: torch.dtype) -> int:
     return shrink_slices(d_in, d_out, act)[1]
 
 
-def fused_dx_block_m(act: torch.dtype) -> int:
-    """Rows per program of the dense fused dX kernel (64 for fp32 activations, else 128): dA's fp32
-    partials are [cdiv(T, this), R, K]."""
-    return _CONFIGS["grad_x", act == torch.float32]["BLOCK_M"]
+def fused_dx_block_m(act: torch.dtype, ad: torch.dtype | None = None) -> int:
+    """Rows per program of the dense fused dX kernel for activations ``act`` and adapters ``ad``
+    (default: act): 64 for fp32 activations or fp32 adapters, else 128. dA's fp32 partials are
+    [cdiv(T, this), R, K]."""
+    return _config("grad_x", act, ad)["BLOCK_M"]
 
 
 def dy_block_r(rank: int, ad: torch.dtype) -> int:
@@ -512,7 +535,7 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     N, R = b.shape
     assert weight.shape == (N, K) and a.shape == (R, K)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    cfg = _config("forward", x2.dtype)
+    cfg = _config("forward", x2.dtype, a.dtype)
     sub_m = cfg.pop("SUB_M", None)  # the look-ahead's row step (16-bit activations only)
     num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(x2.dtype),
@@ -527,10 +550,10 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     k_per_item, n_items = shrink_slices(K, N, x2.dtype)
     t = torch.empty(M, R, dtype=a.dtype, device=x2.device)
     tp = torch.empty(n_items, M, R, dtype=torch.float32, device=x2.device)
-    count = arrival_counters(x2.device, 1 + 3 * num_m)
+    count, epoch = epoch_counters(x2.device, 1 + 2 * num_m)
     grid = (min(cfg["GROUP_M"], num_m) * n_items + num_m * num_n,)
     launch(_lora_fused_forward_lookahead_kernel, grid,
-        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, adapter_table(plan, x2.device),
+        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, epoch, adapter_table(plan, x2.device),
         rank_scale(plan, x2.device), seed, M, N, K, R, len(plan.ranks), n_items, k_per_item,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), t.stride(0),
         t.stride(1), tp.stride(0), tp.stride(1), tp.stride(2), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
@@ -544,8 +567,8 @@ def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     M, N = dy2.shape
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
-    cfg = _config("grad_x", dy2.dtype)
-    num_m = triton.cdiv(M, fused_dx_block_m(dy2.dtype))
+    cfg = _config("grad_x", dy2.dtype, a.dtype)
+    num_m = triton.cdiv(M, cfg["BLOCK_M"])
     da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lora_fused_grad_x_kernel, grid,
@@ -857,7 +880,7 @@ def aot_specs() -> list[AotSpec]:
          ("stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("forward_lookahead", _lora_fused_forward_lookahead_kernel,
          lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "a_ptr": w, "t_ptr": w, "tp_ptr": "fp32", "b_ptr": w,
-                       "y_ptr": x, "count_ptr": "i32", "scale_ptr": "fp32"},
+                       "y_ptr": x, "count_ptr": "i64", "scale_ptr": "fp32"},
          ("stride_xk", "stride_wk", "stride_ak", "stride_tr", "stride_tpr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
          lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
@@ -888,14 +911,14 @@ def aot_specs() -> list[AotSpec]:
             flags_list = [{flag: on} for on in (False, True)] if second is None else \
                 [{flag: on, second: on2} for on in (False, True) for on2 in (False, True)]
             for flags in flags_list:
-                cfg = _config("forward" if kname == "forward_lookahead" else kname, act)
+                cfg = _config("forward" if kname == "forward_lookahead" else kname, act, ad)
                 if kname != "forward_lookahead":
                     cfg.pop("SUB_M", None)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 consts = dict(BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
                               BLOCK_R=_BLOCK_R, **cfg, **{u: 1 for u in unit}, **flags)
                 types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
-                types.update(adapters_ptr="*i64", seed="i64")
+                types.update(adapters_ptr="*i64", seed="i64", epoch="i64")
                 sig = aot_signature(fn, types, consts)
                 name = (f"lora_fused_{kname}[x={xa},w={wa},BR={_BLOCK_R},"
                         f"{','.join(f'{k}={v}' for k, v in cfg.items())},"

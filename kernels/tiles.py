@@ -8,8 +8,18 @@
   counter to 0, so the int32 buffer from ``arrival_counters`` (one per device and stream, zeroed
   once when allocated) never needs a memset per launch; launches on one stream run in order.
 * ``sum_slices``: that last program's fp32 sum of n partial slices, in order (deterministic).
+* Epoch counters (``epoch_counters``, ``epoch_arrival``): for kernels whose programs WAIT on each
+  other (the ticketed look-ahead forward of kernels/lora_fused.py). Each launch gets a new epoch
+  E (host-side, per device and stream) and passes ``E << 32`` as its base; an int64 counter holds
+  ``base + arrivals`` of the latest launch that touched it, and a flag holds the base of the
+  launch that raised it. A program first lifts the counter to at least its base (atomic max: a
+  counter of an older launch, finished or not, is below it), then adds 1: its arrival number is
+  the old value minus the base. Nothing is reset, so a launch that died midway (counters left
+  partially advanced, flags left raised) cannot make a later launch skip tickets, mistake a stale
+  flag for its own, or wait for an arrival that never comes.
 
-Memory: the counter buffer is 16 KiB per device and stream (4096 int32, grown on demand).
+Memory: the counter buffer is 16 KiB per device and stream (4096 int32, grown on demand); the epoch
+counter buffer 16 KiB (2048 int64, grown on demand).
 """
 from __future__ import annotations
 
@@ -22,6 +32,10 @@ from .runtime import check_not_capturing, launch_stream
 
 # (device, stream) -> int32 counter buffer; every counter is 0 between launches
 COUNTERS: dict = {}
+# (device, stream) -> (int64 epoch counter buffer, epoch of its latest launch)
+EPOCH_COUNTERS: dict = {}
+EPOCH_SHIFT = 32  # a launch's base is epoch << 32: arrivals per counter stay below 2**32 (grids < 2**31)
+EPOCH_LIMIT = 2**31 - 1  # bases stay below 2**63; past this a fresh zeroed buffer restarts at epoch 1
 
 
 @triton.jit
@@ -80,6 +94,16 @@ def last_arrival(count_ptr, expected):
 
 
 @triton.jit
+def epoch_arrival(count_ptr, base):
+    """This program's arrival number (0, 1, ...) at the int64 epoch counter ``count_ptr`` in the
+    launch whose base is ``base`` (``epoch_counters``): whatever an older launch left there (done or
+    died midway) is below ``base`` and is replaced by it on the launch's first arrival. The counter
+    is ordered acquire-release (see ``last_arrival``'s notes on what is visible)."""
+    tl.atomic_max(count_ptr, base, sem="relaxed")
+    return tl.atomic_add(count_ptr, 1, sem="acq_rel") - base
+
+
+@triton.jit
 def sum_slices(ptrs, n, stride, mask, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """fp32 sum of n [BLOCK_A, BLOCK_B] partial slices ``stride`` apart, in order (deterministic),
     read through L2: other programs wrote them (see ``last_arrival``)."""
@@ -103,6 +127,22 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
         COUNTERS[device, stream] = buf
     return buf
+
+
+def epoch_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:
+    """(int64 counters, at least n, for ``epoch_arrival`` and epoch flags; this launch's base
+    ``epoch << 32``). One buffer per device and stream; each call is one launch and takes the next
+    epoch, so counters and flags never need resetting (see the module doc)."""
+    check_not_capturing(device)  # the epoch advances on the host: a graph replay would reuse one epoch
+    if device.type == "meta":  # shape-only launches (nothing runs): nothing to reuse, nothing to keep
+        return torch.zeros(max(n, 2048), dtype=torch.int64, device=device), 1 << EPOCH_SHIFT
+    key = (device, launch_stream(device))
+    buf, epoch = EPOCH_COUNTERS.get(key, (None, 0))
+    if buf is None or buf.numel() < n or epoch >= EPOCH_LIMIT:
+        buf, epoch = torch.zeros(max(n, 2048), dtype=torch.int64, device=device), 0
+    epoch += 1
+    EPOCH_COUNTERS[key] = (buf, epoch)
+    return buf, epoch << EPOCH_SHIFT
 
 
 def aot_specs() -> list[AotSpec]:

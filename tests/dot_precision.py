@@ -63,6 +63,10 @@ def enable() -> None:
     itp.InterpreterBuilder.create_dot = create_dot
 
 
+def enabled() -> bool:
+    return "create_dot" in _PATCHED
+
+
 def disable() -> None:
     from triton.runtime import interpreter as itp
 

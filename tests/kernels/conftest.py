@@ -7,6 +7,18 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def gpu_dot_rounding():
+    """Every kernel test runs with ``tl.dot``'s ``input_precision`` honoured as a GPU computes it
+    (tests/dot_precision.py: fp32 operands rounded to TF32 for "tf32", split for "tf32x3"); the
+    interpreter alone would multiply them in full fp32 and hide TF32's error."""
+    from tests import dot_precision
+
+    dot_precision.enable()
+    yield
+    dot_precision.disable()
+
+
 @pytest.fixture
 def triton_kernels(triton_backend):
     """The Triton backend, skipped where the kernels cannot run on the tests' CPU tensors (no

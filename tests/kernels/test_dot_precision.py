@@ -1,16 +1,17 @@
 """tests/dot_precision.py: Triton's interpreter with ``input_precision`` honoured as a GPU computes
 it (the interpreter alone multiplies fp32 dot operands in full fp32 whatever is asked), and what it
-shows about the kernels' fp32 dots.
+shows about the kernels' fp32 dots. tests/kernels/conftest.py switches it on for every kernel test.
 
-The fused LoRA op with fp32 adapters on a 16-bit model asks for plain TF32 adapter dots
-(``runtime.dot_precision``): under this interpreter its adapter gradients miss the float64 bound
-by orders of magnitude, as they would on a GPU. That case is a strict xfail until the adapter dots
-use 3xTF32 or ieee without spilling registers; it turns into a failure the day it passes."""
+fp32 adapters on a 16-bit model use 3xTF32 adapter dots (``runtime.dot_precision``); with plain
+TF32 their adapter gradients missed the float64 bound by orders of magnitude under this mode, as
+they would on a GPU."""
 import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
+
+from peftfast.kernels import runtime
 
 from tests import dot_precision
 from tests.kernels.test_lora_fused import assert_matches_float64, make_inputs
@@ -20,9 +21,9 @@ F16, F32 = torch.float16, torch.float32
 
 @pytest.fixture
 def gpu_dots(triton_kernels):
-    dot_precision.enable()
+    """tests/kernels/conftest.py switches the rounding on for every kernel test."""
+    assert dot_precision.enabled()
     yield
-    dot_precision.disable()
 
 
 def test_round_tf32_keeps_ten_mantissa_bits_ties_away():
@@ -62,7 +63,12 @@ def test_fp32_model_is_gpu_accurate(gpu_dots):
     assert_matches_float64(make_inputs((37,), 72, 40, (5,), F32, F32, seed=5), [0.0])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="fp32 adapters on a 16-bit model use plain TF32 adapter dots (runtime.dot_precision)")
 def test_fp32_adapters_on_fp16_model_are_gpu_accurate(gpu_dots):
+    """fp32 adapters on a 16-bit model: 3xTF32 adapter dots (runtime.dot_precision) keep every
+    gradient within the float64 bound under GPU rounding (plain TF32 missed dA's by ~300x)."""
     assert_matches_float64(make_inputs((37,), 72, 40, (5,), F16, F32, seed=5), [0.0])
+
+
+def test_dot_precision_rule():
+    assert runtime.dot_precision(F32) == runtime.dot_precision(F16, F32) == "tf32x3"
+    assert runtime.dot_precision(F16) == runtime.dot_precision(torch.bfloat16, torch.bfloat16) == "tf32"

@@ -43,10 +43,10 @@ def documented_shrink_items(d_in, d_out, act):
 
 def documented_dy_plan(t, d_out, ranks, act, ad):
     """Rank tiles of 16 (R <= 16, 16-bit adapters) or 32; N blocks of 256 and row blocks of 16 (fp32
-    adapters on a 16-bit model: 32; fp32 model: N blocks of 128, rows of 16); ~264 programs."""
+    adapters on a 16-bit model: N blocks of 64; fp32 model: 128); ~264 programs."""
     big_r = sum(ranks)
     tiles = cdiv(big_r, 16 if big_r <= 16 and ad != F32 else 32)
-    block_n, block_m = (128, 16) if act == ad == F32 else (256, 32) if ad == F32 else (256, 16)
+    block_n, block_m = (128, 16) if act == ad == F32 else (64, 16) if ad == F32 else (256, 16)
     n_blocks = cdiv(d_out, block_n)
     splits = max(1, min(cdiv(264, tiles * n_blocks), cdiv(t, block_m)))
     rows = cdiv(cdiv(t, splits), block_m) * block_m
@@ -77,11 +77,11 @@ def test_dy_plan_follows_its_rule(act, ad):
 def test_dx_block_m_matches_costmodel(act, ad):
     """The dense fused dX rows per program are the cost model's default; the quantised ones are what
     its QLoRA backward uses (seen in the dA partials it writes: they differ for 16, 64 and 128 rows)."""
-    assert fused_dx_block_m(act) == (64 if act == F32 else 128)
+    assert fused_dx_block_m(act, ad) == (64 if F32 in (act, ad) else 128)
     for t in TOKENS:
         shape = (t, 256, 192, [7, 9], act, ad)
         assert cm.peftfast_fused_backward(*shape) == cm.peftfast_fused_backward(
-            *shape, block_m_dx=fused_dx_block_m(act))
+            *shape, block_m_dx=fused_dx_block_m(act, ad))
         dense = cm.peftfast_fused_backward(*shape, block_m_dx=qlora_dx_block_m(t, act))
         quant = cm.qlora_fused_backward(*shape)
         assert [k.bytes_written for k in quant] == [k.bytes_written for k in dense], t
@@ -109,7 +109,7 @@ def test_launchers_use_the_plans(triton_backend):
     dy_grid = next(v for n, v in grids.items() if "dy" in n)
     assert tuple(dy_grid[1:]) == dy_plan(t, d_out, ranks, F16, F32)
     dx_grid = next(v for n, v in grids.items() if "grad_x" in n)
-    assert dx_grid[0] == -(-t // fused_dx_block_m(F16)) * -(-d_in // 64)
+    assert dx_grid[0] == -(-t // fused_dx_block_m(F16, F32)) * -(-d_in // 64)
 
     base = torch.randn(t, d_out, generator=g).to(F16)
     y = lora.lora_linear(x, base, a, b, [1.0, 2.0], [0.1, 0.2], True)

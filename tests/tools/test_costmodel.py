@@ -219,7 +219,7 @@ def test_fused_model_by_hand():
     assert shrink == cm.peftfast_lora_forward(t, k, n, [r], f32, f32)[0]
     assert gemm.bytes_read == t * k * 4 + n * k * 4 + t * r * 4 + n * r * 4 and cm.fused_forward_reread(t, k, f32) == 0
     assert cm.fused_dy_splits(t, n, [r], bf16, bf16) == (3, 4)  # 3 blocks of 256 columns; 4 splits of 16 rows
-    assert cm.fused_dy_splits(t, n, [r], bf16, f32) == (3, 2)  # fp32 adapters: 2 splits of 32 rows
+    assert cm.fused_dy_splits(t, n, [r], bf16, f32) == (10, 4)  # fp32 adapters: 10 blocks of 64, 4 splits of 16 rows
     assert cm.fused_dy_splits(t, n, [r], f32, f32) == (5, 4)  # fp32 model: 5 blocks of 128, 4 splits of 16 rows
     bwd = cm.peftfast_fused_backward(t, k, n, [r], bf16, bf16)
     assert len(bwd) == 2  # the dY pass and the dX + dA kernel; every partial sum happens inside them

@@ -32,6 +32,12 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
     return kernels.arrival_counters(device, n)
 
 
+def epoch_counters(device: torch.device, n: int) -> torch.Tensor:
+    """The fused forward's epoch-counter buffer (``peftfast.kernels.epoch_counters``): one per device
+    and stream, zeroed once when first allocated; each launch takes a new epoch, no per-launch memset."""
+    return kernels.epoch_counters(device, n)[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels/lora_fused.py
 
@@ -48,10 +54,10 @@ def fused_dy_splits(t: int, d_out: int, ranks: list[int], act: torch.dtype, ad: 
     return tuple(kernels.dy_plan(t, d_out, ranks, act, ad))
 
 
-def fused_dx_block_m(act: torch.dtype) -> int:
+def fused_dx_block_m(act: torch.dtype, ad: torch.dtype | None = None) -> int:
     """Rows per program of the fused backward's dX + dA kernel (dense weight;
     ``peftfast.kernels.fused_dx_block_m``): dA's fp32 partials are [T / rows, R, K]."""
-    return kernels.fused_dx_block_m(act)
+    return kernels.fused_dx_block_m(act, ad)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act
                  t * d_out * nbytes(act) + tr * nbytes(ad) + nr * nbytes(ad) + big_r * 4 + gp + dbp,
                  gp + dbp + tr * nbytes(ad) + nr * nbytes(ad), 4 * t * d_out * big_r, True)]
     if block_m_dx is None:
-        block_m_dx = fused_dx_block_m(act)
+        block_m_dx = fused_dx_block_m(act, ad)
     dap = cdiv(t, block_m_dx) * rk * 4
     ks.append(Kernel("peftfast bwd: dX = dY @ W + mask * (G @ A), dA = G^T @ mask(X)",
                      t * d_out * nbytes(act) + d_out * d_in * nbytes(act) + tr * nbytes(ad) + rk * nbytes(ad)
