@@ -113,8 +113,7 @@ def unknown_on(case):
 
 UNSUPPORTED = [("use_qalora", True), ("layer_replication", [[0, 1]]),
                ("loftq_config", {"loftq_bits": 4}), ("eva_config", {"rho": 2}), ("corda_config", {"x": 1}),
-               ("alora_invocation_tokens", [4]), ("target_parameters", ["w"]), ("trainable_token_indices", [1]),
-               ("megatron_config", {"a": 1}),
+               ("alora_invocation_tokens", [4]), ("megatron_config", {"a": 1}),
                ("init_lora_weights", "loftq"), ("init_lora_weights", "eva"), ("init_lora_weights", "corda")]
 
 WRONG = [("r", "7"), ("r", 3.5), ("r", 0), ("r", -2), ("r", True), ("r", None), ("lora_alpha", "high"),
