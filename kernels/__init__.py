@@ -6,7 +6,7 @@ Layout (one file per op; shared pieces are public names in shared modules):
 
     backend.py / runtime.py   backend choice, launch on the input's device, dtype names, dot precision,
                               AOT signatures
-    tiles.py                  grouped tile order, arrival counters, ordered partial sums
+    tiles.py                  grouped tile order, epoch counters, ordered partial sums
     adapters.py               the adapter plan and tables, the adapter epilogues of the GEMMs
     opdecl.py                 one declaration per op -> custom op + fake + backward + eager autograd
     autotune.py               measured dispatch: candidates timed once per key on CUDA, cached on disk
@@ -39,7 +39,7 @@ _EXPORTS = {
     "matmul_4bit": "qmatmul", "matmul_int8": "qmatmul", "qlora_dx_block_m": "qmatmul",
     "Packed4bit": "quant", "dequantize_4bit": "quant", "dequantize_int8": "quant",
     "ia3_linear": "ia3", "ia3_scale_input": "ia3", "ia3_scale_output": "ia3",
-    "arrival_counters": "tiles", "epoch_counters": "tiles",
+    "epoch_counters": "tiles",
     "loha_linear": "lycoris", "lokr_linear": "lycoris",
 }
 

@@ -19,7 +19,7 @@ Device side (``@triton.jit`` epilogues, compiled inside the kernels that call th
 * ``accumulate_lora_y``: acc += t @ B^T (forward epilogue).
 * ``accumulate_lora_dx``: acc += sum_i m_i * (G_i @ A_i) (dX epilogue, masks regenerated).
 * ``lora_grad_a_tile``: dA = G^T @ (m_i * x) inside a dX kernel, fp32 partials per row block summed
-  in order by the last row block to arrive (``tiles.last_arrival``): deterministic.
+  in order by the last row block to arrive (``tiles.last_epoch_arrival``): deterministic.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import triton.language as tl
 
 from .aot import AotSpec
 from .dropout import keep_mask, stream_key, threshold
-from .tiles import arrival_counters, last_arrival, sum_slices
+from .tiles import NO_EPOCH, epoch_counters, last_epoch_arrival, sum_slices
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def adapter_ranks(adapters_ptr, i, R, seed, HAS_DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_adapters, R, seed,
+def lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, count_base, adapters_ptr, n_adapters, R, seed,
                       pid_m, num_m, M, offs_k, mask_k,
                       stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
                       stride_dar, stride_dak,
@@ -113,7 +113,8 @@ def lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_a
     """dA = G^T @ (m_i * x) for the input features offs_k, inside a dX kernel whose program owns
     row block pid_m (of num_m, BLOCK_M rows). This block's share, G[rows]^T @ mask(x[rows, k]),
     is stored as an fp32 partial dap[pid_m] (x read SUB_M rows at a time, to keep registers
-    free); the last row block to arrive at count_ptr sums the num_m partials in order
+    free); the last row block of this launch (epoch base count_base) to arrive at the epoch
+    counter count_ptr sums the num_m partials in order
     (deterministic) and stores dA [R, k] in da's dtype. Shared by the dense and the 4-bit fused
     dX kernels: x is read here, by a compute-bound kernel, instead of by a separate memory-bound
     dA pass."""
@@ -136,7 +137,7 @@ def lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr, adapters_ptr, n_a
                 part = tl.dot(g_t, x, part, input_precision=PRECISION)
             tl.store(dap_ptr + offs_r[:, None] * stride_dpr + offs_k[None, :] * stride_dpk, part,
                      mask=mask_r[:, None] & mask_k[None, :])
-    if last_arrival(count_ptr, num_m):
+    if last_epoch_arrival(count_ptr, count_base, num_m):
         dap_ptr -= pid_m * stride_dps
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R).to(tl.int64)  # 64-bit offsets
@@ -211,15 +212,16 @@ def rank_scale(plan: Plan, device: torch.device, dtype: torch.dtype = torch.floa
 
 def grad_a_operands(x2: torch.Tensor | None, a: torch.Tensor, num_m: int, block_k: int):
     """(dA or None, pointers, strides) for ``lora_grad_a_tile`` inside a dX kernel with row blocks
-    num_m and column blocks of block_k: x2, fp32 partials [num_m, R, K], dA [R, K] in A's dtype and
-    the arrival counters. Without x2 (no dA wanted) the pointers are placeholders."""
+    num_m and column blocks of block_k: x2, fp32 partials [num_m, R, K], dA [R, K] in A's dtype, the
+    epoch counters and this launch's base (``tiles.epoch_counters``: one call per launch). Without x2
+    (no dA wanted) the pointers and the base are placeholders."""
     if x2 is None:
-        return None, (a, a, a, a), (0,) * 7
+        return None, (a, a, a, a, NO_EPOCH), (0,) * 7
     R, K = a.shape
     dap = torch.empty(num_m, R, K, dtype=torch.float32, device=a.device)
     da = torch.empty(R, K, dtype=a.dtype, device=a.device)
-    count = arrival_counters(a.device, triton.cdiv(K, block_k))
-    return da, (x2, dap, da, count), (x2.stride(0), x2.stride(1), *dap.stride(), *da.stride())
+    count, base = epoch_counters(a.device, triton.cdiv(K, block_k))
+    return da, (x2, dap, da, count, base), (x2.stride(0), x2.stride(1), *dap.stride(), *da.stride())
 
 
 def cat_a(weights_a):

@@ -87,7 +87,6 @@ from .aot import AotSpec
 from .opdecl import OpDecl
 from .dropout import check_p, draw_seed, keep_mask, keep_mask_torch, stream_key
 from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, launch, use_triton
-from .tiles import arrival_counters
 
 # ----------------------------------------------------------------------------------------------
 # Triton kernels

@@ -46,12 +46,11 @@ Blocked algorithm:
         dA partial[M block] = G[rows]^T @ mask(x[rows, K block])  (fp32; x read here)
         the last M block to finish this K block sums the partials in order -> dA (adapter dtype)
 
-Arrival counters of the backward kernels (``tiles.arrival_counters``) are one int32 buffer per
-device and stream, reset by the kernels themselves (each counter's last user puts it back to 0),
-so no launch zeroes them. The forward's ticket, slice counters and ready flags, which tiles WAIT
-on, are epoch counters (``tiles.epoch_counters``): each launch takes a new epoch, counts arrivals
-above its base and raises flags to its base, so a launch that died midway leaves nothing a later
-launch could skip a ticket for, mistake for its own flag, or wait on forever.
+Every counter is an epoch counter (``tiles.epoch_counters``): one int64 buffer per device and
+stream; each launch takes a new epoch, counts arrivals above its base and raises flags to its base,
+so nothing is ever reset and a launch that died midway leaves nothing a later launch could skip a
+ticket for (forward), pick the wrong last arriver for (the backward kernels' sums of partials),
+mistake for its own flag, or wait on forever.
 Every reduction of partials is in a fixed order: results are deterministic.
 
 The dropout mask of adapter i at (row, column) of x is regenerated from (seed, i, row, column)
@@ -125,7 +124,7 @@ from .aot import AotSpec
 from .opdecl import OpDecl
 from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, launch,
                       use_triton)
-from .tiles import (arrival_counters, epoch_arrival, epoch_counters, grouped_tile, last_arrival, lookahead_work,
+from .tiles import (epoch_arrival, epoch_counters, grouped_tile, last_epoch_arrival, lookahead_work,
                     sum_slices, tile_offsets)
 from .dropout import check_p, draw_seed, keep_mask
 
@@ -177,7 +176,7 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, epoch, adapters_ptr, sc
                          acc, mask=mask_m[:, None] & mask_r[None, :])
     rows = tl.arange(0, BLOCK_M)
     mask_m = rows < m_left
-    tl.debug_barrier()  # every thread's partial stores, then the arrival (see tiles.last_arrival)
+    tl.debug_barrier()  # every thread's partial stores, then the arrival (see tiles.last_epoch_arrival)
     if epoch_arrival(count_ptr + 1 + row_block, epoch) == n_items - 1:
         t_blk = t_ptr + row0 * stride_tm
         for r0 in range(0, R, BLOCK_R):
@@ -304,7 +303,7 @@ def _lora_fused_forward_lookahead_kernel(
                      stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "count_base"])
 def _lora_fused_grad_x_kernel(
     dy_ptr,  # [M, N] gradient of y, activation dtype
     w_ptr,  # [N, K] frozen base weight, activation dtype
@@ -316,7 +315,8 @@ def _lora_fused_grad_x_kernel(
     x_ptr,  # [M, K] layer input, activation dtype (HAS_DA)
     dap_ptr,  # [cdiv(M, BLOCK_M), R, K] fp32 dA partials, one slice per row block (HAS_DA)
     da_ptr,  # [R, K] stacked dA_i, adapter dtype (HAS_DA)
-    count_ptr,  # [cdiv(K, BLOCK_K)] int32 arrival counters: row blocks done per K block (HAS_DA)
+    count_ptr,  # [cdiv(K, BLOCK_K)] int64 epoch counters: row blocks done per K block (HAS_DA)
+    count_base,  # this launch's epoch base (tiles.epoch_counters; HAS_DA)
     M, K, N, R, n_adapters,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
     stride_dxm, stride_dxk, stride_xm, stride_xk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
@@ -333,14 +333,14 @@ def _lora_fused_grad_x_kernel(
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
     if HAS_DA:  # dA for these columns: x is read here instead of by a separate pass
-        lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr + pid_k, adapters_ptr, n_adapters, R, seed,
-                            pid_m, tl.cdiv(M, BLOCK_M), M, offs_k, mask_k,
+        lora_grad_a_tile(x_ptr, g_ptr, dap_ptr, da_ptr, count_ptr + pid_k, count_base, adapters_ptr, n_adapters,
+                            R, seed, pid_m, tl.cdiv(M, BLOCK_M), M, offs_k, mask_k,
                             stride_xm, stride_xk, stride_gm, stride_gr, stride_dps, stride_dpr, stride_dpk,
                             stride_dar, stride_dak, HAS_DROPOUT, BLOCK_M, min(BLOCK_M, 64), BLOCK_R,
                             LORA_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count_base"])
 def _lora_fused_dy_kernel(
     dy_ptr,  # [M, N] gradient of y, activation dtype
     t_ptr,  # [M, R] scaled shrink output saved by the forward, adapter dtype
@@ -349,7 +349,8 @@ def _lora_fused_dy_kernel(
     db_ptr,  # [N, R] output dB = dY^T @ t, adapter dtype
     gp_ptr,  # [n_blocks_n, M, R] fp32 partial G, one slice per N block
     dbp_ptr,  # [n_splits, N, R] fp32 partial dB, one slice per split of M
-    count_ptr,  # int32 arrival counters: [n_tiles, cdiv(M, BLOCK_M)] for G, then [n_tiles, n_blocks_n] for dB
+    count_ptr,  # int64 epoch counters: [n_tiles, cdiv(M, BLOCK_M)] for G, then [n_tiles, n_blocks_n] for dB
+    count_base,  # this launch's epoch base (tiles.epoch_counters)
     tiles_ptr,  # [n_tiles, 4] int64 rank tiles: rank start, rank end (columns 2, 3 unused)
     scale_ptr,  # [R] fp32 s' per rank
     M, N, rows_per_split,
@@ -391,7 +392,7 @@ def _lora_fused_dy_kernel(
         t_tr = tl.load(t_ptr + offs_r[:, None] * stride_tr + offs_m[None, :] * stride_tm,
                        mask=mask_r[:, None] & mask_m[None, :], other=0.0)  # [BLOCK_R, BLOCK_M] = t^T
         db_acc = tl.dot(t_tr.to(b_ptr.dtype.element_ty), dy, db_acc, input_precision=DOT_PRECISION)
-        if last_arrival(count_ptr + pid_r * n_chunks + m0 // BLOCK_M, n_blocks):  # G rows complete
+        if last_epoch_arrival(count_ptr + pid_r * n_chunks + m0 // BLOCK_M, count_base, n_blocks):  # G rows done
             g_sum = sum_slices(gp_ptrs, n_blocks, stride_gps, mask_mr, BLOCK_M, BLOCK_R)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                      g_sum.to(g_ptr.dtype.element_ty), mask=mask_mr)
@@ -399,7 +400,8 @@ def _lora_fused_dy_kernel(
     dbp_ptrs = dbp_ptr + offs_r[:, None] * stride_dbpr + offs_n[None, :] * stride_dbpn
     tl.store(dbp_ptrs + pid_s * stride_dbs, db_acc, mask=mask_rn)
     n_tiles = tl.num_programs(0)
-    if last_arrival(count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n, n_splits):  # dB complete
+    db_count = count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n
+    if last_epoch_arrival(db_count, count_base, n_splits):  # dB complete
         db_sum = sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
@@ -593,9 +595,9 @@ def launch_dy_pass(dy2, t, b, plan):
     dbp = torch.empty(splits, N, R, dtype=torch.float32, device=dy2.device)
     g = torch.empty(M, R, dtype=b.dtype, device=dy2.device)
     db = torch.empty(N, R, dtype=b.dtype, device=dy2.device)
-    count = arrival_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
+    count, base = epoch_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
     launch(_lora_fused_dy_kernel, (n_tiles, n_blocks, splits),
-        dy2, t, b, g, db, gp, dbp, count, tiles, rank_scale(plan, dy2.device), M, N, rows,
+        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device), M, N, rows,
         dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
         db.stride(0), db.stride(1), gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1),
         dbp.stride(2), DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
@@ -884,7 +886,7 @@ def aot_specs() -> list[AotSpec]:
          ("stride_xk", "stride_wk", "stride_ak", "stride_tr", "stride_tpr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
          lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
-                       "da_ptr": w, "count_ptr": "i32"},
+                       "da_ptr": w, "count_ptr": "i64"},
          ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
     )
     specs = []
@@ -896,8 +898,8 @@ def aot_specs() -> list[AotSpec]:
             consts = dict(DOT_PRECISION=dot_precision(act, ad), BLOCK_R=block_r, **cfg,
                           **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
             types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa, "db_ptr": "*" + wa,
-                     "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i32", "tiles_ptr": "*i64",
-                     "scale_ptr": "*fp32"}
+                     "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i64", "count_base": "i64",
+                     "tiles_ptr": "*i64", "scale_ptr": "*fp32"}
             sig = aot_signature(_lora_fused_dy_kernel, types, consts)
             name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
                     f"BLOCK_N={cfg['BLOCK_N']},warps={warps}]")
@@ -918,7 +920,7 @@ def aot_specs() -> list[AotSpec]:
                 consts = dict(BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
                               BLOCK_R=_BLOCK_R, **cfg, **{u: 1 for u in unit}, **flags)
                 types = {k: "*" + v for k, v in ptrs(xa, wa).items()}
-                types.update(adapters_ptr="*i64", seed="i64", epoch="i64")
+                types.update(adapters_ptr="*i64", seed="i64", epoch="i64", count_base="i64")
                 sig = aot_signature(fn, types, consts)
                 name = (f"lora_fused_{kname}[x={xa},w={wa},BR={_BLOCK_R},"
                         f"{','.join(f'{k}={v}' for k, v in cfg.items())},"

@@ -75,7 +75,7 @@ from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lo
 from .aot import AotSpec
 from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
-from .tiles import grouped_tile
+from .tiles import NO_EPOCH, grouped_tile
 from .quant import (
     Packed4bit,
     block_scale,
@@ -121,10 +121,11 @@ def _dot(a, b, acc):
 @triton.jit
 def _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
                  lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
-                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, stride_lxm,
-                 stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, LORA_DROPOUT: tl.constexpr,
-                 LORA_PRECISION: tl.constexpr, BLOCK_LR: tl.constexpr, LORA_DA: tl.constexpr, BLOCK_M: tl.constexpr):
+                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, lora_count_base,
+                 stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
+                 TRANSPOSE_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                 LORA_DROPOUT: tl.constexpr, LORA_PRECISION: tl.constexpr, BLOCK_LR: tl.constexpr,
+                 LORA_DA: tl.constexpr, BLOCK_M: tl.constexpr):
     """The epilogue shared by the quantised GEMMs (only their K-loops differ): the adapter term, a
     short second reduction over the ranks into the same accumulator (split 0 only): acc += t @ B^T
     (forward) or sum_i mask_i * (G_i @ A_i) (dX); the bias; one store; then, with LORA_DA, dA of
@@ -147,13 +148,13 @@ def _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_p
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
     if LORA_DA:
         lora_grad_a_tile(lora_x_ptr, lora_a_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr + pid_c,
-                            lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m, tl.cdiv(M, BLOCK_M), M,
-                            offs_c, mask_c, stride_lxm, stride_lxk, stride_lam, stride_lar,
+                            lora_count_base, lora_adapters_ptr, lora_n_adapters, RL, lora_seed, pid_m,
+                            tl.cdiv(M, BLOCK_M), M, offs_c, mask_c, stride_lxm, stride_lxk, stride_lam, stride_lar,
                             stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, LORA_DROPOUT, BLOCK_M,
                             min(BLOCK_M, 32), BLOCK_LR, LORA_PRECISION)
 
 
-@triton.jit(do_not_specialize=["lora_seed"])
+@triton.jit(do_not_specialize=["lora_seed", "lora_count_base"])
 def _matmul_4bit_kernel(
     a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
     out_ptr,  # [M, C] result, or fp32 [SPLIT, M, C] partial sums
@@ -195,7 +196,8 @@ def _matmul_4bit_kernel(
     lora_x_ptr,  # [M, C] layer input x (dX with LORA_DA)
     lora_dap_ptr,  # [cdiv(M, BLOCK_M), RL, C] fp32 dA partials (LORA_DA)
     lora_da_ptr,  # [RL, C] stacked dA_i, adapter dtype (LORA_DA)
-    lora_count_ptr,  # [cdiv(C, BLOCK_C)] int32 arrival counters (LORA_DA)
+    lora_count_ptr,  # [cdiv(C, BLOCK_C)] int64 epoch counters (LORA_DA)
+    lora_count_base,  # this launch's epoch base (tiles.epoch_counters; LORA_DA)
     stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
     LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
@@ -248,12 +250,12 @@ def _matmul_4bit_kernel(
         acc = _dot(a, _as_operand(w, a, w_round), acc)
     _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
                  lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
-                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, stride_lxm,
-                 stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W, HAS_BIAS,
-                 HAS_LORA, LORA_DROPOUT, LORA_PRECISION, BLOCK_LR, LORA_DA, BLOCK_M)
+                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, lora_count_base,
+                 stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W,
+                 HAS_BIAS, HAS_LORA, LORA_DROPOUT, LORA_PRECISION, BLOCK_LR, LORA_DA, BLOCK_M)
 
 
-@triton.jit(do_not_specialize=["lora_seed"])
+@triton.jit(do_not_specialize=["lora_seed", "lora_count_base"])
 def _matmul_int8_kernel(
     a_ptr,  # [M, R] activations: x (forward) or dy (backward), any strides
     out_ptr,  # [M, C] result, or fp32 [SPLIT, M, C] partial sums
@@ -287,7 +289,8 @@ def _matmul_int8_kernel(
     lora_x_ptr,  # [M, C] layer input x (dX with LORA_DA)
     lora_dap_ptr,  # [cdiv(M, BLOCK_M), RL, C] fp32 dA partials (LORA_DA)
     lora_da_ptr,  # [RL, C] stacked dA_i, adapter dtype (LORA_DA)
-    lora_count_ptr,  # [cdiv(C, BLOCK_C)] int32 arrival counters (LORA_DA)
+    lora_count_ptr,  # [cdiv(C, BLOCK_C)] int64 epoch counters (LORA_DA)
+    lora_count_base,  # this launch's epoch base (tiles.epoch_counters; LORA_DA)
     stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
     LORA_DA: tl.constexpr,  # dX (unsplit): also dA = sum_i G_i^T @ (mask_i * x) for these columns
 ):
@@ -312,9 +315,9 @@ def _matmul_int8_kernel(
         acc = _dot(a, w.to(a.dtype), acc)
     _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
                  lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
-                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, stride_lxm,
-                 stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W, HAS_BIAS,
-                 HAS_LORA, LORA_DROPOUT, LORA_PRECISION, BLOCK_LR, LORA_DA, BLOCK_M)
+                 stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, lora_count_base,
+                 stride_lxm, stride_lxk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak, TRANSPOSE_W,
+                 HAS_BIAS, HAS_LORA, LORA_DROPOUT, LORA_PRECISION, BLOCK_LR, LORA_DA, BLOCK_M)
 
 
 @triton.jit
@@ -494,7 +497,8 @@ _LORA_BLOCK_R = 16  # the adapter loop's rank step
 def _lora_args(lora, dummy: torch.Tensor) -> dict:
     """Kernel arguments for the adapter term: lora = (t or G [M, RL], B [N, RL] or A [RL, K],
     adapter table [n, 4] int64, seed, dropout, dot precision), or None for none."""
-    no_da = dict(lora_x_ptr=dummy, lora_dap_ptr=dummy, lora_da_ptr=dummy, lora_count_ptr=dummy, stride_lxm=0,
+    no_da = dict(lora_x_ptr=dummy, lora_dap_ptr=dummy, lora_da_ptr=dummy, lora_count_ptr=dummy,
+                 lora_count_base=NO_EPOCH, stride_lxm=0,
                  stride_lxk=0, stride_dps=0, stride_dpr=0, stride_dpk=0, stride_dar=0, stride_dak=0, LORA_DA=False)
     if lora is None:
         return dict(lora_a_ptr=dummy, lora_w_ptr=dummy, lora_adapters_ptr=dummy, lora_seed=0, lora_n_adapters=0,
@@ -551,7 +555,8 @@ def _launch_with_lora(kernel, weight_args, constexprs, a, c, r, bias, transpose,
         return _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, config, cfg, split)
     num_m = triton.cdiv(a.shape[0], cfg.block_m)
     da, ptrs, strides = grad_a_operands(lora_x, lora[1], num_m, cfg.block_c)
-    constexprs.update(zip(("lora_x_ptr", "lora_dap_ptr", "lora_da_ptr", "lora_count_ptr"), ptrs))
+    constexprs.update(zip(("lora_x_ptr", "lora_dap_ptr", "lora_da_ptr", "lora_count_ptr", "lora_count_base"),
+                          ptrs))
     constexprs.update(zip(("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
                            "stride_dak"), strides))
     constexprs["LORA_DA"] = True
@@ -763,7 +768,7 @@ def _lora_sig(ad: Optional[torch.dtype], a_dtype: torch.dtype, dropout: bool, da
     sig = {"lora_a_ptr": f"*{w}", "lora_w_ptr": f"*{w}", "lora_adapters_ptr": "*i64", "lora_seed": "i64",
            "lora_n_adapters": "i32", "RL": "i32", "stride_lam": "i32", "stride_lar": "i32", "stride_lw0": "i32",
            "stride_lw1": "i32", "lora_x_ptr": f"*{DTYPE_NAMES[a_dtype]}", "lora_dap_ptr": "*fp32",
-           "lora_da_ptr": f"*{w}", "lora_count_ptr": "*i32",
+           "lora_da_ptr": f"*{w}", "lora_count_ptr": "*i64", "lora_count_base": "i64",
            **{k: "i32" for k in ("stride_lxm", "stride_lxk", "stride_dps", "stride_dpr", "stride_dpk", "stride_dar",
                                  "stride_dak")}}
     consts = dict(HAS_LORA=ad is not None, LORA_DROPOUT=dropout,

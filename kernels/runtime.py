@@ -120,7 +120,7 @@ def check_grid(kernel, grid) -> tuple[int, ...]:
 def launch_stream(device: torch.device) -> int:
     """The raw CUDA stream a launch on ``device`` runs on (what Triton launches on while ``device``
     is current: that device's current torch stream); 0 for a CPU device (the interpreter). Per-stream
-    state (tiles.arrival_counters) is keyed by this."""
+    state (tiles.epoch_counters) is keyed by this."""
     if device.type != "cuda":
         return 0
     return torch.cuda.current_stream(device).cuda_stream

@@ -3,23 +3,20 @@
 * ``grouped_tile``: output tile number -> (row block, column block) in grouped order: GROUP_M row
   blocks walk the same column blocks while those columns of the right operand sit in L2.
 * ``tile_offsets``: the row/column offsets and bounds masks of one output tile.
-* Arrival counters: a kernel whose programs each write an fp32 partial lets the LAST program to
-  arrive sum them. ``last_arrival`` is true in exactly one program per counter and resets the
-  counter to 0, so the int32 buffer from ``arrival_counters`` (one per device and stream, zeroed
-  once when allocated) never needs a memset per launch; launches on one stream run in order.
-* ``sum_slices``: that last program's fp32 sum of n partial slices, in order (deterministic).
-* Epoch counters (``epoch_counters``, ``epoch_arrival``): for kernels whose programs WAIT on each
-  other (the ticketed look-ahead forward of kernels/lora_fused.py). Each launch gets a new epoch
-  E (host-side, per device and stream) and passes ``E << 32`` as its base; an int64 counter holds
-  ``base + arrivals`` of the latest launch that touched it, and a flag holds the base of the
-  launch that raised it. A program first lifts the counter to at least its base (atomic max: a
-  counter of an older launch, finished or not, is below it), then adds 1: its arrival number is
-  the old value minus the base. Nothing is reset, so a launch that died midway (counters left
-  partially advanced, flags left raised) cannot make a later launch skip tickets, mistake a stale
-  flag for its own, or wait for an arrival that never comes.
+* Epoch counters (``epoch_counters``, ``epoch_arrival``, ``last_epoch_arrival``): every kernel
+  that counts arrivals (a program that WAITS on others, as in the ticketed look-ahead forward of
+  kernels/lora_fused.py, or the LAST program to arrive summing the fp32 partials the others wrote,
+  as in the backward kernels). Each launch gets a new epoch E (host-side, per device and stream) and
+  passes ``E << 32`` as its base; an int64 counter holds ``base + arrivals`` of the latest launch
+  that touched it, and a flag holds the base of the launch that raised it. A program first lifts
+  the counter to at least its base (atomic max: a counter of an older launch, finished or not, is
+  below it), then adds 1: its arrival number is the old value minus the base. Nothing is reset, so
+  a launch that died midway (counters left partially advanced, flags left raised) cannot make a
+  later launch skip tickets, pick the wrong last arriver, mistake a stale flag for its own, or wait
+  for an arrival that never comes.
+* ``sum_slices``: the last arriver's fp32 sum of n partial slices, in order (deterministic).
 
-Memory: the counter buffer is 16 KiB per device and stream (4096 int32, grown on demand); the epoch
-counter buffer 16 KiB (2048 int64, grown on demand).
+Memory: the epoch counter buffer is 16 KiB per device and stream (2048 int64, grown on demand).
 """
 from __future__ import annotations
 
@@ -30,12 +27,13 @@ import triton.language as tl
 from .aot import AotSpec
 from .runtime import check_not_capturing, launch_stream
 
-# (device, stream) -> int32 counter buffer; every counter is 0 between launches
-COUNTERS: dict = {}
 # (device, stream) -> (int64 epoch counter buffer, epoch of its latest launch)
 EPOCH_COUNTERS: dict = {}
 EPOCH_SHIFT = 32  # a launch's base is epoch << 32: arrivals per counter stay below 2**32 (grids < 2**31)
 EPOCH_LIMIT = 2**31 - 1  # bases stay below 2**63; past this a fresh zeroed buffer restarts at epoch 1
+# the base a launch passes where its kernel counts nothing (a flag turns the counting off): any
+# value of the int64 type a real base has, so the compiled signature is the same
+NO_EPOCH = 1 << EPOCH_SHIFT
 
 
 @triton.jit
@@ -81,52 +79,36 @@ def tile_offsets(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def last_arrival(count_ptr, expected):
-    """True in exactly one of the ``expected`` programs that call this on one counter (from
-    ``arrival_counters``): the last to arrive, which also puts the counter back to 0. Everything
-    the callers stored before the call is visible to that program (the barrier orders the CTA's
-    stores before the release; the acquire orders the winner's later loads).
-    Read what other programs stored with ``cache_modifier=".cg"`` (L1 is not coherent)."""
-    tl.debug_barrier()
-    last = tl.atomic_add(count_ptr, 1, sem="acq_rel") == expected - 1
-    tl.atomic_xchg(count_ptr, 0, mask=last)  # everyone has arrived: reset for the next launch
-    return last
-
-
-@triton.jit
 def epoch_arrival(count_ptr, base):
     """This program's arrival number (0, 1, ...) at the int64 epoch counter ``count_ptr`` in the
     launch whose base is ``base`` (``epoch_counters``): whatever an older launch left there (done or
     died midway) is below ``base`` and is replaced by it on the launch's first arrival. The counter
-    is ordered acquire-release (see ``last_arrival``'s notes on what is visible)."""
+    is ordered acquire-release (see ``last_epoch_arrival``'s notes on what is visible)."""
     tl.atomic_max(count_ptr, base, sem="relaxed")
     return tl.atomic_add(count_ptr, 1, sem="acq_rel") - base
 
 
 @triton.jit
+def last_epoch_arrival(count_ptr, base, expected):
+    """True in exactly one of the ``expected`` programs of the launch whose base is ``base`` that
+    call this on one epoch counter: the last to arrive. Everything the callers stored before the
+    call is visible to that program (the barrier orders the CTA's stores before the release; the
+    acquire orders the winner's later loads). Nothing is reset: an older launch's count, finished
+    or died midway, is below ``base`` (``epoch_arrival``).
+    Read what other programs stored with ``cache_modifier=".cg"`` (L1 is not coherent)."""
+    tl.debug_barrier()
+    return epoch_arrival(count_ptr, base) == expected - 1
+
+
+@triton.jit
 def sum_slices(ptrs, n, stride, mask, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """fp32 sum of n [BLOCK_A, BLOCK_B] partial slices ``stride`` apart, in order (deterministic),
-    read through L2: other programs wrote them (see ``last_arrival``)."""
+    read through L2: other programs wrote them (see ``last_epoch_arrival``)."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
     for _ in range(0, n):
         acc += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
         ptrs += stride
     return acc
-
-
-def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 counters, all 0, for ``last_arrival`` (at least n). One buffer per device and stream,
-    reused by every launch: each counter is back at 0 when the kernel that used it ends (its last
-    arriver resets it), and launches on one stream run in order, so no memset per launch."""
-    check_not_capturing(device)  # a buffer grown or replaced during capture would be freed under the graph
-    if device.type == "meta":  # shape-only launches (nothing runs): nothing to reuse, nothing to keep
-        return torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    stream = launch_stream(device)  # the stream the kernel is launched on (runtime.launch: device's current one)
-    buf = COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        COUNTERS[device, stream] = buf
-    return buf
 
 
 def epoch_counters(device: torch.device, n: int) -> tuple[torch.Tensor, int]:

@@ -38,10 +38,10 @@ def backend(request):
 
 @pytest.fixture(autouse=True)
 def no_meta_counters_left():
-    """No test leaves arrival-counter buffers on the meta device in ``tiles.COUNTERS`` (the
+    """No test leaves epoch-counter buffers on the meta device in ``tiles.EPOCH_COUNTERS`` (the
     counter checks of later tests read every buffer there)."""
     yield
     from peftfast.kernels import tiles
 
-    left = [key for key in tiles.COUNTERS if getattr(key[0], "type", None) == "meta"]
-    assert not left, f"arrival counters left on the meta device: {left}"
+    left = [key for key in tiles.EPOCH_COUNTERS if getattr(key[0], "type", None) == "meta"]
+    assert not left, f"epoch counters left on the meta device: {left}"

@@ -24,10 +24,10 @@ def grids(monkeypatch):
 
     for name in MODULES:
         monkeypatch.setattr(importlib.import_module(f"peftfast.kernels.{name}"), "launch", record)
-    counters = dict(tiles.COUNTERS)  # the launchers allocate arrival counters on the meta device: not for later tests
+    counters = dict(tiles.EPOCH_COUNTERS)  # the launchers allocate counters on the meta device: not for later tests
     yield seen
-    tiles.COUNTERS.clear()
-    tiles.COUNTERS.update(counters)
+    tiles.EPOCH_COUNTERS.clear()
+    tiles.EPOCH_COUNTERS.update(counters)
 
 
 def _meta(*shape, dtype=torch.float16):

@@ -82,11 +82,11 @@ def test_launch_refuses_cuda_graph_capture(cuda_recorder, monkeypatch):
         runtime.launch(_Kernel(cuda_recorder), (3,), _fake_cuda_tensor(), 4)
     assert cuda_recorder == []  # nothing launched
     with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
-        tiles.arrival_counters(torch.device("cuda", 1), 16)
+        tiles.epoch_counters(torch.device("cuda", 1), 16)
 
 
 def test_counters_keyed_by_the_launch_stream(monkeypatch):
-    """arrival_counters keys its buffer by (device, the stream runtime.launch_stream names), which is
+    """epoch_counters keys its buffer by (device, the stream runtime.launch_stream names), which is
     the current stream of that device: the one Triton launches on under runtime.launch."""
     current = {0: 111, 1: 222}
 
@@ -104,13 +104,14 @@ def test_counters_keyed_by_the_launch_stream(monkeypatch):
         return real_zeros(n, dtype=dtype)
 
     monkeypatch.setattr(tiles.torch, "zeros", zeros)
-    monkeypatch.setattr(tiles, "COUNTERS", {})
+    monkeypatch.setattr(tiles, "EPOCH_COUNTERS", {})
     dev1 = torch.device("cuda", 1)
     assert runtime.launch_stream(dev1) == 222 and runtime.launch_stream(torch.device("cpu")) == 0
-    first = tiles.arrival_counters(dev1, 10)
-    assert set(tiles.COUNTERS) == {(dev1, 222)}
-    assert tiles.arrival_counters(dev1, 10) is first  # same stream: reused
+    first, base = tiles.epoch_counters(dev1, 10)
+    assert set(tiles.EPOCH_COUNTERS) == {(dev1, 222)}
+    again, next_base = tiles.epoch_counters(dev1, 10)
+    assert again is first and next_base > base  # same stream: reused, a new epoch per launch
     current[1] = 333  # another stream made current on cuda:1
-    other = tiles.arrival_counters(dev1, 10)
-    assert other is not first and set(tiles.COUNTERS) == {(dev1, 222), (dev1, 333)}
+    other, _ = tiles.epoch_counters(dev1, 10)
+    assert other is not first and set(tiles.EPOCH_COUNTERS) == {(dev1, 222), (dev1, 333)}
     assert made == [dev1, dev1]

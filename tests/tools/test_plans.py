@@ -15,7 +15,6 @@ CASES = [
     (plans.fused_dy_splits, "dy_plan", (64, 600, [5], bf16, f32), (17, 19)),
     (plans.fused_dx_block_m, "fused_dx_block_m", (bf16, bf16), 123),
     (plans.qlora_dx_block_m, "qlora_dx_block_m", (37, f16), 123),
-    (plans.arrival_counters, "arrival_counters", (torch.device("cpu"), 8), "buffer"),
 ]
 
 
@@ -37,11 +36,17 @@ def test_kernel_rules_give_the_values_the_formula_tests_state(plan, name, args, 
     """The launchers' own rules, through the plans, give the values test_costmodel.py's formula checks use."""
     want = {"grad_w_splits": 7, "shrink_items": 2, "dy_plan": (10, 4), "fused_dx_block_m": 128,
             "qlora_dx_block_m": 64}
-    got = plan(*args)
-    if name == "arrival_counters":
-        assert got.dtype == torch.int32 and got.numel() >= 8
-    else:
-        assert got == want[name]
+    assert plan(*args) == want[name]
+
+
+def test_epoch_counters_asks_the_kernels(monkeypatch):
+    """The calibration allocates the kernels' own epoch-counter buffer (no copy of the rule)."""
+    calls = []
+    monkeypatch.setattr(kernels, "epoch_counters", lambda *a: calls.append(a) or ("buffer", 1 << 32))
+    assert plans.epoch_counters(torch.device("cpu"), 8) == "buffer" and calls == [(torch.device("cpu"), 8)]
+    monkeypatch.undo()
+    got = plans.epoch_counters(torch.device("cpu"), 8)
+    assert got.dtype == torch.int64 and got.numel() >= 8
 
 
 def test_the_formulas_follow_the_plans(monkeypatch):

@@ -34,7 +34,7 @@ from .formulas import (LORA_IMPLS, base_linear_backward, base_linear_forward, de
                        peft_lora_forward, peftfast_fused_backward, peftfast_fused_forward,
                        peftfast_lora_backward, peftfast_lora_forward, planned_lora_backward,
                        qlora_fused_backward, qlora_fused_forward, qlora_layer)
-from .plans import (arrival_counters, decode_split, fused_dx_block_m, fused_dy_splits, fused_shrink_items,
+from .plans import (decode_split, epoch_counters, fused_dx_block_m, fused_dy_splits, fused_shrink_items,
                     lora_grad_splits, qlora_dx_block_m, sm_count)
 from .report import (LORA_TARGETS, QLORA_TARGETS, build_report, kernel_lines, lora_rows, ratio_table,
                      render_report, verdict)
@@ -43,7 +43,7 @@ from .specs import (GPUS, H100, LAUNCH_OVERHEAD_S, LOW_PRECISION, RTX4090, Gpu, 
 
 __all__ = [
     "GPUS", "H100", "KERNEL_BYTES_TOLERANCE", "LAUNCH_OVERHEAD_S", "LORA_IMPLS", "LORA_TARGETS", "LOW_PRECISION",
-    "QLORA_TARGETS", "RTX4090", "Check", "Gpu", "Kernel", "adapter_weights", "arrival_counters",
+    "QLORA_TARGETS", "RTX4090", "Check", "Gpu", "Kernel", "adapter_weights", "epoch_counters",
     "base_linear_backward", "base_linear_forward", "build_report", "calibrate_4bit", "calibrate_eager",
     "calibrate_ia3", "calibrate_peftfast", "calibrate_peftfast_fused", "calibrate_qlora_fused", "cdiv",
     "count_device", "count_triton_forward_backward", "decode_reads", "decode_split", "dequant_4bit_then_matmul",

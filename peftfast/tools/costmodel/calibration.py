@@ -18,7 +18,7 @@ from .formulas import (ia3_fused_matmul, lora_layer, matmul_4bit_fused, peftfast
                        peftfast_fused_forward, peftfast_lora_forward, planned_lora_backward, qlora_layer)
 from .formulas.fused import fused_forward_reread
 from .formulas.quant import decode_reads
-from .plans import arrival_counters, epoch_counters, sm_count
+from .plans import epoch_counters, sm_count
 from .specs import Kernel, path_bytes
 
 # formulas count each operand once per launch; a kernel may also touch small extras (e.g. a
@@ -103,11 +103,10 @@ def count_device(fn) -> tuple[int, int, list[str]]:
 def count_triton_forward_backward(forward, dy: torch.Tensor) -> tuple[tuple, tuple]:
     """``count_device`` of ``forward()`` and then of ``backward(dy)`` on its output, with the ops forced
     onto their Triton kernels (PEFTFAST_BACKEND=triton) and the previous backend restored afterwards.
-    The kernels' arrival and epoch counters (one buffer each per device and stream, zeroed once when
-    first allocated and reused by every later launch) are allocated before counting: not a per-call cost."""
+    The kernels' epoch counters (one buffer per device and stream, zeroed once when first allocated
+    and reused by every later launch) are allocated before counting: not a per-call cost."""
     import os
 
-    arrival_counters(dy.device, 1)
     epoch_counters(dy.device, 1)
     saved = os.environ.get("PEFTFAST_BACKEND")
     os.environ["PEFTFAST_BACKEND"] = "triton"

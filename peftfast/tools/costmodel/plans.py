@@ -26,14 +26,8 @@ def lora_grad_splits(t: int, n: int, ranks: list[int], ad: torch.dtype, by_adapt
     return kernels.grad_w_splits(t, n, ranks, ad, by_adapter)
 
 
-def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The kernels' shared arrival-counter buffer (``peftfast.kernels.arrival_counters``): one per
-    device and stream, zeroed once when first allocated and reused by every later launch."""
-    return kernels.arrival_counters(device, n)
-
-
 def epoch_counters(device: torch.device, n: int) -> torch.Tensor:
-    """The fused forward's epoch-counter buffer (``peftfast.kernels.epoch_counters``): one per device
+    """The kernels' epoch-counter buffer (``peftfast.kernels.epoch_counters``): one per device
     and stream, zeroed once when first allocated; each launch takes a new epoch, no per-launch memset."""
     return kernels.epoch_counters(device, n)[0]
 

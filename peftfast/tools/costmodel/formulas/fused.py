@@ -65,7 +65,7 @@ def peftfast_fused_backward(t: int, d_in: int, d_out: int, ranks: list[int], act
     written once in the adapter dtype. The
     base dX GEMM is included; X is read by this compute-bound kernel instead of a separate pass.
     A trainable bias adds torch's sum over tokens of dY (fp32) and, for 16-bit activations, its cast.
-    The arrival counters of both kernels live in one reused buffer (no per-launch memset).
+    The epoch counters of both kernels live in one reused buffer (no per-launch memset).
     """
     big_r = sum(ranks)
     f32 = torch.float32
