@@ -644,9 +644,13 @@ def write_adapter_folders(tx: Any, model: nn.Module, names: list[str], save_dire
         def write_weights(tmp: str, name: str = name) -> None:
             state = _contiguous_unshared(state_of(name))
             if safe_serialization:
-                from safetensors.torch import save_file
+                from safetensors.torch import save
 
-                save_file(state, tmp, metadata={"format": "pt"})
+                # serialised here and written to the staged file by us: safetensors' own save_file stages through
+                # a temporary file of its own beside the target, which a kill would leave in the adapter folder
+                data = save(state, metadata={"format": "pt"})
+                with open(tmp, "wb") as f:
+                    f.write(data)
             else:
                 torch.save(state, tmp)
 

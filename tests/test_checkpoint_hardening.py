@@ -22,6 +22,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_save
 
 import peftfast
 from peftfast.config import ConfigError
@@ -74,20 +75,18 @@ class Crash(Exception):
     pass
 
 
-def _half_then(exc: BaseException, fail_on_call: int):
-    """A save_file that, on call number ``fail_on_call``, writes half of the real file and raises ``exc``."""
-    real = save_file
+def _failing_serialiser(exc: BaseException, fail_on_call: int):
+    """safetensors' serialiser (``safetensors.torch.save``, whose bytes the save writes to its staged file) that, on
+    call number ``fail_on_call``, raises ``exc`` (the staged file is then never written)."""
+    real = safetensors_save
     calls = {"n": 0}
 
-    def fake(tensors, filename, metadata=None):
+    def fake(tensors, metadata=None):
         calls["n"] += 1
-        real(tensors, filename, metadata=metadata)
+        data = real(tensors, metadata=metadata)
         if calls["n"] == fail_on_call:
-            with open(filename, "rb") as f:
-                data = f.read()
-            with open(filename, "wb") as f:
-                f.write(data[: len(data) // 2])
             raise exc
+        return data
 
     return fake
 
@@ -98,7 +97,7 @@ def test_interrupted_save_keeps_previous_adapter(saved, monkeypatch, exc, fail_o
     folder, expected = saved
     before = snapshot_bytes(folder)
     newer = trained_model(seed=3)  # different weights: a completed save would change the files
-    monkeypatch.setattr("safetensors.torch.save_file", _half_then(exc, fail_on_call))
+    monkeypatch.setattr("safetensors.torch.save", _failing_serialiser(exc, fail_on_call))
     with pytest.raises(type(exc)):
         quiet(newer.save_pretrained, folder)
     monkeypatch.undo()
@@ -399,7 +398,6 @@ def test_unknown_field_that_is_on_is_refused(saved, value):
     ("use_qalora", True, "QA-LoRA"),
     ("layer_replication", [[0, 1]], "layer replication"), ("alora_invocation_tokens", [5], "activated LoRA"),
     ("loftq_config", {"loftq_bits": 4}, "LoftQ"), ("eva_config", {"rho": 2.0}, "EVA"),
-    ("target_parameters", ["mlp.experts.weight"], "LoRA on nn.Parameter targets"),
 ])
 def test_known_features_peftfast_lacks_are_refused(saved, field, value, feature):
     folder, _ = saved
