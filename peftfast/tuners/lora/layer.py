@@ -256,6 +256,15 @@ class LoraLayer(AdditiveAdapterLayer):
     def apply_pending_kasa(self) -> None:
         """Truncate the base weight for KaSA adapters added while it was on the meta device."""
 
+    def _rank_above(self, target_rank: int) -> Optional[str]:
+        """Hot-swap padding: the message for an adapter whose rank exceeds ``target_rank``, else None."""
+        for name in self.lora_A:
+            rank = self.lora_A[name].weight.shape[0]
+            if rank > target_rank:
+                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
+                        f"({rank}). This is not possible.")
+        return None
+
     # -- DoRA ---------------------------------------------------------------------------------------------
     # Every layer sees its weight as rows, one per output feature: ``dora_rows`` turns a tensor in the base
     # weight's stored layout into that [out, -1] view, ``dora_factors`` gives (A [r, -1], B [out, r]) in the
@@ -814,11 +823,7 @@ class Linear(nn.Module, LoraLayer):
             if type(self.lora_A[name]) is not nn.Linear or type(self.lora_B[name]) is not nn.Linear:
                 return (f"adapter {name!r} has a block-diagonal factor (BD-LoRA), whose rank cannot be padded; "
                         "prepare_model_for_compiled_hotswap supports plain LoRA factors")
-            rank = self.lora_A[name].weight.shape[0]
-            if rank > target_rank:
-                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
-                        f"({rank}). This is not possible.")
-        return None
+        return self._rank_above(target_rank)
 
     def pad_ranks(self, target_rank: int) -> bool:
         for name in list(self.lora_A):
@@ -1190,12 +1195,7 @@ class ConvNd(nn.Module, LoraLayer):
             return (f"Trying to pad a {type(self.get_base_layer()).__name__} LoRA adapter with groups={groups} to "
                     f"target rank {target_rank}, but the target rank is not divisible by {groups}. Please choose a "
                     f"target rank that is divisible by {groups}.")
-        for name in self.lora_A:
-            rank = self.lora_A[name].weight.shape[0]
-            if rank > target_rank:
-                return (f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
-                        f"({rank}). This is not possible.")
-        return None
+        return self._rank_above(target_rank)
 
     def pad_ranks(self, target_rank: int) -> bool:
         """As the linear layers'. With base groups g, B's g groups each read their own block of r / g rows of A's
