@@ -268,3 +268,28 @@ def test_ensure_weight_tying_modules_to_save_matches_peft(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     assert sorted(load_file(os.path.join(tmp_path / "ours", "adapter_model.safetensors"))) == \
         sorted(load_file(os.path.join(tmp_path / "theirs", "adapter_model.safetensors")))
+
+
+def test_failed_add_adapter_with_ensure_weight_tying_leaves_the_model_as_it_was():
+    def config(**extra):
+        return peftfast.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                   ensure_weight_tying=True, **extra)
+
+    model = peftfast.get_peft_model(tiny_llama(tied=True), config())
+    head = model.base_model.model.lm_head
+    assert type(head).__name__ == "ModulesToSaveWrapper"
+
+    def state():
+        return ({n: (type(m).__name__, getattr(m, "active_adapters", None)) for n, m in model.named_modules()},
+                {k: v.clone() for k, v in model.state_dict().items()},
+                {n: p.requires_grad for n, p in model.named_parameters()})
+
+    before = state()
+    # the tied wrappers get adapter "b" first; the trainable-token step after them refuses a linear layer
+    with pytest.raises(TypeError, match="trainable_token_indices"):
+        model.add_adapter("b", config(trainable_token_indices={"q_proj": [1]}))
+    after = state()
+    assert after[0] == before[0] and after[2] == before[2]
+    assert sorted(after[1]) == sorted(before[1])
+    assert all(torch.equal(after[1][k], before[1][k]) for k in before[1])
+    assert list(head.modules_to_save) == ["default"]

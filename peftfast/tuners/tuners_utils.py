@@ -756,23 +756,7 @@ class BaseTuner(nn.Module):
                 # A container has no forward of its own to route through a copy (PEFT refuses it the same way).
                 raise TypeError(f"modules_to_save cannot be applied to modules of type {type(target).__name__} "
                                 f"({key!r}); name the modules inside it instead (e.g. {key}.<name>)")
-            if isinstance(target, ModulesToSaveWrapper):
-                if adapter_name in target.modules_to_save:
-                    continue
-                previous = target.active_adapters
-                target.update(adapter_name)
-                undo.call(lambda t=target, prev=previous: t.set_adapter(prev))
-                undo.delete_adapter(target, adapter_name)
-                if activate:
-                    target.set_adapter(adapter_name, inference_mode=config.inference_mode)
-            else:
-                wrapper = ModulesToSaveWrapper(target, adapter_name)
-                if not activate:
-                    wrapper.set_adapter([])
-                elif config.inference_mode:
-                    wrapper.set_adapter(adapter_name, inference_mode=True)
-                undo.replace(parent, target_name, target)
-                setattr(parent, target_name, wrapper)
+            self._wrap_module_to_save(parent, target_name, target, config, adapter_name, activate, undo)
         missing = [n for n in names if n not in found and n not in TASK_HEAD_NAMES]
         if missing:
             raise ValueError(f"modules_to_save entr{'y' if len(missing) == 1 else 'ies'} "
@@ -784,21 +768,31 @@ class BaseTuner(nn.Module):
             shared = embedding.modules_to_save[adapter_name]
             for key in sorted(tie):
                 parent, target, target_name = get_submodules(model, key)
-                if isinstance(target, ModulesToSaveWrapper):
-                    if adapter_name in target.modules_to_save:
-                        continue
-                    target.update(adapter_name, tied_module=shared)
-                    undo.delete_adapter(target, adapter_name)
-                    if activate:
-                        target.set_adapter(adapter_name, inference_mode=config.inference_mode)
-                    continue
-                wrapper = ModulesToSaveWrapper(target, adapter_name, tied_module=shared)
-                if not activate:
-                    wrapper.set_adapter([])
-                elif config.inference_mode:
-                    wrapper.set_adapter(adapter_name, inference_mode=True)
-                undo.replace(parent, target_name, target)
-                setattr(parent, target_name, wrapper)
+                self._wrap_module_to_save(parent, target_name, target, config, adapter_name, activate, undo,
+                                          tied_module=shared)
+
+    @staticmethod
+    def _wrap_module_to_save(parent: nn.Module, target_name: str, target: nn.Module, config: Any, adapter_name: str,
+                             activate: bool, undo: UndoLog, tied_module: Optional[nn.Module] = None) -> None:
+        """Give ``target`` (a ModulesToSaveWrapper or a plain module, then wrapped) the adapter's copy, or
+        ``tied_module``'s weight for ensure_weight_tying; every change is recorded in ``undo``."""
+        if isinstance(target, ModulesToSaveWrapper):
+            if adapter_name in target.modules_to_save:
+                return
+            previous = target.active_adapters
+            target.update(adapter_name, tied_module=tied_module)
+            undo.call(lambda t=target, prev=previous: t.set_adapter(prev))
+            undo.delete_adapter(target, adapter_name)
+            if activate:
+                target.set_adapter(adapter_name, inference_mode=config.inference_mode)
+            return
+        wrapper = ModulesToSaveWrapper(target, adapter_name, tied_module=tied_module)
+        if not activate:
+            wrapper.set_adapter([])
+        elif config.inference_mode:
+            wrapper.set_adapter(adapter_name, inference_mode=True)
+        undo.replace(parent, target_name, target)
+        setattr(parent, target_name, wrapper)
 
     def _check_tied_modules(self, model: nn.Module, config: Any) -> None:
         """Input embedding and LM head sharing one weight (``tie_word_embeddings``) with one of them in
