@@ -15,14 +15,14 @@ from typing import Any, Iterator, Optional
 from torch import nn
 
 from .config import PeftConfig
-from .peft_model import PeftModel, write_adapter_folders
+from .peft_model import PeftModel, checked_save_request, write_adapter_folders
 from .tuners.mixed import MixedModel
 from .tuners.mixed.model import check_config_compatible
 from .tuners.status import count_parameters
 from .tuners.tuners_utils import validate_adapter_name
 from .utils.errors import AdapterError
 from .utils.io import SaveTransaction
-from .utils.save_and_load import (check_adapter_has_weights, config_mismatch_as_load_error,
+from .utils.save_and_load import (config_mismatch_as_load_error,
                                   get_peft_model_state_dict, snapshot_state)
 from .utils.undo import UndoLog
 
@@ -237,20 +237,7 @@ class PeftMixedModel(PushToHubMixin, nn.Module):
         ``save_directory`` and every other adapter in a subfolder named after it, with the keys PEFT uses (no
         adapter name, no nesting of one method's layer inside another's). No model card. One transaction: after an
         error the folder is as before. (PEFT 0.21's PeftMixedModel cannot save at all.)"""
-        if not isinstance(save_directory, (str, os.PathLike)):
-            raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
-        save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!r} should be a directory, not a file")
-        if isinstance(selected_adapters, str):
-            selected_adapters = [selected_adapters]
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise AdapterError(f"selected_adapters {unknown} not found; available adapters: "
-                               f"{', '.join(self.peft_config)}")
-        for name in names:
-            check_adapter_has_weights(self, name)
+        save_directory, names = checked_save_request(self, save_directory, selected_adapters)
         if not is_main_process:
             return
         tx = SaveTransaction(save_directory)

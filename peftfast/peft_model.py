@@ -406,22 +406,7 @@ class PeftModel(PushToHubMixin, nn.Module):
             AdapterSaveError (an OSError): a file could not be written (full disk, no permission, an adapter
                 subfolder name taken by a file, ...); it names the path and the cause, and the folder is as before.
         """
-        if not isinstance(save_directory, (str, os.PathLike)):
-            raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
-        save_directory = os.fspath(save_directory)
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!r} should be a directory, not a file")
-        if isinstance(selected_adapters, str):
-            selected_adapters = [selected_adapters]
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise AdapterError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
-                               f"are {list(self.peft_config.keys())} - got {names}. selected_adapters {unknown} not found; "
-                               f"available: {', '.join(self.peft_config)}")
-        for name in names:
-            validate_adapter_name(name)
-            check_adapter_has_weights(self, name)
+        save_directory, names = checked_save_request(self, save_directory, selected_adapters)
         if save_embedding_layers not in ("auto", True, False):
             raise ValueError(f"save_embedding_layers must be 'auto', True or False, got {save_embedding_layers!r}")
         state_dict = kwargs.get("state_dict")
@@ -626,6 +611,29 @@ def _check_nothing_left_on_meta(model: nn.Module, model_id: str) -> None:
         raise AdapterLoadError(f"low_cpu_mem_usage=True: the checkpoint at {model_id} does not provide "
                                f"{len(left)} adapter weight(s) (e.g. {', '.join(left[:3])}); they would stay "
                                "uninitialised on the meta device. Load without low_cpu_mem_usage to initialise them")
+
+
+def checked_save_request(model: nn.Module, save_directory: Any,
+                         selected_adapters: Optional[list[str] | str]) -> tuple[str, list[str]]:
+    """``save_pretrained``'s argument checks (PeftModel and PeftMixedModel): the folder as a path that is not a file,
+    and the adapters to write (all by default), each known to the model and still holding its weights."""
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(f"save_directory must be a path, got {type(save_directory).__name__}")
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory {save_directory!r} should be a directory, not a file")
+    if isinstance(selected_adapters, str):
+        selected_adapters = [selected_adapters]
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in model.peft_config]
+    if unknown:
+        raise AdapterError(f"You passed an invalid `selected_adapters` arguments, current supported adapter names "
+                           f"are {list(model.peft_config.keys())} - got {names}. selected_adapters {unknown} not found; "
+                           f"available: {', '.join(model.peft_config)}")
+    for name in names:
+        validate_adapter_name(name)
+        check_adapter_has_weights(model, name)
+    return save_directory, names
 
 
 def write_adapter_folders(tx: Any, model: nn.Module, names: list[str], save_directory: str,
