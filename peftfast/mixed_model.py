@@ -20,7 +20,6 @@ from .tuners.mixed import MixedModel
 from .tuners.mixed.model import check_config_compatible
 from .tuners.status import count_parameters
 from .tuners.tuners_utils import validate_adapter_name
-from .utils.errors import AdapterError
 from .utils.io import SaveTransaction
 from .utils.save_and_load import (config_mismatch_as_load_error,
                                   get_peft_model_state_dict, snapshot_state)
