@@ -16,7 +16,7 @@ import sys
 import torch
 
 TARGETS = ["q_proj", "v_proj"]
-MODES = ["single", "ddp", "fsdp", "fsdp1", "qlora_single", "qlora_fsdp", "qlora_fsdp1"]
+MODES = ["single", "ddp", "fsdp", "fsdp1", "fsdp1peft", "qlora_single", "qlora_fsdp", "qlora_fsdp1"]
 
 
 def main(out: str, modes: list[str]) -> None:
@@ -28,10 +28,10 @@ def main(out: str, modes: list[str]) -> None:
         run(accelerator, mode, os.path.join(out, mode))
 
 
-def quantized_llama(accelerator, folder: str):
+def quantized_llama(accelerator, folder: str, dtype: torch.dtype):
     """A tiny Llama (in/out features multiples of 64, as bnb's CPU paths need) saved by rank 0 and loaded back by
-    every rank as nf4 with double quantisation, its packed weights stored as float32 (``bnb_4bit_quant_storage``)
-    so that FSDP can flatten them with the float32 parameters around them."""
+    every rank as nf4 with double quantisation, in ``dtype`` with its packed weights stored as ``dtype``
+    (``bnb_4bit_quant_storage``) so that FSDP can flatten them with the other frozen parameters."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaForCausalLM
 
     from peftfast import zoo
@@ -42,8 +42,8 @@ def quantized_llama(accelerator, folder: str):
             folder)
     accelerator.wait_for_everyone()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.float32)
+                               bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype)
 
 
 def layer_path(name: str) -> str:
@@ -56,12 +56,11 @@ def run(accelerator, mode: str, out: str) -> None:
     from peftfast import zoo
 
     rank = accelerator.process_index
-    qlora = mode.startswith("qlora_")
-    world = 1 if mode.endswith("single") else accelerator.num_processes
-    if qlora:
-        model = quantized_llama(accelerator, os.path.join(os.path.dirname(out), "qlora_base"))
+    qlora, mode = (mode.split("_", 1)) if mode.startswith("qlora") else ("", mode)
+    world = 1 if mode == "single" else accelerator.num_processes
+    if qlora:  # float32 storage, compute and norms (prepare_model_for_kbit_training)
+        model = quantized_llama(accelerator, os.path.join(os.path.dirname(out), "qlora_base"), torch.float32)
         model = peftfast.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        mode = mode[len("qlora_"):]
     else:
         model = zoo.llama(0)
     config = peftfast.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM",
@@ -70,7 +69,7 @@ def run(accelerator, mode: str, out: str) -> None:
     model = peftfast.get_peft_model(model, config)
     vocab = model.config.vocab_size
     rows = [zoo.causal_inputs(batch=1, seq=7, seed=100 + i, vocab=vocab) for i in range(12)]
-    sharded, quantized_sharded = False, []
+    sharded, quantized_sharded, wrapped_adapters = False, [], 0
     # the bitsandbytes 4-bit weights (Params4bit) of a QLoRA base
     import bitsandbytes as bnb
 
@@ -84,16 +83,21 @@ def run(accelerator, mode: str, out: str) -> None:
         fully_shard(model)
         sharded = all(isinstance(p, DTensor) for p in model.parameters())
         quantized_sharded = sorted(layer_path(n) for n in quantized if isinstance(model.get_parameter(n), DTensor))
-    elif mode == "fsdp1":
+    elif mode in ("fsdp1", "fsdp1peft"):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+        from peftfast.utils.other import fsdp_auto_wrap_policy
+
         layer_class = type(model.get_base_model().model.layers[0])
-        model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({layer_class}), use_orig_params=True,
-                     device_id=torch.device("cpu"))
+        # fsdp1peft: PEFT's policy (what transformers' Trainer sets for a PEFT model), one FSDP unit per decoder
+        # layer and one per adapter matrix
+        policy = fsdp_auto_wrap_policy(model) if mode == "fsdp1peft" else ModuleWrapPolicy({layer_class})
+        model = FSDP(model, auto_wrap_policy=policy, use_orig_params=True, device_id=torch.device("cpu"))
         # each rank holds half of every flat parameter: the padded local shard is smaller than the full one; the
         # flat parameters of the decoder layers hold the packed 4-bit weights of a QLoRA base
         handles = [m._handle for m in FSDP.fsdp_modules(model)]
+        wrapped_adapters = sum(isinstance(m.module, torch.nn.Linear) for m in FSDP.fsdp_modules(model))
         sharded = all(h.flat_param.numel() < h.flat_param._unpadded_unsharded_size.numel() for h in handles)
         flattened = [n for h in handles for n in h.flat_param._fqns]
         quantized_sharded = sorted(n for n in flattened if n in {layer_path(q) for q in quantized})
@@ -111,7 +115,7 @@ def run(accelerator, mode: str, out: str) -> None:
         optimizer.zero_grad()
         losses.append(loss.item() if mode == "single" else accelerator.reduce(loss.detach(), reduction="mean").item())
     unwrapped = model if mode == "single" else accelerator.unwrap_model(model)
-    if mode == "fsdp1":
+    if mode in ("fsdp1", "fsdp1peft"):
         from torch.distributed.fsdp import FullStateDictConfig, StateDictType
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -133,6 +137,7 @@ def run(accelerator, mode: str, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"losses": losses, "world": world, "distributed_type": str(accelerator.distributed_type),
                    "wrapper": type(model).__name__, "sharded": sharded, "quantized_sharded": quantized_sharded,
+                   "wrapped_adapters": wrapped_adapters,
                    "adapter": {k: v.double().flatten().tolist() for k, v in sorted(adapter.items())}}, f)
     accelerator.wait_for_everyone()
 

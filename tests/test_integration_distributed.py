@@ -1,5 +1,6 @@
 """LoRA and QLoRA (peftfast) beyond one process: 2 CPU processes with gloo, launched by torch.distributed.run. LoRA
-through accelerate's DDP, FSDP2 ``fully_shard`` and FSDP1 ``FullyShardedDataParallel``; QLoRA (an nf4 base stored as
+through accelerate's DDP, FSDP2 ``fully_shard`` and FSDP1 ``FullyShardedDataParallel`` (wrapping the decoder layers,
+or with PEFT's ``fsdp_auto_wrap_policy``, which wraps every adapter matrix on its own too); QLoRA (an nf4 base stored as
 float32 by ``bnb_4bit_quant_storage``) through FSDP1, its packed 4-bit weights sharded with the rest. The ranks
 agree, the result equals a single process on the same global batches, and the adapter saved by rank 0 loads in PEFT
 with the trained weights and the same outputs (tests/_distributed.py)."""
@@ -19,8 +20,9 @@ from peftfast import zoo
 
 peft = pytest.importorskip("peft")
 
-MODES = ["ddp", "fsdp", "fsdp1", "qlora_fsdp", "qlora_fsdp1"]
+MODES = ["ddp", "fsdp", "fsdp1", "fsdp1peft", "qlora_fsdp", "qlora_fsdp1"]
 WRAPPERS = {"ddp": "DistributedDataParallel", "fsdp": "FSDPPeftModelForCausalLM", "fsdp1": "FullyShardedDataParallel",
+            "fsdp1peft": "FullyShardedDataParallel",
             "qlora_fsdp": "FSDPPeftModelForCausalLM", "qlora_fsdp1": "FullyShardedDataParallel"}
 PROJECTIONS = ["mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "self_attn.k_proj.weight",
                "self_attn.o_proj.weight", "self_attn.q_proj.base_layer.weight", "self_attn.v_proj.base_layer.weight"]
@@ -61,6 +63,9 @@ def test_ranks_agree_and_equal_a_single_process(runs, mode):
     assert r0["sharded"] == (mode != "ddp")
     if mode.startswith("qlora_"):  # the packed 4-bit weights of both decoder layers are sharded with the rest
         assert r0["quantized_sharded"] == sorted(PROJECTIONS * 2)
+    # fsdp1peft: PEFT's fsdp_auto_wrap_policy gives each lora_A / lora_B matrix (2 layers x q, v x A, B) its own
+    # FSDP unit, whose weight is whole only inside its forward
+    assert r0["wrapped_adapters"] == (8 if mode == "fsdp1peft" else 0)
     assert r0["losses"] == r1["losses"] and r0["adapter"] == r1["adapter"], "ranks disagree"
     assert len(r0["adapter"]) == 8
     close(r0["losses"], single["losses"], f"{mode} losses vs one process")
@@ -95,3 +100,32 @@ def test_saved_adapter_loads_in_peft(runs, mode):
     with torch.no_grad():
         got, want = (m.train()(**x).logits.flatten().tolist() for m in (ours, theirs))
     close(got, want, f"{mode} logits")
+
+
+def wrapped_by(model, policy) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=0))
+
+
+@pytest.mark.parametrize("blocks", [None, "LlamaDecoderLayer,LlamaRMSNorm"])
+def test_fsdp_auto_wrap_policy_wraps_what_peft_wraps(blocks, monkeypatch):
+    from peft.utils.other import fsdp_auto_wrap_policy as peft_policy
+
+    from peftfast.utils.other import fsdp_auto_wrap_policy
+
+    if blocks is not None:
+        monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", blocks)
+    kwargs = dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    ours = peftfast.get_peft_model(zoo.llama(0), peftfast.LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(zoo.llama(0), peft.LoraConfig(**kwargs))
+    got = wrapped_by(ours, fsdp_auto_wrap_policy(ours))
+    assert got == wrapped_by(theirs, peft_policy(theirs))
+    assert sum(".lora_A.default" in n for n in got) == 6 and sum(n.endswith("layers.1") for n in got) == 1
+
+
+def test_fsdp_auto_wrap_policy_names_a_missing_block_class(monkeypatch):
+    from peftfast.utils.other import fsdp_auto_wrap_policy
+
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "LlamaDecoderLayer,GPT2Block")
+    model = peftfast.get_peft_model(zoo.llama(0), peftfast.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"\['GPT2Block'\].*LlamaDecoderLayer"):
+        fsdp_auto_wrap_policy(model)
