@@ -7,7 +7,11 @@ the method registry, save/load) -> ``config`` -> ``tuners`` (each method registe
 ``peft_model`` (PeftModel and the task wrappers) -> ``mapping`` (get_peft_model and PEFT's tables).
 ``zoo`` builds the tiny models used by the tests, the demo and the benchmarks.
 """
-from .version import __version__ as __version__
+from . import source_tree
+
+source_tree.attach(__name__)  # run from a clone: map its kernels/ to peftfast.kernels, hide it as `kernels`
+
+from .version import __version__ as __version__  # noqa: E402
 
 from .config import PeftConfig, PeftConfigMixin, PromptLearningConfig
 from .mapping import (

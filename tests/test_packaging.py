@@ -63,3 +63,38 @@ def test_python_m_pytest_from_the_checkout_root():
                         "tests/test_packaging.py::test_kernels_installed_as_peftfast_kernels"],
                        cwd=root, capture_output=True, text=True)
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# From the clone root `python -c`/`python -m` import the source folder peftfast/, not the install. The checks below
+# run there twice: as installed (editable or not), and with setuptools' editable finder taken off sys.meta_path,
+# which is what a non-editable install (`pip install .`, CI's) leaves: nothing then maps kernels/ to peftfast.kernels.
+NOT_EDITABLE = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in str(f)]; "
+CHECKS = ("import importlib.util, os, sys, peftfast, peftfast.kernels as k, peftfast.tuners.lora; "
+          "root = os.getcwd(); assert peftfast.__file__.startswith(root), peftfast.__file__; "
+          "assert k.__name__ == 'peftfast.kernels' and callable(k.use_triton), k; "
+          "assert k.__file__ == os.path.join(root, 'kernels', '__init__.py'), k.__file__; "
+          "spec = importlib.util.find_spec('kernels'); "
+          "assert spec is None or not spec.origin.startswith(root), spec.origin; "
+          "import bitsandbytes, transformers.utils.import_utils as iu; iu.is_kernels_available(); "
+          "stray = sys.modules.get('kernels'); "
+          "assert stray is None or not (stray.__file__ or '').startswith(root), stray.__file__; "
+          "import tests._models; print('ok')")
+
+
+@pytest.mark.parametrize("install", ["as installed", "not editable"])
+def test_python_c_from_the_checkout_root(install):
+    # peftfast.kernels imports; the clone's kernels/ never shows up as a top-level `kernels`, even to the probes of
+    # bitsandbytes and transformers; other top-level folders of the clone (tests) stay importable
+    code = (NOT_EDITABLE if install == "not editable" else "") + CHECKS
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("install", ["as installed", "not editable"])
+def test_python_m_from_the_checkout_root(install, tmp_path):
+    # `python -m peftfast` (the CLI) from the clone root
+    code = (NOT_EDITABLE if install == "not editable" else "") + "import runpy; runpy.run_module('peftfast', " \
+        "run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "bench" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -314,6 +314,40 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(torch.float32)
 
 
+def fsdp_auto_wrap_policy(model: nn.Module):
+    """An auto-wrap policy for FSDP1 (``FullyShardedDataParallel(auto_wrap_policy=...)``, accelerate's FSDP plugin)
+    over a PEFT model: one FSDP unit per transformer block, plus one per trainable leaf module (the adapter
+    matrices), so that trainable and frozen parameters never share a flat parameter. That is what lets a QLoRA
+    base stored in bf16 (``bnb_4bit_quant_storage``) be sharded next to float32 adapters.
+
+    Blocks are the classes named by the ``_no_split_modules`` of the transformers models inside ``model``, or by
+    the comma-separated class names in the environment variable ``FSDP_TRANSFORMER_CLS_TO_WRAP`` (as in PEFT).
+    """
+    import os
+
+    names = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+    if names is not None:
+        wanted = {n.strip() for n in names.split(",") if n.strip()}
+    else:
+        wanted = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
+    blocks = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    missing = wanted - {c.__name__ for c in blocks}
+    if names is not None and missing:
+        raise TypeError(f"FSDP_TRANSFORMER_CLS_TO_WRAP names {sorted(missing)}, which no module of the model is; "
+                        f"module classes present: {sorted({type(m).__name__ for m in model.modules()})}")
+    blocks = tuple(blocks)
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        if recurse:
+            return True  # look inside every module
+        weight = getattr(module, "weight", None)
+        trainable_leaf = next(module.children(), None) is None and isinstance(weight, torch.Tensor) and \
+            weight.requires_grad
+        return isinstance(module, blocks) or trainable_leaf
+
+    return policy
+
+
 def _has_quantized_layers(model: nn.Module) -> bool:
     import sys
 

@@ -893,6 +893,8 @@ class Linear(nn.Module, LoraLayer):
         if special is not None:
             return special
         names = [] if self.merged else self._active_lora()
+        if names and self.adapters_wrapped(names):
+            return self._wrapped_forward(x, names, args, kwargs)
         if names and self.uses_dora(names):
             return self._dora_forward(x, names, args, kwargs)
         if names and self.velora_training(names):
@@ -901,6 +903,31 @@ class Linear(nn.Module, LoraLayer):
             return self._fused_forward(x, names)
         result = self.base_forward(x, *args, **kwargs)
         return self._lora(x, result, names) if names else result
+
+    def adapters_wrapped(self, names: list[str]) -> bool:
+        """Whether a lora_A / lora_B module of ``names`` is wrapped by FSDP (``FullyShardedDataParallel`` around it,
+        or ``fully_shard`` on it, as PEFT's ``fsdp_auto_wrap_policy`` does): its weight is then whole only while
+        its own forward runs, so the fused ops, which read the weights, cannot serve it."""
+        a, b = self.lora_A._modules, self.lora_B._modules
+        return any(type(m[n]) not in (nn.Linear, BlockDiagonalLinear) for m in (a, b) for n in names)
+
+    def _wrapped_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+        """The base output plus each adapter of ``names`` applied by calling its modules (PEFT's way), for
+        adapters wrapped by FSDP (``adapters_wrapped``)."""
+        special = [n for n in names if self.use_dora.get(n, False) or self.kasa_diag(n) is not None]
+        special += self.velora_training(names)
+        if special:
+            raise ValueError(f"Adapters {sorted(set(special))} use DoRA, KaSA or VeLoRA, whose forward reads the "
+                             "adapter weights directly, but their lora_A / lora_B modules are wrapped (FSDP); wrap "
+                             "the whole layer (e.g. the decoder block) instead of the adapter modules")
+        result = self.base_forward(x, *args, **kwargs)
+        dtype = result.dtype
+        for n in names:
+            a, b = self.lora_A[n], self.lora_B[n]
+            scaling = self.scaling[n]
+            x_a = self.lora_dropout[n](x.to(a.weight.dtype))
+            result = result + (b(a(x_a)) * scaling).to(dtype)
+        return result
 
     def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """The active adapters ``names`` (some with DoRA) in PEFT's order and math (see ``dora.py``).
