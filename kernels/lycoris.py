@@ -43,8 +43,11 @@ Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the 
 Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit
 activations): per delta element one FMA, the widening of the W element and the rounding of the sum (16-bit),
 plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's tensor-core work (its
-K = R_pad dot). Index arithmetic (row(n), col(k): int64 divisions per tile row / column) and the gathers'
-loads come on top.
+K = R_pad dot). On top: the gathers' loads and index arithmetic (``_indices``, specialised on the layout: none
+for LoHa; for LoKr one 64-bit division for w1 and one remainder for w2 per index). In the forward each thread
+holds consecutive k of the W^T tile, so that is a division and a remainder per delta element per row block
+(the PTX of the sm_90 bf16 forward's K-loop: 8 div.s64, 8 rem.s64, 8 fma.rn.f32 per thread); in dX col(k) is
+loop-invariant and row(n) one per thread per step.
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
@@ -85,13 +88,26 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 @triton.jit
+def _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX: tl.constexpr):
+    """(row(n), col(k)) of a factor, specialised on the layout (``_index_kinds``): INDEX 0 LoHa, (n, k);
+    1 LoKr's w1, (n // p, k // q) (below (a, c) already); 2 LoKr's w2, (n % p, k % q). One integer division per
+    index instead of two, none for LoHa."""
+    if INDEX == 0:
+        return offs_n, offs_k
+    elif INDEX == 1:
+        return offs_n // rdiv, offs_k // cdiv
+    else:
+        return offs_n % rmod, offs_k % cmod
+
+
+@triton.jit
 def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
                  stride_u0, stride_u1, stride_v0, stride_v1,
-                 FULL: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+                 FULL: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                 INDEX: tl.constexpr):
     """fp32 P[n, k] for the tile's n (offs_n) and k (offs_k): [BN, BK], or [BK, BN] with TRANS.
     FULL: P[n, k] = u[row(n), col(k)]; else P[n, k] = sum_r u[row(n), r] * v[r, col(k)]."""
-    rows = (offs_n // rdiv) % rmod
-    cols = (offs_k // cdiv) % cmod
+    rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
     if FULL:
         if TRANS:
             p = tl.load(u_ptr + rows[None, :] * stride_u0 + cols[:, None] * stride_u1,
@@ -127,13 +143,13 @@ def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n
                rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                FULL1: tl.constexpr, FULL2: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr):
+               BLOCK_R: tl.constexpr, KRON: tl.constexpr):
     """(w + P1 * P2) in w's dtype on the tile ([BN, BK], or [BK, BN] with TRANS): one fp32 FMA per element
     (s is folded into factor 1, see ``prepare``), w widened to fp32 before and the sum rounded once after."""
     p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
-                      su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R)
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R, KRON)
     p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
-                      su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R)
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R, 2 * KRON)
     return tl.fma(p1, p2, w.to(tl.float32)).to(w.dtype)
 
 
@@ -149,7 +165,7 @@ def _lycoris_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk,
     su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr,
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -167,7 +183,7 @@ def _lycoris_forward_kernel(
         wt = _add_delta(wt, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
                         rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                         su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                        FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R)
+                        FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON)
         acc = tl.dot(x, wt, acc, input_precision=BASE_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -186,7 +202,8 @@ def _lycoris_grad_x_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk,
     su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
     stride_dxm, stride_dxk,
-    FULL1: tl.constexpr, FULL2: tl.constexpr, BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
+    FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -203,7 +220,7 @@ def _lycoris_grad_x_kernel(
         w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
                        rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                        su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                       FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R)
+                       FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON)
         acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -212,10 +229,9 @@ def _lycoris_grad_x_kernel(
 @triton.jit
 def _factor_grad(dp, u_ptr, v_ptr, gu_ptr, gv_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
                  stride_u0, stride_u1, stride_v0, stride_v1, sgu_0, sgu_1, sgv_0, sgv_1,
-                 FULL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+                 FULL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, INDEX: tl.constexpr):
     """Adds the tile's dP [BN, BK] (fp32) into the factor's fp32 gradient buffers (atomics)."""
-    rows = (offs_n // rdiv) % rmod
-    cols = (offs_k // cdiv) % cmod
+    rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
     if FULL:
         tl.atomic_add(gu_ptr + rows[:, None] * sgu_0 + cols[None, :] * sgu_1, dp,
                       mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
@@ -247,7 +263,7 @@ def _lycoris_grad_factors_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xk,
     su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
     sgu1_0, sgu1_1, sgv1_0, sgv1_1, sgu2_0, sgu2_1, sgv2_0, sgv2_1,
-    FULL1: tl.constexpr, FULL2: tl.constexpr, NEED1: tl.constexpr, NEED2: tl.constexpr,
+    FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr, NEED1: tl.constexpr, NEED2: tl.constexpr,
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -264,17 +280,17 @@ def _lycoris_grad_factors_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         dd = tl.dot(dyt, x, dd, input_precision=BASE_PRECISION)
     p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
-                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R)
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R, KRON)
     p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
-                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R)
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R, 2 * KRON)
     if NEED1:
         _factor_grad(dd * p2, u1_ptr, v1_ptr, gu1_ptr, gv1_ptr, R1, offs_n, offs_k, mask_n, mask_k,
                      rdiv1, rmod1, cdiv1, cmod1, su1_0, su1_1, sv1_0, sv1_1, sgu1_0, sgu1_1, sgv1_0, sgv1_1,
-                     FULL1, DELTA_PRECISION, BLOCK_R)
+                     FULL1, DELTA_PRECISION, BLOCK_R, KRON)
     if NEED2:
         _factor_grad(dd * p1, u2_ptr, v2_ptr, gu2_ptr, gv2_ptr, R2, offs_n, offs_k, mask_n, mask_k,
                      rdiv2, rmod2, cdiv2, cmod2, su2_0, su2_1, sv2_0, sv2_1, sgu2_0, sgu2_1, sgv2_0, sgv2_1,
-                     FULL2, DELTA_PRECISION, BLOCK_R)
+                     FULL2, DELTA_PRECISION, BLOCK_R, 2 * KRON)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +316,7 @@ _CONFIGS = {
                              "num_warps": 4, "num_stages": 2},  # 64 x 64 spills on sm_80 with 3xTF32
 }
 # (kernel, fp32 activations) -> num_stages when both factors are full
-_FULL_STAGES = {("forward", False): 2, ("forward", True): 1}
+_FULL_STAGES = {("forward", False): 2, ("forward", True): 1, ("grad_x", True): 1}
 # The interpreter (tests on CPU tensors) runs the same kernels on 16 x 16 x 16 tiles: small odd shapes
 # then cover several tiles, masked edges and the K / N / M loops.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2,
@@ -339,6 +355,11 @@ def loha_layout(n: int, k: int) -> list[int]:
 def lokr_layout(w1_full: bool, w2_full: bool, p: int, q: int, a: int, c: int) -> list[int]:
     """delta = kron(w1 [a, c], w2 [p, q]): w1 at (n // p, k // q), w2 at (n % p, k % q)."""
     return [int(w1_full), int(w2_full), p, a, q, c, 1, p, 1, q]
+
+
+def kron(layout: Sequence[int]) -> int:
+    """1 for a LoKr layout (the kernels index w1 by quotients, w2 by remainders), 0 for LoHa's (n, k)."""
+    return 0 if layout[2:6] == layout[6:10] and layout[2] == layout[4] == 1 else 1
 
 
 def _split(factors: Sequence[torch.Tensor], layout: Sequence[int]):
@@ -445,7 +466,7 @@ def unprepare_grads(ops: Operands, factors: Sequence[torch.Tensor], layout: Sequ
 def _common(ops: Operands):
     f1, f2 = _split(ops.factors, ops.layout)
     m1, m2 = _maps(ops.layout)
-    consts = dict(FULL1=bool(ops.layout[0]), FULL2=bool(ops.layout[1]))
+    consts = dict(FULL1=bool(ops.layout[0]), FULL2=bool(ops.layout[1]), KRON=kron(ops.layout))
     return (*_ptrs(f1), *_ptrs(f2)), (_rank(f1), _rank(f2), *m1, *m2), (*_strides(f1), *_strides(f2)), consts
 
 
@@ -724,9 +745,9 @@ def lokr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # Ahead-of-time compile specs
 # ----------------------------------------------------------------------------------------------
 _ACTS = (torch.float16, torch.bfloat16, torch.float32)
-# (full1, full2) the kernels see (after prepare): LoKr with its small factors formed, the usual case (1, 1);
-# LoHa, or LoKr factors too large to form, (0, 0); LoKr's full w1 with a w2 too large to form (1, 0)
-_FACTOR_KINDS = ((0, 0), (1, 0), (1, 1))
+# (full1, full2, kron) the kernels see (after prepare): LoHa (0, 0, 0); LoKr with its small factors formed, the
+# usual case (1, 1, 1); LoKr's full w1 with a w2 too large to form (1, 0, 1); both too large (0, 0, 1)
+_FACTOR_KINDS = ((0, 0, 0), (1, 1, 1), (1, 0, 1), (0, 0, 1))
 
 
 def aot_specs() -> list[AotSpec]:
@@ -742,20 +763,20 @@ def aot_specs() -> list[AotSpec]:
     for act in _ACTS:
         an = DTYPE_NAMES[act]
         for kname, fn, ptrs, flags in kernels:
-            for full1, full2 in _FACTOR_KINDS:
+            for full1, full2, kr in _FACTOR_KINDS:
                 cfg = gpu_config(kname, act, (full1, full2))
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 extra = {"HAS_BIAS": True} if flags else {}
                 if kname == "grad_factors":
                     extra = {"NEED1": True, "NEED2": True}
-                consts = dict(FULL1=bool(full1), FULL2=bool(full2), BASE_PRECISION=dot_precision(act),
+                consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
                               DELTA_PRECISION=dot_precision(act), **cfg, **extra)
                 types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
                 # a full factor is read as its fp32 copy (prepare), a low-rank one in the factors' dtype
                 types.update({f"{p}{i}_ptr": "*" + ("fp32" if full else an)
                               for i, full in ((1, full1), (2, full2)) for p in ("u", "v")})
                 sig = aot_signature(fn, types, consts)
-                name = (f"lycoris_{kname}[x={an},full={full1}{full2},"
+                name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
                         f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}]")
                 specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
     return specs

@@ -19,7 +19,8 @@ in the order they run:
 
 CUDA-core work is counted in instructions, each holding an fp32 lane for a cycle, i.e. 2 FLOPs of
 ``Gpu.fp32_flops`` (which counts an FMA as 2). Not counted: loads, the gathers' address arithmetic and the
-int64 index divisions (per tile row / column, not per element).
+index arithmetic; for LoKr's forward that is a 64-bit division and a remainder per delta element per row block
+(emulated in software on the GPU: tens of instructions each), so its serial figure is a lower bound.
 
 Time of one launch: ``max(bytes / bandwidth, tensor FLOPs / tensor peak + CUDA-core FLOPs / fp32 peak)``
 ("serial": the CUDA-core work of the delta does not overlap the tensor cores), and the optimistic
