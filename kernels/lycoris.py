@@ -54,6 +54,17 @@ factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernel
 themselves. Nothing beyond x and references to W and the factors is saved for backward (``prepare`` runs
 again in backward).
 
+Atomics: the factor gradients sum tile contributions with fp32 atomic adds, so their last bits
+depend on the order the programs run in (not bitwise deterministic, like torch's index_add_ on CUDA).
+LoKr's full (or formed) factors take every contribution of a whole tile at few addresses (a [BN, BK] tile
+hits (BN / p + 1) x (BK / q + 1) elements of w1): correct, contended.
+
+Dtypes: W and x share a dtype (as F.linear requires) and so do the factors (the layer calls the
+op only when they all match); D is computed in fp32, added to the W tile in fp32 (one FMA) and rounded
+once to x's dtype before the dot (the same rounding as F.linear(x, W + D) in x's dtype). With no full
+factor (LoHa) s is folded into factor 1's U in the factors' dtype: one extra rounding of s * U1 for 16-bit
+factors. fp32 models use 3xTF32 dots (~fp32), 16-bit models the tensor cores natively.
+
 CPU (the reference path): the same math in PyTorch over blocks of output rows (about
 ``BLOCK_ELEMENTS`` elements of [rows, K] at a time): forward y[:, R] = x @ (W[R] + D[R])^T; backward
 dX += dY[:, R] @ (W[R] + D[R]), dD[R] = dY[:, R]^T @ x and the factor chain rule by hand on that
@@ -89,7 +100,7 @@ BLOCK_ELEMENTS = 1 << 22
 
 @triton.jit
 def _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX: tl.constexpr):
-    """(row(n), col(k)) of a factor, specialised on the layout (``_index_kinds``): INDEX 0 LoHa, (n, k);
+    """(row(n), col(k)) of a factor, specialised on the layout (``kron``): INDEX 0 LoHa, (n, k);
     1 LoKr's w1, (n // p, k // q) (below (a, c) already); 2 LoKr's w2, (n % p, k % q). One integer division per
     index instead of two, none for LoHa."""
     if INDEX == 0:
@@ -299,8 +310,8 @@ def _lycoris_grad_factors_kernel(
 # (kernel, fp32 activations) -> meta-parameters. BLOCK_R: ranks per small dot of a low-rank factor.
 # 16-bit forward and dX: 256 rows per program, so W + D is generated once per 256 rows (the CUDA-core work and a
 # low-rank factor's dots per delta element halve against 128-row tiles); 64 columns keep the accumulator at 64
-# fp32 registers per thread. With both factors full the forward's pipelined gathers spill: fewer stages there
-# (_FULL_STAGES).
+# fp32 registers per thread. With both factors full the pipelined gathers spill (the compile report, sm_80 to
+# sm_90): fewer stages there (_FULL_STAGES).
 _CONFIGS = {
     ("forward", False): {"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 8,
                          "num_warps": 8, "num_stages": 3},
