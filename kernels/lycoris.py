@@ -16,35 +16,54 @@ row(n) = (n // rdiv) % rmod and col(k) = (k // cdiv) % cmod (the ``layout``):
     LoKr:  factor 1 = w1: row(n) = n // p, col(k) = k // q;  factor 2 = w2: row(n) = n % p, col(k) = k % q
            (a LoKr factor is FULL when PEFT keeps it whole, LOW-RANK when it is stored as a product)
 
+Once per call (``prepare``, torch, O(size of the factors)): a LoKr factor stored low rank whose whole form is
+small (at most ``FORM_LIMIT`` elements and 1 / ``FORM_SHARE`` of the delta: the usual [64, 64] w2 of a 4096 x
+4096 layer) is formed, F = U @ V in fp32, so the kernels gather it instead of regenerating a rank-r product for
+every block of rows; every full factor is read as an fp32 copy; s is folded into one tensor (the first full
+factor, else factor 1's U in its dtype). The kernels then compute D = P1 * P2, and W + D is one fp32 FMA per
+element. The factor gradients the kernels produce map back with s and, for a formed factor, dU = dF @ V^T,
+dV = U^T @ dF (``unprepare_grads``, small torch matmuls).
+
 Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the tests):
 
     forward, program (M block, N block), grouped order:
-        for K blocks: D tile [BK, BN] = s * P1 * P2 from the factors (a low-rank P: gathered U rows
-                      [BR, BN] and V columns [BK, BR], one small dot per 16/32 ranks; a full P: one
-                      gathered load), Wt = (W^T tile as fp32 + D tile) in x's dtype,
+        for K blocks: P1, P2 tiles [BK, BN] from the factors (a low-rank P: gathered U rows [BR, BN] and
+                      V columns [BK, BR], one small dot per 16 ranks; a full P: one gathered load),
+                      Wt = fma(P1, P2, W^T tile as fp32) rounded to x's dtype,
                       acc += x tile @ Wt                (ONE dot per K block on the tensor cores)
         acc += b; y stored once
     dX, program (M block, K block): for N blocks: W' tile [BN, BK] the same way, acc += dY tile @ W'
     factor gradients, program (N block, K block):
         dD tile = sum over M blocks dY^T tile @ x tile          (fp32, registers; the inherent GEMM)
-        dP1 = s * dD * P2,  dP2 = s * dD * P1                   (Hadamard / Kronecker chain rule)
+        dP1 = dD * P2,  dP2 = dD * P1                           (Hadamard / Kronecker chain rule)
         FULL:     dF[row(n), col(k)] += dP                      (fp32 atomics)
         LOW-RANK: dU[row(n)] += dP @ V[:, col(k)]^T, dV[:, col(k)] += U[row(n)]^T @ dP  (fp32 atomics)
-      then one cast of the fp32 sums to each factor's dtype (torch).
+      then ``unprepare_grads`` and one cast of the fp32 sums to each factor's dtype (torch).
 
-No [N, K] tensor is ever allocated: the extra memory of a call is the fp32 gradient buffers of the
-factors (the size of the factors: O(r * (N + K)) for LoHa) and y / dX themselves. Nothing beyond x
-and references to W and the factors is saved for backward.
+Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit
+activations): per delta element one FMA, the widening of the W element and the rounding of the sum (16-bit),
+plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's tensor-core work (its
+K = R_pad dot). On top: the gathers' loads and index arithmetic (``_indices``, specialised on the layout: none
+for LoHa; for LoKr one 64-bit division for w1 and one remainder for w2 per index). In the forward each thread
+holds consecutive k of the W^T tile, so that is a division and a remainder per delta element per row block
+(the PTX of the sm_90 bf16 forward's K-loop: 8 div.s64, 8 rem.s64, 8 fma.rn.f32 per thread); in dX col(k) is
+loop-invariant and row(n) one per thread per step.
+
+No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
+factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
+themselves. Nothing beyond x and references to W and the factors is saved for backward (``prepare`` runs
+again in backward).
 
 Atomics: the factor gradients sum tile contributions with fp32 atomic adds, so their last bits
 depend on the order the programs run in (not bitwise deterministic, like torch's index_add_ on CUDA).
-LoKr's full factors take every contribution of a whole tile at few addresses (a [BN, BK] tile
+LoKr's full (or formed) factors take every contribution of a whole tile at few addresses (a [BN, BK] tile
 hits (BN / p + 1) x (BK / q + 1) elements of w1): correct, contended.
 
 Dtypes: W and x share a dtype (as F.linear requires) and so do the factors (the layer calls the
-op only when they all match); D is computed in fp32, added to the W tile in fp32 and rounded once
-to x's dtype before the dot (the same rounding as F.linear(x, W + D) in x's dtype). fp32 models use
-3xTF32 dots (~fp32), 16-bit models the tensor cores natively.
+op only when they all match); D is computed in fp32, added to the W tile in fp32 (one FMA) and rounded
+once to x's dtype before the dot (the same rounding as F.linear(x, W + D) in x's dtype). With no full
+factor (LoHa) s is folded into factor 1's U in the factors' dtype: one extra rounding of s * U1 for 16-bit
+factors. fp32 models use 3xTF32 dots (~fp32), 16-bit models the tensor cores natively.
 
 CPU (the reference path): the same math in PyTorch over blocks of output rows (about
 ``BLOCK_ELEMENTS`` elements of [rows, K] at a time): forward y[:, R] = x @ (W[R] + D[R])^T; backward
@@ -52,12 +71,14 @@ dX += dY[:, R] @ (W[R] + D[R]), dD[R] = dY[:, R]^T @ x and the factor chain rule
 block. It holds one block of D and dD at a time, never [N, K].
 
 Declared once (``LYCORIS_LINEAR``, kernels/opdecl.py); public wrappers ``loha_linear`` and
-``lokr_linear``. Launches: forward 1; backward 1 (dX) + 1 (factor gradients, with their fp32
-buffers zeroed by torch and cast by torch) + torch's sum for db.
+``lokr_linear``. Launches: forward 1 (after ``prepare``'s few small torch ops); backward ``prepare`` again,
+1 (dX) + 1 (factor gradients, with their fp32 buffers zeroed by torch, mapped back and cast by torch) +
+torch's sum for db.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,13 +99,26 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 @triton.jit
+def _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX: tl.constexpr):
+    """(row(n), col(k)) of a factor, specialised on the layout (``kron``): INDEX 0 LoHa, (n, k);
+    1 LoKr's w1, (n // p, k // q) (below (a, c) already); 2 LoKr's w2, (n % p, k % q). One integer division per
+    index instead of two, none for LoHa."""
+    if INDEX == 0:
+        return offs_n, offs_k
+    elif INDEX == 1:
+        return offs_n // rdiv, offs_k // cdiv
+    else:
+        return offs_n % rmod, offs_k % cmod
+
+
+@triton.jit
 def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
                  stride_u0, stride_u1, stride_v0, stride_v1,
-                 FULL: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+                 FULL: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                 INDEX: tl.constexpr):
     """fp32 P[n, k] for the tile's n (offs_n) and k (offs_k): [BN, BK], or [BK, BN] with TRANS.
     FULL: P[n, k] = u[row(n), col(k)]; else P[n, k] = sum_r u[row(n), r] * v[r, col(k)]."""
-    rows = (offs_n // rdiv) % rmod
-    cols = (offs_k // cdiv) % cmod
+    rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
     if FULL:
         if TRANS:
             p = tl.load(u_ptr + rows[None, :] * stride_u0 + cols[:, None] * stride_u1,
@@ -116,17 +150,18 @@ def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cd
 
 
 @triton.jit
-def _delta_tile(u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, scale, offs_n, offs_k, mask_n, mask_k,
-                rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
-                su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                FULL1: tl.constexpr, FULL2: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_R: tl.constexpr):
-    """fp32 s * P1 * P2 on the tile ([BN, BK], or [BK, BN] with TRANS)."""
+def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
+               rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+               su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+               FULL1: tl.constexpr, FULL2: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_R: tl.constexpr, KRON: tl.constexpr):
+    """(w + P1 * P2) in w's dtype on the tile ([BN, BK], or [BK, BN] with TRANS): one fp32 FMA per element
+    (s is folded into factor 1, see ``prepare``), w widened to fp32 before and the sum rounded once after."""
     p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
-                      su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R)
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R, KRON)
     p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
-                      su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R)
-    return p1 * p2 * scale
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R, 2 * KRON)
+    return tl.fma(p1, p2, w.to(tl.float32)).to(w.dtype)
 
 
 @triton.jit
@@ -136,12 +171,12 @@ def _lycoris_forward_kernel(
     bias_ptr,  # [N] bias, activation dtype (unused without HAS_BIAS)
     u1_ptr, v1_ptr, u2_ptr, v2_ptr,  # the factors (factor dtype); v*_ptr unused for a FULL factor
     y_ptr,  # [M, N] output, activation dtype
-    M, N, K, R1, R2, scale,
+    M, N, K, R1, R2,
     rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
     stride_xm, stride_xk, stride_wn, stride_wk,
     su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr,
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -156,11 +191,10 @@ def _lycoris_forward_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # W^T tile [BK, BN]
-        d = _delta_tile(u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, scale, offs_n, offs_k, mask_n, mask_k,
+        wt = _add_delta(wt, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
                         rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                         su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                        FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R)
-        wt = (wt.to(tl.float32) + d).to(x_ptr.dtype.element_ty)
+                        FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON)
         acc = tl.dot(x, wt, acc, input_precision=BASE_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -174,12 +208,13 @@ def _lycoris_grad_x_kernel(
     w_ptr,  # [N, K] frozen base weight
     u1_ptr, v1_ptr, u2_ptr, v2_ptr,
     dx_ptr,  # [M, K] output, activation dtype
-    M, N, K, R1, R2, scale,
+    M, N, K, R1, R2,
     rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
     stride_dym, stride_dyn, stride_wn, stride_wk,
     su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
     stride_dxm, stride_dxk,
-    FULL1: tl.constexpr, FULL2: tl.constexpr, BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
+    FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -193,11 +228,10 @@ def _lycoris_grad_x_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
-        d = _delta_tile(u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, scale, offs_n, offs_k, mask_n, mask_k,
-                        rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
-                        su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                        FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R)
-        w = (w.to(tl.float32) + d).to(dy_ptr.dtype.element_ty)
+        w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
+                       rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                       su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                       FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON)
         acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
@@ -206,10 +240,9 @@ def _lycoris_grad_x_kernel(
 @triton.jit
 def _factor_grad(dp, u_ptr, v_ptr, gu_ptr, gv_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
                  stride_u0, stride_u1, stride_v0, stride_v1, sgu_0, sgu_1, sgv_0, sgv_1,
-                 FULL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+                 FULL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, INDEX: tl.constexpr):
     """Adds the tile's dP [BN, BK] (fp32) into the factor's fp32 gradient buffers (atomics)."""
-    rows = (offs_n // rdiv) % rmod
-    cols = (offs_k // cdiv) % cmod
+    rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
     if FULL:
         tl.atomic_add(gu_ptr + rows[:, None] * sgu_0 + cols[None, :] * sgu_1, dp,
                       mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
@@ -236,12 +269,12 @@ def _lycoris_grad_factors_kernel(
     x_ptr,  # [M, K] layer input, activation dtype
     u1_ptr, v1_ptr, u2_ptr, v2_ptr,  # the factors
     gu1_ptr, gv1_ptr, gu2_ptr, gv2_ptr,  # fp32 gradient buffers shaped like the factors (zeroed)
-    M, N, K, R1, R2, scale,
+    M, N, K, R1, R2,
     rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
     stride_dym, stride_dyn, stride_xm, stride_xk,
     su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
     sgu1_0, sgu1_1, sgv1_0, sgv1_1, sgu2_0, sgu2_1, sgv2_0, sgv2_1,
-    FULL1: tl.constexpr, FULL2: tl.constexpr, NEED1: tl.constexpr, NEED2: tl.constexpr,
+    FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr, NEED1: tl.constexpr, NEED2: tl.constexpr,
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -257,31 +290,34 @@ def _lycoris_grad_factors_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         dd = tl.dot(dyt, x, dd, input_precision=BASE_PRECISION)
-    dd = dd * scale
     p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
-                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R)
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R, KRON)
     p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
-                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R)
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R, 2 * KRON)
     if NEED1:
         _factor_grad(dd * p2, u1_ptr, v1_ptr, gu1_ptr, gv1_ptr, R1, offs_n, offs_k, mask_n, mask_k,
                      rdiv1, rmod1, cdiv1, cmod1, su1_0, su1_1, sv1_0, sv1_1, sgu1_0, sgu1_1, sgv1_0, sgv1_1,
-                     FULL1, DELTA_PRECISION, BLOCK_R)
+                     FULL1, DELTA_PRECISION, BLOCK_R, KRON)
     if NEED2:
         _factor_grad(dd * p1, u2_ptr, v2_ptr, gu2_ptr, gv2_ptr, R2, offs_n, offs_k, mask_n, mask_k,
                      rdiv2, rmod2, cdiv2, cmod2, su2_0, su2_1, sv2_0, sv2_1, sgu2_0, sgu2_1, sgv2_0, sgv2_1,
-                     FULL2, DELTA_PRECISION, BLOCK_R)
+                     FULL2, DELTA_PRECISION, BLOCK_R, 2 * KRON)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations (shared by the launchers and aot_specs)
 # ----------------------------------------------------------------------------------------------
 # (kernel, fp32 activations) -> meta-parameters. BLOCK_R: ranks per small dot of a low-rank factor.
+# 16-bit forward and dX: 256 rows per program, so W + D is generated once per 256 rows (the CUDA-core work and a
+# low-rank factor's dots per delta element halve against 128-row tiles); 64 columns keep the accumulator at 64
+# fp32 registers per thread. With both factors full the pipelined gathers spill (the compile report, sm_80 to
+# sm_90): fewer stages there (_FULL_STAGES).
 _CONFIGS = {
-    ("forward", False): {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 8,
+    ("forward", False): {"BLOCK_M": 256, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "GROUP_M": 8,
                          "num_warps": 8, "num_stages": 3},
     ("forward", True): {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 8,
                         "num_warps": 4, "num_stages": 2},
-    ("grad_x", False): {"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_M": 8,
+    ("grad_x", False): {"BLOCK_M": 256, "BLOCK_K": 64, "BLOCK_N": 32, "BLOCK_R": 16, "GROUP_M": 8,
                         "num_warps": 8, "num_stages": 3},
     ("grad_x", True): {"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_N": 16, "BLOCK_R": 16, "GROUP_M": 8,
                        "num_warps": 4, "num_stages": 2},
@@ -290,22 +326,29 @@ _CONFIGS = {
     ("grad_factors", True): {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_M": 16, "BLOCK_R": 16, "GROUP_M": 8,
                              "num_warps": 4, "num_stages": 2},  # 64 x 64 spills on sm_80 with 3xTF32
 }
+# (kernel, fp32 activations) -> num_stages when both factors are full
+_FULL_STAGES = {("forward", False): 2, ("forward", True): 1, ("grad_x", True): 1}
 # The interpreter (tests on CPU tensors) runs the same kernels on 16 x 16 x 16 tiles: small odd shapes
 # then cover several tiles, masked edges and the K / N / M loops.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16, "GROUP_M": 2,
                      "num_warps": 4, "num_stages": 1}
 
 
-def gpu_config(kernel: str, act: torch.dtype) -> dict:
-    """Meta-parameters of ``kernel`` ("forward", "grad_x", "grad_factors") on a GPU, activations ``act``."""
-    return dict(_CONFIGS[kernel, act == torch.float32])
+def gpu_config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> dict:
+    """Meta-parameters of ``kernel`` ("forward", "grad_x", "grad_factors") on a GPU, activations ``act``, for
+    the factor kinds ``full`` (FULL1, FULL2) the kernel sees."""
+    key = (kernel, act == torch.float32)
+    cfg = dict(_CONFIGS[key])
+    if full[0] and full[1] and key in _FULL_STAGES:
+        cfg["num_stages"] = _FULL_STAGES[key]
+    return cfg
 
 
-def config(kernel: str, act: torch.dtype) -> dict:
+def config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> dict:
     """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter."""
     if interpreting():
         return dict(_INTERPRET_CONFIG)
-    return gpu_config(kernel, act)
+    return gpu_config(kernel, act, full)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +366,11 @@ def loha_layout(n: int, k: int) -> list[int]:
 def lokr_layout(w1_full: bool, w2_full: bool, p: int, q: int, a: int, c: int) -> list[int]:
     """delta = kron(w1 [a, c], w2 [p, q]): w1 at (n // p, k // q), w2 at (n % p, k % q)."""
     return [int(w1_full), int(w2_full), p, a, q, c, 1, p, 1, q]
+
+
+def kron(layout: Sequence[int]) -> int:
+    """1 for a LoKr layout (the kernels index w1 by quotients, w2 by remainders), 0 for LoHa's (n, k)."""
+    return 0 if layout[2:6] == layout[6:10] and layout[2] == layout[4] == 1 else 1
 
 
 def _split(factors: Sequence[torch.Tensor], layout: Sequence[int]):
@@ -352,50 +400,123 @@ def _ptrs(uv):
 
 
 # ----------------------------------------------------------------------------------------------
+# The kernels' operands: formed factors, fp32 copies, the scale folded in (once per call, O(factors))
+# ----------------------------------------------------------------------------------------------
+# A LoKr factor stored low rank (w = U @ V, [rows, cols]) is formed whole, once per call, when it has at most
+# FORM_LIMIT elements and at most 1 / FORM_SHARE of the delta's: the kernels then gather it (a FULL factor)
+# instead of regenerating the rank-r product for every block of rows. LoHa's factors ([N, K]) never qualify.
+FORM_LIMIT = 1 << 18
+FORM_SHARE = 8
+
+
+class Operands(NamedTuple):
+    """What the kernels read for D = s * P1 * P2 (``prepare``)."""
+
+    factors: list[torch.Tensor]  # factor 1's (F,) or (U, V), then factor 2's; every F in fp32, s folded in
+    layout: list[int]  # the caller's layout with the formed factors marked full
+    formed: tuple[bool, bool]  # factor f was (U, V) and is formed here as F = U @ V
+    folded: int  # index in ``factors`` of the tensor that carries s
+    dot_dtype: torch.dtype  # the operands' dtype of the low-rank products' dots
+
+
+def _formable(uv, rmap, n: int, k: int) -> bool:
+    size = rmap[1] * rmap[3]
+    return uv[1] is not None and size <= FORM_LIMIT and size * FORM_SHARE <= n * k
+
+
+def prepare(factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float, n: int, k: int) -> Operands:
+    """The kernels' operands for the delta of ``factors`` / ``layout`` on an [n, k] weight: small low-rank LoKr
+    factors formed whole in fp32 (F = U @ V), every full factor as an fp32 copy, and s folded into one tensor
+    (the first full factor, else factor 1's U, in its dtype): the kernels compute W + P1 * P2 with one FMA per
+    element and never multiply by s. Extra memory: the factors' size (fp32), never [n, k]."""
+    f1, f2 = _split(factors, layout)
+    m1, m2 = _maps(layout)
+    dot_dtype = factors[0].dtype
+    kinds, formed = [], []
+    for uv, rmap in ((f1, m1), (f2, m2)):
+        form = _formable(uv, rmap, n, k)
+        formed.append(form)
+        if form:
+            kinds.append([uv[0].float() @ uv[1].float()])
+        elif uv[1] is None:
+            kinds.append([uv[0].float()])
+        else:
+            kinds.append([uv[0], uv[1]])
+            dot_dtype = uv[0].dtype
+    full = [len(f) == 1 for f in kinds]
+    target = 0 if full[0] or not full[1] else 1  # a full factor if there is one, else factor 1's U
+    kinds[target][0] = kinds[target][0] * scale
+    folded = 0 if target == 0 else len(kinds[0])
+    out_layout = [int(full[0]), int(full[1]), *layout[2:]]
+    return Operands(kinds[0] + kinds[1], out_layout, (formed[0], formed[1]), folded, dot_dtype)
+
+
+def unprepare_grads(ops: Operands, factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float,
+                    grads: list) -> list:
+    """fp32 gradients of the caller's ``factors`` from those of ``ops.factors`` (None stays None): s for the
+    tensor that carries it, then dU = dF @ V^T, dV = U^T @ dF for a formed factor (small torch matmuls)."""
+    grads = list(grads)
+    if grads[ops.folded] is not None:
+        grads[ops.folded] = grads[ops.folded] * scale
+    f1, f2 = _split(factors, layout)
+    n1 = 1 if ops.layout[0] else 2
+    out = []
+    for uv, g, formed in ((f1, grads[:n1], ops.formed[0]), (f2, grads[n1:], ops.formed[1])):
+        if not formed:
+            out += g
+        elif g[0] is None:
+            out += [None, None]
+        else:
+            out += [g[0] @ uv[1].float().t(), uv[0].float().t() @ g[0]]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
-def _common(f1, f2, layout, scale):
-    m1, m2 = _maps(layout)
-    return (*_ptrs(f1), *_ptrs(f2)), (_rank(f1), _rank(f2), float(scale), *m1, *m2), (*_strides(f1), *_strides(f2))
+def _common(ops: Operands):
+    f1, f2 = _split(ops.factors, ops.layout)
+    m1, m2 = _maps(ops.layout)
+    consts = dict(FULL1=bool(ops.layout[0]), FULL2=bool(ops.layout[1]), KRON=kron(ops.layout))
+    return (*_ptrs(f1), *_ptrs(f2)), (_rank(f1), _rank(f2), *m1, *m2), (*_strides(f1), *_strides(f2)), consts
 
 
-def launch_forward(x2, weight, bias, factors, layout, scale):
-    """y = x2 @ (weight + D)^T + bias [M, N] in x2's dtype."""
-    f1, f2 = _split(factors, layout)
+def launch_forward(x2, weight, bias, ops: Operands):
+    """y = x2 @ (weight + D)^T + bias [M, N] in x2's dtype (D from ``ops = prepare(...)``)."""
     M, K = x2.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    cfg = config("forward", x2.dtype)
-    ptrs, scalars, strides = _common(f1, f2, layout, scale)
+    cfg = config("forward", x2.dtype, ops.layout[:2])
+    ptrs, scalars, strides, consts = _common(ops)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     launch(_lycoris_forward_kernel, grid,
            x2, weight, weight if bias is None else bias, *ptrs, y, M, N, K, *scalars,
            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides, y.stride(0), y.stride(1),
-           HAS_BIAS=bias is not None, FULL1=bool(layout[0]), FULL2=bool(layout[1]),
-           BASE_PRECISION=dot_precision(x2.dtype), DELTA_PRECISION=dot_precision(x2.dtype, f1[0].dtype), **cfg)
+           HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(x2.dtype),
+           DELTA_PRECISION=dot_precision(x2.dtype, ops.dot_dtype), **consts, **cfg)
     return y
 
 
-def launch_grad_x(dy2, weight, factors, layout, scale):
+def launch_grad_x(dy2, weight, ops: Operands):
     """dX = dy2 @ (weight + D) [M, K] in dy2's dtype."""
-    f1, f2 = _split(factors, layout)
     M, N = dy2.shape
     K = weight.shape[1]
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
-    cfg = config("grad_x", dy2.dtype)
-    ptrs, scalars, strides = _common(f1, f2, layout, scale)
+    cfg = config("grad_x", dy2.dtype, ops.layout[:2])
+    ptrs, scalars, strides, consts = _common(ops)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lycoris_grad_x_kernel, grid,
            dy2, weight, *ptrs, dx, M, N, K, *scalars,
            dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), *strides, dx.stride(0), dx.stride(1),
-           FULL1=bool(layout[0]), FULL2=bool(layout[1]), BASE_PRECISION=dot_precision(dy2.dtype),
-           DELTA_PRECISION=dot_precision(dy2.dtype, f1[0].dtype), **cfg)
+           BASE_PRECISION=dot_precision(dy2.dtype), DELTA_PRECISION=dot_precision(dy2.dtype, ops.dot_dtype),
+           **consts, **cfg)
     return dx
 
 
-def launch_grad_factors(dy2, x2, factors, layout, scale, need1: bool, need2: bool):
-    """fp32 gradients of the factors (factor 1's then factor 2's, like ``factors``; None where not needed)."""
-    f1, f2 = _split(factors, layout)
+def launch_grad_factors(dy2, x2, ops: Operands, need1: bool, need2: bool):
+    """fp32 gradients of the kernels' factors ``ops.factors`` (None where not needed); ``unprepare_grads``
+    turns them into the caller's."""
+    f1, f2 = _split(ops.factors, ops.layout)
     M, N = dy2.shape
     K = x2.shape[1]
     grads = []
@@ -403,7 +524,7 @@ def launch_grad_factors(dy2, x2, factors, layout, scale, need1: bool, need2: boo
         for t in uv:
             if t is not None:
                 grads.append(torch.zeros(t.shape, dtype=torch.float32, device=t.device) if need else None)
-    g1 = grads[:1 if layout[0] else 2]
+    g1 = grads[:1 if ops.layout[0] else 2]
     g2 = grads[len(g1):]
 
     def gptrs(g, uv):
@@ -413,14 +534,14 @@ def launch_grad_factors(dy2, x2, factors, layout, scale, need1: bool, need2: boo
         return (g[0], v), (g[0].stride(0), g[0].stride(1), v.stride(0), v.stride(1))
 
     (gp1, gs1), (gp2, gs2) = gptrs(g1, f1), gptrs(g2, f2)
-    cfg = config("grad_factors", dy2.dtype)
-    ptrs, scalars, strides = _common(f1, f2, layout, scale)
+    cfg = config("grad_factors", dy2.dtype, ops.layout[:2])
+    ptrs, scalars, strides, consts = _common(ops)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lycoris_grad_factors_kernel, grid,
            dy2, x2, *ptrs, *gp1, *gp2, M, N, K, *scalars,
            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), *strides, *gs1, *gs2,
-           FULL1=bool(layout[0]), FULL2=bool(layout[1]), NEED1=need1, NEED2=need2,
-           BASE_PRECISION=dot_precision(dy2.dtype), DELTA_PRECISION=dot_precision(dy2.dtype, f1[0].dtype), **cfg)
+           NEED1=need1, NEED2=need2, BASE_PRECISION=dot_precision(dy2.dtype),
+           DELTA_PRECISION=dot_precision(dy2.dtype, ops.dot_dtype), **consts, **cfg)
     return grads
 
 
@@ -512,8 +633,10 @@ def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """y [..., N]. hint (eager): the backend already chosen (True: Triton)."""
     on_triton = use_triton(x, weight, *factors) if hint is None else hint
     x2 = as_2d(x)
-    impl = launch_forward if on_triton and x2.shape[0] > 0 else forward_reference
-    y2 = impl(x2, weight, bias, factors, layout, scale)
+    if on_triton and x2.shape[0] > 0:
+        y2 = launch_forward(x2, weight, bias, prepare(factors, layout, scale, *weight.shape))
+    else:
+        y2 = forward_reference(x2, weight, bias, factors, layout, scale)
     return y2.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -533,9 +656,10 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     need1, need2 = any(need_f[:n1]), any(need_f[n1:])
     dy2, x2 = as_2d(dy), as_2d(x)
     if on_triton and dy2.shape[0] > 0:
-        dx = launch_grad_x(dy2, weight, factors, layout, scale) if needs[0] else None
-        fgrads = launch_grad_factors(dy2, x2, factors, layout, scale, need1, need2) if need1 or need2 else \
-            [None] * len(factors)
+        ops = prepare(factors, layout, scale, *weight.shape)
+        dx = launch_grad_x(dy2, weight, ops) if needs[0] else None
+        fgrads = unprepare_grads(ops, factors, layout, scale, launch_grad_factors(dy2, x2, ops, need1, need2)) \
+            if need1 or need2 else [None] * len(factors)
     else:
         dx, fgrads = backward_reference(dy2, x2, weight, factors, layout, scale, needs[0], need1, need2)
     dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if needs[2] else None
@@ -632,9 +756,9 @@ def lokr_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # Ahead-of-time compile specs
 # ----------------------------------------------------------------------------------------------
 _ACTS = (torch.float16, torch.bfloat16, torch.float32)
-# (full1, full2): LoHa and LoKr with both factors low rank (0, 0); LoKr's usual w1 full + w2 low rank
-# (1, 0); both full (1, 1)
-_FACTOR_KINDS = ((0, 0), (1, 0), (1, 1))
+# (full1, full2, kron) the kernels see (after prepare): LoHa (0, 0, 0); LoKr with its small factors formed, the
+# usual case (1, 1, 1); LoKr's full w1 with a w2 too large to form (1, 0, 1); both too large (0, 0, 1)
+_FACTOR_KINDS = ((0, 0, 0), (1, 1, 1), (1, 0, 1), (0, 0, 1))
 
 
 def aot_specs() -> list[AotSpec]:
@@ -650,18 +774,20 @@ def aot_specs() -> list[AotSpec]:
     for act in _ACTS:
         an = DTYPE_NAMES[act]
         for kname, fn, ptrs, flags in kernels:
-            cfg = dict(_CONFIGS[kname, act == torch.float32])
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            for full1, full2 in _FACTOR_KINDS:
+            for full1, full2, kr in _FACTOR_KINDS:
+                cfg = gpu_config(kname, act, (full1, full2))
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 extra = {"HAS_BIAS": True} if flags else {}
                 if kname == "grad_factors":
                     extra = {"NEED1": True, "NEED2": True}
-                consts = dict(FULL1=bool(full1), FULL2=bool(full2), BASE_PRECISION=dot_precision(act),
+                consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
                               DELTA_PRECISION=dot_precision(act), **cfg, **extra)
                 types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
-                types.update({p: "*" + an for p in ("u1_ptr", "v1_ptr", "u2_ptr", "v2_ptr")}, scale="fp32")
+                # a full factor is read as its fp32 copy (prepare), a low-rank one in the factors' dtype
+                types.update({f"{p}{i}_ptr": "*" + ("fp32" if full else an)
+                              for i, full in ((1, full1), (2, full2)) for p in ("u", "v")})
                 sig = aot_signature(fn, types, consts)
-                name = (f"lycoris_{kname}[x={an},full={full1}{full2},"
-                        f"{','.join(f'{k}={v}' for k, v in cfg.items())}]")
+                name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
+                        f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}]")
                 specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
     return specs

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peftfast.kernels import lycoris as LY
+from peftfast.kernels.runtime import DTYPE_NAMES
 
 from tests.numerics import allowed_error, max_err
 
@@ -97,10 +98,101 @@ def test_triton_fp32(triton_kernels, kind):
     check(kind, inputs, run_op(inputs, True))
 
 
-@pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
+@pytest.mark.parametrize("kind", ["loha", "lokr_fl", "lokr_lf"])
 def test_triton_fp16(triton_kernels, kind):
     inputs = make(kind, F16, seed=1)
     check(kind, inputs, run_op(inputs, True))
+
+
+@pytest.mark.parametrize("kind", ["lokr_fl", "lokr_lf", "lokr_ll"])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_triton_lokr_factors_left_low_rank(triton_kernels, monkeypatch, kind, dtype):
+    """LoKr factors too large to form whole (FORM_LIMIT 0): the rank-r products inside the tile loops, s folded
+    into factor 1's U or, for lokr_lf, into w2's fp32 copy."""
+    monkeypatch.setattr(LY, "FORM_LIMIT", 0)
+    inputs = make(kind, dtype, seed=10)
+    check(kind, inputs, run_op(inputs, True))
+
+
+def _record_launches(monkeypatch, run=True):
+    seen = []
+    real = LY.launch
+
+    def record(kernel, grid, *args, **meta):
+        seen.append((kernel, args, meta))
+        if run:
+            real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(LY, "launch", record)
+    return seen
+
+
+@pytest.mark.parametrize("kind, full", [("lokr_fl", (True, True)), ("lokr_lf", (True, True)),
+                                        ("lokr_ll", (True, True)), ("loha", (False, False))])
+def test_small_lokr_factors_formed(triton_kernels, monkeypatch, kind, full):
+    """Every launch gathers a small low-rank LoKr factor whole (FULL: no rank-r product per block of rows), and
+    reads every full factor as an fp32 copy carrying s; LoHa's [N, K] products are never formed."""
+    seen = _record_launches(monkeypatch)
+    inputs = make(kind, F16, seed=11)
+    check(kind, inputs, run_op(inputs, True))
+    assert len(seen) == 3
+    for kernel, args, meta in seen:
+        assert (meta["FULL1"], meta["FULL2"]) == full, kernel
+        names = kernel.arg_names
+        for i, is_full in ((1, full[0]), (2, full[1])):
+            u = args[names.index(f"u{i}_ptr")]
+            assert u.dtype == (F32 if is_full else F16)
+
+
+def test_prepare_folds_the_scale_once():
+    """The kernels' operands carry s exactly once and give the caller's delta; gradients map back."""
+    for kind in ("loha", "lokr_fl", "lokr_lf", "lokr_ff"):
+        _x, w, _b, factors, layout, scale, _dy = make(kind, F32, seed=12)
+        ops = LY.prepare(factors, layout, scale, *w.shape)
+        assert len(ops.factors) == (4 if kind == "loha" else 2)
+        torch.testing.assert_close(delta(kind, ops.factors, ops.layout, 1.0), delta(kind, factors, layout, scale))
+
+
+@pytest.mark.parametrize("act", [F16, BF16, F32])
+@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf"])
+def test_launches_are_compiled(monkeypatch, act, shape):
+    """The compile report compiles what the launchers pick on a GPU (tests/kernels/test_specs_cover_launches.py's
+    pattern): every launch (meta tensors; nothing runs) matches an AotSpec of its kernel in num_warps,
+    num_stages, every meta-parameter the spec fixes and every pointer's dtype (a full factor's fp32 copy)."""
+    monkeypatch.setattr(LY, "config", LY.gpu_config)
+    seen = _record_launches(monkeypatch, run=False)
+
+    def meta(*s):
+        return torch.empty(*s, dtype=act, device="meta")
+
+    m, n, k = 300, 128, 96
+    if shape == "loha":
+        factors, layout = [meta(n, 5), meta(5, k), meta(n, 3), meta(3, k)], LY.loha_layout(n, k)
+    elif shape == "lokr_small":  # w1 [8, 4] full, w2 [16, 24] = rank 2 product: formed
+        factors, layout = [meta(8, 4), meta(16, 2), meta(2, 24)], LY.lokr_layout(True, False, 16, 24, 8, 4)
+    elif shape == "lokr_big_w2":  # w1 [2, 2], w2 [64, 48] = rank 2 product: too large to form
+        factors, layout = [meta(2, 2), meta(64, 2), meta(2, 48)], LY.lokr_layout(True, False, 64, 48, 2, 2)
+    else:  # lokr_lf: w1 [2, 2] = rank 1 product (formed), w2 [64, 48] full
+        factors, layout = [meta(2, 1), meta(1, 2), meta(64, 48)], LY.lokr_layout(False, True, 64, 48, 2, 2)
+    ops = LY.prepare(factors, layout, 0.5, n, k)
+    x, w, dy = meta(m, k), meta(n, k), meta(m, n)
+    LY.launch_forward(x, w, meta(n), ops)
+    LY.launch_grad_x(dy, w, ops)
+    LY.launch_grad_factors(dy, x, ops, True, True)
+    specs = LY.aot_specs()
+    bad = []
+    for kernel, args, kw in seen:
+        sig = dict(zip(kernel.arg_names, args))
+
+        def fits(spec):
+            fixed = {key: v for key, v in spec.constexprs.items() if key in kw}
+            return (spec.fn is kernel and spec.num_warps == kw["num_warps"] and spec.num_stages == kw["num_stages"]
+                    and all(kw[key] == v for key, v in fixed.items())
+                    and all(spec.signature[name] == "*" + DTYPE_NAMES[t.dtype]
+                            for name, t in sig.items() if isinstance(t, torch.Tensor)))
+        if not any(fits(s) for s in specs):
+            bad.append(f"{kernel.fn.__name__} {({key: v for key, v in kw.items()})}")
+    assert len(seen) == 3 and not bad, bad
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
@@ -214,9 +306,9 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(g, f.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind, dtype", [("loha", F16)])
+@pytest.mark.parametrize("kind, dtype", [("loha", F16), ("lokr_fl", F16)])
 def test_triton_gpu_tiles(triton_kernels, monkeypatch, kind, dtype):
-    """The launch configurations used on GPUs (128-wide tiles, one ragged tile here) under the interpreter."""
+    """The launch configurations used on GPUs (256-row tiles, one ragged tile here) under the interpreter."""
     monkeypatch.setattr(LY, "config", LY.gpu_config)
     inputs = make(kind, dtype, seed=9)
     check(kind, inputs, run_op(inputs, True))

@@ -1,17 +1,26 @@
 """LoHa / LoKr on a linear: peftfast's kernels (kernels/lycoris.py) and PEFT's eager computation.
 
-peftfast (``LYCORIS_LINEAR`` on the Triton backend), bytes per launch as counted (unique addresses):
+peftfast (``LYCORIS_LINEAR`` on the Triton backend), bytes per launch as counted (unique addresses), launches
+in the order they run:
 
-    forward:  ONE kernel: reads X, W, the factors (and b), writes Y. Tensor-core FLOPs: the GEMM
-              2 T N K, plus the low-rank factor products regenerated for every row block of BLOCK_M
-              rows: cdiv(T, BM) * 2 N K R_pad per low-rank factor (R_pad: the rank rounded up to
-              BLOCK_R = 16, as the dots are padded). CUDA-core work: ~5 fp32 operations per delta
-              element per row block (two products, the scale, the add to W, the casts).
+    prepare:  torch, once per call (forward, and again in backward): a small low-rank LoKr factor formed
+              whole (casts to fp32, F = U @ V), a full factor's fp32 copy, s times the tensor that carries it.
+    forward:  ONE kernel: reads X, W, the kernels' factors (a full one in fp32, a low-rank one in the
+              activation dtype) (and b), writes Y. Tensor-core FLOPs: the GEMM 2 T N K, plus the products of
+              the factors left low rank, regenerated for every row block of BLOCK_M rows:
+              cdiv(T, BM) * 2 N K R_pad each (R_pad: the rank rounded up to BLOCK_R = 16, as the dots are
+              padded). CUDA-core work: ``DELTA_INSTRUCTIONS`` per delta element per row block.
     backward: dX kernel (the same structure over the other operand: reads dY, W, factors, writes dX);
-              factor-gradient kernel: reads dY, X, factors, adds into fp32 buffers shaped like the
-              factors with atomics (each buffer element read and written), the GEMM dY^T X
-              (2 T N K) plus per (N, K) tile the factor products again and two small dots per
-              low-rank factor; torch: zero the fp32 buffers, cast them to the factor dtype, db.
+              torch zeroes fp32 gradient buffers shaped like the kernels' factors; factor-gradient kernel:
+              reads dY, X, factors, adds into the buffers with atomics (each buffer element read and
+              written), the GEMM dY^T X (2 T N K) plus per (N, K) tile, per low-rank factor, its product and
+              two small dots; torch: ``unprepare_grads`` (s, a formed factor's dU = dF V^T, dV = U^T dF),
+              db, the casts of the factor gradients.
+
+CUDA-core work is counted in instructions, each holding an fp32 lane for a cycle, i.e. 2 FLOPs of
+``Gpu.fp32_flops`` (which counts an FMA as 2). Not counted: loads, the gathers' address arithmetic and the
+index arithmetic; for LoKr's forward that is a 64-bit division and a remainder per delta element per row block
+(emulated in software on the GPU: tens of instructions each), so its serial figure is a lower bound.
 
 Time of one launch: ``max(bytes / bandwidth, tensor FLOPs / tensor peak + CUDA-core FLOPs / fp32 peak)``
 ("serial": the CUDA-core work of the delta does not overlap the tensor cores), and the optimistic
@@ -31,7 +40,13 @@ import torch
 from ..specs import Gpu, Kernel, cdiv, nbytes
 
 BLOCK_R = 16
-DELTA_OPS = 5  # fp32 operations per generated delta element (see the module doc)
+# CUDA-core instructions per generated delta element per row block (forward and dX), as _add_delta in
+# kernels/lycoris.py runs them: one fp32 FMA (W + P1 * P2; s is folded into a factor once per call and a full
+# factor is read as an fp32 copy), plus, with 16-bit activations, the widening of the W element to fp32 and the
+# rounding of the sum back. Not counted: loads, the gathers' address arithmetic.
+DELTA_INSTRUCTIONS = {2: 3, 4: 1}  # activation bytes -> instructions
+# Each such instruction holds an fp32 lane for one cycle, i.e. 2 FLOPs of the fp32 peak (which counts an FMA as 2).
+FLOPS_PER_INSTRUCTION = 2
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,10 @@ class Factors:
     def padded_ranks(self) -> list[int]:
         return [cdiv(r, BLOCK_R) * BLOCK_R for _, _, r in (self.f1, self.f2) if r]
 
+    def nbytes(self, act_bytes: int) -> int:
+        """Bytes of the factors as the kernels read them: a full factor in fp32, a low-rank one in act."""
+        return sum(rows * cols * 4 if r == 0 else r * (rows + cols) * act_bytes for rows, cols, r in (self.f1, self.f2))
+
 
 def loha(d_in: int, d_out: int, r: int) -> Factors:
     return Factors((d_out, d_in, r), (d_out, d_in, r))
@@ -67,10 +86,29 @@ def lokr(d_in: int, d_out: int, a: int, c: int, r1: int, r2: int) -> Factors:
     return Factors((a, c, r1), (d_out // a, d_in // c, r2))
 
 
+def _form_rule() -> tuple[int, int]:
+    from peftfast.kernels.lycoris import FORM_LIMIT, FORM_SHARE  # lazily: the module reads TRITON_INTERPRET
+
+    return FORM_LIMIT, FORM_SHARE
+
+
+def formed(fac: Factors, d_in: int, d_out: int) -> tuple[bool, bool]:
+    """Which low-rank factors ``prepare`` forms whole (small LoKr factors)."""
+    limit, share = _form_rule()
+    return tuple(bool(r) and rows * cols <= limit and rows * cols * share <= d_in * d_out
+                 for rows, cols, r in (fac.f1, fac.f2))
+
+
+def kernel_factors(fac: Factors, d_in: int, d_out: int) -> Factors:
+    """The factors as the kernels see them (formed ones full)."""
+    f = formed(fac, d_in, d_out)
+    return Factors(*((rows, cols, 0 if fm else r) for (rows, cols, r), fm in zip((fac.f1, fac.f2), f)))
+
+
 @dataclass(frozen=True)
 class Launch:
     kernel: Kernel
-    cuda_flops: int = 0  # CUDA-core FLOPs of the same launch (Kernel.flops: tensor cores)
+    cuda_flops: int = 0  # CUDA-core FLOP-equivalents of the same launch (Kernel.flops: tensor cores)
 
     def time(self, gpu: Gpu, overlapped: bool = False) -> float:
         tc = self.kernel.flops / (gpu.tensor_flops if self.kernel.tensor_core else gpu.fp32_flops)
@@ -83,41 +121,88 @@ def path_time(launches: list[Launch], gpu: Gpu, overlapped: bool = False) -> flo
     return sum(x.time(gpu, overlapped) for x in launches)
 
 
-def _tile_work(row_blocks: int, d_in: int, d_out: int, fac: Factors) -> tuple[int, int]:
-    """(tensor FLOPs, CUDA-core FLOPs) of generating the delta ``row_blocks`` times."""
-    tc = sum(row_blocks * 2 * d_out * d_in * rp for rp in fac.padded_ranks())
-    return tc, row_blocks * DELTA_OPS * d_out * d_in
+def _tile_work(row_blocks: int, d_in: int, d_out: int, kf: Factors, act_bytes: int) -> tuple[int, int]:
+    """(tensor FLOPs, CUDA-core FLOP-equivalents) of generating W + D ``row_blocks`` times."""
+    tc = sum(row_blocks * 2 * d_out * d_in * rp for rp in kf.padded_ranks())
+    return tc, row_blocks * d_out * d_in * DELTA_INSTRUCTIONS[act_bytes] * FLOPS_PER_INSTRUCTION
+
+
+def _torch(name: str, read: int, written: int, flops: int = 0) -> Launch:
+    return Launch(Kernel(name, read, written, flops))
+
+
+def _prepare(fac: Factors, d_in: int, d_out: int, a: int) -> list[Launch]:
+    """``prepare``'s torch ops, in order: per factor, a formed one's casts to fp32 and product, a full one's cast;
+    then s times the tensor that carries it (the first full factor, else factor 1's U)."""
+    out = []
+    fm = formed(fac, d_in, d_out)
+    for (rows, cols, r), form in zip((fac.f1, fac.f2), fm):
+        if form:
+            if a != 4:
+                out += [_torch("torch: U to fp32", rows * r * a, rows * r * 4),
+                        _torch("torch: V to fp32", r * cols * a, r * cols * 4)]
+            out.append(_torch("torch: F = U @ V (fp32)", (rows * r + r * cols) * 4, rows * cols * 4,
+                              2 * rows * r * cols))
+        elif r == 0 and a != 4:
+            out.append(_torch("torch: full factor to fp32", rows * cols * a, rows * cols * 4))
+    kf = kernel_factors(fac, d_in, d_out)
+    rows, cols, r = kf.f1 if kf.f1[2] == 0 or kf.f2[2] != 0 else kf.f2
+    n, nb = (rows * cols, 4) if r == 0 else (rows * r, a)
+    out.append(_torch("torch: s folded into a factor", n * nb, n * nb, n))
+    return out
 
 
 def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m: int,
                      bias: bool = False) -> list[Launch]:
+    """The launches in order: ``prepare``'s torch ops, then the one kernel."""
     a = nbytes(act)
-    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, fac)
-    read = t * d_in * a + d_out * d_in * a + fac.elements() * a + (d_out * a if bias else 0)
-    return [Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
-                          2 * t * d_in * d_out + tc, True), cc)]
+    kf = kernel_factors(fac, d_in, d_out)
+    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, a)
+    read = t * d_in * a + d_out * d_in * a + kf.nbytes(a) + (d_out * a if bias else 0)
+    return _prepare(fac, d_in, d_out, a) + [
+        Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
+                      2 * t * d_in * d_out + tc, True), cc)]
 
 
 def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m_dx: int,
                       bias: bool = False) -> list[Launch]:
+    """The launches in order: ``prepare``, the dX kernel, the zeroed fp32 buffers, the factor-gradient kernel,
+    ``unprepare_grads``, db, the casts of the factor gradients."""
     a = nbytes(act)
-    e = fac.elements()
-    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, fac)
-    dx = Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
-                       t * d_out * a + d_out * d_in * a + e * a, t * d_in * a, 2 * t * d_in * d_out + tc, True), cc)
-    tc1, cc1 = _tile_work(1, d_in, d_out, fac)
-    ranks = fac.padded_ranks()
-    tc_g = 2 * t * d_in * d_out + tc1 + sum(2 * 2 * d_out * d_in * rp for rp in ranks)
-    grads = Launch(Kernel("peftfast bwd: dD = dY^T X tiles -> factor grads (fp32 atomics)",
-                          t * d_out * a + t * d_in * a + e * a + e * 4, e * 4, tc_g, True), cc1 + 3 * d_out * d_in)
-    out = [dx, grads]
-    out += [Launch(Kernel("torch: zero an fp32 factor-gradient buffer", 0, n * 4, 0)) for n in fac.tensors()]
+    kf = kernel_factors(fac, d_in, d_out)
+    fb = kf.nbytes(a)
+    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, a)
+    out = _prepare(fac, d_in, d_out, a)
+    out.append(Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
+                             t * d_out * a + d_out * d_in * a + fb, t * d_in * a, 2 * t * d_in * d_out + tc, True), cc))
+    out += [_torch("torch: zero an fp32 factor-gradient buffer", 0, n * 4) for n in kf.tensors()]
+    # once per (N, K) tile: P1, P2 (a low-rank one: one dot, and two more for its gradients), dP = dD * P (two
+    # products), and, with 16-bit factors, a low-rank dP's rounding before its dots
+    ranks = kf.padded_ranks()
+    tc_g = 2 * t * d_in * d_out + sum(3 * 2 * d_out * d_in * rp for rp in ranks)
+    instr = 2 + (len(ranks) if a != 4 else 0)
+    e4 = sum(kf.tensors()) * 4
+    out.append(Launch(Kernel("peftfast bwd: dD = dY^T X tiles -> factor grads (fp32 atomics)",
+                             t * d_out * a + t * d_in * a + fb + e4, e4, tc_g, True),
+                      instr * FLOPS_PER_INSTRUCTION * d_out * d_in))
+    # unprepare_grads: s on the tensor that carries it, then a formed factor's dU, dV
+    rows, cols, r = kf.f1 if kf.f1[2] == 0 or kf.f2[2] != 0 else kf.f2
+    n = rows * cols if r == 0 else rows * r
+    out.append(_torch("torch: s times a kernel gradient", n * 4, n * 4, n))
+    for (rows, cols, r), form in zip((fac.f1, fac.f2), formed(fac, d_in, d_out)):
+        if form:
+            cast = [_torch("torch: V to fp32", r * cols * a, r * cols * 4)] if a != 4 else []
+            out += cast + [_torch("torch: dU = dF @ V^T", (rows * cols + r * cols) * 4, rows * r * 4,
+                                  2 * rows * cols * r)]
+            cast = [_torch("torch: U to fp32", rows * r * a, rows * r * 4)] if a != 4 else []
+            out += cast + [_torch("torch: dV = U^T @ dF", (rows * r + rows * cols) * 4, r * cols * 4,
+                                  2 * rows * cols * r)]
     if bias:  # fp32 sum, then its cast (none for fp32)
-        out.append(Launch(Kernel("torch: db = sum dY (fp32)", t * d_out * a, d_out * 4, t * d_out)))
+        out.append(_torch("torch: db = sum dY (fp32)", t * d_out * a, d_out * 4, t * d_out))
         if a != 4:
-            out.append(Launch(Kernel("torch: cast db", d_out * 4, d_out * a, d_out)))
+            out.append(_torch("torch: cast db", d_out * 4, d_out * a, d_out))
     if a != 4:
-        out += [Launch(Kernel("torch: cast a factor gradient", n * 4, n * a, n)) for n in fac.tensors()]
+        out += [_torch("torch: cast a factor gradient", n * 4, n * a, n) for n in fac.tensors()]
     return out
 
 
@@ -201,6 +286,7 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16,
         f"LoHa r={r}": loha(d, d, r),
         f"LoKr w1 full [64,64], w2 rank {r}": lokr(d, d, 64, 64, 0, r),
         f"LoKr w1, w2 full (r >= {d // 128})": lokr(d, d, 64, 64, 0, 0),
+        f"LoKr w1 full [4,4], w2 rank {r} (not formed)": lokr(d, d, 4, 4, 0, r),
     }
     bf, bb = path_time(base_forward(t, d, d, act), gpu), path_time(base_backward(t, d, d, act), gpu)
     block_m, block_m_dx = block_ms(act)
