@@ -64,7 +64,6 @@ like bitsandbytes' CPU training path, the 8-bit product uses the dequantised wei
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,7 +73,7 @@ import triton.language as tl
 from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lora_grad_a_tile
 from .aot import AotSpec
 from .opdecl import OpDecl
-from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
+from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, gpu_target, launch, use_triton
 from .tiles import NO_EPOCH, grouped_tile
 from .quant import (
     Packed4bit,
@@ -372,7 +371,6 @@ CONFIGS = {
     ("medium", False): Config(block_m=64, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
 }
 _REDUCE_BLOCK = 1024
-_DEFAULT_SMS = 132  # an H100, for launches outside CUDA (the interpreter)
 
 
 def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool = False) -> Config:
@@ -394,11 +392,10 @@ def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
+    """SMs of the GPU a launch on ``device`` is planned for (``runtime.gpu_target``: the CUDA device's;
+    else an H100's, or the recorded architecture's reference GPU)."""
+    return gpu_target(device).sms
 
 
 def decode_split_limit(m: int, r: int) -> int:
@@ -433,6 +430,14 @@ def int8_lora_da_config(cfg: Config, adapter_dtype: Optional[torch.dtype], da: b
     """The int8 dX kernel that also computes dA of fp32 adapters runs two stages: with three, ptxas
     keeps it at 128 registers and spills on sm_80 (16-bit activations, 64-bit addresses)."""
     return cfg._replace(num_stages=2) if da and adapter_dtype == torch.float32 else cfg
+
+
+def nested_lora_config(cfg: Config, nested: bool, lora: bool, arch: int) -> Config:
+    """The 4-bit kernel with double-quantised scales (NESTED) and the adapter term runs two stages below
+    sm_90: with three, ptxas caps it at 128 registers and spills 8-12 bytes on sm_80 (dX with dA, 64-row
+    tile), sm_86 and sm_89 (decode dX with dA; the forward with fp32 adapters, 64-row tile), once Triton
+    specialises aligned shapes (kernels/launch_specs.py). sm_90 keeps three."""
+    return cfg._replace(num_stages=min(cfg.num_stages, 2)) if nested and lora and arch < 90 else cfg
 
 
 def qlora_dx_block_m(t: int, act: torch.dtype) -> int:
@@ -534,6 +539,7 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
         raise ValueError(f"the aligned path needs in_features % blocksize == 0 and blocksize >= the tile; "
                          f"got in_features={k}, blocksize={p.blocksize}, config={config}")
     cfg = resolve_config(config, transpose, a.dtype, general=not aligned)
+    cfg = nested_lora_config(cfg, p.nested, lora is not None, gpu_target(a.device).arch)
     nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
     weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
                    nested_code.contiguous(), offset, k,
