@@ -192,3 +192,20 @@ def test_recording_plans_for_the_arch_gpu(triton_backend):
     with pytest.raises(ValueError, match="no reference GPU"):
         with runtime.recording_launches(75):
             pass
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nested_qlora_runs_two_stages_below_sm90(nested, triton_backend):
+    """The double-quantised 4-bit kernel with the adapter term spilled with three stages on sm_80/86/89
+    (compile report of the launched specs); it runs two there, three on sm_90 and without nesting."""
+    from peftfast.kernels.adapters import adapter_table, make_plan
+
+    plan = make_plan((RANK,), (2.0,), (0.0,))
+    x, t, b = _meta(128, D, dtype=BF16), _meta(128, RANK, dtype=F32), _meta(D, RANK, dtype=F32)
+    for arch in cr.ARCHS:
+        with runtime.recording_launches(arch) as rec:
+            lora = (t, b, adapter_table(plan, x.device), 0, False, runtime.dot_precision(BF16, F32))
+            Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True, lora=lora)
+            Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True)
+        with_lora, plain = (r.meta["num_stages"] for r in rec)
+        assert plain == 3 and with_lora == (2 if nested and arch < 90 else 3)
