@@ -426,10 +426,14 @@ def lora_dx_config(config: str) -> str:
     return "medium" if config == "large" else config
 
 
-def int8_lora_da_config(cfg: Config, adapter_dtype: Optional[torch.dtype], da: bool) -> Config:
-    """The int8 dX kernel that also computes dA of fp32 adapters runs two stages: with three, ptxas
-    keeps it at 128 registers and spills on sm_80 (16-bit activations, 64-bit addresses)."""
-    return cfg._replace(num_stages=2) if da and adapter_dtype == torch.float32 else cfg
+def int8_lora_da_config(cfg: Config, adapter_dtype: Optional[torch.dtype], da: bool,
+                        act: Optional[torch.dtype] = None) -> Config:
+    """The int8 dX kernel that also computes dA of adapters in another dtype than the activations ``act``
+    runs two stages: with three, ptxas keeps it at 128 registers and spills on sm_80 for fp32 adapters
+    (16-bit activations, 64-bit addresses), and spills 8 bytes on sm_86 for fp16 adapters on bf16
+    activations or the reverse (decode tile, dropout, aligned shapes: kernels/launch_specs.py)."""
+    other = adapter_dtype == torch.float32 or (act is not None and adapter_dtype != act)
+    return cfg._replace(num_stages=2) if da and other else cfg
 
 
 def nested_lora_config(cfg: Config, nested: bool, lora: bool, arch: int) -> Config:
@@ -580,7 +584,7 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
         config = lora_dx_config(config)  # as the 4-bit dX kernel
     cfg = resolve_config(config, transpose, a.dtype)
     if lora is not None and lora_x is not None:
-        cfg = int8_lora_da_config(cfg, lora[1].dtype, True)
+        cfg = int8_lora_da_config(cfg, lora[1].dtype, True, a.dtype)
     weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
     return _launch_with_lora(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split,
                              lora, lora_x, cb)
@@ -788,7 +792,7 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
     """partial: the split reduction's fp32 partial sums (decode); else the output itself."""
     cfg = resolve_config(config_name, transpose, a_dtype, general)
     if kernel is _matmul_int8_kernel and lora is not None:
-        cfg = int8_lora_da_config(cfg, lora[0], lora[2])
+        cfg = int8_lora_da_config(cfg, lora[0], lora[2], a_dtype)
     a = DTYPE_NAMES[a_dtype]
     signature = {"a_ptr": f"*{a}", "out_ptr": "*fp32" if partial else f"*{a}", "bias_ptr": f"*{a}",
                  **weight_sig, **_COMMON_SIG}

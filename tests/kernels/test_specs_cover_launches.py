@@ -209,3 +209,18 @@ def test_nested_qlora_runs_two_stages_below_sm90(nested, triton_backend):
             Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True)
         with_lora, plain = (r.meta["num_stages"] for r in rec)
         assert plain == 3 and with_lora == (2 if nested and arch < 90 else 3)
+
+
+@pytest.mark.parametrize("act, ad, stages", [(F16, F16, 3), (F16, BF16, 2), (BF16, F16, 2), (BF16, F32, 2)])
+def test_int8_dx_with_da_of_another_dtype_runs_two_stages(launches, act, ad, stages):
+    """The int8 dX + dA kernel spilled 8 bytes on sm_86 with three stages for fp16 adapters on bf16
+    activations and the reverse (decode tile, dropout; launched specs): two stages when the adapter dtype
+    is not the activations'."""
+    from peftfast.kernels.adapters import adapter_table, make_plan
+
+    plan = make_plan((RANK,), (2.0,), (0.1,))
+    lora = (_meta(7, RANK, dtype=ad), _meta(RANK, 256, dtype=ad), adapter_table(plan, "meta"), S.SEED, True,
+            runtime.dot_precision(act, ad))
+    Q.matmul_int8_triton(_meta(7, 128, dtype=act), _meta(128, 256, dtype=torch.int8), _meta(128, dtype=F32),
+                         transpose=False, lora=lora, lora_x=_meta(7, 256, dtype=act))
+    assert [meta["num_stages"] for name, meta in launches] == [stages]
