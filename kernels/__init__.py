@@ -5,7 +5,9 @@ Installed as ``peftfast.kernels``. Imports torch and triton only, never ``peftfa
 Layout (one file per op; shared pieces are public names in shared modules):
 
     backend.py / runtime.py   backend choice, launch on the input's device, dtype names, dot precision,
-                              AOT signatures
+                              AOT signatures, the target GPU a launch is planned for, launch recording
+    aot.py / launch_specs.py  compile-report specs; the launches of representative shapes per GPU
+                              architecture, as Triton compiles them (alignment, constants)
     tiles.py                  grouped tile order, epoch counters, ordered partial sums
     adapters.py               the adapter plan and tables, the adapter epilogues of the GEMMs
     opdecl.py                 one declaration per op -> custom op + fake + backward + eager autograd

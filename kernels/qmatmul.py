@@ -64,7 +64,6 @@ like bitsandbytes' CPU training path, the 8-bit product uses the dequantised wei
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -74,7 +73,7 @@ import triton.language as tl
 from .adapters import accumulate_lora_dx, accumulate_lora_y, grad_a_operands, lora_grad_a_tile
 from .aot import AotSpec
 from .opdecl import OpDecl
-from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
+from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, gpu_target, launch, use_triton
 from .tiles import NO_EPOCH, grouped_tile
 from .quant import (
     Packed4bit,
@@ -372,7 +371,6 @@ CONFIGS = {
     ("medium", False): Config(block_m=64, block_c=64, block_r=64, group_m=8, num_warps=8, num_stages=3),
 }
 _REDUCE_BLOCK = 1024
-_DEFAULT_SMS = 132  # an H100, for launches outside CUDA (the interpreter)
 
 
 def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool = False) -> Config:
@@ -394,11 +392,10 @@ def resolve_config(name: str, transpose: bool, dtype: torch.dtype, general: bool
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return _DEFAULT_SMS
+    """SMs of the GPU a launch on ``device`` is planned for (``runtime.gpu_target``: the CUDA device's;
+    else an H100's, or the recorded architecture's reference GPU)."""
+    return gpu_target(device).sms
 
 
 def decode_split_limit(m: int, r: int) -> int:
@@ -429,10 +426,22 @@ def lora_dx_config(config: str) -> str:
     return "medium" if config == "large" else config
 
 
-def int8_lora_da_config(cfg: Config, adapter_dtype: Optional[torch.dtype], da: bool) -> Config:
-    """The int8 dX kernel that also computes dA of fp32 adapters runs two stages: with three, ptxas
-    keeps it at 128 registers and spills on sm_80 (16-bit activations, 64-bit addresses)."""
-    return cfg._replace(num_stages=2) if da and adapter_dtype == torch.float32 else cfg
+def int8_lora_da_config(cfg: Config, adapter_dtype: Optional[torch.dtype], da: bool,
+                        act: Optional[torch.dtype] = None) -> Config:
+    """The int8 dX kernel that also computes dA of adapters in another dtype than the activations ``act``
+    runs two stages: with three, ptxas keeps it at 128 registers and spills on sm_80 for fp32 adapters
+    (16-bit activations, 64-bit addresses), and spills 8 bytes on sm_86 for fp16 adapters on bf16
+    activations or the reverse (decode tile, dropout, aligned shapes: kernels/launch_specs.py)."""
+    other = adapter_dtype == torch.float32 or (act is not None and adapter_dtype != act)
+    return cfg._replace(num_stages=2) if da and other else cfg
+
+
+def nested_lora_config(cfg: Config, nested: bool, lora: bool, arch: int) -> Config:
+    """The 4-bit kernel with double-quantised scales (NESTED) and the adapter term runs two stages below
+    sm_90: with three, ptxas caps it at 128 registers and spills 8-12 bytes on sm_80 (dX with dA, 64-row
+    tile), sm_86 and sm_89 (decode dX with dA; the forward with fp32 adapters, 64-row tile), once Triton
+    specialises aligned shapes (kernels/launch_specs.py). sm_90 keeps three."""
+    return cfg._replace(num_stages=min(cfg.num_stages, 2)) if nested and lora and arch < 90 else cfg
 
 
 def qlora_dx_block_m(t: int, act: torch.dtype) -> int:
@@ -534,6 +543,7 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
         raise ValueError(f"the aligned path needs in_features % blocksize == 0 and blocksize >= the tile; "
                          f"got in_features={k}, blocksize={p.blocksize}, config={config}")
     cfg = resolve_config(config, transpose, a.dtype, general=not aligned)
+    cfg = nested_lora_config(cfg, p.nested, lora is not None, gpu_target(a.device).arch)
     nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
     weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
                    nested_code.contiguous(), offset, k,
@@ -574,7 +584,7 @@ def matmul_int8_triton(a, cb, scb, bias=None, transpose=True, config=None, split
         config = lora_dx_config(config)  # as the 4-bit dX kernel
     cfg = resolve_config(config, transpose, a.dtype)
     if lora is not None and lora_x is not None:
-        cfg = int8_lora_da_config(cfg, lora[1].dtype, True)
+        cfg = int8_lora_da_config(cfg, lora[1].dtype, True, a.dtype)
     weight_args = (cb, cb.stride(0), cb.stride(1), scb.reshape(-1).contiguous(), n)
     return _launch_with_lora(_matmul_int8_kernel, weight_args, {}, a, c, r, bias, transpose, config, cfg, split,
                              lora, lora_x, cb)
@@ -782,7 +792,7 @@ def _matmul_spec(kernel, name, weight_sig, a_dtype, config_name, transpose, extr
     """partial: the split reduction's fp32 partial sums (decode); else the output itself."""
     cfg = resolve_config(config_name, transpose, a_dtype, general)
     if kernel is _matmul_int8_kernel and lora is not None:
-        cfg = int8_lora_da_config(cfg, lora[0], lora[2])
+        cfg = int8_lora_da_config(cfg, lora[0], lora[2], a_dtype)
     a = DTYPE_NAMES[a_dtype]
     signature = {"a_ptr": f"*{a}", "out_ptr": "*fp32" if partial else f"*{a}", "bias_ptr": f"*{a}",
                  **weight_sig, **_COMMON_SIG}

@@ -9,6 +9,13 @@ necessarily the device of the tensors (a model split over two GPUs). ``launch(ke
 makes the first tensor argument's device current for the launch; on CPU tensors (the
 interpreter) it launches directly. Cost: one device switch per launch on CUDA, nothing on CPU.
 
+Target GPU (``gpu_target(device)``): the compute capability and SM count a launcher may choose a
+config by (``torch.cuda`` for a CUDA device; else the reference GPU of ``REFERENCE_GPUS``, sm_90, or
+the one ``recording_launches`` pretends). Recording (``recording_launches(arch)``): inside the block
+``launch`` records each launch instead of running it, on any tensors (meta ones too), as if on the
+reference GPU of ``arch``; the compile report derives the configs it compiles from these records
+(kernels/launch_specs.py).
+
 Dot precision (``dot_precision(act, operand)``): 16-bit operands use the tensor cores natively
 (the precision argument is ignored for them); fp32 operands use 3xTF32 (~fp32 accuracy, as torch's
 default fp32 matmul), in an fp32 model and next to a 16-bit one alike (PEFT's fp32 adapters: PEFT
@@ -18,15 +25,16 @@ tests hold the kernels to). The adapter dots are a small share of a layer's work
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .backend import backend_name, interpreting, triton_available, use_triton
 
-__all__ = ["DTYPE_NAMES", "INT32_LIMIT", "aot_signature", "as_2d", "backend_name", "check_grid", "check_not_capturing",
-           "declare_int32_operands", "dot_precision", "int32_operands", "interpreting", "kernel_name", "launch",
-           "launch_stream",
+__all__ = ["DTYPE_NAMES", "INT32_LIMIT", "REFERENCE_GPUS", "GpuTarget", "Launch", "aot_signature", "as_2d",
+           "backend_name", "check_grid", "check_not_capturing",
+           "declare_int32_operands", "dot_precision", "gpu_target", "int32_operands", "interpreting", "kernel_name",
+           "launch", "launch_stream", "recording_launches",
            "on_device", "triton_available", "use_triton"]
 
 INT32_LIMIT = 2**31  # offsets into a declared-small operand stay below this (elements)
@@ -138,12 +146,70 @@ def check_not_capturing(device: torch.device) -> None:
                            "PEFTFAST_BACKEND=torch, or torch.compile with mode='default' / 'max-autotune-no-cudagraphs')")
 
 
+class GpuTarget(NamedTuple):
+    name: str
+    arch: int  # compute capability, e.g. 86
+    sms: int  # streaming multiprocessors
+
+
+# compute capability -> the GPU a launch is planned for when the device is not a CUDA one (the interpreter,
+# meta tensors) or while recording: the flagship of each architecture the kernels are built for
+REFERENCE_GPUS = {80: GpuTarget("A100", 80, 108), 86: GpuTarget("RTX 3090", 86, 82),
+                  89: GpuTarget("RTX 4090", 89, 128), 90: GpuTarget("H100 SXM", 90, 132)}
+DEFAULT_ARCH = 90
+
+
+class Launch(NamedTuple):
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict
+
+
+_RECORDING: list = []  # [(target, list of Launch)] while recording_launches is active (innermost last)
+_TARGETS: dict = {}
+
+
+def gpu_target(device: torch.device) -> GpuTarget:
+    """The GPU launches on ``device`` are planned for: the CUDA device's capability and SM count; the
+    recorded architecture's reference GPU while ``recording_launches``; else REFERENCE_GPUS[90]."""
+    if _RECORDING:
+        return _RECORDING[-1][0]
+    if device.type != "cuda":
+        return REFERENCE_GPUS[DEFAULT_ARCH]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target = _TARGETS.get(index)
+    if target is None:
+        props = torch.cuda.get_device_properties(index)
+        target = _TARGETS[index] = GpuTarget(props.name, props.major * 10 + props.minor, props.multi_processor_count)
+    return target
+
+
+@contextlib.contextmanager
+def recording_launches(arch: int = DEFAULT_ARCH):
+    """Inside the block, ``launch`` appends a ``Launch`` to the yielded list instead of running the
+    kernel (after the same grid and operand checks), and ``gpu_target`` is ``REFERENCE_GPUS[arch]``:
+    the launchers plan as they would on that GPU. Works on meta tensors (nothing is computed; outputs
+    stay uninitialised)."""
+    if arch not in REFERENCE_GPUS:
+        raise ValueError(f"arch {arch} has no reference GPU; allowed: {sorted(REFERENCE_GPUS)}")
+    launches: list[Launch] = []
+    _RECORDING.append((REFERENCE_GPUS[arch], launches))
+    try:
+        yield launches
+    finally:
+        _RECORDING.pop()
+
+
 def launch(kernel, grid, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)`` under the device of the first tensor argument, after checking the
     grid against CUDA's limits (``check_grid``) and the declared int32 operands' sizes
-    (``declare_int32_operands``)."""
+    (``declare_int32_operands``); only recorded inside ``recording_launches``."""
     grid = check_grid(kernel, grid)
     _check_int32_operands(kernel, args)
+    if _RECORDING:
+        _RECORDING[-1][1].append(Launch(kernel, grid, args, meta))
+        return
     t = next((a for a in args if isinstance(a, torch.Tensor)), None)
     if t is not None and t.is_cuda:
         check_not_capturing(t.device)

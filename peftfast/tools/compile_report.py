@@ -1,9 +1,22 @@
 """Ahead-of-time compile report: every kernel's AotSpec built for real GPUs, on any machine.
 
 For each kernel module in ``peftfast.kernels`` that defines ``aot_specs()`` and each spec x
-architecture (sm_80, sm_86, sm_89, sm_90), the kernel is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` (PTX by LLVM, cubin by
-the ``ptxas`` bundled with Triton; no GPU needed) and checked:
+architecture (sm_80, sm_86, sm_89, sm_90; a spec naming its architectures: those only), the kernel
+is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` (PTX by
+LLVM, cubin by the ``ptxas`` bundled with Triton; no GPU needed) and checked. Two kinds of specs:
+
+- hand-written, per module: every config a launcher can pick x dtype x flag, with no run-time
+  specialisation (no argument known divisible by 16);
+- launched (kernels/launch_specs.py, module ``launch_specs``): the launches the launchers make
+  for representative shapes (a 4096 x 4096 layer, rank 16, T = 1, 7, 16, 128, 8192; fp16/bf16
+  activations, fp16/bf16/fp32 adapters; dense fused LoRA and its unfused alternative, NF4 QLoRA
+  plain and double-quantised, int8 QLoRA, the quantised matmuls without adapters) as planned on
+  each architecture's reference GPU, each compiled exactly as Triton would at run time
+  (constants for arguments equal to 1, ``tt.divisibility`` 16 on aligned pointers and sizes, the
+  launch's compile options) for that architecture only. About 2800 compiles (an hour on 2 cores);
+  the test suite compiles the hand-written specs and ``launch_specs.ci_specs`` (``ci_sources``).
+
+Checks:
 
 - registers per thread and spill stores/loads from ``ptxas -v``: any spill fails; so does a
   block needing more than the 64 Ki 32-bit registers of an SM (allocated per warp in units of
@@ -53,6 +66,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 ARCHS = tuple(SHARED_LIMIT)
 REGISTERS_PER_SM = 64 * 1024
 SKIP_MODULES = {"aot", "backend"}
+LAUNCHED_MODULE = "launch_specs"  # specs recorded from launches (kernels/launch_specs.py)
 
 _SASS_TC = re.compile(r"\b(HGMMA|IGMMA|QGMMA|HMMA|IMMA|QMMA)\b")
 _PTX_TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
@@ -142,7 +156,7 @@ def _list_source(source: SpecSource) -> dict:
         return {"specs": None, "jitted": jitted}
     covered = {getattr(s.fn, "__name__", "") for s in specs}
     return {"specs": [s.name for s in specs], "uncovered": [k for k in jitted if k not in covered],
-            "index_keys": [index_key(s) for s in specs]}
+            "index_keys": [index_key(s) for s in specs], "archs": [list(s.archs) for s in specs]}
 
 
 def index_key(spec) -> str:
@@ -172,11 +186,8 @@ def compile_spec(spec, arch: int, source_label: str = "", sass: bool = False) ->
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(
-                ASTSource(spec.fn, spec.signature, spec.constexprs),
-                target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
-            )
+            kernel = triton.compile(ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs()),
+                                    target=GPUTarget("cuda", arch, 32), options=spec.compile_options())
     except Exception as err:  # noqa: BLE001 - any compile error is a reported failure
         row.compile_s = time.perf_counter() - start
         row.errors.append(f"compile failed: {type(err).__name__}: {_short(str(err))}")
@@ -273,9 +284,8 @@ def ttir_text(spec, arch: int = 90) -> str:
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    src = ASTSource(spec.fn, spec.signature, spec.constexprs)
-    options = backend.parse_options({"num_warps": spec.num_warps, "num_stages": spec.num_stages,
-                                     **src.parse_options()})
+    src = ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs())
+    options = backend.parse_options({**spec.compile_options(), **src.parse_options()})
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
@@ -437,8 +447,10 @@ def offset_report(sources: list[SpecSource] | None = None, select=None, workers:
     """spec name -> its 32-bit offsets that can wrap (``int32_offsets``; a string: why the TTIR
     could not be built), for every spec of ``sources`` (default: all kernel modules) that
     ``select(name)`` keeps (default: all); ``one_per_key``: only the first spec of each ``index_key``
-    (the same offsets in another dtype). TTIR only, no LLVM/ptxas: about 0.1-0.3 s per spec."""
-    sources = discover_sources() if sources is None else list(sources)
+    (the same offsets in another dtype). TTIR only, no LLVM/ptxas: about 0.1-0.3 s per spec. The
+    launched specs (kernels/launch_specs.py) are left out by default: the same kernels, some integer
+    arguments turned into constants, no offset arithmetic of their own."""
+    sources = discover_sources(launched=False) if sources is None else list(sources)
     env = {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")}
     out: dict[str, list[str] | str] = {}
     with _env(**env), ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -462,13 +474,21 @@ def offset_report(sources: list[SpecSource] | None = None, select=None, workers:
 # parent side
 
 
-def discover_sources() -> list[SpecSource]:
+def discover_sources(launched: bool = True) -> list[SpecSource]:
     """Every submodule of peftfast.kernels (except the plumbing); modules that do not exist yet
-    are simply not listed."""
+    are simply not listed. ``launched``: also ``LAUNCHED_MODULE`` (the specs recorded from the
+    launchers at representative shapes per architecture, kernels/launch_specs.py)."""
     import peftfast.kernels as pkg
 
     names = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in SKIP_MODULES)
-    return [SpecSource(module=f"{pkg.__name__}.{n}") for n in names]
+    return [SpecSource(module=f"{pkg.__name__}.{n}") for n in names if launched or n != LAUNCHED_MODULE]
+
+
+def ci_sources() -> list[SpecSource]:
+    """What the test suite compiles: every hand-written spec, and of the launched ones the subset of
+    ``launch_specs.ci_specs`` (the whole list takes about an hour: the manual ``peftfast compile-report``)."""
+    return discover_sources(launched=False) + [SpecSource(module=f"peftfast.kernels.{LAUNCHED_MODULE}",
+                                                          factory="ci_specs")]
 
 
 @contextlib.contextmanager
@@ -539,13 +559,15 @@ def run_report(sources: list[SpecSource] | None = None, archs: tuple[int, ...] =
                 if listing["uncovered"]:
                     notes.append(f"{source.label}: jitted functions in no spec (device helpers?): "
                                  f"{', '.join(listing['uncovered'])}")
-                for index, name in enumerate(listing["specs"]):
+                for index, (name, spec_archs) in enumerate(zip(listing["specs"], listing["archs"])):
                     if keep is not None and not keep.search(name):
                         continue
                     if name in seen:
                         problems.append(f"spec name {name!r} used by {seen[name]} and {source.label}")
                     seen[name] = source.label
-                    tasks += [(source, index, name, arch, sass) for arch in archs]
+                    # a spec naming its architectures (a launch recorded for one GPU) is built for those only
+                    tasks += [(source, index, name, arch, sass) for arch in archs
+                              if not spec_archs or arch in spec_archs]
             rows = _map_with_progress(pool, _compile_task, tasks, "compiling", "compile", progress)
     except BrokenProcessPool as err:
         problems.append(f"a compile worker died ({err}); check that `import peftfast` works")
@@ -607,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS,
                         help="compute capability to build for (repeatable; default: all)")
     parser.add_argument("--module", action="append", metavar="NAME",
-                        help="only this kernel module of peftfast.kernels, e.g. lycoris (repeatable; default: all)")
+                        help="only this kernel module of peftfast.kernels, e.g. lycoris, or launch_specs (the "
+                             "launches of representative shapes per architecture; repeatable; default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows, versions and git sha as JSON")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", metavar="REGEX",

@@ -74,3 +74,153 @@ def test_int8_dx_with_da_launch_is_compiled(launches, act):
     if act != F32:
         assert {meta["num_stages"] for _, meta in dx} == {3, 2}  # the fp32-adapter variant runs two stages
     assert not _unmatched(dx, Q.aot_specs())
+
+
+# ----------------------------------------------------------------------------------------------
+# What runs on each GPU architecture, with Triton's run-time specialisation, is compiled
+# ----------------------------------------------------------------------------------------------
+# Representative shapes of the compile report (kernels/launch_specs.py): one 4096 -> 4096 layer, rank 16,
+# T = 1, 7, 16 (decode), 128 and 8192 tokens, fp16/bf16 activations with fp16, bf16 or fp32 adapters. Here
+# the launches come from the public ops (autograd included) on meta tensors, recorded as on each
+# architecture's reference GPU (runtime.recording_launches); each must be exactly a spec the compile report
+# builds for that architecture: the same argument types, constants, divisibility-by-16 attributes, warps,
+# stages and compile options.
+from peftfast.kernels import launch_specs as S, lora_fused as LF, qlora as QL  # noqa: E402
+from peftfast.kernels.aot import spec_from_launch, spec_key  # noqa: E402
+from peftfast.tools import compile_report as cr  # noqa: E402
+
+D, RANK = S.D, S.RANK
+
+
+@pytest.fixture(scope="module")
+def compiled_keys():
+    """arch -> spec_key of every (spec, arch) the full compile report builds."""
+    out = {arch: set() for arch in cr.ARCHS}
+    for source in cr.discover_sources():
+        for spec in getattr(importlib.import_module(source.module), "aot_specs", list)():
+            for arch in spec.archs or cr.ARCHS:
+                out[arch].add(spec_key(spec.__class__(**{**spec.__dict__, "archs": (arch,)})))
+    return out
+
+
+def _public_op_launches(arch, tokens, act, ad, op):
+    """Forward + backward of one public op on meta tensors (dropout 0 and 0.1, with and without an x
+    gradient), recorded as on ``arch``'s reference GPU."""
+    with runtime.recording_launches(arch) as rec:
+        for p in (0.0, 0.1):
+            for need_x in (True, False):
+                for bias in (None, _meta(D, dtype=act)):
+                    x = _meta(tokens, D, dtype=act).requires_grad_(need_x)
+                    leaves = [x] if need_x else []
+                    if op.startswith("matmul"):
+                        w = S._packed4bit(act, op.endswith("nested")) if "4bit" in op else S._int8()
+                        y = Q.matmul_4bit(x, w, bias) if "4bit" in op else Q.matmul_int8(x, w.cb, w.scb, bias)
+                    else:
+                        a = _meta(RANK, D, dtype=ad).requires_grad_()
+                        b = _meta(D, RANK, dtype=ad).requires_grad_()
+                        leaves += [a, b]
+                        args = ([a], [b], [2.0], [p], True)
+                        if op == "lora_fused":
+                            y = LF.lora_linear_fused(x, _meta(D, D, dtype=act), bias, *args)
+                        elif op == "lora_unfused":  # what the measured dispatch may pick: cuBLAS, then lora.py
+                            y = L.lora_linear(x, torch.nn.functional.linear(x, _meta(D, D, dtype=act), bias), *args)
+                        else:
+                            w = S._int8() if op == "qlora_int8" else S._packed4bit(act, op.endswith("nested"))
+                            y = QL.qlora_linear_fused(x, w, bias, *args)
+                    if leaves:
+                        torch.autograd.grad(y, leaves, torch.empty_like(y))
+    return rec
+
+
+def _unmatched_launches(recorded, keys, arch):
+    bad = []
+    for rec in recorded:
+        spec = spec_from_launch(rec.kernel, rec.args, rec.meta, arch, "", True)
+        if spec_key(spec) not in keys:
+            bad.append(f"{runtime.kernel_name(rec.kernel)} {spec.constexprs} aligned={spec.aligned} "
+                       f"warps={spec.num_warps} stages={spec.num_stages} {spec.options}")
+    return bad
+
+
+@pytest.mark.parametrize("arch", cr.ARCHS)
+def test_launches_per_arch_are_compiled(arch, compiled_keys, triton_backend):
+    bad, n = [], 0
+    for op in S.OPS:
+        for tokens in S.TOKENS:
+            pairs = [(act, None) for act in (F16, BF16)] if op.startswith("matmul") else S.DTYPES
+            for act, ad in pairs:
+                recorded = _public_op_launches(arch, tokens, act, ad, op)
+                n += len(recorded)
+                bad += [f"{op} T={tokens} {act}/{ad}: {b}"
+                        for b in _unmatched_launches(recorded, compiled_keys[arch], arch)]
+    assert n > 1000
+    assert not bad, f"{len(bad)} of {n} launches on sm_{arch} have no AotSpec; e.g.\n" + "\n".join(bad[:10])
+
+
+@pytest.mark.parametrize("tokens, m_is", [(1, "constant"), (7, "plain"), (16, "aligned")])
+def test_launch_specs_follow_triton_specialisation(tokens, m_is, triton_backend):
+    """The spec of a recorded launch is what Triton compiles for it: M = 1 a constant, M = 16 divisible
+    by 16, M = 7 neither; pointers of fresh tensors aligned; the seed of a launch without dropout (0) an
+    int32, with dropout (>= 2**32) an int64."""
+    from peftfast.kernels.adapters import make_plan
+
+    x, a = _meta(tokens, 64, dtype=F16), _meta(16, 64, dtype=F32)
+    specs = {}
+    for seed, p in ((0, 0.0), (S.SEED, 0.1)):
+        with runtime.recording_launches(86) as rec:
+            L.launch_shrink(x, a, make_plan((16,), (2.0,), (p,)), seed, p > 0)
+        (launch,) = rec
+        specs[p] = spec_from_launch(launch.kernel, launch.args, launch.meta, 86, "shrink", True)
+    spec = specs[0.0]
+    assert spec.archs == (86,) and {"x_ptr", "a_ptr", "t_ptr", "K"} <= set(spec.aligned)
+    assert (spec.signature["M"], "M" in spec.aligned, spec.constexprs.get("M")) == {
+        "constant": ("constexpr", False, 1), "plain": ("i32", False, None), "aligned": ("i32", True, None)}[m_is]
+    assert spec.constexprs["stride_xk"] == 1 and spec.constexprs["BLOCK_R"] == 16
+    assert spec.signature["seed"] == "i32" and specs[0.1].signature["seed"] == "i64"
+    assert spec_key(spec) != spec_key(specs[0.1])
+
+
+def test_recording_plans_for_the_arch_gpu(triton_backend):
+    """Inside recording_launches the launchers plan for that architecture's reference GPU (the SM count
+    qmatmul's decode split follows), and nothing runs."""
+    assert Q.sm_count(torch.device("meta")) == runtime.REFERENCE_GPUS[90].sms
+    for arch, gpu in runtime.REFERENCE_GPUS.items():
+        with runtime.recording_launches(arch) as rec:
+            assert Q.sm_count(torch.device("cpu")) == gpu.sms
+            Q.matmul_4bit_triton(_meta(1, S.D, dtype=F16), S._packed4bit(F16, True), None)
+        assert [runtime.kernel_name(r.kernel) for r in rec] == ["_matmul_4bit_kernel", "_split_reduce_kernel"]
+    with pytest.raises(ValueError, match="no reference GPU"):
+        with runtime.recording_launches(75):
+            pass
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_nested_qlora_runs_two_stages_below_sm90(nested, triton_backend):
+    """The double-quantised 4-bit kernel with the adapter term spilled with three stages on sm_80/86/89
+    (compile report of the launched specs); it runs two there, three on sm_90 and without nesting."""
+    from peftfast.kernels.adapters import adapter_table, make_plan
+
+    plan = make_plan((RANK,), (2.0,), (0.0,))
+    x, t, b = _meta(128, D, dtype=BF16), _meta(128, RANK, dtype=F32), _meta(D, RANK, dtype=F32)
+    for arch in cr.ARCHS:
+        with runtime.recording_launches(arch) as rec:
+            lora = (t, b, adapter_table(plan, x.device), 0, False, runtime.dot_precision(BF16, F32))
+            Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True, lora=lora)
+            Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True)
+        with_lora, plain = (r.meta["num_stages"] for r in rec)
+        assert plain == 3 and with_lora == (2 if nested and arch < 90 else 3)
+
+
+@pytest.mark.parametrize("act, ad, stages", [(F16, F16, 3), (F16, BF16, 2), (BF16, F16, 2), (BF16, F32, 2)])
+def test_int8_dx_with_da_of_another_dtype_runs_two_stages(launches, act, ad, stages):
+    """The int8 dX + dA kernel spilled 8 bytes on sm_86 with three stages for fp16 adapters on bf16
+    activations and the reverse (decode tile, dropout; launched specs): two stages when the adapter dtype
+    is not the activations'."""
+    from peftfast.kernels.adapters import adapter_table, make_plan
+
+    plan = make_plan((RANK,), (2.0,), (0.1,))
+    lora = (_meta(7, RANK, dtype=ad), _meta(RANK, 256, dtype=ad), adapter_table(plan, "meta"), S.SEED, True,
+            runtime.dot_precision(act, ad))
+    Q.matmul_int8_triton(_meta(7, 128, dtype=act), _meta(128, 256, dtype=torch.int8), _meta(128, dtype=F32),
+                         transpose=False, lora=lora, lora_x=_meta(7, 256, dtype=act))
+    assert [meta["num_stages"] for name, meta in launches] == [stages]

@@ -209,8 +209,11 @@ def test_module_that_does_not_import_is_reported(toy_report):
 
 
 def test_real_kernels_compile_cleanly():
-    """Every AotSpec of every kernel module, for sm_80, sm_86, sm_89 and sm_90."""
-    report = cr.run_report()
+    """Every hand-written AotSpec of every kernel module, for sm_80, sm_86, sm_89 and sm_90, and a subset of
+    the launched ones (``launch_specs.ci_specs``: aligned shapes, decode, double-quantised QLoRA on sm_86;
+    the whole launched list is the manual ``peftfast compile-report``)."""
+    report = cr.run_report(cr.ci_sources())
+    assert any("launch_specs" in r.source for r in report.rows)
     print(cr.format_report(report))
     assert report.rows, "no kernel module defines aot_specs()"
     assert report.ok, cr.format_report(report)
@@ -223,3 +226,20 @@ def test_only_compiles_the_matching_specs():
     assert len(report.rows) < len(good_specs())
     none = cr.run_report([source], archs=(86,), only="no_such_spec")
     assert not none.ok and "no spec name matches --only 'no_such_spec'" in none.problems[0]
+
+
+def aligned_specs():
+    sig = dict(_COPY_SIG, x_ptr="*fp16", y_ptr="*fp16")
+    return [AotSpec("toy_copy_aligned[fp16]", toy_copy, sig, {"BLOCK": 1024}, num_warps=4, num_stages=1,
+                    aligned=("x_ptr", "y_ptr", "n"), options={"enable_fp_fusion": False}, archs=(86,))]
+
+
+def test_aligned_spec_builds_for_its_archs_only():
+    """A launched spec (divisibility attributes, compile options, one architecture) is built for that
+    architecture alone, with tt.divisibility on the aligned arguments."""
+    spec = aligned_specs()[0]
+    assert spec.attrs() == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]],
+                            (2,): [["tt.divisibility", 16]]}
+    report = cr.run_report([cr.SpecSource(path=__file__, factory="aligned_specs")])
+    assert [(r.spec, r.arch) for r in report.rows] == [("toy_copy_aligned[fp16]", 86)], cr.format_report(report)
+    assert report.ok, cr.format_report(report)
