@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import peftfast as fast
 from peftfast import zoo
 from peftfast.kernels.lora_grouped import group_plan, lora_grouped
+from tests.conftest import select_backend
 from tests.numerics import assert_matches_float64
 
 RANKS = (1, 8, 64)
@@ -350,6 +351,103 @@ def test_unmixable_method_is_refused():
     with pytest.raises(ValueError, match="adapter_names"):
         pm(torch.randint(0, 29, (2, 2)), adapter_names=["default", "__base__"])
     _unchanged(pm, before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# bitsandbytes bases: 8-bit (Linear8bitLt) and 4-bit (Linear4bit)
+# ------------------------------------------------------------------------------------------------------
+# (base, activation dtype, backend); the Triton interpreter computes bf16 wrongly (raw uint16), so fp32 there
+BNB_CASES = {"int8-fp32": ("int8", torch.float32, "default"), "int8-bf16": ("int8", torch.bfloat16, "default"),
+             "nf4-fp32": ("nf4", torch.float32, "default"), "int8-fp32-triton": ("int8", torch.float32, "triton")}
+
+
+def _bnb_model(kind: str, n: int = 3):
+    """Two quantised linears (23 -> 37 -> 19, bias) with ``n`` LoRA adapters of ranks 1 / 8 / 64 (fp32, as PEFT
+    creates them on a quantised base), B non-zero."""
+    import bitsandbytes as bnb
+
+    def linear(i, o):
+        if kind == "int8":
+            return bnb.nn.Linear8bitLt(i, o, bias=True, has_fp16_weights=False, threshold=6.0)
+        return bnb.nn.Linear4bit(i, o, bias=True, quant_type="nf4", compute_dtype=torch.float32)
+
+    class QNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l0, self.l1 = linear(23, 37), linear(37, 19)
+
+        def forward(self, x):
+            return self.l1(torch.tanh(self.l0(x)))
+
+    torch.manual_seed(0)
+    base = QNet().to("cpu")  # quantised on the move
+    names = [f"q{i}" for i in range(n)]
+    pm = None
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=2 + i, target_modules=["l0", "l1"])
+        pm = fast.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm.add_adapter(name, cfg) or pm
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn_like(p) * 0.3)
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    return pm, names
+
+
+@pytest.mark.parametrize("case", list(BNB_CASES))
+def test_quantised_base_mixed_batch_equals_each_sample_alone(case, monkeypatch):
+    kind, dtype, backend = BNB_CASES[case]
+    select_backend(monkeypatch, backend)
+    pm, names = _bnb_model(kind)
+    layer = pm.base_model.model.l0
+    assert type(layer).__name__ == ("Linear8bitLt" if kind == "int8" else "Linear4bit")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 23, generator=g).to(dtype)
+    per_sample = ["q2", "__base__", "q0", "q2", "q1"]
+    pm.eval()
+    with torch.no_grad():
+        mixed = pm(x, adapter_names=per_sample)
+        alone = alone_outputs(pm, x, per_sample)
+    assert mixed.dtype == dtype
+    # the same math on a sub-batch: within a few roundings of the output's dtype
+    tol = 4 * torch.finfo(dtype).eps * alone.abs().max().item()
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=tol)
+    with pm.disable_adapter(), torch.no_grad():
+        assert (mixed[0] - pm(x[:1])[0]).abs().max() > 5 * tol  # the adapters do change the output
+
+
+@pytest.mark.parametrize("case", list(BNB_CASES))
+def test_quantised_base_training_gradients_equal_each_adapter_alone(case, monkeypatch):
+    kind, dtype, backend = BNB_CASES[case]
+    select_backend(monkeypatch, backend)
+    pm, names = _bnb_model(kind)
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 23, generator=g).to(dtype)
+    per_sample = ["q1", "q0", "__base__", "q1", "q0", "q1"]  # q2 has no sample: an empty segment
+    weight = torch.randn(6, 3, 19, generator=g)
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    out = pm(x, adapter_names=per_sample)
+    grads = dict(zip(params, torch.autograd.grad((out.float() * weight).sum(), list(params.values()),
+                                                 allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}." in k}
+        assert len(own) == 4
+        if not rows:
+            assert all(grads[k] is None or not grads[k].any() for k in own), name
+            continue
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        ref = torch.autograd.grad((pm(x[rows]).float() * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            # fp32 gradients of a bf16 model: the activations are rounded to bf16 either way
+            tol = (4 if dtype == torch.float32 else 16) * torch.finfo(dtype).eps * r.abs().max().item()
+            torch.testing.assert_close(grads[k], r, rtol=0, atol=tol, msg=k)
+            assert r.abs().max() > 0
 
 
 # ------------------------------------------------------------------------------------------------------
