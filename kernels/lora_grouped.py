@@ -19,8 +19,13 @@ Rows of ``__base__`` are in no block.
 
 Per block (SGMV, one adapter per block):
 
-    shrink:  h = s_a * x[table] @ A_a^T           [block_rows, R]    (fp32 accumulation)
+    shrink:  h = s_a * m_a(x[table]) @ A_a^T      [block_rows, R]    (fp32 accumulation)
     expand:  y[table] = base_out[table] + h @ B_a^T
+
+Dropout (training): m_a keeps element (m, k) of x by adapter a's mask, the counter-based hash of
+``kernels/dropout.py`` at (seed, stream a, row m of x, column k), and s_a includes 1 / (1 - p_a)
+(``dropout_tables``). The kernels and the reference regenerate the same bits wherever they need them
+(shrink, dA, dX), so no mask and no dropped copy of x is ever stored.
 
 Triton: one shrink launch (grid nb) and one expand launch (grid nb x O blocks) per layer; a program of an
 unused block returns at once. Offsets are int64 throughout. The PyTorch reference runs the same plan with
@@ -29,21 +34,23 @@ nb <= N + M / block_rows copies of an adapter's factors), so neither path loops 
 
 Backward (reference, both backends), G = dY[table]:
 
-    dB_a += G^T @ h          dH = (G @ B_a) * s_a          dA_a += dH^T @ x[table]        dx[table] = dH @ A_a
+    dB_a += G^T @ h     dH = (G @ B_a) * s_a     dA_a += dH^T @ m_a(x[table])     dx[table] = m_a(dH @ A_a)
 
 each summed into the store's shape by ``index_add`` over blocks, then handed to every adapter's own A and
-B as views of its rank rows. Saved for backward: x (the caller's tensor), h ([nb, block_rows, R]) and the
-plan; none of it grows with the number of adapters.
+B as views of its rank rows. Saved for backward: x (the caller's tensor, never a cast or dropped copy), h
+([nb, block_rows, R]), the plan and the seed; none of it grows with the number of adapters.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import AotSpec
+from .dropout import draw_seed, keep_mask, keep_mask_rows_torch, stream_key, threshold
 from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
 
@@ -130,14 +137,23 @@ def make_plan(index: torch.Tensor, adapters: int, on_triton: bool) -> tuple[torc
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _grouped_shrink_kernel(
-    x_ptr, a_ptr, scale_ptr, table_ptr, badapter_ptr, h_ptr,
+    x_ptr,  # [M, K] rows of the batch (x, or dY for the backward's dH), any strides
+    a_ptr,  # [N, R, K] stacked A (or B^T [N, R, O] for dH), any strides
+    scale_ptr,  # [N] fp32 per-adapter scale (s / (1 - p) with dropout)
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    badapter_ptr,  # [nb] int64 adapter of each block (N: unused block)
+    h_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] fp32 output
+    thresh_ptr,  # [N] int64 keep threshold per adapter (read only with HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
     M, K, N_ADAPTERS,
     stride_xm, stride_xk, stride_an, stride_ar, stride_ak,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """h[b] = scale[a] * x[table[b]] @ A[a]^T for block b of adapter a (fp32, [BLOCK_ROWS, BLOCK_R])."""
+    """h[b] = scale[a] * mask_a(x[table[b]]) @ A[a]^T for block b of adapter a (fp32, [BLOCK_ROWS, BLOCK_R]);
+    mask_a: adapter a's dropout mask at (row, column) of x, regenerated from (seed, a, row, column)."""
     b = tl.program_id(0).to(tl.int64)
     adapter = tl.load(badapter_ptr + b).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_ROWS).to(tl.int64)
@@ -151,11 +167,16 @@ def _grouped_shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
     a_base = a_ptr + adapter * stride_an
+    if HAS_DROPOUT:
+        key = stream_key(seed, adapter)
+        thresh = tl.load(thresh_ptr + adapter).to(tl.uint32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(keep_mask(key, rows, kk, thresh), xt, 0.0)
         at = tl.load(a_base + offs_r[:, None] * stride_ar + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
         acc += tl.dot(xt.to(at.dtype), tl.trans(at), input_precision=DOT_PRECISION)
     s = tl.load(scale_ptr + adapter)
@@ -220,7 +241,7 @@ def updatable_in_place(base_out: torch.Tensor) -> bool:
             and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
 
 
-def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, inplace=False):
+def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, thresholds, seed, inplace=False):
     m, k = x2.shape
     n, o, rank = a.shape[0], b.shape[1], a.shape[1]
     nb = table.shape[0]
@@ -231,9 +252,10 @@ def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, inplace
     h = torch.empty(nb, block_rows, br, dtype=torch.float32, device=x2.device)  # unused blocks: never read
     out = base2 if inplace else base2.clone()
     prec = dot_precision(base2.dtype, a.dtype)
+    drop = thresholds is not None
     block_k, warps = launch_config("shrink", block_rows, br, a.dtype)
-    launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, m, k, n,
-           x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2),
+    launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, thresholds if drop else badapter, seed,
+           m, k, n, x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2), HAS_DROPOUT=drop,
            BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec,
            num_warps=warps, num_stages=_STAGES)
     block_o, warps = launch_config("expand", block_rows, br, a.dtype)
@@ -263,11 +285,24 @@ def _block_factors(a, b, scale, badapter):
     return a[used], b[used], live
 
 
-def forward_reference(x2, base2, a, b, scale, table, badapter):
+def block_keep(table, badapter, n, k, thresholds, seed):
+    """bool [nb, block_rows, K]: each block slot's dropout mask (its adapter's stream, its row of x), the bits
+    the Triton kernels regenerate; None without dropout."""
+    if thresholds is None:
+        return None
+    streams = badapter.clamp(max=n - 1)[:, None].expand(table.shape).reshape(-1)
+    keep = keep_mask_rows_torch(seed, table.reshape(-1), streams, k, thresholds[streams])
+    return keep.view(*table.shape, k)
+
+
+def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0):
     """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
     m = x2.shape[0]
     ab, bb, s = _block_factors(a, b, scale, badapter)
     xb = _padded(x2 if x2.dtype == a.dtype else x2.to(a.dtype))[table]  # [nb, rows, K]
+    keep = block_keep(table, badapter, a.shape[0], x2.shape[1], thresholds, seed)
+    if keep is not None:
+        xb.mul_(keep)
     h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
     yb = torch.bmm(h, bb.transpose(1, 2))  # [nb, rows, O]
     acc = _padded(base2.to(a.dtype)) if base2.dtype != a.dtype else _padded(base2)
@@ -275,21 +310,26 @@ def forward_reference(x2, base2, a, b, scale, table, badapter):
     return acc[:m].to(base2.dtype), h
 
 
-def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w):
-    """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None)."""
+def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds=None, seed=0):
+    """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None); dropout masks regenerated from the seed."""
     m, n = x2.shape[0], a.shape[0]
     ab, bb, s = _block_factors(a, b, scale, badapter)
     g = _padded(dy2.to(a.dtype))[table]  # [nb, rows, O]
     h = h.to(a.dtype)
     dh = torch.bmm(g, bb) * s.to(a.dtype)[:, None, None]  # [nb, rows, R]
+    keep = block_keep(table, badapter, n, x2.shape[1], thresholds, seed)
     dx = da = db = None
     if need_x:
         dxb = torch.bmm(dh, ab)
+        if keep is not None:
+            dxb.mul_(keep)
         acc = x2.new_zeros(m + 1, x2.shape[1], dtype=a.dtype)
         acc.index_add_(0, table.reshape(-1), dxb.reshape(-1, dxb.shape[-1]))
         dx = acc[:m].to(x2.dtype)
     if need_w:
         xb = _padded(x2.to(a.dtype))[table]
+        if keep is not None:
+            xb.mul_(keep)
         da, db = torch.bmm(dh.transpose(1, 2), xb), torch.bmm(g.transpose(1, 2), h)
         if ab is not a:  # blocks gathered per adapter: sum them into the store's shape
             used = badapter.clamp(max=n - 1)
@@ -305,23 +345,27 @@ def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w)
 
 def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
                 weights_b: list[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
-                scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor, *,
+                scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor,
+                thresholds: Optional[torch.Tensor], seed: torch.Tensor, *,
                 hint=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y shaped like base_out, h). weights_a / weights_b are the adapters' own tensors (what gradients go
-    to); the stores hold the same values (see the module docstring)."""
+    to); the stores hold the same values (see the module docstring). thresholds: [N] int64 keep thresholds
+    (dropout) or None; seed: the dropout seed (a Python int in eager mode)."""
     x2 = x.reshape(-1, x.shape[-1])
     base2 = base_out.reshape(-1, base_out.shape[-1])
     on_triton, inplace = (use_triton(x, base_out, a_store, b_store), False) if hint is None else hint
     if on_triton:
-        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, table.shape[1], inplace)
+        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, table.shape[1],
+                               thresholds, int(seed), inplace)
     else:
-        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter)
+        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed))
     return y.view(base_out.shape), h
 
 
 def _op_save(args, outputs) -> list:
-    x, _base, weights_a, weights_b, a_store, b_store, scale, table, badapter = args
-    return [x, outputs[1], a_store, b_store, scale, table, badapter, *weights_a, *weights_b]
+    x, _base, weights_a, weights_b, a_store, b_store, scale, table, badapter, thresholds, seed = args
+    # x as the caller passed it (no cast or dropped copy), h, references to the stores and weights
+    return [x, outputs[1], a_store, b_store, scale, table, badapter, thresholds, seed, *weights_a, *weights_b]
 
 
 def _split_grads(full: torch.Tensor, weights: list[torch.Tensor], needs: list[bool], dim: int) -> list:
@@ -332,30 +376,31 @@ def _split_grads(full: torch.Tensor, weights: list[torch.Tensor], needs: list[bo
 
 
 def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
-    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, stores, scale, table, block_adapter)."""
-    x, h, a, b, scale, table, badapter, *weights = saved
+    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, stores, scale, table, block_adapter, thresholds, seed)."""
+    x, h, a, b, scale, table, badapter, thresholds, seed, *weights = saved
     n = len(weights) // 2
     dy = grads[0]
     need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
     dx, da, db = backward_reference(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), h[..., :a.shape[1]],
-                                    a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b))
+                                    a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b),
+                                    thresholds, int(seed))
     if dx is not None:
         dx = dx.view(x.shape)
     return [dx, None, *_split_grads(da, weights[:n], need_a, 0), *_split_grads(db, weights[n:], need_b, 1),
-            None, None, None, None, None]
+            None, None, None, None, None, None, None]
 
 
-def _op_fake(x, base_out, weights_a, weights_b, a_store, b_store, scale, table, block_adapter):
+def _op_fake(x, base_out, weights_a, weights_b, a_store, b_store, scale, table, block_adapter, thresholds, seed):
     r = a_store.shape[1]
     return base_out.new_empty(base_out.shape), x.new_empty((table.shape[0], table.shape[1], r), dtype=a_store.dtype)
 
 
 def _op_backward_fake(saved, grads, needs, statics) -> list:
-    x, _h, _a, _b, _s, _t, _ba, *weights = saved
+    x, _h, _a, _b, _s, _t, _ba, _th, _seed, *weights = saved
     n = len(weights) // 2
     return [x.new_empty(x.shape) if needs[0] else None, None,
             *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[2:2 + 2 * n])),
-            None, None, None, None, None]
+            None, None, None, None, None, None, None]
 
 
 LORA_GROUPED = OpDecl("peftfast::lora_grouped", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
@@ -363,14 +408,27 @@ LORA_GROUPED = OpDecl("peftfast::lora_grouped", _op_forward, _op_backward, save=
                       dirty=lambda args, hint: (args[1],) if hint is not None and hint[1] else ())
 
 
+def dropout_tables(scalings: Sequence[float], dropout_ps: Sequence[float], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [N] fp32 = s_i / (1 - p_i), keep thresholds [N] int64) for ``lora_grouped``'s dropout: the
+    inverted-dropout factor folded into the scale, as ``kernels/lora.py`` does."""
+    scale = torch.tensor([float(s) / (1.0 - float(p)) for s, p in zip(scalings, dropout_ps)], dtype=torch.float32,
+                         device=device)
+    return scale, torch.tensor([threshold(p) for p in dropout_ps], dtype=torch.int64, device=device)
+
+
 def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
                  weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
                  scale: torch.Tensor, index: torch.Tensor,
-                 plan: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 thresholds: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
     """``base_out`` plus, for each row m of x ([..., K] as [M, K]), adapter ``index[m]``'s ``s * x A^T B^T``
     (index [M] int64, -1: none). The stores ([N, R, K], [N, O, R], scale [N] fp32) hold ``weights_a`` /
     ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights.
-    ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows."""
+    ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows.
+    Dropout: ``thresholds`` [N] int64 (``dropout_tables``; the scale then includes 1 / (1 - p)): row m sees
+    adapter a's mask, regenerated from (seed, a, m, column) in forward and backward, never stored; ``seed``
+    (drawn from torch's generator when None) makes it reproducible."""
     n, r, k = a_store.shape
     if len(weights_a) != n or len(weights_b) != n or b_store.shape[0] != n or b_store.shape[2] != r:
         raise ValueError(f"lora_grouped: stores of {n} adapters (A {tuple(a_store.shape)}, B "
@@ -379,14 +437,22 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     if x.shape[-1] != k or x.numel() != m * k or base_out.numel() != m * b_store.shape[1]:
         raise ValueError(f"lora_grouped: x {tuple(x.shape)} / base_out {tuple(base_out.shape)} do not match "
                          f"{m} rows of index and stores with K={k}, O={b_store.shape[1]}")
+    if thresholds is not None and thresholds.shape != (n,):
+        raise ValueError(f"lora_grouped: thresholds {tuple(thresholds.shape)} for {n} adapters; give one keep "
+                         "threshold per adapter (dropout_tables) or None")
     # rank tiles above MAX_KERNEL_RANK would spill: such stores run the reference (batched matmuls) on the GPU
     on_triton = use_triton(x, base_out, a_store, b_store) and r <= MAX_KERNEL_RANK
     table, badapter = make_plan(index, n, on_triton) if plan is None else plan
     if torch.compiler.is_compiling():
-        return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter)[0]
+        drawn = draw_seed() if thresholds is not None and seed is None else torch.tensor(int(seed or 0))
+        return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
+                            thresholds, drawn)[0]
+    if thresholds is not None and seed is None:
+        seed = int(draw_seed())
+    seed = 0 if seed is None else int(seed)
     inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
-                        hint=(on_triton, inplace))[0]
+                        thresholds, seed, hint=(on_triton, inplace))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +472,15 @@ def aot_specs() -> list[AotSpec]:
             for br in SPEC_RANKS:
                 prec = dot_precision(act, ad)
                 block_k, warps = launch_config("shrink", rows, br, ad)
-                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec, stride_xk=1,
-                         stride_ak=1)
-                types = {"x_ptr": "*" + xa, "a_ptr": "*" + wa, "scale_ptr": "*fp32", "table_ptr": "*i64",
-                         "badapter_ptr": "*i64", "h_ptr": "*fp32", "stride_xm": "i64", "stride_an": "i64"}
-                specs.append(AotSpec(f"lora_grouped_shrink[x={xa},w={wa},BM={rows},BR={br},BK={block_k},"
-                                     f"warps={warps}]", _grouped_shrink_kernel,
-                                     aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
+                for drop in (False, True):
+                    c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec, stride_xk=1,
+                             stride_ak=1, HAS_DROPOUT=drop)
+                    types = {"x_ptr": "*" + xa, "a_ptr": "*" + wa, "scale_ptr": "*fp32", "table_ptr": "*i64",
+                             "badapter_ptr": "*i64", "h_ptr": "*fp32", "thresh_ptr": "*i64", "seed": "i64",
+                             "stride_xm": "i64", "stride_an": "i64"}
+                    specs.append(AotSpec(f"lora_grouped_shrink[x={xa},w={wa},BM={rows},BR={br},BK={block_k},"
+                                         f"warps={warps}{',dropout' if drop else ''}]", _grouped_shrink_kernel,
+                                         aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
                 block_o, warps = launch_config("expand", rows, br, ad)
                 c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec, stride_bo=1,
                          stride_oo=1)

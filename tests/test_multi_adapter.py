@@ -205,23 +205,39 @@ def stacked_store(a, b, scal):
     return st_a, st_b, torch.tensor(scal, dtype=torch.float32)
 
 
-def loop_reference(x, base, a, b, scal, index):
+def loop_reference(x, base, a, b, scal, index, masks=None, ps=None):
+    """Each adapter alone on its rows; with ``masks`` (one [M, K] keep mask per adapter) and ``ps``, the inverted
+    dropout of training that adapter alone with those masks."""
     out = base.clone()
     for i in range(len(a)):
         rows = (index == i).nonzero().flatten()
-        out = out.index_add(0, rows, (x[rows] @ a[i].T) @ b[i].T * scal[i])
+        xi = x[rows] if masks is None else x[rows] * masks[i][rows].to(x.dtype) / (1.0 - ps[i])
+        out = out.index_add(0, rows, (xi @ a[i].T) @ b[i].T * scal[i])
     return out
 
 
-def run_op_case(n, m, k, o, ranks):
+def run_op_case(n, m, k, o, ranks, ps=None):
     """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
-    every gradient."""
+    every gradient; with dropout probabilities ``ps`` (one per adapter) the loop uses the masks regenerated
+    from the op's seed (adapter i: stream i, x's row and column)."""
+    from peftfast.kernels import dropout as D
+    from peftfast.kernels.lora_grouped import dropout_tables
+
     a, b, scal, index, x, base = op_case(n, m, k, o, ranks, torch.float32)
-    y = lora_grouped(x, base, a, b, *stacked_store(a, b, scal), index)
-    plain = loop_reference(x, base, a, b, scal, index)
+    masks = None
+    if ps is None:
+        y = lora_grouped(x, base, a, b, *stacked_store(a, b, scal), index)
+    else:
+        st_a, st_b, _ = stacked_store(a, b, scal)
+        scale, thresholds = dropout_tables(scal, ps, x.device)
+        seed = int(D.draw_seed())
+        y = lora_grouped(x, base, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=seed)
+        masks = [D.keep_mask_torch(seed, i, m, k, p) for i, p in enumerate(ps)]
+        assert any(not mk[index == i].all() for i, mk in enumerate(masks))  # something is dropped
+    plain = loop_reference(x, base, a, b, scal, index, masks, ps)
     leaves = [x, base, *a, *b]
     d = [t.detach().double().requires_grad_() for t in leaves]
-    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
+    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index, masks, ps)
     assert_matches_float64("y", y, plain, ref, k=8)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, gy)
@@ -234,6 +250,16 @@ def run_op_case(n, m, k, o, ranks):
 @pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 41, 13, 9)])
 def test_op_reference_vs_float64(n, m, k, o):
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+
+
+DROPOUT_PS = (0.3, 0.0, 0.6, 0.1)  # per adapter, cycled: one adapter without dropout among them
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 7, 9, 5), (3, 37, 23, 19), (17, 41, 13, 9)])
+def test_op_dropout_reference_vs_float64(n, m, k, o):
+    """Dropout inside the op: output and every gradient equal each adapter trained alone with the same masks
+    (float64)."""
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)])
 
 
 def test_group_plan_blocks():
@@ -533,3 +559,54 @@ def _saved_activation_bytes(n: int) -> int:
 def test_saved_activations_do_not_grow_with_adapters():
     two, sixteen = _saved_activation_bytes(2), _saved_activation_bytes(16)
     assert sixteen <= 1.25 * two, (two, sixteen)
+
+
+def _grouped_layer_saved(n: int, dropout: float) -> dict:
+    """What autograd saves in one training forward of a LoRA ``nn.Linear`` (64 -> 48) holding ``n`` adapters
+    (rank 8, ``lora_dropout``) on a 16-sample mixed batch x [16, 9, 64]: the bytes of x's own storage, of
+    every other saved tensor (parameters and the layer's adapter store excluded: they persist), and the
+    largest other saved tensor's element count."""
+    torch.manual_seed(0)
+    pm = None
+    for i in range(n):
+        cfg = fast.LoraConfig(r=8, lora_alpha=8, lora_dropout=dropout, target_modules=["0"])
+        pm = (fast.get_peft_model(nn.Sequential(nn.Linear(64, 48)), cfg, adapter_name=f"a{i}") if pm is None
+              else pm.add_adapter(f"a{i}", cfg) or pm)
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    x = torch.randn(16, 9, 64, requires_grad=True)
+    names = [f"a{i % n}" for i in range(16)]
+    pm(x, adapter_names=names)  # builds the store
+    layer = pm.base_model.model[0]
+    store = layer.__dict__["_grouped_store"]
+    persistent = [*pm.parameters(), *(t for t in vars(store).values() if isinstance(t, torch.Tensor))]
+    keep = {t.untyped_storage().data_ptr() for t in persistent}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in keep:
+            seen[ptr] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = pm(x, adapter_names=names)
+    out.sum().backward()  # the saved tensors serve a real backward
+    x_ptr = x.untyped_storage().data_ptr()
+    others = [t for p, t in seen.items() if p != x_ptr]
+    return dict(x=seen[x_ptr].untyped_storage().nbytes() if x_ptr in seen else 0,
+                other=sum(t.untyped_storage().nbytes() for t in others),
+                largest=max((t.numel() for t in others), default=0), x_numel=x.numel())
+
+
+def test_dropout_saves_no_copy_of_x_and_does_not_grow_with_adapters():
+    """Dropout in a mixed batch: the masks are regenerated inside the op, so autograd keeps x itself and small
+    tensors (h, the plan), the same with and without dropout, and not growing with the number of adapters."""
+    two, sixteen = _grouped_layer_saved(2, 0.3), _grouped_layer_saved(16, 0.3)
+    for n, saved in ((2, two), (16, sixteen)):
+        assert saved["largest"] < saved["x_numel"] // 4, saved  # no dropped copy of x, no [M, K] mask
+        plain = _grouped_layer_saved(n, 0.0)
+        assert saved["other"] <= plain["other"], (saved, plain)
+    assert sixteen["other"] <= 1.25 * two["other"], (two, sixteen)

@@ -8,7 +8,7 @@ import torch
 
 from peftfast.kernels.backend import interpreting
 from peftfast.kernels.lora_grouped import aot_specs, block_rows_for, group_plan, num_blocks
-from tests.test_multi_adapter import RANKS, run_op_case
+from tests.test_multi_adapter import DROPOUT_PS, RANKS, run_op_case
 
 
 @pytest.fixture
@@ -21,6 +21,28 @@ def interpreted(triton_backend):
 @pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 21, 13, 9)])
 def test_triton_grouped_vs_float64(interpreted, n, m, k, o):
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 7, 9, 5), (3, 37, 23, 19), (17, 21, 13, 9)])
+def test_triton_grouped_dropout_vs_float64(interpreted, n, m, k, o):
+    """The shrink kernel applies each row's adapter's mask (regenerated from the seed): forward and every
+    gradient equal each adapter trained alone with the same masks."""
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)])
+
+
+def test_row_masks_are_the_per_adapter_masks(interpreted):
+    """keep_mask_rows_torch (one stream and threshold per row, what the grouped reference uses) gives the bits of
+    keep_mask_torch and of the Triton keep_mask kernel for each row's adapter."""
+    from peftfast.kernels import dropout as D
+
+    seed, ps = int(D.draw_seed()), (0.0, 0.1, 0.5, 0.93)
+    rows, streams = torch.randint(0, 300, (41,)), torch.randint(0, 4, (41,))
+    got = D.keep_mask_rows_torch(seed, rows, streams, 37, torch.tensor([D.threshold(p) for p in ps])[streams])
+    for s, p in enumerate(ps):
+        want = D.keep_mask_torch(seed, s, 300, 37, p)
+        assert torch.equal(want, D.keep_mask_triton(seed, s, 300, 37, p, "cpu"))
+        assert torch.equal(got[streams == s], want[rows[streams == s]]), p
+    assert 0.3 < got.float().mean() < 0.8
 
 
 def test_plan_size_independent_of_which_adapters():
@@ -66,16 +88,19 @@ def test_triton_in_place_and_model(interpreted):
 
 
 def test_torch_compile_fullgraph(torch_backend):
-    """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op trace without a graph
-    break and give eager's output and gradients."""
+    """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op (with dropout) trace
+    without a graph break and give eager's output and gradients."""
     from peftfast.kernels.lora_grouped import lora_grouped
     from tests.test_multi_adapter import op_case, stacked_store
 
+    from peftfast.kernels.lora_grouped import dropout_tables
+
     a, b, scal, index, x, base = op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
-    stores = stacked_store(a, b, scal)
+    st_a, st_b, _ = stacked_store(a, b, scal)
+    scale, thresholds = dropout_tables(scal, [0.2, 0.0, 0.5], x.device)  # with dropout: a fixed seed
 
     def f(x, base, index):
-        return lora_grouped(x, base, a, b, *stores, index)
+        return lora_grouped(x, base, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=1234)
 
     leaves = [x, base, *a, *b]
     want = f(x, base, index)
