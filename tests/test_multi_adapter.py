@@ -216,7 +216,7 @@ def loop_reference(x, base, a, b, scal, index, masks=None, ps=None):
     return out
 
 
-def run_op_case(n, m, k, o, ranks, ps=None):
+def run_op_case(n, m, k, o, ranks, ps=None, fresh_base=False):
     """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
     every gradient; with dropout probabilities ``ps`` (one per adapter) the loop uses the masks regenerated
     from the op's seed (adapter i: stream i, x's row and column)."""
@@ -225,13 +225,15 @@ def run_op_case(n, m, k, o, ranks, ps=None):
 
     a, b, scal, index, x, base = op_case(n, m, k, o, ranks, torch.float32)
     masks = None
+    # fresh_base: the op gets a fresh non-leaf output, as from a base layer (the Triton path updates it in place)
+    base_in = base * 1.0 if fresh_base else base
     if ps is None:
-        y = lora_grouped(x, base, a, b, *stacked_store(a, b, scal), index)
+        y = lora_grouped(x, base_in, a, b, *stacked_store(a, b, scal), index)
     else:
         st_a, st_b, _ = stacked_store(a, b, scal)
         scale, thresholds = dropout_tables(scal, ps, x.device)
         seed = int(D.draw_seed())
-        y = lora_grouped(x, base, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=seed)
+        y = lora_grouped(x, base_in, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=seed)
         masks = [D.keep_mask_torch(seed, i, m, k, p) for i, p in enumerate(ps)]
         assert any(not mk[index == i].all() for i, mk in enumerate(masks))  # something is dropped
     plain = loop_reference(x, base, a, b, scal, index, masks, ps)

@@ -21,6 +21,8 @@ def interpreted(triton_backend):
 @pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 21, 13, 9)])
 def test_triton_grouped_vs_float64(interpreted, n, m, k, o):
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+    # a fresh base output (not a leaf): the expand adds into it in place, under autograd too
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], fresh_base=True)
 
 
 @pytest.mark.parametrize("n,m,k,o", [(1, 7, 9, 5), (3, 37, 23, 19), (17, 21, 13, 9)])
@@ -28,6 +30,41 @@ def test_triton_grouped_dropout_vs_float64(interpreted, n, m, k, o):
     """The shrink kernel applies each row's adapter's mask (regenerated from the seed): forward and every
     gradient equal each adapter trained alone with the same masks."""
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)])
+
+
+def test_triton_backward_several_blocks_per_adapter(interpreted):
+    """Adapters with several row blocks (the weight-gradient kernel sums them, split over programs), with and
+    without dropout."""
+    run_op_case(3, 150, 23, 19, [8, 64, 1])
+    run_op_case(3, 150, 23, 19, [8, 64, 1], [0.2, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_triton_backward_launches_do_not_depend_on_adapters(interpreted, monkeypatch, dropout):
+    """Forward and backward on the Triton backend: kernels only (the reference backward never runs), the same
+    launches for 3 and 17 adapters (no per-adapter loop)."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+
+    real = G.launch
+    seen = []
+
+    def record(kernel, grid, *args, **meta):
+        seen.append(runtime.kernel_name(kernel))
+        return real(kernel, grid, *args, **meta)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference backward ran on the Triton backend")
+
+    monkeypatch.setattr(G, "launch", record)
+    monkeypatch.setattr(G, "backward_reference", refuse)
+    counts = []
+    for n in (3, 17):
+        seen.clear()
+        run_op_case(n, 29, 11, 7, [RANKS[i % 3] for i in range(n)], [0.25] * n if dropout else None)
+        counts.append(sorted(seen))
+    assert counts[0] == counts[1]
+    assert counts[0].count("_grouped_grad_w_kernel") == 2 and counts[0].count("_grouped_shrink_kernel") == 2
 
 
 def test_row_masks_are_the_per_adapter_masks(interpreted):
@@ -109,3 +146,45 @@ def test_torch_compile_fullgraph(torch_backend):
     gy = torch.randn_like(want)
     for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
         torch.testing.assert_close(g1, g2)
+
+
+def test_every_launch_has_an_aot_spec(monkeypatch):
+    """The compile report builds what the launchers pick: every grouped launch of forward and backward (meta
+    tensors, nothing runs) at each block size and store rank the plan and the store can give matches an AotSpec
+    in its warps, stages and meta-parameters."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+    from tests.kernels.test_specs_cover_launches import _unmatched
+
+    seen = []
+    monkeypatch.setattr(G, "launch", lambda kernel, grid, *args, **meta: seen.append((runtime.kernel_name(kernel),
+                                                                                      meta)))
+    m, k, o, n = 300, 96, 80, 5
+    for act, ad in G.DTYPE_PAIRS:
+        for rows in (16, 32, 64):
+            for rank in (1, 8, 16, 32, 64):
+                meta = dict(device="meta")
+                x, dy = torch.empty(m, k, dtype=act, **meta), torch.empty(m, o, dtype=act, **meta)
+                a = torch.empty(n, rank, k, dtype=ad, **meta)
+                b = torch.empty(n, rank, o, dtype=ad, **meta).transpose(1, 2)  # the store's layout
+                scale, thresholds = torch.empty(n, **meta), torch.empty(n, dtype=torch.int64, **meta)
+                table = torch.empty(n + m // rows, rows, dtype=torch.int64, **meta)
+                badapter = torch.empty(n + m // rows, dtype=torch.int64, **meta)
+                for th in (None, thresholds):
+                    _, h = G._forward_triton(x, dy, a, b, scale, table, badapter, th, 1)
+                    G._backward_triton(dy, x, h, a, b, scale, table, badapter, True, True, th, 1)
+    assert {name for name, _ in seen} == {"_grouped_shrink_kernel", "_grouped_expand_kernel",
+                                          "_grouped_grad_w_kernel"}
+    assert not _unmatched(seen, G.aot_specs())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_cost_model_matches_counted_traffic(interpreted, dtype, dropout):
+    """The bench's per-launch formulas (``grouped_launches``) give exactly the bytes (distinct addresses) and
+    launches counted from the kernels in the interpreter and the torch ops between them, forward and backward."""
+    from peftfast.tools.bench.multi_adapter import calibrate
+
+    for row in calibrate(dtype=dtype, dropout=dropout):
+        assert row["counted_launches"] == row["modelled_launches"], row
+        assert row["counted_bytes"] == row["modelled_bytes"], row

@@ -60,7 +60,9 @@ class AdapterStore:
             n, k, o = len(names), weights_a[0].shape[1], weights_b[0].shape[0]
             r = rank_bucket(max(a.shape[0] for a in weights_a))
             a_store = torch.zeros(n, r, k, dtype=dtype, device=device)
-            b_store = torch.zeros(n, o, r, dtype=dtype, device=device)
+            # B kept as [N, R, O] (seen as [N, O, R]): unit stride along O for the expand and, as B^T, for the
+            # backward's dH shrink (the layouts the compile report builds)
+            b_store = torch.zeros(n, r, o, dtype=dtype, device=device).transpose(1, 2)
             for i, (a, b) in enumerate(zip(weights_a, weights_b)):  # on a change only, not per call
                 a_store[i, :a.shape[0]].copy_(a)
                 b_store[i, :, :b.shape[1]].copy_(b)
