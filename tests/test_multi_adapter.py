@@ -116,6 +116,26 @@ def test_store_follows_adapter_changes():
 def test_training_gradients_equal_each_adapter_alone(n):
     """Several adapters trained on one mixed batch: each adapter's gradients equal training it alone on its
     samples (the loss is a sum over samples), other adapters' gradients zero where they have no sample."""
+    check_training_gradients(n)
+
+
+def test_training_gradients_on_the_triton_kernels(triton_backend, monkeypatch):
+    """The same on the Triton backend (interpreter): the grouped forward and backward kernels in a model (the
+    base layers' fresh outputs updated in place under autograd); the reference backward never runs."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels.backend import interpreting
+
+    if not interpreting():
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    calls = []
+    monkeypatch.setattr(G, "backward_reference", lambda *a, **k: calls.append(1))
+    real = G._backward_triton
+    monkeypatch.setattr(G, "_backward_triton", lambda *a: calls.append(0) or real(*a))
+    check_training_gradients(3)
+    assert calls and set(calls) == {0}
+
+
+def check_training_gradients(n):
     pm, names = make_model(n)
     pm.train()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
