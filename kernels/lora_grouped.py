@@ -294,10 +294,12 @@ def launch_config(kernel: str, block_rows: int, block_r: int, dtype: torch.dtype
     """(BLOCK_K, BLOCK_O or BLOCK_C, num_warps) of ``kernel`` ("shrink" / "expand" / "grad_w")."""
     big = block_rows * block_r >= 64 * 64
     wide = dtype == torch.float32
+    # 8 warps from 64 x 32 tiles on (4 spilled there on sm_86 for the shrink, on sm_90 for fp32 dA)
+    warps = 8 if block_rows * block_r >= 64 * 32 else 4
     if kernel == "shrink":  # fp32 x fp32 (3xTF32 dots) at the largest tile: 16-wide K steps
-        return (16 if big and wide else 32 if big or wide else 64), (8 if big else 4)
+        return (16 if big and wide else 32 if big or wide else 64), warps
     if kernel == "grad_w":
-        return (32 if big or wide else 64), (8 if big else 4)
+        return (32 if big or wide else 64), warps
     return (32 if big or (wide and block_rows >= 64) or block_r >= 64 else 64), (8 if big else 4)
 
 
