@@ -277,7 +277,8 @@ def _grouped_grad_w_kernel(
         if HAS_DROPOUT:
             rt = tl.where(keep_mask(key, rows, offs_c, thresh), rt, 0.0)
         acc = tl.dot(lt, rt, acc, input_precision=DOT_PRECISION)
-    o_ptrs = out_ptr + pid_s * stride_os + adapter * stride_on + offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
+    o_ptrs = (out_ptr + pid_s * stride_os + adapter * stride_on + offs_r[:, None] * stride_or
+              + offs_c[None, :] * stride_oc)
     tl.store(o_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
