@@ -384,14 +384,14 @@ def launch_grad_w(left, right, table, bounds, n, rank, thresholds, seed, transpo
     return part[0] if splits == 1 else part.sum(0)
 
 
-def _forward_triton(x2, base2, a, b, scale, table, badapter, thresholds, seed, inplace=False):
+def forward_triton(x2, base2, a, b, scale, table, badapter, thresholds, seed, inplace=False):
     h = launch_shrink(x2, a, scale, table, badapter, thresholds, seed)
     out = base2 if inplace else base2.clone()
     launch_expand(h, b, table, badapter, out, None, 0, accumulate=True)
     return out, h
 
 
-def _backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed):
+def backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed):
     """(dx | None, dA [N, R, K] fp32 | None, dB [N, O, R] fp32 | None): one dH shrink, one dX expand and two
     weight-gradient launches over the forward's plan, whatever the number of adapters."""
     n, rank = a.shape[0], a.shape[1]
@@ -497,7 +497,7 @@ def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.T
     base2 = base_out.reshape(-1, base_out.shape[-1])
     on_triton, inplace = (use_triton(x, base_out, a_store, b_store), False) if hint is None else hint
     if on_triton:
-        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
+        y, h = forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
                                inplace)
     else:
         y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed))
@@ -530,7 +530,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
     on_triton = hint[0] if hint is not None else use_triton(dy, x, a, b) and a.shape[1] <= MAX_KERNEL_RANK
     # the kernels tile a block's rows with tl.dot: a plan of 16..64-row blocks (group_plan on that backend)
-    impl = _backward_triton if on_triton and table.shape[1] in (16, 32, 64) else backward_reference
+    impl = backward_triton if on_triton and table.shape[1] in (16, 32, 64) else backward_reference
     dx, da, db = impl(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), h, a, b, scale, table, badapter,
                       needs[0], any(need_a) or any(need_b), thresholds, int(seed))
     if dx is not None:
