@@ -186,18 +186,47 @@ def keep_mask_torch(seed: int, stream: int, n_rows: int, n_cols: int, p: float,
                     device: torch.device | str = "cpu") -> torch.Tensor:
     """The keep mask as a bool [n_rows, n_cols] tensor: the same bits as the Triton kernels."""
     device = torch.device(device)
-    n_words = (n_cols + 1) // 2
     rows = _row_hashes(n_rows, device) * _signed32(stream_key_int(seed, stream))
-    h = rows[:, None] ^ _column_words(n_words, device)[None, :]
+    return _keep_from_row_keys(rows, n_cols, threshold(p))
+
+
+def _keep_from_row_keys(rows: torch.Tensor, n_cols: int, thresh) -> torch.Tensor:
+    """bool [M, n_cols] from the int32 row keys mix(m) * key (``rows`` [M]); ``thresh`` an int or an int
+    tensor [M] (one threshold per row)."""
+    n_rows, n_words = rows.shape[0], (n_cols + 1) // 2
+    h = rows[:, None] ^ _column_words(n_words, rows.device)[None, :]
     _mix32_(h)
+    if torch.is_tensor(thresh):
+        thresh = thresh[:, None]
     if sys.byteorder == "little":
         # the int16 view of word j is (low half, high half) = columns (2j, 2j + 1); flipping the
         # sign bits turns the unsigned compare into a signed one
         h ^= _signed32(0x80008000)
         halves = h.view(torch.int16).view(n_rows, 2 * n_words)
-        return halves[:, :n_cols] >= threshold(p) - (1 << 15)
-    keep = torch.stack((h & 0xFFFF, (h >> 16) & 0xFFFF), dim=-1) >= threshold(p)
-    return keep.view(n_rows, 2 * n_words)[:, :n_cols]
+        return halves[:, :n_cols] >= thresh - (1 << 15)
+    keep = torch.stack((h & 0xFFFF, (h >> 16) & 0xFFFF), dim=-1).view(n_rows, 2 * n_words) >= thresh
+    return keep[:, :n_cols]
+
+
+def stream_keys_torch(seed: int, streams: torch.Tensor) -> torch.Tensor:
+    """``stream_key(seed, s)`` for every s of ``streams`` (int tensor), as int32 bit patterns (torch ops, no
+    host loop)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    h = streams.to(torch.int32) * _signed32(_STREAM_MUL)
+    h ^= _signed32(hi)
+    _mix32_(h)
+    h ^= _signed32(lo)
+    return _mix32_(h) | 1
+
+
+def keep_mask_rows_torch(seed: int, rows: torch.Tensor, streams: torch.Tensor, n_cols: int,
+                         thresholds: torch.Tensor) -> torch.Tensor:
+    """bool [L, n_cols]: entry (i, n) is element (rows[i], n) of stream streams[i]'s mask at threshold
+    thresholds[i] (rows, streams, thresholds: int tensors [L]), the same bits as ``keep_mask_torch`` and the
+    Triton ``keep_mask``; for ops whose rows use different streams (one adapter per row)."""
+    keys = _mix32_(rows.to(torch.int32)) * stream_keys_torch(seed, streams)
+    return _keep_from_row_keys(keys, n_cols, thresholds.to(torch.int32))
 
 
 def dropout_torch(x: torch.Tensor, seed: int, stream: int, p: float) -> torch.Tensor:

@@ -19,31 +19,48 @@ Rows of ``__base__`` are in no block.
 
 Per block (SGMV, one adapter per block):
 
-    shrink:  h = s_a * x[table] @ A_a^T           [block_rows, R]    (fp32 accumulation)
+    shrink:  h = s_a * m_a(x[table]) @ A_a^T      [block_rows, R]    (fp32 accumulation)
     expand:  y[table] = base_out[table] + h @ B_a^T
 
+Dropout (training): m_a keeps element (m, k) of x by adapter a's mask, the counter-based hash of
+``kernels/dropout.py`` at (seed, stream a, row m of x, column k), and s_a includes 1 / (1 - p_a)
+(``dropout_tables``). The kernels and the reference regenerate the same bits wherever they need them
+(shrink, dA, dX), so no mask and no dropped copy of x is ever stored.
+
 Triton: one shrink launch (grid nb) and one expand launch (grid nb x O blocks) per layer; a program of an
-unused block returns at once. Offsets are int64 throughout. The PyTorch reference runs the same plan with
+unused block returns at once. Offsets are int64 throughout; rank tiles are max(16, R) wide with the
+store's ranks beyond R masked (no padded copy of the store per call). The PyTorch reference runs the same plan with
 two batched matmuls over the blocks (gathering each block's A and B from the store: at most
 nb <= N + M / block_rows copies of an adapter's factors), so neither path loops over adapters in Python.
 
-Backward (reference, both backends), G = dY[table]:
+Backward, G = dY[table] (derived from the two lines above; s_a includes 1 / (1 - p_a) with dropout):
 
-    dB_a += G^T @ h          dH = (G @ B_a) * s_a          dA_a += dH^T @ x[table]        dx[table] = dH @ A_a
+    dH = (G @ B_a) * s_a           dx[table] = m_a(dH @ A_a)          (base rows: dx = 0)
+    dA_a = sum over a's blocks of dH^T @ m_a(x[table])                dB_a = sum over a's blocks of G^T @ h
 
-each summed into the store's shape by ``index_add`` over blocks, then handed to every adapter's own A and
-B as views of its rank rows. Saved for backward: x (the caller's tensor), h ([nb, block_rows, R]) and the
-plan; none of it grows with the number of adapters.
+Triton (four launches whatever N is, plus a sum of split partials and a cast to the adapter dtype for each of
+dA and dB when needed): dH is the shrink kernel on (dY, B^T) without mask; dX the expand kernel on (dH, A^T)
+writing a zero-filled dX with the mask applied; dA and dB one weight-gradient kernel each, grid
+(adapter, column tile, split): a program walks its adapter's run of blocks (blocks are sorted by adapter;
+``adapter_bounds``), accumulating in fp32 registers, one partial per split (``grad_w_splits``: ~4 waves when
+few adapters hold many blocks), summed once afterwards (deterministic, no atomics). The reference computes the
+same with batched matmuls and ``index_add`` over blocks. Each adapter's own A and B receive views of their
+rank rows / columns of the [N, R, K] / [N, O, R] results (cast once).
+
+Saved for backward: x (the caller's tensor, never a cast or dropped copy), h ([nb, block_rows, R'] in the
+adapter dtype), the plan and the seed; none of it grows with the number of adapters.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from .aot import AotSpec
+from .dropout import draw_seed, keep_mask, keep_mask_rows_torch, stream_key, threshold
 from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
 
@@ -130,46 +147,70 @@ def make_plan(index: torch.Tensor, adapters: int, on_triton: bool) -> tuple[torc
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _grouped_shrink_kernel(
-    x_ptr, a_ptr, scale_ptr, table_ptr, badapter_ptr, h_ptr,
-    M, K, N_ADAPTERS,
+    x_ptr,  # [M, K] rows of the batch (x, or dY for the backward's dH), any strides
+    a_ptr,  # [N, R, K] stacked A (or B^T [N, R, O] for dH), any strides
+    scale_ptr,  # [N] fp32 per-adapter scale (s / (1 - p) with dropout)
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    badapter_ptr,  # [nb] int64 adapter of each block (N: unused block)
+    h_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] output, in the adapter dtype (the store's)
+    thresh_ptr,  # [N] int64 keep threshold per adapter (read only with HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
+    M, K, R, N_ADAPTERS,
     stride_xm, stride_xk, stride_an, stride_ar, stride_ak,
+    HAS_DROPOUT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """h[b] = scale[a] * x[table[b]] @ A[a]^T for block b of adapter a (fp32, [BLOCK_ROWS, BLOCK_R])."""
+    """h[b] = scale[a] * mask_a(x[table[b]]) @ A[a]^T for block b of adapter a ([BLOCK_ROWS, BLOCK_R], fp32
+    accumulation; ranks R..BLOCK_R-1 zero); mask_a: adapter a's dropout mask at (row, column) of x,
+    regenerated from (seed, a, row, column)."""
     b = tl.program_id(0).to(tl.int64)
     adapter = tl.load(badapter_ptr + b).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_ROWS).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
     h_ptrs = h_ptr + (b * BLOCK_ROWS + offs_m[:, None]) * BLOCK_R + offs_r[None, :]
     if adapter >= N_ADAPTERS:  # an unused block: zeros (backward multiplies them by zero gradients)
-        tl.store(h_ptrs, tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32))
+        tl.store(h_ptrs, tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32).to(h_ptr.dtype.element_ty))
         return
     rows = tl.load(table_ptr + b * BLOCK_ROWS + offs_m).to(tl.int64)
     row_ok = rows < M
+    r_ok = offs_r < R
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     acc = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
     a_base = a_ptr + adapter * stride_an
+    if HAS_DROPOUT:
+        key = stream_key(seed, adapter)
+        thresh = tl.load(thresh_ptr + adapter).to(tl.uint32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < K
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        at = tl.load(a_base + offs_r[:, None] * stride_ar + kk[None, :] * stride_ak, mask=k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            xt = tl.where(keep_mask(key, rows, kk, thresh), xt, 0.0)
+        at = tl.load(a_base + offs_r[:, None] * stride_ar + kk[None, :] * stride_ak,
+                     mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(xt.to(at.dtype), tl.trans(at), input_precision=DOT_PRECISION)
     s = tl.load(scale_ptr + adapter)
-    tl.store(h_ptrs, acc * s)
+    tl.store(h_ptrs, (acc * s).to(h_ptr.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _grouped_expand_kernel(
-    h_ptr, b_ptr, table_ptr, badapter_ptr, out_ptr,
-    M, O, N_ADAPTERS,
+    h_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] per-block left operand: h (forward) or dH (dX)
+    b_ptr,  # [N, O, R] stacked B (or A^T [N, K, R] for dX), any strides
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    badapter_ptr,  # [nb] int64 adapter of each block (N: unused block)
+    out_ptr,  # [M, O] y (holding the base output, ACCUMULATE) or dX (written)
+    thresh_ptr,  # [N] int64 keep threshold per adapter (read only with HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
+    M, O, R, N_ADAPTERS,
     stride_bn, stride_bo, stride_br, stride_om, stride_oo,
+    ACCUMULATE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_O: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """out[table[b], o-block] += h[b] @ B[a]^T (out holds the base output; each row is in one block)."""
+    """out[table[b], o-block] (+)= mask_a(h[b] @ B[a]^T) (each row is in one block; the mask only for dX)."""
     b = tl.program_id(0).to(tl.int64)
     pid_o = tl.program_id(1).to(tl.int64)
     adapter = tl.load(badapter_ptr + b).to(tl.int64)
@@ -183,33 +224,96 @@ def _grouped_expand_kernel(
     o_ok = offs_o < O
     h = tl.load(h_ptr + (b * BLOCK_ROWS + offs_m[:, None]) * BLOCK_R + offs_r[None, :])
     bt = tl.load(b_ptr + adapter * stride_bn + offs_r[:, None] * stride_br + offs_o[None, :] * stride_bo,
-                 mask=o_ok[None, :], other=0.0)
+                 mask=(offs_r < R)[:, None] & o_ok[None, :], other=0.0)
     acc = tl.dot(h.to(bt.dtype), bt, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = keep_mask(stream_key(seed, adapter), rows, offs_o, tl.load(thresh_ptr + adapter).to(tl.uint32))
+        acc = tl.where(keep, acc, 0.0)
     o_ptrs = out_ptr + rows[:, None] * stride_om + offs_o[None, :] * stride_oo
     mask = row_ok[:, None] & o_ok[None, :]
-    base = tl.load(o_ptrs, mask=mask, other=0.0)
-    tl.store(o_ptrs, (base.to(tl.float32) + acc).to(out_ptr.dtype.element_ty), mask=mask)
+    if ACCUMULATE:
+        acc += tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# launch configurations (shared by the launchers and aot_specs): the tile along K (shrink) or O (expand) and
-# the warps, per (block rows, rank tile, adapter dtype); large tiles take smaller K/O steps and 8 warps so
-# that the gathered rows' int64 pointers do not spill (the compile report checks every entry)
+@triton.jit(do_not_specialize=["seed"])
+def _grouped_grad_w_kernel(
+    left_ptr,  # [nb, BLOCK_ROWS, >= R] per-block left operand, adapter dtype: h (dB) or dH (dA), any strides
+    right_ptr,  # [M, C] rows of the batch: dY (dB) or x (dA, masked), any strides
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    bounds_ptr,  # [N + 1] int64: adapter a's blocks are bounds[a] .. bounds[a + 1] - 1 (sorted by adapter)
+    out_ptr,  # [S, N, R, C] fp32 partial sums, one slice per split (any strides)
+    thresh_ptr,  # [N] int64 keep threshold per adapter (read only with HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
+    M, C, R, S,
+    stride_lb, stride_lm, stride_lr, stride_rm, stride_rc, stride_os, stride_on, stride_or, stride_oc,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out[s, a, :, c-block] = sum over split s of adapter a's blocks b: left[b]^T @ mask_a(right[table[b]])
+    (fp32 accumulation in registers: one adapter's gradient tile per program, no atomics)."""
+    adapter = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_ROWS).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    r_ok = offs_r < R
+    c_ok = offs_c < C
+    lo = tl.load(bounds_ptr + adapter)
+    hi = tl.load(bounds_ptr + adapter + 1)
+    if HAS_DROPOUT:
+        key = stream_key(seed, adapter)
+        thresh = tl.load(thresh_ptr + adapter).to(tl.uint32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for b in range(lo + pid_s, hi, S):
+        rows = tl.load(table_ptr + b * BLOCK_ROWS + offs_m).to(tl.int64)
+        row_ok = rows < M
+        lt = tl.load(left_ptr + b * stride_lb + offs_r[:, None] * stride_lr + offs_m[None, :] * stride_lm,
+                     mask=r_ok[:, None], other=0.0)  # [BLOCK_R, BLOCK_ROWS]: left^T
+        rt = tl.load(right_ptr + rows[:, None] * stride_rm + offs_c[None, :] * stride_rc,
+                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        rt = rt.to(lt.dtype)
+        if HAS_DROPOUT:
+            rt = tl.where(keep_mask(key, rows, offs_c, thresh), rt, 0.0)
+        acc = tl.dot(lt, rt, acc, input_precision=DOT_PRECISION)
+    o_ptrs = (out_ptr + pid_s * stride_os + adapter * stride_on + offs_r[:, None] * stride_or
+              + offs_c[None, :] * stride_oc)
+    tl.store(o_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
+
+
+# launch configurations (shared by the launchers and aot_specs): the tile along K (shrink), O (expand) or the
+# gradient's columns (grad_w) and the warps, per (block rows, rank tile, adapter dtype); large tiles take
+# smaller steps and 8 warps so that the gathered rows' int64 pointers do not spill (the compile report checks
+# every entry)
 _STAGES = 2
 MAX_KERNEL_RANK = 64
+_TARGET_PROGRAMS = 528  # ~4 waves on a 132-SM GPU for the weight-gradient reduction over blocks
 
 
 def launch_config(kernel: str, block_rows: int, block_r: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_K or BLOCK_O, num_warps) of ``kernel`` ("shrink" / "expand")."""
+    """(BLOCK_K, BLOCK_O or BLOCK_C, num_warps) of ``kernel`` ("shrink" / "expand" / "grad_w")."""
     big = block_rows * block_r >= 64 * 64
     wide = dtype == torch.float32
+    # 8 warps from 64 x 32 tiles on (4 spilled there on sm_86 for the shrink, on sm_90 for fp32 dA)
+    warps = 8 if block_rows * block_r >= 64 * 32 else 4
     if kernel == "shrink":  # fp32 x fp32 (3xTF32 dots) at the largest tile: 16-wide K steps
-        return (16 if big and wide else 32 if big or wide else 64), (8 if big else 4)
+        return (16 if big and wide else 32 if big or wide else 64), warps
+    if kernel == "grad_w":
+        return (32 if big or wide else 64), warps
     return (32 if big or (wide and block_rows >= 64) or block_r >= 64 else 64), (8 if big else 4)
 
 
 def kernel_rank(rank: int) -> int:
     """The rank tile of the kernels: the store's rank, at least 16 (``tl.dot``)."""
     return max(16, rank)
+
+
+def grad_w_splits(blocks: int, adapters: int, cols: int, block_c: int) -> int:
+    """Splits of each adapter's blocks in the weight-gradient kernel: enough programs for ~4 waves
+    (``_TARGET_PROGRAMS``) when few adapters hold many blocks, at most the blocks per adapter on average."""
+    tiles = adapters * triton.cdiv(cols, block_c)
+    return max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(blocks, max(1, adapters))))
 
 
 def updatable_in_place(base_out: torch.Tensor) -> bool:
@@ -220,28 +324,88 @@ def updatable_in_place(base_out: torch.Tensor) -> bool:
             and (not base_out.is_inference() or torch.is_inference_mode_enabled()))
 
 
-def _forward_triton(x2, base2, a, b, scale, table, badapter, block_rows, inplace=False):
+def launch_shrink(x2, a, scale, table, badapter, thresholds, seed):
+    """h [nb, block_rows, kernel_rank(R)] in a's dtype: scale[a] * mask_a(x2[table]) @ A[a]^T per block.
+    a: [N, R, K] any strides (B^T [N, R, O] for the backward's dH)."""
     m, k = x2.shape
-    n, o, rank = a.shape[0], b.shape[1], a.shape[1]
-    nb = table.shape[0]
+    n, rank = a.shape[0], a.shape[1]
+    nb, block_rows = table.shape
     br = kernel_rank(rank)
-    if br != a.shape[1]:  # ranks below 16: pad the store's rank to the tile (small, once per call)
-        a = torch.nn.functional.pad(a, (0, 0, 0, br - a.shape[1]))
-        b = torch.nn.functional.pad(b, (0, br - b.shape[2]))
-    h = torch.empty(nb, block_rows, br, dtype=torch.float32, device=x2.device)  # unused blocks: never read
-    out = base2 if inplace else base2.clone()
-    prec = dot_precision(base2.dtype, a.dtype)
+    h = torch.empty(nb, block_rows, br, dtype=a.dtype, device=x2.device)
+    drop = thresholds is not None
     block_k, warps = launch_config("shrink", block_rows, br, a.dtype)
-    launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, m, k, n,
-           x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2),
-           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec,
+    launch(_grouped_shrink_kernel, (nb,), x2, a, scale, table, badapter, h, thresholds if drop else badapter, seed,
+           m, k, rank, n, x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2), HAS_DROPOUT=drop,
+           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=dot_precision(x2.dtype, a.dtype),
            num_warps=warps, num_stages=_STAGES)
-    block_o, warps = launch_config("expand", block_rows, br, a.dtype)
-    launch(_grouped_expand_kernel, (nb, triton.cdiv(o, block_o)), h, b, table, badapter, out, m, o, n,
-           b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1),
-           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec,
+    return h
+
+
+def launch_expand(h, b, table, badapter, out, thresholds, seed, accumulate):
+    """out[table] (+)= mask(h @ B[a]^T) per block; b: [N, O, R] any strides (A^T [N, K, R] for dX)."""
+    m, o = out.shape
+    n, rank = b.shape[0], b.shape[2]
+    nb, block_rows, br = h.shape
+    drop = thresholds is not None
+    block_o, warps = launch_config("expand", block_rows, br, b.dtype)
+    launch(_grouped_expand_kernel, (nb, triton.cdiv(o, block_o)), h, b, table, badapter, out,
+           thresholds if drop else badapter, seed, m, o, rank, n,
+           b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1), ACCUMULATE=accumulate,
+           HAS_DROPOUT=drop, BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_O=block_o,
+           DOT_PRECISION=dot_precision(out.dtype, b.dtype), num_warps=warps, num_stages=_STAGES)
+
+
+def adapter_bounds(badapter: torch.Tensor, n: int) -> torch.Tensor:
+    """[N + 1] int64: adapter a's blocks are bounds[a] .. bounds[a + 1] - 1 (the plan sorts blocks by adapter,
+    unused blocks last)."""
+    return torch.searchsorted(badapter, torch.arange(n + 1, device=badapter.device))
+
+
+def launch_grad_w(left, right, table, bounds, n, rank, thresholds, seed, transpose_out=False):
+    """fp32 [N, R, C] (``transpose_out``: [N, C, R], contiguous): per adapter a, the sum over its blocks of
+    left[b]^T @ mask_a(right[table[b]]). left: [nb, block_rows, >= R] in the adapter dtype; right: [M, C]."""
+    m, c = right.shape
+    nb, block_rows = table.shape
+    br = kernel_rank(rank)
+    block_c, warps = launch_config("grad_w", block_rows, br, left.dtype)
+    splits = grad_w_splits(nb, n, c, block_c)
+    shape = (splits, n, c, rank) if transpose_out else (splits, n, rank, c)
+    part = torch.empty(shape, dtype=torch.float32, device=right.device)
+    stride_or, stride_oc = part.stride(2), part.stride(3)
+    if transpose_out:
+        stride_or, stride_oc = stride_oc, stride_or
+    drop = thresholds is not None
+    launch(_grouped_grad_w_kernel, (n, triton.cdiv(c, block_c), splits), left, right, table, bounds, part,
+           thresholds if drop else bounds, seed, m, c, rank, splits,
+           left.stride(0), left.stride(1), left.stride(2), right.stride(0), right.stride(1),
+           part.stride(0), part.stride(1), stride_or, stride_oc, HAS_DROPOUT=drop,
+           BLOCK_ROWS=block_rows, BLOCK_R=br, BLOCK_C=block_c, DOT_PRECISION=dot_precision(right.dtype, left.dtype),
            num_warps=warps, num_stages=_STAGES)
-    return out, h[..., :rank].to(a.dtype)
+    return part[0] if splits == 1 else part.sum(0)
+
+
+def forward_triton(x2, base2, a, b, scale, table, badapter, thresholds, seed, inplace=False):
+    h = launch_shrink(x2, a, scale, table, badapter, thresholds, seed)
+    out = base2 if inplace else base2.clone()
+    launch_expand(h, b, table, badapter, out, None, 0, accumulate=True)
+    return out, h
+
+
+def backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed):
+    """(dx | None, dA [N, R, K] fp32 | None, dB [N, O, R] fp32 | None): one dH shrink, one dX expand and two
+    weight-gradient launches over the forward's plan, whatever the number of adapters."""
+    n, rank = a.shape[0], a.shape[1]
+    dh = launch_shrink(dy2, b.transpose(1, 2), scale, table, badapter, None, 0)  # (dY[table] @ B_a) * s_a
+    dx = da = db = None
+    if need_x:  # base rows are in no block: their dX stays zero
+        dx = torch.zeros(x2.shape, dtype=x2.dtype, device=x2.device)
+        launch_expand(dh, a.transpose(1, 2), table, badapter, dx, thresholds, seed, accumulate=False)
+    if need_w:
+        bounds = adapter_bounds(badapter, n)
+        da = launch_grad_w(dh, x2, table, bounds, n, rank, thresholds, seed)
+        # dB [N, O, R] contiguous: an adapter of the store's rank gets a contiguous gradient (no copy by autograd)
+        db = launch_grad_w(h, dy2, table, bounds, n, rank, None, 0, transpose_out=True)
+    return dx, da, db
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,11 +427,24 @@ def _block_factors(a, b, scale, badapter):
     return a[used], b[used], live
 
 
-def forward_reference(x2, base2, a, b, scale, table, badapter):
+def block_keep(table, badapter, n, k, thresholds, seed):
+    """bool [nb, block_rows, K]: each block slot's dropout mask (its adapter's stream, its row of x), the bits
+    the Triton kernels regenerate; None without dropout."""
+    if thresholds is None:
+        return None
+    streams = badapter.clamp(max=n - 1)[:, None].expand(table.shape).reshape(-1)
+    keep = keep_mask_rows_torch(seed, table.reshape(-1), streams, k, thresholds[streams])
+    return keep.view(*table.shape, k)
+
+
+def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0):
     """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
     m = x2.shape[0]
     ab, bb, s = _block_factors(a, b, scale, badapter)
     xb = _padded(x2 if x2.dtype == a.dtype else x2.to(a.dtype))[table]  # [nb, rows, K]
+    keep = block_keep(table, badapter, a.shape[0], x2.shape[1], thresholds, seed)
+    if keep is not None:
+        xb.mul_(keep)
     h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
     yb = torch.bmm(h, bb.transpose(1, 2))  # [nb, rows, O]
     acc = _padded(base2.to(a.dtype)) if base2.dtype != a.dtype else _padded(base2)
@@ -275,21 +452,26 @@ def forward_reference(x2, base2, a, b, scale, table, badapter):
     return acc[:m].to(base2.dtype), h
 
 
-def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w):
-    """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None)."""
+def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds=None, seed=0):
+    """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None); dropout masks regenerated from the seed."""
     m, n = x2.shape[0], a.shape[0]
     ab, bb, s = _block_factors(a, b, scale, badapter)
     g = _padded(dy2.to(a.dtype))[table]  # [nb, rows, O]
-    h = h.to(a.dtype)
+    h = h[..., :a.shape[1]].to(a.dtype)
     dh = torch.bmm(g, bb) * s.to(a.dtype)[:, None, None]  # [nb, rows, R]
+    keep = block_keep(table, badapter, n, x2.shape[1], thresholds, seed)
     dx = da = db = None
     if need_x:
         dxb = torch.bmm(dh, ab)
+        if keep is not None:
+            dxb.mul_(keep)
         acc = x2.new_zeros(m + 1, x2.shape[1], dtype=a.dtype)
         acc.index_add_(0, table.reshape(-1), dxb.reshape(-1, dxb.shape[-1]))
         dx = acc[:m].to(x2.dtype)
     if need_w:
         xb = _padded(x2.to(a.dtype))[table]
+        if keep is not None:
+            xb.mul_(keep)
         da, db = torch.bmm(dh.transpose(1, 2), xb), torch.bmm(g.transpose(1, 2), h)
         if ab is not a:  # blocks gathered per adapter: sum them into the store's shape
             used = badapter.clamp(max=n - 1)
@@ -305,57 +487,69 @@ def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w)
 
 def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.Tensor],
                 weights_b: list[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
-                scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor, *,
+                scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor,
+                thresholds: Optional[torch.Tensor], seed: torch.Tensor, *,
                 hint=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y shaped like base_out, h). weights_a / weights_b are the adapters' own tensors (what gradients go
-    to); the stores hold the same values (see the module docstring)."""
+    to); the stores hold the same values (see the module docstring). thresholds: [N] int64 keep thresholds
+    (dropout) or None; seed: the dropout seed (a Python int in eager mode)."""
     x2 = x.reshape(-1, x.shape[-1])
     base2 = base_out.reshape(-1, base_out.shape[-1])
     on_triton, inplace = (use_triton(x, base_out, a_store, b_store), False) if hint is None else hint
     if on_triton:
-        y, h = _forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, table.shape[1], inplace)
+        y, h = forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
+                               inplace)
     else:
-        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter)
-    return y.view(base_out.shape), h
+        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed))
+    # updated in place: base_out itself is the output (autograd requires the dirty input to be returned)
+    return (base_out if on_triton and inplace else y.view(base_out.shape)), h
 
 
 def _op_save(args, outputs) -> list:
-    x, _base, weights_a, weights_b, a_store, b_store, scale, table, badapter = args
-    return [x, outputs[1], a_store, b_store, scale, table, badapter, *weights_a, *weights_b]
+    x, _base, weights_a, weights_b, a_store, b_store, scale, table, badapter, thresholds, seed = args
+    # x as the caller passed it (no cast or dropped copy), h, references to the stores and weights
+    return [x, outputs[1], a_store, b_store, scale, table, badapter, thresholds, seed, *weights_a, *weights_b]
 
 
 def _split_grads(full: torch.Tensor, weights: list[torch.Tensor], needs: list[bool], dim: int) -> list:
-    out = []
-    for i, (w, need) in enumerate(zip(weights, needs)):
-        out.append(full[i].narrow(dim, 0, w.shape[dim]).to(w.dtype) if need and full is not None else None)
-    return out
+    """Each adapter's gradient as a view of its rank rows of ``full`` (cast once when the adapters share a dtype:
+    one op, not one per adapter)."""
+    if full is None:
+        return [None] * len(weights)
+    if len({w.dtype for w in weights}) == 1:
+        full = full.to(weights[0].dtype)
+    return [full[i].narrow(dim, 0, w.shape[dim]).to(w.dtype) if need else None
+            for i, (w, need) in enumerate(zip(weights, needs))]
 
 
 def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
-    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, stores, scale, table, block_adapter)."""
-    x, h, a, b, scale, table, badapter, *weights = saved
+    """Gradients of (x, base_out, A_1..A_n, B_1..B_n, stores, scale, table, block_adapter, thresholds, seed)."""
+    x, h, a, b, scale, table, badapter, thresholds, seed, *weights = saved
     n = len(weights) // 2
     dy = grads[0]
     need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
-    dx, da, db = backward_reference(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), h[..., :a.shape[1]],
-                                    a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b))
+    on_triton = hint[0] if hint is not None else use_triton(dy, x, a, b) and a.shape[1] <= MAX_KERNEL_RANK
+    # the kernels tile a block's rows with tl.dot: a plan of 16..64-row blocks (group_plan on that backend)
+    impl = backward_triton if on_triton and table.shape[1] in (16, 32, 64) else backward_reference
+    dx, da, db = impl(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), h, a, b, scale, table, badapter,
+                      needs[0], any(need_a) or any(need_b), thresholds, int(seed))
     if dx is not None:
         dx = dx.view(x.shape)
     return [dx, None, *_split_grads(da, weights[:n], need_a, 0), *_split_grads(db, weights[n:], need_b, 1),
-            None, None, None, None, None]
+            None, None, None, None, None, None, None]
 
 
-def _op_fake(x, base_out, weights_a, weights_b, a_store, b_store, scale, table, block_adapter):
+def _op_fake(x, base_out, weights_a, weights_b, a_store, b_store, scale, table, block_adapter, thresholds, seed):
     r = a_store.shape[1]
     return base_out.new_empty(base_out.shape), x.new_empty((table.shape[0], table.shape[1], r), dtype=a_store.dtype)
 
 
 def _op_backward_fake(saved, grads, needs, statics) -> list:
-    x, _h, _a, _b, _s, _t, _ba, *weights = saved
+    x, _h, _a, _b, _s, _t, _ba, _th, _seed, *weights = saved
     n = len(weights) // 2
     return [x.new_empty(x.shape) if needs[0] else None, None,
             *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[2:2 + 2 * n])),
-            None, None, None, None, None]
+            None, None, None, None, None, None, None]
 
 
 LORA_GROUPED = OpDecl("peftfast::lora_grouped", _op_forward, _op_backward, save=_op_save, fake=_op_fake,
@@ -363,14 +557,27 @@ LORA_GROUPED = OpDecl("peftfast::lora_grouped", _op_forward, _op_backward, save=
                       dirty=lambda args, hint: (args[1],) if hint is not None and hint[1] else ())
 
 
+def dropout_tables(scalings: Sequence[float], dropout_ps: Sequence[float], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale [N] fp32 = s_i / (1 - p_i), keep thresholds [N] int64) for ``lora_grouped``'s dropout: the
+    inverted-dropout factor folded into the scale, as ``kernels/lora.py`` does."""
+    scale = torch.tensor([float(s) / (1.0 - float(p)) for s, p in zip(scalings, dropout_ps)], dtype=torch.float32,
+                         device=device)
+    return scale, torch.tensor([threshold(p) for p in dropout_ps], dtype=torch.int64, device=device)
+
+
 def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
                  weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
                  scale: torch.Tensor, index: torch.Tensor,
-                 plan: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                 plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 thresholds: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
     """``base_out`` plus, for each row m of x ([..., K] as [M, K]), adapter ``index[m]``'s ``s * x A^T B^T``
     (index [M] int64, -1: none). The stores ([N, R, K], [N, O, R], scale [N] fp32) hold ``weights_a`` /
     ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights.
-    ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows."""
+    ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows.
+    Dropout: ``thresholds`` [N] int64 (``dropout_tables``; the scale then includes 1 / (1 - p)): row m sees
+    adapter a's mask, regenerated from (seed, a, m, column) in forward and backward, never stored; ``seed``
+    (drawn from torch's generator when None) makes it reproducible."""
     n, r, k = a_store.shape
     if len(weights_a) != n or len(weights_b) != n or b_store.shape[0] != n or b_store.shape[2] != r:
         raise ValueError(f"lora_grouped: stores of {n} adapters (A {tuple(a_store.shape)}, B "
@@ -379,14 +586,22 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     if x.shape[-1] != k or x.numel() != m * k or base_out.numel() != m * b_store.shape[1]:
         raise ValueError(f"lora_grouped: x {tuple(x.shape)} / base_out {tuple(base_out.shape)} do not match "
                          f"{m} rows of index and stores with K={k}, O={b_store.shape[1]}")
+    if thresholds is not None and thresholds.shape != (n,):
+        raise ValueError(f"lora_grouped: thresholds {tuple(thresholds.shape)} for {n} adapters; give one keep "
+                         "threshold per adapter (dropout_tables) or None")
     # rank tiles above MAX_KERNEL_RANK would spill: such stores run the reference (batched matmuls) on the GPU
     on_triton = use_triton(x, base_out, a_store, b_store) and r <= MAX_KERNEL_RANK
     table, badapter = make_plan(index, n, on_triton) if plan is None else plan
     if torch.compiler.is_compiling():
-        return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter)[0]
+        drawn = draw_seed() if thresholds is not None and seed is None else torch.tensor(int(seed or 0))
+        return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
+                            thresholds, drawn)[0]
+    if thresholds is not None and seed is None:
+        seed = int(draw_seed())
+    seed = 0 if seed is None else int(seed)
     inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
-                        hint=(on_triton, inplace))[0]
+                        thresholds, seed, hint=(on_triton, inplace))[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,31 +609,51 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
 # ----------------------------------------------------------------------------------------------
 DTYPE_PAIRS = ((torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
                (torch.float32, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.float32))
-SPEC_BLOCK_ROWS = (16, 64)
-SPEC_RANKS = (16, 64)
+SPEC_BLOCK_ROWS = (16, 32, 64)
+SPEC_RANKS = (16, 32, 64)
 
 
 def aot_specs() -> list[AotSpec]:
+    """Every launch of the forward (shrink with or without dropout, expand adding into y) and the backward (the
+    shrink as dH, the expand writing dX with or without the mask, the weight gradients dA (masked or not) and
+    dB), per dtype pair, block rows and rank tile; the stores' innermost strides are 1 (A [N, R, K], B kept as
+    [N, R, O]: ``peftfast.tuners.lora.grouped.AdapterStore``)."""
     specs = []
     for act, ad in DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+        prec = dot_precision(act, ad)
         for rows in SPEC_BLOCK_ROWS:
             for br in SPEC_RANKS:
-                prec = dot_precision(act, ad)
+                tag = f"x={xa},w={wa},BM={rows},BR={br}"
                 block_k, warps = launch_config("shrink", rows, br, ad)
-                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec, stride_xk=1,
-                         stride_ak=1)
-                types = {"x_ptr": "*" + xa, "a_ptr": "*" + wa, "scale_ptr": "*fp32", "table_ptr": "*i64",
-                         "badapter_ptr": "*i64", "h_ptr": "*fp32", "stride_xm": "i64", "stride_an": "i64"}
-                specs.append(AotSpec(f"lora_grouped_shrink[x={xa},w={wa},BM={rows},BR={br},BK={block_k},"
-                                     f"warps={warps}]", _grouped_shrink_kernel,
-                                     aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
+                for drop in (False, True):
+                    c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_K=block_k, DOT_PRECISION=prec, stride_xk=1,
+                             stride_ak=1, HAS_DROPOUT=drop)
+                    types = {"x_ptr": "*" + xa, "a_ptr": "*" + wa, "scale_ptr": "*fp32", "table_ptr": "*i64",
+                             "badapter_ptr": "*i64", "h_ptr": "*" + wa, "thresh_ptr": "*i64", "seed": "i64",
+                             "stride_xm": "i64", "stride_an": "i64"}
+                    specs.append(AotSpec(f"lora_grouped_shrink[{tag},BK={block_k},warps={warps}"
+                                         f"{',dropout' if drop else ''}]", _grouped_shrink_kernel,
+                                         aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
                 block_o, warps = launch_config("expand", rows, br, ad)
-                c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec, stride_bo=1,
-                         stride_oo=1)
-                types = {"h_ptr": "*fp32", "b_ptr": "*" + wa, "table_ptr": "*i64", "badapter_ptr": "*i64",
-                         "out_ptr": "*" + xa, "stride_om": "i64", "stride_bn": "i64"}
-                specs.append(AotSpec(f"lora_grouped_expand[x={xa},w={wa},BM={rows},BR={br},BO={block_o},"
-                                     f"warps={warps}]", _grouped_expand_kernel,
-                                     aot_signature(_grouped_expand_kernel, types, c), c, warps, _STAGES, True))
+                for acc, drop in ((True, False), (False, False), (False, True)):  # y += ; dX = (masked)
+                    c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec, stride_bo=1,
+                             stride_oo=1, ACCUMULATE=acc, HAS_DROPOUT=drop)
+                    types = {"h_ptr": "*" + wa, "b_ptr": "*" + wa, "table_ptr": "*i64", "badapter_ptr": "*i64",
+                             "out_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_om": "i64",
+                             "stride_bn": "i64"}
+                    what = "y" if acc else "dx" + (",dropout" if drop else "")
+                    specs.append(AotSpec(f"lora_grouped_expand[{tag},BO={block_o},warps={warps},{what}]",
+                                         _grouped_expand_kernel, aot_signature(_grouped_expand_kernel, types, c), c,
+                                         warps, _STAGES, True))
+                block_c, warps = launch_config("grad_w", rows, br, ad)
+                for what, drop in (("dA", False), ("dA", True), ("dB", False)):  # dB: written as [N, O, R]
+                    c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_C=block_c, DOT_PRECISION=prec, stride_lr=1,
+                             stride_rc=1, HAS_DROPOUT=drop, **({"stride_oc": 1} if what == "dA" else {"stride_or": 1}))
+                    types = {"left_ptr": "*" + wa, "right_ptr": "*" + xa, "table_ptr": "*i64", "bounds_ptr": "*i64",
+                             "out_ptr": "*fp32", "thresh_ptr": "*i64", "seed": "i64", "stride_lb": "i64",
+                             "stride_rm": "i64", "stride_os": "i64", "stride_on": "i64"}
+                    specs.append(AotSpec(f"lora_grouped_grad_w[{tag},BC={block_c},warps={warps},{what}"
+                                         f"{',dropout' if drop else ''}]", _grouped_grad_w_kernel,
+                                         aot_signature(_grouped_grad_w_kernel, types, c), c, warps, _STAGES, True))
     return specs

@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 import peftfast as fast
 from peftfast import zoo
 from peftfast.kernels.lora_grouped import group_plan, lora_grouped
+from tests.conftest import select_backend
 from tests.numerics import assert_matches_float64
 
 RANKS = (1, 8, 64)
@@ -115,6 +116,26 @@ def test_store_follows_adapter_changes():
 def test_training_gradients_equal_each_adapter_alone(n):
     """Several adapters trained on one mixed batch: each adapter's gradients equal training it alone on its
     samples (the loss is a sum over samples), other adapters' gradients zero where they have no sample."""
+    check_training_gradients(n)
+
+
+def test_training_gradients_on_the_triton_kernels(triton_backend, monkeypatch):
+    """The same on the Triton backend (interpreter): the grouped forward and backward kernels in a model (the
+    base layers' fresh outputs updated in place under autograd); the reference backward never runs."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels.backend import interpreting
+
+    if not interpreting():
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    calls = []
+    monkeypatch.setattr(G, "backward_reference", lambda *a, **k: calls.append(1))
+    real = G.backward_triton
+    monkeypatch.setattr(G, "backward_triton", lambda *a: calls.append(0) or real(*a))
+    check_training_gradients(3)
+    assert calls and set(calls) == {0}
+
+
+def check_training_gradients(n):
     pm, names = make_model(n)
     pm.train()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
@@ -204,23 +225,41 @@ def stacked_store(a, b, scal):
     return st_a, st_b, torch.tensor(scal, dtype=torch.float32)
 
 
-def loop_reference(x, base, a, b, scal, index):
+def loop_reference(x, base, a, b, scal, index, masks=None, ps=None):
+    """Each adapter alone on its rows; with ``masks`` (one [M, K] keep mask per adapter) and ``ps``, the inverted
+    dropout of training that adapter alone with those masks."""
     out = base.clone()
     for i in range(len(a)):
         rows = (index == i).nonzero().flatten()
-        out = out.index_add(0, rows, (x[rows] @ a[i].T) @ b[i].T * scal[i])
+        xi = x[rows] if masks is None else x[rows] * masks[i][rows].to(x.dtype) / (1.0 - ps[i])
+        out = out.index_add(0, rows, (xi @ a[i].T) @ b[i].T * scal[i])
     return out
 
 
-def run_op_case(n, m, k, o, ranks):
+def run_op_case(n, m, k, o, ranks, ps=None, fresh_base=False):
     """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
-    every gradient."""
+    every gradient; with dropout probabilities ``ps`` (one per adapter) the loop uses the masks regenerated
+    from the op's seed (adapter i: stream i, x's row and column)."""
+    from peftfast.kernels import dropout as D
+    from peftfast.kernels.lora_grouped import dropout_tables
+
     a, b, scal, index, x, base = op_case(n, m, k, o, ranks, torch.float32)
-    y = lora_grouped(x, base, a, b, *stacked_store(a, b, scal), index)
-    plain = loop_reference(x, base, a, b, scal, index)
+    masks = None
+    # fresh_base: the op gets a fresh non-leaf output, as from a base layer (the Triton path updates it in place)
+    base_in = base * 1.0 if fresh_base else base
+    if ps is None:
+        y = lora_grouped(x, base_in, a, b, *stacked_store(a, b, scal), index)
+    else:
+        st_a, st_b, _ = stacked_store(a, b, scal)
+        scale, thresholds = dropout_tables(scal, ps, x.device)
+        seed = int(D.draw_seed())
+        y = lora_grouped(x, base_in, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=seed)
+        masks = [D.keep_mask_torch(seed, i, m, k, p) for i, p in enumerate(ps)]
+        assert any(not mk[index == i].all() for i, mk in enumerate(masks))  # something is dropped
+    plain = loop_reference(x, base, a, b, scal, index, masks, ps)
     leaves = [x, base, *a, *b]
     d = [t.detach().double().requires_grad_() for t in leaves]
-    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
+    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index, masks, ps)
     assert_matches_float64("y", y, plain, ref, k=8)
     gy = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, gy)
@@ -233,6 +272,16 @@ def run_op_case(n, m, k, o, ranks):
 @pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 41, 13, 9)])
 def test_op_reference_vs_float64(n, m, k, o):
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+
+
+DROPOUT_PS = (0.3, 0.0, 0.6, 0.1)  # per adapter, cycled: one adapter without dropout among them
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 7, 9, 5), (3, 37, 23, 19), (17, 41, 13, 9)])
+def test_op_dropout_reference_vs_float64(n, m, k, o):
+    """Dropout inside the op: output and every gradient equal each adapter trained alone with the same masks
+    (float64)."""
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)])
 
 
 def test_group_plan_blocks():
@@ -353,6 +402,103 @@ def test_unmixable_method_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------------
+# bitsandbytes bases: 8-bit (Linear8bitLt) and 4-bit (Linear4bit)
+# ------------------------------------------------------------------------------------------------------
+# (base, activation dtype, backend); the Triton interpreter computes bf16 wrongly (raw uint16), so fp32 there
+BNB_CASES = {"int8-fp32": ("int8", torch.float32, "default"), "int8-bf16": ("int8", torch.bfloat16, "default"),
+             "nf4-fp32": ("nf4", torch.float32, "default"), "int8-fp32-triton": ("int8", torch.float32, "triton")}
+
+
+def _bnb_model(kind: str, n: int = 3):
+    """Two quantised linears (23 -> 37 -> 19, bias) with ``n`` LoRA adapters of ranks 1 / 8 / 64 (fp32, as PEFT
+    creates them on a quantised base), B non-zero."""
+    import bitsandbytes as bnb
+
+    def linear(i, o):
+        if kind == "int8":
+            return bnb.nn.Linear8bitLt(i, o, bias=True, has_fp16_weights=False, threshold=6.0)
+        return bnb.nn.Linear4bit(i, o, bias=True, quant_type="nf4", compute_dtype=torch.float32)
+
+    class QNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l0, self.l1 = linear(23, 37), linear(37, 19)
+
+        def forward(self, x):
+            return self.l1(torch.tanh(self.l0(x)))
+
+    torch.manual_seed(0)
+    base = QNet().to("cpu")  # quantised on the move
+    names = [f"q{i}" for i in range(n)]
+    pm = None
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=2 + i, target_modules=["l0", "l1"])
+        pm = fast.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm.add_adapter(name, cfg) or pm
+    with torch.no_grad():
+        for pname, p in pm.named_parameters():
+            if "lora_" in pname:
+                p.copy_(torch.randn_like(p) * 0.3)
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    return pm, names
+
+
+@pytest.mark.parametrize("case", list(BNB_CASES))
+def test_quantised_base_mixed_batch_equals_each_sample_alone(case, monkeypatch):
+    kind, dtype, backend = BNB_CASES[case]
+    select_backend(monkeypatch, backend)
+    pm, names = _bnb_model(kind)
+    layer = pm.base_model.model.l0
+    assert type(layer).__name__ == ("Linear8bitLt" if kind == "int8" else "Linear4bit")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, 23, generator=g).to(dtype)
+    per_sample = ["q2", "__base__", "q0", "q2", "q1"]
+    pm.eval()
+    with torch.no_grad():
+        mixed = pm(x, adapter_names=per_sample)
+        alone = alone_outputs(pm, x, per_sample)
+    assert mixed.dtype == dtype
+    # the same math on a sub-batch: within a few roundings of the output's dtype
+    tol = 4 * torch.finfo(dtype).eps * alone.abs().max().item()
+    torch.testing.assert_close(mixed, alone, rtol=0, atol=tol)
+    with pm.disable_adapter(), torch.no_grad():
+        assert (mixed[0] - pm(x[:1])[0]).abs().max() > 5 * tol  # the adapters do change the output
+
+
+@pytest.mark.parametrize("case", list(BNB_CASES))
+def test_quantised_base_training_gradients_equal_each_adapter_alone(case, monkeypatch):
+    kind, dtype, backend = BNB_CASES[case]
+    select_backend(monkeypatch, backend)
+    pm, names = _bnb_model(kind)
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 3, 23, generator=g).to(dtype)
+    per_sample = ["q1", "q0", "__base__", "q1", "q0", "q1"]  # q2 has no sample: an empty segment
+    weight = torch.randn(6, 3, 19, generator=g)
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    out = pm(x, adapter_names=per_sample)
+    grads = dict(zip(params, torch.autograd.grad((out.float() * weight).sum(), list(params.values()),
+                                                 allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}." in k}
+        assert len(own) == 4
+        if not rows:
+            assert all(grads[k] is None or not grads[k].any() for k in own), name
+            continue
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        ref = torch.autograd.grad((pm(x[rows]).float() * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            # fp32 gradients of a bf16 model: the activations are rounded to bf16 either way
+            tol = (4 if dtype == torch.float32 else 16) * torch.finfo(dtype).eps * r.abs().max().item()
+            torch.testing.assert_close(grads[k], r, rtol=0, atol=tol, msg=k)
+            assert r.abs().max() > 0
+
+
+# ------------------------------------------------------------------------------------------------------
 # (IA)^3
 # ------------------------------------------------------------------------------------------------------
 def test_ia3_mixed_batch_equals_each_sample_alone_and_trains():
@@ -435,3 +581,54 @@ def _saved_activation_bytes(n: int) -> int:
 def test_saved_activations_do_not_grow_with_adapters():
     two, sixteen = _saved_activation_bytes(2), _saved_activation_bytes(16)
     assert sixteen <= 1.25 * two, (two, sixteen)
+
+
+def _grouped_layer_saved(n: int, dropout: float) -> dict:
+    """What autograd saves in one training forward of a LoRA ``nn.Linear`` (64 -> 48) holding ``n`` adapters
+    (rank 8, ``lora_dropout``) on a 16-sample mixed batch x [16, 9, 64]: the bytes of x's own storage, of
+    every other saved tensor (parameters and the layer's adapter store excluded: they persist), and the
+    largest other saved tensor's element count."""
+    torch.manual_seed(0)
+    pm = None
+    for i in range(n):
+        cfg = fast.LoraConfig(r=8, lora_alpha=8, lora_dropout=dropout, target_modules=["0"])
+        pm = (fast.get_peft_model(nn.Sequential(nn.Linear(64, 48)), cfg, adapter_name=f"a{i}") if pm is None
+              else pm.add_adapter(f"a{i}", cfg) or pm)
+    for pname, p in pm.named_parameters():
+        p.requires_grad_("lora_" in pname)
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    x = torch.randn(16, 9, 64, requires_grad=True)
+    names = [f"a{i % n}" for i in range(16)]
+    pm(x, adapter_names=names)  # builds the store
+    layer = pm.base_model.model[0]
+    store = layer.__dict__["_grouped_store"]
+    persistent = [*pm.parameters(), *(t for t in vars(store).values() if isinstance(t, torch.Tensor))]
+    keep = {t.untyped_storage().data_ptr() for t in persistent}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in keep:
+            seen[ptr] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = pm(x, adapter_names=names)
+    out.sum().backward()  # the saved tensors serve a real backward
+    x_ptr = x.untyped_storage().data_ptr()
+    others = [t for p, t in seen.items() if p != x_ptr]
+    return dict(x=seen[x_ptr].untyped_storage().nbytes() if x_ptr in seen else 0,
+                other=sum(t.untyped_storage().nbytes() for t in others),
+                largest=max((t.numel() for t in others), default=0), x_numel=x.numel())
+
+
+def test_dropout_saves_no_copy_of_x_and_does_not_grow_with_adapters():
+    """Dropout in a mixed batch: the masks are regenerated inside the op, so autograd keeps x itself and small
+    tensors (h, the plan), the same with and without dropout, and not growing with the number of adapters."""
+    two, sixteen = _grouped_layer_saved(2, 0.3), _grouped_layer_saved(16, 0.3)
+    for n, saved in ((2, two), (16, sixteen)):
+        assert saved["largest"] < saved["x_numel"] // 4, saved  # no dropped copy of x, no [M, K] mask
+        plain = _grouped_layer_saved(n, 0.0)
+        assert saved["other"] <= plain["other"], (saved, plain)
+    assert sixteen["other"] <= 1.25 * two["other"], (two, sixteen)

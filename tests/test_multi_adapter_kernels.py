@@ -8,7 +8,7 @@ import torch
 
 from peftfast.kernels.backend import interpreting
 from peftfast.kernels.lora_grouped import aot_specs, block_rows_for, group_plan, num_blocks
-from tests.test_multi_adapter import RANKS, run_op_case
+from tests.test_multi_adapter import DROPOUT_PS, RANKS, run_op_case
 
 
 @pytest.fixture
@@ -21,6 +21,65 @@ def interpreted(triton_backend):
 @pytest.mark.parametrize("n,m,k,o", [(1, 5, 7, 3), (3, 37, 23, 19), (17, 21, 13, 9)])
 def test_triton_grouped_vs_float64(interpreted, n, m, k, o):
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+    # a fresh base output (not a leaf): the expand adds into it in place, under autograd too
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], fresh_base=True)
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 7, 9, 5), (3, 37, 23, 19), (17, 21, 13, 9)])
+def test_triton_grouped_dropout_vs_float64(interpreted, n, m, k, o):
+    """The shrink kernel applies each row's adapter's mask (regenerated from the seed): forward and every
+    gradient equal each adapter trained alone with the same masks."""
+    run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)])
+
+
+def test_triton_backward_several_blocks_per_adapter(interpreted):
+    """Adapters with several row blocks (the weight-gradient kernel sums them, split over programs), with and
+    without dropout."""
+    run_op_case(3, 150, 23, 19, [8, 64, 1])
+    run_op_case(3, 150, 23, 19, [8, 64, 1], [0.2, 0.5, 0.0])
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_triton_backward_launches_do_not_depend_on_adapters(interpreted, monkeypatch, dropout):
+    """Forward and backward on the Triton backend: kernels only (the reference backward never runs), the same
+    launches for 3 and 17 adapters (no per-adapter loop)."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+
+    real = G.launch
+    seen = []
+
+    def record(kernel, grid, *args, **meta):
+        seen.append(runtime.kernel_name(kernel))
+        return real(kernel, grid, *args, **meta)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference backward ran on the Triton backend")
+
+    monkeypatch.setattr(G, "launch", record)
+    monkeypatch.setattr(G, "backward_reference", refuse)
+    counts = []
+    for n in (3, 17):
+        seen.clear()
+        run_op_case(n, 29, 11, 7, [RANKS[i % 3] for i in range(n)], [0.25] * n if dropout else None)
+        counts.append(sorted(seen))
+    assert counts[0] == counts[1]
+    assert counts[0].count("_grouped_grad_w_kernel") == 2 and counts[0].count("_grouped_shrink_kernel") == 2
+
+
+def test_row_masks_are_the_per_adapter_masks(interpreted):
+    """keep_mask_rows_torch (one stream and threshold per row, what the grouped reference uses) gives the bits of
+    keep_mask_torch and of the Triton keep_mask kernel for each row's adapter."""
+    from peftfast.kernels import dropout as D
+
+    seed, ps = int(D.draw_seed()), (0.0, 0.1, 0.5, 0.93)
+    rows, streams = torch.randint(0, 300, (41,)), torch.randint(0, 4, (41,))
+    got = D.keep_mask_rows_torch(seed, rows, streams, 37, torch.tensor([D.threshold(p) for p in ps])[streams])
+    for s, p in enumerate(ps):
+        want = D.keep_mask_torch(seed, s, 300, 37, p)
+        assert torch.equal(want, D.keep_mask_triton(seed, s, 300, 37, p, "cpu"))
+        assert torch.equal(got[streams == s], want[rows[streams == s]]), p
+    assert 0.3 < got.float().mean() < 0.8
 
 
 def test_plan_size_independent_of_which_adapters():
@@ -66,16 +125,19 @@ def test_triton_in_place_and_model(interpreted):
 
 
 def test_torch_compile_fullgraph(torch_backend):
-    """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op trace without a graph
-    break and give eager's output and gradients."""
+    """torch.compile(fullgraph=True, backend="aot_eager"): the plan (sync-free) and the op (with dropout) trace
+    without a graph break and give eager's output and gradients."""
     from peftfast.kernels.lora_grouped import lora_grouped
     from tests.test_multi_adapter import op_case, stacked_store
 
+    from peftfast.kernels.lora_grouped import dropout_tables
+
     a, b, scal, index, x, base = op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
-    stores = stacked_store(a, b, scal)
+    st_a, st_b, _ = stacked_store(a, b, scal)
+    scale, thresholds = dropout_tables(scal, [0.2, 0.0, 0.5], x.device)  # with dropout: a fixed seed
 
     def f(x, base, index):
-        return lora_grouped(x, base, a, b, *stores, index)
+        return lora_grouped(x, base, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=1234)
 
     leaves = [x, base, *a, *b]
     want = f(x, base, index)
@@ -84,3 +146,48 @@ def test_torch_compile_fullgraph(torch_backend):
     gy = torch.randn_like(want)
     for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
         torch.testing.assert_close(g1, g2)
+
+
+def test_every_launch_has_an_aot_spec(monkeypatch):
+    """The compile report builds what the launchers pick: every grouped launch of forward and backward (meta
+    tensors, nothing runs) at each block size and store rank the plan and the store can give matches an AotSpec
+    in its warps, stages and meta-parameters."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+    seen = []
+    monkeypatch.setattr(G, "launch", lambda kernel, grid, *args, **meta: seen.append((runtime.kernel_name(kernel),
+                                                                                      meta)))
+    m, k, o, n = 300, 96, 80, 5
+    for act, ad in G.DTYPE_PAIRS:
+        for rows in (16, 32, 64):
+            for rank in (1, 8, 16, 32, 64):
+                meta = dict(device="meta")
+                x, dy = torch.empty(m, k, dtype=act, **meta), torch.empty(m, o, dtype=act, **meta)
+                a = torch.empty(n, rank, k, dtype=ad, **meta)
+                b = torch.empty(n, rank, o, dtype=ad, **meta).transpose(1, 2)  # the store's layout
+                scale, thresholds = torch.empty(n, **meta), torch.empty(n, dtype=torch.int64, **meta)
+                table = torch.empty(n + m // rows, rows, dtype=torch.int64, **meta)
+                badapter = torch.empty(n + m // rows, dtype=torch.int64, **meta)
+                for th in (None, thresholds):
+                    _, h = G.forward_triton(x, dy, a, b, scale, table, badapter, th, 1)
+                    G.backward_triton(dy, x, h, a, b, scale, table, badapter, True, True, th, 1)
+    assert {name for name, _ in seen} == {"_grouped_shrink_kernel", "_grouped_expand_kernel",
+                                          "_grouped_grad_w_kernel"}
+    specs = G.aot_specs()
+    for name, meta in seen:  # a spec of that kernel with the launch's warps, stages and every fixed constexpr
+        assert any(spec.fn.__name__ == name and (spec.num_warps, spec.num_stages) == (meta["num_warps"],
+                                                                                     meta["num_stages"])
+                   and all(meta[k] == v for k, v in spec.constexprs.items() if k in meta) for spec in specs), (
+            name, {k: v for k, v in meta.items() if not isinstance(v, torch.Tensor)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_cost_model_matches_counted_traffic(interpreted, dtype, dropout):
+    """The bench's per-launch formulas (``grouped_launches``) give exactly the bytes (distinct addresses) and
+    launches counted from the kernels in the interpreter and the torch ops between them, forward and backward."""
+    from peftfast.tools.bench.multi_adapter import calibrate
+
+    for row in calibrate(dtype=dtype, dropout=dropout):
+        assert row["counted_launches"] == row["modelled_launches"], row
+        assert row["counted_bytes"] == row["modelled_bytes"], row

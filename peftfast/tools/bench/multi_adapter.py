@@ -5,13 +5,16 @@ Two tables:
 * CPU wall time (measured): one LoRA ``Linear`` layer holding 16 adapters, a batch whose samples name
   them round-robin, peftfast's layer (one grouped op) against PEFT 0.21's (one index-select, two linears
   and one index-put per distinct adapter); best of repeats, and the adapter part (minus the base layer).
-* Modelled GPU traffic (counted from the plan, not timed): per layer, launches and bytes of the grouped
-  kernels against PEFT's loop at decode (64 sequences x 1 token) and prefill (64 x 512), d = 4096, r = 16,
-  bf16, N = 1, 4, 16, 64 distinct adapters, with modelled H100 / RTX 4090 times (bytes / bandwidth +
-  FLOPs / dense throughput + launches x launch overhead, the same simple roofline for both sides). The bytes
-  budget is the issue's: base GEMM + every used adapter's A and B once, + 5%. The grouped kernels are not
-  fused into the base GEMM, so they read x and read/write y once more than it: within budget at decode,
-  not at prefill (where only a fused GEMM could be).
+* Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of the grouped kernels
+  (``grouped_launches``, one entry per launch) against PEFT's loop at decode (64 sequences x 1 token),
+  prefill (64 x 512) and the prefill's backward, d = 4096, r = 16, bf16, N = 1, 4, 16, 64 distinct
+  adapters, with modelled H100 / RTX 4090 times (bytes / bandwidth + FLOPs / dense throughput + launches x
+  launch overhead, the same simple roofline for both sides). The bytes budget is the issue's: base GEMM +
+  every used adapter's A and B once (twice in backward), + 5%. The grouped kernels are not fused into the
+  base GEMM, so they read x and read/write y once more than it: within budget at decode, not at prefill
+  (where only a fused GEMM could be). ``calibrate`` checks the formulas against the bytes and launches
+  counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal, forward
+  and backward, with and without dropout).
 
     python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]
 """
@@ -111,33 +114,120 @@ def plan_launches(rows: int = 64, adapters: int = 16) -> int:
     return c.ops + 1  # + the host-to-device copy of the row -> adapter table
 
 
-def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2) -> dict:
+def grouped_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt: int, backward: bool = False,
+                     dropout: bool = False) -> list[dict]:
+    """The launches of one grouped layer on the Triton path (kernels/lora_grouped.py), each with the bytes it
+    must move (distinct addresses) and its FLOPs: ``m`` rows of which ``counts[a]`` use adapter a (the rest the
+    base model), K = ``k`` -> O = ``o``, store rank ``rank_bucket(rank)``, y updated in place. Forward: shrink,
+    expand. Backward: dH shrink, zero-filled dX and the dX expand, the adapters' block bounds (two small ops),
+    dA and dB weight-gradient kernels (+ a sum of split partials when split, + one cast to the adapter dtype
+    when it is not fp32). Not counted: the plan (once per call, ``plan_launches``) and autograd's copy of an
+    adapter's gradient that is a strided view (rank below the store's)."""
+    from ...kernels.lora_grouped import block_rows_for, grad_w_splits, kernel_rank, launch_config, num_blocks, \
+        rank_bucket
+
+    n = len(counts)
+    used = [c for c in counts if c > 0]
+    nu, mu = len(used), sum(used)
+    br = block_rows_for(m, n, True)
+    nb = num_blocks(m, n, br)
+    ub = sum(-(-c // br) for c in used)  # blocks holding rows
+    r = rank_bucket(rank)
+    rt = kernel_rank(r)
+    plan_bytes = nb * 8 + ub * br * 8  # block adapters (every program) and the used blocks' row tables
+    drop = nu * 8 if dropout else 0
+
+    def shrink(cols, name):  # reads rows x cols, each used adapter's [r, cols] factor; writes every block of h
+        return dict(name=name, bytes=mu * cols * act_elt + nu * r * cols * ad_elt + nu * 4 + plan_bytes
+                    + ub * br * rt * ad_elt + (nb - ub) * br * rt * ad_elt, flops=2 * ub * br * rt * cols)
+
+    def expand(cols, name, read_out):  # reads the used blocks of h and each used adapter's factor
+        return dict(name=name, bytes=plan_bytes + ub * br * rt * ad_elt + nu * cols * r * ad_elt
+                    + mu * cols * act_elt * (2 if read_out else 1), flops=2 * ub * br * rt * cols)
+
+    if not backward:
+        return [dict(shrink(k, "shrink"), bytes=shrink(k, "shrink")["bytes"] + drop), expand(o, "expand", True)]
+    out = [shrink(o, "dH shrink"), dict(name="dX zeros", bytes=m * k * act_elt, flops=0),
+           dict(expand(k, "dX expand", False), bytes=expand(k, "", False)["bytes"] + drop),
+           dict(name="bounds arange", bytes=(n + 1) * 8, flops=0),
+           dict(name="bounds searchsorted", bytes=nb * 8 + 2 * (n + 1) * 8, flops=0)]
+    for what, cols, extra in (("dA", k, n * 8 if dropout else 0), ("dB", o, 0)):
+        block_c = launch_config("grad_w", br, rt, torch.float32 if ad_elt == 4 else torch.float16)[0]
+        splits = grad_w_splits(nb, n, cols, block_c)
+        grad = n * r * cols * 4
+        out.append(dict(name=f"{what} grad_w", bytes=(n + 1) * 8 + ub * br * r * ad_elt + mu * cols * act_elt
+                        + ub * br * 8 + extra + splits * grad, flops=2 * ub * br * r * cols))
+        if splits > 1:
+            out.append(dict(name=f"{what} sum of {splits} splits", bytes=splits * grad + grad, flops=0))
+        if ad_elt != 4:
+            out.append(dict(name=f"{what} cast", bytes=grad + n * r * cols * ad_elt, flops=0))
+    return out
+
+
+def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, backward: bool = False) -> dict:
     """Launches, bytes and FLOPs of one layer (not the first of its call) for the base GEMM, peftfast's grouped
-    kernels and PEFT's loop, samples spread evenly over ``n_used`` adapters.
+    kernels (``grouped_launches``) and PEFT's loop, samples spread evenly over ``n_used`` adapters.
 
-    Grouped (kernels/lora_grouped.py, Triton path, y updated in place): shrink reads each used row of x once
-    and its adapter's A once per block of rows, writes h (fp32); expand reads h, B once per block and column
-    tile, reads and writes each used row of y; two launches (the plan's are per call, ``plan_launches``).
-    PEFT's loop per adapter: index-select of x, lora_A, lora_B, scale, index-select + add + index-put of y
-    (7 launches) reading/writing its rows of x and y about 6 times."""
-    from ...kernels.lora_grouped import block_rows_for, kernel_rank, num_blocks
-
+    PEFT's loop per adapter, forward: index-select of x, lora_A, lora_B, scale, index-select + add + index-put
+    of y (7 launches) reading/writing its rows of x and y about 6 times. Backward (PEFT refuses adapter_names
+    in training; the same loop under autograd): per adapter the backward of each of those ops, ~9 launches
+    (index-put, add, scale, lora_B's dX and dB, lora_A's dX and dA, the index-select's scatter into dX)
+    moving its rows of dY and dX about 8 times plus its A and B twice. Base backward: dX = dY @ W only (W
+    frozen)."""
     m = rows
-    br = block_rows_for(m, n_used, True)
     per = -(-m // n_used)
-    blocks = n_used * -(-per // br)
-    rk = kernel_rank(r)
-    nb = num_blocks(m, n_used, br)
-    grouped = dict(launches=2 + 1,  # shrink, expand, the empty h
-                   bytes=m * d * elt + blocks * rk * d * elt  # x, A per block
-                   + nb * br * rk * 4 * 2 + nb * br * 8 * 2  # h written and read, the plan's table read twice
-                   + blocks * rk * d * elt + 2 * m * d * elt,  # B per block, y read and written
-                   flops=2 * m * rk * d * 2)
-    peft_loop = dict(launches=7 * n_used,
-                     bytes=n_used * (2 * r * d * elt) + m * d * elt * 6,
-                     flops=2 * m * r * d * 2)
+    counts = [min(per, m - i * per) for i in range(n_used)]
+    launches = grouped_launches(m, d, d, counts, r, elt, elt, backward)
+    grouped = dict(launches=len(launches) + (0 if backward else 1),  # forward: + the allocation of h
+                   bytes=sum(x["bytes"] for x in launches), flops=sum(x["flops"] for x in launches))
+    if backward:
+        peft_loop = dict(launches=9 * n_used, bytes=n_used * (4 * r * d * elt) + m * d * elt * 8,
+                         flops=4 * m * r * d * 2)
+    else:
+        peft_loop = dict(launches=7 * n_used, bytes=n_used * (2 * r * d * elt) + m * d * elt * 6,
+                         flops=2 * m * r * d * 2)
     base = dict(launches=1, bytes=d * d * elt + 2 * m * d * elt, flops=2 * m * d * d)
-    return dict(grouped=grouped, peft=peft_loop, base=base, used_adapter_bytes=n_used * r * 2 * d * elt)
+    factor = 2 if backward else 1  # the adapters' A and B read, their gradients written
+    return dict(grouped=grouped, peft=peft_loop, base=base, used_adapter_bytes=factor * n_used * r * 2 * d * elt)
+
+
+def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.float16, dropout: bool = True):
+    """Forward and backward of ``lora_grouped`` on the Triton kernels in the interpreter (TRITON_INTERPRET=1),
+    bytes and launches counted (``costmodel.calibration.count_device``), against ``grouped_launches``: rows
+    (counted, modelled) per direction. Three adapters of the store's rank (one unused), base rows too."""
+    from ...kernels.lora_grouped import dropout_tables, lora_grouped, make_plan
+    from ..costmodel.calibration import count_triton_forward_backward, require_interpreter
+
+    require_interpreter()
+    gen = torch.Generator().manual_seed(0)
+    counts, r = [40, 0, 30], 8
+    n = len(counts)
+    a = [torch.randn(r, k, generator=gen).to(dtype).requires_grad_() for _ in counts]
+    b = [torch.randn(o, r, generator=gen).to(dtype).requires_grad_() for _ in counts]
+    st_a = torch.stack([w.detach() for w in a])
+    st_b = torch.stack([w.detach().t() for w in b]).transpose(1, 2)  # the store's [N, R, O] layout
+    scale, thresholds = dropout_tables([1.5] * n, [0.1 if dropout else 0.0] * n, "cpu")
+    index = torch.tensor(sum(([i] * c for i, c in enumerate(counts)), []) + [-1] * (m - sum(counts)))
+    index = index[torch.randperm(m, generator=gen)]
+    plan = make_plan(index, n, True)
+    x = torch.randn(m, k, generator=gen).to(dtype).requires_grad_()
+    base = torch.randn(m, o, generator=gen).to(dtype)
+    dy = torch.randn(m, o, generator=gen).to(dtype)
+
+    def forward():
+        return lora_grouped(x, base.clone(), a, b, st_a, st_b, scale, index, plan=plan,
+                            thresholds=thresholds if dropout else None, seed=7)
+
+    fwd, bwd = count_triton_forward_backward(forward, dy)
+    elt = torch.finfo(dtype).bits // 8
+    rows = []
+    for what, counted, back in (("forward", fwd, False), ("backward", bwd, True)):
+        model = grouped_launches(m, k, o, counts, r, elt, elt, back, dropout)
+        if not back:  # the clone of the base output in forward() above (a real layer hands a fresh one)
+            model.append(dict(name="clone", bytes=2 * m * o * elt, flops=0))
+        rows.append(dict(direction=what, counted_bytes=counted[0], modelled_bytes=sum(x["bytes"] for x in model),
+                         counted_launches=counted[1], modelled_launches=len(model), counted_names=counted[2]))
+    return rows
 
 
 def modelled(kind: dict, gpu: str) -> float:
@@ -145,11 +235,12 @@ def modelled(kind: dict, gpu: str) -> float:
     return kind["bytes"] / bw + kind["flops"] / flops + kind["launches"] * launch
 
 
-def traffic_rows(ns=(1, 4, 16, 64), shapes=(("decode", 64), ("prefill", 64 * 512))):
+def traffic_rows(ns=(1, 4, 16, 64), shapes=(("decode", 64, False), ("prefill", 64 * 512, False),
+                                             ("prefill backward", 64 * 512, True))):
     out = []
-    for label, m in shapes:
+    for label, m, backward in shapes:
         for n in ns:
-            t = traffic(n, m)
+            t = traffic(n, m, backward=backward)
             base, g, p = t["base"], t["grouped"], t["peft"]
             budget = 1.05 * (base["bytes"] + t["used_adapter_bytes"])
             row = dict(shape=label, rows=m, adapters=n, launches_grouped=g["launches"], launches_peft=p["launches"],

@@ -11,7 +11,9 @@ or a scaling changes; checking costs one tuple of version counters per call, no 
 not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sorted by adapter on the
 device, then one shrink and one expand over blocks of rows (Triton on CUDA; two batched matmuls elsewhere).
 No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
-the rows that used it only; dropout draws one mask per row with that row's adapter's probability.
+the rows that used it only; with dropout each row sees its adapter's mask (its probability, its stream),
+regenerated inside the op from one seed per call in forward and backward: saved for backward are x (the
+caller's tensor), the small h and the plan, never a mask or a dropped copy of x.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 
 from ...kernels.backend import use_triton
-from ...kernels.lora_grouped import MAX_KERNEL_RANK, lora_grouped, make_plan, rank_bucket
+from ...kernels.lora_grouped import MAX_KERNEL_RANK, dropout_tables, lora_grouped, make_plan, rank_bucket
 
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
@@ -38,7 +40,8 @@ class AdapterStore:
         self.a: Optional[torch.Tensor] = None
         self.b: Optional[torch.Tensor] = None
         self.scale: Optional[torch.Tensor] = None
-        self.dropout: Optional[torch.Tensor] = None
+        self.drop_scale: Optional[torch.Tensor] = None
+        self.thresholds: Optional[torch.Tensor] = None
         self.max_dropout = 0.0
 
     def sync(self, names: list[str], weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
@@ -57,13 +60,16 @@ class AdapterStore:
             n, k, o = len(names), weights_a[0].shape[1], weights_b[0].shape[0]
             r = rank_bucket(max(a.shape[0] for a in weights_a))
             a_store = torch.zeros(n, r, k, dtype=dtype, device=device)
-            b_store = torch.zeros(n, o, r, dtype=dtype, device=device)
+            # B kept as [N, R, O] (seen as [N, O, R]): unit stride along O for the expand and, as B^T, for the
+            # backward's dH shrink (the layouts the compile report builds)
+            b_store = torch.zeros(n, r, o, dtype=dtype, device=device).transpose(1, 2)
             for i, (a, b) in enumerate(zip(weights_a, weights_b)):  # on a change only, not per call
                 a_store[i, :a.shape[0]].copy_(a)
                 b_store[i, :, :b.shape[1]].copy_(b)
             self.a, self.b = a_store, b_store
             self.scale = torch.tensor(scalings, dtype=torch.float32, device=device)
-            self.dropout = torch.tensor(dropout_ps, dtype=torch.float32, device=device)
+            # training with dropout: s / (1 - p) and the keep thresholds the op regenerates the masks with
+            self.drop_scale, self.thresholds = dropout_tables(scalings, dropout_ps, device)
         self.max_dropout = max(dropout_ps)
         self.names = tuple(names)
         self.slots = {name: i for i, name in enumerate(names)}
@@ -104,18 +110,14 @@ def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.devic
 def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, names: list,
                   weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> torch.Tensor:
     """``result`` (the base output for x) plus, for each row of x, the adapter its sample (or token) names."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    base2 = result.reshape(-1, result.shape[-1])
-    xa = x2 if x2.dtype == store.a.dtype else x2.to(store.a.dtype)
-    on_triton = use_triton(xa, base2, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
-    index, plan = shared_plan(store, names, x2.shape[0], x.device, on_triton)
-    if training and store.max_dropout > 0:
-        keep = (1.0 - store.dropout.to(xa.dtype))[index.clamp(min=0)]
-        keep = torch.where(index >= 0, keep, torch.ones_like(keep))[:, None]
-        xa = xa * (torch.rand_like(xa) < keep).to(xa.dtype) / keep
-    out = lora_grouped(xa, result, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
-    return out.view(result.shape)
+    rows = x.numel() // x.shape[-1]
+    on_triton = use_triton(x, result, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
+    index, plan = shared_plan(store, names, rows, x.device, on_triton)
+    if training and store.max_dropout > 0:  # masks drawn inside the op from one seed: no dropped copy of x
+        return lora_grouped(x, result, weights_a, weights_b, store.a, store.b, store.drop_scale, index, plan=plan,
+                            thresholds=store.thresholds).view(result.shape)
+    return lora_grouped(x, result, weights_a, weights_b, store.a, store.b, store.scale, index,
+                        plan=plan).view(result.shape)
 
 
 def check_adapter_names_shape(adapter_names: object) -> None:
