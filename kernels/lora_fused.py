@@ -193,9 +193,11 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, epoch, adapters_ptr, sc
 
 @triton.jit
 def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               ks_ptr=None, HAS_K_SCALE: tl.constexpr = False):
     """fp32 sum_k a[rows, k] * b[k, cols] over k < K, tensor cores: the base GEMM of the forward
-    (a = x, b = W^T) and of the dX kernel (a = dY, b = W)."""
+    (a = x, b = W^T) and of the dX kernel (a = dY, b = W). HAS_K_SCALE: a's columns are first
+    scaled by the fp32 ks[k] and rounded back to a's dtype (DoRA's dY * mns in the dX kernel)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
@@ -203,6 +205,9 @@ def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, strid
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_K_SCALE:
+            ks = tl.load(ks_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            a = (a.to(tl.float32) * ks[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -211,12 +216,17 @@ def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, strid
 
 
 @triton.jit
-def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R,
+def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, mns_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R,
                  stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
-                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once."""
+                 HAS_BIAS: tl.constexpr, HAS_MNS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks); with HAS_MNS DoRA's
+    acc += (mns - 1) * acc per column (PEFT's form: mns == 1 leaves acc exactly as it was); + bias;
+    y stored once."""
     acc = accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
                                stride_br, BLOCK_R, PRECISION)
+    if HAS_MNS:
+        mns = tl.load(mns_ptr + offs_n, mask=mask_n, other=1.0)
+        acc += (mns - 1.0)[None, :] * acc
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -231,10 +241,11 @@ def _lora_fused_forward_kernel(
     t_ptr,  # [M, R] scaled shrink output, adapter dtype (lora.py's shrink kernel)
     b_ptr,  # [N, R] stacked B_i, adapter dtype
     y_ptr,  # [M, N] output, activation dtype
+    mns_ptr,  # [N] fp32 DoRA scale m / ||W + s B A||; unused without HAS_MNS
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MNS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -243,8 +254,8 @@ def _lora_fused_forward_kernel(
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
                      BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
-                 stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
+    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, mns_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm,
+                 stride_tr, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, HAS_MNS, LORA_PRECISION, BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["seed", "epoch"])
@@ -257,6 +268,7 @@ def _lora_fused_forward_lookahead_kernel(
     tp_ptr,  # [n_items, M, R] fp32 shrink partials, one slice per K slice
     b_ptr,  # [N, R] stacked B_i, adapter dtype
     y_ptr,  # [M, N] output, activation dtype
+    mns_ptr,  # [N] fp32 DoRA scale m / ||W + s B A||; unused without HAS_MNS
     count_ptr,  # int64 epoch counters (tiles.epoch_counters): [1] tile ticket, [num_m] shrink slices done, [num_m] t ready
     epoch,  # this launch's epoch base (epoch << 32): counters hold base + arrivals, raised flags hold base
     adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
@@ -265,7 +277,8 @@ def _lora_fused_forward_lookahead_kernel(
     M, N, K, R, n_adapters, n_items, k_per_item,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_tm, stride_tr,
     stride_tpi, stride_tpm, stride_tpr, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_MNS: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_M: tl.constexpr,  # rows per step of the shrink slices
 ):
@@ -299,8 +312,9 @@ def _lora_fused_forward_lookahead_kernel(
         ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
         while ready != epoch:
             ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
-        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
-                     stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
+        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, mns_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm,
+                     stride_tr, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, HAS_MNS, LORA_PRECISION,
+                     BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["seed", "count_base"])
@@ -317,17 +331,19 @@ def _lora_fused_grad_x_kernel(
     da_ptr,  # [R, K] stacked dA_i, adapter dtype (HAS_DA)
     count_ptr,  # [cdiv(K, BLOCK_K)] int64 epoch counters: row blocks done per K block (HAS_DA)
     count_base,  # this launch's epoch base (tiles.epoch_counters; HAS_DA)
+    mns_ptr,  # [N] fp32 DoRA scale: dY's columns are scaled by it before the base GEMM (HAS_MNS)
     M, K, N, R, n_adapters,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
     stride_dxm, stride_dxk, stride_xm, stride_xk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
-    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, HAS_MNS: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
     acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
-                     BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
+                     BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, mns_ptr, HAS_MNS)
     acc = accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -353,15 +369,27 @@ def _lora_fused_dy_kernel(
     count_base,  # this launch's epoch base (tiles.epoch_counters)
     tiles_ptr,  # [n_tiles, 4] int64 rank tiles: rank start, rank end (columns 2, 3 unused)
     scale_ptr,  # [R] fp32 s' per rank
-    M, N, rows_per_split,
+    mns_ptr,  # [N] fp32 DoRA scale (HAS_MNS; the rest of this group too)
+    y_ptr,  # [M, N] the forward's output y = mns * y_pre + bias, activation dtype
+    bias_ptr,  # [N] base bias, activation dtype (HAS_BIAS)
+    x_ptr,  # [M, K] layer input, activation dtype: y_pre of columns with mns == 0 is recomputed
+    w_ptr,  # [N, K] frozen base weight, activation dtype (idem)
+    dmp_ptr,  # [n_splits, N] fp32 partial dL/dmns, one slice per split of M
+    dm_ptr,  # [N] fp32 output dL/dmns = sum_m dY * y_pre
+    M, N, K, R, rows_per_split,
     stride_dym, stride_dyn, stride_tm, stride_tr, stride_bn, stride_br, stride_gm, stride_gr, stride_dbn, stride_dbr,
     stride_gps, stride_gpm, stride_gpr, stride_dbs, stride_dbpn, stride_dbpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dms,
+    DOT_PRECISION: tl.constexpr, HAS_MNS: tl.constexpr, HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one pass over dY for both reductions: G = s' dY @ B sums over N (partials per N block), dB =
     # dY^T @ t sums over M (partials per split of M). Each partial's last writer to arrive sums
     # the slices in order (deterministic) and stores the result in the adapter dtype.
+    # DoRA (HAS_MNS): dY is scaled by mns per column first (the gradient of the inner output), and
+    # the programs of the first rank tile also reduce dL/dmns = sum_m dY * y_pre over their rows,
+    # y_pre = (y - bias) / mns read from the forward's output in the same pass (no saved y_pre);
+    # columns with mns == 0 (y = bias there) recompute y_pre = x @ W^T + t @ B^T after the pass.
     pid_r = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -380,12 +408,31 @@ def _lora_fused_dy_kernel(
     m_lo = pid_s * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
     db_acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    dm_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first_tile = pid_r == 0
+    n_first = tl.where(first_tile, N, 0)  # columns this program reduces dL/dmns for: all or none
+    if HAS_MNS:
+        mns = tl.load(mns_ptr + offs_n, mask=mask_n, other=1.0)
+        zero_col = mns == 0.0
+        mns_safe = tl.where(zero_col, 1.0, mns)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
         mask_mr = mask_m[:, None] & mask_r[None, :]
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(b_ptr.dtype.element_ty)
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        if HAS_MNS:
+            dy = dy.to(tl.float32)
+            # y is read by the first rank tile's programs only (the mask is false elsewhere)
+            y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                        mask=mask_m[:, None] & (offs_n < n_first)[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y -= bias[None, :]
+            dm_acc += tl.sum(dy * tl.where(zero_col[None, :], 0.0, y / mns_safe[None, :]), axis=0)
+            dy = dy * mns[None, :]
+        dy = dy.to(b_ptr.dtype.element_ty)
         g = tl.dot(dy, b, input_precision=DOT_PRECISION) * scale[None, :]
         gp_ptrs = gp_ptr + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr
         tl.store(gp_ptrs + pid_n * stride_gps, g, mask=mask_mr)
@@ -396,6 +443,19 @@ def _lora_fused_dy_kernel(
             g_sum = sum_slices(gp_ptrs, n_blocks, stride_gps, mask_mr, BLOCK_M, BLOCK_R)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                      g_sum.to(g_ptr.dtype.element_ty), mask=mask_mr)
+    if HAS_MNS:
+        if first_tile & (tl.sum(zero_col.to(tl.int32), axis=0) > 0):
+            for m0 in range(m_lo, m_hi, BLOCK_M):  # y_pre of this block's columns, recomputed (rare)
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < m_hi
+                y_pre = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
+                                   stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                y_pre = accumulate_lora_y(y_pre, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm,
+                                          stride_tr, stride_bn, stride_br, BLOCK_R, DOT_PRECISION)
+                dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                             mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                dm_acc += tl.sum(tl.where(zero_col[None, :], dy * y_pre, 0.0), axis=0)
+        tl.store(dmp_ptr + pid_s * stride_dms + offs_n, dm_acc, mask=offs_n < n_first)
     mask_rn = mask_r[:, None] & mask_n[None, :]
     dbp_ptrs = dbp_ptr + offs_r[:, None] * stride_dbpr + offs_n[None, :] * stride_dbpn
     tl.store(dbp_ptrs + pid_s * stride_dbs, db_acc, mask=mask_rn)
@@ -405,6 +465,12 @@ def _lora_fused_dy_kernel(
         db_sum = sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
+        if HAS_MNS:
+            if first_tile:  # dL/dmns: the splits' partials in order
+                dm_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for i in range(0, n_splits):
+                    dm_sum += tl.load(dmp_ptr + i * stride_dms + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
+                tl.store(dm_ptr + offs_n, dm_sum, mask=mask_n)
 
 
 # small operands addressed with 32-bit offsets (checked by runtime.launch on each call)
@@ -462,6 +528,7 @@ _DY_CONFIGS = {
 
 def _dy_config(act: torch.dtype, ad: torch.dtype) -> dict:
     return dict(_DY_CONFIGS[ad == torch.float32, act == ad == torch.float32])
+_DY_RECOMPUTE_K = 32  # K step of the dY pass's recompute of y_pre for DoRA columns with mns == 0
 _DY_TARGET_PROGRAMS = 264  # ~2 programs per SM of a 132-SM GPU: few splits, small dB partials
 
 
@@ -529,23 +596,32 @@ def dy_plan(t: int, d_out: int, ranks, act: torch.dtype, ad: torch.dtype) -> tup
     return _dy_launch_plan(t, d_out, sum(ranks), act, ad)[1:3]
 
 
-def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
+def _no_mns(device) -> torch.Tensor:
+    """An fp32 stand-in for the mns operand of a launch without DoRA (never read)."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def launch_fused_forward(x2, weight, bias, a, b, plan, seed, mns=None):
     """(y = x2 @ weight^T + bias + t @ b^T [M, N] in x2's dtype, t = s' * drop(x2) @ a^T [M, R] in
     a's dtype). 16-bit activations: one kernel (the look-ahead shrink); fp32 activations: lora.py's
-    shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands)."""
+    shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands).
+    With ``mns`` ([N] fp32, DoRA): y = acc + (mns - 1) * acc + bias, acc = x2 @ weight^T + t @ b^T,
+    in the same epilogue."""
     M, K = x2.shape
     N, R = b.shape
     assert weight.shape == (N, K) and a.shape == (R, K)
+    assert mns is None or (mns.shape == (N,) and mns.dtype == torch.float32 and mns.stride(0) == 1)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     cfg = _config("forward", x2.dtype, a.dtype)
     sub_m = cfg.pop("SUB_M", None)  # the look-ahead's row step (16-bit activations only)
     num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
-    common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(x2.dtype),
+    common = dict(HAS_BIAS=bias is not None, HAS_MNS=mns is not None, BASE_PRECISION=dot_precision(x2.dtype),
                   LORA_PRECISION=dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)
+    mns = _no_mns(x2.device) if mns is None else mns
     if x2.dtype == torch.float32:
         t = L.launch_shrink(x2, a, plan, seed, plan.dropout)
         launch(_lora_fused_forward_kernel, (num_m * num_n,),
-            x2, weight, weight if bias is None else bias, t, b, y, M, N, K, R,
+            x2, weight, weight if bias is None else bias, t, b, y, mns, M, N, K, R,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
             b.stride(0), b.stride(1), y.stride(0), y.stride(1), **common)
         return y, t
@@ -555,7 +631,8 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     count, epoch = epoch_counters(x2.device, 1 + 2 * num_m)
     grid = (min(cfg["GROUP_M"], num_m) * n_items + num_m * num_n,)
     launch(_lora_fused_forward_lookahead_kernel, grid,
-        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, epoch, adapter_table(plan, x2.device),
+        x2, weight, weight if bias is None else bias, a, t, tp, b, y, mns, count, epoch,
+        adapter_table(plan, x2.device),
         rank_scale(plan, x2.device), seed, M, N, K, R, len(plan.ranks), n_items, k_per_item,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), t.stride(0),
         t.stride(1), tp.stride(0), tp.stride(1), tp.stride(2), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
@@ -563,9 +640,10 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     return y, t
 
 
-def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None):
+def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, mns=None):
     """(dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) [M, K] in dy2's dtype, and with x2 also
-    dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None)."""
+    dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None).
+    With ``mns`` ([N] fp32, DoRA) the base term is (dy2 * mns, rounded to dy2's dtype) @ weight."""
     M, N = dy2.shape
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
@@ -574,17 +652,22 @@ def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None):
     da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lora_fused_grad_x_kernel, grid,
-        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs, M, K, N, R, len(plan.ranks),
+        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs,
+        _no_mns(dy2.device) if mns is None else mns, M, K, N, R, len(plan.ranks),
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides,
-        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, BASE_PRECISION=dot_precision(dy2.dtype),
+        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, HAS_MNS=mns is not None,
+        BASE_PRECISION=dot_precision(dy2.dtype),
         LORA_PRECISION=dot_precision(dy2.dtype, a.dtype),
         BLOCK_R=_BLOCK_R, **cfg)
     return dx, da
 
 
-def launch_dy_pass(dy2, t, b, plan):
-    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
+def launch_dy_pass(dy2, t, b, plan, dora=None):
+    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2, and
+    None. With ``dora = (mns, y2, bias, x2, weight)`` (DoRA: mns [N] fp32, y2 the forward's output):
+    dy2 * mns in place of dy2 for G and dB, and dL/dmns = sum_m dy2 * (y2 - bias) / mns [N] fp32 as
+    the third result (columns with mns == 0: y_pre recomputed from x2, weight, t and b)."""
     M, N = dy2.shape
     R = b.shape[1]
     block_r, n_blocks, splits, rows = _dy_launch_plan(M, N, R, dy2.dtype, b.dtype)
@@ -596,12 +679,27 @@ def launch_dy_pass(dy2, t, b, plan):
     g = torch.empty(M, R, dtype=b.dtype, device=dy2.device)
     db = torch.empty(N, R, dtype=b.dtype, device=dy2.device)
     count, base = epoch_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
+    if dora is None:
+        mns = y2 = bias = x2 = weight = dmp = dm = None
+        operands = (_no_mns(dy2.device),) * 7
+        K, extra_strides = 0, (0,) * 7
+    else:
+        mns, y2, bias, x2, weight = dora
+        assert mns.shape == (N,) and mns.dtype == torch.float32 and mns.stride(0) == 1 and y2.shape == (M, N)
+        K = x2.shape[1]
+        dmp = torch.empty(splits, N, dtype=torch.float32, device=dy2.device)
+        dm = torch.empty(N, dtype=torch.float32, device=dy2.device)
+        operands = (mns, y2, y2 if bias is None else bias, x2, weight, dmp, dm)
+        extra_strides = (y2.stride(0), y2.stride(1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
+                         dmp.stride(0))
     launch(_lora_fused_dy_kernel, (n_tiles, n_blocks, splits),
-        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device), M, N, rows,
+        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device), *operands, M, N, K, R, rows,
         dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
         db.stride(0), db.stride(1), gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1),
-        dbp.stride(2), DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
-    return g, db
+        dbp.stride(2), *extra_strides, DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), HAS_MNS=dora is not None,
+        HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(dy2.dtype), BLOCK_R=block_r,
+        BLOCK_K=_DY_RECOMPUTE_K, **cfg)
+    return g, db, dm
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
@@ -615,7 +713,7 @@ def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x
     a, b = cat_a(weights_a), cat_b(weights_b)
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
-        g, db = launch_dy_pass(dy2, t, b, plan)
+        g, db, _ = launch_dy_pass(dy2, t, b, plan)
     elif need_b:
         no_drop = make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
         db = L.launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
@@ -784,6 +882,161 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 # ----------------------------------------------------------------------------------------------
+# DoRA: the magnitude / norm scale in the same kernels (peftfast::dora_linear_fused)
+# ----------------------------------------------------------------------------------------------
+# One DoRA adapter (or several LoRA adapters summed, then scaled), no dropout, frozen base:
+#
+#     y_pre = x @ W^T + t @ B^T,  t = s' x @ A^T                    (what lora_linear_fused computes)
+#     y     = y_pre + (mns - 1) * y_pre + b                          mns [N] fp32, the norm detached
+#
+# Forward: the fused GEMM's epilogue applies (mns - 1) per column before the bias (PEFT's form: a fresh
+# adapter, mns == 1, gives the LoRA kernel's output bit for bit); no extra pass over y.
+# Backward (mns a leaf: the caller's autograd takes dL/dm = dL/dmns / norm):
+#
+#     dY' = dY * mns (per column)         G = s' dY' @ B, dB = dY'^T @ t, dX = dY' @ W + G @ A,
+#     dA = G^T @ x,  db = sum_m dY,       dL/dmns = sum_m dY * y_pre,  y_pre = (y - b) / mns
+#
+# dY' is formed in registers by the dY pass (G, dB) and by the dX kernel's loads of dY (rounded to
+# dY's dtype there, as autograd rounds PEFT's mns * dY); dL/dmns is reduced by the dY pass's first
+# rank tile from dY and the forward's output y, read in the same pass: nothing [M, N] is saved but y
+# itself (which the next layer usually holds anyway). Columns with mns == 0 (y == b there, y_pre
+# lost) recompute y_pre = x @ W^T + t @ B^T in that pass (a GEMM over those column blocks only).
+# Accuracy: y_pre recovered from y carries y's rounding divided by mns (|y| ulp / |mns|); for a
+# 16-bit model whose bias dwarfs mns * y_pre this is coarser than PEFT's saved y_pre.
+# Saved for backward: x, t [M, R], y, mns, b and references to W and the adapters.
+# Launches: forward as lora_linear_fused; backward 2 (dY pass with dL/dmns; dX + dA), plus torch's
+# sum of dY for a trainable bias. Gradient sets without B's gradient or without both x's and A's
+# take the reference path below (dY * mns in torch, then the LoRA backward; y_pre recomputed).
+
+
+def _dora_reference_forward(x2, weight, bias, weights_a, weights_b, plan, mns):
+    y_pre, t = forward_reference(x2, weight, None, weights_a, weights_b, plan, 0)
+    yf = y_pre.to(torch.promote_types(y_pre.dtype, torch.float32))
+    out = yf + (mns.to(yf.dtype) - 1) * yf
+    if bias is not None:
+        out = out + bias.to(yf.dtype)
+    return out.to(x2.dtype), t
+
+
+def _dora_op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], scalings: list[float],
+                     mns: torch.Tensor, *, hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., N], t [..., R]); mns [N] fp32. hint (eager): (plan, on_triton)."""
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * len(weights_a))
+        on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    else:
+        plan, on_triton = hint
+    x2 = as_2d(x)
+    if on_triton and x2.shape[0] > 0:
+        y2, t = launch_fused_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, 0, mns=mns)
+    else:
+        y2, t = _dora_reference_forward(x2, weight, bias, weights_a, weights_b, plan, mns)
+    return y2.view(*x.shape[:-1], weight.shape[0]), (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
+
+
+def _dora_op_save(args, outputs) -> list:
+    x, weight, bias, weights_a, weights_b, _scalings, mns = args
+    return [x, outputs[1], outputs[0], weight, bias, mns, *weights_a, *weights_b]
+
+
+def _dora_dm_reference(dy2, x2, t2, weight, b):
+    """dL/dmns = sum_m dY * y_pre with y_pre = x @ W^T + t @ B^T recomputed (fp32, or fp64 for fp64)."""
+    cd = torch.promote_types(dy2.dtype, torch.float32)
+    y_pre = F.linear(x2, weight).to(cd) + t2.to(cd) @ b.to(cd).t()
+    return (dy2.to(cd) * y_pre).sum(0)
+
+
+def _dora_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, weight (frozen), bias, A_1..A_n, B_1..B_n, mns)."""
+    x, t, y, weight, bias, mns, *weights = saved
+    n = len(weights) // 2
+    a_list, b_list = weights[:n], weights[n:]
+    dy = grads[0]
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in a_list], statics[0], [0.0] * n)
+        on_triton = use_triton(dy, x, weight, *weights)
+    else:
+        plan, on_triton = hint
+    need_x, need_bias, need_m = needs[0], needs[2], needs[-1]
+    need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    dy2, x2, t2, y2 = as_2d(dy), as_2d(x), as_2d(t), as_2d(y)
+    dx = da = db = dm = None
+    if on_triton and dy2.shape[0] > 0 and any(need_b) and (need_x or any(need_a)):
+        a, b = cat_a(a_list), cat_b(b_list)
+        g, db, dm = launch_dy_pass(dy2, t2, b, plan, dora=(mns, y2, bias, x2, weight))
+        if need_x:
+            dx, da = launch_fused_grad_x(dy2, weight, g, a, plan, 0, x2 if any(need_a) else None, mns=mns)
+        if any(need_a) and da is None:
+            da = L.launch_grad_w(g, x2, plan, 0, False, transpose_out=False).to(a.dtype)
+    else:
+        dyi = (dy2 * mns).to(dy2.dtype)
+        if need_x or any(need_a) or any(need_b):
+            impl = _backward_triton if on_triton and dy2.shape[0] > 0 else backward_reference
+            dx, da, db = impl(dyi, x2, t2, weight, a_list, b_list, plan, 0, need_x, any(need_a), any(need_b))
+        if need_m:
+            dm = _dora_dm_reference(dy2, x2, t2, weight, cat_b(b_list))
+    dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if need_bias else None
+    dx = dx.view(x.shape) if dx is not None else None
+    return [dx, None, dbias, *adapter_grads(plan, da, db, need_a, need_b),
+            dm.to(mns.dtype) if need_m and dm is not None else None]
+
+
+def _dora_op_fake(x, weight, bias, weights_a, weights_b, scalings, mns):
+    rank = sum(a.shape[0] for a in weights_a)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype))
+
+
+def _dora_op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _t, _y, _weight, _bias, mns, *weights = saved
+    dy = grads[0]
+    return [x.new_empty(x.shape) if needs[0] else None, None, dy.new_empty(dy.shape[-1]) if needs[2] else None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[3:-1])),
+            mns.new_empty(mns.shape) if needs[-1] else None]
+
+
+DORA_LINEAR_FUSED = OpDecl("peftfast::dora_linear_fused", _dora_op_forward, _dora_op_backward, save=_dora_op_save,
+                           fake=_dora_op_fake, backward_fake=_dora_op_backward_fake, aux_outputs=(1,))
+
+
+def dora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
+                      scalings: Sequence[float], mns: torch.Tensor) -> torch.Tensor:
+    """DoRA without dropout: ``y_pre + (mns - 1) * y_pre + bias`` in x's dtype, where ``y_pre = x @ W^T +
+    sum_i s_i x @ A_i^T @ B_i^T`` (x cast to the adapters' dtype for their term).
+
+    x: [..., d_in]; weight: [d_out, d_in], frozen, x's dtype; bias: [d_out] in x's dtype or None;
+    weights_a / weights_b / scalings as ``lora_linear_fused``; mns: [d_out] (``m / ||W + s B A||_row``, the
+    norm detached by the caller), any float dtype; its gradient ``sum_tokens dY * y_pre`` flows back through
+    it. On the Triton backend one fused GEMM (mns applied in its epilogue) and the fused backward above;
+    elsewhere ``lora_linear_fused`` then ``y + (mns - 1) * (y - bias)`` in torch (``y * mns`` without bias),
+    PEFT's rounding. Either way mns == 1 returns what ``lora_linear_fused`` returns, bit for bit.
+    """
+    _check(x, weight, bias)
+    d_out = weight.shape[0]
+    if mns.numel() != d_out or not mns.is_floating_point():
+        raise ValueError(f"mns must be a float tensor of d_out={d_out} values, got {tuple(mns.shape)} {mns.dtype}")
+    n = len(weights_a)
+    compiling = torch.compiler.is_compiling()
+    if n == 0 or (not compiling and not use_triton(x, weight)) or len({a.dtype for a in weights_a}) > 1:
+        y = lora_linear_fused(x, weight, bias, weights_a, weights_b, scalings, [0.0] * n, False)
+        m = mns.reshape(d_out)
+        out = y * m if bias is None else y + (m - 1) * (y - bias.to(y.dtype))
+        return out.to(y.dtype)
+    base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], d_out)
+    check_adapters(x, base_shape, weights_a, weights_b, scalings, [0.0] * n)
+    m32 = mns.reshape(d_out).to(torch.float32).contiguous()
+    if compiling:
+        return DORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings],
+                                 m32)[0]
+    plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * n)
+    on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    return DORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings], m32,
+                             hint=(plan, on_triton))[0]
+
+
+# ----------------------------------------------------------------------------------------------
 # Measured dispatch (kernels/autotune.py): the fused GEMM, or torch's base matmul + lora.py's kernels
 # ----------------------------------------------------------------------------------------------
 FUSED, UNFUSED = "fused", "unfused"  # the default: fused (what runs with PEFTFAST_AUTOTUNE=0, on CPU, compiled)
@@ -878,32 +1131,37 @@ def base_linear(x, weight, bias):
 def aot_specs() -> list[AotSpec]:
     kernels = (
         ("forward", _lora_fused_forward_kernel,
-         lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x},
+         lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x, "mns_ptr": "fp32"},
          ("stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("forward_lookahead", _lora_fused_forward_lookahead_kernel,
          lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "a_ptr": w, "t_ptr": w, "tp_ptr": "fp32", "b_ptr": w,
-                       "y_ptr": x, "count_ptr": "i64", "scale_ptr": "fp32"},
+                       "y_ptr": x, "mns_ptr": "fp32", "count_ptr": "i64", "scale_ptr": "fp32"},
          ("stride_xk", "stride_wk", "stride_ak", "stride_tr", "stride_tpr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
          lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
-                       "da_ptr": w, "count_ptr": "i64"},
+                       "da_ptr": w, "count_ptr": "i64", "mns_ptr": "fp32"},
          ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
     )
     specs = []
-    for act, ad in L.DTYPE_PAIRS:  # the dY pass: G and dB partials
+    for act, ad in L.DTYPE_PAIRS:  # the dY pass: G and dB partials (DoRA: dY * mns and dL/dmns)
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for block_r in _dy_block_rs(ad):
-            cfg = _dy_config(act, ad)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            consts = dict(DOT_PRECISION=dot_precision(act, ad), BLOCK_R=block_r, **cfg,
-                          **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
-            types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa, "db_ptr": "*" + wa,
-                     "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i64", "count_base": "i64",
-                     "tiles_ptr": "*i64", "scale_ptr": "*fp32"}
-            sig = aot_signature(_lora_fused_dy_kernel, types, consts)
-            name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
-                    f"BLOCK_N={cfg['BLOCK_N']},warps={warps}]")
-            specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
+            for mns, bias in ((False, False), (True, False), (True, True)):
+                cfg = _dy_config(act, ad)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                consts = dict(DOT_PRECISION=dot_precision(act, ad), HAS_MNS=mns, HAS_BIAS=bias,
+                              BASE_PRECISION=dot_precision(act), BLOCK_R=block_r, BLOCK_K=_DY_RECOMPUTE_K, **cfg,
+                              **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr",
+                                                "stride_yn", "stride_xk", "stride_wk")})
+                types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa,
+                         "db_ptr": "*" + wa, "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i64",
+                         "count_base": "i64", "tiles_ptr": "*i64", "scale_ptr": "*fp32", "mns_ptr": "*fp32",
+                         "y_ptr": "*" + xa, "bias_ptr": "*" + xa, "x_ptr": "*" + xa, "w_ptr": "*" + xa,
+                         "dmp_ptr": "*fp32", "dm_ptr": "*fp32"}
+                sig = aot_signature(_lora_fused_dy_kernel, types, consts)
+                name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
+                        f"BLOCK_N={cfg['BLOCK_N']},warps={warps},HAS_MNS={int(mns)},HAS_BIAS={int(bias)}]")
+                specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
     for act, ad in L.DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for kname, fn, ptrs, unit, flag in kernels:
@@ -912,6 +1170,9 @@ def aot_specs() -> list[AotSpec]:
             second = {"forward": None, "forward_lookahead": "HAS_DROPOUT", "grad_x": "HAS_DA"}[kname]
             flags_list = [{flag: on} for on in (False, True)] if second is None else \
                 [{flag: on, second: on2} for on in (False, True) for on2 in (False, True)]
+            # DoRA's scale (HAS_MNS): launched without dropout only
+            flags_list = [{**f, "HAS_MNS": mns} for f in flags_list for mns in (False, True)
+                          if not (mns and f.get("HAS_DROPOUT"))]
             for flags in flags_list:
                 cfg = _config("forward" if kname == "forward_lookahead" else kname, act, ad)
                 if kname != "forward_lookahead":
