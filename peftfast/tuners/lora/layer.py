@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.lora import lora_linear
-from ...kernels.lora_fused import lora_linear_fused
+from ...kernels.lora_fused import dora_linear_fused, lora_linear_fused
 from ...utils.errors import PeftWarning
 from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
@@ -905,16 +905,23 @@ class Linear(nn.Module, LoraLayer):
     def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """The active adapters ``names`` (some with DoRA) in PEFT's order and math (see ``dora.py``).
 
-        One DoRA adapter over a fusable base, without dropout drawn: the fused op computes
-        ``y = x W^T + b + s B A x`` in one GEMM and one elementwise op applies ``mns``. Otherwise the base
-        output is computed once and each adapter updates it in turn. Both add ``(mns - 1)`` times the unbiased
-        output to the output (PEFT's form), so a fresh adapter (B = 0, m = ||W||: mns == 1) leaves the base
-        output bit for bit as it was."""
+        One DoRA adapter over a fusable nn.Linear, without dropout drawn: ``dora_linear_fused`` (on the Triton
+        backend one GEMM computes ``x W^T + s B A x``, applies ``mns`` in its epilogue and adds the bias; the
+        backward folds ``mns`` into the fused LoRA backward; elsewhere the fused LoRA op then PEFT's
+        elementwise scale). A fusable quantised base: its fused LoRA op, then that elementwise scale. Otherwise the base output is computed once and each adapter updates it in turn.
+        Both add ``(mns - 1)`` times the unbiased output to the output (PEFT's form), so a fresh adapter
+        (B = 0, m = ||W||: mns == 1) leaves the base output bit for bit as it was."""
         drops = self.training and any(dropout_p(self.lora_dropout[n]) > 0 for n in names if self.use_dora[n])
         if len(names) == 1 and not drops and not args and not kwargs and self._fuses_with_base(x):
             (name,) = names
-            y = self._fused_forward(x, names)
+            base = self.base_layer
             mns = self.dora_scale(name)
+            if type(base) is nn.Linear:
+                x, weight, bias = autocast_base(x, base.weight, base.bias)
+                bundle = self.adapter_bundle(names)
+                return dora_linear_fused(x, weight, bias, bundle.weights_a, bundle.weights_b, bundle.scalings,
+                                         mns.reshape(-1))
+            y = self._fused_forward(x, names)  # a quantised base: its fused LoRA op, then the scale
             bias = self.base_bias()
             out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
             return out.to(y.dtype)
