@@ -1036,6 +1036,74 @@ def dora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                              hint=(plan, on_triton))[0]
 
 
+@triton.jit
+def _dora_norm_kernel(
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    a_ptr,  # [R, K] stacked A_i, adapter dtype
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    scale_ptr,  # [R] fp32 s per rank
+    norm_ptr,  # [N] fp32 output ||W_o + (B diag(s) A)_o||
+    N, K, R,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # DoRA's row norm in one pass over W: each program owns BLOCK_N rows, forms the delta tile
+    # (B s) @ A next to the W tile in fp32 (a short reduction over the ranks) and sums the squares of
+    # their sum; W + s B A is never stored. Memory-bound: W read once, A re-read per row block (L2).
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        v = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = r0 + offs_r < R
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            b = b * tl.load(scale_ptr + r0 + offs_r, mask=mask_r, other=0.0)[None, :]
+            a = tl.load(a_ptr + (r0 + offs_r)[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            v = tl.dot(b, a, v, input_precision=PRECISION)
+        sq += tl.sum(v * v, axis=1)
+    tl.store(norm_ptr + offs_n, tl.sqrt(sq), mask=mask_n)
+
+
+_NORM_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2}
+
+
+def launch_dora_norm(weight, a, b, plan):
+    """||weight_o + (b diag(s') a)_o|| for every row o: [N] fp32, one kernel (W read once, nothing [N, K]
+    written). The delta is formed in fp32 (3xTF32 dots: ~fp32 accuracy), whatever the dtypes."""
+    N, K = weight.shape
+    R = a.shape[0]
+    assert a.shape == (R, K) and b.shape == (N, R)
+    norm = torch.empty(N, dtype=torch.float32, device=weight.device)
+    cfg = dict(_NORM_CONFIG)
+    launch(_dora_norm_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
+        weight, a, b, rank_scale(plan, weight.device), norm, N, K, R,
+        weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        PRECISION=dot_precision(torch.float32), **cfg)
+    return norm
+
+
+@torch.no_grad()
+def dora_row_norm_fused(weight: torch.Tensor, weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
+                        scalings: Sequence[float]) -> torch.Tensor | None:
+    """DoRA's ``||W + sum_i s_i B_i A_i||`` per output row [d_out] in fp32 (no gradient) from one Triton kernel
+    on the Triton backend (W read once, the merged weight never formed; exact, no expansion); None where that
+    backend does not run (the caller computes it in torch). weight: [d_out, d_in]; A_i [r_i, d_in]; B_i [d_out, r_i]."""
+    if not weights_a or torch.compiler.is_compiling() or not use_triton(weight, *weights_a, *weights_b) \
+            or len({a.dtype for a in weights_a}) > 1 or weight.shape[0] == 0:
+        return None
+    plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * len(weights_a))
+    return launch_dora_norm(weight, cat_a([a.detach() for a in weights_a]), cat_b([b.detach() for b in weights_b]),
+                            plan)
+
+
 # ----------------------------------------------------------------------------------------------
 # Measured dispatch (kernels/autotune.py): the fused GEMM, or torch's base matmul + lora.py's kernels
 # ----------------------------------------------------------------------------------------------
@@ -1162,6 +1230,15 @@ def aot_specs() -> list[AotSpec]:
                 name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
                         f"BLOCK_N={cfg['BLOCK_N']},warps={warps},HAS_MNS={int(mns)},HAS_BIAS={int(bias)}]")
                 specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
+    for act, ad in L.DTYPE_PAIRS:  # DoRA's row norm
+        xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+        cfg = dict(_NORM_CONFIG)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(PRECISION=dot_precision(torch.float32), **cfg, stride_wk=1, stride_ak=1, stride_br=1)
+        types = {"w_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa, "scale_ptr": "*fp32", "norm_ptr": "*fp32"}
+        sig = aot_signature(_dora_norm_kernel, types, consts)
+        name = f"lora_fused_dora_norm[x={xa},w={wa},{','.join(f'{k}={v}' for k, v in cfg.items())},warps={warps}]"
+        specs.append(AotSpec(name, _dora_norm_kernel, sig, consts, warps, stages, True))
     for act, ad in L.DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for kname, fn, ptrs, unit, flag in kernels:

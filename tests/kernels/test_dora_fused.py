@@ -156,3 +156,19 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.peftfast.dora_linear_fused.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("n,k,r,dtypes", [(97, 203, 7, (F32, F32)), (130, 77, 20, (F16, F32)), (33, 300, 1, (F16, F16))])
+def test_row_norm_kernel_matches_float64(triton_kernels, n, k, r, dtypes):
+    """||W + s B A||_row from one kernel against the materialised float64 sum, to ~fp32 accuracy."""
+    _, w, _, a, b, s, _, _ = make(3, k, n, r, *dtypes)
+    got = LF.dora_row_norm_fused(w, [a], [b], [s])
+    ref = (w.double() + s * b.double() @ a.double()).norm(dim=1)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert max_err(got, ref) <= 8 * torch.finfo(torch.float32).eps * ref.max().item()
+    assert LF.dora_row_norm_fused(w, [], [], []) is None
+
+
+def test_row_norm_is_left_to_torch_off_triton(torch_backend):
+    _, w, _, a, b, s, _, _ = make(3, 20, 13, 3, F32, F32)
+    assert LF.dora_row_norm_fused(w, [a], [b], [s]) is None

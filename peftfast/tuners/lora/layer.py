@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.lora import lora_linear
-from ...kernels.lora_fused import dora_linear_fused, lora_linear_fused
+from ...kernels.lora_fused import dora_linear_fused, dora_row_norm_fused, lora_linear_fused
 from ...utils.errors import PeftWarning
 from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
@@ -915,12 +915,16 @@ class Linear(nn.Module, LoraLayer):
         if len(names) == 1 and not drops and not args and not kwargs and self._fuses_with_base(x):
             (name,) = names
             base = self.base_layer
-            mns = self.dora_scale(name)
             if type(base) is nn.Linear:
                 x, weight, bias = autocast_base(x, base.weight, base.bias)
                 bundle = self.adapter_bundle(names)
+                # the norm from one kernel on the Triton backend (None elsewhere: dora.py's expansion)
+                norm = dora_row_norm_fused(weight, bundle.weights_a, bundle.weights_b, bundle.scalings)
+                m = self.lora_magnitude_vector[name].weight
+                mns = self.dora_scale(name) if norm is None else m / norm.to(m.dtype).view(m.shape)
                 return dora_linear_fused(x, weight, bias, bundle.weights_a, bundle.weights_b, bundle.scalings,
                                          mns.reshape(-1))
+            mns = self.dora_scale(name)
             y = self._fused_forward(x, names)  # a quantised base: its fused LoRA op, then the scale
             bias = self.base_bias()
             out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
