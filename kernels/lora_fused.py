@@ -193,11 +193,9 @@ def _shrink_item(x_ptr, a_ptr, t_ptr, tp_ptr, count_ptr, epoch, adapters_ptr, sc
 
 @triton.jit
 def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, stride_ak, stride_bk, stride_bn,
-               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               ks_ptr=None, HAS_K_SCALE: tl.constexpr = False):
+               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 sum_k a[rows, k] * b[k, cols] over k < K, tensor cores: the base GEMM of the forward
-    (a = x, b = W^T) and of the dX kernel (a = dY, b = W). HAS_K_SCALE: a's columns are first
-    scaled by the fp32 ks[k] and rounded back to a's dtype (DoRA's dY * mns in the dX kernel)."""
+    (a = x, b = W^T) and of the dX kernel (a = dY, b = W)."""
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
@@ -205,9 +203,6 @@ def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, strid
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k + k0 < K
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_K_SCALE:
-            ks = tl.load(ks_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-            a = (a.to(tl.float32) * ks[None, :]).to(a_ptr.dtype.element_ty)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
@@ -317,6 +312,39 @@ def _lora_fused_forward_lookahead_kernel(
                      BLOCK_R)
 
 
+@triton.jit
+def _dora_dx_base_tile(dy_ptr, w_ptr, mns_ptr, y_ptr, bias_ptr, dmp_ptr, pid_m, pid_k, num_k, offs_m, offs_k,
+                       mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk, stride_ym, stride_yn,
+                       stride_dmm, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DoRA's base dX tile: sum_n (dY * mns)[rows, n] W[n, cols] (dY * mns rounded to dY's dtype, as autograd
+    rounds it), and this program's share of dL/dmns: the column blocks j with j % num_k == pid_k (each
+    (row block, column block) once over the launch, spread evenly over the column programs) get the fp32
+    partial sum_rows dY * y_pre, y_pre = (y - bias) / mns read from the forward's output, stored to
+    dmp[pid_m, columns]. Columns with mns == 0 get 0 here (kernel _dora_zero_columns_kernel fills them)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        mns = tl.load(mns_ptr + cols, mask=mask_n, other=0.0)
+        if (n0 // BLOCK_N) % num_k == pid_k:
+            y = tl.load(y_ptr + offs_m[:, None] * stride_ym + cols[None, :] * stride_yn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y -= tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            zero = mns == 0.0
+            y_pre = tl.where(zero[None, :], 0.0, y / tl.where(zero, 1.0, mns)[None, :])
+            tl.store(dmp_ptr + pid_m * stride_dmm + cols, tl.sum(dy.to(tl.float32) * y_pre, axis=0), mask=mask_n)
+        a = (dy.to(tl.float32) * mns[None, :]).to(dy_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["seed", "count_base"])
 def _lora_fused_grad_x_kernel(
     dy_ptr,  # [M, N] gradient of y, activation dtype
@@ -332,18 +360,28 @@ def _lora_fused_grad_x_kernel(
     count_ptr,  # [cdiv(K, BLOCK_K)] int64 epoch counters: row blocks done per K block (HAS_DA)
     count_base,  # this launch's epoch base (tiles.epoch_counters; HAS_DA)
     mns_ptr,  # [N] fp32 DoRA scale: dY's columns are scaled by it before the base GEMM (HAS_MNS)
+    y_ptr,  # [M, N] the forward's output y = mns * y_pre + bias, activation dtype (HAS_MNS)
+    bias_ptr,  # [N] base bias, activation dtype (HAS_MNS and HAS_BIAS)
+    dmp_ptr,  # [cdiv(M, BLOCK_M), N] fp32 output: partial dL/dmns per row block (HAS_MNS)
     M, K, N, R, n_adapters,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
     stride_dxm, stride_dxk, stride_xm, stride_xk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
-    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, HAS_MNS: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    stride_ym, stride_yn, stride_dmm,
+    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, HAS_MNS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
     LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
-    acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
-                     BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N, mns_ptr, HAS_MNS)
+    if HAS_MNS:
+        acc = _dora_dx_base_tile(dy_ptr, w_ptr, mns_ptr, y_ptr, bias_ptr, dmp_ptr, pid_m, pid_k, tl.cdiv(K, BLOCK_K),
+                                 offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
+                                 stride_ym, stride_yn, stride_dmm, HAS_BIAS, BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
+    else:
+        acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn,
+                         stride_wk, BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
     acc = accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -369,27 +407,17 @@ def _lora_fused_dy_kernel(
     count_base,  # this launch's epoch base (tiles.epoch_counters)
     tiles_ptr,  # [n_tiles, 4] int64 rank tiles: rank start, rank end (columns 2, 3 unused)
     scale_ptr,  # [R] fp32 s' per rank
-    mns_ptr,  # [N] fp32 DoRA scale (HAS_MNS; the rest of this group too)
-    y_ptr,  # [M, N] the forward's output y = mns * y_pre + bias, activation dtype
-    bias_ptr,  # [N] base bias, activation dtype (HAS_BIAS)
-    x_ptr,  # [M, K] layer input, activation dtype: y_pre of columns with mns == 0 is recomputed
-    w_ptr,  # [N, K] frozen base weight, activation dtype (idem)
-    dmp_ptr,  # [n_splits, N] fp32 partial dL/dmns, one slice per split of M
-    dm_ptr,  # [N] fp32 output dL/dmns = sum_m dY * y_pre
-    M, N, K, R, rows_per_split,
+    mns_ptr,  # [N] fp32 DoRA scale: dY's columns are scaled by it (HAS_MNS)
+    M, N, rows_per_split,
     stride_dym, stride_dyn, stride_tm, stride_tr, stride_bn, stride_br, stride_gm, stride_gr, stride_dbn, stride_dbr,
     stride_gps, stride_gpm, stride_gpr, stride_dbs, stride_dbpn, stride_dbpr,
-    stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk, stride_dms,
-    DOT_PRECISION: tl.constexpr, HAS_MNS: tl.constexpr, HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_MNS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # one pass over dY for both reductions: G = s' dY @ B sums over N (partials per N block), dB =
     # dY^T @ t sums over M (partials per split of M). Each partial's last writer to arrive sums
     # the slices in order (deterministic) and stores the result in the adapter dtype.
-    # DoRA (HAS_MNS): dY is scaled by mns per column first (the gradient of the inner output), and
-    # the programs of the first rank tile also reduce dL/dmns = sum_m dY * y_pre over their rows,
-    # y_pre = (y - bias) / mns read from the forward's output in the same pass (no saved y_pre);
-    # columns with mns == 0 (y = bias there) recompute y_pre = x @ W^T + t @ B^T after the pass.
+    # DoRA (HAS_MNS): dY is scaled by mns per column as it is loaded (the inner output's gradient).
     pid_r = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -408,15 +436,8 @@ def _lora_fused_dy_kernel(
     m_lo = pid_s * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
     db_acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    dm_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first_tile = pid_r == 0
-    n_first = tl.where(first_tile, N, 0)  # columns this program reduces dL/dmns for: all or none
     if HAS_MNS:
-        mns = tl.load(mns_ptr + offs_n, mask=mask_n, other=1.0)
-        zero_col = mns == 0.0
-        mns_safe = tl.where(zero_col, 1.0, mns)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        mns = tl.load(mns_ptr + offs_n, mask=mask_n, other=0.0)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
@@ -424,14 +445,7 @@ def _lora_fused_dy_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         if HAS_MNS:
-            dy = dy.to(tl.float32)
-            # y is read by the first rank tile's programs only (the mask is false elsewhere)
-            y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-                        mask=mask_m[:, None] & (offs_n < n_first)[None, :], other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y -= bias[None, :]
-            dm_acc += tl.sum(dy * tl.where(zero_col[None, :], 0.0, y / mns_safe[None, :]), axis=0)
-            dy = dy * mns[None, :]
+            dy = dy.to(tl.float32) * mns[None, :]
         dy = dy.to(b_ptr.dtype.element_ty)
         g = tl.dot(dy, b, input_precision=DOT_PRECISION) * scale[None, :]
         gp_ptrs = gp_ptr + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr
@@ -443,19 +457,6 @@ def _lora_fused_dy_kernel(
             g_sum = sum_slices(gp_ptrs, n_blocks, stride_gps, mask_mr, BLOCK_M, BLOCK_R)
             tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
                      g_sum.to(g_ptr.dtype.element_ty), mask=mask_mr)
-    if HAS_MNS:
-        if first_tile & (tl.sum(zero_col.to(tl.int32), axis=0) > 0):
-            for m0 in range(m_lo, m_hi, BLOCK_M):  # y_pre of this block's columns, recomputed (rare)
-                offs_m = m0 + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < m_hi
-                y_pre = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
-                                   stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                y_pre = accumulate_lora_y(y_pre, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm,
-                                          stride_tr, stride_bn, stride_br, BLOCK_R, DOT_PRECISION)
-                dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                             mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-                dm_acc += tl.sum(tl.where(zero_col[None, :], dy * y_pre, 0.0), axis=0)
-        tl.store(dmp_ptr + pid_s * stride_dms + offs_n, dm_acc, mask=offs_n < n_first)
     mask_rn = mask_r[:, None] & mask_n[None, :]
     dbp_ptrs = dbp_ptr + offs_r[:, None] * stride_dbpr + offs_n[None, :] * stride_dbpn
     tl.store(dbp_ptrs + pid_s * stride_dbs, db_acc, mask=mask_rn)
@@ -465,12 +466,42 @@ def _lora_fused_dy_kernel(
         db_sum = sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
-        if HAS_MNS:
-            if first_tile:  # dL/dmns: the splits' partials in order
-                dm_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for i in range(0, n_splits):
-                    dm_sum += tl.load(dmp_ptr + i * stride_dms + offs_n, mask=mask_n, other=0.0, cache_modifier=".cg")
-                tl.store(dm_ptr + offs_n, dm_sum, mask=mask_n)
+
+
+@triton.jit
+def _dora_zero_columns_kernel(
+    x_ptr,  # [M, K] layer input, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    t_ptr,  # [M, R] scaled shrink output saved by the forward, adapter dtype
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    dy_ptr,  # [M, N] gradient of y, activation dtype
+    mns_ptr,  # [N] fp32 DoRA scale
+    dm_ptr,  # [N] fp32 dL/dmns: overwritten where mns == 0
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br, stride_dym, stride_dyn,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # dL/dmns of DoRA columns with mns == 0, where the forward's output is the bias alone and y_pre cannot
+    # be read back from it: y_pre = x @ W^T + t @ B^T recomputed for the column blocks holding such a
+    # column (a GEMM over all rows for those blocks only); every other program reads mns and stops.
+    pid_n = tl.program_id(0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    zero = (tl.load(mns_ptr + offs_n, mask=mask_n, other=1.0) == 0.0) & mask_n
+    if tl.sum(zero.to(tl.int32), axis=0) > 0:
+        dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            y_pre = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
+                               stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            y_pre = accumulate_lora_y(y_pre, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr,
+                                      stride_bn, stride_br, BLOCK_R, LORA_PRECISION)
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            dm += tl.sum(dy * y_pre, axis=0)
+        tl.store(dm_ptr + offs_n, dm, mask=zero)
 
 
 # small operands addressed with 32-bit offsets (checked by runtime.launch on each call)
@@ -528,7 +559,6 @@ _DY_CONFIGS = {
 
 def _dy_config(act: torch.dtype, ad: torch.dtype) -> dict:
     return dict(_DY_CONFIGS[ad == torch.float32, act == ad == torch.float32])
-_DY_RECOMPUTE_K = 32  # K step of the dY pass's recompute of y_pre for DoRA columns with mns == 0
 _DY_TARGET_PROGRAMS = 264  # ~2 programs per SM of a 132-SM GPU: few splits, small dB partials
 
 
@@ -640,10 +670,12 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed, mns=None):
     return y, t
 
 
-def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, mns=None):
+def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, dora=None):
     """(dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) [M, K] in dy2's dtype, and with x2 also
     dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None).
-    With ``mns`` ([N] fp32, DoRA) the base term is (dy2 * mns, rounded to dy2's dtype) @ weight."""
+    With ``dora = (mns, y2, bias)`` (DoRA; mns [N] fp32, y2 the forward's output): the base term is
+    (dy2 * mns, rounded to dy2's dtype) @ weight, and a third result, the fp32 partials of dL/dmns per
+    row block [cdiv(M, BLOCK_M), N] (their sum over row blocks is dL/dmns but where mns == 0)."""
     M, N = dy2.shape
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
@@ -651,23 +683,46 @@ def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, mns=None):
     num_m = triton.cdiv(M, cfg["BLOCK_M"])
     da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
+    bias = dmp = None
+    if dora is None:
+        dora_ops, dora_strides = (_no_mns(dy2.device),) * 4, (0, 0, 0)
+    else:
+        mns, y2, bias = dora
+        assert mns.shape == (N,) and mns.dtype == torch.float32 and mns.stride(0) == 1 and y2.shape == (M, N)
+        assert not plan.dropout, "DoRA's fused backward has no dropout"
+        dmp = torch.empty(num_m, N, dtype=torch.float32, device=dy2.device)
+        dora_ops = (mns, y2, y2 if bias is None else bias, dmp)
+        dora_strides = (y2.stride(0), y2.stride(1), dmp.stride(0))
     launch(_lora_fused_grad_x_kernel, grid,
-        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs,
-        _no_mns(dy2.device) if mns is None else mns, M, K, N, R, len(plan.ranks),
+        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs, *dora_ops, M, K, N, R, len(plan.ranks),
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides,
-        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, HAS_MNS=mns is not None,
+        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides, *dora_strides,
+        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, HAS_MNS=dora is not None, HAS_BIAS=bias is not None,
         BASE_PRECISION=dot_precision(dy2.dtype),
         LORA_PRECISION=dot_precision(dy2.dtype, a.dtype),
         BLOCK_R=_BLOCK_R, **cfg)
-    return dx, da
+    return (dx, da) if dora is None else (dx, da, dmp)
 
 
-def launch_dy_pass(dy2, t, b, plan, dora=None):
-    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2, and
-    None. With ``dora = (mns, y2, bias, x2, weight)`` (DoRA: mns [N] fp32, y2 the forward's output):
-    dy2 * mns in place of dy2 for G and dB, and dL/dmns = sum_m dy2 * (y2 - bias) / mns [N] fp32 as
-    the third result (columns with mns == 0: y_pre recomputed from x2, weight, t and b)."""
+_ZERO_COLUMNS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2}
+
+
+def launch_dora_zero_columns(x2, weight, t, b, dy2, mns, dm):
+    """dm[o] := sum_m dy2[m, o] * y_pre[m, o] for every column o with mns[o] == 0, y_pre = x2 @ weight^T + t @ b^T
+    recomputed for the column blocks holding one (in place; other columns untouched)."""
+    M, K = x2.shape
+    N, R = b.shape
+    cfg = dict(_ZERO_COLUMNS_CONFIG)
+    launch(_dora_zero_columns_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
+        x2, weight, t, b, dy2, mns, dm, M, N, K, R,
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1), b.stride(0),
+        b.stride(1), dy2.stride(0), dy2.stride(1),
+        BASE_PRECISION=dot_precision(x2.dtype), LORA_PRECISION=dot_precision(x2.dtype, b.dtype), **cfg)
+
+
+def launch_dy_pass(dy2, t, b, plan, mns=None):
+    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2. With
+    ``mns`` ([N] fp32, DoRA): dy2 * mns in place of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
     block_r, n_blocks, splits, rows = _dy_launch_plan(M, N, R, dy2.dtype, b.dtype)
@@ -679,27 +734,15 @@ def launch_dy_pass(dy2, t, b, plan, dora=None):
     g = torch.empty(M, R, dtype=b.dtype, device=dy2.device)
     db = torch.empty(N, R, dtype=b.dtype, device=dy2.device)
     count, base = epoch_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
-    if dora is None:
-        mns = y2 = bias = x2 = weight = dmp = dm = None
-        operands = (_no_mns(dy2.device),) * 7
-        K, extra_strides = 0, (0,) * 7
-    else:
-        mns, y2, bias, x2, weight = dora
-        assert mns.shape == (N,) and mns.dtype == torch.float32 and mns.stride(0) == 1 and y2.shape == (M, N)
-        K = x2.shape[1]
-        dmp = torch.empty(splits, N, dtype=torch.float32, device=dy2.device)
-        dm = torch.empty(N, dtype=torch.float32, device=dy2.device)
-        operands = (mns, y2, y2 if bias is None else bias, x2, weight, dmp, dm)
-        extra_strides = (y2.stride(0), y2.stride(1), x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1),
-                         dmp.stride(0))
+    assert mns is None or (mns.shape == (N,) and mns.dtype == torch.float32 and mns.stride(0) == 1)
     launch(_lora_fused_dy_kernel, (n_tiles, n_blocks, splits),
-        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device), *operands, M, N, K, R, rows,
+        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device),
+        _no_mns(dy2.device) if mns is None else mns, M, N, rows,
         dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
         db.stride(0), db.stride(1), gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1),
-        dbp.stride(2), *extra_strides, DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), HAS_MNS=dora is not None,
-        HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(dy2.dtype), BLOCK_R=block_r,
-        BLOCK_K=_DY_RECOMPUTE_K, **cfg)
-    return g, db, dm
+        dbp.stride(2), DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), HAS_MNS=mns is not None, BLOCK_R=block_r,
+        **cfg)
+    return g, db
 
 
 def _forward_triton(x2, weight, bias, weights_a, weights_b, plan, seed):
@@ -713,7 +756,7 @@ def adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x
     a, b = cat_a(weights_a), cat_b(weights_b)
     dx = da = db = g = None
     if need_b and (need_x or need_a):  # G and dB from one pass over dY
-        g, db, _ = launch_dy_pass(dy2, t, b, plan)
+        g, db = launch_dy_pass(dy2, t, b, plan)
     elif need_b:
         no_drop = make_plan(plan.ranks, (1.0,) * len(plan.ranks), (0.0,) * len(plan.ranks))
         db = L.launch_grad_w(t, dy2, no_drop, 0, False, transpose_out=True).to(b.dtype)
@@ -962,13 +1005,14 @@ def _dora_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
     dy2, x2, t2, y2 = as_2d(dy), as_2d(x), as_2d(t), as_2d(y)
     dx = da = db = dm = None
-    if on_triton and dy2.shape[0] > 0 and any(need_b) and (need_x or any(need_a)):
+    if on_triton and dy2.shape[0] > 0 and any(need_b) and need_x:
         a, b = cat_a(a_list), cat_b(b_list)
-        g, db, dm = launch_dy_pass(dy2, t2, b, plan, dora=(mns, y2, bias, x2, weight))
-        if need_x:
-            dx, da = launch_fused_grad_x(dy2, weight, g, a, plan, 0, x2 if any(need_a) else None, mns=mns)
-        if any(need_a) and da is None:
-            da = L.launch_grad_w(g, x2, plan, 0, False, transpose_out=False).to(a.dtype)
+        g, db = launch_dy_pass(dy2, t2, b, plan, mns=mns)
+        dx, da, dmp = launch_fused_grad_x(dy2, weight, g, a, plan, 0, x2 if any(need_a) else None,
+                                          dora=(mns, y2, bias))
+        if need_m:
+            dm = dmp.sum(0)
+            launch_dora_zero_columns(x2, weight, t2, b, dy2, mns, dm)
     else:
         dyi = (dy2 * mns).to(dy2.dtype)
         if need_x or any(need_a) or any(need_b):
@@ -1207,28 +1251,25 @@ def aot_specs() -> list[AotSpec]:
          ("stride_xk", "stride_wk", "stride_ak", "stride_tr", "stride_tpr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
          lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
-                       "da_ptr": w, "count_ptr": "i64", "mns_ptr": "fp32"},
-         ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
+                       "da_ptr": w, "count_ptr": "i64", "mns_ptr": "fp32", "y_ptr": x, "bias_ptr": x,
+                       "dmp_ptr": "fp32"},
+         ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk", "stride_yn"), "HAS_DROPOUT"),
     )
     specs = []
     for act, ad in L.DTYPE_PAIRS:  # the dY pass: G and dB partials (DoRA: dY * mns and dL/dmns)
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for block_r in _dy_block_rs(ad):
-            for mns, bias in ((False, False), (True, False), (True, True)):
+            for mns in (False, True):
                 cfg = _dy_config(act, ad)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                consts = dict(DOT_PRECISION=dot_precision(act, ad), HAS_MNS=mns, HAS_BIAS=bias,
-                              BASE_PRECISION=dot_precision(act), BLOCK_R=block_r, BLOCK_K=_DY_RECOMPUTE_K, **cfg,
-                              **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr",
-                                                "stride_yn", "stride_xk", "stride_wk")})
+                consts = dict(DOT_PRECISION=dot_precision(act, ad), HAS_MNS=mns, BLOCK_R=block_r, **cfg,
+                              **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
                 types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa,
                          "db_ptr": "*" + wa, "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i64",
-                         "count_base": "i64", "tiles_ptr": "*i64", "scale_ptr": "*fp32", "mns_ptr": "*fp32",
-                         "y_ptr": "*" + xa, "bias_ptr": "*" + xa, "x_ptr": "*" + xa, "w_ptr": "*" + xa,
-                         "dmp_ptr": "*fp32", "dm_ptr": "*fp32"}
+                         "count_base": "i64", "tiles_ptr": "*i64", "scale_ptr": "*fp32", "mns_ptr": "*fp32"}
                 sig = aot_signature(_lora_fused_dy_kernel, types, consts)
                 name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
-                        f"BLOCK_N={cfg['BLOCK_N']},warps={warps},HAS_MNS={int(mns)},HAS_BIAS={int(bias)}]")
+                        f"BLOCK_N={cfg['BLOCK_N']},warps={warps},HAS_MNS={int(mns)}]")
                 specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
     for act, ad in L.DTYPE_PAIRS:  # DoRA's row norm
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
@@ -1239,6 +1280,16 @@ def aot_specs() -> list[AotSpec]:
         sig = aot_signature(_dora_norm_kernel, types, consts)
         name = f"lora_fused_dora_norm[x={xa},w={wa},{','.join(f'{k}={v}' for k, v in cfg.items())},warps={warps}]"
         specs.append(AotSpec(name, _dora_norm_kernel, sig, consts, warps, stages, True))
+        cfg = dict(_ZERO_COLUMNS_CONFIG)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad), **cfg,
+                      stride_xk=1, stride_wk=1, stride_tr=1, stride_br=1, stride_dyn=1)
+        types = {"x_ptr": "*" + xa, "w_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "dy_ptr": "*" + xa,
+                 "mns_ptr": "*fp32", "dm_ptr": "*fp32"}
+        sig = aot_signature(_dora_zero_columns_kernel, types, consts)
+        name = (f"lora_fused_dora_zero_columns[x={xa},w={wa},{','.join(f'{k}={v}' for k, v in cfg.items())},"
+                f"warps={warps}]")
+        specs.append(AotSpec(name, _dora_zero_columns_kernel, sig, consts, warps, stages, True))
     for act, ad in L.DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for kname, fn, ptrs, unit, flag in kernels:
@@ -1247,9 +1298,12 @@ def aot_specs() -> list[AotSpec]:
             second = {"forward": None, "forward_lookahead": "HAS_DROPOUT", "grad_x": "HAS_DA"}[kname]
             flags_list = [{flag: on} for on in (False, True)] if second is None else \
                 [{flag: on, second: on2} for on in (False, True) for on2 in (False, True)]
-            # DoRA's scale (HAS_MNS): launched without dropout only
+            # DoRA's scale (HAS_MNS): launched without dropout only; the dX kernel's HAS_BIAS (y - bias) with it
             flags_list = [{**f, "HAS_MNS": mns} for f in flags_list for mns in (False, True)
                           if not (mns and f.get("HAS_DROPOUT"))]
+            if kname == "grad_x":
+                flags_list = [{**f, "HAS_BIAS": bias} for f in flags_list for bias in (False, True)
+                              if f["HAS_MNS"] or not bias]
             for flags in flags_list:
                 cfg = _config("forward" if kname == "forward_lookahead" else kname, act, ad)
                 if kname != "forward_lookahead":

@@ -101,12 +101,14 @@ def test_fused_lora_and_dora_launches_are_compiled(monkeypatch, act, rank):
             LF.launch_fused_grad_x(dy, w, g, a, plan, 1)
             LF.launch_dy_pass(dy, t, b, plan)
         plan = make_plan((rank,), (2.0,), (0.0,))
+        y = _meta(m, n, dtype=act)
         for bias in (None, _meta(n, dtype=act)):
             LF.launch_fused_forward(x, w, bias, a, b, plan, 0, mns=mns)
-            LF.launch_dy_pass(dy, t, b, plan, dora=(mns, _meta(m, n, dtype=act), bias, x, w))
-        LF.launch_fused_grad_x(dy, w, g, a, plan, 0, x, mns=mns)
-        LF.launch_fused_grad_x(dy, w, g, a, plan, 0, mns=mns)
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, x, dora=(mns, y, bias))
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, dora=(mns, y, bias))
+        LF.launch_dy_pass(dy, t, b, plan, mns=mns)
         LF.launch_dora_norm(w, a, b, plan)
-    assert "_dora_norm_kernel" in {name for name, _ in seen}
+        LF.launch_dora_zero_columns(x, w, t, b, dy, mns, _meta(n, dtype=F32))
+    assert {"_dora_norm_kernel", "_dora_zero_columns_kernel"} <= {name for name, _ in seen}
     assert any(meta.get("HAS_MNS") for _, meta in seen) and len(seen) >= 14
     assert not _unmatched(seen, LF.aot_specs())
