@@ -93,7 +93,7 @@ def test_fused_lora_and_dora_launches_are_compiled(monkeypatch, act, rank):
         x, dy, w = _meta(m, k, dtype=act), _meta(m, n, dtype=act), _meta(n, k, dtype=act)
         a, b, g, t = _meta(rank, k, dtype=ad), _meta(n, rank, dtype=ad), _meta(m, rank, dtype=ad), \
             _meta(m, rank, dtype=ad)
-        mns = _meta(n, dtype=F32)
+        mn = (_meta(n, dtype=F32), _meta(n, dtype=F32))
         for p in (0.0, 0.1):
             plan = make_plan((rank,), (2.0,), (p,))
             LF.launch_fused_forward(x, w, _meta(n, dtype=act), a, b, plan, 1)
@@ -103,12 +103,12 @@ def test_fused_lora_and_dora_launches_are_compiled(monkeypatch, act, rank):
         plan = make_plan((rank,), (2.0,), (0.0,))
         y = _meta(m, n, dtype=act)
         for bias in (None, _meta(n, dtype=act)):
-            LF.launch_fused_forward(x, w, bias, a, b, plan, 0, mns=mns)
-            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, x, dora=(mns, y, bias))
-            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, dora=(mns, y, bias))
-        LF.launch_dy_pass(dy, t, b, plan, mns=mns)
+            LF.launch_fused_forward(x, w, bias, a, b, plan, 0, dora=mn)
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, x, dora=(*mn, y, bias))
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, dora=(*mn, y, bias))
+        LF.launch_dy_pass(dy, t, b, plan, dora=mn)
         LF.launch_dora_norm(w, a, b, plan)
-        LF.launch_dora_zero_columns(x, w, t, b, dy, mns, _meta(n, dtype=F32))
-    assert {"_dora_norm_kernel", "_dora_zero_columns_kernel"} <= {name for name, _ in seen}
+        LF.launch_dora_grad_m(x, w, t, b, dy, *mn, _meta(3, n, dtype=F32))
+    assert {"_dora_norm_kernel", "_dora_grad_m_kernel"} <= {name for name, _ in seen}
     assert any(meta.get("HAS_MNS") for _, meta in seen) and len(seen) >= 14
     assert not _unmatched(seen, LF.aot_specs())

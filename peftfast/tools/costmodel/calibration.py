@@ -301,7 +301,7 @@ def calibrate_ia3() -> list[Check]:
 
 def calibrate_peftfast_dora(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
                             ad: torch.dtype = torch.float32) -> list[Check]:
-    """Count DoRA's fused path (``dora_row_norm_fused``, ``m / norm``, ``dora_linear_fused``; no bias, fp16
+    """Count DoRA's fused path (``dora_row_norm_fused``, then ``dora_linear_fused``; no bias, fp16
     activations) under the interpreter and compare with ``peftfast_dora_forward`` / ``peftfast_dora_backward``.
     Same requirements as ``calibrate_peftfast_fused``."""
     from peftfast.kernels import lora_fused
@@ -314,7 +314,7 @@ def calibrate_peftfast_dora(t: int = 37, d_in: int = 45, d_out: int = 52, r: int
 
     def op(a, b):
         norm = lora_fused.dora_row_norm_fused(w, [a], [b], [1.5])
-        return lora_fused.dora_linear_fused(x, w, None, [a], [b], [1.5], m / norm)
+        return lora_fused.dora_linear_fused(x, w, None, [a], [b], [1.5], m, norm)
 
     fwd, bwd = count_with_adapters(gen, t, d_in, d_out, r, act, ad, op)
     shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})"

@@ -312,7 +312,14 @@ class LoraLayer(AdditiveAdapterLayer):
         if self.ephemeral_gpu_offload and torch.cuda.is_available() and device.type == "cpu":
             device = torch.device("cuda")
         rows = self.dora_rows(weight.detach()).to(device)
-        norm = self._dora_row_norm(adapter, rows, a, b)
+        norm = None
+        if type(self.get_base_layer()) is nn.Linear and self.dora_norm_delta(adapter) is None:
+            # the fused forward's own norm kernel (Triton backend): a fresh adapter's m equals the norm that
+            # forward computes bit for bit, so mns == 1 exactly and the base output is unchanged
+            norm = dora_row_norm_fused(rows, [a.to(rows.device)], [b.to(rows.device)],
+                                       [float(self.scaling[adapter])])
+        if norm is None:
+            norm = self._dora_row_norm(adapter, rows, a, b)
         dtype = torch.promote_types(weight.dtype, a.dtype) if weight.is_floating_point() else a.dtype
         m = norm.to(device=a.device, dtype=dtype).reshape(self.dora_magnitude_shape())
         self.lora_magnitude_vector[adapter] = DoraMagnitude(m)
@@ -918,12 +925,14 @@ class Linear(nn.Module, LoraLayer):
             if type(base) is nn.Linear:
                 x, weight, bias = autocast_base(x, base.weight, base.bias)
                 bundle = self.adapter_bundle(names)
-                # the norm from one kernel on the Triton backend (None elsewhere: dora.py's expansion)
+                # the norm from one kernel on the Triton backend (None elsewhere: dora.py's expansion); the op
+                # forms mns = m / norm itself (in the GEMM's epilogue on the Triton backend)
                 norm = dora_row_norm_fused(weight, bundle.weights_a, bundle.weights_b, bundle.scalings)
+                if norm is None:
+                    norm = self.dora_norm(name)
                 m = self.lora_magnitude_vector[name].weight
-                mns = self.dora_scale(name) if norm is None else m / norm.to(m.dtype).view(m.shape)
                 return dora_linear_fused(x, weight, bias, bundle.weights_a, bundle.weights_b, bundle.scalings,
-                                         mns.reshape(-1))
+                                         m.reshape(-1), norm)
             mns = self.dora_scale(name)
             y = self._fused_forward(x, names)  # a quantised base: its fused LoRA op, then the scale
             bias = self.base_bias()

@@ -1,18 +1,17 @@
 """DoRA on one linear (``LoraConfig(use_dora=True)``, one adapter, no dropout, no bias), base included.
 
-``peft_dora_layer``: PEFT 0.21's ``lora.Linear.forward`` with ``DoraLinearVariant`` and autograd's
+``impl="peft"``: PEFT 0.21's ``lora.Linear.forward`` with ``DoraLinearVariant`` and autograd's
 backward of it, op for op as PEFT runs them (checked launch for launch and byte for byte against PEFT's
 real layer counted with ``traffic.count_torch``). Every forward
 materialises the adapter's dense delta (``lora_B(lora_A(eye(d_in)))``, [d_in, d_out] in the adapter
 dtype), casts W to the adapter dtype, forms ``W + s * delta`` and takes its row norms: several full
 [d_out, d_in] passes in fp32; then the adapter's two GEMMs and five [T, d_out] elementwise ops in fp32.
 
-``peftfast_dora_layer``: the fused path of kernels/lora_fused.py (``dora_row_norm_fused`` then
-``dora_linear_fused``), as built: the row norm in one kernel (W read once), torch's ``m / norm``, the
-fused LoRA GEMM with mns in its epilogue; backward: the fused LoRA backward with mns read by both
-kernels, the dX kernel also reading the forward's output y for dL/dmns (per-row-block partials summed by
-torch), the zero-columns kernel, and autograd's ``dL/dmns / norm``. tests/tools/test_costmodel_dora.py
-counts the kernels in the interpreter and PEFT's layer with ``traffic.count_torch``.
+``impl="peftfast-fused"``: the fused path of kernels/lora_fused.py (``dora_row_norm_fused`` then
+``dora_linear_fused``), as built: the row norm in one kernel (W read once), the fused LoRA GEMM forming
+mns = m / norm in its epilogue; backward: the fused LoRA backward with mns formed by both kernels, the dX
+kernel also reading the forward's output y for dL/dmns (per-row-block partials), and one kernel for dL/dm.
+tests/tools/test_costmodel_dora.py counts the kernels in the interpreter against these lists.
 """
 from __future__ import annotations
 
@@ -87,45 +86,42 @@ def peft_dora_backward(t: int, d_in: int, d_out: int, r: int, act: torch.dtype, 
     return ks
 
 
-def peftfast_dora_norm(d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype) -> list[Kernel]:
-    """``dora_row_norm_fused`` (one kernel: W, A, B and the per-rank scale read once, the norm [d_out] fp32
-    written; the delta tile's 3xTF32 products counted as three tensor-core products) and ``m / norm``."""
+def peftfast_dora_norm(d_in: int, d_out: int, ranks: list[int], act: torch.dtype, ad: torch.dtype) -> Kernel:
+    """``dora_row_norm_fused``: one kernel reads W, A, B and the per-rank scale once and writes the norm
+    [d_out] fp32; the delta tile's 3xTF32 products are counted as three tensor-core products."""
     big_r = sum(ranks)
-    f32 = torch.float32
-    return [Kernel("peftfast: ||W + s B A||_row, one kernel",
-                   d_out * d_in * nbytes(act) + big_r * d_in * nbytes(ad) + d_out * big_r * nbytes(ad) + big_r * 4,
-                   d_out * 4, 3 * 2 * d_out * d_in * big_r + 3 * d_out * d_in, True),
-            elementwise("torch: mns = m / norm", [(d_out, f32), (d_out, f32)], [(d_out, f32)])]
+    return Kernel("peftfast: ||W + s B A||_row, one kernel",
+                  d_out * d_in * nbytes(act) + big_r * d_in * nbytes(ad) + d_out * big_r * nbytes(ad) + big_r * 4,
+                  d_out * 4, 3 * 2 * d_out * d_in * big_r + 3 * d_out * d_in, True)
 
 
 def peftfast_dora_forward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype,
                           ad: torch.dtype) -> list[Kernel]:
-    """The norm kernel, ``m / norm``, then the fused LoRA GEMM reading mns [d_out] fp32 in its epilogue."""
+    """The norm kernel, then the fused LoRA GEMM reading m and the norm [d_out] fp32 each and applying
+    mns = m / norm in its epilogue: two launches."""
     fused = peftfast_fused_forward(t, d_in, d_out, ranks, act, ad)
     last = fused[-1]
-    fused[-1] = Kernel(last.name + ", * mns", last.bytes_read + d_out * 4, last.bytes_written,
+    fused[-1] = Kernel(last.name + ", * m / norm", last.bytes_read + 2 * d_out * 4, last.bytes_written,
                        last.flops + 2 * t * d_out, last.tensor_core)
-    return peftfast_dora_norm(d_in, d_out, ranks, act, ad) + fused
+    return [peftfast_dora_norm(d_in, d_out, ranks, act, ad)] + fused
 
 
 def peftfast_dora_backward(t: int, d_in: int, d_out: int, ranks: list[int], act: torch.dtype,
                            ad: torch.dtype) -> list[Kernel]:
-    """The fused LoRA backward with DoRA's extras: the dY pass reads mns (dY * mns for G and dB); the
-    compute-bound dX kernel reads mns, the forward's output y [T, d_out] (y_pre = y / mns for dL/dmns)
-    and writes fp32 dL/dmns partials per row block [T / block_m, d_out]; torch sums them (one launch);
-    the zero-columns kernel reads mns and stops (no column with mns == 0); autograd's ``dL/dmns / norm``."""
-    f32 = torch.float32
+    """The fused LoRA backward with DoRA's extras: the dY pass reads m and the norm (dY * mns for G and
+    dB); the compute-bound dX kernel reads them too, and the forward's output y [T, d_out] (y_pre =
+    y / mns) and writes fp32 partials of sum dY * y_pre per row block [T / block_m, d_out]; one more
+    kernel sums them in order and divides by the norm (dL/dm; columns with m == 0 would be recomputed
+    there: none here). Three launches."""
     ks = peftfast_fused_backward(t, d_in, d_out, ranks, act, ad)
     dy, dx = ks[0], ks[1]
     dmp = cdiv(t, fused_dx_block_m(act, ad)) * d_out * 4
-    ks[0] = Kernel(dy.name + " (dY * mns)", dy.bytes_read + d_out * 4, dy.bytes_written,
-                   dy.flops + t * d_out, dy.tensor_core)
+    ks[0] = Kernel(dy.name + " (dY * mns)", dy.bytes_read + 2 * d_out * 4, dy.bytes_written,
+                   dy.flops + 2 * t * d_out, dy.tensor_core)
     ks[1] = Kernel(dx.name + " (dY * mns), dL/dmns partials from y",
-                   dx.bytes_read + d_out * 4 + t * d_out * nbytes(act), dx.bytes_written + dmp,
+                   dx.bytes_read + 2 * d_out * 4 + t * d_out * nbytes(act), dx.bytes_written + dmp,
                    dx.flops + 4 * t * d_out, dx.tensor_core)
-    ks.append(Kernel("torch: dL/dmns = partials.sum(0)", dmp, d_out * 4, dmp // 4))
-    ks.append(Kernel("peftfast: dL/dmns of mns == 0 columns (none: reads mns)", d_out * 4, 0, 0))
-    ks.append(elementwise("torch: dm = dL/dmns / norm", [(d_out, f32), (d_out, f32)], [(d_out, f32)]))
+    ks.insert(2, Kernel("peftfast: dL/dm = sum of partials / norm", dmp + 2 * d_out * 4, d_out * 4, dmp // 4))
     return ks
 
 
