@@ -429,7 +429,8 @@ def _lora_fused_dy_kernel(
     # one pass over dY for both reductions: G = s' dY @ B sums over N (partials per N block), dB =
     # dY^T @ t sums over M (partials per split of M). Each partial's last writer to arrive sums
     # the slices in order (deterministic) and stores the result in the adapter dtype.
-    # DoRA (HAS_MNS): dY is scaled by mns per column as it is loaded (the inner output's gradient).
+    # DoRA (HAS_MNS): the inner output's gradient is dY * mns per column: G = s' dY @ (mns * B) (B's
+    # tile scaled once, in registers) and dB = mns * (dY^T @ t) (scaled when the sum is stored).
     pid_r = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -450,14 +451,13 @@ def _lora_fused_dy_kernel(
     db_acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
     if HAS_MNS:
         mns = _load_mns(m_ptr, norm_ptr, offs_n, mask_n, 0.0)
+        b = (b.to(tl.float32) * mns[:, None]).to(b_ptr.dtype.element_ty)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
         mask_mr = mask_m[:, None] & mask_r[None, :]
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        if HAS_MNS:
-            dy = dy.to(tl.float32) * mns[None, :]
         dy = dy.to(b_ptr.dtype.element_ty)
         g = tl.dot(dy, b, input_precision=DOT_PRECISION) * scale[None, :]
         gp_ptrs = gp_ptr + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr
@@ -476,6 +476,8 @@ def _lora_fused_dy_kernel(
     db_count = count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n
     if last_epoch_arrival(db_count, count_base, n_splits):  # dB complete
         db_sum = sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
+        if HAS_MNS:
+            db_sum = db_sum * _load_mns(m_ptr, norm_ptr, offs_n, mask_n, 0.0)[None, :]
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
 
@@ -611,6 +613,12 @@ def shrink_items(d_in: int, d_out: int, act: torch.dtype) -> int:
     return shrink_slices(d_in, d_out, act)[1]
 
 
+def _grad_x_config(act: torch.dtype, ad: torch.dtype, dora: bool) -> dict:
+    """The dX kernel's meta-parameters; DoRA's variant (y read, dY scaled in registers) takes the 64-row
+    tiles of the fp32-adapter one for any adapter dtype (128-row tiles spill)."""
+    return _config("grad_x", act, torch.float32 if dora else ad)
+
+
 def fused_dx_block_m(act: torch.dtype, ad: torch.dtype | None = None) -> int:
     """Rows per program of the dense fused dX kernel for activations ``act`` and adapters ``ad``
     (default: act): 64 for fp32 activations or fp32 adapters, else 128. dA's fp32 partials are
@@ -703,7 +711,7 @@ def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, dora=None):
     M, N = dy2.shape
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
-    cfg = _config("grad_x", dy2.dtype, a.dtype)
+    cfg = _grad_x_config(dy2.dtype, a.dtype, dora is not None)
     num_m = triton.cdiv(M, cfg["BLOCK_M"])
     da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
@@ -728,7 +736,7 @@ def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, dora=None):
     return (dx, da) if dora is None else (dx, da, dmp)
 
 
-_GRAD_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2}
+_GRAD_M_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
 
 
 def launch_dora_grad_m(x2, weight, t, b, dy2, m, norm, dmp):
@@ -1345,6 +1353,8 @@ def aot_specs() -> list[AotSpec]:
                               if f["HAS_MNS"] or not bias]
             for flags in flags_list:
                 cfg = _config("forward" if kname == "forward_lookahead" else kname, act, ad)
+                if kname == "grad_x":
+                    cfg = _grad_x_config(act, ad, flags["HAS_MNS"])
                 if kname != "forward_lookahead":
                     cfg.pop("SUB_M", None)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")

@@ -113,9 +113,10 @@ def peftfast_dora_backward(t: int, d_in: int, d_out: int, ranks: list[int], act:
     y / mns) and writes fp32 partials of sum dY * y_pre per row block [T / block_m, d_out]; one more
     kernel sums them in order and divides by the norm (dL/dm; columns with m == 0 would be recomputed
     there: none here). Three launches."""
-    ks = peftfast_fused_backward(t, d_in, d_out, ranks, act, ad)
+    block_m = fused_dx_block_m(act, torch.float32)  # DoRA's dX kernel: the fp32-adapter tiles for any adapters
+    ks = peftfast_fused_backward(t, d_in, d_out, ranks, act, ad, block_m_dx=block_m)
     dy, dx = ks[0], ks[1]
-    dmp = cdiv(t, fused_dx_block_m(act, ad)) * d_out * 4
+    dmp = cdiv(t, block_m) * d_out * 4
     ks[0] = Kernel(dy.name + " (dY * mns)", dy.bytes_read + 2 * d_out * 4, dy.bytes_written,
                    dy.flops + 2 * t * d_out, dy.tensor_core)
     ks[1] = Kernel(dx.name + " (dY * mns), dL/dmns partials from y",
