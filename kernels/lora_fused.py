@@ -92,6 +92,11 @@ kernels is faster, so on CUDA ``lora_linear_fused`` times both once per key and 
 
 ``qlora_linear_fused`` (the same op over a bitsandbytes 4-bit or int8 weight) lives in
 ``kernels/qlora.py``.
+
+DoRA (``dora_linear_fused``, one adapter, no dropout) runs on these kernels with a flag (HAS_MNS):
+mns = m / norm applied in the forward's epilogue, dY * mns in the dY pass and the dX kernel, dL/dm
+reduced in the dX kernel from the saved output; ``dora_row_norm_fused`` computes ||W + s B A||_row in
+one pass over W. See the DoRA section below.
 """
 from __future__ import annotations
 
