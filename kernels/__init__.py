@@ -15,7 +15,8 @@ Layout (one file per op; shared pieces are public names in shared modules):
     dropout.py                the counter-based dropout mask (Triton and PyTorch, same bits)
     quant.py                  bitsandbytes 4-bit / int8 storage and dequantisation
     lora.py                   lora_linear: the adapters on a base layer's output
-    lora_fused.py             lora_linear_fused: the adapters inside the base linear's GEMMs
+    lora_fused.py             lora_linear_fused: the adapters inside the base linear's GEMMs; DoRA's
+                              dora_linear_fused / dora_row_norm_fused on the same kernels
     lora_grouped.py           lora_grouped (import it from the module: its name is the module's): each
                               row its own adapter (mixed batches), rows grouped by adapter
     qmatmul.py                matmul_4bit / matmul_int8: GEMMs over quantised weights
@@ -36,7 +37,7 @@ from .backend import backend_name, interpreting, triton_available, use_triton
 _EXPORTS = {
     "lora_linear": "lora", "grad_w_splits": "lora",
     "lora_linear_fused": "lora_fused", "shrink_items": "lora_fused", "dy_plan": "lora_fused",
-    "fused_dx_block_m": "lora_fused",
+    "fused_dx_block_m": "lora_fused", "dora_linear_fused": "lora_fused", "dora_row_norm_fused": "lora_fused",
     "qlora_linear_fused": "qlora", "Int8Weight": "qlora",
     "matmul_4bit": "qmatmul", "matmul_int8": "qmatmul", "qlora_dx_block_m": "qmatmul",
     "Packed4bit": "quant", "dequantize_4bit": "quant", "dequantize_int8": "quant",

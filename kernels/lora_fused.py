@@ -92,6 +92,11 @@ kernels is faster, so on CUDA ``lora_linear_fused`` times both once per key and 
 
 ``qlora_linear_fused`` (the same op over a bitsandbytes 4-bit or int8 weight) lives in
 ``kernels/qlora.py``.
+
+DoRA (``dora_linear_fused``, one adapter, no dropout) runs on these kernels with a flag (HAS_MNS):
+mns = m / norm applied in the forward's epilogue, dY * mns in the dY pass and the dX kernel, dL/dm
+reduced in the dX kernel from the saved output; ``dora_row_norm_fused`` computes ||W + s B A||_row in
+one pass over W. See the DoRA section below.
 """
 from __future__ import annotations
 
@@ -211,12 +216,25 @@ def _gemm_tile(a_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_am, strid
 
 
 @triton.jit
-def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R,
+def _load_mns(m_ptr, norm_ptr, offs_n, mask_n, other: tl.constexpr):
+    """DoRA's scale mns = m / norm for the columns offs_n (fp32); ``other`` where masked out."""
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=other)
+    return m / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)
+
+
+@triton.jit
+def _finish_tile(acc, t_ptr, b_ptr, bias_ptr, m_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R,
                  stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
-                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks) + bias; y stored once."""
+                 HAS_BIAS: tl.constexpr, HAS_MNS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc += t[rows] @ B[cols]^T (a short second reduction over the ranks); with HAS_MNS DoRA's
+    acc += (mns - 1) * acc per column, mns = m / norm (PEFT's form: m == norm, so mns == 1, leaves acc
+    exactly as it was); + bias;
+    y stored once."""
     acc = accumulate_lora_y(acc, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr, stride_bn,
                                stride_br, BLOCK_R, PRECISION)
+    if HAS_MNS:
+        mns = _load_mns(m_ptr, norm_ptr, offs_n, mask_n, 1.0)
+        acc += (mns - 1.0)[None, :] * acc
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -231,10 +249,12 @@ def _lora_fused_forward_kernel(
     t_ptr,  # [M, R] scaled shrink output, adapter dtype (lora.py's shrink kernel)
     b_ptr,  # [N, R] stacked B_i, adapter dtype
     y_ptr,  # [M, N] output, activation dtype
+    m_ptr,  # [N] fp32 DoRA magnitude; unused without HAS_MNS
+    norm_ptr,  # [N] fp32 DoRA row norm ||W + s B A|| (mns = m / norm); unused without HAS_MNS
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MNS: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -243,8 +263,8 @@ def _lora_fused_forward_kernel(
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk, stride_wn,
                      BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
-                 stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
+    _finish_tile(acc, t_ptr, b_ptr, bias_ptr, m_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm,
+                 stride_tr, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, HAS_MNS, LORA_PRECISION, BLOCK_R)
 
 
 @triton.jit(do_not_specialize=["seed", "epoch"])
@@ -257,6 +277,8 @@ def _lora_fused_forward_lookahead_kernel(
     tp_ptr,  # [n_items, M, R] fp32 shrink partials, one slice per K slice
     b_ptr,  # [N, R] stacked B_i, adapter dtype
     y_ptr,  # [M, N] output, activation dtype
+    m_ptr,  # [N] fp32 DoRA magnitude; unused without HAS_MNS
+    norm_ptr,  # [N] fp32 DoRA row norm ||W + s B A|| (mns = m / norm); unused without HAS_MNS
     count_ptr,  # int64 epoch counters (tiles.epoch_counters): [1] tile ticket, [num_m] shrink slices done, [num_m] t ready
     epoch,  # this launch's epoch base (epoch << 32): counters hold base + arrivals, raised flags hold base
     adapters_ptr,  # [n_adapters, 4] int64: rank start, rank end, stream, keep threshold
@@ -265,7 +287,8 @@ def _lora_fused_forward_lookahead_kernel(
     M, N, K, R, n_adapters, n_items, k_per_item,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_tm, stride_tr,
     stride_tpi, stride_tpm, stride_tpr, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_MNS: tl.constexpr, BASE_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, SUB_M: tl.constexpr,  # rows per step of the shrink slices
 ):
@@ -299,8 +322,42 @@ def _lora_fused_forward_lookahead_kernel(
         ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
         while ready != epoch:
             ready = tl.atomic_add(count_ptr + 1 + num_m + pid_m, 0, sem="acquire")
-        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm, stride_tr,
-                     stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, LORA_PRECISION, BLOCK_R)
+        _finish_tile(acc, t_ptr, b_ptr, bias_ptr, m_ptr, norm_ptr, y_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_tm,
+                     stride_tr, stride_bn, stride_br, stride_ym, stride_yn, HAS_BIAS, HAS_MNS, LORA_PRECISION,
+                     BLOCK_R)
+
+
+@triton.jit
+def _dora_dx_base_tile(dy_ptr, w_ptr, m_ptr, norm_ptr, y_ptr, bias_ptr, dmp_ptr, pid_m, pid_k, num_k, offs_m, offs_k,
+                       mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk, stride_ym, stride_yn,
+                       stride_dmm, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DoRA's base dX tile: sum_n (dY * mns)[rows, n] W[n, cols] (dY * mns rounded to dY's dtype, as autograd
+    rounds it), and this program's share of dL/dmns: the column blocks j with j % num_k == pid_k (each
+    (row block, column block) once over the launch, spread evenly over the column programs) get the fp32
+    partial sum_rows dY * y_pre, y_pre = (y - bias) / mns read from the forward's output, stored to
+    dmp[pid_m, columns]. Columns with mns == 0 get 0 here (_dora_grad_m_kernel recomputes them)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        mns = _load_mns(m_ptr, norm_ptr, cols, mask_n, 0.0)
+        if (n0 // BLOCK_N) % num_k == pid_k:
+            y = tl.load(y_ptr + offs_m[:, None] * stride_ym + cols[None, :] * stride_yn,
+                        mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                y -= tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            zero = mns == 0.0
+            y_pre = tl.where(zero[None, :], 0.0, y / tl.where(zero, 1.0, mns)[None, :])
+            tl.store(dmp_ptr + pid_m * stride_dmm + cols, tl.sum(dy.to(tl.float32) * y_pre, axis=0), mask=mask_n)
+        a = (dy.to(tl.float32) * mns[None, :]).to(dy_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit(do_not_specialize=["seed", "count_base"])
@@ -317,17 +374,30 @@ def _lora_fused_grad_x_kernel(
     da_ptr,  # [R, K] stacked dA_i, adapter dtype (HAS_DA)
     count_ptr,  # [cdiv(K, BLOCK_K)] int64 epoch counters: row blocks done per K block (HAS_DA)
     count_base,  # this launch's epoch base (tiles.epoch_counters; HAS_DA)
+    m_ptr,  # [N] fp32 DoRA magnitude: dY's columns are scaled by mns = m / norm before the base GEMM (HAS_MNS)
+    norm_ptr,  # [N] fp32 DoRA row norm (HAS_MNS)
+    y_ptr,  # [M, N] the forward's output y = mns * y_pre + bias, activation dtype (HAS_MNS)
+    bias_ptr,  # [N] base bias, activation dtype (HAS_MNS and HAS_BIAS)
+    dmp_ptr,  # [cdiv(M, BLOCK_M), N] fp32 output: partial dL/dmns per row block (HAS_MNS)
     M, K, N, R, n_adapters,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gr, stride_ar, stride_ak,
     stride_dxm, stride_dxk, stride_xm, stride_xk, stride_dps, stride_dpr, stride_dpk, stride_dar, stride_dak,
-    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    stride_ym, stride_yn, stride_dmm,
+    HAS_DROPOUT: tl.constexpr, HAS_DA: tl.constexpr, HAS_MNS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
-    acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
-                     BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
+    if HAS_MNS:
+        acc = _dora_dx_base_tile(dy_ptr, w_ptr, m_ptr, norm_ptr, y_ptr, bias_ptr, dmp_ptr, pid_m, pid_k, tl.cdiv(K, BLOCK_K),
+                                 offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn, stride_wk,
+                                 stride_ym, stride_yn, stride_dmm, HAS_BIAS, BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
+    else:
+        acc = _gemm_tile(dy_ptr, w_ptr, offs_m, offs_k, mask_m, mask_k, N, stride_dym, stride_dyn, stride_wn,
+                         stride_wk, BASE_PRECISION, BLOCK_M, BLOCK_K, BLOCK_N)
     acc = accumulate_lora_dx(acc, g_ptr, a_ptr, adapters_ptr, n_adapters, R, seed, offs_m, offs_k, mask_m, mask_k,
                               stride_gm, stride_gr, stride_ar, stride_ak, HAS_DROPOUT, BLOCK_R, LORA_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
@@ -353,15 +423,19 @@ def _lora_fused_dy_kernel(
     count_base,  # this launch's epoch base (tiles.epoch_counters)
     tiles_ptr,  # [n_tiles, 4] int64 rank tiles: rank start, rank end (columns 2, 3 unused)
     scale_ptr,  # [R] fp32 s' per rank
+    m_ptr,  # [N] fp32 DoRA magnitude: dY's columns are scaled by mns = m / norm (HAS_MNS)
+    norm_ptr,  # [N] fp32 DoRA row norm (HAS_MNS)
     M, N, rows_per_split,
     stride_dym, stride_dyn, stride_tm, stride_tr, stride_bn, stride_br, stride_gm, stride_gr, stride_dbn, stride_dbr,
     stride_gps, stride_gpm, stride_gpr, stride_dbs, stride_dbpn, stride_dbpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, HAS_MNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # one pass over dY for both reductions: G = s' dY @ B sums over N (partials per N block), dB =
     # dY^T @ t sums over M (partials per split of M). Each partial's last writer to arrive sums
     # the slices in order (deterministic) and stores the result in the adapter dtype.
+    # DoRA (HAS_MNS): the inner output's gradient is dY * mns per column: G = s' dY @ (mns * B) (B's
+    # tile scaled once, in registers) and dB = mns * (dY^T @ t) (scaled when the sum is stored).
     pid_r = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2).to(tl.int64)
@@ -380,12 +454,16 @@ def _lora_fused_dy_kernel(
     m_lo = pid_s * rows_per_split
     m_hi = tl.minimum(m_lo + rows_per_split, M)
     db_acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    if HAS_MNS:
+        mns = _load_mns(m_ptr, norm_ptr, offs_n, mask_n, 0.0)
+        b = (b.to(tl.float32) * mns[:, None]).to(b_ptr.dtype.element_ty)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
         mask_mr = mask_m[:, None] & mask_r[None, :]
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(b_ptr.dtype.element_ty)
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        dy = dy.to(b_ptr.dtype.element_ty)
         g = tl.dot(dy, b, input_precision=DOT_PRECISION) * scale[None, :]
         gp_ptrs = gp_ptr + offs_m[:, None] * stride_gpm + offs_r[None, :] * stride_gpr
         tl.store(gp_ptrs + pid_n * stride_gps, g, mask=mask_mr)
@@ -403,8 +481,53 @@ def _lora_fused_dy_kernel(
     db_count = count_ptr + n_tiles * n_chunks + pid_r * n_blocks + pid_n
     if last_epoch_arrival(db_count, count_base, n_splits):  # dB complete
         db_sum = sum_slices(dbp_ptrs, n_splits, stride_dbs, mask_rn, BLOCK_R, BLOCK_N)
+        if HAS_MNS:
+            db_sum = db_sum * _load_mns(m_ptr, norm_ptr, offs_n, mask_n, 0.0)[None, :]
         tl.store(db_ptr + offs_r[:, None] * stride_dbr + offs_n[None, :] * stride_dbn,
                  db_sum.to(db_ptr.dtype.element_ty), mask=mask_rn)
+
+
+@triton.jit
+def _dora_grad_m_kernel(
+    x_ptr,  # [M, K] layer input, activation dtype
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    t_ptr,  # [M, R] scaled shrink output saved by the forward, adapter dtype
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    dy_ptr,  # [M, N] gradient of y, activation dtype
+    m_ptr,  # [N] fp32 DoRA magnitude
+    norm_ptr,  # [N] fp32 DoRA row norm
+    dmp_ptr,  # [n_parts, N] fp32 partial dL/dmns, one slice per row block of the dX kernel
+    dm_ptr,  # [N] fp32 output dL/dm = dL/dmns / norm
+    M, N, K, R, n_parts,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br, stride_dym, stride_dyn,
+    stride_dmp,
+    BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # dL/dm for a block of columns: the dX kernel's partials summed in order (deterministic), divided by the
+    # norm (mns = m / norm, norm constant). Columns with m == 0, where the forward's output is the bias alone
+    # and y_pre cannot be read back from it, recompute y_pre = x @ W^T + t @ B^T (a GEMM over all rows for
+    # the column blocks holding such a column only; other blocks skip it).
+    pid_n = tl.program_id(0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, n_parts):
+        acc += tl.load(dmp_ptr + i * stride_dmp + offs_n, mask=mask_n, other=0.0)
+    zero = (tl.load(m_ptr + offs_n, mask=mask_n, other=1.0) == 0.0) & mask_n
+    if tl.sum(zero.to(tl.int32), axis=0) > 0:
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            y_pre = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
+                               stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+            y_pre = accumulate_lora_y(y_pre, t_ptr, b_ptr, R, offs_m, offs_n, mask_m, mask_n, stride_tm, stride_tr,
+                                      stride_bn, stride_br, BLOCK_R, LORA_PRECISION)
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(tl.where(zero[None, :], dy * y_pre, 0.0), axis=0)
+    norm = tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)
+    tl.store(dm_ptr + offs_n, acc / norm, mask=mask_n)
 
 
 # small operands addressed with 32-bit offsets (checked by runtime.launch on each call)
@@ -495,6 +618,12 @@ def shrink_items(d_in: int, d_out: int, act: torch.dtype) -> int:
     return shrink_slices(d_in, d_out, act)[1]
 
 
+def _grad_x_config(act: torch.dtype, ad: torch.dtype, dora: bool) -> dict:
+    """The dX kernel's meta-parameters; DoRA's variant (y read, dY scaled in registers) takes the 64-row
+    tiles of the fp32-adapter one for any adapter dtype (128-row tiles spill)."""
+    return _config("grad_x", act, torch.float32 if dora else ad)
+
+
 def fused_dx_block_m(act: torch.dtype, ad: torch.dtype | None = None) -> int:
     """Rows per program of the dense fused dX kernel for activations ``act`` and adapters ``ad``
     (default: act): 64 for fp32 activations or fp32 adapters, else 128. dA's fp32 partials are
@@ -529,23 +658,37 @@ def dy_plan(t: int, d_out: int, ranks, act: torch.dtype, ad: torch.dtype) -> tup
     return _dy_launch_plan(t, d_out, sum(ranks), act, ad)[1:3]
 
 
-def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
+def _no_mns(device) -> torch.Tensor:
+    """An fp32 stand-in for DoRA's operands in a launch without DoRA (never read)."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def _check_dora_vectors(dora, n: int) -> None:
+    for v in (dora or ())[:2]:  # the magnitude and the norm: [N] fp32, contiguous
+        assert v.shape == (n,) and v.dtype == torch.float32 and v.stride(0) == 1
+
+
+def launch_fused_forward(x2, weight, bias, a, b, plan, seed, dora=None):
     """(y = x2 @ weight^T + bias + t @ b^T [M, N] in x2's dtype, t = s' * drop(x2) @ a^T [M, R] in
     a's dtype). 16-bit activations: one kernel (the look-ahead shrink); fp32 activations: lora.py's
-    shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands)."""
+    shrink kernel, then the GEMM (the look-ahead variant spills registers with 3xTF32 operands).
+    With ``dora = (m, norm)`` (DoRA; [N] fp32 each): y = acc + (mns - 1) * acc + bias, mns = m / norm,
+    acc = x2 @ weight^T + t @ b^T, in the same epilogue."""
     M, K = x2.shape
     N, R = b.shape
     assert weight.shape == (N, K) and a.shape == (R, K)
+    _check_dora_vectors(dora, N)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     cfg = _config("forward", x2.dtype, a.dtype)
     sub_m = cfg.pop("SUB_M", None)  # the look-ahead's row step (16-bit activations only)
     num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
-    common = dict(HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(x2.dtype),
+    common = dict(HAS_BIAS=bias is not None, HAS_MNS=dora is not None, BASE_PRECISION=dot_precision(x2.dtype),
                   LORA_PRECISION=dot_precision(x2.dtype, b.dtype), BLOCK_R=_BLOCK_R, **cfg)
+    m, norm = (_no_mns(x2.device),) * 2 if dora is None else dora
     if x2.dtype == torch.float32:
         t = L.launch_shrink(x2, a, plan, seed, plan.dropout)
         launch(_lora_fused_forward_kernel, (num_m * num_n,),
-            x2, weight, weight if bias is None else bias, t, b, y, M, N, K, R,
+            x2, weight, weight if bias is None else bias, t, b, y, m, norm, M, N, K, R,
             x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
             b.stride(0), b.stride(1), y.stride(0), y.stride(1), **common)
         return y, t
@@ -555,7 +698,8 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     count, epoch = epoch_counters(x2.device, 1 + 2 * num_m)
     grid = (min(cfg["GROUP_M"], num_m) * n_items + num_m * num_n,)
     launch(_lora_fused_forward_lookahead_kernel, grid,
-        x2, weight, weight if bias is None else bias, a, t, tp, b, y, count, epoch, adapter_table(plan, x2.device),
+        x2, weight, weight if bias is None else bias, a, t, tp, b, y, m, norm, count, epoch,
+        adapter_table(plan, x2.device),
         rank_scale(plan, x2.device), seed, M, N, K, R, len(plan.ranks), n_items, k_per_item,
         x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), t.stride(0),
         t.stride(1), tp.stride(0), tp.stride(1), tp.stride(2), b.stride(0), b.stride(1), y.stride(0), y.stride(1),
@@ -563,28 +707,62 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed):
     return y, t
 
 
-def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None):
+def launch_fused_grad_x(dy2, weight, g, a, plan, seed, x2=None, dora=None):
     """(dX = dy2 @ weight + sum_i mask_i * (g_i @ a_i) [M, K] in dy2's dtype, and with x2 also
-    dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None)."""
+    dA = sum_i g_i^T @ (mask_i * x2) [R, K] in a's dtype, from the same kernel; else None).
+    With ``dora = (m, norm, y2, bias)`` (DoRA; m, norm [N] fp32, mns = m / norm; y2 the forward's output):
+    the base term is (dy2 * mns, rounded to dy2's dtype) @ weight, and a third result, the fp32 partials of
+    dL/dmns per row block [cdiv(M, BLOCK_M), N] (summed by ``launch_dora_grad_m``)."""
     M, N = dy2.shape
     R, K = a.shape
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
-    cfg = _config("grad_x", dy2.dtype, a.dtype)
+    cfg = _grad_x_config(dy2.dtype, a.dtype, dora is not None)
     num_m = triton.cdiv(M, cfg["BLOCK_M"])
     da, da_ptrs, da_strides = grad_a_operands(x2, a, num_m, cfg["BLOCK_K"])
     grid = (num_m * triton.cdiv(K, cfg["BLOCK_K"]),)
+    bias = dmp = None
+    if dora is None:
+        dora_ops, dora_strides = (_no_mns(dy2.device),) * 5, (0, 0, 0)
+    else:
+        m, norm, y2, bias = dora
+        _check_dora_vectors(dora, N)
+        assert y2.shape == (M, N) and not plan.dropout, "DoRA's fused backward: y [M, N], no dropout"
+        dmp = torch.empty(num_m, N, dtype=torch.float32, device=dy2.device)
+        dora_ops = (m, norm, y2, y2 if bias is None else bias, dmp)
+        dora_strides = (y2.stride(0), y2.stride(1), dmp.stride(0))
     launch(_lora_fused_grad_x_kernel, grid,
-        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs, M, K, N, R, len(plan.ranks),
+        dy2, weight, g, a, dx, adapter_table(plan, dy2.device), seed, *da_ptrs, *dora_ops, M, K, N, R, len(plan.ranks),
         dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides,
-        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, BASE_PRECISION=dot_precision(dy2.dtype),
+        a.stride(0), a.stride(1), dx.stride(0), dx.stride(1), *da_strides, *dora_strides,
+        HAS_DROPOUT=plan.dropout, HAS_DA=x2 is not None, HAS_MNS=dora is not None, HAS_BIAS=bias is not None,
+        BASE_PRECISION=dot_precision(dy2.dtype),
         LORA_PRECISION=dot_precision(dy2.dtype, a.dtype),
         BLOCK_R=_BLOCK_R, **cfg)
-    return dx, da
+    return (dx, da) if dora is None else (dx, da, dmp)
 
 
-def launch_dy_pass(dy2, t, b, plan):
-    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2."""
+_GRAD_M_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
+
+
+def launch_dora_grad_m(x2, weight, t, b, dy2, m, norm, dmp):
+    """dL/dm [N] fp32 = (sum of the dX kernel's partials dmp [n_parts, N]) / norm; columns with m == 0 from
+    y_pre = x2 @ weight^T + t @ b^T recomputed for the column blocks holding one."""
+    M, K = x2.shape
+    N, R = b.shape
+    _check_dora_vectors((m, norm), N)
+    dm = torch.empty(N, dtype=torch.float32, device=dy2.device)
+    cfg = dict(_GRAD_M_CONFIG)
+    launch(_dora_grad_m_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
+        x2, weight, t, b, dy2, m, norm, dmp, dm, M, N, K, R, dmp.shape[0],
+        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1), b.stride(0),
+        b.stride(1), dy2.stride(0), dy2.stride(1), dmp.stride(0),
+        BASE_PRECISION=dot_precision(x2.dtype), LORA_PRECISION=dot_precision(x2.dtype, b.dtype), **cfg)
+    return dm
+
+
+def launch_dy_pass(dy2, t, b, plan, dora=None):
+    """(G = s' * dy2 @ b [M, R], dB = dy2^T @ t [N, R]), both in b's dtype, from one read of dy2. With
+    ``dora = (m, norm)`` ([N] fp32 each, DoRA): dy2 * (m / norm) in place of dy2."""
     M, N = dy2.shape
     R = b.shape[1]
     block_r, n_blocks, splits, rows = _dy_launch_plan(M, N, R, dy2.dtype, b.dtype)
@@ -596,11 +774,14 @@ def launch_dy_pass(dy2, t, b, plan):
     g = torch.empty(M, R, dtype=b.dtype, device=dy2.device)
     db = torch.empty(N, R, dtype=b.dtype, device=dy2.device)
     count, base = epoch_counters(dy2.device, n_tiles * (triton.cdiv(M, cfg["BLOCK_M"]) + n_blocks))
+    _check_dora_vectors(dora, N)
     launch(_lora_fused_dy_kernel, (n_tiles, n_blocks, splits),
-        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device), M, N, rows,
+        dy2, t, b, g, db, gp, dbp, count, base, tiles, rank_scale(plan, dy2.device),
+        *((_no_mns(dy2.device),) * 2 if dora is None else dora), M, N, rows,
         dy2.stride(0), dy2.stride(1), t.stride(0), t.stride(1), b.stride(0), b.stride(1), g.stride(0), g.stride(1),
         db.stride(0), db.stride(1), gp.stride(0), gp.stride(1), gp.stride(2), dbp.stride(0), dbp.stride(1),
-        dbp.stride(2), DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), BLOCK_R=block_r, **cfg)
+        dbp.stride(2), DOT_PRECISION=dot_precision(dy2.dtype, b.dtype), HAS_MNS=dora is not None, BLOCK_R=block_r,
+        **cfg)
     return g, db
 
 
@@ -784,6 +965,240 @@ def lora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 # ----------------------------------------------------------------------------------------------
+# DoRA: the magnitude / norm scale in the same kernels (peftfast::dora_linear_fused)
+# ----------------------------------------------------------------------------------------------
+# One DoRA adapter (or several LoRA adapters summed, then scaled), no dropout, frozen base:
+#
+#     y_pre = x @ W^T + t @ B^T,  t = s' x @ A^T                    (what lora_linear_fused computes)
+#     y     = y_pre + (mns - 1) * y_pre + b,   mns = m / norm      m, norm [N] fp32; norm a constant
+#
+# norm = ||W + s B A||_row comes from ``dora_row_norm_fused`` (one kernel) or the caller's torch code.
+# Forward: the fused GEMM's epilogue forms mns = m / norm and applies (mns - 1) per column before the
+# bias (PEFT's form: m == norm, a fresh adapter, gives the LoRA kernel's output bit for bit); no extra
+# pass over y, no launch for m / norm.
+# Backward (norm treated as a constant, as PEFT):
+#
+#     dY' = dY * mns (per column)         G = s' dY' @ B, dB = dY'^T @ t, dX = dY' @ W + G @ A,
+#     dA = G^T @ x,  db = sum_m dY,       dL/dm = sum_m dY * y_pre / norm,  y_pre = (y - b) / mns
+#
+# dY' is formed in registers by the dY pass (G, dB) and by the dX kernel's loads of dY (rounded to dY's
+# dtype there, as autograd rounds PEFT's mns * dY). The dX kernel, compute-bound, also reads the
+# forward's output y for its share of column blocks and writes fp32 partials of sum_m dY * y_pre per row
+# block; ``_dora_grad_m_kernel`` sums them in order and divides by the norm. Nothing [M, N] is saved but
+# y itself (which the next layer usually holds anyway). Columns with m == 0 (y == b there, y_pre lost)
+# recompute y_pre = x @ W^T + t @ B^T in that last kernel (a GEMM over those column blocks only).
+# Accuracy: y_pre recovered from y carries y's rounding divided by mns (|y| ulp / |mns|); for a 16-bit
+# model whose bias dwarfs mns * y_pre this is coarser than PEFT's saved y_pre.
+# Saved for backward: x, t [M, R], y, m, norm, b and references to W and the adapters.
+# Launches: forward as lora_linear_fused; backward 3 (dY pass; dX + dA + dL/dm partials; dL/dm), plus
+# torch's sum of dY for a trainable bias. Gradient sets without B's or without x's gradient take the
+# reference path below (dY * mns in torch, then the LoRA backward; y_pre recomputed).
+
+
+def _dora_reference_forward(x2, weight, bias, weights_a, weights_b, plan, m, norm):
+    y_pre, t = forward_reference(x2, weight, None, weights_a, weights_b, plan, 0)
+    cd = torch.promote_types(y_pre.dtype, torch.float32)
+    yf = y_pre.to(cd)
+    out = yf + (m.to(cd) / norm.to(cd) - 1) * yf
+    if bias is not None:
+        out = out + bias.to(cd)
+    return out.to(x2.dtype), t
+
+
+def _dora_op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], scalings: list[float],
+                     magnitude: torch.Tensor, norm: torch.Tensor, *, hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [..., N], t [..., R]); magnitude, norm [N] fp32. hint (eager): (plan, on_triton)."""
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * len(weights_a))
+        on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    else:
+        plan, on_triton = hint
+    x2 = as_2d(x)
+    if on_triton and x2.shape[0] > 0:
+        y2, t = launch_fused_forward(x2, weight, bias, cat_a(weights_a), cat_b(weights_b), plan, 0,
+                                     dora=(magnitude, norm))
+    else:
+        y2, t = _dora_reference_forward(x2, weight, bias, weights_a, weights_b, plan, magnitude, norm)
+    return y2.view(*x.shape[:-1], weight.shape[0]), (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
+
+
+def _dora_op_save(args, outputs) -> list:
+    x, weight, bias, weights_a, weights_b, _scalings, magnitude, norm = args
+    return [x, outputs[1], outputs[0], weight, bias, magnitude, norm, *weights_a, *weights_b]
+
+
+def _dora_dm_reference(dy2, x2, t2, weight, b, norm):
+    """dL/dm = sum_m dY * y_pre / norm with y_pre = x @ W^T + t @ B^T recomputed (fp32, or fp64 for fp64)."""
+    cd = torch.promote_types(dy2.dtype, torch.float32)
+    y_pre = F.linear(x2, weight).to(cd) + t2.to(cd) @ b.to(cd).t()
+    return (dy2.to(cd) * y_pre).sum(0) / norm.to(cd)
+
+
+def _dora_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, weight (frozen), bias, A_1..A_n, B_1..B_n, magnitude, norm (a constant))."""
+    x, t, y, weight, bias, magnitude, norm, *weights = saved
+    n = len(weights) // 2
+    a_list, b_list = weights[:n], weights[n:]
+    dy = grads[0]
+    if hint is None:
+        plan = make_plan([a.shape[0] for a in a_list], statics[0], [0.0] * n)
+        on_triton = use_triton(dy, x, weight, *weights)
+    else:
+        plan, on_triton = hint
+    need_x, need_bias, need_m = needs[0], needs[2], needs[-2]
+    need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    dy2, x2, t2, y2 = as_2d(dy), as_2d(x), as_2d(t), as_2d(y)
+    dx = da = db = dm = None
+    if on_triton and dy2.shape[0] > 0 and any(need_b) and need_x:
+        a, b = cat_a(a_list), cat_b(b_list)
+        g, db = launch_dy_pass(dy2, t2, b, plan, dora=(magnitude, norm))
+        dx, da, dmp = launch_fused_grad_x(dy2, weight, g, a, plan, 0, x2 if any(need_a) else None,
+                                          dora=(magnitude, norm, y2, bias))
+        if need_m:
+            dm = launch_dora_grad_m(x2, weight, t2, b, dy2, magnitude, norm, dmp)
+    else:
+        mns = magnitude / norm
+        dyi = (dy2 * mns).to(dy2.dtype)
+        if need_x or any(need_a) or any(need_b):
+            impl = _backward_triton if on_triton and dy2.shape[0] > 0 else backward_reference
+            dx, da, db = impl(dyi, x2, t2, weight, a_list, b_list, plan, 0, need_x, any(need_a), any(need_b))
+        if need_m:
+            dm = _dora_dm_reference(dy2, x2, t2, weight, cat_b(b_list), norm)
+    dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if need_bias else None
+    dx = dx.view(x.shape) if dx is not None else None
+    return [dx, None, dbias, *adapter_grads(plan, da, db, need_a, need_b),
+            dm.to(magnitude.dtype) if need_m else None, None]
+
+
+def _dora_op_fake(x, weight, bias, weights_a, weights_b, scalings, magnitude, norm):
+    rank = sum(a.shape[0] for a in weights_a)
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((*x.shape[:-1], rank), dtype=weights_a[0].dtype))
+
+
+def _dora_op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _t, _y, _weight, _bias, magnitude, _norm, *weights = saved
+    dy = grads[0]
+    return [x.new_empty(x.shape) if needs[0] else None, None, dy.new_empty(dy.shape[-1]) if needs[2] else None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[3:-2])),
+            magnitude.new_empty(magnitude.shape) if needs[-2] else None, None]
+
+
+DORA_LINEAR_FUSED = OpDecl("peftfast::dora_linear_fused", _dora_op_forward, _dora_op_backward, save=_dora_op_save,
+                           fake=_dora_op_fake, backward_fake=_dora_op_backward_fake, aux_outputs=(1,))
+
+
+def dora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
+                      scalings: Sequence[float], magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """DoRA without dropout: ``y_pre + (mns - 1) * y_pre + bias`` in x's dtype, ``mns = magnitude / norm``, where
+    ``y_pre = x @ W^T + sum_i s_i x @ A_i^T @ B_i^T`` (x cast to the adapters' dtype for their term).
+
+    x: [..., d_in]; weight: [d_out, d_in], frozen, x's dtype; bias: [d_out] in x's dtype or None;
+    weights_a / weights_b / scalings as ``lora_linear_fused``; magnitude: [d_out] (DoRA's m, any float dtype;
+    its gradient ``sum_tokens dY * y_pre / norm`` flows back); norm: [d_out] ``||W + s B A||_row``, a constant
+    (no gradient, as PEFT detaches it). On the Triton backend one fused GEMM (mns formed and applied in its
+    epilogue) and the fused backward above; elsewhere ``lora_linear_fused`` then ``y + (mns - 1) * (y - bias)``
+    in torch (``y * mns`` without bias), PEFT's rounding. Either way magnitude == norm (mns == 1) returns what
+    ``lora_linear_fused`` returns, bit for bit.
+    """
+    _check(x, weight, bias)
+    d_out = weight.shape[0]
+    for name, v in (("magnitude", magnitude), ("norm", norm)):
+        if v.numel() != d_out or not v.is_floating_point():
+            raise ValueError(f"{name} must be a float tensor of d_out={d_out} values, got {tuple(v.shape)} {v.dtype}")
+    norm = norm.detach()
+    n = len(weights_a)
+    compiling = torch.compiler.is_compiling()
+    if n == 0 or (not compiling and not use_triton(x, weight)) or len({a.dtype for a in weights_a}) > 1:
+        y = lora_linear_fused(x, weight, bias, weights_a, weights_b, scalings, [0.0] * n, False)
+        m = magnitude.reshape(d_out)
+        mns = m / norm.reshape(d_out).to(device=m.device, dtype=m.dtype)
+        out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
+        return out.to(y.dtype)
+    base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], d_out)
+    check_adapters(x, base_shape, weights_a, weights_b, scalings, [0.0] * n)
+    m32 = magnitude.reshape(d_out).to(torch.float32).contiguous()
+    n32 = norm.reshape(d_out).to(torch.float32).contiguous()
+    if compiling:
+        return DORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings],
+                                 m32, n32)[0]
+    plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * n)
+    on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    return DORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings], m32,
+                             n32, hint=(plan, on_triton))[0]
+
+
+@triton.jit
+def _dora_norm_kernel(
+    w_ptr,  # [N, K] frozen base weight, activation dtype
+    a_ptr,  # [R, K] stacked A_i, adapter dtype
+    b_ptr,  # [N, R] stacked B_i, adapter dtype
+    scale_ptr,  # [R] fp32 s per rank
+    norm_ptr,  # [N] fp32 output ||W_o + (B diag(s) A)_o||
+    N, K, R,
+    stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # DoRA's row norm in one pass over W: each program owns BLOCK_N rows, forms the delta tile
+    # (B s) @ A next to the W tile in fp32 (a short reduction over the ranks) and sums the squares of
+    # their sum; W + s B A is never stored. Memory-bound: W read once, A re-read per row block (L2).
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        v = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = r0 + offs_r < R
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br,
+                        mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            b = b * tl.load(scale_ptr + r0 + offs_r, mask=mask_r, other=0.0)[None, :]
+            a = tl.load(a_ptr + (r0 + offs_r)[:, None] * stride_ar + (k0 + offs_k)[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            v = tl.dot(b, a, v, input_precision=PRECISION)
+        sq += tl.sum(v * v, axis=1)
+    tl.store(norm_ptr + offs_n, tl.sqrt(sq), mask=mask_n)
+
+
+_NORM_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2}
+
+
+def launch_dora_norm(weight, a, b, plan):
+    """||weight_o + (b diag(s') a)_o|| for every row o: [N] fp32, one kernel (W read once, nothing [N, K]
+    written). The delta is formed in fp32 (3xTF32 dots: ~fp32 accuracy), whatever the dtypes."""
+    N, K = weight.shape
+    R = a.shape[0]
+    assert a.shape == (R, K) and b.shape == (N, R)
+    norm = torch.empty(N, dtype=torch.float32, device=weight.device)
+    cfg = dict(_NORM_CONFIG)
+    launch(_dora_norm_kernel, (triton.cdiv(N, cfg["BLOCK_N"]),),
+        weight, a, b, rank_scale(plan, weight.device), norm, N, K, R,
+        weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        PRECISION=dot_precision(torch.float32), **cfg)
+    return norm
+
+
+@torch.no_grad()
+def dora_row_norm_fused(weight: torch.Tensor, weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
+                        scalings: Sequence[float]) -> torch.Tensor | None:
+    """DoRA's ``||W + sum_i s_i B_i A_i||`` per output row [d_out] in fp32 (no gradient) from one Triton kernel
+    on the Triton backend (W read once, the merged weight never formed; exact, no expansion); None where that
+    backend does not run (the caller computes it in torch). weight: [d_out, d_in]; A_i [r_i, d_in]; B_i [d_out, r_i]."""
+    if not weights_a or torch.compiler.is_compiling() or not use_triton(weight, *weights_a, *weights_b) \
+            or len({a.dtype for a in weights_a}) > 1 or weight.shape[0] == 0:
+        return None
+    plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * len(weights_a))
+    return launch_dora_norm(weight, cat_a([a.detach() for a in weights_a]), cat_b([b.detach() for b in weights_b]),
+                            plan)
+
+
+# ----------------------------------------------------------------------------------------------
 # Measured dispatch (kernels/autotune.py): the fused GEMM, or torch's base matmul + lora.py's kernels
 # ----------------------------------------------------------------------------------------------
 FUSED, UNFUSED = "fused", "unfused"  # the default: fused (what runs with PEFTFAST_AUTOTUNE=0, on CPU, compiled)
@@ -878,32 +1293,55 @@ def base_linear(x, weight, bias):
 def aot_specs() -> list[AotSpec]:
     kernels = (
         ("forward", _lora_fused_forward_kernel,
-         lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x},
+         lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "t_ptr": w, "b_ptr": w, "y_ptr": x, "m_ptr": "fp32",
+                       "norm_ptr": "fp32"},
          ("stride_xk", "stride_wk", "stride_tr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("forward_lookahead", _lora_fused_forward_lookahead_kernel,
          lambda x, w: {"x_ptr": x, "w_ptr": x, "bias_ptr": x, "a_ptr": w, "t_ptr": w, "tp_ptr": "fp32", "b_ptr": w,
-                       "y_ptr": x, "count_ptr": "i64", "scale_ptr": "fp32"},
+                       "y_ptr": x, "m_ptr": "fp32", "norm_ptr": "fp32", "count_ptr": "i64", "scale_ptr": "fp32"},
          ("stride_xk", "stride_wk", "stride_ak", "stride_tr", "stride_tpr", "stride_br", "stride_yn"), "HAS_BIAS"),
         ("grad_x", _lora_fused_grad_x_kernel,
          lambda x, w: {"dy_ptr": x, "w_ptr": x, "g_ptr": w, "a_ptr": w, "dx_ptr": x, "x_ptr": x, "dap_ptr": "fp32",
-                       "da_ptr": w, "count_ptr": "i64"},
-         ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk"), "HAS_DROPOUT"),
+                       "da_ptr": w, "count_ptr": "i64", "m_ptr": "fp32", "norm_ptr": "fp32", "y_ptr": x, "bias_ptr": x,
+                       "dmp_ptr": "fp32"},
+         ("stride_dyn", "stride_wk", "stride_gr", "stride_ak", "stride_dxk", "stride_yn"), "HAS_DROPOUT"),
     )
     specs = []
-    for act, ad in L.DTYPE_PAIRS:  # the dY pass: G and dB partials
+    for act, ad in L.DTYPE_PAIRS:  # the dY pass: G and dB partials (DoRA: dY * mns and dL/dmns)
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for block_r in _dy_block_rs(ad):
-            cfg = _dy_config(act, ad)
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            consts = dict(DOT_PRECISION=dot_precision(act, ad), BLOCK_R=block_r, **cfg,
-                          **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
-            types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa, "db_ptr": "*" + wa,
-                     "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i64", "count_base": "i64",
-                     "tiles_ptr": "*i64", "scale_ptr": "*fp32"}
-            sig = aot_signature(_lora_fused_dy_kernel, types, consts)
-            name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
-                    f"BLOCK_N={cfg['BLOCK_N']},warps={warps}]")
-            specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
+            for mns in (False, True):
+                cfg = _dy_config(act, ad)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                consts = dict(DOT_PRECISION=dot_precision(act, ad), HAS_MNS=mns, BLOCK_R=block_r, **cfg,
+                              **{u: 1 for u in ("stride_dyn", "stride_tr", "stride_br", "stride_gpr", "stride_dbr")})
+                types = {"dy_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "g_ptr": "*" + wa,
+                         "db_ptr": "*" + wa, "gp_ptr": "*fp32", "dbp_ptr": "*fp32", "count_ptr": "*i64",
+                         "count_base": "i64", "tiles_ptr": "*i64", "scale_ptr": "*fp32", "m_ptr": "*fp32",
+                         "norm_ptr": "*fp32"}
+                sig = aot_signature(_lora_fused_dy_kernel, types, consts)
+                name = (f"lora_fused_dy[x={xa},w={wa},BR={block_r},BLOCK_M={cfg['BLOCK_M']},"
+                        f"BLOCK_N={cfg['BLOCK_N']},warps={warps},HAS_MNS={int(mns)}]")
+                specs.append(AotSpec(name, _lora_fused_dy_kernel, sig, consts, warps, stages, True))
+    for act, ad in L.DTYPE_PAIRS:  # DoRA's row norm
+        xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+        cfg = dict(_NORM_CONFIG)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(PRECISION=dot_precision(torch.float32), **cfg, stride_wk=1, stride_ak=1, stride_br=1)
+        types = {"w_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa, "scale_ptr": "*fp32", "norm_ptr": "*fp32"}
+        sig = aot_signature(_dora_norm_kernel, types, consts)
+        name = f"lora_fused_dora_norm[x={xa},w={wa},{','.join(f'{k}={v}' for k, v in cfg.items())},warps={warps}]"
+        specs.append(AotSpec(name, _dora_norm_kernel, sig, consts, warps, stages, True))
+        cfg = dict(_GRAD_M_CONFIG)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        consts = dict(BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad), **cfg,
+                      stride_xk=1, stride_wk=1, stride_tr=1, stride_br=1, stride_dyn=1)
+        types = {"x_ptr": "*" + xa, "w_ptr": "*" + xa, "t_ptr": "*" + wa, "b_ptr": "*" + wa, "dy_ptr": "*" + xa,
+                 "m_ptr": "*fp32", "norm_ptr": "*fp32", "dmp_ptr": "*fp32", "dm_ptr": "*fp32"}
+        sig = aot_signature(_dora_grad_m_kernel, types, consts)
+        name = (f"lora_fused_dora_grad_m[x={xa},w={wa},{','.join(f'{k}={v}' for k, v in cfg.items())},"
+                f"warps={warps}]")
+        specs.append(AotSpec(name, _dora_grad_m_kernel, sig, consts, warps, stages, True))
     for act, ad in L.DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
         for kname, fn, ptrs, unit, flag in kernels:
@@ -912,8 +1350,16 @@ def aot_specs() -> list[AotSpec]:
             second = {"forward": None, "forward_lookahead": "HAS_DROPOUT", "grad_x": "HAS_DA"}[kname]
             flags_list = [{flag: on} for on in (False, True)] if second is None else \
                 [{flag: on, second: on2} for on in (False, True) for on2 in (False, True)]
+            # DoRA's scale (HAS_MNS): launched without dropout only; the dX kernel's HAS_BIAS (y - bias) with it
+            flags_list = [{**f, "HAS_MNS": mns} for f in flags_list for mns in (False, True)
+                          if not (mns and f.get("HAS_DROPOUT"))]
+            if kname == "grad_x":
+                flags_list = [{**f, "HAS_BIAS": bias} for f in flags_list for bias in (False, True)
+                              if f["HAS_MNS"] or not bias]
             for flags in flags_list:
                 cfg = _config("forward" if kname == "forward_lookahead" else kname, act, ad)
+                if kname == "grad_x":
+                    cfg = _grad_x_config(act, ad, flags["HAS_MNS"])
                 if kname != "forward_lookahead":
                     cfg.pop("SUB_M", None)
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")

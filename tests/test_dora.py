@@ -167,12 +167,12 @@ def test_forward_and_gradients_match_peft_and_float64(train):
 
 def test_single_dora_on_frozen_linear_uses_the_fused_op(monkeypatch):
     calls = []
-    real = lora_layer.lora_linear_fused
-    monkeypatch.setattr(lora_layer, "lora_linear_fused",
+    real = lora_layer.dora_linear_fused
+    monkeypatch.setattr(lora_layer, "dora_linear_fused",
                         lambda x, w, bias, *a, **k: calls.append(bias) or real(x, w, bias, *a, **k))
     theirs, ours = make_pair(targets=["lin", "lin_nb"])
     compare(theirs, ours, *inputs(), train=True)
-    assert len(calls) >= 2  # one fused call per layer and step; the bias goes in with the GEMM
+    assert len(calls) >= 2  # one fused call per layer and step; the bias and mns go in with the GEMM
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -224,3 +224,41 @@ def test_int8_dx_with_da_of_another_dtype_runs_two_stages(launches, act, ad, sta
     Q.matmul_int8_triton(_meta(7, 128, dtype=act), _meta(128, 256, dtype=torch.int8), _meta(128, dtype=F32),
                          transpose=False, lora=lora, lora_x=_meta(7, 256, dtype=act))
     assert [meta["num_stages"] for name, meta in launches] == [stages]
+
+
+@pytest.mark.parametrize("act", [F16, BF16, F32])
+@pytest.mark.parametrize("rank", [7, 40])
+def test_fused_lora_and_dora_launches_are_compiled(monkeypatch, act, rank):
+    """lora_fused.py's kernels as its launchers pick them: LoRA with and without dropout, and DoRA's
+    variants (mns in the forward epilogue, the dX kernel and the dY pass, with and without bias; the
+    row-norm kernel)."""
+    from peftfast.kernels import lora_fused as LF
+
+    seen = []
+    monkeypatch.setattr(LF, "launch", lambda kernel, grid, *args, **meta: seen.append((runtime.kernel_name(kernel),
+                                                                                       meta)))
+    monkeypatch.setattr(L, "launch", lambda kernel, grid, *args, **meta: None)  # lora.py's shrink: covered above
+    m, k, n = 300, 96, 80
+    for ad in dict.fromkeys((act, F32)):
+        x, dy, w = _meta(m, k, dtype=act), _meta(m, n, dtype=act), _meta(n, k, dtype=act)
+        a, b, g, t = _meta(rank, k, dtype=ad), _meta(n, rank, dtype=ad), _meta(m, rank, dtype=ad), \
+            _meta(m, rank, dtype=ad)
+        mn = (_meta(n, dtype=F32), _meta(n, dtype=F32))
+        for p in (0.0, 0.1):
+            plan = make_plan((rank,), (2.0,), (p,))
+            LF.launch_fused_forward(x, w, _meta(n, dtype=act), a, b, plan, 1)
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 1, x)
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 1)
+            LF.launch_dy_pass(dy, t, b, plan)
+        plan = make_plan((rank,), (2.0,), (0.0,))
+        y = _meta(m, n, dtype=act)
+        for bias in (None, _meta(n, dtype=act)):
+            LF.launch_fused_forward(x, w, bias, a, b, plan, 0, dora=mn)
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, x, dora=(*mn, y, bias))
+            LF.launch_fused_grad_x(dy, w, g, a, plan, 0, dora=(*mn, y, bias))
+        LF.launch_dy_pass(dy, t, b, plan, dora=mn)
+        LF.launch_dora_norm(w, a, b, plan)
+        LF.launch_dora_grad_m(x, w, t, b, dy, *mn, _meta(3, n, dtype=F32))
+    assert {"_dora_norm_kernel", "_dora_grad_m_kernel"} <= {name for name, _ in seen}
+    assert any(meta.get("HAS_MNS") for _, meta in seen) and len(seen) >= 14
+    assert not _unmatched(seen, LF.aot_specs())

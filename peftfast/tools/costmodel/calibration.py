@@ -297,3 +297,28 @@ def calibrate_ia3() -> list[Check]:
         checks.append(Check(f"IA3 fused matmul, scale on {'x' if ff else 'y'} (T={t}, {d_in}->{d_out})",
                             counted, kern.bytes, launches, 1, KERNEL_BYTES_TOLERANCE))
     return checks
+
+
+def calibrate_peftfast_dora(t: int = 37, d_in: int = 45, d_out: int = 52, r: int = 7,
+                            ad: torch.dtype = torch.float32) -> list[Check]:
+    """Count DoRA's fused path (``dora_row_norm_fused``, then ``dora_linear_fused``; no bias, fp16
+    activations) under the interpreter and compare with ``peftfast_dora_forward`` / ``peftfast_dora_backward``.
+    Same requirements as ``calibrate_peftfast_fused``."""
+    from peftfast.kernels import lora_fused
+
+    from .formulas.dora import peftfast_dora_backward, peftfast_dora_forward
+
+    act, gen, x = counted_input(t, d_in)
+    w = (torch.randn(d_out, d_in, generator=gen) / d_in**0.5).to(act)
+    m = (torch.rand(d_out, generator=gen) + 0.5).requires_grad_(True)
+
+    def op(a, b):
+        norm = lora_fused.dora_row_norm_fused(w, [a], [b], [1.5])
+        return lora_fused.dora_linear_fused(x, w, None, [a], [b], [1.5], m, norm)
+
+    fwd, bwd = count_with_adapters(gen, t, d_in, d_out, r, act, ad, op)
+    shape = f"(T={t}, {d_in}->{d_out}, r={r}, adapters {str(ad)[6:]})"
+    return op_checks("DoRA (norm + dora_linear_fused)", shape, fwd, bwd,
+                     peftfast_dora_forward(t, d_in, d_out, [r], act, ad),
+                     peftfast_dora_backward(t, d_in, d_out, [r], act, ad),
+                     fwd_reread=fused_forward_reread(t, d_in, act))

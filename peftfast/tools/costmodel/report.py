@@ -11,10 +11,12 @@ import torch
 from .calibration import calibrate_eager, calibrate_peftfast, calibrate_peftfast_fused
 from .formulas import (base_linear_forward, dequant_int8_then_matmul, ia3_fused_matmul, lora_layer,
                        matmul_4bit_fused, matmul_int8_fused, peft_ia3_forward, qlora_layer)
+from .formulas.dora import dora_layer
 from .specs import H100, LAUNCH_OVERHEAD_S, RTX4090, Gpu, Kernel, dtype_name, path_bytes, path_time
 
 LORA_TARGETS = {"forward": 1.07, "backward": 1.13}  # DESIGN targets, peftfast vs base GEMM alone
 QLORA_TARGETS = {"forward": 1.11, "backward": 1.18}
+DORA_TARGETS = {"forward": 1.05, "backward": 1.20}  # the modelled targets for one DoRA linear
 
 
 def ratio_table(gpu: Gpu, overhead: float, rows: list[tuple[str, list[Kernel], list[Kernel]]]) -> list[str]:
@@ -147,6 +149,16 @@ def build_report(t: int = 8192, d_in: int = 4096, d_out: int = 4096, r: int = 16
         kb = base_linear_forward(dec, d_in, d_out, act)[0]
         out.append(f"Decode T={dec}: the 4-bit GEMM moves {k4.bytes / 1e6:.1f} MB ({k4.time(gpu) * 1e6:.1f} us), "
                    f"a {dtype_name(act)} GEMM {kb.bytes / 1e6:.1f} MB ({kb.time(gpu) * 1e6:.1f} us)")
+        out.append("")
+        out.append(f"DoRA linear (one adapter, no dropout), {shape}, fp32 adapters and magnitude; "
+                   f"base = the GEMM alone (backward: base dX alone)")
+        dora_rows = [("base GEMM alone", *base)] + [
+            (label, dora_layer(impl, False, t, d_in, d_out, r, act, f32),
+             dora_layer(impl, True, t, d_in, d_out, r, act, f32))
+            for label, impl in (("PEFT DoRA (W + s B A materialised)", "peft"),
+                                ("peftfast DoRA (norm kernel + fused GEMMs)", "peftfast-fused"))]
+        out += ratio_table(gpu, launch_overhead, dora_rows)
+        out.append(verdict(dora_rows[2][0], dora_rows[2][1], dora_rows[2][2], base, DORA_TARGETS, gpu, launch_overhead))
         out.append("")
         out.append(f"IA3 linear, forward only, {shape[:shape.index(', r=')]}{shape[shape.index(', r=') + 6:]}; "
                    f"target forward <= 1.01 (backward columns: base dX only)")

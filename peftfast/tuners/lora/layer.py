@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.lora import lora_linear
-from ...kernels.lora_fused import lora_linear_fused
+from ...kernels.lora_fused import dora_linear_fused, dora_row_norm_fused, lora_linear_fused
 from ...utils.errors import PeftWarning
 from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
@@ -312,7 +312,14 @@ class LoraLayer(AdditiveAdapterLayer):
         if self.ephemeral_gpu_offload and torch.cuda.is_available() and device.type == "cpu":
             device = torch.device("cuda")
         rows = self.dora_rows(weight.detach()).to(device)
-        norm = self._dora_row_norm(adapter, rows, a, b)
+        norm = None
+        if type(self.get_base_layer()) is nn.Linear and self.dora_norm_delta(adapter) is None:
+            # the fused forward's own norm kernel (Triton backend): a fresh adapter's m equals the norm that
+            # forward computes bit for bit, so mns == 1 exactly and the base output is unchanged
+            norm = dora_row_norm_fused(rows, [a.to(rows.device)], [b.to(rows.device)],
+                                       [float(self.scaling[adapter])])
+        if norm is None:
+            norm = self._dora_row_norm(adapter, rows, a, b)
         dtype = torch.promote_types(weight.dtype, a.dtype) if weight.is_floating_point() else a.dtype
         m = norm.to(device=a.device, dtype=dtype).reshape(self.dora_magnitude_shape())
         self.lora_magnitude_vector[adapter] = DoraMagnitude(m)
@@ -932,16 +939,29 @@ class Linear(nn.Module, LoraLayer):
     def _dora_forward(self, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
         """The active adapters ``names`` (some with DoRA) in PEFT's order and math (see ``dora.py``).
 
-        One DoRA adapter over a fusable base, without dropout drawn: the fused op computes
-        ``y = x W^T + b + s B A x`` in one GEMM and one elementwise op applies ``mns``. Otherwise the base
-        output is computed once and each adapter updates it in turn. Both add ``(mns - 1)`` times the unbiased
-        output to the output (PEFT's form), so a fresh adapter (B = 0, m = ||W||: mns == 1) leaves the base
-        output bit for bit as it was."""
+        One DoRA adapter over a fusable nn.Linear, without dropout drawn: ``dora_linear_fused`` (on the Triton
+        backend one GEMM computes ``x W^T + s B A x``, applies ``mns`` in its epilogue and adds the bias; the
+        backward folds ``mns`` into the fused LoRA backward; elsewhere the fused LoRA op then PEFT's
+        elementwise scale). A fusable quantised base: its fused LoRA op, then that elementwise scale. Otherwise the base output is computed once and each adapter updates it in turn.
+        Both add ``(mns - 1)`` times the unbiased output to the output (PEFT's form), so a fresh adapter
+        (B = 0, m = ||W||: mns == 1) leaves the base output bit for bit as it was."""
         drops = self.training and any(dropout_p(self.lora_dropout[n]) > 0 for n in names if self.use_dora[n])
         if len(names) == 1 and not drops and not args and not kwargs and self._fuses_with_base(x):
             (name,) = names
-            y = self._fused_forward(x, names)
+            base = self.base_layer
+            if type(base) is nn.Linear:
+                x, weight, bias = autocast_base(x, base.weight, base.bias)
+                bundle = self.adapter_bundle(names)
+                # the norm from one kernel on the Triton backend (None elsewhere: dora.py's expansion); the op
+                # forms mns = m / norm itself (in the GEMM's epilogue on the Triton backend)
+                norm = dora_row_norm_fused(weight, bundle.weights_a, bundle.weights_b, bundle.scalings)
+                if norm is None:
+                    norm = self.dora_norm(name)
+                m = self.lora_magnitude_vector[name].weight
+                return dora_linear_fused(x, weight, bias, bundle.weights_a, bundle.weights_b, bundle.scalings,
+                                         m.reshape(-1), norm)
             mns = self.dora_scale(name)
+            y = self._fused_forward(x, names)  # a quantised base: its fused LoRA op, then the scale
             bias = self.base_bias()
             out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
             return out.to(y.dtype)
