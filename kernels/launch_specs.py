@@ -69,7 +69,8 @@ def _meta(*shape, dtype=torch.float16) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _packed4bit(act: torch.dtype, nested: bool) -> Packed4bit:
+def meta_packed4bit(act: torch.dtype, nested: bool) -> Packed4bit:
+    """An NF4 weight [D, D] on the meta device (double-quantised absmax when ``nested``), as launches see it."""
     n_blocks = D * D // NF4_BLOCKSIZE
     if not nested:
         return Packed4bit(_meta(D * D // 2, dtype=torch.uint8), _meta(n_blocks, dtype=torch.float32),
@@ -80,7 +81,8 @@ def _packed4bit(act: torch.dtype, nested: bool) -> Packed4bit:
                       0.0123)
 
 
-def _int8() -> QL.Int8Weight:
+def meta_int8_weight() -> QL.Int8Weight:
+    """An int8 weight [D, D] with its row scales, on the meta device."""
     return QL.Int8Weight(_meta(D, D, dtype=torch.int8), _meta(D, dtype=torch.float32))
 
 
@@ -91,15 +93,15 @@ def _run(case: Case) -> None:
     if ad is None:  # a frozen quantised layer: forward, and dX for the layers below
         for bias in (None, _meta(D, dtype=act)):
             if case.op == "matmul_int8":
-                w = _int8()
+                w = meta_int8_weight()
                 Q.matmul_int8_triton(x, w.cb, w.scb, bias, transpose=True)
             else:
-                Q.matmul_4bit_triton(x, _packed4bit(act, case.op.endswith("nested")), bias, transpose=True)
+                Q.matmul_4bit_triton(x, meta_packed4bit(act, case.op.endswith("nested")), bias, transpose=True)
         if case.op == "matmul_int8":
-            w = _int8()
+            w = meta_int8_weight()
             Q.matmul_int8_triton(dy, w.cb, w.scb, None, transpose=False)
         else:
-            Q.matmul_4bit_triton(dy, _packed4bit(act, case.op.endswith("nested")), None, transpose=False)
+            Q.matmul_4bit_triton(dy, meta_packed4bit(act, case.op.endswith("nested")), None, transpose=False)
         return
     a, b = [_meta(RANK, D, dtype=ad)], [_meta(D, RANK, dtype=ad)]
     for p in (0.0, 0.1):
@@ -108,19 +110,19 @@ def _run(case: Case) -> None:
         for bias in (None, _meta(D, dtype=act)):
             if case.op == "lora_fused":
                 weight = _meta(D, D, dtype=act)
-                _y, t = LF._forward(x, weight, bias, a, b, plan, seed, True)
+                _y, t = LF.plan_forward(x, weight, bias, a, b, plan, seed, True)
             elif case.op == "lora_unfused":  # F.linear (cuBLAS), then lora.py's kernels on its output
-                _y, t = L._forward(x, _meta(t_, D, dtype=act), a, b, plan, seed, False, True)
+                _y, t = L.plan_forward(x, _meta(t_, D, dtype=act), a, b, plan, seed, False, True)
             else:
-                w = _int8() if case.op == "qlora_int8" else _packed4bit(act, case.op.endswith("nested"))
-                _y, t = QL._q_forward(x, w, bias, a, b, plan, seed, True)
+                w = meta_int8_weight() if case.op == "qlora_int8" else meta_packed4bit(act, case.op.endswith("nested"))
+                _y, t = QL.plan_forward(x, w, bias, a, b, plan, seed, True)
         for need_x in (True, False):  # the first adapted layer of a model has no x gradient
             if case.op == "lora_fused":
-                LF._backward(dy, x, t, weight, a, b, plan, seed, need_x, False, True, True, True)
+                LF.plan_backward(dy, x, t, weight, a, b, plan, seed, need_x, False, True, True, True)
             elif case.op == "lora_unfused":
-                L._backward(dy, x, t, a, b, plan, seed, need_x, True, True, True)
+                L.plan_backward(dy, x, t, a, b, plan, seed, need_x, True, True, True)
             else:
-                QL._q_backward(dy, x, t, w, a, b, plan, seed, need_x, True, True, True)
+                QL.plan_backward(dy, x, t, w, a, b, plan, seed, need_x, True, True, True)
 
 
 def cases() -> Iterator[Case]:

@@ -458,7 +458,7 @@ def backward_reference(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, nee
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton):
+def plan_forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton):
     """(y, t) with y shaped like base_out; y is base_out itself when ``inplace``."""
     x2, base2 = as_2d(x), as_2d(base_out)
     if on_triton and x2.shape[0] > 0:
@@ -471,7 +471,7 @@ def _forward(x, base_out, weights_a, weights_b, plan, seed, inplace, on_triton):
     return y, t
 
 
-def _backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
+def plan_backward(dy, x, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
     """(dx shaped like x, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
     dy2, x2, t2 = as_2d(dy), as_2d(x), as_2d(t)
     impl = _backward_triton if on_triton and dy2.shape[0] > 0 else backward_reference
@@ -495,7 +495,7 @@ def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.T
         on_triton, inplace = use_triton(x, base_out, *weights_a, *weights_b), False
     else:
         plan, on_triton, inplace = hint
-    y, t = _forward(x, base_out, weights_a, weights_b, plan, int(seed), inplace, on_triton)
+    y, t = plan_forward(x, base_out, weights_a, weights_b, plan, int(seed), inplace, on_triton)
     return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
 
@@ -515,7 +515,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     else:
         plan, on_triton, _ = hint
     need_a, need_b = needs[2:2 + n], needs[2 + n:2 + 2 * n]
-    dx, da, db = _backward(dy, x, t, weights[:n], weights[n:], plan, int(seed), needs[0], any(need_a), any(need_b),
+    dx, da, db = plan_backward(dy, x, t, weights[:n], weights[n:], plan, int(seed), needs[0], any(need_a), any(need_b),
                            on_triton)
     return [dx, None, *adapter_grads(plan, da, db, need_a, need_b), None]
 

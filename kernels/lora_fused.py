@@ -835,7 +835,7 @@ def backward_reference(dy2, x2, t, weight, weights_a, weights_b, plan, seed, nee
 # ----------------------------------------------------------------------------------------------
 
 
-def _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton):
+def plan_forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton):
     """(y [..., N], t [M, R])."""
     x2 = as_2d(x)
     impl = _forward_triton if on_triton and x2.shape[0] > 0 else forward_reference
@@ -843,7 +843,7 @@ def _forward(x, weight, bias, weights_a, weights_b, plan, seed, on_triton):
     return y2.view(*x.shape[:-1], weight.shape[0]), t
 
 
-def _backward(dy, x, t, weight, weights_a, weights_b, plan, seed, need_x, need_bias, need_a, need_b,
+def plan_backward(dy, x, t, weight, weights_a, weights_b, plan, seed, need_x, need_bias, need_a, need_b,
               on_triton):
     """(dx shaped like x, dbias, stacked dA [R, K], stacked dB [N, R]); None where not needed."""
     dy2, x2, t2 = as_2d(dy), as_2d(x), as_2d(t)
@@ -863,7 +863,7 @@ def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         on_triton = use_triton(x, weight, *weights_a, *weights_b)
     else:
         plan, on_triton = hint
-    y, t = _forward(x, weight, bias, weights_a, weights_b, plan, int(seed), on_triton)
+    y, t = plan_forward(x, weight, bias, weights_a, weights_b, plan, int(seed), on_triton)
     return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
 
@@ -883,7 +883,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     else:
         plan, on_triton = hint
     need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
-    dx, dbias, da, db = _backward(dy, x, t, weight, weights[:n], weights[n:], plan, int(seed), needs[0], needs[2],
+    dx, dbias, da, db = plan_backward(dy, x, t, weight, weights[:n], weights[n:], plan, int(seed), needs[0], needs[2],
                                   any(need_a), any(need_b), on_triton)
     return [dx, None, dbias, *adapter_grads(plan, da, db, need_a, need_b), None]
 

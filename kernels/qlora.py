@@ -83,7 +83,7 @@ def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, 
     return LF.adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x)
 
 
-def _q_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
+def plan_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
     """(y [..., N], t [M, R]); bias already in x's dtype."""
     x2 = as_2d(x)
     if on_triton and x2.shape[0] > 0:
@@ -93,7 +93,7 @@ def _q_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
     return y2.view(*x.shape[:-1], p.shape[0]), t
 
 
-def _q_backward(dy, x, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
+def plan_backward(dy, x, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b, on_triton):
     dy2, x2, t2 = as_2d(dy), as_2d(x), as_2d(t)
     if on_triton and dy2.shape[0] > 0:
         dx, da, db = _q_backward_triton(dy2, x2, t2, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
@@ -113,7 +113,7 @@ def _forward_common(x, p, bias, weights_a, weights_b, scalings, dropout_ps, seed
         on_triton = use_triton(x, _data(p), *weights_a, *weights_b)
     else:
         p, plan, on_triton = hint
-    y, t = _q_forward(x, p, None if bias is None else bias.to(x.dtype), weights_a, weights_b, plan, int(seed),
+    y, t = plan_forward(x, p, None if bias is None else bias.to(x.dtype), weights_a, weights_b, plan, int(seed),
                       on_triton)
     return y, (t if x.dim() == 2 else t.view(*x.shape[:-1], t.shape[-1]))
 
@@ -129,7 +129,7 @@ def _backward_common(p, x, t, seed, bias, weights, grads, needs, first, scalings
     else:
         p, plan, on_triton = hint
     need_a, need_b = needs[first:first + n], needs[first + n:first + 2 * n]
-    dx, da, db = _q_backward(dy, x, t, p, weights[:n], weights[n:], plan, int(seed), needs[0], any(need_a),
+    dx, da, db = plan_backward(dy, x, t, p, weights[:n], weights[n:], plan, int(seed), needs[0], any(need_a),
                              any(need_b), on_triton)
     dbias = None
     if bias is not None and needs[first - 1]:

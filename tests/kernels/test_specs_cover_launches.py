@@ -113,7 +113,7 @@ def _public_op_launches(arch, tokens, act, ad, op):
                     x = _meta(tokens, D, dtype=act).requires_grad_(need_x)
                     leaves = [x] if need_x else []
                     if op.startswith("matmul"):
-                        w = S._packed4bit(act, op.endswith("nested")) if "4bit" in op else S._int8()
+                        w = S.meta_packed4bit(act, op.endswith("nested")) if "4bit" in op else S.meta_int8_weight()
                         y = Q.matmul_4bit(x, w, bias) if "4bit" in op else Q.matmul_int8(x, w.cb, w.scb, bias)
                     else:
                         a = _meta(RANK, D, dtype=ad).requires_grad_()
@@ -125,7 +125,7 @@ def _public_op_launches(arch, tokens, act, ad, op):
                         elif op == "lora_unfused":  # what the measured dispatch may pick: cuBLAS, then lora.py
                             y = L.lora_linear(x, torch.nn.functional.linear(x, _meta(D, D, dtype=act), bias), *args)
                         else:
-                            w = S._int8() if op == "qlora_int8" else S._packed4bit(act, op.endswith("nested"))
+                            w = S.meta_int8_weight() if op == "qlora_int8" else S.meta_packed4bit(act, op.endswith("nested"))
                             y = QL.qlora_linear_fused(x, w, bias, *args)
                     if leaves:
                         torch.autograd.grad(y, leaves, torch.empty_like(y))
@@ -187,7 +187,7 @@ def test_recording_plans_for_the_arch_gpu(triton_backend):
     for arch, gpu in runtime.REFERENCE_GPUS.items():
         with runtime.recording_launches(arch) as rec:
             assert Q.sm_count(torch.device("cpu")) == gpu.sms
-            Q.matmul_4bit_triton(_meta(1, S.D, dtype=F16), S._packed4bit(F16, True), None)
+            Q.matmul_4bit_triton(_meta(1, S.D, dtype=F16), S.meta_packed4bit(F16, True), None)
         assert [runtime.kernel_name(r.kernel) for r in rec] == ["_matmul_4bit_kernel", "_split_reduce_kernel"]
     with pytest.raises(ValueError, match="no reference GPU"):
         with runtime.recording_launches(75):
@@ -205,8 +205,8 @@ def test_nested_qlora_runs_two_stages_below_sm90(nested, triton_backend):
     for arch in cr.ARCHS:
         with runtime.recording_launches(arch) as rec:
             lora = (t, b, adapter_table(plan, x.device), 0, False, runtime.dot_precision(BF16, F32))
-            Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True, lora=lora)
-            Q.matmul_4bit_triton(x, S._packed4bit(BF16, nested), None, transpose=True)
+            Q.matmul_4bit_triton(x, S.meta_packed4bit(BF16, nested), None, transpose=True, lora=lora)
+            Q.matmul_4bit_triton(x, S.meta_packed4bit(BF16, nested), None, transpose=True)
         with_lora, plain = (r.meta["num_stages"] for r in rec)
         assert plain == 3 and with_lora == (2 if nested and arch < 90 else 3)
 
