@@ -127,7 +127,7 @@ from .adapters import (
 )
 from .aot import AotSpec
 from .opdecl import OpDecl
-from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, launch,
+from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, gpu_target, launch,
                       use_triton)
 from .tiles import (epoch_arrival, epoch_counters, grouped_tile, last_epoch_arrival, lookahead_work,
                     sum_slices, tile_offsets)
@@ -337,7 +337,7 @@ def _dora_dx_base_tile(dy_ptr, w_ptr, m_ptr, norm_ptr, y_ptr, bias_ptr, dmp_ptr,
     (row block, column block) once over the launch, spread evenly over the column programs) get the fp32
     partial sum_rows dY * y_pre, y_pre = (y - bias) / mns read from the forward's output, stored to
     dmp[pid_m, columns]. Columns with mns == 0 get 0 here (_dora_grad_m_kernel recomputes them)."""
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N).to(tl.int64)  # column offsets into W [N, K]: past 2**31 elements on large layers
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + offs_n
@@ -517,7 +517,7 @@ def _dora_grad_m_kernel(
     zero = (tl.load(m_ptr + offs_n, mask=mask_n, other=1.0) == 0.0) & mask_n
     if tl.sum(zero.to(tl.int32), axis=0) > 0:
         for m0 in range(0, M, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # row offsets into x, dY: 64-bit
             mask_m = offs_m < M
             y_pre = _gemm_tile(x_ptr, w_ptr, offs_m, offs_n, mask_m, mask_n, K, stride_xm, stride_xk, stride_wk,
                                stride_wn, BASE_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -585,6 +585,7 @@ _DY_CONFIGS = {
 
 def _dy_config(act: torch.dtype, ad: torch.dtype) -> dict:
     return dict(_DY_CONFIGS[ad == torch.float32, act == ad == torch.float32])
+DECODE_ROWS = 16  # rows of x up to which a forward is a decode step (its own stage count on sm_86/89)
 _DY_TARGET_PROGRAMS = 264  # ~2 programs per SM of a 132-SM GPU: few splits, small dB partials
 
 
@@ -680,6 +681,10 @@ def launch_fused_forward(x2, weight, bias, a, b, plan, seed, dora=None):
     _check_dora_vectors(dora, N)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     cfg = _config("forward", x2.dtype, a.dtype)
+    if x2.dtype != torch.float32 and M <= DECODE_ROWS and gpu_target(x2.device).arch in (86, 89):
+        # decode on sm_86/89: with three stages ptxas caps the look-ahead kernel at 128 registers and spills
+        # 36-40 bytes once Triton specialises the small row count (kernels/launch_specs.py); two do not
+        cfg["num_stages"] = 2
     sub_m = cfg.pop("SUB_M", None)  # the look-ahead's row step (16-bit activations only)
     num_m, num_n = triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"])
     common = dict(HAS_BIAS=bias is not None, HAS_MNS=dora is not None, BASE_PRECISION=dot_precision(x2.dtype),
@@ -1089,6 +1094,16 @@ DORA_LINEAR_FUSED = OpDecl("peftfast::dora_linear_fused", _dora_op_forward, _dor
                            fake=_dora_op_fake, backward_fake=_dora_op_backward_fake, aux_outputs=(1,))
 
 
+def _dora_composed(x, weight, bias, weights_a, weights_b, scalings, magnitude, norm) -> torch.Tensor:
+    """DoRA as ``lora_linear_fused`` then PEFT's elementwise scale ``y + (mns - 1) * (y - bias)``."""
+    d_out = weight.shape[0]
+    y = lora_linear_fused(x, weight, bias, weights_a, weights_b, scalings, [0.0] * len(weights_a), False)
+    m = magnitude.reshape(d_out)
+    mns = m / norm.reshape(d_out).to(device=m.device, dtype=m.dtype)
+    out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
+    return out.to(y.dtype)
+
+
 def dora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor],
                       scalings: Sequence[float], magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -1112,11 +1127,7 @@ def dora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     n = len(weights_a)
     compiling = torch.compiler.is_compiling()
     if n == 0 or (not compiling and not use_triton(x, weight)) or len({a.dtype for a in weights_a}) > 1:
-        y = lora_linear_fused(x, weight, bias, weights_a, weights_b, scalings, [0.0] * n, False)
-        m = magnitude.reshape(d_out)
-        mns = m / norm.reshape(d_out).to(device=m.device, dtype=m.dtype)
-        out = y * mns if bias is None else y + (mns - 1) * (y - bias.to(y.dtype))
-        return out.to(y.dtype)
+        return _dora_composed(x, weight, bias, weights_a, weights_b, scalings, magnitude, norm)
     base_shape = torch.empty((), device="meta").expand(*x.shape[:-1], d_out)
     check_adapters(x, base_shape, weights_a, weights_b, scalings, [0.0] * n)
     m32 = magnitude.reshape(d_out).to(torch.float32).contiguous()
@@ -1126,6 +1137,10 @@ def dora_linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                                  m32, n32)[0]
     plan = make_plan([a.shape[0] for a in weights_a], scalings, [0.0] * n)
     on_triton = use_triton(x, weight, *weights_a, *weights_b)
+    if on_triton and dispatch(x, weight, bias, weights_a, weights_b, scalings, [0.0] * n, plan) == UNFUSED:
+        # measured: torch's base matmul + the adapter kernels beat the fused GEMM for this key (the LoRA
+        # op's own key and decision); DoRA's scale then follows as one elementwise step
+        return _dora_composed(x, weight, bias, weights_a, weights_b, scalings, magnitude, norm)
     return DORA_LINEAR_FUSED(x, weight, bias, list(weights_a), list(weights_b), [float(s) for s in scalings], m32,
                              n32, hint=(plan, on_triton))[0]
 
@@ -1166,6 +1181,7 @@ def _dora_norm_kernel(
     tl.store(norm_ptr + offs_n, tl.sqrt(sq), mask=mask_n)
 
 
+declare_int32_operands(_dora_norm_kernel, "a_ptr", "scale_ptr")  # [R, K] adapter factors, [R] scales
 _NORM_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 128, "BLOCK_R": 16, "num_warps": 4, "num_stages": 2}
 
 

@@ -301,7 +301,8 @@ def launch_config(kernel: str, block_rows: int, block_r: int, dtype: torch.dtype
         return (16 if big and wide else 32 if big or wide else 64), warps
     if kernel == "grad_w":
         return (32 if big or wide else 64), warps
-    return (32 if big or (wide and block_rows >= 64) or block_r >= 64 else 64), (8 if big else 4)
+    # fp32 adapters from rank tiles of 32 on: 32-wide O steps (64 spilled 8 bytes on sm_80 for dX)
+    return (32 if big or (wide and (block_rows >= 64 or block_r >= 32)) or block_r >= 64 else 64), (8 if big else 4)
 
 
 def kernel_rank(rank: int) -> int:
