@@ -419,3 +419,17 @@ if __name__ == "__main__":
     name, folder = sys.argv[1], sys.argv[2]
     result = SCENARIOS[name](folder)
     Path(folder, "result.json").write_text(json.dumps(result))
+
+
+def run_two_ranks(folder: Path, script: str, modes: tuple[str, ...]) -> dict:
+    """Run tests/``script`` (a copy in ``folder``, outside the checkout) on 2 processes with torch.distributed.run;
+    each mode's ``out/<mode>/rank{0,1}.json`` loaded, plus the path of the adapter rank 0 saved ("adapter")."""
+    copy = folder / f"run_{script}"
+    copy.write_text((Path(__file__).parent / script).read_text())
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--standalone", str(copy), str(folder / "out")],
+                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {mode: {r: json.loads((folder / "out" / mode / f"rank{r}.json").read_text()) for r in (0, 1)}
+            | {"adapter": str(folder / "out" / mode / "adapter")} for mode in modes}

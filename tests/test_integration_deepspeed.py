@@ -5,17 +5,12 @@ same outputs (tests/_deepspeed.py). deepspeed is in the test extra (PyPI has onl
 compiling any op in under a minute)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import peftfast
 from peftfast import zoo
+from tests._integration import run_two_ranks
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed==0.19.8, the test extra)")
@@ -25,16 +20,7 @@ MODES = ["zero2", "zero3"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("deepspeed")
-    script = folder / "deepspeed_run.py"
-    script.write_text((Path(__file__).parent / "_deepspeed.py").read_text())
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(script), str(folder / "out")],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return {mode: {r: json.loads((folder / "out" / mode / f"rank{r}.json").read_text()) for r in (0, 1)}
-            | {"adapter": str(folder / "out" / mode / "adapter")} for mode in ("single", *MODES)}
+    return run_two_ranks(tmp_path_factory.mktemp("deepspeed"), "_deepspeed.py", ("single", *MODES))
 
 
 def close(a, b, what, rtol=1e-5, atol=1e-6):

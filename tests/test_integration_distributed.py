@@ -6,17 +6,12 @@ agree, the result equals a single process on the same global batches, and the ad
 with the trained weights and the same outputs (tests/_distributed.py)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import peftfast
 from peftfast import zoo
+from tests._integration import run_two_ranks
 
 peft = pytest.importorskip("peft")
 
@@ -31,16 +26,7 @@ PROJECTIONS = ["mlp.down_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weig
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    script = folder / "distributed_run.py"
-    script.write_text((Path(__file__).parent / "_distributed.py").read_text())
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--standalone", str(script), str(folder / "out")],
-                          cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    modes = ("single", "qlora_single", *MODES)
-    result = {mode: {r: json.loads((folder / "out" / mode / f"rank{r}.json").read_text()) for r in (0, 1)}
-              | {"adapter": str(folder / "out" / mode / "adapter")} for mode in modes}
+    result = run_two_ranks(folder, "_distributed.py", ("single", "qlora_single", *MODES))
     result["qlora_base"] = str(folder / "out" / "qlora_base")
     return result
 
