@@ -49,6 +49,19 @@ rank rows / columns of the [N, R, K] / [N, O, R] results (cast once).
 
 Saved for backward: x (the caller's tensor, never a cast or dropped copy), h ([nb, block_rows, R'] in the
 adapter dtype), the plan and the seed; none of it grows with the number of adapters.
+
+Fused with the base linear (``lora_grouped_linear``, prefill over a frozen nn.Linear): after the base layer,
+the shrink reads x again and the expand reads and writes y again, which at prefill is about as many bytes as
+the base GEMM itself. One kernel instead (``_grouped_linear_kernel``, grid: blocks x O tiles in grouped order)
+runs the base GEMM over each block's gathered rows and, in the same K loop on the same x tile, the block's
+adapter shrink h = s_a * m_a(x) @ A_a^T (recomputed by every O tile of the block: R / BLOCK_O more tensor-core
+work, no bytes); the epilogue adds h @ B_a^T and the bias and stores y once; the O-tile-0 program stores h
+for the backward. Its plan (``fused_plan``) puts the base model's rows in blocks of their own (slot N: no
+adapter loads, masked). Bytes: x, W and every used adapter's A and B read once, y written once, h and the
+plan. Padding costs GEMM rows, not bytes: at most N + 1 blocks are partly filled, so the layer fuses only
+when the rows fill 4x that (``fused_worthwhile``; decode keeps the base GEMM + the two grouped kernels).
+Backward: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into
+that dX.
 """
 from __future__ import annotations
 
@@ -63,6 +76,7 @@ from .aot import AotSpec
 from .dropout import draw_seed, keep_mask, keep_mask_rows_torch, stream_key, threshold
 from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
+from .tiles import grouped_tile
 
 # ----------------------------------------------------------------------------------------------
 # Plan
@@ -392,15 +406,16 @@ def forward_triton(x2, base2, a, b, scale, table, badapter, thresholds, seed, in
     return out, h
 
 
-def backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed):
+def backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed, dx_init=None):
     """(dx | None, dA [N, R, K] fp32 | None, dB [N, O, R] fp32 | None): one dH shrink, one dX expand and two
-    weight-gradient launches over the forward's plan, whatever the number of adapters."""
+    weight-gradient launches over the forward's plan, whatever the number of adapters. ``dx_init`` (e.g. the
+    base layer's dY @ W): the dX expand adds into it instead of a zero-filled dX."""
     n, rank = a.shape[0], a.shape[1]
     dh = launch_shrink(dy2, b.transpose(1, 2), scale, table, badapter, None, 0)  # (dY[table] @ B_a) * s_a
     dx = da = db = None
-    if need_x:  # base rows are in no block: their dX stays zero
-        dx = torch.zeros(x2.shape, dtype=x2.dtype, device=x2.device)
-        launch_expand(dh, a.transpose(1, 2), table, badapter, dx, thresholds, seed, accumulate=False)
+    if need_x:  # base rows are in no block: their dX stays zero (or dx_init's)
+        dx = torch.zeros(x2.shape, dtype=x2.dtype, device=x2.device) if dx_init is None else dx_init
+        launch_expand(dh, a.transpose(1, 2), table, badapter, dx, thresholds, seed, accumulate=dx_init is not None)
     if need_w:
         bounds = adapter_bounds(badapter, n)
         da = launch_grad_w(dh, x2, table, bounds, n, rank, thresholds, seed)
@@ -567,6 +582,22 @@ def dropout_tables(scalings: Sequence[float], dropout_ps: Sequence[float], devic
     return scale, torch.tensor([threshold(p) for p in dropout_ps], dtype=torch.int64, device=device)
 
 
+def check_stores(x, weights_a, weights_b, a_store, b_store, index, thresholds) -> tuple[int, int, int]:
+    """(N, R, K) of the stores after checking them against the weights, x's rows (``index``) and the dropout
+    thresholds; ValueError naming what does not match."""
+    n, r, k = a_store.shape
+    if len(weights_a) != n or len(weights_b) != n or b_store.shape[0] != n or b_store.shape[2] != r:
+        raise ValueError(f"lora_grouped: stores of {n} adapters (A {tuple(a_store.shape)}, B "
+                         f"{tuple(b_store.shape)}) for {len(weights_a)} A and {len(weights_b)} B weights")
+    m = index.shape[0]
+    if x.shape[-1] != k or x.numel() != m * k:
+        raise ValueError(f"lora_grouped: x {tuple(x.shape)} does not match {m} rows of index and stores with K={k}")
+    if thresholds is not None and thresholds.shape != (n,):
+        raise ValueError(f"lora_grouped: thresholds {tuple(thresholds.shape)} for {n} adapters; give one keep "
+                         "threshold per adapter (dropout_tables) or None")
+    return n, r, k
+
+
 def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[torch.Tensor],
                  weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
                  scale: torch.Tensor, index: torch.Tensor,
@@ -579,17 +610,10 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     Dropout: ``thresholds`` [N] int64 (``dropout_tables``; the scale then includes 1 / (1 - p)): row m sees
     adapter a's mask, regenerated from (seed, a, m, column) in forward and backward, never stored; ``seed``
     (drawn from torch's generator when None) makes it reproducible."""
-    n, r, k = a_store.shape
-    if len(weights_a) != n or len(weights_b) != n or b_store.shape[0] != n or b_store.shape[2] != r:
-        raise ValueError(f"lora_grouped: stores of {n} adapters (A {tuple(a_store.shape)}, B "
-                         f"{tuple(b_store.shape)}) for {len(weights_a)} A and {len(weights_b)} B weights")
-    m = index.shape[0]
-    if x.shape[-1] != k or x.numel() != m * k or base_out.numel() != m * b_store.shape[1]:
-        raise ValueError(f"lora_grouped: x {tuple(x.shape)} / base_out {tuple(base_out.shape)} do not match "
-                         f"{m} rows of index and stores with K={k}, O={b_store.shape[1]}")
-    if thresholds is not None and thresholds.shape != (n,):
-        raise ValueError(f"lora_grouped: thresholds {tuple(thresholds.shape)} for {n} adapters; give one keep "
-                         "threshold per adapter (dropout_tables) or None")
+    n, r, k = check_stores(x, weights_a, weights_b, a_store, b_store, index, thresholds)
+    if base_out.numel() != index.shape[0] * b_store.shape[1]:
+        raise ValueError(f"lora_grouped: base_out {tuple(base_out.shape)} does not match {index.shape[0]} rows of "
+                         f"index and stores with O={b_store.shape[1]}")
     # rank tiles above MAX_KERNEL_RANK would spill: such stores run the reference (batched matmuls) on the GPU
     on_triton = use_triton(x, base_out, a_store, b_store) and r <= MAX_KERNEL_RANK
     table, badapter = make_plan(index, n, on_triton) if plan is None else plan
@@ -603,6 +627,242 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
                         thresholds, seed, hint=(on_triton, inplace))[0]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused with the base linear (prefill): one GEMM launch writes y
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _grouped_linear_kernel(
+    x_ptr,  # [M, K] rows of the batch, activation dtype, any strides
+    w_ptr,  # [O, K] frozen base weight, activation dtype
+    bias_ptr,  # [O] base bias (HAS_BIAS)
+    a_ptr,  # [N, R, K] stacked A, adapter dtype
+    b_ptr,  # [N, O, R] stacked B, adapter dtype
+    scale_ptr,  # [N] fp32 per-adapter scale (s / (1 - p) with dropout)
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    badapter_ptr,  # [nb] int64 slot of each block: < N an adapter, N the base model, > N unused
+    h_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] output h = s_a * mask_a(x) @ A_a^T, adapter dtype (for backward)
+    y_ptr,  # [M, O] output, activation dtype
+    thresh_ptr,  # [N] int64 keep threshold per adapter (HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
+    M, O, K, R, N_ADAPTERS, NB,
+    stride_xm, stride_xk, stride_wo, stride_wk, stride_an, stride_ar, stride_ak, stride_bn, stride_bo, stride_br,
+    stride_ym, stride_yo,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[table[b], o-block] = x[rows] @ W^T (+ bias) + (s_a * mask_a(x[rows]) @ A_a^T) @ B_a^T for block b of
+    slot a: the base GEMM and the adapter's shrink share the K loop (x read once), the expand is the epilogue,
+    y stored once. Base-model blocks (a = N) load no adapter tile (masked); the O-block-0 program of each
+    block stores h for the backward."""
+    pid_b, pid_o = grouped_tile(tl.program_id(0), NB * BLOCK_ROWS, O, BLOCK_ROWS, BLOCK_O, GROUP_M)
+    slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
+    if slot > N_ADAPTERS:  # an unused block
+        return
+    adapter = tl.minimum(slot, N_ADAPTERS - 1)
+    r_lim = tl.where(slot < N_ADAPTERS, R, 0)  # base-model blocks: every adapter load masked off
+    # 64-bit scalar bases, tile-local int32 offsets (registers): the gathered rows' offsets are int64
+    offs_m = tl.arange(0, BLOCK_ROWS)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.load(table_ptr + pid_b * BLOCK_ROWS + offs_m)
+    row_ok = rows < M
+    o_ok = offs_o < O - pid_o * BLOCK_O
+    r_ok = offs_r < r_lim
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + pid_o * BLOCK_O * stride_wo + offs_o[None, :] * stride_wo + offs_k[:, None] * stride_wk
+    a_ptrs = a_ptr + adapter * stride_an + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    if HAS_DROPOUT:
+        key = stream_key(seed, adapter)
+        thresh = tl.load(thresh_ptr + adapter).to(tl.uint32)
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_O), dtype=tl.float32)
+    h = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & o_ok[None, :], other=0.0)  # W^T tile [BK, BO]
+        acc = tl.dot(xt, wt, acc, input_precision=BASE_PRECISION)
+        at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # A_a^T tile [BK, BR]
+        xa = xt.to(at.dtype)
+        if HAS_DROPOUT:
+            xa = tl.where(keep_mask(key, rows, k0 + offs_k, thresh), xa, 0.0)
+        h = tl.dot(xa, at, h, input_precision=LORA_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+    h = h * tl.load(scale_ptr + adapter)
+    hc = h.to(h_ptr.dtype.element_ty)
+    if pid_o == 0:
+        tl.store(h_ptr + pid_b * BLOCK_ROWS * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :], hc)
+    o0 = pid_o * BLOCK_O
+    bt = tl.load(b_ptr + adapter * stride_bn + o0 * stride_bo + offs_r[:, None] * stride_br
+                 + offs_o[None, :] * stride_bo, mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # B_a^T [BR, BO]
+    acc = tl.dot(hc.to(bt.dtype), bt, acc, input_precision=LORA_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o0 + offs_o, mask=o_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + o0 * stride_yo + rows[:, None] * stride_ym + offs_o[None, :] * stride_yo,
+             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
+
+
+FUSED_BLOCK_ROWS = 64  # rows per block of the fused kernel (one adapter per block)
+FUSED_MIN_FILL = 4  # fused when rows >= 4 x (slots x block rows): padding wastes at most 1/4 of the GEMM's rows
+
+
+def fused_worthwhile(rows: int, adapters: int) -> bool:
+    """Whether ``rows`` rows over ``adapters`` adapters (and the base model) fill the fused kernel's blocks: each
+    block re-reads W's tiles and a block holds one slot's rows, so at most (N + 1) blocks are partly empty; below
+    ``FUSED_MIN_FILL`` x that (decode, small batches) the separate grouped kernels after the base GEMM move fewer
+    bytes and waste no GEMM rows."""
+    return rows >= FUSED_MIN_FILL * (adapters + 1) * FUSED_BLOCK_ROWS
+
+
+def fused_plan(index: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan of ``lora_grouped_linear`` on the Triton path: ``group_plan`` with the base model as slot N (its
+    rows need the base GEMM too), blocks of ``FUSED_BLOCK_ROWS``; unused blocks get slot N + 1. The grouped
+    backward reads it as it is (slot N >= N: blocks without an adapter)."""
+    slots = torch.where(index < 0, torch.full_like(index, adapters), index)
+    return group_plan(slots, adapters + 1, FUSED_BLOCK_ROWS)
+
+
+def fused_config(act: torch.dtype, ad: torch.dtype, rank_tile: int) -> dict:
+    """Tiles of ``_grouped_linear_kernel`` per (activation, adapter) dtype and rank tile, none spilling on
+    sm_80..sm_90 even without 16-byte alignment (the compile report checks each; 64 x 128 tiles spilled
+    0.3-10 KB): 64 x 64 output tiles, K steps of 16 where the rank tile is 64 or the adapters are fp32 (3xTF32
+    operands), and 32 output columns for fp32 adapters at rank tile 64 (also at 32 with fp32 activations, on 4
+    warps: 8-28 B spilled on sm_80-89 at 64 columns, 8 B at 32 columns on 8 warps)."""
+    if ad == torch.float32:
+        wide = rank_tile <= (32 if act != torch.float32 else 16)
+        warps = 4 if act == torch.float32 and rank_tile == 32 else 8
+        return dict(BLOCK_O=64 if wide else 32, BLOCK_K=16, GROUP_M=8, num_warps=warps, num_stages=2)
+    return dict(BLOCK_O=64, BLOCK_K=32 if rank_tile <= 32 else 16, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def launch_grouped_linear(x2, weight, bias, a, b, scale, table, badapter, thresholds, seed):
+    """(y [M, O] in x's dtype, h [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch."""
+    m, k = x2.shape
+    o = weight.shape[0]
+    n, rank = a.shape[0], a.shape[1]
+    nb, block_rows = table.shape
+    br = kernel_rank(rank)
+    y = torch.empty(m, o, dtype=x2.dtype, device=x2.device)
+    h = torch.empty(nb, block_rows, br, dtype=a.dtype, device=x2.device)
+    cfg = fused_config(x2.dtype, a.dtype, br)
+    drop = thresholds is not None
+    launch(_grouped_linear_kernel, (nb * triton.cdiv(o, cfg["BLOCK_O"]),), x2, weight,
+           bias if bias is not None else weight, a, b, scale, table, badapter, h, y,
+           thresholds if drop else badapter, seed, m, o, k, rank, n, nb,
+           x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), a.stride(2),
+           b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
+           HAS_BIAS=bias is not None, HAS_DROPOUT=drop, BASE_PRECISION=dot_precision(x2.dtype),
+           LORA_PRECISION=dot_precision(x2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, **cfg)
+    return y, h
+
+
+def _linear_op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], a_store: torch.Tensor,
+                       b_store: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor,
+                       thresholds: Optional[torch.Tensor], seed: torch.Tensor, *,
+                       hint=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y = F.linear(x, weight, bias) + each row's adapter term, h). Triton: one fused launch over the plan of
+    ``fused_plan``; elsewhere F.linear then ``forward_reference``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    on_triton = use_triton(x, weight, a_store, b_store) if hint is None else hint
+    if on_triton:
+        y, h = launch_grouped_linear(x2, weight, bias, a_store, b_store, scale, table, block_adapter, thresholds,
+                                     int(seed))
+    else:
+        base = torch.nn.functional.linear(x2, weight, bias)
+        y, h = forward_reference(x2, base, a_store, b_store, scale, table, block_adapter, thresholds, int(seed))
+    return y.view(*x.shape[:-1], weight.shape[0]), h
+
+
+def _linear_op_save(args, outputs) -> list:
+    x, weight, _bias, weights_a, weights_b, a_store, b_store, scale, table, badapter, thresholds, seed = args
+    return [x, outputs[1], weight, a_store, b_store, scale, table, badapter, thresholds, seed, *weights_a,
+            *weights_b]
+
+
+def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
+    """Gradients of (x, weight (frozen: None), bias, A_1..A_n, B_1..B_n, stores, scale, plan, thresholds, seed):
+    dX = dY @ W plus the grouped backward's dX (added into it by the dX expand on Triton)."""
+    x, h, weight, a, b, scale, table, badapter, thresholds, seed, *weights = saved
+    n = len(weights) // 2
+    dy2 = grads[0].reshape(-1, grads[0].shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    on_triton = hint if hint is not None else use_triton(dy2, x, a, b) and a.shape[1] <= MAX_KERNEL_RANK
+    base_dx = dy2 @ weight if needs[0] else None
+    if on_triton and table.shape[1] in (16, 32, 64):
+        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b),
+                                     thresholds, int(seed), dx_init=base_dx)
+    else:
+        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, needs[0],
+                                        any(need_a) or any(need_b), thresholds, int(seed))
+        if dx is not None:
+            dx = dx + base_dx
+    dbias = dy2.sum(0).to(weight.dtype) if needs[2] else None
+    return [None if dx is None else dx.view(x.shape), None, dbias, *_split_grads(da, weights[:n], need_a, 0),
+            *_split_grads(db, weights[n:], need_b, 1), None, None, None, None, None, None, None]
+
+
+def _linear_op_fake(x, weight, bias, weights_a, weights_b, a_store, b_store, scale, table, block_adapter,
+                    thresholds, seed):
+    r = kernel_rank(a_store.shape[1])
+    return (x.new_empty((*x.shape[:-1], weight.shape[0])),
+            x.new_empty((table.shape[0], table.shape[1], r), dtype=a_store.dtype))
+
+
+def _linear_op_backward_fake(saved, grads, needs, statics) -> list:
+    x, _h, weight, _a, _b, _s, _t, _ba, _th, _seed, *weights = saved
+    n = len(weights) // 2
+    return [x.new_empty(x.shape) if needs[0] else None, None,
+            weight.new_empty(weight.shape[:1]) if needs[2] else None,
+            *(w.new_empty(w.shape) if need else None for w, need in zip(weights, needs[3:3 + 2 * n])),
+            None, None, None, None, None, None, None]
+
+
+LORA_GROUPED_LINEAR = OpDecl("peftfast::lora_grouped_linear", _linear_op_forward, _linear_op_backward,
+                             save=_linear_op_save, fake=_linear_op_fake, backward_fake=_linear_op_backward_fake,
+                             aux_outputs=(1,))
+
+
+def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        weights_a: Sequence[torch.Tensor], weights_b: Sequence[torch.Tensor], a_store: torch.Tensor,
+                        b_store: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
+                        plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        thresholds: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` plus, for each row m of x, adapter ``index[m]``'s term, as ``lora_grouped``
+    (same stores, index, dropout and seed), with the base GEMM in the same launch on the Triton path: x read
+    once, y written once (``_grouped_linear_kernel``). ``weight`` [O, K] is frozen (no gradient); ``plan``:
+    ``fused_plan(index, N)`` on the Triton path, ``make_plan(index, N, False)`` elsewhere (made when None)."""
+    n, r, k = check_stores(x, weights_a, weights_b, a_store, b_store, index, thresholds)
+    if weight.dim() != 2 or weight.shape[1] != k or b_store.shape[1] != weight.shape[0] or (
+            bias is not None and bias.shape != (weight.shape[0],)):
+        raise ValueError(f"lora_grouped_linear: weight {tuple(weight.shape)} / bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not match stores with K={k}, "
+                         f"O={b_store.shape[1]}; give the base nn.Linear's weight [O, K] and bias [O] or None")
+    if weight.requires_grad:
+        raise ValueError("lora_grouped_linear: the base weight requires grad; this op computes no weight gradient "
+                         "(freeze the base layer, or use lora_grouped after the base layer's own forward)")
+    on_triton = use_triton(x, weight, a_store, b_store) and r <= MAX_KERNEL_RANK
+    if plan is None:
+        plan = fused_plan(index, n) if on_triton else make_plan(index, n, False)
+    table, badapter = plan
+    if torch.compiler.is_compiling():
+        drawn = draw_seed() if thresholds is not None and seed is None else torch.tensor(int(seed or 0))
+        return LORA_GROUPED_LINEAR(x, weight, bias, list(weights_a), list(weights_b), a_store, b_store, scale, table,
+                                   badapter, thresholds, drawn)[0]
+    if thresholds is not None and seed is None:
+        seed = int(draw_seed())
+    seed = 0 if seed is None else int(seed)
+    return LORA_GROUPED_LINEAR(x, weight, bias, list(weights_a), list(weights_b), a_store, b_store, scale, table,
+                               badapter, thresholds, seed, hint=on_triton)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -637,13 +897,14 @@ def aot_specs() -> list[AotSpec]:
                                          f"{',dropout' if drop else ''}]", _grouped_shrink_kernel,
                                          aot_signature(_grouped_shrink_kernel, types, c), c, warps, _STAGES, True))
                 block_o, warps = launch_config("expand", rows, br, ad)
-                for acc, drop in ((True, False), (False, False), (False, True)):  # y += ; dX = (masked)
+                # y += ; dX = (masked); dX += masked (the fused op's backward adds into dY @ W)
+                for acc, drop in ((True, False), (False, False), (False, True), (True, True)):
                     c = dict(BLOCK_ROWS=rows, BLOCK_R=br, BLOCK_O=block_o, DOT_PRECISION=prec, stride_bo=1,
                              stride_oo=1, ACCUMULATE=acc, HAS_DROPOUT=drop)
                     types = {"h_ptr": "*" + wa, "b_ptr": "*" + wa, "table_ptr": "*i64", "badapter_ptr": "*i64",
                              "out_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_om": "i64",
                              "stride_bn": "i64"}
-                    what = "y" if acc else "dx" + (",dropout" if drop else "")
+                    what = ("dx+=,dropout" if drop else "y") if acc else "dx" + (",dropout" if drop else "")
                     specs.append(AotSpec(f"lora_grouped_expand[{tag},BO={block_o},warps={warps},{what}]",
                                          _grouped_expand_kernel, aot_signature(_grouped_expand_kernel, types, c), c,
                                          warps, _STAGES, True))
@@ -657,4 +918,27 @@ def aot_specs() -> list[AotSpec]:
                     specs.append(AotSpec(f"lora_grouped_grad_w[{tag},BC={block_c},warps={warps},{what}"
                                          f"{',dropout' if drop else ''}]", _grouped_grad_w_kernel,
                                          aot_signature(_grouped_grad_w_kernel, types, c), c, warps, _STAGES, True))
+        specs += fused_specs(act, ad)
+    return specs
+
+
+def fused_specs(act: torch.dtype, ad: torch.dtype) -> list[AotSpec]:
+    """The fused kernel's launches for one dtype pair: every rank tile, with bias or not, with dropout or not."""
+    xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+    specs = []
+    for br in SPEC_RANKS:
+        cfg = fused_config(act, ad, br)
+        for bias, drop in ((True, False), (False, False), (True, True), (False, True)):
+            c = dict(BLOCK_ROWS=FUSED_BLOCK_ROWS, BLOCK_R=br, BLOCK_O=cfg["BLOCK_O"], BLOCK_K=cfg["BLOCK_K"],
+                     GROUP_M=cfg["GROUP_M"], BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
+                     HAS_BIAS=bias, HAS_DROPOUT=drop, stride_xk=1, stride_wk=1, stride_ak=1, stride_bo=1,
+                     stride_yo=1)
+            types = {"x_ptr": "*" + xa, "w_ptr": "*" + xa, "bias_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
+                     "scale_ptr": "*fp32", "table_ptr": "*i64", "badapter_ptr": "*i64", "h_ptr": "*" + wa,
+                     "y_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_xm": "i64", "stride_wo": "i64",
+                     "stride_an": "i64", "stride_bn": "i64", "stride_ym": "i64"}
+            specs.append(AotSpec(f"lora_grouped_linear[x={xa},w={wa},BR={br},BO={cfg['BLOCK_O']},BK={cfg['BLOCK_K']},"
+                                 f"warps={cfg['num_warps']}{',bias' if bias else ''}{',dropout' if drop else ''}]",
+                                 _grouped_linear_kernel, aot_signature(_grouped_linear_kernel, types, c), c,
+                                 cfg["num_warps"], cfg["num_stages"], True))
     return specs

@@ -171,8 +171,14 @@ def test_every_launch_has_an_aot_spec(monkeypatch):
                 for th in (None, thresholds):
                     _, h = G.forward_triton(x, dy, a, b, scale, table, badapter, th, 1)
                     G.backward_triton(dy, x, h, a, b, scale, table, badapter, True, True, th, 1)
+                    if rows == G.FUSED_BLOCK_ROWS:  # lora_grouped_linear: forward with/without bias, backward
+                        w, bias = torch.empty(o, k, dtype=act, **meta), torch.empty(o, dtype=act, **meta)
+                        for bb in (None, bias):
+                            G.launch_grouped_linear(x, w, bb, a, b, scale, table, badapter, th, 1)
+                        G.backward_triton(dy, x, h, a, b, scale, table, badapter, True, True, th, 1,
+                                          dx_init=torch.empty(m, k, dtype=act, **meta))
     assert {name for name, _ in seen} == {"_grouped_shrink_kernel", "_grouped_expand_kernel",
-                                          "_grouped_grad_w_kernel"}
+                                          "_grouped_grad_w_kernel", "_grouped_linear_kernel"}
     specs = G.aot_specs()
     for name, meta in seen:  # a spec of that kernel with the launch's warps, stages and every fixed constexpr
         assert any(spec.fn.__name__ == name and (spec.num_warps, spec.num_stages) == (meta["num_warps"],
@@ -181,13 +187,226 @@ def test_every_launch_has_an_aot_spec(monkeypatch):
             name, {k: v for k, v in meta.items() if not isinstance(v, torch.Tensor)})
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["grouped", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_cost_model_matches_counted_traffic(interpreted, dtype, dropout):
-    """The bench's per-launch formulas (``grouped_launches``) give exactly the bytes (distinct addresses) and
-    launches counted from the kernels in the interpreter and the torch ops between them, forward and backward."""
+def test_cost_model_matches_counted_traffic(interpreted, dtype, dropout, fused):
+    """The bench's per-launch formulas (``grouped_launches``, ``fused_launch``) give exactly the bytes (distinct
+    addresses) and launches counted from the kernels in the interpreter and the torch ops between them, forward
+    and backward (fused: ``lora_grouped_linear``, 150 rows so that adapters hold several 64-row blocks)."""
     from peftfast.tools.bench.multi_adapter import calibrate
 
-    for row in calibrate(dtype=dtype, dropout=dropout):
+    for row in calibrate(m=150 if fused else 96, dtype=dtype, dropout=dropout, fused=fused):
         assert row["counted_launches"] == row["modelled_launches"], row
         assert row["counted_bytes"] == row["modelled_bytes"], row
+
+
+# ------------------------------------------------------------------------------------------------------
+# the base linear fused with the grouped adapters (prefill): lora_grouped_linear
+# ------------------------------------------------------------------------------------------------------
+def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0):
+    """lora_grouped_linear vs F.linear + each adapter alone on its rows (fp32/16-bit and float64): forward and the
+    gradients of x, the bias and every adapter factor; with dropout probabilities ``ps`` the loop uses the masks
+    regenerated from the op's seed."""
+    from peftfast.kernels import dropout as D
+    from peftfast.kernels.lora_grouped import dropout_tables, lora_grouped_linear
+    from tests.numerics import assert_matches_float64
+    from tests.test_multi_adapter import loop_reference, op_case, stacked_store
+
+    a, b, scal, index, x, _ = op_case(n, m, k, o, ranks, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    weight = (torch.randn(o, k, generator=g) / k ** 0.5).to(dtype)
+    bvec = torch.randn(o, generator=g).to(dtype).requires_grad_() if bias else None
+    st_a, st_b, st_s = stacked_store(a, b, scal)
+    masks = None
+    if ps is None:
+        y = lora_grouped_linear(x, weight, bvec, a, b, st_a, st_b, st_s, index)
+    else:
+        scale, thresholds = dropout_tables(scal, ps, x.device)
+        op_seed = int(D.draw_seed())
+        y = lora_grouped_linear(x, weight, bvec, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=op_seed)
+        masks = [D.keep_mask_torch(op_seed, i, m, k, p) for i, p in enumerate(ps)]
+
+    def loop(xx, bb, aa, bs):
+        base = torch.nn.functional.linear(xx, weight.to(xx.dtype), bb)
+        return loop_reference(xx, base, aa, bs, scal, index, masks, ps)
+
+    leaves = [x, *([bvec] if bias else []), *a, *b]
+    nb_ = 1 if bias else 0
+    plain = loop(x, bvec, a, b)
+    d = [t.detach().double().requires_grad_() for t in leaves]
+    ref = loop(d[0], d[1] if bias else None, d[1 + nb_:1 + nb_ + n], d[1 + nb_ + n:])
+    assert_matches_float64("y", y, plain, ref, k=8)
+    gy = torch.randn(y.shape, generator=g).to(dtype)
+    got = torch.autograd.grad(y, leaves, gy)
+    pl = torch.autograd.grad(plain, leaves, gy)
+    rf = torch.autograd.grad(ref, d, gy.double())
+    for i, (g1, g2, g3) in enumerate(zip(got, pl, rf)):
+        assert_matches_float64(f"grad {i}", g1, g2, g3, k=8)
+    return y
+
+
+@pytest.mark.parametrize("n,m,k,o", [(1, 70, 9, 5), (3, 150, 23, 19), (17, 90, 13, 131)])
+def test_triton_grouped_linear_vs_float64(interpreted, n, m, k, o):
+    """One launch for the base GEMM and every row's adapter (blocks of 64 rows, several per adapter, base rows in
+    their own blocks, unused adapters): forward and every gradient."""
+    run_linear_case(n, m, k, o, [RANKS[i % 3] for i in range(n)])
+    run_linear_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], bias=False, seed=3)
+
+
+def test_triton_grouped_linear_fp16(interpreted):
+    """fp16 (the interpreter has no bf16 arithmetic: the bf16 launches are checked by compiling them)."""
+    run_linear_case(3, 133, 40, 72, [8, 16, 3], dtype=torch.float16)
+
+
+def test_triton_grouped_linear_dropout_vs_float64(interpreted):
+    run_linear_case(3, 150, 23, 19, [8, 64, 1], ps=[0.3, 0.0, 0.6])
+
+
+def test_grouped_linear_reference_vs_float64(torch_backend):
+    """The PyTorch path of the same op (F.linear, then the grouped reference), with and without dropout."""
+    run_linear_case(3, 37, 23, 19, [8, 64, 1])
+    run_linear_case(3, 37, 23, 19, [8, 64, 1], ps=[0.3, 0.0, 0.6])
+
+
+def test_triton_grouped_linear_is_one_launch(interpreted, monkeypatch):
+    """Forward: one kernel (after the plan) whatever the number of adapters; it never calls F.linear."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+
+    real = G.launch
+    seen = []
+
+    def record(kernel, grid, *args, **meta):
+        seen.append(runtime.kernel_name(kernel))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(G, "launch", record)
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: (_ for _ in ()).throw(AssertionError("F.linear")))
+    for n in (3, 17):
+        seen.clear()
+        with torch.no_grad():
+            from peftfast.kernels.lora_grouped import lora_grouped_linear
+            from tests.test_multi_adapter import op_case, stacked_store
+            a, b, scal, index, x, _ = op_case(n, 140, 11, 7, [RANKS[i % 3] for i in range(n)], torch.float32)
+            lora_grouped_linear(x, torch.randn(7, 11), None, a, b, *stacked_store(a, b, scal), index)
+        assert seen == ["_grouped_linear_kernel"]
+
+
+def test_grouped_linear_bad_input():
+    from peftfast.kernels.lora_grouped import lora_grouped_linear
+    from tests.test_multi_adapter import op_case, stacked_store
+
+    a, b, scal, index, x, _ = op_case(3, 20, 11, 7, [8, 1, 3], torch.float32)
+    with pytest.raises(ValueError, match="weight"):
+        lora_grouped_linear(x, torch.randn(7, 12), None, a, b, *stacked_store(a, b, scal), index)
+    with pytest.raises(ValueError, match="requires grad"):
+        lora_grouped_linear(x, torch.randn(7, 11, requires_grad=True), None, a, b, *stacked_store(a, b, scal), index)
+
+
+def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
+    """A mixed batch over plain nn.Linear layers with rows enough to fill the fused kernel's 64-row blocks: each
+    layer runs ``_grouped_linear_kernel`` (no separate base output), the output equals each sample alone, and in
+    training every adapter's gradients equal training it alone on its samples (through both layers: the second
+    layer's dX reaches the first's adapters). Fewer rows (decode) keep the base layer + grouped kernels."""
+    from torch import nn
+
+    import peftfast as fast
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+
+    torch.manual_seed(5)
+    base = nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 7))
+    names = ["a0", "a1", "a2"]
+    pm = None
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i], lora_alpha=2 + i, target_modules=["0", "2"])
+        pm = fast.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm
+        if i:
+            pm.add_adapter(name, cfg)
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if "lora_" in k:
+                p.copy_(torch.randn_like(p) * 0.3)
+    seen = []
+    real = G.launch
+
+    def record(kernel, grid, *args, **meta):
+        seen.append(runtime.kernel_name(kernel))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(G, "launch", record)
+    g = torch.Generator().manual_seed(1)
+    batch, seq = 8, 130  # 1040 rows >= 4 x (3 adapters + base) x 64
+    x = torch.randn(batch, seq, 13, generator=g)
+    per_sample = ["a0", "a2", "__base__", "a2", "a0", "a2", "a2", "__base__"]  # a1: no sample (empty segment)
+    pm.eval()
+    with torch.no_grad():
+        y = pm(x, adapter_names=per_sample)
+    assert seen.count("_grouped_linear_kernel") == 2 and "_grouped_shrink_kernel" not in seen
+    with torch.no_grad():
+        alone = []
+        for i, name in enumerate(per_sample):
+            if name == "__base__":
+                with pm.disable_adapter():
+                    alone.append(pm(x[i:i + 1]))
+            else:
+                pm.base_model.set_adapter(name)
+                alone.append(pm(x[i:i + 1]))
+    torch.testing.assert_close(y, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    seen.clear()
+    with torch.no_grad():
+        pm(x[:, :3], adapter_names=per_sample)  # 24 rows: decode-sized
+    assert "_grouped_linear_kernel" not in seen and "_grouped_shrink_kernel" in seen
+
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    for name in names:
+        pm.base_model.set_adapter(name)
+    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
+    for p in params.values():
+        p.requires_grad_(True)
+    weight = torch.randn(batch, seq, 7, generator=g)
+    seen.clear()
+    out = pm(x, adapter_names=per_sample)
+    assert seen.count("_grouped_linear_kernel") == 2
+    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}." in k}
+        assert len(own) == 4
+        if not rows:
+            assert all(grads[k] is None or not grads[k].any() for k in own), name
+            continue
+        pm.base_model.set_adapter(name)
+        for p in own.values():
+            p.requires_grad_(True)
+        ref = torch.autograd.grad((pm(x[rows]) * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-4, msg=k)
+            assert r.abs().max() > 0
+
+
+def test_grouped_linear_torch_compile_fullgraph(torch_backend):
+    """lora_grouped_linear under torch.compile(fullgraph=True, backend="aot_eager"), with dropout (a fixed seed)
+    and a trainable bias: eager's output and gradients (the custom op, its fake and its backward op)."""
+    from peftfast.kernels.lora_grouped import dropout_tables, lora_grouped_linear
+    from tests.test_multi_adapter import op_case, stacked_store
+
+    a, b, scal, index, x, _ = op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
+    st_a, st_b, _ = stacked_store(a, b, scal)
+    scale, thresholds = dropout_tables(scal, [0.2, 0.0, 0.5], x.device)
+    weight = torch.randn(5, 7)
+    bias = torch.randn(5, requires_grad=True)
+
+    def f(x, index):
+        return lora_grouped_linear(x, weight, bias, a, b, st_a, st_b, scale, index, thresholds=thresholds,
+                                   seed=1234)
+
+    leaves = [x, bias, *a, *b]
+    want = f(x, index)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, index)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn_like(want)
+    for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        torch.testing.assert_close(g1, g2)

@@ -5,16 +5,18 @@ Two tables:
 * CPU wall time (measured): one LoRA ``Linear`` layer holding 16 adapters, a batch whose samples name
   them round-robin, peftfast's layer (one grouped op) against PEFT 0.21's (one index-select, two linears
   and one index-put per distinct adapter); best of repeats, and the adapter part (minus the base layer).
-* Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of the grouped kernels
-  (``grouped_launches``, one entry per launch) against PEFT's loop at decode (64 sequences x 1 token),
-  prefill (64 x 512) and the prefill's backward, d = 4096, r = 16, bf16, N = 1, 4, 16, 64 distinct
-  adapters, with modelled H100 / RTX 4090 times (bytes / bandwidth + FLOPs / dense throughput + launches x
-  launch overhead, the same simple roofline for both sides). The bytes budget is the issue's: base GEMM +
-  every used adapter's A and B once (twice in backward), + 5%. The grouped kernels are not fused into the
-  base GEMM, so they read x and read/write y once more than it: within budget at decode, not at prefill
-  (where only a fused GEMM could be). ``calibrate`` checks the formulas against the bytes and launches
-  counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal, forward
-  and backward, with and without dropout).
+* Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of ours -- the base GEMM then
+  the grouped kernels (``grouped_launches``, one entry per launch), or at prefill the one fused launch of
+  ``lora_grouped_linear`` (``fused_launch``) -- against the base GEMM + PEFT's loop at decode (64 sequences
+  x 1 token), prefill (64 x 512) and the prefill's backward, d = 4096, r = 16, bf16, N = 1, 4, 16, 64
+  distinct adapters, with modelled H100 / RTX 4090 times (bytes / bandwidth + FLOPs / dense throughput +
+  launches x launch overhead, the same simple roofline for both sides). The bytes budget is the target's:
+  base GEMM + every used adapter's A and B once (twice in backward), + 5%. Separate grouped kernels read x
+  and read/write y once more than the base GEMM: within budget at decode, about 2x it at prefill, where the
+  fused launch reads x and writes y once (within budget). The backward is over it either way (dY, x and dX
+  are each read again by the adapter kernels). ``calibrate`` checks the formulas against the bytes and
+  launches counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal,
+  forward and backward, with and without dropout, grouped and fused).
 
     python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]
 """
@@ -115,22 +117,24 @@ def plan_launches(rows: int = 64, adapters: int = 16) -> int:
 
 
 def grouped_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt: int, backward: bool = False,
-                     dropout: bool = False) -> list[dict]:
+                     dropout: bool = False, fused_plan: bool = False) -> list[dict]:
     """The launches of one grouped layer on the Triton path (kernels/lora_grouped.py), each with the bytes it
     must move (distinct addresses) and its FLOPs: ``m`` rows of which ``counts[a]`` use adapter a (the rest the
     base model), K = ``k`` -> O = ``o``, store rank ``rank_bucket(rank)``, y updated in place. Forward: shrink,
     expand. Backward: dH shrink, zero-filled dX and the dX expand, the adapters' block bounds (two small ops),
     dA and dB weight-gradient kernels (+ a sum of split partials when split, + one cast to the adapter dtype
     when it is not fp32). Not counted: the plan (once per call, ``plan_launches``) and autograd's copy of an
-    adapter's gradient that is a strided view (rank below the store's)."""
-    from ...kernels.lora_grouped import block_rows_for, grad_w_splits, kernel_rank, launch_config, num_blocks, \
-        rank_bucket
+    adapter's gradient that is a strided view (rank below the store's). ``fused_plan``: the backward of
+    ``lora_grouped_linear`` (its plan: 64-row blocks, the base rows in blocks of their own; the dX expand adds
+    into the base dX instead of a zero-filled one)."""
+    from ...kernels.lora_grouped import FUSED_BLOCK_ROWS, block_rows_for, grad_w_splits, kernel_rank, \
+        launch_config, num_blocks, rank_bucket
 
     n = len(counts)
     used = [c for c in counts if c > 0]
     nu, mu = len(used), sum(used)
-    br = block_rows_for(m, n, True)
-    nb = num_blocks(m, n, br)
+    br = FUSED_BLOCK_ROWS if fused_plan else block_rows_for(m, n, True)
+    nb = num_blocks(m, n + 1, br) if fused_plan else num_blocks(m, n, br)
     ub = sum(-(-c // br) for c in used)  # blocks holding rows
     r = rank_bucket(rank)
     rt = kernel_rank(r)
@@ -147,8 +151,10 @@ def grouped_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad
 
     if not backward:
         return [dict(shrink(k, "shrink"), bytes=shrink(k, "shrink")["bytes"] + drop), expand(o, "expand", True)]
-    out = [shrink(o, "dH shrink"), dict(name="dX zeros", bytes=m * k * act_elt, flops=0),
-           dict(expand(k, "dX expand", False), bytes=expand(k, "", False)["bytes"] + drop),
+    dx_first = ([dict(name="dX = dY @ W", bytes=(m * o + o * k + m * k) * act_elt, flops=2 * m * o * k)] if fused_plan
+                else [dict(name="dX zeros", bytes=m * k * act_elt, flops=0)])
+    out = [shrink(o, "dH shrink"), *dx_first,
+           dict(expand(k, "dX expand", fused_plan), bytes=expand(k, "", fused_plan)["bytes"] + drop),
            dict(name="bounds arange", bytes=(n + 1) * 8, flops=0),
            dict(name="bounds searchsorted", bytes=nb * 8 + 2 * (n + 1) * 8, flops=0)]
     for what, cols, extra in (("dA", k, n * 8 if dropout else 0), ("dB", o, 0)):
@@ -164,6 +170,29 @@ def grouped_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad
     return out
 
 
+def fused_launch(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt: int, bias: bool = False,
+                 dropout: bool = False) -> dict:
+    """The one launch of ``lora_grouped_linear``'s forward (``_grouped_linear_kernel``) with the bytes it must move
+    (distinct addresses) and its FLOPs: x, W and the used adapters' A and B read once, y written once, h written
+    for every block holding rows (base blocks' h is zero), the plan (every block's slot, the row tables of
+    blocks holding rows) and each touched slot's scale (and keep threshold); padded rows cost FLOPs, not bytes."""
+    from ...kernels.lora_grouped import FUSED_BLOCK_ROWS, kernel_rank, num_blocks, rank_bucket
+
+    n = len(counts)
+    br = FUSED_BLOCK_ROWS
+    base_rows = m - sum(counts)
+    nb = num_blocks(m, n + 1, br)
+    used = [i for i, c in enumerate(counts) if c > 0]
+    blocks = sum(-(-c // br) for c in counts if c > 0) + -(-base_rows // br)
+    r = rank_bucket(rank)
+    rt = kernel_rank(r)
+    touched = len(set(used) | ({n - 1} if base_rows else set()))  # base blocks read the last slot's scale, masked
+    return dict(name="grouped linear", bytes=nb * 8 + blocks * br * 8 + (m * k + o * k + m * o) * act_elt
+                + len(used) * r * (k + o) * ad_elt + touched * (4 + (8 if dropout else 0))
+                + (o * act_elt if bias else 0) + blocks * br * rt * ad_elt,
+                flops=2 * blocks * br * (k * o + rt * (k + o)))
+
+
 def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, backward: bool = False) -> dict:
     """Launches, bytes and FLOPs of one layer (not the first of its call) for the base GEMM, peftfast's grouped
     kernels (``grouped_launches``) and PEFT's loop, samples spread evenly over ``n_used`` adapters.
@@ -173,29 +202,46 @@ def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, ba
     in training; the same loop under autograd): per adapter the backward of each of those ops, ~9 launches
     (index-put, add, scale, lora_B's dX and dB, lora_A's dX and dA, the index-select's scatter into dX)
     moving its rows of dY and dX about 8 times plus its A and B twice. Base backward: dX = dY @ W only (W
-    frozen)."""
+    frozen).
+
+    ``ours``: the base GEMM plus the grouped kernels, or, where the layer fuses them (``fused_worthwhile``: a
+    plain nn.Linear with rows enough to fill 64-row blocks, i.e. prefill), ``lora_grouped_linear``'s one launch
+    (forward) and its backward (dY @ W, then the grouped backward adding into it)."""
+    from ...kernels.lora_grouped import fused_worthwhile
+
     m = rows
     per = -(-m // n_used)
     counts = [min(per, m - i * per) for i in range(n_used)]
-    launches = grouped_launches(m, d, d, counts, r, elt, elt, backward)
-    grouped = dict(launches=len(launches) + (0 if backward else 1),  # forward: + the allocation of h
-                   bytes=sum(x["bytes"] for x in launches), flops=sum(x["flops"] for x in launches))
+    base = dict(launches=1, bytes=d * d * elt + 2 * m * d * elt, flops=2 * m * d * d)
+    fused = fused_worthwhile(m, n_used)
+    if fused:
+        launches = (grouped_launches(m, d, d, counts, r, elt, elt, True, fused_plan=True) if backward
+                    else [fused_launch(m, d, d, counts, r, elt, elt)])
+        ours = dict(launches=len(launches), bytes=sum(x["bytes"] for x in launches),
+                    flops=sum(x["flops"] for x in launches))
+    else:
+        launches = grouped_launches(m, d, d, counts, r, elt, elt, backward)
+        ours = dict(launches=len(launches) + (0 if backward else 1) + 1,  # forward: + the allocation of h
+                    bytes=sum(x["bytes"] for x in launches) + base["bytes"],
+                    flops=sum(x["flops"] for x in launches) + base["flops"])
     if backward:
         peft_loop = dict(launches=9 * n_used, bytes=n_used * (4 * r * d * elt) + m * d * elt * 8,
                          flops=4 * m * r * d * 2)
     else:
         peft_loop = dict(launches=7 * n_used, bytes=n_used * (2 * r * d * elt) + m * d * elt * 6,
                          flops=2 * m * r * d * 2)
-    base = dict(launches=1, bytes=d * d * elt + 2 * m * d * elt, flops=2 * m * d * d)
     factor = 2 if backward else 1  # the adapters' A and B read, their gradients written
-    return dict(grouped=grouped, peft=peft_loop, base=base, used_adapter_bytes=factor * n_used * r * 2 * d * elt)
+    return dict(ours=ours, fused=fused, peft=peft_loop, base=base,
+                used_adapter_bytes=factor * n_used * r * 2 * d * elt)
 
 
-def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.float16, dropout: bool = True):
-    """Forward and backward of ``lora_grouped`` on the Triton kernels in the interpreter (TRITON_INTERPRET=1),
-    bytes and launches counted (``costmodel.calibration.count_device``), against ``grouped_launches``: rows
-    (counted, modelled) per direction. Three adapters of the store's rank (one unused), base rows too."""
-    from ...kernels.lora_grouped import dropout_tables, lora_grouped, make_plan
+def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.float16, dropout: bool = True,
+              fused: bool = False):
+    """Forward and backward of ``lora_grouped`` (``fused``: ``lora_grouped_linear`` with a bias) on the Triton
+    kernels in the interpreter (TRITON_INTERPRET=1), bytes and launches counted
+    (``costmodel.calibration.count_device``), against ``grouped_launches`` / ``fused_launch``: rows (counted,
+    modelled) per direction. Three adapters of the store's rank (one unused), base rows too."""
+    from ...kernels.lora_grouped import dropout_tables, fused_plan, lora_grouped, lora_grouped_linear, make_plan
     from ..costmodel.calibration import count_triton_forward_backward, require_interpreter
 
     require_interpreter()
@@ -209,12 +255,16 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
     scale, thresholds = dropout_tables([1.5] * n, [0.1 if dropout else 0.0] * n, "cpu")
     index = torch.tensor(sum(([i] * c for i, c in enumerate(counts)), []) + [-1] * (m - sum(counts)))
     index = index[torch.randperm(m, generator=gen)]
-    plan = make_plan(index, n, True)
+    plan = fused_plan(index, n) if fused else make_plan(index, n, True)
     x = torch.randn(m, k, generator=gen).to(dtype).requires_grad_()
     base = torch.randn(m, o, generator=gen).to(dtype)
     dy = torch.randn(m, o, generator=gen).to(dtype)
+    weight, bias = torch.randn(o, k, generator=gen).to(dtype), torch.randn(o, generator=gen).to(dtype)
 
     def forward():
+        if fused:
+            return lora_grouped_linear(x, weight, bias, a, b, st_a, st_b, scale, index, plan=plan,
+                                       thresholds=thresholds if dropout else None, seed=7)
         return lora_grouped(x, base.clone(), a, b, st_a, st_b, scale, index, plan=plan,
                             thresholds=thresholds if dropout else None, seed=7)
 
@@ -222,8 +272,12 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
     elt = torch.finfo(dtype).bits // 8
     rows = []
     for what, counted, back in (("forward", fwd, False), ("backward", bwd, True)):
-        model = grouped_launches(m, k, o, counts, r, elt, elt, back, dropout)
-        if not back:  # the clone of the base output in forward() above (a real layer hands a fresh one)
+        if fused:
+            model = (grouped_launches(m, k, o, counts, r, elt, elt, True, dropout, fused_plan=True) if back
+                     else [fused_launch(m, k, o, counts, r, elt, elt, bias=True, dropout=dropout)])
+        else:
+            model = grouped_launches(m, k, o, counts, r, elt, elt, back, dropout)
+        if not back and not fused:  # the clone of the base output in forward() above (a real layer hands a fresh one)
             model.append(dict(name="clone", bytes=2 * m * o * elt, flops=0))
         rows.append(dict(direction=what, counted_bytes=counted[0], modelled_bytes=sum(x["bytes"] for x in model),
                          counted_launches=counted[1], modelled_launches=len(model), counted_names=counted[2]))
@@ -241,14 +295,13 @@ def traffic_rows(ns=(1, 4, 16, 64), shapes=(("decode", 64, False), ("prefill", 6
     for label, m, backward in shapes:
         for n in ns:
             t = traffic(n, m, backward=backward)
-            base, g, p = t["base"], t["grouped"], t["peft"]
+            base, ours, p = t["base"], t["ours"], t["peft"]
             budget = 1.05 * (base["bytes"] + t["used_adapter_bytes"])
-            row = dict(shape=label, rows=m, adapters=n, launches_grouped=g["launches"], launches_peft=p["launches"],
-                       MB_base_plus_grouped=(g["bytes"] + base["bytes"]) / 1e6, MB_budget=budget / 1e6,
-                       within_budget=g["bytes"] + base["bytes"] <= budget)
+            row = dict(shape=label, rows=m, adapters=n, fused=t["fused"], launches_ours=ours["launches"],
+                       launches_peft=p["launches"] + base["launches"], MB_ours=ours["bytes"] / 1e6,
+                       MB_budget=budget / 1e6, within_budget=ours["bytes"] <= budget)
             for gpu in GPUS:
-                row[f"{gpu}_vs_peft"] = (modelled(g, gpu) + modelled(base, gpu)) / (
-                    modelled(p, gpu) + modelled(base, gpu))
+                row[f"{gpu}_vs_peft"] = modelled(ours, gpu) / (modelled(p, gpu) + modelled(base, gpu))
             out.append(row)
     return out
 
@@ -262,7 +315,8 @@ def main(argv=None) -> None:
     print("CPU wall time, one LoRA Linear with 16 adapters, peftfast / PEFT (best of repeats)")
     for row in cpu_rows(repeats=10 if args.quick else 30):
         print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    print(f"Modelled per-layer traffic, d=4096 r=16 bf16, base GEMM + grouped vs base GEMM + PEFT's loop; plan: "
+    print(f"Modelled per-layer traffic, d=4096 r=16 bf16, ours (fused, or base GEMM + grouped) vs base GEMM + PEFT's "
+          f"loop, launches including the base GEMM; plan: "
           f"{plan_launches()} device ops once per call (64 rows, 16 adapters; {plan_launches(64, 64)} with 64)")
     for row in traffic_rows():
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -10,6 +10,9 @@ or a scaling changes; checking costs one tuple of version counters per call, no 
 ``grouped_delta`` maps each row of the batch to its adapter's slot (``__base__`` and adapters the layer does
 not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sorted by adapter on the
 device, then one shrink and one expand over blocks of rows (Triton on CUDA; two batched matmuls elsewhere).
+Over a plain frozen nn.Linear on the Triton backend, a batch with rows enough to fill 64-row blocks (prefill)
+instead runs ``grouped_linear``: the base GEMM, the shrink and the expand in one launch
+(``lora_grouped_linear``), x read once and y written once.
 No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
 the rows that used it only; with dropout each row sees its adapter's mask (its probability, its stream),
 regenerated inside the op from one seed per call in forward and backward: saved for backward are x (the
@@ -22,7 +25,8 @@ from typing import Optional
 import torch
 
 from ...kernels.backend import use_triton
-from ...kernels.lora_grouped import MAX_KERNEL_RANK, dropout_tables, lora_grouped, make_plan, rank_bucket
+from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan, fused_worthwhile, lora_grouped,
+                                     lora_grouped_linear, make_plan, rank_bucket)
 
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
@@ -94,15 +98,17 @@ def row_index(slots: dict[str, int], names: list, rows: int, device: torch.devic
     return per_sample.repeat_interleave(rows // len(names))
 
 
-def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.device, on_triton: bool):
-    """(index, plan) for these rows: made once, then reused by the next layers of the call."""
+def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.device, on_triton: bool | str):
+    """(index, plan) for these rows: made once, then reused by the next layers of the call. ``on_triton``:
+    "fused" for the plan of ``lora_grouped_linear``'s kernel (``fused_plan``)."""
     key = (store.names, tuple(tuple(n) if isinstance(n, (list, tuple)) else n for n in names), rows, device,
            on_triton)
     hit = _LAST_PLAN.get("entry")  # one (key, value) tuple, replaced whole: no torn read across threads
     if hit is not None and hit[0] == key:
         return hit[1]
     index = row_index(store.slots, names, rows, device)
-    value = (index, make_plan(index, len(store.names), on_triton))
+    n = len(store.names)
+    value = (index, fused_plan(index, n) if on_triton == "fused" else make_plan(index, n, on_triton))
     _LAST_PLAN["entry"] = (key, value)
     return value
 
@@ -118,6 +124,29 @@ def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, na
                             thresholds=store.thresholds).view(result.shape)
     return lora_grouped(x, result, weights_a, weights_b, store.a, store.b, store.scale, index,
                         plan=plan).view(result.shape)
+
+
+def may_fuse(x: torch.Tensor, weight: torch.Tensor, adapters: int) -> bool:
+    """The cheap part of ``grouped_linear``'s test, before any store is synced: the Triton backend and rows
+    enough for ``adapters`` adapters (an upper bound of the store's)."""
+    return use_triton(x, weight) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), adapters)
+
+
+def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
+                   training: bool) -> Optional[torch.Tensor]:
+    """``F.linear(x, weight, bias)`` plus each row's adapter in one launch (``lora_grouped_linear``: x read once,
+    y written once) on the Triton backend when the rows fill the fused kernel's blocks (``fused_worthwhile``:
+    prefill, not decode); None otherwise (the caller runs the base layer, then ``grouped_delta``)."""
+    rows = x.numel() // x.shape[-1]
+    if not (use_triton(x, weight, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
+            and fused_worthwhile(rows, len(store.names))):
+        return None
+    index, plan = shared_plan(store, names, rows, x.device, "fused")
+    if training and store.max_dropout > 0:
+        return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.drop_scale, index,
+                                   plan=plan, thresholds=store.thresholds)
+    return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
 
 
 def check_adapter_names_shape(adapter_names: object) -> None:

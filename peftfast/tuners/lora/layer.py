@@ -35,7 +35,7 @@ from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditive
                         low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import creation_device, per_sample_adapter_names
-from .grouped import AdapterStore, grouped_delta
+from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse
 from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 from ..buffer_dict import BufferDict
@@ -526,6 +526,9 @@ class LoraLayer(AdditiveAdapterLayer):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled: a batch mixing adapters is "
                              "supported for LoRA adapters without use_dora only")
         if per_token:  # one name per token
+            fused = self._grouped_fused(x, adapter_names, args, kwargs)
+            if fused is not None:
+                return fused
             result = self.base_forward(x, *args, **kwargs)
             out = self._grouped_mixed(x, result, adapter_names)
             if out is None:
@@ -533,6 +536,9 @@ class LoraLayer(AdditiveAdapterLayer):
                                  f"{type(self.get_base_layer()).__name__}; give one adapter name per sample")
             return out
         adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
+        fused = self._grouped_fused(x, adapter_names, args, kwargs)
+        if fused is not None:
+            return fused
         result = self.base_forward(x, *args, **kwargs)
         grouped = self._grouped_mixed(x, result, adapter_names)
         if grouped is not None:
@@ -548,6 +554,11 @@ class LoraLayer(AdditiveAdapterLayer):
     def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
         """``result`` plus each row's adapter as one grouped op (``grouped.py``), or None where the layer type
         has no grouped path (the caller then adds one adapter at a time)."""
+        return None
+
+    def _grouped_fused(self, x: torch.Tensor, adapter_names: list, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The whole output (base layer and each row's adapter) as one fused op, or None where the layer computes
+        its base output first (then ``_grouped_mixed``)."""
         return None
     # -- weights an adapter keeps frozen (MiCA: its B) -------------------------------------------------------
     def freeze_peft_weight(self, adapter_name: str, container: str) -> None:
@@ -1018,25 +1029,54 @@ class Linear(nn.Module, LoraLayer):
             return self._velora_step(x, result, name).to(result.dtype)
         return self._lora(x, result, [name])
 
-    def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+    def _synced_store(self, adapter_names: list):
+        """(names, bundle, store) of the adapters a mixed batch may use, the store synced (``grouped.py``);
+        names is empty when the layer holds no such adapter; None while VeLoRA adapters of the batch train (they
+        take their own rows through _with_adapter, with VeLoRA's compressed input)."""
         per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
         flat = [n for per in adapter_names for n in per] if per_token else adapter_names
         velora = self.velora_training(list(dict.fromkeys(flat)))
-        if velora:  # trained on its own rows through _with_adapter, with VeLoRA's compressed input
+        if velora:
             if per_token:
                 raise ValueError(f"Training VeLoRA adapters ({', '.join(velora)}) with adapter_names per token is not "
                                  "supported; give one adapter name per sample")
             return None
         names = [n for n in self.lora_A._modules if not self.use_dora.get(n, False)]
         if not names:
-            return result
+            return names, None, None
         bundle = self.adapter_bundle(names)
         store = self.__dict__.get("_grouped_store")
         if store is None:
             store = self.__dict__["_grouped_store"] = AdapterStore()
         store.sync(names, bundle.weights_a, bundle.weights_b, bundle.scalings, bundle.dropout_ps)
+        return names, bundle, store
+
+    def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+        prepared = self._synced_store(adapter_names)
+        if prepared is None:
+            return None
+        names, bundle, store = prepared
+        if not names:
+            return result
         out = grouped_delta(store, x, result, adapter_names, bundle.weights_a, bundle.weights_b, self.training)
         return self._add_rows_lora_bias(out, adapter_names, self.bias_names(names))
+
+    def _grouped_fused(self, x: torch.Tensor, adapter_names: list, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """A plain frozen nn.Linear base (``base_is_fusable``) on the Triton backend, with rows enough to fill the
+        fused kernel's blocks (prefill): the base GEMM and each row's adapter in one launch (``grouped_linear``);
+        None otherwise."""
+        base = self.base_layer
+        if (args or kwargs or type(base) is not nn.Linear or not base_is_fusable(base)
+                or not may_fuse(x, base.weight, len(self.lora_A))):
+            return None
+        prepared = self._synced_store(adapter_names)
+        if prepared is None or not prepared[0]:
+            return None
+        names, bundle, store = prepared
+        x, weight, bias = autocast_base(x, base.weight, base.bias)
+        out = grouped_linear(store, x, weight, bias, adapter_names, bundle.weights_a, bundle.weights_b,
+                             self.training)
+        return None if out is None else self._add_rows_lora_bias(out, adapter_names, self.bias_names(names))
 
     def _add_rows_lora_bias(self, out: torch.Tensor, adapter_names: list, biased: list[str]) -> torch.Tensor:
         """``out`` plus ``scaling * lora_B.bias`` on the rows (samples, or tokens for per-token names) whose adapter
