@@ -322,8 +322,56 @@ def section_kernels(dry: bool) -> dict:
                                                                                     [0.0], True),
                                         [x, a, b], dy, names,
                                         ref_op=lambda x_, a_, b_, w_=w_q: x_ @ w_.T + 2.0 * (x_ @ a_.T) @ b_.T)
+    checks += grouped_checks(dry, device, gen, acts)
     ok = all(c["ok"] for c in checks)
     return {"status": "pass" if ok else "fail", "checks": checks}
+
+
+def grouped_checks(dry: bool, device, gen, acts) -> list[dict]:
+    """Mixed batches: ``lora_grouped`` (after a base output) and ``lora_grouped_linear`` (the base GEMM fused in)
+    on CUDA tensors against float64, three adapters of ranks 5 / 16 / 9 (the last without rows) and base rows,
+    output and the gradients of x, the bias (fused) and each adapter's A and B."""
+    import torch
+
+    from peftfast.kernels.lora_grouped import lora_grouped, lora_grouped_linear, rank_bucket
+
+    t, d_in, d_out = (150, 40, 56) if dry else (3000, 1536, 1000)
+    ranks = (5, 16, 9)
+    checks: list[dict] = []
+    names = ["out", "dX", "db", "dA0", "dA1", "dA2", "dB0", "dB1", "dB2"]
+    for act in acts[:1] if dry else acts:
+        for ad in dict.fromkeys((act, torch.float32)):
+            tag = f"[x={act},ad={ad},T={t},{d_in}->{d_out}]".replace("torch.", "")
+            x, _, _, dy = _lora_inputs(t, d_in, d_out, 1, act, ad, device, gen)
+            a = [(torch.randn(r, d_in, generator=gen) * d_in ** -0.5).to(device=device, dtype=ad).requires_grad_()
+                 for r in ranks]
+            b = [(torch.randn(d_out, r, generator=gen) * r ** -0.5).to(device=device, dtype=ad).requires_grad_()
+                 for r in ranks]
+            w = (torch.randn(d_out, d_in, generator=gen) * d_in ** -0.5).to(device=device, dtype=act)
+            bias = torch.randn(d_out, generator=gen).to(device=device, dtype=act).requires_grad_(True)
+            base = torch.randn(t, d_out, generator=gen).to(device=device, dtype=act).requires_grad_(True)
+            index = torch.randint(-1, 2, (t,), generator=gen)
+
+            def stores(a_, b_):
+                r = rank_bucket(max(ranks))
+                st_a = torch.zeros(3, r, d_in, dtype=a_[0].dtype, device=a_[0].device)
+                st_b = torch.zeros(3, r, d_out, dtype=a_[0].dtype, device=a_[0].device).transpose(1, 2)
+                for i, (wa, wb) in enumerate(zip(a_, b_)):
+                    st_a[i, :wa.shape[0]] = wa.detach()
+                    st_b[i, :, :wb.shape[1]] = wb.detach()
+                return st_a, st_b, torch.tensor([1.5, 0.5, 2.0], device=a_[0].device)
+
+            def fused(x_, bias_, *ab, w_=w):
+                return lora_grouped_linear(x_, w_.to(x_), bias_, ab[:3], ab[3:], *stores(ab[:3], ab[3:]),
+                                           index.to(x_.device))
+
+            def grouped(x_, base_, *ab):
+                return lora_grouped(x_, base_ * 1.0, ab[:3], ab[3:], *stores(ab[:3], ab[3:]), index.to(x_.device))
+
+            checks += _check_op(f"lora_grouped_linear{tag}", fused, [x, bias, *a, *b], dy, names)
+            checks += _check_op(f"lora_grouped{tag}", grouped, [x, base, *a, *b], dy,
+                                ["out", "dX", "dbase", *names[3:]])
+    return checks
 
 
 def section_stress(dry: bool) -> dict:
