@@ -18,7 +18,9 @@ Layout (one file per op; shared pieces are public names in shared modules):
     lora_fused.py             lora_linear_fused: the adapters inside the base linear's GEMMs; DoRA's
                               dora_linear_fused / dora_row_norm_fused on the same kernels
     lora_grouped.py           lora_grouped (import it from the module: its name is the module's): each
-                              row its own adapter (mixed batches), rows grouped by adapter
+                              row its own adapter (mixed batches), rows grouped by adapter; and
+                              lora_grouped_linear: the base linear's GEMM fused in (prefill)
+    lora_grouped_embedding.py lora_grouped_embedding: mixed batches on an embedding (PyTorch ops)
     qmatmul.py                matmul_4bit / matmul_int8: GEMMs over quantised weights
     qlora.py                  qlora_linear_fused: the adapters inside the quantised GEMMs
     ia3.py                    ia3_linear / ia3_scale_*: IA3 scales inside the matmul

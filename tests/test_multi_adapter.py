@@ -6,6 +6,8 @@ Inference and training (each sample's loss reaches only its own adapter), 1 / 3 
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -632,3 +634,149 @@ def test_dropout_saves_no_copy_of_x_and_does_not_grow_with_adapters():
         plain = _grouped_layer_saved(n, 0.0)
         assert saved["other"] <= plain["other"], (saved, plain)
     assert sixteen["other"] <= 1.25 * two["other"], (two, sixteen)
+
+
+# ------------------------------------------------------------------------------------------------------
+# LoRA on nn.Embedding: one grouped op (kernels/lora_grouped_embedding.py)
+# ------------------------------------------------------------------------------------------------------
+def _embedding_model(padding_idx=None, max_norm=None):
+    torch.manual_seed(4)
+    base = nn.Sequential(nn.Embedding(31, 11, padding_idx=padding_idx, max_norm=max_norm))
+    names = ["e0", "e1", "e2"]
+    pm = None
+    for i, name in enumerate(names):
+        cfg = fast.LoraConfig(r=RANKS[i], lora_alpha=3 + i, target_modules=["0"])
+        pm = fast.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm
+        if i:
+            pm.add_adapter(name, cfg)
+    with torch.no_grad():
+        for k, p in pm.named_parameters():
+            if "lora_" in k:
+                p.copy_(torch.randn_like(p))
+    return pm, names
+
+
+@pytest.mark.parametrize("padding_idx", [None, 3])
+def test_embedding_mixed_batch_is_one_op(monkeypatch, padding_idx):
+    """nn.Embedding with three adapters (ranks 1/8/64, e1 without tokens), per sample and per token: one
+    lora_grouped_embedding call per forward, the output equal to each sample alone, every adapter's gradients
+    equal to training it alone on its tokens (none to padding_idx's row, as F.embedding)."""
+    from peftfast.kernels import lora_grouped_embedding as E
+
+    calls = []
+    real = E.lora_grouped_embedding
+    monkeypatch.setattr(sys.modules["peftfast.tuners.lora.layer"], "lora_grouped_embedding",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    pm, names = _embedding_model(padding_idx)
+    ids = torch.randint(0, 31, (5, 7))
+    ids[1, 2] = ids[3, 0] = 3
+    per_sample = ["e2", "e0", "__base__", "e2", "e0"]
+    pm.eval()
+    with torch.no_grad():
+        y = pm(ids, adapter_names=per_sample)
+        torch.testing.assert_close(y, alone_outputs(pm, ids, per_sample), rtol=1e-6, atol=1e-6)
+    assert calls == [1]
+    per_token = [[["e0", "e2", "__base__"][(i + j) % 3] for j in range(7)] for i in range(5)]
+    with torch.no_grad():
+        y = pm(ids, adapter_names=per_token)
+        for i in range(5):
+            for j in range(7):
+                torch.testing.assert_close(y[i, j], alone_outputs(pm, ids[i:i + 1, j:j + 1], [per_token[i][j]])[0, 0])
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
+    for p in params.values():
+        p.requires_grad_(True)
+    weight = torch.randn(5, 7, 11)
+    out = pm(ids, adapter_names=per_sample)
+    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
+    for name in names:
+        rows = [i for i, s in enumerate(per_sample) if s == name]
+        own = {k: p for k, p in params.items() if f".{name}" in k}
+        assert len(own) == 2
+        if not rows:
+            assert all(grads[k] is None or not grads[k].any() for k in own), name
+            continue
+        pm.base_model.set_adapter(name)
+        ref = torch.autograd.grad((pm(ids[rows]) * weight[rows]).sum(), list(own.values()))
+        for (k, _), r in zip(own.items(), ref):
+            torch.testing.assert_close(grads[k], r, rtol=1e-5, atol=1e-5, msg=k)
+            assert r.abs().max() > 0
+        if padding_idx is not None:
+            assert not grads[f"base_model.model.0.lora_embedding_A.{name}"][:, padding_idx].any()
+
+
+def test_embedding_with_max_norm_keeps_one_op_per_adapter(monkeypatch):
+    """max_norm renormalises the rows F.embedding reads: such an embedding keeps PEFT's op per adapter."""
+    from peftfast.kernels import lora_grouped_embedding as E
+
+    monkeypatch.setattr(E, "_op_forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("grouped")))
+    pm, names = _embedding_model(max_norm=1.0)
+    ids = torch.randint(0, 31, (3, 4))
+    with torch.no_grad():
+        pm.eval()
+        y = pm(ids, adapter_names=["e0", "e2", "__base__"])
+    assert y.shape == (3, 4, 11)
+
+
+@pytest.mark.parametrize("block_rows", [None, 4])
+def test_grouped_embedding_op_vs_float64(block_rows):
+    """The op on its own, the dense plan and a plan of 4-row blocks (unused blocks, adapters over several
+    blocks): output and every gradient against a per-adapter F.embedding loop in float64."""
+    from peftfast.kernels.lora_grouped_embedding import lora_grouped_embedding
+
+    g = torch.Generator().manual_seed(7)
+    n, v, d, m = 4, 23, 9, 37
+    ranks = [3, 8, 1, 5]
+    a = [torch.randn(r, v, generator=g).requires_grad_() for r in ranks]
+    b = [torch.randn(d, r, generator=g).requires_grad_() for r in ranks]
+    scal = [0.5, 1.5, 2.0, 0.25]
+    tokens = torch.randint(0, v, (m,), generator=g)
+    index = torch.randint(-1, n - 1, (m,), generator=g)  # the last adapter unused
+    base = torch.randn(m, d, generator=g).requires_grad_()
+    st_a, st_b, st_s = stacked_store(a, b, scal)
+    plan = None if block_rows is None else group_plan(index, n, block_rows)
+    y = lora_grouped_embedding(tokens, base, a, b, st_a, st_b, st_s, index, plan=plan, padding_idx=tokens[0].item())
+
+    def loop(base_, a_, b_):
+        out = base_
+        for i in range(n):
+            rows = (index == i).nonzero().flatten()
+            delta = torch.nn.functional.embedding(tokens[rows], a_[i].T, padding_idx=tokens[0].item()) @ b_[i].T
+            out = out.index_add(0, rows, delta * scal[i])
+        return out
+
+    leaves = [base, *a, *b]
+    d64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = loop(d64[0], d64[1:1 + n], d64[1 + n:])
+    plain = loop(base, a, b)
+    assert_matches_float64("y", y, plain, ref, k=8)
+    gy = torch.randn(y.shape, generator=g)
+    for i, (g1, g2, g3) in enumerate(zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(plain, leaves, gy),
+                                         torch.autograd.grad(ref, d64, gy.double()))):
+        assert_matches_float64(f"grad {i}", g1, g2, g3, k=8)
+
+
+def test_grouped_embedding_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True, backend="aot_eager") of the embedding op with its plan: eager's output and
+    gradients."""
+    from peftfast.kernels.lora_grouped import make_plan
+    from peftfast.kernels.lora_grouped_embedding import lora_grouped_embedding
+
+    g = torch.Generator().manual_seed(8)
+    a = [torch.randn(r, 19, generator=g).requires_grad_() for r in (2, 8)]
+    b = [torch.randn(6, r, generator=g).requires_grad_() for r in (2, 8)]
+    st_a, st_b, st_s = stacked_store(a, b, [1.0, 0.5])
+    tokens, index = torch.randint(0, 19, (13,), generator=g), torch.randint(-1, 2, (13,), generator=g)
+    base = torch.randn(13, 6, generator=g).requires_grad_()
+
+    def f(tokens, base, index):
+        return lora_grouped_embedding(tokens, base, a, b, st_a, st_b, st_s, index, plan=make_plan(index, 2, False))
+
+    want = f(tokens, base, index)
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(tokens, base, index)
+    torch.testing.assert_close(got, want)
+    gy = torch.randn(want.shape, generator=g)
+    leaves = [base, *a, *b]
+    for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
+        torch.testing.assert_close(g1, g2)

@@ -29,13 +29,14 @@ from torch import nn
 
 from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import dora_linear_fused, dora_row_norm_fused, lora_linear_fused
+from ...kernels.lora_grouped_embedding import lora_grouped_embedding
 from ...utils.errors import PeftWarning
 from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
                         low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import creation_device, per_sample_adapter_names
-from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse
+from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse, shared_plan
 from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 from ..buffer_dict import BufferDict
@@ -1155,6 +1156,26 @@ class Embedding(nn.Module, LoraLayer):
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
         return (result + self._delta_out(x, name)).to(result.dtype)
+
+    def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+        """Each token's adapter as one grouped op (``lora_grouped_embedding``: a gather of A and one batched matmul
+        with B over the rows sorted by adapter). Embeddings that renormalise rows (max_norm), scale gradients by
+        frequency or give sparse gradients keep one F.embedding per adapter (None)."""
+        base = self.get_base_layer()
+        if base.max_norm is not None or base.scale_grad_by_freq or base.sparse:
+            return None
+        names = [n for n in self.lora_embedding_A if not self.use_dora.get(n, False)]
+        if not names:
+            return result
+        weights_a = [self.lora_embedding_A[n] for n in names]
+        weights_b = [self.lora_embedding_B[n] for n in names]
+        store = self.__dict__.get("_grouped_store")
+        if store is None:
+            store = self.__dict__["_grouped_store"] = AdapterStore()
+        store.sync(names, weights_a, weights_b, [self.scaling[n] for n in names], [0.0] * len(names))
+        index, plan = shared_plan(store, adapter_names, x.numel(), x.device, False)
+        return lora_grouped_embedding(x, result, weights_a, weights_b, store.a, store.b, store.scale, index,
+                                      plan=plan, padding_idx=base.padding_idx)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         special = self.disabled_or_mixed_forward(x, args, kwargs)
