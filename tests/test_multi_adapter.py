@@ -149,22 +149,35 @@ def check_training_gradients(n):
     per_sample = [names[i % min(n, 3)] for i in range(batch)]
     per_sample[2] = "__base__"
     weight = torch.randn(batch, 4, 7, generator=g)
-    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
-    out = pm(ids, adapter_names=per_sample)
-    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
+    check_mixed_grads_equal_alone(pm, names, per_sample, ids, weight)
+
+
+def check_mixed_grads_equal_alone(pm, names, per_sample, inputs, weight, params=None, tol=None, own_count=None,
+                                  nonzero=False) -> dict:
+    """One mixed batch (``per_sample`` names over the samples of ``inputs``, loss sum(out * weight)): each adapter's
+    gradients equal training it alone on its samples, adapters without samples get none. ``params``: the
+    parameters to differentiate (default: those requiring grad); ``tol(r)``: assert_close's keywords for the
+    reference gradient r (default rtol 1e-4, atol 1e-5); ``own_count``: parameters per adapter; ``nonzero``: every
+    reference gradient is non-zero."""
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad} if params is None else params
+    out = pm(inputs, adapter_names=per_sample)
+    grads = dict(zip(params, torch.autograd.grad((out.float() * weight).sum(), list(params.values()),
+                                                 allow_unused=True)))
     for name in names:
         rows = [i for i, s in enumerate(per_sample) if s == name]
         own = {k: p for k, p in params.items() if f".{name}." in k or k.endswith(f".{name}")}
+        assert own_count is None or len(own) == own_count, (name, list(own))
         if not rows:
             assert all(grads[k] is None or not grads[k].any() for k in own), name
             continue
         pm.base_model.set_adapter(name)
         for p in own.values():
             p.requires_grad_(True)
-        alone = pm(ids[rows])
-        ref = torch.autograd.grad((alone * weight[rows]).sum(), list(own.values()))
+        ref = torch.autograd.grad((pm(inputs[rows]).float() * weight[rows]).sum(), list(own.values()))
         for (k, _), r in zip(own.items(), ref):
-            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-5, msg=k)
+            torch.testing.assert_close(grads[k], r, msg=k, **(dict(rtol=1e-4, atol=1e-5) if tol is None else tol(r)))
+            assert not nonzero or r.abs().max() > 0, k
+    return grads
 
 
 def test_training_dropout_per_adapter_masks_rows():
@@ -478,26 +491,11 @@ def test_quantised_base_training_gradients_equal_each_adapter_alone(case, monkey
     x = torch.randn(6, 3, 23, generator=g).to(dtype)
     per_sample = ["q1", "q0", "__base__", "q1", "q0", "q1"]  # q2 has no sample: an empty segment
     weight = torch.randn(6, 3, 19, generator=g)
-    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
-    out = pm(x, adapter_names=per_sample)
-    grads = dict(zip(params, torch.autograd.grad((out.float() * weight).sum(), list(params.values()),
-                                                 allow_unused=True)))
-    for name in names:
-        rows = [i for i, s in enumerate(per_sample) if s == name]
-        own = {k: p for k, p in params.items() if f".{name}." in k}
-        assert len(own) == 4
-        if not rows:
-            assert all(grads[k] is None or not grads[k].any() for k in own), name
-            continue
-        pm.base_model.set_adapter(name)
-        for p in own.values():
-            p.requires_grad_(True)
-        ref = torch.autograd.grad((pm(x[rows]).float() * weight[rows]).sum(), list(own.values()))
-        for (k, _), r in zip(own.items(), ref):
-            # fp32 gradients of a bf16 model: the activations are rounded to bf16 either way
-            tol = (4 if dtype == torch.float32 else 16) * torch.finfo(dtype).eps * r.abs().max().item()
-            torch.testing.assert_close(grads[k], r, rtol=0, atol=tol, msg=k)
-            assert r.abs().max() > 0
+
+    def tol(r):  # fp32 gradients of a bf16 model: the activations are rounded to bf16 either way
+        return dict(rtol=0, atol=(4 if dtype == torch.float32 else 16) * torch.finfo(dtype).eps * r.abs().max().item())
+
+    check_mixed_grads_equal_alone(pm, names, per_sample, x, weight, tol=tol, own_count=4, nonzero=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -639,21 +637,27 @@ def test_dropout_saves_no_copy_of_x_and_does_not_grow_with_adapters():
 # ------------------------------------------------------------------------------------------------------
 # LoRA on nn.Embedding: one grouped op (kernels/lora_grouped_embedding.py)
 # ------------------------------------------------------------------------------------------------------
-def _embedding_model(padding_idx=None, max_norm=None):
-    torch.manual_seed(4)
-    base = nn.Sequential(nn.Embedding(31, 11, padding_idx=padding_idx, max_norm=max_norm))
-    names = ["e0", "e1", "e2"]
+def three_adapters(base: nn.Module, names: list[str], target_modules: list[str], init_scale: float = 1.0):
+    """A PeftModel over ``base`` with LoRA adapters ``names`` of ranks RANKS (alpha 3, 4, ...) on
+    ``target_modules``, every factor drawn at random (times ``init_scale``): non-zero adapter terms."""
     pm = None
     for i, name in enumerate(names):
-        cfg = fast.LoraConfig(r=RANKS[i], lora_alpha=3 + i, target_modules=["0"])
+        cfg = fast.LoraConfig(r=RANKS[i % 3], lora_alpha=3 + i, target_modules=target_modules)
         pm = fast.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm
         if i:
             pm.add_adapter(name, cfg)
     with torch.no_grad():
         for k, p in pm.named_parameters():
             if "lora_" in k:
-                p.copy_(torch.randn_like(p))
-    return pm, names
+                p.copy_(torch.randn_like(p) * init_scale)
+    return pm
+
+
+def _embedding_model(padding_idx=None, max_norm=None):
+    torch.manual_seed(4)
+    names = ["e0", "e1", "e2"]
+    return three_adapters(nn.Sequential(nn.Embedding(31, 11, padding_idx=padding_idx, max_norm=max_norm)), names,
+                          ["0"]), names
 
 
 @pytest.mark.parametrize("padding_idx", [None, 3])
@@ -688,21 +692,9 @@ def test_embedding_mixed_batch_is_one_op(monkeypatch, padding_idx):
     for p in params.values():
         p.requires_grad_(True)
     weight = torch.randn(5, 7, 11)
-    out = pm(ids, adapter_names=per_sample)
-    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
-    for name in names:
-        rows = [i for i, s in enumerate(per_sample) if s == name]
-        own = {k: p for k, p in params.items() if f".{name}" in k}
-        assert len(own) == 2
-        if not rows:
-            assert all(grads[k] is None or not grads[k].any() for k in own), name
-            continue
-        pm.base_model.set_adapter(name)
-        ref = torch.autograd.grad((pm(ids[rows]) * weight[rows]).sum(), list(own.values()))
-        for (k, _), r in zip(own.items(), ref):
-            torch.testing.assert_close(grads[k], r, rtol=1e-5, atol=1e-5, msg=k)
-            assert r.abs().max() > 0
-        if padding_idx is not None:
+    grads = check_mixed_grads_equal_alone(pm, names, per_sample, ids, weight, params, own_count=2, nonzero=True)
+    if padding_idx is not None:
+        for name in ("e0", "e2"):
             assert not grads[f"base_model.model.0.lora_embedding_A.{name}"][:, padding_idx].any()
 
 

@@ -8,7 +8,8 @@ import torch
 
 from peftfast.kernels.backend import interpreting
 from peftfast.kernels.lora_grouped import aot_specs, block_rows_for, group_plan, num_blocks
-from tests.test_multi_adapter import DROPOUT_PS, RANKS, run_op_case
+from tests.test_multi_adapter import (DROPOUT_PS, RANKS, alone_outputs, check_mixed_grads_equal_alone, run_op_case,
+                                      three_adapters)
 
 
 @pytest.fixture
@@ -311,23 +312,12 @@ def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
     layer's dX reaches the first's adapters). Fewer rows (decode) keep the base layer + grouped kernels."""
     from torch import nn
 
-    import peftfast as fast
     from peftfast.kernels import lora_grouped as G
     from peftfast.kernels import runtime
 
     torch.manual_seed(5)
-    base = nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 7))
     names = ["a0", "a1", "a2"]
-    pm = None
-    for i, name in enumerate(names):
-        cfg = fast.LoraConfig(r=RANKS[i], lora_alpha=2 + i, target_modules=["0", "2"])
-        pm = fast.get_peft_model(base, cfg, adapter_name=name) if pm is None else pm
-        if i:
-            pm.add_adapter(name, cfg)
-    with torch.no_grad():
-        for k, p in pm.named_parameters():
-            if "lora_" in k:
-                p.copy_(torch.randn_like(p) * 0.3)
+    pm = three_adapters(nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 7)), names, ["0", "2"], 0.3)
     seen = []
     real = G.launch
 
@@ -345,15 +335,7 @@ def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
         y = pm(x, adapter_names=per_sample)
     assert seen.count("_grouped_linear_kernel") == 2 and "_grouped_shrink_kernel" not in seen
     with torch.no_grad():
-        alone = []
-        for i, name in enumerate(per_sample):
-            if name == "__base__":
-                with pm.disable_adapter():
-                    alone.append(pm(x[i:i + 1]))
-            else:
-                pm.base_model.set_adapter(name)
-                alone.append(pm(x[i:i + 1]))
-    torch.testing.assert_close(y, torch.cat(alone), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, alone_outputs(pm, x, per_sample), rtol=1e-5, atol=1e-5)
     seen.clear()
     with torch.no_grad():
         pm(x[:, :3], adapter_names=per_sample)  # 24 rows: decode-sized
@@ -368,23 +350,9 @@ def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
         p.requires_grad_(True)
     weight = torch.randn(batch, seq, 7, generator=g)
     seen.clear()
-    out = pm(x, adapter_names=per_sample)
-    assert seen.count("_grouped_linear_kernel") == 2
-    grads = dict(zip(params, torch.autograd.grad((out * weight).sum(), list(params.values()), allow_unused=True)))
-    for name in names:
-        rows = [i for i, s in enumerate(per_sample) if s == name]
-        own = {k: p for k, p in params.items() if f".{name}." in k}
-        assert len(own) == 4
-        if not rows:
-            assert all(grads[k] is None or not grads[k].any() for k in own), name
-            continue
-        pm.base_model.set_adapter(name)
-        for p in own.values():
-            p.requires_grad_(True)
-        ref = torch.autograd.grad((pm(x[rows]) * weight[rows]).sum(), list(own.values()))
-        for (k, _), r in zip(own.items(), ref):
-            torch.testing.assert_close(grads[k], r, rtol=1e-4, atol=1e-4, msg=k)
-            assert r.abs().max() > 0
+    check_mixed_grads_equal_alone(pm, names, per_sample, x, weight, params, tol=lambda r: dict(rtol=1e-4, atol=1e-4),
+                                  own_count=4, nonzero=True)
+    assert seen.count("_grouped_linear_kernel") >= 2
 
 
 def test_grouped_linear_torch_compile_fullgraph(torch_backend):
