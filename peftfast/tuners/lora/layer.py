@@ -1407,6 +1407,38 @@ class ConvNd(nn.Module, LoraLayer):
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
         return result + self._delta_out(x, name).to(result.dtype)
 
+    def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
+        """Each sample's adapter in one pair of convolutions, whatever the number of adapters: the adapters' A
+        (zero-padded to the largest rank) gathered per sample and run as ONE convolution with ``groups`` = batch
+        (x seen as [1, batch * in, ...]), then each sample's scaled B ([out, R]) applied by one einsum; samples of
+        ``__base__`` get zero weights. Gradients reach each adapter through the gather. None (one convolution pair
+        per adapter) for a grouped base, per-token names, an unbatched input, dropout in training, lora_bias or
+        adapters of several dtypes."""
+        base = self.get_base_layer()
+        names = [n for n in self.lora_A if not self.use_dora.get(n, False)]
+        if (base.groups != 1 or not names or x.dim() != self.dims + 2 or isinstance(adapter_names[0], (list, tuple))
+                or self.bias_names(names) or (self.training and any(dropout_p(self.lora_dropout[n]) > 0 for n in names))
+                or len({self.lora_A[n].weight.dtype for n in names} | {self.lora_B[n].weight.dtype for n in names}) > 1):
+            return None
+        slots = {n: i for i, n in enumerate(names)}
+        index = torch.tensor([slots.get(n, -1) for n in adapter_names], device=x.device)
+        rank = max(self.lora_A[n].weight.shape[0] for n in names)
+        a = torch.stack([F.pad(w, (0, 0) * (self.dims + 1) + (0, rank - w.shape[0]))
+                         for w in (self.lora_A[n].weight for n in names)])  # [N, R, in, *kernel]
+        b = torch.stack([F.pad(w.flatten(1) * self.scaling[n], (0, rank - w.shape[1]))
+                         for n, w in ((n, self.lora_B[n].weight) for n in names)])  # [N, out, R], scaled
+        live = (index >= 0).to(a.dtype)
+        slot = index.clamp(min=0)
+        a_rows = (a[slot] * live.view(-1, *([1] * (a.dim() - 1)))).flatten(0, 1)  # [batch * R, in, *kernel]
+        first = self.lora_A[names[0]]
+        conv = getattr(F, f"conv{self.dims}d")
+        batch = x.shape[0]
+        h = conv(x.to(a.dtype).reshape(1, -1, *x.shape[2:]), a_rows, None, first.stride, first.padding,
+                 groups=batch)
+        h = h.view(batch, rank, *h.shape[2:])
+        delta = torch.einsum("br...,bor->bo...", h, b[slot])
+        return result + delta.to(result.dtype)
+
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
 
