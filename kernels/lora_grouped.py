@@ -414,9 +414,43 @@ def backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, th
 # ----------------------------------------------------------------------------------------------
 
 
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    """``t`` [M, D] with one zero row appended (index M: an empty block slot)."""
-    return torch.cat([t, t.new_zeros(1, t.shape[1])])
+# the last plan's slot indices (``_slots``): one (key, value) tuple, replaced whole. A plan is made once per call
+# and often reused by the next calls (``peftfast.tuners.lora.grouped.shared_plan``), so every layer of a call, and
+# forward and backward, derive them once
+_LAST_SLOTS: dict = {}
+
+
+def _slots(table: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each slot [nb * block_rows] int64 with empty slots (M) sent to row M - 1, bool [nb, block_rows, 1]:
+    the empty slots) for ``table`` over M rows."""
+    hit = _LAST_SLOTS.get("entry")
+    if hit is not None and hit[0] is table and hit[1] == (table._version, table.device, m):
+        return hit[2]
+    value = (table.reshape(-1).clamp(max=max(m - 1, 0)), (table == m).unsqueeze(-1))
+    _LAST_SLOTS["entry"] = (table, (table._version, table.device, m), value)
+    return value
+
+
+def _slot_rows(t: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``t`` [M, D]'s rows at the plan's slots as [nb, block_rows, D] in ``dtype``, bool [nb, block_rows, 1] of the
+    empty slots). An empty slot (index M) reads row M - 1 instead of a zero row, so ``t`` is never copied with a
+    zero row appended; each caller zeroes what an empty slot yields (a row of h, or the gathered row itself)."""
+    m = t.shape[0]
+    rows, empty = _slots(table, m)
+    if m == 0:
+        return t.new_zeros(*table.shape, t.shape[1], dtype=dtype), empty
+    # index_select: a plain copy of whole rows (advanced indexing, t[table], is several times slower on the CPU)
+    return t.index_select(0, rows).view(*table.shape, t.shape[1]).to(dtype), empty
+
+
+def _scatter_add(base2: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``base2`` [M, D] in ``dtype`` plus each slot's row of ``rows`` [nb, block_rows, D], added to the row the slot
+    holds: base2 is copied once, with a zero row appended (index M) that takes the empty slots and is dropped;
+    returns the [M, D] view."""
+    m, d = base2.shape[0], rows.shape[-1]
+    acc = torch.cat([base2.to(dtype), base2.new_zeros(1, d, dtype=dtype)])
+    acc.index_add_(0, table.reshape(-1), rows.reshape(-1, d))
+    return acc[:m]
 
 
 def _block_factors(a, b, scale, badapter):
@@ -440,24 +474,28 @@ def block_keep(table, badapter, n, k, thresholds, seed):
 
 def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0):
     """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
-    m = x2.shape[0]
     ab, bb, s = _block_factors(a, b, scale, badapter)
-    xb = _padded(x2 if x2.dtype == a.dtype else x2.to(a.dtype))[table]  # [nb, rows, K]
+    xb, empty = _slot_rows(x2, table, a.dtype)  # [nb, rows, K]
     keep = block_keep(table, badapter, a.shape[0], x2.shape[1], thresholds, seed)
     if keep is not None:
         xb.mul_(keep)
     h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
-    yb = torch.bmm(h, bb.transpose(1, 2))  # [nb, rows, O]
-    acc = _padded(base2.to(a.dtype)) if base2.dtype != a.dtype else _padded(base2)
-    acc.index_add_(0, table.reshape(-1), yb.reshape(-1, yb.shape[-1]))
-    return acc[:m].to(base2.dtype), h
+    h.masked_fill_(empty, 0)  # what a zero row of x would give: empty slots add nothing
+    nb, rows, k = xb.shape
+    o = bb.shape[1]
+    # the gathered x is dead once h is made: the expand writes into it when it is large enough (one allocation
+    # fewer, and one buffer fewer passing through the caches)
+    out = xb.view(-1)[:nb * rows * o].view(nb, rows, o) if k >= o and not xb.requires_grad else None
+    yb = torch.bmm(h, bb.transpose(1, 2), out=out)  # [nb, rows, O]
+    return _scatter_add(base2, table, yb, a.dtype).to(base2.dtype), h
 
 
 def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds=None, seed=0):
     """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None); dropout masks regenerated from the seed."""
     m, n = x2.shape[0], a.shape[0]
     ab, bb, s = _block_factors(a, b, scale, badapter)
-    g = _padded(dy2.to(a.dtype))[table]  # [nb, rows, O]
+    g, empty = _slot_rows(dy2, table, a.dtype)  # [nb, rows, O]
+    g.masked_fill_(empty, 0)  # as zero rows of dY: an empty slot adds nothing to dB, dH or dX
     h = h[..., :a.shape[1]].to(a.dtype)
     dh = torch.bmm(g, bb) * s.to(a.dtype)[:, None, None]  # [nb, rows, R]
     keep = block_keep(table, badapter, n, x2.shape[1], thresholds, seed)
@@ -470,7 +508,7 @@ def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w,
         acc.index_add_(0, table.reshape(-1), dxb.reshape(-1, dxb.shape[-1]))
         dx = acc[:m].to(x2.dtype)
     if need_w:
-        xb = _padded(x2.to(a.dtype))[table]
+        xb = _slot_rows(x2, table, a.dtype)[0].masked_fill_(empty, 0)
         if keep is not None:
             xb.mul_(keep)
         da, db = torch.bmm(dh.transpose(1, 2), xb), torch.bmm(g.transpose(1, 2), h)

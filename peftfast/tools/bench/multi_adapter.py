@@ -68,11 +68,23 @@ def _best(f, repeats: int) -> float:
     return best
 
 
+def _best_each(fs, repeats: int, rounds: int = 3) -> list[float]:
+    """``_best`` of each of ``fs`` (``repeats`` calls in a row, after 3 warm-up calls), taken ``rounds`` times in
+    turns (f1's block, f2's, ..., then again) and the best kept: on a shared machine a busy spell then spoils one
+    block of one of them, not its result. Calls of one function stay back to back (what is timed is unchanged)."""
+    best = [float("inf")] * len(fs)
+    for _ in range(rounds):
+        for i, f in enumerate(fs):
+            best[i] = min(best[i], _best(f, repeats))
+    return best
+
+
 def cpu_rows(n: int = 16, shapes=((1024, 64, 1), (1024, 16, 32), (256, 64, 8)), r: int = 16,
              repeats: int = 30):
     """Per shape (d, batch, seq): best-of-``repeats`` wall time of the layer call with ``adapter_names``
     for peftfast and PEFT, of the base nn.Linear alone, and the ratios of the whole call and of the
-    adapter part (call minus base). The best of many runs, since the machine may be shared."""
+    adapter part (call minus base). The best of many runs, in rounds (``_best_each``), since the machine may be
+    shared."""
     rows = []
     for d, batch, seq in shapes:
         ours, theirs, names = _layers(n, d, r)
@@ -81,9 +93,9 @@ def cpu_rows(n: int = 16, shapes=((1024, 64, 1), (1024, 16, 32), (256, 64, 8)), 
         per_sample = [names[i % n] for i in range(batch)]
         with torch.no_grad():
             err = (ours(x, adapter_names=per_sample) - theirs(x, adapter_names=per_sample)).abs().max().item()
-            t_ours = _best(lambda: ours(x, adapter_names=per_sample), repeats)
-            t_peft = _best(lambda: theirs(x, adapter_names=per_sample), repeats)
-            t_base = _best(lambda: base(x), repeats)
+            t_ours, t_peft, t_base = _best_each([lambda: ours(x, adapter_names=per_sample),
+                                                 lambda: theirs(x, adapter_names=per_sample), lambda: base(x)],
+                                                repeats)
         rows.append(dict(adapters=n, d=d, batch=batch, seq=seq, r=r, ours_us=t_ours * 1e6, peft_us=t_peft * 1e6,
                          base_us=t_base * 1e6, ratio=t_ours / t_peft,
                          adapter_part_ratio=(t_ours - t_base) / max(t_peft - t_base, 1e-9), max_abs_diff=err))
