@@ -632,3 +632,40 @@ def test_dropout_saves_no_copy_of_x_and_does_not_grow_with_adapters():
         plain = _grouped_layer_saved(n, 0.0)
         assert saved["other"] <= plain["other"], (saved, plain)
     assert sixteen["other"] <= 1.25 * two["other"], (two, sixteen)
+
+
+def test_adapter_names_reach_the_same_modules_as_a_full_walk():
+    """The per-call routing of adapter_names skips LoRA layers' adapter containers: it must still find every LoRA
+    layer (also one nested in another's base layer: MultiheadAttention's out_proj), ModulesToSaveWrapper and
+    trainable-token layer that a walk of every module finds, and nothing else."""
+    from peftfast.tuners.lora.layer import LoraLayer
+    from peftfast.tuners.lora.model import routed_modules
+    from peftfast.utils.other import ModulesToSaveWrapper
+
+    class Tree(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(29, 16)
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+                                         for _ in range(2)])
+            self.head = nn.Linear(16, 5)
+
+    torch.manual_seed(0)
+    model = None
+    for i in range(3):
+        cfg = fast.LoraConfig(r=4, target_modules=r"attn|blocks\.\d\.(0|2)", modules_to_save=["head"],
+                              trainable_token_indices={"emb": [1, 3]} if i == 0 else None)
+        if model is None:
+            model = fast.get_peft_model(Tree(), cfg, adapter_name=f"a{i}")
+        else:
+            model.add_adapter(f"a{i}", cfg)
+    root = model.base_model.model
+    full = [m for m in root.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+            or getattr(m, "merge_replaces_rows", False)]
+    got = routed_modules(root)
+    assert len(got) == len({id(m) for m in got})
+    assert {id(m) for m in got} == {id(m) for m in full}
+    kinds = {type(m).__name__ for m in got}
+    assert {"MultiheadAttention", "Linear", "ModulesToSaveWrapper", "TrainableTokensLayer"} <= kinds, kinds
+    assert sum(type(m).__name__ == "Linear" for m in got) == 5  # 4 in the blocks + attn's out_proj

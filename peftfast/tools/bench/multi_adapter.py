@@ -4,7 +4,12 @@ Two tables:
 
 * CPU wall time (measured): one LoRA ``Linear`` layer holding 16 adapters, a batch whose samples name
   them round-robin, peftfast's layer (one grouped op) against PEFT 0.21's (one index-select, two linears
-  and one index-put per distinct adapter); best of repeats, and the adapter part (minus the base layer).
+  and one index-put per distinct adapter); best of repeats (calls back to back, in three rounds), and the
+  adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32, five
+  runs of ``cpu_rows(repeats=30)``: adapter_part_ratio (peftfast / PEFT, target <= 0.5) 0.43-0.54 at
+  d=1024 64x1, 0.55-0.57 at d=1024 16x32, 0.34-0.36 at d=256 64x8 (the previous reference: 0.58-0.70,
+  0.72-0.87, 0.49-0.58 measured the same way). Both sides do the same small matmuls (two per adapter for
+  PEFT, two batched ones here), which at 16x32 are most of peftfast's part: that shape stays above 0.5.
 * Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of the grouped kernels
   (``grouped_launches``, one entry per launch) against PEFT's loop at decode (64 sequences x 1 token),
   prefill (64 x 512) and the prefill's backward, d = 4096, r = 16, bf16, N = 1, 4, 16, 64 distinct
@@ -17,6 +22,8 @@ Two tables:
   and backward, with and without dropout).
 
     python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]
+    python -c "import torch; torch.set_num_threads(1); from peftfast.tools.bench.multi_adapter import cpu_rows; \
+        [print(r) for r in cpu_rows(repeats=30)]"    # the CPU table alone (run from outside the checkout)
 """
 from __future__ import annotations
 

@@ -96,8 +96,9 @@ def row_index(slots: dict[str, int], names: list, rows: int, device: torch.devic
 
 def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.device, on_triton: bool):
     """(index, plan) for these rows: made once, then reused by the next layers of the call."""
-    key = (store.names, tuple(tuple(n) if isinstance(n, (list, tuple)) else n for n in names), rows, device,
-           on_triton)
+    # names are all strings (one per sample) or all lists (per token): check_adapter_names_shape
+    per_token = bool(names) and isinstance(names[0], (list, tuple))
+    key = (store.names, tuple(tuple(n) for n in names) if per_token else tuple(names), rows, device, on_triton)
     hit = _LAST_PLAN.get("entry")  # one (key, value) tuple, replaced whole: no torn read across threads
     if hit is not None and hit[0] == key:
         return hit[1]
