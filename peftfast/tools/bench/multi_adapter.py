@@ -4,7 +4,7 @@ Two tables:
 
 * CPU wall time (measured): one LoRA ``Linear`` layer holding 16 adapters, a batch whose samples name
   them round-robin, peftfast's layer (one grouped op) against PEFT 0.21's (one index-select, two linears
-  and one index-put per distinct adapter); best of repeats (calls back to back, in three rounds), and the
+  and one index-put per distinct adapter); best of repeats (calls back to back, in five rounds), and the
   adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32, five
   runs of ``cpu_rows(repeats=30)``: adapter_part_ratio (peftfast / PEFT, target <= 0.5) 0.43-0.54 at
   d=1024 64x1, 0.55-0.57 at d=1024 16x32, 0.34-0.36 at d=256 64x8 (the previous reference: 0.58-0.70,
@@ -75,7 +75,7 @@ def _best(f, repeats: int) -> float:
     return best
 
 
-def _best_each(fs, repeats: int, rounds: int = 3) -> list[float]:
+def _best_each(fs, repeats: int, rounds: int = 5) -> list[float]:
     """``_best`` of each of ``fs`` (``repeats`` calls in a row, after 3 warm-up calls), taken ``rounds`` times in
     turns (f1's block, f2's, ..., then again) and the best kept: on a shared machine a busy spell then spoils one
     block of one of them, not its result. Calls of one function stay back to back (what is timed is unchanged)."""

@@ -103,7 +103,9 @@ def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.devic
     if hit is not None and hit[0] == key:
         return hit[1]
     index = row_index(store.slots, names, rows, device)
-    value = (index, make_plan(index, len(store.names), on_triton))
+    # one name per sample: its rows (tokens) are a run of rows // len(names) with one adapter (``run_plan``)
+    value = (index, make_plan(index, len(store.names), on_triton, run=1 if per_token else rows // len(names),
+                              rank=store.a.shape[1]))
     _LAST_PLAN["entry"] = (key, value)
     return value
 
