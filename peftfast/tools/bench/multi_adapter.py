@@ -6,10 +6,12 @@ Two tables:
   them round-robin, peftfast's layer (one grouped op) against PEFT 0.21's (one index-select, two linears
   and one index-put per distinct adapter); best of repeats (calls back to back, in five rounds), and the
   adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32, five
-  runs of ``cpu_rows(repeats=30)``: adapter_part_ratio (peftfast / PEFT, target <= 0.5) 0.43-0.54 at
-  d=1024 64x1, 0.55-0.57 at d=1024 16x32, 0.34-0.36 at d=256 64x8 (the previous reference: 0.58-0.70,
-  0.72-0.87, 0.49-0.58 measured the same way). Both sides do the same small matmuls (two per adapter for
-  PEFT, two batched ones here), which at 16x32 are most of peftfast's part: that shape stays above 0.5.
+  runs of ``cpu_rows(repeats=30)`` (see below): adapter_part_ratio (peftfast / PEFT, target <= 0.5)
+  0.35-0.53 at d=1024 64x1, 0.45-0.57 at d=1024 16x32, 0.32-0.36 at d=256 64x8; the reference before
+  (padded copies, x gathered by advanced indexing, a per-call walk of every module): 0.58-0.70, 0.72-0.91,
+  0.49-0.58, measured the same way. The spread is the machine's: the two d=1024 shapes straddle 0.5. Both
+  sides do the same small matmuls (two per adapter for PEFT, two batched ones here), which are most of
+  peftfast's part at 16x32 (there the samples' 32 tokens are used in place: ``run_plan``).
 * Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of the grouped kernels
   (``grouped_launches``, one entry per launch) against PEFT's loop at decode (64 sequences x 1 token),
   prefill (64 x 512) and the prefill's backward, d = 4096, r = 16, bf16, N = 1, 4, 16, 64 distinct
@@ -21,9 +23,7 @@ Two tables:
   counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal, forward
   and backward, with and without dropout).
 
-    python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]
-    python -c "import torch; torch.set_num_threads(1); from peftfast.tools.bench.multi_adapter import cpu_rows; \
-        [print(r) for r in cpu_rows(repeats=30)]"    # the CPU table alone (run from outside the checkout)
+    python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]    # the CPU table: cpu_rows(repeats=30)
 """
 from __future__ import annotations
 
