@@ -148,9 +148,30 @@ def dense_plan(index: torch.Tensor, adapters: int, slack: float = 2.0):
     return group_plan(index, adapters, c, counts=counts)
 
 
-def make_plan(index: torch.Tensor, adapters: int, on_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plan ``lora_grouped`` uses for ``index``: dense on the CPU when its padding is small, else blocks."""
+def run_plan(index: torch.Tensor, run: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The CPU plan for rows in runs of ``run`` consecutive rows with one adapter each (a sample's tokens): block b
+    is run b, in order (table = arange(M) as [M / run, run], block_adapter = the run's adapter), so the reference
+    multiplies x and base_out as they are, without gathered copies of them or a scatter of the outputs. None when
+    a run has no adapter (base rows are in no block) or the rows are not such runs. Reads the index on the host."""
+    m = index.shape[0]
+    if run <= 1 or m % run or m == 0:
+        return None
+    runs = index.view(m // run, run)
+    if bool((runs[:, 0] < 0).any()) or not bool((runs == runs[:, :1]).all()):
+        return None
+    return torch.arange(m, device=index.device).view(m // run, run), runs[:, 0].contiguous()
+
+
+def make_plan(index: torch.Tensor, adapters: int, on_triton: bool, run: int = 1,
+              rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan ``lora_grouped`` uses for ``index``: on the CPU, runs (``run_plan``) when the rows come in runs of
+    ``run`` >= the store's ``rank`` rows of one adapter (gathering each run's factors, M / run x R x (K + O)
+    elements, then costs less than gathering the rows, M x (K + O)), else dense when its padding is small; else
+    blocks."""
     dense = not (on_triton or index.is_cuda or torch.compiler.is_compiling())  # dense_plan reads counts on the host
+    plan = run_plan(index, run) if dense and run >= max(rank, 2) else None
+    if plan is not None:
+        return plan
     plan = dense_plan(index, adapters) if dense else None
     return plan if plan is not None else group_plan(index, adapters, block_rows_for(index.shape[0], adapters,
                                                                                      on_triton))
@@ -429,14 +450,56 @@ def backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, th
 # ----------------------------------------------------------------------------------------------
 
 
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    """``t`` [M, D] with one zero row appended (index M: an empty block slot)."""
-    return torch.cat([t, t.new_zeros(1, t.shape[1])])
+# the last plan's slot indices (``_slots``): one (key, value) tuple, replaced whole. A plan is made once per call
+# and often reused by the next calls (``peftfast.tuners.lora.grouped.shared_plan``), so every layer of a call, and
+# forward and backward, derive them once
+_LAST_SLOTS: dict = {}
 
 
-def _block_factors(a, b, scale, badapter):
+def _slots(table: torch.Tensor, badapter: torch.Tensor, m: int, n: int) -> tuple:
+    """(row of each slot [nb * block_rows] int64 with empty slots (M) sent to row M - 1, bool [nb, block_rows, 1]:
+    the empty slots, dense: block i is adapter i (``dense_plan``), identity: slot j of block b is row
+    b * block_rows + j, every row once (``run_plan``)) for the plan (``table``, ``badapter``) over M rows and N
+    adapters. The last two read on the host, once per plan."""
+    hit = _LAST_SLOTS.get("entry")
+    check = (table._version, badapter._version, table.device, m, n)
+    if hit is not None and hit[0] is table and hit[1] is badapter and hit[2] == check:
+        return hit[3]
+    nb, rows = table.shape
+    dense = nb == n and bool((badapter == torch.arange(n, device=badapter.device)).all())
+    identity = nb * rows == m and m > 0 and bool((table.reshape(-1) == torch.arange(m, device=table.device)).all())
+    value = (table.reshape(-1).clamp(max=max(m - 1, 0)), (table == m).unsqueeze(-1), dense, identity)
+    _LAST_SLOTS["entry"] = (table, badapter, check, value)
+    return value
+
+
+def _slot_rows(t: torch.Tensor, table: torch.Tensor, badapter: torch.Tensor, n: int,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``t`` [M, D]'s rows at the plan's slots as [nb, block_rows, D] in ``dtype``, a fresh tensor, bool
+    [nb, block_rows, 1] of the empty slots). An empty slot (index M) reads row M - 1 instead of a zero row, so ``t``
+    is never copied with a zero row appended; each caller zeroes what an empty slot yields (a row of h, or the
+    gathered row itself)."""
+    m = t.shape[0]
+    rows, empty = _slots(table, badapter, m, n)[:2]
+    if m == 0:
+        return t.new_zeros(*table.shape, t.shape[1], dtype=dtype), empty
+    # index_select: a plain copy of whole rows (advanced indexing, t[table], is several times slower on the CPU)
+    return t.index_select(0, rows).view(*table.shape, t.shape[1]).to(dtype), empty
+
+
+def _scatter_add(base2: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``base2`` [M, D] in ``dtype`` plus each slot's row of ``rows`` [nb, block_rows, D], added to the row the slot
+    holds: base2 is copied once, with a zero row appended (index M) that takes the empty slots and is dropped;
+    returns the [M, D] view."""
+    m, d = base2.shape[0], rows.shape[-1]
+    acc = torch.cat([base2.to(dtype), base2.new_zeros(1, d, dtype=dtype)])
+    acc.index_add_(0, table.reshape(-1), rows.reshape(-1, d))
+    return acc[:m]
+
+
+def _block_factors(a, b, scale, badapter, dense):
     n = a.shape[0]
-    if badapter.shape[0] == n:  # a dense plan (or no rows): block i is adapter i
+    if dense:  # block i is adapter i
         return a, b, scale
     used = badapter.clamp(max=n - 1)
     live = (badapter < n).to(scale.dtype) * scale[used]
@@ -455,24 +518,37 @@ def block_keep(table, badapter, n, k, thresholds, seed):
 
 def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0):
     """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
-    m = x2.shape[0]
-    ab, bb, s = _block_factors(a, b, scale, badapter)
-    xb = _padded(x2 if x2.dtype == a.dtype else x2.to(a.dtype))[table]  # [nb, rows, K]
-    keep = block_keep(table, badapter, a.shape[0], x2.shape[1], thresholds, seed)
+    m, k = x2.shape
+    n = a.shape[0]
+    empty, dense, identity = _slots(table, badapter, m, n)[1:]
+    ab, bb, s = _block_factors(a, b, scale, badapter, dense)
+    keep = block_keep(table, badapter, n, k, thresholds, seed)
+    if identity:  # a run plan: the blocks are x's and base_out's rows in order, used as they are (no empty slot)
+        xb = x2.reshape(*table.shape, k).to(a.dtype)
+        xb = xb if keep is None else xb * keep
+        h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
+        y = torch.baddbmm(base2.reshape(*table.shape, -1).to(a.dtype), h, bb.transpose(1, 2))
+        return y.view(m, -1).to(base2.dtype), h
+    xb = _slot_rows(x2, table, badapter, n, a.dtype)[0]  # [nb, rows, K]
     if keep is not None:
         xb.mul_(keep)
     h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
-    yb = torch.bmm(h, bb.transpose(1, 2))  # [nb, rows, O]
-    acc = _padded(base2.to(a.dtype)) if base2.dtype != a.dtype else _padded(base2)
-    acc.index_add_(0, table.reshape(-1), yb.reshape(-1, yb.shape[-1]))
-    return acc[:m].to(base2.dtype), h
+    h.masked_fill_(empty, 0)  # what a zero row of x would give: empty slots add nothing
+    nb, rows, k = xb.shape
+    o = bb.shape[1]
+    # the gathered x is dead once h is made: the expand writes into it when it is large enough (one allocation
+    # fewer, and one buffer fewer passing through the caches)
+    out = xb.view(-1)[:nb * rows * o].view(nb, rows, o) if k >= o and not xb.requires_grad else None
+    yb = torch.bmm(h, bb.transpose(1, 2), out=out)  # [nb, rows, O]
+    return _scatter_add(base2, table, yb, a.dtype).to(base2.dtype), h
 
 
 def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds=None, seed=0):
     """(dx [M, K] | None, dA [N, R, K] | None, dB [N, O, R] | None); dropout masks regenerated from the seed."""
     m, n = x2.shape[0], a.shape[0]
-    ab, bb, s = _block_factors(a, b, scale, badapter)
-    g = _padded(dy2.to(a.dtype))[table]  # [nb, rows, O]
+    ab, bb, s = _block_factors(a, b, scale, badapter, _slots(table, badapter, m, n)[2])
+    g, empty = _slot_rows(dy2, table, badapter, n, a.dtype)  # [nb, rows, O]
+    g.masked_fill_(empty, 0)  # as zero rows of dY: an empty slot adds nothing to dB, dH or dX
     h = h[..., :a.shape[1]].to(a.dtype)
     dh = torch.bmm(g, bb) * s.to(a.dtype)[:, None, None]  # [nb, rows, R]
     keep = block_keep(table, badapter, n, x2.shape[1], thresholds, seed)
@@ -485,7 +561,7 @@ def backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w,
         acc.index_add_(0, table.reshape(-1), dxb.reshape(-1, dxb.shape[-1]))
         dx = acc[:m].to(x2.dtype)
     if need_w:
-        xb = _padded(x2.to(a.dtype))[table]
+        xb = _slot_rows(x2, table, badapter, n, a.dtype)[0].masked_fill_(empty, 0)
         if keep is not None:
             xb.mul_(keep)
         da, db = torch.bmm(dh.transpose(1, 2), xb), torch.bmm(g.transpose(1, 2), h)

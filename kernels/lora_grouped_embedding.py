@@ -40,10 +40,9 @@ def _gather_h(tokens, index, a_store, scale):
 
 
 def _blocks(b_store, badapter):
-    """Each block's B [nb, D, R] (the store itself for a dense plan) and its liveness [nb] (0 for unused blocks)."""
+    """Each block's B [nb, D, R] (gathered: a plan's blocks need not be the adapters in order, e.g. one block per
+    sample) and its liveness [nb] (0 for unused blocks)."""
     n = b_store.shape[0]
-    if badapter.shape[0] == n:
-        return b_store, None
     return b_store[badapter.clamp(max=n - 1)], (badapter < n)
 
 
@@ -61,9 +60,7 @@ def _op_forward(tokens: torch.Tensor, base_out: torch.Tensor, weights_a: list[to
     base2 = base_out.reshape(m, -1)
     h = _gather_h(tokens.reshape(-1), index, a_store, scale)
     bb, live = _blocks(b_store, block_adapter)
-    yb = torch.bmm(_rows_of_blocks(h, table), bb.transpose(1, 2))  # [nb, rows, D]
-    if live is not None:
-        yb = yb * live.to(yb.dtype)[:, None, None]
+    yb = torch.bmm(_rows_of_blocks(h, table), bb.transpose(1, 2)) * live.to(h.dtype)[:, None, None]  # [nb, rows, D]
     acc = torch.cat([base2.to(a_store.dtype), base2.new_zeros(1, base2.shape[1], dtype=a_store.dtype)])
     acc.index_add_(0, table.reshape(-1), yb.reshape(-1, yb.shape[-1]))
     return acc[:m].to(base_out.dtype).view(base_out.shape), h
@@ -87,9 +84,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     grads_a = [None] * n
     grads_b = [None] * n
     if any(need_a):
-        dh_b = torch.bmm(g, bb)  # [nb, rows, R]
-        if live is not None:
-            dh_b = dh_b * live.to(dh_b.dtype)[:, None, None]
+        dh_b = torch.bmm(g, bb) * live.to(g.dtype)[:, None, None]  # [nb, rows, R]
         dh = h.new_zeros(m + 1, h.shape[1]).index_add_(0, table.reshape(-1), dh_b.reshape(-1, dh_b.shape[-1]))[:m]
         slot = index.clamp(0, n - 1)
         tok = tokens.reshape(-1)
@@ -101,10 +96,8 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
         grads_a = [da[i, :w.shape[0]].to(w.dtype) if need else None
                    for i, (w, need) in enumerate(zip(weights[:n], need_a))]
     if any(need_b):
-        db = torch.bmm(g.transpose(1, 2), _rows_of_blocks(h, table))  # [nb, D, R]
-        if live is not None:
-            used = badapter.clamp(max=n - 1)
-            db = torch.zeros_like(b_store).index_add_(0, used, db * live.to(db.dtype)[:, None, None])
+        db = torch.bmm(g.transpose(1, 2), _rows_of_blocks(h, table))  # [nb, D, R], summed into each adapter's
+        db = torch.zeros_like(b_store).index_add_(0, badapter.clamp(max=n - 1), db * live.to(db.dtype)[:, None, None])
         grads_b = [db[i, :, :w.shape[1]].to(w.dtype) if need else None
                    for i, (w, need) in enumerate(zip(weights[n:], need_b))]
     return [None, None, *grads_a, *grads_b, None, None, None, None, None, None]

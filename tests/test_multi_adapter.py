@@ -91,6 +91,42 @@ def test_mixed_batch_equals_each_sample_alone(n, batch):
     assert_matches_float64("mixed", mixed, alone, ref, k=4)
 
 
+@pytest.mark.parametrize("n,batch", [(3, 5), (4, 4)])
+def test_long_samples_mixed_batch_and_training(n, batch):
+    """Samples of at least the stores' rank in tokens take the CPU run plan: outputs equal each sample alone and
+    float64, and training gradients equal each adapter trained alone on its samples; also with batch == number
+    of adapters but samples not in adapter order, and with a '__base__' sample (back to the dense plan)."""
+    pm, names = make_model(n)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, 29, (batch, 67), generator=g)  # 67 tokens >= the stores' rank 64
+    per_sample = [names[(i * 2 + 1) % n] for i in range(batch)]
+    for names_now in (per_sample, per_sample[:-1] + ["__base__"]):
+        pm.eval()
+        with torch.no_grad():
+            mixed = pm(ids, adapter_names=names_now)
+            alone = alone_outputs(pm, ids, names_now)
+            pm64, _ = make_model(n, torch.float64)
+            pm64.eval()
+            ref = alone_outputs(pm64, ids, names_now)
+        torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+        assert_matches_float64("mixed", mixed, alone, ref, k=4)
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    params = {k: p for k, p in pm.named_parameters() if p.requires_grad}
+    pm(ids, adapter_names=per_sample).pow(2).sum().backward()
+    got = {k: p.grad.clone() for k, p in params.items()}
+    want = {k: torch.zeros_like(p) for k, p in params.items()}
+    for i, name in enumerate(per_sample):
+        pm.zero_grad()
+        pm.base_model.set_adapter(name)
+        pm(ids[i:i + 1]).pow(2).sum().backward()
+        for k, p in params.items():
+            if p.grad is not None:
+                want[k] += p.grad
+    for k in params:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
 def test_store_follows_adapter_changes():
     """Adding, deleting, reloading (in-place writes) and rescaling adapters between mixed calls: the stacked
     store follows, outputs equal each sample alone."""
@@ -251,24 +287,31 @@ def loop_reference(x, base, a, b, scal, index, masks=None, ps=None):
     return out
 
 
-def run_op_case(n, m, k, o, ranks, ps=None, fresh_base=False):
+def run_op_case(n, m, k, o, ranks, ps=None, fresh_base=False, run=None):
     """lora_grouped (whatever backend is selected) vs a per-adapter loop in fp32 and float64: forward and
     every gradient; with dropout probabilities ``ps`` (one per adapter) the loop uses the masks regenerated
-    from the op's seed (adapter i: stream i, x's row and column)."""
+    from the op's seed (adapter i: stream i, x's row and column). ``run``: rows in runs of that many with one
+    adapter each (a sample's tokens), passed to the op as a CPU run plan (``run_plan``)."""
     from peftfast.kernels import dropout as D
-    from peftfast.kernels.lora_grouped import dropout_tables
+    from peftfast.kernels.lora_grouped import dropout_tables, make_plan
 
     a, b, scal, index, x, base = op_case(n, m, k, o, ranks, torch.float32)
+    plan = None
+    if run is not None:
+        g = torch.Generator().manual_seed(m)
+        index = torch.randint(0, n, (m // run,), generator=g).repeat_interleave(run)
+        plan = make_plan(index, n, False, run=run, rank=1)
+        assert torch.equal(plan[0].flatten(), torch.arange(m)), "not a run plan"
     masks = None
     # fresh_base: the op gets a fresh non-leaf output, as from a base layer (the Triton path updates it in place)
     base_in = base * 1.0 if fresh_base else base
     if ps is None:
-        y = lora_grouped(x, base_in, a, b, *stacked_store(a, b, scal), index)
+        y = lora_grouped(x, base_in, a, b, *stacked_store(a, b, scal), index, plan=plan)
     else:
         st_a, st_b, _ = stacked_store(a, b, scal)
         scale, thresholds = dropout_tables(scal, ps, x.device)
         seed = int(D.draw_seed())
-        y = lora_grouped(x, base_in, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=seed)
+        y = lora_grouped(x, base_in, a, b, st_a, st_b, scale, index, plan=plan, thresholds=thresholds, seed=seed)
         masks = [D.keep_mask_torch(seed, i, m, k, p) for i, p in enumerate(ps)]
         assert any(not mk[index == i].all() for i, mk in enumerate(masks))  # something is dropped
     plain = loop_reference(x, base, a, b, scal, index, masks, ps)
@@ -297,6 +340,30 @@ def test_op_dropout_reference_vs_float64(n, m, k, o):
     """Dropout inside the op: output and every gradient equal each adapter trained alone with the same masks
     (float64)."""
     run_op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)])
+
+
+@pytest.mark.parametrize("n,m,run", [(3, 35, 7), (17, 48, 16), (4, 36, 9)])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_op_run_plan_vs_float64(n, m, run, dropout):
+    """The CPU run plan (a block per run of rows, x and base_out used in place): output and every gradient
+    against a per-adapter loop and float64; fewer, as many or more runs than adapters (run i is not adapter i)."""
+    run_op_case(n, m, 23, 19, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)] if dropout
+                else None, run=run)
+
+
+def test_run_plan_only_for_runs_of_one_adapter():
+    from peftfast.kernels.lora_grouped import make_plan, run_plan
+
+    index = torch.tensor([1, 1, 1, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    table, badapter = run_plan(index, 3)
+    assert torch.equal(table, torch.arange(12).view(4, 3)) and badapter.tolist() == [1, 0, 1, 2]
+    assert run_plan(index, 4) is None  # runs of 4 mix adapters
+    assert run_plan(torch.tensor([1, 1, -1, -1]), 2) is None  # a base sample: in no block
+    assert run_plan(index, 5) is None  # 12 rows are not runs of 5
+    # the choice: runs of at least the store's rank, never on the Triton path
+    assert make_plan(index, 3, False, run=3, rank=4)[0].shape != (4, 3)
+    assert make_plan(index, 3, True, run=3, rank=2)[0].shape != (4, 3)
+    assert make_plan(index, 3, False, run=3, rank=2)[0].shape == (4, 3)
 
 
 def test_group_plan_blocks():
@@ -809,3 +876,40 @@ def test_conv_mixed_batch_without_a_loop(monkeypatch, dims):
     check_mixed_grads_equal_alone(pm, names, per_sample, x, torch.randn(y.shape, generator=g), params,
                                   tol=lambda r: dict(rtol=1e-4, atol=1e-5 * r.abs().max().item()), own_count=4,
                                   nonzero=True)  # fp32 sums over many more terms than a linear's: 3e-6 of the max
+
+
+def test_adapter_names_reach_the_same_modules_as_a_full_walk():
+    """The per-call routing of adapter_names skips LoRA layers' adapter containers: it must still find every LoRA
+    layer (also one nested in another's base layer: MultiheadAttention's out_proj), ModulesToSaveWrapper and
+    trainable-token layer that a walk of every module finds, and nothing else."""
+    from peftfast.tuners.lora.layer import LoraLayer
+    from peftfast.tuners.lora.model import routed_modules
+    from peftfast.utils.other import ModulesToSaveWrapper
+
+    class Tree(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(29, 16)
+            self.attn = nn.MultiheadAttention(16, 2)
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+                                         for _ in range(2)])
+            self.head = nn.Linear(16, 5)
+
+    torch.manual_seed(0)
+    model = None
+    for i in range(3):
+        cfg = fast.LoraConfig(r=4, target_modules=r"attn|blocks\.\d\.(0|2)", modules_to_save=["head"],
+                              trainable_token_indices={"emb": [1, 3]} if i == 0 else None)
+        if model is None:
+            model = fast.get_peft_model(Tree(), cfg, adapter_name=f"a{i}")
+        else:
+            model.add_adapter(f"a{i}", cfg)
+    root = model.base_model.model
+    full = [m for m in root.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
+            or getattr(m, "merge_replaces_rows", False)]
+    got = routed_modules(root)
+    assert len(got) == len({id(m) for m in got})
+    assert {id(m) for m in got} == {id(m) for m in full}
+    kinds = {type(m).__name__ for m in got}
+    assert {"MultiheadAttention", "Linear", "ModulesToSaveWrapper", "TrainableTokensLayer"} <= kinds, kinds
+    assert sum(type(m).__name__ == "Linear" for m in got) == 5  # 4 in the blocks + attn's out_proj

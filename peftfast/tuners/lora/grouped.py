@@ -101,14 +101,19 @@ def row_index(slots: dict[str, int], names: list, rows: int, device: torch.devic
 def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.device, on_triton: bool | str):
     """(index, plan) for these rows: made once, then reused by the next layers of the call. ``on_triton``:
     "fused" for the plan of ``lora_grouped_linear``'s kernel (``fused_plan``)."""
-    key = (store.names, tuple(tuple(n) if isinstance(n, (list, tuple)) else n for n in names), rows, device,
-           on_triton)
+    # names are all strings (one per sample) or all lists (per token): check_adapter_names_shape
+    per_token = bool(names) and isinstance(names[0], (list, tuple))
+    key = (store.names, tuple(tuple(n) for n in names) if per_token else tuple(names), rows, device, on_triton)
     hit = _LAST_PLAN.get("entry")  # one (key, value) tuple, replaced whole: no torn read across threads
     if hit is not None and hit[0] == key:
         return hit[1]
     index = row_index(store.slots, names, rows, device)
     n = len(store.names)
-    value = (index, fused_plan(index, n) if on_triton == "fused" else make_plan(index, n, on_triton))
+    if on_triton == "fused":
+        value = (index, fused_plan(index, n))
+    else:  # one name per sample: its rows (tokens) are a run of rows // len(names) with one adapter (``run_plan``)
+        value = (index, make_plan(index, n, on_triton, run=1 if per_token else rows // len(names),
+                                  rank=store.a.shape[1]))
     _LAST_PLAN["entry"] = (key, value)
     return value
 

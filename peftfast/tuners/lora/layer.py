@@ -523,7 +523,7 @@ class LoraLayer(AdditiveAdapterLayer):
             raise ValueError("adapter_names cannot be used while adapters are merged; unmerge first")
         per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
         flat = [n for per in adapter_names for n in per] if per_token else adapter_names
-        if self.uses_dora([n for n in flat if n != "__base__"]):
+        if self.uses_dora([n for n in dict.fromkeys(flat) if n != "__base__"]):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled: a batch mixing adapters is "
                              "supported for LoRA adapters without use_dora only")
         if per_token:  # one name per token

@@ -63,6 +63,27 @@ def dispatch_default(target: nn.Module, adapter_name: str, lora_config: LoraConf
     return None
 
 
+def routed_modules(root: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` that take ``adapter_names`` in a call: LoRA layers, ModulesToSaveWrapper and
+    trainable-token layers (``merge_replaces_rows``). Runs on every call with adapter_names, so it does not walk
+    into a LoRA layer's adapter containers (its ``lora_*`` children: one small module per adapter, most of a model
+    with many adapters, none of which can hold such a module); everything else, base_layer included, is walked."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        lora = isinstance(module, LoraLayer)
+        # a class attribute: looked up on the type (a missing attribute on a module costs an AttributeError)
+        if lora or isinstance(module, ModulesToSaveWrapper) or getattr(type(module), "merge_replaces_rows", False):
+            found.append(module)
+        children = module._modules
+        stack.extend(child for name, child in children.items()
+                     if child is not None and not (lora and name.startswith("lora_")))
+    return found
+
+
 class LoraModel(BaseTuner):
     """Creates a LoRA model from a pretrained transformers model (same surface as ``peft.LoraModel``)."""
 
@@ -219,9 +240,7 @@ class LoraModel(BaseTuner):
             kw["adapter_names"] = adapter_names
             return args, kw
 
-        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
-                   for m in self.model.modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))
-                   or getattr(m, "merge_replaces_rows", False)]  # (trainable tokens)
+        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in routed_modules(self.model)]
         try:
             yield
         finally:
