@@ -778,10 +778,12 @@ def test_embedding_with_max_norm_keeps_one_op_per_adapter(monkeypatch):
     assert y.shape == (3, 4, 11)
 
 
-@pytest.mark.parametrize("block_rows", [None, 4])
+@pytest.mark.parametrize("block_rows", [None, 4, "runs"])
 def test_grouped_embedding_op_vs_float64(block_rows):
-    """The op on its own, the dense plan and a plan of 4-row blocks (unused blocks, adapters over several
-    blocks): output and every gradient against a per-adapter F.embedding loop in float64."""
+    """The op on its own, the dense plan, a plan of 4-row blocks (unused blocks, adapters over several blocks)
+    and one block per sample (``run_plan``: blocks not in adapter order, as many as adapters): output and every
+    gradient against a per-adapter F.embedding loop in float64."""
+    from peftfast.kernels.lora_grouped import run_plan
     from peftfast.kernels.lora_grouped_embedding import lora_grouped_embedding
 
     g = torch.Generator().manual_seed(7)
@@ -792,9 +794,12 @@ def test_grouped_embedding_op_vs_float64(block_rows):
     scal = [0.5, 1.5, 2.0, 0.25]
     tokens = torch.randint(0, v, (m,), generator=g)
     index = torch.randint(-1, n - 1, (m,), generator=g)  # the last adapter unused
+    if block_rows == "runs":  # 4 samples of 9 tokens (m = 36), adapters 2, 0, 1, 0: four blocks, not adapter i
+        m, tokens = 36, tokens[:36]
+        index = torch.tensor([2, 0, 1, 0]).repeat_interleave(9)
     base = torch.randn(m, d, generator=g).requires_grad_()
     st_a, st_b, st_s = stacked_store(a, b, scal)
-    plan = None if block_rows is None else group_plan(index, n, block_rows)
+    plan = {None: None, 4: group_plan(index, n, 4), "runs": run_plan(index, 9)}[block_rows]
     y = lora_grouped_embedding(tokens, base, a, b, st_a, st_b, st_s, index, plan=plan, padding_idx=tokens[0].item())
 
     def loop(base_, a_, b_):
