@@ -5,9 +5,9 @@ Two tables:
 * CPU wall time (measured): one LoRA ``Linear`` layer holding 16 adapters, a batch whose samples name
   them round-robin, peftfast's layer (one grouped op) against PEFT 0.21's (one index-select, two linears
   and one index-put per distinct adapter); best of repeats (calls back to back, in five rounds), and the
-  adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32, five
+  adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32,
   runs of ``cpu_rows(repeats=30)`` (see below): adapter_part_ratio (peftfast / PEFT, target <= 0.5)
-  0.35-0.53 at d=1024 64x1, 0.45-0.57 at d=1024 16x32, 0.32-0.36 at d=256 64x8; the reference before
+  0.33-0.53 at d=1024 64x1, 0.45-0.59 at d=1024 16x32, 0.30-0.36 at d=256 64x8 (seven runs); the reference before
   (padded copies, x gathered by advanced indexing, a per-call walk of every module): 0.58-0.70, 0.72-0.91,
   0.49-0.58, measured the same way. The spread is the machine's: the two d=1024 shapes straddle 0.5. Both
   sides do the same small matmuls (two per adapter for PEFT, two batched ones here), which are most of
