@@ -840,6 +840,124 @@ def launch_grouped_linear(x2, weight, bias, a, b, scale, table, badapter, thresh
     return y, h
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _grouped_linear_dx_kernel(
+    dy_ptr,  # [M, O] output gradient, activation dtype, any strides
+    w_ptr,  # [O, K] frozen base weight, activation dtype
+    a_ptr,  # [N, R, K] stacked A, adapter dtype
+    b_ptr,  # [N, O, R] stacked B, adapter dtype
+    scale_ptr,  # [N] fp32 per-adapter scale (s / (1 - p) with dropout)
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    badapter_ptr,  # [nb] int64 slot of each block: < N an adapter, N the base model, > N unused
+    g_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] output dH = s_a * dY[rows] @ B_a, adapter dtype (for dA)
+    dx_ptr,  # [M, K] output dX, activation dtype
+    thresh_ptr,  # [N] int64 keep threshold per adapter (HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
+    M, O, K, R, N_ADAPTERS, NB,
+    stride_dm, stride_do, stride_wo, stride_wk, stride_an, stride_ar, stride_ak, stride_bn, stride_bo, stride_br,
+    stride_xm, stride_xk,
+    HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX[table[b], k-block] = dY[rows] @ W (+ mask_a((s_a * dY[rows] @ B_a) @ A_a)) for block b of slot a: the
+    base GEMM and the adapter's dH shrink share the O loop (dY read once), the dX expand is the epilogue, dX stored
+    once. Base-model blocks (a = N) load no adapter tile (masked); the K-block-0 program of each block stores dH
+    for dA."""
+    pid_b, pid_k = grouped_tile(tl.program_id(0), NB * BLOCK_ROWS, K, BLOCK_ROWS, BLOCK_K, GROUP_M)
+    slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
+    if slot > N_ADAPTERS:  # an unused block
+        return
+    adapter = tl.minimum(slot, N_ADAPTERS - 1)
+    r_lim = tl.where(slot < N_ADAPTERS, R, 0)  # base-model blocks: every adapter load masked off
+    offs_m = tl.arange(0, BLOCK_ROWS)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.load(table_ptr + pid_b * BLOCK_ROWS + offs_m)
+    row_ok = rows < M
+    k0 = pid_k * BLOCK_K
+    k_ok = offs_k < K - k0
+    r_ok = offs_r < r_lim
+    dy_ptrs = dy_ptr + rows[:, None] * stride_dm + offs_o[None, :] * stride_do
+    w_ptrs = w_ptr + k0 * stride_wk + offs_o[:, None] * stride_wo + offs_k[None, :] * stride_wk
+    b_ptrs = b_ptr + adapter * stride_bn + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float32)
+    g = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
+    for o0 in range(0, O, BLOCK_O):
+        o_ok = offs_o < O - o0
+        dyt = tl.load(dy_ptrs, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0)  # W tile [BO, BK]
+        acc = tl.dot(dyt, wt, acc, input_precision=BASE_PRECISION)
+        bt = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # B_a tile [BO, BR]
+        g = tl.dot(dyt.to(bt.dtype), bt, g, input_precision=LORA_PRECISION)
+        dy_ptrs += BLOCK_O * stride_do
+        w_ptrs += BLOCK_O * stride_wo
+        b_ptrs += BLOCK_O * stride_bo
+    gc = (g * tl.load(scale_ptr + adapter)).to(g_ptr.dtype.element_ty)  # dH, rounded as the dH shrink stores it
+    if pid_k == 0:
+        tl.store(g_ptr + pid_b * BLOCK_ROWS * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :], gc)
+    at = tl.load(a_ptr + adapter * stride_an + k0 * stride_ak + offs_r[:, None] * stride_ar
+                 + offs_k[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # A_a tile [BR, BK]
+    lora = tl.dot(gc.to(at.dtype), at, input_precision=LORA_PRECISION)
+    if HAS_DROPOUT:
+        keep = keep_mask(stream_key(seed, adapter), rows, k0 + offs_k, tl.load(thresh_ptr + adapter).to(tl.uint32))
+        lora = tl.where(keep, lora, 0.0)
+    acc += lora
+    tl.store(dx_ptr + k0 * stride_xk + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+def fused_dx_config(act: torch.dtype, ad: torch.dtype, rank_tile: int) -> dict:
+    """Tiles of ``_grouped_linear_dx_kernel``: the forward's (``fused_config``) with the roles of O and K swapped
+    (dX tiles of BLOCK_K columns, O steps of BLOCK_O): the same register footprint (a [64, BLOCK_K] accumulator,
+    a [64, BLOCK_R] dH, the same operand tiles)."""
+    cfg = dict(fused_config(act, ad, rank_tile))
+    cfg["BLOCK_K"], cfg["BLOCK_O"] = cfg["BLOCK_O"], cfg["BLOCK_K"]
+    return cfg
+
+
+def fused_dx_supported(table: torch.Tensor, rank: int) -> bool:
+    """Whether ``launch_grouped_linear_dx`` takes this plan and store: ``fused_plan``'s 64-row blocks and a rank
+    tile the kernels compile for (``MAX_KERNEL_RANK``)."""
+    return table.dim() == 2 and table.shape[1] == FUSED_BLOCK_ROWS and rank <= MAX_KERNEL_RANK
+
+
+def launch_grouped_linear_dx(dy2, weight, a, b, scale, table, badapter, thresholds, seed):
+    """(dX [M, K] in dY's dtype, dH [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch; dH is
+    left unwritten for unused blocks (the weight-gradient kernel reads only adapters' blocks)."""
+    m, o = dy2.shape
+    k = weight.shape[1]
+    n, rank = a.shape[0], a.shape[1]
+    nb, block_rows = table.shape
+    br = kernel_rank(rank)
+    dx = torch.empty(m, k, dtype=dy2.dtype, device=dy2.device)
+    dh = torch.empty(nb, block_rows, br, dtype=a.dtype, device=dy2.device)
+    cfg = fused_dx_config(dy2.dtype, a.dtype, br)
+    drop = thresholds is not None
+    launch(_grouped_linear_dx_kernel, (nb * triton.cdiv(k, cfg["BLOCK_K"]),), dy2, weight, a, b, scale, table,
+           badapter, dh, dx, thresholds if drop else badapter, seed, m, o, k, rank, n, nb,
+           dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), a.stride(2),
+           b.stride(0), b.stride(1), b.stride(2), dx.stride(0), dx.stride(1),
+           HAS_DROPOUT=drop, BASE_PRECISION=dot_precision(dy2.dtype),
+           LORA_PRECISION=dot_precision(dy2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, **cfg)
+    return dx, dh
+
+
+def backward_fused_triton(dy2, x2, h, weight, a, b, scale, table, badapter, need_w, thresholds, seed):
+    """(dX [M, K], dA [N, R, K] fp32 | None, dB [N, O, R] fp32 | None) of ``lora_grouped_linear`` on its plan:
+    dX (base and adapter terms) and dH in one launch (``launch_grouped_linear_dx``), then dA on (dH, x) and dB on
+    (dY, h) with the weight-gradient kernel, as ``backward_triton``."""
+    n, rank = a.shape[0], a.shape[1]
+    dx, dh = launch_grouped_linear_dx(dy2, weight, a, b, scale, table, badapter, thresholds, seed)
+    da = db = None
+    if need_w:
+        bounds = adapter_bounds(badapter, n)
+        da = launch_grad_w(dh, x2, table, bounds, n, rank, thresholds, seed)
+        db = launch_grad_w(h, dy2, table, bounds, n, rank, None, 0, transpose_out=True)
+    return dx, da, db
+
+
 def _linear_op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], a_store: torch.Tensor,
                        b_store: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor,
@@ -865,23 +983,29 @@ def _linear_op_save(args, outputs) -> list:
 
 
 def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
-    """Gradients of (x, weight (frozen: None), bias, A_1..A_n, B_1..B_n, stores, scale, plan, thresholds, seed):
-    dX = dY @ W plus the grouped backward's dX (added into it by the dX expand on Triton)."""
+    """Gradients of (x, weight (frozen: None), bias, A_1..A_n, B_1..B_n, stores, scale, plan, thresholds, seed).
+    Triton, dX needed, ``fused_plan``'s plan: dX (dY @ W and the adapters' terms) in one launch, then dA and dB
+    (``backward_fused_triton``); else dX = dY @ W plus the grouped backward's dX (added into it by the dX expand on
+    Triton)."""
     x, h, weight, a, b, scale, table, badapter, thresholds, seed, *weights = saved
     n = len(weights) // 2
     dy2 = grads[0].reshape(-1, grads[0].shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    need_w = any(need_a) or any(need_b)
     on_triton = hint if hint is not None else use_triton(dy2, x, a, b) and a.shape[1] <= MAX_KERNEL_RANK
-    base_dx = dy2 @ weight if needs[0] else None
-    if on_triton and table.shape[1] in (16, 32, 64):
-        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b),
-                                     thresholds, int(seed), dx_init=base_dx)
+    if on_triton and needs[0] and fused_dx_supported(table, a.shape[1]):
+        dx, da, db = backward_fused_triton(dy2, x2, h, weight, a, b, scale, table, badapter, need_w, thresholds,
+                                           int(seed))
+    elif on_triton and table.shape[1] in (16, 32, 64):
+        base_dx = dy2 @ weight if needs[0] else None
+        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, needs[0], need_w, thresholds,
+                                     int(seed), dx_init=base_dx)
     else:
-        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, needs[0],
-                                        any(need_a) or any(need_b), thresholds, int(seed))
+        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, needs[0], need_w, thresholds,
+                                        int(seed))
         if dx is not None:
-            dx = dx + base_dx
+            dx = dx + dy2 @ weight
     dbias = dy2.sum(0).to(weight.dtype) if needs[2] else None
     return [None if dx is None else dx.view(x.shape), None, dbias, *_split_grads(da, weights[:n], need_a, 0),
             *_split_grads(db, weights[n:], need_b, 1), None, None, None, None, None, None, None]
@@ -953,7 +1077,7 @@ SPEC_RANKS = (16, 32, 64)
 def aot_specs() -> list[AotSpec]:
     """Every launch of the forward (shrink with or without dropout, expand adding into y) and the backward (the
     shrink as dH, the expand writing dX with or without the mask, the weight gradients dA (masked or not) and
-    dB), per dtype pair, block rows and rank tile; the stores' innermost strides are 1 (A [N, R, K], B kept as
+    dB), per dtype pair, block rows and rank tile, and of ``lora_grouped_linear`` (forward and fused dX); the stores' innermost strides are 1 (A [N, R, K], B kept as
     [N, R, O]: ``peftfast.tuners.lora.grouped.AdapterStore``)."""
     specs = []
     for act, ad in DTYPE_PAIRS:
@@ -995,6 +1119,7 @@ def aot_specs() -> list[AotSpec]:
                                          f"{',dropout' if drop else ''}]", _grouped_grad_w_kernel,
                                          aot_signature(_grouped_grad_w_kernel, types, c), c, warps, _STAGES, True))
         specs += fused_specs(act, ad)
+        specs += fused_dx_specs(act, ad)
     return specs
 
 
@@ -1016,5 +1141,27 @@ def fused_specs(act: torch.dtype, ad: torch.dtype) -> list[AotSpec]:
             specs.append(AotSpec(f"lora_grouped_linear[x={xa},w={wa},BR={br},BO={cfg['BLOCK_O']},BK={cfg['BLOCK_K']},"
                                  f"warps={cfg['num_warps']}{',bias' if bias else ''}{',dropout' if drop else ''}]",
                                  _grouped_linear_kernel, aot_signature(_grouped_linear_kernel, types, c), c,
+                                 cfg["num_warps"], cfg["num_stages"], True))
+    return specs
+
+
+def fused_dx_specs(act: torch.dtype, ad: torch.dtype) -> list[AotSpec]:
+    """The fused backward's dX launch (``_grouped_linear_dx_kernel``) for one dtype pair: every rank tile, with
+    dropout or not."""
+    xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+    specs = []
+    for br in SPEC_RANKS:
+        cfg = fused_dx_config(act, ad, br)
+        for drop in (False, True):
+            c = dict(BLOCK_ROWS=FUSED_BLOCK_ROWS, BLOCK_R=br, BLOCK_K=cfg["BLOCK_K"], BLOCK_O=cfg["BLOCK_O"],
+                     GROUP_M=cfg["GROUP_M"], BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
+                     HAS_DROPOUT=drop, stride_do=1, stride_wk=1, stride_ak=1, stride_bo=1, stride_xk=1)
+            types = {"dy_ptr": "*" + xa, "w_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
+                     "scale_ptr": "*fp32", "table_ptr": "*i64", "badapter_ptr": "*i64", "g_ptr": "*" + wa,
+                     "dx_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_dm": "i64", "stride_wo": "i64",
+                     "stride_an": "i64", "stride_bn": "i64", "stride_xm": "i64"}
+            specs.append(AotSpec(f"lora_grouped_linear_dx[x={xa},w={wa},BR={br},BK={cfg['BLOCK_K']},"
+                                 f"BO={cfg['BLOCK_O']},warps={cfg['num_warps']}{',dropout' if drop else ''}]",
+                                 _grouped_linear_dx_kernel, aot_signature(_grouped_linear_dx_kernel, types, c), c,
                                  cfg["num_warps"], cfg["num_stages"], True))
     return specs
