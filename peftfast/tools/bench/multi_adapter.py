@@ -212,6 +212,19 @@ def fused_launch(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt
                 flops=2 * blocks * br * (k * o + rt * (k + o)))
 
 
+def fused_backward_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt: int,
+                            dropout: bool = False) -> list[dict]:
+    """The launches of ``lora_grouped_linear``'s backward on the Triton path when dX is needed: the one dX launch
+    (``_grouped_linear_dx_kernel``: dY, W and the used adapters' B and A read once, dX written once, dH written
+    for every block holding rows, the plan and each touched slot's scale and keep threshold -- the forward's
+    launch with K and O swapped, no bias), then the adapters' block bounds and the dA and dB weight-gradient
+    launches (with their split sums and casts) of ``grouped_launches``."""
+    dx = dict(fused_launch(m, o, k, counts, rank, act_elt, ad_elt, dropout=dropout), name="grouped linear dX")
+    replaced = {"dH shrink", "dX = dY @ W", "dX expand"}
+    rest = grouped_launches(m, k, o, counts, rank, act_elt, ad_elt, True, dropout, fused_plan=True)
+    return [dx, *(x for x in rest if x["name"] not in replaced)]
+
+
 def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, backward: bool = False) -> dict:
     """Launches, bytes and FLOPs of one layer (not the first of its call) for the base GEMM, peftfast's grouped
     kernels (``grouped_launches``) and PEFT's loop, samples spread evenly over ``n_used`` adapters.
@@ -234,7 +247,7 @@ def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, ba
     base = dict(launches=1, bytes=d * d * elt + 2 * m * d * elt, flops=2 * m * d * d)
     fused = fused_worthwhile(m, n_used)
     if fused:
-        launches = (grouped_launches(m, d, d, counts, r, elt, elt, True, fused_plan=True) if backward
+        launches = (fused_backward_launches(m, d, d, counts, r, elt, elt) if backward
                     else [fused_launch(m, d, d, counts, r, elt, elt)])
         ours = dict(launches=len(launches), bytes=sum(x["bytes"] for x in launches),
                     flops=sum(x["flops"] for x in launches))
@@ -292,7 +305,7 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
     rows = []
     for what, counted, back in (("forward", fwd, False), ("backward", bwd, True)):
         if fused:
-            model = (grouped_launches(m, k, o, counts, r, elt, elt, True, dropout, fused_plan=True) if back
+            model = (fused_backward_launches(m, k, o, counts, r, elt, elt, dropout) if back
                      else [fused_launch(m, k, o, counts, r, elt, elt, bias=True, dropout=dropout)])
         else:
             model = grouped_launches(m, k, o, counts, r, elt, elt, back, dropout)
