@@ -60,8 +60,12 @@ for the backward. Its plan (``fused_plan``) puts the base model's rows in blocks
 adapter loads, masked). Bytes: x, W and every used adapter's A and B read once, y written once, h and the
 plan. Padding costs GEMM rows, not bytes: at most N + 1 blocks are partly filled, so the layer fuses only
 when the rows fill 4x that (``fused_worthwhile``; decode keeps the base GEMM + the two grouped kernels).
-Backward: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into
-that dX.
+Backward (x needs a gradient): one kernel (``_grouped_linear_dx_kernel``, grid: blocks x K tiles) runs dX = dY @ W
+over each block's gathered rows and, in the same O loop on the same dY tile, the block's dH = s_a * dY @ B_a; the
+epilogue adds m_a(dH @ A_a) and stores dX once; the K-tile-0 program stores dH (rounded to the adapter dtype, as
+the dH shrink stores it) for dA. Then dA on (dH, x) and dB on (dY, h) with the weight-gradient kernel. Bytes: dY,
+W and the used adapters' A and B read once, dX written once, dH and the plan. Without an x gradient, or on other
+plans: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into it.
 """
 from __future__ import annotations
 

@@ -20,8 +20,9 @@ Two tables:
   launches x launch overhead, the same simple roofline for both sides). The bytes budget is the target's:
   base GEMM + every used adapter's A and B once (twice in backward), + 5%. Separate grouped kernels read x
   and read/write y once more than the base GEMM: within budget at decode, about 2x it at prefill, where the
-  fused launch reads x and writes y once (within budget). The backward is over it either way (dY, x and dX
-  are each read again by the adapter kernels). ``calibrate`` checks the formulas against the bytes and
+  fused launch reads x and writes y once (within budget). The backward is over it either way: the grouped
+  kernels read dY, x and dX again; the fused backward (``fused_backward_launches``: dX and dH in one launch)
+  still reads x (dA) and dY (dB) again. ``calibrate`` checks the formulas against the bytes and
   launches counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal,
   forward and backward, with and without dropout, grouped and fused).
 
@@ -238,7 +239,7 @@ def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, ba
 
     ``ours``: the base GEMM plus the grouped kernels, or, where the layer fuses them (``fused_worthwhile``: a
     plain nn.Linear with rows enough to fill 64-row blocks, i.e. prefill), ``lora_grouped_linear``'s one launch
-    (forward) and its backward (dY @ W, then the grouped backward adding into it)."""
+    (forward) and its backward (``fused_backward_launches``)."""
     from ...kernels.lora_grouped import fused_worthwhile
 
     m = rows
