@@ -1081,8 +1081,8 @@ SPEC_RANKS = (16, 32, 64)
 def aot_specs() -> list[AotSpec]:
     """Every launch of the forward (shrink with or without dropout, expand adding into y) and the backward (the
     shrink as dH, the expand writing dX with or without the mask, the weight gradients dA (masked or not) and
-    dB), per dtype pair, block rows and rank tile, and of ``lora_grouped_linear`` (forward and fused dX); the stores' innermost strides are 1 (A [N, R, K], B kept as
-    [N, R, O]: ``peftfast.tuners.lora.grouped.AdapterStore``)."""
+    dB), per dtype pair, block rows and rank tile, and of ``lora_grouped_linear`` (forward and fused dX); the
+    stores' innermost strides are 1 (A [N, R, K], B kept as [N, R, O]: ``peftfast.tuners.lora.grouped.AdapterStore``)."""
     specs = []
     for act, ad in DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]

@@ -272,8 +272,9 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
               fused: bool = False):
     """Forward and backward of ``lora_grouped`` (``fused``: ``lora_grouped_linear`` with a bias) on the Triton
     kernels in the interpreter (TRITON_INTERPRET=1), bytes and launches counted
-    (``costmodel.calibration.count_device``), against ``grouped_launches`` / ``fused_launch``: rows (counted,
-    modelled) per direction. Three adapters of the store's rank (one unused), base rows too."""
+    (``costmodel.calibration.count_device``), against ``grouped_launches`` / ``fused_launch`` (its backward:
+    ``fused_backward_launches``): rows (counted, modelled) per direction. Three adapters of the store's rank (one
+    unused), base rows too."""
     from ...kernels.lora_grouped import dropout_tables, fused_plan, lora_grouped, lora_grouped_linear, make_plan
     from ..costmodel.calibration import count_triton_forward_backward, require_interpreter
 
