@@ -50,9 +50,8 @@ class AdapterStore:
         self.drop_scale: Optional[torch.Tensor] = None
         self.thresholds: Optional[torch.Tensor] = None
         self.max_dropout = 0.0
-        # the layer's fast check (``Linear._plain_adapters_key``): the key of the bundle last synced, and the bundle
-        self.plain_key: Optional[tuple] = None
-        self.bundle = None
+        # the layer's fast check (``Linear._plain_adapters_key``): (key, bundle) of the bundle last synced
+        self.bundle: Optional[tuple] = None
 
     def sync(self, names: list[str], weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
              scalings: list[float], dropout_ps: list[float]) -> None:

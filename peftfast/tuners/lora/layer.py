@@ -1049,11 +1049,12 @@ class Linear(nn.Module, LoraLayer):
         if store is None:
             store = self.__dict__["_grouped_store"] = AdapterStore()
         key = self._plain_adapters_key(names)
-        if key is not None and key == store.plain_key:  # nothing the bundle reads has changed: reuse it
-            return names, store.bundle, store
+        hit = store.bundle  # (key, bundle), replaced whole: no torn read across threads
+        if key is not None and hit is not None and key == hit[0]:  # nothing the bundle reads changed: reuse it
+            return names, hit[1], store
         bundle = self.adapter_bundle(names)
         store.sync(names, bundle.weights_a, bundle.weights_b, bundle.scalings, bundle.dropout_ps)
-        store.plain_key, store.bundle = key, bundle
+        store.bundle = (key, bundle)
         return names, bundle, store
 
     def _plain_adapters_key(self, names: list[str]) -> Optional[tuple]:
