@@ -463,8 +463,8 @@ _LAST_SLOTS: dict = {}
 def _slots(table: torch.Tensor, badapter: torch.Tensor, m: int, n: int) -> tuple:
     """(row of each slot [nb * block_rows] int64 with empty slots (M) sent to row M - 1, bool [nb, block_rows, 1]:
     the empty slots, dense: block i is adapter i (``dense_plan``), identity: slot j of block b is row
-    b * block_rows + j, every row once (``run_plan``)) for the plan (``table``, ``badapter``) over M rows and N
-    adapters. The last two read on the host, once per plan."""
+    b * block_rows + j, every row once (``run_plan``), full: no slot is empty) for the plan (``table``,
+    ``badapter``) over M rows and N adapters. The last three read on the host, once per plan."""
     hit = _LAST_SLOTS.get("entry")
     check = (table._version, badapter._version, table.device, m, n)
     if hit is not None and hit[0] is table and hit[1] is badapter and hit[2] == check:
@@ -472,7 +472,8 @@ def _slots(table: torch.Tensor, badapter: torch.Tensor, m: int, n: int) -> tuple
     nb, rows = table.shape
     dense = nb == n and bool((badapter == torch.arange(n, device=badapter.device)).all())
     identity = nb * rows == m and m > 0 and bool((table.reshape(-1) == torch.arange(m, device=table.device)).all())
-    value = (table.reshape(-1).clamp(max=max(m - 1, 0)), (table == m).unsqueeze(-1), dense, identity)
+    empty = (table == m).unsqueeze(-1)
+    value = (table.reshape(-1).clamp(max=max(m - 1, 0)), empty, dense, identity, m > 0 and not bool(empty.any()))
     _LAST_SLOTS["entry"] = (table, badapter, check, value)
     return value
 
@@ -520,30 +521,39 @@ def block_keep(table, badapter, n, k, thresholds, seed):
     return keep.view(*table.shape, k)
 
 
-def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0):
-    """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
+def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0, inplace=False):
+    """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype). ``inplace``: y is base2 itself,
+    updated (where base2 has the adapter dtype and the plan is a run plan or has no empty slot; else a new y)."""
     m, k = x2.shape
     n = a.shape[0]
-    empty, dense, identity = _slots(table, badapter, m, n)[1:]
+    empty, dense, identity, full = _slots(table, badapter, m, n)[1:]
     ab, bb, s = _block_factors(a, b, scale, badapter, dense)
     keep = block_keep(table, badapter, n, k, thresholds, seed)
+    inplace = inplace and base2.dtype == a.dtype and base2.is_contiguous()
     if identity:  # a run plan: the blocks are x's and base_out's rows in order, used as they are (no empty slot)
         xb = x2.reshape(*table.shape, k).to(a.dtype)
         xb = xb if keep is None else xb * keep
         h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
+        if inplace:
+            base2.view(*table.shape, -1).baddbmm_(h, bb.transpose(1, 2))
+            return base2, h
         y = torch.baddbmm(base2.reshape(*table.shape, -1).to(a.dtype), h, bb.transpose(1, 2))
         return y.view(m, -1).to(base2.dtype), h
     xb = _slot_rows(x2, table, badapter, n, a.dtype)[0]  # [nb, rows, K]
     if keep is not None:
         xb.mul_(keep)
     h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
-    h.masked_fill_(empty, 0)  # what a zero row of x would give: empty slots add nothing
+    if not full:
+        h.masked_fill_(empty, 0)  # what a zero row of x would give: empty slots add nothing
     nb, rows, k = xb.shape
     o = bb.shape[1]
     # the gathered x is dead once h is made: the expand writes into it when it is large enough (one allocation
     # fewer, and one buffer fewer passing through the caches)
     out = xb.view(-1)[:nb * rows * o].view(nb, rows, o) if k >= o and not xb.requires_grad else None
     yb = torch.bmm(h, bb.transpose(1, 2), out=out)  # [nb, rows, O]
+    if full:  # every slot holds a row, each row at most once: added straight into base2 (or a copy of it)
+        acc = base2 if inplace else base2.to(a.dtype, copy=True)
+        return acc.index_add_(0, table.reshape(-1), yb.view(-1, o)).to(base2.dtype), h
     return _scatter_add(base2, table, yb, a.dtype).to(base2.dtype), h
 
 
@@ -596,9 +606,11 @@ def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.T
         y, h = forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
                                inplace)
     else:
-        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed))
+        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
+                                 inplace)
+        inplace = inplace and y is base2  # the reference may decline (a dtype cast, empty slots)
     # updated in place: base_out itself is the output (autograd requires the dirty input to be returned)
-    return (base_out if on_triton and inplace else y.view(base_out.shape)), h
+    return (base_out if inplace else y.view(base_out.shape)), h
 
 
 def _op_save(args, outputs) -> list:
@@ -682,14 +694,18 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
                  weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
                  scale: torch.Tensor, index: torch.Tensor,
                  plan: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 thresholds: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+                 thresholds: torch.Tensor | None = None, seed: int | None = None,
+                 update_base_out: bool = False) -> torch.Tensor:
     """``base_out`` plus, for each row m of x ([..., K] as [M, K]), adapter ``index[m]``'s ``s * x A^T B^T``
     (index [M] int64, -1: none). The stores ([N, R, K], [N, O, R], scale [N] fp32) hold ``weights_a`` /
     ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights.
     ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows.
     Dropout: ``thresholds`` [N] int64 (``dropout_tables``; the scale then includes 1 / (1 - p)): row m sees
     adapter a's mask, regenerated from (seed, a, m, column) in forward and backward, never stored; ``seed``
-    (drawn from torch's generator when None) makes it reproducible."""
+    (drawn from torch's generator when None) makes it reproducible. ``update_base_out``: the caller hands a fresh
+    ``base_out`` that no one else reads (e.g. its own base layer's output), so while no gradient is recorded the
+    op may add into it and return it (no copy of y; a fresh tensor that is not a view is updated on the Triton
+    path anyway)."""
     n, r, k = check_stores(x, weights_a, weights_b, a_store, b_store, index, thresholds)
     if base_out.numel() != index.shape[0] * b_store.shape[1]:
         raise ValueError(f"lora_grouped: base_out {tuple(base_out.shape)} does not match {index.shape[0]} rows of "
@@ -704,7 +720,12 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     if thresholds is not None and seed is None:
         seed = int(draw_seed())
     seed = 0 if seed is None else int(seed)
-    inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
+    if on_triton:
+        inplace = updatable_in_place(base_out) and base_out.is_contiguous()
+    else:
+        inplace = False
+    if update_base_out and not inplace and not torch.is_grad_enabled():  # no autograd: nothing sees the write
+        inplace = base_out.is_contiguous() and (not base_out.is_inference() or torch.is_inference_mode_enabled())
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
                         thresholds, seed, hint=(on_triton, inplace))[0]
 

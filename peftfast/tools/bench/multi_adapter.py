@@ -7,11 +7,19 @@ Two tables:
   and one index-put per distinct adapter); best of repeats (calls back to back, in five rounds), and the
   adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32,
   runs of ``cpu_rows(repeats=30)`` (see below): adapter_part_ratio (peftfast / PEFT, target <= 0.5)
-  0.33-0.53 at d=1024 64x1, 0.45-0.59 at d=1024 16x32, 0.30-0.36 at d=256 64x8 (seven runs); the reference before
-  (padded copies, x gathered by advanced indexing, a per-call walk of every module): 0.58-0.70, 0.72-0.91,
-  0.49-0.58, measured the same way. The spread is the machine's: the two d=1024 shapes straddle 0.5. Both
-  sides do the same small matmuls (two per adapter for PEFT, two batched ones here), which are most of
-  peftfast's part at 16x32 (there the samples' 32 tokens are used in place: ``run_plan``).
+  0.28-0.40 at d=1024 64x1, 0.23-0.68 at d=1024 16x32, 0.24-0.33 at d=256 64x8 (ten runs, five of them alternated
+  with a run of the code before, which gave 0.40-0.59, 0.52-0.65, 0.34-0.36). Where the time goes (d=1024, measured):
+  at 64x1 the two batched matmuls, ~100 us (reading every adapter's A and B, 2 MB, once), about as much
+  Python per call (routing, the store check, the op's glue), and the gather of x and the add into y; at 16x32 the
+  two batched matmuls (~33 MFLOP, ~0.45 ms at this core's ~75-90 GFLOP/s, the FLOPs of PEFT's own lora_A /
+  lora_B matmuls), the samples' tokens used in place (``run_plan``). The target is met at 64x1 and 256 64x8
+  in all ten runs; at 16x32 the adapter part (~0.55-1.5 ms) is a few percent of the base layer's ~11 ms, and the
+  run-to-run spread of the two subtracted base-layer times on the shared machine moves the ratio by +-0.2: it
+  met 0.5 in five of ten runs. The first reference (padded copies, x gathered by advanced indexing, a
+  per-call walk of every module): 0.58-0.70, 0.72-0.91, 0.49-0.58, measured the same way. Per call the layer
+  reuses its adapters' bundle while no factor, scaling or dropout changed (``Linear._plain_adapters_key``),
+  and without autograd adds into its plain nn.Linear base's fresh output (``update_base_out``: no copy of y),
+  as PEFT's loop does.
 * Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of ours -- the base GEMM then
   the grouped kernels (``grouped_launches``, one entry per launch), or at prefill the one fused launch of
   ``lora_grouped_linear`` (``fused_launch``) -- against the base GEMM + PEFT's loop at decode (64 sequences
