@@ -19,7 +19,11 @@ Two tables:
   per-call walk of every module): 0.58-0.70, 0.72-0.91, 0.49-0.58, measured the same way. Per call the layer
   reuses its adapters' bundle while no factor, scaling or dropout changed (``Linear._plain_adapters_key``),
   and without autograd adds into its plain nn.Linear base's fresh output (``update_base_out``: no copy of y),
-  as PEFT's loop does.
+  as PEFT's loop does. A second estimate, ``paired_part_ratio`` (``_paired_parts``: each call's time minus the
+  mean of the base calls just before and after it, calls interleaved, the median of 150), times every call
+  after a base call has run through the caches (closer to one layer among many): 0.44-0.55 at d=1024 64x1,
+  0.51-0.55 at 16x32, 0.40-0.46 at d=256 64x8 (four runs), both sides then reading their adapters' weights
+  from memory.
 * Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of ours -- the base GEMM then
   the grouped kernels (``grouped_launches``, one entry per launch), or at prefill the one fused launch of
   ``lora_grouped_linear`` (``fused_launch``) -- against the base GEMM + PEFT's loop at decode (64 sequences
@@ -97,6 +101,30 @@ def _best_each(fs, repeats: int, rounds: int = 5) -> list[float]:
     return best
 
 
+def _paired_parts(fs, base, calls: int) -> list[float]:
+    """Per f of ``fs``: the median over ``calls`` calls of (f's time minus the mean of the two ``base`` calls timed
+    just before and just after it), the calls of every f interleaved with base calls. Each difference is taken
+    within a few milliseconds, so a slow spell of the shared machine moves both terms; the best-of times of
+    ``_best_each`` subtract a base time taken at another moment."""
+    def timed(f) -> float:
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    for f in (*fs, base):
+        for _ in range(3):
+            f()
+    parts: list[list[float]] = [[] for _ in fs]
+    before = timed(base)
+    for _ in range(calls):
+        for i, f in enumerate(fs):
+            t = timed(f)
+            after = timed(base)
+            parts[i].append(t - (before + after) / 2)
+            before = after
+    return [statistics.median(p) for p in parts]
+
+
 def cpu_rows(n: int = 16, shapes=((1024, 64, 1), (1024, 16, 32), (256, 64, 8)), r: int = 16,
              repeats: int = 30):
     """Per shape (d, batch, seq): best-of-``repeats`` wall time of the layer call with ``adapter_names``
@@ -114,9 +142,14 @@ def cpu_rows(n: int = 16, shapes=((1024, 64, 1), (1024, 16, 32), (256, 64, 8)), 
             t_ours, t_peft, t_base = _best_each([lambda: ours(x, adapter_names=per_sample),
                                                  lambda: theirs(x, adapter_names=per_sample), lambda: base(x)],
                                                 repeats)
+            p_ours, p_peft = _paired_parts([lambda: ours(x, adapter_names=per_sample),
+                                            lambda: theirs(x, adapter_names=per_sample)], lambda: base(x),
+                                           5 * repeats)
         rows.append(dict(adapters=n, d=d, batch=batch, seq=seq, r=r, ours_us=t_ours * 1e6, peft_us=t_peft * 1e6,
                          base_us=t_base * 1e6, ratio=t_ours / t_peft,
-                         adapter_part_ratio=(t_ours - t_base) / max(t_peft - t_base, 1e-9), max_abs_diff=err))
+                         adapter_part_ratio=(t_ours - t_base) / max(t_peft - t_base, 1e-9),
+                         paired_part_ratio=p_ours / max(p_peft, 1e-9), ours_part_us=p_ours * 1e6,
+                         peft_part_us=p_peft * 1e6, max_abs_diff=err))
     return rows
 
 
