@@ -432,6 +432,74 @@ def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
     assert seen.count("_grouped_linear_kernel") >= 2
 
 
+@pytest.mark.parametrize("preferred", ["fused", "unfused"])
+def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path, preferred):
+    """Measured dispatch of a mixed prefill (kernels/autotune.py, injected times, the interpreter's CPU tensors
+    counted as measurable): the first call of each layer's key times both candidates (the fused launch; the base
+    layer then the grouped kernels), later calls of the key run the faster one and time nothing; either way the
+    output equals each sample alone and each adapter's gradients equal training it alone."""
+    from torch import nn
+
+    from peftfast.kernels import autotune
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+    from tests.kernels.test_autotune import FakeTimer
+
+    timer = FakeTimer({"fused": 1.0 if preferred == "fused" else 2.0,
+                       "unfused": 1.0 if preferred == "unfused" else 2.0}, run=True)
+    tuner = autotune.Tuner(timer=timer, directory=tmp_path, version="test")
+    monkeypatch.setattr(autotune, "TUNER", tuner)
+    monkeypatch.setattr(autotune, "tunable", lambda device: autotune.autotune_enabled())
+    monkeypatch.setattr(autotune, "may_measure", lambda device: True)
+    seen = []
+    real = G.launch
+
+    def record(kernel, grid, *args, **meta):
+        seen.append(runtime.kernel_name(kernel))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(G, "launch", record)
+    torch.manual_seed(6)
+    names = ["a0", "a1", "a2"]
+    pm = three_adapters(nn.Sequential(nn.Linear(11, 15), nn.Tanh(), nn.Linear(15, 6)), names, ["0", "2"], 0.3)
+    g = torch.Generator().manual_seed(2)
+    batch, seq = 8, 130  # 1040 rows: the fused kernel's gate passes
+    x = torch.randn(batch, seq, 11, generator=g)
+    per_sample = ["a2", "a0", "__base__", "a0", "a2", "a2", "a0", "a0"]
+    pm.eval()
+    with torch.no_grad():
+        y = pm(x, adapter_names=per_sample)
+    assert [c[0] for c in timer.calls] == ["fused", "unfused"] * 2  # two layers, two keys
+    keys = [key for _, key, _ in tuner.decisions()]
+    assert all(d.choice == preferred for _, _, d in tuner.decisions())
+    assert sorted(k[2:10] for k in keys) == [(6, 15, 64, 3, 2, "float32", "float32", "fwd"),
+                                             (15, 11, 64, 3, 2, "float32", "float32", "fwd")]
+    seen.clear()
+    with torch.no_grad():
+        y2 = pm(x, adapter_names=per_sample)
+    assert len(timer.calls) == 4  # decided: nothing timed again
+    fused_runs = seen.count("_grouped_linear_kernel")
+    assert fused_runs == (2 if preferred == "fused" else 0)
+    assert ("_grouped_shrink_kernel" in seen) == (preferred == "unfused")
+    with torch.no_grad():
+        alone = alone_outputs(pm, x, per_sample)
+    torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y2, alone, rtol=1e-5, atol=1e-5)
+
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    for name in names:
+        pm.base_model.set_adapter(name)
+    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
+    for p in params.values():
+        p.requires_grad_(True)
+    weight = torch.randn(batch, seq, 6, generator=g)
+    check_mixed_grads_equal_alone(pm, names, per_sample, x, weight, params, tol=lambda r: dict(rtol=1e-4, atol=1e-4),
+                                  own_count=4, nonzero=True)
+    steps = sorted(key[-1] for _, key, _ in tuner.decisions() if key[0] == "lora_grouped_linear")
+    assert steps == ["fwd", "fwd", "fwd+bwd", "fwd+bwd-dx"]  # layer 0's x needs no gradient
+
+
 def test_grouped_linear_torch_compile_fullgraph(torch_backend):
     """lora_grouped_linear under torch.compile(fullgraph=True, backend="aot_eager"), with dropout (a fixed seed)
     and a trainable bias: eager's output and gradients (the custom op, its fake and its backward op)."""

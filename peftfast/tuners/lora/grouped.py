@@ -15,7 +15,9 @@ not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sor
 device, then one shrink and one expand over blocks of rows (Triton on CUDA; two batched matmuls elsewhere).
 Over a plain frozen nn.Linear on the Triton backend, a batch with rows enough to fill 64-row blocks (prefill)
 instead runs ``grouped_linear``: the base GEMM, the shrink and the expand in one launch
-(``lora_grouped_linear``), x read once and y written once.
+(``lora_grouped_linear``), x read once and y written once, unless on a CUDA device the base layer followed by
+the grouped kernels was measured faster for the call's key (``fused_choice``: kernels/autotune.py's measured
+dispatch, keyed by rows, shape, rank tile, adapters held and used, dtypes and step; timed once per key).
 No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
 the rows that used it only; with dropout each row sees its adapter's mask (its probability, its stream),
 regenerated inside the op from one seed per call in forward and backward: saved for backward are x (the
@@ -27,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from ...kernels import autotune
 from ...kernels.backend import use_triton
 from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan, fused_worthwhile, lora_grouped,
                                      lora_grouped_linear, make_plan, rank_bucket)
@@ -156,11 +159,95 @@ def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, b
     if not (use_triton(x, weight, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
             and fused_worthwhile(rows, len(store.names))):
         return None
+    if fused_choice(store, x, weight, bias, names, weights_a, weights_b, training) == UNFUSED:
+        return None
+    return _fused_call(store, x, weight, bias, names, weights_a, weights_b, training)
+
+
+def _fused_call(store, x, weight, bias, names, weights_a, weights_b, training) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
     index, plan = shared_plan(store, names, rows, x.device, "fused")
     if training and store.max_dropout > 0:
         return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.drop_scale, index,
                                    plan=plan, thresholds=store.thresholds)
     return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
+
+
+# Measured dispatch (kernels/autotune.py) of a prefill: the fused launch, or the base layer + the grouped kernels
+FUSED, UNFUSED = "fused", "unfused"  # the default: fused (PEFTFAST_AUTOTUNE=0, CPU, the interpreter, compiling)
+
+
+def _dtype_tag(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, names: list, need_x: bool,
+                       need_grads: bool, dropout: bool) -> tuple:
+    """("lora_grouped_linear", rows rounded up to a power of two, d_out, d_in, the store's rank tile, adapters
+    held, distinct adapters the batch uses (a power of two), x dtype, adapter dtype, step): step as
+    ``lora_linear_fused``'s key ("fwd", "fwd+bwd", "fwd+bwd-dx", plus "+dropout")."""
+    per_token = bool(names) and isinstance(names[0], (list, tuple))
+    used = set(n for per in names for n in per) if per_token else set(names)
+    used = len(used.intersection(store.names))
+    step = (("fwd+bwd" if need_x else "fwd+bwd-dx") if need_grads else "fwd") + ("+dropout" if dropout else "")
+    return ("lora_grouped_linear", autotune.bucket(x.numel() // x.shape[-1]), weight.shape[0], weight.shape[1],
+            store.a.shape[1], len(store.names), autotune.bucket(max(used, 1)), _dtype_tag(x.dtype),
+            _dtype_tag(store.a.dtype), step)
+
+
+def fused_choice(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> str:
+    """FUSED or UNFUSED for this prefill: the measured choice for its key on a CUDA device (both candidates timed
+    on the first call of the key, see kernels/autotune.py), else FUSED."""
+    if x.numel() == 0 or not autotune.tunable(x.device):
+        return FUSED
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    need_params = grad and (any(t.requires_grad for t in (*weights_a, *weights_b))
+                            or (bias is not None and bias.requires_grad))
+    key = fused_dispatch_key(store, x, weight, names, need_x, need_x or need_params,
+                             training and store.max_dropout > 0)
+    device = autotune.device_name(x.device)
+    known = autotune.TUNER.lookup(device, key)
+    if known is not None:
+        return known.choice
+    if not autotune.may_measure(x.device):
+        return FUSED
+    with torch.random.fork_rng(devices=[]):  # the candidates' dropout seeds leave the caller's RNG as it was
+        return autotune.TUNER.choose(device, key, fused_candidates(store, x, weight, bias, names, weights_a,
+                                                                   weights_b, training), FUSED).choice
+
+
+def fused_candidates(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
+                     training: bool) -> dict:
+    """{FUSED: step, UNFUSED: step}: the call's forward (and, where the call will need one, the backward for the
+    gradients it needs, with a random dY), fused or as F.linear + ``grouped_delta``, on detached views of the
+    caller's tensors: no .grad is written, nothing the caller holds is changed."""
+    grad = torch.is_grad_enabled()
+
+    def leaf(t):
+        return None if t is None else t.detach().requires_grad_(grad and t.requires_grad)
+
+    xl, bl = leaf(x), leaf(bias)
+    al, bbl = [leaf(a) for a in weights_a], [leaf(b) for b in weights_b]
+    leaves = [t for t in (xl, bl, *al, *bbl) if t is not None and t.requires_grad]
+    gen = torch.Generator(device=x.device).manual_seed(0)
+    dy = torch.randn(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device, generator=gen) \
+        if leaves else None
+
+    def backward(y):
+        if leaves:
+            torch.autograd.grad(y, leaves, dy)
+
+    def fused():
+        backward(_fused_call(store, xl, weight, bl, names, al, bbl, training))
+
+    def unfused():
+        base = torch.nn.functional.linear(xl, weight, bl)
+        backward(grouped_delta(store, xl, base, names, al, bbl, training))
+
+    return {FUSED: fused, UNFUSED: unfused}
 
 
 def check_adapter_names_shape(adapter_names: object) -> None:
