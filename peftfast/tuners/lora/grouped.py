@@ -12,7 +12,8 @@ not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sor
 device, then one shrink and one expand over blocks of rows (Triton on CUDA; two batched matmuls elsewhere).
 Over a plain frozen nn.Linear on the Triton backend, a batch with rows enough to fill 64-row blocks (prefill)
 instead runs ``grouped_linear``: the base GEMM, the shrink and the expand in one launch
-(``lora_grouped_linear``), x read once and y written once.
+(``lora_grouped_linear``), x read once and y written once; over a bitsandbytes 4-bit (aligned layout) or int8
+base the same, its weight dequantised tile by tile inside that GEMM (``lora_grouped_qlinear``).
 No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
 the rows that used it only; with dropout each row sees its adapter's mask (its probability, its stream),
 regenerated inside the op from one seed per call in forward and backward: saved for backward are x (the
@@ -20,13 +21,16 @@ caller's tensor), the small h and the plan, never a mask or a dropped copy of x.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from ...kernels.backend import use_triton
 from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan, fused_worthwhile, lora_grouped,
                                      lora_grouped_linear, make_plan, rank_bucket)
+from ...kernels.lora_grouped_q import QuantWeight, fuses, lora_grouped_qlinear, weight_tensor
+
+BaseWeightArg = Union[torch.Tensor, QuantWeight]  # a float [O, K] weight, or a bitsandbytes one
 
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
@@ -131,27 +135,38 @@ def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, na
                         plan=plan).view(result.shape)
 
 
-def may_fuse(x: torch.Tensor, weight: torch.Tensor, adapters: int) -> bool:
+def _values(weight: BaseWeightArg) -> torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else weight_tensor(weight)
+
+
+def may_fuse(x: torch.Tensor, weight: BaseWeightArg, adapters: int) -> bool:
     """The cheap part of ``grouped_linear``'s test, before any store is synced: the Triton backend and rows
     enough for ``adapters`` adapters (an upper bound of the store's)."""
-    return use_triton(x, weight) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), adapters)
+    return use_triton(x, _values(weight)) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), adapters)
 
 
-def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
                    names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
                    training: bool) -> Optional[torch.Tensor]:
     """``F.linear(x, weight, bias)`` plus each row's adapter in one launch (``lora_grouped_linear``: x read once,
     y written once) on the Triton backend when the rows fill the fused kernel's blocks (``fused_worthwhile``:
-    prefill, not decode); None otherwise (the caller runs the base layer, then ``grouped_delta``)."""
+    prefill, not decode); None otherwise (the caller runs the base layer, then ``grouped_delta``). ``weight``: a
+    float [O, K] tensor, or a bitsandbytes weight (``Packed4bit`` / ``Int8Weight``: ``lora_grouped_qlinear``, the
+    base GEMM dequantising it in registers; None also for a 4-bit weight in the general layout, ``fuses``)."""
     rows = x.numel() // x.shape[-1]
-    if not (use_triton(x, weight, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
+    if not (use_triton(x, _values(weight), store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
             and fused_worthwhile(rows, len(store.names))):
         return None
+    op = lora_grouped_linear
+    if not isinstance(weight, torch.Tensor):
+        if not fuses(x, weight, store.a, store.b):
+            return None
+        op = lora_grouped_qlinear
     index, plan = shared_plan(store, names, rows, x.device, "fused")
     if training and store.max_dropout > 0:
-        return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.drop_scale, index,
-                                   plan=plan, thresholds=store.thresholds)
-    return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
+        return op(x, weight, bias, weights_a, weights_b, store.a, store.b, store.drop_scale, index, plan=plan,
+                  thresholds=store.thresholds)
+    return op(x, weight, bias, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
 
 
 def check_adapter_names_shape(adapter_names: object) -> None:
