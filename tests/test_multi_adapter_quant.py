@@ -303,3 +303,27 @@ def test_prefill_over_4bit_base_with_dropout_and_lora_bias(interpreted, monkeypa
         if "lora_" in k and p.requires_grad:
             used = ".a2." not in k
             assert (p.grad is not None and p.grad.abs().max() > 0) == used, k
+
+
+# ------------------------------------------------------------------------------------------------------
+# the cost model of the bench (peftfast/tools/bench/multi_adapter.py)
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_quant_cost_model_matches_counted_traffic(interpreted, kind, dropout):
+    """``qfused_launches`` gives exactly the bytes (distinct addresses) and launches counted from the kernels in the
+    interpreter and the torch ops between them, forward and backward (150 rows: adapters hold several blocks)."""
+    from peftfast.tools.bench.multi_adapter import calibrate_quant
+
+    for row in calibrate_quant(kind, dropout=dropout):
+        assert row["counted_launches"] == row["modelled_launches"], row
+        assert row["counted_bytes"] == row["modelled_bytes"], row
+
+
+def test_quant_prefill_rows():
+    """The modelled NF4 prefill: one launch, within 5% of the packed weight + x + y + the used adapters."""
+    from peftfast.tools.bench.multi_adapter import quant_prefill_rows
+
+    rows = quant_prefill_rows()
+    assert [r["adapters"] for r in rows] == [1, 4, 16, 64]
+    assert all(r["fused"] and r["launches_ours"] == 1 and r["within_budget"] for r in rows), rows
