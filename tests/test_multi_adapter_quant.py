@@ -10,23 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from peftfast.kernels import dropout as D
-from peftfast.kernels.backend import interpreting
-from peftfast.kernels.lora_grouped import dropout_tables
 from peftfast.kernels.lora_grouped_q import aligned, lora_grouped_qlinear
 from peftfast.kernels.qlora import Int8Weight, q_dense
 from peftfast.kernels.quant import INT8_SCALE, dequantize_4bit_reference
 from tests.kernels.test_qmatmul import make_int8, make_packed
-from tests.numerics import assert_matches_float64
-from tests.test_multi_adapter import (RANKS, alone_outputs, check_mixed_grads_equal_alone, loop_reference, op_case,
-                                      stacked_store, three_adapters)
-
-
-@pytest.fixture
-def interpreted(triton_backend):
-    if not interpreting():
-        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
-    return triton_backend
+from tests.test_multi_adapter_kernels import interpreted  # noqa: F401 (the fixture: Triton in the interpreter)
+from tests.test_multi_adapter_kernels import check_linear_op_compiles, run_linear_case
+from tests.test_multi_adapter import (RANKS, alone_outputs, check_mixed_grads_equal_alone, op_case, stacked_store,
+                                      three_adapters, train_mixed)
 
 
 def quant_weight(kind: str, o: int, k: int, seed: int, w_dtype=torch.float32):
@@ -41,44 +32,13 @@ def quant_weight(kind: str, o: int, k: int, seed: int, w_dtype=torch.float32):
 
 def run_qlinear_case(kind, n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0,
                      w_dtype=torch.float32, adapter_dtype=None):
-    """lora_grouped_qlinear vs the quantised base's dense matmul + each adapter alone on its rows, in ``dtype``
-    (plain) and in float64: forward, and the gradients of x, the bias and every A and B (k = 8 x plain's error)."""
+    """lora_grouped_qlinear vs the quantised base's dense matmul (the weight dequantised to ``dtype``) + each adapter
+    alone on its rows, in ``dtype`` (plain) and in float64 (the exact weight): forward, and the gradients of x, the
+    bias and every A and B (k = 8 x plain's error; ``run_linear_case``)."""
     p, w64 = quant_weight(kind, o, k, seed, w_dtype)
-    a, b, scal, index, x, _ = op_case(n, m, k, o, ranks, dtype, seed=seed)
-    if adapter_dtype is not None:
-        a = [t.detach().to(adapter_dtype).requires_grad_() for t in a]
-        b = [t.detach().to(adapter_dtype).requires_grad_() for t in b]
-    g = torch.Generator().manual_seed(seed + 1)
-    bvec = torch.randn(o, generator=g).to(dtype).requires_grad_() if bias else None
-    st_a, st_b, st_s = stacked_store(a, b, scal)
-    masks = None
-    if ps is None:
-        y = lora_grouped_qlinear(x, p, bvec, a, b, st_a, st_b, st_s, index)
-    else:
-        scale, thresholds = dropout_tables(scal, ps, x.device)
-        op_seed = int(D.draw_seed())
-        y = lora_grouped_qlinear(x, p, bvec, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=op_seed)
-        masks = [D.keep_mask_torch(op_seed, i, m, k, p_) for i, p_ in enumerate(ps)]
+    y = run_linear_case(n, m, k, o, ranks, dtype, ps, bias, seed, base=(lora_grouped_qlinear, p, q_dense(p, dtype), w64),
+                        adapter_dtype=adapter_dtype)
     assert y.dtype == dtype and y.shape == (m, o)
-
-    def loop(xx, bb, aa, bs, w):  # the adapters in their dtype (fp32 adapters under fp16 activations: as PEFT)
-        base = torch.nn.functional.linear(xx, w, bb)
-        ad = aa[0].dtype
-        return loop_reference(xx.to(ad), base.to(ad), aa, bs, scal, index, masks, ps).to(xx.dtype)
-
-    leaves = [x, *([bvec] if bias else []), *a, *b]
-    nb_ = 1 if bias else 0
-    plain = loop(x, bvec, a, b, q_dense(p, dtype))
-    d = [t.detach().double().requires_grad_() for t in leaves]
-    ref = loop(d[0], d[1] if bias else None, d[1 + nb_:1 + nb_ + n], d[1 + nb_ + n:], w64)
-    assert_matches_float64("y", y, plain, ref, k=8)
-    gy = torch.randn(y.shape, generator=g).to(dtype)
-    got = torch.autograd.grad(y, leaves, gy)
-    pl = torch.autograd.grad(plain, leaves, gy)
-    rf = torch.autograd.grad(ref, d, gy.double())
-    names = ["x", *(["bias"] if bias else []), *(f"A{i}" for i in range(n)), *(f"B{i}" for i in range(n))]
-    for name, g1, g2, g3 in zip(names, got, pl, rf):
-        assert_matches_float64(f"grad {name}", g1, g2, g3, k=8)
     return y
 
 
@@ -176,22 +136,7 @@ def test_quant_fused_bad_input():
 def test_quant_fused_torch_compile_fullgraph(torch_backend, kind):
     """Under torch.compile(fullgraph=True, backend="aot_eager"), with dropout (a fixed seed) and a trainable bias:
     eager's output and gradients (the custom op, its fake and its backward op)."""
-    p, _ = quant_weight(kind, 5, 64, 0)
-    a, b, scal, index, x, _ = op_case(3, 13, 64, 5, [1, 8, 4], torch.float32)
-    st_a, st_b, _ = stacked_store(a, b, scal)
-    scale, thresholds = dropout_tables(scal, [0.2, 0.0, 0.5], x.device)
-    bias = torch.randn(5, requires_grad=True)
-
-    def f(x, index):
-        return lora_grouped_qlinear(x, p, bias, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=1234)
-
-    leaves = [x, bias, *a, *b]
-    want = f(x, index)
-    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, index)
-    torch.testing.assert_close(got, want)
-    gy = torch.randn_like(want)
-    for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
-        torch.testing.assert_close(g1, g2)
+    check_linear_op_compiles(lora_grouped_qlinear, quant_weight(kind, 5, 64, 0)[0], 64, 5)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -256,13 +201,7 @@ def test_prefill_over_quantised_bases_runs_the_fused_kernel(interpreted, monkeyp
             want = torch.where(mask[..., None], layer(x), want)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
-    pm.train()
-    pm.base_model.train_mixed_batches = True
-    for name in names:
-        pm.base_model.set_adapter(name)
-    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
-    for p in params.values():
-        p.requires_grad_(True)
+    params = train_mixed(pm, names)
     weight = torch.randn(batch, seq, 23, generator=g)
     seen.clear()
     check_mixed_grads_equal_alone(pm, names, per_sample, x, weight, params, tol=lambda r: dict(rtol=1e-4, atol=1e-4),
@@ -285,10 +224,7 @@ def test_prefill_over_4bit_base_with_dropout_and_lora_bias(interpreted, monkeypa
         for k, p in pm.named_parameters():
             if "lora_" in k:
                 p.copy_(torch.randn_like(p) * 0.3)
-    pm.train()
-    pm.base_model.train_mixed_batches = True
-    for name in ["a0", "a1", "a2"]:
-        pm.base_model.set_adapter(name)
+    train_mixed(pm, ["a0", "a1", "a2"])
     seen = _recording(monkeypatch)
     x = torch.randn(8, 130, 64, generator=torch.Generator().manual_seed(3))
     per_sample = ["a1", "__base__", "a1", "a0", "a1", "a0", "__base__", "a1"]  # a2 unused
