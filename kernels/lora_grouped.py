@@ -61,7 +61,8 @@ adapter loads, masked). Bytes: x, W and every used adapter's A and B read once, 
 plan. Padding costs GEMM rows, not bytes: at most N + 1 blocks are partly filled, so the layer fuses only
 when the rows fill 4x that (``fused_worthwhile``; decode keeps the base GEMM + the two grouped kernels).
 Backward: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into
-that dX.
+that dX. The same kernel reads a bitsandbytes 4-bit (aligned layout) or int8 base, dequantising each W^T tile in
+registers (WEIGHT "4bit" / "int8", ``_base_wt_tile``; the op: ``kernels/lora_grouped_q.py``).
 """
 from __future__ import annotations
 

@@ -263,3 +263,39 @@ def test_quant_prefill_rows():
     rows = quant_prefill_rows()
     assert [r["adapters"] for r in rows] == [1, 4, 16, 64]
     assert all(r["fused"] and r["launches_ours"] == 1 and r["within_budget"] for r in rows), rows
+
+
+def test_every_quantised_launch_has_an_aot_spec(monkeypatch):
+    """The compile report builds what the launcher picks: every launch of the fused kernel over a 4-bit (plain or
+    nested absmax) or int8 base (meta tensors, nothing runs), per dtype pair, store rank, bias and dropout, matches a
+    spec of ``lora_grouped_q.aot_specs`` in warps, stages, fp contraction and every fixed meta-parameter."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import lora_grouped_q as GQ
+    from peftfast.kernels.quant import Packed4bit
+
+    seen = []
+    monkeypatch.setattr(G, "launch", lambda kernel, grid, *args, **meta: seen.append(meta))
+    m, k, o, n, meta = 300, 128, 80, 5, dict(device="meta")
+    u8, f32 = dict(dtype=torch.uint8, **meta), dict(dtype=torch.float32, **meta)
+    weights = [Int8Weight(torch.empty(o, k, dtype=torch.int8, **meta), torch.empty(o, **f32))]
+    for nested in (False, True):
+        extra = (torch.empty(1, **f32), torch.empty(256, **f32), 256, 0.5) if nested else ()
+        weights.append(Packed4bit(torch.empty(o * k // 2, **u8), torch.empty(o * k // 64, **(u8 if nested else f32)),
+                                  torch.empty(16, **f32), 64, (o, k), torch.float32, *extra))
+    for act, ad in G.DTYPE_PAIRS:
+        for rank in (1, 8, 16, 32, 64):
+            x = torch.empty(m, k, dtype=act, **meta)
+            a, b = torch.empty(n, rank, k, dtype=ad, **meta), torch.empty(n, rank, o, dtype=ad, **meta).transpose(1, 2)
+            table = torch.empty(n + 1 + m // 64, 64, dtype=torch.int64, **meta)
+            for p in weights:
+                for bias in (None, torch.empty(o, dtype=act, **meta)):
+                    for th in (None, torch.empty(n, dtype=torch.int64, **meta)):
+                        G.launch_grouped_linear(x, GQ.quantised_base(p, act), bias, a, b, torch.empty(n, **f32), table,
+                                                table[:, 0], th, 1)
+    specs = GQ.aot_specs()
+    assert len(seen) == len(G.DTYPE_PAIRS) * 5 * 3 * 4
+    for launch in seen:
+        assert any((spec.num_warps, spec.num_stages) == (launch["num_warps"], launch["num_stages"])
+                   and spec.options == {"enable_fp_fusion": launch["enable_fp_fusion"]}
+                   and all(launch[key] == v for key, v in spec.constexprs.items() if key in launch) for spec in specs), (
+            {key: v for key, v in launch.items() if not isinstance(v, torch.Tensor)})

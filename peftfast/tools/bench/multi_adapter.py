@@ -23,7 +23,9 @@ Two tables:
   fused launch reads x and writes y once (within budget). The backward is over it either way (dY, x and dX
   are each read again by the adapter kernels). ``calibrate`` checks the formulas against the bytes and
   launches counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal,
-  forward and backward, with and without dropout, grouped and fused).
+  forward and backward, with and without dropout, grouped and fused). Over a bitsandbytes base the fused launch
+  reads the stored weight instead (``qfused_launches``, checked the same way by ``calibrate_quant``;
+  ``quant_prefill_rows``: the NF4 prefill forward, one launch against bitsandbytes' dequantise + GEMM + PEFT's loop).
 
     python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]    # the CPU table: cpu_rows(repeats=30)
 """
