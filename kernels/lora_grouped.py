@@ -714,11 +714,13 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
 
 
 @triton.jit
-def _base_wt_tile(w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs, log2_nbs, w_round,
-                  k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, like,
+def _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs, log2_nbs,
+                  w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, like,
                   WEIGHT: tl.constexpr, NESTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
     """The base weight's tile W^T[k0 : k0 + BLOCK_K, o0 : o0 + BLOCK_O] as the base dot's operand (``like``'s
-    dtype): read as it is (WEIGHT "dense"), or dequantised in registers as qmatmul.py's kernels do it, "4bit":
+    dtype): read as it is at ``w_ptrs`` (WEIGHT "dense": the kernel's pointer tile, advanced each K step; computing
+    the addresses per step instead spilled 8 bytes on sm_86/89 for fp32 at rank tile 64), or dequantised in
+    registers as qmatmul.py's kernels do it, "4bit":
     the ALIGNED layout only (K % blocksize == 0, BLOCK_K <= blocksize: one scale per column of the tile; each
     packed byte loaded once and split into its two indices, looked up in the code table, times the block scale,
     nested scales decoded per column), "int8": CB * SCB / 127 (``quant.dequant_int8``). 64-bit scalar bases
@@ -733,14 +735,12 @@ def _base_wt_tile(w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_pt
         scale = block_scale(o0 * k_blocks + (k0 >> log2_bs), offs_o * k_blocks, o_ok, wscale_ptr, nested_absmax_ptr,
                             nested_code_ptr, offset, log2_nbs, NESTED)
         return as_operand(lookup16(q, code_ptr) * scale[None, :], like, w_round)
-    else:
+    elif WEIGHT == "int8":
         base = w_ptr + o0 * stride_wo + tl.cast(k0, tl.int64) * stride_wk
-        mask = k_ok[:, None] & o_ok[None, :]
-        if WEIGHT == "int8":
-            return dequant_int8(offs_o[None, :], offs_k[:, None], mask, base, stride_wo, stride_wk, wscale_ptr + o0,
-                                O - o0).to(like.dtype)
-        else:
-            return tl.load(base + offs_o[None, :] * stride_wo + offs_k[:, None] * stride_wk, mask=mask, other=0.0)
+        return dequant_int8(offs_o[None, :], offs_k[:, None], k_ok[:, None] & o_ok[None, :], base, stride_wo,
+                            stride_wk, wscale_ptr + o0, O - o0).to(like.dtype)
+    else:
+        return tl.load(w_ptrs, mask=k_ok[:, None] & o_ok[None, :], other=0.0)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -796,6 +796,7 @@ def _grouped_linear_kernel(
     r_ok = offs_r < r_lim
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
     o0 = pid_o * BLOCK_O
+    w_ptrs = w_ptr + o0 * stride_wo + offs_o[None, :] * stride_wo + offs_k[:, None] * stride_wk  # dense W^T tile
     a_ptrs = a_ptr + adapter * stride_an + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
     if HAS_DROPOUT:
         key = stream_key(seed, adapter)
@@ -805,9 +806,9 @@ def _grouped_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = _base_wt_tile(w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs, log2_nbs,
-                           w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, xt, WEIGHT, NESTED,
-                           BLOCK_K, BLOCK_O)  # W^T tile [BK, BO]
+        wt = _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs,
+                           log2_nbs, w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, xt, WEIGHT,
+                           NESTED, BLOCK_K, BLOCK_O)  # W^T tile [BK, BO]
         acc = tl.dot(xt, wt, acc, input_precision=BASE_PRECISION)
         at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # A_a^T tile [BK, BR]
         xa = xt.to(at.dtype)
@@ -816,6 +817,8 @@ def _grouped_linear_kernel(
         h = tl.dot(xa, at, h, input_precision=LORA_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
+        if WEIGHT == "dense":
+            w_ptrs += BLOCK_K * stride_wk
     h = h * tl.load(scale_ptr + adapter)
     hc = h.to(h_ptr.dtype.element_ty)
     if pid_o == 0:
