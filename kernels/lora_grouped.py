@@ -860,7 +860,9 @@ def fused_config(act: torch.dtype, ad: torch.dtype, rank_tile: int, kind: str = 
     sm_80..sm_90 even without 16-byte alignment (the compile report checks each; 64 x 128 tiles spilled
     0.3-10 KB): 64 x 64 output tiles, K steps of 16 where the rank tile is 64 or the adapters are fp32 (3xTF32
     operands), and 32 output columns for fp32 adapters at rank tile 64 (also at 32 with fp32 activations, on 4
-    warps: 8-28 B spilled on sm_80-89 at 64 columns, 8 B at 32 columns on 8 warps)."""
+    warps: 8-28 B spilled on sm_80-89 at 64 columns, 8 B at 32 columns on 8 warps). The same tiles for every base
+    ``kind`` ("dense", "4bit", "int8"): the quantised ones compile without spills with them too (the 4-bit K tile,
+    16 or 32, lies inside one quantisation block of 32 or more)."""
     if ad == torch.float32:
         wide = rank_tile <= (32 if act != torch.float32 else 16)
         warps = 4 if act == torch.float32 and rank_tile == 32 else 8
