@@ -60,9 +60,14 @@ for the backward. Its plan (``fused_plan``) puts the base model's rows in blocks
 adapter loads, masked). Bytes: x, W and every used adapter's A and B read once, y written once, h and the
 plan. Padding costs GEMM rows, not bytes: at most N + 1 blocks are partly filled, so the layer fuses only
 when the rows fill 4x that (``fused_worthwhile``; decode keeps the base GEMM + the two grouped kernels).
-Backward: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into
-that dX. The same kernel reads a bitsandbytes 4-bit (aligned layout) or int8 base, dequantising each W^T tile in
-registers (WEIGHT "4bit" / "int8", ``_base_wt_tile``; the op: ``kernels/lora_grouped_q.py``).
+Backward (x needs a gradient): one kernel (``_grouped_linear_dx_kernel``, grid: blocks x K tiles) runs dX = dY @ W
+over each block's gathered rows and, in the same O loop on the same dY tile, the block's dH = s_a * dY @ B_a; the
+epilogue adds m_a(dH @ A_a) and stores dX once; the K-tile-0 program stores dH (rounded to the adapter dtype, as
+the dH shrink stores it) for dA. Then dA on (dH, x) and dB on (dY, h) with the weight-gradient kernel. Bytes: dY,
+W and the used adapters' A and B read once, dX written once, dH and the plan. Without an x gradient, or on other
+plans: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into it.
+The forward kernel also reads a bitsandbytes 4-bit (aligned layout) or int8 base, dequantising each W^T tile in
+registers (WEIGHT "4bit" / "int8", ``_base_wt_tile``; the op and its backward: ``kernels/lora_grouped_q.py``).
 """
 from __future__ import annotations
 
@@ -461,8 +466,8 @@ _LAST_SLOTS: dict = {}
 def _slots(table: torch.Tensor, badapter: torch.Tensor, m: int, n: int) -> tuple:
     """(row of each slot [nb * block_rows] int64 with empty slots (M) sent to row M - 1, bool [nb, block_rows, 1]:
     the empty slots, dense: block i is adapter i (``dense_plan``), identity: slot j of block b is row
-    b * block_rows + j, every row once (``run_plan``)) for the plan (``table``, ``badapter``) over M rows and N
-    adapters. The last two read on the host, once per plan."""
+    b * block_rows + j, every row once (``run_plan``), full: no slot is empty) for the plan (``table``,
+    ``badapter``) over M rows and N adapters. The last three read on the host, once per plan."""
     hit = _LAST_SLOTS.get("entry")
     check = (table._version, badapter._version, table.device, m, n)
     if hit is not None and hit[0] is table and hit[1] is badapter and hit[2] == check:
@@ -470,7 +475,8 @@ def _slots(table: torch.Tensor, badapter: torch.Tensor, m: int, n: int) -> tuple
     nb, rows = table.shape
     dense = nb == n and bool((badapter == torch.arange(n, device=badapter.device)).all())
     identity = nb * rows == m and m > 0 and bool((table.reshape(-1) == torch.arange(m, device=table.device)).all())
-    value = (table.reshape(-1).clamp(max=max(m - 1, 0)), (table == m).unsqueeze(-1), dense, identity)
+    empty = (table == m).unsqueeze(-1)
+    value = (table.reshape(-1).clamp(max=max(m - 1, 0)), empty, dense, identity, m > 0 and not bool(empty.any()))
     _LAST_SLOTS["entry"] = (table, badapter, check, value)
     return value
 
@@ -518,30 +524,39 @@ def block_keep(table, badapter, n, k, thresholds, seed):
     return keep.view(*table.shape, k)
 
 
-def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0):
-    """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype)."""
+def forward_reference(x2, base2, a, b, scale, table, badapter, thresholds=None, seed=0, inplace=False):
+    """(y [M, O] in base2's dtype, h [nb, block_rows, R] fp32-or-adapter dtype). ``inplace``: y is base2 itself,
+    updated (where base2 has the adapter dtype and the plan is a run plan or has no empty slot; else a new y)."""
     m, k = x2.shape
     n = a.shape[0]
-    empty, dense, identity = _slots(table, badapter, m, n)[1:]
+    empty, dense, identity, full = _slots(table, badapter, m, n)[1:]
     ab, bb, s = _block_factors(a, b, scale, badapter, dense)
     keep = block_keep(table, badapter, n, k, thresholds, seed)
+    inplace = inplace and base2.dtype == a.dtype and base2.is_contiguous()
     if identity:  # a run plan: the blocks are x's and base_out's rows in order, used as they are (no empty slot)
         xb = x2.reshape(*table.shape, k).to(a.dtype)
         xb = xb if keep is None else xb * keep
         h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
+        if inplace:
+            base2.view(*table.shape, -1).baddbmm_(h, bb.transpose(1, 2))
+            return base2, h
         y = torch.baddbmm(base2.reshape(*table.shape, -1).to(a.dtype), h, bb.transpose(1, 2))
         return y.view(m, -1).to(base2.dtype), h
     xb = _slot_rows(x2, table, badapter, n, a.dtype)[0]  # [nb, rows, K]
     if keep is not None:
         xb.mul_(keep)
     h = torch.bmm(xb, ab.transpose(1, 2)).mul_(s.to(a.dtype)[:, None, None])
-    h.masked_fill_(empty, 0)  # what a zero row of x would give: empty slots add nothing
+    if not full:
+        h.masked_fill_(empty, 0)  # what a zero row of x would give: empty slots add nothing
     nb, rows, k = xb.shape
     o = bb.shape[1]
     # the gathered x is dead once h is made: the expand writes into it when it is large enough (one allocation
     # fewer, and one buffer fewer passing through the caches)
     out = xb.view(-1)[:nb * rows * o].view(nb, rows, o) if k >= o and not xb.requires_grad else None
     yb = torch.bmm(h, bb.transpose(1, 2), out=out)  # [nb, rows, O]
+    if full:  # every slot holds a row, each row at most once: added straight into base2 (or a copy of it)
+        acc = base2 if inplace else base2.to(a.dtype, copy=True)
+        return acc.index_add_(0, table.reshape(-1), yb.view(-1, o)).to(base2.dtype), h
     return _scatter_add(base2, table, yb, a.dtype).to(base2.dtype), h
 
 
@@ -594,9 +609,11 @@ def _op_forward(x: torch.Tensor, base_out: torch.Tensor, weights_a: list[torch.T
         y, h = forward_triton(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
                                inplace)
     else:
-        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed))
+        y, h = forward_reference(x2, base2, a_store, b_store, scale, table, block_adapter, thresholds, int(seed),
+                                 inplace)
+        inplace = inplace and y is base2  # the reference may decline (a dtype cast, empty slots)
     # updated in place: base_out itself is the output (autograd requires the dirty input to be returned)
-    return (base_out if on_triton and inplace else y.view(base_out.shape)), h
+    return (base_out if inplace else y.view(base_out.shape)), h
 
 
 def _op_save(args, outputs) -> list:
@@ -680,14 +697,18 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
                  weights_b: Sequence[torch.Tensor], a_store: torch.Tensor, b_store: torch.Tensor,
                  scale: torch.Tensor, index: torch.Tensor,
                  plan: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 thresholds: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+                 thresholds: torch.Tensor | None = None, seed: int | None = None,
+                 update_base_out: bool = False) -> torch.Tensor:
     """``base_out`` plus, for each row m of x ([..., K] as [M, K]), adapter ``index[m]``'s ``s * x A^T B^T``
     (index [M] int64, -1: none). The stores ([N, R, K], [N, O, R], scale [N] fp32) hold ``weights_a`` /
     ``weights_b`` ([r_i, K] / [O, r_i], zero-padded to R); gradients go to x, base_out and the weights.
     ``plan``: ``make_plan(index, N, use_triton(...))`` made once for every layer of a call with the same rows.
     Dropout: ``thresholds`` [N] int64 (``dropout_tables``; the scale then includes 1 / (1 - p)): row m sees
     adapter a's mask, regenerated from (seed, a, m, column) in forward and backward, never stored; ``seed``
-    (drawn from torch's generator when None) makes it reproducible."""
+    (drawn from torch's generator when None) makes it reproducible. ``update_base_out``: the caller hands a fresh
+    ``base_out`` that no one else reads (e.g. its own base layer's output), so while no gradient is recorded the
+    op may add into it and return it (no copy of y; a fresh tensor that is not a view is updated on the Triton
+    path anyway)."""
     n, r, k = check_stores(x, weights_a, weights_b, a_store, b_store, index, thresholds)
     if base_out.numel() != index.shape[0] * b_store.shape[1]:
         raise ValueError(f"lora_grouped: base_out {tuple(base_out.shape)} does not match {index.shape[0]} rows of "
@@ -702,7 +723,12 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
     if thresholds is not None and seed is None:
         seed = int(draw_seed())
     seed = 0 if seed is None else int(seed)
-    inplace = on_triton and updatable_in_place(base_out) and base_out.is_contiguous()
+    if on_triton:
+        inplace = updatable_in_place(base_out) and base_out.is_contiguous()
+    else:
+        inplace = False
+    if update_base_out and not inplace and not torch.is_grad_enabled():  # no autograd: nothing sees the write
+        inplace = base_out.is_contiguous() and (not base_out.is_inference() or torch.is_inference_mode_enabled())
     return LORA_GROUPED(x, base_out, list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter,
                         thresholds, seed, hint=(on_triton, inplace))[0]
 
@@ -923,6 +949,124 @@ def launch_grouped_linear(x2, weight, bias, a, b, scale, table, badapter, thresh
     return y, h
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _grouped_linear_dx_kernel(
+    dy_ptr,  # [M, O] output gradient, activation dtype, any strides
+    w_ptr,  # [O, K] frozen base weight, activation dtype
+    a_ptr,  # [N, R, K] stacked A, adapter dtype
+    b_ptr,  # [N, O, R] stacked B, adapter dtype
+    scale_ptr,  # [N] fp32 per-adapter scale (s / (1 - p) with dropout)
+    table_ptr,  # [nb, BLOCK_ROWS] int64 row of each block slot (M: empty)
+    badapter_ptr,  # [nb] int64 slot of each block: < N an adapter, N the base model, > N unused
+    g_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] output dH = s_a * dY[rows] @ B_a, adapter dtype (for dA)
+    dx_ptr,  # [M, K] output dX, activation dtype
+    thresh_ptr,  # [N] int64 keep threshold per adapter (HAS_DROPOUT)
+    seed,  # 64-bit dropout seed (HAS_DROPOUT)
+    M, O, K, R, N_ADAPTERS, NB,
+    stride_dm, stride_do, stride_wo, stride_wk, stride_an, stride_ar, stride_ak, stride_bn, stride_bo, stride_br,
+    stride_xm, stride_xk,
+    HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dX[table[b], k-block] = dY[rows] @ W (+ mask_a((s_a * dY[rows] @ B_a) @ A_a)) for block b of slot a: the
+    base GEMM and the adapter's dH shrink share the O loop (dY read once), the dX expand is the epilogue, dX stored
+    once. Base-model blocks (a = N) load no adapter tile (masked); the K-block-0 program of each block stores dH
+    for dA."""
+    pid_b, pid_k = grouped_tile(tl.program_id(0), NB * BLOCK_ROWS, K, BLOCK_ROWS, BLOCK_K, GROUP_M)
+    slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
+    if slot > N_ADAPTERS:  # an unused block
+        return
+    adapter = tl.minimum(slot, N_ADAPTERS - 1)
+    r_lim = tl.where(slot < N_ADAPTERS, R, 0)  # base-model blocks: every adapter load masked off
+    offs_m = tl.arange(0, BLOCK_ROWS)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.load(table_ptr + pid_b * BLOCK_ROWS + offs_m)
+    row_ok = rows < M
+    k0 = pid_k * BLOCK_K
+    k_ok = offs_k < K - k0
+    r_ok = offs_r < r_lim
+    dy_ptrs = dy_ptr + rows[:, None] * stride_dm + offs_o[None, :] * stride_do
+    w_ptrs = w_ptr + k0 * stride_wk + offs_o[:, None] * stride_wo + offs_k[None, :] * stride_wk
+    b_ptrs = b_ptr + adapter * stride_bn + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
+    acc = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float32)
+    g = tl.zeros((BLOCK_ROWS, BLOCK_R), dtype=tl.float32)
+    for o0 in range(0, O, BLOCK_O):
+        o_ok = offs_o < O - o0
+        dyt = tl.load(dy_ptrs, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0)  # W tile [BO, BK]
+        acc = tl.dot(dyt, wt, acc, input_precision=BASE_PRECISION)
+        bt = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # B_a tile [BO, BR]
+        g = tl.dot(dyt.to(bt.dtype), bt, g, input_precision=LORA_PRECISION)
+        dy_ptrs += BLOCK_O * stride_do
+        w_ptrs += BLOCK_O * stride_wo
+        b_ptrs += BLOCK_O * stride_bo
+    gc = (g * tl.load(scale_ptr + adapter)).to(g_ptr.dtype.element_ty)  # dH, rounded as the dH shrink stores it
+    if pid_k == 0:
+        tl.store(g_ptr + pid_b * BLOCK_ROWS * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :], gc)
+    at = tl.load(a_ptr + adapter * stride_an + k0 * stride_ak + offs_r[:, None] * stride_ar
+                 + offs_k[None, :] * stride_ak, mask=r_ok[:, None] & k_ok[None, :], other=0.0)  # A_a tile [BR, BK]
+    lora = tl.dot(gc.to(at.dtype), at, input_precision=LORA_PRECISION)
+    if HAS_DROPOUT:
+        keep = keep_mask(stream_key(seed, adapter), rows, k0 + offs_k, tl.load(thresh_ptr + adapter).to(tl.uint32))
+        lora = tl.where(keep, lora, 0.0)
+    acc += lora
+    tl.store(dx_ptr + k0 * stride_xk + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+def fused_dx_config(act: torch.dtype, ad: torch.dtype, rank_tile: int) -> dict:
+    """Tiles of ``_grouped_linear_dx_kernel``: the forward's (``fused_config``) with the roles of O and K swapped
+    (dX tiles of BLOCK_K columns, O steps of BLOCK_O): the same register footprint (a [64, BLOCK_K] accumulator,
+    a [64, BLOCK_R] dH, the same operand tiles)."""
+    cfg = dict(fused_config(act, ad, rank_tile))
+    cfg["BLOCK_K"], cfg["BLOCK_O"] = cfg["BLOCK_O"], cfg["BLOCK_K"]
+    return cfg
+
+
+def fused_dx_supported(table: torch.Tensor, rank: int) -> bool:
+    """Whether ``launch_grouped_linear_dx`` takes this plan and store: ``fused_plan``'s 64-row blocks and a rank
+    tile the kernels compile for (``MAX_KERNEL_RANK``)."""
+    return table.dim() == 2 and table.shape[1] == FUSED_BLOCK_ROWS and rank <= MAX_KERNEL_RANK
+
+
+def launch_grouped_linear_dx(dy2, weight, a, b, scale, table, badapter, thresholds, seed):
+    """(dX [M, K] in dY's dtype, dH [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch; dH is
+    left unwritten for unused blocks (the weight-gradient kernel reads only adapters' blocks)."""
+    m, o = dy2.shape
+    k = weight.shape[1]
+    n, rank = a.shape[0], a.shape[1]
+    nb, block_rows = table.shape
+    br = kernel_rank(rank)
+    dx = torch.empty(m, k, dtype=dy2.dtype, device=dy2.device)
+    dh = torch.empty(nb, block_rows, br, dtype=a.dtype, device=dy2.device)
+    cfg = fused_dx_config(dy2.dtype, a.dtype, br)
+    drop = thresholds is not None
+    launch(_grouped_linear_dx_kernel, (nb * triton.cdiv(k, cfg["BLOCK_K"]),), dy2, weight, a, b, scale, table,
+           badapter, dh, dx, thresholds if drop else badapter, seed, m, o, k, rank, n, nb,
+           dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), a.stride(2),
+           b.stride(0), b.stride(1), b.stride(2), dx.stride(0), dx.stride(1),
+           HAS_DROPOUT=drop, BASE_PRECISION=dot_precision(dy2.dtype),
+           LORA_PRECISION=dot_precision(dy2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, **cfg)
+    return dx, dh
+
+
+def backward_fused_triton(dy2, x2, h, weight, a, b, scale, table, badapter, need_w, thresholds, seed):
+    """(dX [M, K], dA [N, R, K] fp32 | None, dB [N, O, R] fp32 | None) of ``lora_grouped_linear`` on its plan:
+    dX (base and adapter terms) and dH in one launch (``launch_grouped_linear_dx``), then dA on (dH, x) and dB on
+    (dY, h) with the weight-gradient kernel, as ``backward_triton``."""
+    n, rank = a.shape[0], a.shape[1]
+    dx, dh = launch_grouped_linear_dx(dy2, weight, a, b, scale, table, badapter, thresholds, seed)
+    da = db = None
+    if need_w:
+        bounds = adapter_bounds(badapter, n)
+        da = launch_grad_w(dh, x2, table, bounds, n, rank, thresholds, seed)
+        db = launch_grad_w(h, dy2, table, bounds, n, rank, None, 0, transpose_out=True)
+    return dx, da, db
+
+
 def _linear_op_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], a_store: torch.Tensor,
                        b_store: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, block_adapter: torch.Tensor,
@@ -948,23 +1092,29 @@ def _linear_op_save(args, outputs) -> list:
 
 
 def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
-    """Gradients of (x, weight (frozen: None), bias, A_1..A_n, B_1..B_n, stores, scale, plan, thresholds, seed):
-    dX = dY @ W plus the grouped backward's dX (added into it by the dX expand on Triton)."""
+    """Gradients of (x, weight (frozen: None), bias, A_1..A_n, B_1..B_n, stores, scale, plan, thresholds, seed).
+    Triton, dX needed, ``fused_plan``'s plan: dX (dY @ W and the adapters' terms) in one launch, then dA and dB
+    (``backward_fused_triton``); else dX = dY @ W plus the grouped backward's dX (added into it by the dX expand on
+    Triton)."""
     x, h, weight, a, b, scale, table, badapter, thresholds, seed, *weights = saved
     n = len(weights) // 2
     dy2 = grads[0].reshape(-1, grads[0].shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     need_a, need_b = needs[3:3 + n], needs[3 + n:3 + 2 * n]
+    need_w = any(need_a) or any(need_b)
     on_triton = hint if hint is not None else use_triton(dy2, x, a, b) and a.shape[1] <= MAX_KERNEL_RANK
-    base_dx = dy2 @ weight if needs[0] else None
-    if on_triton and table.shape[1] in (16, 32, 64):
-        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, needs[0], any(need_a) or any(need_b),
-                                     thresholds, int(seed), dx_init=base_dx)
+    if on_triton and needs[0] and fused_dx_supported(table, a.shape[1]):
+        dx, da, db = backward_fused_triton(dy2, x2, h, weight, a, b, scale, table, badapter, need_w, thresholds,
+                                           int(seed))
+    elif on_triton and table.shape[1] in (16, 32, 64):
+        base_dx = dy2 @ weight if needs[0] else None
+        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, needs[0], need_w, thresholds,
+                                     int(seed), dx_init=base_dx)
     else:
-        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, needs[0],
-                                        any(need_a) or any(need_b), thresholds, int(seed))
+        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, needs[0], need_w, thresholds,
+                                        int(seed))
         if dx is not None:
-            dx = dx + base_dx
+            dx = dx + dy2 @ weight
     dbias = dy2.sum(0).to(weight.dtype) if needs[2] else None
     return [None if dx is None else dx.view(x.shape), None, dbias, *_split_grads(da, weights[:n], need_a, 0),
             *_split_grads(db, weights[n:], need_b, 1), None, None, None, None, None, None, None]
@@ -1052,8 +1202,8 @@ SPEC_RANKS = (16, 32, 64)
 def aot_specs() -> list[AotSpec]:
     """Every launch of the forward (shrink with or without dropout, expand adding into y) and the backward (the
     shrink as dH, the expand writing dX with or without the mask, the weight gradients dA (masked or not) and
-    dB), per dtype pair, block rows and rank tile; the stores' innermost strides are 1 (A [N, R, K], B kept as
-    [N, R, O]: ``peftfast.tuners.lora.grouped.AdapterStore``)."""
+    dB), per dtype pair, block rows and rank tile, and of ``lora_grouped_linear`` (forward and fused dX); the
+    stores' innermost strides are 1 (A [N, R, K], B kept as [N, R, O]: ``peftfast.tuners.lora.grouped.AdapterStore``)."""
     specs = []
     for act, ad in DTYPE_PAIRS:
         xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
@@ -1094,6 +1244,7 @@ def aot_specs() -> list[AotSpec]:
                                          f"{',dropout' if drop else ''}]", _grouped_grad_w_kernel,
                                          aot_signature(_grouped_grad_w_kernel, types, c), c, warps, _STAGES, True))
         specs += fused_specs(act, ad)
+        specs += fused_dx_specs(act, ad)
     return specs
 
 
@@ -1131,4 +1282,26 @@ def fused_specs(act: torch.dtype, ad: torch.dtype, kind: str = "dense", nested: 
                                  f"{',dropout' if drop else ''}]",
                                  _grouped_linear_kernel, aot_signature(_grouped_linear_kernel, types, c), c,
                                  cfg["num_warps"], cfg["num_stages"], True, options=options))
+    return specs
+
+
+def fused_dx_specs(act: torch.dtype, ad: torch.dtype) -> list[AotSpec]:
+    """The fused backward's dX launch (``_grouped_linear_dx_kernel``) for one dtype pair: every rank tile, with
+    dropout or not."""
+    xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+    specs = []
+    for br in SPEC_RANKS:
+        cfg = fused_dx_config(act, ad, br)
+        for drop in (False, True):
+            c = dict(BLOCK_ROWS=FUSED_BLOCK_ROWS, BLOCK_R=br, BLOCK_K=cfg["BLOCK_K"], BLOCK_O=cfg["BLOCK_O"],
+                     GROUP_M=cfg["GROUP_M"], BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
+                     HAS_DROPOUT=drop, stride_do=1, stride_wk=1, stride_ak=1, stride_bo=1, stride_xk=1)
+            types = {"dy_ptr": "*" + xa, "w_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
+                     "scale_ptr": "*fp32", "table_ptr": "*i64", "badapter_ptr": "*i64", "g_ptr": "*" + wa,
+                     "dx_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_dm": "i64", "stride_wo": "i64",
+                     "stride_an": "i64", "stride_bn": "i64", "stride_xm": "i64"}
+            specs.append(AotSpec(f"lora_grouped_linear_dx[x={xa},w={wa},BR={br},BK={cfg['BLOCK_K']},"
+                                 f"BO={cfg['BLOCK_O']},warps={cfg['num_warps']}{',dropout' if drop else ''}]",
+                                 _grouped_linear_dx_kernel, aot_signature(_grouped_linear_dx_kernel, types, c), c,
+                                 cfg["num_warps"], cfg["num_stages"], True))
     return specs

@@ -150,6 +150,75 @@ def test_store_follows_adapter_changes():
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
 
 
+
+def test_store_reuses_its_bundle_until_a_weight_changes():
+    """A layer's mixed calls reuse the adapters' bundle while nothing it reads changes (``_plain_adapters_key``);
+    each change between calls is seen: a factor written in place (an optimizer step), a factor's ``.data``
+    replaced by new values of the same shape, a factor replaced by a new Parameter, a scaling changed. Outputs
+    equal each sample alone after each change."""
+    pm, names = make_model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 5))
+    per_sample = ["a0", "a2", "__base__", "a1"]
+    layer = pm.base_model.model.lin0
+    with torch.no_grad():
+        first = pm(ids, adapter_names=per_sample)
+        bundle = layer._grouped_store.bundle[1]
+        assert bundle is not None
+        assert torch.equal(pm(ids, adapter_names=per_sample), first)
+        assert layer._grouped_store.bundle[1] is bundle  # reused, not rebuilt
+
+        def new_parameter():
+            layer.lora_B["a1"].weight = nn.Parameter(torch.randn_like(layer.lora_B["a1"].weight))
+
+        changes = {
+            "in place": lambda: layer.lora_A["a2"].weight.add_(0.7),
+            ".data replaced": lambda: setattr(layer.lora_B["a0"].weight, "data",
+                                              torch.randn_like(layer.lora_B["a0"].weight)),
+            "new Parameter": new_parameter,
+            "scaling": lambda: layer.set_scale("a1", 0.25),
+        }
+        before = first
+        for what, change in changes.items():
+            change()
+            mixed = pm(ids, adapter_names=per_sample)
+            assert not torch.allclose(mixed, before), what  # the change shows in the output
+            torch.testing.assert_close(mixed, alone_outputs(pm, ids, per_sample), rtol=1e-5, atol=1e-5, msg=what)
+            before = mixed
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_mixed_batch_adds_into_the_fresh_base_output_only(monkeypatch, hooked):
+    """Without autograd, a plain nn.Linear base's output (fresh, seen by no one else) is updated in place, as PEFT's
+    loop does; a base with a forward hook (which may keep its output) gets a new tensor: what the hook kept is
+    the base output, unchanged. Outputs equal each sample alone either way."""
+    pm, names = make_model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 5))
+    per_sample = ["a0", "a2", "__base__", "a1"]
+    layer = pm.base_model.model.lin1
+    kept = []
+    if hooked:
+        layer.base_layer.register_forward_hook(lambda mod, args, out: kept.append((out, out.clone())))
+    base_outputs = []
+    linear = torch.nn.functional.linear
+
+    def recording_linear(*args, **kwargs):
+        out = linear(*args, **kwargs)
+        base_outputs.append(out)
+        return out
+
+    with torch.no_grad():
+        alone = alone_outputs(pm, ids, per_sample)
+        monkeypatch.setattr(torch.nn.functional, "linear", recording_linear)
+        mixed = pm(ids, adapter_names=per_sample)
+        monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    lin1_out = base_outputs[-1]  # lin1 is the last layer: its output is the model's
+    assert (mixed.data_ptr() == lin1_out.data_ptr()) == (not hooked)
+    for out, copy in kept:
+        assert torch.equal(out, copy)
+
 @pytest.mark.parametrize("n", [3, 17])
 def test_training_gradients_equal_each_adapter_alone(n):
     """Several adapters trained on one mixed batch: each adapter's gradients equal training it alone on its
@@ -362,6 +431,47 @@ def test_op_run_plan_vs_float64(n, m, run, dropout):
     run_op_case(n, m, 23, 19, [RANKS[i % 3] for i in range(n)], [DROPOUT_PS[i % 4] for i in range(n)] if dropout
                 else None, run=run)
 
+
+
+@pytest.mark.parametrize("layout", ["run", "full", "empty"])
+def test_op_update_base_out_without_grad(torch_backend, layout):
+    """``update_base_out`` with no gradient recorded: a run plan, and a dense plan with no empty slot (every adapter
+    the same row count, rows shuffled), add into base_out itself and return it, bit for bit what the op returns
+    without it, and the per-adapter loop (float64); a plan with empty slots returns a new tensor and leaves
+    base_out as it was; with autograd recording base_out is never written."""
+    from peftfast.kernels.lora_grouped import make_plan
+
+    n, m, k, o = 5, 40, 23, 19
+    a, b, scal, _, x, base = op_case(n, m, k, o, [RANKS[i % 3] for i in range(n)], torch.float32)
+    g = torch.Generator().manual_seed(3)
+    if layout == "run":
+        index = torch.randint(0, n, (m // 8,), generator=g).repeat_interleave(8)
+        plan = make_plan(index, n, False, run=8, rank=1)
+        assert torch.equal(plan[0].flatten(), torch.arange(m))
+    elif layout == "full":
+        index = (torch.arange(m) % n)[torch.randperm(m, generator=g)]
+        plan = make_plan(index, n, False)
+        assert plan[0].shape == (n, m // n) and not (plan[0] == m).any()  # one full block per adapter
+    else:
+        index = torch.randint(-1, n, (m,), generator=g)
+        plan = make_plan(index, n, False)
+        assert (plan[0] == m).any()
+    stores = stacked_store(a, b, scal)
+    with torch.no_grad():
+        want = lora_grouped(x, base, a, b, *stores, index, plan=plan)
+        fresh = base.detach().clone()
+        got = lora_grouped(x, fresh, a, b, *stores, index, plan=plan, update_base_out=True)
+    assert torch.equal(got, want)
+    if layout == "empty":
+        assert got is not fresh and torch.equal(fresh, base)
+    else:
+        assert got is fresh
+    d = [t.detach().double() for t in (x, base, *a, *b)]
+    ref = loop_reference(d[0], d[1], d[2:2 + n], d[2 + n:], scal, index)
+    assert_matches_float64("y", got, loop_reference(x, base, a, b, scal, index).detach(), ref, k=8)
+    fresh = base.detach().clone()
+    y = lora_grouped(x, fresh, a, b, *stores, index, plan=plan, update_base_out=True)  # autograd recording
+    assert y is not fresh and y.requires_grad and torch.equal(fresh, base) and torch.equal(y.detach(), want)
 
 def test_run_plan_only_for_runs_of_one_adapter():
     from peftfast.kernels.lora_grouped import make_plan, run_plan

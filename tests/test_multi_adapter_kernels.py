@@ -178,8 +178,10 @@ def test_every_launch_has_an_aot_spec(monkeypatch):
                             G.launch_grouped_linear(x, w, bb, a, b, scale, table, badapter, th, 1)
                         G.backward_triton(dy, x, h, a, b, scale, table, badapter, True, True, th, 1,
                                           dx_init=torch.empty(m, k, dtype=act, **meta))
+                        G.backward_fused_triton(dy, x, h, w, a, b, scale, table, badapter, True, th, 1)
     assert {name for name, _ in seen} == {"_grouped_shrink_kernel", "_grouped_expand_kernel",
-                                          "_grouped_grad_w_kernel", "_grouped_linear_kernel"}
+                                          "_grouped_grad_w_kernel", "_grouped_linear_kernel",
+                                          "_grouped_linear_dx_kernel"}
     specs = G.aot_specs()
     for name, meta in seen:  # a spec of that kernel with the launch's warps, stages and every fixed constexpr
         assert any(spec.fn.__name__ == name and (spec.num_warps, spec.num_stages) == (meta["num_warps"],
@@ -205,14 +207,14 @@ def test_cost_model_matches_counted_traffic(interpreted, dtype, dropout, fused):
 # ------------------------------------------------------------------------------------------------------
 # the base linear fused with the grouped adapters (prefill): lora_grouped_linear
 # ------------------------------------------------------------------------------------------------------
-def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0, base=None,
-                    adapter_dtype=None):
+def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0, grad_x=True, grad_w=True,
+                    base=None, adapter_dtype=None):
     """lora_grouped_linear vs F.linear + each adapter alone on its rows (fp32/16-bit and float64): forward and the
-    gradients of x, the bias and every adapter factor; with dropout probabilities ``ps`` the loop uses the masks
-    regenerated from the op's seed. ``base``: (op, the weight it takes, that weight as a dense [O, K] tensor in
-    ``dtype``, in float64) for another base (tests/test_multi_adapter_quant.py: lora_grouped_qlinear); default
-    lora_grouped_linear over a random dense weight. ``adapter_dtype``: adapters in that dtype (the loop computes
-    their term in it, as PEFT does)."""
+    gradients of x, the bias and every adapter factor (``grad_x`` / ``grad_w`` False: x / the factors frozen);
+    with dropout probabilities ``ps`` the loop uses the masks regenerated from the op's seed. ``base``: (op, the
+    weight it takes, that weight as a dense [O, K] tensor in ``dtype``, in float64) for another base
+    (tests/test_multi_adapter_quant.py: lora_grouped_qlinear); default lora_grouped_linear over a random dense
+    weight. ``adapter_dtype``: adapters in that dtype (the loop computes their term in it, as PEFT does)."""
     from peftfast.kernels import dropout as D
     from peftfast.kernels.lora_grouped import dropout_tables, lora_grouped_linear
     from tests.numerics import assert_matches_float64
@@ -220,8 +222,11 @@ def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, 
 
     a, b, scal, index, x, _ = op_case(n, m, k, o, ranks, dtype, seed=seed)
     if adapter_dtype is not None:
-        a = [t.detach().to(adapter_dtype).requires_grad_() for t in a]
-        b = [t.detach().to(adapter_dtype).requires_grad_() for t in b]
+        a = [t.detach().to(adapter_dtype) for t in a]
+        b = [t.detach().to(adapter_dtype) for t in b]
+    x.requires_grad_(grad_x)
+    for w in (*a, *b):
+        w.requires_grad_(grad_w)
     g = torch.Generator().manual_seed(seed + 1)
     if base is None:
         weight = (torch.randn(o, k, generator=g) / k ** 0.5).to(dtype)
@@ -246,10 +251,12 @@ def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, 
     leaves = [x, *([bvec] if bias else []), *a, *b]
     nb_ = 1 if bias else 0
     plain = loop(x, bvec, a, b, w_plain)
-    d = [t.detach().double().requires_grad_() for t in leaves]
+    d = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
     ref = loop(d[0], d[1] if bias else None, d[1 + nb_:1 + nb_ + n], d[1 + nb_ + n:], w64)
     assert_matches_float64("y", y, plain, ref, k=8)
     gy = torch.randn(y.shape, generator=g).to(dtype)
+    d = [t for t in d if t.requires_grad]
+    leaves = [t for t in leaves if t.requires_grad]
     got = torch.autograd.grad(y, leaves, gy)
     pl = torch.autograd.grad(plain, leaves, gy)
     rf = torch.autograd.grad(ref, d, gy.double())
@@ -273,6 +280,76 @@ def test_triton_grouped_linear_fp16(interpreted):
 
 def test_triton_grouped_linear_dropout_vs_float64(interpreted):
     run_linear_case(3, 150, 23, 19, [8, 64, 1], ps=[0.3, 0.0, 0.6])
+
+
+def _record_launches(monkeypatch) -> list:
+    """The names of the grouped module's kernel launches from now on (the test's monkeypatch undoes it)."""
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.kernels import runtime
+
+    real = G.launch
+    seen = []
+
+    def record(kernel, grid, *args, **meta):
+        seen.append(runtime.kernel_name(kernel))
+        return real(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(G, "launch", record)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n,m,k,o,dropout", [(1, 70, 150, 40, False), (3, 150, 83, 45, True), (17, 200, 70, 37, True),
+                                             (17, 90, 13, 131, False)])
+def test_triton_grouped_linear_fused_backward_vs_float64(interpreted, monkeypatch, dtype, n, m, k, o, dropout):
+    """The backward's dX in one launch (``_grouped_linear_dx_kernel``: dY @ W, the dH shrink and the masked dX
+    expand; several dX column tiles and O steps, base-model and unused blocks), then dA and dB from the dH it
+    stores: dX and every gradient against float64, with and without dropout and bias; no dY @ W matmul, no separate
+    dH shrink or dX expand, and the same four launches for 1, 3 and 17 adapters."""
+    from peftfast.kernels import lora_grouped as G
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the grouped backward ran for lora_grouped_linear's dX")
+
+    seen = _record_launches(monkeypatch)
+    monkeypatch.setattr(G, "backward_triton", refuse)
+    monkeypatch.setattr(G, "backward_reference", refuse)
+    ps = [DROPOUT_PS[i % 4] for i in range(n)] if dropout else None
+    run_linear_case(n, m, k, o, [RANKS[(i + 1) % 3] for i in range(n)], dtype, ps=ps, bias=n != 3, seed=n)
+    assert seen == ["_grouped_linear_kernel", "_grouped_linear_dx_kernel", "_grouped_grad_w_kernel",
+                    "_grouped_grad_w_kernel"]
+
+
+def test_triton_grouped_linear_backward_partial_needs(interpreted, monkeypatch):
+    """dX only (frozen adapters): the one dX launch, no weight-gradient kernel; adapter gradients only (x needs
+    none): the grouped backward without its dX expand. Both against float64."""
+    seen = _record_launches(monkeypatch)
+    run_linear_case(3, 150, 40, 21, [8, 64, 1], ps=[0.3, 0.0, 0.6], grad_w=False)
+    assert seen == ["_grouped_linear_kernel", "_grouped_linear_dx_kernel"]
+    seen.clear()
+    run_linear_case(3, 150, 40, 21, [8, 64, 1], ps=[0.3, 0.0, 0.6], grad_x=False)
+    assert seen == ["_grouped_linear_kernel", "_grouped_shrink_kernel", "_grouped_grad_w_kernel",
+                    "_grouped_grad_w_kernel"]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_triton_grouped_linear_backward_fewer_launches(interpreted, monkeypatch, dropout):
+    """Counted as the cost-model test counts them (kernels and torch ops): the fused dX launch replaces dY @ W, the
+    dH shrink and the dX expand (two launches fewer) and moves fewer bytes than that path (kept for weight-only
+    backward and other plans), whose gradients it equals."""
+    from collections import Counter
+
+    from peftfast.kernels import lora_grouped as G
+    from peftfast.tools.bench.multi_adapter import calibrate
+
+    new = calibrate(m=150, dtype=torch.float16, dropout=dropout, fused=True)[1]
+    monkeypatch.setattr(G, "fused_dx_supported", lambda table, rank: False)
+    old = calibrate(m=150, dtype=torch.float16, dropout=dropout, fused=True)[1]
+    assert new["counted_launches"] == old["counted_launches"] - 2
+    assert Counter(old["counted_names"]) - Counter(new["counted_names"]) == Counter(
+        ["aten.mm.default", "_grouped_shrink_kernel", "_grouped_expand_kernel"])
+    assert Counter(new["counted_names"]) - Counter(old["counted_names"]) == Counter(["_grouped_linear_dx_kernel"])
+    assert new["counted_bytes"] < old["counted_bytes"]
 
 
 def test_grouped_linear_reference_vs_float64(torch_backend):

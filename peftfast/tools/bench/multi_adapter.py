@@ -7,11 +7,19 @@ Two tables:
   and one index-put per distinct adapter); best of repeats (calls back to back, in five rounds), and the
   adapter part (minus the base layer). Measured on a shared 2-core machine, 1 thread, r = 16, fp32,
   runs of ``cpu_rows(repeats=30)`` (see below): adapter_part_ratio (peftfast / PEFT, target <= 0.5)
-  0.33-0.53 at d=1024 64x1, 0.45-0.59 at d=1024 16x32, 0.30-0.36 at d=256 64x8 (seven runs); the reference before
-  (padded copies, x gathered by advanced indexing, a per-call walk of every module): 0.58-0.70, 0.72-0.91,
-  0.49-0.58, measured the same way. The spread is the machine's: the two d=1024 shapes straddle 0.5. Both
-  sides do the same small matmuls (two per adapter for PEFT, two batched ones here), which are most of
-  peftfast's part at 16x32 (there the samples' 32 tokens are used in place: ``run_plan``).
+  0.28-0.40 at d=1024 64x1, 0.23-0.68 at d=1024 16x32, 0.24-0.33 at d=256 64x8 (ten runs, five of them alternated
+  with a run of the code before, which gave 0.40-0.59, 0.52-0.65, 0.34-0.36). Where the time goes (d=1024, measured):
+  at 64x1 the two batched matmuls, ~100 us (reading every adapter's A and B, 2 MB, once), about as much
+  Python per call (routing, the store check, the op's glue), and the gather of x and the add into y; at 16x32 the
+  two batched matmuls (~33 MFLOP, ~0.45 ms at this core's ~75-90 GFLOP/s, the FLOPs of PEFT's own lora_A /
+  lora_B matmuls), the samples' tokens used in place (``run_plan``). The target is met at 64x1 and 256 64x8
+  in all ten runs; at 16x32 the adapter part (~0.55-1.5 ms) is a few percent of the base layer's ~11 ms, and the
+  run-to-run spread of the two subtracted base-layer times on the shared machine moves the ratio by +-0.2: it
+  met 0.5 in five of ten runs. The first reference (padded copies, x gathered by advanced indexing, a
+  per-call walk of every module): 0.58-0.70, 0.72-0.91, 0.49-0.58, measured the same way. Per call the layer
+  reuses its adapters' bundle while no factor, scaling or dropout changed (``Linear._plain_adapters_key``),
+  and without autograd adds into its plain nn.Linear base's fresh output (``update_base_out``: no copy of y),
+  as PEFT's loop does.
 * Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of ours -- the base GEMM then
   the grouped kernels (``grouped_launches``, one entry per launch), or at prefill the one fused launch of
   ``lora_grouped_linear`` (``fused_launch``) -- against the base GEMM + PEFT's loop at decode (64 sequences
@@ -20,8 +28,9 @@ Two tables:
   launches x launch overhead, the same simple roofline for both sides). The bytes budget is the target's:
   base GEMM + every used adapter's A and B once (twice in backward), + 5%. Separate grouped kernels read x
   and read/write y once more than the base GEMM: within budget at decode, about 2x it at prefill, where the
-  fused launch reads x and writes y once (within budget). The backward is over it either way (dY, x and dX
-  are each read again by the adapter kernels). ``calibrate`` checks the formulas against the bytes and
+  fused launch reads x and writes y once (within budget). The backward is over it either way: the grouped
+  kernels read dY, x and dX again; the fused backward (``fused_backward_launches``: dX and dH in one launch)
+  still reads x (dA) and dY (dB) again. ``calibrate`` checks the formulas against the bytes and
   launches counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal,
   forward and backward, with and without dropout, grouped and fused). Over a bitsandbytes base the fused launch
   reads the stored weight instead (``qfused_launches``, checked the same way by ``calibrate_quant``;
@@ -214,6 +223,19 @@ def fused_launch(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt
                 flops=2 * blocks * br * (k * o + rt * (k + o)))
 
 
+def fused_backward_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt: int,
+                            dropout: bool = False) -> list[dict]:
+    """The launches of ``lora_grouped_linear``'s backward on the Triton path when dX is needed: the one dX launch
+    (``_grouped_linear_dx_kernel``: dY, W and the used adapters' B and A read once, dX written once, dH written
+    for every block holding rows, the plan and each touched slot's scale and keep threshold -- the forward's
+    launch with K and O swapped, no bias), then the adapters' block bounds and the dA and dB weight-gradient
+    launches (with their split sums and casts) of ``grouped_launches``."""
+    dx = dict(fused_launch(m, o, k, counts, rank, act_elt, ad_elt, dropout=dropout), name="grouped linear dX")
+    replaced = {"dH shrink", "dX = dY @ W", "dX expand"}
+    rest = grouped_launches(m, k, o, counts, rank, act_elt, ad_elt, True, dropout, fused_plan=True)
+    return [dx, *(x for x in rest if x["name"] not in replaced)]
+
+
 def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, backward: bool = False) -> dict:
     """Launches, bytes and FLOPs of one layer (not the first of its call) for the base GEMM, peftfast's grouped
     kernels (``grouped_launches``) and PEFT's loop, samples spread evenly over ``n_used`` adapters.
@@ -227,7 +249,7 @@ def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, ba
 
     ``ours``: the base GEMM plus the grouped kernels, or, where the layer fuses them (``fused_worthwhile``: a
     plain nn.Linear with rows enough to fill 64-row blocks, i.e. prefill), ``lora_grouped_linear``'s one launch
-    (forward) and its backward (dY @ W, then the grouped backward adding into it)."""
+    (forward) and its backward (``fused_backward_launches``)."""
     from ...kernels.lora_grouped import fused_worthwhile
 
     m = rows
@@ -236,7 +258,7 @@ def traffic(n_used: int, rows: int, d: int = 4096, r: int = 16, elt: int = 2, ba
     base = dict(launches=1, bytes=d * d * elt + 2 * m * d * elt, flops=2 * m * d * d)
     fused = fused_worthwhile(m, n_used)
     if fused:
-        launches = (grouped_launches(m, d, d, counts, r, elt, elt, True, fused_plan=True) if backward
+        launches = (fused_backward_launches(m, d, d, counts, r, elt, elt) if backward
                     else [fused_launch(m, d, d, counts, r, elt, elt)])
         ours = dict(launches=len(launches), bytes=sum(x["bytes"] for x in launches),
                     flops=sum(x["flops"] for x in launches))
@@ -260,8 +282,9 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
               fused: bool = False):
     """Forward and backward of ``lora_grouped`` (``fused``: ``lora_grouped_linear`` with a bias) on the Triton
     kernels in the interpreter (TRITON_INTERPRET=1), bytes and launches counted
-    (``costmodel.calibration.count_device``), against ``grouped_launches`` / ``fused_launch``: rows (counted,
-    modelled) per direction. Three adapters of the store's rank (one unused), base rows too."""
+    (``costmodel.calibration.count_device``), against ``grouped_launches`` / ``fused_launch`` (its backward:
+    ``fused_backward_launches``): rows (counted, modelled) per direction. Three adapters of the store's rank (one
+    unused), base rows too."""
     from ...kernels.lora_grouped import dropout_tables, fused_plan, lora_grouped, lora_grouped_linear, make_plan
     from ..costmodel.calibration import count_triton_forward_backward, require_interpreter
 
@@ -294,7 +317,7 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
     rows = []
     for what, counted, back in (("forward", fwd, False), ("backward", bwd, True)):
         if fused:
-            model = (grouped_launches(m, k, o, counts, r, elt, elt, True, dropout, fused_plan=True) if back
+            model = (fused_backward_launches(m, k, o, counts, r, elt, elt, dropout) if back
                      else [fused_launch(m, k, o, counts, r, elt, elt, bias=True, dropout=dropout)])
         else:
             model = grouped_launches(m, k, o, counts, r, elt, elt, back, dropout)

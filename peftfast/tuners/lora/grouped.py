@@ -4,8 +4,11 @@ A layer keeps its adapters' factors in a stacked store (``AdapterStore``: A [N, 
 scalings [N]; R the power-of-two bucket of the largest rank, rows beyond an adapter's rank zero). The store
 holds every adapter of the layer, not only those of the current batch, so a batch of other names reuses it.
 It is rebuilt when an adapter is added, deleted or replaced, when a factor is written in place (an
-optimizer step, ``load_adapter``, ``set_peft_model_state_dict``: torch's version counter of the tensor moves)
-or a scaling changes; checking costs one tuple of version counters per call, no copy.
+optimizer step, ``load_adapter``, ``set_peft_model_state_dict``: torch's version counter of the tensor moves),
+when its ``.data`` is replaced (its data pointer moves) or a scaling changes; checking costs one tuple of version
+counters and pointers per call, no copy. A LoRA Linear layer checks first, in one loop over its adapters,
+whether anything its bundle of factors reads has changed (``Linear._plain_adapters_key``), and skips rebuilding
+the bundle and this check when nothing has.
 
 ``grouped_delta`` maps each row of the batch to its adapter's slot (``__base__`` and adapters the layer does
 not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sorted by adapter on the
@@ -51,12 +54,15 @@ class AdapterStore:
         self.drop_scale: Optional[torch.Tensor] = None
         self.thresholds: Optional[torch.Tensor] = None
         self.max_dropout = 0.0
+        # the layer's fast check (``Linear._plain_adapters_key``): (key, bundle) of the bundle last synced
+        self.bundle: Optional[tuple] = None
 
     def sync(self, names: list[str], weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
              scalings: list[float], dropout_ps: list[float]) -> None:
         weights = (*weights_a, *weights_b)
+        # data pointers: a factor's ``.data`` replaced (same tensor object, same version counter) is seen too
         key = (tuple(names), tuple(scalings), tuple(dropout_ps), tuple(w._version for w in weights),
-               tuple((w.device, w.dtype, w.shape) for w in weights))
+               tuple((w.device, w.dtype, w.shape, w.data_ptr()) for w in weights))
         if key == self.key and len(weights) == len(self.weights) and all(
                 w is v for w, v in zip(weights, self.weights)):
             return
@@ -123,16 +129,19 @@ def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.devic
 
 
 def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, names: list,
-                  weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> torch.Tensor:
-    """``result`` (the base output for x) plus, for each row of x, the adapter its sample (or token) names."""
+                  weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool,
+                  owned: bool = False) -> torch.Tensor:
+    """``result`` (the base output for x) plus, for each row of x, the adapter its sample (or token) names.
+    ``owned``: ``result`` is a fresh tensor no one else holds (updated in place while no gradient is recorded, as
+    PEFT's loop does)."""
     rows = x.numel() // x.shape[-1]
     on_triton = use_triton(x, result, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
     index, plan = shared_plan(store, names, rows, x.device, on_triton)
     if training and store.max_dropout > 0:  # masks drawn inside the op from one seed: no dropped copy of x
         return lora_grouped(x, result, weights_a, weights_b, store.a, store.b, store.drop_scale, index, plan=plan,
-                            thresholds=store.thresholds).view(result.shape)
-    return lora_grouped(x, result, weights_a, weights_b, store.a, store.b, store.scale, index,
-                        plan=plan).view(result.shape)
+                            thresholds=store.thresholds, update_base_out=owned).view(result.shape)
+    return lora_grouped(x, result, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan,
+                        update_base_out=owned).view(result.shape)
 
 
 def _values(weight: BaseWeightArg) -> torch.Tensor:

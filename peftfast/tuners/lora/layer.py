@@ -32,8 +32,8 @@ from ...kernels.lora_fused import dora_linear_fused, dora_row_norm_fused, lora_l
 from ...kernels.lora_grouped_embedding import lora_grouped_embedding
 from ...utils.errors import PeftWarning
 from ...utils.other import copy_rank_blocks, transpose
-from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, dropout_p,
-                        low_rank_delta)
+from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, autocast_dtype,
+                        dropout_p, low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import creation_device, per_sample_adapter_names
 from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse, shared_plan
@@ -1045,12 +1045,41 @@ class Linear(nn.Module, LoraLayer):
         names = [n for n in self.lora_A._modules if not self.use_dora.get(n, False)]
         if not names:
             return names, None, None
-        bundle = self.adapter_bundle(names)
         store = self.__dict__.get("_grouped_store")
         if store is None:
             store = self.__dict__["_grouped_store"] = AdapterStore()
+        key = self._plain_adapters_key(names)
+        hit = store.bundle  # (key, bundle), replaced whole: no torn read across threads
+        if key is not None and hit is not None and key == hit[0]:  # nothing the bundle reads changed: reuse it
+            return names, hit[1], store
+        bundle = self.adapter_bundle(names)
         store.sync(names, bundle.weights_a, bundle.weights_b, bundle.scalings, bundle.dropout_ps)
+        store.bundle = (key, bundle)
         return names, bundle, store
+
+    def _plain_adapters_key(self, names: list[str]) -> Optional[tuple]:
+        """What ``adapter_bundle(names)`` reads, as plain values, when its factors are the adapters' own weights
+        (plain nn.Linear lora_A / lora_B, no KaSA diagonal, float scalings, autocast off): the names, and per
+        adapter its factors' identities, version counters (in-place writes: an optimizer step, ``load_adapter``)
+        and data pointers (``.data`` replaced), its scaling and dropout probability. Equal keys: the same bundle,
+        so a mixed call skips rebuilding it (one loop of attribute reads instead of ``adapter_bundle`` plus the
+        store's check). None (rebuild every call, as before) for anything else, or while compiling. The store
+        holds the bundle, so the identities it recorded cannot be reused by new tensors."""
+        diag = self._modules.get("lora_diag")
+        if (diag is not None and len(diag)) or torch.compiler.is_compiling():
+            return None
+        a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
+        key: list = [tuple(names)]
+        for n in names:
+            ma, mb, s, d = a[n], b[n], scaling[n], drop[n]
+            if type(ma) is not nn.Linear or type(mb) is not nn.Linear or type(s) not in (float, int):
+                return None
+            wa, wb = ma._parameters["weight"], mb._parameters["weight"]
+            key.append((id(wa), wa._version, wa.data_ptr(), wa.shape, id(wb), wb._version, wb.data_ptr(), wb.shape,
+                        s, dropout_p(d)))
+        if autocast_dtype(a[names[0]]._parameters["weight"]) is not None:
+            return None
+        return tuple(key)
 
     def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
         prepared = self._synced_store(adapter_names)
@@ -1059,7 +1088,12 @@ class Linear(nn.Module, LoraLayer):
         names, bundle, store = prepared
         if not names:
             return result
-        out = grouped_delta(store, x, result, adapter_names, bundle.weights_a, bundle.weights_b, self.training)
+        # the base output of a plain nn.Linear without hooks is fresh, seen by no one else (``_fuses_with_base``):
+        # without autograd the op adds into it (no copy of y)
+        owned = (not torch.is_grad_enabled() and type(self).base_forward is LoraLayer.base_forward
+                 and "base_forward" not in self.__dict__ and self._fuses_with_base(x))
+        out = grouped_delta(store, x, result, adapter_names, bundle.weights_a, bundle.weights_b, self.training,
+                            owned)
         return self._add_rows_lora_bias(out, adapter_names, self.bias_names(names))
 
     def _grouped_fused(self, x: torch.Tensor, adapter_names: list, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
