@@ -66,11 +66,13 @@ epilogue adds m_a(dH @ A_a) and stores dX once; the K-tile-0 program stores dH (
 the dH shrink stores it) for dA. Then dA on (dH, x) and dB on (dY, h) with the weight-gradient kernel. Bytes: dY,
 W and the used adapters' A and B read once, dX written once, dH and the plan. Without an x gradient, or on other
 plans: dX = dY @ W (torch), then the grouped backward above over the same plan, its dX expand adding into it.
+The forward kernel also reads a bitsandbytes 4-bit (aligned layout) or int8 base, dequantising each W^T tile in
+registers (WEIGHT "4bit" / "int8", ``_base_wt_tile``; the op and its backward: ``kernels/lora_grouped_q.py``).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -79,7 +81,8 @@ import triton.language as tl
 from .aot import AotSpec
 from .dropout import draw_seed, keep_mask, keep_mask_rows_torch, stream_key, threshold
 from .opdecl import OpDecl
-from .runtime import DTYPE_NAMES, aot_signature, dot_precision, launch, use_triton
+from .quant import as_operand, block_scale, dequant_int8, lookup16, unpack_pairs
+from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
 from .tiles import grouped_tile
 
 # ----------------------------------------------------------------------------------------------
@@ -736,10 +739,48 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs, log2_nbs,
+                  w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, like,
+                  WEIGHT: tl.constexpr, NESTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
+    """The base weight's tile W^T[k0 : k0 + BLOCK_K, o0 : o0 + BLOCK_O] as the base dot's operand (``like``'s
+    dtype): read as it is at ``w_ptrs`` (WEIGHT "dense": the kernel's pointer tile, advanced each K step; computing
+    the addresses per step instead spilled 8 bytes on sm_86/89 for fp32 at rank tile 64), or dequantised in
+    registers as qmatmul.py's kernels do it, "4bit":
+    the ALIGNED layout only (K % blocksize == 0, BLOCK_K <= blocksize: one scale per column of the tile; each
+    packed byte loaded once and split into its two indices, looked up in the code table, times the block scale,
+    nested scales decoded per column), "int8": CB * SCB / 127 (``quant.dequant_int8``). 64-bit scalar bases
+    (k0 is the loop's int32), tile-local int32 offsets."""
+    if WEIGHT == "4bit":
+        half_k = K // 2
+        lh = tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(w_ptr + (o0 * half_k + (k0 >> 1)) + (offs_o[None, :] * half_k + lh[:, None]),
+                       mask=(2 * lh[:, None] < K - k0) & o_ok[None, :], other=0)  # [BK / 2, BO]: W[o, k pairs]
+        q = tl.reshape(tl.permute(unpack_pairs(byte), (0, 2, 1)), (BLOCK_K, BLOCK_O))
+        k_blocks = K >> log2_bs
+        scale = block_scale(o0 * k_blocks + (k0 >> log2_bs), offs_o * k_blocks, o_ok, wscale_ptr, nested_absmax_ptr,
+                            nested_code_ptr, offset, log2_nbs, NESTED)
+        return as_operand(lookup16(q, code_ptr) * scale[None, :], like, w_round)
+    elif WEIGHT == "int8":
+        base = w_ptr + o0 * stride_wo + tl.cast(k0, tl.int64) * stride_wk
+        return dequant_int8(offs_o[None, :], offs_k[:, None], k_ok[:, None] & o_ok[None, :], base, stride_wo,
+                            stride_wk, wscale_ptr + o0, O - o0).to(like.dtype)
+    else:
+        return tl.load(w_ptrs, mask=k_ok[:, None] & o_ok[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _grouped_linear_kernel(
     x_ptr,  # [M, K] rows of the batch, activation dtype, any strides
-    w_ptr,  # [O, K] frozen base weight, activation dtype
+    w_ptr,  # base weight: [O, K] in the activation dtype (dense), int8 CB [O, K], or packed 4-bit bytes [O * K / 2]
+    wscale_ptr,  # 4-bit: absmax [O * K / blocksize] (fp32, or uint8 codes when NESTED); int8: SCB fp32 [O]
+    code_ptr,  # 4-bit: fp32 [16] code table
+    nested_absmax_ptr,  # 4-bit NESTED: fp32 nested scales
+    nested_code_ptr,  # 4-bit NESTED: fp32 [256]
+    offset,  # 4-bit NESTED: fp32 offset of the decoded scales
+    log2_bs,  # 4-bit: log2(blocksize)
+    log2_nbs,  # 4-bit NESTED: log2(nested blocksize)
+    w_round,  # 4-bit: 0, or round W through fp16 (1) / bf16 (2) before the cast to x's dtype
     bias_ptr,  # [O] base bias (HAS_BIAS)
     a_ptr,  # [N, R, K] stacked A, adapter dtype
     b_ptr,  # [N, O, R] stacked B, adapter dtype
@@ -756,11 +797,14 @@ def _grouped_linear_kernel(
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WEIGHT: tl.constexpr,  # "dense", "4bit" (aligned layout) or "int8": how the W^T tile is read (_base_wt_tile)
+    NESTED: tl.constexpr,  # 4-bit: double-quantised absmax
 ):
     """y[table[b], o-block] = x[rows] @ W^T (+ bias) + (s_a * mask_a(x[rows]) @ A_a^T) @ B_a^T for block b of
     slot a: the base GEMM and the adapter's shrink share the K loop (x read once), the expand is the epilogue,
     y stored once. Base-model blocks (a = N) load no adapter tile (masked); the O-block-0 program of each
-    block stores h for the backward."""
+    block stores h for the backward. A quantised base (WEIGHT "4bit" / "int8") is dequantised tile by tile in
+    registers (``_base_wt_tile``), never stored."""
     pid_b, pid_o = grouped_tile(tl.program_id(0), NB * BLOCK_ROWS, O, BLOCK_ROWS, BLOCK_O, GROUP_M)
     slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
     if slot > N_ADAPTERS:  # an unused block
@@ -777,7 +821,8 @@ def _grouped_linear_kernel(
     o_ok = offs_o < O - pid_o * BLOCK_O
     r_ok = offs_r < r_lim
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + pid_o * BLOCK_O * stride_wo + offs_o[None, :] * stride_wo + offs_k[:, None] * stride_wk
+    o0 = pid_o * BLOCK_O
+    w_ptrs = w_ptr + o0 * stride_wo + offs_o[None, :] * stride_wo + offs_k[:, None] * stride_wk  # dense W^T tile
     a_ptrs = a_ptr + adapter * stride_an + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
     if HAS_DROPOUT:
         key = stream_key(seed, adapter)
@@ -787,7 +832,9 @@ def _grouped_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         k_ok = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & o_ok[None, :], other=0.0)  # W^T tile [BK, BO]
+        wt = _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs,
+                           log2_nbs, w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, xt, WEIGHT,
+                           NESTED, BLOCK_K, BLOCK_O)  # W^T tile [BK, BO]
         acc = tl.dot(xt, wt, acc, input_precision=BASE_PRECISION)
         at = tl.load(a_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # A_a^T tile [BK, BR]
         xa = xt.to(at.dtype)
@@ -795,13 +842,13 @@ def _grouped_linear_kernel(
             xa = tl.where(keep_mask(key, rows, k0 + offs_k, thresh), xa, 0.0)
         h = tl.dot(xa, at, h, input_precision=LORA_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
+        if WEIGHT == "dense":
+            w_ptrs += BLOCK_K * stride_wk
     h = h * tl.load(scale_ptr + adapter)
     hc = h.to(h_ptr.dtype.element_ty)
     if pid_o == 0:
         tl.store(h_ptr + pid_b * BLOCK_ROWS * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :], hc)
-    o0 = pid_o * BLOCK_O
     bt = tl.load(b_ptr + adapter * stride_bn + o0 * stride_bo + offs_r[:, None] * stride_br
                  + offs_o[None, :] * stride_bo, mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # B_a^T [BR, BO]
     acc = tl.dot(hc.to(bt.dtype), bt, acc, input_precision=LORA_PRECISION)
@@ -810,6 +857,9 @@ def _grouped_linear_kernel(
     tl.store(y_ptr + o0 * stride_yo + rows[:, None] * stride_ym + offs_o[None, :] * stride_yo,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
 
+
+# the 16- and 256-entry code tables of a 4-bit base, indexed with int32 tiles
+declare_int32_operands(_grouped_linear_kernel, "code_ptr", "nested_code_ptr")
 
 FUSED_BLOCK_ROWS = 64  # rows per block of the fused kernel (one adapter per block)
 FUSED_MIN_FILL = 4  # fused when rows >= 4 x (slots x block rows): padding wastes at most 1/4 of the GEMM's rows
@@ -831,12 +881,14 @@ def fused_plan(index: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.
     return group_plan(slots, adapters + 1, FUSED_BLOCK_ROWS)
 
 
-def fused_config(act: torch.dtype, ad: torch.dtype, rank_tile: int) -> dict:
+def fused_config(act: torch.dtype, ad: torch.dtype, rank_tile: int, kind: str = "dense") -> dict:
     """Tiles of ``_grouped_linear_kernel`` per (activation, adapter) dtype and rank tile, none spilling on
     sm_80..sm_90 even without 16-byte alignment (the compile report checks each; 64 x 128 tiles spilled
     0.3-10 KB): 64 x 64 output tiles, K steps of 16 where the rank tile is 64 or the adapters are fp32 (3xTF32
     operands), and 32 output columns for fp32 adapters at rank tile 64 (also at 32 with fp32 activations, on 4
-    warps: 8-28 B spilled on sm_80-89 at 64 columns, 8 B at 32 columns on 8 warps)."""
+    warps: 8-28 B spilled on sm_80-89 at 64 columns, 8 B at 32 columns on 8 warps). The same tiles for every base
+    ``kind`` ("dense", "4bit", "int8"): the quantised ones compile without spills with them too (the 4-bit K tile,
+    16 or 32, lies inside one quantisation block of 32 or more)."""
     if ad == torch.float32:
         wide = rank_tile <= (32 if act != torch.float32 else 16)
         warps = 4 if act == torch.float32 and rank_tile == 32 else 8
@@ -844,24 +896,56 @@ def fused_config(act: torch.dtype, ad: torch.dtype, rank_tile: int) -> dict:
     return dict(BLOCK_O=64, BLOCK_K=32 if rank_tile <= 32 else 16, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+class BaseWeight(NamedTuple):
+    """The base weight as ``_grouped_linear_kernel`` reads it (its ``w_ptr`` .. ``w_round`` arguments and the
+    WEIGHT / NESTED constexprs); ``dense_base`` for a float weight, ``lora_grouped_q.quantised_base`` for a
+    bitsandbytes one. Arguments a kind does not read are small stand-ins."""
+
+    kind: str  # "dense", "4bit" or "int8"
+    w: torch.Tensor  # [O, K] float weight / int8 CB, or the flat uint8 packed 4-bit bytes
+    stride_wo: int
+    stride_wk: int
+    wscale: torch.Tensor  # 4-bit absmax (fp32, or uint8 codes when nested) / int8 SCB [O]
+    code: torch.Tensor  # 4-bit code table fp32 [16]
+    nested_absmax: torch.Tensor
+    nested_code: torch.Tensor
+    offset: float
+    log2_bs: int
+    log2_nbs: int
+    w_round: int
+    nested: bool = False
+
+
+def dense_base(weight: torch.Tensor, small: torch.Tensor) -> BaseWeight:
+    """A float [O, K] weight; ``small`` (any tiny fp32 tensor, e.g. the adapters' scales) stands in for the
+    quantised weight's tables."""
+    return BaseWeight("dense", weight, weight.stride(0), weight.stride(1), small, small, small, small, 0.0, 0, 0, 0)
+
+
 def launch_grouped_linear(x2, weight, bias, a, b, scale, table, badapter, thresholds, seed):
-    """(y [M, O] in x's dtype, h [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch."""
+    """(y [M, O] in x's dtype, h [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch. ``weight``: a
+    float [O, K] tensor or a ``BaseWeight`` (a quantised base: launched without fp contraction, so the scales
+    round as bitsandbytes' do)."""
+    w = dense_base(weight, scale) if isinstance(weight, torch.Tensor) else weight
     m, k = x2.shape
-    o = weight.shape[0]
+    o = b.shape[1]
     n, rank = a.shape[0], a.shape[1]
     nb, block_rows = table.shape
     br = kernel_rank(rank)
     y = torch.empty(m, o, dtype=x2.dtype, device=x2.device)
     h = torch.empty(nb, block_rows, br, dtype=a.dtype, device=x2.device)
-    cfg = fused_config(x2.dtype, a.dtype, br)
+    cfg = fused_config(x2.dtype, a.dtype, br, w.kind)
     drop = thresholds is not None
-    launch(_grouped_linear_kernel, (nb * triton.cdiv(o, cfg["BLOCK_O"]),), x2, weight,
-           bias if bias is not None else weight, a, b, scale, table, badapter, h, y,
+    extra = {} if w.kind == "dense" else dict(enable_fp_fusion=False)
+    launch(_grouped_linear_kernel, (nb * triton.cdiv(o, cfg["BLOCK_O"]),), x2, w.w, w.wscale, w.code,
+           w.nested_absmax, w.nested_code, w.offset, w.log2_bs, w.log2_nbs, w.w_round,
+           bias if bias is not None else y, a, b, scale, table, badapter, h, y,
            thresholds if drop else badapter, seed, m, o, k, rank, n, nb,
-           x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), a.stride(2),
+           x2.stride(0), x2.stride(1), w.stride_wo, w.stride_wk, a.stride(0), a.stride(1), a.stride(2),
            b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
            HAS_BIAS=bias is not None, HAS_DROPOUT=drop, BASE_PRECISION=dot_precision(x2.dtype),
-           LORA_PRECISION=dot_precision(x2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, **cfg)
+           LORA_PRECISION=dot_precision(x2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, WEIGHT=w.kind,
+           NESTED=w.nested, **cfg, **extra)
     return y, h
 
 
@@ -1036,6 +1120,22 @@ def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
             *_split_grads(db, weights[n:], need_b, 1), None, None, None, None, None, None, None]
 
 
+def fused_base_backward(dy2, x2, h, a, b, scale, table, badapter, thresholds, seed, weights, need_x, need_a, need_b,
+                        base_dx, on_triton) -> tuple:
+    """(dx [M, K] | None, gradients of A_1..A_n, of B_1..B_n) of a base GEMM fused with the grouped adapters over
+    the op's plan (``weights``: A_1..A_n, B_1..B_n): the grouped backward, its dX added into ``base_dx`` (the
+    base's dY @ W; None when x needs no gradient), by the dX expand itself on the Triton kernels."""
+    n = len(weights) // 2
+    need_w = any(need_a) or any(need_b)
+    if on_triton and table.shape[1] in (16, 32, 64):
+        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed,
+                                     dx_init=base_dx)
+    else:
+        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed)
+        dx = None if dx is None else dx + base_dx
+    return dx, _split_grads(da, weights[:n], need_a, 0), _split_grads(db, weights[n:], need_b, 1)
+
+
 def _linear_op_fake(x, weight, bias, weights_a, weights_b, a_store, b_store, scale, table, block_adapter,
                     thresholds, seed):
     r = kernel_rank(a_store.shape[1])
@@ -1148,25 +1248,40 @@ def aot_specs() -> list[AotSpec]:
     return specs
 
 
-def fused_specs(act: torch.dtype, ad: torch.dtype) -> list[AotSpec]:
-    """The fused kernel's launches for one dtype pair: every rank tile, with bias or not, with dropout or not."""
+# the quantised-weight arguments of ``_grouped_linear_kernel`` as a dense launch passes them (``dense_base``)
+UNUSED_QUANT_TYPES = {"wscale_ptr": "*fp32", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+                      "nested_code_ptr": "*fp32", "offset": "fp32"}
+
+
+def fused_specs(act: torch.dtype, ad: torch.dtype, kind: str = "dense", nested: bool = False) -> list[AotSpec]:
+    """The fused kernel's launches for one dtype pair and base weight (``kind`` "dense", "4bit" with ``nested``
+    absmax or not, "int8"; ``lora_grouped_q.aot_specs`` lists the quantised ones): every rank tile, with bias or
+    not, with dropout or not."""
     xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+    if kind == "dense":
+        name, wtypes, options = "lora_grouped_linear[", {"w_ptr": "*" + xa, **UNUSED_QUANT_TYPES}, {}
+    else:  # launched without fp contraction (``launch_grouped_linear``)
+        name, options = f"lora_grouped_qlinear[{kind}{',nested' if nested else ''},", {"enable_fp_fusion": False}
+        wtypes = ({"w_ptr": "*i8", **UNUSED_QUANT_TYPES} if kind == "int8" else
+                  {"w_ptr": "*u8", "wscale_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+                   "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32"})
     specs = []
     for br in SPEC_RANKS:
-        cfg = fused_config(act, ad, br)
+        cfg = fused_config(act, ad, br, kind)
         for bias, drop in ((True, False), (False, False), (True, True), (False, True)):
             c = dict(BLOCK_ROWS=FUSED_BLOCK_ROWS, BLOCK_R=br, BLOCK_O=cfg["BLOCK_O"], BLOCK_K=cfg["BLOCK_K"],
                      GROUP_M=cfg["GROUP_M"], BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
-                     HAS_BIAS=bias, HAS_DROPOUT=drop, stride_xk=1, stride_wk=1, stride_ak=1, stride_bo=1,
-                     stride_yo=1)
-            types = {"x_ptr": "*" + xa, "w_ptr": "*" + xa, "bias_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
+                     HAS_BIAS=bias, HAS_DROPOUT=drop, stride_xk=1, stride_ak=1, stride_bo=1, stride_yo=1,
+                     WEIGHT=kind, NESTED=nested, **({} if kind == "4bit" else {"stride_wk": 1}))
+            types = {"x_ptr": "*" + xa, "bias_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
                      "scale_ptr": "*fp32", "table_ptr": "*i64", "badapter_ptr": "*i64", "h_ptr": "*" + wa,
                      "y_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_xm": "i64", "stride_wo": "i64",
-                     "stride_an": "i64", "stride_bn": "i64", "stride_ym": "i64"}
-            specs.append(AotSpec(f"lora_grouped_linear[x={xa},w={wa},BR={br},BO={cfg['BLOCK_O']},BK={cfg['BLOCK_K']},"
-                                 f"warps={cfg['num_warps']}{',bias' if bias else ''}{',dropout' if drop else ''}]",
+                     "stride_an": "i64", "stride_bn": "i64", "stride_ym": "i64", **wtypes}
+            specs.append(AotSpec(f"{name}x={xa},w={wa},BR={br},BO={cfg['BLOCK_O']},"
+                                 f"BK={cfg['BLOCK_K']},warps={cfg['num_warps']}{',bias' if bias else ''}"
+                                 f"{',dropout' if drop else ''}]",
                                  _grouped_linear_kernel, aot_signature(_grouped_linear_kernel, types, c), c,
-                                 cfg["num_warps"], cfg["num_stages"], True))
+                                 cfg["num_warps"], cfg["num_stages"], True, options=options))
     return specs
 
 

@@ -52,14 +52,14 @@ class Int8Weight(NamedTuple):
         return tuple(self.cb.shape)
 
 
-def _q_gemm(a, p, bias, transpose, lora=None, lora_x=None):
+def q_gemm(a, p, bias, transpose, lora=None, lora_x=None):
     """The quantised GEMM of qmatmul.py for a 4-bit (Packed4bit) or int8 (Int8Weight) weight."""
     if isinstance(p, Int8Weight):
         return Q.matmul_int8_triton(a, p.cb, p.scb, bias, transpose=transpose, lora=lora, lora_x=lora_x)
     return Q.matmul_4bit_triton(a, p, bias, transpose=transpose, lora=lora, lora_x=lora_x)
 
 
-def _q_dense(p, dtype):
+def q_dense(p, dtype):
     """The weight dequantised into ``dtype`` (the CPU path; freed by the caller after use)."""
     if isinstance(p, Int8Weight):
         return dequantize_int8_reference(p.cb, p.scb, dtype)
@@ -70,15 +70,15 @@ def _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed):
     t = L.launch_shrink(x2, cat_a(weights_a), plan, seed, plan.dropout)
     b = cat_b(weights_b)
     lora = (t, b, adapter_table(plan, x2.device), 0, False, dot_precision(x2.dtype, b.dtype))
-    return _q_gemm(x2, p, bias, True, lora), t
+    return q_gemm(x2, p, bias, True, lora), t
 
 
 def _q_backward_triton(dy2, x2, t, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b):
     def grad_x(g, a, xa):  # the quantised dX kernel with the adapter term (and dA)
         lora = (g, a, adapter_table(plan, dy2.device), seed, plan.dropout, dot_precision(dy2.dtype, a.dtype))
         if xa is None:
-            return _q_gemm(dy2, p, None, False, lora), None
-        return _q_gemm(dy2, p, None, False, lora, xa)
+            return q_gemm(dy2, p, None, False, lora), None
+        return q_gemm(dy2, p, None, False, lora, xa)
 
     return LF.adapter_backward_triton(dy2, x2, t, weights_a, weights_b, plan, seed, need_x, need_a, need_b, grad_x)
 
@@ -89,7 +89,7 @@ def plan_forward(x, p, bias, weights_a, weights_b, plan, seed, on_triton):
     if on_triton and x2.shape[0] > 0:
         y2, t = _q_forward_triton(x2, p, bias, weights_a, weights_b, plan, seed)
     else:
-        y2, t = LF.forward_reference(x2, _q_dense(p, x.dtype), bias, weights_a, weights_b, plan, seed)
+        y2, t = LF.forward_reference(x2, q_dense(p, x.dtype), bias, weights_a, weights_b, plan, seed)
     return y2.view(*x.shape[:-1], p.shape[0]), t
 
 
@@ -98,7 +98,7 @@ def plan_backward(dy, x, t, p, weights_a, weights_b, plan, seed, need_x, need_a,
     if on_triton and dy2.shape[0] > 0:
         dx, da, db = _q_backward_triton(dy2, x2, t2, p, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     else:
-        w = _q_dense(p, dy.dtype) if need_x else None  # recomputed, freed on return
+        w = q_dense(p, dy.dtype) if need_x else None  # recomputed, freed on return
         dx, da, db = LF.backward_reference(dy2, x2, t2, w, weights_a, weights_b, plan, seed, need_x, need_a, need_b)
     return (dx.view(x.shape) if dx is not None else None), da, db
 

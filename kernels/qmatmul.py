@@ -77,6 +77,7 @@ from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_pre
 from .tiles import NO_EPOCH, grouped_tile
 from .quant import (
     Packed4bit,
+    as_operand,
     block_scale,
     dequant_4bit,
     dequant_int8,
@@ -87,26 +88,13 @@ from .quant import (
     dequantize_4bit_torch,
     dequantize_int8_reference,
     nested_args,
+    unpack_pairs,
+    weight_rounding,
 )
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- Triton kernels
-
-
-@triton.jit
-def _as_operand(w, a, w_round):
-    """fp32 weight values -> the dot operand dtype; w_round 1/2 rounds through fp16/bf16 first."""
-    w = tl.where(w_round == 1, w.to(tl.float16).to(tl.float32), w)
-    w = tl.where(w_round == 2, w.to(tl.bfloat16).to(tl.float32), w)
-    return w.to(a.dtype)
-
-
-@triton.jit
-def _unpack_pairs(byte):
-    """[..] bytes -> [.., 2] int32 indices (HIGH nibble = even element, LOW = odd)."""
-    b = byte.to(tl.int32)
-    return tl.join(b >> 4, b & 15)
 
 
 @triton.jit
@@ -223,7 +211,7 @@ def _matmul_4bit_kernel(
                 lh = tl.arange(0, BLOCK_R // 2)
                 byte = tl.load(data_ptr + (c0 * half_k + (r0 >> 1)) + (lc[None, :] * half_k + lh[:, None]),
                                mask=((r0 + 2 * lh[:, None]) < r_end) & (offs_c[None, :] < C), other=0)
-                q = tl.reshape(tl.permute(_unpack_pairs(byte), (0, 2, 1)), (BLOCK_R, BLOCK_C))
+                q = tl.reshape(tl.permute(unpack_pairs(byte), (0, 2, 1)), (BLOCK_R, BLOCK_C))
                 scale = block_scale(c0 * k_blocks + (r0 >> log2_bs), lc * k_blocks, offs_c < C, absmax_ptr,
                                      nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
                 w = lookup16(q, code_ptr) * scale[None, :]
@@ -231,7 +219,7 @@ def _matmul_4bit_kernel(
                 lh = tl.arange(0, BLOCK_C // 2)
                 byte = tl.load(data_ptr + (r0 * half_k + (c0 >> 1)) + (lr[:, None] * half_k + lh[None, :]),
                                mask=(offs_r[:, None] < r_end) & ((c0 + 2 * lh[None, :]) < C), other=0)
-                q = tl.reshape(_unpack_pairs(byte), (BLOCK_R, BLOCK_C))
+                q = tl.reshape(unpack_pairs(byte), (BLOCK_R, BLOCK_C))
                 scale = block_scale(r0 * k_blocks + (c0 >> log2_bs), lr * k_blocks, offs_r < r_end,
                                      absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_nbs, NESTED)
                 w = lookup16(q, code_ptr) * scale[:, None]
@@ -246,7 +234,7 @@ def _matmul_4bit_kernel(
             w_mask = (offs_r[:, None] < r_end) & (offs_c[None, :] < C)
             w = dequant_4bit(base, local, w_mask, data_ptr, code_ptr, absmax_ptr, nested_absmax_ptr,
                               nested_code_ptr, offset, log2_bs, log2_nbs, NESTED)
-        acc = _dot(a, _as_operand(w, a, w_round), acc)
+        acc = _dot(a, as_operand(w, a, w_round), acc)
     _finish_tile(acc, pid_m, pid_c, pid_s, offs_m, offs_c, M, C, out_ptr, bias_ptr, stride_os, stride_om, stride_oc,
                  lora_a_ptr, lora_w_ptr, lora_adapters_ptr, lora_seed, lora_n_adapters, RL, stride_lam, stride_lar,
                  stride_lw0, stride_lw1, lora_x_ptr, lora_dap_ptr, lora_da_ptr, lora_count_ptr, lora_count_base,
@@ -489,12 +477,6 @@ def _launch(kernel, weight_args, constexprs, a, c, r, bias, transpose, name, cfg
     return out
 
 
-def _w_round(w_dtype: torch.dtype, x_dtype: torch.dtype) -> int:
-    if w_dtype == x_dtype or w_dtype == torch.float32:
-        return 0
-    return 1 if w_dtype == torch.float16 else 2
-
-
 def aligned_4bit(k: int, blocksize: int, cfg: Config, transpose: bool) -> bool:
     """Rows of W are whole blocks and a tile's extent along K fits in one block."""
     return k % blocksize == 0 and blocksize >= (cfg.block_r if transpose else cfg.block_c)
@@ -547,7 +529,7 @@ def matmul_4bit_triton(a, p: Packed4bit, bias=None, transpose=True, config=None,
     nested_absmax, nested_code, offset, log2_nbs = nested_args(p)
     weight_args = (data, p.code.contiguous(), p.absmax.contiguous(), nested_absmax.contiguous(),
                    nested_code.contiguous(), offset, k,
-                   log2_exact(p.blocksize, "blocksize"), log2_nbs, _w_round(p.dtype, a.dtype))
+                   log2_exact(p.blocksize, "blocksize"), log2_nbs, weight_rounding(p.dtype, a.dtype))
     constexprs = dict(NESTED=p.nested, ALIGNED=aligned)
     if lora_x is not None and not aligned:  # the general layout has no registers to spare for dA
         constexprs.update(_lora_args(lora, data))

@@ -158,6 +158,22 @@ def lookup16(q, code_ptr):
 
 
 @triton.jit
+def unpack_pairs(byte):
+    """[..] bytes -> [.., 2] int32 indices (HIGH nibble = even element, LOW = odd)."""
+    b = byte.to(tl.int32)
+    return tl.join(b >> 4, b & 15)
+
+
+@triton.jit
+def as_operand(w, a, w_round):
+    """fp32 weight values -> the dot operand dtype (a's); w_round 1/2 rounds through fp16/bf16 first
+    (``weight_rounding``: a weight whose dtype is not the activations')."""
+    w = tl.where(w_round == 1, w.to(tl.float16).to(tl.float32), w)
+    w = tl.where(w_round == 2, w.to(tl.bfloat16).to(tl.float32), w)
+    return w.to(a.dtype)
+
+
+@triton.jit
 def block_scale(
     blk_base,  # int64 scalar: first block index
     lblk,  # int32 tile: block offsets from blk_base
@@ -272,6 +288,14 @@ def _dequantize_int8_kernel(
 declare_int32_operands(_dequantize_4bit_kernel, "code_ptr", "nested_code_ptr")  # 16 / 256-entry tables
 _DEQ4_BLOCK = 1024
 _DEQ8_BLOCK_N, _DEQ8_BLOCK_K = 32, 128
+
+
+def weight_rounding(w_dtype: torch.dtype, x_dtype: torch.dtype) -> int:
+    """``as_operand``'s w_round for a 4-bit weight of dtype ``w_dtype`` used with ``x_dtype`` activations: 0 (cast
+    once), 1 (round through fp16 first) or 2 (through bf16), as bitsandbytes dequantises, then casts."""
+    if w_dtype == x_dtype or w_dtype == torch.float32:
+        return 0
+    return 1 if w_dtype == torch.float16 else 2
 
 
 def nested_args(p: Packed4bit) -> tuple:

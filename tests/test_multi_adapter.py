@@ -285,6 +285,18 @@ def check_mixed_grads_equal_alone(pm, names, per_sample, inputs, weight, params=
     return grads
 
 
+def train_mixed(pm, names) -> dict:
+    """``pm`` in training with mixed batches allowed and every adapter of ``names`` trainable: its LoRA parameters."""
+    pm.train()
+    pm.base_model.train_mixed_batches = True
+    for name in names:
+        pm.base_model.set_adapter(name)
+    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
 def test_training_dropout_per_adapter_masks_rows():
     """lora_dropout in training: a mixed batch still runs (one mask per row with its adapter's p), and an
     adapter with p close to 1 differs from its eval output while a sample of the base model does not."""
@@ -981,13 +993,7 @@ def test_conv_mixed_batch_without_a_loop(monkeypatch, dims):
     monkeypatch.undo()
     with torch.no_grad():
         torch.testing.assert_close(y, alone_outputs(pm, x, per_sample), rtol=1e-4, atol=1e-6 * y.abs().max().item())
-    pm.train()
-    pm.base_model.train_mixed_batches = True
-    for name in names:
-        pm.base_model.set_adapter(name)
-    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
-    for p in params.values():
-        p.requires_grad_(True)
+    params = train_mixed(pm, names)
     check_mixed_grads_equal_alone(pm, names, per_sample, x, torch.randn(y.shape, generator=g), params,
                                   tol=lambda r: dict(rtol=1e-4, atol=1e-5 * r.abs().max().item()), own_count=4,
                                   nonzero=True)  # fp32 sums over many more terms than a linear's: 3e-6 of the max

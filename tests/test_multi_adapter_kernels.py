@@ -9,7 +9,7 @@ import torch
 from peftfast.kernels.backend import interpreting
 from peftfast.kernels.lora_grouped import aot_specs, block_rows_for, group_plan, num_blocks
 from tests.test_multi_adapter import (DROPOUT_PS, RANKS, alone_outputs, check_mixed_grads_equal_alone, run_op_case,
-                                      three_adapters)
+                                      three_adapters, train_mixed)
 
 
 @pytest.fixture
@@ -207,41 +207,52 @@ def test_cost_model_matches_counted_traffic(interpreted, dtype, dropout, fused):
 # ------------------------------------------------------------------------------------------------------
 # the base linear fused with the grouped adapters (prefill): lora_grouped_linear
 # ------------------------------------------------------------------------------------------------------
-def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0, grad_x=True, grad_w=True):
+def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0, grad_x=True, grad_w=True,
+                    base=None, adapter_dtype=None):
     """lora_grouped_linear vs F.linear + each adapter alone on its rows (fp32/16-bit and float64): forward and the
     gradients of x, the bias and every adapter factor (``grad_x`` / ``grad_w`` False: x / the factors frozen);
-    with dropout probabilities ``ps`` the loop uses the masks regenerated from the op's seed."""
+    with dropout probabilities ``ps`` the loop uses the masks regenerated from the op's seed. ``base``: (op, the
+    weight it takes, that weight as a dense [O, K] tensor in ``dtype``, in float64) for another base
+    (tests/test_multi_adapter_quant.py: lora_grouped_qlinear); default lora_grouped_linear over a random dense
+    weight. ``adapter_dtype``: adapters in that dtype (the loop computes their term in it, as PEFT does)."""
     from peftfast.kernels import dropout as D
     from peftfast.kernels.lora_grouped import dropout_tables, lora_grouped_linear
     from tests.numerics import assert_matches_float64
     from tests.test_multi_adapter import loop_reference, op_case, stacked_store
 
     a, b, scal, index, x, _ = op_case(n, m, k, o, ranks, dtype, seed=seed)
+    if adapter_dtype is not None:
+        a = [t.detach().to(adapter_dtype) for t in a]
+        b = [t.detach().to(adapter_dtype) for t in b]
     x.requires_grad_(grad_x)
     for w in (*a, *b):
         w.requires_grad_(grad_w)
     g = torch.Generator().manual_seed(seed + 1)
-    weight = (torch.randn(o, k, generator=g) / k ** 0.5).to(dtype)
+    if base is None:
+        weight = (torch.randn(o, k, generator=g) / k ** 0.5).to(dtype)
+        base = (lora_grouped_linear, weight, weight, weight.double())
+    op, weight, w_plain, w64 = base
     bvec = torch.randn(o, generator=g).to(dtype).requires_grad_() if bias else None
     st_a, st_b, st_s = stacked_store(a, b, scal)
     masks = None
     if ps is None:
-        y = lora_grouped_linear(x, weight, bvec, a, b, st_a, st_b, st_s, index)
+        y = op(x, weight, bvec, a, b, st_a, st_b, st_s, index)
     else:
         scale, thresholds = dropout_tables(scal, ps, x.device)
         op_seed = int(D.draw_seed())
-        y = lora_grouped_linear(x, weight, bvec, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=op_seed)
+        y = op(x, weight, bvec, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=op_seed)
         masks = [D.keep_mask_torch(op_seed, i, m, k, p) for i, p in enumerate(ps)]
 
-    def loop(xx, bb, aa, bs):
-        base = torch.nn.functional.linear(xx, weight.to(xx.dtype), bb)
-        return loop_reference(xx, base, aa, bs, scal, index, masks, ps)
+    def loop(xx, bb, aa, bs, w):
+        out = torch.nn.functional.linear(xx, w, bb)
+        ad = aa[0].dtype
+        return loop_reference(xx.to(ad), out.to(ad), aa, bs, scal, index, masks, ps).to(xx.dtype)
 
     leaves = [x, *([bvec] if bias else []), *a, *b]
     nb_ = 1 if bias else 0
-    plain = loop(x, bvec, a, b)
+    plain = loop(x, bvec, a, b, w_plain)
     d = [t.detach().double().requires_grad_(t.requires_grad) for t in leaves]
-    ref = loop(d[0], d[1] if bias else None, d[1 + nb_:1 + nb_ + n], d[1 + nb_ + n:])
+    ref = loop(d[0], d[1] if bias else None, d[1 + nb_:1 + nb_ + n], d[1 + nb_ + n:], w64)
     assert_matches_float64("y", y, plain, ref, k=8)
     gy = torch.randn(y.shape, generator=g).to(dtype)
     d = [t for t in d if t.requires_grad]
@@ -250,7 +261,7 @@ def run_linear_case(n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, 
     pl = torch.autograd.grad(plain, leaves, gy)
     rf = torch.autograd.grad(ref, d, gy.double())
     for i, (g1, g2, g3) in enumerate(zip(got, pl, rf)):
-        assert_matches_float64(f"grad {i}", g1, g2, g3, k=8)
+        assert_matches_float64(f"grad {i} (x, bias, A.., B..)", g1, g2, g3, k=8)
     return y
 
 
@@ -418,13 +429,7 @@ def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
         pm(x[:, :3], adapter_names=per_sample)  # 24 rows: decode-sized
     assert "_grouped_linear_kernel" not in seen and "_grouped_shrink_kernel" in seen
 
-    pm.train()
-    pm.base_model.train_mixed_batches = True
-    for name in names:
-        pm.base_model.set_adapter(name)
-    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
-    for p in params.values():
-        p.requires_grad_(True)
+    params = train_mixed(pm, names)
     weight = torch.randn(batch, seq, 7, generator=g)
     seen.clear()
     check_mixed_grads_equal_alone(pm, names, per_sample, x, weight, params, tol=lambda r: dict(rtol=1e-4, atol=1e-4),
@@ -472,8 +477,8 @@ def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path,
     assert [c[0] for c in timer.calls] == ["fused", "unfused"] * 2  # two layers, two keys
     keys = [key for _, key, _ in tuner.decisions()]
     assert all(d.choice == preferred for _, _, d in tuner.decisions())
-    assert sorted(k[2:10] for k in keys) == [(6, 15, 64, 3, 2, "float32", "float32", "fwd"),
-                                             (15, 11, 64, 3, 2, "float32", "float32", "fwd")]
+    assert sorted(k[2:11] for k in keys) == [("dense", 6, 15, 64, 3, 2, "float32", "float32", "fwd"),
+                                             ("dense", 15, 11, 64, 3, 2, "float32", "float32", "fwd")]
     seen.clear()
     with torch.no_grad():
         y2 = pm(x, adapter_names=per_sample)
@@ -503,18 +508,25 @@ def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path,
 def test_grouped_linear_torch_compile_fullgraph(torch_backend):
     """lora_grouped_linear under torch.compile(fullgraph=True, backend="aot_eager"), with dropout (a fixed seed)
     and a trainable bias: eager's output and gradients (the custom op, its fake and its backward op)."""
-    from peftfast.kernels.lora_grouped import dropout_tables, lora_grouped_linear
+    from peftfast.kernels.lora_grouped import lora_grouped_linear
+
+    check_linear_op_compiles(lora_grouped_linear, torch.randn(5, 7), 7, 5)
+
+
+def check_linear_op_compiles(op, weight, k: int, o: int) -> None:
+    """``op`` (lora_grouped_linear's signature) over ``weight`` ([o, k] as the op takes it) under
+    torch.compile(fullgraph=True, backend="aot_eager") equals eager: output and the gradients of x, a trainable
+    bias and every adapter factor, three adapters with dropout at a fixed seed."""
+    from peftfast.kernels.lora_grouped import dropout_tables
     from tests.test_multi_adapter import op_case, stacked_store
 
-    a, b, scal, index, x, _ = op_case(3, 13, 7, 5, [1, 8, 4], torch.float32)
+    a, b, scal, index, x, _ = op_case(3, 13, k, o, [1, 8, 4], torch.float32)
     st_a, st_b, _ = stacked_store(a, b, scal)
     scale, thresholds = dropout_tables(scal, [0.2, 0.0, 0.5], x.device)
-    weight = torch.randn(5, 7)
-    bias = torch.randn(5, requires_grad=True)
+    bias = torch.randn(o, requires_grad=True)
 
     def f(x, index):
-        return lora_grouped_linear(x, weight, bias, a, b, st_a, st_b, scale, index, thresholds=thresholds,
-                                   seed=1234)
+        return op(x, weight, bias, a, b, st_a, st_b, scale, index, thresholds=thresholds, seed=1234)
 
     leaves = [x, bias, *a, *b]
     want = f(x, index)

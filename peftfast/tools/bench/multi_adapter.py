@@ -36,7 +36,9 @@ Two tables:
   kernels read dY, x and dX again; the fused backward (``fused_backward_launches``: dX and dH in one launch)
   still reads x (dA) and dY (dB) again. ``calibrate`` checks the formulas against the bytes and
   launches counted from the kernels in Triton's interpreter (tests/test_multi_adapter_kernels.py: equal,
-  forward and backward, with and without dropout, grouped and fused).
+  forward and backward, with and without dropout, grouped and fused). Over a bitsandbytes base the fused launch
+  reads the stored weight instead (``qfused_launches``, checked the same way by ``calibrate_quant``;
+  ``quant_prefill_rows``: the NF4 prefill forward, one launch against bitsandbytes' dequantise + GEMM + PEFT's loop).
 
     python -m peftfast.tools.bench.multi_adapter [--quick] [--threads 1]    # the CPU table: cpu_rows(repeats=30)
 """
@@ -359,6 +361,95 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
     return rows
 
 
+# ----------------------------------------------------------------------------------------------
+# over a bitsandbytes 4-bit / int8 base: lora_grouped_qlinear (kernels/lora_grouped_q.py)
+# ----------------------------------------------------------------------------------------------
+def quant_weight_bytes(o: int, k: int, kind: str, blocksize: int = 64, nested: bool = False) -> int:
+    """Bytes of a bitsandbytes base weight [o, k] as stored: ``kind`` "4bit" (packed data, absmax, code table;
+    nested absmax as ``costmodel.formulas.quant.nf4_weight_bytes``) or "int8" (CB and the fp32 SCB)."""
+    from ..costmodel.formulas.quant import nf4_weight_bytes
+
+    return nf4_weight_bytes(o, k, blocksize, nested) if kind == "4bit" else o * k + 4 * o
+
+
+def qfused_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt: int, kind: str,
+                    backward: bool = False, bias: bool = False, dropout: bool = False, blocksize: int = 64,
+                    nested: bool = False) -> list[dict]:
+    """The launches of ``lora_grouped_qlinear`` on the Triton path with their bytes (distinct addresses) and FLOPs:
+    forward, the one launch of ``fused_launch`` reading the stored weight (``quant_weight_bytes``) instead of a
+    dense one; backward, ``grouped_launches``' fused-plan backward whose dX GEMM is the quantised one (dY and the
+    stored weight read, dX written)."""
+    dense_w, w = o * k * act_elt, quant_weight_bytes(o, k, kind, blocksize, nested)
+    if not backward:
+        one = fused_launch(m, k, o, counts, rank, act_elt, ad_elt, bias=bias, dropout=dropout)
+        return [dict(one, name=f"grouped {kind} linear", bytes=one["bytes"] - dense_w + w)]
+    return [dict(x, name=f"dX = dY @ deq(W) ({kind})", bytes=x["bytes"] - dense_w + w) if x["name"] == "dX = dY @ W"
+            else x for x in grouped_launches(m, k, o, counts, rank, act_elt, ad_elt, True, dropout, fused_plan=True)]
+
+
+def calibrate_quant(kind: str = "4bit", m: int = 150, k: int = 64, o: int = 56, dtype: torch.dtype = torch.float16,
+                    dropout: bool = True):
+    """``calibrate(fused=True)`` for ``lora_grouped_qlinear`` over a random 4-bit weight (blocksize 64, fp32
+    absmax, a 16-entry code table) or int8 weight: bytes and launches counted in the interpreter against
+    ``qfused_launches``, forward and backward; three adapters of the store's rank (one unused), base rows, a
+    bias that needs no gradient."""
+    from ...kernels.lora_grouped import dropout_tables, fused_plan
+    from ...kernels.lora_grouped_q import lora_grouped_qlinear
+    from ...kernels.qlora import Int8Weight
+    from ...kernels.quant import Packed4bit
+    from ..costmodel.calibration import count_triton_forward_backward, require_interpreter
+
+    require_interpreter()
+    gen = torch.Generator().manual_seed(0)
+    counts, r, n = [40, 0, 30], 8, 3
+    index = torch.tensor(sum(([i] * c for i, c in enumerate(counts)), []) + [-1] * (m - sum(counts)))
+    index = index[torch.randperm(m, generator=gen)]
+    a = [torch.randn(r, k, generator=gen).to(dtype).requires_grad_() for _ in counts]
+    b = [torch.randn(o, r, generator=gen).to(dtype).requires_grad_() for _ in counts]
+    stores = (torch.stack([w.detach() for w in a]), torch.stack([w.detach().t() for w in b]).transpose(1, 2))
+    scale, thresholds = dropout_tables([1.5] * n, [0.1 if dropout else 0.0] * n, "cpu")
+    if kind == "4bit":
+        p = Packed4bit(torch.randint(0, 256, (o * k // 2,), dtype=torch.uint8, generator=gen),
+                       torch.rand(o * k // 64, generator=gen) + 0.5, torch.linspace(-1.0, 1.0, 16), 64, (o, k), dtype)
+    else:
+        p = Int8Weight(torch.randint(-127, 128, (o, k), dtype=torch.int8, generator=gen), torch.rand(o, generator=gen))
+    x = torch.randn(m, k, generator=gen).to(dtype).requires_grad_()
+    bias, dy = torch.randn(o, generator=gen).to(dtype), torch.randn(m, o, generator=gen).to(dtype)
+    plan = fused_plan(index, n)  # once per call, shared by the layers (not counted, as in ``calibrate``)
+    fwd, bwd = count_triton_forward_backward(
+        lambda: lora_grouped_qlinear(x, p, bias, a, b, *stores, scale, index, plan=plan,
+                                     thresholds=thresholds if dropout else None, seed=7), dy)
+    elt = torch.finfo(dtype).bits // 8
+    rows = []
+    for what, counted, back in (("forward", fwd, False), ("backward", bwd, True)):
+        model = qfused_launches(m, k, o, counts, r, elt, elt, kind, back, bias=True, dropout=dropout)
+        rows.append(dict(direction=what, counted_bytes=counted[0], modelled_bytes=sum(x["bytes"] for x in model),
+                         counted_launches=counted[1], modelled_launches=len(model), counted_names=counted[2]))
+    return rows
+
+
+def quant_prefill_rows(ns=(1, 4, 16, 64), rows: int = 64 * 512, d: int = 4096, r: int = 16, elt: int = 2,
+                       blocksize: int = 64) -> list[dict]:
+    """Modelled prefill forward over an NF4 base (blocksize 64, fp32 absmax), d x d, rank r, bf16, samples spread
+    evenly over N adapters: our one launch (``qfused_launches``) against the budget (the packed weight + x + y +
+    the used adapters' A and B, + 5%), and its launches against bitsandbytes' base (dequantise W, then the GEMM: 2
+    launches) + PEFT's loop (7 per adapter, ``traffic``)."""
+    from ...kernels.lora_grouped import fused_worthwhile
+
+    out = []
+    for n in ns:
+        per = -(-rows // n)
+        counts = [min(per, rows - i * per) for i in range(n)]
+        ours = qfused_launches(rows, d, d, counts, r, elt, elt, "4bit", blocksize=blocksize)
+        exact = quant_weight_bytes(d, d, "4bit", blocksize) + 2 * rows * d * elt + n * r * 2 * d * elt
+        mb = sum(x["bytes"] for x in ours)
+        out.append(dict(shape="prefill NF4", rows=rows, adapters=n, fused=fused_worthwhile(rows, n),
+                        launches_ours=len(ours), launches_bnb_peft=2 + 7 * n, MB_ours=mb / 1e6,
+                        MB_budget=1.05 * exact / 1e6, within_budget=mb <= 1.05 * exact,
+                        overhead=mb / exact - 1))
+    return out
+
+
 def modelled(kind: dict, gpu: str) -> float:
     bw, flops, launch = GPUS[gpu]
     return kind["bytes"] / bw + kind["flops"] / flops + kind["launches"] * launch
@@ -394,6 +485,10 @@ def main(argv=None) -> None:
           f"loop, launches including the base GEMM; plan: "
           f"{plan_launches()} device ops once per call (64 rows, 16 adapters; {plan_launches(64, 64)} with 64)")
     for row in traffic_rows():
+        print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print("Modelled prefill forward over an NF4 base (64 x 512 rows, 4096 x 4096, r=16, bf16, blocksize 64): one launch "
+          "vs bitsandbytes' dequantise + GEMM + PEFT's loop")
+    for row in quant_prefill_rows():
         print("  " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
 

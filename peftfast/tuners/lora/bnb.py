@@ -8,7 +8,10 @@ packed weight, so neither forward nor backward keeps an [N, K] weight alive beyo
 Triton backend (a base that ``base_is_fusable`` allows, whose compute dtype is the input's) the
 adapters run inside the same quantised GEMM (``qlora_linear_fused``: one store of y; the dX kernel
 adds the adapter term and computes dA); otherwise the adapter term is the same op as on a float
-base. Adapter weights are created in the base's compute dtype (fp32 by default, as in PEFT).
+base. A mixed batch (``adapter_names``) at prefill runs the same way on the Triton backend: one launch
+of the grouped kernel with the weight dequantised inside its base GEMM (``lora_grouped_qlinear``; a
+4-bit weight in the aligned layout, or int8), else bitsandbytes' matmul then the grouped kernels.
+Adapter weights are created in the base's compute dtype (fp32 by default, as in PEFT).
 
 Merging is ``QuantizedAdditiveLayer``'s: the weight is dequantised to fp32, the adapters' deltas
 are added, and the sum is requantised with bitsandbytes' own quantiser and the layer's settings.
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from ...kernels.qlora import Int8Weight, qlora_linear_fused
+from ...kernels.quant import Packed4bit
 from ..additive import QuantizedAdditiveLayer, low_rank_delta
 from ..adapter_layers import base_is_fusable
 from ..quantized import QuantizedBase4bit, QuantizedBase8bit, compute_dtype, quantized_kind
@@ -59,6 +63,17 @@ class QuantLoraLinear(QuantizedAdditiveLayer, Linear):
         """DoRA's norm reads the dequantised weight (fp32 [out, in], a new tensor each call, as in PEFT)."""
         return self.dequantized_weight()
 
+    def _grouped_base_weight(self, x: torch.Tensor) -> Packed4bit | Int8Weight | None:
+        """A mixed batch's prefill fuses the base GEMM with each row's adapter (``lora_grouped_qlinear``: the weight
+        dequantised tile by tile in that GEMM) where ``_fuses_with_base`` allows it (frozen base without hooks,
+        the compute dtype rules of the single-adapter path); a 4-bit weight in the general layout is not fused
+        (``grouped_linear`` says None: bitsandbytes' matmul, then the grouped kernels)."""
+        return self._quant_weight(x) if self._fuses_with_base(x) else None
+
+    def _grouped_base_args(self, x: torch.Tensor, weight: Packed4bit | Int8Weight) -> tuple:
+        bias = self.get_base_layer().bias
+        return x, weight, None if bias is None else bias.to(x.dtype)
+
 
 _QuantLoraLinear = QuantLoraLinear  # the name this class had before it was public
 
@@ -75,11 +90,13 @@ class Linear4bit(QuantizedBase4bit, QuantLoraLinear):
         base = self.get_base_layer()
         return base_is_fusable(base) and compute_dtype(base, x) == x.dtype
 
+    def _quant_weight(self, x: torch.Tensor) -> Packed4bit:
+        return self.packed_weight()._replace(dtype=x.dtype)  # dequantised straight into the compute dtype
+
     def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.get_base_layer()
-        p = self.packed_weight()._replace(dtype=x.dtype)  # dequantised straight into the compute dtype
         bias = None if base.bias is None or not with_bias else base.bias.to(x.dtype)
-        return qlora_linear_fused(x, p, bias, *self.adapter_bundle(names), self.training)
+        return qlora_linear_fused(x, self._quant_weight(x), bias, *self.adapter_bundle(names), self.training)
 
 
 class Linear8bitLt(QuantizedBase8bit, QuantLoraLinear):
@@ -93,11 +110,13 @@ class Linear8bitLt(QuantizedBase8bit, QuantLoraLinear):
         base = self.get_base_layer()
         return base_is_fusable(base) and not base.state.has_fp16_weights
 
+    def _quant_weight(self, x: torch.Tensor) -> Int8Weight:
+        return Int8Weight(*self.int8_weight())
+
     def _fused_forward(self, x: torch.Tensor, names: list[str], with_bias: bool = True) -> torch.Tensor:
         base = self.get_base_layer()
         bias = None if base.bias is None or not with_bias else base.bias.to(x.dtype)
-        return qlora_linear_fused(x, Int8Weight(*self.int8_weight()), bias, *self.adapter_bundle(names),
-                                  self.training)
+        return qlora_linear_fused(x, self._quant_weight(x), bias, *self.adapter_bundle(names), self.training)
 
 
 def dispatch_bnb(target: nn.Module, adapter_name: str, lora_config: Any = None, **kwargs: Any

@@ -15,9 +15,11 @@ not hold: -1) and calls ``peftfast.kernels.lora_grouped.lora_grouped``: rows sor
 device, then one shrink and one expand over blocks of rows (Triton on CUDA; two batched matmuls elsewhere).
 Over a plain frozen nn.Linear on the Triton backend, a batch with rows enough to fill 64-row blocks (prefill)
 instead runs ``grouped_linear``: the base GEMM, the shrink and the expand in one launch
-(``lora_grouped_linear``), x read once and y written once, unless on a CUDA device the base layer followed by
-the grouped kernels was measured faster for the call's key (``fused_choice``: kernels/autotune.py's measured
-dispatch, keyed by rows, shape, rank tile, adapters held and used, dtypes and step; timed once per key).
+(``lora_grouped_linear``), x read once and y written once; over a bitsandbytes 4-bit (aligned layout) or int8
+base the same, its weight dequantised tile by tile inside that GEMM (``lora_grouped_qlinear``). On a CUDA device
+the base layer followed by the grouped kernels runs instead where it was measured faster for the call's key
+(``fused_choice``: kernels/autotune.py's measured dispatch, keyed by rows, weight kind and shape, rank tile,
+adapters held and used, dtypes and step; timed once per key).
 No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
 the rows that used it only; with dropout each row sees its adapter's mask (its probability, its stream),
 regenerated inside the op from one seed per call in forward and backward: saved for backward are x (the
@@ -25,7 +27,7 @@ caller's tensor), the small h and the plan, never a mask or a dropped copy of x.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -33,6 +35,11 @@ from ...kernels import autotune
 from ...kernels.backend import use_triton
 from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan, fused_worthwhile, lora_grouped,
                                      lora_grouped_linear, make_plan, rank_bucket)
+from ...kernels.lora_grouped_q import QuantWeight, fuses, lora_grouped_qlinear, weight_tensor
+from ...kernels.qlora import Int8Weight
+from ...kernels.qmatmul import matmul_4bit, matmul_int8
+
+BaseWeightArg = Union[torch.Tensor, QuantWeight]  # a float [O, K] weight, or a bitsandbytes one
 
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
@@ -143,21 +150,29 @@ def grouped_delta(store: AdapterStore, x: torch.Tensor, result: torch.Tensor, na
                         update_base_out=owned).view(result.shape)
 
 
-def may_fuse(x: torch.Tensor, weight: torch.Tensor, adapters: int) -> bool:
+def _values(weight: BaseWeightArg) -> torch.Tensor:
+    return weight if isinstance(weight, torch.Tensor) else weight_tensor(weight)
+
+
+def may_fuse(x: torch.Tensor, weight: BaseWeightArg, adapters: int) -> bool:
     """The cheap part of ``grouped_linear``'s test, before any store is synced: the Triton backend and rows
     enough for ``adapters`` adapters (an upper bound of the store's)."""
-    return use_triton(x, weight) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), adapters)
+    return use_triton(x, _values(weight)) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), adapters)
 
 
-def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
                    names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
                    training: bool) -> Optional[torch.Tensor]:
     """``F.linear(x, weight, bias)`` plus each row's adapter in one launch (``lora_grouped_linear``: x read once,
     y written once) on the Triton backend when the rows fill the fused kernel's blocks (``fused_worthwhile``:
-    prefill, not decode); None otherwise (the caller runs the base layer, then ``grouped_delta``)."""
+    prefill, not decode); None otherwise (the caller runs the base layer, then ``grouped_delta``). ``weight``: a
+    float [O, K] tensor, or a bitsandbytes weight (``Packed4bit`` / ``Int8Weight``: ``lora_grouped_qlinear``, the
+    base GEMM dequantising it in registers; None also for a 4-bit weight in the general layout, ``fuses``)."""
     rows = x.numel() // x.shape[-1]
-    if not (use_triton(x, weight, store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
+    if not (use_triton(x, _values(weight), store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
             and fused_worthwhile(rows, len(store.names))):
+        return None
+    if not isinstance(weight, torch.Tensor) and not fuses(x, weight, store.a, store.b):
         return None
     if fused_choice(store, x, weight, bias, names, weights_a, weights_b, training) == UNFUSED:
         return None
@@ -166,11 +181,12 @@ def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, b
 
 def _fused_call(store, x, weight, bias, names, weights_a, weights_b, training) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
+    op = lora_grouped_linear if isinstance(weight, torch.Tensor) else lora_grouped_qlinear
     index, plan = shared_plan(store, names, rows, x.device, "fused")
     if training and store.max_dropout > 0:
-        return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.drop_scale, index,
-                                   plan=plan, thresholds=store.thresholds)
-    return lora_grouped_linear(x, weight, bias, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
+        return op(x, weight, bias, weights_a, weights_b, store.a, store.b, store.drop_scale, index, plan=plan,
+                  thresholds=store.thresholds)
+    return op(x, weight, bias, weights_a, weights_b, store.a, store.b, store.scale, index, plan=plan)
 
 
 # Measured dispatch (kernels/autotune.py) of a prefill: the fused launch, or the base layer + the grouped kernels
@@ -181,21 +197,23 @@ def _dtype_tag(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, names: list, need_x: bool,
+def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, names: list, need_x: bool,
                        need_grads: bool, dropout: bool) -> tuple:
-    """("lora_grouped_linear", rows rounded up to a power of two, d_out, d_in, the store's rank tile, adapters
+    """("lora_grouped_linear", rows rounded up to a power of two, weight kind (dense, 4bit, int8), d_out, d_in,
+    the store's rank tile, adapters
     held, distinct adapters the batch uses (a power of two), x dtype, adapter dtype, step): step as
     ``lora_linear_fused``'s key ("fwd", "fwd+bwd", "fwd+bwd-dx", plus "+dropout")."""
     per_token = bool(names) and isinstance(names[0], (list, tuple))
     used = set(n for per in names for n in per) if per_token else set(names)
     used = len(used.intersection(store.names))
     step = (("fwd+bwd" if need_x else "fwd+bwd-dx") if need_grads else "fwd") + ("+dropout" if dropout else "")
-    return ("lora_grouped_linear", autotune.bucket(x.numel() // x.shape[-1]), weight.shape[0], weight.shape[1],
+    kind = "dense" if isinstance(weight, torch.Tensor) else "int8" if isinstance(weight, Int8Weight) else "4bit"
+    return ("lora_grouped_linear", autotune.bucket(x.numel() // x.shape[-1]), kind, weight.shape[0], weight.shape[1],
             store.a.shape[1], len(store.names), autotune.bucket(max(used, 1)), _dtype_tag(x.dtype),
             _dtype_tag(store.a.dtype), step)
 
 
-def fused_choice(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def fused_choice(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
                  names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> str:
     """FUSED or UNFUSED for this prefill: the measured choice for its key on a CUDA device (both candidates timed
     on the first call of the key, see kernels/autotune.py), else FUSED."""
@@ -218,11 +236,11 @@ def fused_choice(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bia
                                                                    weights_b, training), FUSED).choice
 
 
-def fused_candidates(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def fused_candidates(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
                      names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
                      training: bool) -> dict:
     """{FUSED: step, UNFUSED: step}: the call's forward (and, where the call will need one, the backward for the
-    gradients it needs, with a random dY), fused or as F.linear + ``grouped_delta``, on detached views of the
+    gradients it needs, with a random dY), fused or as the base output (``base_output``) + ``grouped_delta``, on detached views of the
     caller's tensors: no .grad is written, nothing the caller holds is changed."""
     grad = torch.is_grad_enabled()
 
@@ -244,10 +262,19 @@ def fused_candidates(store: AdapterStore, x: torch.Tensor, weight: torch.Tensor,
         backward(_fused_call(store, xl, weight, bl, names, al, bbl, training))
 
     def unfused():
-        base = torch.nn.functional.linear(xl, weight, bl)
+        base = base_output(xl, weight, bl)
         backward(grouped_delta(store, xl, base, names, al, bbl, training))
 
     return {FUSED: fused, UNFUSED: unfused}
+
+
+def base_output(x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The base layer's output as the unfused path computes it: ``F.linear``, or the quantised matmul."""
+    if isinstance(weight, torch.Tensor):
+        return torch.nn.functional.linear(x, weight, bias)
+    if isinstance(weight, Int8Weight):
+        return matmul_int8(x, weight.cb, weight.scb, bias)
+    return matmul_4bit(x, weight, bias)
 
 
 def check_adapter_names_shape(adapter_names: object) -> None:

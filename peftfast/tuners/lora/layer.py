@@ -1097,21 +1097,30 @@ class Linear(nn.Module, LoraLayer):
         return self._add_rows_lora_bias(out, adapter_names, self.bias_names(names))
 
     def _grouped_fused(self, x: torch.Tensor, adapter_names: list, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-        """A plain frozen nn.Linear base (``base_is_fusable``) on the Triton backend, with rows enough to fill the
+        """A base the layer may fuse (``_grouped_base_weight``) on the Triton backend, with rows enough to fill the
         fused kernel's blocks (prefill): the base GEMM and each row's adapter in one launch (``grouped_linear``);
         None otherwise."""
-        base = self.base_layer
-        if (args or kwargs or type(base) is not nn.Linear or not base_is_fusable(base)
-                or not may_fuse(x, base.weight, len(self.lora_A))):
+        weight = None if args or kwargs else self._grouped_base_weight(x)
+        if weight is None or not may_fuse(x, weight, len(self.lora_A)):
             return None
         prepared = self._synced_store(adapter_names)
         if prepared is None or not prepared[0]:
             return None
         names, bundle, store = prepared
-        x, weight, bias = autocast_base(x, base.weight, base.bias)
+        x, weight, bias = self._grouped_base_args(x, weight)
         out = grouped_linear(store, x, weight, bias, adapter_names, bundle.weights_a, bundle.weights_b,
                              self.training)
         return None if out is None else self._add_rows_lora_bias(out, adapter_names, self.bias_names(names))
+
+    def _grouped_base_weight(self, x: torch.Tensor):
+        """The weight ``_grouped_fused`` hands to ``grouped_linear`` (a plain frozen nn.Linear's, ``base_is_fusable``),
+        or None: the base layer runs first."""
+        base = self.base_layer
+        return base.weight if type(base) is nn.Linear and base_is_fusable(base) else None
+
+    def _grouped_base_args(self, x: torch.Tensor, weight) -> tuple:
+        """(x, weight, bias) as the fused op takes them: under autocast all in its dtype (``autocast_base``)."""
+        return autocast_base(x, weight, self.base_layer.bias)
 
     def _add_rows_lora_bias(self, out: torch.Tensor, adapter_names: list, biased: list[str]) -> torch.Tensor:
         """``out`` plus ``scaling * lora_B.bias`` on the rows (samples, or tokens for per-token names) whose adapter
