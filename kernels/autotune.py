@@ -94,6 +94,50 @@ def bucket(n: int) -> int:
     return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
+def detached_step(tensors: list, out_shape: tuple, like: torch.Tensor) -> tuple[list, Callable[[Any], None]]:
+    """What a candidate runs on: ``tensors`` (None allowed) as fresh leaves, detached from the caller's, requiring
+    grad where theirs do (with grad mode on), and ``backward(y)``, the gradients of those leaves for one random dY
+    of ``out_shape`` (``like``'s dtype and device, seed 0; nothing without such leaves). No .grad is written and
+    nothing the caller holds changes."""
+    grad = torch.is_grad_enabled()
+    leaves = [None if t is None else t.detach().requires_grad_(grad and t.requires_grad) for t in tensors]
+    needed = [t for t in leaves if t is not None and t.requires_grad]
+    dy = None
+    if needed:
+        gen = torch.Generator(device=like.device).manual_seed(0)
+        dy = torch.randn(*out_shape, dtype=like.dtype, device=like.device, generator=gen)
+
+    def backward(y) -> None:
+        if needed:
+            torch.autograd.grad(y, needed, dy)
+
+    return leaves, backward
+
+
+def grad_needs(x: torch.Tensor, bias: Optional[torch.Tensor], weights: list) -> tuple[bool, bool]:
+    """(x needs a gradient, the step needs a backward at all) for a call of an op on x, bias and adapter weights,
+    under the current grad mode: the step part of a dispatch key."""
+    grad = torch.is_grad_enabled()
+    need_x = grad and x.requires_grad
+    need_params = grad and (any(t.requires_grad for t in weights) or (bias is not None and bias.requires_grad))
+    return need_x, need_x or need_params
+
+
+def measured_choice(device: torch.device, key: tuple, candidates: Callable[[], Mapping[str, Callable[[], object]]],
+                    default: str) -> str:
+    """The choice for ``key`` on ``device`` (a tunable one): the decision already made, else ``default`` where
+    nothing may be timed now (``may_measure``), else the candidates (made by ``candidates()``) timed by ``TUNER``
+    with the caller's RNG state left as it was (their dropout seeds)."""
+    name = device_name(device)
+    known = TUNER.lookup(name, key)
+    if known is not None:
+        return known.choice
+    if not may_measure(device):
+        return default
+    with torch.random.fork_rng(devices=[]):
+        return TUNER.choose(name, key, candidates(), default).choice
+
+
 _NAMES: dict[Any, str] = {}
 
 

@@ -1249,42 +1249,20 @@ def dispatch(x, weight, bias, weights_a, weights_b, scalings, ps, plan) -> str:
     device (timed on the first call of the key, see kernels/autotune.py), else FUSED."""
     if x.numel() == 0 or not autotune.tunable(x.device):
         return FUSED
-    grad = torch.is_grad_enabled()
-    need_x = grad and x.requires_grad
-    need_params = grad and (any(t.requires_grad for t in (*weights_a, *weights_b))
-                            or (bias is not None and bias.requires_grad))
-    key = dispatch_key(x, weight, weights_a, need_x, need_x or need_params, plan.dropout)
-    device = autotune.device_name(x.device)
-    known = autotune.TUNER.lookup(device, key)
-    if known is not None:
-        return known.choice
-    if not autotune.may_measure(x.device):
-        return FUSED
-    with torch.random.fork_rng(devices=[]):  # the candidates' dropout seeds leave the caller's RNG as it was
-        return autotune.TUNER.choose(device, key, dispatch_candidates(x, weight, bias, weights_a, weights_b,
-                                                                      scalings, ps, plan), FUSED).choice
+    need_x, need_grads = autotune.grad_needs(x, bias, [*weights_a, *weights_b])
+    key = dispatch_key(x, weight, weights_a, need_x, need_grads, plan.dropout)
+    return autotune.measured_choice(x.device, key, lambda: dispatch_candidates(x, weight, bias, weights_a, weights_b,
+                                                                               scalings, ps, plan), FUSED)
 
 
 def dispatch_candidates(x, weight, bias, weights_a, weights_b, scalings, ps, plan) -> dict:
     """{FUSED: step, UNFUSED: step}: each runs this call's forward (and, where the call will need one, the
     backward for the gradients it needs, with a random dY) on the Triton backend, on detached views of
     the caller's tensors: no .grad is written, nothing the caller holds is changed."""
-    grad = torch.is_grad_enabled()
-
-    def leaf(t):
-        return None if t is None else t.detach().requires_grad_(grad and t.requires_grad)
-
-    xl, bl = leaf(x), leaf(bias)
-    al, bbl = [leaf(a) for a in weights_a], [leaf(b) for b in weights_b]
-    leaves = [t for t in (xl, bl, *al, *bbl) if t is not None and t.requires_grad]
-    gen = torch.Generator(device=x.device).manual_seed(0)
-    dy = torch.randn(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device, generator=gen) \
-        if leaves else None
+    n = len(weights_a)
+    leaves, backward = autotune.detached_step([x, bias, *weights_a, *weights_b], (*x.shape[:-1], weight.shape[0]), x)
+    xl, bl, al, bbl = leaves[0], leaves[1], leaves[2:2 + n], leaves[2 + n:]
     seed = 0x5EED if plan.dropout else 0
-
-    def backward(y):
-        if leaves:
-            torch.autograd.grad(y, leaves, dy)
 
     def fused():
         backward(LORA_LINEAR_FUSED(xl, weight, bl, al, bbl, scalings, ps, seed, hint=(plan, True))[0])

@@ -740,6 +740,17 @@ def lora_grouped(x: torch.Tensor, base_out: torch.Tensor, weights_a: Sequence[to
 
 
 @triton.jit
+def _block_of(table_ptr, slot, pid_b, M, R, N_ADAPTERS, BLOCK_ROWS: tl.constexpr):
+    """Block ``pid_b`` of a fused plan, of slot ``slot`` (< N an adapter, N the base model): (the adapter whose
+    tiles it loads; its rank limit, 0 for base-model blocks so every adapter load is masked off; its rows; which
+    of them are real)."""
+    adapter = tl.minimum(slot, N_ADAPTERS - 1)
+    r_lim = tl.where(slot < N_ADAPTERS, R, 0)
+    rows = tl.load(table_ptr + pid_b * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS))
+    return adapter, r_lim, rows, rows < M
+
+
+@triton.jit
 def _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, log2_bs, log2_nbs,
                   w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O, stride_wo, stride_wk, like,
                   WEIGHT: tl.constexpr, NESTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr):
@@ -809,15 +820,12 @@ def _grouped_linear_kernel(
     slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
     if slot > N_ADAPTERS:  # an unused block
         return
-    adapter = tl.minimum(slot, N_ADAPTERS - 1)
-    r_lim = tl.where(slot < N_ADAPTERS, R, 0)  # base-model blocks: every adapter load masked off
+    adapter, r_lim, rows, row_ok = _block_of(table_ptr, slot, pid_b, M, R, N_ADAPTERS, BLOCK_ROWS)
     # 64-bit scalar bases, tile-local int32 offsets (registers): the gathered rows' offsets are int64
     offs_m = tl.arange(0, BLOCK_ROWS)
     offs_r = tl.arange(0, BLOCK_R)
     offs_o = tl.arange(0, BLOCK_O)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.load(table_ptr + pid_b * BLOCK_ROWS + offs_m)
-    row_ok = rows < M
     o_ok = offs_o < O - pid_o * BLOCK_O
     r_ok = offs_r < r_lim
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
@@ -977,14 +985,11 @@ def _grouped_linear_dx_kernel(
     slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
     if slot > N_ADAPTERS:  # an unused block
         return
-    adapter = tl.minimum(slot, N_ADAPTERS - 1)
-    r_lim = tl.where(slot < N_ADAPTERS, R, 0)  # base-model blocks: every adapter load masked off
+    adapter, r_lim, rows, row_ok = _block_of(table_ptr, slot, pid_b, M, R, N_ADAPTERS, BLOCK_ROWS)
     offs_m = tl.arange(0, BLOCK_ROWS)
     offs_r = tl.arange(0, BLOCK_R)
     offs_o = tl.arange(0, BLOCK_O)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.load(table_ptr + pid_b * BLOCK_ROWS + offs_m)
-    row_ok = rows < M
     k0 = pid_k * BLOCK_K
     k_ok = offs_k < K - k0
     r_ok = offs_r < r_lim

@@ -360,17 +360,7 @@ def test_grouped_linear_reference_vs_float64(torch_backend):
 
 def test_triton_grouped_linear_is_one_launch(interpreted, monkeypatch):
     """Forward: one kernel (after the plan) whatever the number of adapters; it never calls F.linear."""
-    from peftfast.kernels import lora_grouped as G
-    from peftfast.kernels import runtime
-
-    real = G.launch
-    seen = []
-
-    def record(kernel, grid, *args, **meta):
-        seen.append(runtime.kernel_name(kernel))
-        return real(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(G, "launch", record)
+    seen = _record_launches(monkeypatch)
     monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: (_ for _ in ()).throw(AssertionError("F.linear")))
     for n in (3, 17):
         seen.clear()
@@ -446,8 +436,6 @@ def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path,
     from torch import nn
 
     from peftfast.kernels import autotune
-    from peftfast.kernels import lora_grouped as G
-    from peftfast.kernels import runtime
     from tests.kernels.test_autotune import FakeTimer
 
     timer = FakeTimer({"fused": 1.0 if preferred == "fused" else 2.0,
@@ -456,14 +444,7 @@ def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path,
     monkeypatch.setattr(autotune, "TUNER", tuner)
     monkeypatch.setattr(autotune, "tunable", lambda device: autotune.autotune_enabled())
     monkeypatch.setattr(autotune, "may_measure", lambda device: True)
-    seen = []
-    real = G.launch
-
-    def record(kernel, grid, *args, **meta):
-        seen.append(runtime.kernel_name(kernel))
-        return real(kernel, grid, *args, **meta)
-
-    monkeypatch.setattr(G, "launch", record)
+    seen = _record_launches(monkeypatch)
     torch.manual_seed(6)
     names = ["a0", "a1", "a2"]
     pm = three_adapters(nn.Sequential(nn.Linear(11, 15), nn.Tanh(), nn.Linear(15, 6)), names, ["0", "2"], 0.3)
@@ -491,13 +472,7 @@ def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path,
     torch.testing.assert_close(y, alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y2, alone, rtol=1e-5, atol=1e-5)
 
-    pm.train()
-    pm.base_model.train_mixed_batches = True
-    for name in names:
-        pm.base_model.set_adapter(name)
-    params = {k: p for k, p in pm.named_parameters() if "lora_" in k}
-    for p in params.values():
-        p.requires_grad_(True)
+    params = train_mixed(pm, names)
     weight = torch.randn(batch, seq, 6, generator=g)
     check_mixed_grads_equal_alone(pm, names, per_sample, x, weight, params, tol=lambda r: dict(rtol=1e-4, atol=1e-4),
                                   own_count=4, nonzero=True)

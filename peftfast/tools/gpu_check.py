@@ -328,14 +328,17 @@ def section_kernels(dry: bool) -> dict:
 
 
 def grouped_checks(dry: bool, device, gen, acts) -> list[dict]:
-    """Mixed batches: ``lora_grouped`` (after a base output) and ``lora_grouped_linear`` (the base GEMM fused in)
-    on CUDA tensors against float64, three adapters of ranks 5 / 16 / 9 (the last without rows) and base rows,
-    output and the gradients of x, the bias (fused) and each adapter's A and B."""
+    """Mixed batches: ``lora_grouped`` (after a base output), ``lora_grouped_linear`` (the base GEMM fused in) and
+    ``lora_grouped_qlinear`` (over an NF4 (nested scales) and an int8 weight, dequantised in the fused GEMM) on CUDA
+    tensors against float64, three adapters of ranks 5 / 16 / 9 (the last without rows) and base rows, output and
+    the gradients of x, the bias (fused) and each adapter's A and B."""
     import torch
 
+    from peftfast.kernels import qmatmul as Q
     from peftfast.kernels.lora_grouped import lora_grouped, lora_grouped_linear, rank_bucket
+    from peftfast.kernels.lora_grouped_q import lora_grouped_qlinear
 
-    t, d_in, d_out = (150, 40, 56) if dry else (3000, 1536, 1000)
+    t, d_in, d_out = (150, 64, 56) if dry else (3000, 1536, 1000)  # d_in: whole 4-bit blocks (the aligned layout)
     ranks = (5, 16, 9)
     checks: list[dict] = []
     names = ["out", "dX", "db", "dA0", "dA1", "dA2", "dB0", "dB1", "dB2"]
@@ -371,6 +374,18 @@ def grouped_checks(dry: bool, device, gen, acts) -> list[dict]:
             checks += _check_op(f"lora_grouped_linear{tag}", fused, [x, bias, *a, *b], dy, names)
             checks += _check_op(f"lora_grouped{tag}", grouped, [x, base, *a, *b], dy,
                                 ["out", "dX", "dbase", *names[3:]])
+            for kind in ("nf4-nested", "int8"):
+                p = (_int8_weight(d_out, d_in, device, gen) if kind == "int8" else
+                     _packed_4bit(d_out, d_in, act, True, device, gen))
+                w_q = (Q.dequantize_int8_reference(p.cb, p.scb, act) if kind == "int8" else
+                       Q.dequantize_4bit_torch(p).to(act)).double().cpu()
+
+                def qfused(x_, bias_, *ab, p_=p):
+                    return lora_grouped_qlinear(x_, p_, bias_, ab[:3], ab[3:], *stores(ab[:3], ab[3:]),
+                                                index.to(x_.device))
+
+                checks += _check_op(f"lora_grouped_qlinear_{kind}{tag}", qfused, [x, bias, *a, *b], dy, names,
+                                    ref_op=lambda x_, bias_, *ab, w_=w_q: fused(x_, bias_, *ab, w_=w_))
     return checks
 
 

@@ -219,44 +219,22 @@ def fused_choice(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bi
     on the first call of the key, see kernels/autotune.py), else FUSED."""
     if x.numel() == 0 or not autotune.tunable(x.device):
         return FUSED
-    grad = torch.is_grad_enabled()
-    need_x = grad and x.requires_grad
-    need_params = grad and (any(t.requires_grad for t in (*weights_a, *weights_b))
-                            or (bias is not None and bias.requires_grad))
-    key = fused_dispatch_key(store, x, weight, names, need_x, need_x or need_params,
-                             training and store.max_dropout > 0)
-    device = autotune.device_name(x.device)
-    known = autotune.TUNER.lookup(device, key)
-    if known is not None:
-        return known.choice
-    if not autotune.may_measure(x.device):
-        return FUSED
-    with torch.random.fork_rng(devices=[]):  # the candidates' dropout seeds leave the caller's RNG as it was
-        return autotune.TUNER.choose(device, key, fused_candidates(store, x, weight, bias, names, weights_a,
-                                                                   weights_b, training), FUSED).choice
+    need_x, need_grads = autotune.grad_needs(x, bias, [*weights_a, *weights_b])
+    key = fused_dispatch_key(store, x, weight, names, need_x, need_grads, training and store.max_dropout > 0)
+    return autotune.measured_choice(x.device, key, lambda: fused_candidates(store, x, weight, bias, names, weights_a,
+                                                                            weights_b, training), FUSED)
 
 
 def fused_candidates(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
                      names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor],
                      training: bool) -> dict:
     """{FUSED: step, UNFUSED: step}: the call's forward (and, where the call will need one, the backward for the
-    gradients it needs, with a random dY), fused or as the base output (``base_output``) + ``grouped_delta``, on detached views of the
-    caller's tensors: no .grad is written, nothing the caller holds is changed."""
-    grad = torch.is_grad_enabled()
-
-    def leaf(t):
-        return None if t is None else t.detach().requires_grad_(grad and t.requires_grad)
-
-    xl, bl = leaf(x), leaf(bias)
-    al, bbl = [leaf(a) for a in weights_a], [leaf(b) for b in weights_b]
-    leaves = [t for t in (xl, bl, *al, *bbl) if t is not None and t.requires_grad]
-    gen = torch.Generator(device=x.device).manual_seed(0)
-    dy = torch.randn(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device, generator=gen) \
-        if leaves else None
-
-    def backward(y):
-        if leaves:
-            torch.autograd.grad(y, leaves, dy)
+    gradients it needs, with a random dY), fused or as the base output (``base_output``) + ``grouped_delta``, on
+    detached views of the caller's tensors (``autotune.detached_step``): no .grad is written, nothing the caller
+    holds is changed."""
+    n = len(weights_a)
+    leaves, backward = autotune.detached_step([x, bias, *weights_a, *weights_b], (*x.shape[:-1], weight.shape[0]), x)
+    xl, bl, al, bbl = leaves[0], leaves[1], leaves[2:2 + n], leaves[2 + n:]
 
     def fused():
         backward(_fused_call(store, xl, weight, bl, names, al, bbl, training))
