@@ -1111,18 +1111,12 @@ def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     if on_triton and needs[0] and fused_dx_supported(table, a.shape[1]):
         dx, da, db = backward_fused_triton(dy2, x2, h, weight, a, b, scale, table, badapter, need_w, thresholds,
                                            int(seed))
-    elif on_triton and table.shape[1] in (16, 32, 64):
-        base_dx = dy2 @ weight if needs[0] else None
-        dx, da, db = backward_triton(dy2, x2, h, a, b, scale, table, badapter, needs[0], need_w, thresholds,
-                                     int(seed), dx_init=base_dx)
+        ga, gb = _split_grads(da, weights[:n], need_a, 0), _split_grads(db, weights[n:], need_b, 1)
     else:
-        dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, needs[0], need_w, thresholds,
-                                        int(seed))
-        if dx is not None:
-            dx = dx + dy2 @ weight
+        dx, ga, gb = fused_base_backward(dy2, x2, h, a, b, scale, table, badapter, thresholds, int(seed), weights,
+                                         needs[0], need_a, need_b, dy2 @ weight if needs[0] else None, on_triton)
     dbias = dy2.sum(0).to(weight.dtype) if needs[2] else None
-    return [None if dx is None else dx.view(x.shape), None, dbias, *_split_grads(da, weights[:n], need_a, 0),
-            *_split_grads(db, weights[n:], need_b, 1), None, None, None, None, None, None, None]
+    return [None if dx is None else dx.view(x.shape), None, dbias, *ga, *gb, None, None, None, None, None, None, None]
 
 
 def fused_base_backward(dy2, x2, h, a, b, scale, table, badapter, thresholds, seed, weights, need_x, need_a, need_b,
