@@ -180,8 +180,10 @@ class OpDecl:
         """The op on ``args`` (the schema's arguments); see the module docstring."""
         if torch.compiler.is_compiling():
             return self.packet(*args)
+        if not torch.is_grad_enabled():  # nothing to record: the leaves are not even listed
+            return self.forward(*args, hint=hint)
         leaves = self._leaves(args)
-        if not (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in leaves)):
+        if not any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
             return self.forward(*args, hint=hint)
         return _EagerFunction.apply(self, (args, hint), *leaves)
 

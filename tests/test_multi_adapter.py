@@ -1034,3 +1034,109 @@ def test_adapter_names_reach_the_same_modules_as_a_full_walk():
     kinds = {type(m).__name__ for m in got}
     assert {"MultiheadAttention", "Linear", "ModulesToSaveWrapper", "TrainableTokensLayer"} <= kinds, kinds
     assert sum(type(m).__name__ == "Linear" for m in got) == 5  # 4 in the blocks + attn's out_proj
+
+
+def _mixed_llama(dropout: float):
+    pm = fast.get_peft_model(zoo.llama(seed=3, hidden=16, layers=2),
+                             fast.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="a0")
+    for i, r in ((1, 2), (2, 5)):
+        pm.add_adapter(f"a{i}", fast.LoraConfig(r=r, lora_alpha=3, lora_dropout=dropout, init_lora_weights=False,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in pm.named_parameters():
+        p.requires_grad_("lora_" in name)
+    pm.base_model.train_mixed_batches = True
+    return pm.train()
+
+
+def _lora_grads(pm) -> dict:  # the gradients of every trainable parameter
+    return {k: p.grad.clone() for k, p in pm.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_mixed_training_under_activation_checkpointing(reentrant):
+    """A mixed batch trained with activation checkpointing (transformers' gradient_checkpointing_enable, reentrant or
+    not): the backward recomputes each decoder layer with the batch's adapter_names, so every adapter's gradients
+    equal those of the same step without checkpointing, which equal each adapter trained alone on its samples
+    (also with dropout: the recomputation regenerates the same masks); the next call drops that routing."""
+    names = ["a2", "a0", "__base__", "a1", "a2"]
+    ids = torch.randint(3, zoo.VOCAB, (5, 6), generator=torch.Generator().manual_seed(11))
+    for dropout in (0.0, 0.3):
+        grads = []
+        for checkpointing in (False, True):
+            pm = _mixed_llama(dropout)
+            if checkpointing:
+                pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+                pm.enable_input_require_grads()
+            torch.manual_seed(5)
+            pm(input_ids=ids, adapter_names=names).logits.pow(2).sum().backward()
+            grads.append(_lora_grads(pm))
+        plain, ckpt = grads
+        assert set(ckpt) == set(plain) and any(".a1." in k for k in plain) and any(".a2." in k for k in plain)
+        for k in plain:
+            torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+        if dropout == 0.0:  # each adapter alone on its samples
+            want: dict = {}
+            for i, name in enumerate(names):
+                if name == "__base__":
+                    continue
+                pm.zero_grad()
+                pm.base_model.set_adapter(name)
+                pm(input_ids=ids[i:i + 1]).logits.pow(2).sum().backward()
+                for k, g in _lora_grads(pm).items():
+                    want[k] = want.get(k, 0) + g
+            for k in plain:
+                torch.testing.assert_close(plain[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+        layers = [m for m in pm.modules() if isinstance(m, fast.tuners.lora.LoraLayer)]
+        pm.base_model.set_adapter("a1")
+        pm.zero_grad()
+        pm(input_ids=ids)  # a call without adapter_names: the routing left for the backward is removed
+        assert not any(m._forward_pre_hooks for m in layers)
+
+
+def test_recompute_routing_only_inside_backward():
+    """After a training call with adapter_names, a forward outside any backward (no recomputation) and a new call
+    without names see no names: the active adapter applies; an eval call removes nothing it should keep."""
+    pm = _mixed_llama(0.0)
+    ids = torch.randint(3, zoo.VOCAB, (3, 4), generator=torch.Generator().manual_seed(2))
+    pm(input_ids=ids, adapter_names=["a1", "a2", "a0"]).logits.sum().backward()
+    pm.eval()
+    with torch.no_grad():
+        pm.base_model.set_adapter("a2")
+        direct = pm.base_model.model(input_ids=ids).logits  # the routing hooks are still there, outside a backward
+        called = pm(input_ids=ids).logits
+        mixed = pm(input_ids=ids, adapter_names=["a2"] * 3).logits
+    torch.testing.assert_close(direct, called, rtol=0, atol=0)
+    torch.testing.assert_close(mixed, called, rtol=1e-5, atol=1e-6)
+    import copy
+    import pickle
+    pm.train()
+    pm(input_ids=ids, adapter_names=["a1", "a2", "a0"]).logits.sum().backward()
+    assert len(pickle.dumps(pm)) > 0  # the hook left for the backward is a picklable object
+    twin = copy.deepcopy(pm).eval()  # and a copy (a reference model) runs
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=ids, adapter_names=["a1", "a2", "a0"]).logits,
+                                   pm.eval()(input_ids=ids, adapter_names=["a1", "a2", "a0"]).logits)
+
+
+def test_ia3_mixed_training_under_activation_checkpointing():
+    """(IA)^3 routes adapter_names the same way: with reentrant checkpointing each adapter's gradients equal those of
+    the step without checkpointing (without the routing kept for the backward, adapter b got none)."""
+    ids = torch.randint(3, zoo.VOCAB, (3, 5), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for checkpointing in (False, True):
+        cfg = dict(target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                   init_ia3_weights=False)
+        pm = fast.get_peft_model(zoo.llama(seed=3), fast.IA3Config(**cfg), adapter_name="a")
+        pm.add_adapter("b", fast.IA3Config(**cfg))
+        for name, p in pm.named_parameters():
+            p.requires_grad_("ia3_" in name)
+        pm.train()
+        if checkpointing:
+            pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            pm.enable_input_require_grads()
+        pm(input_ids=ids, adapter_names=["b", "a", "b"]).logits.pow(2).sum().backward()
+        grads.append(_lora_grads(pm))
+    assert set(grads[1]) == set(grads[0]) and any(".b" in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -1071,3 +1071,48 @@ class BaseTuner(nn.Module):
             raise ValueError(f"adapter_names (one adapter per sample) is not supported by {type(self).__name__}; it "
                              "is supported for LoRA; use set_adapter() to choose the adapter for the whole batch")
         yield
+
+
+# -- adapter_names (PEFT's mixed batch) handed to the modules that take them, for one call ------------------------
+class RouteAdapterNames:
+    """The forward pre-hook that hands one call's ``adapter_names`` to a module that takes them. After a training
+    call (``in_call`` False) it still does so inside a backward pass, where activation checkpointing recomputes the
+    checkpointed blocks' forward: the recomputation then sees the names the forward saw (without them it recomputes
+    other activations: wrong gradients, or checkpoint's mismatch error). A class, not a closure, so a model holding
+    it can still be pickled."""
+
+    def __init__(self, adapter_names: list) -> None:
+        self.adapter_names = adapter_names
+        self.in_call = True
+
+    def __call__(self, module: nn.Module, args: tuple, kw: dict):
+        # in the call; or after it, in a backward (a recomputation) where the caller gave no names of its own
+        if self.in_call or ("adapter_names" not in kw and torch._C._current_graph_task_id() != -1):
+            kw["adapter_names"] = self.adapter_names
+        return args, kw
+
+
+def drop_recompute_routing(tuner: nn.Module) -> None:
+    """Remove the routing a training call with ``adapter_names`` left on ``tuner``'s modules for its backward's
+    recomputation (``route_adapter_names``); each call through the tuner's forward hooks does this first."""
+    for handle in tuner.__dict__.pop("_recompute_routing", None) or ():
+        handle.remove()
+
+
+@contextmanager
+def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: list):
+    """Hand ``adapter_names`` to ``modules`` for one call of ``tuner``'s model. A training call that records
+    gradients may be recomputed in its backward (activation checkpointing, reentrant or not): its routing then
+    stays, for that recomputation only, until the next call (``drop_recompute_routing``)."""
+    hook = RouteAdapterNames(adapter_names)
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    keep = tuner.training and torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        if keep:
+            hook.in_call = False
+            tuner.__dict__["_recompute_routing"] = handles
+        else:
+            for handle in handles:
+                handle.remove()

@@ -23,7 +23,12 @@ Two tables:
   mean of the base calls just before and after it, calls interleaved, the median of 150), times every call
   after a base call has run through the caches (closer to one layer among many): 0.44-0.55 at d=1024 64x1,
   0.51-0.55 at 16x32, 0.40-0.46 at d=256 64x8 (four runs), both sides then reading their adapters' weights
-  from memory.
+  from memory. A third, ``in_call_part_ratio`` (``_in_call_parts``: each call's time minus its own base GEMM's,
+  timed inside it, the two sides alternated, the median of 150; PEFT's side also pays a wrapped ``F.linear`` for
+  each of its 32 lora_A / lora_B calls): 0.48-0.56 at 64x1, 0.50-0.52 at 16x32, 0.40-0.41 at d=256 64x8 (three
+  runs). There, at 16x32, the batched matmuls take ~1 ms of ours ~1.3-1.4 ms (x and y read from beyond the
+  caches after the other side's call), the store check (``_synced_store``, 32 factors' identities, versions and
+  pointers) ~0.15-0.27 ms: the target is about met, with no margin, at d=1024.
 * Modelled GPU traffic (formulas, not timed): per layer, launches and bytes of ours -- the base GEMM then
   the grouped kernels (``grouped_launches``, one entry per launch), or at prefill the one fused launch of
   ``lora_grouped_linear`` (``fused_launch``) -- against the base GEMM + PEFT's loop at decode (64 sequences
@@ -127,6 +132,48 @@ def _paired_parts(fs, base, calls: int) -> list[float]:
     return [statistics.median(p) for p in parts]
 
 
+def _in_call_parts(fs, weights, calls: int) -> tuple[list[float], list[float]]:
+    """Per f of ``fs``: the median over ``calls`` calls of (the call's time minus the time of the base layer's
+    ``F.linear`` inside that same call), the calls of every f alternated; and the ``F.linear`` calls per call that are
+    not the base's. The base GEMM is timed where it runs, so the difference does not subtract a base time taken at
+    another moment (``_best_each``) or interpolated (``_paired_parts``). ``torch.nn.functional.linear`` is wrapped
+    for the measurement (the base is found by its ``weight``, one of ``weights``): every other ``F.linear`` call
+    (PEFT's lora_A / lora_B modules) goes through the wrapper too, a Python call more each, which that side's time
+    includes (the second list counts them)."""
+    import torch.nn.functional as F
+
+    linear = F.linear
+    inner = [0.0, 0]
+
+    def timed_linear(inp, weight, bias=None):
+        if any(weight is w for w in weights):
+            t0 = time.perf_counter()
+            out = linear(inp, weight, bias)
+            inner[0] = time.perf_counter() - t0
+            return out
+        inner[1] += 1
+        return linear(inp, weight, bias)
+
+    F.linear = timed_linear
+    try:
+        for f in fs:
+            for _ in range(3):
+                f()
+        parts: list[list[float]] = [[] for _ in fs]
+        others = [0] * len(fs)
+        for _ in range(calls):
+            for i, f in enumerate(fs):
+                inner[:] = [0.0, 0]
+                t0 = time.perf_counter()
+                f()
+                t = time.perf_counter() - t0
+                parts[i].append(t - inner[0])
+                others[i] = inner[1]
+    finally:
+        F.linear = linear
+    return [statistics.median(p) for p in parts], others
+
+
 def cpu_rows(n: int = 16, shapes=((1024, 64, 1), (1024, 16, 32), (256, 64, 8)), r: int = 16,
              repeats: int = 30):
     """Per shape (d, batch, seq): best-of-``repeats`` wall time of the layer call with ``adapter_names``
@@ -147,11 +194,16 @@ def cpu_rows(n: int = 16, shapes=((1024, 64, 1), (1024, 16, 32), (256, 64, 8)), 
             p_ours, p_peft = _paired_parts([lambda: ours(x, adapter_names=per_sample),
                                             lambda: theirs(x, adapter_names=per_sample)], lambda: base(x),
                                            5 * repeats)
+            (c_ours, c_peft), (o_ours, o_peft) = _in_call_parts(
+                [lambda: ours(x, adapter_names=per_sample), lambda: theirs(x, adapter_names=per_sample)],
+                (base.weight, theirs.base_model.model[0].base_layer.weight), 5 * repeats)
         rows.append(dict(adapters=n, d=d, batch=batch, seq=seq, r=r, ours_us=t_ours * 1e6, peft_us=t_peft * 1e6,
                          base_us=t_base * 1e6, ratio=t_ours / t_peft,
                          adapter_part_ratio=(t_ours - t_base) / max(t_peft - t_base, 1e-9),
                          paired_part_ratio=p_ours / max(p_peft, 1e-9), ours_part_us=p_ours * 1e6,
-                         peft_part_us=p_peft * 1e6, max_abs_diff=err))
+                         peft_part_us=p_peft * 1e6, in_call_part_ratio=c_ours / max(c_peft, 1e-9),
+                         ours_in_call_us=c_ours * 1e6, peft_in_call_us=c_peft * 1e6,
+                         other_linears=f"{o_ours}/{o_peft}", max_abs_diff=err))
     return rows
 
 

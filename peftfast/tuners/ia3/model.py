@@ -21,7 +21,8 @@ from ...utils.constants import (
 from ...utils.undo import UndoLog
 from ...utils.patterns import BoundedPattern
 from ..adapter_layers import Dispatcher, UnsupportedLayerError, create_new_module
-from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
+from ..tuners_utils import (BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, drop_recompute_routing,
+                           linear_layer_classes, route_adapter_names)
 from .bnb import dispatch_bnb
 from .config import IA3Config
 from .layer import Conv2d, Conv3d, IA3Layer, Linear
@@ -210,6 +211,7 @@ class IA3Model(BaseTuner):
         """PEFT's ``adapter_names=[...]`` (one adapter per sample, '__base__' for none) routed to every (IA)^3
         linear layer for one call; checked first, so a refused call changes nothing."""
         adapter_names = kwargs.get("adapter_names")
+        drop_recompute_routing(self)
         if adapter_names is None:
             yield
             return
@@ -229,13 +231,5 @@ class IA3Model(BaseTuner):
         if any(m.merged for m in layers):
             raise ValueError("adapter_names cannot be used while (IA)^3 adapters are merged; unmerge first")
 
-        def pre_hook(module: nn.Module, args: tuple, kw: dict):
-            kw["adapter_names"] = adapter_names
-            return args, kw
-
-        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in layers]
-        try:
+        with route_adapter_names(self, layers, adapter_names):
             yield
-        finally:
-            for h in handles:
-                h.remove()

@@ -16,7 +16,8 @@ from torch import nn
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import BaseTuner, BaseTunerLayer, check_single_bias_adapter, conv1d_class, linear_layer_classes
+from ..tuners_utils import (BaseTuner, BaseTunerLayer, check_single_bias_adapter, conv1d_class,
+                           drop_recompute_routing, linear_layer_classes, route_adapter_names)
 from ...utils.patterns import get_pattern_key
 from .bdlora import bd_side
 from .bnb import dispatch_bnb
@@ -219,8 +220,10 @@ class LoraModel(BaseTuner):
         """Route PEFT's ``adapter_names=[...]`` (one adapter per sample, or one list of names per sample: one per
         token) to every LoRA layer for one call. Unlike PEFT, also in training: each sample's loss reaches only
         its own adapter (``grouped.py``), once ``train_mixed_batches`` is set (PEFT refuses training with
-        adapter_names, and so does peftfast by default)."""
+        adapter_names, and so does peftfast by default); with activation checkpointing, the backward's recomputation
+        sees the same names (``route_adapter_names``)."""
         adapter_names = kwargs.get("adapter_names")
+        drop_recompute_routing(self)
         if adapter_names is None:
             yield
             return
@@ -236,13 +239,5 @@ class LoraModel(BaseTuner):
             raise ValueError(f"adapter_names contains unknown adapters {unknown}; available: "
                              f"{', '.join(self.peft_config)} and '__base__'")
 
-        def pre_hook(module: nn.Module, args: tuple, kw: dict):
-            kw["adapter_names"] = adapter_names
-            return args, kw
-
-        handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in routed_modules(self.model)]
-        try:
+        with route_adapter_names(self, routed_modules(self.model), adapter_names):
             yield
-        finally:
-            for h in handles:
-                h.remove()
