@@ -1140,3 +1140,74 @@ def test_ia3_mixed_training_under_activation_checkpointing():
     assert set(grads[1]) == set(grads[0]) and any(".b" in k for k in grads[0])
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _llama_alone(pm, ids, names):
+    """Each sample's logits run alone with its adapter active (adapters disabled for '__base__')."""
+    outs = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with pm.disable_adapter():
+                outs.append(pm(input_ids=ids[i:i + 1]).logits)
+        else:
+            pm.base_model.set_adapter(name)
+            outs.append(pm(input_ids=ids[i:i + 1]).logits)
+    for pname, p in pm.named_parameters():  # set_adapter froze the other adapters: all train again
+        p.requires_grad_("lora_" in pname)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_store_follows_optimizer_steps(fused):
+    """A fused optimizer (AdamW(fused=True), transformers' default adamw_torch_fused) writes the adapters without
+    bumping their version counters: the layers' stacked stores follow every optimizer step anyway, so after each
+    step the mixed batch, in training and then in eval, equals each sample run alone with the updated weights
+    (before, the store kept the weights of the first call: lora_A never moved under Trainer, B = 0 at the start)."""
+    pm = _mixed_llama(0.0)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    ids = torch.randint(3, zoo.VOCAB, (4, 5), generator=torch.Generator().manual_seed(8))
+    names = ["a2", "a0", "__base__", "a1"]
+    for _ in range(3):
+        out = pm(input_ids=ids, adapter_names=names).logits
+        with torch.no_grad():
+            torch.testing.assert_close(out, _llama_alone(pm, ids, names), rtol=1e-5, atol=1e-5)
+        out.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    pm.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids, adapter_names=names).logits, _llama_alone(pm, ids, names),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batches_through_trainer(tmp_path):
+    """Several adapters trained on mixed batches by transformers' Trainer (its default fused AdamW, activation
+    checkpointing on, the names from the collator): every adapter's lora_A and lora_B move, and afterwards a mixed
+    batch equals each sample run alone with its adapter (the stores hold the weights the optimizer wrote)."""
+    from transformers import Trainer, TrainingArguments
+
+    pm = _mixed_llama(0.0)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.zeros_(p)  # the usual start: B = 0, so lora_A moves only if the step-1 B reaches it
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, zoo.VOCAB, (6,), generator=g), "adapter": ("a0", "a1", "a2")[i % 3]}
+            for i in range(12)]
+
+    def collate(batch):
+        ids = torch.stack([b["input_ids"] for b in batch])
+        return {"input_ids": ids, "labels": ids, "adapter_names": [b["adapter"] for b in batch]}
+
+    before = {k: p.detach().clone() for k, p in pm.named_parameters() if p.requires_grad}
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=6, max_steps=3, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", remove_unused_columns=False,
+                             gradient_checkpointing=True, disable_tqdm=True)
+    Trainer(model=pm, args=args, train_dataset=rows, data_collator=collate).train()
+    still = sorted(k for k, p in pm.named_parameters() if k in before and torch.equal(p.detach(), before[k]))
+    assert not still, still
+    pm.eval()
+    batch = collate(rows[:6])
+    with torch.no_grad():
+        mixed = pm(input_ids=batch["input_ids"], adapter_names=batch["adapter_names"]).logits
+        torch.testing.assert_close(mixed, _llama_alone(pm, batch["input_ids"], batch["adapter_names"]),
+                                   rtol=1e-5, atol=1e-5)

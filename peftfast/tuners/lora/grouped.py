@@ -38,6 +38,7 @@ from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan
 from ...kernels.lora_grouped_q import QuantWeight, fuses, lora_grouped_qlinear, weight_tensor
 from ...kernels.qlora import Int8Weight
 from ...kernels.qmatmul import matmul_4bit, matmul_int8
+from ...utils.steps import optimizer_steps
 
 BaseWeightArg = Union[torch.Tensor, QuantWeight]  # a float [O, K] weight, or a bitsandbytes one
 
@@ -67,8 +68,9 @@ class AdapterStore:
              scalings: list[float], dropout_ps: list[float]) -> None:
         weights = (*weights_a, *weights_b)
         # data pointers: a factor's ``.data`` replaced (same tensor object, same version counter) is seen too
+        # optimizer steps: fused optimizers write the weights without bumping their version counters
         key = (tuple(names), tuple(scalings), tuple(dropout_ps), tuple(w._version for w in weights),
-               tuple((w.device, w.dtype, w.shape, w.data_ptr()) for w in weights))
+               tuple((w.device, w.dtype, w.shape, w.data_ptr()) for w in weights), optimizer_steps())
         if key == self.key and len(weights) == len(self.weights) and all(
                 w is v for w, v in zip(weights, self.weights)):
             return

@@ -31,6 +31,7 @@ from ...kernels.lora import lora_linear
 from ...kernels.lora_fused import dora_linear_fused, dora_row_norm_fused, lora_linear_fused
 from ...kernels.lora_grouped_embedding import lora_grouped_embedding
 from ...utils.errors import PeftWarning
+from ...utils.steps import optimizer_steps
 from ...utils.other import copy_rank_blocks, transpose
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, autocast_dtype,
                         dropout_p, low_rank_delta)
@@ -1061,7 +1062,8 @@ class Linear(nn.Module, LoraLayer):
         """What ``adapter_bundle(names)`` reads, as plain values, when its factors are the adapters' own weights
         (plain nn.Linear lora_A / lora_B, no KaSA diagonal, float scalings, autocast off): the names, and per
         adapter its factors' identities, version counters (in-place writes: an optimizer step, ``load_adapter``)
-        and data pointers (``.data`` replaced), its scaling and dropout probability. Equal keys: the same bundle,
+        and data pointers (``.data`` replaced), its scaling and dropout probability; and the count of optimizer
+        steps (``utils/steps.py``: fused optimizers bump no version counter). Equal keys: the same bundle,
         so a mixed call skips rebuilding it (one loop of attribute reads instead of ``adapter_bundle`` plus the
         store's check). None (rebuild every call, as before) for anything else, or while compiling. The store
         holds the bundle, so the identities it recorded cannot be reused by new tensors."""
@@ -1079,6 +1081,7 @@ class Linear(nn.Module, LoraLayer):
                         s, dropout_p(d)))
         if autocast_dtype(a[names[0]]._parameters["weight"]) is not None:
             return None
+        key.append(optimizer_steps())  # fused optimizers write the weights without bumping their versions
         return tuple(key)
 
     def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
