@@ -881,12 +881,28 @@ def fused_worthwhile(rows: int, adapters: int) -> bool:
     return rows >= FUSED_MIN_FILL * (adapters + 1) * FUSED_BLOCK_ROWS
 
 
-def fused_plan(index: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+class FusedPlan(NamedTuple):
+    """A plan made by ``fused_plan`` (a (table, block_adapter) pair like every plan): the only kind the fused
+    kernels take, since in any other the base model's rows lie in no block and would never be written."""
+
+    table: torch.Tensor
+    block_adapter: torch.Tensor
+
+
+def fused_plan(index: torch.Tensor, adapters: int) -> FusedPlan:
     """The plan of ``lora_grouped_linear`` on the Triton path: ``group_plan`` with the base model as slot N (its
     rows need the base GEMM too), blocks of ``FUSED_BLOCK_ROWS``; unused blocks get slot N + 1. The grouped
     backward reads it as it is (slot N >= N: blocks without an adapter)."""
     slots = torch.where(index < 0, torch.full_like(index, adapters), index)
-    return group_plan(slots, adapters + 1, FUSED_BLOCK_ROWS)
+    return FusedPlan(*group_plan(slots, adapters + 1, FUSED_BLOCK_ROWS))
+
+
+def check_fused_plan(plan, on_triton: bool, op: str) -> None:
+    """Raise where a caller's plan cannot drive the fused kernel (``on_triton``): one not made by ``fused_plan``."""
+    if on_triton and not isinstance(plan, FusedPlan):
+        raise ValueError(f"{op}: on the Triton path the plan must be fused_plan(index, N)'s (got "
+                         f"{type(plan).__name__}); a plan of make_plan puts the base model's rows in no block, so "
+                         "they would never be written. Pass plan=None to have it made")
 
 
 def fused_config(act: torch.dtype, ad: torch.dtype, rank_tile: int, kind: str = "dense") -> dict:
@@ -1164,7 +1180,8 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """``F.linear(x, weight, bias)`` plus, for each row m of x, adapter ``index[m]``'s term, as ``lora_grouped``
     (same stores, index, dropout and seed), with the base GEMM in the same launch on the Triton path: x read
     once, y written once (``_grouped_linear_kernel``). ``weight`` [O, K] is frozen (no gradient); ``plan``:
-    ``fused_plan(index, N)`` on the Triton path, ``make_plan(index, N, False)`` elsewhere (made when None)."""
+    ``fused_plan(index, N)`` on the Triton path (any other plan is refused there), ``make_plan(index, N, False)``
+    elsewhere (made when None)."""
     n, r, k = check_stores(x, weights_a, weights_b, a_store, b_store, index, thresholds)
     if weight.dim() != 2 or weight.shape[1] != k or b_store.shape[1] != weight.shape[0] or (
             bias is not None and bias.shape != (weight.shape[0],)):
@@ -1177,6 +1194,7 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     on_triton = use_triton(x, weight, a_store, b_store) and r <= MAX_KERNEL_RANK
     if plan is None:
         plan = fused_plan(index, n) if on_triton else make_plan(index, n, False)
+    check_fused_plan(plan, on_triton, "lora_grouped_linear")
     table, badapter = plan
     if torch.compiler.is_compiling():
         drawn = draw_seed() if thresholds is not None and seed is None else torch.tensor(int(seed or 0))

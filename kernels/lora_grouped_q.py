@@ -40,8 +40,9 @@ import torch
 
 from .aot import AotSpec
 from .dropout import draw_seed
-from .lora_grouped import (DTYPE_PAIRS, MAX_KERNEL_RANK, BaseWeight, check_stores, forward_reference, fused_base_backward,
-                           fused_config, fused_plan, fused_specs, kernel_rank, launch_grouped_linear, make_plan)
+from .lora_grouped import (DTYPE_PAIRS, MAX_KERNEL_RANK, BaseWeight, check_fused_plan, check_stores, forward_reference,
+                           fused_base_backward, fused_config, fused_plan, fused_specs, kernel_rank, launch_grouped_linear,
+                           make_plan)
 from .opdecl import OpDecl
 from .qlora import Int8Weight, q_dense, q_gemm
 from .qmatmul import check_x, matmul_4bit_reference, matmul_int8_reference
@@ -230,6 +231,7 @@ def lora_grouped_qlinear(x: torch.Tensor, p: QuantWeight, bias: torch.Tensor | N
                          "tile), which the fused kernel does not read; use matmul_4bit, then lora_grouped")
     if plan is None:
         plan = fused_plan(index, n) if on_triton else make_plan(index, n, False)
+    check_fused_plan(plan, on_triton, "lora_grouped_qlinear")
     table, badapter = plan
     stores = (list(weights_a), list(weights_b), a_store, b_store, scale, table, badapter, thresholds)
     if torch.compiler.is_compiling():

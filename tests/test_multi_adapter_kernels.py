@@ -383,6 +383,28 @@ def test_grouped_linear_bad_input():
         lora_grouped_linear(x, torch.randn(7, 11, requires_grad=True), None, a, b, *stacked_store(a, b, scal), index)
 
 
+def test_fused_kernels_refuse_a_plan_not_made_for_them(interpreted):
+    """A caller's plan from make_plan (base rows in no block) on the Triton path: a clear error, no launch; the
+    fused plan for the same rows gives the float64 result, base rows included (-1 in the index)."""
+    from peftfast.kernels.lora_grouped import fused_plan, lora_grouped_linear, make_plan
+    from tests.test_multi_adapter import op_case, stacked_store
+
+    a, b, scal, index, x, _ = op_case(3, 150, 11, 7, [8, 1, 3], torch.float32)
+    assert bool((index < 0).any())
+    weight = torch.randn(7, 11)
+    stores = stacked_store(a, b, scal)
+    with pytest.raises(ValueError, match="fused_plan"):
+        lora_grouped_linear(x, weight, None, a, b, *stores, index, plan=make_plan(index, 3, True))
+    with torch.no_grad():
+        y = lora_grouped_linear(x, weight, None, a, b, *stores, index, plan=fused_plan(index, 3))
+        want = x.double() @ weight.double().T
+        for i in range(x.shape[0]):
+            if index[i] >= 0:
+                j = int(index[i])
+                want[i] += scal[j] * (x[i].double() @ a[j].double().T) @ b[j].double().T
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_model_runs_the_fused_kernel(interpreted, monkeypatch):
     """A mixed batch over plain nn.Linear layers with rows enough to fill the fused kernel's 64-row blocks: each
     layer runs ``_grouped_linear_kernel`` (no separate base output), the output equals each sample alone, and in
