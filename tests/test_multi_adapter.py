@@ -1211,3 +1211,48 @@ def test_mixed_batches_through_trainer(tmp_path):
         mixed = pm(input_ids=batch["input_ids"], adapter_names=batch["adapter_names"]).logits
         torch.testing.assert_close(mixed, _llama_alone(pm, batch["input_ids"], batch["adapter_names"]),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _checkpointed_mixed_llama():
+    pm = _mixed_llama(0.0)
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    pm.enable_input_require_grads()
+    return pm
+
+
+def test_recompute_routing_survives_a_reference_forward():
+    """As TRL's DPO does: the policy's mixed forward, then a reference forward without gradients (adapters
+    disabled), then the policy's backward: the recomputation still sees the policy call's names (gradients equal
+    those without the reference forward in between)."""
+    ids = torch.randint(3, zoo.VOCAB, (3, 5), generator=torch.Generator().manual_seed(6))
+    names = ["a1", "a0", "a2"]
+    grads = []
+    for reference in (False, True):
+        pm = _checkpointed_mixed_llama()
+        loss = pm(input_ids=ids, adapter_names=names).logits.pow(2).sum()
+        if reference:
+            with torch.no_grad(), pm.disable_adapter():
+                pm(input_ids=ids)
+        loss.backward()
+        grads.append(_lora_grads(pm))
+    assert set(grads[1]) == set(grads[0]) and any(".a2." in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_recompute_routing_ends_with_a_call_that_bypasses_it():
+    """After a mixed training step, a training call on the base model itself (no adapter_names, not through the
+    PEFT model's forward) with checkpointing: its recomputation sees no names (the active adapter's gradients only,
+    equal to the same call through the PEFT model)."""
+    ids = torch.randint(3, zoo.VOCAB, (3, 5), generator=torch.Generator().manual_seed(7))
+    grads = []
+    for direct in (False, True):
+        pm = _checkpointed_mixed_llama()
+        pm(input_ids=ids, adapter_names=["a1", "a0", "a2"]).logits.pow(2).sum().backward()
+        pm.zero_grad()
+        model = pm.get_base_model() if direct else pm
+        model(input_ids=ids).logits.pow(2).sum().backward()
+        grads.append(_lora_grads(pm))
+    assert set(grads[1]) == set(grads[0]) and all(".a0." in k for k in grads[0])  # "a0": the active adapter
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)

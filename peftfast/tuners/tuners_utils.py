@@ -1078,32 +1078,61 @@ class RouteAdapterNames:
     """The forward pre-hook that hands one call's ``adapter_names`` to a module that takes them. After a training
     call (``in_call`` False) it still does so inside a backward pass, where activation checkpointing recomputes the
     checkpointed blocks' forward: the recomputation then sees the names the forward saw (without them it recomputes
-    other activations: wrong gradients, or checkpoint's mismatch error). A class, not a closure, so a model holding
-    it can still be pickled."""
+    other activations: wrong gradients, or checkpoint's mismatch error). A forward through one of the modules
+    outside a backward and outside the tuner's own calls (``paused``: those drop or keep it themselves) bypasses the
+    routing, e.g. a later training call on the base model itself, and ends it for good (``expired``): that
+    forward's recomputation must not see these names. A class, not a closure, so a model holding it can still be
+    pickled."""
 
     def __init__(self, adapter_names: list) -> None:
         self.adapter_names = adapter_names
         self.in_call = True
+        self.expired = False
+        self.paused = 0
 
     def __call__(self, module: nn.Module, args: tuple, kw: dict):
-        # in the call; or after it, in a backward (a recomputation) where the caller gave no names of its own
-        if self.in_call or ("adapter_names" not in kw and torch._C._current_graph_task_id() != -1):
+        if self.in_call:
             kw["adapter_names"] = self.adapter_names
+        elif not self.expired and not self.paused and "adapter_names" not in kw:
+            if torch._C._current_graph_task_id() != -1:  # in a backward: a recomputation of the call's forward
+                kw["adapter_names"] = self.adapter_names
+            else:
+                self.expired = True
         return args, kw
 
 
-def drop_recompute_routing(tuner: nn.Module) -> None:
-    """Remove the routing a training call with ``adapter_names`` left on ``tuner``'s modules for its backward's
-    recomputation (``route_adapter_names``); each call through the tuner's forward hooks does this first."""
-    for handle in tuner.__dict__.pop("_recompute_routing", None) or ():
-        handle.remove()
+@contextmanager
+def earlier_routing(tuner: nn.Module):
+    """Around each call through the tuner's forward hooks: the routing an earlier training call with
+    ``adapter_names`` left for its backward's recomputation (``route_adapter_names``) is removed when this call
+    records gradients (its own recomputation must not see those names), and kept, idle, through a call without
+    them (evaluation, a reference model's forward under ``disable_adapter``, generate): the training call's
+    backward may still come."""
+    kept = tuner.__dict__.get("_recompute_routing")
+    if kept is None:
+        yield
+        return
+    hook, handles = kept
+    if torch.is_grad_enabled():
+        del tuner.__dict__["_recompute_routing"]
+        for handle in handles:
+            handle.remove()
+        yield
+        return
+    hook.paused += 1
+    try:
+        yield
+    finally:
+        hook.paused -= 1
 
 
 @contextmanager
 def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: list):
-    """Hand ``adapter_names`` to ``modules`` for one call of ``tuner``'s model. A training call that records
-    gradients may be recomputed in its backward (activation checkpointing, reentrant or not): its routing then
-    stays, for that recomputation only, until the next call (``drop_recompute_routing``)."""
+    """Hand ``adapter_names`` to ``modules`` for one call of ``tuner``'s model (inside ``earlier_routing``). A
+    training call that records gradients may be recomputed in its backward (activation checkpointing, reentrant or
+    not): its routing then stays, for that recomputation only, until the next call that records gradients. The
+    backward of such a call must come before the next one (as in any training loop, gradient accumulation
+    included)."""
     hook = RouteAdapterNames(adapter_names)
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     keep = tuner.training and torch.is_grad_enabled()
@@ -1112,7 +1141,7 @@ def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_
     finally:
         if keep:
             hook.in_call = False
-            tuner.__dict__["_recompute_routing"] = handles
+            tuner.__dict__["_recompute_routing"] = (hook, handles)
         else:
             for handle in handles:
                 handle.remove()

@@ -21,7 +21,7 @@ from ...utils.constants import (
 from ...utils.undo import UndoLog
 from ...utils.patterns import BoundedPattern
 from ..adapter_layers import Dispatcher, UnsupportedLayerError, create_new_module
-from ..tuners_utils import (BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, drop_recompute_routing,
+from ..tuners_utils import (BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, earlier_routing,
                            linear_layer_classes, route_adapter_names)
 from .bnb import dispatch_bnb
 from .config import IA3Config
@@ -208,10 +208,16 @@ class IA3Model(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """A call of the model: ``adapter_names`` routed for it (``_route_adapter_names``), inside the handling of
+        the routing an earlier training call left for its backward (``earlier_routing``)."""
+        with earlier_routing(self), self._route_adapter_names(kwargs):
+            yield
+
+    @contextmanager
+    def _route_adapter_names(self, kwargs: dict):
         """PEFT's ``adapter_names=[...]`` (one adapter per sample, '__base__' for none) routed to every (IA)^3
         linear layer for one call; checked first, so a refused call changes nothing."""
         adapter_names = kwargs.get("adapter_names")
-        drop_recompute_routing(self)
         if adapter_names is None:
             yield
             return

@@ -17,7 +17,7 @@ from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPIN
 from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import (BaseTuner, BaseTunerLayer, check_single_bias_adapter, conv1d_class,
-                           drop_recompute_routing, linear_layer_classes, route_adapter_names)
+                           earlier_routing, linear_layer_classes, route_adapter_names)
 from ...utils.patterns import get_pattern_key
 from .bdlora import bd_side
 from .bnb import dispatch_bnb
@@ -217,13 +217,19 @@ class LoraModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """A call of the model: ``adapter_names`` routed for it (``_route_adapter_names``), inside the handling of
+        the routing an earlier training call left for its backward (``earlier_routing``)."""
+        with earlier_routing(self), self._route_adapter_names(kwargs):
+            yield
+
+    @contextmanager
+    def _route_adapter_names(self, kwargs: dict):
         """Route PEFT's ``adapter_names=[...]`` (one adapter per sample, or one list of names per sample: one per
         token) to every LoRA layer for one call. Unlike PEFT, also in training: each sample's loss reaches only
         its own adapter (``grouped.py``), once ``train_mixed_batches`` is set (PEFT refuses training with
         adapter_names, and so does peftfast by default); with activation checkpointing, the backward's recomputation
         sees the same names (``route_adapter_names``)."""
         adapter_names = kwargs.get("adapter_names")
-        drop_recompute_routing(self)
         if adapter_names is None:
             yield
             return
