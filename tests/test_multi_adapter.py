@@ -1256,3 +1256,53 @@ def test_recompute_routing_ends_with_a_call_that_bypasses_it():
     assert set(grads[1]) == set(grads[0]) and all(".a0." in k for k in grads[0])  # "a0": the active adapter
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_concurrent_mixed_calls_from_two_threads():
+    """Two threads serve mixed batches through one model at the same time (a threaded server): thread A's call is
+    held inside its forward while thread B's call has registered its routing on the same modules; each call still
+    equals its own samples run alone (with a forward pre-hook per call, as PEFT routes them, A's layers took B's
+    names, or torch raised as A's hooks were removed while B's forward iterated them)."""
+    import threading
+
+    pm, names = make_model(3)
+    pm.eval()
+    ids = torch.randint(0, 29, (4, 5), generator=torch.Generator().manual_seed(3))
+    names_a, names_b = ["a0", "a1", "a2", "a0"], ["a2", "__base__", "a1", "a1"]
+    with torch.no_grad():
+        want_a, want_b = alone_outputs(pm, ids, names_a), alone_outputs(pm, ids, names_b)
+    b_inside, a_done = threading.Event(), threading.Event()
+    first = pm.base_model.model.lin0
+
+    def hold(module, args):
+        if threading.current_thread().name == "A":
+            assert b_inside.wait(10)  # A's routing and B's are both on the layers now
+        else:
+            b_inside.set()
+            assert a_done.wait(10)
+
+    handle = first.register_forward_pre_hook(hold)
+    got, errors = {}, []
+
+    def call(tag, adapter_names):
+        try:
+            with torch.no_grad():
+                got[tag] = pm(ids, adapter_names=adapter_names)
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            if tag == "A":
+                a_done.set()
+
+    threads = [threading.Thread(target=call, args=("A", names_a), name="A"),
+               threading.Thread(target=call, args=("B", names_b), name="B")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        handle.remove()
+    assert not errors, errors
+    torch.testing.assert_close(got["A"], want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["B"], want_b, rtol=1e-5, atol=1e-5)

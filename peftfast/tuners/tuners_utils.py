@@ -34,6 +34,7 @@ from ..utils.constants import (
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern, get_pattern_key
+from ..utils.routing import routed_call
 from ..utils.other import (AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, module_names_tied_with_embedding,
                            per_sample_adapter_names)
 from ..utils.undo import UndoLog
@@ -1073,31 +1074,34 @@ class BaseTuner(nn.Module):
         yield
 
 
-# -- adapter_names (PEFT's mixed batch) handed to the modules that take them, for one call ------------------------
-class RouteAdapterNames:
-    """The forward pre-hook that hands one call's ``adapter_names`` to a module that takes them. After a training
-    call (``in_call`` False) it still does so inside a backward pass, where activation checkpointing recomputes the
-    checkpointed blocks' forward: the recomputation then sees the names the forward saw (without them it recomputes
-    other activations: wrong gradients, or checkpoint's mismatch error). A forward through one of the modules
-    outside a backward and outside the tuner's own calls (``paused``: those drop or keep it themselves) bypasses the
-    routing, e.g. a later training call on the base model itself, and ends it for good (``expired``): that
-    forward's recomputation must not see these names. A class, not a closure, so a model holding it can still be
-    pickled."""
+# -- adapter_names (PEFT's mixed batch) for a call, and for its backward's recomputation --------------------------
+class RecomputeAdapterNames:
+    """The forward pre-hook a training call with ``adapter_names`` leaves on the modules it routed them to: inside a
+    backward pass, where activation checkpointing recomputes the checkpointed blocks' forward, it hands them the
+    call's names again (without them the recomputation computes other activations: wrong gradients, or checkpoint's
+    mismatch error). A forward through one of the modules outside a backward and outside the tuner's own calls
+    (``paused``: those drop or keep the routing themselves) bypasses the routing, e.g. a later training call on the
+    base model itself: that ends it for good (``expired``, its hooks removed), since that forward's recomputation
+    must not see these names. A class, not a closure, so a model holding it can still be pickled."""
 
-    def __init__(self, adapter_names: list) -> None:
+    def __init__(self, adapter_names: Any) -> None:
         self.adapter_names = adapter_names
-        self.in_call = True
         self.expired = False
         self.paused = 0
+        self.handles: list = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
     def __call__(self, module: nn.Module, args: tuple, kw: dict):
-        if self.in_call:
-            kw["adapter_names"] = self.adapter_names
-        elif not self.expired and not self.paused and "adapter_names" not in kw:
+        if not self.expired and not self.paused and "adapter_names" not in kw:
             if torch._C._current_graph_task_id() != -1:  # in a backward: a recomputation of the call's forward
                 kw["adapter_names"] = self.adapter_names
             else:
                 self.expired = True
+                self.remove()
         return args, kw
 
 
@@ -1108,15 +1112,13 @@ def earlier_routing(tuner: nn.Module):
     records gradients (its own recomputation must not see those names), and kept, idle, through a call without
     them (evaluation, a reference model's forward under ``disable_adapter``, generate): the training call's
     backward may still come."""
-    kept = tuner.__dict__.get("_recompute_routing")
-    if kept is None:
+    hook = tuner.__dict__.get("_recompute_routing")
+    if hook is None:
         yield
         return
-    hook, handles = kept
     if torch.is_grad_enabled():
         del tuner.__dict__["_recompute_routing"]
-        for handle in handles:
-            handle.remove()
+        hook.remove()
         yield
         return
     hook.paused += 1
@@ -1127,21 +1129,18 @@ def earlier_routing(tuner: nn.Module):
 
 
 @contextmanager
-def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: list):
-    """Hand ``adapter_names`` to ``modules`` for one call of ``tuner``'s model (inside ``earlier_routing``). A
-    training call that records gradients may be recomputed in its backward (activation checkpointing, reentrant or
-    not): its routing then stays, for that recomputation only, until the next call that records gradients. The
-    backward of such a call must come before the next one (as in any training loop, gradient accumulation
-    included)."""
-    hook = RouteAdapterNames(adapter_names)
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: Any):
+    """``adapter_names`` for ``modules`` during one call of ``tuner``'s model (``utils/routing.py``: a context
+    variable, nothing registered), inside ``earlier_routing``. A training call that records gradients may be
+    recomputed in its backward (activation checkpointing, reentrant or not): when it returns, its names are left on
+    the modules for that recomputation only (``RecomputeAdapterNames``), until the next call that records
+    gradients. The backward of such a call must come before the next one (as in any training loop, gradient
+    accumulation included)."""
+    modules = list(modules)
     keep = tuner.training and torch.is_grad_enabled()
-    try:
+    with routed_call(modules, adapter_names):
         yield
-    finally:
-        if keep:
-            hook.in_call = False
-            tuner.__dict__["_recompute_routing"] = (hook, handles)
-        else:
-            for handle in handles:
-                handle.remove()
+    if keep:
+        hook = RecomputeAdapterNames(adapter_names)
+        hook.handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        tuner.__dict__["_recompute_routing"] = hook

@@ -11,6 +11,7 @@ from torch import nn
 from .constants import EMBEDDING_LAYER_NAMES  # noqa: F401  PEFT's import path: peft.utils.other
 from .errors import AdapterError
 from .registry import trainable_tokens_layer_class
+from .routing import call_adapter_names
 
 
 def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, str]:
@@ -207,7 +208,7 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         self._active_adapter = [n for n in self._active_adapter if n != adapter_name]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = call_adapter_names(self, kwargs)
         if adapter_names is None or self._disable_adapters:
             return self._active_module()(*args, **kwargs)
         # One adapter per sample: run each sub-batch through its adapter's copy ('__base__': the original).

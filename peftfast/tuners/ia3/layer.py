@@ -24,6 +24,7 @@ from torch import nn
 
 from ...kernels.ia3 import ia3_linear, ia3_scale_input, ia3_scale_output
 from ...utils.other import transpose
+from ...utils.routing import call_adapter_names
 from ..adapter_layers import AdapterLayer, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import per_sample_adapter_names, conv1d_class
 
@@ -199,7 +200,7 @@ class Linear(nn.Module, IA3Layer):
         return weight
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = call_adapter_names(self, kwargs)
         if self.base_alone():
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:

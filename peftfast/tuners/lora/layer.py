@@ -33,6 +33,7 @@ from ...kernels.lora_grouped_embedding import lora_grouped_embedding
 from ...utils.errors import PeftWarning
 from ...utils.steps import optimizer_steps
 from ...utils.other import copy_rank_blocks, transpose
+from ...utils.routing import call_adapter_names
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, autocast_dtype,
                         dropout_p, low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
@@ -508,7 +509,7 @@ class LoraLayer(AdditiveAdapterLayer):
     def disabled_or_mixed_forward(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
         """The output when the active adapters do not simply apply: adapters disabled (the base output, merged
         adapters unmerged first) or a mixed batch (``adapter_names``, popped from ``kwargs``); None otherwise."""
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = call_adapter_names(self, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -1726,7 +1727,7 @@ class MultiheadAttention(nn.Module, LoraLayer):
                 **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """nn.MultiheadAttention's forward (same arguments) with the active adapters applied:
         (attn_output, attn_weights or None), both in the dtype of ``query``."""
-        if "adapter_names" in kwargs:
+        if call_adapter_names(self, kwargs) is not None:
             raise TypeError("lora.MultiheadAttention does not support mixed adapter batches (adapter_names); use "
                             "set_adapter() to choose the adapter for the whole batch")
         dtype = query.dtype

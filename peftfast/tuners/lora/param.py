@@ -37,6 +37,7 @@ from torch.nn.utils import parametrize
 
 from ...utils.other import ModulesToSaveWrapper, get_submodules, is_adapter_layer
 from ...utils.patterns import get_pattern_key
+from ...utils.routing import call_adapter_names
 from ..tuners_utils import creation_device
 from .layer import LoraLayer
 
@@ -195,7 +196,7 @@ class ParamWrapper(nn.Module, LoraLayer):
             shadow.pop(self.parameter_name, None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.pop("adapter_names", None) is not None:
+        if call_adapter_names(self, kwargs) is not None:
             raise ValueError("lora.ParamWrapper does not support mixed adapter batches (adapter_names): the adapters "
                              "change a parameter of the whole module, not a per-sample output; use set_adapter()")
         if self.disable_adapters:

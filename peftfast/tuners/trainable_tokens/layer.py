@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...utils.other import per_sample_adapter_names
+from ...utils.routing import call_adapter_names
 from ..buffer_dict import BufferDict
 from ..tuners_utils import BaseTunerLayer, bnb_linear_classes, creation_device
 from .config import TrainableTokensConfig
@@ -212,7 +213,7 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
         return self._forward_rows(x, active_adapters, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapter_names = kwargs.pop("adapter_names", None)
+        adapter_names = call_adapter_names(self, kwargs)
         if adapter_names is None or self.disable_adapters:
             return self.forward_adapters(x, self.active_adapters, *args, **kwargs)
         if self.merged:
