@@ -25,7 +25,7 @@ Two tables:
   0.51-0.55 at 16x32, 0.40-0.46 at d=256 64x8 (four runs), both sides then reading their adapters' weights
   from memory. A third, ``in_call_part_ratio`` (``_in_call_parts``: each call's time minus its own base GEMM's,
   timed inside it, the two sides alternated, the median of 150; PEFT's side also pays a wrapped ``F.linear`` for
-  each of its 32 lora_A / lora_B calls): 0.48-0.56 at 64x1, 0.50-0.52 at 16x32, 0.40-0.41 at d=256 64x8 (three
+  each of its 32 lora_A / lora_B calls): 0.48-0.60 at 64x1, 0.44-0.52 at 16x32, 0.40-0.50 at d=256 64x8 (seven
   runs). There, at 16x32, the batched matmuls take ~1 ms of ours ~1.3-1.4 ms (x and y read from beyond the
   caches after the other side's call), the store check (``_synced_store``, 32 factors' identities, versions and
   pointers) ~0.15-0.27 ms: the target is about met, with no margin, at d=1024.
