@@ -34,7 +34,7 @@ from ..utils.constants import (
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern, get_pattern_key
-from ..utils.routing import routed_call
+from ..utils.routing import earlier_routing
 from ..utils.other import (AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, module_names_tied_with_embedding,
                            per_sample_adapter_names)
 from ..utils.undo import UndoLog
@@ -1068,79 +1068,15 @@ class BaseTuner(nn.Module):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """A call of the model: its ``adapter_names`` routed by the tuner (``_route_adapter_names``), inside the
+        handling of the routing an earlier training call left for its backward (``earlier_routing``)."""
+        with earlier_routing(self), self._route_adapter_names(kwargs):
+            yield
+
+    @contextmanager
+    def _route_adapter_names(self, kwargs: dict):
         if kwargs.get("adapter_names") is not None:  # a tuner that mixes adapters per sample overrides this
             raise ValueError(f"adapter_names (one adapter per sample) is not supported by {type(self).__name__}; it "
                              "is supported for LoRA; use set_adapter() to choose the adapter for the whole batch")
         yield
 
-
-# -- adapter_names (PEFT's mixed batch) for a call, and for its backward's recomputation --------------------------
-class RecomputeAdapterNames:
-    """The forward pre-hook a training call with ``adapter_names`` leaves on the modules it routed them to: inside a
-    backward pass, where activation checkpointing recomputes the checkpointed blocks' forward, it hands them the
-    call's names again (without them the recomputation computes other activations: wrong gradients, or checkpoint's
-    mismatch error). A forward through one of the modules outside a backward and outside the tuner's own calls
-    (``paused``: those drop or keep the routing themselves) bypasses the routing, e.g. a later training call on the
-    base model itself: that ends it for good (``expired``, its hooks removed), since that forward's recomputation
-    must not see these names. A class, not a closure, so a model holding it can still be pickled."""
-
-    def __init__(self, adapter_names: Any) -> None:
-        self.adapter_names = adapter_names
-        self.expired = False
-        self.paused = 0
-        self.handles: list = []
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def __call__(self, module: nn.Module, args: tuple, kw: dict):
-        if not self.expired and not self.paused and "adapter_names" not in kw:
-            if torch._C._current_graph_task_id() != -1:  # in a backward: a recomputation of the call's forward
-                kw["adapter_names"] = self.adapter_names
-            else:
-                self.expired = True
-                self.remove()
-        return args, kw
-
-
-@contextmanager
-def earlier_routing(tuner: nn.Module):
-    """Around each call through the tuner's forward hooks: the routing an earlier training call with
-    ``adapter_names`` left for its backward's recomputation (``route_adapter_names``) is removed when this call
-    records gradients (its own recomputation must not see those names), and kept, idle, through a call without
-    them (evaluation, a reference model's forward under ``disable_adapter``, generate): the training call's
-    backward may still come."""
-    hook = tuner.__dict__.get("_recompute_routing")
-    if hook is None:
-        yield
-        return
-    if torch.is_grad_enabled():
-        del tuner.__dict__["_recompute_routing"]
-        hook.remove()
-        yield
-        return
-    hook.paused += 1
-    try:
-        yield
-    finally:
-        hook.paused -= 1
-
-
-@contextmanager
-def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: Any):
-    """``adapter_names`` for ``modules`` during one call of ``tuner``'s model (``utils/routing.py``: a context
-    variable, nothing registered), inside ``earlier_routing``. A training call that records gradients may be
-    recomputed in its backward (activation checkpointing, reentrant or not): when it returns, its names are left on
-    the modules for that recomputation only (``RecomputeAdapterNames``), until the next call that records
-    gradients. The backward of such a call must come before the next one (as in any training loop, gradient
-    accumulation included)."""
-    modules = list(modules)
-    keep = tuner.training and torch.is_grad_enabled()
-    with routed_call(modules, adapter_names):
-        yield
-    if keep:
-        hook = RecomputeAdapterNames(adapter_names)
-        hook.handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-        tuner.__dict__["_recompute_routing"] = hook

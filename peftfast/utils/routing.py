@@ -5,6 +5,9 @@ During the call they are held in a context variable with the ids of the modules 
 (``routed_call``); such a module reads them with ``call_adapter_names``. PEFT registers a forward pre-hook on every
 such module for each call instead; here nothing is registered per call, so concurrent calls from several threads (a
 threaded server) each see their own names, and no hook dict changes while another thread's forward iterates it.
+Only a training call leaves hooks when it returns (``RecomputeAdapterNames``), for its backward's recomputation
+under activation checkpointing; ``route_adapter_names`` and ``earlier_routing`` (around every call of a tuner,
+``BaseTuner._enable_peft_forward_hooks``) manage them.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Iterable, Optional
 
+import torch
 from torch import nn
 
 _CALL: ContextVar[Optional[tuple[frozenset, Any]]] = ContextVar("peftfast_adapter_names", default=None)
@@ -45,3 +49,75 @@ def routed_call(modules: Iterable[nn.Module], adapter_names: Any):
         with _LOCK:
             _ACTIVE[0] -= 1
         _CALL.reset(token)
+
+
+# -- after a training call: the names again for its backward's recomputation ------------------------------------
+class RecomputeAdapterNames:
+    """The forward pre-hook a training call with ``adapter_names`` leaves on the modules it routed them to: inside a
+    backward pass, where activation checkpointing recomputes the checkpointed blocks' forward, it hands them the
+    call's names again (without them the recomputation computes other activations: wrong gradients, or checkpoint's
+    mismatch error). A forward through one of the modules outside a backward and outside the tuner's own calls
+    (``paused``: those drop or keep the routing themselves) bypasses the routing, e.g. a later training call on the
+    base model itself: that ends it for good (``expired``, its hooks removed), since that forward's recomputation
+    must not see these names. A class, not a closure, so a model holding it can still be pickled."""
+
+    def __init__(self, adapter_names: Any) -> None:
+        self.adapter_names = adapter_names
+        self.expired = False
+        self.paused = 0
+        self.handles: list = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __call__(self, module: nn.Module, args: tuple, kw: dict):
+        if not self.expired and not self.paused and "adapter_names" not in kw:
+            if torch._C._current_graph_task_id() != -1:  # in a backward: a recomputation of the call's forward
+                kw["adapter_names"] = self.adapter_names
+            else:
+                self.expired = True
+                self.remove()
+        return args, kw
+
+
+@contextmanager
+def earlier_routing(tuner: nn.Module):
+    """Around each call through the tuner's forward hooks: the routing an earlier training call with
+    ``adapter_names`` left for its backward's recomputation (``route_adapter_names``) is removed when this call
+    records gradients (its own recomputation must not see those names), and kept, idle, through a call without
+    them (evaluation, a reference model's forward under ``disable_adapter``, generate): the training call's
+    backward may still come."""
+    hook = tuner.__dict__.get("_recompute_routing")
+    if hook is None:
+        yield
+        return
+    if torch.is_grad_enabled():
+        del tuner.__dict__["_recompute_routing"]
+        hook.remove()
+        yield
+        return
+    hook.paused += 1
+    try:
+        yield
+    finally:
+        hook.paused -= 1
+
+
+@contextmanager
+def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: Any):
+    """``adapter_names`` for ``modules`` during one call of ``tuner``'s model (``utils/routing.py``: a context
+    variable, nothing registered: ``routed_call``), inside ``earlier_routing``. A training call that records gradients may be
+    recomputed in its backward (activation checkpointing, reentrant or not): when it returns, its names are left on
+    the modules for that recomputation only (``RecomputeAdapterNames``), until the next call that records
+    gradients. The backward of such a call must come before the next one (as in any training loop, gradient
+    accumulation included)."""
+    modules = list(modules)
+    keep = tuner.training and torch.is_grad_enabled()
+    with routed_call(modules, adapter_names):
+        yield
+    if keep:
+        hook = RecomputeAdapterNames(adapter_names)
+        hook.handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+        tuner.__dict__["_recompute_routing"] = hook

@@ -21,8 +21,8 @@ from ...utils.constants import (
 from ...utils.undo import UndoLog
 from ...utils.patterns import BoundedPattern
 from ..adapter_layers import Dispatcher, UnsupportedLayerError, create_new_module
-from ..tuners_utils import (BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, earlier_routing,
-                           linear_layer_classes, route_adapter_names)
+from ...utils.routing import route_adapter_names
+from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, conv1d_class, linear_layer_classes
 from .bnb import dispatch_bnb
 from .config import IA3Config
 from .layer import Conv2d, Conv3d, IA3Layer, Linear
@@ -205,13 +205,6 @@ class IA3Model(BaseTuner):
         for name, p in self.model.named_parameters():
             if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
                 p.requires_grad_(False)
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """A call of the model: ``adapter_names`` routed for it (``_route_adapter_names``), inside the handling of
-        the routing an earlier training call left for its backward (``earlier_routing``)."""
-        with earlier_routing(self), self._route_adapter_names(kwargs):
-            yield
 
     @contextmanager
     def _route_adapter_names(self, kwargs: dict):

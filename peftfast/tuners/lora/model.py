@@ -16,8 +16,8 @@ from torch import nn
 from ...utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from ...utils.other import ModulesToSaveWrapper
 from ..adapter_layers import Dispatcher, create_new_module
-from ..tuners_utils import (BaseTuner, BaseTunerLayer, check_single_bias_adapter, conv1d_class,
-                           earlier_routing, linear_layer_classes, route_adapter_names)
+from ...utils.routing import route_adapter_names
+from ..tuners_utils import BaseTuner, BaseTunerLayer, check_single_bias_adapter, conv1d_class, linear_layer_classes
 from ...utils.patterns import get_pattern_key
 from .bdlora import bd_side
 from .bnb import dispatch_bnb
@@ -214,13 +214,6 @@ class LoraModel(BaseTuner):
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
                              svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
                              svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
-
-    @contextmanager
-    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
-        """A call of the model: ``adapter_names`` routed for it (``_route_adapter_names``), inside the handling of
-        the routing an earlier training call left for its backward (``earlier_routing``)."""
-        with earlier_routing(self), self._route_adapter_names(kwargs):
-            yield
 
     @contextmanager
     def _route_adapter_names(self, kwargs: dict):
