@@ -58,16 +58,16 @@ def make_model(n: int, dtype=torch.float32, dropout: float = 0.0, seed: int = 0)
     return pm, names
 
 
-def alone_outputs(pm, ids, names):
-    """Each sample run alone with its adapter active (or adapters disabled for '__base__')."""
+def alone_outputs(pm, ids, names, run=lambda pm, ids: pm(ids)):
+    """Each sample run alone (``run(pm, its ids)``) with its adapter active (or adapters disabled for '__base__')."""
     outs = []
     for i, name in enumerate(names):
         if name == "__base__":
             with pm.disable_adapter():
-                outs.append(pm(ids[i:i + 1]))
+                outs.append(run(pm, ids[i:i + 1]))
         else:
             pm.base_model.set_adapter(name)
-            outs.append(pm(ids[i:i + 1]))
+            outs.append(run(pm, ids[i:i + 1]))
     return torch.cat(outs)
 
 
@@ -1053,6 +1053,13 @@ def _lora_grads(pm) -> dict:  # the gradients of every trainable parameter
     return {k: p.grad.clone() for k, p in pm.named_parameters() if p.grad is not None}
 
 
+def _checkpointed_mixed_llama(dropout: float = 0.0, reentrant: bool = True):
+    pm = _mixed_llama(dropout)
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    pm.enable_input_require_grads()
+    return pm
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_mixed_training_under_activation_checkpointing(reentrant):
     """A mixed batch trained with activation checkpointing (transformers' gradient_checkpointing_enable, reentrant or
@@ -1064,10 +1071,7 @@ def test_mixed_training_under_activation_checkpointing(reentrant):
     for dropout in (0.0, 0.3):
         grads = []
         for checkpointing in (False, True):
-            pm = _mixed_llama(dropout)
-            if checkpointing:
-                pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-                pm.enable_input_require_grads()
+            pm = _checkpointed_mixed_llama(dropout, reentrant) if checkpointing else _mixed_llama(dropout)
             torch.manual_seed(5)
             pm(input_ids=ids, adapter_names=names).logits.pow(2).sum().backward()
             grads.append(_lora_grads(pm))
@@ -1144,17 +1148,10 @@ def test_ia3_mixed_training_under_activation_checkpointing():
 
 def _llama_alone(pm, ids, names):
     """Each sample's logits run alone with its adapter active (adapters disabled for '__base__')."""
-    outs = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with pm.disable_adapter():
-                outs.append(pm(input_ids=ids[i:i + 1]).logits)
-        else:
-            pm.base_model.set_adapter(name)
-            outs.append(pm(input_ids=ids[i:i + 1]).logits)
+    out = alone_outputs(pm, ids, names, run=lambda pm, ids: pm(input_ids=ids).logits)
     for pname, p in pm.named_parameters():  # set_adapter froze the other adapters: all train again
         p.requires_grad_("lora_" in pname)
-    return torch.cat(outs)
+    return out
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -1213,11 +1210,6 @@ def test_mixed_batches_through_trainer(tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
-def _checkpointed_mixed_llama():
-    pm = _mixed_llama(0.0)
-    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    pm.enable_input_require_grads()
-    return pm
 
 
 def test_recompute_routing_survives_a_reference_forward():
