@@ -76,6 +76,10 @@ def _tuner_cls(peft_type: Any) -> type:
                          f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}") from None
 
 
+def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
+
+
 class PeftModel(PushToHubMixin, nn.Module):
     """Base model with adapters (same constructor and methods as ``peft.PeftModel``)."""
 
@@ -115,6 +119,24 @@ class PeftModel(PushToHubMixin, nn.Module):
             if (name.startswith("_") and name != "_get_kasa_loss") or name == "base_model":
                 raise
             return getattr(self.base_model, name)
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The names every adapter's config lists in ``modules_to_save`` (None when none does), as PEFT's attribute."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(getattr(config, "modules_to_save", None) or ())
+        return names or None
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
+        """PEFT's helper: unless ``model`` is quantised, make its input embeddings' output require a gradient (so a
+        checkpointed block with frozen inputs still back-propagates into the adapters). Returns None, as PEFT's."""
+        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            return
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(_output_requires_grad)
 
     @property
     def _prompt_model(self) -> bool:
@@ -178,6 +200,16 @@ class PeftModel(PushToHubMixin, nn.Module):
         with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's ``generate`` with PEFT's own arguments (``adapter_names``) routed to the adapter layers,
+        as PEFT's ``PeftModel.generate`` (a model made without ``task_type``); the task wrappers have their own."""
+        if self._prompt_model:  # as ``forward``: PEFT runs the base model as is
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.base_model.generate(*args, **kwargs)
+        with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
+            return self.get_base_model().generate(*args, **kwargs)
 
     # -- the task wrappers' shared path -----------------------------------------------------------------
     def _task_forward(self, inputs: dict[str, Any], kwargs: dict[str, Any]) -> Any:

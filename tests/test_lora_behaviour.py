@@ -628,15 +628,18 @@ def test_adapter_names_mixed_batch_more_layers(build, task, targets, inputs):
         assert torch.allclose(mixed[i], separate[name][i], atol=1e-5, rtol=1e-5), (i, name)
 
 
-def _greedy_generation_case(batch: int, **options):
+def _greedy_generation_case(batch: int, task="CAUSAL_LM", **options):
     """A tiny Llama with adapters "default" and "other" on q_proj/v_proj, and greedy generate() arguments
     for ``batch`` prompts of 5 tokens."""
-    pm = _two_adapter_model(tiny_llama, "CAUSAL_LM", ["q_proj", "v_proj"])
+    pm = _two_adapter_model(tiny_llama, task, ["q_proj", "v_proj"])
     x = causal_inputs(batch=batch, seq=5)
     return pm, {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"], "do_sample": False, **options}
 
-def test_adapter_names_in_generate():
-    pm, gen = _greedy_generation_case(batch=3, max_new_tokens=4)
+@pytest.mark.parametrize("task", ["CAUSAL_LM", None])
+def test_adapter_names_in_generate(task):
+    """Also for a model made without task_type (a plain PeftModel, whose generate PEFT defines too)."""
+    pm, gen = _greedy_generation_case(batch=3, task=task, max_new_tokens=4)
+    assert type(pm) is (fast.PeftModelForCausalLM if task else fast.PeftModel)
     names = ["default", "other", "__base__"]
     mixed = pm.generate(**gen, adapter_names=names)
     for i, name in enumerate(names):

@@ -79,3 +79,32 @@ def test_include_linear_layers_shorthand_at_peft_utils():
     from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND as real
 
     assert INCLUDE_LINEAR_LAYERS_SHORTHAND == real
+
+
+def test_peft_model_modules_to_save_and_checkpointing_helper_as_peft():
+    """``PeftModel.modules_to_save`` (the union of the configs' lists, None when empty) and
+    ``prepare_model_for_gradient_checkpointing`` (inputs' embeddings then require a gradient) as in PEFT."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 3))
+
+    for lib in (peftfast, real_peft):
+        plain = lib.get_peft_model(net(), lib.LoraConfig(target_modules=["0"]))
+        assert plain.modules_to_save is None, lib
+        pm = lib.get_peft_model(net(), lib.LoraConfig(target_modules=["0"], modules_to_save=["2"]))
+        pm.add_adapter("other", lib.LoraConfig(target_modules=["0"], modules_to_save=["1"]))
+        assert pm.modules_to_save == {"1", "2"}, lib
+
+    results = []
+    for lib in (peftfast, real_peft):
+        torch.manual_seed(0)
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=31, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=1))
+        pm = lib.get_peft_model(llama, lib.LoraConfig(target_modules=["q_proj"]))
+        ids = torch.randint(0, 31, (2, 5))
+        before = llama.get_input_embeddings()(ids).requires_grad
+        assert pm.prepare_model_for_gradient_checkpointing(llama) is None
+        results.append((before, llama.get_input_embeddings()(ids).requires_grad))
+    assert results[0] == results[1] == (False, True)

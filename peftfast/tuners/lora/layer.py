@@ -18,6 +18,7 @@ adapters act through the projection weights the attention op reads.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -43,6 +44,10 @@ from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 from ..buffer_dict import BufferDict
 from .velora import VeloraConfig, VeloraProjection, batch_average_projection, group_dim, unit_projection
+
+# what ``Linear._plain_adapters_key`` reads per factor, and the types it accepts
+_VERSION, _SHAPE, _DATA_PTR = operator.attrgetter("_version"), operator.attrgetter("shape"), torch.Tensor.data_ptr
+_LINEAR_ONLY, _NUMBER_TYPES = {nn.Linear}, {float, int}
 
 # PEFT's per-adapter VeLoRA state on a layer, created with its first VeLoRA adapter (``_velora_init``)
 VELORA_NAMES = ("lora_velora_embed", "lora_velora_initialized", "lora_velora_num_groups", "lora_velora_init_type",
@@ -1038,7 +1043,7 @@ class Linear(nn.Module, LoraLayer):
         take their own rows through _with_adapter, with VeLoRA's compressed input)."""
         per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
         flat = [n for per in adapter_names for n in per] if per_token else adapter_names
-        velora = self.velora_training(list(dict.fromkeys(flat)))
+        velora = self.velora_adapters() and self.velora_training(list(dict.fromkeys(flat)))
         if velora:
             if per_token:
                 raise ValueError(f"Training VeLoRA adapters ({', '.join(velora)}) with adapter_names per token is not "
@@ -1065,25 +1070,26 @@ class Linear(nn.Module, LoraLayer):
         adapter its factors' identities, version counters (in-place writes: an optimizer step, ``load_adapter``)
         and data pointers (``.data`` replaced), its scaling and dropout probability; and the count of optimizer
         steps (``utils/steps.py``: fused optimizers bump no version counter). Equal keys: the same bundle,
-        so a mixed call skips rebuilding it (one loop of attribute reads instead of ``adapter_bundle`` plus the
+        so a mixed call skips rebuilding it (a few maps over the factors instead of ``adapter_bundle`` plus the
         store's check). None (rebuild every call, as before) for anything else, or while compiling. The store
         holds the bundle, so the identities it recorded cannot be reused by new tensors."""
         diag = self._modules.get("lora_diag")
         if (diag is not None and len(diag)) or torch.compiler.is_compiling():
             return None
         a, b, drop, scaling = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules, self.scaling
-        key: list = [tuple(names)]
-        for n in names:
-            ma, mb, s, d = a[n], b[n], scaling[n], drop[n]
-            if type(ma) is not nn.Linear or type(mb) is not nn.Linear or type(s) not in (float, int):
-                return None
-            wa, wb = ma._parameters["weight"], mb._parameters["weight"]
-            key.append((id(wa), wa._version, wa.data_ptr(), wa.shape, id(wb), wb._version, wb.data_ptr(), wb.shape,
-                        s, dropout_p(d)))
-        if autocast_dtype(a[names[0]]._parameters["weight"]) is not None:
+        # read with C-level maps over flat lists: a layer among many is cold in the caches when it runs again, and
+        # a Python loop over every adapter's attributes cost several times the check itself there
+        mods = [a[n] for n in names] + [b[n] for n in names]
+        scalings = [scaling[n] for n in names]
+        if set(map(type, mods)) != _LINEAR_ONLY or not set(map(type, scalings)) <= _NUMBER_TYPES:
             return None
-        key.append(optimizer_steps())  # fused optimizers write the weights without bumping their versions
-        return tuple(key)
+        weights = [m._parameters["weight"] for m in mods]
+        if autocast_dtype(weights[0]) is not None:
+            return None
+        # fused optimizers write the weights without bumping their versions: the count of optimizer steps
+        return (tuple(names), tuple(map(id, weights)), tuple(map(_VERSION, weights)), tuple(map(_DATA_PTR, weights)),
+                tuple(map(_SHAPE, weights)), tuple(scalings), tuple([dropout_p(drop[n]) for n in names]),
+                optimizer_steps())
 
     def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
         prepared = self._synced_store(adapter_names)
