@@ -95,10 +95,15 @@ def rank_bucket(rank: int) -> int:
     return 1 << max(0, int(rank) - 1).bit_length()
 
 
+TRITON_ROW_SPLIT = 16  # the Triton path's block rows: ~rows / 16, whatever the adapters (see block_rows_for)
+
+
 def block_rows_for(rows: int, adapters: int, on_triton: bool) -> int:
-    """Rows per block: ~rows / adapters (so the blocks' padding is at most ~M), a power of two; the Triton
-    kernels need 16..64 (``tl.dot`` tiles)."""
-    per = max(1, -(-rows // max(1, adapters)))
+    """Rows per block, a power of two. PyTorch: ~rows / adapters (so the blocks' padding is at most ~M). Triton:
+    ~rows / 16 within 16..64 (``tl.dot`` tiles), from the rows alone: BLOCK_ROWS is a constexpr of the kernels,
+    so a choice that followed the adapters held would compile a new variant when an adapter is added or deleted
+    while serving (padding costs GEMM rows, not bytes; at most one partly filled block per used adapter)."""
+    per = max(1, -(-rows // max(1, TRITON_ROW_SPLIT if on_triton else adapters)))
     b = rank_bucket(per)
     return min(64, max(16, b)) if on_triton else min(256, b)
 
@@ -188,8 +193,15 @@ def make_plan(index: torch.Tensor, adapters: int, on_triton: bool, run: int = 1,
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
+# Integer arguments that follow the number of adapters a layer holds (the count, the plan's blocks, the
+# weight-gradient splits and the stride over them) are not specialised: Triton compiles a variant for integers equal
+# to 1 and for those divisible by 16, so adding or deleting an adapter while serving would compile one. The store's
+# rank (the largest rank held, rounded up to a power of two) is part of a variant: its rank tile BLOCK_R and the
+# strides it sets (a B row's stride is the rank); so is dropout switched on in training (HAS_DROPOUT).
+ADAPTER_COUNTS = ["seed", "N_ADAPTERS"]
 
-@triton.jit(do_not_specialize=["seed"])
+
+@triton.jit(do_not_specialize=ADAPTER_COUNTS)
 def _grouped_shrink_kernel(
     x_ptr,  # [M, K] rows of the batch (x, or dY for the backward's dH), any strides
     a_ptr,  # [N, R, K] stacked A (or B^T [N, R, O] for dH), any strides
@@ -238,7 +250,7 @@ def _grouped_shrink_kernel(
     tl.store(h_ptrs, (acc * s).to(h_ptr.dtype.element_ty))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=ADAPTER_COUNTS)
 def _grouped_expand_kernel(
     h_ptr,  # [nb, BLOCK_ROWS, BLOCK_R] per-block left operand: h (forward) or dH (dX)
     b_ptr,  # [N, O, R] stacked B (or A^T [N, K, R] for dX), any strides
@@ -278,7 +290,7 @@ def _grouped_expand_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "S", "stride_os"])
 def _grouped_grad_w_kernel(
     left_ptr,  # [nb, BLOCK_ROWS, >= R] per-block left operand, adapter dtype: h (dB) or dH (dA), any strides
     right_ptr,  # [M, C] rows of the batch: dY (dB) or x (dA, masked), any strides
@@ -780,7 +792,7 @@ def _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested
         return tl.load(w_ptrs, mask=k_ok[:, None] & o_ok[None, :], other=0.0)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=[*ADAPTER_COUNTS, "NB"])
 def _grouped_linear_kernel(
     x_ptr,  # [M, K] rows of the batch, activation dtype, any strides
     w_ptr,  # base weight: [O, K] in the activation dtype (dense), int8 CB [O, K], or packed 4-bit bytes [O * K / 2]
@@ -874,8 +886,9 @@ FUSED_MIN_FILL = 4  # fused when rows >= 4 x (slots x block rows): padding waste
 
 
 def fused_worthwhile(rows: int, adapters: int) -> bool:
-    """Whether ``rows`` rows over ``adapters`` adapters (and the base model) fill the fused kernel's blocks: each
-    block re-reads W's tiles and a block holds one slot's rows, so at most (N + 1) blocks are partly empty; below
+    """Whether ``rows`` rows over ``adapters`` adapters (those the batch uses; and the base model) fill the fused
+    kernel's blocks: each block re-reads W's tiles and a block holds one slot's rows, so at most (N + 1) blocks are
+    partly empty; below
     ``FUSED_MIN_FILL`` x that (decode, small batches) the separate grouped kernels after the base GEMM move fewer
     bytes and waste no GEMM rows."""
     return rows >= FUSED_MIN_FILL * (adapters + 1) * FUSED_BLOCK_ROWS
@@ -973,7 +986,7 @@ def launch_grouped_linear(x2, weight, bias, a, b, scale, table, badapter, thresh
     return y, h
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=[*ADAPTER_COUNTS, "NB"])
 def _grouped_linear_dx_kernel(
     dy_ptr,  # [M, O] output gradient, activation dtype, any strides
     w_ptr,  # [O, K] frozen base weight, activation dtype

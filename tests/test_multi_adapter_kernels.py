@@ -480,8 +480,9 @@ def test_prefill_follows_the_measured_choice(interpreted, monkeypatch, tmp_path,
     assert [c[0] for c in timer.calls] == ["fused", "unfused"] * 2  # two layers, two keys
     keys = [key for _, key, _ in tuner.decisions()]
     assert all(d.choice == preferred for _, _, d in tuner.decisions())
-    assert sorted(k[2:11] for k in keys) == [("dense", 6, 15, 64, 3, 2, "float32", "float32", "fwd"),
-                                             ("dense", 15, 11, 64, 3, 2, "float32", "float32", "fwd")]
+    # (kind, d_out, d_in, rank tile, adapters used: 2, dtypes, step): not the 3 held (adding one measures nothing)
+    assert sorted(k[2:] for k in keys) == [("dense", 6, 15, 64, 2, "float32", "float32", "fwd"),
+                                           ("dense", 15, 11, 64, 2, "float32", "float32", "fwd")]
     seen.clear()
     with torch.no_grad():
         y2 = pm(x, adapter_names=per_sample)
@@ -532,3 +533,64 @@ def check_linear_op_compiles(op, weight, k: int, o: int) -> None:
     gy = torch.randn_like(want)
     for g1, g2 in zip(torch.autograd.grad(got, leaves, gy), torch.autograd.grad(want, leaves, gy)):
         torch.testing.assert_close(g1, g2)
+
+
+def _kernel_variants(pm, x, names, train: bool) -> set[str]:
+    """The compiled variants (keys of the AotSpecs Triton's own binder gives for sm_90) that a mixed call, and its
+    backward when ``train``, launches: recorded, nothing runs."""
+    from peftfast.kernels import runtime
+    from peftfast.kernels.aot import spec_from_launch, spec_key
+
+    with runtime.recording_launches(90) as launches:
+        if train:
+            pm(x, adapter_names=names).sum().backward()
+        else:
+            with torch.no_grad():
+                pm(x, adapter_names=names)
+    assert launches
+    return {spec_key(spec_from_launch(rec.kernel, rec.args, rec.meta, 90, "", True)) for rec in launches}
+
+
+def test_adding_or_deleting_adapters_compiles_no_new_kernel(interpreted):
+    """Serving while adapters come and go: after adding adapters (to 2, 3 and 16 held: Triton specialises integers
+    equal to 1 or divisible by 16, such as the count of adapters or of blocks) of ranks up to the store's (16), and
+    deleting one, a mixed call launches exactly the kernel variants it launched with one adapter:
+    batches of 6 and 130 rows on the grouped kernels (also when they use the new adapters), a prefill on the fused
+    kernel, forward and training backward (dropout on). An adapter of a larger rank tile does compile new variants (the check sees a change)."""
+    from torch import nn
+
+    import peftfast as fast
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(37, 29), nn.Tanh(), nn.Linear(29, 23))
+
+    def config(r):
+        return fast.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2"], lora_dropout=0.1)
+
+    pm = fast.get_peft_model(model, config(16), adapter_name="a0")  # the store's rank: 16 throughout
+    pm.base_model.train_mixed_batches = True
+    # 6 rows; 130 rows (on the grouped kernels, blocks of up to 64 rows); 520 rows (fused for one adapter used)
+    decode, mid, prefill = torch.randn(6, 1, 37), torch.randn(2, 65, 37), torch.randn(4, 130, 37)
+
+    def variants(names):
+        return (_kernel_variants(pm.eval(), decode, names, False), _kernel_variants(pm.train(), decode, names, True),
+                _kernel_variants(pm.eval(), mid, names[:2], False), _kernel_variants(pm.train(), mid, names[:2], True),
+                _kernel_variants(pm.eval(), prefill, ["a0", "__base__", "a0", "a0"], False),
+                _kernel_variants(pm.train(), prefill, ["a0", "__base__", "a0", "a0"], True))
+
+    first = variants(["a0", "__base__"] * 3)
+    assert all(first)
+    pm.add_adapter("a1", config(5))
+    assert variants(["a0", "__base__"] * 3) == first
+    pm.add_adapter("a2", config(8))
+    assert variants(["a1", "a0", "__base__", "a2", "a1", "a2"]) == first
+    for i in range(3, 6):
+        pm.add_adapter(f"a{i}", config(1 + i))
+    assert variants(["a4", "a0", "a5", "a1", "__base__", "a2"]) == first  # the fused plan: 6 + 1 + 9 = 16 blocks
+    for i in range(6, 16):
+        pm.add_adapter(f"a{i}", config(1 + i % 16))
+    assert variants([f"a{i}" for i in (15, 3, 0, 9, 9, 4)]) == first
+    pm.delete_adapter("a1")
+    assert variants(["a2", "a0", "__base__", "a14", "a5", "a2"]) == first
+    pm.add_adapter("wide", config(20))  # the store's rank grows from 16 to 32
+    assert variants(["a2", "a0", "__base__", "a14", "a5", "wide"]) != first

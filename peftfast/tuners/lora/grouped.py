@@ -33,8 +33,8 @@ import torch
 
 from ...kernels import autotune
 from ...kernels.backend import use_triton
-from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan, fused_worthwhile, lora_grouped,
-                                     lora_grouped_linear, make_plan, rank_bucket)
+from ...kernels.lora_grouped import (MAX_KERNEL_RANK, dropout_tables, fused_plan, fused_worthwhile, kernel_rank,
+                                     lora_grouped, lora_grouped_linear, make_plan, rank_bucket)
 from ...kernels.lora_grouped_q import QuantWeight, fuses, lora_grouped_qlinear, weight_tensor
 from ...kernels.qlora import Int8Weight
 from ...kernels.qmatmul import matmul_4bit, matmul_int8
@@ -156,10 +156,21 @@ def _values(weight: BaseWeightArg) -> torch.Tensor:
     return weight if isinstance(weight, torch.Tensor) else weight_tensor(weight)
 
 
-def may_fuse(x: torch.Tensor, weight: BaseWeightArg, adapters: int) -> bool:
+def used_adapters(names: list, held) -> int:
+    """How many distinct adapters of ``held`` (names, or a mapping keyed by them) the call's ``names`` (one per
+    sample, or a list per token) use: what the fused kernel's padding depends on (at most one partly filled block
+    per used adapter, and one for the base model's rows), not the count held, so adding or deleting an adapter
+    that a batch does not use changes neither the kernels a batch runs nor their measured choice."""
+    per_token = bool(names) and isinstance(names[0], (list, tuple))
+    used = set(n for per in names for n in per) if per_token else set(names)
+    return len(used.intersection(held))
+
+
+def may_fuse(x: torch.Tensor, weight: BaseWeightArg, names: list, held) -> bool:
     """The cheap part of ``grouped_linear``'s test, before any store is synced: the Triton backend and rows
-    enough for ``adapters`` adapters (an upper bound of the store's)."""
-    return use_triton(x, _values(weight)) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), adapters)
+    enough for the adapters of ``held`` that ``names`` use."""
+    return use_triton(x, _values(weight)) and fused_worthwhile(x.numel() // max(1, x.shape[-1]),
+                                                                used_adapters(names, held))
 
 
 def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
@@ -172,7 +183,7 @@ def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, 
     base GEMM dequantising it in registers; None also for a 4-bit weight in the general layout, ``fuses``)."""
     rows = x.numel() // x.shape[-1]
     if not (use_triton(x, _values(weight), store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
-            and fused_worthwhile(rows, len(store.names))):
+            and fused_worthwhile(rows, used_adapters(names, store.slots))):
         return None
     if not isinstance(weight, torch.Tensor) and not fuses(x, weight, store.a, store.b):
         return None
@@ -202,16 +213,14 @@ def _dtype_tag(dtype: torch.dtype) -> str:
 def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, names: list, need_x: bool,
                        need_grads: bool, dropout: bool) -> tuple:
     """("lora_grouped_linear", rows rounded up to a power of two, weight kind (dense, 4bit, int8), d_out, d_in,
-    the store's rank tile, adapters
-    held, distinct adapters the batch uses (a power of two), x dtype, adapter dtype, step): step as
-    ``lora_linear_fused``'s key ("fwd", "fwd+bwd", "fwd+bwd-dx", plus "+dropout")."""
-    per_token = bool(names) and isinstance(names[0], (list, tuple))
-    used = set(n for per in names for n in per) if per_token else set(names)
-    used = len(used.intersection(store.names))
+    the store's rank tile (``kernel_rank``), distinct adapters the batch uses (a power of two), x dtype, adapter dtype, step): step as
+    ``lora_linear_fused``'s key ("fwd", "fwd+bwd", "fwd+bwd-dx", plus "+dropout"). Not the count of adapters held:
+    adding or deleting one while serving measures nothing again (``used_adapters``)."""
+    used = used_adapters(names, store.slots)
     step = (("fwd+bwd" if need_x else "fwd+bwd-dx") if need_grads else "fwd") + ("+dropout" if dropout else "")
     kind = "dense" if isinstance(weight, torch.Tensor) else "int8" if isinstance(weight, Int8Weight) else "4bit"
     return ("lora_grouped_linear", autotune.bucket(x.numel() // x.shape[-1]), kind, weight.shape[0], weight.shape[1],
-            store.a.shape[1], len(store.names), autotune.bucket(max(used, 1)), _dtype_tag(x.dtype),
+            kernel_rank(store.a.shape[1]), autotune.bucket(max(used, 1)), _dtype_tag(x.dtype),
             _dtype_tag(store.a.dtype), step)
 
 

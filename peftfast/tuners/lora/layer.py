@@ -1111,7 +1111,7 @@ class Linear(nn.Module, LoraLayer):
         fused kernel's blocks (prefill): the base GEMM and each row's adapter in one launch (``grouped_linear``);
         None otherwise."""
         weight = None if args or kwargs else self._grouped_base_weight(x)
-        if weight is None or not may_fuse(x, weight, len(self.lora_A)):
+        if weight is None or not may_fuse(x, weight, adapter_names, self.lora_A._modules):
             return None
         prepared = self._synced_store(adapter_names)
         if prepared is None or not prepared[0]:
