@@ -113,10 +113,13 @@ def num_blocks(rows: int, adapters: int, block_rows: int) -> int:
     return adapters + -(-rows // block_rows)
 
 
-def group_plan(index: torch.Tensor, adapters: int, block_rows: int,
-               counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def group_plan(index: torch.Tensor, adapters: int, block_rows: int, counts: torch.Tensor | None = None,
+               used: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(table [nb, block_rows] int64, block_adapter [nb] int64) for rows whose adapter slots are ``index``
     ([M] int64, -1 for the base model); see the module docstring. Torch ops only, no host synchronisation.
+    ``used``: how many distinct slots ``index`` holds, when the caller knows it (a layer does, from the call's
+    names): nb then bounds those, not every slot, so the kernels' grids do not grow with the adapters held (at
+    most one partly filled block per used slot). It must not be below the true count: rows would be dropped.
 
     ``dense_plan`` instead: one block per adapter (block_rows >= every adapter's row count, which the caller
     read), so block b is adapter b and the stores are used as they are, without gathering per block."""
@@ -127,7 +130,7 @@ def group_plan(index: torch.Tensor, adapters: int, block_rows: int,
     if counts is None:
         counts = torch.bincount(key, minlength=adapters + 1)
         blocks = (counts[:adapters] + block_rows - 1) // block_rows
-        nb = num_blocks(m, adapters, block_rows)
+        nb = num_blocks(m, adapters if used is None else min(used, adapters), block_rows)
     else:
         blocks = torch.ones(adapters, dtype=torch.int64, device=dev)
         nb = adapters
@@ -175,7 +178,7 @@ def run_plan(index: torch.Tensor, run: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def make_plan(index: torch.Tensor, adapters: int, on_triton: bool, run: int = 1,
-              rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              rank: int = 0, used: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan ``lora_grouped`` uses for ``index``: on the CPU, runs (``run_plan``) when the rows come in runs of
     ``run`` >= the store's ``rank`` rows of one adapter (gathering each run's factors, M / run x R x (K + O)
     elements, then costs less than gathering the rows, M x (K + O)), else dense when its padding is small; else
@@ -186,7 +189,7 @@ def make_plan(index: torch.Tensor, adapters: int, on_triton: bool, run: int = 1,
         return plan
     plan = dense_plan(index, adapters) if dense else None
     return plan if plan is not None else group_plan(index, adapters, block_rows_for(index.shape[0], adapters,
-                                                                                     on_triton))
+                                                                                     on_triton), used=used)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -902,12 +905,12 @@ class FusedPlan(NamedTuple):
     block_adapter: torch.Tensor
 
 
-def fused_plan(index: torch.Tensor, adapters: int) -> FusedPlan:
+def fused_plan(index: torch.Tensor, adapters: int, used: int | None = None) -> FusedPlan:
     """The plan of ``lora_grouped_linear`` on the Triton path: ``group_plan`` with the base model as slot N (its
     rows need the base GEMM too), blocks of ``FUSED_BLOCK_ROWS``; unused blocks get slot N + 1. The grouped
     backward reads it as it is (slot N >= N: blocks without an adapter)."""
     slots = torch.where(index < 0, torch.full_like(index, adapters), index)
-    return FusedPlan(*group_plan(slots, adapters + 1, FUSED_BLOCK_ROWS))
+    return FusedPlan(*group_plan(slots, adapters + 1, FUSED_BLOCK_ROWS, used=None if used is None else used + 1))
 
 
 def check_fused_plan(plan, on_triton: bool, op: str) -> None:

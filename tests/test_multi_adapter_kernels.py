@@ -535,11 +535,9 @@ def check_linear_op_compiles(op, weight, k: int, o: int) -> None:
         torch.testing.assert_close(g1, g2)
 
 
-def _kernel_variants(pm, x, names, train: bool) -> set[str]:
-    """The compiled variants (keys of the AotSpecs Triton's own binder gives for sm_90) that a mixed call, and its
-    backward when ``train``, launches: recorded, nothing runs."""
+def _recorded(pm, x, names, train: bool) -> list:
+    """The launches of a mixed call, and of its backward when ``train``: recorded for sm_90, nothing runs."""
     from peftfast.kernels import runtime
-    from peftfast.kernels.aot import spec_from_launch, spec_key
 
     with runtime.recording_launches(90) as launches:
         if train:
@@ -548,7 +546,19 @@ def _kernel_variants(pm, x, names, train: bool) -> set[str]:
             with torch.no_grad():
                 pm(x, adapter_names=names)
     assert launches
-    return {spec_key(spec_from_launch(rec.kernel, rec.args, rec.meta, 90, "", True)) for rec in launches}
+    return launches
+
+
+def _kernel_variants(pm, x, names, train: bool) -> set[str]:
+    """The compiled variants (keys of the AotSpecs Triton's own binder gives) that a mixed call launches."""
+    from peftfast.kernels.aot import spec_from_launch, spec_key
+
+    return {spec_key(spec_from_launch(rec.kernel, rec.args, rec.meta, 90, "", True))
+            for rec in _recorded(pm, x, names, train)}
+
+
+def _grids(pm, x, names, train: bool) -> list:
+    return [(rec.kernel.__name__, rec.grid) for rec in _recorded(pm, x, names, train)]
 
 
 def test_adding_or_deleting_adapters_compiles_no_new_kernel(interpreted):
@@ -556,7 +566,8 @@ def test_adding_or_deleting_adapters_compiles_no_new_kernel(interpreted):
     equal to 1 or divisible by 16, such as the count of adapters or of blocks) of ranks up to the store's (16), and
     deleting one, a mixed call launches exactly the kernel variants it launched with one adapter:
     batches of 6 and 130 rows on the grouped kernels (also when they use the new adapters), a prefill on the fused
-    kernel, forward and training backward (dropout on). An adapter of a larger rank tile does compile new variants (the check sees a change)."""
+    kernel, forward and training backward (dropout on); and a batch's forward launches the same grids with 1 and 16
+    adapters held. An adapter of a larger rank tile does compile new variants (the check sees a change)."""
     from torch import nn
 
     import peftfast as fast
@@ -580,6 +591,8 @@ def test_adding_or_deleting_adapters_compiles_no_new_kernel(interpreted):
 
     first = variants(["a0", "__base__"] * 3)
     assert all(first)
+    grids = [_grids(pm.eval(), prefill, ["a0", "__base__", "a0", "a0"], False),
+             _grids(pm.eval(), decode, ["a0", "__base__"] * 3, False)]
     pm.add_adapter("a1", config(5))
     assert variants(["a0", "__base__"] * 3) == first
     pm.add_adapter("a2", config(8))
@@ -590,7 +603,16 @@ def test_adding_or_deleting_adapters_compiles_no_new_kernel(interpreted):
     for i in range(6, 16):
         pm.add_adapter(f"a{i}", config(1 + i % 16))
     assert variants([f"a{i}" for i in (15, 3, 0, 9, 9, 4)]) == first
+    # the plan's blocks bound the adapters a batch uses: the same batch's forward launches the same grids with 16
+    # held (the backward's weight-gradient grids cover every held adapter: each gets its gradient, zero if unused)
+    assert [_grids(pm.eval(), prefill, ["a0", "__base__", "a0", "a0"], False),
+            _grids(pm.eval(), decode, ["a0", "__base__"] * 3, False)] == grids
     pm.delete_adapter("a1")
     assert variants(["a2", "a0", "__base__", "a14", "a5", "a2"]) == first
+    with torch.no_grad():  # 15 held, fewer used: the plans bound the used ones, outputs equal each sample alone
+        pm.eval()
+        for x, names in ((decode, ["a2", "a0", "__base__", "a14", "a5", "a2"]), (mid, ["a14", "__base__"]),
+                         (prefill, ["a0", "__base__", "a0", "a0"])):
+            torch.testing.assert_close(pm(x, adapter_names=names), alone_outputs(pm, x, names), rtol=1e-5, atol=1e-5)
     pm.add_adapter("wide", config(20))  # the store's rank grows from 16 to 32
     assert variants(["a2", "a0", "__base__", "a14", "a5", "wide"]) != first

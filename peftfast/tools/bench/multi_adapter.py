@@ -249,7 +249,7 @@ def grouped_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad
     used = [c for c in counts if c > 0]
     nu, mu = len(used), sum(used)
     br = FUSED_BLOCK_ROWS if fused_plan else block_rows_for(m, n, True)
-    nb = num_blocks(m, n + 1, br) if fused_plan else num_blocks(m, n, br)
+    nb = num_blocks(m, nu + 1, br) if fused_plan else num_blocks(m, nu, br)  # the plan bounds the used adapters
     ub = sum(-(-c // br) for c in used)  # blocks holding rows
     r = rank_bucket(rank)
     rt = kernel_rank(r)
@@ -296,8 +296,8 @@ def fused_launch(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_elt
     n = len(counts)
     br = FUSED_BLOCK_ROWS
     base_rows = m - sum(counts)
-    nb = num_blocks(m, n + 1, br)
     used = [i for i, c in enumerate(counts) if c > 0]
+    nb = num_blocks(m, len(used) + 1, br)  # the layer's plan bounds the used adapters (``fused_plan(.., used)``)
     blocks = sum(-(-c // br) for c in counts if c > 0) + -(-base_rows // br)
     r = rank_bucket(rank)
     rt = kernel_rank(r)
@@ -384,7 +384,8 @@ def calibrate(m: int = 96, k: int = 40, o: int = 56, dtype: torch.dtype = torch.
     scale, thresholds = dropout_tables([1.5] * n, [0.1 if dropout else 0.0] * n, "cpu")
     index = torch.tensor(sum(([i] * c for i, c in enumerate(counts)), []) + [-1] * (m - sum(counts)))
     index = index[torch.randperm(m, generator=gen)]
-    plan = fused_plan(index, n) if fused else make_plan(index, n, True)
+    used = sum(c > 0 for c in counts)  # as a layer's plan (``shared_plan``) bounds its blocks
+    plan = fused_plan(index, n, used) if fused else make_plan(index, n, True, used=used)
     x = torch.randn(m, k, generator=gen).to(dtype).requires_grad_()
     base = torch.randn(m, o, generator=gen).to(dtype)
     dy = torch.randn(m, o, generator=gen).to(dtype)
@@ -467,7 +468,8 @@ def calibrate_quant(kind: str = "4bit", m: int = 150, k: int = 64, o: int = 56, 
         p = Int8Weight(torch.randint(-127, 128, (o, k), dtype=torch.int8, generator=gen), torch.rand(o, generator=gen))
     x = torch.randn(m, k, generator=gen).to(dtype).requires_grad_()
     bias, dy = torch.randn(o, generator=gen).to(dtype), torch.randn(m, o, generator=gen).to(dtype)
-    plan = fused_plan(index, n)  # once per call, shared by the layers (not counted, as in ``calibrate``)
+    # once per call, shared by the layers (not counted, as in ``calibrate``); the used count as a layer passes it
+    plan = fused_plan(index, n, sum(c > 0 for c in counts))
     fwd, bwd = count_triton_forward_backward(
         lambda: lora_grouped_qlinear(x, p, bias, a, b, *stores, scale, index, plan=plan,
                                      thresholds=thresholds if dropout else None, seed=7), dy)

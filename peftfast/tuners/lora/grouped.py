@@ -127,11 +127,12 @@ def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.devic
         return hit[1]
     index = row_index(store.slots, names, rows, device)
     n = len(store.names)
+    used = used_adapters(names, store.slots)  # the plan's blocks bound these: grids do not grow with adapters held
     if on_triton == "fused":
-        value = (index, fused_plan(index, n))
+        value = (index, fused_plan(index, n, used))
     else:  # one name per sample: its rows (tokens) are a run of rows // len(names) with one adapter (``run_plan``)
         value = (index, make_plan(index, n, on_triton, run=1 if per_token else rows // len(names),
-                                  rank=store.a.shape[1]))
+                                  rank=store.a.shape[1], used=used))
     _LAST_PLAN["entry"] = (key, value)
     return value
 
