@@ -1054,6 +1054,11 @@ def _grouped_linear_dx_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
 
+# every kernel a mixed batch may launch (the GPU check counts their compiled variants while adapters come and go)
+GROUPED_KERNELS = (_grouped_shrink_kernel, _grouped_expand_kernel, _grouped_grad_w_kernel, _grouped_linear_kernel,
+                   _grouped_linear_dx_kernel)
+
+
 def fused_dx_config(act: torch.dtype, ad: torch.dtype, rank_tile: int) -> dict:
     """Tiles of ``_grouped_linear_dx_kernel``: the forward's (``fused_config``) with the roles of O and K swapped
     (dX tiles of BLOCK_K columns, O steps of BLOCK_O): the same register footprint (a [64, BLOCK_K] accumulator,

@@ -8,7 +8,9 @@ a hang instead of hanging the run):
   and int8 QLoRA linears, each at a training shape and a decode shape (T <= 16), in fp16, bf16 and
   fp32 activations with adapters in the activation dtype and in fp32; every output and gradient
   of the Triton path is compared with a float64 reference and must be within k x the error of
-  plain PyTorch in the same dtypes (the reference backend) plus one ulp of the result.
+  plain PyTorch in the same dtypes (the reference backend) plus one ulp of the result. Then mixed
+  batches served while adapters are added and deleted must compile no new variant of the grouped
+  kernels (``serving_compiles_check``; not in ``--dry``, where nothing is compiled).
 - ``stress``: many launches of the ticketed fused forward and of the backward (epoch counters)
   at random odd shapes on several CUDA streams; afterwards no counter may be ahead of its stream's
   epoch and sampled results must match the reference backend.
@@ -323,6 +325,8 @@ def section_kernels(dry: bool) -> dict:
                                         [x, a, b], dy, names,
                                         ref_op=lambda x_, a_, b_, w_=w_q: x_ @ w_.T + 2.0 * (x_ @ a_.T) @ b_.T)
     checks += grouped_checks(dry, device, gen, acts)
+    if not dry:  # the interpreter compiles nothing
+        checks.append(serving_compiles_check(device))
     ok = all(c["ok"] for c in checks)
     return {"status": "pass" if ok else "fail", "checks": checks}
 
@@ -387,6 +391,61 @@ def grouped_checks(dry: bool, device, gen, acts) -> list[dict]:
                 checks += _check_op(f"lora_grouped_qlinear_{kind}{tag}", qfused, [x, bias, *a, *b], dy, names,
                                     ref_op=lambda x_, bias_, *ab, w_=w_q: fused(x_, bias_, *ab, w_=w_))
     return checks
+
+
+def serving_compiles_check(device) -> dict:
+    """Mixed batches while adapters come and go (GPU only): a bf16 two-layer LoRA model serves a decode batch (64
+    sequences x 1 token) and a prefill (8 x 128, fused) with one adapter, then after each of 15 adapters is added
+    (ranks 1..16: the store's rank stays 16) and one deleted, with batches that use the new ones; the grouped kernels'
+    compile caches (Triton's per-device dict of compiled variants) must hold no variant more than after the first
+    batches, and every output must be finite."""
+    import torch
+    from torch import nn
+
+    import peftfast as fast
+    from peftfast.kernels.lora_grouped import GROUPED_KERNELS
+
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    index = (dev.index if dev.index is not None else torch.cuda.current_device()) if on_gpu else None
+
+    def variants() -> int:
+        return sum(len(k.device_caches[index][0]) for k in GROUPED_KERNELS
+                   if index in getattr(k, "device_caches", {}))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 384), nn.Tanh(), nn.Linear(384, 256)).to(dev, torch.bfloat16)
+
+    def config(r: int):
+        return fast.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2"], init_lora_weights=False)
+
+    pm = fast.get_peft_model(model, config(16), adapter_name="a0").eval()
+    decode = torch.randn(64, 1, 512, device=dev, dtype=torch.bfloat16)
+    prefill = torch.randn(8, 128, 512, device=dev, dtype=torch.bfloat16)
+    finite = True
+
+    def serve(names: list[str]) -> None:
+        nonlocal finite
+        with torch.no_grad():
+            for x, n in ((decode, (names * 64)[:64]), (prefill, ["a0", "__base__"] * 4)):
+                finite = finite and bool(torch.isfinite(pm(x, adapter_names=n)).all())
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+
+    serve(["a0", "__base__"])
+    first = variants()
+    held = ["a0"]
+    for i in range(1, 16):
+        pm.add_adapter(f"a{i}", config(1 + i % 16))
+        held.append(f"a{i}")
+        serve(held[-3:] + ["__base__"])
+    pm.delete_adapter("a3")
+    serve(["a2", "a4", "a15", "__base__"])
+    after = variants()
+    return {"name": "mixed batches: adding 15 adapters and deleting one compiles no new grouped-kernel variant",
+            "ok": first > 0 and after == first and finite, "show": True,
+            "detail": f"compiled variants of {len(GROUPED_KERNELS)} grouped kernels: {first} after the first "
+                      f"batches, {after} at the end; outputs finite: {finite}"}
 
 
 def section_stress(dry: bool) -> dict:
