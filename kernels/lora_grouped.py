@@ -891,9 +891,8 @@ FUSED_MIN_FILL = 4  # fused when rows >= 4 x (slots x block rows): padding waste
 def fused_worthwhile(rows: int, adapters: int) -> bool:
     """Whether ``rows`` rows over ``adapters`` adapters (those the batch uses; and the base model) fill the fused
     kernel's blocks: each block re-reads W's tiles and a block holds one slot's rows, so at most (N + 1) blocks are
-    partly empty; below
-    ``FUSED_MIN_FILL`` x that (decode, small batches) the separate grouped kernels after the base GEMM move fewer
-    bytes and waste no GEMM rows."""
+    partly empty; below ``FUSED_MIN_FILL`` x that (decode, small batches) the separate grouped kernels after the
+    base GEMM move fewer bytes and waste no GEMM rows."""
     return rows >= FUSED_MIN_FILL * (adapters + 1) * FUSED_BLOCK_ROWS
 
 

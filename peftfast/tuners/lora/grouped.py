@@ -19,7 +19,7 @@ instead runs ``grouped_linear``: the base GEMM, the shrink and the expand in one
 base the same, its weight dequantised tile by tile inside that GEMM (``lora_grouped_qlinear``). On a CUDA device
 the base layer followed by the grouped kernels runs instead where it was measured faster for the call's key
 (``fused_choice``: kernels/autotune.py's measured dispatch, keyed by rows, weight kind and shape, rank tile,
-adapters held and used, dtypes and step; timed once per key).
+adapters used, dtypes and step; timed once per key).
 No Python loop over adapters runs per call. In training, gradients reach each adapter's own A and B from
 the rows that used it only; with dropout each row sees its adapter's mask (its probability, its stream),
 regenerated inside the op from one seed per call in forward and backward: saved for backward are x (the
@@ -167,11 +167,11 @@ def used_adapters(names: list, held) -> int:
     return len(used.intersection(held))
 
 
-def may_fuse(x: torch.Tensor, weight: BaseWeightArg, names: list, held) -> bool:
-    """The cheap part of ``grouped_linear``'s test, before any store is synced: the Triton backend and rows
-    enough for the adapters of ``held`` that ``names`` use."""
-    return use_triton(x, _values(weight)) and fused_worthwhile(x.numel() // max(1, x.shape[-1]),
-                                                                used_adapters(names, held))
+def may_fuse(x: torch.Tensor, weight: BaseWeightArg) -> bool:
+    """The cheap part of ``grouped_linear``'s test, before any store is synced and without reading the call's names
+    (per token, as many as the rows): the Triton backend and rows enough to fill the fused kernel's blocks with the
+    base model's rows alone (``grouped_linear`` then counts the adapters the batch uses)."""
+    return use_triton(x, _values(weight)) and fused_worthwhile(x.numel() // max(1, x.shape[-1]), 0)
 
 
 def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
@@ -183,12 +183,14 @@ def grouped_linear(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, 
     float [O, K] tensor, or a bitsandbytes weight (``Packed4bit`` / ``Int8Weight``: ``lora_grouped_qlinear``, the
     base GEMM dequantising it in registers; None also for a 4-bit weight in the general layout, ``fuses``)."""
     rows = x.numel() // x.shape[-1]
-    if not (use_triton(x, _values(weight), store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK
-            and fused_worthwhile(rows, used_adapters(names, store.slots))):
+    if not (use_triton(x, _values(weight), store.a, store.b) and store.a.shape[1] <= MAX_KERNEL_RANK):
+        return None
+    used = used_adapters(names, store.slots)
+    if not fused_worthwhile(rows, used):
         return None
     if not isinstance(weight, torch.Tensor) and not fuses(x, weight, store.a, store.b):
         return None
-    if fused_choice(store, x, weight, bias, names, weights_a, weights_b, training) == UNFUSED:
+    if fused_choice(store, x, weight, bias, names, weights_a, weights_b, training, used) == UNFUSED:
         return None
     return _fused_call(store, x, weight, bias, names, weights_a, weights_b, training)
 
@@ -211,13 +213,13 @@ def _dtype_tag(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, names: list, need_x: bool,
+def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, used: int, need_x: bool,
                        need_grads: bool, dropout: bool) -> tuple:
     """("lora_grouped_linear", rows rounded up to a power of two, weight kind (dense, 4bit, int8), d_out, d_in,
-    the store's rank tile (``kernel_rank``), distinct adapters the batch uses (a power of two), x dtype, adapter dtype, step): step as
-    ``lora_linear_fused``'s key ("fwd", "fwd+bwd", "fwd+bwd-dx", plus "+dropout"). Not the count of adapters held:
-    adding or deleting one while serving measures nothing again (``used_adapters``)."""
-    used = used_adapters(names, store.slots)
+    the store's rank tile (``kernel_rank``), ``used``: the distinct adapters the batch uses (``used_adapters``, a
+    power of two), x dtype, adapter dtype, step): step as ``lora_linear_fused``'s key ("fwd", "fwd+bwd",
+    "fwd+bwd-dx", plus "+dropout"). Not the count of adapters held: adding or deleting one while serving measures
+    nothing again."""
     step = (("fwd+bwd" if need_x else "fwd+bwd-dx") if need_grads else "fwd") + ("+dropout" if dropout else "")
     kind = "dense" if isinstance(weight, torch.Tensor) else "int8" if isinstance(weight, Int8Weight) else "4bit"
     return ("lora_grouped_linear", autotune.bucket(x.numel() // x.shape[-1]), kind, weight.shape[0], weight.shape[1],
@@ -226,13 +228,15 @@ def fused_dispatch_key(store: AdapterStore, x: torch.Tensor, weight: BaseWeightA
 
 
 def fused_choice(store: AdapterStore, x: torch.Tensor, weight: BaseWeightArg, bias: Optional[torch.Tensor],
-                 names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool) -> str:
-    """FUSED or UNFUSED for this prefill: the measured choice for its key on a CUDA device (both candidates timed
-    on the first call of the key, see kernels/autotune.py), else FUSED."""
+                 names: list, weights_a: list[torch.Tensor], weights_b: list[torch.Tensor], training: bool,
+                 used: int) -> str:
+    """FUSED or UNFUSED for this prefill (``used``: the distinct adapters ``names`` use): the measured choice for its
+    key on a CUDA device (both candidates timed on the first call of the key, see kernels/autotune.py), else
+    FUSED."""
     if x.numel() == 0 or not autotune.tunable(x.device):
         return FUSED
     need_x, need_grads = autotune.grad_needs(x, bias, [*weights_a, *weights_b])
-    key = fused_dispatch_key(store, x, weight, names, need_x, need_grads, training and store.max_dropout > 0)
+    key = fused_dispatch_key(store, x, weight, used, need_x, need_grads, training and store.max_dropout > 0)
     return autotune.measured_choice(x.device, key, lambda: fused_candidates(store, x, weight, bias, names, weights_a,
                                                                             weights_b, training), FUSED)
 

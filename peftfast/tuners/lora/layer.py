@@ -1043,7 +1043,7 @@ class Linear(nn.Module, LoraLayer):
         take their own rows through _with_adapter, with VeLoRA's compressed input)."""
         per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
         flat = [n for per in adapter_names for n in per] if per_token else adapter_names
-        velora = self.velora_adapters() and self.velora_training(list(dict.fromkeys(flat)))
+        velora = self.velora_training(list(dict.fromkeys(flat)))
         if velora:
             if per_token:
                 raise ValueError(f"Training VeLoRA adapters ({', '.join(velora)}) with adapter_names per token is not "
@@ -1111,7 +1111,7 @@ class Linear(nn.Module, LoraLayer):
         fused kernel's blocks (prefill): the base GEMM and each row's adapter in one launch (``grouped_linear``);
         None otherwise."""
         weight = None if args or kwargs else self._grouped_base_weight(x)
-        if weight is None or not may_fuse(x, weight, adapter_names, self.lora_A._modules):
+        if weight is None or not may_fuse(x, weight):
             return None
         prepared = self._synced_store(adapter_names)
         if prepared is None or not prepared[0]:
