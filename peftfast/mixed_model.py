@@ -19,6 +19,7 @@ from .peft_model import PeftModel, checked_save_request, write_adapter_folders
 from .tuners.mixed import MixedModel
 from .tuners.mixed.model import check_config_compatible
 from .tuners.status import count_parameters
+from .utils.other import require_input_grads
 from .tuners.tuners_utils import validate_adapter_name
 from .utils.io import SaveTransaction
 from .utils.save_and_load import (config_mismatch_as_load_error,
@@ -34,15 +35,8 @@ except Exception:  # transformers is a dependency; keep the core importable with
 
 def _enable_input_grads(model: nn.Module) -> None:
     """PEFT's gradient-checkpointing preparation: inputs of a checkpointing, unquantised model require grad."""
-    if not getattr(model, "is_gradient_checkpointing", True):
-        return
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False) \
-            or getattr(model, "is_quantized", False):
-        return
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    elif hasattr(model, "get_input_embeddings"):
-        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+    if getattr(model, "is_gradient_checkpointing", True):
+        require_input_grads(model)
 
 
 class PeftMixedModel(PushToHubMixin, nn.Module):

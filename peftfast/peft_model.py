@@ -31,6 +31,7 @@ from .utils import registry
 from .utils.errors import AdapterError
 from .utils.constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .utils.io import SaveTransaction, atomic_write_text
+from .utils.other import require_input_grads
 from .utils.peft_types import PeftType, TaskType
 from .utils.registry import PEFT_TYPE_TO_TUNER_MAPPING
 from .utils.save_and_load import (check_adapter_has_weights, get_peft_model_state_dict, load_adapter_weights,
@@ -74,10 +75,6 @@ def _tuner_cls(peft_type: Any) -> type:
     except registry.UnknownPeftTypeError:
         raise ValueError(f"peft_type {key.value} is not supported by peftfast; supported: "
                          f"{', '.join(t.value for t in PEFT_TYPE_TO_TUNER_MAPPING)}") from None
-
-
-def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-    output.requires_grad_(True)
 
 
 class PeftModel(PushToHubMixin, nn.Module):
@@ -131,12 +128,7 @@ class PeftModel(PushToHubMixin, nn.Module):
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> None:
         """PEFT's helper: unless ``model`` is quantised, make its input embeddings' output require a gradient (so a
         checkpointed block with frozen inputs still back-propagates into the adapters). Returns None, as PEFT's."""
-        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
-            return
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-        elif hasattr(model, "get_input_embeddings"):
-            model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+        require_input_grads(model)
 
     @property
     def _prompt_model(self) -> bool:
@@ -207,9 +199,7 @@ class PeftModel(PushToHubMixin, nn.Module):
         if self._prompt_model:  # as ``forward``: PEFT runs the base model as is
             kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
             return self.base_model.generate(*args, **kwargs)
-        with self.base_model._enable_peft_forward_hooks(*args, **kwargs):
-            kwargs = {k: v for k, v in kwargs.items() if k not in self.special_peft_forward_args}
-            return self.get_base_model().generate(*args, **kwargs)
+        return self._task_generate(args, kwargs)
 
     # -- the task wrappers' shared path -----------------------------------------------------------------
     def _task_forward(self, inputs: dict[str, Any], kwargs: dict[str, Any]) -> Any:

@@ -361,6 +361,24 @@ def _has_quantized_layers(model: nn.Module) -> bool:
     return any(isinstance(m, kinds) for m in model.modules())
 
 
+def output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    """A forward hook: the module's output requires a gradient (a plain function, so the model still pickles)."""
+    output.requires_grad_(True)
+
+
+def require_input_grads(model: nn.Module) -> None:
+    """PEFT's preparation for gradient checkpointing: unless ``model`` is quantised, the output of its input
+    embeddings requires a gradient (transformers' ``enable_input_require_grads``, or a forward hook on
+    ``get_input_embeddings()``), so a checkpointed block whose inputs are frozen still back-propagates into the
+    adapters; nothing when the model has neither."""
+    if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif hasattr(model, "get_input_embeddings"):
+        model.get_input_embeddings().register_forward_hook(output_requires_grad)
+
+
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
                                     gradient_checkpointing_kwargs: Optional[dict] = None,
                                     auto_clear_cache: bool = True) -> nn.Module:
@@ -397,10 +415,7 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             if hasattr(model, "enable_input_require_grads"):
                 model.enable_input_require_grads()
             else:
-                def _require_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-                    output.requires_grad_(True)
-
-                model.get_input_embeddings().register_forward_hook(_require_grad)
+                model.get_input_embeddings().register_forward_hook(output_requires_grad)
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:
             raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); pass "
