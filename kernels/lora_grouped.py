@@ -991,7 +991,15 @@ def launch_grouped_linear(x2, weight, bias, a, b, scale, table, badapter, thresh
 @triton.jit(do_not_specialize=[*ADAPTER_COUNTS, "NB"])
 def _grouped_linear_dx_kernel(
     dy_ptr,  # [M, O] output gradient, activation dtype, any strides
-    w_ptr,  # [O, K] frozen base weight, activation dtype
+    w_ptr,  # frozen base weight: [O, K] in the activation dtype (dense), int8 CB [O, K], or packed 4-bit [O * K / 2]
+    wscale_ptr,  # 4-bit: absmax (fp32, or uint8 codes when NESTED); int8: SCB fp32 [O] (as _grouped_linear_kernel)
+    code_ptr,  # 4-bit: fp32 [16] code table
+    nested_absmax_ptr,  # 4-bit NESTED: fp32 nested scales
+    nested_code_ptr,  # 4-bit NESTED: fp32 [256]
+    offset,  # 4-bit NESTED: fp32 offset of the decoded scales
+    log2_bs,  # 4-bit: log2(blocksize)
+    log2_nbs,  # 4-bit NESTED: log2(nested blocksize)
+    w_round,  # 4-bit: 0, or round W through fp16 (1) / bf16 (2) before the cast to dY's dtype
     a_ptr,  # [N, R, K] stacked A, adapter dtype
     b_ptr,  # [N, O, R] stacked B, adapter dtype
     scale_ptr,  # [N] fp32 per-adapter scale (s / (1 - p) with dropout)
@@ -1007,11 +1015,14 @@ def _grouped_linear_dx_kernel(
     HAS_DROPOUT: tl.constexpr, BASE_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WEIGHT: tl.constexpr,  # "dense", "4bit" (aligned layout, BLOCK_K <= blocksize) or "int8" (_base_wt_tile)
+    NESTED: tl.constexpr,  # 4-bit: double-quantised absmax
 ):
     """dX[table[b], k-block] = dY[rows] @ W (+ mask_a((s_a * dY[rows] @ B_a) @ A_a)) for block b of slot a: the
     base GEMM and the adapter's dH shrink share the O loop (dY read once), the dX expand is the epilogue, dX stored
     once. Base-model blocks (a = N) load no adapter tile (masked); the K-block-0 program of each block stores dH
-    for dA."""
+    for dA. A quantised base is dequantised tile by tile in registers as in the forward (``_base_wt_tile``'s
+    W^T tile of this program's K columns and the loop's O rows, transposed), never stored."""
     pid_b, pid_k = grouped_tile(tl.program_id(0), NB * BLOCK_ROWS, K, BLOCK_ROWS, BLOCK_K, GROUP_M)
     slot = tl.load(badapter_ptr + pid_b).to(tl.int64)
     if slot > N_ADAPTERS:  # an unused block
@@ -1032,12 +1043,18 @@ def _grouped_linear_dx_kernel(
     for o0 in range(0, O, BLOCK_O):
         o_ok = offs_o < O - o0
         dyt = tl.load(dy_ptrs, mask=row_ok[:, None] & o_ok[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0)  # W tile [BO, BK]
+        if WEIGHT == "dense":
+            wt = tl.load(w_ptrs, mask=o_ok[:, None] & k_ok[None, :], other=0.0)  # W tile [BO, BK]
+        else:
+            wt = tl.trans(_base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr,
+                                        offset, log2_bs, log2_nbs, w_round, k0, o0, offs_k, offs_o, k_ok, o_ok, K, O,
+                                        stride_wo, stride_wk, dyt, WEIGHT, NESTED, BLOCK_K, BLOCK_O))
         acc = tl.dot(dyt, wt, acc, input_precision=BASE_PRECISION)
         bt = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok[None, :], other=0.0)  # B_a tile [BO, BR]
         g = tl.dot(dyt.to(bt.dtype), bt, g, input_precision=LORA_PRECISION)
         dy_ptrs += BLOCK_O * stride_do
-        w_ptrs += BLOCK_O * stride_wo
+        if WEIGHT == "dense":
+            w_ptrs += BLOCK_O * stride_wo
         b_ptrs += BLOCK_O * stride_bo
     gc = (g * tl.load(scale_ptr + adapter)).to(g_ptr.dtype.element_ty)  # dH, rounded as the dH shrink stores it
     if pid_k == 0:
@@ -1052,6 +1069,8 @@ def _grouped_linear_dx_kernel(
     tl.store(dx_ptr + k0 * stride_xk + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
+
+declare_int32_operands(_grouped_linear_dx_kernel, "code_ptr", "nested_code_ptr")
 
 # every kernel a mixed batch may launch (the GPU check counts their compiled variants while adapters come and go)
 GROUPED_KERNELS = (_grouped_shrink_kernel, _grouped_expand_kernel, _grouped_grad_w_kernel, _grouped_linear_kernel,
@@ -1075,22 +1094,27 @@ def fused_dx_supported(table: torch.Tensor, rank: int) -> bool:
 
 def launch_grouped_linear_dx(dy2, weight, a, b, scale, table, badapter, thresholds, seed):
     """(dX [M, K] in dY's dtype, dH [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch; dH is
-    left unwritten for unused blocks (the weight-gradient kernel reads only adapters' blocks)."""
+    left unwritten for unused blocks (the weight-gradient kernel reads only adapters' blocks). ``weight``: a float
+    [O, K] tensor or a ``BaseWeight`` (a quantised base, ``fused_dx_reads``: launched without fp contraction, as
+    the forward)."""
+    w = dense_base(weight, scale) if isinstance(weight, torch.Tensor) else weight
     m, o = dy2.shape
-    k = weight.shape[1]
-    n, rank = a.shape[0], a.shape[1]
+    n, rank, k = a.shape
     nb, block_rows = table.shape
     br = kernel_rank(rank)
     dx = torch.empty(m, k, dtype=dy2.dtype, device=dy2.device)
     dh = torch.empty(nb, block_rows, br, dtype=a.dtype, device=dy2.device)
     cfg = fused_dx_config(dy2.dtype, a.dtype, br)
     drop = thresholds is not None
-    launch(_grouped_linear_dx_kernel, (nb * triton.cdiv(k, cfg["BLOCK_K"]),), dy2, weight, a, b, scale, table,
+    extra = {} if w.kind == "dense" else dict(enable_fp_fusion=False)
+    launch(_grouped_linear_dx_kernel, (nb * triton.cdiv(k, cfg["BLOCK_K"]),), dy2, w.w, w.wscale, w.code,
+           w.nested_absmax, w.nested_code, w.offset, w.log2_bs, w.log2_nbs, w.w_round, a, b, scale, table,
            badapter, dh, dx, thresholds if drop else badapter, seed, m, o, k, rank, n, nb,
-           dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), a.stride(2),
+           dy2.stride(0), dy2.stride(1), w.stride_wo, w.stride_wk, a.stride(0), a.stride(1), a.stride(2),
            b.stride(0), b.stride(1), b.stride(2), dx.stride(0), dx.stride(1),
            HAS_DROPOUT=drop, BASE_PRECISION=dot_precision(dy2.dtype),
-           LORA_PRECISION=dot_precision(dy2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, **cfg)
+           LORA_PRECISION=dot_precision(dy2.dtype, a.dtype), BLOCK_ROWS=block_rows, BLOCK_R=br, WEIGHT=w.kind,
+           NESTED=w.nested, **cfg, **extra)
     return dx, dh
 
 
@@ -1322,23 +1346,32 @@ def fused_specs(act: torch.dtype, ad: torch.dtype, kind: str = "dense", nested: 
     return specs
 
 
-def fused_dx_specs(act: torch.dtype, ad: torch.dtype) -> list[AotSpec]:
-    """The fused backward's dX launch (``_grouped_linear_dx_kernel``) for one dtype pair: every rank tile, with
-    dropout or not."""
+def fused_dx_specs(act: torch.dtype, ad: torch.dtype, kind: str = "dense", nested: bool = False) -> list[AotSpec]:
+    """The fused backward's dX launch (``_grouped_linear_dx_kernel``) for one dtype pair and base weight (``kind``
+    as in ``fused_specs``; ``lora_grouped_q.aot_specs`` lists the quantised ones): every rank tile, with dropout or
+    not."""
     xa, wa = DTYPE_NAMES[act], DTYPE_NAMES[ad]
+    if kind == "dense":
+        name, wtypes, options = "lora_grouped_linear_dx[", {"w_ptr": "*" + xa, **UNUSED_QUANT_TYPES}, {}
+    else:  # launched without fp contraction (``launch_grouped_linear_dx``)
+        name, options = f"lora_grouped_qlinear_dx[{kind}{',nested' if nested else ''},", {"enable_fp_fusion": False}
+        wtypes = ({"w_ptr": "*i8", **UNUSED_QUANT_TYPES} if kind == "int8" else
+                  {"w_ptr": "*u8", "wscale_ptr": "*u8" if nested else "*fp32", "code_ptr": "*fp32",
+                   "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset": "fp32"})
     specs = []
     for br in SPEC_RANKS:
         cfg = fused_dx_config(act, ad, br)
         for drop in (False, True):
             c = dict(BLOCK_ROWS=FUSED_BLOCK_ROWS, BLOCK_R=br, BLOCK_K=cfg["BLOCK_K"], BLOCK_O=cfg["BLOCK_O"],
                      GROUP_M=cfg["GROUP_M"], BASE_PRECISION=dot_precision(act), LORA_PRECISION=dot_precision(act, ad),
-                     HAS_DROPOUT=drop, stride_do=1, stride_wk=1, stride_ak=1, stride_bo=1, stride_xk=1)
-            types = {"dy_ptr": "*" + xa, "w_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
+                     HAS_DROPOUT=drop, stride_do=1, stride_ak=1, stride_bo=1, stride_xk=1, WEIGHT=kind,
+                     NESTED=nested, **({} if kind == "4bit" else {"stride_wk": 1}))
+            types = {"dy_ptr": "*" + xa, "a_ptr": "*" + wa, "b_ptr": "*" + wa,
                      "scale_ptr": "*fp32", "table_ptr": "*i64", "badapter_ptr": "*i64", "g_ptr": "*" + wa,
                      "dx_ptr": "*" + xa, "thresh_ptr": "*i64", "seed": "i64", "stride_dm": "i64", "stride_wo": "i64",
-                     "stride_an": "i64", "stride_bn": "i64", "stride_xm": "i64"}
-            specs.append(AotSpec(f"lora_grouped_linear_dx[x={xa},w={wa},BR={br},BK={cfg['BLOCK_K']},"
+                     "stride_an": "i64", "stride_bn": "i64", "stride_xm": "i64", **wtypes}
+            specs.append(AotSpec(f"{name}x={xa},w={wa},BR={br},BK={cfg['BLOCK_K']},"
                                  f"BO={cfg['BLOCK_O']},warps={cfg['num_warps']}{',dropout' if drop else ''}]",
                                  _grouped_linear_dx_kernel, aot_signature(_grouped_linear_dx_kernel, types, c), c,
-                                 cfg["num_warps"], cfg["num_stages"], True))
+                                 cfg["num_warps"], cfg["num_stages"], True, options=options))
     return specs

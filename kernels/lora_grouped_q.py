@@ -22,10 +22,15 @@ round as bitsandbytes' do.
 Bytes (forward): x, the packed weight (N * K / 2 bytes + scales, or the int8 CB + SCB) and every used adapter's A
 and B read once, y written once, h and the plan; padded rows cost GEMM work, not bytes.
 
-Backward (W frozen: no weight gradient): dX = dY @ deq(W) by qmatmul's quantised dX GEMM (Triton) or with the
-weight dequantised and freed (PyTorch), then the grouped backward over the same plan, its dX expand adding into
-that dX (``lora_grouped.fused_base_backward``); the bias gradient is the fp32 sum of dY's rows. Saved: x, h, the
-plan and references to the (resident) packed tensors, stores and adapters.
+Backward (W frozen: no weight gradient), when x needs a gradient: one launch for dX and dH
+(``lora_grouped._grouped_linear_dx_kernel`` with the same WEIGHT kind: dY @ deq(W) with each W tile dequantised in
+registers, and each block's dH = s_a dY B_a on the same dY tile, the masked dH A_a added in the epilogue), then the
+dA and dB kernels (``lora_grouped.backward_fused_triton``). That needs the dX kernel's K tile (the forward's O tile,
+32 or 64 columns) inside one 4-bit block (``aligned(..., dx=True)``); a narrower block (blocksize 32 under a 64-column
+tile) takes qmatmul's quantised dX GEMM (Triton) or the weight dequantised and freed (PyTorch), then the grouped
+backward over the same plan, its dX expand adding into that dX (``lora_grouped.fused_base_backward``), which is
+also all that runs (dA and dB) when x needs no gradient. The bias gradient is the fp32 sum of dY's rows. Saved: x, h, the plan and
+references to the (resident) packed tensors, stores and adapters.
 
 The CPU / PyTorch path: the quantised reference matmul (``qmatmul.matmul_4bit_reference`` /
 ``matmul_int8_reference``), then ``lora_grouped.forward_reference`` on its output. Declared once per weight format
@@ -40,9 +45,10 @@ import torch
 
 from .aot import AotSpec
 from .dropout import draw_seed
-from .lora_grouped import (DTYPE_PAIRS, MAX_KERNEL_RANK, BaseWeight, check_fused_plan, check_stores, forward_reference,
-                           fused_base_backward, fused_config, fused_plan, fused_specs, kernel_rank, launch_grouped_linear,
-                           make_plan)
+from .lora_grouped import (DTYPE_PAIRS, MAX_KERNEL_RANK, BaseWeight, _split_grads, backward_fused_triton,
+                           check_fused_plan, check_stores, forward_reference, fused_base_backward, fused_config,
+                           fused_dx_config, fused_dx_specs, fused_dx_supported, fused_plan, fused_specs, kernel_rank,
+                           launch_grouped_linear, make_plan)
 from .opdecl import OpDecl
 from .qlora import Int8Weight, q_dense, q_gemm
 from .qmatmul import check_x, matmul_4bit_reference, matmul_int8_reference
@@ -63,12 +69,14 @@ def quantised_base(p: QuantWeight, act: torch.dtype) -> BaseWeight:
                       log2_exact(p.blocksize, "blocksize"), log2_nbs, weight_rounding(p.dtype, act), p.nested)
 
 
-def aligned(p: QuantWeight, act: torch.dtype, adapter: torch.dtype, rank: int) -> bool:
-    """Whether the fused kernel reads ``p`` (int8: always; 4-bit: the aligned layout, K % blocksize == 0 with the
-    kernel's K tile inside one block)."""
+def aligned(p: QuantWeight, act: torch.dtype, adapter: torch.dtype, rank: int, dx: bool = False) -> bool:
+    """Whether the fused kernel (``dx``: the backward's dX kernel, whose K tile is the forward's O tile) reads
+    ``p`` (int8: always; 4-bit: the aligned layout, K % blocksize == 0 with the kernel's K tile inside one
+    block)."""
     if isinstance(p, Int8Weight):
         return True
-    block_k = fused_config(act, adapter, kernel_rank(rank), "4bit")["BLOCK_K"]
+    config = fused_dx_config if dx else fused_config
+    block_k = config(act, adapter, kernel_rank(rank))["BLOCK_K"]
     return p.shape[1] % p.blocksize == 0 and p.blocksize >= block_k
 
 
@@ -111,12 +119,20 @@ def _backward(p, x, h, bias, stores, weights, grads, needs, first, hint) -> list
     n = len(weights) // 2
     dy2 = grads[0].reshape(-1, grads[0].shape[-1])
     on_triton = fuses(dy2, p, a, b) if hint is None else hint
-    base_dx = None
-    if needs[0]:  # dX = dY @ deq(W): qmatmul's dX GEMM, or the weight dequantised and freed on return
-        base_dx = q_gemm(dy2, p, None, False) if on_triton else dy2 @ q_dense(p, dy2.dtype)
-    dx, ga, gb = fused_base_backward(dy2, x.reshape(-1, x.shape[-1]), h, a, b, scale, table, badapter, thresholds,
-                                     int(seed), weights, needs[0], needs[first:first + n],
-                                     needs[first + n:first + 2 * n], base_dx, on_triton)
+    x2 = x.reshape(-1, x.shape[-1])
+    need_a, need_b = needs[first:first + n], needs[first + n:first + 2 * n]
+    if (on_triton and needs[0] and fused_dx_supported(table, a.shape[1])
+            and aligned(p, dy2.dtype, a.dtype, a.shape[1], dx=True)):
+        # dX (dY @ deq(W), W dequantised in registers, and the adapters' terms) and dH in one launch, then dA, dB
+        dx, da, db = backward_fused_triton(dy2, x2, h, quantised_base(p, dy2.dtype), a, b, scale, table, badapter,
+                                           any(need_a) or any(need_b), thresholds, int(seed))
+        ga, gb = _split_grads(da, weights[:n], need_a, 0), _split_grads(db, weights[n:], need_b, 1)
+    else:
+        base_dx = None
+        if needs[0]:  # dX = dY @ deq(W): qmatmul's dX GEMM, or the weight dequantised and freed on return
+            base_dx = q_gemm(dy2, p, None, False) if on_triton else dy2 @ q_dense(p, dy2.dtype)
+        dx, ga, gb = fused_base_backward(dy2, x2, h, a, b, scale, table, badapter, thresholds, int(seed), weights,
+                                         needs[0], need_a, need_b, base_dx, on_triton)
     dbias = None
     if bias is not None and needs[first - 1]:
         dbias = dy2.sum(0, dtype=torch.float32).to(bias.dtype)
@@ -254,5 +270,5 @@ def aot_specs() -> list[AotSpec]:
     specs = []
     for act, ad in DTYPE_PAIRS:
         for kind, nested in (("4bit", False), ("4bit", True), ("int8", False)):
-            specs += fused_specs(act, ad, kind, nested)
+            specs += fused_specs(act, ad, kind, nested) + fused_dx_specs(act, ad, kind, nested)
     return specs

@@ -20,22 +20,22 @@ from tests.test_multi_adapter import (RANKS, alone_outputs, check_mixed_grads_eq
                                       three_adapters, train_mixed)
 
 
-def quant_weight(kind: str, o: int, k: int, seed: int, w_dtype=torch.float32):
+def quant_weight(kind: str, o: int, k: int, seed: int, w_dtype=torch.float32, blocksize: int = 64):
     """(the weight as the op takes it, its exact value in float64 [O, K]). kind: nf4 / fp4 (+ "-nested") / int8."""
     if kind == "int8":
         cb, scb = make_int8(o, k, seed)
         return Int8Weight(cb, scb), cb.double() * scb.double()[:, None] * INT8_SCALE
-    p = make_packed(o, k, 64, kind.endswith("-nested"), kind.split("-")[0], w_dtype, seed=seed)
+    p = make_packed(o, k, blocksize, kind.endswith("-nested"), kind.split("-")[0], w_dtype, seed=seed)
     # the value the layer stands for: the fp32 product, rounded once into the weight's dtype
     return p, dequantize_4bit_reference(p).double()
 
 
 def run_qlinear_case(kind, n, m, k, o, ranks, dtype=torch.float32, ps=None, bias=True, seed=0,
-                     w_dtype=torch.float32, adapter_dtype=None):
+                     w_dtype=torch.float32, adapter_dtype=None, blocksize=64):
     """lora_grouped_qlinear vs the quantised base's dense matmul (the weight dequantised to ``dtype``) + each adapter
     alone on its rows, in ``dtype`` (plain) and in float64 (the exact weight): forward, and the gradients of x, the
     bias and every A and B (k = 8 x plain's error; ``run_linear_case``)."""
-    p, w64 = quant_weight(kind, o, k, seed, w_dtype)
+    p, w64 = quant_weight(kind, o, k, seed, w_dtype, blocksize)
     y = run_linear_case(n, m, k, o, ranks, dtype, ps, bias, seed, base=(lora_grouped_qlinear, p, q_dense(p, dtype), w64),
                         adapter_dtype=adapter_dtype)
     assert y.dtype == dtype and y.shape == (m, o)
@@ -97,7 +97,8 @@ def _recording(monkeypatch):
 @pytest.mark.parametrize("kind", ["nf4-nested", "int8"])
 def test_triton_quant_fused_is_one_launch(interpreted, monkeypatch, kind):
     """Forward: one kernel (after the plan) whatever the number of adapters; no dequantised weight, no F.linear.
-    Backward: the quantised dX GEMM, then the grouped backward adding into it."""
+    Backward: one launch for dX and dH (``_grouped_linear_dx_kernel``, the weight dequantised in registers), then
+    dA and dB; no quantised-matmul kernel."""
     seen = _recording(monkeypatch)
     monkeypatch.setattr(torch.nn.functional, "linear",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("F.linear")))
@@ -109,8 +110,20 @@ def test_triton_quant_fused_is_one_launch(interpreted, monkeypatch, kind):
         assert seen == ["_grouped_linear_kernel"]
         seen.clear()
         y.sum().backward()
-        quant_dx = "_matmul_int8_kernel" if kind == "int8" else "_matmul_4bit_kernel"
-        assert seen[0] == quant_dx and "_grouped_linear_kernel" not in seen and len(seen) <= 8, seen
+        assert seen[0] == "_grouped_linear_dx_kernel" and "_grouped_linear_kernel" not in seen, seen
+        assert not any(name.startswith("_matmul_") for name in seen) and len(seen) <= 7, seen
+
+
+def test_4bit_blocks_narrower_than_the_dx_tile(interpreted, monkeypatch):
+    """A 4-bit weight of blocksize 32: the forward's K tile (16 or 32) lies inside a block, so the forward is fused,
+    but the dX kernel's K tile (64 columns) would span two blocks: the backward takes the quantised dX GEMM, then
+    the grouped backward adding into it; forward and every gradient still equal float64's."""
+    seen = _recording(monkeypatch)
+    p, _ = quant_weight("nf4", 7, 64, 0, blocksize=32)
+    assert aligned(p, torch.float16, torch.float16, 16) and not aligned(p, torch.float16, torch.float16, 16, dx=True)
+    run_qlinear_case("nf4", 3, 140, 64, 23, [8, 16, 3], dtype=torch.float16, blocksize=32)
+    assert "_grouped_linear_kernel" in seen and "_matmul_4bit_kernel" in seen
+    assert "_grouped_linear_dx_kernel" not in seen
 
 
 def test_general_4bit_layout_is_not_fused(interpreted):
@@ -307,7 +320,7 @@ def test_every_quantised_launch_has_an_aot_spec(monkeypatch):
     from peftfast.kernels.quant import Packed4bit
 
     seen = []
-    monkeypatch.setattr(G, "launch", lambda kernel, grid, *args, **meta: seen.append(meta))
+    monkeypatch.setattr(G, "launch", lambda kernel, grid, *args, **meta: seen.append((kernel, meta)))
     m, k, o, n, meta = 300, 128, 80, 5, dict(device="meta")
     u8, f32 = dict(dtype=torch.uint8, **meta), dict(dtype=torch.float32, **meta)
     weights = [Int8Weight(torch.empty(o, k, dtype=torch.int8, **meta), torch.empty(o, **f32))]
@@ -325,10 +338,14 @@ def test_every_quantised_launch_has_an_aot_spec(monkeypatch):
                     for th in (None, torch.empty(n, dtype=torch.int64, **meta)):
                         G.launch_grouped_linear(x, GQ.quantised_base(p, act), bias, a, b, torch.empty(n, **f32), table,
                                                 table[:, 0], th, 1)
+                        if bias is None:  # the backward's dX launch (no bias)
+                            G.launch_grouped_linear_dx(torch.empty(m, o, dtype=act, **meta), GQ.quantised_base(p, act),
+                                                       a, b, torch.empty(n, **f32), table, table[:, 0], th, 1)
     specs = GQ.aot_specs()
-    assert len(seen) == len(G.DTYPE_PAIRS) * 5 * 3 * 4
-    for launch in seen:
-        assert any((spec.num_warps, spec.num_stages) == (launch["num_warps"], launch["num_stages"])
+    assert len(seen) == len(G.DTYPE_PAIRS) * 5 * 3 * (4 + 2)
+    assert {kernel for kernel, _ in seen} == {G._grouped_linear_kernel, G._grouped_linear_dx_kernel}
+    for kernel, launch in seen:
+        assert any(spec.fn is kernel and (spec.num_warps, spec.num_stages) == (launch["num_warps"], launch["num_stages"])
                    and spec.options == {"enable_fp_fusion": launch["enable_fp_fusion"]}
                    and all(launch[key] == v for key, v in spec.constexprs.items() if key in launch) for spec in specs), (
             {key: v for key, v in launch.items() if not isinstance(v, torch.Tensor)})
