@@ -159,7 +159,10 @@ class PeftModel(PushToHubMixin, nn.Module):
     def active_adapter(self) -> str | list[str]:
         if self._prompt_model:
             return self._prompt_active_adapter
-        return self.base_model.active_adapter
+        # PEFT's PeftModel holds one adapter name (its set_adapter takes one; after a delete, the one left active);
+        # the tuner keeps what it was given (a list of one name stays a list there)
+        active = self.base_model.active_adapter
+        return active[0] if isinstance(active, list) and len(active) == 1 else active
 
     @property
     def base_model_torch_dtype(self) -> Optional[torch.dtype]:
@@ -554,7 +557,8 @@ class PeftModel(PushToHubMixin, nn.Module):
             with config_mismatch_as_load_error(model_id):
                 peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                  low_cpu_mem_usage=low_cpu_mem_usage)
-            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True)
+            set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name, strict=True,
+                                      ignore_mismatched_sizes=bool(kwargs.get("ignore_mismatched_sizes")))
             _check_nothing_left_on_meta(peft_model, model_id)
         if not is_trainable:
             peft_model.requires_grad_(False)
@@ -597,7 +601,9 @@ class PeftModel(PushToHubMixin, nn.Module):
                 with config_mismatch_as_load_error(model_id):
                     self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype,
                                      low_cpu_mem_usage=low_cpu_mem_usage)
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True)
+            # ignore_mismatched_sizes (PEFT's keyword): tensors of another shape are skipped with a warning
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name, strict=True,
+                                               ignore_mismatched_sizes=bool(kwargs.get("ignore_mismatched_sizes")))
             _check_nothing_left_on_meta(self, model_id)
         for p, flag in flags:
             p.requires_grad_(flag)

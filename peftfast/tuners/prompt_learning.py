@@ -167,7 +167,7 @@ def check_task_fits_model(config: Any, task: Any, model: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def set_head_modules(model: nn.Module, config: Any, adapter_name: str, active: bool) -> list[tuple]:
     """Wrap the ``modules_to_save`` children of ``model`` (classifier heads) in ModulesToSaveWrapper, PEFT's way for
-    prompt learning (a module whose name contains an entry). Returns undo records: (parent, name, old module) for a
+    prompt learning (a module whose name ends with an entry). Returns undo records: (parent, name, old module) for a
     new wrapper, (wrapper, None, adapter name) for an added copy."""
     names = list(getattr(config, "modules_to_save", None) or [])
     records: list[tuple] = []
@@ -176,7 +176,7 @@ def set_head_modules(model: nn.Module, config: Any, adapter_name: str, active: b
     for key, module in list(model.named_modules()):
         if not key or any(p in ("modules_to_save", "original_module") for p in key.split(".")):
             continue
-        if not any(key == n or key.endswith("." + n) for n in names):
+        if not any(key.endswith(n) for n in names):  # a plain suffix, as PEFT matches it
             continue
         parent, target, attr = get_submodules(model, key)
         if isinstance(target, ModulesToSaveWrapper):

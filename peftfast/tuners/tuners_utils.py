@@ -34,7 +34,7 @@ from ..utils.constants import (
 )
 from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern, get_pattern_key
-from ..utils.routing import earlier_routing
+from ..utils.routing import check_names_cover_batch, earlier_routing
 from ..utils.other import (AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, module_names_tied_with_embedding,
                            per_sample_adapter_names)
 from ..utils.undo import UndoLog
@@ -226,11 +226,13 @@ class BaseTunerLayer:
             if adapter_name in d:
                 del d[adapter_name]
         if adapter_name in self.active_adapters:
+            # PEFT's rule, per layer: the other active adapters, else this layer's alphabetically first one left
+            # (activated as set_adapter does, its weights trainable)
             remaining = [n for n in self.active_adapters if n != adapter_name]
             if not remaining:
                 left = sorted(self.available_adapters())
                 remaining = left[:1]
-            self._active_adapter = remaining
+            self.set_adapter(remaining)
 
     # Subclasses implement: update_layer, merge, unmerge, get_delta_weight, forward.
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -748,7 +750,9 @@ class BaseTuner(nn.Module):
         for key in keys:
             if any(p in ("modules_to_save", "original_module", "base_layer") for p in key.split(".")):
                 continue
-            match = [n for n in names if key == n or key.endswith("." + n)]
+            # a plain suffix, as PEFT matches it: "norm" also names every "input_layernorm" (checkpoints saved by PEFT
+            # with such an entry hold a copy of each)
+            match = [n for n in names if key.endswith(n)]
             if not match:
                 continue
             found.update(match)
@@ -936,7 +940,8 @@ class BaseTuner(nn.Module):
             layer.set_adapter(names, inference_mode=inference_mode)
         for wrapper in self._wrappers():
             wrapper.set_adapter(names, inference_mode=inference_mode)
-        self.active_adapter = names[0] if len(names) == 1 else names
+        # as given (PEFT's): a name stays a str, a list stays a list (even of one name)
+        self.active_adapter = adapter_name if isinstance(adapter_name, str) else names
 
     def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
         """Switch gradients of the named adapters' weights (adapter layers and modules_to_save copies) on or off,
@@ -969,16 +974,24 @@ class BaseTuner(nn.Module):
                                f"first. {adapter_name!r} is merged into the base weights of {len(merged)} layer(s); "
                                "call unmerge_adapter() before deleting it")
         del self.peft_config[adapter_name]
-        for layer in self._tuner_layers():
+        layers = self._tuner_layers()
+        for layer in layers:  # each layer that ran it picks its own next adapter (PEFT's rule, per layer)
             layer.delete_adapter(adapter_name)
-        for wrapper in self._wrappers():
+        # the model's active adapters: the first adapter layer's (PEFT's); without layers, the others active, else
+        # the alphabetically first adapter left
+        if layers:
+            remaining = list(layers[0].active_adapters)
+        else:
+            remaining = [n for n in self.active_adapters if n != adapter_name] or sorted(self.peft_config)[:1]
+        for wrapper in self._wrappers():  # wrappers holding it follow the model's first adapter, as PEFT's do
+            if adapter_name not in wrapper._get_available_adapters():
+                continue
             wrapper.delete_adapter(adapter_name)
-        remaining = [n for n in self.active_adapters if n != adapter_name]
-        if not remaining:
-            remaining = sorted(self.peft_config)[:1]  # PEFT's choice: the alphabetically first adapter left
-            if remaining:
-                self.set_adapter(remaining)
-        self.active_adapter = (remaining[0] if len(remaining) == 1 else remaining) if remaining else []
+            if not remaining or remaining[0] not in wrapper._get_available_adapters():
+                wrapper.set_adapter([])
+            elif wrapper.active_adapters[:1] != remaining[:1]:
+                wrapper.set_adapter(remaining[:1])
+        self.active_adapter = remaining  # a list, as PEFT's
 
     # -- merging ---------------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -1070,6 +1083,7 @@ class BaseTuner(nn.Module):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """A call of the model: its ``adapter_names`` routed by the tuner (``_route_adapter_names``), inside the
         handling of the routing an earlier training call left for its backward (``earlier_routing``)."""
+        check_names_cover_batch(args, kwargs)
         with earlier_routing(self), self._route_adapter_names(kwargs):
             yield
 

@@ -36,6 +36,43 @@ def per_sample_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
     raise ValueError(f"adapter_names has {n} entries for a batch of {batch}; give one adapter name per sample")
 
 
+_TOKENWISE = (nn.Linear, nn.Embedding)
+
+
+def mixed_parts(x: torch.Tensor, adapter_names: list, run, module: nn.Module, what: str) -> torch.Tensor:
+    """A wrapped module's output for a mixed batch: ``run(name, part)`` on each adapter's samples of ``x`` (names
+    per sample, repeated when the batch is), or, for names per token (one list per sample), on each adapter's
+    tokens of ``x`` [batch, tokens, ...] -- only where ``module`` works token by token (a linear layer, an
+    embedding; transformers' Conv1D), which ``what`` names in the error otherwise."""
+    per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
+    if not per_token:
+        names = per_sample_adapter_names(adapter_names, x.shape[0])
+        out = None
+        for name in dict.fromkeys(names):
+            idx = [i for i, n in enumerate(names) if n == name]
+            part = run(name, x[idx])
+            if out is None:
+                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
+            out[idx] = part
+        return out
+    shape = (len(adapter_names), len(adapter_names[0]))
+    if not (isinstance(module, _TOKENWISE) or type(module).__name__ == "Conv1D") or tuple(x.shape[:2]) != shape:
+        raise ValueError(f"adapter_names per token ({shape[0]} samples x {shape[1]} tokens) reached {what} "
+                         f"({type(module).__name__}) with an input of shape {tuple(x.shape)}: per-token names apply to "
+                         "linear and embedding modules over all the tokens of the call; give one adapter name per "
+                         "sample for this model")
+    flat = [n for per in adapter_names for n in per]
+    tokens = x.reshape(shape[0] * shape[1], *x.shape[2:])
+    out = None
+    for name in dict.fromkeys(flat):
+        idx = torch.tensor([i for i, n in enumerate(flat) if n == name], device=x.device)
+        part = run(name, tokens[idx])
+        if out is None:
+            out = part.new_empty((tokens.shape[0],) + tuple(part.shape[1:]))
+        out[idx] = part
+    return out.view(*shape, *out.shape[1:])
+
+
 def is_adapter_layer(module: nn.Module) -> bool:
     """Whether ``module`` is an adapter layer (a BaseTunerLayer of any method), recognised by the class attribute
     every adapter layer declares, so that this bottom layer needs no import of the tuners."""
@@ -211,18 +248,12 @@ class ModulesToSaveWrapper(AuxiliaryTrainingWrapper):
         adapter_names = call_adapter_names(self, kwargs)
         if adapter_names is None or self._disable_adapters:
             return self._active_module()(*args, **kwargs)
-        # One adapter per sample: run each sub-batch through its adapter's copy ('__base__': the original).
-        x = args[0]
-        adapter_names = per_sample_adapter_names(adapter_names, x.shape[0])
-        out = None
-        for name in dict.fromkeys(adapter_names):
-            idx = [i for i, n in enumerate(adapter_names) if n == name]
+        # One adapter per sample (or per token): each part through its adapter's copy ('__base__': the original).
+        def run(name: str, part: torch.Tensor) -> torch.Tensor:
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            part = module(x[idx], *args[1:], **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
-            out[idx] = part
-        return out
+            return module(part, *args[1:], **kwargs)
+
+        return mixed_parts(args[0], adapter_names, run, self.original_module, "modules_to_save")
 
     def unwrapped(self, adapter_name: Optional[str] = None) -> nn.Module:
         """The module that replaces this wrapper on unload: the adapter's copy, or the original."""

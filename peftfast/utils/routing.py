@@ -26,6 +26,27 @@ _ACTIVE = [0]
 _LOCK = threading.Lock()
 
 
+def check_names_cover_batch(args: tuple, kwargs: dict) -> None:
+    """A PEFT model's call with ``adapter_names``: raise unless it has one entry per sample of the batch the call
+    gives (``input_ids``, ``inputs_embeds``, or a first positional tensor of two or more dimensions; nothing is
+    checked when none of them is there), as PEFT's layers require. Inside the call a layer may see the batch
+    repeated (generate's beams and returned sequences) and repeats each sample's entry to match
+    (``per_sample_adapter_names``); a list of the wrong length at the call itself is refused before anything runs,
+    not repeated."""
+    names = kwargs.get("adapter_names")
+    if not isinstance(names, (list, tuple)) or not names or not (
+            all(isinstance(n, str) for n in names)
+            or all(isinstance(n, (list, tuple)) and len(n) == len(names[0]) for n in names)):
+        return  # not a list of names, or of equally long lists of names: the tuner's own check says what is allowed
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if not isinstance(inputs, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        inputs = args[0]
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 and inputs.shape[0] != len(names):
+        raise ValueError(f"adapter_names has {len(names)} entries for a batch of {inputs.shape[0]}; give one adapter "
+                         "name per sample ('__base__' for none), or per token one list of names per sample (PEFT: "
+                         "the length of `adapter_names` should be the same as the number of inputs)")
+
+
 def call_adapter_names(module: nn.Module, kwargs: dict) -> Any:
     """The ``adapter_names`` for this forward of ``module``: its own keyword (popped from ``kwargs``), else those of
     the PEFT model's call in progress when it routes them to ``module``; None otherwise."""

@@ -27,6 +27,7 @@ caller's tensor), the small h and the plan, never a mask or a dropped copy of x.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Union
 
 import torch
@@ -45,6 +46,12 @@ BaseWeightArg = Union[torch.Tensor, QuantWeight]  # a float [O, K] weight, or a 
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
 _LAST_PLAN: dict = {}
+
+
+def outside_inference_mode():
+    """A context in which new tensors are plain ones: under ``torch.inference_mode()`` it leaves that mode (which
+    turns gradient recording back on: nest ``torch.no_grad()`` inside it where that matters); elsewhere nothing."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 class AdapterStore:
@@ -74,7 +81,9 @@ class AdapterStore:
         if key == self.key and len(weights) == len(self.weights) and all(
                 w is v for w, v in zip(weights, self.weights)):
             return
-        with torch.no_grad():
+        # plain tensors even under torch.inference_mode(): the store outlives the call (an inference tensor has no
+        # version counter, is refused by autograd in a later training call and cannot be updated outside that mode)
+        with outside_inference_mode(), torch.no_grad():
             dtype = weights_a[0].dtype
             for w in weights:
                 dtype = torch.promote_types(dtype, w.dtype)
@@ -125,14 +134,15 @@ def shared_plan(store: AdapterStore, names: list, rows: int, device: torch.devic
     hit = _LAST_PLAN.get("entry")  # one (key, value) tuple, replaced whole: no torn read across threads
     if hit is not None and hit[0] == key:
         return hit[1]
-    index = row_index(store.slots, names, rows, device)
     n = len(store.names)
     used = used_adapters(names, store.slots)  # the plan's blocks bound these: grids do not grow with adapters held
-    if on_triton == "fused":
-        value = (index, fused_plan(index, n, used))
-    else:  # one name per sample: its rows (tokens) are a run of rows // len(names) with one adapter (``run_plan``)
-        value = (index, make_plan(index, n, on_triton, run=1 if per_token else rows // len(names),
-                                  rank=store.a.shape[1], used=used))
+    with outside_inference_mode():  # plain tensors: the plan is reused by later calls, in any mode (AdapterStore)
+        index = row_index(store.slots, names, rows, device)
+        if on_triton == "fused":
+            value = (index, fused_plan(index, n, used))
+        else:  # one name per sample: its rows (tokens) are a run of rows // len(names) with one adapter (``run_plan``)
+            value = (index, make_plan(index, n, on_triton, run=1 if per_token else rows // len(names),
+                                      rank=store.a.shape[1], used=used))
     _LAST_PLAN["entry"] = (key, value)
     return value
 

@@ -624,9 +624,30 @@ class LoraLayer(AdditiveAdapterLayer):
         first); returns whether this layer type takes part in padding."""
         return False
 
+    def _initial_scaling(self, adapter: str) -> float:
+        """lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)), the scale the adapter was made with."""
+        r = math.sqrt(self.r[adapter]) if self.use_rslora.get(adapter, False) else self.r[adapter]
+        return self.lora_alpha[adapter] / r
+
     def set_scale(self, adapter: str, scale: float) -> None:
+        """The adapter's scale set to ``scale`` times its initial one (PEFT's method; an adapter not here is
+        ignored)."""
         if adapter in self.scaling:
-            self.scaling[adapter] = scale * self.lora_alpha[adapter] / self.r[adapter]
+            self.scaling[adapter] = scale * self._initial_scaling(adapter)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scale of each active adapter here by ``scale`` (PEFT's method)."""
+        if scale == 1:
+            return
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                self.scaling[name] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Divide the scale of each active adapter here by ``scale``; None: back to its initial scale (PEFT's)."""
+        for name in self.active_adapters:
+            if name in self.lora_A:
+                self.scaling[name] = self._initial_scaling(name) if scale is None else self.scaling[name] / scale
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -160,7 +160,7 @@ class MixedModel(BaseTuner):
         if not still_active:
             on_layers = {n for layer in self._tuner_layers() for n in layer.active_adapters}
             still_active = [n for n in self.peft_config if n in on_layers]
-        self.active_adapter = still_active[0] if len(still_active) == 1 else still_active
+        self.active_adapter = still_active  # a list, as PEFT's
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(f"Weighted adapters are not supported for {type(self).__name__} (as in PEFT); "

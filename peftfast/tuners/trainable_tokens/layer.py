@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...utils.other import per_sample_adapter_names
+from ...utils.other import mixed_parts
 from ...utils.routing import call_adapter_names
 from ..buffer_dict import BufferDict
 from ..tuners_utils import BaseTunerLayer, bnb_linear_classes, creation_device
@@ -219,13 +219,6 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
         if self.merged:
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        # one adapter per sample ('__base__': no adapter): each sub-batch with its adapter's rows
-        names = per_sample_adapter_names(adapter_names, x.shape[0])
-        out = None
-        for name in dict.fromkeys(names):
-            idx = [i for i, n in enumerate(names) if n == name]
-            part = self.forward_adapters(x[idx], [] if name == "__base__" else [name], *args, **kwargs)
-            if out is None:
-                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
-            out[idx] = part
-        return out
+        # one adapter per sample or per token ('__base__': no adapter): each part with its adapter's rows
+        return mixed_parts(x, adapter_names, lambda name, part: self.forward_adapters(
+            part, [] if name == "__base__" else [name], *args, **kwargs), self.base_layer, "trainable tokens")
