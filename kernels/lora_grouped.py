@@ -637,7 +637,7 @@ def _op_save(args, outputs) -> list:
     return [x, outputs[1], a_store, b_store, scale, table, badapter, thresholds, seed, *weights_a, *weights_b]
 
 
-def _split_grads(full: torch.Tensor, weights: list[torch.Tensor], needs: list[bool], dim: int) -> list:
+def split_grads(full: torch.Tensor, weights: list[torch.Tensor], needs: list[bool], dim: int) -> list:
     """Each adapter's gradient as a view of its rank rows of ``full`` (cast once when the adapters share a dtype:
     one op, not one per adapter)."""
     if full is None:
@@ -661,7 +661,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
                       needs[0], any(need_a) or any(need_b), thresholds, int(seed))
     if dx is not None:
         dx = dx.view(x.shape)
-    return [dx, None, *_split_grads(da, weights[:n], need_a, 0), *_split_grads(db, weights[n:], need_b, 1),
+    return [dx, None, *split_grads(da, weights[:n], need_a, 0), *split_grads(db, weights[n:], need_b, 1),
             None, None, None, None, None, None, None]
 
 
@@ -779,12 +779,13 @@ def _base_wt_tile(w_ptrs, w_ptr, wscale_ptr, code_ptr, nested_absmax_ptr, nested
     (k0 is the loop's int32), tile-local int32 offsets."""
     if WEIGHT == "4bit":
         half_k = K // 2
+        row0 = tl.cast(o0, tl.int64)  # the tile's first row: 64-bit bases into the packed bytes and the scales
         lh = tl.arange(0, BLOCK_K // 2)
-        byte = tl.load(w_ptr + (o0 * half_k + (k0 >> 1)) + (offs_o[None, :] * half_k + lh[:, None]),
+        byte = tl.load(w_ptr + (row0 * half_k + (k0 >> 1)) + (offs_o[None, :] * half_k + lh[:, None]),
                        mask=(2 * lh[:, None] < K - k0) & o_ok[None, :], other=0)  # [BK / 2, BO]: W[o, k pairs]
         q = tl.reshape(tl.permute(unpack_pairs(byte), (0, 2, 1)), (BLOCK_K, BLOCK_O))
         k_blocks = K >> log2_bs
-        scale = block_scale(o0 * k_blocks + (k0 >> log2_bs), offs_o * k_blocks, o_ok, wscale_ptr, nested_absmax_ptr,
+        scale = block_scale(row0 * k_blocks + (k0 >> log2_bs), offs_o * k_blocks, o_ok, wscale_ptr, nested_absmax_ptr,
                             nested_code_ptr, offset, log2_nbs, NESTED)
         return as_operand(lookup16(q, code_ptr) * scale[None, :], like, w_round)
     elif WEIGHT == "int8":
@@ -1171,7 +1172,7 @@ def _linear_op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     if on_triton and needs[0] and fused_dx_supported(table, a.shape[1]):
         dx, da, db = backward_fused_triton(dy2, x2, h, weight, a, b, scale, table, badapter, need_w, thresholds,
                                            int(seed))
-        ga, gb = _split_grads(da, weights[:n], need_a, 0), _split_grads(db, weights[n:], need_b, 1)
+        ga, gb = split_grads(da, weights[:n], need_a, 0), split_grads(db, weights[n:], need_b, 1)
     else:
         dx, ga, gb = fused_base_backward(dy2, x2, h, a, b, scale, table, badapter, thresholds, int(seed), weights,
                                          needs[0], need_a, need_b, dy2 @ weight if needs[0] else None, on_triton)
@@ -1192,7 +1193,7 @@ def fused_base_backward(dy2, x2, h, a, b, scale, table, badapter, thresholds, se
     else:
         dx, da, db = backward_reference(dy2, x2, h, a, b, scale, table, badapter, need_x, need_w, thresholds, seed)
         dx = None if dx is None else dx + base_dx
-    return dx, _split_grads(da, weights[:n], need_a, 0), _split_grads(db, weights[n:], need_b, 1)
+    return dx, split_grads(da, weights[:n], need_a, 0), split_grads(db, weights[n:], need_b, 1)
 
 
 def _linear_op_fake(x, weight, bias, weights_a, weights_b, a_store, b_store, scale, table, block_adapter,

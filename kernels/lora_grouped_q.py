@@ -45,10 +45,10 @@ import torch
 
 from .aot import AotSpec
 from .dropout import draw_seed
-from .lora_grouped import (DTYPE_PAIRS, MAX_KERNEL_RANK, BaseWeight, _split_grads, backward_fused_triton,
-                           check_fused_plan, check_stores, forward_reference, fused_base_backward, fused_config,
-                           fused_dx_config, fused_dx_specs, fused_dx_supported, fused_plan, fused_specs, kernel_rank,
-                           launch_grouped_linear, make_plan)
+from .lora_grouped import (DTYPE_PAIRS, MAX_KERNEL_RANK, BaseWeight, backward_fused_triton, check_fused_plan,
+                           check_stores, forward_reference, fused_base_backward, fused_config, fused_dx_config,
+                           fused_dx_specs, fused_dx_supported, fused_plan, fused_specs, kernel_rank,
+                           launch_grouped_linear, make_plan, split_grads)
 from .opdecl import OpDecl
 from .qlora import Int8Weight, q_dense, q_gemm
 from .qmatmul import check_x, matmul_4bit_reference, matmul_int8_reference
@@ -126,7 +126,7 @@ def _backward(p, x, h, bias, stores, weights, grads, needs, first, hint) -> list
         # dX (dY @ deq(W), W dequantised in registers, and the adapters' terms) and dH in one launch, then dA, dB
         dx, da, db = backward_fused_triton(dy2, x2, h, quantised_base(p, dy2.dtype), a, b, scale, table, badapter,
                                            any(need_a) or any(need_b), thresholds, int(seed))
-        ga, gb = _split_grads(da, weights[:n], need_a, 0), _split_grads(db, weights[n:], need_b, 1)
+        ga, gb = split_grads(da, weights[:n], need_a, 0), split_grads(db, weights[n:], need_b, 1)
     else:
         base_dx = None
         if needs[0]:  # dX = dY @ deq(W): qmatmul's dX GEMM, or the weight dequantised and freed on return

@@ -28,8 +28,8 @@ _LOCK = threading.Lock()
 
 def check_names_cover_batch(args: tuple, kwargs: dict) -> None:
     """A PEFT model's call with ``adapter_names``: raise unless it has one entry per sample of the batch the call
-    gives (``input_ids``, ``inputs_embeds``, or a first positional tensor of two or more dimensions; nothing is
-    checked when none of them is there), as PEFT's layers require. Inside the call a layer may see the batch
+    gives (``input_ids``, ``inputs_embeds``, or a first positional tensor of token ids of two or more dimensions;
+    nothing is checked when none of them is there), as PEFT's layers require. Inside the call a layer may see the batch
     repeated (generate's beams and returned sequences) and repeats each sample's entry to match
     (``per_sample_adapter_names``); a list of the wrong length at the call itself is refused before anything runs,
     not repeated."""
@@ -39,8 +39,9 @@ def check_names_cover_batch(args: tuple, kwargs: dict) -> None:
             or all(isinstance(n, (list, tuple)) and len(n) == len(names[0]) for n in names)):
         return  # not a list of names, or of equally long lists of names: the tuner's own check says what is allowed
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-    if not isinstance(inputs, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
-        inputs = args[0]
+    if not isinstance(inputs, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 \
+            and not args[0].is_floating_point() and not args[0].is_complex():
+        inputs = args[0]  # token ids given by position (a float input may be sequence-first, as nn.MultiheadAttention's)
     if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 and inputs.shape[0] != len(names):
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {inputs.shape[0]}; give one adapter "
                          "name per sample ('__base__' for none), or per token one list of names per sample (PEFT: "
