@@ -1096,8 +1096,8 @@ def fused_dx_supported(table: torch.Tensor, rank: int) -> bool:
 def launch_grouped_linear_dx(dy2, weight, a, b, scale, table, badapter, thresholds, seed):
     """(dX [M, K] in dY's dtype, dH [nb, block_rows, kernel_rank(R)] in the adapter dtype): one launch; dH is
     left unwritten for unused blocks (the weight-gradient kernel reads only adapters' blocks). ``weight``: a float
-    [O, K] tensor or a ``BaseWeight`` (a quantised base, ``fused_dx_reads``: launched without fp contraction, as
-    the forward)."""
+    [O, K] tensor or a ``BaseWeight`` (a quantised base the dX tile fits, ``lora_grouped_q.aligned(..., dx=True)``:
+    launched without fp contraction, as the forward)."""
     w = dense_base(weight, scale) if isinstance(weight, torch.Tensor) else weight
     m, o = dy2.shape
     n, rank, k = a.shape

@@ -29,8 +29,8 @@ dA and dB kernels (``lora_grouped.backward_fused_triton``). That needs the dX ke
 32 or 64 columns) inside one 4-bit block (``aligned(..., dx=True)``); a narrower block (blocksize 32 under a 64-column
 tile) takes qmatmul's quantised dX GEMM (Triton) or the weight dequantised and freed (PyTorch), then the grouped
 backward over the same plan, its dX expand adding into that dX (``lora_grouped.fused_base_backward``), which is
-also all that runs (dA and dB) when x needs no gradient. The bias gradient is the fp32 sum of dY's rows. Saved: x, h, the plan and
-references to the (resident) packed tensors, stores and adapters.
+also all that runs (dA and dB) when x needs no gradient. The bias gradient is the fp32 sum of dY's rows. Saved: x,
+h, the plan and references to the (resident) packed tensors, stores and adapters.
 
 The CPU / PyTorch path: the quantised reference matmul (``qmatmul.matmul_4bit_reference`` /
 ``matmul_int8_reference``), then ``lora_grouped.forward_reference`` on its output. Declared once per weight format
@@ -71,13 +71,16 @@ def quantised_base(p: QuantWeight, act: torch.dtype) -> BaseWeight:
 
 def aligned(p: QuantWeight, act: torch.dtype, adapter: torch.dtype, rank: int, dx: bool = False) -> bool:
     """Whether the fused kernel (``dx``: the backward's dX kernel, whose K tile is the forward's O tile) reads
-    ``p`` (int8: always; 4-bit: the aligned layout, K % blocksize == 0 with the kernel's K tile inside one
-    block)."""
-    if isinstance(p, Int8Weight):
-        return True
+    ``p`` (int8: always; 4-bit: ``tiles_in_blocks``)."""
+    return isinstance(p, Int8Weight) or tiles_in_blocks(p.shape[1], p.blocksize, act, adapter, rank, dx)
+
+
+def tiles_in_blocks(k: int, blocksize: int, act: torch.dtype, adapter: torch.dtype, rank: int,
+                    dx: bool = False) -> bool:
+    """Whether a 4-bit weight of ``k`` input features and ``blocksize`` is in the aligned layout for the fused kernel
+    (``dx``: the dX kernel): K % blocksize == 0, with the kernel's K tile inside one block."""
     config = fused_dx_config if dx else fused_config
-    block_k = config(act, adapter, kernel_rank(rank))["BLOCK_K"]
-    return p.shape[1] % p.blocksize == 0 and p.blocksize >= block_k
+    return k % blocksize == 0 and blocksize >= config(act, adapter, kernel_rank(rank))["BLOCK_K"]
 
 
 def weight_tensor(p: QuantWeight) -> torch.Tensor:

@@ -45,32 +45,24 @@ def mixed_parts(x: torch.Tensor, adapter_names: list, run, module: nn.Module, wh
     tokens of ``x`` [batch, tokens, ...] -- only where ``module`` works token by token (a linear layer, an
     embedding; transformers' Conv1D), which ``what`` names in the error otherwise."""
     per_token = bool(adapter_names) and isinstance(adapter_names[0], (list, tuple))
-    if not per_token:
-        names = per_sample_adapter_names(adapter_names, x.shape[0])
-        out = None
-        for name in dict.fromkeys(names):
-            idx = [i for i, n in enumerate(names) if n == name]
-            part = run(name, x[idx])
-            if out is None:
-                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
-            out[idx] = part
-        return out
-    shape = (len(adapter_names), len(adapter_names[0]))
-    if not (isinstance(module, _TOKENWISE) or type(module).__name__ == "Conv1D") or tuple(x.shape[:2]) != shape:
-        raise ValueError(f"adapter_names per token ({shape[0]} samples x {shape[1]} tokens) reached {what} "
-                         f"({type(module).__name__}) with an input of shape {tuple(x.shape)}: per-token names apply to "
-                         "linear and embedding modules over all the tokens of the call; give one adapter name per "
-                         "sample for this model")
-    flat = [n for per in adapter_names for n in per]
-    tokens = x.reshape(shape[0] * shape[1], *x.shape[2:])
+    if per_token:
+        shape = (len(adapter_names), len(adapter_names[0]))
+        if not (isinstance(module, _TOKENWISE) or type(module).__name__ == "Conv1D") or tuple(x.shape[:2]) != shape:
+            raise ValueError(f"adapter_names per token ({shape[0]} samples x {shape[1]} tokens) reached {what} "
+                             f"({type(module).__name__}) with an input of shape {tuple(x.shape)}: per-token names "
+                             "apply to linear and embedding modules over all the tokens of the call; give one adapter "
+                             "name per sample for this model")
+        names, rows = [n for per in adapter_names for n in per], x.reshape(shape[0] * shape[1], *x.shape[2:])
+    else:
+        names, rows = per_sample_adapter_names(adapter_names, x.shape[0]), x
     out = None
-    for name in dict.fromkeys(flat):
-        idx = torch.tensor([i for i, n in enumerate(flat) if n == name], device=x.device)
-        part = run(name, tokens[idx])
+    for name in dict.fromkeys(names):  # each adapter's rows (samples or tokens) at once
+        idx = [i for i, n in enumerate(names) if n == name]
+        part = run(name, rows[idx])
         if out is None:
-            out = part.new_empty((tokens.shape[0],) + tuple(part.shape[1:]))
+            out = part.new_empty((rows.shape[0],) + tuple(part.shape[1:]))
         out[idx] = part
-    return out.view(*shape, *out.shape[1:])
+    return out.view(*shape, *out.shape[1:]) if per_token else out
 
 
 def is_adapter_layer(module: nn.Module) -> bool:

@@ -41,7 +41,7 @@ def check_names_cover_batch(args: tuple, kwargs: dict) -> None:
     inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if not isinstance(inputs, torch.Tensor) and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2 \
             and not args[0].is_floating_point() and not args[0].is_complex():
-        inputs = args[0]  # token ids given by position (a float input may be sequence-first, as nn.MultiheadAttention's)
+        inputs = args[0]  # token ids by position (a float input may be sequence-first: nn.MultiheadAttention's)
     if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 and inputs.shape[0] != len(names):
         raise ValueError(f"adapter_names has {len(names)} entries for a batch of {inputs.shape[0]}; give one adapter "
                          "name per sample ('__base__' for none), or per token one list of names per sample (PEFT: "

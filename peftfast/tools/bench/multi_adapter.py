@@ -432,17 +432,17 @@ def qfused_launches(m: int, k: int, o: int, counts, rank: int, act_elt: int, ad_
     forward, the one launch of ``fused_launch`` reading the stored weight (``quant_weight_bytes``) instead of a
     dense one; backward with dX, ``fused_backward_launches`` (dX and dH in one launch, then dA and dB) with the
     stored weight read in the dX launch -- where the dX kernel's K tile lies inside one 4-bit block
-    (``lora_grouped_q.aligned(..., dx=True)``; int8 always); else ``grouped_launches``' fused-plan backward whose
-    dX GEMM is the quantised one (dY and the stored weight read, dX written)."""
-    from ...kernels.lora_grouped import fused_dx_config, kernel_rank, rank_bucket
+    (``lora_grouped_q.tiles_in_blocks(..., dx=True)``; int8 always); else ``grouped_launches``' fused-plan backward
+    whose dX GEMM is the quantised one (dY and the stored weight read, dX written)."""
+    from ...kernels.lora_grouped import rank_bucket
+    from ...kernels.lora_grouped_q import tiles_in_blocks
 
     dense_w, w = o * k * act_elt, quant_weight_bytes(o, k, kind, blocksize, nested)
     if not backward:
         one = fused_launch(m, k, o, counts, rank, act_elt, ad_elt, bias=bias, dropout=dropout)
         return [dict(one, name=f"grouped {kind} linear", bytes=one["bytes"] - dense_w + w)]
-    dtype = {2: torch.float16, 4: torch.float32}
-    dx_k = fused_dx_config(dtype[act_elt], dtype[ad_elt], kernel_rank(rank_bucket(rank)))["BLOCK_K"]
-    if kind == "int8" or (k % blocksize == 0 and blocksize >= dx_k):
+    dtype = {2: torch.float16, 4: torch.float32}  # bf16 takes fp16's tiles
+    if kind == "int8" or tiles_in_blocks(k, blocksize, dtype[act_elt], dtype[ad_elt], rank_bucket(rank), dx=True):
         return [dict(x, name=f"grouped {kind} linear dX", bytes=x["bytes"] - dense_w + w)
                 if x["name"] == "grouped linear dX" else x
                 for x in fused_backward_launches(m, k, o, counts, rank, act_elt, ad_elt, dropout)]
