@@ -23,5 +23,7 @@ def _is_root(entry: str) -> bool:
 sys.path[:] = [p for p in sys.path if not _is_root(p)]
 for _name in [n for n in sys.modules if n == "kernels" or n.startswith("kernels.")]:
     # imported from the checkout before this file ran (a plugin probing the name): drop the stray copy
-    if os.path.abspath(getattr(sys.modules[_name], "__file__", None) or os.sep).startswith(_ROOT + os.sep):
+    # (only the checkout's own kernels/ folder: the kernel-hub package may be installed in a venv inside the checkout)
+    if os.path.abspath(getattr(sys.modules[_name], "__file__", None) or os.sep).startswith(
+            os.path.join(_ROOT, "kernels") + os.sep):
         del sys.modules[_name]
