@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 import peftfast as fast
 from peftfast import zoo
 from peftfast.kernels.lora_grouped import group_plan, lora_grouped
+from peftfast.utils import routing
 from tests.conftest import select_backend
 from tests.numerics import assert_matches_float64
 
@@ -1148,8 +1149,51 @@ def test_mixed_training_under_activation_checkpointing(reentrant):
         layers = [m for m in pm.modules() if isinstance(m, fast.tuners.lora.LoraLayer)]
         pm.base_model.set_adapter("a1")
         pm.zero_grad()
-        pm(input_ids=ids)  # a call without adapter_names: the routing left for the backward is removed
+        pm(input_ids=ids)  # a call without adapter_names: the earlier call's backward may still come
+        assert any(m._forward_pre_hooks for m in layers)
+        for _ in range(routing.KEPT_CALLS):  # once every kept call is one without names, the routing is removed
+            pm(input_ids=ids)
         assert not any(m._forward_pre_hooks for m in layers)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_several_training_calls_before_their_backward(reentrant):
+    """Three training calls, two with different adapter_names and one without between them, then their backward
+    (one sum, or each loss on its own in reverse order), under activation checkpointing: each recomputation gets the
+    names of the call whose forward it recomputes (the autograd sequence numbers of the call's forward tell them
+    apart), so every gradient equals that of the same calls without checkpointing (before, every recomputation took
+    the last call's names, or none after a call without them: silently wrong gradients)."""
+    ids = torch.randint(3, zoo.VOCAB, (3, 5), generator=torch.Generator().manual_seed(12))
+    for order in ("sum", "reversed"):
+        grads = []
+        for checkpointing in (False, True):
+            pm = _checkpointed_mixed_llama(reentrant=reentrant) if checkpointing else _mixed_llama(0.0)
+            losses = [pm(input_ids=ids, adapter_names=["a1", "a0", "a2"]).logits.pow(2).sum(),
+                      pm(input_ids=ids).logits.pow(2).mean(),  # the active adapter, a0
+                      pm(input_ids=ids.flip(0), adapter_names=["a2", "__base__", "a2"]).logits.pow(3).sum()]
+            if order == "sum":
+                sum(losses).backward()
+            else:
+                for loss in reversed(losses):
+                    loss.backward()
+            grads.append(_lora_grads(pm))
+        plain, ckpt = grads
+        assert set(ckpt) == set(plain) and all(any(f".{a}." in k for k in plain) for a in ("a0", "a1", "a2"))
+        for k in plain:
+            torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=f"{order} {k}")
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_backward_too_late_for_its_names_raises(reentrant):
+    """The backward of a training call with adapter_names after more training calls than the routing keeps: a clear
+    error (its recomputation would otherwise run without the call's names: wrong gradients)."""
+    pm = _checkpointed_mixed_llama(reentrant=reentrant)
+    ids = torch.randint(3, zoo.VOCAB, (3, 4), generator=torch.Generator().manual_seed(13))
+    first = pm(input_ids=ids, adapter_names=["a1", "a0", "a2"]).logits.pow(2).sum()
+    for _ in range(routing.KEPT_CALLS):
+        pm(input_ids=ids, adapter_names=["a0", "a0", "a1"])
+    with pytest.raises(RuntimeError, match=f"more than {routing.KEPT_CALLS} training calls ago"):
+        first.backward()
 
 
 def test_recompute_routing_only_inside_backward():

@@ -74,30 +74,83 @@ def routed_call(modules: Iterable[nn.Module], adapter_names: Any):
 
 
 # -- after a training call: the names again for its backward's recomputation ------------------------------------
-class RecomputeAdapterNames:
-    """The forward pre-hook a training call with ``adapter_names`` leaves on the modules it routed them to: inside a
-    backward pass, where activation checkpointing recomputes the checkpointed blocks' forward, it hands them the
-    call's names again (without them the recomputation computes other activations: wrong gradients, or checkpoint's
-    mismatch error). A forward through one of the modules outside a backward and outside the tuner's own calls
-    (``paused``: those drop or keep the routing themselves) bypasses the routing, e.g. a later training call on the
-    base model itself: that ends it for good (``expired``, its hooks removed), since that forward's recomputation
-    must not see these names. A class, not a closure, so a model holding it can still be pickled."""
+_MARK = torch.zeros((), requires_grad=True)
+# training calls whose names a recomputation can get (the backward of a call with names more than this many training
+# calls after its forward is refused); also how many calls without adapter_names end the routing
+KEPT_CALLS = 8
 
-    def __init__(self, adapter_names: Any) -> None:
-        self.adapter_names = adapter_names
+
+def sequence_mark() -> Optional[int]:
+    """The autograd sequence number this thread gives its next graph node (nodes a forward creates in between two
+    marks have numbers strictly between them); None while compiling."""
+    if torch.compiler.is_compiling():
+        return None
+    with torch.enable_grad():
+        return _MARK.view(()).grad_fn._sequence_nr()
+
+
+def _recomputed_node_number() -> Optional[int]:
+    """The sequence number of the graph node the backward is running (reentrant checkpointing: the checkpoint's own
+    node; otherwise the node whose saved tensor is being recomputed), None where torch does not tell."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    node = current() if current is not None else None
+    return node._sequence_nr() if node is not None else None
+
+
+class RecomputeAdapterNames:
+    """The forward pre-hook the training calls with ``adapter_names`` leave on the modules they routed them to:
+    inside a backward pass, where activation checkpointing recomputes the checkpointed blocks' forward, it hands the
+    recomputation the names of the call whose forward created the graph node being run (each call recorded as the
+    range of autograd sequence numbers its forward used; ``sequence_mark``), so two training calls before one
+    backward each get their own names, and a call without names none (without them the recomputation computes other
+    activations: wrong gradients, or checkpoint's mismatch error). A forward through one of the modules outside a
+    backward and outside the tuner's own calls (``paused``: those record their range themselves) bypasses the
+    routing, e.g. a later training call on the base model itself: that ends it for good (``expired``, its hooks
+    removed). A class, not a closure, so a model holding it can still be pickled."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []  # (first, last, ids of the routed modules, names or None), oldest first
+        self.forgotten: list[tuple] = []  # (first, last) of calls with names no longer kept
         self.expired = False
         self.paused = 0
-        self.handles: list = []
+        self.handles: dict[int, Any] = {}
+
+    def record(self, first: Optional[int], last: Optional[int], modules: list, adapter_names: Any) -> None:
+        """One training call of the tuner's model (``adapter_names`` None: a call without them)."""
+        dropped = self.calls[:-(KEPT_CALLS - 1)]
+        self.forgotten = (self.forgotten + [c[:2] for c in dropped if c[3] is not None and c[0] is not None])[-1024:]
+        self.calls = self.calls[-(KEPT_CALLS - 1):] + [(first, last, frozenset(map(id, modules)), adapter_names)]
+        for m in modules:
+            if id(m) not in self.handles:
+                self.handles[id(m)] = m.register_forward_pre_hook(self, with_kwargs=True)
+
+    def pending(self) -> bool:
+        """Whether a kept call had names (else nothing is left to hand a recomputation)."""
+        return any(call[3] is not None for call in self.calls)
 
     def remove(self) -> None:
-        for handle in self.handles:
+        for handle in self.handles.values():
             handle.remove()
-        self.handles = []
+        self.handles = {}
+        self.calls, self.forgotten = [], []
+
+    def names_for(self, module: nn.Module) -> Any:
+        number = _recomputed_node_number()
+        for first, last, ids, names in reversed(self.calls):
+            if number is None or first is None or first < number < last:
+                return names if id(module) in ids else None
+        if number is not None and any(first < number < last for first, last in self.forgotten):
+            raise RuntimeError(f"This backward recomputes (activation checkpointing) the forward of a training call "
+                               f"with adapter_names made more than {KEPT_CALLS} training calls ago, whose names are "
+                               "no longer kept; run each call's backward within that many training calls")
+        return None  # a node of a forward no kept call made
 
     def __call__(self, module: nn.Module, args: tuple, kw: dict):
         if not self.expired and not self.paused and "adapter_names" not in kw:
-            if torch._C._current_graph_task_id() != -1:  # in a backward: a recomputation of the call's forward
-                kw["adapter_names"] = self.adapter_names
+            if torch._C._current_graph_task_id() != -1:  # in a backward: a recomputation of a call's forward
+                names = self.names_for(module)
+                if names is not None:
+                    kw["adapter_names"] = names
             else:
                 self.expired = True
                 self.remove()
@@ -106,40 +159,47 @@ class RecomputeAdapterNames:
 
 @contextmanager
 def earlier_routing(tuner: nn.Module):
-    """Around each call through the tuner's forward hooks: the routing an earlier training call with
-    ``adapter_names`` left for its backward's recomputation (``route_adapter_names``) is removed when this call
-    records gradients (its own recomputation must not see those names), and kept, idle, through a call without
-    them (evaluation, a reference model's forward under ``disable_adapter``, generate): the training call's
-    backward may still come."""
+    """Around each call through the tuner's forward hooks, while training calls with ``adapter_names`` have left
+    their routing for their backward's recomputation (``route_adapter_names``): the hooks stay idle during the call;
+    a call that records gradients without names is recorded too (its recomputation must see no names), and once the
+    kept calls (``KEPT_CALLS``) are all such calls the routing is removed. A call without gradients (evaluation, a
+    reference model's forward under ``disable_adapter``, generate) changes nothing: the training calls' backward
+    may still come."""
     hook = tuner.__dict__.get("_recompute_routing")
-    if hook is None:
+    if hook is None or hook.expired:
         yield
         return
-    if torch.is_grad_enabled():
-        del tuner.__dict__["_recompute_routing"]
-        hook.remove()
-        yield
-        return
+    record = torch.is_grad_enabled()
+    first = sequence_mark() if record else None
+    kept = hook.calls[-1] if hook.calls else None
     hook.paused += 1
     try:
         yield
     finally:
         hook.paused -= 1
+    if record and not hook.expired and (hook.calls[-1] if hook.calls else None) is kept:  # no names this call
+        hook.record(first, sequence_mark(), [], None)
+        if not hook.pending():
+            hook.remove()
+            hook.expired = True
+            tuner.__dict__.pop("_recompute_routing", None)
 
 
 @contextmanager
 def route_adapter_names(tuner: nn.Module, modules: Iterable[nn.Module], adapter_names: Any):
-    """``adapter_names`` for ``modules`` during one call of ``tuner``'s model (``utils/routing.py``: a context
-    variable, nothing registered: ``routed_call``), inside ``earlier_routing``. A training call that records gradients may be
+    """``adapter_names`` for ``modules`` during one call of ``tuner``'s model (a context variable, nothing
+    registered: ``routed_call``), inside ``earlier_routing``. A training call that records gradients may be
     recomputed in its backward (activation checkpointing, reentrant or not): when it returns, its names are left on
-    the modules for that recomputation only (``RecomputeAdapterNames``), until the next call that records
-    gradients. The backward of such a call must come before the next one (as in any training loop, gradient
-    accumulation included)."""
+    the modules for that recomputation (``RecomputeAdapterNames``), told apart from those of the other calls by the
+    autograd sequence numbers its forward used: the backward of several calls may come in any order, within
+    ``KEPT_CALLS`` training calls of its forward."""
     modules = list(modules)
     keep = tuner.training and torch.is_grad_enabled()
+    first = sequence_mark() if keep else None
     with routed_call(modules, adapter_names):
         yield
     if keep:
-        hook = RecomputeAdapterNames(adapter_names)
-        hook.handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
-        tuner.__dict__["_recompute_routing"] = hook
+        hook = tuner.__dict__.get("_recompute_routing")
+        if hook is None or hook.expired:
+            hook = tuner.__dict__["_recompute_routing"] = RecomputeAdapterNames()
+        hook.record(first, sequence_mark(), modules, adapter_names)
