@@ -95,3 +95,73 @@ def test_trl_without_peft_installed(ours_trl, tmp_path_factory):
         close(hidden[what]["losses"], ours_trl[what]["losses"], f"{what} losses without peft")
         for k in ours_trl[what]["final"]:
             close(hidden[what]["final"][k], ours_trl[what]["final"][k], f"{what} {k}")
+
+
+def _initial_adapters(lib, trainer_name: str, caller_seed: int, out: str, path: str = "", **trainer_kw) -> dict:
+    """The adapter weights TRL's trainer starts from, given ``peft_config=lib.LoraConfig(...)`` (default init: a
+    random lora_A) and args.seed=7, after the caller left the global random state at ``caller_seed``; the model
+    zoo.llama(0), or loaded by TRL from ``path``. Also the type of the first q_proj's base layer, under "base"."""
+    import warnings
+
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from peftfast import zoo
+    from tests._integration import TARGETS, word_tokenizer, zoo_ids
+
+    config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    common = dict(max_steps=1, report_to=[], seed=7, use_cpu=True, disable_tqdm=True, bf16=False)
+    model = path or zoo.llama(0)
+    torch.manual_seed(caller_seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if trainer_name == "sft":
+            rows = Dataset.from_list([{"input_ids": zoo_ids(7, 300 + i)} for i in range(2)])
+            trainer = SFTTrainer(model, args=SFTConfig(out, **common), train_dataset=rows,
+                                 processing_class=word_tokenizer(), peft_config=config, **trainer_kw)
+        else:
+            rows = Dataset.from_list([{"prompt": "t5 t6", "chosen": "t7 t8", "rejected": "t9 t10"}] * 2)
+            trainer = DPOTrainer(model, args=DPOConfig(out, **common), train_dataset=rows,
+                                 processing_class=word_tokenizer(), peft_config=config, **trainer_kw)
+    q_proj = next(m for n, m in trainer.model.named_modules() if n.endswith("q_proj"))
+    return {"base": type(q_proj.base_layer).__name__,
+            **{k: p.detach().clone() for k, p in trainer.model.named_parameters() if "lora_" in k}}
+
+
+@pytest.mark.parametrize("trainer_name", ["sft", "dpo"])
+def test_adapter_init_follows_the_runs_seed_as_peft(trainer_name, tmp_path):
+    """TRL seeds (args.seed) right before PEFT draws the adapters' random init: with a peftfast config the trainer
+    starts from the same adapter weights as with PEFT's, whatever random state the caller left (before, peftfast's
+    wrap drew them before that seeding: from the caller's state)."""
+    import peftfast
+
+    ours = [_initial_adapters(peftfast, trainer_name, s, str(tmp_path / f"ours{s}")) for s in (1, 2)]
+    theirs = _initial_adapters(peft, trainer_name, 1, str(tmp_path / "theirs"))
+    assert sorted(ours[0]) == sorted(theirs) and any("lora_A" in k for k in theirs)
+    assert ours[0].pop("base") == ours[1].pop("base") == theirs.pop("base")
+    for k in theirs:
+        assert torch.equal(ours[0][k], ours[1][k]), k
+        assert torch.equal(ours[0][k], theirs[k]), k
+
+
+@pytest.mark.parametrize("trainer_name", ["sft", "dpo"])
+def test_model_by_path_with_quantization_config_as_peft(trainer_name, tmp_path):
+    """A model given by path with the trainer's quantization_config and a peftfast config: loaded as TRL loads it
+    (4-bit base layers, TRL's float32 default), then the same initial adapters as with PEFT's config, which TRL
+    casts to bf16 for a quantised base (before, the trainer's quantization_config was not used: a float model)."""
+    from transformers import BitsAndBytesConfig
+
+    import peftfast
+    from tests._integration import quantized_llama
+
+    folder = str(tmp_path / "base")
+    quantized_llama(folder)  # saves the float model there
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    ours = _initial_adapters(peftfast, trainer_name, 1, str(tmp_path / "ours"), folder, quantization_config=quant)
+    theirs = _initial_adapters(peft, trainer_name, 2, str(tmp_path / "theirs"), folder, quantization_config=quant)
+    assert ours["base"] == theirs["base"] == "Linear4bit"
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        if k != "base":
+            assert ours[k].dtype == theirs[k].dtype == torch.bfloat16, k
+            assert torch.equal(ours[k], theirs[k]), k

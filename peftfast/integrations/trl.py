@@ -33,13 +33,43 @@ TRAINERS = ("SFTTrainer", "DPOTrainer")
 REFERENCE_ADAPTER = "ref"  # the name DPOTrainer gives its frozen copy of a wrapped model's adapter
 
 
-def wrap_model(model: Any, peft_config: PeftConfig, args: Any) -> Any:
-    if isinstance(model, str):
-        from transformers import AutoModelForCausalLM
+def wrap_model(model: Any, peft_config: PeftConfig, args: Any, quantization_config: Any = None,
+               load: Optional[Any] = None) -> Any:
+    """What TRL's trainers do with a model and ``peft_config`` before their own set-up, with peftfast's
+    ``get_peft_model``: ``set_seed(args.seed)`` first (the adapters' random init, and a model loaded from a path,
+    then depend on the run's seed only, as with PEFT: TRL seeds there for that reason), a model given by path loaded
+    as TRL loads it (``load``: TRL's ``create_model_from_path`` when it has one; ``args.model_init_kwargs``, the
+    trainer's ``quantization_config``), input gradients for activation checkpointing, and under DeepSpeed ZeRO-3
+    the adapters kept in the model's dtype for a model that is not quantised (TRL passes
+    ``autocast_adapter_dtype=False`` there)."""
+    from transformers import set_seed
 
-        model = AutoModelForCausalLM.from_pretrained(model, **(getattr(args, "model_init_kwargs", None) or {}))
+    set_seed(getattr(args, "seed", 42))  # TRL's configs default to seed 42 when args is None
+    if isinstance(model, str):
+        kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        if quantization_config is not None:
+            if "quantization_config" in kwargs:
+                raise ValueError("You set `quantization_config` both as a trainer argument and in "
+                                 "`args.model_init_kwargs`; set it in one place only")
+            kwargs["quantization_config"] = quantization_config
+        state = getattr(args, "distributed_state", None)
+        if state is not None and str(getattr(state, "distributed_type", "")).split(".")[-1] in ("MULTI_GPU",
+                                                                                               "DEEPSPEED"):
+            kwargs["device_map"] = None  # as TRL: device_map="auto" fails under distributed training
+        if hasattr(args, "trust_remote_code"):
+            kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        if load is not None:
+            model = load(model, **kwargs)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
     if getattr(args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    quantised = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3 and not quantised:
+        return get_peft_model(model, peft_config, autocast_adapter_dtype=False)
     return get_peft_model(model, peft_config)
 
 
@@ -54,9 +84,14 @@ def patch_trainer_class(cls: Any) -> None:
         bound = signature.bind_partial(self, *args, **kwargs)
         config = bound.arguments.get("peft_config")
         if isinstance(config, PeftConfig):
-            model = wrap_model(bound.arguments["model"], config, bound.arguments.get("args"))
+            load = getattr(inspect.getmodule(original), "create_model_from_path", None)
+            by_path = isinstance(bound.arguments["model"], str)
+            model = wrap_model(bound.arguments["model"], config, bound.arguments.get("args"),
+                               bound.arguments.get("quantization_config"), load)
             bound.arguments["model"] = model
             bound.arguments["peft_config"] = None
+            if by_path and "quantization_config" in bound.arguments:
+                bound.arguments["quantization_config"] = None  # it loaded the model above
             original(*bound.args, **bound.kwargs)
             if REFERENCE_ADAPTER in model.peft_config:
                 # made by DPOTrainer for a pre-wrapped model; a new adapter's reference is the disabled adapter
