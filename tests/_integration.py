@@ -36,6 +36,7 @@ importlib.metadata.distribution = _dist
 '''
 
 TARGETS = ["q_proj", "v_proj"]
+RL_TRAINERS = ("grpo", "rloo", "kto", "reward", "distillation")
 
 
 def run_without_peft(tmp_path: Path, scenario: str, timeout: int = 300) -> dict:
@@ -382,6 +383,53 @@ def dpo(lib, out: str, wrapped: bool = False) -> dict:
             "final": tensors_json(adapter_files(os.path.join(out, "final"))), "wrapper": type(trainer.model).__module__}
 
 
+def rl_trainer(lib, trainer_name: str, out: str, caller_seed: int):
+    """TRL's GRPO / RLOO / KTO / Reward / Distillation trainer on zoo.llama with ``peft_config=lib.LoraConfig(...)``
+    (random A and B), two SGD steps; the caller's random state left at ``caller_seed``."""
+    import trl
+    from datasets import Dataset
+
+    from peftfast import zoo
+
+    task = "SEQ_CLS" if trainer_name == "reward" else "CAUSAL_LM"
+    config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type=task, init_lora_weights=False)
+    common = dict(max_steps=2, report_to=[], seed=7, use_cpu=True, disable_tqdm=True, bf16=False, learning_rate=0.5,
+                  optim="sgd", per_device_train_batch_size=2)
+    tok = word_tokenizer()
+
+    def reward(completions, **kw):
+        return [float(len(c)) for c in completions]
+
+    model = zoo.llama(0)
+    if trainer_name == "reward":
+        from transformers import LlamaForSequenceClassification
+
+        cfg = model.config
+        cfg.num_labels, cfg.pad_token_id = 1, 0
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(cfg)
+    torch.manual_seed(caller_seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if trainer_name in ("grpo", "rloo"):
+            cls, cfg_cls = (trl.GRPOTrainer, trl.GRPOConfig) if trainer_name == "grpo" else (trl.RLOOTrainer,
+                                                                                            trl.RLOOConfig)
+            return cls(model, reward_funcs=reward, train_dataset=Dataset.from_list([{"prompt": "t5 t6 t7"}] * 4),
+                       args=cfg_cls(out, num_generations=2, max_completion_length=3, beta=0.1, **common),
+                       processing_class=tok, peft_config=config)
+        if trainer_name == "kto":
+            rows = [{"prompt": "t5 t6", "completion": f"t{7 + i} t8", "label": i % 2 == 0} for i in range(4)]
+            return trl.KTOTrainer(model, args=trl.KTOConfig(out, **common), train_dataset=Dataset.from_list(rows),
+                                  processing_class=tok, peft_config=config)
+        if trainer_name == "reward":
+            rows = [{"chosen": "t5 t6 t7", "rejected": f"t{9 + i} t8"} for i in range(4)]
+            return trl.RewardTrainer(model, args=trl.RewardConfig(out, **common), train_dataset=Dataset.from_list(rows),
+                                     processing_class=tok, peft_config=config)
+        rows = [{"prompt": "t5 t6", "completion": f"t{7 + i} t8"} for i in range(4)]
+        return trl.DistillationTrainer(model, teacher_model=zoo.llama(1), args=trl.DistillationConfig(out, **common),
+                                       train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=config)
+
+
 def scenario_sft(out: str) -> dict:
     import peftfast
 
@@ -389,12 +437,18 @@ def scenario_sft(out: str) -> dict:
 
 
 def scenario_trl(out: str) -> dict:
-    """SFTTrainer on a wrapped model, DPOTrainer with a peft_config and with a wrapped model."""
+    """SFTTrainer on a wrapped model, DPOTrainer with a peft_config and with a wrapped model; TRL's other trainers
+    with a peft_config (the adapters after two steps)."""
     import peftfast
 
+    others = {}
+    for name in RL_TRAINERS:
+        trainer = rl_trainer(peftfast, name, os.path.join(out, name), 1)
+        trainer.train()
+        others[name] = tensors_json({k: p.detach() for k, p in trainer.model.named_parameters() if "lora_" in k})
     return {"sft_wrapped": sft_wrapped(peftfast, os.path.join(out, "sft")),
             "dpo": dpo(peftfast, os.path.join(out, "dpo")),
-            "dpo_wrapped": dpo(peftfast, os.path.join(out, "dpo-wrapped"), wrapped=True)}
+            "dpo_wrapped": dpo(peftfast, os.path.join(out, "dpo-wrapped"), wrapped=True), "others": others}
 
 
 # without peft: the LoRA run with activation checkpointing (its losses must still equal the plain run's), QLoRA 4-bit

@@ -15,7 +15,8 @@ import torch
 pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
-from tests._integration import dpo, scenario_sft, scenario_trl, sft, sft_wrapped, without_peft_results  # noqa: E402
+from tests._integration import (RL_TRAINERS, dpo, rl_trainer, scenario_sft, scenario_trl, sft,  # noqa: E402
+                                sft_wrapped, without_peft_results)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,11 @@ def test_trl_without_peft_installed(ours_trl, tmp_path_factory):
         close(hidden[what]["losses"], ours_trl[what]["losses"], f"{what} losses without peft")
         for k in ours_trl[what]["final"]:
             close(hidden[what]["final"][k], ours_trl[what]["final"][k], f"{what} {k}")
+    assert sorted(hidden["others"]) == sorted(ours_trl["others"]) == sorted(RL_TRAINERS)
+    for name, weights in ours_trl["others"].items():  # GRPO, RLOO, KTO, Reward, Distillation with a peftfast config
+        assert sorted(hidden["others"][name]) == sorted(weights) and weights, name
+        for k in weights:
+            close(hidden["others"][name][k], weights[k], f"{name} {k} without peft")
 
 
 def _initial_adapters(lib, trainer_name: str, caller_seed: int, out: str, path: str = "", **trainer_kw) -> dict:
@@ -165,3 +171,28 @@ def test_model_by_path_with_quantization_config_as_peft(trainer_name, tmp_path):
         if k != "base":
             assert ours[k].dtype == theirs[k].dtype == torch.bfloat16, k
             assert torch.equal(ours[k], theirs[k]), k
+
+
+@pytest.mark.parametrize("trainer_name", ["grpo", "rloo", "kto", "reward", "distillation"])
+def test_other_trl_trainers_with_a_peftfast_config_as_peft(trainer_name, tmp_path):
+    """GRPO, RLOO, KTO, Reward and Distillation trainers given a peftfast config: the model is peftfast's, with the
+    same initial adapter as PEFT's config gives under the run's seed (no "ref" copy: the reference is the model with
+    its adapter disabled, as on PEFT's path), and two training steps leave the same adapter weights as PEFT's.
+    (Before, TRL refused a peftfast config: "`peft_config` must be a `peft.PeftConfig` instance".)"""
+    import peftfast
+
+    runs = {}
+    for lib, seed in ((peftfast, 1), (peft, 2)):
+        trainer = rl_trainer(lib, trainer_name, str(tmp_path / lib.__name__), seed)
+        assert type(trainer.model).__module__.startswith(f"{lib.__name__}."), type(trainer.model)
+        assert sorted(trainer.model.peft_config) == ["default"]
+        start = {k: p.detach().clone() for k, p in trainer.model.named_parameters() if "lora_" in k}
+        trainer.train()
+        runs[lib.__name__] = start, {k: p.detach().clone() for k, p in trainer.model.named_parameters()
+                                     if "lora_" in k}
+    (ours0, ours1), (theirs0, theirs1) = runs["peftfast"], runs["peft"]
+    assert sorted(ours0) == sorted(theirs0) and ours0
+    assert any(not torch.equal(theirs1[k], theirs0[k]) for k in theirs0)  # the steps moved the adapter
+    for k in theirs0:
+        assert torch.equal(ours0[k], theirs0[k]), k
+        torch.testing.assert_close(ours1[k], theirs1[k], rtol=1e-5, atol=1e-6, msg=k)

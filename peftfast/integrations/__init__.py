@@ -11,8 +11,9 @@ peftfast's, and none needs the real ``peft`` (it works installed or not).
                                                                    (``adapter_api``)
     transformers.models.auto.auto_factory                          AutoModelFor...from_pretrained(<adapter
                                                                    folder>) without peft (``adapter_api``)
-    trl.trainer.sft_trainer, .dpo_trainer                          SFTTrainer / DPOTrainer with a peftfast
-                                                                   config or a peftfast model (``trl``)
+    trl.trainer.sft_trainer, .dpo_trainer, .grpo_trainer,          TRL's trainers with a peftfast config or
+    .kto_trainer, .rloo_trainer, .reward_trainer,                  a peftfast model (``trl``)
+    .distillation_trainer
 
 Set ``PEFTFAST_NO_INTEGRATIONS=1`` before importing peftfast to leave every library untouched.
 """
@@ -39,5 +40,5 @@ def install() -> None:
     when_imported("transformers.integrations.neftune", trainer.patch_importer)
     when_imported("transformers.integrations.peft", adapter_api.patch_adapter_mixin)
     when_imported("transformers.models.auto.auto_factory", adapter_api.accept_adapter_folders)
-    when_imported("trl.trainer.sft_trainer", trl.patch_module)
-    when_imported("trl.trainer.dpo_trainer", trl.patch_module)
+    for module in trl.TRAINER_MODULES:
+        when_imported(f"trl.trainer.{module}", trl.patch_module)

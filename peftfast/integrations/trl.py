@@ -1,5 +1,6 @@
-"""TRL's trainers with peftfast: ``SFTTrainer`` and ``DPOTrainer`` given ``peft_config=peftfast.LoraConfig(...)`` or
-a model already wrapped by ``peftfast.get_peft_model``.
+"""TRL's trainers with peftfast: ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``, ``KTOTrainer``, ``RLOOTrainer``,
+``RewardTrainer`` and ``DistillationTrainer`` given ``peft_config=peftfast.LoraConfig(...)`` or a model already
+wrapped by ``peftfast.get_peft_model``.
 
 TRL checks ``isinstance(peft_config, peft.PeftConfig)`` (and needs ``peft`` installed) before it wraps the model
 with ``peft.get_peft_model``. The wrapped ``__init__`` does that step with peftfast instead, for a peftfast config
@@ -8,13 +9,13 @@ PEFT's class only) also accepts a peftfast model, so TRL patches its fused loss 
 checkpoints and the rest go through the Trainer integration (``trainer.py``). Any other ``peft_config`` reaches
 TRL unchanged.
 
-DPOTrainer without a ``ref_model`` takes the reference log-probs from the policy itself: with a new adapter
-(``peft_config``) from the model with its adapters disabled; with a model that already carries an adapter, from a
-frozen copy TRL adds under the name "ref". Handing TRL a wrapped model would take the second path for a new
-adapter too, so the wrapped ``__init__`` removes the "ref" copy it made TRL add, as PEFT's path never creates it.
-``use_adapter`` (TRL's switch between the policy and the reference, which requires ``peft`` installed) runs
-peftfast's own ``disable_adapter`` / ``set_adapter`` for a peftfast model. Without ``peft``, the names TRL imports
-from it for a wrapped model's checks (``LoraConfig``, ``peft.__version__``) are peftfast's.
+DPOTrainer (and GRPO, KTO, RLOO) without a ``ref_model`` takes the reference log-probs from the policy itself: with
+a new adapter (``peft_config``) from the model with its adapters disabled; with a model that already carries an
+adapter, from a frozen copy TRL adds under the name "ref". Handing TRL a wrapped model would take the second path
+for a new adapter too, so the wrapped ``__init__`` removes the "ref" copy it made TRL add, as PEFT's path never
+creates it. ``use_adapter`` (TRL's switch between the policy and the reference, which requires ``peft`` installed)
+runs peftfast's own ``disable_adapter`` / ``set_adapter`` for a peftfast model. Without ``peft``, the names TRL
+imports from it for a wrapped model's checks (``LoraConfig``, ``peft.__version__``) are peftfast's.
 """
 from __future__ import annotations
 
@@ -29,12 +30,17 @@ from ..mapping import get_peft_model
 from ..peft_model import PeftModel
 
 PATCHED = "__peftfast_patched__"
-TRAINERS = ("SFTTrainer", "DPOTrainer")
+TRAINERS = ("SFTTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "RLOOTrainer", "RewardTrainer",
+            "DistillationTrainer")
+TRAINER_MODULES = ("sft_trainer", "dpo_trainer", "grpo_trainer", "kto_trainer", "rloo_trainer", "reward_trainer",
+                   "distillation_trainer")
+# how a trainer loads a model given by path, where not as a causal LM: (transformers' auto class, init kwargs)
+SEQUENCE_CLASSIFIERS = {"RewardTrainer": ("AutoModelForSequenceClassification", {"num_labels": 1})}
 REFERENCE_ADAPTER = "ref"  # the name DPOTrainer gives its frozen copy of a wrapped model's adapter
 
 
 def wrap_model(model: Any, peft_config: PeftConfig, args: Any, quantization_config: Any = None,
-               load: Optional[Any] = None) -> Any:
+               load: Optional[Any] = None, trainer: str = "") -> Any:
     """What TRL's trainers do with a model and ``peft_config`` before their own set-up, with peftfast's
     ``get_peft_model``: ``set_seed(args.seed)`` first (the adapters' random init, and a model loaded from a path,
     then depend on the run's seed only, as with PEFT: TRL seeds there for that reason), a model given by path loaded
@@ -58,12 +64,14 @@ def wrap_model(model: Any, peft_config: PeftConfig, args: Any, quantization_conf
             kwargs["device_map"] = None  # as TRL: device_map="auto" fails under distributed training
         if hasattr(args, "trust_remote_code"):
             kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-        if load is not None:
-            model = load(model, **kwargs)
-        else:
-            from transformers import AutoModelForCausalLM
+        import transformers
 
-            model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        auto, extra = SEQUENCE_CLASSIFIERS.get(trainer, ("AutoModelForCausalLM", {}))
+        kwargs.update(extra)
+        if load is not None:
+            model = load(model, getattr(transformers, auto), **kwargs) if extra else load(model, **kwargs)
+        else:
+            model = getattr(transformers, auto).from_pretrained(model, **kwargs)
     if getattr(args, "gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     quantised = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -87,7 +95,7 @@ def patch_trainer_class(cls: Any) -> None:
             load = getattr(inspect.getmodule(original), "create_model_from_path", None)
             by_path = isinstance(bound.arguments["model"], str)
             model = wrap_model(bound.arguments["model"], config, bound.arguments.get("args"),
-                               bound.arguments.get("quantization_config"), load)
+                               bound.arguments.get("quantization_config"), load, cls.__name__)
             bound.arguments["model"] = model
             bound.arguments["peft_config"] = None
             if by_path and "quantization_config" in bound.arguments:
@@ -146,6 +154,14 @@ def patch_module(module: Any) -> None:
         from ..tuners.lora import LoraConfig
 
         module.LoraConfig = LoraConfig
+    # DistillationTrainer refuses prompt-learning adapters by an isinstance check of the model's configs
+    from ..config import PromptLearningConfig
+
+    theirs = getattr(module, "PromptLearningConfig", None)
+    if theirs is None:
+        module.PromptLearningConfig = PromptLearningConfig
+    elif isinstance(theirs, type) and theirs is not PromptLearningConfig:
+        module.PromptLearningConfig = (theirs, PromptLearningConfig)  # only ever used as isinstance's second argument
     if not hasattr(module, "peft"):
         module.peft = types.SimpleNamespace(__version__=PEFT_FORMAT_VERSION)
     switch = getattr(module, "use_adapter", None)
