@@ -561,6 +561,51 @@ def _grids(pm, x, names, train: bool) -> list:
     return [(rec.kernel.__name__, rec.grid) for rec in _recorded(pm, x, names, train)]
 
 
+def test_a_reserved_rank_lets_larger_adapters_come_without_new_kernels(interpreted):
+    """``reserve_mixed_batch_rank(64)`` (a server's maximum LoRA rank): stores padded to rank 64 from the first
+    adapter (rank 4), so adding adapters of ranks 20 and 64 launches exactly the kernel variants of the first call
+    (forward and training backward, grouped and fused); outputs still equal each sample alone; without the
+    reservation the rank-20 adapter changes the variants. The setting is refused unless a positive int."""
+    from torch import nn
+
+    import peftfast as fast
+    from peftfast.tuners.lora import reserve_mixed_batch_rank
+
+    def config(r):
+        return fast.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2"], lora_dropout=0.1)
+
+    decode, prefill = torch.randn(6, 1, 37), torch.randn(4, 130, 37)
+    for reserved in (64, 1):
+        reserve_mixed_batch_rank(reserved)
+        try:
+            torch.manual_seed(0)
+            pm = fast.get_peft_model(nn.Sequential(nn.Linear(37, 29), nn.Tanh(), nn.Linear(29, 23)), config(4),
+                                     adapter_name="a0")
+            pm.base_model.train_mixed_batches = True
+
+            def variants(names):
+                return (_kernel_variants(pm.eval(), decode, names, False),
+                        _kernel_variants(pm.train(), decode, names, True),
+                        _kernel_variants(pm.eval(), prefill, ["a0", "__base__", "a0", "a0"], False))
+
+            first = variants(["a0", "__base__"] * 3)
+            pm.add_adapter("wide", config(20))
+            assert (variants(["wide", "a0", "__base__", "wide", "a0", "a0"]) == first) == (reserved == 64)
+            if reserved == 64:
+                pm.add_adapter("widest", config(64))
+                names = ["widest", "a0", "__base__", "wide", "widest", "a0"]
+                assert variants(names) == first
+                with torch.no_grad():
+                    pm.eval()
+                    torch.testing.assert_close(pm(decode, adapter_names=names), alone_outputs(pm, decode, names),
+                                               rtol=1e-5, atol=1e-5)
+        finally:
+            reserve_mixed_batch_rank(1)
+    for bad in (0, -4, 2.0, True, "64"):
+        with pytest.raises(ValueError, match="positive int"):
+            reserve_mixed_batch_rank(bad)
+
+
 def test_adding_or_deleting_adapters_compiles_no_new_kernel(interpreted):
     """Serving while adapters come and go: after adding adapters (to 2, 3 and 16 held: Triton specialises integers
     equal to 1 or divisible by 16, such as the count of adapters or of blocks) of ranks up to the store's (16), and

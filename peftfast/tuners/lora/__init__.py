@@ -3,6 +3,7 @@ from ...utils.registry import register_load_checked_fields, register_peft_method
 from .bdlora import BlockDiagonalLinear
 from .config import BdLoraConfig, KasaConfig, LoraConfig, LoraRuntimeConfig
 from .layer import Conv1d, Conv2d, Conv3d, ConvNd, Embedding, Linear, LoraLayer, MultiheadAttention
+from .grouped import reserve_mixed_batch_rank
 from .model import LoraModel
 from . import layer as _layer
 from .param import ParamWrapper
@@ -16,4 +17,4 @@ register_load_checked_fields("lora", ("r", "lora_alpha", "use_rslora", "target_m
                                       "alpha_pattern", "bias", "modules_to_save"))
 
 __all__ = ["BdLoraConfig", "BlockDiagonalLinear", "LoraRuntimeConfig", "Conv1d", "Conv2d", "Conv3d", "ConvNd", "Embedding", "Linear", "LoraConfig", "LoraLayer", "LoraModel", "KasaConfig", "VeloraConfig", "ParamWrapper",
-           "MultiheadAttention"]
+           "MultiheadAttention", "reserve_mixed_batch_rank"]

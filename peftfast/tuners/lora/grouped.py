@@ -43,6 +43,26 @@ from ...utils.steps import optimizer_steps
 
 BaseWeightArg = Union[torch.Tensor, QuantWeight]  # a float [O, K] weight, or a bitsandbytes one
 
+# the smallest rank every layer's store is padded to (``reserve_mixed_batch_rank``)
+_RESERVED_RANK = [1]
+
+
+def reserve_mixed_batch_rank(rank: int) -> None:
+    """Pad every LoRA layer's stacked store (mixed batches) to at least ``rank``, rounded up to a power of two, as a
+    multi-adapter server's maximum LoRA rank: the grouped kernels are specialised by the store's rank tile, so
+    adapters of any rank up to it can then be added while serving without compiling a new kernel variant, at the
+    cost of reading the zero rows that pad smaller adapters (the default, 1: the store follows the largest rank it
+    holds, and an adapter of a larger power-of-two bucket compiles the variants of that bucket). Ranks above 64 run
+    the PyTorch path. Stores are rebuilt at their next mixed call."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"reserve_mixed_batch_rank takes a positive int rank, got {rank!r}")
+    _RESERVED_RANK[0] = rank
+
+
+def reserved_rank() -> int:
+    return _RESERVED_RANK[0]
+
+
 # the last plan made: every layer of one call with the same adapters and rows reuses it (one sort per call, not
 # per layer); a key of plain values, so a later call never sees a stale plan
 _LAST_PLAN: dict = {}
@@ -77,7 +97,8 @@ class AdapterStore:
         # data pointers: a factor's ``.data`` replaced (same tensor object, same version counter) is seen too
         # optimizer steps: fused optimizers write the weights without bumping their version counters
         key = (tuple(names), tuple(scalings), tuple(dropout_ps), tuple(w._version for w in weights),
-               tuple((w.device, w.dtype, w.shape, w.data_ptr()) for w in weights), optimizer_steps())
+               tuple((w.device, w.dtype, w.shape, w.data_ptr()) for w in weights), optimizer_steps(),
+               _RESERVED_RANK[0])
         if key == self.key and len(weights) == len(self.weights) and all(
                 w is v for w, v in zip(weights, self.weights)):
             return
@@ -89,7 +110,7 @@ class AdapterStore:
                 dtype = torch.promote_types(dtype, w.dtype)
             device = weights_a[0].device
             n, k, o = len(names), weights_a[0].shape[1], weights_b[0].shape[0]
-            r = rank_bucket(max(a.shape[0] for a in weights_a))
+            r = rank_bucket(max(_RESERVED_RANK[0], *(a.shape[0] for a in weights_a)))
             a_store = torch.zeros(n, r, k, dtype=dtype, device=device)
             # B kept as [N, R, O] (seen as [N, O, R]): unit stride along O for the expand and, as B^T, for the
             # backward's dH shrink (the layouts the compile report builds)

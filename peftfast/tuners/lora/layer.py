@@ -39,7 +39,7 @@ from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditive
                         dropout_p, low_rank_delta)
 from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise_if_not_finite
 from ..tuners_utils import creation_device, per_sample_adapter_names
-from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse, shared_plan
+from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse, reserved_rank, shared_plan
 from .bdlora import BlockDiagonalLinear, dense_factor
 from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
 from ..buffer_dict import BufferDict
@@ -1110,7 +1110,7 @@ class Linear(nn.Module, LoraLayer):
         # fused optimizers write the weights without bumping their versions: the count of optimizer steps
         return (tuple(names), tuple(map(id, weights)), tuple(map(_VERSION, weights)), tuple(map(_DATA_PTR, weights)),
                 tuple(map(_SHAPE, weights)), tuple(scalings), tuple([dropout_p(drop[n]) for n in names]),
-                optimizer_steps())
+                optimizer_steps(), reserved_rank())
 
     def _grouped_mixed(self, x: torch.Tensor, result: torch.Tensor, adapter_names: list) -> Optional[torch.Tensor]:
         prepared = self._synced_store(adapter_names)
