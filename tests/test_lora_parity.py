@@ -808,3 +808,48 @@ def test_half_precision_base_fp32_adapters(family, backend, dtype):
     assert set(outs["fast"][2]) == set(outs["ref"][2])
     for n, g in outs["ref"][2].items():
         check(outs["fast"][2][n], g, outs["truth"][2][n], f"grad {n}")
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_on_a_scaled_embedding_as_peft(dora):
+    """Gemma's embeddings multiply their output by ``embed_scale`` (sqrt(hidden)): PEFT scales the LoRA (and DoRA)
+    rows by it too, so the unmerged output equals the merged one. Logits, every adapter gradient, the mixed batch
+    (equal to PEFT's and to each sample alone) and the merged model against PEFT (before, the adapter rows were
+    not scaled: 0.02 off on this model, and merging changed the output)."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = GemmaConfig(vocab_size=67, hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=12, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(cfg)
+    assert float(base.model.embed_tokens.embed_scale) != 1.0
+    ids = torch.randint(1, 67, (3, 5), generator=torch.Generator().manual_seed(1))
+    names = ["b", "__base__", "a"]
+    runs = {}
+    for lib in (fast, ref):
+        def config(r):
+            return lib.LoraConfig(r=r, lora_alpha=5, target_modules=["embed_tokens", "q_proj"],
+                                  init_lora_weights=False, use_dora=dora)
+
+        torch.manual_seed(2)
+        pm = lib.get_peft_model(copy.deepcopy(base), config(3), adapter_name="a")
+        torch.manual_seed(3)
+        pm.add_adapter("b", config(2))
+        pm.train()
+        out = pm(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        grads = {k: p.grad.clone() for k, p in pm.named_parameters() if p.grad is not None}
+        pm.eval()
+        with torch.no_grad():
+            mixed = pm(input_ids=ids, adapter_names=names).logits if not dora else None
+            merged = pm.merge_and_unload()(input_ids=ids).logits
+        runs[lib.__name__] = out.detach(), grads, mixed, merged
+    (out, grads, mixed, merged), (r_out, r_grads, r_mixed, r_merged) = runs["peftfast"], runs["peft"]
+    torch.testing.assert_close(out, r_out, rtol=1e-5, atol=1e-5)
+    assert sorted(grads) == sorted(r_grads) and any("lora_embedding_A" in k for k in grads)
+    for k in r_grads:
+        torch.testing.assert_close(grads[k], r_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+    torch.testing.assert_close(merged, r_merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged, out, rtol=1e-4, atol=1e-4)
+    if not dora:
+        torch.testing.assert_close(mixed, r_mixed, rtol=1e-5, atol=1e-5)

@@ -1223,9 +1223,38 @@ class Embedding(nn.Module, LoraLayer):
         return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
+    def embed_scale(self) -> Optional[torch.Tensor]:
+        """The base embedding's ``embed_scale`` (Gemma's scaled word embeddings multiply their output by it, so the
+        adapter's rows are scaled too, as PEFT does, and the unmerged output equals the merged one): a number or a
+        one-element tensor; None otherwise (another shape is warned about and not applied, as in PEFT)."""
+        base = self.get_base_layer()
+        scale = getattr(base, "embed_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+        if isinstance(scale, torch.Tensor):
+            if scale.numel() == 1:
+                return scale
+            warnings.warn(f"The base embedding's embed_scale has shape {tuple(scale.shape)}, not one element: the "
+                          "LoRA rows are not scaled by it", UserWarning)
+        return None
+
+    def _embed_scale_value(self) -> Optional[float]:
+        """``embed_scale`` as a float (the grouped op folds it into each adapter's scaling), read from the device
+        once per tensor and version."""
+        scale = self.embed_scale()
+        if scale is None:
+            return None
+        key = (id(scale), scale._version, scale.data_ptr(), scale.device, scale.dtype)
+        hit = self.__dict__.get("_embed_scale_seen")
+        if hit is None or hit[0] != key:
+            hit = self.__dict__["_embed_scale_seen"] = (key, float(scale.float().item()))
+        return hit[1]
+
     def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
         after_a = self._embed(x, self.lora_embedding_A[name].T)
-        return (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
+        scale = self.embed_scale()
+        return out if scale is None else out * scale.to(out.dtype)
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` (the base output for ``x``) plus adapter ``name`` (for mixed batches)."""
@@ -1246,7 +1275,9 @@ class Embedding(nn.Module, LoraLayer):
         store = self.__dict__.get("_grouped_store")
         if store is None:
             store = self.__dict__["_grouped_store"] = AdapterStore()
-        store.sync(names, weights_a, weights_b, [self.scaling[n] for n in names], [0.0] * len(names))
+        scale = self._embed_scale_value()
+        scalings = [self.scaling[n] * (1.0 if scale is None else scale) for n in names]
+        store.sync(names, weights_a, weights_b, scalings, [0.0] * len(names))
         index, plan = shared_plan(store, adapter_names, x.numel(), x.device, False)
         return lora_grouped_embedding(x, result, weights_a, weights_b, store.a, store.b, store.scale, index,
                                       plan=plan, padding_idx=base.padding_idx)
