@@ -128,7 +128,9 @@ class RecomputeAdapterNames:
         """Whether a kept call had names (else nothing is left to hand a recomputation)."""
         return any(call[3] is not None for call in self.calls)
 
-    def remove(self) -> None:
+    def end(self) -> None:
+        """For good: the hooks removed, nothing kept."""
+        self.expired = True
         for handle in self.handles.values():
             handle.remove()
         self.handles = {}
@@ -152,8 +154,7 @@ class RecomputeAdapterNames:
                 if names is not None:
                     kw["adapter_names"] = names
             else:
-                self.expired = True
-                self.remove()
+                self.end()
         return args, kw
 
 
@@ -180,8 +181,7 @@ def earlier_routing(tuner: nn.Module):
     if record and not hook.expired and (hook.calls[-1] if hook.calls else None) is kept:  # no names this call
         hook.record(first, sequence_mark(), [], None)
         if not hook.pending():
-            hook.remove()
-            hook.expired = True
+            hook.end()
             tuner.__dict__.pop("_recompute_routing", None)
 
 
