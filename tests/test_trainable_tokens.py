@@ -293,3 +293,29 @@ def test_failed_add_adapter_with_ensure_weight_tying_leaves_the_model_as_it_was(
     assert sorted(after[1]) == sorted(before[1])
     assert all(torch.equal(after[1][k], before[1][k]) for k in before[1])
     assert list(head.modules_to_save) == ["default"]
+
+
+def test_trainable_tokens_on_a_scaled_embedding_as_peft():
+    """Gemma's embedding multiplies its output by ``embed_scale``: the trained rows are scaled too, as PEFT does
+    (logits and the delta's gradient equal PEFT's, after the trained rows are moved off the base ones)."""
+    peft = pytest.importorskip("peft")
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = GemmaConfig(vocab_size=67, hidden_size=24, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=12, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(cfg)
+    assert float(base.model.embed_tokens.embed_scale) != 1.0
+    ids = torch.tensor([[3, 9, 5, 3, 1], [5, 2, 7, 9, 4]])
+    runs = []
+    for lib in (peftfast, peft):
+        pm = lib.get_peft_model(copy.deepcopy(base), lib.TrainableTokensConfig(target_modules=["embed_tokens"],
+                                                                              token_indices=[3, 5, 9]))
+        delta = next(p for n, p in pm.named_parameters() if "trainable_tokens_delta" in n)
+        with torch.no_grad():
+            delta.add_(torch.randn(delta.shape, generator=torch.Generator().manual_seed(1)))
+        out = pm(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        runs.append((out.detach(), delta.grad.clone()))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-4, atol=1e-6)

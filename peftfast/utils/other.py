@@ -3,6 +3,7 @@ recognising adapter layers, dtype casting."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Iterable, Optional
 
 import torch
@@ -63,6 +64,22 @@ def mixed_parts(x: torch.Tensor, adapter_names: list, run, module: nn.Module, wh
             out = part.new_empty((rows.shape[0],) + tuple(part.shape[1:]))
         out[idx] = part
     return out.view(*shape, *out.shape[1:]) if per_token else out
+
+
+def embed_scale(base: nn.Module) -> Optional[torch.Tensor]:
+    """The ``embed_scale`` of an embedding that multiplies its output by it in forward (Gemma's scaled word
+    embeddings), which adapters producing embedding rows (LoRA, trainable tokens) apply to their rows too, as PEFT
+    does: a number (as a tensor in the weight's dtype) or a one-element tensor; None otherwise (another shape is
+    warned about and not applied, as in PEFT)."""
+    scale = getattr(base, "embed_scale", None)
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() == 1:
+            return scale
+        warnings.warn(f"The base embedding's embed_scale has shape {tuple(scale.shape)}, not one element: the "
+                      "adapter's rows are not scaled by it", UserWarning)
+    return None
 
 
 def is_adapter_layer(module: nn.Module) -> bool:

@@ -33,7 +33,7 @@ from ...kernels.lora_fused import dora_linear_fused, dora_row_norm_fused, lora_l
 from ...kernels.lora_grouped_embedding import lora_grouped_embedding
 from ...utils.errors import PeftWarning
 from ...utils.steps import optimizer_steps
-from ...utils.other import copy_rank_blocks, transpose
+from ...utils.other import copy_rank_blocks, embed_scale, transpose
 from ...utils.routing import call_adapter_names
 from ..additive import (AdditiveAdapterLayer, LowRankAdapters, QuantizedAdditiveLayer, autocast_base, autocast_dtype,
                         dropout_p, low_rank_delta)
@@ -1223,25 +1223,10 @@ class Embedding(nn.Module, LoraLayer):
         return F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
 
-    def embed_scale(self) -> Optional[torch.Tensor]:
-        """The base embedding's ``embed_scale`` (Gemma's scaled word embeddings multiply their output by it, so the
-        adapter's rows are scaled too, as PEFT does, and the unmerged output equals the merged one): a number or a
-        one-element tensor; None otherwise (another shape is warned about and not applied, as in PEFT)."""
-        base = self.get_base_layer()
-        scale = getattr(base, "embed_scale", None)
-        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            return torch.tensor(scale, device=base.weight.device, dtype=base.weight.dtype)
-        if isinstance(scale, torch.Tensor):
-            if scale.numel() == 1:
-                return scale
-            warnings.warn(f"The base embedding's embed_scale has shape {tuple(scale.shape)}, not one element: the "
-                          "LoRA rows are not scaled by it", UserWarning)
-        return None
-
     def _embed_scale_value(self) -> Optional[float]:
         """``embed_scale`` as a float (the grouped op folds it into each adapter's scaling), read from the device
         once per tensor and version."""
-        scale = self.embed_scale()
+        scale = embed_scale(self.get_base_layer())
         if scale is None:
             return None
         key = (id(scale), scale._version, scale.data_ptr(), scale.device, scale.dtype)
@@ -1253,7 +1238,7 @@ class Embedding(nn.Module, LoraLayer):
     def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
         after_a = self._embed(x, self.lora_embedding_A[name].T)
         out = (after_a @ self.lora_embedding_B[name].T) * self.scaling[name]
-        scale = self.embed_scale()
+        scale = embed_scale(self.get_base_layer())  # Gemma's: the base rows are scaled, so are the adapter's (PEFT)
         return out if scale is None else out * scale.to(out.dtype)
 
     def _with_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...utils.other import mixed_parts
+from ...utils.other import embed_scale, mixed_parts
 from ...utils.routing import call_adapter_names
 from ..buffer_dict import BufferDict
 from ..tuners_utils import BaseTunerLayer, bnb_linear_classes, creation_device
@@ -197,10 +197,8 @@ class TrainableTokensLayer(nn.Module, BaseTunerLayer):
     @staticmethod
     def _scaled(out: torch.Tensor, base: nn.Module) -> torch.Tensor:
         """Embeddings that scale their output in forward (Gemma's ``embed_scale``): the swapped-in rows too."""
-        scale = getattr(base, "embed_scale", None)
-        if scale is None:
-            return out
-        return out * (scale.to(out.dtype) if torch.is_tensor(scale) else scale)
+        scale = embed_scale(base)
+        return out if scale is None else out * scale.to(out.dtype)
 
     def forward_adapters(self, x: torch.Tensor, active_adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters or not active_adapters:
