@@ -19,9 +19,10 @@ row(n) = (n // rdiv) % rmod and col(k) = (k // cdiv) % cmod (the ``layout``):
 Once per call (``prepare``, torch, O(size of the factors)): a LoKr factor stored low rank whose whole form is
 small (at most ``FORM_LIMIT`` elements and 1 / ``FORM_SHARE`` of the delta: the usual [64, 64] w2 of a 4096 x
 4096 layer) is formed, F = U @ V in fp32, so the kernels gather it instead of regenerating a rank-r product for
-every block of rows; every full factor is read as an fp32 copy; s is folded into one tensor (the first full
-factor, else factor 1's U in its dtype). The kernels then compute D = P1 * P2, and W + D is one fp32 FMA per
-element. The factor gradients the kernels produce map back with s and, for a formed factor, dU = dF @ V^T,
+every block of rows; a full factor is read as an fp32 copy, or, when both factors are full and share the 16-bit
+weight's dtype, in that dtype; s is folded into one tensor (the first full factor, else factor 1's U in its
+dtype). The kernels then compute D = P1 * P2, and W + D is one FMA per element (in the 16-bit dtype in the
+second case: paired HFMA2 in the SASS, no widening of W; else in fp32). The factor gradients the kernels produce map back with s and, for a formed factor, dU = dF @ V^T,
 dV = U^T @ dF (``unprepare_grads``, small torch matmuls).
 
 Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the tests):
@@ -41,13 +42,15 @@ Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the 
       then ``unprepare_grads`` and one cast of the fp32 sums to each factor's dtype (torch).
 
 Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit
-activations): per delta element one FMA, the widening of the W element and the rounding of the sum (16-bit),
-plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's tensor-core work (its
-K = R_pad dot). On top: the gathers' loads and index arithmetic (``_indices``, specialised on the layout: none
-for LoHa; for LoKr one 64-bit division for w1 and one remainder for w2 per index). In the forward each thread
-holds consecutive k of the W^T tile, so that is a division and a remainder per delta element per row block
-(the PTX of the sm_90 bf16 forward's K-loop: 8 div.s64, 8 rem.s64, 8 fma.rn.f32 per thread); in dX col(k) is
-loop-invariant and row(n) one per thread per step.
+activations): per delta element the FMA and what the compiler emits around it (index and address arithmetic,
+masks, operand packing), plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's
+tensor-core work (its K = R_pad dot). ``peftfast.tools.costmodel.sass`` counts the extra ALU instructions per
+delta element in the compiled main loops (sm_90, bf16, the issue's shape): LoHa ~18 (forward and dX); LoKr with
+both factors whole and aligned ~0.9 (forward) and ~5.4 (dX). ALIGN (LoKr with both factors whole, p a multiple
+of BLOCK_N and q of BLOCK_K): a tile lies in one block, so it reads one value of w1 and a contiguous tile of w2;
+the kernel computes its place in the blocks once along its fixed direction and keeps it as the loop steps along
+the other: no integer division in the loop (the general variant divides per index: 64-bit, software-emulated on
+GPUs), no masks on those loads.
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
@@ -112,21 +115,35 @@ def _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX: tl.constexpr):
 
 
 @triton.jit
-def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
+def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k, rdiv, rmod, cdiv, cmod,
                  stride_u0, stride_u1, stride_v0, stride_v1,
                  FULL: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-                 INDEX: tl.constexpr):
-    """fp32 P[n, k] for the tile's n (offs_n) and k (offs_k): [BN, BK], or [BK, BN] with TRANS.
-    FULL: P[n, k] = u[row(n), col(k)]; else P[n, k] = sum_r u[row(n), r] * v[r, col(k)]."""
-    rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
-    if FULL:
+                 INDEX: tl.constexpr, ALIGN: tl.constexpr):
+    """P[n, k] for the tile's n (offs_n) and k (offs_k): [BN, BK], or [BK, BN] with TRANS; a FULL factor in its
+    own dtype, a low-rank one in fp32. FULL: P[n, k] = u[row(n), col(k)]; else P[n, k] = sum_r u[row(n), r] *
+    v[r, col(k)].
+    ALIGN (LoKr, both factors FULL, the tile inside one block of p rows and q columns: it starts at row
+    nq * p + nr and column kq * q + kr, which the caller keeps as it steps): w1's value is one scalar,
+    w1[nq, kq], and w2's tile the contiguous w2[nr:nr + BN, kr:kr + BK] (no division, no mask: in bounds)."""
+    if FULL and ALIGN and INDEX == 1:
+        p = tl.load(u_ptr + nq.to(tl.int64) * stride_u0 + kq.to(tl.int64) * stride_u1)
+    elif FULL and ALIGN:
+        rows = nr.to(tl.int64) + tl.arange(0, offs_n.shape[0])
+        cols = kr.to(tl.int64) + tl.arange(0, offs_k.shape[0])
+        if TRANS:
+            p = tl.load(u_ptr + rows[None, :] * stride_u0 + cols[:, None] * stride_u1)
+        else:
+            p = tl.load(u_ptr + rows[:, None] * stride_u0 + cols[None, :] * stride_u1)
+    elif FULL:
+        rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
         if TRANS:
             p = tl.load(u_ptr + rows[None, :] * stride_u0 + cols[:, None] * stride_u1,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         else:
             p = tl.load(u_ptr + rows[:, None] * stride_u0 + cols[None, :] * stride_u1,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
     else:
+        rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
         if TRANS:
             p = tl.zeros((offs_k.shape[0], offs_n.shape[0]), dtype=tl.float32)
         else:
@@ -150,18 +167,21 @@ def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, mask_n, mask_k, rdiv, rmod, cd
 
 
 @triton.jit
-def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
+def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k,
                rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                FULL1: tl.constexpr, FULL2: tl.constexpr, TRANS: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, KRON: tl.constexpr):
-    """(w + P1 * P2) in w's dtype on the tile ([BN, BK], or [BK, BN] with TRANS): one fp32 FMA per element
-    (s is folded into factor 1, see ``prepare``), w widened to fp32 before and the sum rounded once after."""
-    p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
-                      su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R, KRON)
-    p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
-                      su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R, 2 * KRON)
-    return tl.fma(p1, p2, w.to(tl.float32)).to(w.dtype)
+               BLOCK_R: tl.constexpr, KRON: tl.constexpr, ALIGN: tl.constexpr):
+    """(w + P1 * P2) in w's dtype on the tile ([BN, BK], or [BK, BN] with TRANS), s folded into a factor (see
+    ``prepare``): with both factors gathered in w's dtype, one FMA in that dtype per element (paired
+    HFMA2 for 16-bit on sm_80+); otherwise one fp32 FMA, w widened before and the sum rounded once after."""
+    p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k, rdiv1, rmod1, cdiv1,
+                      cmod1, su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R, KRON, ALIGN)
+    p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k, rdiv2, rmod2, cdiv2,
+                      cmod2, su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R, 2 * KRON, ALIGN)
+    if p1.dtype == w.dtype and p2.dtype == w.dtype:
+        return tl.fma(p1, p2, w)
+    return tl.fma(p1.to(tl.float32), p2.to(tl.float32), w.to(tl.float32)).to(w.dtype)
 
 
 @triton.jit
@@ -179,11 +199,18 @@ def _lycoris_forward_kernel(
     HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr,
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, ALIGN: tl.constexpr = False,  # LoKr's blocks hold whole tiles (``aligned``)
+    DELTA: tl.constexpr = True,  # False: the base GEMM alone (never launched; the instruction count's baseline)
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # ALIGN: the tile's place in LoKr's blocks (p = rdiv1 rows, q = cdiv1 columns): rows nq * p + nr.. (fixed),
+    # columns kq * q + kr.. (kept as the loop steps, no division in it)
+    nq = (pid_n * BLOCK_N) // rdiv1
+    nr = (pid_n * BLOCK_N) % rdiv1
+    kq = tl.full((), 0, tl.int32)
+    kr = tl.full((), 0, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mask_k = offs_k < K
@@ -191,11 +218,16 @@ def _lycoris_forward_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # W^T tile [BK, BN]
-        wt = _add_delta(wt, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
-                        rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
-                        su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                        FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON)
+        if DELTA:
+            wt = _add_delta(wt, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr, kq, kr,
+                            mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                            su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                            FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
         acc = tl.dot(x, wt, acc, input_precision=BASE_PRECISION)
+        if ALIGN:  # q = cdiv1, a multiple of BLOCK_K
+            kr += BLOCK_K
+            kq += (kr == cdiv1).to(tl.int32)
+            kr = tl.where(kr == cdiv1, 0, kr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -216,11 +248,18 @@ def _lycoris_grad_x_kernel(
     FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr, BASE_PRECISION: tl.constexpr,
     DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, ALIGN: tl.constexpr = False,  # LoKr's blocks hold whole tiles (``aligned``)
+    DELTA: tl.constexpr = True,  # False: the base GEMM alone (never launched; the instruction count's baseline)
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    # ALIGN: the tile's place in LoKr's blocks: columns kq * q + kr.. (fixed), rows nq * p + nr.. (kept as the
+    # loop steps)
+    kq = (pid_k * BLOCK_K) // cdiv1
+    kr = (pid_k * BLOCK_K) % cdiv1
+    nq = tl.full((), 0, tl.int32)
+    nr = tl.full((), 0, tl.int32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_n = offs_n < N
@@ -228,11 +267,16 @@ def _lycoris_grad_x_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
-        w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, mask_n, mask_k,
-                       rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
-                       su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                       FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON)
+        if DELTA:
+            w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr, kq, kr,
+                           mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                           su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                           FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
         acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
+        if ALIGN:  # p = rdiv1, a multiple of BLOCK_N
+            nr += BLOCK_N
+            nq += (nr == rdiv1).to(tl.int32)
+            nr = tl.where(nr == rdiv1, 0, nr)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -290,10 +334,12 @@ def _lycoris_grad_factors_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         dd = tl.dot(dyt, x, dd, input_precision=BASE_PRECISION)
-    p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
-                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R, KRON)
-    p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
-                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R, 2 * KRON)
+    p1 = _factor_tile(u1_ptr, v1_ptr, R1, offs_n, offs_k, 0, 0, 0, 0, mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1,
+                      su1_0, su1_1, sv1_0, sv1_1, FULL1, False, DELTA_PRECISION, BLOCK_R, KRON,
+                      False).to(tl.float32)
+    p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, 0, 0, 0, 0, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
+                      su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R, 2 * KRON,
+                      False).to(tl.float32)
     if NEED1:
         _factor_grad(dd * p2, u1_ptr, v1_ptr, gu1_ptr, gv1_ptr, R1, offs_n, offs_k, mask_n, mask_k,
                      rdiv1, rmod1, cdiv1, cmod1, su1_0, su1_1, sv1_0, sv1_1, sgu1_0, sgu1_1, sgv1_0, sgv1_1,
@@ -344,11 +390,13 @@ def gpu_config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> d
     return cfg
 
 
-def config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> dict:
-    """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter."""
-    if interpreting():
-        return dict(_INTERPRET_CONFIG)
-    return gpu_config(kernel, act, full)
+def config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0), layout: Sequence[int] | None = None) -> dict:
+    """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter; with the op's ``layout``
+    (forward and dX), ``ALIGN`` set (``aligned``)."""
+    cfg = dict(_INTERPRET_CONFIG) if interpreting() else gpu_config(kernel, act, full)
+    if layout is not None:
+        cfg["ALIGN"] = aligned(kernel, layout, cfg)
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,22 +472,28 @@ def _formable(uv, rmap, n: int, k: int) -> bool:
     return uv[1] is not None and size <= FORM_LIMIT and size * FORM_SHARE <= n * k
 
 
-def prepare(factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float, n: int, k: int) -> Operands:
-    """The kernels' operands for the delta of ``factors`` / ``layout`` on an [n, k] weight: small low-rank LoKr
-    factors formed whole in fp32 (F = U @ V), every full factor as an fp32 copy, and s folded into one tensor
-    (the first full factor, else factor 1's U, in its dtype): the kernels compute W + P1 * P2 with one FMA per
-    element and never multiply by s. Extra memory: the factors' size (fp32), never [n, k]."""
+def prepare(factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float, n: int, k: int,
+            dtype: torch.dtype | None = None) -> Operands:
+    """The kernels' operands for the delta of ``factors`` / ``layout`` on an [n, k] weight of ``dtype``: small
+    low-rank LoKr factors formed whole (F = U @ V in fp32), every full factor as an fp32 copy, and s folded into
+    one tensor (the first full factor, else factor 1's U, in its dtype): the kernels compute W + P1 * P2 with one
+    FMA per element and never multiply by s. When both end up full and the factors share the weight's 16-bit
+    ``dtype``, the full (and formed) factors are kept in that dtype instead, so the FMA runs in it (paired
+    16-bit FMAs, no widening of W). Extra memory: the factors' size, never [n, k]."""
     f1, f2 = _split(factors, layout)
     m1, m2 = _maps(layout)
     dot_dtype = factors[0].dtype
+    keep = dtype in (torch.float16, torch.bfloat16) and factors[0].dtype == dtype and all(
+        uv[1] is None or _formable(uv, rmap, n, k) for uv, rmap in ((f1, m1), (f2, m2)))
     kinds, formed = [], []
     for uv, rmap in ((f1, m1), (f2, m2)):
         form = _formable(uv, rmap, n, k)
         formed.append(form)
         if form:
-            kinds.append([uv[0].float() @ uv[1].float()])
+            f = uv[0].float() @ uv[1].float()
+            kinds.append([f.to(dtype) if keep else f])
         elif uv[1] is None:
-            kinds.append([uv[0].float()])
+            kinds.append([uv[0] if keep else uv[0].float()])
         else:
             kinds.append([uv[0], uv[1]])
             dot_dtype = uv[0].dtype
@@ -474,6 +528,16 @@ def unprepare_grads(ops: Operands, factors: Sequence[torch.Tensor], layout: Sequ
 # ----------------------------------------------------------------------------------------------
 # Launchers (2-D operands, any strides)
 # ----------------------------------------------------------------------------------------------
+def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> bool:
+    """Whether ``kernel`` runs its ``ALIGN`` variant: LoKr with both factors full (after ``prepare``: the usual
+    LoKr, w2 formed) whose blocks hold whole tiles (p % BLOCK_N == 0, q % BLOCK_K == 0), so a tile sees one value
+    of w1 and a contiguous tile of w2. Never for LoHa (nothing to divide) or the factor-gradient kernel (its tile's
+    factors are read once); a factor left low rank keeps the general variant."""
+    if kernel not in ("forward", "grad_x") or not kron(layout) or not (layout[0] and layout[1]):
+        return False
+    return layout[2] % cfg["BLOCK_N"] == 0 and layout[4] % cfg["BLOCK_K"] == 0
+
+
 def _common(ops: Operands):
     f1, f2 = _split(ops.factors, ops.layout)
     m1, m2 = _maps(ops.layout)
@@ -486,7 +550,7 @@ def launch_forward(x2, weight, bias, ops: Operands):
     M, K = x2.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
-    cfg = config("forward", x2.dtype, ops.layout[:2])
+    cfg = config("forward", x2.dtype, ops.layout[:2], ops.layout)
     ptrs, scalars, strides, consts = _common(ops)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     launch(_lycoris_forward_kernel, grid,
@@ -502,7 +566,7 @@ def launch_grad_x(dy2, weight, ops: Operands):
     M, N = dy2.shape
     K = weight.shape[1]
     dx = torch.empty(M, K, dtype=dy2.dtype, device=dy2.device)
-    cfg = config("grad_x", dy2.dtype, ops.layout[:2])
+    cfg = config("grad_x", dy2.dtype, ops.layout[:2], ops.layout)
     ptrs, scalars, strides, consts = _common(ops)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lycoris_grad_x_kernel, grid,
@@ -634,7 +698,7 @@ def _op_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     on_triton = use_triton(x, weight, *factors) if hint is None else hint
     x2 = as_2d(x)
     if on_triton and x2.shape[0] > 0:
-        y2 = launch_forward(x2, weight, bias, prepare(factors, layout, scale, *weight.shape))
+        y2 = launch_forward(x2, weight, bias, prepare(factors, layout, scale, *weight.shape, weight.dtype))
     else:
         y2 = forward_reference(x2, weight, bias, factors, layout, scale)
     return y2.view(*x.shape[:-1], weight.shape[0])
@@ -656,7 +720,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     need1, need2 = any(need_f[:n1]), any(need_f[n1:])
     dy2, x2 = as_2d(dy), as_2d(x)
     if on_triton and dy2.shape[0] > 0:
-        ops = prepare(factors, layout, scale, *weight.shape)
+        ops = prepare(factors, layout, scale, *weight.shape, weight.dtype)
         dx = launch_grad_x(dy2, weight, ops) if needs[0] else None
         fgrads = unprepare_grads(ops, factors, layout, scale, launch_grad_factors(dy2, x2, ops, need1, need2)) \
             if need1 or need2 else [None] * len(factors)
@@ -775,19 +839,25 @@ def aot_specs() -> list[AotSpec]:
         an = DTYPE_NAMES[act]
         for kname, fn, ptrs, flags in kernels:
             for full1, full2, kr in _FACTOR_KINDS:
-                cfg = gpu_config(kname, act, (full1, full2))
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                extra = {"HAS_BIAS": True} if flags else {}
-                if kname == "grad_factors":
-                    extra = {"NEED1": True, "NEED2": True}
-                consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
-                              DELTA_PRECISION=dot_precision(act), **cfg, **extra)
-                types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
-                # a full factor is read as its fp32 copy (prepare), a low-rank one in the factors' dtype
-                types.update({f"{p}{i}_ptr": "*" + ("fp32" if full else an)
-                              for i, full in ((1, full1), (2, full2)) for p in ("u", "v")})
-                sig = aot_signature(fn, types, consts)
-                name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
-                        f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}]")
-                specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
+                for align in ((False, True) if full1 and full2 and kname != "grad_factors" else (False,)):
+                    cfg = gpu_config(kname, act, (full1, full2))
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    extra = {"HAS_BIAS": True} if flags else {}
+                    if kname == "grad_factors":
+                        extra = {"NEED1": True, "NEED2": True}
+                    else:
+                        extra["ALIGN"] = align
+                    consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
+                                  DELTA_PRECISION=dot_precision(act), **cfg, **extra)
+                    types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
+                    # a full factor is read as its fp32 copy next to a low-rank one, in the 16-bit weight's dtype
+                    # when both are full (prepare); a low-rank one in the factors' dtype
+                    full_type = an if full1 and full2 and act != torch.float32 else "fp32"
+                    types.update({f"{p}{i}_ptr": "*" + (full_type if full else an)
+                                  for i, full in ((1, full1), (2, full2)) for p in ("u", "v")})
+                    sig = aot_signature(fn, types, consts)
+                    name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
+                            f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}"
+                            f"{',align' if align else ''}]")
+                    specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
     return specs

@@ -213,14 +213,15 @@ def compile_spec(spec, arch: int, source_label: str = "", sass: bool = False) ->
         if not row.tensor_cores_ptx:
             row.errors.append("uses_dot but no tensor-core instruction (mma.sync / wgmma) in the PTX")
         if sass:
-            row.tensor_cores_sass = ",".join(sorted(set(_SASS_TC.findall(_sass(kernel.asm["cubin"])))))
+            row.tensor_cores_sass = ",".join(sorted(set(_SASS_TC.findall(sass_listing(kernel.asm["cubin"])))))
             if not row.tensor_cores_sass:
                 row.errors.append("uses_dot but no tensor-core instruction in the SASS")
     row.compile_s = time.perf_counter() - start
     return row
 
 
-def _sass(cubin: bytes) -> str:
+def sass_listing(cubin: bytes) -> str:
+    """The SASS of ``cubin`` (the bundled ``cuobjdump -sass``)."""
     import triton
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -21,9 +21,12 @@ M, A, P, C, Q = 37, 5, 9, 3, 11  # LoKr: N = A * P = 45, K = C * Q = 33
 N, K = A * P, C * Q
 
 
-def make(kind, dtype, bias=True, seed=0):
-    """(x, W, b, factors, layout, scale, dy): LoHa ranks 3 and 5; LoKr w1 / w2 full or rank 4 / 2."""
+def make(kind, dtype, bias=True, seed=0, blocks=(A, P, C, Q)):
+    """(x, W, b, factors, layout, scale, dy): LoHa ranks 3 and 5; LoKr w1 / w2 full or rank 4 / 2; LoKr's
+    ``blocks`` (a, p, c, q): w1 [a, c], w2 [p, q]."""
     g = torch.Generator().manual_seed(seed)
+    A, P, C, Q = blocks
+    N, K = A * P, C * Q
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
@@ -104,6 +107,28 @@ def test_triton_fp16(triton_kernels, kind):
     check(kind, inputs, run_op(inputs, True))
 
 
+# blocks of whole 16 x 16 interpreter tiles: w2 [16, 32] (p % BLOCK_N == 0, q % BLOCK_K == 0), w1 [3, 2]
+ALIGNED = (3, 16, 2, 32)
+
+
+@pytest.mark.parametrize("kind", ["lokr_ff", "lokr_fl", "lokr_lf", "lokr_ll"])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_triton_lokr_aligned_blocks(triton_kernels, monkeypatch, kind, dtype):
+    """LoKr blocks holding whole tiles: with both factors full after ``prepare`` (lokr_ff; lokr_lf, w1 formed) the
+    forward and dX run their ALIGN variants (w1 read as one row or column per tile, w2 as a contiguous tile, no
+    division in the loop), the factors in fp16 (the FMA in fp16); with w2 left low rank ([16, 32] is too large to
+    form here) the general variants."""
+    seen = _record_launches(monkeypatch)
+    inputs = make(kind, dtype, seed=13, blocks=ALIGNED)
+    check(kind, inputs, run_op(inputs, True))
+    both_full = kind in ("lokr_ff", "lokr_lf")
+    assert [meta.get("ALIGN") for _k, _a, meta in seen] == [both_full, both_full, None]
+    kernel, args, meta = seen[0]
+    assert (meta["FULL1"] and meta["FULL2"]) == both_full
+    if both_full:
+        assert args[kernel.arg_names.index("u1_ptr")].dtype == dtype
+
+
 @pytest.mark.parametrize("kind", ["lokr_fl", "lokr_lf", "lokr_ll"])
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_triton_lokr_factors_left_low_rank(triton_kernels, monkeypatch, kind, dtype):
@@ -130,8 +155,9 @@ def _record_launches(monkeypatch, run=True):
 @pytest.mark.parametrize("kind, full", [("lokr_fl", (True, True)), ("lokr_lf", (True, True)),
                                         ("lokr_ll", (True, True)), ("loha", (False, False))])
 def test_small_lokr_factors_formed(triton_kernels, monkeypatch, kind, full):
-    """Every launch gathers a small low-rank LoKr factor whole (FULL: no rank-r product per block of rows), and
-    reads every full factor as an fp32 copy carrying s; LoHa's [N, K] products are never formed."""
+    """Every launch gathers a small low-rank LoKr factor whole (FULL: no rank-r product per block of rows); with
+    both factors full they are read in the 16-bit weight's dtype (the FMA runs in it), a full factor next to a
+    low-rank one as an fp32 copy; LoHa's [N, K] products are never formed."""
     seen = _record_launches(monkeypatch)
     inputs = make(kind, F16, seed=11)
     check(kind, inputs, run_op(inputs, True))
@@ -141,7 +167,7 @@ def test_small_lokr_factors_formed(triton_kernels, monkeypatch, kind, full):
         names = kernel.arg_names
         for i, is_full in ((1, full[0]), (2, full[1])):
             u = args[names.index(f"u{i}_ptr")]
-            assert u.dtype == (F32 if is_full else F16)
+            assert u.dtype == (F16 if all(full) or not is_full else F32)
 
 
 def test_prepare_folds_the_scale_once():
@@ -154,12 +180,12 @@ def test_prepare_folds_the_scale_once():
 
 
 @pytest.mark.parametrize("act", [F16, BF16, F32])
-@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf"])
+@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf", "lokr_aligned"])
 def test_launches_are_compiled(monkeypatch, act, shape):
     """The compile report compiles what the launchers pick on a GPU (tests/kernels/test_specs_cover_launches.py's
     pattern): every launch (meta tensors; nothing runs) matches an AotSpec of its kernel in num_warps,
     num_stages, every meta-parameter the spec fixes and every pointer's dtype (a full factor's fp32 copy)."""
-    monkeypatch.setattr(LY, "config", LY.gpu_config)
+    monkeypatch.setattr(LY, "interpreting", lambda: False)  # the GPU tiles
     seen = _record_launches(monkeypatch, run=False)
 
     def meta(*s):
@@ -172,9 +198,12 @@ def test_launches_are_compiled(monkeypatch, act, shape):
         factors, layout = [meta(8, 4), meta(16, 2), meta(2, 24)], LY.lokr_layout(True, False, 16, 24, 8, 4)
     elif shape == "lokr_big_w2":  # w1 [2, 2], w2 [64, 48] = rank 2 product: too large to form
         factors, layout = [meta(2, 2), meta(64, 2), meta(2, 48)], LY.lokr_layout(True, False, 64, 48, 2, 2)
-    else:  # lokr_lf: w1 [2, 2] = rank 1 product (formed), w2 [64, 48] full
+    elif shape == "lokr_lf":  # w1 [2, 2] = rank 1 product (formed), w2 [64, 48] full
         factors, layout = [meta(2, 1), meta(1, 2), meta(64, 48)], LY.lokr_layout(False, True, 64, 48, 2, 2)
-    ops = LY.prepare(factors, layout, 0.5, n, k)
+    else:  # w1 [2, 2] full, w2 [64, 64] full: blocks of whole tiles (the ALIGN variants on 16-bit tiles)
+        k = 128
+        factors, layout = [meta(2, 2), meta(64, 64)], LY.lokr_layout(True, True, 64, 64, 2, 2)
+    ops = LY.prepare(factors, layout, 0.5, n, k, act)
     x, w, dy = meta(m, k), meta(n, k), meta(m, n)
     LY.launch_forward(x, w, meta(n), ops)
     LY.launch_grad_x(dy, w, ops)
@@ -193,6 +222,8 @@ def test_launches_are_compiled(monkeypatch, act, shape):
         if not any(fits(s) for s in specs):
             bad.append(f"{kernel.fn.__name__} {({key: v for key, v in kw.items()})}")
     assert len(seen) == 3 and not bad, bad
+    if shape == "lokr_aligned" and act != F32:
+        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [True, True, None]
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr_fl"])
@@ -309,6 +340,6 @@ def test_compile_fullgraph_matches_eager(backend):
 @pytest.mark.parametrize("kind, dtype", [("loha", F16), ("lokr_fl", F16)])
 def test_triton_gpu_tiles(triton_kernels, monkeypatch, kind, dtype):
     """The launch configurations used on GPUs (256-row tiles, one ragged tile here) under the interpreter."""
-    monkeypatch.setattr(LY, "config", LY.gpu_config)
+    monkeypatch.setattr(LY, "interpreting", lambda: False)  # the GPU tiles
     inputs = make(kind, dtype, seed=9)
     check(kind, inputs, run_op(inputs, True))

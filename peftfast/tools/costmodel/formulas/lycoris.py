@@ -9,7 +9,7 @@ in the order they run:
               activation dtype) (and b), writes Y. Tensor-core FLOPs: the GEMM 2 T N K, plus the products of
               the factors left low rank, regenerated for every row block of BLOCK_M rows:
               cdiv(T, BM) * 2 N K R_pad each (R_pad: the rank rounded up to BLOCK_R = 16, as the dots are
-              padded). CUDA-core work: ``DELTA_INSTRUCTIONS`` per delta element per row block.
+              padded). CUDA-core work: ``COUNTED_DELTA_INSTRUCTIONS`` per delta element per row block.
     backward: dX kernel (the same structure over the other operand: reads dY, W, factors, writes dX);
               torch zeroes fp32 gradient buffers shaped like the kernels' factors; factor-gradient kernel:
               reads dY, X, factors, adds into the buffers with atomics (each buffer element read and
@@ -18,9 +18,10 @@ in the order they run:
               db, the casts of the factor gradients.
 
 CUDA-core work is counted in instructions, each holding an fp32 lane for a cycle, i.e. 2 FLOPs of
-``Gpu.fp32_flops`` (which counts an FMA as 2). Not counted: loads, the gathers' address arithmetic and the
-index arithmetic; for LoKr's forward that is a 64-bit division and a remainder per delta element per row block
-(emulated in software on the GPU: tens of instructions each), so its serial figure is a lower bound.
+``Gpu.fp32_flops`` (which counts an FMA as 2): the instructions the delta adds to the kernels' main loops, counted
+in their compiled SASS (``peftfast.tools.costmodel.sass``), index and address arithmetic included. Not modelled:
+that some of them (64-bit address IMADs) issue at half rate, the shared-memory round trip of the modified
+operand tile (a memory-pipe cost, not counted here), and loads.
 
 Time of one launch: ``max(bytes / bandwidth, tensor FLOPs / tensor peak + CUDA-core FLOPs / fp32 peak)``
 ("serial": the CUDA-core work of the delta does not overlap the tensor cores), and the optimistic
@@ -40,13 +41,36 @@ import torch
 from ..specs import Gpu, Kernel, cdiv, nbytes
 
 BLOCK_R = 16
-# CUDA-core instructions per generated delta element per row block (forward and dX), as _add_delta in
-# kernels/lycoris.py runs them: one fp32 FMA (W + P1 * P2; s is folded into a factor once per call and a full
-# factor is read as an fp32 copy), plus, with 16-bit activations, the widening of the W element to fp32 and the
-# rounding of the sum back. Not counted: loads, the gathers' address arithmetic.
-DELTA_INSTRUCTIONS = {2: 3, 4: 1}  # activation bytes -> instructions
+# CUDA-core instructions per generated delta element per row block (forward, dX), counted in the compiled SASS of
+# the kernels as they launch at the issue's shape (bf16, T = 8192, 4096 x 4096, r = 16): the main loop's ALU
+# instructions minus those of the same kernel with DELTA=False, over the delta elements a thread generates per
+# iteration (``python -m peftfast.tools.costmodel.sass --arch N`` prints them; tests/kernels/test_lycoris_costmodel.py
+# recounts sm_90). They include what the compiler emits around the FMA: index and address arithmetic, masks,
+# operand packing, the loop's uniform-datapath bookkeeping. Keyed by architecture, then (case, kernel): ``loha``;
+# ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN variants, FMA in bf16); ``lokr_w2_low_rank``
+# a factor left low rank (its rank-r dots in the loop). fp16 runs the same code; fp32 activations use these too.
+COUNTED_DELTA_INSTRUCTIONS = {
+    90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 5.38,
+         ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00},
+    89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.00,
+         ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50},
+}
+# (sm_89's LoKr forward loop has fewer ALU instructions than its DELTA=False twin: the compiler schedules the two
+# differently; the model counts it as 0.)
+GPU_ARCH = {"H100": 90, "RTX 4090": 89}
 # Each such instruction holds an fp32 lane for one cycle, i.e. 2 FLOPs of the fp32 peak (which counts an FMA as 2).
 FLOPS_PER_INSTRUCTION = 2
+
+
+def delta_case(kf: "Factors") -> str:
+    """The counted case of the kernels' factors (after ``prepare``)."""
+    if kf.f1[0] == kf.f2[0] and kf.f1[1] == kf.f2[1] and kf.f1[2] and kf.f2[2]:
+        return "loha"
+    return "lokr" if kf.f1[2] == 0 and kf.f2[2] == 0 else "lokr_w2_low_rank"
+
+
+def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100") -> float:
+    return max(0.0, COUNTED_DELTA_INSTRUCTIONS[GPU_ARCH.get(gpu_name, 90)][(delta_case(kf), kernel)])
 
 
 @dataclass(frozen=True)
@@ -72,9 +96,15 @@ class Factors:
     def padded_ranks(self) -> list[int]:
         return [cdiv(r, BLOCK_R) * BLOCK_R for _, _, r in (self.f1, self.f2) if r]
 
+    def full_bytes(self, act_bytes: int) -> int:
+        """Bytes per element of a full factor as the kernels read it: act's with both factors full and 16-bit
+        activations, else fp32 (``prepare``)."""
+        return act_bytes if act_bytes != 4 and self.f1[2] == 0 and self.f2[2] == 0 else 4
+
     def nbytes(self, act_bytes: int) -> int:
-        """Bytes of the factors as the kernels read them: a full factor in fp32, a low-rank one in act."""
-        return sum(rows * cols * 4 if r == 0 else r * (rows + cols) * act_bytes for rows, cols, r in (self.f1, self.f2))
+        """Bytes of the factors as the kernels read them: a full factor in ``full_bytes``, a low-rank one in act."""
+        fb = self.full_bytes(act_bytes)
+        return sum(rows * cols * fb if r == 0 else r * (rows + cols) * act_bytes for rows, cols, r in (self.f1, self.f2))
 
 
 def loha(d_in: int, d_out: int, r: int) -> Factors:
@@ -121,10 +151,10 @@ def path_time(launches: list[Launch], gpu: Gpu, overlapped: bool = False) -> flo
     return sum(x.time(gpu, overlapped) for x in launches)
 
 
-def _tile_work(row_blocks: int, d_in: int, d_out: int, kf: Factors, act_bytes: int) -> tuple[int, int]:
+def _tile_work(row_blocks: int, d_in: int, d_out: int, kf: Factors, kernel: str, gpu_name: str) -> tuple[int, int]:
     """(tensor FLOPs, CUDA-core FLOP-equivalents) of generating W + D ``row_blocks`` times."""
     tc = sum(row_blocks * 2 * d_out * d_in * rp for rp in kf.padded_ranks())
-    return tc, row_blocks * d_out * d_in * DELTA_INSTRUCTIONS[act_bytes] * FLOPS_PER_INSTRUCTION
+    return tc, round(row_blocks * d_out * d_in * delta_instructions(kf, kernel, gpu_name) * FLOPS_PER_INSTRUCTION)
 
 
 def _torch(name: str, read: int, written: int, flops: int = 0) -> Launch:
@@ -132,10 +162,13 @@ def _torch(name: str, read: int, written: int, flops: int = 0) -> Launch:
 
 
 def _prepare(fac: Factors, d_in: int, d_out: int, a: int) -> list[Launch]:
-    """``prepare``'s torch ops, in order: per factor, a formed one's casts to fp32 and product, a full one's cast;
-    then s times the tensor that carries it (the first full factor, else factor 1's U)."""
+    """``prepare``'s torch ops, in order: per factor, a formed one's casts to fp32 and product (and its cast to the
+    activations' 16-bit dtype when both factors end up full), a full one's cast to fp32 (none when both end up full
+    with 16-bit activations); then s times the tensor that carries it (the first full factor, else factor 1's U)."""
     out = []
     fm = formed(fac, d_in, d_out)
+    kf = kernel_factors(fac, d_in, d_out)
+    fb = kf.full_bytes(a)
     for (rows, cols, r), form in zip((fac.f1, fac.f2), fm):
         if form:
             if a != 4:
@@ -143,21 +176,23 @@ def _prepare(fac: Factors, d_in: int, d_out: int, a: int) -> list[Launch]:
                         _torch("torch: V to fp32", r * cols * a, r * cols * 4)]
             out.append(_torch("torch: F = U @ V (fp32)", (rows * r + r * cols) * 4, rows * cols * 4,
                               2 * rows * r * cols))
-        elif r == 0 and a != 4:
+            if fb != 4:
+                out.append(_torch("torch: F to the activations' dtype", rows * cols * 4, rows * cols * fb))
+        elif r == 0 and a != 4 and fb == 4:
             out.append(_torch("torch: full factor to fp32", rows * cols * a, rows * cols * 4))
-    kf = kernel_factors(fac, d_in, d_out)
     rows, cols, r = kf.f1 if kf.f1[2] == 0 or kf.f2[2] != 0 else kf.f2
-    n, nb = (rows * cols, 4) if r == 0 else (rows * r, a)
+    n, nb = (rows * cols, fb) if r == 0 else (rows * r, a)
     out.append(_torch("torch: s folded into a factor", n * nb, n * nb, n))
     return out
 
 
 def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m: int,
-                     bias: bool = False) -> list[Launch]:
-    """The launches in order: ``prepare``'s torch ops, then the one kernel."""
+                     bias: bool = False, gpu_name: str = "H100") -> list[Launch]:
+    """The launches in order: ``prepare``'s torch ops, then the one kernel (CUDA-core work as counted for
+    ``gpu_name``'s architecture)."""
     a = nbytes(act)
     kf = kernel_factors(fac, d_in, d_out)
-    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, a)
+    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, "forward", gpu_name)
     read = t * d_in * a + d_out * d_in * a + kf.nbytes(a) + (d_out * a if bias else 0)
     return _prepare(fac, d_in, d_out, a) + [
         Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
@@ -165,13 +200,13 @@ def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dty
 
 
 def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m_dx: int,
-                      bias: bool = False) -> list[Launch]:
+                      bias: bool = False, gpu_name: str = "H100") -> list[Launch]:
     """The launches in order: ``prepare``, the dX kernel, the zeroed fp32 buffers, the factor-gradient kernel,
     ``unprepare_grads``, db, the casts of the factor gradients."""
     a = nbytes(act)
     kf = kernel_factors(fac, d_in, d_out)
     fb = kf.nbytes(a)
-    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, a)
+    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, "grad_x", gpu_name)
     out = _prepare(fac, d_in, d_out, a)
     out.append(Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
                              t * d_out * a + d_out * d_in * a + fb, t * d_in * a, 2 * t * d_in * d_out + tc, True), cc))
@@ -292,8 +327,8 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16,
     block_m, block_m_dx = block_ms(act)
     rows = []
     for name, fac in cases.items():
-        fw = peftfast_forward(t, d, d, fac, act, block_m)
-        bw = peftfast_backward(t, d, d, fac, act, block_m_dx)
+        fw = peftfast_forward(t, d, d, fac, act, block_m, gpu_name=gpu.name)
+        bw = peftfast_backward(t, d, d, fac, act, block_m_dx, gpu_name=gpu.name)
         rows.append((f"peftfast {name}", path_time(fw, gpu) / bf, path_time(fw, gpu, True) / bf,
                      path_time(bw, gpu) / bb, path_time(bw, gpu, True) / bb))
         pf, pb = peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act)
@@ -329,8 +364,8 @@ def bench_rows(gpu: Gpu, t: int, d: int, r: int, act: torch.dtype, launch_overhe
     base = (base_forward(t, d, d, act), base_backward(t, d, d, act))
     rows = []
     for name, fac in fac_cases.items():
-        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, block_ms(act)[0]),
-                               peftfast_backward(t, d, d, fac, act, block_ms(act)[1])),
+        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, block_ms(act)[0], gpu_name=gpu.name),
+                               peftfast_backward(t, d, d, fac, act, block_ms(act)[1], gpu_name=gpu.name)),
                               ("PEFT", peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act))):
             row = {"section": "modelled", "gpu": gpu.name, "op": "lycoris", "path": f"{who} {name}",
                    "shape": {"T": t, "d_in": d, "d_out": d, "r": r}, "bandwidth": gpu.bandwidth,
