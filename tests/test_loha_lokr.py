@@ -278,3 +278,14 @@ def test_factorization_matches_peft():
     for dim in (1, 2, 7, 12, 48, 127, 128, 256, 360, 4096, 11008):
         for factor in (-1, 1, 2, 3, 4, 8, 16, 5):
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig"])
+def test_unsupported_target_names_the_methods_layers(method):
+    """Targeting a layer type the method does not adapt: the message lists that method's layers (it listed LoRA's,
+    Embedding among them), and the error is a TypeError as PEFT raises it (and a ValueError as before)."""
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 8))
+    with pytest.raises(TypeError, match=r"supported layers: Conv1d/Conv2d/Linear$") as info:
+        peftfast.get_peft_model(model, getattr(peftfast, method)(target_modules=["0"]))
+    assert isinstance(info.value, ValueError)
+    assert [type(m) for m in model.modules()] == [nn.Sequential, nn.Embedding, nn.Linear]

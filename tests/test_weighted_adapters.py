@@ -180,6 +180,8 @@ def test_merge_util_helpers_match_peft():
     (dict(adapters=["a", "b"], combination_type="ties_svd"), "density"),
     (dict(adapters=["a", "b"], combination_type="ties_svd", density=0.5, majority_sign_method="max"),
      "majority_sign_method"),
+    # larger than a layer's delta allows (PEFT: a bare shape error, and a half-built adapter left behind)
+    (dict(adapters=["a", "b"], combination_type="svd", svd_rank=12), r"svd_rank=12 is larger than .* allows"),
 ])
 def test_errors_leave_the_model_unchanged(call, match):
     theirs, ours = make_pair((4, 6))

@@ -392,8 +392,8 @@ class LycorisTuner(BaseTuner):
     layers_mapping: dict[type, type] = {}
     method = ""
 
-    def _supported_module(self, module: nn.Module) -> bool:
-        return isinstance(module, tuple(self.layers_mapping))
+    def _supported_types(self) -> tuple[type, ...]:
+        return tuple(self.layers_mapping)
 
     def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:

@@ -32,7 +32,7 @@ from ..utils.constants import (
     INCLUDE_LINEAR_LAYERS_SHORTHAND,
     MIN_TARGET_MODULES_FOR_OPTIMIZATION,
 )
-from ..utils.errors import AdapterError, NoMatchingPeftModuleError, cap_message, short_repr
+from ..utils.errors import AdapterError, NoMatchingPeftModuleError, UnsupportedTargetError, cap_message, short_repr
 from ..utils.patterns import BoundedPattern, get_pattern_key
 from ..utils.routing import check_names_cover_batch, earlier_routing
 from ..utils.other import (AuxiliaryTrainingWrapper, ModulesToSaveWrapper, get_submodules, module_names_tied_with_embedding,
@@ -495,8 +495,16 @@ class BaseTuner(nn.Module):
         return base_model_state_dict(self.model)
 
     # -- hooks for subclasses ------------------------------------------------------------------------
-    def _supported_module(self, module: nn.Module) -> bool:
+    def _supported_types(self) -> tuple[type, ...]:
+        """The layer types the method adapts."""
         raise NotImplementedError
+
+    def _supported_module(self, module: nn.Module) -> bool:
+        return isinstance(module, self._supported_types())
+
+    def _supported_kinds(self) -> list[str]:
+        """Names of the layer types the method adapts, for messages."""
+        return [c.__name__ for c in self._supported_types()]
 
     def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
@@ -620,7 +628,7 @@ class BaseTuner(nn.Module):
                 planned.append(key)
             else:
                 unmatched_keys.append(key)
-        kinds = "/".join(sorted({c.__name__ for c in linear_layer_classes()} | {"Embedding"}))
+        kinds = "/".join(sorted(set(self._supported_kinds())))
         candidates = f"modules with {kinds} layers: {', '.join(self._candidate_names(model))}"
         targets = config.target_modules  # shown as PEFT shows it (str()), in bounded size
         shown = targets if isinstance(targets, str) and len(targets) <= 200 else short_repr(targets)
@@ -672,7 +680,7 @@ class BaseTuner(nn.Module):
         for key in planned:
             module = model.get_submodule(key)
             if not (self._supported_module(module) or isinstance(module, self.tuner_layer_cls)):
-                raise ValueError(
+                raise UnsupportedTargetError(
                     f"target module {key!r} is a {type(module).__name__}, which {type(self).__name__} does not "
                     f"support; supported layers: {kinds}"
                 )

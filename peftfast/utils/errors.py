@@ -114,6 +114,11 @@ class NoMatchingPeftModuleError(CappedMessage, PeftError, ValueError):
     """An adapter's ``target_modules`` matched no module of the model (PEFT's error of the same name)."""
 
 
+class UnsupportedTargetError(CappedMessage, ValueError, TypeError):
+    """A targeted module's type is not one the method adapts (a ValueError as for LoRA in PEFT, and a TypeError as
+    PEFT raises it for LoHa / LoKr)."""
+
+
 class PeftWarning(UserWarning):
     """PEFT's base warning class (``peft.PeftWarning``)."""
 

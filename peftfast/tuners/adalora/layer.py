@@ -96,7 +96,9 @@ class AdaLoraLayer(AdditiveAdapterLayer):
         ranknum = self.ranknum[adapter]
         cached = self._ranknum_cache.get(adapter)
         if cached is None or cached[0] != ranknum._version:
-            cached = (ranknum._version, float((ranknum.detach() + RANKNUM_EPS).float().item()))
+            # at least fp32 (PEFT keeps ranknum in fp32 on 16-bit models), fp64 on a float64 model
+            wide = ranknum.detach().to(torch.promote_types(ranknum.dtype, torch.float32))
+            cached = (ranknum._version, float((wide + RANKNUM_EPS).item()))
             self._ranknum_cache[adapter] = cached
         return float(self.scaling[adapter]) / cached[1]
 

@@ -97,9 +97,9 @@ class AdaLoraModel(BaseTuner):
             self.trainable_adapter_name = adapter_name
             self.rankallocator = RankAllocator(self.model, self.peft_config[adapter_name], adapter_name)
 
-    def _supported_module(self, module: nn.Module) -> bool:
+    def _supported_types(self) -> tuple[type, ...]:
         conv1d = conv1d_class()
-        return isinstance(module, (nn.Linear, nn.Conv2d) + ((conv1d,) if conv1d else ()) + bnb_linear_classes())
+        return (nn.Linear, nn.Conv2d) + ((conv1d,) if conv1d else ()) + bnb_linear_classes()
 
     def _check_new_adapter_config(self, config: AdaLoraConfig) -> None:
         check_single_bias_adapter(self)

@@ -88,9 +88,12 @@ class IA3Model(BaseTuner):
     # First match wins: quantised linears subclass nn.Linear, so their dispatcher goes first.
     dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
-    def _supported_module(self, module: nn.Module) -> bool:
+    def _supported_types(self) -> tuple[type, ...]:
         # nn.Conv1d is listed so that targeting one reaches dispatch_default's message rather than a generic one
-        return isinstance(module, linear_layer_classes() + (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        return linear_layer_classes() + (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    def _supported_kinds(self) -> list[str]:
+        return [c.__name__ for c in self._supported_types() if c is not nn.Conv1d]  # Conv1d: refused with a message
 
     def _prepare_adapter_config(self, config: IA3Config, model_config: dict) -> IA3Config:
         targets_given = config.target_modules is not None

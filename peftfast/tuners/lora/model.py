@@ -94,8 +94,8 @@ class LoraModel(BaseTuner):
     # First match wins: quantised linears subclass nn.Linear, so their dispatcher goes first.
     dispatchers: tuple[Dispatcher, ...] = (dispatch_bnb, dispatch_default)
 
-    def _supported_module(self, module: nn.Module) -> bool:
-        return isinstance(module, linear_layer_classes() + (nn.Embedding, nn.MultiheadAttention) + tuple(CONV_LAYERS))
+    def _supported_types(self) -> tuple[type, ...]:
+        return linear_layer_classes() + (nn.Embedding, nn.MultiheadAttention) + tuple(CONV_LAYERS)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False) -> None:

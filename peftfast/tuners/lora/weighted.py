@@ -176,6 +176,10 @@ def _fill_svd(layer, kind, adapters, weights, new_rank, a_new, b_new, density, s
         raise ValueError("No matching LoRAs found for this layer")
     delta = _merge(kind, deltas, torch.tensor(valid).to(deltas[0].device), density, sign_method)
     delta = delta.T if transposed else delta
+    if new_rank > min(delta.shape):
+        raise ValueError(f"svd_rank={new_rank} is larger than a {type(layer.get_base_layer()).__name__} layer allows: "
+                         f"its combined delta [{delta.shape[0]}, {delta.shape[1]}] has rank at most {min(delta.shape)}; "
+                         f"use svd_rank <= {min(delta.shape)} (or a combination without svd)")
     u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
     u = u[:, :new_rank] @ torch.diag(s[:new_rank])
     vh = vh[:new_rank, :]

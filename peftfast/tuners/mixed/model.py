@@ -114,6 +114,9 @@ class MixedModel(BaseTuner):
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         return self._method()._supported_module(self, base)
 
+    def _supported_kinds(self) -> list[str]:
+        return self._method()._supported_kinds(self)
+
     def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
         self._method()._create_and_replace(self, config, adapter_name, target, target_name, parent, current_key)

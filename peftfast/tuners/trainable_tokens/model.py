@@ -45,6 +45,9 @@ class TrainableTokensModel(BaseTuner):
     def _supported_module(self, module: nn.Module) -> bool:
         return supports_trainable_tokens(module)
 
+    def _supported_kinds(self) -> list[str]:
+        return ["Embedding", "Linear (not quantised)"]
+
     def _prepare_adapter_config(self, config: Any, model_config: dict) -> Any:
         if config.target_modules is None:
             config.target_modules = input_embeddings_name(self.model, "embed_tokens")
