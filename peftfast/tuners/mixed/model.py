@@ -114,6 +114,9 @@ class MixedModel(BaseTuner):
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         return self._method()._supported_module(self, base)
 
+    def _supported_types(self) -> tuple[type, ...]:
+        return self._method()._supported_types(self)
+
     def _supported_kinds(self) -> list[str]:
         return self._method()._supported_kinds(self)
 
