@@ -117,9 +117,6 @@ class MixedModel(BaseTuner):
     def _supported_types(self) -> tuple[type, ...]:
         return self._method()._supported_types(self)
 
-    def _supported_kinds(self) -> list[str]:
-        return self._method()._supported_kinds(self)
-
     def _create_and_replace(self, config: Any, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key: str) -> None:
         self._method()._create_and_replace(self, config, adapter_name, target, target_name, parent, current_key)
