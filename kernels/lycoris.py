@@ -19,11 +19,12 @@ row(n) = (n // rdiv) % rmod and col(k) = (k // cdiv) % cmod (the ``layout``):
 Once per call (``prepare``, torch, O(size of the factors)): a LoKr factor stored low rank whose whole form is
 small (at most ``FORM_LIMIT`` elements and 1 / ``FORM_SHARE`` of the delta: the usual [64, 64] w2 of a 4096 x
 4096 layer) is formed, F = U @ V in fp32, so the kernels gather it instead of regenerating a rank-r product for
-every block of rows; a full factor is read as an fp32 copy, or, when both factors are full and share the 16-bit
-weight's dtype, in that dtype; s is folded into one tensor (the first full factor, else factor 1's U in its
-dtype). The kernels then compute D = P1 * P2, and W + D is one FMA per element (in the 16-bit dtype in the
-second case: paired HFMA2 in the SASS, no widening of W; else in fp32). The factor gradients the kernels produce map back with s and, for a formed factor, dU = dF @ V^T,
-dV = U^T @ dF (``unprepare_grads``, small torch matmuls).
+every block of rows; a full factor is read as an fp32 copy, or, when both factors are full and the weight is
+16-bit, in the weight's dtype; a low-rank factor in the weight's 16-bit dtype too (else its own; see Dtypes for
+the factor gradients); s is folded into one tensor (the first full factor, else factor 1's U). The kernels then
+compute D = P1 * P2, and W + D is one FMA per element (in the 16-bit dtype in the second case: paired HFMA2 in
+the SASS, no widening of W; else in fp32). The factor gradients the kernels produce map back with s and, for a
+formed factor, dU = dF @ V^T, dV = U^T @ dF (``unprepare_grads``, small torch matmuls).
 
 Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the tests):
 
@@ -62,11 +63,17 @@ depend on the order the programs run in (not bitwise deterministic, like torch's
 LoKr's full (or formed) factors take every contribution of a whole tile at few addresses (a [BN, BK] tile
 hits (BN / p + 1) x (BK / q + 1) elements of w1): correct, contended.
 
-Dtypes: W and x share a dtype (as F.linear requires) and so do the factors (the layer calls the
-op only when they all match); D is computed in fp32, added to the W tile in fp32 (one FMA) and rounded
-once to x's dtype before the dot (the same rounding as F.linear(x, W + D) in x's dtype). With no full
-factor (LoHa) s is folded into factor 1's U in the factors' dtype: one extra rounding of s * U1 for 16-bit
-factors. fp32 models use 3xTF32 dots (~fp32), 16-bit models the tensor cores natively.
+Dtypes: W and x share a dtype (as F.linear requires) and so do the factors, in x's dtype or fp32 (the
+layers call the op with fp32 factors on a 16-bit model: PEFT's default, autocast_adapter_dtype=True). W + D is
+rounded once to x's dtype before the dot (the rounding of F.linear(x, W + D) in x's dtype), so on a 16-bit model
+the forward and dX read the factors rounded to x's dtype (``prepare``: once per call, O(factors)); the relative
+error this adds to D (a few 16-bit ulps of D) is below the rounding of W + D itself when |D| is below |W|. The
+factor-gradient kernel reads fp32 factors as fp32 (``prepare(..., exact=True)``): dD = dY^T X and dD * P in
+fp32, a full factor's gradient exact to fp32; a low-rank factor's rank-r dots (P, dU, dV) in TF32
+(``factor_precision``: 10-bit-mantissa products, fp32 sums, what torch's fp32 matmuls do with allow_tf32), at
+about 2x a 16-bit dot: LoHa's six per tile cost 12 r / M of the dD GEMM (2.3% at M = 8192, r = 16) instead of
+6 r / M. s is folded into a factor in the dtype the kernels read it in. fp32 models use 3xTF32 dots (~fp32),
+16-bit models the tensor cores natively.
 
 CPU (the reference path): the same math in PyTorch over blocks of output rows (about
 ``BLOCK_ELEMENTS`` elements of [rows, K] at a time): forward y[:, R] = x @ (W[R] + D[R])^T; backward
@@ -473,33 +480,37 @@ def _formable(uv, rmap, n: int, k: int) -> bool:
 
 
 def prepare(factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float, n: int, k: int,
-            dtype: torch.dtype | None = None) -> Operands:
+            dtype: torch.dtype | None = None, exact: bool = False) -> Operands:
     """The kernels' operands for the delta of ``factors`` / ``layout`` on an [n, k] weight of ``dtype``: small
     low-rank LoKr factors formed whole (F = U @ V in fp32), every full factor as an fp32 copy, and s folded into
-    one tensor (the first full factor, else factor 1's U, in its dtype): the kernels compute W + P1 * P2 with one
-    FMA per element and never multiply by s. When both end up full and the factors share the weight's 16-bit
-    ``dtype``, the full (and formed) factors are kept in that dtype instead, so the FMA runs in it (paired
-    16-bit FMAs, no widening of W). Extra memory: the factors' size, never [n, k]."""
+    one tensor (the first full factor, else factor 1's U, in the dtype the kernels read it in): the kernels compute
+    W + P1 * P2 with one FMA per element and never multiply by s. Extra memory: the factors' size, never [n, k].
+
+    16-bit ``dtype`` (the GEMMs' W + D, rounded to that dtype before the dot): the low-rank factors are read in it
+    (fp32 factors, PEFT's default on a 16-bit model, rounded once here: their rank-r dots run on the tensor cores
+    natively, not in 3xTF32), and when both factors end up full they are kept in it too, so the FMA runs in it
+    (paired 16-bit FMAs, no widening of W). With ``exact`` (the factor-gradient kernel) factors of another dtype
+    keep their own precision: fp32 factors are read as fp32 and their gradients computed from them."""
     f1, f2 = _split(factors, layout)
     m1, m2 = _maps(layout)
-    dot_dtype = factors[0].dtype
-    keep = dtype in (torch.float16, torch.bfloat16) and factors[0].dtype == dtype and all(
-        uv[1] is None or _formable(uv, rmap, n, k) for uv, rmap in ((f1, m1), (f2, m2)))
+    own = factors[0].dtype
+    narrow = dtype in (torch.float16, torch.bfloat16) and (not exact or own == dtype)
     kinds, formed = [], []
     for uv, rmap in ((f1, m1), (f2, m2)):
         form = _formable(uv, rmap, n, k)
         formed.append(form)
         if form:
-            f = uv[0].float() @ uv[1].float()
-            kinds.append([f.to(dtype) if keep else f])
-        elif uv[1] is None:
-            kinds.append([uv[0] if keep else uv[0].float()])
+            kinds.append([uv[0].float() @ uv[1].float()])
         else:
-            kinds.append([uv[0], uv[1]])
-            dot_dtype = uv[0].dtype
+            kinds.append([t for t in uv if t is not None])
     full = [len(f) == 1 for f in kinds]
+    keep = narrow and full[0] and full[1]
     target = 0 if full[0] or not full[1] else 1  # a full factor if there is one, else factor 1's U
+    for i, kind in enumerate(kinds):
+        want = (dtype if keep else torch.float32) if full[i] else (dtype if narrow else own)
+        kinds[i] = [t.to(want) for t in kind]
     kinds[target][0] = kinds[target][0] * scale
+    dot_dtype = next((kind[0].dtype for kind, f in zip(kinds, full) if not f), own)
     folded = 0 if target == 0 else len(kinds[0])
     out_layout = [int(full[0]), int(full[1]), *layout[2:]]
     return Operands(kinds[0] + kinds[1], out_layout, (formed[0], formed[1]), folded, dot_dtype)
@@ -538,6 +549,16 @@ def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> bool:
     return layout[2] % cfg["BLOCK_N"] == 0 and layout[4] % cfg["BLOCK_K"] == 0
 
 
+def factor_precision(act: torch.dtype, operand: torch.dtype) -> str:
+    """``input_precision`` of the rank-r dots on ``operand``-dtype factors in a model of dtype ``act``:
+    ``dot_precision``'s, except fp32 factors on a 16-bit model (the factor-gradient kernel's ``exact`` operands):
+    TF32 (operands rounded to 10 mantissa bits, fp32 sums; 3xTF32 spills registers in that kernel on sm_80 to
+    sm_89, the compile report)."""
+    if act != torch.float32 and operand == torch.float32:
+        return "tf32"
+    return dot_precision(act, operand)
+
+
 def _common(ops: Operands):
     f1, f2 = _split(ops.factors, ops.layout)
     m1, m2 = _maps(ops.layout)
@@ -557,7 +578,7 @@ def launch_forward(x2, weight, bias, ops: Operands):
            x2, weight, weight if bias is None else bias, *ptrs, y, M, N, K, *scalars,
            x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), *strides, y.stride(0), y.stride(1),
            HAS_BIAS=bias is not None, BASE_PRECISION=dot_precision(x2.dtype),
-           DELTA_PRECISION=dot_precision(x2.dtype, ops.dot_dtype), **consts, **cfg)
+           DELTA_PRECISION=factor_precision(x2.dtype, ops.dot_dtype), **consts, **cfg)
     return y
 
 
@@ -572,7 +593,7 @@ def launch_grad_x(dy2, weight, ops: Operands):
     launch(_lycoris_grad_x_kernel, grid,
            dy2, weight, *ptrs, dx, M, N, K, *scalars,
            dy2.stride(0), dy2.stride(1), weight.stride(0), weight.stride(1), *strides, dx.stride(0), dx.stride(1),
-           BASE_PRECISION=dot_precision(dy2.dtype), DELTA_PRECISION=dot_precision(dy2.dtype, ops.dot_dtype),
+           BASE_PRECISION=dot_precision(dy2.dtype), DELTA_PRECISION=factor_precision(dy2.dtype, ops.dot_dtype),
            **consts, **cfg)
     return dx
 
@@ -605,7 +626,7 @@ def launch_grad_factors(dy2, x2, ops: Operands, need1: bool, need2: bool):
            dy2, x2, *ptrs, *gp1, *gp2, M, N, K, *scalars,
            dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), *strides, *gs1, *gs2,
            NEED1=need1, NEED2=need2, BASE_PRECISION=dot_precision(dy2.dtype),
-           DELTA_PRECISION=dot_precision(dy2.dtype, ops.dot_dtype), **consts, **cfg)
+           DELTA_PRECISION=factor_precision(dy2.dtype, ops.dot_dtype), **consts, **cfg)
     return grads
 
 
@@ -722,8 +743,12 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
     if on_triton and dy2.shape[0] > 0:
         ops = prepare(factors, layout, scale, *weight.shape, weight.dtype)
         dx = launch_grad_x(dy2, weight, ops) if needs[0] else None
-        fgrads = unprepare_grads(ops, factors, layout, scale, launch_grad_factors(dy2, x2, ops, need1, need2)) \
-            if need1 or need2 else [None] * len(factors)
+        fgrads = [None] * len(factors)
+        if need1 or need2:
+            if factors[0].dtype != weight.dtype and weight.dtype in (torch.float16, torch.bfloat16):
+                # the factors in their own precision (fp32 ones on a 16-bit model stay fp32)
+                ops = prepare(factors, layout, scale, *weight.shape, weight.dtype, exact=True)
+            fgrads = unprepare_grads(ops, factors, layout, scale, launch_grad_factors(dy2, x2, ops, need1, need2))
     else:
         dx, fgrads = backward_reference(dy2, x2, weight, factors, layout, scale, needs[0], need1, need2)
     dbias = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if needs[2] else None
@@ -836,28 +861,36 @@ def aot_specs() -> list[AotSpec]:
     )
     specs = []
     for act in _ACTS:
-        an = DTYPE_NAMES[act]
         for kname, fn, ptrs, flags in kernels:
             for full1, full2, kr in _FACTOR_KINDS:
                 for align in ((False, True) if full1 and full2 and kname != "grad_factors" else (False,)):
-                    cfg = gpu_config(kname, act, (full1, full2))
-                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                    extra = {"HAS_BIAS": True} if flags else {}
-                    if kname == "grad_factors":
-                        extra = {"NEED1": True, "NEED2": True}
-                    else:
-                        extra["ALIGN"] = align
-                    consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
-                                  DELTA_PRECISION=dot_precision(act), **cfg, **extra)
-                    types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
-                    # a full factor is read as its fp32 copy next to a low-rank one, in the 16-bit weight's dtype
-                    # when both are full (prepare); a low-rank one in the factors' dtype
-                    full_type = an if full1 and full2 and act != torch.float32 else "fp32"
-                    types.update({f"{p}{i}_ptr": "*" + (full_type if full else an)
-                                  for i, full in ((1, full1), (2, full2)) for p in ("u", "v")})
-                    sig = aot_signature(fn, types, consts)
-                    name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
-                            f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}"
-                            f"{',align' if align else ''}]")
-                    specs.append(AotSpec(name, fn, sig, consts, warps, stages, True))
+                    # fp32 factors on a 16-bit model: the factor gradients read them as fp32 (prepare, exact)
+                    for wide in ((False, True) if kname == "grad_factors" and act != torch.float32 else (False,)):
+                        specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide))
     return specs
+
+
+def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide) -> AotSpec:
+    an = DTYPE_NAMES[act]
+    cfg = gpu_config(kname, act, (full1, full2))
+    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    extra = {"HAS_BIAS": True} if flags else {}
+    if kname == "grad_factors":
+        extra = {"NEED1": True, "NEED2": True}
+    else:
+        extra["ALIGN"] = align
+    factor = torch.float32 if wide else act
+    consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
+                  DELTA_PRECISION=factor_precision(act, factor), **cfg, **extra)
+    types = {k: "*" + (an if v == "a" else v) for k, v in ptrs.items()}
+    # a full factor is read as its fp32 copy next to a low-rank one, in the 16-bit weight's dtype when both are
+    # full (prepare); a low-rank one in the activations' dtype; every factor in fp32 with ``wide``
+    full_type = an if full1 and full2 and act != torch.float32 and not wide else "fp32"
+    low_type = "fp32" if wide else an
+    types.update({f"{p}{i}_ptr": "*" + (full_type if full else low_type)
+                  for i, full in ((1, full1), (2, full2)) for p in ("u", "v")})
+    sig = aot_signature(fn, types, consts)
+    name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
+            f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}"
+            f"{',align' if align else ''}{',factors=fp32' if wide else ''}]")
+    return AotSpec(name, fn, sig, consts, warps, stages, True)

@@ -179,17 +179,18 @@ def test_prepare_folds_the_scale_once():
         torch.testing.assert_close(delta(kind, ops.factors, ops.layout, 1.0), delta(kind, factors, layout, scale))
 
 
-@pytest.mark.parametrize("act", [F16, BF16, F32])
+@pytest.mark.parametrize("act, wide", [(F16, False), (BF16, False), (F32, False), (F16, True), (BF16, True)])
 @pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf", "lokr_aligned"])
-def test_launches_are_compiled(monkeypatch, act, shape):
+def test_launches_are_compiled(monkeypatch, act, wide, shape):
     """The compile report compiles what the launchers pick on a GPU (tests/kernels/test_specs_cover_launches.py's
     pattern): every launch (meta tensors; nothing runs) matches an AotSpec of its kernel in num_warps,
-    num_stages, every meta-parameter the spec fixes and every pointer's dtype (a full factor's fp32 copy)."""
+    num_stages, every meta-parameter the spec fixes and every pointer's dtype (a full factor's fp32 copy);
+    ``wide``: fp32 factors on the 16-bit model, as the op's backward prepares them for each kernel."""
     monkeypatch.setattr(LY, "interpreting", lambda: False)  # the GPU tiles
     seen = _record_launches(monkeypatch, run=False)
 
-    def meta(*s):
-        return torch.empty(*s, dtype=act, device="meta")
+    def meta(*s, factor=True):
+        return torch.empty(*s, dtype=F32 if wide and factor else act, device="meta")
 
     m, n, k = 300, 128, 96
     if shape == "loha":
@@ -204,10 +205,10 @@ def test_launches_are_compiled(monkeypatch, act, shape):
         k = 128
         factors, layout = [meta(2, 2), meta(64, 64)], LY.lokr_layout(True, True, 64, 64, 2, 2)
     ops = LY.prepare(factors, layout, 0.5, n, k, act)
-    x, w, dy = meta(m, k), meta(n, k), meta(m, n)
-    LY.launch_forward(x, w, meta(n), ops)
+    x, w, dy = meta(m, k, factor=False), meta(n, k, factor=False), meta(m, n, factor=False)
+    LY.launch_forward(x, w, meta(n, factor=False), ops)
     LY.launch_grad_x(dy, w, ops)
-    LY.launch_grad_factors(dy, x, ops, True, True)
+    LY.launch_grad_factors(dy, x, LY.prepare(factors, layout, 0.5, n, k, act, exact=True), True, True)
     specs = LY.aot_specs()
     bad = []
     for kernel, args, kw in seen:
@@ -343,3 +344,56 @@ def test_triton_gpu_tiles(triton_kernels, monkeypatch, kind, dtype):
     monkeypatch.setattr(LY, "interpreting", lambda: False)  # the GPU tiles
     inputs = make(kind, dtype, seed=9)
     check(kind, inputs, run_op(inputs, True))
+
+
+# TF32's machine epsilon (10 explicit mantissa bits): the rank-r dots of fp32 factors on a 16-bit model
+TF32_EPS = 2.0 ** -10
+
+
+def plain_wide(kind, inputs):
+    """PEFT's math for fp32 factors on a 16-bit model (autocast_adapter_dtype): the base layer in x's dtype,
+    the delta in fp32 on x cast to fp32, the sum rounded to x's dtype."""
+    x, w, b, factors, layout, scale, dy = inputs
+    xs = x.detach().requires_grad_()
+    bs = None if b is None else b.detach().requires_grad_()
+    fs = [f.detach().requires_grad_() for f in factors]
+    y = (F.linear(xs, w, bs) + F.linear(xs.float(), delta(kind, fs, layout, scale))).to(x.dtype)
+    y.backward(dy)
+    return y.detach(), [xs.grad] + ([] if bs is None else [bs.grad]) + [f.grad for f in fs]
+
+
+@pytest.mark.parametrize("low_rank", [False, True], ids=["formed", "left_low_rank"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_fp32_factors_on_fp16_model(triton_kernels, monkeypatch, kind, low_rank):
+    """fp32 factors on an fp16 weight and input (PEFT's default adapter dtype on a 16-bit model): the forward and
+    dX read the factors rounded to fp16 (W + D is rounded to fp16 before the dot anyway), the factor-gradient
+    kernel reads them as fp32 and returns fp32 gradients. Checked against float64 with plain PyTorch's error
+    running PEFT's mixed math (fp16 base layer, fp32 delta); a factor gradient that goes through a rank-r dot
+    of fp32 factors (TF32 on a GPU, emulated here) may add two TF32 roundings of its largest value."""
+    if low_rank:
+        monkeypatch.setattr(LY, "FORM_LIMIT", 0)
+    seen = _record_launches(monkeypatch)
+    x, w, b, factors, layout, scale, dy = make(kind, F32, seed=21)
+    inputs = (x.half(), w.half(), b.half(), factors, layout, scale, dy.half())
+    got = run_op(inputs, True)
+    ref = plain(kind, inputs, torch.float64)
+    base = plain_wide(kind, inputs)
+    ops = LY.prepare(factors, layout, scale, *w.shape, F16, exact=True)
+    dots = not (ops.layout[0] and ops.layout[1])  # a factor left low rank: its P, dU, dV are rank-r dots
+    names = ["y", "dx", "db"] + [f"d_factor{i}" for i in range(len(factors))]
+    for i, (name, g, p, r) in enumerate(zip(names, [got[0], *got[1]], [base[0], *base[1]], [ref[0], *ref[1]])):
+        assert g.dtype == p.dtype == (F16 if i < 3 else F32) and g.shape == r.shape, name
+        assert r.abs().max() > 0, name
+        bound = allowed_error(p, r, K_TOL) + (2 * TF32_EPS * r.abs().max().item() if i >= 3 and dots else 0.0)
+        err = max_err(g, r)
+        assert err <= bound, f"{kind} {name}: error {err:.3e} > {bound:.3e} (plain {max_err(p, r):.3e})"
+    kernels = [(meta, {n: a for n, a in zip(k.arg_names, args) if n[:1] in "uv" and n.endswith("_ptr")})
+               for k, args, meta in seen]
+    assert len(kernels) == 3
+    for meta, ptrs in kernels[:2]:  # forward, dX: every factor the kernels read in fp16 but a full one next to
+        for n, t in ptrs.items():   # a low-rank one (its fp32 copy)
+            full = meta[f"FULL{n[1]}"]
+            assert t.dtype == (F32 if full and not (meta["FULL1"] and meta["FULL2"]) else F16), n
+    assert all(t.dtype == F32 for t in kernels[2][1].values())  # the factor gradients: fp32
+    if dots:
+        assert kernels[2][0]["DELTA_PRECISION"] == "tf32"  # (the GPU's rounding, emulated by the fixture)

@@ -91,3 +91,41 @@ def test_rank_dropout_keeps_blocked_path(triton_kernels, monkeypatch):
     y_ours = ours(x)
     assert calls == []
     torch.testing.assert_close(y_ours, y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, kw", CASES, ids=[f"{n[:4]}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_fp32_adapters_on_fp16_model_use_kernel(triton_kernels, monkeypatch, name, kw):
+    """PEFT's default on a 16-bit model keeps the adapters in fp32 (autocast_adapter_dtype=True): the layers still
+    run the kernels (W + D rounded to fp16 for the GEMMs, fp32 factor gradients) and match PEFT's fp16 model
+    (fp16 base layer plus an fp32 delta) to a few fp16 roundings of each result's largest value."""
+    ref, ours = _pair(name, kw)
+    ref.half()
+    ours.half()
+    for model in (ref, ours):  # PEFT's default cast of the adapters back to fp32, as get_peft_model does
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    assert {p.dtype for p in ours.parameters() if p.requires_grad} == {torch.float32}
+    calls = _count_launches(monkeypatch)
+    x = torch.randn(2, 7, 33).half()
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_ours = ref(x_ref), ours(x_ours)
+    dy = torch.randn_like(y_ref)
+    y_ref.backward(dy)
+    y_ours.backward(dy)
+    assert calls.count("launch_forward") == 2 and calls.count("launch_grad_factors") == 2
+    assert calls.count("launch_grad_x") == 2
+
+    def close(got, want, what, ulps):
+        assert got.dtype == want.dtype, what
+        tol = ulps * torch.finfo(torch.float16).eps * want.abs().max().item()
+        err = (got.double() - want.double()).abs().max().item()
+        assert err <= tol, f"{what}: {err:.3e} > {tol:.3e}"
+
+    close(y_ours, y_ref, "y", 4)
+    close(x_ours.grad, x_ref.grad, "dx", 4)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            assert grads[n].abs().max() > 0, n
+            close(p.grad, grads[n], n, 4)
