@@ -1,7 +1,8 @@
-"""LoRA and AdaLoRA under ``torch.autocast`` (Trainer's ``bf16=True`` / ``fp16=True`` on a float32 model): the adapted
+"""LoRA, AdaLoRA, LoHa and LoKr under ``torch.autocast`` (Trainer's ``bf16=True`` / ``fp16=True`` on a float32 model): the adapted
 layers compute what PEFT's do there (base and adapter matmuls in autocast's dtype, 16-bit outputs, float32
 gradients), compared with the real ``peft`` on the same weights. Before this, a float32 model under autocast
-failed in its second adapted layer (a 16-bit input met the float32 weight in the fused op)."""
+failed in its second adapted layer (a 16-bit input met the float32 weight in the fused op); LoHa and LoKr failed in
+the backward (the blocked delta op's 16-bit output gradient met the float32 weight)."""
 import copy
 
 import peft
@@ -23,11 +24,15 @@ class Net(nn.Module):
         return self.head(torch.tanh(self.lin1(torch.relu(self.lin0(x)))))
 
 
-def run(lib, config_kw: dict, state: dict | None, x: torch.Tensor, dtype: torch.dtype, adalora: bool):
+def run(lib, config_kw: dict, state: dict | None, x: torch.Tensor, dtype: torch.dtype, method: str):
     torch.manual_seed(0)
     base = Net()
-    if adalora:
+    if method == "adalora":
         config = lib.AdaLoraConfig(target_modules=["lin0", "lin1"], init_r=5, total_step=10, **config_kw)
+    elif method == "loha":
+        config = lib.LoHaConfig(target_modules=["lin0", "lin1"], r=5, alpha=7, **config_kw)
+    elif method == "lokr":
+        config = lib.LoKrConfig(target_modules=["lin0", "lin1"], r=5, alpha=7, **config_kw)
     else:
         config = lib.LoraConfig(target_modules=["lin0", "lin1"], r=5, lora_alpha=7, init_lora_weights=False,
                                 **config_kw)
@@ -52,12 +57,25 @@ def run(lib, config_kw: dict, state: dict | None, x: torch.Tensor, dtype: torch.
 @pytest.mark.parametrize("backend,dtype", [("default", torch.bfloat16), ("default", torch.float16),
                                            ("triton", torch.float16)], ids=["bf16", "fp16", "fp16-triton"],
                          indirect=["backend"])
-@pytest.mark.parametrize("adalora", [False, True], ids=["lora", "adalora"])
-def test_autocast_matches_peft(backend, dtype, adalora):
-    """(bf16 runs on the PyTorch path only: the interpreter's bf16 dots are not a GPU's.)"""
+@pytest.mark.parametrize("method", ["lora", "adalora", "loha", "lokr"])
+def test_autocast_matches_peft(backend, dtype, method, monkeypatch):
+    """(bf16 runs on the PyTorch path only: the interpreter's bf16 dots are not a GPU's. On the Triton backend LoHa
+    and LoKr run their kernels on x, W and b in autocast's dtype with the fp32 factors.)"""
+    from peftfast.kernels import lycoris as LY
+
+    seen = []
+    for name in ("launch_forward", "launch_grad_x", "launch_grad_factors"):
+        def spy(*a, _real=getattr(LY, name), _name=name, **k):
+            seen.append((_name, a[0].dtype))
+            return _real(*a, **k)
+        monkeypatch.setattr(LY, name, spy)
     x = torch.randn(6, 33)
-    ours, ours_grads, state = run(peftfast, {}, None, x, dtype, adalora)
-    theirs, their_grads, _ = run(peft, {}, state, x, dtype, adalora)
+    ours, ours_grads, state = run(peftfast, {}, None, x, dtype, method)
+    if method in ("loha", "lokr"):
+        on_triton = backend == "triton"
+        assert sorted(seen) == (sorted([(n, dtype) for n in ("launch_forward", "launch_grad_factors")] * 2
+                                       + [("launch_grad_x", dtype)]) if on_triton else []), seen
+    theirs, their_grads, _ = run(peft, {}, state, x, dtype, method)
     assert ours.dtype == theirs.dtype == dtype
     # one rounding of the 16-bit type apart: the fused op rounds base + adapter once, PEFT rounds each step
     eps = torch.finfo(dtype).eps

@@ -853,3 +853,38 @@ def test_lora_on_a_scaled_embedding_as_peft(dora):
     torch.testing.assert_close(merged, out, rtol=1e-4, atol=1e-4)
     if not dora:
         torch.testing.assert_close(mixed, r_mixed, rtol=1e-5, atol=1e-5)
+
+
+class _InitNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.lin = nn.Linear(32, 29)
+        self.conv = nn.Conv2d(3, 7, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("init", [True, False, "gaussian"])
+def test_seeded_init_on_other_dtypes_equals_peft(dtype, use_dora, init):
+    """The same seed gives PEFT's adapter weights on a 16-bit or float64 model: they are made and initialised with
+    torch's defaults (CPU float32), then moved to the base's dtype, as PEFT does (drawn in the base's dtype they
+    were other numbers: bf16's uniform draws flip +bound to -bound, normal draws differ throughout). DoRA's
+    magnitudes follow from them."""
+    weights = {}
+    for lib in (ref, fast):
+        torch.manual_seed(0)
+        model = _InitNet().to(dtype)
+        torch.manual_seed(7)
+        peft_model = lib.get_peft_model(model, lib.LoraConfig(target_modules=["emb", "lin", "conv"], r=4,
+                                                              use_dora=use_dora, init_lora_weights=init))
+        weights[lib.__name__] = {k: v.detach() for k, v in peft_model.state_dict().items() if "lora_" in k}
+        weights[lib.__name__]["next draw"] = torch.rand(3)  # the RNG stream after the init: the same too
+    theirs, ours = weights["peft"], weights["peftfast"]
+    assert theirs.keys() == ours.keys() and len(theirs) >= 7
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype, key
+        if "magnitude" in key:  # DoRA's ||W + s B A|| per row: computed, not drawn (a few roundings apart)
+            torch.testing.assert_close(ours[key], value, rtol=4 * torch.finfo(dtype).eps, atol=0, msg=key)
+        else:
+            assert torch.equal(ours[key], value), key

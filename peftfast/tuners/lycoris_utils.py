@@ -340,21 +340,25 @@ class LycorisLayer(AdditiveAdapterLayer):
             apply_rank = self.training and bool(self.rank_dropout[name])
             chosen.append((name, self.rank_dropout_mask(name, self._dtype(name)) if apply_rank else None))
         base = self.base_layer
-        if chosen and not args and not kwargs and type(base) is nn.Linear and base_is_fusable(base) \
-                and x.dtype == base.weight.dtype:
-            same = all(self._dtype(n) == x.dtype for n, _ in chosen)
-            # fp32 factors on a 16-bit model (PEFT's autocast_adapter_dtype default): the kernels too (W + D is
-            # rounded to the model's dtype for the GEMMs, the factor gradients computed from the fp32 factors);
-            # the CPU path keeps PEFT's math below
-            wide = x.dtype in (torch.float16, torch.bfloat16) and self.cast_input_dtype_enabled \
-                and all(self._dtype(n) == torch.float32 for n, _ in chosen)
-            if (same or wide) and len(chosen) == 1 and chosen[0][1] is None and use_triton(x, base.weight):
+        if chosen and not args and not kwargs and type(base) is nn.Linear and base_is_fusable(base):
+            xk, wk, bk = x, base.weight, base.bias
+            amp = torch.is_autocast_enabled(x.device.type)
+            if amp:  # autocast (Trainer's bf16 / fp16 on an fp32 model): x, W and b in its dtype, as F.linear's
+                cast = torch.get_autocast_dtype(x.device.type)
+                xk, wk, bk = x.to(cast), wk.to(cast), None if bk is None else bk.to(cast)
+            same = xk.dtype == wk.dtype and all(self._dtype(n) == xk.dtype for n, _ in chosen)
+            # fp32 factors on a 16-bit model (PEFT's autocast_adapter_dtype default, or autocast): the kernels too
+            # (W + D is rounded to the model's dtype for the GEMMs, the factor gradients computed from the fp32
+            # factors); the CPU path keeps PEFT's math below
+            wide = xk.dtype == wk.dtype and xk.dtype in (torch.float16, torch.bfloat16) \
+                and self.cast_input_dtype_enabled and all(self._dtype(n) == torch.float32 for n, _ in chosen)
+            if (same or wide) and len(chosen) == 1 and chosen[0][1] is None and use_triton(xk, wk):
                 fused = self._kernel_operands(chosen[0][0])
                 if fused is not None:  # the Triton kernels: the delta tile generated inside the GEMMs
                     factors, layout = fused
-                    return LYCORIS_LINEAR(x, base.weight, base.bias, factors, layout,
-                                          float(self.scaling[chosen[0][0]]), hint=True)
-            if same:
+                    return LYCORIS_LINEAR(xk, wk, bk, factors, layout, float(self.scaling[chosen[0][0]]),
+                                          hint=True).to(previous_dtype)
+            if same and not amp:  # (under autocast PEFT's op-by-op math below, which autocast casts itself)
                 return delta_linear(x, base.weight, base.bias, [self.delta_term(n, m) for n, m in chosen])
         result = self.base_layer(x, *args, **kwargs)
         for name, mask in chosen:

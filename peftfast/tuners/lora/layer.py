@@ -163,6 +163,7 @@ class LoraLayer(AdditiveAdapterLayer):
         self.lora_bias[adapter_name] = bool(lora_bias)
         self._create_adapter_weights(adapter_name, r)
         self.init_adapter_weights(adapter_name, init_lora_weights)
+        self._place_adapter_weights(adapter_name)
         if bd_lora is not None:
             self._make_block_diagonal(adapter_name, *bd_lora)
         if use_dora:
@@ -406,10 +407,34 @@ class LoraLayer(AdditiveAdapterLayer):
         return weight
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
-        device, dtype = self.adapter_device_dtype()
+        device, dtype = self.creation_device_dtype()
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=self.lora_bias.get(adapter_name, False),
                                               device=device, dtype=dtype)
+
+    def creation_device_dtype(self) -> tuple[Optional[torch.device], Optional[torch.dtype]]:
+        """Where new adapter weights are made and initialised: as in PEFT, with torch's defaults (CPU float32
+        unless set otherwise; None, None), then moved to ``adapter_device_dtype()`` by ``_place_adapter_weights``,
+        so a seeded run draws what PEFT's does (a 16-bit or CUDA tensor's random draws are other numbers); the meta
+        device and the target dtype inside ``adapter_weights_on_meta``."""
+        device, dtype = self.adapter_device_dtype()
+        return (device, dtype) if device.type == "meta" else (None, None)
+
+    def _place_adapter_weights(self, adapter_name: str) -> None:
+        """The new adapter's lora_A / lora_B (modules) and embedding factors (parameters) to the base's device and
+        dtype (``adapter_device_dtype``), after their initialisation."""
+        device, dtype = self.adapter_device_dtype()
+        for name in ("lora_A", "lora_B"):
+            modules = getattr(self, name)
+            if adapter_name in modules:
+                modules[adapter_name].to(device=device, dtype=dtype)
+        for name in ("lora_embedding_A", "lora_embedding_B"):
+            params = getattr(self, name)
+            if adapter_name in params:
+                p = params[adapter_name]
+                if p.device != device or p.dtype != dtype:
+                    params[adapter_name] = nn.Parameter(p.data.to(device=device, dtype=dtype),
+                                                        requires_grad=p.requires_grad)
 
     # -- lora_bias ------------------------------------------------------------------------------------------
     # PEFT's lora_B of an adapter with lora_bias=True carries a bias b: the adapter adds s * (B A x + b), and
@@ -1207,7 +1232,7 @@ class Embedding(nn.Module, LoraLayer):
         return self.lora_embedding_A[adapter], self.lora_embedding_B[adapter]
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
-        device, dtype = self.adapter_device_dtype()
+        device, dtype = self.creation_device_dtype()
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, device=device,
                                                                        dtype=dtype))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, device=device,
@@ -1378,7 +1403,7 @@ class ConvNd(nn.Module, LoraLayer):
                 f"not target this specific layer. (adapter {adapter_name!r}: rank_pattern can set a rank divisible "
                 f"by {base.groups} for this layer)"
             )
-        device, dtype = self.adapter_device_dtype()
+        device, dtype = self.creation_device_dtype()
         conv = CONV_CLASSES[self.dims]
         ones = (1,) * self.dims
         # Built in this order with the constructors' own init, so a seeded run draws what PEFT's does.

@@ -140,7 +140,7 @@ class ParamWrapper(nn.Module, LoraLayer):
                              use_dora=False, lora_bias=False)
 
     def _create_adapter_weights(self, adapter_name: str, r: int) -> None:
-        device, dtype = self.adapter_device_dtype()
+        device, dtype = self.creation_device_dtype()
         rank = r * self.num_experts
         self.lora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
