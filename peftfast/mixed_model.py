@@ -55,7 +55,9 @@ class PeftMixedModel(PushToHubMixin, nn.Module):
             raise TypeError(f"peft_config must be a PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
         check_config_compatible(peft_config)
         self.modules_to_save: Optional[set[str]] = None
-        self.base_model = MixedModel(model, {adapter_name: peft_config}, adapter_name)
+        # the first adapter stays in the base's dtype (PEFT's PeftMixedModel does not cast it to float32; adapters
+        # added later are)
+        self.base_model = MixedModel(model, {adapter_name: peft_config}, adapter_name, autocast_adapter_dtype=False)
         _enable_input_grads(model)
         self._note_modules_to_save(peft_config)
         self.config = getattr(model, "config", {"model_type": "custom"})

@@ -309,3 +309,41 @@ def test_float64_model_keeps_float64_precision():
         ref = layer.base_layer(x) + (x @ (a * e).T @ b.T) * (3 / (4.0 + 1e-5))
         out = model(x)
     assert ((out - ref).abs().max() / ref.abs().max()).item() < 1e-14
+
+
+def test_rank_pattern_naming_an_unadapted_layer_is_a_config_error(tmp_path):
+    """A saved rank_pattern that names a layer the adapter does not hold is refused with a ValueError that says
+    what the keys must be (it was a bare KeyError), and the model stays as it was."""
+    ref, _ = _pair(tiny_llama, ["q_proj"])
+    ref.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["rank_pattern"] = {"model.layers.0.self_attn.k_proj.lora_E": [True] * config["init_r"]}
+    path.write_text(json.dumps(config))
+    model = tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match="k_proj.*not an AdaLoRA layer.*lora_E"):
+        peftfast.PeftModel.from_pretrained(model, str(tmp_path / "a"))
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_resuming_allocation_on_a_pruned_checkpoint_says_why(tmp_path):
+    """A checkpoint saved after pruning, loaded trainable, then trained with update_and_allocate: PEFT fails inside
+    kthvalue ("selected number k out of range"); here a ValueError says the schedule starts from init_r per layer
+    while the adapter holds fewer ranks (a layer pruned to rank 0 has no gradient: scored as zero, not refused)."""
+    _, ours = _pair(tiny_gpt2, ["c_attn", "c_proj"], target_r=2)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    for step in range(6):
+        ours(**causal_inputs(seed=step)).loss.backward()
+        opt.step()
+        ours.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    ours.save_pretrained(tmp_path / "a")
+    loaded = peftfast.PeftModel.from_pretrained(tiny_gpt2(), str(tmp_path / "a"), is_trainable=True)
+    held = sum(p.shape[0] for n, p in loaded.named_parameters() if "lora_E" in n)
+    ranks = [p.shape[0] for n, p in loaded.named_parameters() if "lora_E" in n]
+    assert held < 6 * len(ranks) and 0 in ranks  # (seeded: one layer pruned to rank 0)
+    loaded(**causal_inputs(seed=9)).loss.backward()
+    with pytest.raises(ValueError, match="pruned rank_pattern"):
+        loaded.base_model.update_and_allocate(3)

@@ -386,3 +386,20 @@ def test_failed_load_leaves_the_mixed_model_as_it_was(tmp_path):
         PeftMixedModel.from_pretrained(base := build_net(), str(tmp_path / "lokr"))
     assert not any(isinstance(m, peftfast.tuners.BaseTunerLayer) for m in base.modules())
     assert not hasattr(base, "peft_config")
+
+
+def test_first_adapter_keeps_the_bf16_base_dtype_as_peft():
+    """PEFT's PeftMixedModel leaves the adapter it is made with in the base's dtype (no float32 cast) and casts the
+    adapters added later to float32: the same here, for each first method."""
+    for first in ("LoraConfig", "LoHaConfig", "LoKrConfig"):
+        dtypes = {}
+        for lib in (peft, peftfast):
+            torch.manual_seed(0)
+            model = lib.get_peft_model(Net().to(torch.bfloat16), getattr(lib, first)(target_modules=["lin"]),
+                                       mixed=True)
+            model.add_adapter("later", lib.LoHaConfig(target_modules=["lin"]))
+            dtypes[lib.__name__] = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad
+                                    or ".default" in n or ".later" in n}
+        assert dtypes["peftfast"] == dtypes["peft"], first
+        assert {d for n, d in dtypes["peft"].items() if ".default" in n} == {torch.bfloat16}
+        assert {d for n, d in dtypes["peft"].items() if ".later" in n} == {torch.float32}

@@ -217,3 +217,33 @@ def test_existing_name_is_left_alone():
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     ours.add_weighted_adapter(["a", "b"], [1.0, 1.0], "b", combination_type="linear")
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
+class _TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(19, 23)
+        self.b = nn.Linear(23, 11)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "linear", "svd", "ties"])
+def test_combined_adapter_dtypes_on_a_bf16_model_match_peft(combination_type):
+    """The combined adapter is made in the base's dtype, as PEFT makes it: 'cat' fills it in place (bf16 here),
+    the other types replace its tensors (the float32 sources' dtype); its output then equals PEFT's."""
+    got = {}
+    for lib in (peft, peftfast):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(_TwoLinear().to(torch.bfloat16),
+                                   lib.LoraConfig(target_modules=["a", "b"], r=3, init_lora_weights=False),
+                                   adapter_name="x")
+        model.add_adapter("y", lib.LoraConfig(target_modules=["a", "b"], r=3, init_lora_weights=False))
+        model.add_weighted_adapter(["x", "y"], [0.7, -1.3], "m", combination_type=combination_type, density=0.5)
+        got[lib.__name__] = {n: p.detach() for n, p in model.named_parameters() if ".m." in f"{n}."}
+    assert got["peft"].keys() == got["peftfast"].keys() and got["peft"]
+    for name, theirs in got["peft"].items():
+        assert got["peftfast"][name].dtype == theirs.dtype, name
+        torch.testing.assert_close(got["peftfast"][name], theirs, rtol=1e-5, atol=1e-6, msg=name)
+    assert {t.dtype for t in got["peft"].values()} == {torch.bfloat16 if combination_type == "cat" else torch.float32}

@@ -80,14 +80,17 @@ class RankAllocator:
     @torch.no_grad()
     def update_ipt(self, model: nn.Module) -> None:
         for key, _, p in self._parameters(model):
-            if p.grad is None:
+            grad = p.grad
+            if grad is None and p.numel() == 0:  # a layer pruned to rank 0 (a loaded rank_pattern): nothing to score
+                grad = torch.zeros_like(p)
+            if grad is None:
                 raise ValueError(f"update_and_allocate needs the gradients of the adapter weights, but {key} has "
                                  "none: call it after loss.backward() and before optimizer.zero_grad()")
             if key not in self.ipt:
                 self.ipt[key] = torch.zeros_like(p)
                 self.exp_avg_ipt[key] = torch.zeros_like(p)
                 self.exp_avg_unc[key] = torch.zeros_like(p)
-            self.ipt[key] = (p * p.grad).abs().detach()
+            self.ipt[key] = (p * grad).abs().detach()
             self.exp_avg_ipt[key] = self.beta1 * self.exp_avg_ipt[key] + (1 - self.beta1) * self.ipt[key]
             self.exp_avg_unc[key] = self.beta2 * self.exp_avg_unc[key] \
                 + (1 - self.beta2) * (self.ipt[key] - self.exp_avg_ipt[key]).abs()
@@ -119,7 +122,14 @@ class RankAllocator:
         k = self.init_bgt - budget
         if k <= 0:  # the whole budget is kept
             return {key: [True] * s.shape[0] for key, s in scores.items()}
-        threshold = torch.kthvalue(torch.cat([s.view(-1) for s in scores.values()]), k=k)[0].item()
+        flat = torch.cat([s.view(-1) for s in scores.values()])
+        if k > flat.numel():  # PEFT: kthvalue's "selected number k out of range"
+            raise ValueError(f"update_and_allocate cannot reach a budget of {budget} rank triplets from this adapter's "
+                             f"{flat.numel()}: its budget schedule starts from {self.init_bgt} (init_r per layer), "
+                             "but the adapter holds fewer ranks (it was loaded with a pruned rank_pattern). Resuming "
+                             "AdaLoRA's rank allocation from a pruned checkpoint is not supported (nor in PEFT); "
+                             "continue training it without update_and_allocate, or start from a fresh adapter")
+        threshold = torch.kthvalue(flat, k=k)[0].item()
         rank_pattern: dict[str, list[bool]] = {}
         for key, layer_e in ((f"{name}.lora_E.{self.adapter_name}", layer.lora_E[self.adapter_name])
                              for name, layer in adalora_triplets(model, self.adapter_name)):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+from ...utils.errors import ConfigError
 from ..adapter_layers import Dispatcher, create_new_module
 from ..tuners_utils import BaseTuner, BaseTunerLayer, bnb_linear_classes, check_single_bias_adapter, conv1d_class
 from .bnb import dispatch_bnb
@@ -75,7 +76,9 @@ def _find_layer(model: nn.Module, key: str) -> AdaLoraLayer:
     for name, module in model.named_modules():
         if isinstance(module, AdaLoraLayer) and (name == key or name.endswith("." + key)):
             return module
-    raise KeyError(f"rank_pattern names {key!r}, which is not an AdaLoRA layer of this model")
+    raise ConfigError(f"rank_pattern names {key!r}, which is not an AdaLoRA layer of this model: its keys must be "
+                      "the lora_E parameters of this adapter's layers (as AdaLoRA's rank allocation writes them, "
+                      "e.g. 'model.layers.0.self_attn.q_proj.lora_E')")
 
 
 class AdaLoraModel(BaseTuner):

@@ -205,7 +205,9 @@ def add_weighted_adapter(model: Any, adapters: list[str], weights: list[float], 
         undo.call(snapshot_state([model], objects=tuple(model.peft_config.values())))
         model.peft_config[adapter_name] = replace(model.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
                                                   target_modules=targets, alpha_pattern={}, rank_pattern={})
-        model.inject_adapter(model.model, adapter_name)
+        # made in the base's dtype, as PEFT's add_weighted_adapter makes it (no cast to float32): 'cat' fills it in
+        # place (16-bit on a 16-bit model), the other combinations replace its tensors (the sources' dtype)
+        model.inject_adapter(model.model, adapter_name, autocast_adapter_dtype=False)
         for name, p in model.model.named_parameters():
             if f".{adapter_name}." in f".{name}.":
                 p.requires_grad_(False)
