@@ -479,6 +479,12 @@ def _formable(uv, rmap, n: int, k: int) -> bool:
     return uv[1] is not None and size <= FORM_LIMIT and size * FORM_SHARE <= n * k
 
 
+def rounds_factors(factor_dtype: torch.dtype, dtype: torch.dtype | None) -> bool:
+    """Whether ``prepare`` rounds factors of ``factor_dtype`` to the 16-bit weight ``dtype`` for the GEMMs (fp32
+    factors on a 16-bit model), so that the factor gradients need their own ``prepare(..., exact=True)``."""
+    return dtype in (torch.float16, torch.bfloat16) and factor_dtype != dtype
+
+
 def prepare(factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float, n: int, k: int,
             dtype: torch.dtype | None = None, exact: bool = False) -> Operands:
     """The kernels' operands for the delta of ``factors`` / ``layout`` on an [n, k] weight of ``dtype``: small
@@ -494,7 +500,7 @@ def prepare(factors: Sequence[torch.Tensor], layout: Sequence[int], scale: float
     f1, f2 = _split(factors, layout)
     m1, m2 = _maps(layout)
     own = factors[0].dtype
-    narrow = dtype in (torch.float16, torch.bfloat16) and (not exact or own == dtype)
+    narrow = dtype in (torch.float16, torch.bfloat16) and not (exact and rounds_factors(own, dtype))
     kinds, formed = [], []
     for uv, rmap in ((f1, m1), (f2, m2)):
         form = _formable(uv, rmap, n, k)
@@ -745,8 +751,7 @@ def _op_backward(saved, grads, needs, statics, *, hint=None) -> list:
         dx = launch_grad_x(dy2, weight, ops) if needs[0] else None
         fgrads = [None] * len(factors)
         if need1 or need2:
-            if factors[0].dtype != weight.dtype and weight.dtype in (torch.float16, torch.bfloat16):
-                # the factors in their own precision (fp32 ones on a 16-bit model stay fp32)
+            if rounds_factors(factors[0].dtype, weight.dtype):  # the gradients from the factors as they are
                 ops = prepare(factors, layout, scale, *weight.shape, weight.dtype, exact=True)
             fgrads = unprepare_grads(ops, factors, layout, scale, launch_grad_factors(dy2, x2, ops, need1, need2))
     else:
