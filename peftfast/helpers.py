@@ -7,10 +7,11 @@ from typing import Iterator, Union
 from torch import nn
 
 from .config import PeftConfig
+from .tuners.lora import dora
 from .tuners.lora.layer import LoraLayer
 from .tuners.tuners_utils import BaseTunerLayer
 
-__all__ = ["check_if_peft_model", "disable_input_dtype_casting", "rescale_adapter_scale"]
+__all__ = ["DoraCaching", "check_if_peft_model", "disable_input_dtype_casting", "rescale_adapter_scale"]
 
 
 def check_if_peft_model(model_name_or_path: str) -> bool:
@@ -59,3 +60,30 @@ def disable_input_dtype_casting(model: nn.Module, active: bool = True) -> Iterat
     finally:
         for module, value in original.items():
             module.cast_input_dtype_enabled = value
+
+
+class DoraCaching:
+    """Keep DoRA's weight norms between forwards while the model is in eval mode (faster inference, one [out]
+    vector per DoRA adapter and layer kept in memory).
+
+    ``with DoraCaching(): model(inputs)`` turns it on inside the block (the previous setting is restored on exit);
+    ``DoraCaching()(enabled=True)`` turns it on for good, ``DoraCaching()(enabled=False)`` off. In train mode
+    nothing is cached, and switching a layer to train mode empties its cache. A norm is reused only while the base
+    weight, the factors and the scaling are unchanged (``peftfast.tuners.lora.dora``), so editing weights in eval
+    mode does not give stale outputs.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.prev_value: Union[bool, None] = None
+
+    def __enter__(self) -> None:
+        self.prev_value = dora.ENABLE_DORA_CACHING
+        dora.ENABLE_DORA_CACHING = self.enabled
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        dora.ENABLE_DORA_CACHING = self.prev_value
+        self.prev_value = None
+
+    def __call__(self, enabled: bool = True) -> None:
+        dora.ENABLE_DORA_CACHING = enabled

@@ -431,3 +431,103 @@ def test_bf16_base_with_fp32_adapters_is_as_accurate_as_peft():
     for n, p in params[2].items():
         if p.requires_grad:
             check(n, params[1][n].grad, params[0][n].grad, p.grad)
+
+
+# ------------------------------------------------------------------------------------------------ caching
+
+
+def dora_caches(model) -> list:
+    return [m._dora_cache for m in model.modules() if hasattr(m, "_dora_cache")]
+
+
+def count_norms(monkeypatch) -> list:
+    """A list that grows by one per norm computed (not taken from the cache)."""
+    calls = []
+    real = lora_layer.LoraLayer.computed_dora_norm
+    monkeypatch.setattr(lora_layer.LoraLayer, "computed_dora_norm",
+                        lambda self, adapter: calls.append(adapter) or real(self, adapter))
+    return calls
+
+
+def test_dora_caching_follows_peft_and_reuses_the_norm(monkeypatch):
+    theirs, ours = make_pair()
+    ids, x = inputs()
+    for m in (theirs, ours):
+        m.eval()
+    plain = ours(ids, x)
+    caches = dora_caches(ours)
+    assert len(caches) == len(TARGETS) and not any(caches)
+    computed = count_norms(monkeypatch)
+    with peft.helpers.DoraCaching(), peftfast.helpers.DoraCaching():
+        first_t, first = theirs(ids, x), ours(ids, x)
+        assert all(caches) and len(computed) == len(TARGETS)
+        second = ours(ids, x)
+        assert len(computed) == len(TARGETS)  # every norm came from the cache
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    assert max_err(first, first_t) <= 1e-5 * first_t.abs().max().item()
+    assert dora_mod.ENABLE_DORA_CACHING is False  # the previous setting, restored
+    ours(ids, x)  # a forward with caching off empties the caches, as in PEFT
+    assert not any(caches)
+
+
+def test_dora_cache_is_not_used_in_train_mode_and_cleared_by_it(monkeypatch):
+    _, ours = make_pair()
+    ids, x = inputs()
+    caches = dora_caches(ours)
+    computed = count_norms(monkeypatch)
+    try:
+        peftfast.helpers.DoraCaching()(enabled=True)
+        ours.eval()
+        ours(ids, x)
+        assert all(caches)
+        ours.train()
+        assert not any(caches)
+        out_t, grads = step(ours, ids, x, train=True)
+        step(ours, ids, x, train=True)
+        assert not any(caches) and len(computed) == 3 * len(TARGETS)
+        assert grads["base_model.model.lin.lora_magnitude_vector.default.weight"].abs().max() > 0
+    finally:
+        peftfast.helpers.DoraCaching()(enabled=False)
+
+
+def test_dora_cache_is_recomputed_when_weights_or_scale_change():
+    # PEFT's cache would keep the old norm here (its documented limit); ours is keyed on the tensors' versions
+    _, ours = make_pair(targets=["lin", "conv2", "emb"])
+    ids, x = inputs()
+    ours.eval()
+    layers = [ours.base_model.model.get_submodule(n) for n in ("lin", "conv2", "emb")]
+    edits = [
+        lambda: [layer.lora_B["default"].weight.mul_(-0.5) for layer in layers[:2]],
+        lambda: layers[2].lora_embedding_A["default"].add_(0.1),
+        lambda: [layer.get_base_layer().weight.mul_(1.3) for layer in layers],
+    ]
+    with peftfast.helpers.DoraCaching():
+        ours(ids, x)
+        for edit in edits:
+            with torch.no_grad():
+                edit()
+            cached = ours(ids, x)
+            with peftfast.helpers.DoraCaching(enabled=False):
+                fresh = ours(ids, x)
+            assert torch.equal(cached, fresh)
+            ours(ids, x)  # fills the cache again
+        with peftfast.helpers.rescale_adapter_scale(ours, 0.5):
+            cached = ours(ids, x)
+            with peftfast.helpers.DoraCaching(enabled=False):
+                assert torch.equal(cached, ours(ids, x))
+
+
+@pytest.mark.interpreter
+def test_dora_caching_skips_the_norm_kernel_on_triton_backend(triton_backend, monkeypatch):
+    _, ours = make_pair(targets=["lin"])
+    ids, x = inputs()
+    ours.eval()
+    launches = []
+    real = lora_layer.dora_row_norm_fused
+    monkeypatch.setattr(lora_layer, "dora_row_norm_fused", lambda *a: launches.append(real(*a)) or launches[-1])
+    plain = ours(ids, x)
+    with peftfast.helpers.DoraCaching():
+        first, second = ours(ids, x), ours(ids, x)
+    # the plain forward and the first cached one ran the kernel; the second read the cache
+    assert len(launches) == 2 and all(norm is not None for norm in launches)
+    assert torch.equal(first, plain) and torch.equal(second, plain)

@@ -27,10 +27,17 @@ row.
 
 Module tree and files as PEFT's: ``lora_magnitude_vector[adapter]`` is a small module holding
 ``weight`` ([out] for linear and embedding layers, [1, out, 1, ...] for convolutions).
+
+Caching for inference (``peftfast.helpers.DoraCaching``, PEFT's switch ``ENABLE_DORA_CACHING``): while it is
+on and the magnitude module is in eval mode, the norm is kept in its ``_dora_cache`` and reused, so a forward
+costs what fused LoRA costs (on the Triton backend the norm kernel, which reads W, is skipped). Unlike PEFT's
+cache, an entry is used only while the base weight and the factors are the same tensors at the same version and
+the scaling, dtype and path are the same (``tensor_version``): a weight written under no_grad, a merge, a load or
+``.to()`` recomputes it. Train mode, or a forward with caching off, empties the cache (as in PEFT).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Hashable, Optional
 
 import torch
 from torch import nn
@@ -39,6 +46,9 @@ from torch import nn
 # rows below it are recomputed from the materialised row.
 CANCELLATION_LIMIT = 0.1
 
+ENABLE_DORA_CACHING = False
+"""Whether DoRA layers in eval mode keep their weight norms between forwards (``peftfast.helpers.DoraCaching``)."""
+
 
 class DoraMagnitude(nn.Module):
     """The magnitude vector of one DoRA adapter (``lora_magnitude_vector[name].weight``)."""
@@ -46,9 +56,41 @@ class DoraMagnitude(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=True)
+        self._dora_cache: dict[str, Any] = {}  # PEFT's name; (version, value) per key, not in the state dict
+
+    def train(self, mode: bool = True) -> "DoraMagnitude":
+        if mode:
+            self._dora_cache.clear()
+        return super().train(mode)
+
+    def cached(self, key: str, version: Optional[Hashable], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()``, or the value stored under ``key`` for the same ``version`` while DoRA caching is on and
+        this module is in eval mode (None: the inputs cannot be versioned, nothing is cached)."""
+        if not ENABLE_DORA_CACHING or self.training:
+            self._dora_cache.clear()
+            return compute()
+        hit = self._dora_cache.get(key)
+        if hit is not None and version is not None and hit[0] == version:
+            return hit[1]
+        value = compute()
+        if version is None:
+            self._dora_cache.pop(key, None)
+        else:
+            self._dora_cache[key] = (version, value)
+        return value
 
     def __repr__(self) -> str:
         return "lora.dora." + super().__repr__()
+
+
+def tensor_version(t: torch.Tensor) -> Optional[tuple]:
+    """What identifies ``t``'s current values: its storage, version counter, shape, dtype and device (None for
+    tensors that keep no version counter: made under torch.inference_mode)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return t.data_ptr(), version, tuple(t.shape), t.dtype, t.device
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

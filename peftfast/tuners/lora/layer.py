@@ -41,7 +41,7 @@ from ..adapter_layers import CONV_CLASSES, base_is_fusable, feature_sizes, raise
 from ..tuners_utils import creation_device, per_sample_adapter_names
 from .grouped import AdapterStore, grouped_delta, grouped_linear, may_fuse, reserved_rank, shared_plan
 from .bdlora import BlockDiagonalLinear, dense_factor
-from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm
+from .dora import DoraMagnitude, FrozenNormCache, compute_dtype, dora_row_norm, exact_row_norm, tensor_version
 from ..buffer_dict import BufferDict
 from .velora import VeloraConfig, VeloraProjection, batch_average_projection, group_dim, unit_projection
 
@@ -334,7 +334,22 @@ class LoraLayer(AdditiveAdapterLayer):
         self.lora_magnitude_vector[adapter] = DoraMagnitude(m)
 
     def dora_norm(self, adapter: str) -> torch.Tensor:
-        """``||W + s B A||_row`` of ``adapter`` [out] (float32, float64 for float64 weights; no gradient)."""
+        """``||W + s B A||_row`` of ``adapter`` [out] (float32, float64 for float64 weights; no gradient); kept
+        between forwards in eval mode under DoRA caching (``dora.py``)."""
+        return self.lora_magnitude_vector[adapter].cached("weight-norm", self.dora_version(adapter),
+                                                          lambda: self.computed_dora_norm(adapter))
+
+    def dora_version(self, adapter: str, *extra: Any) -> Optional[tuple]:
+        """What ``adapter``'s norm depends on (the base weight, A, B as ``tensor_version``, the scaling, ``extra``);
+        None where a tensor keeps no version counter."""
+        a, b = self.dora_factors(adapter)
+        parts = [tensor_version(t) for t in (self.get_base_layer().weight, a, b)]
+        if any(part is None for part in parts):
+            return None
+        return (*parts, float(self.scaling[adapter]), *extra)
+
+    def computed_dora_norm(self, adapter: str) -> torch.Tensor:
+        """``dora_norm`` computed now (no cache)."""
         a, b = self.dora_factors(adapter)
         weight = self.dora_base_weight()
         rows = self.dora_rows(weight.detach())
@@ -1017,12 +1032,16 @@ class Linear(nn.Module, LoraLayer):
             if type(base) is nn.Linear:
                 x, weight, bias = autocast_base(x, base.weight, base.bias)
                 bundle = self.adapter_bundle(names)
-                # the norm from one kernel on the Triton backend (None elsewhere: dora.py's expansion); the op
-                # forms mns = m / norm itself (in the GEMM's epilogue on the Triton backend)
-                norm = dora_row_norm_fused(weight, bundle.weights_a, bundle.weights_b, bundle.scalings)
-                if norm is None:
-                    norm = self.dora_norm(name)
-                m = self.lora_magnitude_vector[name].weight
+
+                def norm_now() -> torch.Tensor:
+                    # one kernel on the Triton backend (None elsewhere: dora.py's expansion)
+                    norm = dora_row_norm_fused(weight, bundle.weights_a, bundle.weights_b, bundle.scalings)
+                    return self.computed_dora_norm(name) if norm is None else norm
+
+                # the op forms mns = m / norm itself (in the GEMM's epilogue on the Triton backend)
+                magnitude = self.lora_magnitude_vector[name]
+                norm = magnitude.cached("weight-norm", self.dora_version(name, "fused", weight.dtype), norm_now)
+                m = magnitude.weight
                 return dora_linear_fused(x, weight, bias, bundle.weights_a, bundle.weights_b, bundle.scalings,
                                          m.reshape(-1), norm)
             mns = self.dora_scale(name)
