@@ -12,7 +12,7 @@ from peftfast.tools.traffic import count_torch, count_triton
 T, N, K = 37, 45, 33
 
 
-def _case(kind, act, g):
+def _case(kind, act, g, fdt=None):
     if kind == "loha":
         shapes, layout, fac = [(N, 3), (3, K), (N, 5), (5, K)], LY.loha_layout(N, K), FL.Factors((N, K, 3), (N, K, 5))
     elif kind == "lokr_fl":
@@ -23,7 +23,7 @@ def _case(kind, act, g):
         fac = FL.lokr(K, N, 5, 3, 4, 2)
     else:
         shapes, layout, fac = [(5, 3), (9, 11)], LY.lokr_layout(True, True, 9, 11, 5, 3), FL.lokr(K, N, 5, 3, 0, 0)
-    return [torch.randn(*s, generator=g).to(act).requires_grad_() for s in shapes], layout, fac
+    return [torch.randn(*s, generator=g).to(fdt or act).requires_grad_() for s in shapes], layout, fac
 
 
 def _split(model):
@@ -32,22 +32,27 @@ def _split(model):
     return triton, [m.kernel for m in model if not m.kernel.name.startswith("peftfast")]
 
 
-@pytest.mark.parametrize("kind, act, form_limit", [
-    ("loha", torch.float16, None), ("lokr_ff", torch.float32, None), ("lokr_fl", torch.float16, None),
-    ("lokr_ll", torch.float32, None), ("lokr_fl", torch.float16, 0)])
-def test_counted_bytes_match_formulas(triton_kernels, monkeypatch, kind, act, form_limit):
+@pytest.mark.parametrize("kind, act, fdt, form_limit", [
+    ("loha", torch.float16, None, None), ("lokr_ff", torch.float32, None, None),
+    ("lokr_fl", torch.float16, None, None), ("lokr_ll", torch.float32, None, None),
+    ("lokr_fl", torch.float16, None, 0),
+    # fp32 factors on a 16-bit model (PEFT's default): rounded for the GEMMs, kept fp32 for their gradients
+    ("loha", torch.float16, torch.float32, None), ("lokr_ff", torch.float16, torch.float32, None),
+    ("lokr_fl", torch.float16, torch.float32, None), ("lokr_ll", torch.float16, torch.float32, None),
+    ("lokr_fl", torch.float16, torch.float32, 0)])
+def test_counted_bytes_match_formulas(triton_kernels, monkeypatch, kind, act, fdt, form_limit):
     """Every launch, Triton and torch (``prepare``'s casts, products and scaling, ``unprepare_grads``), in order;
-    form_limit 0: LoKr's low-rank factors left low rank."""
+    form_limit 0: LoKr's low-rank factors left low rank; fdt: the factors' dtype (default act)."""
     if form_limit is not None:
         monkeypatch.setattr(LY, "FORM_LIMIT", form_limit)
     g = torch.Generator().manual_seed(0)
-    fs, layout, fac = _case(kind, act, g)
+    fs, layout, fac = _case(kind, act, g, fdt)
     x = torch.randn(T, K, generator=g).to(act).requires_grad_()
     w = torch.randn(N, K, generator=g).to(act)
     b = torch.randn(N, generator=g).to(act).requires_grad_()
     with count_triton() as tr, count_torch() as to:
         y = LY.LYCORIS_LINEAR(x, w, b, fs, layout, 0.5, hint=True)
-    triton, torch_ops = _split(FL.peftfast_forward(T, K, N, fac, act, 16, bias=True))
+    triton, torch_ops = _split(FL.peftfast_forward(T, K, N, fac, act, 16, bias=True, factor_dtype=fdt))
     assert [(lt.unique_bytes_read, lt.unique_bytes_written) for lt in tr.launch_log] == \
         [(m.bytes_read, m.bytes_written) for m in triton]
     assert [(lt.bytes_read, lt.bytes_written) for lt in to.launch_log] == \
@@ -55,7 +60,7 @@ def test_counted_bytes_match_formulas(triton_kernels, monkeypatch, kind, act, fo
     dy = torch.randn(T, N, generator=g).to(act)
     with count_triton() as tr, count_torch() as to:
         y.backward(dy)
-    triton, torch_ops = _split(FL.peftfast_backward(T, K, N, fac, act, 16, bias=True))
+    triton, torch_ops = _split(FL.peftfast_backward(T, K, N, fac, act, 16, bias=True, factor_dtype=fdt))
     assert [(lt.unique_bytes_read, lt.unique_bytes_written) for lt in tr.launch_log] == \
         [(m.bytes_read, m.bytes_written) for m in triton]
     assert [(lt.bytes_read, lt.bytes_written) for lt in to.launch_log] == \
@@ -99,30 +104,40 @@ def test_modelled_ratios_h100():
     for name in got:
         pf, _, pb, _ = rows[f"PEFT {name}"]
         assert pf > rows[f"peftfast {name}"][0] and pb > rows[f"peftfast {name}"][2]
+    # fp32 adapters on the bf16 model (PEFT's default): the same kernels but the factor gradients' TF32 dots;
+    # PEFT (no autocast) with fp32 delta GEMMs
+    rows = {name: [round(v, 3) for v in vals] for name, *vals in FL.ratio_rows(H100, factor_dtype=torch.float32)}
+    assert rows["peftfast LoHa r=16"] == [1.961, 1.127, 3.000, 2.152]
+    assert rows["peftfast LoKr w1 full [64,64], w2 rank 16"] == [1.041, 1.000, 2.254, 2.000]
+    assert [rows["PEFT LoHa r=16"][i] for i in (0, 2)] == [14.113, 26.576]
+    assert [rows["PEFT LoKr w1 full [64,64], w2 rank 16"][i] for i in (0, 2)] == [13.852, 26.183]
 
 
+@pytest.mark.parametrize("act", [torch.float32, torch.float16], ids=["fp32", "fp32_adapter_on_fp16"])
 @pytest.mark.parametrize("name, kw, fac", [
     ("LoHaConfig", dict(r=4, alpha=4), FL.loha(K, N, 4)),
     ("LoKrConfig", dict(r=2, alpha=2), FL.lokr(K, N, 5, 3, 0, 2)),  # w1 [5, 3] full, w2 = [9, 2] @ [2, 11]
 ])
-def test_peft_formulas_match_counted_peft(name, kw, fac):
+def test_peft_formulas_match_counted_peft(name, kw, fac, act):
     """PEFT's eager LoHa / LoKr layer (the real peft 0.21) counted op by op: the formulas' bytes per launch, up
-    to the 4-byte 0-dim scale tensor PEFT multiplies by."""
+    to the 4-byte 0-dim scale tensor PEFT multiplies by; on an fp16 model PEFT keeps the adapter in fp32 (its
+    default autocast_adapter_dtype)."""
     import peft
     from torch import nn
 
     torch.manual_seed(0)
-    model = peft.get_peft_model(nn.Sequential(nn.Linear(K, N, bias=False)),
+    model = peft.get_peft_model(nn.Sequential(nn.Linear(K, N, bias=False)).to(act),
                                 getattr(peft, name)(target_modules=["0"], init_weights=False, **kw))
     layer = model.base_model.model[0].eval()  # eval: no module-dropout draw (gradients still flow)
-    x = torch.randn(T, K, requires_grad=True)
+    assert {p.dtype for n, p in layer.named_parameters() if "base_layer" not in n} == {torch.float32}
+    x = torch.randn(T, K).to(act).requires_grad_()
     with count_torch() as fwd:
         y = layer(x)
     dy = torch.randn_like(y)
     with count_torch() as bwd:
         y.backward(dy)
-    for counted, formula in ((fwd, FL.peft_forward(T, K, N, fac, torch.float32)),
-                             (bwd, FL.peft_backward(T, K, N, fac, torch.float32))):
+    for counted, formula in ((fwd, FL.peft_forward(T, K, N, fac, act, torch.float32)),
+                             (bwd, FL.peft_backward(T, K, N, fac, act, torch.float32))):
         got = sorted(lt.bytes_read + lt.bytes_written for lt in counted.launch_log)
         want = sorted(m.kernel.bytes for m in formula)
         assert len(got) == len(want)

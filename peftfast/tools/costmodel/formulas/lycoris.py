@@ -31,6 +31,12 @@ PEFT (``loha.Linear.forward`` / ``lokr.Linear.forward`` unmerged, no dropout): t
 the delta built in full (rank products, Hadamard or Kronecker product, the scale), a second F.linear
 with the delta, the add; autograd's backward: dY @ W and dY @ D, their add, dD = dY^T X, the chain
 rule over [N, K] tensors and the small products.
+
+Adapters in fp32 on a 16-bit model (``factor_dtype``; PEFT's default ``autocast_adapter_dtype=True``):
+peftfast's ``prepare`` casts the factors to the model's dtype for the forward and dX kernels (the same kernels)
+and, in backward, prepares them again in fp32 for the factor-gradient kernel, whose rank-r dots then run in TF32
+(counted as twice their FLOPs: half the 16-bit tensor-core rate); the gradients stay fp32. PEFT, outside
+autocast, builds D in fp32, casts x to fp32 and runs X @ D^T, dY @ D and dY^T X as fp32 GEMMs (CUDA cores).
 """
 from __future__ import annotations
 
@@ -96,15 +102,19 @@ class Factors:
     def padded_ranks(self) -> list[int]:
         return [cdiv(r, BLOCK_R) * BLOCK_R for _, _, r in (self.f1, self.f2) if r]
 
-    def full_bytes(self, act_bytes: int) -> int:
-        """Bytes per element of a full factor as the kernels read it: act's with both factors full and 16-bit
-        activations, else fp32 (``prepare``)."""
-        return act_bytes if act_bytes != 4 and self.f1[2] == 0 and self.f2[2] == 0 else 4
+    def full_bytes(self, act_bytes: int, narrow: bool | None = None) -> int:
+        """Bytes per element of a full factor as the kernels read it: act's when ``prepare`` narrows (16-bit
+        activations; ``narrow`` None: that is act_bytes != 4) and both factors are full, else fp32."""
+        narrow = act_bytes != 4 if narrow is None else narrow
+        return act_bytes if narrow and self.f1[2] == 0 and self.f2[2] == 0 else 4
 
-    def nbytes(self, act_bytes: int) -> int:
-        """Bytes of the factors as the kernels read them: a full factor in ``full_bytes``, a low-rank one in act."""
-        fb = self.full_bytes(act_bytes)
-        return sum(rows * cols * fb if r == 0 else r * (rows + cols) * act_bytes for rows, cols, r in (self.f1, self.f2))
+    def nbytes(self, act_bytes: int, factor_bytes: int | None = None, narrow: bool | None = None) -> int:
+        """Bytes of the factors as the kernels read them: a full factor in ``full_bytes``, a low-rank one in act's
+        when ``prepare`` narrows, else in its own (``factor_bytes``, default act's)."""
+        narrow = act_bytes != 4 if narrow is None else narrow
+        fb = self.full_bytes(act_bytes, narrow)
+        lb = act_bytes if narrow or factor_bytes is None else factor_bytes
+        return sum(rows * cols * fb if r == 0 else r * (rows + cols) * lb for rows, cols, r in (self.f1, self.f2))
 
 
 def loha(d_in: int, d_out: int, r: int) -> Factors:
@@ -161,61 +171,87 @@ def _torch(name: str, read: int, written: int, flops: int = 0) -> Launch:
     return Launch(Kernel(name, read, written, flops))
 
 
-def _prepare(fac: Factors, d_in: int, d_out: int, a: int) -> list[Launch]:
-    """``prepare``'s torch ops, in order: per factor, a formed one's casts to fp32 and product (and its cast to the
-    activations' 16-bit dtype when both factors end up full), a full one's cast to fp32 (none when both end up full
-    with 16-bit activations); then s times the tensor that carries it (the first full factor, else factor 1's U)."""
+def narrows(a: int, f: int, exact: bool = False) -> bool:
+    """Whether ``prepare`` reads the factors in the activations' 16-bit dtype (``a``, ``f``: activation and factor
+    bytes): always with 16-bit activations, except for the factor-gradient kernel's ``exact`` operands of fp32
+    factors (``kernels.lycoris.rounds_factors``)."""
+    return a != 4 and not (exact and f != a)
+
+
+def _prepare(fac: Factors, d_in: int, d_out: int, a: int, f: int | None = None, exact: bool = False) -> list[Launch]:
+    """``prepare``'s torch ops, in order (``f``: the factors' bytes, default the activations' ``a``): the formed
+    factors' casts to fp32 and products; then per factor its cast to the dtype the kernels read it in (a formed or
+    full one: the activations' 16-bit dtype when both end up full and ``prepare`` narrows, else fp32; a low-rank
+    one: the activations' when it narrows, else its own); then s times the tensor that carries it (the first full
+    factor, else factor 1's U). A cast to the dtype a tensor has is no op."""
+    f = a if f is None else f
     out = []
     fm = formed(fac, d_in, d_out)
     kf = kernel_factors(fac, d_in, d_out)
-    fb = kf.full_bytes(a)
+    narrow = narrows(a, f, exact)
+    fb = kf.full_bytes(a, narrow)
     for (rows, cols, r), form in zip((fac.f1, fac.f2), fm):
         if form:
-            if a != 4:
-                out += [_torch("torch: U to fp32", rows * r * a, rows * r * 4),
-                        _torch("torch: V to fp32", r * cols * a, r * cols * 4)]
+            if f != 4:
+                out += [_torch("torch: U to fp32", rows * r * f, rows * r * 4),
+                        _torch("torch: V to fp32", r * cols * f, r * cols * 4)]
             out.append(_torch("torch: F = U @ V (fp32)", (rows * r + r * cols) * 4, rows * cols * 4,
                               2 * rows * r * cols))
-            if fb != 4:
-                out.append(_torch("torch: F to the activations' dtype", rows * cols * 4, rows * cols * fb))
-        elif r == 0 and a != 4 and fb == 4:
-            out.append(_torch("torch: full factor to fp32", rows * cols * a, rows * cols * 4))
+    for (rows, cols, r), form in zip((fac.f1, fac.f2), fm):
+        have = 4 if form else f
+        if form or r == 0:
+            if have != fb:
+                out.append(_torch("torch: full factor to the kernels' dtype", rows * cols * have, rows * cols * fb))
+        elif narrow and f != a:
+            out += [_torch("torch: U to the activations' dtype", rows * r * f, rows * r * a),
+                    _torch("torch: V to the activations' dtype", r * cols * f, r * cols * a)]
     rows, cols, r = kf.f1 if kf.f1[2] == 0 or kf.f2[2] != 0 else kf.f2
-    n, nb = (rows * cols, fb) if r == 0 else (rows * r, a)
+    n, nb = (rows * cols, fb) if r == 0 else (rows * r, a if narrow else f)
     out.append(_torch("torch: s folded into a factor", n * nb, n * nb, n))
     return out
 
 
 def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m: int,
-                     bias: bool = False, gpu_name: str = "H100") -> list[Launch]:
+                     bias: bool = False, gpu_name: str = "H100", factor_dtype: torch.dtype | None = None) -> list[Launch]:
     """The launches in order: ``prepare``'s torch ops, then the one kernel (CUDA-core work as counted for
-    ``gpu_name``'s architecture)."""
+    ``gpu_name``'s architecture). ``factor_dtype``: the adapter's (default act's; fp32 on a 16-bit model is
+    PEFT's default): ``prepare`` rounds such factors to act's dtype, so the kernel is the same."""
     a = nbytes(act)
+    f = nbytes(factor_dtype or act)
     kf = kernel_factors(fac, d_in, d_out)
     tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, "forward", gpu_name)
-    read = t * d_in * a + d_out * d_in * a + kf.nbytes(a) + (d_out * a if bias else 0)
-    return _prepare(fac, d_in, d_out, a) + [
+    read = t * d_in * a + d_out * d_in * a + kf.nbytes(a, f) + (d_out * a if bias else 0)
+    return _prepare(fac, d_in, d_out, a, f) + [
         Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
                       2 * t * d_in * d_out + tc, True), cc)]
 
 
 def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m_dx: int,
-                      bias: bool = False, gpu_name: str = "H100") -> list[Launch]:
-    """The launches in order: ``prepare``, the dX kernel, the zeroed fp32 buffers, the factor-gradient kernel,
-    ``unprepare_grads``, db, the casts of the factor gradients."""
+                      bias: bool = False, gpu_name: str = "H100",
+                      factor_dtype: torch.dtype | None = None) -> list[Launch]:
+    """The launches in order: ``prepare``, the dX kernel, for factors ``prepare`` rounded (fp32 ones on a
+    16-bit model) a second ``prepare`` keeping them fp32, the zeroed fp32 buffers, the factor-gradient kernel,
+    ``unprepare_grads``, db, the casts of the factor gradients to the factors' dtype."""
     a = nbytes(act)
+    f = nbytes(factor_dtype or act)
     kf = kernel_factors(fac, d_in, d_out)
-    fb = kf.nbytes(a)
     tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, "grad_x", gpu_name)
-    out = _prepare(fac, d_in, d_out, a)
+    out = _prepare(fac, d_in, d_out, a, f)
     out.append(Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
-                             t * d_out * a + d_out * d_in * a + fb, t * d_in * a, 2 * t * d_in * d_out + tc, True), cc))
+                             t * d_out * a + d_out * d_in * a + kf.nbytes(a, f), t * d_in * a,
+                             2 * t * d_in * d_out + tc, True), cc))
+    exact = f != a and a != 4
+    if exact:
+        out += _prepare(fac, d_in, d_out, a, f, exact=True)
+    narrow = narrows(a, f, exact)
+    fb = kf.nbytes(a, f, narrow)
     out += [_torch("torch: zero an fp32 factor-gradient buffer", 0, n * 4) for n in kf.tensors()]
     # once per (N, K) tile: P1, P2 (a low-rank one: one dot, and two more for its gradients), dP = dD * P (two
-    # products), and, with 16-bit factors, a low-rank dP's rounding before its dots
+    # products), and, with 16-bit factors, a low-rank dP's rounding before its dots. fp32 factors on a 16-bit model
+    # run those rank-r dots in TF32, at half the 16-bit tensor-core rate: counted as twice the FLOPs.
     ranks = kf.padded_ranks()
-    tc_g = 2 * t * d_in * d_out + sum(3 * 2 * d_out * d_in * rp for rp in ranks)
-    instr = 2 + (len(ranks) if a != 4 else 0)
+    tc_g = 2 * t * d_in * d_out + sum(3 * 2 * d_out * d_in * rp for rp in ranks) * (2 if exact else 1)
+    instr = 2 + (len(ranks) if narrow else 0)
     e4 = sum(kf.tensors()) * 4
     out.append(Launch(Kernel("peftfast bwd: dD = dY^T X tiles -> factor grads (fp32 atomics)",
                              t * d_out * a + t * d_in * a + fb + e4, e4, tc_g, True),
@@ -226,18 +262,18 @@ def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dt
     out.append(_torch("torch: s times a kernel gradient", n * 4, n * 4, n))
     for (rows, cols, r), form in zip((fac.f1, fac.f2), formed(fac, d_in, d_out)):
         if form:
-            cast = [_torch("torch: V to fp32", r * cols * a, r * cols * 4)] if a != 4 else []
+            cast = [_torch("torch: V to fp32", r * cols * f, r * cols * 4)] if f != 4 else []
             out += cast + [_torch("torch: dU = dF @ V^T", (rows * cols + r * cols) * 4, rows * r * 4,
                                   2 * rows * cols * r)]
-            cast = [_torch("torch: U to fp32", rows * r * a, rows * r * 4)] if a != 4 else []
+            cast = [_torch("torch: U to fp32", rows * r * f, rows * r * 4)] if f != 4 else []
             out += cast + [_torch("torch: dV = U^T @ dF", (rows * r + rows * cols) * 4, r * cols * 4,
                                   2 * rows * cols * r)]
     if bias:  # fp32 sum, then its cast (none for fp32)
         out.append(_torch("torch: db = sum dY (fp32)", t * d_out * a, d_out * 4, t * d_out))
         if a != 4:
             out.append(_torch("torch: cast db", d_out * 4, d_out * a, d_out))
-    if a != 4:
-        out += [_torch("torch: cast a factor gradient", n * 4, n * a, n) for n in fac.tensors()]
+    if f != 4:
+        out += [_torch("torch: cast a factor gradient", n * 4, n * f, n) for n in fac.tensors()]
     return out
 
 
@@ -263,36 +299,53 @@ def _peft_delta(d_in, d_out, fac: Factors, act) -> list[Launch]:
     return out
 
 
-def peft_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype) -> list[Launch]:
-    """Base F.linear included."""
-    return ([_mm("PEFT: base X @ W^T", t, d_in, d_out, act)] + _peft_delta(d_in, d_out, fac, act)
-            + [_mm("PEFT: X @ D^T", t, d_in, d_out, act), _ew("PEFT: result + delta output", 2 * t * d_out,
-                                                               t * d_out, act)])
+def _cast(name, elements, src: torch.dtype, dst: torch.dtype) -> list[Launch]:
+    return [] if src == dst else [_torch(name, elements * nbytes(src), elements * nbytes(dst))]
 
 
-def peft_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype) -> list[Launch]:
+def peft_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype,
+                 factor_dtype: torch.dtype | None = None) -> list[Launch]:
+    """Base F.linear included. Factors of another dtype (``factor_dtype``: fp32 on a 16-bit model, PEFT's
+    default): D is built in theirs, x is cast to it (``_cast_input_dtype``) and X @ D^T runs in it (an fp32 GEMM:
+    CUDA cores, as torch's matmuls without TF32), the base output is added in fp32 and the sum cast back."""
+    fdt = factor_dtype or act
+    f = nbytes(fdt)
+    add = Launch(Kernel("PEFT: result + delta output", t * d_out * (nbytes(act) + f), t * d_out * f, t * d_out))
+    return ([_mm("PEFT: base X @ W^T", t, d_in, d_out, act)] + _peft_delta(d_in, d_out, fac, fdt)
+            + _cast("PEFT: x to the adapter's dtype", t * d_in, act, fdt)
+            + [_mm("PEFT: X @ D^T", t, d_in, d_out, fdt), add]
+            + _cast("PEFT: output back to x's dtype", t * d_out, fdt, act))
+
+
+def peft_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype,
+                  factor_dtype: torch.dtype | None = None) -> list[Launch]:
     """Autograd's backward, op by op as PEFT 0.21 runs it (base dX included): dY @ W, dY @ D, dD = dY^T X, the
     scale; LoHa's custom backward recomputes each rank product (an [N, K] write) before its Hadamard factor
     and contracts; LoKr's kron backward multiplies dD by each broadcast factor and sums; then the add of the
-    two dX terms (autograd accumulates it last)."""
+    two dX terms (autograd accumulates it last). Factors of another dtype: dY cast to theirs and back for the
+    base, dY @ D, dD and the chain rule in theirs, dX of the delta cast to x's dtype."""
+    fdt = factor_dtype or act
     nk = d_in * d_out
-    out = [_mm("PEFT bwd: dY @ W", t, d_out, d_in, act), _mm("PEFT bwd: dY @ D", t, d_out, d_in, act),
-           _ew("PEFT bwd: dD * scale", nk, nk, act)]
+    out = (_cast("PEFT bwd: dY to the adapter's dtype", t * d_out, act, fdt)
+           + _cast("PEFT bwd: dY back for the base", t * d_out, fdt, act)
+           + [_mm("PEFT bwd: dY @ W", t, d_out, d_in, act), _mm("PEFT bwd: dY @ D", t, d_out, d_in, fdt)]
+           + _cast("PEFT bwd: dX of the delta to x's dtype", t * d_in, fdt, act)
+           + [_ew("PEFT bwd: dD * scale", nk, nk, fdt)])
     if fac.f1[0] == d_out:  # Hadamard: per factor, recompute the other product, dP = dD * it, dU, dV
         for (rows, cols, r), (orows, ocols, o_r) in ((fac.f1, fac.f2), (fac.f2, fac.f1)):
-            out += [_mm("PEFT bwd: recompute the other rank product", orows, o_r, ocols, act),
-                    _ew("PEFT bwd: dD * other product", 2 * nk, nk, act),
-                    _mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
-                    _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
+            out += [_mm("PEFT bwd: recompute the other rank product", orows, o_r, ocols, fdt),
+                    _ew("PEFT bwd: dD * other product", 2 * nk, nk, fdt),
+                    _mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, fdt),
+                    _mm("PEFT bwd: dV = U^T dP", r, rows, cols, fdt)]
     else:  # Kronecker: dD * broadcast factor, summed to the other factor's shape (w1's gradient, then w2's)
         for (rows, cols, _r), (orows, ocols, _o) in ((fac.f1, fac.f2), (fac.f2, fac.f1)):
-            out += [_ew("PEFT bwd: dD * broadcast factor", nk + orows * ocols, nk, act),
-                    _ew("PEFT bwd: sum to the factor's shape", nk, rows * cols, act)]
+            out += [_ew("PEFT bwd: dD * broadcast factor", nk + orows * ocols, nk, fdt),
+                    _ew("PEFT bwd: sum to the factor's shape", nk, rows * cols, fdt)]
         for rows, cols, r in (fac.f1, fac.f2):
             if r:
-                out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, act),
-                        _mm("PEFT bwd: dV = U^T dP", r, rows, cols, act)]
-    out += [_mm("PEFT bwd: dD = dY^T X", d_out, t, d_in, act),
+                out += [_mm("PEFT bwd: dU = dP @ V^T", rows, cols, r, fdt),
+                        _mm("PEFT bwd: dV = U^T dP", r, rows, cols, fdt)]
+    out += [_mm("PEFT bwd: dD = dY^T X", d_out, t, d_in, fdt),
             _ew("PEFT bwd: dX add", 2 * t * d_in, t * d_in, act)]
     return out
 
@@ -313,10 +366,11 @@ def block_ms(act: torch.dtype) -> tuple[int, int]:
     return gpu_config("forward", act)["BLOCK_M"], gpu_config("grad_x", act)["BLOCK_M"]
 
 
-def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16,
-               act: torch.dtype = torch.bfloat16) -> list[tuple[str, float, float, float, float]]:
+def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.dtype = torch.bfloat16,
+               factor_dtype: torch.dtype | None = None) -> list[tuple[str, float, float, float, float]]:
     """(case, peftfast fwd / base fwd serial, overlapped, peftfast bwd / base dX serial, overlapped) and the
-    same for PEFT (serial only: PEFT's launches are separate kernels), as rows."""
+    same for PEFT (serial only: PEFT's launches are separate kernels), as rows; ``factor_dtype``: the adapters'
+    (default act's; fp32 is PEFT's default on a 16-bit model)."""
     cases = {
         f"LoHa r={r}": loha(d, d, r),
         f"LoKr w1 full [64,64], w2 rank {r}": lokr(d, d, 64, 64, 0, r),
@@ -327,19 +381,22 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16,
     block_m, block_m_dx = block_ms(act)
     rows = []
     for name, fac in cases.items():
-        fw = peftfast_forward(t, d, d, fac, act, block_m, gpu_name=gpu.name)
-        bw = peftfast_backward(t, d, d, fac, act, block_m_dx, gpu_name=gpu.name)
+        fw = peftfast_forward(t, d, d, fac, act, block_m, gpu_name=gpu.name, factor_dtype=factor_dtype)
+        bw = peftfast_backward(t, d, d, fac, act, block_m_dx, gpu_name=gpu.name, factor_dtype=factor_dtype)
         rows.append((f"peftfast {name}", path_time(fw, gpu) / bf, path_time(fw, gpu, True) / bf,
                      path_time(bw, gpu) / bb, path_time(bw, gpu, True) / bb))
-        pf, pb = peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act)
+        pf, pb = peft_forward(t, d, d, fac, act, factor_dtype), peft_backward(t, d, d, fac, act, factor_dtype)
         rows.append((f"PEFT {name}", path_time(pf, gpu) / bf, path_time(pf, gpu) / bf,
                      path_time(pb, gpu) / bb, path_time(pb, gpu) / bb))
     return rows
 
 
 def render(gpu: Gpu, **kw) -> str:
+    adapters = ("fp32 adapters (PEFT's default; PEFT's rows without autocast)" if kw.get("factor_dtype") == torch.float32
+                else "bf16 adapters")
     lines = [f"LoHa / LoKr linear, modelled on {gpu.name} (T={kw.get('t', 8192)}, {kw.get('d', 4096)}x"
-             f"{kw.get('d', 4096)}, bf16): ratio to the base GEMM (forward) / base dX GEMM (backward)",
+             f"{kw.get('d', 4096)}, bf16 model, {adapters}): ratio to the base GEMM (forward) / base dX GEMM "
+             "(backward)",
              f"{'path':<48} {'fwd serial':>10} {'fwd overl.':>10} {'bwd serial':>10} {'bwd overl.':>10}"]
     for name, a, b, c, d in ratio_rows(gpu, **kw):
         lines.append(f"{name:<48} {a:>10.3f} {b:>10.3f} {c:>10.3f} {d:>10.3f}")
@@ -349,9 +406,10 @@ def render(gpu: Gpu, **kw) -> str:
 if __name__ == "__main__":
     from ..specs import H100, RTX4090
 
-    print(render(H100))
-    print()
-    print(render(RTX4090))
+    for gpu in (H100, RTX4090):
+        for factor_dtype in (None, torch.float32):
+            print(render(gpu, factor_dtype=factor_dtype))
+            print()
 
 
 LYCORIS_TARGETS = {"forward": 1.05, "backward": 2.1}  # the issue's modelled targets (H100, bf16)
@@ -363,10 +421,16 @@ def bench_rows(gpu: Gpu, t: int, d: int, r: int, act: torch.dtype, launch_overhe
     fac_cases = {f"LoHa r={r}": loha(d, d, r), f"LoKr w1 full 64x64, w2 rank {r}": lokr(d, d, 64, 64, 0, r)}
     base = (base_forward(t, d, d, act), base_backward(t, d, d, act))
     rows = []
-    for name, fac in fac_cases.items():
-        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, block_ms(act)[0], gpu_name=gpu.name),
-                               peftfast_backward(t, d, d, fac, act, block_ms(act)[1], gpu_name=gpu.name)),
-                              ("PEFT", peft_forward(t, d, d, fac, act), peft_backward(t, d, d, fac, act))):
+    # the adapters in the model's dtype, then in fp32 (PEFT's default on a 16-bit model; PEFT without autocast)
+    cases = [(name, fac, None) for name, fac in fac_cases.items()]
+    if act != torch.float32:
+        cases += [(f"{name}, fp32 adapters", fac, torch.float32) for name, fac in fac_cases.items()]
+    for name, fac, fdt in cases:
+        for who, fwd, bwd in (("peftfast", peftfast_forward(t, d, d, fac, act, block_ms(act)[0], gpu_name=gpu.name,
+                                                            factor_dtype=fdt),
+                               peftfast_backward(t, d, d, fac, act, block_ms(act)[1], gpu_name=gpu.name,
+                                                 factor_dtype=fdt)),
+                              ("PEFT", peft_forward(t, d, d, fac, act, fdt), peft_backward(t, d, d, fac, act, fdt))):
             row = {"section": "modelled", "gpu": gpu.name, "op": "lycoris", "path": f"{who} {name}",
                    "shape": {"T": t, "d_in": d, "d_out": d, "r": r}, "bandwidth": gpu.bandwidth,
                    "launch_overhead_s": launch_overhead}
