@@ -175,6 +175,11 @@ class PeftModel(PushToHubMixin, nn.Module):
     def active_peft_config(self) -> PeftConfig:
         """The config of the active adapter (the first one when several are active)."""
         active = self.active_adapter
+        if not active:
+            # PEFT raises a bare KeyError of the deleted name here; a KeyError still, saying what to do
+            raise KeyError(f"The model has no active adapter (adapters held: {sorted(self.peft_config)}; the last "
+                           "active one was deleted?): add or load one with add_adapter / load_adapter, or activate "
+                           "one with set_adapter")
         return self.peft_config[active if isinstance(active, str) else active[0]]
 
     @property

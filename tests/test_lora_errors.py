@@ -345,3 +345,17 @@ def test_delete_merged_adapter():
     with raises(ValueError, "default", "merged"):
         pm.delete_adapter("default")
     assert_unchanged(pm, before)
+
+
+@pytest.mark.parametrize("config", [fast.LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"),
+                                    fast.LoHaConfig(target_modules=["q_proj"], task_type="CAUSAL_LM")])
+def test_forward_after_deleting_the_only_adapter_says_what_to_do(config):
+    # PEFT raises a bare KeyError('default') there; a KeyError still, which names the way out
+    pm = fast.get_peft_model(tiny_llama(), copy.deepcopy(config))
+    pm.delete_adapter("default")
+    assert pm.active_adapters == []
+    with raises(KeyError, "no active adapter", "add_adapter", "set_adapter"):
+        pm(**causal_inputs())
+    pm.add_adapter("again", copy.deepcopy(config))
+    pm.set_adapter("again")
+    assert pm(**causal_inputs()).logits.isfinite().all()
