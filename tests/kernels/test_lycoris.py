@@ -129,6 +129,25 @@ def test_triton_lokr_aligned_blocks(triton_kernels, monkeypatch, kind, dtype):
         assert args[kernel.arg_names.index("u1_ptr")].dtype == dtype
 
 
+# blocks holding whole 16 x 16 interpreter tiles along one direction only (ALIGN 2): forward, w2 [6, 16] (q % BLOCK_K
+# == 0, p < BLOCK_N: two and a half blocks per tile, N = 30 ends in a partial tile); dX, w2 [16, 7] (p % BLOCK_N == 0,
+# K = 35 ends in a partial tile)
+ALONG_LOOP = {"forward": ((5, 6, 2, 16), [2, 0, None]), "grad_x": ((3, 16, 5, 7), [0, 2, None])}
+
+
+@pytest.mark.parametrize("kernel", ["forward", "grad_x"])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_triton_lokr_blocks_aligned_along_the_loop(triton_kernels, monkeypatch, kernel, dtype):
+    """LoKr with both factors full whose blocks hold whole tiles only along the kernel's loop: that kernel runs the
+    ALIGN 2 variant (w1 one vector, w2 a gather of the fixed direction's rows or columns, their block indices
+    computed once), the other kernel the general one; output and every gradient against float64."""
+    seen = _record_launches(monkeypatch)
+    blocks, want = ALONG_LOOP[kernel]
+    inputs = make("lokr_ff", dtype, seed=17, blocks=blocks)
+    check("lokr_ff", inputs, run_op(inputs, True))
+    assert [meta.get("ALIGN") for _k, _a, meta in seen] == want
+
+
 @pytest.mark.parametrize("kind", ["lokr_fl", "lokr_lf", "lokr_ll"])
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_triton_lokr_factors_left_low_rank(triton_kernels, monkeypatch, kind, dtype):
@@ -180,7 +199,7 @@ def test_prepare_folds_the_scale_once():
 
 
 @pytest.mark.parametrize("act, wide", [(F16, False), (BF16, False), (F32, False), (F16, True), (BF16, True)])
-@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf", "lokr_aligned"])
+@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf", "lokr_aligned", "lokr_kv"])
 def test_launches_are_compiled(monkeypatch, act, wide, shape):
     """The compile report compiles what the launchers pick on a GPU (tests/kernels/test_specs_cover_launches.py's
     pattern): every launch (meta tensors; nothing runs) matches an AotSpec of its kernel in num_warps,
@@ -201,9 +220,13 @@ def test_launches_are_compiled(monkeypatch, act, wide, shape):
         factors, layout = [meta(2, 2), meta(64, 2), meta(2, 48)], LY.lokr_layout(True, False, 64, 48, 2, 2)
     elif shape == "lokr_lf":  # w1 [2, 2] = rank 1 product (formed), w2 [64, 48] full
         factors, layout = [meta(2, 1), meta(1, 2), meta(64, 48)], LY.lokr_layout(False, True, 64, 48, 2, 2)
-    else:  # w1 [2, 2] full, w2 [64, 64] full: blocks of whole tiles (the ALIGN variants on 16-bit tiles)
+    elif shape == "lokr_aligned":  # w1 [2, 2] full, w2 [64, 64] full: blocks of whole tiles (ALIGN 1 on 16-bit)
         k = 128
         factors, layout = [meta(2, 2), meta(64, 64)], LY.lokr_layout(True, True, 64, 64, 2, 2)
+    else:  # a GQA k/v projection's blocks: w1 [4, 2] full, w2 [32, 64] = rank 2 product (formed): the forward's
+        # 64-row tiles hold two blocks (ALIGN 2), dX's 32 x 64 tiles one (ALIGN 1)
+        k = 128
+        factors, layout = [meta(4, 2), meta(32, 2), meta(2, 64)], LY.lokr_layout(True, False, 32, 64, 4, 2)
     ops = LY.prepare(factors, layout, 0.5, n, k, act)
     x, w, dy = meta(m, k, factor=False), meta(n, k, factor=False), meta(m, n, factor=False)
     LY.launch_forward(x, w, meta(n, factor=False), ops)
@@ -224,7 +247,9 @@ def test_launches_are_compiled(monkeypatch, act, wide, shape):
             bad.append(f"{kernel.fn.__name__} {({key: v for key, v in kw.items()})}")
     assert len(seen) == 3 and not bad, bad
     if shape == "lokr_aligned" and act != F32:
-        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [True, True, None]
+        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [1, 1, None]
+    if shape == "lokr_kv" and act != F32:
+        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [2, 1, None]
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr_fl"])

@@ -67,6 +67,17 @@ def test_counted_bytes_match_formulas(triton_kernels, monkeypatch, kind, act, fd
         [(m.bytes_read, m.bytes_written) for m in torch_ops]
 
 
+def test_counted_case_follows_the_launchers_align_choice():
+    """The model counts the ALIGN variant the launcher picks for LoKr's blocks (bf16 GPU tiles: forward 64 x 32
+    (N x K), dX 32 x 64)."""
+    kv = FL.kernel_factors(FL.lokr(4096, 1024, 32, 64, 0, 16), 4096, 1024)  # w2 [32, 64]
+    wide = FL.kernel_factors(FL.lokr(5120, 5120, 64, 64, 0, 16), 5120, 5120)  # w2 [80, 80]
+    square = FL.kernel_factors(FL.lokr(4096, 4096, 64, 64, 0, 16), 4096, 4096)  # w2 [64, 64]
+    assert [FL.delta_case(kv, k) for k in ("forward", "grad_x")] == ["lokr_align2", "lokr"]
+    assert [FL.delta_case(wide, k) for k in ("forward", "grad_x")] == ["lokr_general", "lokr_general"]
+    assert [FL.delta_case(square, k) for k in ("forward", "grad_x")] == ["lokr", "lokr"]
+
+
 def test_small_lokr_factors_formed_in_the_model():
     """The formulas form what ``prepare`` forms: LoKr's [64, 64] w2 at the issue's shape, not a [1024, 1024] one,
     never LoHa's [N, K] products."""
@@ -101,6 +112,10 @@ def test_modelled_ratios_h100():
     assert got == {"LoHa r=16": [1.959, 1.125, 2.991, 2.140],
                    "LoKr w1 full [64,64], w2 rank 16": [1.041, 1.000, 2.254, 2.000],
                    "LoKr w1 full [4,4], w2 rank 16 (not formed)": [1.873, 1.063, 2.679, 2.069]}
+    # LoKr blocks aligned to the forward's tiles along K only (ALIGN 2), and in neither direction (general)
+    assert [round(v, 3) for v in rows["peftfast LoKr GQA k/v 1024x4096, w2 [32,64] rank 16"]] == \
+        [1.041, 1.000, 2.254, 2.001]
+    assert [round(v, 3) for v in rows["peftfast LoKr 5120x5120, w2 [80,80] rank 16"]] == [1.589, 1.000, 2.498, 2.000]
     for name in got:
         pf, _, pb, _ = rows[f"PEFT {name}"]
         assert pf > rows[f"peftfast {name}"][0] and pb > rows[f"peftfast {name}"][2]

@@ -76,7 +76,7 @@ def loop_counts(spec, arch: int) -> Counter:
     return Counter(category(x) for x in main_loop(sass_listing(kernel.asm["cubin"])))
 
 
-CASES = ("loha", "lokr", "lokr_w2_low_rank")
+CASES = ("loha", "lokr", "lokr_w2_low_rank", "lokr_align2", "lokr_general")
 
 
 @dataclass(frozen=True)
@@ -103,23 +103,37 @@ def _launches(case: str, arch: int, t: int, d: int, r: int):
     def meta(*shape):
         return torch.empty(*shape, dtype=torch.bfloat16, device="meta")
 
+    def lokr(a, p, c, q):  # w1 [a, c] full, w2 [p, q] of rank r (formed whole by prepare when small)
+        return [meta(a, c), meta(p, r), meta(r, q)], LY.lokr_layout(True, False, p, q, a, c), a * p, c * q
+
     if case == "loha":
-        factors, layout = [meta(d, r), meta(r, d), meta(d, r), meta(r, d)], LY.loha_layout(d, d)
-    else:  # LoKr: w1 [a, a] full, w2 [d / a, d / a] of rank r (formed whole by prepare for a = 64, not for 4)
+        layers = [([meta(d, r), meta(r, d), meta(d, r), meta(r, d)], LY.loha_layout(d, d), d, d)] * 2
+    elif case in ("lokr", "lokr_w2_low_rank"):  # w1 [a, a], w2 [d / a, d / a]: formed for a = 64, not for 4
         a = 64 if case == "lokr" else 4
-        factors = [meta(a, a), meta(d // a, r), meta(r, d // a)]
-        layout = LY.lokr_layout(True, False, d // a, d // a, a, a)
-    ops = LY.prepare(factors, layout, 0.5, d, d, torch.bfloat16)
-    with recording_launches(arch) as launches:
-        LY.launch_forward(meta(t, d), meta(d, d), None, ops)
-        LY.launch_grad_x(meta(t, d), meta(d, d), ops)
+        layers = [lokr(a, d // a, a, d // a)] * 2
+    elif case == "lokr_align2":  # blocks aligned along the loop only: the forward of a GQA k/v projection
+        # [d / 4, d] (p = 32 < BLOCK_N), the dX of a [d, 3 d / 8] layer (q = 48, not a multiple of BLOCK_K)
+        layers = [lokr(d // 128, 32, 64, d // 64), lokr(64, d // 64, 32, 3 * d // 256)]
+    else:  # lokr_general: a [5 d / 4, 5 d / 4] layer, blocks of 80 (PEFT's factorization of 5120: 64 x 80)
+        layers = [lokr(64, 5 * d // 256, 64, 5 * d // 256)] * 2
+    launches = []
+    for (factors, layout, n, k), launcher in zip(layers, (LY.launch_forward, LY.launch_grad_x)):
+        ops = LY.prepare(factors, layout, 0.5, n, k, torch.bfloat16)
+        with recording_launches(arch) as rec:
+            if launcher is LY.launch_forward:
+                launcher(meta(t, k), meta(n, k), None, ops)
+            else:
+                launcher(meta(t, n), meta(n, k), ops)
+        launches += rec
     return launches
 
 
 def lycoris_delta_counts(arch: int = 90, t: int = 8192, d: int = 4096, r: int = 16) -> list[DeltaCount]:
     """DeltaCount of the forward and dX kernels, bf16, for LoHa r (``loha``), LoKr with w1 [64, 64] full and w2 of
-    rank r formed whole (``lokr``: both factors gathered) and LoKr with w1 [4, 4] and w2 [d / 4, d / 4] of rank r
-    left low rank (``lokr_w2_low_rank``)."""
+    rank r formed whole (``lokr``: both factors gathered, blocks of whole tiles: ALIGN 1), LoKr with w1 [4, 4] and
+    w2 [d / 4, d / 4] of rank r left low rank (``lokr_w2_low_rank``), and LoKr with both factors gathered whose
+    blocks hold whole tiles along the kernel's loop only (``lokr_align2``, ALIGN 2) or in neither direction
+    (``lokr_general``, ALIGN 0)."""
     from peftfast.kernels.aot import spec_from_launch
 
     out = []

@@ -53,13 +53,19 @@ BLOCK_R = 16
 # iteration (``python -m peftfast.tools.costmodel.sass --arch N`` prints them; tests/kernels/test_lycoris_costmodel.py
 # recounts sm_90). They include what the compiler emits around the FMA: index and address arithmetic, masks,
 # operand packing, the loop's uniform-datapath bookkeeping. Keyed by architecture, then (case, kernel): ``loha``;
-# ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN variants, FMA in bf16); ``lokr_w2_low_rank``
+# ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN 1 variants, FMA in bf16), ``lokr_align2``
+# the same with LoKr's blocks aligned to the tiles along the kernel's loop only (ALIGN 2: a GQA k/v projection's
+# forward), ``lokr_general`` in neither direction (ALIGN 0: blocks of 80, a 5120-wide layer); ``lokr_w2_low_rank``
 # a factor left low rank (its rank-r dots in the loop). fp16 runs the same code; fp32 activations use these too.
 COUNTED_DELTA_INSTRUCTIONS = {
     90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 5.38,
-         ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00},
+         ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00,
+         ("lokr_align2", "forward"): 0.88, ("lokr_align2", "grad_x"): 8.12,
+         ("lokr_general", "forward"): 12.62, ("lokr_general", "grad_x"): 10.62},
     89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.00,
-         ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50},
+         ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50,
+         ("lokr_align2", "forward"): 0.62, ("lokr_align2", "grad_x"): 4.50,
+         ("lokr_general", "forward"): 11.00, ("lokr_general", "grad_x"): 5.12},
 }
 # (sm_89's LoKr forward loop has fewer ALU instructions than its DELTA=False twin: the compiler schedules the two
 # differently; the model counts it as 0.)
@@ -68,15 +74,22 @@ GPU_ARCH = {"H100": 90, "RTX 4090": 89}
 FLOPS_PER_INSTRUCTION = 2
 
 
-def delta_case(kf: "Factors") -> str:
-    """The counted case of the kernels' factors (after ``prepare``)."""
+def delta_case(kf: "Factors", kernel: str = "forward", act: torch.dtype = torch.bfloat16) -> str:
+    """The counted case of the kernels' factors (after ``prepare``) in ``kernel``: for LoKr with both factors
+    gathered, the ``ALIGN`` variant the launcher picks for its blocks (``kernels.lycoris.aligned``)."""
     if kf.f1[0] == kf.f2[0] and kf.f1[1] == kf.f2[1] and kf.f1[2] and kf.f2[2]:
         return "loha"
-    return "lokr" if kf.f1[2] == 0 and kf.f2[2] == 0 else "lokr_w2_low_rank"
+    if kf.f1[2] or kf.f2[2]:
+        return "lokr_w2_low_rank"
+    from peftfast.kernels import lycoris as LY  # lazily: the module reads TRITON_INTERPRET
+
+    (a, c, _), (p, q, _) = kf.f1, kf.f2
+    align = LY.aligned(kernel, LY.lokr_layout(True, True, p, q, a, c), LY.gpu_config(kernel, act, (1, 1)))
+    return ("lokr_general", "lokr", "lokr_align2")[align]
 
 
-def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100") -> float:
-    return max(0.0, COUNTED_DELTA_INSTRUCTIONS[GPU_ARCH.get(gpu_name, 90)][(delta_case(kf), kernel)])
+def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100", act: torch.dtype = torch.bfloat16) -> float:
+    return max(0.0, COUNTED_DELTA_INSTRUCTIONS[GPU_ARCH.get(gpu_name, 90)][(delta_case(kf, kernel, act), kernel)])
 
 
 @dataclass(frozen=True)
@@ -161,10 +174,12 @@ def path_time(launches: list[Launch], gpu: Gpu, overlapped: bool = False) -> flo
     return sum(x.time(gpu, overlapped) for x in launches)
 
 
-def _tile_work(row_blocks: int, d_in: int, d_out: int, kf: Factors, kernel: str, gpu_name: str) -> tuple[int, int]:
+def _tile_work(row_blocks: int, d_in: int, d_out: int, kf: Factors, kernel: str, gpu_name: str,
+               act: torch.dtype) -> tuple[int, int]:
     """(tensor FLOPs, CUDA-core FLOP-equivalents) of generating W + D ``row_blocks`` times."""
     tc = sum(row_blocks * 2 * d_out * d_in * rp for rp in kf.padded_ranks())
-    return tc, round(row_blocks * d_out * d_in * delta_instructions(kf, kernel, gpu_name) * FLOPS_PER_INSTRUCTION)
+    instructions = delta_instructions(kf, kernel, gpu_name, act)
+    return tc, round(row_blocks * d_out * d_in * instructions * FLOPS_PER_INSTRUCTION)
 
 
 def _torch(name: str, read: int, written: int, flops: int = 0) -> Launch:
@@ -219,7 +234,7 @@ def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dty
     a = nbytes(act)
     f = nbytes(factor_dtype or act)
     kf = kernel_factors(fac, d_in, d_out)
-    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, "forward", gpu_name)
+    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, "forward", gpu_name, act)
     read = t * d_in * a + d_out * d_in * a + kf.nbytes(a, f) + (d_out * a if bias else 0)
     return _prepare(fac, d_in, d_out, a, f) + [
         Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
@@ -235,7 +250,7 @@ def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dt
     a = nbytes(act)
     f = nbytes(factor_dtype or act)
     kf = kernel_factors(fac, d_in, d_out)
-    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, "grad_x", gpu_name)
+    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, "grad_x", gpu_name, act)
     out = _prepare(fac, d_in, d_out, a, f)
     out.append(Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
                              t * d_out * a + d_out * d_in * a + kf.nbytes(a, f), t * d_in * a,
@@ -371,21 +386,27 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.d
     """(case, peftfast fwd / base fwd serial, overlapped, peftfast bwd / base dX serial, overlapped) and the
     same for PEFT (serial only: PEFT's launches are separate kernels), as rows; ``factor_dtype``: the adapters'
     (default act's; fp32 is PEFT's default on a 16-bit model)."""
-    cases = {
-        f"LoHa r={r}": loha(d, d, r),
-        f"LoKr w1 full [64,64], w2 rank {r}": lokr(d, d, 64, 64, 0, r),
-        f"LoKr w1, w2 full (r >= {d // 128})": lokr(d, d, 64, 64, 0, 0),
-        f"LoKr w1 full [4,4], w2 rank {r} (not formed)": lokr(d, d, 4, 4, 0, r),
+    cases = {  # name: (factors, d_in, d_out)
+        f"LoHa r={r}": (loha(d, d, r), d, d),
+        f"LoKr w1 full [64,64], w2 rank {r}": (lokr(d, d, 64, 64, 0, r), d, d),
+        f"LoKr w1, w2 full (r >= {d // 128})": (lokr(d, d, 64, 64, 0, 0), d, d),
+        f"LoKr w1 full [4,4], w2 rank {r} (not formed)": (lokr(d, d, 4, 4, 0, r), d, d),
+        # LoKr's blocks (PEFT's factorization) aligned to the tiles along the loop only, or not at all
+        f"LoKr GQA k/v {d // 4}x{d}, w2 [32,64] rank {r}": (lokr(d, d // 4, d // 128, 64, 0, r), d, d // 4),
+        f"LoKr {5 * d // 4}x{5 * d // 4}, w2 [80,80] rank {r}": (lokr(5 * d // 4, 5 * d // 4, 64, 64, 0, r),
+                                                                  5 * d // 4, 5 * d // 4),
     }
-    bf, bb = path_time(base_forward(t, d, d, act), gpu), path_time(base_backward(t, d, d, act), gpu)
     block_m, block_m_dx = block_ms(act)
     rows = []
-    for name, fac in cases.items():
-        fw = peftfast_forward(t, d, d, fac, act, block_m, gpu_name=gpu.name, factor_dtype=factor_dtype)
-        bw = peftfast_backward(t, d, d, fac, act, block_m_dx, gpu_name=gpu.name, factor_dtype=factor_dtype)
+    for name, (fac, d_in, d_out) in cases.items():
+        bf = path_time(base_forward(t, d_in, d_out, act), gpu)
+        bb = path_time(base_backward(t, d_in, d_out, act), gpu)
+        fw = peftfast_forward(t, d_in, d_out, fac, act, block_m, gpu_name=gpu.name, factor_dtype=factor_dtype)
+        bw = peftfast_backward(t, d_in, d_out, fac, act, block_m_dx, gpu_name=gpu.name, factor_dtype=factor_dtype)
         rows.append((f"peftfast {name}", path_time(fw, gpu) / bf, path_time(fw, gpu, True) / bf,
                      path_time(bw, gpu) / bb, path_time(bw, gpu, True) / bb))
-        pf, pb = peft_forward(t, d, d, fac, act, factor_dtype), peft_backward(t, d, d, fac, act, factor_dtype)
+        pf = peft_forward(t, d_in, d_out, fac, act, factor_dtype)
+        pb = peft_backward(t, d_in, d_out, fac, act, factor_dtype)
         rows.append((f"PEFT {name}", path_time(pf, gpu) / bf, path_time(pf, gpu) / bf,
                      path_time(pb, gpu) / bb, path_time(pb, gpu) / bb))
     return rows
@@ -397,9 +418,9 @@ def render(gpu: Gpu, **kw) -> str:
     lines = [f"LoHa / LoKr linear, modelled on {gpu.name} (T={kw.get('t', 8192)}, {kw.get('d', 4096)}x"
              f"{kw.get('d', 4096)}, bf16 model, {adapters}): ratio to the base GEMM (forward) / base dX GEMM "
              "(backward)",
-             f"{'path':<48} {'fwd serial':>10} {'fwd overl.':>10} {'bwd serial':>10} {'bwd overl.':>10}"]
+             f"{'path':<54} {'fwd serial':>10} {'fwd overl.':>10} {'bwd serial':>10} {'bwd overl.':>10}"]
     for name, a, b, c, d in ratio_rows(gpu, **kw):
-        lines.append(f"{name:<48} {a:>10.3f} {b:>10.3f} {c:>10.3f} {d:>10.3f}")
+        lines.append(f"{name:<54} {a:>10.3f} {b:>10.3f} {c:>10.3f} {d:>10.3f}")
     return "\n".join(lines)
 
 
