@@ -212,6 +212,18 @@ def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr
 
 
 @triton.jit
+def _fixed_place(offs, pid, size, block, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """(block index, offset in the block) along a kernel's fixed direction, for LoKr blocks of ``block`` indices:
+    ALIGN 2, per index (vectors; indices past ``size`` clamped, their loads then in bounds); else the tile's
+    first index (a tile inside one block, ALIGN 1; unused by the general variant)."""
+    if ALIGN == 2:
+        at = tl.minimum(offs, size - 1)
+    else:
+        at = pid * BLOCK
+    return at // block, at % block
+
+
+@triton.jit
 def _lycoris_forward_kernel(
     x_ptr,  # [M, K] input, activation dtype
     w_ptr,  # [N, K] frozen base weight, activation dtype
@@ -234,13 +246,7 @@ def _lycoris_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # ALIGN: the tile's place in LoKr's blocks (p = rdiv1 rows, q = cdiv1 columns): rows nq * p + nr.. (fixed),
     # columns kq * q + kr.. (kept as the loop steps, no division in it); ALIGN 2: each row's (n // p, n % p)
-    if ALIGN == 2:
-        rows_in = tl.minimum(offs_n, N - 1)
-        nq = rows_in // rdiv1
-        nr = rows_in % rdiv1
-    else:
-        nq = (pid_n * BLOCK_N) // rdiv1
-        nr = (pid_n * BLOCK_N) % rdiv1
+    nq, nr = _fixed_place(offs_n, pid_n, N, rdiv1, BLOCK_N, ALIGN)
     kq = tl.full((), 0, tl.int32)
     kr = tl.full((), 0, tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -288,13 +294,7 @@ def _lycoris_grad_x_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     # ALIGN: the tile's place in LoKr's blocks: columns kq * q + kr.. (fixed), rows nq * p + nr.. (kept as the
     # loop steps); ALIGN 2: each column's (k // q, k % q)
-    if ALIGN == 2:
-        cols_in = tl.minimum(offs_k, K - 1)
-        kq = cols_in // cdiv1
-        kr = cols_in % cdiv1
-    else:
-        kq = (pid_k * BLOCK_K) // cdiv1
-        kr = (pid_k * BLOCK_K) % cdiv1
+    kq, kr = _fixed_place(offs_k, pid_k, K, cdiv1, BLOCK_K, ALIGN)
     nq = tl.full((), 0, tl.int32)
     nr = tl.full((), 0, tl.int32)
     for n0 in range(0, N, BLOCK_N):
