@@ -55,7 +55,10 @@ GPUs), no masks on those loads. ALIGN 2 (the blocks hold whole tiles along the l
 BLOCK_K in the forward, p of BLOCK_N in dX; a GQA k/v projection's 1024 = 32 x 32 rows in the forward's 64-row
 tiles): the fixed direction's block indices are vectors computed once per program, w1 is read as one vector and
 w2 as a gather of those rows (columns) per step; counted ~0.9 (forward) and ~8.1 (dX) instructions per element on
-sm_90, against ~12.6 and ~10.6 for the general variant (blocks of 80: a 5120-wide layer).
+sm_90. ALIGN 3 (blocks along the loop larger than the tile, not a multiple: 5120 = 64 x 80): the same, a tile's
+offsets past the block's end taken from the next block (w1: a select between two vectors in the forward, a
+gather in dX): ~2.0 and ~9.1 on sm_90, where the general variant counts 12.6 and 10.6 there. The general variant
+(blocks smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide layer) counts ~34 and ~65.
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
@@ -152,6 +155,26 @@ def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k
         else:
             rows = nr.to(tl.int64) + tl.arange(0, offs_n.shape[0])
             p = tl.load(u_ptr + rows[:, None] * stride_u0 + kr[None, :] * stride_u1)
+    elif FULL and ALIGN == 3:
+        # the loop's direction as with ALIGN 2, but its blocks (q, or p in dX) are not a multiple of the tile: the
+        # tile's offsets at or past the block's end belong to the next block (at most one, as q >= BLOCK_K)
+        if TRANS:  # forward, [BK, BN]
+            at = kr + tl.arange(0, offs_k.shape[0])
+            if INDEX == 1:  # w1[n // p, kq or kq + 1] (clamped: the K tail's columns, masked in W, stay in bounds)
+                here = tl.load(u_ptr + nq * stride_u0 + kq.to(tl.int64) * stride_u1)
+                after = tl.load(u_ptr + nq * stride_u0 + tl.minimum(kq + 1, cmod - 1).to(tl.int64) * stride_u1)
+                p = tl.where((at >= cdiv)[:, None], after[None, :], here[None, :])
+            else:  # w2[n % p, (kr + j) mod q]
+                col = tl.where(at >= cmod, at - cmod, at).to(tl.int64)
+                p = tl.load(u_ptr + nr[None, :] * stride_u0 + col[:, None] * stride_u1)
+        else:  # dX, [BN, BK]
+            at = nr + tl.arange(0, offs_n.shape[0])
+            if INDEX == 1:  # a gather (counted: fewer instructions here than selecting between two rows)
+                row = tl.minimum(nq + (at >= rdiv).to(tl.int32), rmod - 1).to(tl.int64)
+                p = tl.load(u_ptr + row[:, None] * stride_u0 + kq[None, :] * stride_u1)
+            else:
+                row = tl.where(at >= rmod, at - rmod, at).to(tl.int64)
+                p = tl.load(u_ptr + row[:, None] * stride_u0 + kr[None, :] * stride_u1)
     elif FULL and ALIGN and INDEX == 1:
         p = tl.load(u_ptr + nq.to(tl.int64) * stride_u0 + kq.to(tl.int64) * stride_u1)
     elif FULL and ALIGN:
@@ -214,13 +237,25 @@ def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr
 @triton.jit
 def _fixed_place(offs, pid, size, block, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """(block index, offset in the block) along a kernel's fixed direction, for LoKr blocks of ``block`` indices:
-    ALIGN 2, per index (vectors; indices past ``size`` clamped, their loads then in bounds); else the tile's
+    ALIGN 2 and 3, per index (vectors; indices past ``size`` clamped, their loads then in bounds); else the tile's
     first index (a tile inside one block, ALIGN 1; unused by the general variant)."""
-    if ALIGN == 2:
+    if ALIGN >= 2:
         at = tl.minimum(offs, size - 1)
     else:
         at = pid * BLOCK
     return at // block, at % block
+
+
+@triton.jit
+def _next_place(q, r, block, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
+    """The loop's (block index, offset) one tile further, for LoKr blocks of ``block`` >= BLOCK indices (ALIGN 1
+    and 2: a multiple of BLOCK, so the offset returns to exactly 0)."""
+    r += BLOCK
+    if ALIGN == 3:
+        wrap = r >= block
+        return q + wrap.to(tl.int32), tl.where(wrap, r - block, r)
+    else:
+        return q + (r == block).to(tl.int32), tl.where(r == block, 0, r)
 
 
 @triton.jit
@@ -238,7 +273,7 @@ def _lycoris_forward_kernel(
     HAS_BIAS: tl.constexpr, FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr,
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, ALIGN: tl.constexpr = 0,  # LoKr's blocks hold whole tiles: 1, along the loop: 2 (``aligned``)
+    GROUP_M: tl.constexpr, ALIGN: tl.constexpr = 0,  # LoKr's blocks against the tiles (``aligned``)
     DELTA: tl.constexpr = True,  # False: the base GEMM alone (never launched; the instruction count's baseline)
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0).to(tl.int64), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -262,10 +297,8 @@ def _lycoris_forward_kernel(
                             su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                             FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
         acc = tl.dot(x, wt, acc, input_precision=BASE_PRECISION)
-        if ALIGN != 0:  # q = cdiv1, a multiple of BLOCK_K
-            kr += BLOCK_K
-            kq += (kr == cdiv1).to(tl.int32)
-            kr = tl.where(kr == cdiv1, 0, kr)
+        if ALIGN != 0:
+            kq, kr = _next_place(kq, kr, cdiv1, BLOCK_K, ALIGN)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -286,7 +319,7 @@ def _lycoris_grad_x_kernel(
     FULL1: tl.constexpr, FULL2: tl.constexpr, KRON: tl.constexpr, BASE_PRECISION: tl.constexpr,
     DELTA_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, ALIGN: tl.constexpr = 0,  # LoKr's blocks hold whole tiles: 1, along the loop: 2 (``aligned``)
+    GROUP_M: tl.constexpr, ALIGN: tl.constexpr = 0,  # LoKr's blocks against the tiles (``aligned``)
     DELTA: tl.constexpr = True,  # False: the base GEMM alone (never launched; the instruction count's baseline)
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
@@ -310,10 +343,8 @@ def _lycoris_grad_x_kernel(
                            su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                            FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
         acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
-        if ALIGN != 0:  # p = rdiv1, a multiple of BLOCK_N
-            nr += BLOCK_N
-            nq += (nr == rdiv1).to(tl.int32)
-            nr = tl.where(nr == rdiv1, 0, nr)
+        if ALIGN != 0:
+            nq, nr = _next_place(nq, nr, rdiv1, BLOCK_N, ALIGN)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -580,15 +611,19 @@ def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> int:
     w2 formed), 1 when its blocks hold whole tiles (p % BLOCK_N == 0, q % BLOCK_K == 0), so a tile sees one value
     of w1 and a contiguous tile of w2; 2 when they do only along the kernel's loop (the forward's K: q % BLOCK_K
     == 0; dX's N: p % BLOCK_N == 0; e.g. GQA's k/v projections, N = 1024 = 32 x 32 in the forward's 64-row tiles),
-    the other direction's block indices computed once per program; else 0, the general variant (an integer division
-    per index in the loop). Never for LoHa (nothing to divide) or the factor-gradient kernel (its tile's factors are
-    read once); a factor left low rank keeps the general variant."""
+    the other direction's block indices computed once per program; 3 when the blocks along the loop are larger than
+    the tile but not a multiple of it (a 5120-wide layer: blocks of 80), the same with the tile's offsets past a
+    block's end moved to the next block; else 0, the general variant (an integer division per index in the loop:
+    blocks smaller than the tile along the loop). Never for LoHa (nothing to divide) or the factor-gradient kernel
+    (its tile's factors are read once); a factor left low rank keeps the general variant."""
     if kernel not in ("forward", "grad_x") or not kron(layout) or not (layout[0] and layout[1]):
         return 0
     rows, cols = layout[2] % cfg["BLOCK_N"] == 0, layout[4] % cfg["BLOCK_K"] == 0
     if rows and cols:
         return 1
-    return 2 if (cols if kernel == "forward" else rows) else 0
+    if cols if kernel == "forward" else rows:
+        return 2
+    return 3 if (layout[4] >= cfg["BLOCK_K"] if kernel == "forward" else layout[2] >= cfg["BLOCK_N"]) else 0
 
 
 def factor_precision(act: torch.dtype, operand: torch.dtype) -> str:
@@ -904,7 +939,7 @@ def aot_specs() -> list[AotSpec]:
     for act in _ACTS:
         for kname, fn, ptrs, flags in kernels:
             for full1, full2, kr in _FACTOR_KINDS:
-                for align in ((0, 1, 2) if full1 and full2 and kname != "grad_factors" else (0,)):
+                for align in ((0, 1, 2, 3) if full1 and full2 and kname != "grad_factors" else (0,)):
                     # fp32 factors on a 16-bit model: the factor gradients read them as fp32 (prepare, exact)
                     for wide in ((False, True) if kname == "grad_factors" and act != torch.float32 else (False,)):
                         specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide))

@@ -132,15 +132,19 @@ def test_triton_lokr_aligned_blocks(triton_kernels, monkeypatch, kind, dtype):
 # blocks holding whole 16 x 16 interpreter tiles along one direction only (ALIGN 2): forward, w2 [6, 16] (q % BLOCK_K
 # == 0, p < BLOCK_N: two and a half blocks per tile, N = 30 ends in a partial tile); dX, w2 [16, 7] (p % BLOCK_N == 0,
 # K = 35 ends in a partial tile)
-ALONG_LOOP = {"forward": ((5, 6, 2, 16), [2, 0, None]), "grad_x": ((3, 16, 5, 7), [0, 2, None])}
+ALONG_LOOP = {"forward": ((5, 6, 2, 16), [2, 0, None]), "grad_x": ((3, 16, 5, 7), [0, 2, None]),
+              # ALIGN 3: blocks of 20 > 16 along both loops (a tile straddles two blocks; K = 60 and N = 40 end in
+              # partial tiles)
+              "wrapping": ((2, 20, 3, 20), [3, 3, None])}
 
 
-@pytest.mark.parametrize("kernel", ["forward", "grad_x"])
+@pytest.mark.parametrize("kernel", ["forward", "grad_x", "wrapping"])
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_triton_lokr_blocks_aligned_along_the_loop(triton_kernels, monkeypatch, kernel, dtype):
     """LoKr with both factors full whose blocks hold whole tiles only along the kernel's loop: that kernel runs the
     ALIGN 2 variant (w1 one vector, w2 a gather of the fixed direction's rows or columns, their block indices
-    computed once), the other kernel the general one; output and every gradient against float64."""
+    computed once), the other kernel the general one; blocks larger than the tiles but not a multiple: ALIGN 3 in
+    both; output and every gradient against float64."""
     seen = _record_launches(monkeypatch)
     blocks, want = ALONG_LOOP[kernel]
     inputs = make("lokr_ff", dtype, seed=17, blocks=blocks)
@@ -199,7 +203,8 @@ def test_prepare_folds_the_scale_once():
 
 
 @pytest.mark.parametrize("act, wide", [(F16, False), (BF16, False), (F32, False), (F16, True), (BF16, True)])
-@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf", "lokr_aligned", "lokr_kv"])
+@pytest.mark.parametrize("shape", ["loha", "lokr_small", "lokr_big_w2", "lokr_lf", "lokr_aligned", "lokr_kv",
+                                   "lokr_80"])
 def test_launches_are_compiled(monkeypatch, act, wide, shape):
     """The compile report compiles what the launchers pick on a GPU (tests/kernels/test_specs_cover_launches.py's
     pattern): every launch (meta tensors; nothing runs) matches an AotSpec of its kernel in num_warps,
@@ -223,10 +228,13 @@ def test_launches_are_compiled(monkeypatch, act, wide, shape):
     elif shape == "lokr_aligned":  # w1 [2, 2] full, w2 [64, 64] full: blocks of whole tiles (ALIGN 1 on 16-bit)
         k = 128
         factors, layout = [meta(2, 2), meta(64, 64)], LY.lokr_layout(True, True, 64, 64, 2, 2)
-    else:  # a GQA k/v projection's blocks: w1 [4, 2] full, w2 [32, 64] = rank 2 product (formed): the forward's
-        # 64-row tiles hold two blocks (ALIGN 2), dX's 32 x 64 tiles one (ALIGN 1)
+    elif shape == "lokr_kv":  # a GQA k/v projection's blocks: w1 [4, 2] full, w2 [32, 64] = rank 2 product
+        # (formed): the forward's 64-row tiles hold two blocks (ALIGN 2), dX's 32 x 64 tiles one (ALIGN 1)
         k = 128
         factors, layout = [meta(4, 2), meta(32, 2), meta(2, 64)], LY.lokr_layout(True, False, 32, 64, 4, 2)
+    else:  # blocks of 80 (a 5120-wide layer's): w1 [2, 2] full, w2 [80, 80] full; ALIGN 3 in both
+        n = k = 160
+        factors, layout = [meta(2, 2), meta(80, 80)], LY.lokr_layout(True, True, 80, 80, 2, 2)
     ops = LY.prepare(factors, layout, 0.5, n, k, act)
     x, w, dy = meta(m, k, factor=False), meta(n, k, factor=False), meta(m, n, factor=False)
     LY.launch_forward(x, w, meta(n, factor=False), ops)
@@ -250,6 +258,8 @@ def test_launches_are_compiled(monkeypatch, act, wide, shape):
         assert [kw.get("ALIGN") for _k, _a, kw in seen] == [1, 1, None]
     if shape == "lokr_kv" and act != F32:
         assert [kw.get("ALIGN") for _k, _a, kw in seen] == [2, 1, None]
+    if shape == "lokr_80" and act != F32:
+        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [3, 3, None]
 
 
 @pytest.mark.parametrize("kind", ["loha", "lokr_fl"])

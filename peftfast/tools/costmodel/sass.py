@@ -76,7 +76,7 @@ def loop_counts(spec, arch: int) -> Counter:
     return Counter(category(x) for x in main_loop(sass_listing(kernel.asm["cubin"])))
 
 
-CASES = ("loha", "lokr", "lokr_w2_low_rank", "lokr_align2", "lokr_general")
+CASES = ("loha", "lokr", "lokr_w2_low_rank", "lokr_align2", "lokr_align3", "lokr_general")
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,10 @@ def _launches(case: str, arch: int, t: int, d: int, r: int):
     elif case == "lokr_align2":  # blocks aligned along the loop only: the forward of a GQA k/v projection
         # [d / 4, d] (p = 32 < BLOCK_N), the dX of a [d, 3 d / 8] layer (q = 48, not a multiple of BLOCK_K)
         layers = [lokr(d // 128, 32, 64, d // 64), lokr(64, d // 64, 32, 3 * d // 256)]
-    else:  # lokr_general: a [5 d / 4, 5 d / 4] layer, blocks of 80 (PEFT's factorization of 5120: 64 x 80)
+    elif case == "lokr_align3":  # a [5 d / 4, 5 d / 4] layer, blocks of 80 (PEFT's factorization of 5120: 64 x 80)
         layers = [lokr(64, 5 * d // 256, 64, 5 * d // 256)] * 2
+    else:  # lokr_general: blocks smaller than the tiles along the loop (a [576, 576] layer: 24 x 24 blocks)
+        layers = [lokr(24, 24, 24, 24)] * 2
     launches = []
     for (factors, layout, n, k), launcher in zip(layers, (LY.launch_forward, LY.launch_grad_x)):
         ops = LY.prepare(factors, layout, 0.5, n, k, torch.bfloat16)
@@ -132,8 +134,8 @@ def lycoris_delta_counts(arch: int = 90, t: int = 8192, d: int = 4096, r: int = 
     """DeltaCount of the forward and dX kernels, bf16, for LoHa r (``loha``), LoKr with w1 [64, 64] full and w2 of
     rank r formed whole (``lokr``: both factors gathered, blocks of whole tiles: ALIGN 1), LoKr with w1 [4, 4] and
     w2 [d / 4, d / 4] of rank r left low rank (``lokr_w2_low_rank``), and LoKr with both factors gathered whose
-    blocks hold whole tiles along the kernel's loop only (``lokr_align2``, ALIGN 2) or in neither direction
-    (``lokr_general``, ALIGN 0)."""
+    blocks hold whole tiles along the kernel's loop only (``lokr_align2``, ALIGN 2), are larger than the tiles along
+    it but not a multiple (``lokr_align3``, ALIGN 3) or smaller (``lokr_general``, ALIGN 0)."""
     from peftfast.kernels.aot import spec_from_launch
 
     out = []

@@ -55,17 +55,20 @@ BLOCK_R = 16
 # operand packing, the loop's uniform-datapath bookkeeping. Keyed by architecture, then (case, kernel): ``loha``;
 # ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN 1 variants, FMA in bf16), ``lokr_align2``
 # the same with LoKr's blocks aligned to the tiles along the kernel's loop only (ALIGN 2: a GQA k/v projection's
-# forward), ``lokr_general`` in neither direction (ALIGN 0: blocks of 80, a 5120-wide layer); ``lokr_w2_low_rank``
+# forward), larger than the tiles along it but not a multiple (ALIGN 3: blocks of 80, a 5120-wide layer), smaller
+# (``lokr_general``, ALIGN 0, an integer division per index: blocks of 24, a 576-wide layer); ``lokr_w2_low_rank``
 # a factor left low rank (its rank-r dots in the loop). fp16 runs the same code; fp32 activations use these too.
 COUNTED_DELTA_INSTRUCTIONS = {
     90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 5.38,
          ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00,
          ("lokr_align2", "forward"): 0.88, ("lokr_align2", "grad_x"): 8.12,
-         ("lokr_general", "forward"): 12.62, ("lokr_general", "grad_x"): 10.62},
+         ("lokr_align3", "forward"): 2.00, ("lokr_align3", "grad_x"): 9.12,
+         ("lokr_general", "forward"): 33.62, ("lokr_general", "grad_x"): 64.75},
     89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.00,
          ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50,
          ("lokr_align2", "forward"): 0.62, ("lokr_align2", "grad_x"): 4.50,
-         ("lokr_general", "forward"): 11.00, ("lokr_general", "grad_x"): 5.12},
+         ("lokr_align3", "forward"): 0.12, ("lokr_align3", "grad_x"): 5.62,
+         ("lokr_general", "forward"): 29.38, ("lokr_general", "grad_x"): 58.88},
 }
 # (sm_89's LoKr forward loop has fewer ALU instructions than its DELTA=False twin: the compiler schedules the two
 # differently; the model counts it as 0.)
@@ -85,7 +88,7 @@ def delta_case(kf: "Factors", kernel: str = "forward", act: torch.dtype = torch.
 
     (a, c, _), (p, q, _) = kf.f1, kf.f2
     align = LY.aligned(kernel, LY.lokr_layout(True, True, p, q, a, c), LY.gpu_config(kernel, act, (1, 1)))
-    return ("lokr_general", "lokr", "lokr_align2")[align]
+    return ("lokr_general", "lokr", "lokr_align2", "lokr_align3")[align]
 
 
 def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100", act: torch.dtype = torch.bfloat16) -> float:
@@ -395,6 +398,7 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.d
         f"LoKr GQA k/v {d // 4}x{d}, w2 [32,64] rank {r}": (lokr(d, d // 4, d // 128, 64, 0, r), d, d // 4),
         f"LoKr {5 * d // 4}x{5 * d // 4}, w2 [80,80] rank {r}": (lokr(5 * d // 4, 5 * d // 4, 64, 64, 0, r),
                                                                   5 * d // 4, 5 * d // 4),
+        f"LoKr 576x576, w2 [24,24] rank {r} (general)": (lokr(576, 576, 24, 24, 0, r), 576, 576),
     }
     block_m, block_m_dx = block_ms(act)
     rows = []
