@@ -57,8 +57,10 @@ tiles): the fixed direction's block indices are vectors computed once per progra
 w2 as a gather of those rows (columns) per step; counted ~0.9 (forward) and ~8.1 (dX) instructions per element on
 sm_90. ALIGN 3 (blocks along the loop larger than the tile, not a multiple: 5120 = 64 x 80): the same, a tile's
 offsets past the block's end taken from the next block (w1: a select between two vectors in the forward, a
-gather in dX): ~2.0 and ~9.1 on sm_90, where the general variant counts 12.6 and 10.6 there. The general variant
-(blocks smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide layer) counts ~34 and ~65.
+gather in dX): ~2.0 and ~9.1 on sm_90, where the general variant counts 12.6 and 10.6 there. ALIGN 4 (blocks
+smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide layer): the general variant, each
+index's block and offset from an fp32 reciprocal and one correction (``reciprocal_divmod``) instead of a 64-bit integer
+division: ~29.8 and ~12.5 where the divisions counted ~33.6 and ~64.8 (ALIGN 0 keeps those past ``DIVMOD_LIMIT``).
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
@@ -107,6 +109,9 @@ from .opdecl import OpDecl
 from .runtime import DTYPE_NAMES, aot_signature, as_2d, dot_precision, interpreting, launch, use_triton
 from .tiles import grouped_tile, tile_offsets
 
+# The largest N and K whose block indices ALIGN 4 computes with fp32 reciprocals (``reciprocal_divmod``: the
+# quotient's error stays below 1 there, one correction step makes it exact)
+DIVMOD_LIMIT = 1 << 22
 # Elements of one [rows, K] block of the reference path (4M: 16 MiB in fp32)
 BLOCK_ELEMENTS = 1 << 22
 
@@ -126,6 +131,18 @@ def _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX: tl.constexpr):
         return offs_n // rdiv, offs_k // cdiv
     else:
         return offs_n % rmod, offs_k % cmod
+
+
+@triton.jit
+def reciprocal_divmod(offs, d):
+    """(offs // d, offs % d) (int64) for 0 <= offs <= DIVMOD_LIMIT and d >= 1: the quotient from an fp32 product
+    with 1 / d, off by at most one there even with 1 / d a few ulps off (a GPU's fast division), then one correction
+    step each way (GPUs emulate integer division in software: tens of instructions, more for 64 bits)."""
+    o = offs.to(tl.int32)
+    q = (o.to(tl.float32) * (1.0 / d.to(tl.float32))).to(tl.int32)
+    r = o - q * d
+    q = tl.where(r < 0, q - 1, tl.where(r >= d, q + 1, q))
+    return q.to(tl.int64), (o - q * d).to(tl.int64)
 
 
 @triton.jit
@@ -175,9 +192,9 @@ def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k
             else:
                 row = tl.where(at >= rmod, at - rmod, at).to(tl.int64)
                 p = tl.load(u_ptr + row[:, None] * stride_u0 + kr[None, :] * stride_u1)
-    elif FULL and ALIGN and INDEX == 1:
+    elif FULL and ALIGN == 1 and INDEX == 1:
         p = tl.load(u_ptr + nq.to(tl.int64) * stride_u0 + kq.to(tl.int64) * stride_u1)
-    elif FULL and ALIGN:
+    elif FULL and ALIGN == 1:
         rows = nr.to(tl.int64) + tl.arange(0, offs_n.shape[0])
         cols = kr.to(tl.int64) + tl.arange(0, offs_k.shape[0])
         if TRANS:
@@ -185,7 +202,14 @@ def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k
         else:
             p = tl.load(u_ptr + rows[:, None] * stride_u0 + cols[None, :] * stride_u1)
     elif FULL:
-        rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
+        if ALIGN == 4 and INDEX == 1:  # both factors full, blocks smaller than the tiles: reciprocal divisions
+            rows, _r = reciprocal_divmod(offs_n, rdiv)
+            cols, _c = reciprocal_divmod(offs_k, cdiv)
+        elif ALIGN == 4:
+            _q, rows = reciprocal_divmod(offs_n, rmod)
+            _p, cols = reciprocal_divmod(offs_k, cmod)
+        else:
+            rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
         if TRANS:
             p = tl.load(u_ptr + rows[None, :] * stride_u0 + cols[:, None] * stride_u1,
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
@@ -613,9 +637,11 @@ def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> int:
     == 0; dX's N: p % BLOCK_N == 0; e.g. GQA's k/v projections, N = 1024 = 32 x 32 in the forward's 64-row tiles),
     the other direction's block indices computed once per program; 3 when the blocks along the loop are larger than
     the tile but not a multiple of it (a 5120-wide layer: blocks of 80), the same with the tile's offsets past a
-    block's end moved to the next block; else 0, the general variant (an integer division per index in the loop:
-    blocks smaller than the tile along the loop). Never for LoHa (nothing to divide) or the factor-gradient kernel
-    (its tile's factors are read once); a factor left low rank keeps the general variant."""
+    block's end moved to the next block; 4 when they are smaller than the tile along the loop (a 576-wide layer's
+    blocks of 24), the general variant with each index's block and offset from an fp32 reciprocal and one
+    correction (``reciprocal_divmod``, N and K up to ``DIVMOD_LIMIT``); else 0, the general variant's integer
+    division per index. Never for LoHa (nothing to divide) or the factor-gradient kernel (its tile's factors are
+    read once); a factor left low rank keeps the general variant."""
     if kernel not in ("forward", "grad_x") or not kron(layout) or not (layout[0] and layout[1]):
         return 0
     rows, cols = layout[2] % cfg["BLOCK_N"] == 0, layout[4] % cfg["BLOCK_K"] == 0
@@ -623,7 +649,10 @@ def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> int:
         return 1
     if cols if kernel == "forward" else rows:
         return 2
-    return 3 if (layout[4] >= cfg["BLOCK_K"] if kernel == "forward" else layout[2] >= cfg["BLOCK_N"]) else 0
+    if layout[4] >= cfg["BLOCK_K"] if kernel == "forward" else layout[2] >= cfg["BLOCK_N"]:
+        return 3
+    # blocks smaller than the tiles: the general variant, its divisions as fp32 reciprocals (exact below 2^22)
+    return 4 if max(layout[2] * layout[3], layout[4] * layout[5]) <= DIVMOD_LIMIT else 0
 
 
 def factor_precision(act: torch.dtype, operand: torch.dtype) -> str:
@@ -939,7 +968,7 @@ def aot_specs() -> list[AotSpec]:
     for act in _ACTS:
         for kname, fn, ptrs, flags in kernels:
             for full1, full2, kr in _FACTOR_KINDS:
-                for align in ((0, 1, 2, 3) if full1 and full2 and kname != "grad_factors" else (0,)):
+                for align in ((0, 1, 2, 3, 4) if full1 and full2 and kname != "grad_factors" else (0,)):
                     # fp32 factors on a 16-bit model: the factor gradients read them as fp32 (prepare, exact)
                     for wide in ((False, True) if kname == "grad_factors" and act != torch.float32 else (False,)):
                         specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide))

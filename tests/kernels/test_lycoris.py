@@ -132,7 +132,7 @@ def test_triton_lokr_aligned_blocks(triton_kernels, monkeypatch, kind, dtype):
 # blocks holding whole 16 x 16 interpreter tiles along one direction only (ALIGN 2): forward, w2 [6, 16] (q % BLOCK_K
 # == 0, p < BLOCK_N: two and a half blocks per tile, N = 30 ends in a partial tile); dX, w2 [16, 7] (p % BLOCK_N == 0,
 # K = 35 ends in a partial tile)
-ALONG_LOOP = {"forward": ((5, 6, 2, 16), [2, 0, None]), "grad_x": ((3, 16, 5, 7), [0, 2, None]),
+ALONG_LOOP = {"forward": ((5, 6, 2, 16), [2, 4, None]), "grad_x": ((3, 16, 5, 7), [4, 2, None]),
               # ALIGN 3: blocks of 20 > 16 along both loops (a tile straddles two blocks; K = 60 and N = 40 end in
               # partial tiles)
               "wrapping": ((2, 20, 3, 20), [3, 3, None])}
@@ -432,3 +432,28 @@ def test_triton_fp32_factors_on_fp16_model(triton_kernels, monkeypatch, kind, lo
     assert all(t.dtype == F32 for t in kernels[2][1].values())  # the factor gradients: fp32
     if dots:
         assert kernels[2][0]["DELTA_PRECISION"] == "tf32"  # (the GPU's rounding, emulated by the fixture)
+
+
+def test_reciprocal_divmod_is_exact_up_to_its_limit(triton_kernels):
+    """ALIGN 4's block indices (``reciprocal_divmod``: an fp32 reciprocal, then one correction) equal integer
+    division for indices up to ``DIVMOD_LIMIT`` and every divisor tried, the largest indices included."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _divmod_kernel(o_ptr, q_ptr, r_ptr, d, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        q, r = LY.reciprocal_divmod(tl.load(o_ptr + offs), d)
+        tl.store(q_ptr + offs, q)
+        tl.store(r_ptr + offs, r)
+
+    g = torch.Generator().manual_seed(5)
+    limit = LY.DIVMOD_LIMIT
+    top = torch.arange(limit - 512, limit)
+    for d in (1, 2, 3, 7, 24, 41, 80, 97, 1023, 4096, 65537, limit - 1):  # 1 / 41, 1 / 97 round down in fp32
+        # random indices, the largest ones, and each side of multiples of d (where a quotient is off by one first)
+        near = (torch.arange(256) // 2 * d + torch.arange(256) % 2 - 1).clamp(0, limit - 1)
+        o = torch.cat([torch.randint(0, limit, (256,), generator=g), top, near]).to(torch.int64)
+        q, r = torch.empty_like(o), torch.empty_like(o)
+        _divmod_kernel[(1,)](o, q, r, d, BLOCK=1024)
+        assert torch.equal(q, o // d) and torch.equal(r, o % d), d

@@ -56,19 +56,20 @@ BLOCK_R = 16
 # ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN 1 variants, FMA in bf16), ``lokr_align2``
 # the same with LoKr's blocks aligned to the tiles along the kernel's loop only (ALIGN 2: a GQA k/v projection's
 # forward), larger than the tiles along it but not a multiple (ALIGN 3: blocks of 80, a 5120-wide layer), smaller
-# (``lokr_general``, ALIGN 0, an integer division per index: blocks of 24, a 576-wide layer); ``lokr_w2_low_rank``
+# (``lokr_general``, ALIGN 4, a reciprocal division per index: blocks of 24, a 576-wide layer; ALIGN 0, the same with
+# 64-bit integer divisions, runs only past 2^22 rows or columns and is counted as ALIGN 4); ``lokr_w2_low_rank``
 # a factor left low rank (its rank-r dots in the loop). fp16 runs the same code; fp32 activations use these too.
 COUNTED_DELTA_INSTRUCTIONS = {
     90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 5.38,
          ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00,
          ("lokr_align2", "forward"): 0.88, ("lokr_align2", "grad_x"): 8.12,
          ("lokr_align3", "forward"): 2.00, ("lokr_align3", "grad_x"): 9.12,
-         ("lokr_general", "forward"): 33.62, ("lokr_general", "grad_x"): 64.75},
+         ("lokr_general", "forward"): 29.75, ("lokr_general", "grad_x"): 12.50},
     89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.00,
          ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50,
          ("lokr_align2", "forward"): 0.62, ("lokr_align2", "grad_x"): 4.50,
          ("lokr_align3", "forward"): 0.12, ("lokr_align3", "grad_x"): 5.62,
-         ("lokr_general", "forward"): 29.38, ("lokr_general", "grad_x"): 58.88},
+         ("lokr_general", "forward"): 27.88, ("lokr_general", "grad_x"): 8.88},
 }
 # (sm_89's LoKr forward loop has fewer ALU instructions than its DELTA=False twin: the compiler schedules the two
 # differently; the model counts it as 0.)
@@ -88,7 +89,7 @@ def delta_case(kf: "Factors", kernel: str = "forward", act: torch.dtype = torch.
 
     (a, c, _), (p, q, _) = kf.f1, kf.f2
     align = LY.aligned(kernel, LY.lokr_layout(True, True, p, q, a, c), LY.gpu_config(kernel, act, (1, 1)))
-    return ("lokr_general", "lokr", "lokr_align2", "lokr_align3")[align]
+    return ("lokr_general", "lokr", "lokr_align2", "lokr_align3", "lokr_general")[align]
 
 
 def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100", act: torch.dtype = torch.bfloat16) -> float:
@@ -230,7 +231,8 @@ def _prepare(fac: Factors, d_in: int, d_out: int, a: int, f: int | None = None, 
 
 
 def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dtype, block_m: int,
-                     bias: bool = False, gpu_name: str = "H100", factor_dtype: torch.dtype | None = None) -> list[Launch]:
+                     bias: bool = False, gpu_name: str = "H100",
+                     factor_dtype: torch.dtype | None = None) -> list[Launch]:
     """The launches in order: ``prepare``'s torch ops, then the one kernel (CUDA-core work as counted for
     ``gpu_name``'s architecture). ``factor_dtype``: the adapter's (default act's; fp32 on a 16-bit model is
     PEFT's default): ``prepare`` rounds such factors to act's dtype, so the kernel is the same."""
@@ -417,8 +419,8 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.d
 
 
 def render(gpu: Gpu, **kw) -> str:
-    adapters = ("fp32 adapters (PEFT's default; PEFT's rows without autocast)" if kw.get("factor_dtype") == torch.float32
-                else "bf16 adapters")
+    fp32 = kw.get("factor_dtype") == torch.float32
+    adapters = "fp32 adapters (PEFT's default; PEFT's rows without autocast)" if fp32 else "bf16 adapters"
     lines = [f"LoHa / LoKr linear, modelled on {gpu.name} (T={kw.get('t', 8192)}, {kw.get('d', 4096)}x"
              f"{kw.get('d', 4096)}, bf16 model, {adapters}): ratio to the base GEMM (forward) / base dX GEMM "
              "(backward)",
