@@ -265,8 +265,8 @@ def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr
 def _fixed_place(offs, pid, size, block, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """(block index, offset in the block) along a kernel's fixed direction, for LoKr blocks of ``block`` indices:
     ALIGN 2 and 3, per index (vectors; indices past ``size`` clamped, their loads then in bounds); else the tile's
-    first index (a tile inside one block, ALIGN 1; unused by the general variant)."""
-    if ALIGN >= 2:
+    first index (a tile inside one block, ALIGN 1; unused by the general variants, ALIGN 0 and 4)."""
+    if ALIGN == 2 or ALIGN == 3:
         at = tl.minimum(offs, size - 1)
     else:
         at = pid * BLOCK
@@ -307,7 +307,7 @@ def _lycoris_forward_kernel(
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # ALIGN: the tile's place in LoKr's blocks (p = rdiv1 rows, q = cdiv1 columns): rows nq * p + nr.. (fixed),
-    # columns kq * q + kr.. (kept as the loop steps, no division in it); ALIGN 2: each row's (n // p, n % p)
+    # columns kq * q + kr.. (kept as the loop steps, no division in it); ALIGN 2, 3: each row's (n // p, n % p)
     nq, nr = _fixed_place(offs_n, pid_n, N, rdiv1, BLOCK_N, ALIGN)
     kq = tl.full((), 0, tl.int32)
     kr = tl.full((), 0, tl.int32)
@@ -324,7 +324,7 @@ def _lycoris_forward_kernel(
                             su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                             FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
         acc = tl.dot(x, wt, acc, input_precision=BASE_PRECISION)
-        if ALIGN != 0:
+        if ALIGN == 1 or ALIGN == 2 or ALIGN == 3:  # the general variants (0, 4) keep no place
             kq, kr = _next_place(kq, kr, cdiv1, BLOCK_K, ALIGN)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -353,7 +353,7 @@ def _lycoris_grad_x_kernel(
     offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     # ALIGN: the tile's place in LoKr's blocks: columns kq * q + kr.. (fixed), rows nq * p + nr.. (kept as the
-    # loop steps); ALIGN 2: each column's (k // q, k % q)
+    # loop steps); ALIGN 2, 3: each column's (k // q, k % q)
     kq, kr = _fixed_place(offs_k, pid_k, K, cdiv1, BLOCK_K, ALIGN)
     nq = tl.full((), 0, tl.int32)
     nr = tl.full((), 0, tl.int32)
@@ -370,7 +370,7 @@ def _lycoris_grad_x_kernel(
                            su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                            FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
         acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
-        if ALIGN != 0:
+        if ALIGN == 1 or ALIGN == 2 or ALIGN == 3:  # the general variants (0, 4) keep no place
             nq, nr = _next_place(nq, nr, rdiv1, BLOCK_N, ALIGN)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
