@@ -38,7 +38,8 @@ Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the 
     factor gradients, program (N block, K block):
         dD tile = sum over M blocks dY^T tile @ x tile          (fp32, registers; the inherent GEMM)
         dP1 = dD * P2,  dP2 = dD * P1                           (Hadamard / Kronecker chain rule)
-        FULL:     dF[row(n), col(k)] += dP                      (fp32 atomics)
+        FULL:     dF[row(n), col(k)] += dP                      (fp32 atomics; LoKr's full w1 with blocks of whole
+                                                                 tiles: the tile's sum, one atomic, ``SUM1``)
         LOW-RANK: dU[row(n)] += dP @ V[:, col(k)]^T, dV[:, col(k)] += U[row(n)]^T @ dP  (fp32 atomics)
       then ``unprepare_grads`` and one cast of the fp32 sums to each factor's dtype (torch).
 
@@ -60,7 +61,9 @@ offsets past the block's end taken from the next block (w1: a select between two
 gather in dX): ~2.0 and ~9.1 on sm_90, where the general variant counts 12.6 and 10.6 there. ALIGN 4 (blocks
 smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide layer): the general variant, each
 index's block and offset from an fp32 reciprocal and one correction (``reciprocal_divmod``) instead of a 64-bit integer
-division: ~29.8 and ~12.5 where the divisions counted ~33.6 and ~64.8 (ALIGN 0 keeps those past ``DIVMOD_LIMIT``).
+division, computed once per index for both factors (the fixed direction's before the loop), on 128-row tiles (with
+256 its 16-bit kernels spill registers on sm_80): ~21.0 and ~11.1 where the divisions counted ~33.6 and ~64.8
+(ALIGN 0 keeps those past ``DIVMOD_LIMIT``).
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
@@ -145,7 +148,7 @@ def reciprocal_divmod(offs, d):
     q = (o.to(tl.float32) * (1.0 / d.to(tl.float32))).to(tl.int32)
     r = o - q * d
     q = tl.where(r < 0, q - 1, tl.where(r >= d, q + 1, q))
-    return q.to(tl.int64), (o - q * d).to(tl.int64)
+    return q, o - q * d
 
 
 @triton.jit
@@ -205,12 +208,10 @@ def _factor_tile(u_ptr, v_ptr, R, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k
         else:
             p = tl.load(u_ptr + rows[:, None] * stride_u0 + cols[None, :] * stride_u1)
     elif FULL:
-        if ALIGN == 4 and INDEX == 1:  # both factors full, blocks smaller than the tiles: reciprocal divisions
-            rows, _r = reciprocal_divmod(offs_n, rdiv)
-            cols, _c = reciprocal_divmod(offs_k, cdiv)
+        if ALIGN == 4 and INDEX == 1:  # both factors full, blocks smaller than the tiles: each index's block and
+            rows, cols = nq, kq  # offset, one reciprocal division per index shared by both factors (the caller's)
         elif ALIGN == 4:
-            _q, rows = reciprocal_divmod(offs_n, rmod)
-            _p, cols = reciprocal_divmod(offs_k, cmod)
+            rows, cols = nr, kr
         else:
             rows, cols = _indices(offs_n, offs_k, rdiv, rmod, cdiv, cmod, INDEX)
         if TRANS:
@@ -264,13 +265,18 @@ def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr
 @triton.jit
 def _fixed_place(offs, pid, size, block, BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     """(block index, offset in the block) along a kernel's fixed direction, for LoKr blocks of ``block`` indices:
-    ALIGN 2 and 3, per index (vectors; indices past ``size`` clamped, their loads then in bounds); else the tile's
-    first index (a tile inside one block, ALIGN 1; unused by the general variants, ALIGN 0 and 4)."""
-    if ALIGN == 2 or ALIGN == 3:
+    ALIGN 2 and 3, per index (vectors; indices past ``size`` clamped, their loads then in bounds); ALIGN 4, per
+    index too, by ``reciprocal_divmod`` (past ``size``: masked); else the tile's first index (a tile inside one
+    block, ALIGN 1; unused by the general variant, ALIGN 0)."""
+    if ALIGN == 4:
+        q, r = reciprocal_divmod(offs, block)
+    elif ALIGN == 2 or ALIGN == 3:
         at = tl.minimum(offs, size - 1)
+        q, r = at // block, at % block
     else:
         at = pid * BLOCK
-    return at // block, at % block
+        q, r = at // block, at % block
+    return q, r
 
 
 @triton.jit
@@ -318,8 +324,11 @@ def _lycoris_forward_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                      mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # W^T tile [BK, BN]
+        cq, cr = kq, kr
+        if ALIGN == 4:  # each column's block and offset, for both factors
+            cq, cr = reciprocal_divmod(offs_k, cdiv1)
         if DELTA:
-            wt = _add_delta(wt, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr, kq, kr,
+            wt = _add_delta(wt, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr, cq, cr,
                             mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                             su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                             FULL1, FULL2, True, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
@@ -364,8 +373,11 @@ def _lycoris_grad_x_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+        rq, rr = nq, nr
+        if ALIGN == 4:  # each row's block and offset, for both factors
+            rq, rr = reciprocal_divmod(offs_n, rdiv1)
         if DELTA:
-            w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr, kq, kr,
+            w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, rq, rr, kq, kr,
                            mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
                            su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
                            FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
@@ -417,6 +429,7 @@ def _lycoris_grad_factors_kernel(
     BASE_PRECISION: tl.constexpr, DELTA_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SUM1: tl.constexpr = False,  # LoKr, w1 full, blocks of whole tiles (``sums_w1``): the tile is one w1 value
 ):
     pid_n, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), N, K, BLOCK_N, BLOCK_K, GROUP_M)
     offs_n, offs_k, mask_n, mask_k = tile_offsets(pid_n, pid_k, N, K, BLOCK_N, BLOCK_K)
@@ -435,7 +448,13 @@ def _lycoris_grad_factors_kernel(
     p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, 0, 0, 0, 0, mask_n, mask_k, rdiv2, rmod2, cdiv2, cmod2,
                       su2_0, su2_1, sv2_0, sv2_1, FULL2, False, DELTA_PRECISION, BLOCK_R, 2 * KRON,
                       False).to(tl.float32)
-    if NEED1:
+    if NEED1 and SUM1:
+        # the tile lies in one block (p = rdiv1 rows, q = cdiv1 columns): its sum is its whole contribution to w1's
+        # gradient, one atomic (a tree sum, not BN * BK atomics on one address)
+        g1 = tl.sum(tl.sum(dd * p2, axis=1), axis=0)
+        tl.atomic_add(gu1_ptr + (pid_n * BLOCK_N // rdiv1) * sgu1_0 + (pid_k * BLOCK_K // cdiv1) * sgu1_1, g1,
+                      sem="relaxed")
+    elif NEED1:
         _factor_grad(dd * p2, u1_ptr, v1_ptr, gu1_ptr, gv1_ptr, R1, offs_n, offs_k, mask_n, mask_k,
                      rdiv1, rmod1, cdiv1, cmod1, su1_0, su1_1, sv1_0, sv1_1, sgu1_0, sgu1_1, sgv1_0, sgv1_1,
                      FULL1, DELTA_PRECISION, BLOCK_R, KRON)
@@ -475,6 +494,11 @@ _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16,
                      "num_warps": 4, "num_stages": 1}
 
 
+# ALIGN 4's per-index blocks and offsets hold more registers: its 16-bit forward and dX spill with 256-row tiles on
+# sm_80 (the compile report), not with 128
+ALIGN4_BLOCK_M = 128
+
+
 def gpu_config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> dict:
     """Meta-parameters of ``kernel`` ("forward", "grad_x", "grad_factors") on a GPU, activations ``act``, for
     the factor kinds ``full`` (FULL1, FULL2) the kernel sees."""
@@ -486,11 +510,15 @@ def gpu_config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> d
 
 
 def config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0), layout: Sequence[int] | None = None) -> dict:
-    """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter; with the op's ``layout``
-    (forward and dX), ``ALIGN`` set (``aligned``)."""
+    """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter; with the op's ``layout``,
+    the variant: ``ALIGN`` (forward and dX, ``aligned``), ``SUM1`` (the factor gradients, ``sums_w1``)."""
     cfg = dict(_INTERPRET_CONFIG) if interpreting() else gpu_config(kernel, act, full)
-    if layout is not None:
+    if layout is not None and kernel == "grad_factors":
+        cfg["SUM1"] = sums_w1(layout, cfg, act)
+    elif layout is not None:
         cfg["ALIGN"] = aligned(kernel, layout, cfg)
+        if cfg["ALIGN"] == 4:
+            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], ALIGN4_BLOCK_M)
     return cfg
 
 
@@ -663,6 +691,15 @@ def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> int:
     return 4 if max(layout[2] * layout[3], layout[4] * layout[5]) <= DIVMOD_LIMIT else 0
 
 
+def sums_w1(layout: Sequence[int], cfg: dict, act: torch.dtype) -> bool:
+    """The factor-gradient kernel's ``SUM1``: LoKr with w1 full and blocks of whole tiles (p a multiple of BLOCK_N,
+    q of BLOCK_K), so each tile is one value of w1 and its contribution to w1's gradient one sum. Not for fp32
+    activations with w2 left low rank (that variant spills on sm_90, the compile report)."""
+    if act == torch.float32 and not layout[1]:
+        return False
+    return bool(kron(layout) and layout[0] and layout[2] % cfg["BLOCK_N"] == 0 and layout[4] % cfg["BLOCK_K"] == 0)
+
+
 def factor_precision(act: torch.dtype, operand: torch.dtype) -> str:
     """``input_precision`` of the rank-r dots on ``operand``-dtype factors in a model of dtype ``act``:
     ``dot_precision``'s, except fp32 factors on a 16-bit model (the factor-gradient kernel's ``exact`` operands):
@@ -733,7 +770,7 @@ def launch_grad_factors(dy2, x2, ops: Operands, need1: bool, need2: bool):
         return (g[0], v), (g[0].stride(0), g[0].stride(1), v.stride(0), v.stride(1))
 
     (gp1, gs1), (gp2, gs2) = gptrs(g1, f1), gptrs(g2, f2)
-    cfg = config("grad_factors", dy2.dtype, ops.layout[:2])
+    cfg = config("grad_factors", dy2.dtype, ops.layout[:2], ops.layout)
     ptrs, scalars, strides, consts = _common(ops)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(K, cfg["BLOCK_K"]),)
     launch(_lycoris_grad_factors_kernel, grid,
@@ -980,18 +1017,23 @@ def aot_specs() -> list[AotSpec]:
                     # fp32 factors on a 16-bit model: the factor gradients read them as fp32 (prepare, exact)
                     for wide in ((False, True) if kname == "grad_factors" and act != torch.float32 else (False,)):
                         specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide))
+                        if kname == "grad_factors" and full1 and kr and (full2 or act != torch.float32):
+                            # w1's gradient summed per tile (``sums_w1``)
+                            specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, 0, wide, True))
     return specs
 
 
-def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide) -> AotSpec:
+def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide, sum1=False) -> AotSpec:
     an = DTYPE_NAMES[act]
     cfg = gpu_config(kname, act, (full1, full2))
+    if align == 4:
+        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], ALIGN4_BLOCK_M)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     extra = {"HAS_BIAS": True} if flags else {}
     if kname == "grad_factors":
-        extra = {"NEED1": True, "NEED2": True}
-    else:
-        extra["ALIGN"] = align
+        extra = {"NEED1": True, "NEED2": True, "SUM1": sum1}
+    else:  # DELTA: as launched (its default; left out, the signature would make it an i32 argument)
+        extra.update(ALIGN=align, DELTA=True)
     factor = torch.float32 if wide else act
     consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
                   DELTA_PRECISION=factor_precision(act, factor), **cfg, **extra)
@@ -1005,5 +1047,6 @@ def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide) -> Aot
     sig = aot_signature(fn, types, consts)
     name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
             f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}"
-            f"{f',align={align}' if align else ''}{',factors=fp32' if wide else ''}]")
+            f"{f',align={align}' if align else ''}{',sum1' if sum1 else ''}"
+            f"{',factors=fp32' if wide else ''}]")
     return AotSpec(name, fn, sig, consts, warps, stages, True)

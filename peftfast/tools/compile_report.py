@@ -181,6 +181,13 @@ def compile_spec(spec, arch: int, source_label: str = "", sass: bool = False) ->
 
     row = Row(source_label, spec.name, arch, spec.num_warps, spec.num_stages, spec.uses_dot,
               shared_limit=SHARED_LIMIT[arch])
+    # a constexpr parameter left out of the spec's constexprs (one with a default, say) would be compiled as a
+    # runtime argument: another kernel than the one launched, its ``if`` on it a branch in the code
+    runtime = [p.name for p in getattr(spec.fn, "params", ())
+               if p.is_constexpr and spec.signature.get(p.name) != "constexpr"]
+    if runtime:
+        row.errors.append(f"constexpr parameters compiled as runtime arguments: {', '.join(runtime)} (give their "
+                          "values in the spec's constexprs)")
     triton.knobs.nvidia.dump_ptxas_log = True
     start = time.perf_counter()
     log = io.StringIO()

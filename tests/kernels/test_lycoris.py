@@ -152,6 +152,23 @@ def test_triton_lokr_blocks_aligned_along_the_loop(triton_kernels, monkeypatch, 
     assert [meta.get("ALIGN") for _k, _a, meta in seen] == want
 
 
+@pytest.mark.parametrize("p", [16, 32, 48, 80])
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_triton_lokr_w1_gradient_summed_per_tile(triton_kernels, monkeypatch, p, dtype):
+    """Blocks of whole tiles with w1 full: each tile of the factor-gradient kernel is one value of w1, its
+    contribution summed in the tile and added with one atomic (SUM1; per element, the fp32 sum over p * q * M
+    products went past the float64 bound). Output and every gradient against float64; M = 37 ends in a partial row
+    tile, w1 [3, 2]; p = 9 (blocks smaller than the tiles) keeps the per-element atomics."""
+    seen = _record_launches(monkeypatch)
+    inputs = make("lokr_ff", dtype, seed=p, blocks=(3, p, 2, 16))
+    check("lokr_ff", inputs, run_op(inputs, True))
+    assert [meta.get("SUM1") for _k, _a, meta in seen] == [None, None, True]
+    seen.clear()
+    inputs = make("lokr_ff", dtype, seed=p, blocks=(3, 9, 2, 16))
+    check("lokr_ff", inputs, run_op(inputs, True))
+    assert [meta.get("SUM1") for _k, _a, meta in seen] == [None, None, False]
+
+
 @pytest.mark.parametrize("kind", ["lokr_fl", "lokr_lf", "lokr_ll"])
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_triton_lokr_factors_left_low_rank(triton_kernels, monkeypatch, kind, dtype):
@@ -254,10 +271,10 @@ def test_launches_are_compiled(monkeypatch, act, wide, shape):
         if not any(fits(s) for s in specs):
             bad.append(f"{kernel.fn.__name__} {({key: v for key, v in kw.items()})}")
     assert len(seen) == 3 and not bad, bad
-    if shape == "lokr_aligned" and act != F32:
-        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [1, 1, None]
+    if shape == "lokr_aligned" and act != F32:  # the factor gradients' 64 x 64 tiles: one value of w1 each
+        assert [(kw.get("ALIGN"), kw.get("SUM1")) for _k, _a, kw in seen] == [(1, None), (1, None), (None, True)]
     if shape == "lokr_kv" and act != F32:
-        assert [kw.get("ALIGN") for _k, _a, kw in seen] == [2, 1, None]
+        assert [(kw.get("ALIGN"), kw.get("SUM1")) for _k, _a, kw in seen] == [(2, None), (1, None), (None, False)]
     if shape == "lokr_80" and act != F32:
         assert [kw.get("ALIGN") for _k, _a, kw in seen] == [3, 3, None]
 

@@ -118,9 +118,9 @@ def test_modelled_ratios_h100():
     assert [round(v, 3) for v in rows["peftfast LoKr GQA k/v 1024x4096, w2 [32,64] rank 16"]] == \
         [1.041, 1.000, 2.254, 2.001]
     assert [round(v, 3) for v in rows["peftfast LoKr 5120x5120, w2 [80,80] rank 16"]] == [1.093, 1.000, 2.428, 2.000]
-    # blocks smaller than the tiles (the general variant, ALIGN 4: a reciprocal division per index)
+    # blocks smaller than the tiles (the general variant, ALIGN 4: a reciprocal division per index, 128-row tiles)
     assert [round(v, 3) for v in rows["peftfast LoKr 576x576, w2 [24,24] rank 16 (general)"]] == \
-        [2.388, 1.388, 2.588, 2.002]
+        [2.960, 1.960, 3.043, 2.040]
     for name in got:
         pf, _, pb, _ = rows[f"PEFT {name}"]
         assert pf > rows[f"peftfast {name}"][0] and pb > rows[f"peftfast {name}"][2]

@@ -75,6 +75,12 @@ def toy_broken(x_ptr, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs) + 1)
 
 
+@triton.jit
+def toy_scaled_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr, SCALE: tl.constexpr = 2):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * SCALE, mask=offs < n)
+
+
 _COPY_SIG = {"x_ptr": "", "y_ptr": "", "n": "i32", "BLOCK": "constexpr"}
 
 
@@ -103,6 +109,9 @@ def bad_specs():
         AotSpec("spills", toy_normalize, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
                 {"BLOCK": 8192}, num_warps=1, num_stages=1),
         AotSpec("no_dot", toy_copy, dict(_COPY_SIG, x_ptr="*fp16", y_ptr="*fp16"), {"BLOCK": 1024}, uses_dot=True),
+        # SCALE (a constexpr with a default) left out of the constexprs: it would compile as an i32 argument
+        AotSpec("constexpr_as_argument", toy_scaled_copy, dict(_COPY_SIG, x_ptr="*fp32", y_ptr="*fp32", SCALE="i32"),
+                {"BLOCK": 1024}),
     ]
 
 
@@ -160,6 +169,11 @@ def test_shared_memory_over_the_arch_limit_fails(toy_report):
     assert all(r.shared == 256 * 256 * 2 for r in rows.values())  # 128 KiB for the fp16 transpose
     smem_fail = {arch for arch, r in rows.items() if any("shared memory" in e for e in r.errors)}
     assert smem_fail == {86, 89}  # over 99 KiB, under 163 KiB (sm_80) and 227 KiB (sm_90)
+
+
+def test_constexpr_compiled_as_an_argument_fails(toy_report):
+    for row in _rows(toy_report, "constexpr_as_argument").values():
+        assert [e for e in row.errors if e.startswith("constexpr parameters compiled as runtime arguments: SCALE")]
 
 
 def test_spills_fail(toy_report):

@@ -56,20 +56,21 @@ BLOCK_R = 16
 # ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN 1 variants, FMA in bf16), ``lokr_align2``
 # the same with LoKr's blocks aligned to the tiles along the kernel's loop only (ALIGN 2: a GQA k/v projection's
 # forward), larger than the tiles along it but not a multiple (ALIGN 3: blocks of 80, a 5120-wide layer), smaller
-# (``lokr_general``, ALIGN 4, a reciprocal division per index: blocks of 24, a 576-wide layer; ALIGN 0, the same with
-# 64-bit integer divisions, runs only past 2^22 rows or columns and is counted as ALIGN 4); ``lokr_w2_low_rank``
-# a factor left low rank (its rank-r dots in the loop). fp16 runs the same code; fp32 activations use these too.
+# (``lokr_general``, ALIGN 4, a reciprocal division per index shared by both factors, 128-row tiles: blocks of 24, a
+# 576-wide layer; ALIGN 0, the same with 64-bit integer divisions, runs only past 2^22 rows or columns and is counted
+# as ALIGN 4); ``lokr_w2_low_rank`` a factor left low rank (its rank-r dots in the loop). fp16 runs the same code;
+# fp32 activations use these too.
 COUNTED_DELTA_INSTRUCTIONS = {
     90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 5.38,
          ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00,
          ("lokr_align2", "forward"): 0.88, ("lokr_align2", "grad_x"): 8.12,
          ("lokr_align3", "forward"): 2.00, ("lokr_align3", "grad_x"): 9.12,
-         ("lokr_general", "forward"): 29.75, ("lokr_general", "grad_x"): 12.50},
+         ("lokr_general", "forward"): 21.00, ("lokr_general", "grad_x"): 11.12},
     89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.00,
          ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50,
          ("lokr_align2", "forward"): 0.62, ("lokr_align2", "grad_x"): 4.50,
          ("lokr_align3", "forward"): 0.12, ("lokr_align3", "grad_x"): 5.62,
-         ("lokr_general", "forward"): 27.88, ("lokr_general", "grad_x"): 8.88},
+         ("lokr_general", "forward"): 23.75, ("lokr_general", "grad_x"): 8.12},
 }
 # (sm_89's LoKr forward loop has fewer ALU instructions than its DELTA=False twin: the compiler schedules the two
 # differently; the model counts it as 0.)
@@ -90,6 +91,14 @@ def delta_case(kf: "Factors", kernel: str = "forward", act: torch.dtype = torch.
     (a, c, _), (p, q, _) = kf.f1, kf.f2
     align = LY.aligned(kernel, LY.lokr_layout(True, True, p, q, a, c), LY.gpu_config(kernel, act, (1, 1)))
     return ("lokr_general", "lokr", "lokr_align2", "lokr_align3", "lokr_general")[align]
+
+
+def variant_block_m(block_m: int, kf: "Factors", kernel: str, act: torch.dtype = torch.bfloat16) -> int:
+    """Rows per program of ``kernel`` for the kernels' factors: ``block_m``, or fewer for LoKr's general variant
+    (``kernels.lycoris.ALIGN4_BLOCK_M``)."""
+    from peftfast.kernels.lycoris import ALIGN4_BLOCK_M  # lazily: the module reads TRITON_INTERPRET
+
+    return min(block_m, ALIGN4_BLOCK_M) if delta_case(kf, kernel, act) == "lokr_general" else block_m
 
 
 def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100", act: torch.dtype = torch.bfloat16) -> float:
@@ -239,7 +248,8 @@ def peftfast_forward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dty
     a = nbytes(act)
     f = nbytes(factor_dtype or act)
     kf = kernel_factors(fac, d_in, d_out)
-    tc, cc = _tile_work(cdiv(t, block_m), d_in, d_out, kf, "forward", gpu_name, act)
+    tc, cc = _tile_work(cdiv(t, variant_block_m(block_m, kf, "forward", act)), d_in, d_out, kf, "forward", gpu_name,
+                        act)
     read = t * d_in * a + d_out * d_in * a + kf.nbytes(a, f) + (d_out * a if bias else 0)
     return _prepare(fac, d_in, d_out, a, f) + [
         Launch(Kernel("peftfast: X @ (W + D)^T (+ b), D tiles inside", read, t * d_out * a,
@@ -255,7 +265,8 @@ def peftfast_backward(t: int, d_in: int, d_out: int, fac: Factors, act: torch.dt
     a = nbytes(act)
     f = nbytes(factor_dtype or act)
     kf = kernel_factors(fac, d_in, d_out)
-    tc, cc = _tile_work(cdiv(t, block_m_dx), d_in, d_out, kf, "grad_x", gpu_name, act)
+    tc, cc = _tile_work(cdiv(t, variant_block_m(block_m_dx, kf, "grad_x", act)), d_in, d_out, kf, "grad_x",
+                        gpu_name, act)
     out = _prepare(fac, d_in, d_out, a, f)
     out.append(Launch(Kernel("peftfast bwd: dX = dY @ (W + D), D tiles inside",
                              t * d_out * a + d_out * d_in * a + kf.nbytes(a, f), t * d_in * a,
