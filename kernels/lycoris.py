@@ -44,11 +44,12 @@ Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the 
       then ``unprepare_grads`` and one cast of the fp32 sums to each factor's dtype (torch).
 
 Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit
-activations): per delta element the FMA and what the compiler emits around it (index and address arithmetic,
-masks, operand packing), plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's
+activations, 128 in the ALIGN 4 and HELD variants): per delta element the FMA and what the compiler emits around
+it (index and address arithmetic, masks, operand packing), plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's
 tensor-core work (its K = R_pad dot). ``peftfast.tools.costmodel.sass`` counts the extra ALU instructions per
 delta element in the compiled main loops (sm_90, bf16, the issue's shape): LoHa ~18 (forward and dX); LoKr with
-both factors whole and aligned ~0.9 (forward) and ~5.4 (dX). ALIGN (LoKr with both factors whole, p a multiple
+both factors whole and aligned ~0.9 (forward) and, dX holding w2's tiles (HELD, below), ~0.25 (dX; ~5.4 on
+blocks too tall to hold). ALIGN (LoKr with both factors whole, p a multiple
 of BLOCK_N and q of BLOCK_K): a tile lies in one block, so it reads one value of w1 and a contiguous tile of w2;
 the kernel computes its place in the blocks once along its fixed direction and keeps it as the loop steps along
 the other: no integer division in the loop (the general variant divides per index: 64-bit, software-emulated on
@@ -63,7 +64,11 @@ smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide layer):
 index's block and offset from an fp32 reciprocal and one correction (``reciprocal_divmod``) instead of a 64-bit integer
 division, computed once per index for both factors (the fixed direction's before the loop), on 128-row tiles (with
 256 its 16-bit kernels spill registers on sm_80): ~21.0 and ~11.1 where the divisions counted ~33.6 and ~64.8
-(ALIGN 0 keeps those past ``DIVMOD_LIMIT``).
+(ALIGN 0 keeps those past ``DIVMOD_LIMIT``). HELD (dX, 16-bit activations, ALIGN 1 with blocks of p <= 4 tiles
+of BLOCK_N rows, e.g. w2 [64, 64]): a program's columns meet the same p / BLOCK_N tiles of w2 in every block, so
+they are read once and held in registers, w1 read once per block, the loop nested (blocks, then their tiles,
+unrolled); on 128-row tiles (256 spill): ~0.25 instructions per element on sm_90, where the plain ALIGN 1 loop
+counts ~5.4 (a w2 tile's address, w1's, the place's steps per 8 elements).
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
@@ -257,9 +262,23 @@ def _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, nq, nr
                       cmod1, su1_0, su1_1, sv1_0, sv1_1, FULL1, TRANS, PRECISION, BLOCK_R, KRON, ALIGN)
     p2 = _factor_tile(u2_ptr, v2_ptr, R2, offs_n, offs_k, nq, nr, kq, kr, mask_n, mask_k, rdiv2, rmod2, cdiv2,
                       cmod2, su2_0, su2_1, sv2_0, sv2_1, FULL2, TRANS, PRECISION, BLOCK_R, 2 * KRON, ALIGN)
+    return _fma_delta(p1, p2, w)
+
+
+@triton.jit
+def _fma_delta(p1, p2, w):
+    """w + p1 * p2 in w's dtype: one FMA in that dtype when both factors are in it, else in fp32."""
     if p1.dtype == w.dtype and p2.dtype == w.dtype:
         return tl.fma(p1, p2, w)
     return tl.fma(p1.to(tl.float32), p2.to(tl.float32), w.to(tl.float32)).to(w.dtype)
+
+
+@triton.jit
+def _held_tile(u_ptr, j, cols, stride_0, stride_1, BLOCK_N: tl.constexpr):
+    """Rows j * BLOCK_N.. of a full factor at columns ``cols``, [BLOCK_N, len(cols)] (in bounds: the caller's rows
+    and columns lie inside the factor)."""
+    rows = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tl.load(u_ptr + rows[:, None] * stride_0 + cols[None, :] * stride_1)
 
 
 @triton.jit
@@ -357,6 +376,7 @@ def _lycoris_grad_x_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, ALIGN: tl.constexpr = 0,  # LoKr's blocks against the tiles (``aligned``)
     DELTA: tl.constexpr = True,  # False: the base GEMM alone (never launched; the instruction count's baseline)
+    HELD: tl.constexpr = 0,  # ALIGN 1 with p = HELD * BLOCK_N (``held_tiles``): w2's tiles held in registers
 ):
     pid_m, pid_k = grouped_tile(tl.program_id(0).to(tl.int64), M, K, BLOCK_M, BLOCK_K, GROUP_M)
     offs_m, offs_k, mask_m, mask_k = tile_offsets(pid_m, pid_k, M, K, BLOCK_M, BLOCK_K)
@@ -364,26 +384,61 @@ def _lycoris_grad_x_kernel(
     # ALIGN: the tile's place in LoKr's blocks: columns kq * q + kr.. (fixed), rows nq * p + nr.. (kept as the
     # loop steps); ALIGN 2, 3: each column's (k // q, k % q)
     kq, kr = _fixed_place(offs_k, pid_k, K, cdiv1, BLOCK_K, ALIGN)
-    nq = tl.full((), 0, tl.int32)
-    nr = tl.full((), 0, tl.int32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask_n = offs_n < N
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
-        rq, rr = nq, nr
-        if ALIGN == 4:  # each row's block and offset, for both factors
-            rq, rr = reciprocal_divmod(offs_n, rdiv1)
-        if DELTA:
-            w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, rq, rr, kq, kr,
-                           mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
-                           su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
-                           FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
-        acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
-        if ALIGN == 1 or ALIGN == 2 or ALIGN == 3:  # the general variants (0, 4) keep no place
-            nq, nr = _next_place(nq, nr, rdiv1, BLOCK_N, ALIGN)
+    if HELD > 0:
+        # blocks of p = HELD * BLOCK_N rows: the program's columns see the same HELD tiles of w2 in every block, read
+        # once here and held in registers; w1[nq, kq] is read once per block; the loop nested (blocks, then the
+        # block's tiles, unrolled), no place to keep (N = a * p, K a multiple of BLOCK_K: no masks along N, K)
+        cols = kr + tl.arange(0, BLOCK_K)
+        t0 = _held_tile(u2_ptr, 0, cols, su2_0, su2_1, BLOCK_N)
+        t1 = t0
+        t2 = t0
+        t3 = t0
+        if HELD > 1:
+            t1 = _held_tile(u2_ptr, 1, cols, su2_0, su2_1, BLOCK_N)
+        if HELD > 2:
+            t2 = _held_tile(u2_ptr, 2, cols, su2_0, su2_1, BLOCK_N)
+        if HELD > 3:
+            t3 = _held_tile(u2_ptr, 3, cols, su2_0, su2_1, BLOCK_N)
+        w1 = u1_ptr + kq * su1_1  # w1[0, kq], then a row further per block
+        for n0 in range(0, N, HELD * BLOCK_N):
+            v1 = tl.load(w1)
+            w1 += su1_0
+            for j in tl.static_range(HELD):
+                offs_n = n0 + j * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+                dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                             mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk)  # [BN, BK]
+                if DELTA:
+                    if j == 0:
+                        w = _fma_delta(v1, t0, w)
+                    elif j == 1:
+                        w = _fma_delta(v1, t1, w)
+                    elif j == 2:
+                        w = _fma_delta(v1, t2, w)
+                    else:
+                        w = _fma_delta(v1, t3, w)
+                acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
+    else:
+        nq = tl.full((), 0, tl.int32)
+        nr = tl.full((), 0, tl.int32)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            mask_n = offs_n < N
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # [BN, BK]
+            rq, rr = nq, nr
+            if ALIGN == 4:  # each row's block and offset, for both factors
+                rq, rr = reciprocal_divmod(offs_n, rdiv1)
+            if DELTA:
+                w = _add_delta(w, u1_ptr, v1_ptr, u2_ptr, v2_ptr, R1, R2, offs_n, offs_k, rq, rr, kq, kr,
+                               mask_n, mask_k, rdiv1, rmod1, cdiv1, cmod1, rdiv2, rmod2, cdiv2, cmod2,
+                               su1_0, su1_1, sv1_0, sv1_1, su2_0, su2_1, sv2_0, sv2_1,
+                               FULL1, FULL2, False, DELTA_PRECISION, BLOCK_R, KRON, ALIGN)
+            acc = tl.dot(dy, w, acc, input_precision=BASE_PRECISION)
+            if ALIGN == 1 or ALIGN == 2 or ALIGN == 3:  # the general variants (0, 4) keep no place
+                nq, nr = _next_place(nq, nr, rdiv1, BLOCK_N, ALIGN)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -494,9 +549,27 @@ _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_R": 16,
                      "num_warps": 4, "num_stages": 1}
 
 
-# ALIGN 4's per-index blocks and offsets hold more registers: its 16-bit forward and dX spill with 256-row tiles on
-# sm_80 (the compile report), not with 128
-ALIGN4_BLOCK_M = 128
+# ALIGN 4's per-index blocks and offsets, and dX's held tiles of w2 (HELD), hold more registers: with 256-row tiles
+# their 16-bit kernels spill (the compile report: ALIGN 4 on sm_80, HELD on sm_80 to sm_90), not with 128
+VARIANT_BLOCK_M = 128
+# The most tiles of w2 dX's HELD variant keeps in registers (4 x 32 x 64 16-bit values per 256-thread program: 16
+# registers a thread)
+MAX_HELD = 4
+
+
+def variant_block_m(block_m: int, align: int, held: int) -> int:
+    """Rows per program of a forward or dX variant: the config's, at most VARIANT_BLOCK_M for ALIGN 4 and HELD."""
+    return min(block_m, VARIANT_BLOCK_M) if align == 4 or held else block_m
+
+
+def held_tiles(layout: Sequence[int], cfg: dict, act: torch.dtype) -> int:
+    """dX's ``HELD``: with 16-bit activations and LoKr's blocks holding whole tiles (``ALIGN`` 1) of p <= MAX_HELD *
+    BLOCK_N rows, p / BLOCK_N, the tiles of w2 a program sees (the same ones in each of the a blocks along its
+    loop); else 0 (fp32 activations' variants spill 8-32 bytes on sm_80 and sm_86, the compile report)."""
+    if cfg["ALIGN"] != 1 or act == torch.float32:
+        return 0
+    held = layout[2] // cfg["BLOCK_N"]
+    return held if held <= MAX_HELD else 0
 
 
 def gpu_config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0)) -> dict:
@@ -517,8 +590,9 @@ def config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0), layout: 
         cfg["SUM1"] = sums_w1(layout, cfg, act)
     elif layout is not None:
         cfg["ALIGN"] = aligned(kernel, layout, cfg)
-        if cfg["ALIGN"] == 4:
-            cfg["BLOCK_M"] = min(cfg["BLOCK_M"], ALIGN4_BLOCK_M)
+        if kernel == "grad_x":
+            cfg["HELD"] = held_tiles(layout, cfg, act)
+        cfg["BLOCK_M"] = variant_block_m(cfg["BLOCK_M"], cfg["ALIGN"], cfg.get("HELD", 0))
     return cfg
 
 
@@ -1016,24 +1090,27 @@ def aot_specs() -> list[AotSpec]:
                 for align in ((0, 1, 2, 3, 4) if full1 and full2 and kname != "grad_factors" else (0,)):
                     # fp32 factors on a 16-bit model: the factor gradients read them as fp32 (prepare, exact)
                     for wide in ((False, True) if kname == "grad_factors" and act != torch.float32 else (False,)):
-                        specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide))
+                        held_ok = kname == "grad_x" and align == 1 and act != torch.float32
+                        for held in range(MAX_HELD + 1) if held_ok else (0,):
+                            specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide, held))
                         if kname == "grad_factors" and full1 and kr and (full2 or act != torch.float32):
                             # w1's gradient summed per tile (``sums_w1``)
-                            specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, 0, wide, True))
+                            specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, 0, wide, 0, True))
     return specs
 
 
-def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide, sum1=False) -> AotSpec:
+def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide, held=0, sum1=False) -> AotSpec:
     an = DTYPE_NAMES[act]
     cfg = gpu_config(kname, act, (full1, full2))
-    if align == 4:
-        cfg["BLOCK_M"] = min(cfg["BLOCK_M"], ALIGN4_BLOCK_M)
+    cfg["BLOCK_M"] = variant_block_m(cfg["BLOCK_M"], align, held)
     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     extra = {"HAS_BIAS": True} if flags else {}
     if kname == "grad_factors":
         extra = {"NEED1": True, "NEED2": True, "SUM1": sum1}
     else:  # DELTA: as launched (its default; left out, the signature would make it an i32 argument)
         extra.update(ALIGN=align, DELTA=True)
+    if kname == "grad_x":
+        extra["HELD"] = held
     factor = torch.float32 if wide else act
     consts = dict(FULL1=bool(full1), FULL2=bool(full2), KRON=kr, BASE_PRECISION=dot_precision(act),
                   DELTA_PRECISION=factor_precision(act, factor), **cfg, **extra)
@@ -1047,6 +1124,6 @@ def _aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide, sum1=F
     sig = aot_signature(fn, types, consts)
     name = (f"lycoris_{kname}[x={an},full={full1}{full2},kron={kr},"
             f"{','.join(f'{k}={v}' for k, v in cfg.items())},stages={stages}"
-            f"{f',align={align}' if align else ''}{',sum1' if sum1 else ''}"
+            f"{f',align={align}' if align else ''}{f',held={held}' if held else ''}{',sum1' if sum1 else ''}"
             f"{',factors=fp32' if wide else ''}]")
     return AotSpec(name, fn, sig, consts, warps, stages, True)

@@ -152,6 +152,20 @@ def test_triton_lokr_blocks_aligned_along_the_loop(triton_kernels, monkeypatch, 
     assert [meta.get("ALIGN") for _k, _a, meta in seen] == want
 
 
+@pytest.mark.parametrize("p", [16, 32, 48, 64, 80])
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_triton_lokr_dx_holds_w2_tiles(triton_kernels, monkeypatch, p, dtype):
+    """16-bit activations, blocks of whole tiles (ALIGN 1) of p <= MAX_HELD * BLOCK_N rows: dX holds w2's p /
+    BLOCK_N tiles of its columns in registers and reads w1 once per block (HELD 1 to 4, its loop nested: blocks,
+    then their tiles); taller blocks (p = 80: five 16-row tiles) keep the plain ALIGN 1 loop (HELD 0), and so do
+    fp32 activations. Output and every gradient against float64; M = 37 ends in a partial row tile, w1 [3, 2]."""
+    seen = _record_launches(monkeypatch)
+    inputs = make("lokr_ff", dtype, seed=p, blocks=(3, p, 2, 16))
+    check("lokr_ff", inputs, run_op(inputs, True))
+    held = p // 16 if p // 16 <= LY.MAX_HELD and dtype != F32 else 0
+    assert [(meta.get("ALIGN"), meta.get("HELD")) for _k, _a, meta in seen] == [(1, None), (1, held), (None, None)]
+
+
 @pytest.mark.parametrize("p", [16, 32, 48, 80])
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_triton_lokr_w1_gradient_summed_per_tile(triton_kernels, monkeypatch, p, dtype):
@@ -271,10 +285,12 @@ def test_launches_are_compiled(monkeypatch, act, wide, shape):
         if not any(fits(s) for s in specs):
             bad.append(f"{kernel.fn.__name__} {({key: v for key, v in kw.items()})}")
     assert len(seen) == 3 and not bad, bad
-    if shape == "lokr_aligned" and act != F32:  # the factor gradients' 64 x 64 tiles: one value of w1 each
-        assert [(kw.get("ALIGN"), kw.get("SUM1")) for _k, _a, kw in seen] == [(1, None), (1, None), (None, True)]
+    variant = [(kw.get("ALIGN"), kw.get("HELD"), kw.get("SUM1"), kw["BLOCK_M"]) for _k, _a, kw in seen]
+    if shape == "lokr_aligned" and act != F32:  # dX's 32-row tiles: two per block of w2, held (HELD 2, 128 rows);
+        # the factor gradients' 64 x 64 tiles: one value of w1 each (SUM1)
+        assert variant == [(1, None, None, 256), (1, 2, None, 128), (None, None, True, 64)]
     if shape == "lokr_kv" and act != F32:
-        assert [(kw.get("ALIGN"), kw.get("SUM1")) for _k, _a, kw in seen] == [(2, None), (1, None), (None, False)]
+        assert variant == [(2, None, None, 256), (1, 1, None, 128), (None, None, False, 64)]
     if shape == "lokr_80" and act != F32:
         assert [kw.get("ALIGN") for _k, _a, kw in seen] == [3, 3, None]
 

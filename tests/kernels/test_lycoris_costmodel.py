@@ -78,6 +78,11 @@ def test_counted_case_follows_the_launchers_align_choice():
     assert [FL.delta_case(wide, k) for k in ("forward", "grad_x")] == ["lokr_align3", "lokr_align3"]
     assert [FL.delta_case(small, k) for k in ("forward", "grad_x")] == ["lokr_general", "lokr_general"]
     assert [FL.delta_case(square, k) for k in ("forward", "grad_x")] == ["lokr", "lokr"]
+    # blocks of 512 rows: too tall for dX to hold w2's tiles (HELD 0, the plain ALIGN 1 loop on 256-row tiles)
+    tall = FL.kernel_factors(FL.lokr(4096, 4096, 8, 8, 0, 16), 4096, 4096)  # w2 [512, 512], formed
+    assert [FL.delta_case(tall, k) for k in ("forward", "grad_x")] == ["lokr", "lokr_wide_blocks"]
+    assert [FL.variant_block_m(256, kf, "grad_x") for kf in (square, tall, kv, small)] == [128, 256, 128, 128]
+    assert FL.variant_block_m(64, square, "grad_x", torch.float32) == 64
 
 
 def test_small_lokr_factors_formed_in_the_model():
@@ -112,11 +117,14 @@ def test_modelled_ratios_h100():
     got = {name: [round(v, 3) for v in rows[f"peftfast {name}"]] for name in (
         "LoHa r=16", "LoKr w1 full [64,64], w2 rank 16", "LoKr w1 full [4,4], w2 rank 16 (not formed)")}
     assert got == {"LoHa r=16": [1.959, 1.125, 2.991, 2.140],
-                   "LoKr w1 full [64,64], w2 rank 16": [1.041, 1.000, 2.254, 2.000],
+                   "LoKr w1 full [64,64], w2 rank 16": [1.041, 1.000, 2.026, 2.000],
                    "LoKr w1 full [4,4], w2 rank 16 (not formed)": [1.873, 1.063, 2.679, 2.069]}
     # LoKr blocks aligned to the forward's tiles along K only (ALIGN 2), and in neither direction (general)
     assert [round(v, 3) for v in rows["peftfast LoKr GQA k/v 1024x4096, w2 [32,64] rank 16"]] == \
-        [1.041, 1.000, 2.254, 2.001]
+        [1.041, 1.000, 2.027, 2.001]
+    # blocks too tall for dX to hold w2's tiles: its plain ALIGN 1 loop
+    assert [round(v, 3) for v in rows["peftfast LoKr w1 full [8,8], w2 [512,512] rank 16"]] == \
+        [1.044, 1.003, 2.260, 2.006]
     assert [round(v, 3) for v in rows["peftfast LoKr 5120x5120, w2 [80,80] rank 16"]] == [1.093, 1.000, 2.428, 2.000]
     # blocks smaller than the tiles (the general variant, ALIGN 4: a reciprocal division per index, 128-row tiles)
     assert [round(v, 3) for v in rows["peftfast LoKr 576x576, w2 [24,24] rank 16 (general)"]] == \
@@ -128,7 +136,7 @@ def test_modelled_ratios_h100():
     # PEFT (no autocast) with fp32 delta GEMMs
     rows = {name: [round(v, 3) for v in vals] for name, *vals in FL.ratio_rows(H100, factor_dtype=torch.float32)}
     assert rows["peftfast LoHa r=16"] == [1.961, 1.127, 3.000, 2.152]
-    assert rows["peftfast LoKr w1 full [64,64], w2 rank 16"] == [1.041, 1.000, 2.254, 2.000]
+    assert rows["peftfast LoKr w1 full [64,64], w2 rank 16"] == [1.041, 1.000, 2.026, 2.000]
     assert [rows["PEFT LoHa r=16"][i] for i in (0, 2)] == [14.113, 26.576]
     assert [rows["PEFT LoKr w1 full [64,64], w2 rank 16"][i] for i in (0, 2)] == [13.852, 26.183]
 

@@ -76,7 +76,7 @@ def loop_counts(spec, arch: int) -> Counter:
     return Counter(category(x) for x in main_loop(sass_listing(kernel.asm["cubin"])))
 
 
-CASES = ("loha", "lokr", "lokr_w2_low_rank", "lokr_align2", "lokr_align3", "lokr_general")
+CASES = ("loha", "lokr", "lokr_wide_blocks", "lokr_w2_low_rank", "lokr_align2", "lokr_align3", "lokr_general")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,9 @@ def _launches(case: str, arch: int, t: int, d: int, r: int):
     elif case in ("lokr", "lokr_w2_low_rank"):  # w1 [a, a], w2 [d / a, d / a]: formed for a = 64, not for 4
         a = 64 if case == "lokr" else 4
         layers = [lokr(a, d // a, a, d // a)] * 2
+    elif case == "lokr_wide_blocks":  # w1 [8, 8], w2 [d / 8, d / 8] formed: blocks of whole tiles, too tall for dX
+        # to hold w2's tiles (p > MAX_HELD * BLOCK_N): ALIGN 1 without HELD
+        layers = [lokr(8, d // 8, 8, d // 8)] * 2
     elif case == "lokr_align2":  # blocks aligned along the loop only: the forward of a GQA k/v projection
         # [d / 4, d] (p = 32 < BLOCK_N), the dX of a [d, 3 d / 8] layer (q = 48, not a multiple of BLOCK_K)
         layers = [lokr(d // 128, 32, 64, d // 64), lokr(64, d // 64, 32, 3 * d // 256)]
@@ -132,7 +135,8 @@ def _launches(case: str, arch: int, t: int, d: int, r: int):
 
 def lycoris_delta_counts(arch: int = 90, t: int = 8192, d: int = 4096, r: int = 16) -> list[DeltaCount]:
     """DeltaCount of the forward and dX kernels, bf16, for LoHa r (``loha``), LoKr with w1 [64, 64] full and w2 of
-    rank r formed whole (``lokr``: both factors gathered, blocks of whole tiles: ALIGN 1), LoKr with w1 [4, 4] and
+    rank r formed whole (``lokr``: both factors gathered, blocks of whole tiles: ALIGN 1, dX holding w2's tiles:
+    HELD), the same with w1 [8, 8] (``lokr_wide_blocks``: blocks of 512 rows, too tall to hold), LoKr with w1 [4, 4] and
     w2 [d / 4, d / 4] of rank r left low rank (``lokr_w2_low_rank``), and LoKr with both factors gathered whose
     blocks hold whole tiles along the kernel's loop only (``lokr_align2``, ALIGN 2), are larger than the tiles along
     it but not a multiple (``lokr_align3``, ALIGN 3) or smaller (``lokr_general``, ALIGN 0)."""
@@ -144,7 +148,8 @@ def lycoris_delta_counts(arch: int = 90, t: int = 8192, d: int = 4096, r: int = 
             spec = spec_from_launch(rec.kernel, rec.args, rec.meta, arch, f"lycoris_{name}", True)
             base = replace(spec, constexprs={**spec.constexprs, "DELTA": False})
             c = spec.constexprs
-            elements = c["BLOCK_K"] * c["BLOCK_N"] // (32 * spec.num_warps)
+            # dX's HELD variant runs a block's HELD tiles per iteration of its (outer) loop
+            elements = c["BLOCK_K"] * c["BLOCK_N"] * max(1, c.get("HELD", 0)) // (32 * spec.num_warps)
             out.append(DeltaCount(case, name, arch, loop_counts(spec, arch)["alu"], loop_counts(base, arch)["alu"],
                                   elements))
     return out

@@ -53,7 +53,9 @@ BLOCK_R = 16
 # iteration (``python -m peftfast.tools.costmodel.sass --arch N`` prints them; tests/kernels/test_lycoris_costmodel.py
 # recounts sm_90). They include what the compiler emits around the FMA: index and address arithmetic, masks,
 # operand packing, the loop's uniform-datapath bookkeeping. Keyed by architecture, then (case, kernel): ``loha``;
-# ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN 1 variants, FMA in bf16), ``lokr_align2``
+# ``lokr`` both factors gathered (w1 full, w2 formed or full; the ALIGN 1 variants, FMA in bf16; dX holding w2's
+# tiles in registers, HELD, on 128-row tiles), ``lokr_wide_blocks`` the same with blocks too tall to hold (dX's plain
+# ALIGN 1 loop on 256-row tiles: w1 [8, 8], w2 [512, 512] at 4096), ``lokr_align2``
 # the same with LoKr's blocks aligned to the tiles along the kernel's loop only (ALIGN 2: a GQA k/v projection's
 # forward), larger than the tiles along it but not a multiple (ALIGN 3: blocks of 80, a 5120-wide layer), smaller
 # (``lokr_general``, ALIGN 4, a reciprocal division per index shared by both factors, 128-row tiles: blocks of 24, a
@@ -61,12 +63,14 @@ BLOCK_R = 16
 # as ALIGN 4); ``lokr_w2_low_rank`` a factor left low rank (its rank-r dots in the loop). fp16 runs the same code;
 # fp32 activations use these too.
 COUNTED_DELTA_INSTRUCTIONS = {
-    90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 5.38,
+    90: {("loha", "forward"): 17.88, ("loha", "grad_x"): 18.12, ("lokr", "forward"): 0.88, ("lokr", "grad_x"): 0.25,
+         ("lokr_wide_blocks", "forward"): 0.88, ("lokr_wide_blocks", "grad_x"): 5.38,
          ("lokr_w2_low_rank", "forward"): 17.38, ("lokr_w2_low_rank", "grad_x"): 13.00,
          ("lokr_align2", "forward"): 0.88, ("lokr_align2", "grad_x"): 8.12,
          ("lokr_align3", "forward"): 2.00, ("lokr_align3", "grad_x"): 9.12,
          ("lokr_general", "forward"): 21.00, ("lokr_general", "grad_x"): 11.12},
-    89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.00,
+    89: {("loha", "forward"): 20.25, ("loha", "grad_x"): 19.88, ("lokr", "forward"): -1.00, ("lokr", "grad_x"): 0.19,
+         ("lokr_wide_blocks", "forward"): -1.00, ("lokr_wide_blocks", "grad_x"): 0.00,
          ("lokr_w2_low_rank", "forward"): 16.00, ("lokr_w2_low_rank", "grad_x"): 11.50,
          ("lokr_align2", "forward"): 0.62, ("lokr_align2", "grad_x"): 4.50,
          ("lokr_align3", "forward"): 0.12, ("lokr_align3", "grad_x"): 5.62,
@@ -89,16 +93,22 @@ def delta_case(kf: "Factors", kernel: str = "forward", act: torch.dtype = torch.
     from peftfast.kernels import lycoris as LY  # lazily: the module reads TRITON_INTERPRET
 
     (a, c, _), (p, q, _) = kf.f1, kf.f2
-    align = LY.aligned(kernel, LY.lokr_layout(True, True, p, q, a, c), LY.gpu_config(kernel, act, (1, 1)))
+    layout = LY.lokr_layout(True, True, p, q, a, c)
+    cfg = LY.gpu_config(kernel, act, (1, 1))
+    cfg["ALIGN"] = align = LY.aligned(kernel, layout, cfg)
+    if align == 1 and kernel == "grad_x" and not LY.held_tiles(layout, cfg, act):
+        return "lokr_wide_blocks"
     return ("lokr_general", "lokr", "lokr_align2", "lokr_align3", "lokr_general")[align]
 
 
 def variant_block_m(block_m: int, kf: "Factors", kernel: str, act: torch.dtype = torch.bfloat16) -> int:
     """Rows per program of ``kernel`` for the kernels' factors: ``block_m``, or fewer for LoKr's general variant
-    (``kernels.lycoris.ALIGN4_BLOCK_M``)."""
-    from peftfast.kernels.lycoris import ALIGN4_BLOCK_M  # lazily: the module reads TRITON_INTERPRET
+    (ALIGN 4) and dX holding w2's tiles (``kernels.lycoris.variant_block_m``)."""
+    from peftfast.kernels.lycoris import VARIANT_BLOCK_M  # lazily: the module reads TRITON_INTERPRET
 
-    return min(block_m, ALIGN4_BLOCK_M) if delta_case(kf, kernel, act) == "lokr_general" else block_m
+    case = delta_case(kf, kernel, act)
+    fewer = case == "lokr_general" or (case == "lokr" and kernel == "grad_x" and act != torch.float32)
+    return min(block_m, VARIANT_BLOCK_M) if fewer else block_m
 
 
 def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100", act: torch.dtype = torch.bfloat16) -> float:
@@ -406,6 +416,7 @@ def ratio_rows(gpu: Gpu, t: int = 8192, d: int = 4096, r: int = 16, act: torch.d
         f"LoHa r={r}": (loha(d, d, r), d, d),
         f"LoKr w1 full [64,64], w2 rank {r}": (lokr(d, d, 64, 64, 0, r), d, d),
         f"LoKr w1, w2 full (r >= {d // 128})": (lokr(d, d, 64, 64, 0, 0), d, d),
+        f"LoKr w1 full [8,8], w2 [512,512] rank {r}": (lokr(d, d, 8, 8, 0, r), d, d),
         f"LoKr w1 full [4,4], w2 rank {r} (not formed)": (lokr(d, d, 4, 4, 0, r), d, d),
         # LoKr's blocks (PEFT's factorization) aligned to the tiles along the loop only, or not at all
         f"LoKr GQA k/v {d // 4}x{d}, w2 [32,64] rank {r}": (lokr(d, d // 4, d // 128, 64, 0, r), d, d // 4),
