@@ -45,8 +45,8 @@ Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the 
 
 Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit
 activations, 128 in the ALIGN 4 and HELD variants): per delta element the FMA and what the compiler emits around
-it (index and address arithmetic, masks, operand packing), plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of the GEMM's
-tensor-core work (its K = R_pad dot). ``peftfast.tools.costmodel.sass`` counts the extra ALU instructions per
+it (index and address arithmetic, masks, operand packing), plus, per low-rank factor left low rank, a share
+2 * R_pad / BLOCK_M of the GEMM's tensor-core work (its K = R_pad dot). ``peftfast.tools.costmodel.sass`` counts the extra ALU instructions per
 delta element in the compiled main loops (sm_90, bf16, the issue's shape): LoHa ~18 (forward and dX); LoKr with
 both factors whole and aligned ~0.9 (forward) and, dX holding w2's tiles (HELD, below), ~0.25 (dX; ~5.4 on
 blocks too tall to hold). ALIGN (LoKr with both factors whole, p a multiple
