@@ -43,32 +43,31 @@ Blocked algorithm (Triton, CUDA tensors; the interpreter on CPU tensors for the 
         LOW-RANK: dU[row(n)] += dP @ V[:, col(k)]^T, dV[:, col(k)] += U[row(n)]^T @ dP  (fp32 atomics)
       then ``unprepare_grads`` and one cast of the fp32 sums to each factor's dtype (torch).
 
-Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit
-activations, 128 in the ALIGN 4 and HELD variants): per delta element the FMA and what the compiler emits around
-it (index and address arithmetic, masks, operand packing), plus, per low-rank factor left low rank, a share
-2 * R_pad / BLOCK_M of the GEMM's tensor-core work (its K = R_pad dot). ``peftfast.tools.costmodel.sass`` counts the extra ALU instructions per
-delta element in the compiled main loops (sm_90, bf16, the issue's shape): LoHa ~18 (forward and dX); LoKr with
-both factors whole and aligned ~0.9 (forward) and, dX holding w2's tiles (HELD, below), ~0.25 (dX; ~5.4 on
-blocks too tall to hold). ALIGN (LoKr with both factors whole, p a multiple
-of BLOCK_N and q of BLOCK_K): a tile lies in one block, so it reads one value of w1 and a contiguous tile of w2;
-the kernel computes its place in the blocks once along its fixed direction and keeps it as the loop steps along
-the other: no integer division in the loop (the general variant divides per index: 64-bit, software-emulated on
-GPUs), no masks on those loads. ALIGN 2 (the blocks hold whole tiles along the loop's direction only: q of
-BLOCK_K in the forward, p of BLOCK_N in dX; a GQA k/v projection's 1024 = 32 x 32 rows in the forward's 64-row
-tiles): the fixed direction's block indices are vectors computed once per program, w1 is read as one vector and
-w2 as a gather of those rows (columns) per step; counted ~0.9 (forward) and ~8.1 (dX) instructions per element on
-sm_90. ALIGN 3 (blocks along the loop larger than the tile, not a multiple: 5120 = 64 x 80): the same, a tile's
-offsets past the block's end taken from the next block (w1: a select between two vectors in the forward, a
-gather in dX): ~2.0 and ~9.1 on sm_90, where the general variant counts 12.6 and 10.6 there. ALIGN 4 (blocks
-smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide layer): the general variant, each
-index's block and offset from an fp32 reciprocal and one correction (``reciprocal_divmod``) instead of a 64-bit integer
-division, computed once per index for both factors (the fixed direction's before the loop), on 128-row tiles (with
-256 its 16-bit kernels spill registers on sm_80): ~21.0 and ~11.1 where the divisions counted ~33.6 and ~64.8
-(ALIGN 0 keeps those past ``DIVMOD_LIMIT``). HELD (dX, 16-bit activations, ALIGN 1 with blocks of p <= 4 tiles
-of BLOCK_N rows, e.g. w2 [64, 64]): a program's columns meet the same p / BLOCK_N tiles of w2 in every block, so
-they are read once and held in registers, w1 read once per block, the loop nested (blocks, then their tiles,
-unrolled); on 128-row tiles (256 spill): ~0.25 instructions per element on sm_90, where the plain ALIGN 1 loop
-counts ~5.4 (a w2 tile's address, w1's, the place's steps per 8 elements).
+Cost of generating W + D: once per program, i.e. once per BLOCK_M rows of x (256 on GPUs with 16-bit activations,
+128 in the ALIGN 4 and HELD variants): per delta element the FMA and what the compiler emits around it (index and
+address arithmetic, masks, operand packing), plus, per low-rank factor left low rank, a share 2 * R_pad / BLOCK_M of
+the GEMM's tensor-core work (its K = R_pad dot). ``peftfast.tools.costmodel.sass`` counts the extra ALU instructions
+per delta element in the compiled main loops (sm_90, bf16, the issue's shape): LoHa ~18 (forward and dX); LoKr with
+both factors whole and aligned ~0.9 (forward) and, dX holding w2's tiles (HELD, below), ~0.25 (dX; ~5.4 on blocks
+too tall to hold). ALIGN (LoKr with both factors whole, p a multiple of BLOCK_N and q of BLOCK_K): a tile lies in
+one block, so it reads one value of w1 and a contiguous tile of w2; the kernel computes its place in the blocks once
+along its fixed direction and keeps it as the loop steps along the other: no integer division in the loop (the
+general variant divides per index: 64-bit, software-emulated on GPUs), no masks on those loads. ALIGN 2 (the blocks
+hold whole tiles along the loop's direction only: q of BLOCK_K in the forward, p of BLOCK_N in dX; a GQA k/v
+projection's 1024 = 32 x 32 rows in the forward's 64-row tiles): the fixed direction's block indices are vectors
+computed once per program, w1 is read as one vector and w2 as a gather of those rows (columns) per step; counted
+~0.9 (forward) and ~8.1 (dX) instructions per element on sm_90. ALIGN 3 (blocks along the loop larger than the tile,
+not a multiple: 5120 = 64 x 80): the same, a tile's offsets past the block's end taken from the next block (w1: a
+select between two vectors in the forward, a gather in dX): ~2.0 and ~9.1 on sm_90, where the general variant counts
+12.6 and 10.6 there. ALIGN 4 (blocks smaller than the tiles along the loop, e.g. 24 x 24 blocks of a 576-wide
+layer): the general variant, each index's block and offset from an fp32 reciprocal and one correction
+(``reciprocal_divmod``) instead of a 64-bit integer division, computed once per index for both factors (the fixed
+direction's before the loop), on 128-row tiles (with 256 its 16-bit kernels spill registers on sm_80): ~21.0 and
+~11.1 where the divisions counted ~33.6 and ~64.8 (ALIGN 0 keeps those past ``DIVMOD_LIMIT``). HELD (dX, 16-bit
+activations, ALIGN 1 with blocks of p <= 4 tiles of BLOCK_N rows, e.g. w2 [64, 64]): a program's columns meet the
+same p / BLOCK_N tiles of w2 in every block, so they are read once and held in registers, w1 read once per block,
+the loop nested (blocks, then their tiles, unrolled); on 128-row tiles (256 spill): ~0.25 instructions per element
+on sm_90, where the plain ALIGN 1 loop counts ~5.4 (a w2 tile's address, w1's, the place's steps per 8 elements).
 
 No [N, K] tensor is ever allocated: the extra memory of a call is ``prepare``'s copies (the size of the
 factors, plus a formed factor's [p, q]), the fp32 gradient buffers of the kernels' factors and y / dX
