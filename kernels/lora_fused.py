@@ -128,7 +128,7 @@ from .adapters import (
 from .aot import AotSpec
 from .opdecl import OpDecl
 from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, gpu_target, launch,
-                      use_triton)
+                      records_weight_grad, use_triton)
 from .tiles import (epoch_arrival, epoch_counters, grouped_tile, last_epoch_arrival, lookahead_work,
                     sum_slices, tile_offsets)
 from .dropout import check_p, draw_seed, keep_mask
@@ -915,9 +915,9 @@ LORA_LINEAR_FUSED = OpDecl("peftfast::lora_linear_fused", _op_forward, _op_backw
 # Public op
 # ----------------------------------------------------------------------------------------------
 def _check(x, weight, bias):
-    if weight.requires_grad:
-        raise ValueError("lora_linear_fused needs a frozen base weight (weight.requires_grad=False); "
-                         "for a trainable base weight use F.linear followed by lora_linear")
+    if records_weight_grad(weight):
+        raise ValueError("lora_linear_fused needs a frozen base weight (weight.requires_grad=False) while autograd "
+                         "records; for a trainable base weight use F.linear followed by lora_linear")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., d_in] and weight [d_out, d_in] must agree on d_in; got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")

@@ -82,7 +82,8 @@ from .aot import AotSpec
 from .dropout import draw_seed, keep_mask, keep_mask_rows_torch, stream_key, threshold
 from .opdecl import OpDecl
 from .quant import as_operand, block_scale, dequant_int8, lookup16, unpack_pairs
-from .runtime import DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, use_triton
+from .runtime import (DTYPE_NAMES, aot_signature, declare_int32_operands, dot_precision, launch, records_weight_grad,
+                      use_triton)
 from .tiles import grouped_tile
 
 # ----------------------------------------------------------------------------------------------
@@ -1233,7 +1234,7 @@ def lora_grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         raise ValueError(f"lora_grouped_linear: weight {tuple(weight.shape)} / bias "
                          f"{None if bias is None else tuple(bias.shape)} do not match stores with K={k}, "
                          f"O={b_store.shape[1]}; give the base nn.Linear's weight [O, K] and bias [O] or None")
-    if weight.requires_grad:
+    if records_weight_grad(weight):
         raise ValueError("lora_grouped_linear: the base weight requires grad; this op computes no weight gradient "
                          "(freeze the base layer, or use lora_grouped after the base layer's own forward)")
     on_triton = use_triton(x, weight, a_store, b_store) and r <= MAX_KERNEL_RANK

@@ -114,7 +114,7 @@ import triton.language as tl
 from .aot import AotSpec
 from .opdecl import OpDecl
 from .runtime import (DTYPE_NAMES, aot_signature, as_2d, declare_int32_operands, dot_precision, interpreting, launch,
-                      use_triton)
+                      records_weight_grad, use_triton)
 from .tiles import grouped_tile, tile_offsets
 
 # The largest N and K whose block indices ALIGN 4 computes with fp32 reciprocals (``reciprocal_divmod``: the
@@ -999,8 +999,8 @@ LYCORIS_LINEAR = OpDecl("peftfast::lycoris_linear", _op_forward, _op_backward, s
 # Public ops
 # ----------------------------------------------------------------------------------------------
 def _check(x, weight, bias, factors, name):
-    if weight.requires_grad:
-        raise ValueError(f"{name} needs a frozen base weight (weight.requires_grad=False)")
+    if records_weight_grad(weight):
+        raise ValueError(f"{name} needs a frozen base weight (weight.requires_grad=False) while autograd records")
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., d_in] and weight [d_out, d_in] must agree on d_in; got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")

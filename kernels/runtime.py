@@ -35,11 +35,19 @@ __all__ = ["DTYPE_NAMES", "INT32_LIMIT", "REFERENCE_GPUS", "GpuTarget", "Launch"
            "backend_name", "check_grid", "check_not_capturing",
            "declare_int32_operands", "dot_precision", "gpu_target", "int32_operands", "interpreting", "kernel_name",
            "launch", "launch_stream", "recording_launches",
-           "on_device", "triton_available", "use_triton"]
+           "on_device", "records_weight_grad", "triton_available", "use_triton"]
 
 INT32_LIMIT = 2**31  # offsets into a declared-small operand stay below this (elements)
 # kernel name -> pointer arguments whose offsets the kernel computes in int32 (see declare_int32_operands)
 _INT32_OPERANDS: dict[str, tuple[str, ...]] = {}
+
+def records_weight_grad(weight: torch.Tensor) -> bool:
+    """Whether autograd would want ``weight``'s gradient from an op called now: it requires grad and autograd
+    records (not under ``no_grad`` / ``inference_mode``). The fused ops compute no weight gradient, so they refuse
+    such a weight; under ``no_grad`` they take one (FSDP's views of a flat parameter require grad even for a
+    frozen weight)."""
+    return weight.requires_grad and torch.is_grad_enabled()
+
 
 # Triton's names of the activation / adapter dtypes (AOT signatures and spec names)
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -54,6 +54,46 @@ def test_anything_a_call_would_run_rules_the_fused_op_out(how):
         assert base_is_fusable(base)
 
 
+def test_a_weight_requiring_grad_is_fusable_while_autograd_does_not_record():
+    """Under no_grad no weight gradient is asked for (FSDP's views of a flat parameter require grad even for a
+    frozen weight); while autograd records, a weight that requires grad rules the fused op out."""
+    base = frozen_linear()
+    base.weight.requires_grad_(True)
+    assert not base_is_fusable(base)
+    with torch.no_grad():
+        assert base_is_fusable(base)
+    with torch.inference_mode():
+        assert base_is_fusable(base)
+
+
+def test_fsdp_inference_runs_the_same_ops_as_without_fsdp():
+    """LoHa / LoKr / LoRA on an FSDP-wrapped model (one CPU process, gloo; use_orig_params: the frozen base weight
+    seen as a view that requires grad): the no_grad outputs equal the unwrapped model's bit for bit (PEFT's own
+    FSDP round-trip test compares them with allclose after a log-softmax, where ulps of the logits show)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    import peftfast
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    dist.init_process_group(backend="gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        x = torch.randn(9, 10, generator=torch.Generator().manual_seed(3))
+        for config in (peftfast.LoKrConfig(target_modules=["0", "2"], init_weights=False),
+                       peftfast.LoHaConfig(target_modules=["0", "2"], init_weights=False),
+                       peftfast.LoraConfig(target_modules=["0", "2"], init_lora_weights=False)):
+            torch.manual_seed(0)
+            model = peftfast.get_peft_model(nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 7)),
+                                            config).eval()
+            with torch.no_grad():
+                plain = model(x)
+                wrapped = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"))(x)
+            assert torch.equal(wrapped, plain), type(config).__name__
+    finally:
+        dist.destroy_process_group()
+
+
 def test_dispatchers_are_static_tuples_with_bitsandbytes_first():
     assert LoraModel.dispatchers == (lora_bnb.dispatch_bnb, lora_model.dispatch_default)
     assert IA3Model.dispatchers == (ia3_bnb.dispatch_bnb, ia3_model.dispatch_default)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from ..kernels.runtime import records_weight_grad
 from .tuners_utils import BaseTunerLayer, conv1d_class, creation_device
 
 # torch's convolutions, by the number of spatial dimensions (a conv weight is [out, in / groups, *kernel]).
@@ -71,13 +72,15 @@ def base_is_fusable(module: nn.Module) -> bool:
     Calling a module can do more than its class's ``forward``: its own or global forward, forward-pre,
     backward and backward-pre hooks (accelerate's offloading, activation probes, DeepSpeed), and an
     instance-level ``forward`` patched over the class's. A fused op skips all of them, so any of them
-    rules it out, as does a trainable ``weight`` parameter (the fused ops compute no weight gradient).
-    Callers add what only they know (the base's exact type, dtypes, the backend). Runs on every forward,
-    so it reads torch's hook dicts directly.
+    rules it out, as does a ``weight`` that requires grad while autograd records (the fused ops compute no
+    weight gradient; under ``no_grad`` nothing asks for one: FSDP's views of a flat parameter require grad even
+    for a frozen weight, and inference through them then runs the same ops as without FSDP). Callers add what only
+    they know (the base's exact type, dtypes, the backend). Runs on every forward, so it reads torch's hook dicts
+    directly.
     """
     weight = module._parameters.get("weight")  # not ``module.weight``: that is a Python-level __getattr__
     return not (
-        (weight is not None and weight.requires_grad)
+        (weight is not None and records_weight_grad(weight))
         or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or module._backward_pre_hooks
         or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks

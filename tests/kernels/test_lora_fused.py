@@ -199,6 +199,10 @@ def test_errors_and_no_adapters(backend):
     x, w, bias, As, Bs, scalings, _ = make_inputs((11,), 20, 13, [3], F32, F32)
     with pytest.raises(ValueError, match="frozen base weight"):
         LF.lora_linear_fused(x, w.clone().requires_grad_(True), bias, As, Bs, scalings, [0.0], True)
+    with torch.no_grad():  # no weight gradient asked for (FSDP's flat-parameter views require grad): accepted
+        torch.testing.assert_close(LF.lora_linear_fused(x, w.clone().requires_grad_(True), bias, As, Bs, scalings,
+                                                        [0.0], False),
+                                   LF.lora_linear_fused(x, w, bias, As, Bs, scalings, [0.0], False))
     with pytest.raises(ValueError, match="x's dtype"):
         LF.lora_linear_fused(x, w.half(), bias, As, Bs, scalings, [0.0], True)
     with pytest.raises(ValueError, match="B must be"):

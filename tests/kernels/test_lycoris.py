@@ -364,6 +364,9 @@ def test_public_ops_and_errors():
         LY.lokr_linear(x, w, b, factors[:1], [factors[1][:-1], factors[2]], scale)
     with pytest.raises(ValueError, match="frozen"):
         LY.loha_linear(h[0], h[1].requires_grad_(), h[2], *h[3], h[5])
+    with torch.no_grad():  # no weight gradient asked for (FSDP's flat-parameter views require grad): accepted
+        assert torch.equal(LY.loha_linear(h[0], h[1], h[2], *h[3], h[5]),
+                           LY.loha_linear(h[0], h[1].detach(), h[2], *h[3], h[5]))
 
 
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
