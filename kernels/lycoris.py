@@ -561,11 +561,17 @@ def variant_block_m(block_m: int, align: int, held: int) -> int:
     return min(block_m, VARIANT_BLOCK_M) if align == 4 or held else block_m
 
 
+def _may_hold(act: torch.dtype) -> bool:
+    """Whether dX's HELD variants are built for activations ``act`` (fp32's spill 8-32 bytes on sm_80 and sm_86,
+    the compile report)."""
+    return act != torch.float32
+
+
 def held_tiles(layout: Sequence[int], cfg: dict, act: torch.dtype) -> int:
     """dX's ``HELD``: with 16-bit activations and LoKr's blocks holding whole tiles (``ALIGN`` 1) of p <= MAX_HELD *
     BLOCK_N rows, p / BLOCK_N, the tiles of w2 a program sees (the same ones in each of the a blocks along its
-    loop); else 0 (fp32 activations' variants spill 8-32 bytes on sm_80 and sm_86, the compile report)."""
-    if cfg["ALIGN"] != 1 or act == torch.float32:
+    loop); else 0 (and for fp32 activations, ``_may_hold``)."""
+    if cfg["ALIGN"] != 1 or not _may_hold(act):
         return 0
     held = layout[2] // cfg["BLOCK_N"]
     return held if held <= MAX_HELD else 0
@@ -585,13 +591,20 @@ def config(kernel: str, act: torch.dtype, full: Sequence[int] = (0, 0), layout: 
     """What the launchers use: ``gpu_config``, or 16 x 16 tiles under the interpreter; with the op's ``layout``,
     the variant: ``ALIGN`` (forward and dX, ``aligned``), ``SUM1`` (the factor gradients, ``sums_w1``)."""
     cfg = dict(_INTERPRET_CONFIG) if interpreting() else gpu_config(kernel, act, full)
-    if layout is not None and kernel == "grad_factors":
+    return cfg if layout is None else with_variant(cfg, kernel, act, layout)
+
+
+def with_variant(cfg: dict, kernel: str, act: torch.dtype, layout: Sequence[int]) -> dict:
+    """``cfg`` (a kernel's tiles) with the variant its launcher picks for ``layout``: ``SUM1`` (the factor
+    gradients, ``sums_w1``), or ``ALIGN`` (forward and dX, ``aligned``), ``HELD`` (dX, ``held_tiles``) and the
+    variant's ``BLOCK_M`` (``variant_block_m``). The cost model plans with it too."""
+    if kernel == "grad_factors":
         cfg["SUM1"] = sums_w1(layout, cfg, act)
-    elif layout is not None:
-        cfg["ALIGN"] = aligned(kernel, layout, cfg)
-        if kernel == "grad_x":
-            cfg["HELD"] = held_tiles(layout, cfg, act)
-        cfg["BLOCK_M"] = variant_block_m(cfg["BLOCK_M"], cfg["ALIGN"], cfg.get("HELD", 0))
+        return cfg
+    cfg["ALIGN"] = aligned(kernel, layout, cfg)
+    if kernel == "grad_x":
+        cfg["HELD"] = held_tiles(layout, cfg, act)
+    cfg["BLOCK_M"] = variant_block_m(cfg["BLOCK_M"], cfg["ALIGN"], cfg.get("HELD", 0))
     return cfg
 
 
@@ -764,11 +777,17 @@ def aligned(kernel: str, layout: Sequence[int], cfg: dict) -> int:
     return 4 if max(layout[2] * layout[3], layout[4] * layout[5]) <= DIVMOD_LIMIT else 0
 
 
+def _may_sum1(act: torch.dtype, w2_full: bool) -> bool:
+    """Whether the factor-gradient kernel's SUM1 variant is built for activations ``act`` and w2's kind (fp32
+    activations with w2 left low rank spill 8 bytes on sm_90, the compile report)."""
+    return w2_full or act != torch.float32
+
+
 def sums_w1(layout: Sequence[int], cfg: dict, act: torch.dtype) -> bool:
     """The factor-gradient kernel's ``SUM1``: LoKr with w1 full and blocks of whole tiles (p a multiple of BLOCK_N,
     q of BLOCK_K), so each tile is one value of w1 and its contribution to w1's gradient one sum. Not for fp32
-    activations with w2 left low rank (that variant spills on sm_90, the compile report)."""
-    if act == torch.float32 and not layout[1]:
+    activations with w2 left low rank (``_may_sum1``)."""
+    if not _may_sum1(act, bool(layout[1])):
         return False
     return bool(kron(layout) and layout[0] and layout[2] % cfg["BLOCK_N"] == 0 and layout[4] % cfg["BLOCK_K"] == 0)
 
@@ -1089,10 +1108,10 @@ def aot_specs() -> list[AotSpec]:
                 for align in ((0, 1, 2, 3, 4) if full1 and full2 and kname != "grad_factors" else (0,)):
                     # fp32 factors on a 16-bit model: the factor gradients read them as fp32 (prepare, exact)
                     for wide in ((False, True) if kname == "grad_factors" and act != torch.float32 else (False,)):
-                        held_ok = kname == "grad_x" and align == 1 and act != torch.float32
+                        held_ok = kname == "grad_x" and align == 1 and _may_hold(act)
                         for held in range(MAX_HELD + 1) if held_ok else (0,):
                             specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, align, wide, held))
-                        if kname == "grad_factors" and full1 and kr and (full2 or act != torch.float32):
+                        if kname == "grad_factors" and full1 and kr and _may_sum1(act, bool(full2)):
                             # w1's gradient summed per tile (``sums_w1``)
                             specs.append(_aot_spec(kname, fn, ptrs, flags, act, full1, full2, kr, 0, wide, 0, True))
     return specs

@@ -88,27 +88,37 @@ def delta_case(kf: "Factors", kernel: str = "forward", act: torch.dtype = torch.
     gathered, the ``ALIGN`` variant the launcher picks for its blocks (``kernels.lycoris.aligned``)."""
     if kf.f1[0] == kf.f2[0] and kf.f1[1] == kf.f2[1] and kf.f1[2] and kf.f2[2]:
         return "loha"
-    if kf.f1[2] or kf.f2[2]:
+    if not _both_gathered(kf):
         return "lokr_w2_low_rank"
+    cfg = _lokr_variant(kf, kernel, act)
+    if cfg["ALIGN"] == 1 and kernel == "grad_x" and not cfg["HELD"]:
+        return "lokr_wide_blocks"
+    return ("lokr_general", "lokr", "lokr_align2", "lokr_align3", "lokr_general")[cfg["ALIGN"]]
+
+
+def _both_gathered(kf: "Factors") -> bool:
+    """Both of the kernels' factors full (LoKr with its small factors formed): the ALIGN / HELD variants."""
+    return not (kf.f1[2] or kf.f2[2])
+
+
+def _lokr_variant(kf: "Factors", kernel: str, act: torch.dtype) -> dict:
+    """The GPU config ``kernel``'s launcher picks for LoKr with both factors gathered (``kernels.lycoris.with_variant``:
+    ALIGN, HELD, BLOCK_M)."""
     from peftfast.kernels import lycoris as LY  # lazily: the module reads TRITON_INTERPRET
 
     (a, c, _), (p, q, _) = kf.f1, kf.f2
-    layout = LY.lokr_layout(True, True, p, q, a, c)
-    cfg = LY.gpu_config(kernel, act, (1, 1))
-    cfg["ALIGN"] = align = LY.aligned(kernel, layout, cfg)
-    if align == 1 and kernel == "grad_x" and not LY.held_tiles(layout, cfg, act):
-        return "lokr_wide_blocks"
-    return ("lokr_general", "lokr", "lokr_align2", "lokr_align3", "lokr_general")[align]
+    return LY.with_variant(LY.gpu_config(kernel, act, (1, 1)), kernel, act, LY.lokr_layout(True, True, p, q, a, c))
 
 
 def variant_block_m(block_m: int, kf: "Factors", kernel: str, act: torch.dtype = torch.bfloat16) -> int:
-    """Rows per program of ``kernel`` for the kernels' factors: ``block_m``, or fewer for LoKr's general variant
-    (ALIGN 4) and dX holding w2's tiles (``kernels.lycoris.variant_block_m``)."""
-    from peftfast.kernels.lycoris import VARIANT_BLOCK_M  # lazily: the module reads TRITON_INTERPRET
+    """Rows per program of ``kernel`` for the kernels' factors: ``block_m``, or the launcher's for LoKr's variants
+    with both factors gathered (fewer for ALIGN 4 and dX holding w2's tiles: ``kernels.lycoris.variant_block_m``)."""
+    if not _both_gathered(kf):
+        return block_m
+    from peftfast.kernels.lycoris import variant_block_m as launched  # lazily: the module reads TRITON_INTERPRET
 
-    case = delta_case(kf, kernel, act)
-    fewer = case == "lokr_general" or (case == "lokr" and kernel == "grad_x" and act != torch.float32)
-    return min(block_m, VARIANT_BLOCK_M) if fewer else block_m
+    cfg = _lokr_variant(kf, kernel, act)
+    return launched(block_m, cfg["ALIGN"], cfg.get("HELD", 0))
 
 
 def delta_instructions(kf: "Factors", kernel: str, gpu_name: str = "H100", act: torch.dtype = torch.bfloat16) -> float:
